@@ -1,0 +1,36 @@
+"""Engine settings shared by `nsa-serve serve`, the offline benchmark and tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None  # model directory; None: the bundled default model
+    device: str | None = None  # "cpu" | "cuda" | None (cuda when available)
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    attention: str = "nsa"  # "nsa" | "dense" (dense attention over the same pages, for comparisons)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 64  # sequences running at once
+    max_num_batched_tokens: int = 2048  # token budget of one engine step
+    long_prefill_token_threshold: int = 512  # per-request prefill chunk cap per step
+    max_queue: int = 256  # waiting requests before new ones get QueueFullError (HTTP 429)
+    gpu_memory_utilization: float = 0.9  # fraction of GPU memory for weights + cache
+    cpu_kv_cache_gb: float = 1.0  # page pool size on CPU
+    num_pages: int | None = None  # force the page pool size (tests use this to force preemption)
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"  # "fcfs" | "priority"
+    enforce_eager: bool = False  # True: no CUDA graphs
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.attention not in ("nsa", "dense"):
+            raise ValueError(f"attention must be 'nsa' or 'dense', got {self.attention!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
