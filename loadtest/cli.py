@@ -1,0 +1,171 @@
+"""The `nsa-loadtest` command: parse arguments, run, write JSON + PNGs, print the table.
+
+Exit status: 0 when the run finished (failed requests are results, not errors of the tool),
+1 when the server could not be used at all (unreachable, no model), 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+
+from .arrivals import ARRIVALS
+from .metrics import parse_slos
+from .report import format_table, per_request, write_json
+from .runner import RunConfig, run
+from .workloads import LENGTH_DISTS, WORKLOADS, WorkloadConfig
+
+DEFAULT_CLOSED_LOOP_CLIENTS = 8
+
+
+def _int_list(s: str) -> list[int]:
+    # "8k" means 8192: context sizes are powers of two.
+    try:
+        return [int(x.strip()[:-1]) * 1024 if x.strip().lower().endswith("k") else int(x)
+                for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (e.g. 8192,32k), got {s!r}") from None
+
+
+def _float_list(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nsa-loadtest",
+        description="Load-test an OpenAI-compatible server (nsa-serve, vLLM, ...) and report vLLM "
+                    "bench-serve compatible metrics. See docs/loadtest.md.")
+    g = p.add_argument_group("target")
+    g.add_argument("--base-url", default="http://127.0.0.1:8000", help="server to test (default: %(default)s)")
+    g.add_argument("--api-key", default=os.environ.get("NSA_LOADTEST_API_KEY") or os.environ.get("NSA_SERVE_API_KEY"),
+                   help="sent as a Bearer token (default: $NSA_LOADTEST_API_KEY, else $NSA_SERVE_API_KEY)")
+    g.add_argument("--model", help="model name (default: the first one /v1/models lists)")
+    g.add_argument("--endpoint", choices=("chat", "completions"), default="chat",
+                   help="/v1/chat/completions or /v1/completions")
+
+    g = p.add_argument_group("workload")
+    g.add_argument("--workload", choices=WORKLOADS, default="chat")
+    g.add_argument("--seed", type=int, default=0, help="one seed fixes prompts, lengths and arrival times")
+    g.add_argument("--input-len", type=int, default=512, help="chat/random: prompt tokens (median or centre)")
+    g.add_argument("--output-len", type=int, default=None,
+                   help="max_tokens (chat/random: median or centre; default 128, needle 32)")
+    g.add_argument("--length-dist", choices=LENGTH_DISTS, default=None,
+                   help="chat/random length distribution (default: lognormal for chat, uniform for random)")
+    g.add_argument("--range-ratio", type=float, default=0.0, help="uniform: lengths in [L(1-r), L(1+r)]")
+    g.add_argument("--sigma", type=float, default=0.5, help="lognormal: standard deviation of log length")
+    g.add_argument("--doc-lengths", type=_int_list, default=[8192, 16384, 32768, 65536, 131072],
+                   help="longdoc/needle document tokens, comma-separated (default: 8k,16k,32k,64k,128k)")
+    g.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="needle depths as fractions of the document (default: 0,0.25,0.5,0.75,1)")
+
+    g = p.add_argument_group("traffic and bounds")
+    g.add_argument("--num-requests", "--num-prompts", type=int, default=None,
+                   help="requests in the measured phase (default 100; needle: one per length × depth)")
+    g.add_argument("--duration", type=float, default=1800.0,
+                   help="hard limit on the measured phase in seconds; requests still running are cancelled")
+    g.add_argument("--warmup", type=int, default=2, help="warm-up requests sent first and excluded")
+    g.add_argument("--arrival", choices=ARRIVALS, default=None,
+                   help="default: poisson with --request-rate, else closed loop")
+    g.add_argument("--request-rate", type=float, default=None, help="requests per second (open loop)")
+    g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape (< 1 burstier, 1 = Poisson)")
+    g.add_argument("--max-concurrency", type=int, default=None,
+                   help=f"cap on requests in flight; the client count for closed loop "
+                        f"(default {DEFAULT_CLOSED_LOOP_CLIENTS} there)")
+    g.add_argument("--request-timeout", type=float, default=600.0, help="per-request limit in seconds")
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=None,
+                   help="ask the server to ignore EOS (vLLM extension; default on for chat/random)")
+    g.add_argument("--extra-body", type=json.loads, default=None, help="JSON merged into every request body")
+
+    g = p.add_argument_group("metrics and output")
+    g.add_argument("--goodput", nargs="+", metavar="METRIC:MS", default=None,
+                   help="SLOs for goodput, e.g. --goodput ttft:500 tpot:50 e2el:10000")
+    g.add_argument("--percentiles", type=_float_list, default=[90.0, 99.0], help="default: 90,99")
+    g.add_argument("--metrics-interval", type=float, default=2.0,
+                   help="seconds between /metrics scrapes during the run (0: before/after only)")
+    g.add_argument("--result-dir", type=Path, default=Path("loadtest-results"))
+    g.add_argument("--result-name", default=None, help="file stem (default: <workload>-<UTC time>)")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g.add_argument("--save-texts", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep generated texts in the JSON (default on, as vLLM)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def config_from_args(args) -> RunConfig:
+    arrival = args.arrival or ("poisson" if args.request_rate is not None else "closed")
+    max_conc = args.max_concurrency
+    if arrival == "closed" and max_conc is None:
+        max_conc = DEFAULT_CLOSED_LOOP_CLIENTS
+    output_len = args.output_len or (32 if args.workload == "needle" else 128)
+    num = args.num_requests
+    if num is None:
+        num = len(args.doc_lengths) * len(args.depths) if args.workload == "needle" else 100
+    wl = WorkloadConfig(name=args.workload, input_len=args.input_len, output_len=output_len,
+                        length_dist=args.length_dist, range_ratio=args.range_ratio, sigma=args.sigma,
+                        doc_lengths=args.doc_lengths, depths=args.depths)
+    return RunConfig(base_url=args.base_url, api_key=args.api_key, model=args.model, endpoint=args.endpoint,
+                     workload=wl, num_requests=num, duration=args.duration, warmup=args.warmup,
+                     arrival=arrival, request_rate=args.request_rate, burstiness=args.burstiness,
+                     max_concurrency=max_conc, request_timeout=args.request_timeout, seed=args.seed,
+                     temperature=args.temperature, ignore_eos=args.ignore_eos, extra_body=args.extra_body,
+                     slos_ms=parse_slos(args.goodput), percentiles=args.percentiles,
+                     metrics_interval=args.metrics_interval, progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        cfg.validate()
+    except ValueError as exc:
+        parser.error(str(exc))
+    started = dt.datetime.now(dt.timezone.utc)
+    try:
+        out = asyncio.run(run(cfg))
+    except RuntimeError as exc:
+        print(f"nsa-loadtest: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("nsa-loadtest: interrupted", file=sys.stderr)
+        return 130
+
+    stem = args.result_name or f"{cfg.workload.name}-{started.strftime('%Y%m%d-%H%M%S')}"
+    result = {
+        "date": started.strftime("%Y%m%d-%H%M%S"),
+        "workload": cfg.workload.name,
+        "arrival": cfg.arrival,
+        "request_rate": "inf" if cfg.arrival == "closed" else cfg.request_rate,
+        "burstiness": cfg.burstiness,
+        "max_concurrency": cfg.max_concurrency,
+        "seed": cfg.seed,
+        **out.result,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "api_key"},
+        "timeline": out.timeline,
+        **per_request(out.records, args.save_texts),
+    }
+    json_path = write_json(args.result_dir / f"{stem}.json", result)
+    print(format_table(result, cfg.percentiles))
+    print(f"results: {json_path}")
+    if not args.no_plots:
+        from .plots import plot_all  # matplotlib only when plotting
+
+        for path in plot_all(out.records, out.timeline, result, args.result_dir, stem):
+            print(f"plot:    {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

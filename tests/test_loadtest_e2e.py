@@ -1,0 +1,125 @@
+"""nsa-loadtest end to end against a real `nsa-serve serve` on loopback (tiny random model, CPU):
+the JSON and PNGs are produced, token counts agree with the server's usage and /metrics, the needle
+grid is filled, and a request the server rejects is counted rather than crashing the run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from nsa_loadtest.cli import main
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from nsa_serve.model.init_model import init_model
+
+    root = tmp_path_factory.mktemp("loadtest_e2e")
+    model_dir = init_model(root / "tiny", "tiny", seed=0)
+    port = _free_port()
+    env = {**os.environ, "NSA_SERVE_CACHE": str(root / "cache")}
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "nsa_serve.cli", "serve", str(model_dir), "--port", str(port),
+                             "--device", "cpu", "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
+                            env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"nsa-serve exited with {proc.returncode}:\n{(root / 'server.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("nsa-serve did not become healthy within 180 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _run(tmp_path, url, name, *args):
+    rc = main(["--base-url", url, "--no-progress", "--result-dir", str(tmp_path), "--result-name", name,
+               "--metrics-interval", "0.5", *args])
+    assert rc == 0
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+VLLM_KEYS = ["duration", "completed", "failed", "total_input_tokens", "total_output_tokens", "request_throughput",
+             "request_goodput", "output_throughput", "total_token_throughput", "input_lens", "output_lens", "ttfts",
+             "itls", "generated_texts", "errors", "max_output_tokens_per_s", "max_concurrent_requests",
+             "request_rate", "burstiness", "max_concurrency", "model_id", "num_prompts"]
+VLLM_KEYS += [f"{s}_{m}_ms" for s in ("mean", "median", "std", "p90", "p99") for m in ("ttft", "tpot", "itl", "e2el")]
+
+
+def test_chat_run_writes_json_and_plots_with_server_token_counts(server, tmp_path, capsys):
+    res = _run(tmp_path, server, "chat", "--workload", "chat", "--input-len", "48", "--output-len", "12",
+               "--num-requests", "10", "--max-concurrency", "4", "--warmup", "2", "--goodput", "ttft:60000")
+    assert not [k for k in VLLM_KEYS if k not in res]
+    assert res["completed"] == 10 and res["failed"] == 0 and res["failures"] == {}
+    assert res["model_id"] == "tiny" and res["token_counting"] == "server /tokenize"
+    assert res["usage_missing"] == 0 and res["max_concurrent_requests"] <= 4
+    # ignore_eos holds each request to its drawn max_tokens, and the usage says so
+    assert res["finish_reasons"] == ["length"] * 10
+    assert sum(res["output_lens"]) == res["total_output_tokens"] > 10
+    assert all(t is not None and t > 0 for t in res["ttfts"])
+    assert res["request_goodput"] == pytest.approx(res["request_throughput"])  # a 60 s TTFT SLO is met
+    # The server's own counters over the measured phase (warm-up excluded) agree with the client's usage.
+    sm = res["server_metrics"]
+    assert sm["available"]
+    assert sm["prompt_tokens"] == res["total_input_tokens"]
+    assert sm["generation_tokens"] == res["total_output_tokens"]
+    assert sm["num_preemptions"] == 0 and sm["nsa_sparsity_ratio"] > 0
+    assert "kv_cache_usage_perc" in sm
+    for png in ("latency_cdf", "ttft_vs_prompt", "throughput"):
+        assert (tmp_path / f"chat_{png}.png").stat().st_size > 5000
+    out = capsys.readouterr().out
+    assert "Mean TTFT (ms)" in out and "NSA sparsity ratio" in out
+
+
+def test_needle_grid_and_token_targets(server, tmp_path):
+    res = _run(tmp_path, server, "needle", "--workload", "needle", "--doc-lengths", "256,640",
+               "--depths", "0,0.5,1", "--output-len", "6", "--arrival", "poisson", "--request-rate", "20",
+               "--warmup", "0")
+    assert res["completed"] == 6 and res["failed"] == 0
+    acc = res["needle_accuracy"]
+    assert sorted(acc) == ["256", "640"] and all(sorted(acc[L]) == ["0", "0.5", "1"] for L in acc)
+    assert all(cell["n"] == 1 for L in acc for cell in acc[L].values())
+    # A random-weight model will not find the needle; the grid records whatever it did.
+    assert res["needle_overall_accuracy"] == sum(res["needle_correct"]) / 6
+    # Prompts were sized with the server's tokenizer: usage prompt tokens within the chat template's
+    # few tokens of the target.
+    for got, want in zip(res["input_lens"], res["target_input_lens"]):
+        assert want - 8 <= got <= want + 16, (got, want)
+    assert (tmp_path / "needle_needle_accuracy.png").stat().st_size > 5000
+    assert set(res["by_doc_tokens"]) == {"256", "640"}
+
+
+def test_longdoc_over_the_context_is_counted_as_a_failure(server, tmp_path):
+    # 9000 tokens does not fit the tiny model's 8192 context: the server answers 400, the run goes on.
+    res = _run(tmp_path, server, "longdoc", "--workload", "longdoc", "--endpoint", "completions",
+               "--doc-lengths", "512,9000", "--num-requests", "2", "--output-len", "4", "--warmup", "0",
+               "--no-plots")
+    assert res["completed"] == 1 and res["failures"] == {"http_400": 1}
+    assert "context" in res["errors"][res["error_kinds"].index("http_400")]
+    assert res["backend"] == "openai"
