@@ -1,0 +1,140 @@
+"""The reference model: incremental decoding equals the whole-sequence forward; config and
+checkpoint errors name what is wrong; save → load gives identical logits."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nsa_serve.model import ConfigError, NSAConfig, NSAModel, preset
+from nsa_serve.model.checkpoint import CheckpointError, load_model, save_model
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-kv", "independent-kv"])
+def test_incremental_decoding_matches_whole_sequence(shared):
+    # tiny preset: l=8, d=4, l'=16, n=4, w=32 — 300 steps cross ~74 compression entries,
+    # ~19 selection blocks (so top-n drops blocks) and leave the window many times over.
+    cfg = preset("tiny", shared_kv=shared, phi="mlp")
+    model = NSAModel(cfg).init_weights(seed=3).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (310,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(tokens)
+    cache = model.new_cache()
+    steps = [model.step(tokens[:10], cache)]  # a 10-token prompt, then 300 single-token steps
+    for t in range(10, 310):
+        steps.append(model.step(tokens[t:t + 1], cache))
+    err = rel(torch.cat(steps), full)
+    assert err <= 1e-5, f"incremental vs whole-sequence logits differ by {err:.2e}"
+
+
+def test_chunked_steps_match_whole_sequence():
+    cfg = preset("tiny", phi="linear", gate="mlp")
+    model = NSAModel(cfg).init_weights(seed=5).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (157,), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = model(tokens)
+    cache, outs, start = model.new_cache(), [], 0
+    for size in (13, 1, 7, 29, 3, 64, 40):  # chunk edges not aligned to d, l or l'
+        outs.append(model.step(tokens[start:start + size], cache))
+        start += size
+    assert rel(torch.cat(outs), full) <= 1e-5
+
+
+def test_bf16_runs_close_to_fp32():
+    cfg = preset("tiny", phi="mean")
+    model = NSAModel(cfg).init_weights(seed=1).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (120,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(tokens)
+        low = model.to(torch.bfloat16)(tokens).float()
+    assert rel(low, ref) < 5e-2  # bf16 weights and activations through 2 layers
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    cfg = preset("tiny", shared_kv=False)
+    model = NSAModel(cfg).init_weights(seed=7).eval()
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path)
+    tokens = torch.randint(0, cfg.vocab_size, (50,))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), loaded(tokens))
+    assert loaded.cfg == cfg
+
+
+def _saved(tmp_path):
+    model = NSAModel(preset("tiny")).init_weights(seed=0)
+    save_model(model, tmp_path)
+    return tmp_path / "model.safetensors"
+
+
+def test_missing_tensor_is_named(tmp_path):
+    path = _saved(tmp_path)
+    state = load_file(str(path))
+    del state["layers.1.attn.phi_k.proj.weight"]
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\): layers\.1\.attn\.phi_k\.proj\.weight"):
+        load_model(tmp_path)
+
+
+def test_misshaped_tensor_is_named(tmp_path):
+    path = _saved(tmp_path)
+    state = load_file(str(path))
+    state["layers.0.attn.q_proj.weight"] = torch.zeros(3, 3)
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=r"'layers\.0\.attn\.q_proj\.weight' has shape \(3, 3\)"):
+        load_model(tmp_path)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    path = _saved(tmp_path)
+    state = load_file(str(path))
+    state["layers.0.attn.k_proj_win.weight"] = torch.zeros(4, 4)
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match="unexpected tensor.*k_proj_win"):
+        load_model(tmp_path)
+
+
+def test_missing_weights_file(tmp_path):
+    NSAConfig().save(tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_heads", 5, "'num_heads' .* multiple of 'num_kv_heads'"),
+    ("phi", "attention", "'phi' must be one of"),
+    ("cmp_stride", 3, "'cmp_stride' .* must divide 'cmp_block'"),
+    ("select_block", 20, "'select_block' .* multiple of 'cmp_stride'"),
+    ("num_select", 2, "'num_select' .* at least"),
+    ("hidden_size", 0, "'hidden_size' must be a positive integer"),
+    ("head_dim_k", "64", "'head_dim_k' must be a positive integer"),
+    ("head_dim_k", 33, "'head_dim_k' must be even"),
+    ("gate", "softmax", "'gate' must be one of"),
+])
+def test_invalid_config_names_the_field(tmp_path, field, value, message):
+    data = NSAConfig().to_dict()
+    data[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=message):
+        load_model(tmp_path)
+
+
+def test_unknown_config_field_is_named(tmp_path):
+    data = NSAConfig().to_dict() | {"num_experts": 8}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="unknown config field.*num_experts"):
+        load_model(tmp_path)
+
+
+def test_paper_shape_dk_differs_from_dv():
+    cfg = preset("tiny", num_heads=8, num_kv_heads=2, head_dim_k=48, head_dim_v=32)
+    model = NSAModel(cfg).init_weights(seed=0).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (40,))
+    with torch.no_grad():
+        out = model(tokens)
+    assert out.shape == (40, cfg.vocab_size) and torch.isfinite(out).all()
