@@ -1,0 +1,106 @@
+"""`nsa-serve serve` as a user runs it: a real process, then SIGTERM while a stream is in flight."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+from api_fixtures import free_port, start_server, tiny_model_dir, wait_for  # noqa: F401
+
+
+def test_serve_default_model_and_graceful_sigterm(tiny_model_dir, tmp_path):
+    # No MODEL_DIR: the server takes the bundled default, which lives in $NSA_SERVE_CACHE/tiny-random
+    # (pre-seeded with the session's tiny model so the test does not train another tokenizer).
+    shutil.copytree(tiny_model_dir, tmp_path / "cache" / "tiny-random")
+    port = free_port()
+    env = {**os.environ, "NSA_SERVE_CACHE": str(tmp_path / "cache"), "NSA_SERVE_API_KEY": "k"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nsa_serve.cli", "serve", "--port", str(port), "--device", "cpu",
+         "--max-model-len", "256", "--num-pages", "128", "--shutdown-timeout", "60", "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return httpx.get(f"{url}/ready", timeout=1).status_code == 200
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.communicate()[1]
+                return False
+        assert wait_for(up, timeout=120, interval=0.2), "server did not come up"
+        headers = {"Authorization": "Bearer k"}
+        models = httpx.get(f"{url}/v1/models", headers=headers).json()["data"]
+        assert [m["id"] for m in models] == ["tiny-random"]
+
+        result: dict = {}
+
+        def stream():
+            body = {"prompt": "Draining:", "max_tokens": 120, "ignore_eos": True, "stream": True}
+            events = []
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        result.setdefault("started", True)
+            result["events"] = events
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert wait_for(lambda: result.get("started"), timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        # Stop admitting: the listening socket closes while the stream is still going.
+        def refused():
+            try:
+                httpx.get(f"{url}/health", timeout=1)
+                return False
+            except httpx.TransportError:
+                return True
+        assert wait_for(refused, timeout=10)
+        assert "events" not in result, "the stream ended before the server stopped admitting (make it longer)"
+        t.join(timeout=120)
+        assert proc.wait(timeout=60) == 0
+        events = result["events"]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert sum(1 for c in chunks if c["choices"][0]["text"]) >= 1
+        stderr = proc.stderr.read()
+        assert "nsa-serve: ready" in stderr and "| 3/3" in stderr  # the startup progress bar completed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_shutdown_timeout_aborts_what_is_left(tiny_model_dir):
+    """Past the graceful period, in-flight requests are cut and the engine stops with its pages free."""
+    srv = start_server(tiny_model_dir, api_key=None, max_model_len=2048)
+    srv.server.config.timeout_graceful_shutdown = 1
+    events: list[str] = []
+
+    def stream():
+        body = {"prompt": "Never finishes", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    events.append(line)
+        except httpx.TransportError:
+            events.append("<cut>")
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert wait_for(lambda: len(events) > 2)
+    started = time.monotonic()
+    srv.stop()
+    t.join(timeout=30)
+    assert time.monotonic() - started < 20
+    assert "data: [DONE]" not in events
+    stats = srv.engine.stats()
+    assert stats.num_running == 0 and stats.num_pages_used == 0
+    assert not srv.engine.is_ready

@@ -1,0 +1,225 @@
+"""The OpenAI-compatible endpoints, driven by the official `openai` client against a real server."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import openai
+import pytest
+from api_fixtures import API_KEY, api_server, tiny_model_dir  # noqa: F401
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a prime number."}]
+GREEDY = dict(temperature=0.0, extra_body={"ignore_eos": True})
+
+
+@pytest.fixture(scope="module")
+def client(api_server):
+    return api_server.openai()
+
+
+def test_models_lists_the_served_model(client, api_server):
+    models = client.models.list().data
+    assert [m.id for m in models] == [api_server.engine.model_name]
+    assert models[0].object == "model"
+
+
+def test_chat_non_streaming(client, api_server):
+    r = client.chat.completions.create(model=api_server.engine.model_name, messages=MESSAGES, max_tokens=8,
+                                       **GREEDY)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert len(r.choices) == 1
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason == "length"
+    assert r.usage.completion_tokens == 8
+    with api_server.http() as h:
+        n_prompt = h.post("/tokenize", json={"messages": MESSAGES}).json()["count"]
+    assert r.usage.prompt_tokens == n_prompt
+    assert r.usage.total_tokens == n_prompt + 8
+
+
+def test_chat_stream_matches_non_stream_and_ends_with_usage(client, api_server):
+    kw = dict(model=api_server.engine.model_name, messages=MESSAGES, max_tokens=10, **GREEDY)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    first = chunks[0]
+    assert first.object == "chat.completion.chunk"
+    assert first.choices[0].delta.role == "assistant" and first.choices[0].delta.content == ""
+    assert len({c.id for c in chunks}) == 1
+    body, usage = chunks[:-1], chunks[-1]
+    assert usage.choices == [] and usage.usage.completion_tokens == 10
+    assert all(c.usage is None for c in body)
+    assert "".join(c.choices[0].delta.content or "" for c in body) == full
+    assert [c.choices[0].finish_reason for c in body][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in body[:-1])
+    # one chunk per emitted piece: never more content chunks than tokens
+    assert sum(1 for c in body[1:] if c.choices[0].delta.content) <= 10
+
+
+def test_raw_sse_framing_ends_with_done(api_server):
+    body = {"model": api_server.engine.model_name, "messages": MESSAGES, "max_tokens": 3, "stream": True,
+            "temperature": 0}
+    with api_server.http() as h, h.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [e for e in r.read().decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    for e in events[:-1]:
+        json.loads(e[len("data: "):])
+
+
+def test_completions_non_streaming_and_streaming(client, api_server):
+    kw = dict(model=api_server.engine.model_name, prompt="The quick brown fox", max_tokens=6, **GREEDY)
+    r = client.completions.create(**kw)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 6
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == r.choices[0].text
+    echoed = client.completions.create(echo=True, **kw)
+    assert echoed.choices[0].text == "The quick brown fox" + r.choices[0].text
+
+
+def test_completions_batch_of_prompts_and_token_prompts(client, api_server):
+    with api_server.http() as h:
+        ids = h.post("/tokenize", json={"prompt": "Hello there"}).json()["tokens"]
+    r = client.completions.create(model=api_server.engine.model_name, prompt=["Hello there", "Goodbye"], n=2,
+                                  max_tokens=4, **GREEDY)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    assert r.usage.completion_tokens == 16
+    by_ids = client.completions.create(model=api_server.engine.model_name, prompt=ids, max_tokens=4, **GREEDY)
+    first = next(c for c in r.choices if c.index == 0)
+    assert by_ids.choices[0].text == first.text  # same prompt tokens, greedy: same text
+
+
+def test_n_two_gives_two_choices(client, api_server):
+    r = client.chat.completions.create(model=api_server.engine.model_name, messages=MESSAGES, n=2, max_tokens=5,
+                                       temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    assert r.usage.completion_tokens == 10
+    chunks = list(client.chat.completions.create(model=api_server.engine.model_name, messages=MESSAGES, n=2,
+                                                 max_tokens=5, stream=True, seed=7,
+                                                 extra_body={"ignore_eos": True}))
+    roles = [c.choices[0].index for c in chunks if c.choices[0].delta.role == "assistant"]
+    assert sorted(roles) == [0, 1]
+    finished = sorted(c.choices[0].index for c in chunks if c.choices[0].finish_reason)
+    assert finished == [0, 1]
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_n_two_streams_finish_each_choice_once(client, api_server, endpoint):
+    """Choices that stop at different steps: each gets exactly one finishing chunk, and the streamed
+    text of each equals the non-streamed one."""
+    model = api_server.engine.model_name
+    for seed in (3, 4, 5):
+        kw = dict(model=model, n=2, max_tokens=12, temperature=1.0, seed=seed, stop=["e"])
+        if endpoint == "chat":
+            kw["messages"] = MESSAGES
+            full = client.chat.completions.create(**kw)
+            chunks = list(client.chat.completions.create(stream=True, **kw))
+            texts = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i)
+                     for i in (0, 1)}
+            expected = {c.index: c.message.content for c in full.choices}
+        else:
+            kw["prompt"] = "Evening"
+            full = client.completions.create(**kw)
+            chunks = list(client.completions.create(stream=True, **kw))
+            texts = {i: "".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in (0, 1)}
+            expected = {c.index: c.text for c in full.choices}
+        finishes = [c.choices[0].index for c in chunks if c.choices[0].finish_reason]
+        assert sorted(finishes) == [0, 1], finishes
+        assert texts == expected
+
+
+def test_seed_reproducibility(client, api_server):
+    kw = dict(model=api_server.engine.model_name, prompt="Once upon a time", max_tokens=12, temperature=1.0,
+              extra_body={"ignore_eos": True})
+    a = client.completions.create(seed=1234, **kw).choices[0].text
+    b = client.completions.create(seed=1234, **kw).choices[0].text
+    others = {client.completions.create(seed=s, **kw).choices[0].text for s in (1, 2, 3)}
+    assert a == b
+    assert len(others | {a}) > 1  # the seed changes the sample (a random 4096-token model: surely)
+
+
+def test_stop_string_cuts_the_output(client, api_server):
+    kw = dict(model=api_server.engine.model_name, prompt="Data structures", max_tokens=24, **GREEDY)
+    text = client.completions.create(**kw).choices[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert len(stop) == 3 and stop.strip()
+    r = client.completions.create(stop=[stop], **kw)
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == text[:text.index(stop)]
+    kept = client.completions.create(stop=[stop], **{**kw, "extra_body": {"include_stop_str_in_output": True,
+                                                                          "ignore_eos": True}})
+    assert kept.choices[0].text == text[:text.index(stop) + len(stop)]
+
+
+def test_max_completion_tokens_is_honoured(client, api_server):
+    r = client.chat.completions.create(model=api_server.engine.model_name, messages=MESSAGES,
+                                       max_completion_tokens=3, **GREEDY)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_chat_logprobs_shapes(client, api_server):
+    r = client.chat.completions.create(model=api_server.engine.model_name, messages=MESSAGES, max_tokens=6,
+                                       logprobs=True, top_logprobs=3, **GREEDY)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    for t in content:
+        assert t.logprob <= 0 and isinstance(t.token, str) and t.bytes == list(t.token.encode())
+        assert len(t.top_logprobs) == 3
+        lps = [x.logprob for x in t.top_logprobs]
+        assert lps == sorted(lps, reverse=True)
+        assert math.isclose(t.logprob, lps[0], abs_tol=1e-4)  # greedy: the chosen token is the best
+        assert sum(math.exp(x) for x in lps) <= 1 + 1e-4
+    stream = list(client.chat.completions.create(model=api_server.engine.model_name, messages=MESSAGES,
+                                                 max_tokens=6, logprobs=True, top_logprobs=3, stream=True, **GREEDY))
+    streamed = [t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    none = client.chat.completions.create(model=api_server.engine.model_name, messages=MESSAGES, max_tokens=2)
+    assert none.choices[0].logprobs is None
+
+
+def test_completion_logprobs_shapes(client, api_server):
+    r = client.completions.create(model=api_server.engine.model_name, prompt="Lists and tuples", max_tokens=5,
+                                  logprobs=2, **GREEDY)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    for tok, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 2 and chosen <= 0
+        assert math.isclose(max(top.values()), chosen, abs_tol=1e-4)
+
+
+def test_tokenize_detokenize_round_trip(api_server):
+    with api_server.http() as h:
+        r = h.post("/tokenize", json={"prompt": "hello world", "add_special_tokens": False}).json()
+        assert r["count"] == len(r["tokens"]) and r["max_model_len"] == 512
+        assert h.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "hello world"
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/tokenize"),
+    ("POST", "/detokenize"), ("GET", "/version"), ("GET", "/metrics")])
+def test_every_route_but_the_probes_needs_the_key(api_server, method, path):
+    with api_server.http(auth=False) as h:
+        r = h.request(method, path, json={})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_probes_and_version(api_server):
+    with api_server.http(auth=False) as h:
+        assert h.get("/health").status_code == 200
+        assert h.get("/ready").json() == {"status": "ready"}
+    with api_server.http() as h:
+        assert h.get("/version").json()["version"]
+
+
+def test_wrong_key_is_an_authentication_error(api_server):
+    bad = openai.OpenAI(base_url=f"{api_server.url}/v1", api_key=API_KEY + "x", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as exc:
+        bad.models.list()
+    assert exc.value.status_code == 401 and exc.value.body["code"] == "invalid_api_key"
