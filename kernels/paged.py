@@ -131,7 +131,7 @@ def paged_nsa_attention_ref(q, gates, layer: PagedLayerCache, block_tables, cu_s
             out[lo:hi] = dense_attention(q[lo:hi], positions, k, v, scale)
             continue
         if win_tables is not None:
-            kw, vw = gather_ring(layer, win_tables[b], p.window, L)
+            kw, vw = gather_ring(layer, win_tables[b], win_tables.shape[1] * layer.page_size, L)
         else:
             kw, vw = k, v
         out[lo:hi] = nsa_attention(q[lo:hi], positions, kc, vc, k, v, kw, vw, gates[lo:hi], p, scale)

@@ -1,0 +1,218 @@
+"""The Triton decode kernels equal the paged reference (kernels/paged.py) on fresh random inputs.
+
+CPU: small shapes under TRITON_INTERPRET=1. GPU (`-m gpu`): the paper shape, bf16/fp16, CUDA graphs.
+Outputs are compared with a float64 reference by ‖out − ref‖ / ‖ref‖; selected blocks are compared
+as sets with the reference's `select_blocks` (float32 inputs, so near-ties cannot flip).
+"""
+
+import math
+
+import pytest
+import torch
+
+from kernels_interpret import DEVICE, load_kernels
+from nsa_kernels.paged import PagedLayerCache, gather_ring, gather_sequence, paged_nsa_attention_ref
+from nsa_kernels.reference import SparsityParams, nsa_attention
+
+_, _, dense_mod, nsa_mod = load_kernels()
+
+SMALL = SparsityParams(block=8, stride=4, select_block=16, num_select=4, window=32)
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def make_case(lens, Hkv, G, Dk, Dv, p, dtype=torch.float32, ring=False, device=DEVICE, seed=0,
+              spare_pages=3):
+    """Random caches, shuffled (non-contiguous) page tables padded with 0, random q and gates.
+
+    ring: False (shared K/V) or the number of window-ring pages (independent K/V; ≥ w/P)."""
+    gen = torch.Generator().manual_seed(seed)
+    P = p.select_block
+    E = P // p.stride
+    B = len(lens)
+    maxp = max(1, max(math.ceil(L / P) for L in lens)) + 1  # one padding column
+    ring_pages = int(ring)
+    n_pages = B * (maxp + ring_pages) + spare_pages
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    layer = PagedLayerCache(rnd(n_pages, Hkv, P, Dk), rnd(n_pages, Hkv, P, Dv),
+                            rnd(n_pages, Hkv, E, Dk), rnd(n_pages, Hkv, E, Dv))
+    perm = torch.randperm(n_pages, generator=gen)
+    tables = torch.zeros(B, maxp, dtype=torch.int32)
+    win = torch.zeros(B, max(1, ring_pages), dtype=torch.int32)
+    nxt = 0
+    for b, L in enumerate(lens):
+        n = math.ceil(L / P)
+        tables[b, :n] = perm[nxt:nxt + n].to(torch.int32)
+        nxt += n
+        if ring:
+            win[b] = perm[nxt:nxt + ring_pages].to(torch.int32)
+            nxt += ring_pages
+    q = rnd(B, Hkv * G, Dk)
+    gates = torch.rand(B, Hkv * G, 3, generator=gen).to(device=device, dtype=dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    return (q, gates, layer, tables.to(device), seq_lens, win.to(device) if ring else None)
+
+
+def as64(layer):
+    return PagedLayerCache(*(t.double() for t in (layer.k_cache, layer.v_cache, layer.kc_cache, layer.vc_cache)))
+
+
+def reference(q, gates, layer, tables, seq_lens, p, win, dense=False):
+    B = q.shape[0]
+    return paged_nsa_attention_ref(q.double(), gates.double(), as64(layer), tables,
+                                   torch.arange(B + 1, device=q.device), seq_lens, p, win, dense=dense)
+
+
+def reference_selection(q, gates, layer, tables, seq_lens, p, win):
+    """[B] list of per-kv-group sets of chosen blocks, from reference.nsa_attention."""
+    out = []
+    for b, L in enumerate(seq_lens.tolist()):
+        k, v, kc, vc = gather_sequence(layer, tables[b], L, p)
+        kw, vw = (gather_ring(layer, win[b], win.shape[1] * p.select_block, L) if win is not None else (k, v))
+        _, chosen = nsa_attention(q[b:b + 1], torch.tensor([L - 1], device=q.device), kc, vc, k, v, kw, vw,
+                                  gates[b:b + 1], p, return_selection=True)
+        out.append([set(torch.nonzero(chosen[h, 0]).flatten().tolist()) for h in range(chosen.shape[0])])
+    return out
+
+
+def rel_err(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check_nsa(lens, Hkv, G, Dk, Dv, p, ring=False, dtype=torch.float32, tol=1e-5, device=DEVICE, **kw):
+    q, gates, layer, tables, seq_lens, win = make_case(lens, Hkv, G, Dk, Dv, p, dtype, ring, device)
+    out, sel = nsa_mod.nsa_decode(q, gates, layer, tables, seq_lens, p, win_tables=win,
+                                  return_selection=True, **kw)
+    assert out.shape == (len(lens), Hkv * G, Dv) and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    ref = reference(q, gates, layer, tables, seq_lens, p, win)
+    err = rel_err(out, ref)
+    assert err < tol, f"relative error {err:.2e} ≥ {tol:.0e}"
+    if dtype == torch.float32:
+        want = reference_selection(q, gates, layer, tables, seq_lens, p, win)
+        for b in range(len(lens)):
+            for h in range(Hkv):
+                got = [j for j in sel[b, h].tolist() if j >= 0]
+                assert len(got) == len(set(got)), f"duplicate block in {got}"
+                assert set(got) == want[b][h], f"seq {b} group {h}: {sorted(got)} != {sorted(want[b][h])}"
+    return err
+
+
+# Ragged batch: lengths < l, exactly on page boundaries, one past, long enough for many chunks.
+RAGGED = [1, 5, 16, 17, 64, 150, 160]
+
+
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_nsa_decode_matches_reference_group_sizes(G):
+    check_nsa(RAGGED if G < 16 else [3, 33, 160], Hkv=2, G=G, Dk=24, Dv=16, p=SMALL, chunk=16)
+
+
+@pytest.mark.parametrize("ring", [False, 2, 3])  # shared K/V; ring of w; ring of w + P (prefill)
+def test_nsa_decode_both_kv_layouts(ring):
+    # num_splits=3 puts selected and window pages in the same split and across splits.
+    check_nsa([2, 31, 32, 47, 200], Hkv=2, G=4, Dk=32, Dv=16, p=SMALL, ring=ring, chunk=16, num_splits=3)
+
+
+@pytest.mark.parametrize("p", [
+    SparsityParams(block=16, stride=16, select_block=16, num_select=3, window=16),  # l = d = l' (fla)
+    SparsityParams(block=12, stride=4, select_block=16, num_select=5, window=48, num_init=2),
+    SparsityParams(block=40, stride=8, select_block=16, num_select=4, window=32, num_local=1),  # l > l'
+])
+def test_nsa_decode_other_sparsity_shapes(p):
+    check_nsa([7, 16, 41, 130, 191], Hkv=1, G=2, Dk=16, Dv=24, p=p, chunk=16, num_splits=2)
+
+
+def test_nsa_decode_ties_go_to_lower_block():
+    # q = 0 makes every logit 0; with N = 32 visible summaries each p_cmp is exactly 1/32, so all
+    # interior blocks score exactly the same in any summation order: lower block indices must win.
+    q, gates, layer, tables, seq_lens, win = make_case([132, 135], 2, 2, 16, 16, SMALL)
+    q.zero_()
+    out, sel = nsa_mod.nsa_decode(q, gates, layer, tables, seq_lens, SMALL, return_selection=True, chunk=16)
+    want = reference_selection(q, gates, layer, tables, seq_lens, SMALL, None)
+    for b in range(2):
+        for h in range(2):
+            assert set(sel[b, h].tolist()) - {-1} == want[b][h]
+    assert want[0][0] == {0, 1, 7, 8}  # forced 0, 7, 8; block 1 wins the tie with blocks 2 … 6
+    assert rel_err(out, reference(q, gates, layer, tables, seq_lens, SMALL, None)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nsa_decode_half_precision(dtype):
+    check_nsa([9, 100, 170], Hkv=2, G=4, Dk=24, Dv=16, p=SMALL, dtype=dtype, tol=2e-2, chunk=16)
+
+
+@pytest.mark.parametrize("G,splits", [(1, 1), (4, 3), (16, 5)])
+def test_dense_paged_decode_matches_reference(G, splits):
+    q, gates, layer, tables, seq_lens, _ = make_case(RAGGED, 2, G, 24, 16, SMALL, seed=G)
+    out = dense_mod.dense_paged_decode(q, layer, tables, seq_lens, num_splits=splits)
+    assert rel_err(out, reference(q, gates, layer, tables, seq_lens, SMALL, None, dense=True)) < 1e-5
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, gates, layer, tables, seq_lens, _ = make_case([20], 2, 2, 16, 16, SMALL)
+    with pytest.raises(ValueError, match="int32"):
+        nsa_mod.nsa_decode(q, gates, layer, tables.long(), seq_lens, SMALL)
+    with pytest.raises(ValueError, match="page size"):
+        nsa_mod.nsa_decode(q, gates, layer, tables, seq_lens,
+                           SparsityParams(block=8, stride=4, select_block=32, num_select=4, window=32))
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        nsa_mod.nsa_decode(q[:, :3], gates[:, :3], layer, tables, seq_lens, SMALL)
+
+
+# ----------------------------------------------------------------------------------------- GPU
+
+PAPER = SparsityParams(block=32, stride=16, select_block=64, num_select=16, window=512)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_paper_shape_half(dtype):
+    lens = [1, 31, 64, 65, 700, 4097, 20000, 33000]
+    for ring in (False, PAPER.window // PAPER.select_block):
+        check_nsa(lens, Hkv=4, G=16, Dk=192, Dv=128, p=PAPER, dtype=dtype, tol=1e-2, device="cuda",
+                  ring=ring)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_gpu_paper_shape_fp32_selection(G):
+    # float32 (ieee dots) so the selected blocks can be compared exactly with the reference.
+    check_nsa([1, 63, 64, 513, 9000, 16500], Hkv=4, G=G, Dk=192, Dv=128, p=PAPER, device="cuda")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_dense_paper_shape():
+    q, gates, layer, tables, seq_lens, _ = make_case([1, 64, 65, 5000, 33000], 4, 16, 192, 128, PAPER,
+                                                     torch.bfloat16, device="cuda")
+    out = dense_mod.dense_paged_decode(q, layer, tables, seq_lens)
+    assert rel_err(out, reference(q, gates, layer, tables, seq_lens, PAPER, None, dense=True)) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cuda_graph_capture_and_replay():
+    q, gates, layer, tables, seq_lens, _ = make_case([100, 3000, 9000], 4, 16, 192, 128, PAPER,
+                                                     torch.bfloat16, device="cuda")
+    fns = {"nsa": lambda: nsa_mod.nsa_decode(q, gates, layer, tables, seq_lens, PAPER),
+           "dense": lambda: dense_mod.dense_paged_decode(q, layer, tables, seq_lens)}
+    for name, fn in fns.items():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()  # compile outside the capture
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = fn()
+        # New inputs in the same buffers: longer sequences, new queries.
+        q.copy_(torch.randn_like(q))
+        seq_lens.copy_(torch.tensor([101, 3040, 9001], dtype=torch.int32, device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference(q, gates, layer, tables, seq_lens, PAPER, None, dense=name == "dense")
+        assert rel_err(static_out, ref) < 1e-2, name
