@@ -1,0 +1,32 @@
+"""`nsa-serve bench` runs end to end on CPU and reports both attention modes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine_helpers import single_thread_torch
+from nsa_serve.cli import main
+
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread_torch)
+
+
+def test_bench_reports_nsa_and_dense(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--preset", "tiny", "--set", "num_layers=1", "--num-requests", "3", "--input-len", "40",
+               "--output-len", "4", "--device", "cpu", "--num-pages", "64", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| nsa |" in text and "| dense |" in text and "NSA / dense decode tokens/s" in text
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["nsa", "dense"]
+    for r in rows:
+        assert r["output_tokens"] == 12 and r["decode_steps"] > 0 and r["ttft_max_s"] > 0
+        assert r["decode_step_ms"] >= r["decode_model_ms"] > 0
+    assert rows[0]["kv_read_ratio"] != rows[1]["kv_read_ratio"] == 1.0
+
+
+def test_bench_rejects_bad_sizes():
+    with pytest.raises(SystemExit, match="num-requests"):
+        main(["bench", "--preset", "tiny", "--num-requests", "0"])

@@ -1,0 +1,189 @@
+"""The serving engine computes exactly what the reference model computes, however requests are
+batched, chunked, preempted or served from the prefix cache (CPU, tiny preset, fp32)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine_helpers import make_engine, random_prompts, reference_greedy, single_thread_torch
+from nsa_serve.engine.protocol import SamplingParams
+
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread_torch)
+
+KV_MODES = [pytest.param(True, id="shared_kv"), pytest.param(False, id="independent_kv")]
+
+
+def run_staggered(engine, prompts, max_tokens, per_step: int, seed: int = 0) -> dict[int, list[int]]:
+    """Add `per_step` requests before each engine step (staggered arrivals); return outputs by index."""
+    rng = random.Random(seed)
+    pending = list(range(len(prompts)))
+    done: dict[int, list[int]] = {}
+    while pending or engine.has_unfinished_requests():
+        for _ in range(rng.randint(0, per_step)):
+            if pending:
+                i = pending.pop(0)
+                engine.add_request(str(i), prompts[i], SamplingParams(temperature=0, max_tokens=max_tokens[i],
+                                                                      ignore_eos=True))
+        for out in engine.step():
+            if out.finished:
+                assert out.outputs[0].finish_reason == "length"
+                done[int(out.request_id)] = out.outputs[0].token_ids
+    return done
+
+
+@pytest.mark.parametrize("shared_kv", KV_MODES)
+def test_fifty_concurrent_greedy_requests_match_the_reference_alone(shared_kv):
+    engine = make_engine(shared_kv, num_pages=400)
+    P = engine.config.select_block
+    prompts = random_prompts(50, 1, 7 * P, seed=1)
+    assert sum(len(p) > 4 * P for p in prompts) >= 10  # many prompts span several pages
+    rng = random.Random(2)
+    max_tokens = [rng.randint(1, 7) for _ in prompts]
+    got = run_staggered(engine, prompts, max_tokens, per_step=6)
+    for i, prompt in enumerate(prompts):
+        assert got[i] == reference_greedy(engine.model, prompt, max_tokens[i]), f"request {i} ({len(prompt)} tokens)"
+    engine.block_manager.check_all_free()
+    s = engine.stats()
+    assert s.num_running == s.num_waiting == s.num_pages_used == 0
+    assert s.generation_tokens_total == sum(max_tokens)
+    assert s.summaries_stored == 0
+
+
+@pytest.mark.parametrize("shared_kv", KV_MODES)
+def test_preemption_under_page_pressure_keeps_outputs_and_frees_every_page(shared_kv):
+    prompts = random_prompts(12, 30, 90, seed=3)
+    max_tokens = [8] * len(prompts)
+    # The longest request needs 7 pages (+4 ring pages with independent K/V and 16-token chunks):
+    # 12 requests at once cannot fit, so the scheduler has to preempt.
+    num_pages = 13 if shared_kv else 18
+    relaxed = make_engine(shared_kv, num_pages=300, long_prefill_token_threshold=16)
+    expected = run_staggered(relaxed, prompts, max_tokens, per_step=12)
+    tight = make_engine(shared_kv, num_pages=num_pages, long_prefill_token_threshold=16)
+    got = run_staggered(tight, prompts, max_tokens, per_step=12)
+    assert tight.scheduler.num_preemptions > 0
+    assert tight.stats().num_preemptions_total == tight.scheduler.num_preemptions
+    assert got == expected
+    for i in (0, 5):  # and the unpressured run itself is the reference's output
+        assert expected[i] == reference_greedy(relaxed.model, prompts[i], 8)
+    tight.block_manager.check_all_free()
+    assert tight.block_manager.num_free_pages == num_pages
+
+
+def test_shared_three_page_prefix_is_reused_and_output_equals_a_cold_run():
+    engine = make_engine(True, num_pages=64)
+    P, tail = engine.config.select_block, engine.config.cmp_block - engine.config.cmp_stride
+    rng = random.Random(4)
+    # 3 pages plus the l − d tokens the last summaries of page 3 cover.
+    prefix = [rng.randrange(8, 4096) for _ in range(3 * P + tail)]
+    first = prefix + [rng.randrange(8, 4096) for _ in range(9)]
+    second = prefix + [rng.randrange(8, 4096) for _ in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine.generate([first], params)
+    out = engine.generate([second], params)[0]
+    assert out.metrics.num_cached_tokens == 3 * P
+    assert engine.stats().prefix_cache_hits_total == 3 * P
+    cold = make_engine(True, num_pages=64, enable_prefix_caching=False).generate([second], params)[0]
+    assert cold.metrics.num_cached_tokens == 0
+    assert out.outputs[0].token_ids == cold.outputs[0].token_ids == reference_greedy(engine.model, second, 6)
+    engine.block_manager.check_all_free()
+
+
+def test_a_page_whose_summaries_saw_another_continuation_is_not_reused():
+    engine = make_engine(True, num_pages=64)
+    P = engine.config.select_block
+    rng = random.Random(5)
+    first = [rng.randrange(8, 4096) for _ in range(3 * P + 10)]
+    # Same 3 pages, but the next token differs: page 3's last summaries covered tokens 48…51 of
+    # `first`, so only pages 1 and 2 may be shared.
+    second = first[:3 * P] + [first[3 * P] + 1] + first[3 * P + 1:]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.generate([first], params)
+    out = engine.generate([second], params)[0]
+    assert out.metrics.num_cached_tokens == 2 * P
+    assert out.outputs[0].token_ids == reference_greedy(engine.model, second, 4)
+
+
+def test_dense_attention_mode_matches_the_reference_dense_attention():
+    engine = make_engine(True, num_pages=64, attention="dense")
+    prompts = random_prompts(4, 10, 70, seed=6)
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    model = engine.model
+    for prompt, out in zip(prompts, outs):
+        # The reference model with dense attention, whole sequence at a time.
+        seq = list(prompt)
+        for _ in range(4):
+            x = model.embed(torch.tensor(seq))
+            pos = torch.arange(len(seq))
+            for layer in model.layers:
+                a = layer.attn
+                h = layer.attn_norm(x)
+                q, kv = a.project(h, pos)
+                o = a.attend(q, pos, None, None, kv["slc"], kv["win"], a.gate(h), dense=True)
+                x = x + a.output(o)
+                x = x + layer.mlp(layer.mlp_norm(x))
+            seq.append(int(model.logits(x)[-1].argmax()))
+        assert out.outputs[0].token_ids == seq[len(prompt):]
+    s = engine.stats()
+    assert s.kv_tokens_read_total == s.kv_tokens_dense_total > 0
+
+
+def test_requests_sharing_a_system_prompt_share_pages_while_running():
+    # A 5-page common prefix; later arrivals find the pages the first request registered while it
+    # is still running, so several running sequences reference the same pages at once.
+    engine = make_engine(True, num_pages=128, long_prefill_token_threshold=16, max_num_batched_tokens=48)
+    rng = random.Random(7)
+    system = [rng.randrange(8, 4096) for _ in range(5 * 16 + 7)]
+    prompts = [system + [rng.randrange(8, 4096) for _ in range(rng.randint(1, 30))] for _ in range(8)]
+    max_tokens = [5] * len(prompts)
+    got = run_staggered(engine, prompts, max_tokens, per_step=1, seed=8)
+    assert engine.stats().prefix_cache_hits_total >= 16 * 5 * 4
+    for i, prompt in enumerate(prompts):
+        assert got[i] == reference_greedy(engine.model, prompt, 5)
+    engine.block_manager.check_all_free()
+
+
+def test_priority_policy_serves_the_most_urgent_waiting_request_first():
+    engine = make_engine(True, max_num_seqs=1, scheduling_policy="priority")
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    for rid, prio in (("late", 3), ("urgent", -2), ("normal", 0)):
+        engine.add_request(rid, [10, 11, 12], params, priority=prio)
+    order = []
+    while engine.has_unfinished_requests():
+        order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["urgent", "normal", "late"]
+
+
+VARIANTS = {
+    # l = d = l' (the fla-style mean-pooled cache: no overlap, page complete when full)
+    "l=d=l'": dict(cmp_block=16, cmp_stride=16, select_block=16, phi="mean"),
+    # l = l' > d: the last summaries of a page need 12 tokens of the next one
+    "l=l'>d": dict(cmp_block=16, cmp_stride=4, select_block=16, phi="linear", gate="mlp"),
+    # paper ratios scaled down: l = 2d, l' = 4d, wide window, independent K/V
+    "paper-ratios-independent": dict(cmp_block=8, cmp_stride=4, select_block=16, window=48, num_select=3,
+                                     shared_kv=False),
+}
+
+
+@pytest.mark.parametrize("overrides", list(VARIANTS.values()), ids=list(VARIANTS))
+def test_config_variants_match_the_reference(overrides):
+    from nsa_serve.engine.args import EngineArgs
+    from nsa_serve.engine.llm_engine import LLMEngine
+    from nsa_serve.model.config import preset
+    from nsa_serve.model.nsa_model import NSAModel
+
+    model = NSAModel(preset("tiny", num_layers=1, **overrides)).init_weights(3).eval()
+    engine = LLMEngine(EngineArgs(device="cpu", num_pages=200, max_num_batched_tokens=64,
+                                  long_prefill_token_threshold=24), model=model)
+    rng = random.Random(9)
+    shared = [rng.randrange(8, 4096) for _ in range(45)]
+    prompts = [shared + p for p in random_prompts(10, 1, 40, seed=10)] + random_prompts(6, 1, 70, seed=11)
+    max_tokens = [6] * len(prompts)
+    got = run_staggered(engine, prompts, max_tokens, per_step=2, seed=12)
+    for i, prompt in enumerate(prompts):
+        assert got[i] == reference_greedy(model, prompt, 6), f"request {i}"
+    if model.cfg.shared_kv:
+        assert engine.stats().prefix_cache_hits_total > 0
+    engine.block_manager.check_all_free()
