@@ -3,11 +3,13 @@
     python -m nsa_kernels.bench_decode                 # full table (both shapes, 8k … 128k, batch 1/16/64)
     python -m nsa_kernels.bench_decode --ctx 65536 --batch 16 --shape paper
     python -m nsa_kernels.bench_decode --tune          # a few kernel variants at 64k, paper shape
+    python -m nsa_kernels.bench_decode --compare       # 64k paper rows + launch variants (+ previous
+                                                       # version if kernels/nsa_decode_v1.py exists)
 
 Every number is a median of `triton.testing.do_bench` (L2 flushed before each call, so the data
 comes from HBM). Columns: SDPA = torch scaled_dot_product_attention on contiguous K/V (GQA, the
 fastest backend that runs the shape; its name is printed); dense = our split-K paged decode; NSA and
-NSA+graph = our three-launch NSA decode eager and replayed from a CUDA graph; x = SDPA / NSA+graph;
+NSA+graph = our four-launch NSA decode eager and replayed from a CUDA graph; x = SDPA / NSA+graph;
 MB = bytes NSA must read (visible summaries + the union of selected and window tokens, K and V, all
 kv heads and sequences); GB/s and %copy = those bytes over the NSA+graph time, and against the
 device-to-device copy bandwidth (bytes read + written) measured at the start of the same run.
@@ -22,7 +24,7 @@ import sys
 import torch
 
 from .dense_decode import dense_paged_decode
-from .nsa_decode import nsa_decode
+from .nsa_decode import nsa_decode, nsa_decode_tuned
 from .paged import PagedLayerCache
 from .reference import SparsityParams, num_compressed
 
@@ -139,7 +141,7 @@ def tune(copy_gbs, ctx=65536):
         q, gates, layer, tables, seq_lens = make_inputs(B, ctx, **cfg, p=PAPER_P)
         _, sel = nsa_decode(q, gates, layer, tables, seq_lens, PAPER_P, return_selection=True)
         nbytes = must_read_bytes(sel, ctx, cfg["Hkv"], cfg["Dk"], cfg["Dv"], PAPER_P)
-        for chunk in (None, 64, 128):
+        for chunk in (None, 32):  # compressed entries per tile (default 64)
             for warps in (8,):
                 for splits in (None, 1, 5, 25):
                     fn = lambda: nsa_decode(q, gates, layer, tables, seq_lens, PAPER_P, chunk=chunk,  # noqa: E731
@@ -153,6 +155,52 @@ def tune(copy_gbs, ctx=65536):
                           f"{100 * nbytes / (us * 1e-6) / 1e9 / copy_gbs:.0f}% |", flush=True)
         del q, gates, layer, tables, seq_lens
         torch.cuda.empty_cache()
+
+
+# Compressed-pass / attention launch variants timed by --compare (kwargs of nsa_decode_tuned).
+VARIANTS = {
+    "default": {},
+    "cmp dk padded to 256": dict(cmp_split_dk=False),
+    "attend dk 128 + 64": dict(attend_split_dk=True),
+    "attend 2 stages": dict(attend_stages=2),
+}
+
+
+def compare(copy_gbs, ctx=65536, batches=(1, 16, 64)):
+    """Paper shape at `ctx`: the table row of the current default, then the previous version
+    (`nsa_decode_v1`, if present beside this module: the saved copy of the kernel before this
+    round) and launch variants, each from a CUDA graph."""
+    try:
+        from .nsa_decode_v1 import nsa_decode as nsa_v1
+    except ImportError:
+        nsa_v1 = None
+    cfg = SHAPES["paper"]
+    rows = []
+    for B in batches:
+        rows.append(run_row("paper", ctx, B, copy_gbs))
+        print(HEADER + "\n" + rows[-1], flush=True)
+        q, gates, layer, tables, seq_lens = make_inputs(B, ctx, **cfg, p=PAPER_P)
+        _, sel = nsa_decode(q, gates, layer, tables, seq_lens, PAPER_P, return_selection=True)
+        nbytes = must_read_bytes(sel, ctx, cfg["Hkv"], cfg["Dk"], cfg["Dv"], PAPER_P)
+        ref = nsa_decode(q, gates, layer, tables, seq_lens, PAPER_P).float()
+        fns = {f"new {k}": (lambda kw=kw: nsa_decode_tuned(q, gates, layer, tables, seq_lens, PAPER_P, **kw))
+               for k, kw in VARIANTS.items()}
+        if nsa_v1 is not None:
+            fns["previous version"] = lambda: nsa_v1(q, gates, layer, tables, seq_lens, PAPER_P)
+        print("| batch | variant | NSA+graph µs | % copy | max abs diff vs default |\n|---|---|---|---|---|")
+        for name, fn in fns.items():
+            try:
+                diff = (fn().float() - ref).abs().max().item()
+                us = bench(graph_of(fn).replay, rep=50)
+            except Exception as e:  # a variant that fails to compile is reported, not fatal
+                print(f"| {B} | {name} | failed: {type(e).__name__}: {str(e)[:80]} | | |", flush=True)
+                continue
+            print(f"| {B} | {name} | {us:.1f} | {100 * nbytes / (us * 1e-6) / 1e9 / copy_gbs:.0f}% | "
+                  f"{diff:.2e} |", flush=True)
+        del q, gates, layer, tables, seq_lens
+        torch.cuda.empty_cache()
+    print(HEADER)
+    print("\n".join(rows))
 
 
 def profile(copy_gbs, ctx=65536):
@@ -189,16 +237,19 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, action="append")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--compare", action="store_true", help="64k paper shape: default vs variants")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_decode needs a CUDA GPU")
     copy_gbs = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth (read + write): {copy_gbs:.0f} GB/s")
+    if args.compare:
+        compare(copy_gbs, batches=tuple(args.batch or (1, 16, 64)))
     if args.profile:
         profile(copy_gbs)
     if args.tune:
         tune(copy_gbs)
-    if args.profile or args.tune:
+    if args.profile or args.tune or args.compare:
         return
     print(HEADER, flush=True)
     for shape in args.shape or list(SHAPES):

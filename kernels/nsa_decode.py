@@ -3,15 +3,16 @@
 Equals `paged.paged_nsa_attention_ref(q, gates, layer, block_tables, arange(B + 1), seq_lens, p,
 win_tables, scale)` (tested on fresh random inputs; see docs/kernels_decode.md). Launches:
 
-1. `_cmp_chunk_kernel`, grid (B·Hkv, splits): a program walks a run of chunks (CH compressed
-   entries each) of one kv group, loads their summaries through the block table once for all G
-   query heads, and writes (a) the compressed branch's partial softmax state for its run and
-   (b) per chunk, partial selection scores Σ_i w_ij·exp(s_hi − m_h) for the blocks those entries
-   overlap (`w` = the overlap weights of `reference.selection_weights`, built from indices and
-   applied with one small fp32 matmul). Scores stay per head: they can only be summed over the
-   group once each head's global softmax normaliser is known.
+1. `_cmp_tile_kernel`, grid (B·Hkv, splits): a program walks a run of tiles (BN compressed
+   entries = whole pages each) of one kv group in one flat, software-pipelined loop, loads their
+   summaries through the block table once for all G query heads (dk = 192 as 128 + 64 dots), and
+   writes (a) the compressed branch's partial softmax state for its run and (b) per tile, partial
+   selection scores Σ_i w_ij·exp(s_hi − m_h): entry r of a page overlaps the page's block + k with a
+   fixed weight W[r, k] (`reference.selection_weights`), so they are KSPAN reshape-and-sums of p,
+   no matmul. Scores stay per head: they can only be summed over the group once each head's
+   global softmax normaliser is known.
 2. `_score_kernel`, grid (B·Hkv, block tiles): merges the per-head normalisers and sums the group's
-   block scores (main part from the chunk holding the block, spill from the chunk before).
+   block scores (block j gets row k of page j − k, for k < KSPAN).
 3. `_select_attend_kernel`, grid (B·Hkv, splits): every program forces the initial/local blocks,
    takes the top-n in registers (n argmax passes over packed (score bits, −index) int64 keys, so
    ties go to the lower block index, the reference's rule) and attends to its share of the work
@@ -42,70 +43,81 @@ from .reference import SparsityParams
 
 
 @triton.jit
-def _cmp_chunk_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc_p, svc_h, svc_e,
-                      bt_ptr, sbt_b, lens_ptr, pm_ptr, pl_ptr, pacc_ptr, pms_ptr, psc_ptr, scale, Hkv,
-                      G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
-                      DV: tl.constexpr, DVP: tl.constexpr, BLOCK_L: tl.constexpr,
-                      STRIDE: tl.constexpr, PAGE: tl.constexpr, E: tl.constexpr, CH: tl.constexpr,
-                      BN: tl.constexpr, NBC: tl.constexpr, NBW: tl.constexpr, NSCORE: tl.constexpr,
-                      MAXCH: tl.constexpr, CPS: tl.constexpr, NSPLIT: tl.constexpr,
-                      PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Program (group, split) walks chunks [split·CPS, split·CPS + CPS) of CH entries each.
+def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc_p, svc_h, svc_e,
+                     bt_ptr, sbt_b, lens_ptr, pm_ptr, pl_ptr, pacc_ptr, pms_ptr, psc_ptr, scale, Hkv,
+                     MAXT, TPS, NSPLIT,
+                     G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr,
+                     DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, BLOCK_L: tl.constexpr,
+                     STRIDE: tl.constexpr, PAGE: tl.constexpr, E: tl.constexpr, BN: tl.constexpr,
+                     PPT: tl.constexpr, KSPAN: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    """Program (group, split) walks tiles [split·TPS, split·TPS + TPS) of BN compressed entries.
 
-    One online-softmax state runs across its chunks (one partial per split, not per chunk, keeps
-    the combine's traffic small); the block scores restart every chunk and are stored per chunk
-    together with the running max they are relative to (pms)."""
+    One flat loop (no inner chunk loop) so `tl.range(num_stages=STAGES)` can prefetch the next
+    tiles' table entries and summaries while this tile computes. dk is two power-of-two dots
+    (DK0 + DK1, e.g. 192 = 128 + 64) instead of one padded to the next power of two.
+
+    Selection scores: a tile holds whole pages (BN is a multiple of E = l'/d), and entry r of a page
+    overlaps the page's block + k with the fixed weight W[r, k] (k < KSPAN), so the tile's partial
+    scores are KSPAN reshape-and-sums of p: [GP, BN] → [GP, BN/E, E] · W[:, k] → [GP, BN/E],
+    stored per tile with the running max they are relative to (pms); the score kernel adds page
+    jp's k-th row into block jp + k."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // Hkv
     kh = pid % Hkv
     L = tl.load(lens_ptr + b)
     n_cmp = tl.where(L >= BLOCK_L, (L - BLOCK_L) // STRIDE + 1, 0)
-    n_chunks = (n_cmp + CH - 1) // CH
+    n_tiles = (n_cmp + BN - 1) // BN
     g = tl.arange(0, GP)
     gmask = g < G
     heads = kh * G + g
     rows = b * (Hkv * G) + heads  # [GP] rows of the [B, Hq] partial buffers
-    dk = tl.arange(0, DKP)
+    d0 = tl.arange(0, DK0)
     dv = tl.arange(0, DVP)
-    col = tl.arange(0, NBW)
-    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + dk[None, :],
-                mask=gmask[:, None] & (dk[None, :] < DK), other=0.0)
+    lpg = tl.arange(0, PPT)
+    rr = tl.arange(0, E)
+    q0 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d0[None, :],
+                 mask=gmask[:, None] & (d0[None, :] < DK), other=0.0)
+    if DK1 > 0:
+        d1 = DK0 + tl.arange(0, DK1)
+        q1 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d1[None, :],
+                     mask=gmask[:, None] & (d1[None, :] < DK), other=0.0)
     m = tl.full([GP], NEG, tl.float32)
     l = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DVP], tl.float32)
-    c_lo = split * CPS
-    c_hi = tl.minimum(c_lo + CPS, n_chunks)
-    for c in range(c_lo, c_hi):
-        sc = tl.zeros([GP, NBW], tl.float32)
-        jb = c * NBC + col  # absolute selection blocks this chunk can touch
-        for t in range(0, CH, BN):
-            i = c * CH + t + tl.arange(0, BN)
-            valid = i < n_cmp
-            page = tl.load(bt_ptr + b * sbt_b + (i * STRIDE) // PAGE, mask=valid, other=0)
-            row = i % E
-            k = tl.load(kc_ptr + page[:, None].to(tl.int64) * skc_p + kh * skc_h
-                        + row[:, None] * skc_e + dk[None, :],
-                        mask=valid[:, None] & (dk[None, :] < DK), other=0.0)
-            v = tl.load(vc_ptr + page[:, None].to(tl.int64) * svc_p + kh * svc_h
-                        + row[:, None] * svc_e + dv[None, :],
-                        mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
-            s = _dot(q, tl.trans(k), PREC, UPCAST) * scale  # [GP, BN]
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
-            # Overlap weights (tokens shared by entry i and block jb) / d, as selection_weights.
-            start = tl.maximum(i[:, None] * STRIDE, jb[None, :] * PAGE)
-            end = tl.minimum(i[:, None] * STRIDE + BLOCK_L, (jb[None, :] + 1) * PAGE)
-            w = tl.maximum(end - start, 0).to(tl.float32) / STRIDE
-            sc = sc * alpha[:, None] + tl.dot(p, w, input_precision="ieee")
-            m = m_new
-        tl.store(pms_ptr + rows * MAXCH + c, m, mask=gmask)
-        tl.store(psc_ptr + (rows * MAXCH + c)[:, None] * NBW + col[None, :], sc,
-                 mask=gmask[:, None] & (col[None, :] < NSCORE))
+    t_lo = split * TPS
+    t_hi = tl.minimum(t_lo + TPS, n_tiles)
+    for t in tl.range(t_lo, t_hi, num_stages=STAGES):
+        i = t * BN + tl.arange(0, BN)
+        valid = i < n_cmp
+        page = tl.load(bt_ptr + b * sbt_b + i // E, mask=valid, other=0).to(tl.int64)
+        row = i % E
+        kbase = kc_ptr + page[:, None] * skc_p + kh * skc_h + row[:, None] * skc_e
+        k0 = tl.load(kbase + d0[None, :], mask=valid[:, None] & (d0[None, :] < DK), other=0.0)
+        v = tl.load(vc_ptr + page[:, None] * svc_p + kh * svc_h + row[:, None] * svc_e + dv[None, :],
+                    mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
+        s = _dot(q0, tl.trans(k0), PREC, UPCAST)
+        if DK1 > 0:
+            k1 = tl.load(kbase + d1[None, :], mask=valid[:, None] & (d1[None, :] < DK), other=0.0)
+            s += _dot(q1, tl.trans(k1), PREC, UPCAST)
+        s = tl.where(valid[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
+        m = m_new
+        p3 = tl.reshape(p, [GP, PPT, E])
+        base = psc_ptr + ((rows * MAXT + t) * KSPAN)[:, None] * PPT + lpg[None, :]
+        for k in tl.static_range(KSPAN):
+            # Tokens entry r of a page shares with the page's block + k, divided by d (as
+            # reference.selection_weights).
+            w = tl.maximum(tl.minimum(rr * STRIDE + BLOCK_L, (k + 1) * PAGE)
+                           - tl.maximum(rr * STRIDE, k * PAGE), 0).to(tl.float32) / STRIDE
+            sc = tl.sum(p3 * w[None, None, :], 2)
+            tl.store(base + k * PPT, sc, mask=gmask[:, None])
+        tl.store(pms_ptr + rows * MAXT + t, m, mask=gmask)
     o = rows * NSPLIT + split
     tl.store(pm_ptr + o, m, mask=gmask)
     tl.store(pl_ptr + o, l, mask=gmask)
@@ -113,26 +125,25 @@ def _cmp_chunk_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, sv
 
 
 @triton.jit
-def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, score_ptr, Hkv,
+def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, score_ptr, Hkv, MAXT, TPS, NSPLIT,
                   G: tl.constexpr, GP: tl.constexpr, BLOCK_L: tl.constexpr, STRIDE: tl.constexpr,
-                  PAGE: tl.constexpr, CH: tl.constexpr, NBC: tl.constexpr, NBW: tl.constexpr,
-                  SPILL: tl.constexpr, MAXCH: tl.constexpr, CPS: tl.constexpr,
-                  NSPLIT: tl.constexpr, NSPLIT_P: tl.constexpr, NBP: tl.constexpr, NBT: tl.constexpr):
-    """Group-summed block scores for NBT blocks: Σ_h Σ_chunks partial · exp(m_chunk − M_h) / L_h."""
+                  PAGE: tl.constexpr, BN: tl.constexpr, PPT: tl.constexpr, KSPAN: tl.constexpr,
+                  NSPLIT_P: tl.constexpr, NBP: tl.constexpr, NBT: tl.constexpr):
+    """Group-summed scores of NBT blocks: Σ_h Σ_k psc[page j − k, k] · exp(m_tile − M_h) / L_h."""
     pid = tl.program_id(0)
     tile = tl.program_id(1)
     b = pid // Hkv
     kh = pid % Hkv
     L = tl.load(lens_ptr + b)
     n_cmp = tl.where(L >= BLOCK_L, (L - BLOCK_L) // STRIDE + 1, 0)
-    n_chunks = (n_cmp + CH - 1) // CH
+    n_tiles = (n_cmp + BN - 1) // BN
     cur = (L - 1) // PAGE
     g = tl.arange(0, GP)
     gmask = g < G
     rows = b * (Hkv * G) + kh * G + g
     # Per-head softmax normalisers of the compressed branch (merge launch 1's splits).
     cidx = tl.arange(0, NSPLIT_P)
-    cmask = gmask[:, None] & (cidx[None, :] < (n_chunks + CPS - 1) // CPS)
+    cmask = gmask[:, None] & (cidx[None, :] < (n_tiles + TPS - 1) // TPS)
     cm = tl.load(pm_ptr + rows[:, None] * NSPLIT + cidx[None, :], mask=cmask, other=NEG)
     mx = tl.max(cm, 1)
     cl = tl.load(pl_ptr + rows[:, None] * NSPLIT + cidx[None, :], mask=cmask, other=0.0)
@@ -140,19 +151,17 @@ def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, score_ptr, Hkv,
     inv = tl.where(tot > 0, 1.0 / tl.where(tot > 0, tot, 1.0), 0.0)
     j = tile * NBT + tl.arange(0, NBT)
     visible = j <= cur
-    cj = j // NBC  # the chunk holding block j's entries; the chunk before spills into its start
-    rj = j % NBC
-    main_mask = gmask[:, None] & (visible & (cj < n_chunks))[None, :]
-    mc = tl.load(pms_ptr + rows[:, None] * MAXCH + cj[None, :], mask=main_mask, other=NEG)
-    sv = tl.load(psc_ptr + (rows[:, None] * MAXCH + cj[None, :]) * NBW + rj[None, :], mask=main_mask,
-                 other=0.0)
-    score = tl.sum(sv * (tl.exp(mc - mx[:, None]) * inv[:, None]), 0)
-    if SPILL > 0:
-        spill_mask = gmask[:, None] & (visible & (rj < SPILL) & (cj >= 1) & (cj - 1 < n_chunks))[None, :]
-        ms = tl.load(pms_ptr + rows[:, None] * MAXCH + cj[None, :] - 1, mask=spill_mask, other=NEG)
-        ss = tl.load(psc_ptr + (rows[:, None] * MAXCH + cj[None, :] - 1) * NBW + NBC + rj[None, :],
-                     mask=spill_mask, other=0.0)
-        score += tl.sum(ss * (tl.exp(ms - mx[:, None]) * inv[:, None]), 0)
+    score = tl.zeros([NBT], tl.float32)
+    for k in tl.static_range(KSPAN):
+        jp = j - k  # the page whose entries spill k blocks forward into block j
+        ti = jp // PPT
+        ok = gmask[:, None] & (visible & (jp >= 0) & (ti < n_tiles))[None, :]
+        js = tl.maximum(jp, 0)  # masked where jp < 0; kept in range for the address
+        ts = js // PPT
+        mt = tl.load(pms_ptr + rows[:, None] * MAXT + ts[None, :], mask=ok, other=NEG)
+        sv = tl.load(psc_ptr + ((rows[:, None] * MAXT + ts[None, :]) * KSPAN + k) * PPT
+                     + (js % PPT)[None, :], mask=ok, other=0.0)
+        score += tl.sum(sv * (tl.exp(mt - mx[:, None]) * inv[:, None]), 0)
     tl.store(score_ptr + pid * NBP + j, score)
 
 
@@ -161,8 +170,8 @@ def _select_attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_
                           bt_ptr, sbt_b, wt_ptr, swt_b, lens_ptr, score_ptr,
                           sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr, sel_ptr,
                           scale, Hkv,
-                          G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
-                          DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
+                          G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr,
+                          DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
                           NBP: tl.constexpr, NSEL: tl.constexpr, NSP: tl.constexpr, NUM_INIT: tl.constexpr,
                           NUM_LOCAL: tl.constexpr, WINDOW: tl.constexpr, RING: tl.constexpr,
                           RING_PAGES: tl.constexpr, UPS: tl.constexpr, NSPLIT: tl.constexpr,
@@ -202,10 +211,14 @@ def _select_attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_
 
     # ---- attention over this split's work units: units [0, NSEL) are the selected pages, units
     # [NSEL, NSEL + window pages) the window's pages (first_wp, first_wp + 1, …, cur).
-    dk = tl.arange(0, DKP)
+    d0 = tl.arange(0, DK0)
     dv = tl.arange(0, DVP)
-    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + dk[None, :],
-                mask=gmask[:, None] & (dk[None, :] < DK), other=0.0)
+    q0 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d0[None, :],
+                 mask=gmask[:, None] & (d0[None, :] < DK), other=0.0)
+    if DK1 > 0:
+        d1 = DK0 + tl.arange(0, DK1)
+        q1 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d1[None, :],
+                     mask=gmask[:, None] & (d1[None, :] < DK), other=0.0)
     win_lo = tl.maximum(L - WINDOW, 0)
     first_wp = win_lo // PAGE
     r_tok = tl.arange(0, PAGE)
@@ -239,11 +252,15 @@ def _select_attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_
         # interpreter turns (vector & scalar-bool) into int32 data, which its masked loads reject.
         pos = tl.where(ok, lp * PAGE, L) + r_tok
         tmask = pos < L
-        kk = tl.load(k_ptr + phys * sk_p + kh * sk_h + r_tok[:, None] * sk_r + dk[None, :],
-                     mask=tmask[:, None] & (dk[None, :] < DK), other=0.0)
+        kbase = k_ptr + phys * sk_p + kh * sk_h + r_tok[:, None] * sk_r
+        kk = tl.load(kbase + d0[None, :], mask=tmask[:, None] & (d0[None, :] < DK), other=0.0)
         vv = tl.load(v_ptr + phys * sv_p + kh * sv_h + r_tok[:, None] * sv_r + dv[None, :],
                      mask=tmask[:, None] & (dv[None, :] < DV), other=0.0)
-        s = _dot(q, tl.trans(kk), PREC, UPCAST) * scale  # [GP, PAGE]
+        s = _dot(q0, tl.trans(kk), PREC, UPCAST)  # [GP, PAGE]
+        if DK1 > 0:
+            kk1 = tl.load(kbase + d1[None, :], mask=tmask[:, None] & (d1[None, :] < DK), other=0.0)
+            s += _dot(q1, tl.trans(kk1), PREC, UPCAST)
+        s = s * scale
         s_slc = tl.where((tmask & is_sel)[None, :], s, float("-inf"))
         if RING:
             in_win = tmask & (pos >= win_lo) & (~is_sel)
@@ -307,6 +324,15 @@ def _check_inputs(q, gates, layer, block_tables, seq_lens, p, win_tables):
         check_last_dim_contiguous(name, t)
 
 
+def _split_dk(dk: int) -> tuple[int, int]:
+    """dk as two power-of-two dot widths (DK0, DK1): 192 → (128, 64), 128 → (128, 0), 24 → (16, 16).
+
+    Padding 192 to 256 would waste a quarter of the key registers, shared memory and MMA work."""
+    dk0 = max(16, 1 << (int(dk).bit_length() - 1))
+    rest = dk - dk0
+    return dk0, (max(16, next_pow2(rest)) if rest > 0 else 0)
+
+
 def nsa_decode(q: torch.Tensor, gates: torch.Tensor, layer: PagedLayerCache, block_tables: torch.Tensor,
                seq_lens: torch.Tensor, p: SparsityParams, win_tables: torch.Tensor | None = None,
                scale: float | None = None, return_selection: bool = False,
@@ -316,9 +342,27 @@ def nsa_decode(q: torch.Tensor, gates: torch.Tensor, layer: PagedLayerCache, blo
     seq_lens[b] ≥ 1 counts the current token, whose K/V and every summary it completes are already
     in the cache. With `return_selection` also returns the selected blocks [B, Hkv, n] (int32, best
     first, −1 where fewer than n blocks exist). `num_splits` / `chunk` override the split-K sizing
-    (tests use them to exercise many splits at small shapes). 8 warps by default: with 4 the
-    [64, 256] key tiles of dk = 192 spill registers (cuobjdump -res-usage, sm_90).
+    (tests use them to exercise many splits at small shapes; `chunk` = compressed entries per tile).
+    `num_warps` is the selection/attention kernel's (8: with 4 its [64, 256] key tiles at dk = 192
+    take 252 registers, offline sm_90 compile).
     """
+    return nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables, scale,
+                            return_selection, num_splits, chunk, num_warps)
+
+
+# Compressed-pass launch defaults, measured at 64k (docs/benchmarks/decode.md, second round):
+# 4 warps beat 8 by 75 µs at batch 64 (2-3 programs per SM instead of 1), 3 stages beat 2 by 35.
+CMP_WARPS = 4
+CMP_STAGES = 3
+
+
+def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None, scale=None,
+                     return_selection=False, num_splits=None, chunk=None, num_warps=8,
+                     cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
+                     attend_split_dk=False, attend_stages=3):
+    """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
+    them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
+    the next power of two. Defaults: the fastest measured at 64k (docs/benchmarks/decode.md)."""
     _check_inputs(q, gates, layer, block_tables, seq_lens, p, win_tables)
     B, Hq, Dk = q.shape
     _, Hkv, P, _ = layer.k_cache.shape
@@ -327,45 +371,45 @@ def nsa_decode(q: torch.Tensor, gates: torch.Tensor, layer: PagedLayerCache, blo
     E = P // p.stride
     max_pages = block_tables.shape[1]
     max_cmp = max(0, (max_pages * P - p.block) // p.stride + 1)
-    # The largest chunk that still gives every SM work (fewer partials to merge); 256 would spill
-    # registers (its [16, 128] score accumulator) with dk = 192.
     if chunk is None:
-        chunk = next((c for c in (128,) if c % E == 0 and
-                      B * Hkv * triton.cdiv(max_cmp, c) >= target_programs(q.device)), max(64, E))
+        chunk = max(64, E)
     if chunk % E or chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk ({chunk}) must be a power of two ≥ 16 and a multiple of l'/d = {E}")
     scale = scale if scale is not None else 1.0 / math.sqrt(Dk)
     dev = q.device
     f32 = torch.float32
+    cmp_warps = cmp_warps or CMP_WARPS
+    cmp_stages = cmp_stages or CMP_STAGES
 
-    # Launch 1 sizing: chunks of CH entries, aligned to selection blocks (CH·d multiple of P).
-    CH = chunk
-    BN = min(64, CH)
-    NBC = CH * p.stride // P
-    SPILL = max(0, ((CH - 1) * p.stride + p.block - 1) // P + 1 - NBC)
-    NBW = max(16, next_pow2(NBC + SPILL))
-    MAXCH = max(1, triton.cdiv(max_cmp, CH))
+    # Launch 1 sizing: tiles of BN entries (whole pages); KSPAN = blocks one entry can touch.
+    BN = chunk
+    KSPAN = ((E - 1) * p.stride + p.block - 1) // P + 1
+    MAXT = max(1, triton.cdiv(max_cmp, BN))
     GP = max(16, next_pow2(G))
-    DKP, DVP = next_pow2(Dk), next_pow2(Dv)
+    DK0, DK1 = _split_dk(Dk) if cmp_split_dk else (max(16, next_pow2(Dk)), 0)
+    ADK0, ADK1 = _split_dk(Dk) if attend_split_dk else (max(16, next_pow2(Dk)), 0)
+    DVP = next_pow2(Dv)
     prec = dot_precision(q.dtype)
 
-    # Splits of CPS chunks each, enough of them to give every SM work.
-    nsplit_c = max(1, min(MAXCH, triton.cdiv(target_programs(dev), B * Hkv)))
-    cps = triton.cdiv(MAXCH, nsplit_c)
-    nsplit_c = triton.cdiv(MAXCH, cps)
+    # Splits of TPS tiles each: as many as fit in one wave of resident programs (a second,
+    # partial wave would double the time of the slowest group).
+    want = cmp_programs or target_programs(dev)
+    nsplit_c = max(1, min(MAXT, want // (B * Hkv)))
+    tps = triton.cdiv(MAXT, nsplit_c)
+    nsplit_c = triton.cdiv(MAXT, tps)
     pm = torch.empty(B, Hq, nsplit_c, device=dev, dtype=f32)
     pl = torch.empty_like(pm)
     pacc = torch.empty(B, Hq, nsplit_c, Dv, device=dev, dtype=f32)
-    pms = torch.empty(B, Hq, MAXCH, device=dev, dtype=f32)
-    psc = torch.empty(B, Hq, MAXCH, NBW, device=dev, dtype=f32)
+    pms = torch.empty(B, Hq, MAXT, device=dev, dtype=f32)
+    psc = torch.empty(B, Hq, MAXT, KSPAN, BN // E, device=dev, dtype=f32)
     kc, vc = layer.kc_cache, layer.vc_cache
-    _cmp_chunk_kernel[(B * Hkv, nsplit_c)](
+    _cmp_tile_kernel[(B * Hkv, nsplit_c)](
         q, q.stride(0), q.stride(1), kc, kc.stride(0), kc.stride(1), kc.stride(2),
         vc, vc.stride(0), vc.stride(1), vc.stride(2), block_tables, block_tables.stride(0), seq_lens,
-        pm, pl, pacc, pms, psc, scale, Hkv,
-        G=G, GP=GP, DK=Dk, DKP=DKP, DV=Dv, DVP=DVP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, E=E,
-        CH=CH, BN=BN, NBC=NBC, NBW=NBW, NSCORE=NBC + SPILL, MAXCH=MAXCH, CPS=cps, NSPLIT=nsplit_c,
-        PREC=prec, UPCAST=interpreter_upcast(q.dtype), num_warps=num_warps, num_stages=2)
+        pm, pl, pacc, pms, psc, scale, Hkv, MAXT, tps, nsplit_c,
+        G=G, GP=GP, DK=Dk, DK0=DK0, DK1=DK1, DV=Dv, DVP=DVP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P,
+        E=E, BN=BN, PPT=BN // E, KSPAN=KSPAN, STAGES=cmp_stages,
+        PREC=prec, UPCAST=interpreter_upcast(q.dtype), num_warps=cmp_warps)
 
     # Launch 2 sizing: work units = n selected pages + the window's pages, spread over splits.
     n_win_pages = (p.window - 1 + P - 1) // P + 1
@@ -383,8 +427,8 @@ def nsa_decode(q: torch.Tensor, gates: torch.Tensor, layer: PagedLayerCache, blo
     NBT = min(NBP, 128)
     scores = torch.empty(B, Hkv, NBP, device=dev, dtype=f32)
     _score_kernel[(B * Hkv, NBP // NBT)](
-        seq_lens, pm, pl, pms, psc, scores, Hkv, G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P,
-        CH=CH, NBC=NBC, NBW=NBW, SPILL=SPILL, MAXCH=MAXCH, CPS=cps, NSPLIT=nsplit_c,
+        seq_lens, pm, pl, pms, psc, scores, Hkv, MAXT, tps, nsplit_c,
+        G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, BN=BN, PPT=BN // E, KSPAN=KSPAN,
         NSPLIT_P=next_pow2(nsplit_c), NBP=NBP, NBT=NBT, num_warps=4)
 
     sel = torch.empty(B, Hkv, p.num_select, device=dev, dtype=torch.int32) if return_selection else sm
@@ -395,17 +439,17 @@ def nsa_decode(q: torch.Tensor, gates: torch.Tensor, layer: PagedLayerCache, blo
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), k.stride(2),
         v, v.stride(0), v.stride(1), v.stride(2), block_tables, block_tables.stride(0),
         wt, wt.stride(0), seq_lens, scores, sm, sl, sacc, wm, wl, wacc, sel, scale, Hkv,
-        G=G, GP=GP, DK=Dk, DKP=DKP, DV=Dv, DVP=DVP, PAGE=P, NBP=NBP, NSEL=p.num_select,
+        G=G, GP=GP, DK=Dk, DK0=ADK0, DK1=ADK1, DV=Dv, DVP=DVP, PAGE=P, NBP=NBP, NSEL=p.num_select,
         NSP=max(2, next_pow2(p.num_select)), NUM_INIT=p.num_init, NUM_LOCAL=p.num_local,
         WINDOW=p.window, RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1, UPS=ups,
         NSPLIT=nsplit, WRITE_SEL=return_selection, PREC=prec, UPCAST=interpreter_upcast(q.dtype),
-        num_warps=num_warps)
+        num_warps=num_warps, num_stages=attend_stages)
 
     out = torch.empty(B, Hq, Dv, device=dev, dtype=q.dtype)
     _combine_kernel[(B * Hq,)](
         out, out.stride(0), out.stride(1), gates, gates.stride(0), gates.stride(1), seq_lens,
         pm, pl, pacc, sm, sl, sacc, wm, wl, wacc, Hq,
-        NSA=True, BLOCK_L=p.block, STRIDE=p.stride, CH=CH * cps, NC_BUF=nsplit_c,
+        NSA=True, BLOCK_L=p.block, STRIDE=p.stride, CH=BN * tps, NC_BUF=nsplit_c,
         NC_P=max(2, next_pow2(nsplit_c)), NS_BUF=nsplit, NS_P=max(2, next_pow2(nsplit)), DV=Dv, DVP=DVP,
         num_warps=4)
     if return_selection:

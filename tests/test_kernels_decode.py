@@ -81,10 +81,11 @@ def rel_err(a, b):
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def check_nsa(lens, Hkv, G, Dk, Dv, p, ring=False, dtype=torch.float32, tol=1e-5, device=DEVICE, **kw):
+def check_nsa(lens, Hkv, G, Dk, Dv, p, ring=False, dtype=torch.float32, tol=1e-5, device=DEVICE,
+              fn=None, **kw):
     q, gates, layer, tables, seq_lens, win = make_case(lens, Hkv, G, Dk, Dv, p, dtype, ring, device)
-    out, sel = nsa_mod.nsa_decode(q, gates, layer, tables, seq_lens, p, win_tables=win,
-                                  return_selection=True, **kw)
+    out, sel = (fn or nsa_mod.nsa_decode)(q, gates, layer, tables, seq_lens, p, win_tables=win,
+                                          return_selection=True, **kw)
     assert out.shape == (len(lens), Hkv * G, Dv) and out.dtype == dtype
     assert torch.isfinite(out).all()
     ref = reference(q, gates, layer, tables, seq_lens, p, win)
@@ -122,6 +123,15 @@ def test_nsa_decode_both_kv_layouts(ring):
 ])
 def test_nsa_decode_other_sparsity_shapes(p):
     check_nsa([7, 16, 41, 130, 191], Hkv=1, G=2, Dk=16, Dv=24, p=p, chunk=16, num_splits=2)
+
+
+@pytest.mark.parametrize("Dk,programs,attend_split", [(48, 64, True), (40, 1, True), (40, 64, False)])
+def test_nsa_decode_dk_split_and_many_compressed_splits(Dk, programs, attend_split):
+    # Dk = 48 runs as 32 + 16 dots, 40 as 32 + 16 with the tail masked (or padded to 64 in the
+    # attention kernel). cmp_programs = 64 gives every tile of the compressed pass its own split
+    # (one tile each), 1 a single split.
+    check_nsa(RAGGED, Hkv=2, G=4, Dk=Dk, Dv=16, p=SMALL, chunk=16, fn=nsa_mod.nsa_decode_tuned,
+              cmp_programs=programs, attend_split_dk=attend_split)
 
 
 def test_nsa_decode_ties_go_to_lower_block():
@@ -182,6 +192,17 @@ def test_gpu_paper_shape_half(dtype):
 def test_gpu_paper_shape_fp32_selection(G):
     # float32 (ieee dots) so the selected blocks can be compared exactly with the reference.
     check_nsa([1, 63, 64, 513, 9000, 16500], Hkv=4, G=G, Dk=192, Dv=128, p=PAPER, device="cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kw", [dict(cmp_warps=8, cmp_stages=2, cmp_split_dk=False),
+                                dict(chunk=32, cmp_programs=528, attend_split_dk=True)])
+def test_gpu_paper_shape_launch_variants(kw):
+    # The launch configurations the benchmark compares (nsa_decode_tuned); the default is covered
+    # above. fp32 so the selected blocks are compared exactly too.
+    check_nsa([1, 65, 4097, 20000, 33000], Hkv=4, G=16, Dk=192, Dv=128, p=PAPER, device="cuda",
+              fn=nsa_mod.nsa_decode_tuned, **kw)
 
 
 @pytest.mark.gpu
