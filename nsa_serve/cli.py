@@ -93,18 +93,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Subcommands defined beside their code, as (module, commands it registers).
+PLUGINS = (("nsa_serve.api.cli", ("serve",)), ("nsa_serve.engine.cli", ("bench",)),
+           ("nsa_serve.train.cli", ("prepare-data", "train", "eval")))
+
+
 def _plugins():
-    """Subcommands defined beside their code (serve, bench, ...), registered when present."""
+    """Register functions of the plugin modules. A module whose own dependency is missing (e.g. a
+    GPU image without uvicorn running `bench`) still leaves the other commands usable; its commands
+    then exit with a message naming the missing package."""
     import importlib
 
-    for module in ("nsa_serve.api.cli", "nsa_serve.engine.cli"):
+    for module, commands in PLUGINS:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+            if exc.name == module:
+                continue
+            yield _unavailable(commands, exc.name)
             continue
         yield mod.register
+
+
+def _unavailable(commands, missing: str):
+    def fail(args):
+        raise SystemExit(f"nsa-serve {args.command}: needs the Python package '{missing}', which is not "
+                         f"installed (pip install -e . installs it)")
+
+    def register(sub):
+        for name in commands:
+            p = sub.add_parser(name, help=f"(unavailable: needs {missing})", add_help=False)
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+            p.set_defaults(func=fail)
+
+    return register
 
 
 def main(argv: list[str] | None = None) -> int:
