@@ -162,6 +162,7 @@ VARIANTS = {
     "default": {},
     "cmp dk padded to 256": dict(cmp_split_dk=False),
     "attend dk 128 + 64": dict(attend_split_dk=True),
+    "attend 4 warps, dk 128 + 64": dict(num_warps=4, attend_split_dk=True),
     "attend 2 stages": dict(attend_stages=2),
 }
 

@@ -336,15 +336,14 @@ def _split_dk(dk: int) -> tuple[int, int]:
 def nsa_decode(q: torch.Tensor, gates: torch.Tensor, layer: PagedLayerCache, block_tables: torch.Tensor,
                seq_lens: torch.Tensor, p: SparsityParams, win_tables: torch.Tensor | None = None,
                scale: float | None = None, return_selection: bool = False,
-               num_splits: int | None = None, chunk: int | None = None, num_warps: int = 8):
+               num_splits: int | None = None, chunk: int | None = None, num_warps: int | None = None):
     """NSA attention for one new token per sequence. q [B, Hq, Dk], gates [B, Hq, 3] → [B, Hq, Dv].
 
     seq_lens[b] ≥ 1 counts the current token, whose K/V and every summary it completes are already
     in the cache. With `return_selection` also returns the selected blocks [B, Hkv, n] (int32, best
     first, −1 where fewer than n blocks exist). `num_splits` / `chunk` override the split-K sizing
     (tests use them to exercise many splits at small shapes; `chunk` = compressed entries per tile).
-    `num_warps` is the selection/attention kernel's (8: with 4 its [64, 256] key tiles at dk = 192
-    take 252 registers, offline sm_90 compile).
+    `num_warps` is the selection/attention kernel's (default ATTEND_WARPS).
     """
     return nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables, scale,
                             return_selection, num_splits, chunk, num_warps)
@@ -354,12 +353,17 @@ def nsa_decode(q: torch.Tensor, gates: torch.Tensor, layer: PagedLayerCache, blo
 # 4 warps beat 8 by 75 µs at batch 64 (2-3 programs per SM instead of 1), 3 stages beat 2 by 35.
 CMP_WARPS = 4
 CMP_STAGES = 3
+# Selection/attention launch defaults. Padded to 256, dk = 192 needs 8 warps (4 take 252 registers
+# for the [64, 256] key tiles); split as 128 + 64 dots, 4 warps fit and were fastest at 64k on the
+# H100 (docs/benchmarks/decode.md, fourth round: batch 16 166.6 → 143.5 µs, batch 64 434 → 425 µs).
+ATTEND_WARPS = 4
+ATTEND_SPLIT_DK = True
 
 
 def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None, scale=None,
-                     return_selection=False, num_splits=None, chunk=None, num_warps=8,
+                     return_selection=False, num_splits=None, chunk=None, num_warps=None,
                      cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
-                     attend_split_dk=False, attend_stages=3):
+                     attend_split_dk=None, attend_stages=3):
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. Defaults: the fastest measured at 64k (docs/benchmarks/decode.md)."""
@@ -380,6 +384,8 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     f32 = torch.float32
     cmp_warps = cmp_warps or CMP_WARPS
     cmp_stages = cmp_stages or CMP_STAGES
+    num_warps = num_warps or ATTEND_WARPS
+    attend_split_dk = ATTEND_SPLIT_DK if attend_split_dk is None else attend_split_dk
 
     # Launch 1 sizing: tiles of BN entries (whole pages); KSPAN = blocks one entry can touch.
     BN = chunk
