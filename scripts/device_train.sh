@@ -12,9 +12,9 @@
 set -euo pipefail
 : "${OUT:?run this on the device machine, where OUT is set}"
 CALL_MIN=${CALL_MIN:-8.5}      # training minutes in this call (a call may run 10)
-TOTAL_MIN=${TOTAL_MIN:-25}     # training minutes over all calls: fixes --steps in the first call
+TOTAL_MIN=${TOTAL_MIN:-14}     # training minutes over all calls: fixes --steps in the first call
 SEED=${SEED:-0}
-SAMPLES=${SAMPLES:-10}         # passkey prompts per length
+SAMPLES=${SAMPLES:-20}         # passkey prompts per length
 LENGTHS=${LENGTHS:-4096,16384,32768,65536}
 EVAL_MIN_S=${EVAL_MIN_S:-240}  # seconds the eval needs (server start + passkey prompts)
 EVAL_ONLY=${EVAL_ONLY:-0}
@@ -31,6 +31,12 @@ ln -sfn "$PWD/nsa_serve" /tmp/nsa_path/nsa_serve
 ln -sfn "$PWD/kernels" /tmp/nsa_path/nsa_kernels
 ln -sfn "$PWD/loadtest" /tmp/nsa_path/nsa_loadtest
 export PYTHONPATH=/tmp/nsa_path PYTHONUNBUFFERED=1
+# The server's packages the GPU image lacks (fastapi, uvicorn, pydantic, ...) travel as wheels in .whl/
+# (docs/training.md says how to fetch them); training itself needs none of them.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/nsa_path:/tmp/site
+fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
@@ -41,6 +47,8 @@ if [ "${PREFLIGHT:-0}" = 1 ]; then  # optional: time and size one sequence per l
 fi
 
 if [ "$EVAL_ONLY" != 1 ]; then
+  # The batched fused-attention training path against the model's own forward, at the real shape.
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_train_fast_attention.py || echo "GPU CHECK FAILED"
   # shellcheck disable=SC2086
   python3 -m nsa_serve.train.cli train --config default --data .data/train.bin --out "$OUT" \
     --state-dir .ckpt/state --resume .ckpt/resume --total-budget-min "$TOTAL_MIN" \

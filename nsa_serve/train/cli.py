@@ -44,7 +44,8 @@ def cmd_train(args) -> int:
                   warmup=args.warmup, task_prob=args.task_prob, seed=args.seed,
                   checkpoint_every=args.checkpoint_every, log_every=args.log_every, q_chunk=args.q_chunk or None,
                   device=args.device, answer_weight=args.answer_weight, compile=args.compile,
-                  eval_tokens=args.eval_tokens, task_mix=args.task_mix)
+                  eval_tokens=args.eval_tokens, task_mix=args.task_mix, attention=args.attention,
+                  micro_batch_tokens=args.micro_batch_tokens)
     if args.curriculum:
         a.curriculum = args.curriculum
     status = Trainer(a, log=lambda m: print(m, flush=True)).run()
@@ -135,7 +136,11 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens scored at each checkpoint")
-    p.add_argument("--q-chunk", type=int, default=2048, help="attention query chunk (0: none)")
+    p.add_argument("--attention", choices=("sdpa", "reference"), default="sdpa",
+                   help="sdpa: batched fused attention (tested equal to the reference); reference: the "
+                        "reference attention, one sequence per forward")
+    p.add_argument("--micro-batch-tokens", type=int, default=32768, help="tokens per forward (sdpa)")
+    p.add_argument("--q-chunk", type=int, default=2048, help="reference attention's query chunk (0: none)")
     p.add_argument("--compile", action="store_true", help="torch.compile the attention chunks (CUDA)")
     p.add_argument("--device")
     p.set_defaults(func=cmd_train)

@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from ..tokenizer import Tokenizer, render_chat
-from .forward import train_forward
+from .forward import train_forward_batch
 from .tasks import passkey_messages, random_key
 
 REPLY_TOKENS = 16
 
 
 @torch.no_grad()
-def heldout_nll(model, tokens: np.ndarray, seq_len: int, max_tokens: int, device, q_chunk: int | None = 2048,
+def heldout_nll(model, tokens: np.ndarray, seq_len: int, max_tokens: int, device, q_chunk: int | None | str = "auto",
                 autocast: bool = False) -> tuple[float, int]:
     """Summed next-token NLL and the number of predictions over consecutive windows of `tokens`
     (each window of seq_len + 1 tokens predicts its last seq_len)."""
@@ -36,7 +36,7 @@ def heldout_nll(model, tokens: np.ndarray, seq_len: int, max_tokens: int, device
         if ids.shape[0] < 2:
             break
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
-            logits = train_forward(model, ids[:-1], q_chunk, attn_fp32=autocast)
+            logits = train_forward_batch(model, ids[None, :-1], q_chunk)[0]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 kept
         total += float(F.cross_entropy(logits, ids[1:], reduction="sum"))
         count += ids.shape[0] - 1

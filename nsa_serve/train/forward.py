@@ -27,6 +27,8 @@ from nsa_kernels.reference import nsa_attention, num_compressed
 
 from nsa_serve.model.nsa_model import NSAModel
 
+from .fast_attention import nsa_attention_batched
+
 
 def _attend(q, positions, kc, vc, ks, vs, kw, vw, gates, sparsity, fp32: bool):
     if not fp32:
@@ -83,3 +85,72 @@ def train_forward(model: NSAModel, tokens: torch.Tensor, q_chunk: int | None = N
         h = h + attention_block(layer.attn, layer.attn_norm(h), positions, q_chunk, attn_fp32)
         h = h + layer.mlp(layer.mlp_norm(h))
     return model.logits(h)
+
+
+# -- batched training forward on fused attention (what the trainer runs) ---------------------------
+
+MASK_ELEMS = 2**28  # per query chunk: the selected branch's [B, Hq, C, S] boolean mask, ~512 MB in bf16
+
+
+def auto_q_chunk(batch: int, heads: int, seq_len: int, select_block: int) -> int | None:
+    """Query rows per chunk so the selected branch's mask stays under MASK_ELEMS (None: no chunking)."""
+    if batch * heads * seq_len * seq_len <= MASK_ELEMS:
+        return None
+    c = MASK_ELEMS // (batch * heads * seq_len)
+    return max(select_block, c // select_block * select_block)
+
+
+def _compress_batched(attn, k_raw: torch.Tensor, v_raw: torch.Tensor, n: int):
+    """[B, T, Hkv, D] raw K/V → summaries of entries 0 … n−1, [B, n, Hkv, D] (as attn.compress)."""
+    c = attn.cfg
+    kb = k_raw.unfold(1, c.cmp_block, c.cmp_stride)[:, :n].transpose(-1, -2)  # [B, n, Hkv, l, D]
+    vb = v_raw.unfold(1, c.cmp_block, c.cmp_stride)[:, :n].transpose(-1, -2)
+    return attn.phi_k(kb), attn.phi_v(vb)
+
+
+def batched_attention_block(attn, x: torch.Tensor, batch: int, positions: torch.Tensor,
+                            q_chunk: int | None) -> torch.Tensor:
+    """x [B·T, hidden] (B sequences of T tokens, row-major) → the attention block's output [B·T, hidden]."""
+    c = attn.cfg
+    B, T = batch, x.shape[0] // batch
+    q, kv = attn.project(x, positions)
+    q = q.view(B, T, c.num_heads, c.head_dim_k)
+    kv = {b: (k.view(B, T, c.num_kv_heads, c.head_dim_k), v.view(B, T, c.num_kv_heads, c.head_dim_v))
+          for b, (k, v) in kv.items()}
+    n = num_compressed(T, c.cmp_block, c.cmp_stride)
+    if n:
+        kc, vc = _compress_batched(attn, *kv["cmp"], n)
+    else:
+        kc = x.new_zeros(B, 0, c.num_kv_heads, c.head_dim_k)
+        vc = x.new_zeros(B, 0, c.num_kv_heads, c.head_dim_v)
+    gates = attn.gate(x).view(B, T, c.num_heads, 3)
+    (ks, vs), (kw, vw) = kv["slc"], kv["win"]
+    if q_chunk is None or T <= q_chunk:
+        o = nsa_attention_batched(q, 0, kc, vc, ks, vs, kw, vw, gates, c.sparsity)
+    else:
+        outs = []
+        for a in range(0, T, q_chunk):
+            b = min(T, a + q_chunk)
+            nc = num_compressed(b, c.cmp_block, c.cmp_stride)
+            args = (q[:, a:b], a, kc[:, :nc], vc[:, :nc], ks[:, :b], vs[:, :b], kw[:, :b], vw[:, :b],
+                    gates[:, a:b], c.sparsity)
+            if torch.is_grad_enabled():
+                outs.append(checkpoint(nsa_attention_batched, *args, use_reentrant=False))
+            else:
+                outs.append(nsa_attention_batched(*args))
+        o = torch.cat(outs, dim=1)
+    return attn.output(o.reshape(B * T, c.num_heads, c.head_dim_v))
+
+
+def train_forward_batch(model: NSAModel, tokens: torch.Tensor, q_chunk: int | None | str = "auto") -> torch.Tensor:
+    """tokens [B, T] → logits [B, T, vocab]; row b equals `model.forward(tokens[b])`."""
+    B, T = tokens.shape
+    c = model.cfg
+    if q_chunk == "auto":
+        q_chunk = auto_q_chunk(B, c.num_heads, T, c.select_block)
+    positions = torch.arange(T, device=tokens.device).repeat(B)
+    h = model.embed(tokens.reshape(-1))
+    for layer in model.layers:
+        h = h + batched_attention_block(layer.attn, layer.attn_norm(h), B, positions, q_chunk)
+        h = h + layer.mlp(layer.mlp_norm(h))
+    return model.logits(h).view(B, T, -1)

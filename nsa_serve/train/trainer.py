@@ -1,8 +1,11 @@
 """The training loop: AdamW, warm-up + cosine learning rate, bf16 autocast on CUDA, a curriculum of
 sequence lengths, a wall-clock budget per call, checkpoints that resume.
 
-A step = `seqs_per_step(phase)` sequences (about `tokens_per_step` tokens), each its own forward and
-backward (the reference model takes one sequence; gradients accumulate), then one optimizer update.
+A step = `seqs_per_step(phase)` sequences (about `tokens_per_step` tokens), then one optimizer update.
+With `attention="sdpa"` (the default) the sequences go through `train_forward_batch` in micro-batches of
+at most `micro_batch_tokens` tokens (fused attention, tested equal to the model's forward); with
+`attention="reference"` each sequence is its own forward through the reference attention. Gradients
+accumulate over micro-batches.
 Loss per sequence: mean next-token cross-entropy over all targets, plus `answer_weight` × the mean over
 a task's answer tokens (a 5-digit key is 5 of 16k targets; without the extra term it would be noise).
 """
@@ -15,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,7 +29,7 @@ from . import state as ckpt
 from .batches import (DEFAULT_CURRICULUM, Phase, StepSampler, parse_curriculum, parse_task_mix, phase_at,
                       seqs_per_step)
 from .evaluate import heldout_nll, perplexity
-from .forward import train_forward
+from .forward import train_forward, train_forward_batch
 from .presets import model_config
 from .tasks import Sample, TaskBuilder
 from .tokens import read_meta, read_tokens
@@ -63,7 +67,9 @@ class TrainArgs:
     checkpoint_every: int = 200
     log_every: int = 10
     eval_tokens: int = 65536
-    q_chunk: int = 2048
+    q_chunk: int = 2048  # reference attention only; the sdpa path sizes its chunks itself
+    attention: str = "sdpa"  # "sdpa": batched fused attention; "reference": the reference, per sequence
+    micro_batch_tokens: int = 32768  # sdpa path: tokens per forward/backward
     device: str | None = None
     compile: bool = False  # torch.compile the attention chunks (forward.compile_attention)
     save_dtype: str = "bfloat16"
@@ -186,17 +192,28 @@ class Trainer:
     def _forward_backward(self, samples: list[Sample], scale: float) -> dict:
         lm_sum, ntok = 0.0, 0
         answers: dict[str, list[float]] = {}  # answer loss per task kind (passkey / kv / chat)
-        for s in samples:
-            ids = torch.as_tensor(s.ids, device=self.device)
-            answer = torch.as_tensor(s.answer, device=self.device)
+        if self.a.attention == "reference":
+            groups = [[s] for s in samples]
+        else:
+            per = max(1, self.a.micro_batch_tokens // max(len(s.ids) - 1 for s in samples))
+            groups = [samples[i:i + per] for i in range(0, len(samples), per)]
+        for group in groups:
+            ids = torch.as_tensor(np.stack([s.ids for s in group]), device=self.device)
+            answer = torch.as_tensor(np.stack([s.answer for s in group]), device=self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                logits = train_forward(self.model, ids[:-1], self.a.q_chunk, attn_fp32=self.autocast)
-            loss, lm, ans = sequence_loss(logits, ids[1:], answer, self.a.answer_weight)
+                if self.a.attention == "reference":
+                    logits = train_forward(self.model, ids[0, :-1], self.a.q_chunk, attn_fp32=self.autocast)[None]
+                else:
+                    logits = train_forward_batch(self.model, ids[:, :-1])
+            loss = 0.0
+            for i, s in enumerate(group):
+                seq_loss, lm, ans = sequence_loss(logits[i], ids[i, 1:], answer[i], self.a.answer_weight)
+                loss = loss + seq_loss
+                lm_sum += lm
+                ntok += ids.shape[1] - 1
+                if ans is not None:
+                    answers.setdefault(s.kind, []).append(ans)
             (loss * scale).backward()
-            lm_sum += lm
-            ntok += ids.shape[0] - 1
-            if ans is not None:
-                answers.setdefault(s.kind, []).append(ans)
         return {"lm": lm_sum / len(samples), "tokens": ntok,
                 **{f"ans_{k}": sum(v) / len(v) for k, v in sorted(answers.items())}}
 
@@ -259,7 +276,7 @@ class Trainer:
         if self.heldout is None:
             return {}
         self.model.eval()
-        nll, n = heldout_nll(self.model, self.heldout, 1024, self.a.eval_tokens, self.device, self.a.q_chunk,
+        nll, n = heldout_nll(self.model, self.heldout, 1024, self.a.eval_tokens, self.device, "auto",
                              self.autocast)
         self.model.train()
         return {"heldout_ppl": perplexity(nll, n), "heldout_tokens": n}
