@@ -198,19 +198,28 @@ class Trainer:
             per = max(1, self.a.micro_batch_tokens // max(len(s.ids) - 1 for s in samples))
             groups = [samples[i:i + per] for i in range(0, len(samples), per)]
         for group in groups:
-            ids = torch.as_tensor(np.stack([s.ids for s in group]), device=self.device)
-            answer = torch.as_tensor(np.stack([s.answer for s in group]), device=self.device)
+            # A task can come out a few tokens short of the phase's length: right-pad (causal, so the
+            # padding changes no earlier position) and score each sequence over its own length.
+            # The width is rounded up to a multiple of 64 tokens so every step of a phase has the same
+            # shapes (the fused attention plans each new shape once).
+            lens = [len(s.ids) for s in group]
+            width = -(-(max(lens) - 1) // 64) * 64 + 1
+            ids = torch.as_tensor(np.stack([np.pad(s.ids, (0, width - n)) for s, n in zip(group, lens)]),
+                                  device=self.device)
+            answer = torch.as_tensor(np.stack([np.pad(s.answer, (0, width - n)) for s, n in zip(group, lens)]),
+                                     device=self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 if self.a.attention == "reference":
                     logits = train_forward(self.model, ids[0, :-1], self.a.q_chunk, attn_fp32=self.autocast)[None]
                 else:
                     logits = train_forward_batch(self.model, ids[:, :-1])
             loss = 0.0
-            for i, s in enumerate(group):
-                seq_loss, lm, ans = sequence_loss(logits[i], ids[i, 1:], answer[i], self.a.answer_weight)
+            for i, (s, n) in enumerate(zip(group, lens)):
+                seq_loss, lm, ans = sequence_loss(logits[i, :n - 1], ids[i, 1:n], answer[i, :n - 1],
+                                                  self.a.answer_weight)
                 loss = loss + seq_loss
                 lm_sum += lm
-                ntok += ids.shape[1] - 1
+                ntok += n - 1
                 if ans is not None:
                     answers.setdefault(s.kind, []).append(ans)
             (loss * scale).backward()
@@ -233,12 +242,12 @@ class Trainer:
 
     def calibrate(self) -> float:
         """Seconds per optimizer step averaged over the curriculum: time one step of each phase
-        (after one warm-up sequence), gradients thrown away. Used to pick --steps 0 (auto)."""
+        (after one warm-up step of the same shapes), gradients thrown away. Used to pick --steps 0 (auto)."""
         per = []
         for i, phase in enumerate(self.phases):
             n = seqs_per_step(phase, self.tokens_per_step)
             samples = self.sampler.step(CALIBRATION_STEP + i, phase, n)
-            self._forward_backward(samples[:1], 0.0)
+            self._forward_backward(samples, 0.0)  # warm-up at the step's own shapes
             self._sync()
             t0 = time.perf_counter()
             self._forward_backward(samples, 0.0)
