@@ -22,6 +22,7 @@ PPL_TOKENS=${PPL_TOKENS:-262144}  # held-out tokens for perplexity
 MODEL_DIR=${MODEL_DIR:-$OUT/model}
 TRAIN_FLAGS=${TRAIN_FLAGS:-}   # more `train` flags, e.g. "--compile"
 PORT=${PORT:-8123}
+CKPT=${CKPT:-.ckpt}            # exact state in CKPT/state, compact resume carried in as CKPT/resume
 DEVICE=${DEVICE:-cuda}         # the server's device (cpu only for a dry run of this script)
 start=$(date +%s)
 
@@ -51,7 +52,7 @@ if [ "$EVAL_ONLY" != 1 ]; then
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_train_fast_attention.py || echo "GPU CHECK FAILED"
   # shellcheck disable=SC2086
   python3 -m nsa_serve.train.cli train --config default --data .data/train.bin --out "$OUT" \
-    --state-dir .ckpt/state --resume .ckpt/resume --total-budget-min "$TOTAL_MIN" \
+    --state-dir "$CKPT/state" --resume "$CKPT/resume" --total-budget-min "$TOTAL_MIN" \
     --time-budget-min "$CALL_MIN" --seed "$SEED" $TRAIN_FLAGS
   final=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['extra'].get('final', False))" \
           "$OUT/model/config.json")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,10 +14,9 @@ import httpx
 from api_fixtures import free_port, start_server, tiny_model_dir, wait_for  # noqa: F401
 
 
-def test_serve_default_model_and_graceful_sigterm(tiny_model_dir, tmp_path):
-    # No MODEL_DIR: the server takes the bundled default, which lives in $NSA_SERVE_CACHE/tiny-random
-    # (pre-seeded with the session's tiny model so the test does not train another tokenizer).
-    shutil.copytree(tiny_model_dir, tmp_path / "cache" / "tiny-random")
+def test_serve_default_model_and_graceful_sigterm(tmp_path):
+    # No MODEL_DIR: the server takes the bundled default, the trained model shipped in
+    # nsa_serve/assets/default-model (the cache folder would only be used if none shipped).
     port = free_port()
     env = {**os.environ, "NSA_SERVE_CACHE": str(tmp_path / "cache"), "NSA_SERVE_API_KEY": "k"}
     proc = subprocess.Popen(
@@ -36,7 +34,7 @@ def test_serve_default_model_and_graceful_sigterm(tiny_model_dir, tmp_path):
         assert wait_for(up, timeout=120, interval=0.2), "server did not come up"
         headers = {"Authorization": "Bearer k"}
         models = httpx.get(f"{url}/v1/models", headers=headers).json()["data"]
-        assert [m["id"] for m in models] == ["tiny-random"]
+        assert [m["id"] for m in models] == ["default-model"]
 
         result: dict = {}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -205,3 +207,46 @@ def test_cuda_bf16_training_resumes_exactly(tmp_path):
         # CUDA reductions (embedding backward) are not bit-deterministic; lost AdamW moments would
         # differ by ~lr = 3e-3.
         assert torch.allclose(a, b, rtol=0, atol=2e-4), n
+
+
+def test_init_starts_a_new_run_from_earlier_weights(tmp_path):
+    data = _repetitive_data(tmp_path)
+    base = Trainer(_args(tmp_path / "a", data, steps=3), log=lambda m: None)
+    base.run()
+    logs = []
+    ft = Trainer(_args(tmp_path / "b", data, steps=4, init=str(tmp_path / "a" / "out" / "resume")), log=logs.append)
+    assert ft.step == 0 and ft.total_steps == 4 and any("initialised from" in m for m in logs)
+    for (n, a), (_, b) in zip(base.model.named_parameters(), ft.model.named_parameters()):
+        assert torch.equal(a, b), n
+    ft.run()
+    assert ft.meta()["init_from"]["step"] == 3
+    with pytest.raises(ResumeError, match="different model config"):
+        Trainer(_args(tmp_path / "c", data, overrides=tiny_overrides(shared_kv=False),
+                      init=str(tmp_path / "a" / "out" / "resume")), log=lambda m: None)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "reference"])
+def test_ragged_step_scores_each_sequence_over_its_own_length(tmp_path, attention):
+    """A task a few tokens short of the phase length is padded in the batch; its loss and gradients
+    must equal those of the sequence on its own."""
+    from nsa_serve.train.tasks import Sample
+
+    data = _repetitive_data(tmp_path)
+    tr = Trainer(_args(tmp_path, data, attention=attention, overrides=tiny_overrides()), log=lambda m: None)
+    tr.model.double()
+    rng = np.random.default_rng(0)
+    samples = [Sample(rng.integers(0, VOCAB, n), rng.random(n - 1) < 0.1, "passkey") for n in (129, 120)]
+    tr.opt.zero_grad(set_to_none=True)
+    stats = tr._forward_backward(samples, 0.5)
+    got = {n: p.grad.clone() for n, p in tr.model.named_parameters()}
+    want_lm, want = 0.0, {n: torch.zeros_like(p) for n, p in tr.model.named_parameters()}
+    for s in samples:
+        tr.opt.zero_grad(set_to_none=True)
+        st = tr._forward_backward([s], 0.5)
+        want_lm += st["lm"] / 2
+        for n, p in tr.model.named_parameters():
+            want[n] += p.grad
+    assert stats["tokens"] == 128 + 119
+    assert stats["lm"] == pytest.approx(want_lm, rel=1e-6)
+    for n in got:
+        assert torch.allclose(got[n], want[n], rtol=1e-5, atol=1e-5 * float(want[n].abs().max())), n

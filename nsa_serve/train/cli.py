@@ -39,6 +39,7 @@ def cmd_train(args) -> int:
 
     a = TrainArgs(data=args.data, out=args.out, config=args.config, overrides=_overrides(args.set),
                   tokenizer=args.tokenizer, heldout=args.heldout, state_dir=args.state_dir, resume=args.resume,
+                  init=args.init,
                   steps=args.steps, total_budget_min=args.total_budget_min, time_budget_min=args.time_budget_min,
                   seq_len=args.seq_len, batch=args.batch, lr=args.lr,
                   warmup=args.warmup, task_prob=args.task_prob, seed=args.seed,
@@ -120,6 +121,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="where model/ and resume/ go")
     p.add_argument("--state-dir", help="exact resume state and train_log.jsonl (default: OUT/state)")
     p.add_argument("--resume", help="a state dir (exact or compact OUT/resume) to continue from")
+    p.add_argument("--init", help="fine-tune: start from the weights in this state dir (e.g. an earlier "
+                                   "run's OUT/resume) with a new optimizer and schedule")
     p.add_argument("--steps", type=int, default=0, help="total optimizer steps (0: fit --total-budget-min)")
     p.add_argument("--total-budget-min", type=float, default=27.0, help="training minutes --steps 0 aims at")
     p.add_argument("--time-budget-min", type=float, default=0.0,

@@ -35,7 +35,10 @@ from .tasks import Sample, TaskBuilder
 from .tokens import read_meta, read_tokens
 
 CALIBRATION_STEP = 10**9  # data seeds for the timing steps, far from any real step's
-GENERATION_CONFIG = {"temperature": 0.7, "top_p": 0.95, "max_tokens": 128}
+# Sampling defaults the server applies when a request leaves them out. A 7.6M-parameter model trained on
+# documentation falls into runs of spaces and repeated identifiers; a repetition penalty of 1.2 at
+# temperature 0.7 gave the most readable replies in a side-by-side check (docs/training.md).
+GENERATION_CONFIG = {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.2, "max_tokens": 128}
 
 
 @dataclass
@@ -48,6 +51,7 @@ class TrainArgs:
     heldout: str | None = None  # default: heldout.bin beside the token file, when present
     state_dir: str | None = None  # exact resume state; default OUT/state
     resume: str | None = None  # an exact or compact state dir to continue from
+    init: str | None = None  # start a new run (fresh optimizer and schedule) from these weights (a state dir)
     steps: int = 0  # 0: choose from total_budget_min after timing each phase
     total_budget_min: float = 27.0
     time_budget_min: float = 0.0  # this call's wall-clock budget (0: none)
@@ -155,7 +159,23 @@ class Trainer:
         self.total_steps = a.steps
         self.resumed_at: int | None = None
         self.history: list[dict] = []
+        self.init_from: dict | None = None
+        if a.init:
+            self._init_weights(Path(a.init))
         self._resume()
+
+    def _init_weights(self, d: Path) -> None:
+        """Fine-tuning: weights from an earlier run's state dir, everything else new."""
+        st = ckpt.read_state(d)
+        if st is None:
+            raise ckpt.ResumeError(f"--init {d}: no state.json there (give an OUT/resume or state dir)")
+        if {k: v for k, v in st["config"].items() if k != "extra"} != \
+                {k: v for k, v in self.cfg.to_dict().items() if k != "extra"}:
+            raise ckpt.ResumeError(f"--init {d} holds a different model config")
+        ckpt.load_weights_into(self.model, d, st)
+        self.init_from = {"dir": str(d), "step": st["step"], "total_steps": st["total_steps"],
+                          "args": st.get("args"), "history": st.get("history", [])[-200:]}
+        self.log(f"initialised from {d} (a run's step {st['step']}/{st['total_steps']}); new optimizer and schedule")
 
     # -- resume -----------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -266,7 +286,7 @@ class Trainer:
     def meta(self) -> dict:
         return {"step": self.step, "total_steps": self.total_steps, "config": self.cfg.to_dict(),
                 "args": asdict(self.a), "data_sha256": self.data_meta.get("sha256"),
-                "resumed_at": self.resumed_at, "history": self.history[-2000:]}
+                "resumed_at": self.resumed_at, "history": self.history[-2000:], "init_from": self.init_from}
 
     def save(self, final: bool = False) -> None:
         t0 = time.perf_counter()

@@ -1,0 +1,60 @@
+"""The trained default model shipped in nsa_serve/assets/default-model (docs/training.md): what
+`nsa-serve serve` runs with no arguments. Its size and format, and that it answers a chat request with
+English through the real server and the official client (a random-weight model fails this)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from api_fixtures import start_server  # noqa: F401
+from safetensors import safe_open
+
+from nsa_serve.model.checkpoint import default_model_dir, load_generation_config, load_model
+from nsa_serve.train.presets import model_config
+
+SHIPPED = Path(__file__).resolve().parent.parent / "nsa_serve" / "assets" / "default-model"
+# The most frequent English function words: a reply of readable English contains several of them.
+COMMON = {"the", "of", "and", "to", "a", "in", "is", "that", "for", "it", "as", "with", "be", "on", "this",
+          "are", "by", "or", "an", "can", "not", "you", "from", "which", "if"}
+
+
+def test_shipped_model_is_the_default_and_fits_the_limits():
+    assert default_model_dir() == SHIPPED
+    weights = SHIPPED / "model.safetensors"
+    total = sum(p.stat().st_size for p in SHIPPED.iterdir())
+    assert total <= 25_000_000, total
+    with safe_open(str(weights), framework="pt") as f:  # safetensors, no pickle
+        assert len(list(f.keys())) > 0
+    model = load_model(SHIPPED)
+    cfg = model.cfg
+    want = model_config("default")
+    assert (cfg.cmp_block, cfg.cmp_stride, cfg.select_block, cfg.num_select, cfg.window) == (32, 16, 64, 16, 512)
+    assert {k: v for k, v in cfg.to_dict().items() if k not in ("extra", "bos_token_id", "eos_token_id")} == \
+        {k: v for k, v in want.to_dict().items() if k not in ("extra", "bos_token_id", "eos_token_id")}
+    assert cfg.extra.get("final") is True  # a finished training run, not a paused one
+
+
+@pytest.mark.timeout(300)
+def test_default_model_answers_in_english():
+    from openai import OpenAI
+
+    gen = load_generation_config(SHIPPED)
+    srv = start_server(SHIPPED, api_key=None, max_model_len=1024, num_pages=64)
+    try:
+        client = OpenAI(base_url=f"{srv.url}/v1", api_key="none")
+        model = client.models.list().data[0].id
+        replies = []
+        for prompt in ("Tell me about the Linux kernel.", "Summarise what a file system does."):
+            r = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=60, seed=1,
+                temperature=gen["temperature"], top_p=gen["top_p"],
+                extra_body={"repetition_penalty": gen["repetition_penalty"]})
+            replies.append(r.choices[0].message.content)
+    finally:
+        srv.stop()
+    words = [w for text in replies for w in re.findall(r"[a-z]+", text.lower())]
+    assert len(set(words) & COMMON) >= 4, replies
+    letters = sum(c.isalpha() or c.isspace() for text in replies for c in text)
+    assert letters >= 0.8 * sum(len(t) for t in replies), replies
