@@ -103,3 +103,25 @@ def test_batched_forward_on_cuda_matches_the_model():
         for b in range(2):
             want = model(tokens[b])
             assert torch.allclose(got[b], want, rtol=0, atol=2e-3 * float(want.abs().max()))
+
+
+def test_selection_aux_loss_is_the_share_of_the_selection_score():
+    """−log of the share the reference selection score gives the target block, differentiable."""
+    from nsa_kernels.reference import num_select_blocks
+    from nsa_serve.train.fast_attention import selection_scores
+    from nsa_serve.train.forward import selection_aux_loss
+
+    q, kc, *_ = _inputs(2, 150, 8, 2, True, seed=11)
+    seq, pos, block = torch.tensor([0, 1, 1]), torch.tensor([149, 120, 77]), torch.tensor([3, 0, 2])
+    got = selection_aux_loss(q, kc, (seq, pos, block), P)
+    want = []
+    for m in range(3):
+        b, t, j = int(seq[m]), int(pos[m]), int(block[m])
+        N = kc.shape[1]
+        visible = ((torch.arange(N) * P.stride + P.block - 1) <= t)[None]
+        sc = selection_scores(q[b:b + 1, t:t + 1], kc[b:b + 1], visible, num_select_blocks(t + 1, P.select_block),
+                              P, 8 ** -0.5)[0, :, 0]  # [Hkv, NB]
+        want.append(-torch.log(sc[:, j] / sc.sum(-1) + 1e-6))
+    assert torch.allclose(got.double(), torch.stack(want).mean(), rtol=1e-5)
+    gq, gk = torch.autograd.grad(got, [q, kc])
+    assert float(gq.abs().max()) > 0 and float(gk.abs().max()) > 0

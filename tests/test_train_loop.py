@@ -250,3 +250,37 @@ def test_ragged_step_scores_each_sequence_over_its_own_length(tmp_path, attentio
     assert stats["lm"] == pytest.approx(want_lm, rel=1e-6)
     for n in got:
         assert torch.allclose(got[n], want[n], rtol=1e-5, atol=1e-5 * float(want[n].abs().max())), n
+
+
+def test_selection_aux_targets_the_needle_block_and_trains(tmp_path):
+    data = prepared_data()
+    logs = []
+    tr = Trainer(_args(tmp_path, data, seq_len=256, batch=4, steps=3, task_prob=1.0, task_mix="1,0,0",
+                       select_aux_weight=0.5), log=logs.append)
+    p = tr.cfg.sparsity
+    samples = tr.sampler.step(0, tr.phases[0], 4)
+    seq, pos, block, n = tr._aux_target(samples)
+    for i, s in enumerate(samples):
+        rows = (seq == i).nonzero().flatten()
+        nb = s.needle // p.select_block
+        needle_text = tr.tok.decode(s.ids[s.needle:s.needle + 24].tolist())
+        assert needle_text.startswith("The pass key is"), needle_text
+        want = [t for t in np.nonzero(s.answer)[0] if t // p.select_block - nb >= p.num_local and nb >= p.num_init]
+        assert pos[rows].tolist() == want and set(block[rows].tolist()) <= {nb}
+    assert n == sum(bool((seq == i).any()) for i in range(4))
+    rec = tr.train_step()
+    assert "ans_sel_aux" in rec and rec["ans_sel_aux"] > 0
+    for name, prm in tr.model.named_parameters():
+        if "phi_k" in name or "q_proj" in name:
+            assert prm.grad is not None and float(prm.grad.abs().max()) > 0, name
+
+
+def test_init_from_a_model_directory(tmp_path):
+    data = _repetitive_data(tmp_path)
+    base = Trainer(_args(tmp_path / "a", data, steps=2), log=lambda m: None)
+    base.run()
+    ft = Trainer(_args(tmp_path / "b", data, steps=2, init=str(tmp_path / "a" / "out" / "model")), log=lambda m: None)
+    for (n, a), (_, b) in zip(base.model.named_parameters(), ft.model.named_parameters()):
+        assert torch.equal(a, b), n  # the tests export float32, so the copy is exact
+    with pytest.raises(ResumeError, match="neither a state dir"):
+        Trainer(_args(tmp_path / "c", data, init=str(tmp_path)), log=lambda m: None)

@@ -46,7 +46,7 @@ def cmd_train(args) -> int:
                   checkpoint_every=args.checkpoint_every, log_every=args.log_every, q_chunk=args.q_chunk or None,
                   device=args.device, answer_weight=args.answer_weight, compile=args.compile,
                   eval_tokens=args.eval_tokens, task_mix=args.task_mix, attention=args.attention,
-                  micro_batch_tokens=args.micro_batch_tokens)
+                  micro_batch_tokens=args.micro_batch_tokens, select_aux_weight=args.select_aux_weight)
     if args.curriculum:
         a.curriculum = args.curriculum
     status = Trainer(a, log=lambda m: print(m, flush=True)).run()
@@ -135,6 +135,8 @@ def register(subparsers) -> None:
     p.add_argument("--task-prob", type=float, help="override every phase's retrieval-task probability")
     p.add_argument("--task-mix", default="0.5,0.2,0.3", help="PASSKEY,KV,CHAT shares of the task sequences")
     p.add_argument("--answer-weight", type=float, default=1.0)
+    p.add_argument("--select-aux-weight", type=float, default=0.0,
+                   help="weight of the selection's retrieval supervision on task sequences (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=10)

@@ -111,9 +111,39 @@ def _compress_batched(attn, k_raw: torch.Tensor, v_raw: torch.Tensor, n: int):
     return attn.phi_k(kb), attn.phi_v(vb)
 
 
+def selection_aux_loss(q: torch.Tensor, kc: torch.Tensor, target, p) -> torch.Tensor:
+    """Retrieval supervision for the selection branch (`--select-aux-weight`; off by default).
+
+    target = (seq [M], pos [M], block [M]): at query `pos` of sequence `seq` the answer needs the fact
+    in selection block `block`. Returns the mean over targets and kv groups of −log(share of the
+    group's selection score that falls on that block), computed like the selection itself
+    (overlap-weighted compressed probabilities, summed over the group's heads) but differentiable.
+    Why: top-n is discrete, so the only gradient that teaches a query to score the right block comes
+    through the compressed branch's own output; at 16k a small model did not learn retrieval from that
+    alone (docs/training.md). This points the compressed scores, and so the selection, at the block.
+    """
+    from nsa_kernels.reference import selection_weights
+
+    seq, pos, block = target[:3]
+    M, (B, N, Hkv, Dk) = seq.shape[0], kc.shape
+    Hq = q.shape[2]
+    qa = q[seq, pos].float().view(M, Hkv, Hq // Hkv, Dk)  # [M, Hkv, G, Dk]
+    s = torch.einsum("mhgd,mnhd->mhgn", qa, kc[seq].float()) * Dk ** -0.5
+    i = torch.arange(N, device=q.device)
+    visible = (i.unsqueeze(0) * p.stride + p.block - 1) <= pos.unsqueeze(1)  # [M, N]
+    prob = torch.softmax(s.masked_fill(~visible[:, None, None], float("-inf")), dim=-1)
+    NB = int(block.max()) + 1
+    W = selection_weights(N, NB, p.block, p.stride, p.select_block, dtype=prob.dtype, device=q.device)
+    scores = torch.einsum("mhgn,nk->mhk", prob, W)  # [M, Hkv, NB]
+    total = prob.sum(-1).sum(-1) * (p.block / p.stride)  # every entry's weights sum to l/d
+    hit = scores.gather(-1, block.view(M, 1, 1).expand(M, Hkv, 1)).squeeze(-1)
+    return -torch.log(hit / total + 1e-6).mean()
+
+
 def batched_attention_block(attn, x: torch.Tensor, batch: int, positions: torch.Tensor,
-                            q_chunk: int | None) -> torch.Tensor:
-    """x [B·T, hidden] (B sequences of T tokens, row-major) → the attention block's output [B·T, hidden]."""
+                            q_chunk: int | None, aux_target=None, aux_out: list | None = None) -> torch.Tensor:
+    """x [B·T, hidden] (B sequences of T tokens, row-major) → the attention block's output [B·T, hidden].
+    With `aux_target`, the layer's `selection_aux_loss` is appended to `aux_out`."""
     c = attn.cfg
     B, T = batch, x.shape[0] // batch
     q, kv = attn.project(x, positions)
@@ -127,6 +157,8 @@ def batched_attention_block(attn, x: torch.Tensor, batch: int, positions: torch.
         kc = x.new_zeros(B, 0, c.num_kv_heads, c.head_dim_k)
         vc = x.new_zeros(B, 0, c.num_kv_heads, c.head_dim_v)
     gates = attn.gate(x).view(B, T, c.num_heads, 3)
+    if aux_target is not None and n:
+        aux_out.append(selection_aux_loss(q, kc, aux_target, c.sparsity))
     (ks, vs), (kw, vw) = kv["slc"], kv["win"]
     if q_chunk is None or T <= q_chunk:
         o = nsa_attention_batched(q, 0, kc, vc, ks, vs, kw, vw, gates, c.sparsity)
@@ -145,15 +177,21 @@ def batched_attention_block(attn, x: torch.Tensor, batch: int, positions: torch.
     return attn.output(o.reshape(B * T, c.num_heads, c.head_dim_v))
 
 
-def train_forward_batch(model: NSAModel, tokens: torch.Tensor, q_chunk: int | None | str = "auto") -> torch.Tensor:
-    """tokens [B, T] → logits [B, T, vocab]; row b equals `model.forward(tokens[b])`."""
+def train_forward_batch(model: NSAModel, tokens: torch.Tensor, q_chunk: int | None | str = "auto",
+                        aux_target=None):
+    """tokens [B, T] → logits [B, T, vocab]; row b equals `model.forward(tokens[b])`.
+    With `aux_target` (see `selection_aux_loss`) returns (logits, the loss averaged over layers)."""
     B, T = tokens.shape
     c = model.cfg
     if q_chunk == "auto":
         q_chunk = auto_q_chunk(B, c.num_heads, T, c.select_block)
     positions = torch.arange(T, device=tokens.device).repeat(B)
     h = model.embed(tokens.reshape(-1))
+    aux: list = []
     for layer in model.layers:
-        h = h + batched_attention_block(layer.attn, layer.attn_norm(h), B, positions, q_chunk)
+        h = h + batched_attention_block(layer.attn, layer.attn_norm(h), B, positions, q_chunk, aux_target, aux)
         h = h + layer.mlp(layer.mlp_norm(h))
-    return model.logits(h).view(B, T, -1)
+    logits = model.logits(h).view(B, T, -1)
+    if aux_target is None:
+        return logits
+    return logits, (torch.stack(aux).mean() if aux else logits.new_zeros((), dtype=torch.float32))

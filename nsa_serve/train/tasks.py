@@ -63,6 +63,7 @@ class Sample:
     ids: np.ndarray
     answer: np.ndarray
     kind: str
+    needle: int = -1  # position in ids of the fact the answer needs (the key, the asked record); -1: none
 
 
 class TaskBuilder:
@@ -123,13 +124,13 @@ class TaskBuilder:
             out += [int(t) for t in self.filler[: n] if int(t) not in self.drop]
         return out[:n]
 
-    def _finish(self, body: list[int], answer: list[int], length: int, kind: str) -> Sample:
+    def _finish(self, body: list[int], answer: list[int], length: int, kind: str, needle: int = -1) -> Sample:
         ids = [self.tok.bos_id] + body + answer
         if len(ids) != length + 1:  # callers pass the exact target count
             raise ValueError(f"{kind} sample of {len(ids)} tokens, wanted {length + 1}")
         mask = np.zeros(length, dtype=bool)
         mask[length - len(answer):] = True  # targets ids[1:]: the answer is the last len(answer) targets
-        return Sample(np.asarray(ids, dtype=np.int64), mask, kind)
+        return Sample(np.asarray(ids, dtype=np.int64), mask, kind, needle)
 
     def passkey(self, rng: np.random.Generator, length: int, depth: float | None = None,
                 key: str | None = None) -> Sample:
@@ -144,7 +145,8 @@ class TaskBuilder:
             raise ValueError(f"passkey needs at least {fixed} tokens, got length {length}")
         before = int(round(depth * n_fill))
         body = self.pk_pre + self._filler(rng, before) + mid + self._filler(rng, n_fill - before) + self.pk_post
-        return self._finish(body, answer, length, "passkey")
+        needle = 1 + len(self.pk_pre) + before  # the needle sentence starts here (after bos)
+        return self._finish(body, answer, length, "passkey", needle)
 
     def kv_lookup(self, rng: np.random.Generator, length: int) -> Sample:
         """Records `key: value` filling the context (at most length + 1 tokens; records are whole, so
@@ -176,7 +178,8 @@ class TaskBuilder:
             used -= len(records.pop(drop)[2])
             qi = qi if drop > qi else qi - 1
         body = list(self.kv_pre) + [t for _, _, enc in records for t in enc]
-        return self._finish(body + post, answer, len(body) + len(post) + len(answer), "kv")
+        needle = 1 + len(self.kv_pre) + sum(len(enc) for _, _, enc in records[:qi])
+        return self._finish(body + post, answer, len(body) + len(post) + len(answer), "kv", needle)
 
     def continuation(self, rng: np.random.Generator, length: int) -> Sample:
         """User: an instruction and a passage; assistant: the next passage (¼ … ½ of the tokens, at

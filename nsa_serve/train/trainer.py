@@ -65,6 +65,7 @@ class TrainArgs:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     answer_weight: float = 1.0
+    select_aux_weight: float = 0.0  # retrieval supervision of the selection (forward.selection_aux_loss)
     task_prob: float | None = None  # override every phase's task probability
     task_mix: str = "0.5,0.2,0.3"  # passkey, kv lookup, continuation chat shares of the tasks
     seed: int = 0
@@ -165,14 +166,27 @@ class Trainer:
         self._resume()
 
     def _init_weights(self, d: Path) -> None:
-        """Fine-tuning: weights from an earlier run's state dir, everything else new."""
+        """Fine-tuning: weights from an earlier run's state dir (fp32 master weights) or a model
+        directory (e.g. the shipped default model, bf16), everything else new."""
         st = ckpt.read_state(d)
-        if st is None:
-            raise ckpt.ResumeError(f"--init {d}: no state.json there (give an OUT/resume or state dir)")
+        if st is None and (d / "model.safetensors").is_file():
+            from nsa_serve.model.checkpoint import load_model
+
+            src = load_model(d, dtype=torch.float32)
+            st = {"config": src.cfg.to_dict(), "step": src.cfg.extra.get("trained_steps", 0),
+                  "total_steps": src.cfg.extra.get("total_steps", 0)}
+        elif st is None:
+            raise ckpt.ResumeError(f"--init {d}: neither a state dir (state.json) nor a model directory")
+        else:
+            src = None
         if {k: v for k, v in st["config"].items() if k != "extra"} != \
                 {k: v for k, v in self.cfg.to_dict().items() if k != "extra"}:
             raise ckpt.ResumeError(f"--init {d} holds a different model config")
-        ckpt.load_weights_into(self.model, d, st)
+        if src is not None:
+            with torch.no_grad():
+                self.model.load_state_dict(src.to(self.device).state_dict())
+        else:
+            ckpt.load_weights_into(self.model, d, st)
         self.init_from = {"dir": str(d), "step": st["step"], "total_steps": st["total_steps"],
                           "args": st.get("args"), "history": st.get("history", [])[-200:]}
         self.log(f"initialised from {d} (a run's step {st['step']}/{st['total_steps']}); new optimizer and schedule")
@@ -228,12 +242,18 @@ class Trainer:
                                   device=self.device)
             answer = torch.as_tensor(np.stack([np.pad(s.answer, (0, width - n)) for s, n in zip(group, lens)]),
                                      device=self.device)
+            target = self._aux_target(group) if self.a.select_aux_weight and self.a.attention != "reference" else None
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 if self.a.attention == "reference":
                     logits = train_forward(self.model, ids[0, :-1], self.a.q_chunk, attn_fp32=self.autocast)[None]
+                elif target is not None:
+                    logits, aux = train_forward_batch(self.model, ids[:, :-1], aux_target=target)
                 else:
                     logits = train_forward_batch(self.model, ids[:, :-1])
             loss = 0.0
+            if target is not None:
+                loss = self.a.select_aux_weight * aux * target[3]
+                answers.setdefault("sel_aux", []).append(float(aux.detach()))
             for i, (s, n) in enumerate(zip(group, lens)):
                 seq_loss, lm, ans = sequence_loss(logits[i, :n - 1], ids[i, 1:n], answer[i, :n - 1],
                                                   self.a.answer_weight)
@@ -245,6 +265,28 @@ class Trainer:
             (loss * scale).backward()
         return {"lm": lm_sum / len(samples), "tokens": ntok,
                 **{f"ans_{k}": sum(v) / len(v) for k, v in sorted(answers.items())}}
+
+    def _aux_target(self, group: list[Sample]):
+        """(seq, pos, block, sequences) for `selection_aux_loss`: every answer position of a task whose
+        fact lies in a selection block the query does not get for free (not one of the local blocks).
+        None when the group has no such position."""
+        p = self.cfg.sparsity
+        seq, pos, block, seqs = [], [], [], 0
+        for i, s in enumerate(group):
+            if s.needle < 0:
+                continue
+            nb = s.needle // p.select_block
+            if nb < p.num_init:  # an initial block is always selected
+                continue
+            at = [int(t) for t in np.nonzero(s.answer)[0] if t // p.select_block - nb >= p.num_local]
+            seq += [i] * len(at)
+            pos += at
+            block += [nb] * len(at)
+            seqs += bool(at)
+        if not seq:
+            return None
+        dev = self.device
+        return (torch.tensor(seq, device=dev), torch.tensor(pos, device=dev), torch.tensor(block, device=dev), seqs)
 
     def train_step(self) -> dict:
         phase = phase_at(self.phases, self.step, self.total_steps)
