@@ -284,3 +284,10 @@ def test_init_from_a_model_directory(tmp_path):
         assert torch.equal(a, b), n  # the tests export float32, so the copy is exact
     with pytest.raises(ResumeError, match="neither a state dir"):
         Trainer(_args(tmp_path / "c", data, init=str(tmp_path)), log=lambda m: None)
+
+
+def test_stop_at_step_checkpoints_there(tmp_path):
+    data = _repetitive_data(tmp_path)
+    tr = Trainer(_args(tmp_path, data, steps=6, stop_at_step=4), log=lambda m: None)
+    assert tr.run() == "paused" and tr.step == 4
+    assert load_model(tmp_path / "out" / "model").cfg.extra["trained_steps"] == 4

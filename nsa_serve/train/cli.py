@@ -46,7 +46,8 @@ def cmd_train(args) -> int:
                   checkpoint_every=args.checkpoint_every, log_every=args.log_every, q_chunk=args.q_chunk or None,
                   device=args.device, answer_weight=args.answer_weight, compile=args.compile,
                   eval_tokens=args.eval_tokens, task_mix=args.task_mix, attention=args.attention,
-                  micro_batch_tokens=args.micro_batch_tokens, select_aux_weight=args.select_aux_weight)
+                  micro_batch_tokens=args.micro_batch_tokens, select_aux_weight=args.select_aux_weight,
+                  stop_at_step=args.stop_at_step)
     if args.curriculum:
         a.curriculum = args.curriculum
     status = Trainer(a, log=lambda m: print(m, flush=True)).run()
@@ -123,6 +124,8 @@ def register(subparsers) -> None:
     p.add_argument("--resume", help="a state dir (exact or compact OUT/resume) to continue from")
     p.add_argument("--init", help="fine-tune: start from the weights in this state dir (e.g. an earlier "
                                    "run's OUT/resume) with a new optimizer and schedule")
+    p.add_argument("--stop-at-step", type=int, default=0,
+                   help="checkpoint and stop at this step (reproduces a run that was cut short)")
     p.add_argument("--steps", type=int, default=0, help="total optimizer steps (0: fit --total-budget-min)")
     p.add_argument("--total-budget-min", type=float, default=27.0, help="training minutes --steps 0 aims at")
     p.add_argument("--time-budget-min", type=float, default=0.0,

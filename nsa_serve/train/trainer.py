@@ -52,6 +52,7 @@ class TrainArgs:
     state_dir: str | None = None  # exact resume state; default OUT/state
     resume: str | None = None  # an exact or compact state dir to continue from
     init: str | None = None  # start a new run (fresh optimizer and schedule) from these weights (a state dir)
+    stop_at_step: int = 0  # pause (checkpoint) on reaching this step (0: run to the end); reproduces a cut run
     steps: int = 0  # 0: choose from total_budget_min after timing each phase
     total_budget_min: float = 27.0
     time_budget_min: float = 0.0  # this call's wall-clock budget (0: none)
@@ -398,6 +399,10 @@ class Trainer:
                 self.save()
                 save_cost = time.perf_counter() - s0 + 5.0
             elapsed = time.perf_counter() - t_start
+            if a.stop_at_step and self.step >= a.stop_at_step and self.step < self.total_steps:
+                self.save()
+                self.log(f"PAUSED at step {self.step}/{self.total_steps} (--stop-at-step)")
+                return "paused"
             if elapsed + 2 * dt + save_cost > budget and self.step < self.total_steps:
                 self.save()
                 self.log(f"PAUSED at step {self.step}/{self.total_steps} (time budget {a.time_budget_min} min); "
