@@ -60,7 +60,7 @@ def test_passkey_scoring_over_http():
         body = json.loads(request.content)
         seen.append(body)
         key = body["messages"][0]["content"].split()[1]
-        reply = f"The pass key is {key}." if key in ("11111", "33333") else "The pass key is 12345."
+        reply = {"11111": "The pass key is 11111.", "33333": "The pass key is 333331."}.get(key, "The pass key is 12345.")
         if key == "44444":
             return httpx.Response(503, json={"error": "busy"})
         return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": reply}}]})
@@ -68,8 +68,11 @@ def test_passkey_scoring_over_http():
     with httpx.Client(transport=httpx.MockTransport(handler)) as client:
         res = run_passkey(client, "http://test", cases, concurrency=2, log=lambda m: None)
     assert res["model"] == "nsa-default"
-    assert res["by_length"]["4096"] == {"n": 2, "correct": 1, "errors": 0, "accuracy": 0.5}
-    assert res["by_length"]["16384"] == {"n": 2, "correct": 1, "errors": 1, "accuracy": 0.5}
+    assert res["by_length"]["4096"] == {"n": 2, "correct": 1, "exact": 1, "errors": 0, "accuracy": 0.5,
+                                        "exact_accuracy": 0.5}
+    # "333331" contains the key (correct, the usual scoring) but is not exactly it.
+    assert res["by_length"]["16384"] == {"n": 2, "correct": 1, "exact": 0, "errors": 1, "accuracy": 0.5,
+                                         "exact_accuracy": 0.0}
     assert all(b["temperature"] == 0.0 and b["model"] == "nsa-default" for b in seen)
 
 

@@ -3,12 +3,14 @@ running server's OpenAI API, so what is scored is the paged engine and its kerne
 
 Perplexity = exp(Σ NLL / N) over next-token predictions in consecutive windows of the held-out tokens.
 Passkey: for each context length L and depth (i + ½)/n, a prompt of about L − 24 tokens (room for the
-reply) whose filler is held-out text; greedy decoding; correct when the reply contains the key.
+reply) whose filler is held-out text; greedy decoding; correct when the reply contains the key (the
+usual passkey scoring), exact when the reply's first number is the key and nothing more.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -109,14 +111,19 @@ def run_passkey(client: httpx.Client, base_url: str, cases: list[PasskeyCase], c
     records = []
     for c, res in zip(cases, results):
         correct = bool(res["ok"] and c.key in res["reply"])
-        s = by_len.setdefault(c.length, {"n": 0, "correct": 0, "errors": 0})
+        number = re.search(r"\d+", res["reply"]) if res["ok"] else None
+        exact = bool(number and number.group(0) == c.key)
+        s = by_len.setdefault(c.length, {"n": 0, "correct": 0, "exact": 0, "errors": 0})
         s["n"] += 1
         s["correct"] += correct
+        s["exact"] += exact
         s["errors"] += not res["ok"]
         rec = {k: v for k, v in asdict(c).items() if k != "messages"}
-        records.append({**rec, "correct": correct, **{k: v for k, v in res.items() if k != "ok"}})
+        records.append({**rec, "correct": correct, "exact": exact, **{k: v for k, v in res.items() if k != "ok"}})
     for L, s in sorted(by_len.items()):
         s["accuracy"] = s["correct"] / s["n"]
-        log(f"passkey {L:>6} tokens: {s['correct']}/{s['n']} = {100 * s['accuracy']:.0f}%"
+        s["exact_accuracy"] = s["exact"] / s["n"]
+        log(f"passkey {L:>6} tokens: {s['correct']}/{s['n']} = {100 * s['accuracy']:.0f}% "
+            f"(exact {s['exact']}/{s['n']})"
             + (f" ({s['errors']} request errors)" if s["errors"] else ""))
     return {"model": model, "by_length": {str(k): v for k, v in sorted(by_len.items())}, "cases": records}
