@@ -3,6 +3,8 @@ template the server uses, and per-step determinism (what makes resume exact)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -117,8 +119,9 @@ def test_eval_cases_hit_their_lengths(builder):
 def test_task_mix(builder):
     from nsa_serve.train.batches import parse_task_mix
 
-    assert parse_task_mix("2,1,1") == (0.5, 0.25)
-    for bad in ("1,1", "a,b,c", "-1,1,1", "0,0,0"):
+    assert parse_task_mix("2,1,1") == (0.5, 0.25, 0.25)
+    assert parse_task_mix("2,1,0,1") == (0.5, 0.25, 0.0)
+    for bad in ("1,1", "a,b,c", "-1,1,1", "0,0,0", "1,1,1,1,1"):
         with pytest.raises(ValueError):
             parse_task_mix(bad)
     _, tb = builder
@@ -126,3 +129,41 @@ def test_task_mix(builder):
                                task_mix=parse_task_mix("1,0,0"))
     kinds = {s.kind for st in range(10) for s in only_passkey.step(st, Phase(320, 1.0, 1.0), 3)}
     assert kinds == {"passkey"}
+
+
+@pytest.mark.parametrize("length", [300, 777, 2048])
+def test_dialog_turns_fill_the_length_and_mark_the_replies(builder, length):
+    tok, tb = builder
+    s = tb.dialog(np.random.default_rng(length), length)
+    assert s.ids.shape[0] == length + 1 and s.answer.shape[0] == length and s.kind == "dialog"
+    text = tok.decode(s.ids.tolist())
+    turns = text.count("<|user|>")
+    assert turns >= 1 and text.count("<|assistant|>") == turns and text.count("<|end|>") == 2 * turns
+    assert text.rstrip().endswith("<|end|>")
+    # The answer mask covers exactly the assistant turns: decoding its tokens gives no user text.
+    answer_text = tok.decode(s.ids[1:][s.answer].tolist())
+    assert "<|user|>" not in answer_text and "<|assistant|>" not in answer_text
+    assert answer_text.count("<|end|>") == turns
+    # Each question asks about a word that its reply contains.
+    for user_part in text.split("<|user|>")[1:]:
+        question, reply = user_part.split("<|assistant|>")
+        word = next(w for w in re.findall(r"[A-Za-z_]+", question.split("<|end|>")[0])
+                    if w not in {"What", "is", "Tell", "me", "about", "Explain", "does", "do", "How", "I", "use",
+                                 "Describe", "Can", "you", "tell", "what", "means"})
+        assert word in reply or word == "this", (word, reply[:200])
+
+
+def test_dialog_share_of_the_task_mix(builder):
+    from nsa_serve.train.batches import parse_task_mix
+
+    _, tb = builder
+    tokens = read_tokens(prepared_data() / "train.bin")
+    mixed = StepSampler(tokens, tb, seed=0, task_mix=parse_task_mix("0,0,1,1"))
+    kinds = {s.kind for st in range(12) for s in mixed.step(st, Phase(320, 1.0, 1.0), 3)}
+    assert kinds == {"chat", "dialog"}
+    # Three numbers and "...,0" draw the same samples (the shipped model's recipe is unchanged).
+    a = StepSampler(tokens, tb, seed=0, task_mix=parse_task_mix("0.5,0.2,0.3"))
+    b = StepSampler(tokens, tb, seed=0, task_mix=parse_task_mix("0.5,0.2,0.3,0"))
+    for st in range(5):
+        for x, y in zip(a.step(st, Phase(320, 1.0, 1.0), 3), b.step(st, Phase(320, 1.0, 1.0), 3)):
+            assert np.array_equal(x.ids, y.ids) and x.kind == y.kind

@@ -21,8 +21,8 @@ class Phase:
     task_prob: float  # chance that a sequence is a retrieval task instead of corpus text
 
 
-# Of the task sequences: passkey, kv lookup, (the rest) continuation chat.
-TASK_MIX = (0.5, 0.2)
+# Of the task sequences: passkey, kv lookup, continuation chat (the rest: dialog).
+TASK_MIX = (0.5, 0.2, 0.3)
 DEFAULT_CURRICULUM = "2048:0.5:0.3,4096:0.3:0.5,16384:0.2:0.75"
 
 
@@ -60,21 +60,22 @@ def seqs_per_step(phase: Phase, tokens_per_step: int) -> int:
     return max(1, tokens_per_step // phase.seq_len)
 
 
-def parse_task_mix(spec: str) -> tuple[float, float]:
-    """'PASSKEY,KV,CHAT' shares of the task sequences → the (passkey, kv) cumulative cut points."""
+def parse_task_mix(spec: str) -> tuple[float, ...]:
+    """'PASSKEY,KV,CHAT[,DIALOG]' shares of the task sequences → (passkey, kv, chat) fractions; the
+    rest is dialog. Three numbers = no dialog, exactly as before the dialog task existed."""
     try:
         parts = [float(x) for x in spec.split(",")]
     except ValueError as exc:
-        raise ValueError(f"task mix {spec!r} must be three numbers PASSKEY,KV,CHAT") from exc
-    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
-        raise ValueError(f"task mix {spec!r} must be three non-negative numbers PASSKEY,KV,CHAT")
+        raise ValueError(f"task mix {spec!r} must be numbers PASSKEY,KV,CHAT[,DIALOG]") from exc
+    if len(parts) not in (3, 4) or min(parts) < 0 or sum(parts) <= 0:
+        raise ValueError(f"task mix {spec!r} must be three or four non-negative numbers PASSKEY,KV,CHAT[,DIALOG]")
     total = sum(parts)
-    return parts[0] / total, parts[1] / total
+    return tuple(x / total for x in parts[:3])
 
 
 class StepSampler:
     def __init__(self, tokens: np.ndarray, tasks: TaskBuilder | None, seed: int,
-                 task_mix: tuple[float, float] = TASK_MIX):
+                 task_mix: tuple[float, ...] = TASK_MIX):
         self.tokens = tokens
         self.tasks = tasks
         self.seed = seed
@@ -96,8 +97,10 @@ class StepSampler:
         for _ in range(n_seqs):
             if self.tasks is not None and rng.random() < phase.task_prob:
                 u = rng.random()
-                make = (self.tasks.passkey if u < self.mix[0] else
-                        self.tasks.kv_lookup if u < self.mix[0] + self.mix[1] else self.tasks.continuation)
+                p, kv, chat = self.mix
+                make = (self.tasks.passkey if u < p else self.tasks.kv_lookup if u < p + kv else
+                        self.tasks.continuation if u < p + kv + chat or chat >= 1 - p - kv - 1e-12 else
+                        self.tasks.dialog)
                 out.append(make(rng, phase.seq_len))
             else:
                 out.append(self.text_window(rng, phase.seq_len))

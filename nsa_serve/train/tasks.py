@@ -10,6 +10,10 @@ blocks, or (when near) the window. They teach the model to use its sparse branch
 * continuation chat — a passage of the corpus as the user turn, the passage that follows it as the
   assistant turn, closed by <|end|>: teaches the model to answer a chat request in the corpus's
   English and to end its turn (without it, every reply would look like a passkey answer).
+* dialog (opt-in: the 4th share of `--task-mix`) — several short turns: a question about a word of a
+  corpus passage ("What is {word}?", "Tell me about {word}.", ...) answered by that passage. Teaches
+  that a question other than the pass key's gets prose back (the first default model answered
+  "What is a kernel module?" with a pass key: docs/training.md).
 
 The training loop builds these from token pieces (filler comes from the tokenized corpus, no decode /
 re-encode at 16k tokens); `passkey_messages` builds the same prompt as text for the HTTP evaluation,
@@ -19,6 +23,7 @@ tokenizes the whole string, which may merge a token across a seam.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +33,8 @@ from ..tokenizer import Tokenizer, render_chat
 PASSKEY_HEADER = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                   "Find it and memorize it. I will quiz you about it.")
 PASSKEY_QUESTION = "What is the pass key?"
+DIALOG_QUESTIONS = ("What is {}?", "Tell me about {}.", "Explain {}.", "What does {} do?", "How do I use {}?",
+                    "Describe {}.", "Can you tell me what {} means?")
 CHAT_INSTRUCTIONS = ("Continue the following text.", "Here is part of a document. Write what comes next.",
                      "Read this passage and continue it.")
 KV_HEADER = "Here is a list of keys and their values. Remember them. I will ask you for one of them."
@@ -180,6 +187,43 @@ class TaskBuilder:
         body = list(self.kv_pre) + [t for _, _, enc in records for t in enc]
         needle = 1 + len(self.kv_pre) + sum(len(enc) for _, _, enc in records[:qi])
         return self._finish(body + post, answer, len(body) + len(post) + len(answer), "kv", needle)
+
+    def dialog(self, rng: np.random.Generator, length: int) -> Sample:
+        """Turns of (question about a word of a passage → that passage) filling exactly length + 1
+        tokens; every assistant reply and its <|end|> is answer."""
+        ids, mask = [self.tok.bos_id], []
+        first = True
+        while True:
+            room = length + 1 - len(ids)
+            # The reply is cut before its word is picked, leaving 64 tokens for the question's turn
+            # header, so the question always asks about a word its reply contains.
+            n_reply = min(int(rng.integers(32, 257)), room - 64 - len(self.end))
+            reply = self._filler(rng, n_reply) if n_reply >= 8 else []
+            words = re.findall(r"[A-Za-z][A-Za-z_]{4,}", self.tok.decode(reply))
+            word = words[int(rng.integers(len(words)))] if words else "this"
+            question = DIALOG_QUESTIONS[int(rng.integers(len(DIALOG_QUESTIONS)))].format(word)
+            text = render_chat([{"role": "user", "content": question}])
+            # A later turn follows "<|end|>\n" in the middle of the sequence: encoded as such a piece.
+            head = self._enc_start(text) if first else self._enc(text)
+            if not reply or len(head) + len(reply) + len(self.end) > room:
+                # No room for another turn: the previous reply absorbs what is left.
+                if first:
+                    raise ValueError(f"dialog needs more than {length} tokens")
+                extra = self._filler(rng, room)
+                cut = len(ids) - len(self.end)
+                ids = ids[:cut] + extra + self.end
+                mask = mask[:cut - 1] + [True] * (len(extra) + len(self.end))
+                break
+            ids += head + reply + self.end
+            mask += [False] * len(head) + [True] * (len(reply) + len(self.end))
+            first = False
+            if len(ids) == length + 1:
+                break
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.shape[0] != length + 1:
+            raise ValueError(f"dialog sample of {ids.shape[0]} tokens, wanted {length + 1}")
+        # mask[k] marks token ids[k + 1] (the targets are ids[1:]).
+        return Sample(ids, np.asarray(mask, dtype=bool), "dialog")
 
     def continuation(self, rng: np.random.Generator, length: int) -> Sample:
         """User: an instruction and a passage; assistant: the next passage (¼ … ½ of the tokens, at
