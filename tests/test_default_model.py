@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from api_fixtures import start_server  # noqa: F401
+from api_fixtures import start_server, tiny_model_dir  # noqa: F401
 from safetensors import safe_open
 
 from nsa_serve.model.checkpoint import default_model_dir, load_generation_config, load_model
@@ -60,3 +60,17 @@ def test_default_model_answers_in_english():
     assert len(set(words) & COMMON) >= 4, replies
     letters = sum(c.isalpha() or c.isspace() for text in replies for c in text)
     assert letters >= 0.8 * sum(len(t) for t in replies), replies
+
+
+def test_without_a_shipped_model_the_default_is_the_cached_tiny_one(monkeypatch, tmp_path, tiny_model_dir):
+    """An install without the assets falls back to a tiny random model in $NSA_SERVE_CACHE."""
+    import shutil
+
+    import nsa_serve.model.checkpoint as ck
+    from nsa_serve.model.init_model import ensure_default_model
+
+    monkeypatch.setattr(ck, "SHIPPED_MODEL_DIR", tmp_path / "no-assets")
+    monkeypatch.setenv("NSA_SERVE_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(tiny_model_dir, tmp_path / "cache" / "tiny-random")  # no second tokenizer training
+    assert ensure_default_model() == tmp_path / "cache" / "tiny-random"
+    assert load_model(tmp_path / "cache" / "tiny-random").cfg.hidden_size < model_config("default").hidden_size

@@ -85,10 +85,14 @@ def load_generation_config(model_dir: str | Path) -> dict:
     return data
 
 
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default-model"
+
+
 def default_model_dir() -> Path:
-    """Where the bundled default model lives: the repo's shipped model if present, else a tiny
-    random model created on first use in the user's cache directory."""
-    shipped = Path(__file__).resolve().parent.parent / "assets" / "default-model"
+    """Where the bundled default model lives: the trained model shipped in the package
+    (docs/training.md) if present, else a tiny random model created on first use in the user's cache
+    directory (an install without the assets still serves something)."""
+    shipped = SHIPPED_MODEL_DIR
     if (shipped / "model.safetensors").is_file():
         return shipped
     cache = Path(os.environ.get("NSA_SERVE_CACHE", Path.home() / ".cache" / "nsa-serve"))
