@@ -9,7 +9,7 @@ import torch
 
 from nsa_kernels.reference import SparsityParams, nsa_attention, num_compressed
 from nsa_serve.model.nsa_model import NSAModel
-from nsa_serve.train.fast_attention import nsa_attention_batched
+from nsa_kernels.nsa_sdpa import nsa_attention_batched
 from nsa_serve.train.forward import MASK_ELEMS, auto_q_chunk, train_forward_batch
 from nsa_serve.train.presets import model_config
 
@@ -108,7 +108,7 @@ def test_batched_forward_on_cuda_matches_the_model():
 def test_selection_aux_loss_is_the_share_of_the_selection_score():
     """−log of the share the reference selection score gives the target block, differentiable."""
     from nsa_kernels.reference import num_select_blocks
-    from nsa_serve.train.fast_attention import selection_scores
+    from nsa_kernels.nsa_sdpa import selection_scores
     from nsa_serve.train.forward import selection_aux_loss
 
     q, kc, *_ = _inputs(2, 150, 8, 2, True, seed=11)

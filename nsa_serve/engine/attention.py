@@ -1,8 +1,10 @@
 """Attention over the paged cache for one engine step: picks the implementation, one interface.
 
-CPU (and CUDA when a kernel module is missing): `nsa_kernels.paged.paged_nsa_attention_ref`.
-CUDA: `nsa_kernels.nsa_decode.nsa_decode` for single-token rows and `nsa_kernels.nsa_prefill.nsa_prefill`
-for prompt chunks, when they import. `dense` mode computes plain causal attention over the same
+Single-token rows: `nsa_kernels.nsa_decode.nsa_decode` on CUDA, else the reference
+`nsa_kernels.paged.paged_nsa_attention_ref` (cheap for one query). Prompt chunks:
+`nsa_kernels.nsa_prefill.nsa_prefill` on CUDA, else `nsa_kernels.nsa_sdpa.paged_nsa_prefill_sdpa`
+(the same math on torch's fused attention, tested equal to the reference; ~9× faster than the
+reference for a 2k chunk over 16k keys on a CPU). `dense` mode computes plain causal attention over the same
 pages (the like-for-like baseline; `nsa_kernels.dense_decode.dense_paged_decode` on CUDA).
 
 Independent-K/V checkpoints: the window branch reads its own ring through `win_tables`. The runner
@@ -17,6 +19,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
+from nsa_kernels.nsa_sdpa import paged_nsa_prefill_sdpa
 from nsa_kernels.paged import PagedLayerCache, paged_nsa_attention_ref
 from nsa_kernels.reference import SparsityParams
 
@@ -40,6 +43,8 @@ class AttentionBackend:
             self.decode_fn = _optional("nsa_kernels.nsa_decode", "nsa_decode")
             self.prefill_fn = _optional("nsa_kernels.nsa_prefill", "nsa_prefill")
             self.dense_decode_fn = _optional("nsa_kernels.dense_decode", "dense_paged_decode")
+        if self.prefill_fn is None:
+            self.prefill_fn = paged_nsa_prefill_sdpa
         # Dense prompt chunks through PyTorch SDPA (flash / memory-efficient kernels) on GPU: the
         # reference materialises [Hq, T, S] scores, which at 64k context is tens of GB per chunk.
         self.dense_prefill_sdpa = device.type == "cuda"
@@ -47,17 +52,16 @@ class AttentionBackend:
     def describe(self) -> str:
         if self.mode == "dense":
             return "dense: " + ("dense_paged_decode kernel" if self.dense_decode_fn else "reference")
-        return (f"nsa: decode={'kernel' if self.decode_fn else 'reference'}, "
-                f"prefill={'kernel' if self.prefill_fn else 'reference'}")
+        prefill = "sdpa" if self.prefill_fn is paged_nsa_prefill_sdpa else "kernel" if self.prefill_fn else "reference"
+        return f"nsa: decode={'kernel' if self.decode_fn else 'reference'}, prefill={prefill}"
 
     def __call__(self, q, gates, cache: PagedLayerCache, inp) -> torch.Tensor:
         """q [Ttot, Hq, Dk], gates [Ttot, Hq, 3]; `inp` is the step's StepInputs. Rows of single-token
         sequences come first (inp.num_decode of them), then prompt chunks."""
         nd, B = inp.num_decode, inp.num_seqs
         dense = self.mode == "dense"
-        if (self.decode_fn is None and self.prefill_fn is None and self.dense_decode_fn is None
-                and not self.dense_prefill_sdpa):
-            return self._reference(q, gates, cache, inp, 0, B)  # CPU: one call for the whole step
+        if dense and self.dense_decode_fn is None and not self.dense_prefill_sdpa:
+            return self._reference(q, gates, cache, inp, 0, B)  # CPU dense baseline: one call for the step
         out = q.new_empty(q.shape[0], q.shape[1], cache.v_cache.shape[-1])
         rows_dec = inp.cu_host[nd]
         if nd:

@@ -20,12 +20,12 @@ import sys
 
 import torch
 
+from nsa_kernels.nsa_sdpa import selection_scores
 from nsa_kernels.reference import num_compressed, num_select_blocks, select_blocks
 
 from ..model.checkpoint import load_model
 from ..tokenizer import Tokenizer, render_chat
 from .evaluate import build_passkey_cases
-from .fast_attention import selection_scores
 from .forward import _compress_batched, batched_attention_block
 from .tasks import passkey_answer
 from .tokens import read_tokens

@@ -23,11 +23,10 @@ import contextlib
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from nsa_kernels.nsa_sdpa import nsa_attention_batched
 from nsa_kernels.reference import nsa_attention, num_compressed
 
 from nsa_serve.model.nsa_model import NSAModel
-
-from .fast_attention import nsa_attention_batched
 
 
 def _attend(q, positions, kc, vc, ks, vs, kw, vw, gates, sparsity, fp32: bool):
