@@ -291,3 +291,11 @@ def test_stop_at_step_checkpoints_there(tmp_path):
     tr = Trainer(_args(tmp_path, data, steps=6, stop_at_step=4), log=lambda m: None)
     assert tr.run() == "paused" and tr.step == 4
     assert load_model(tmp_path / "out" / "model").cfg.extra["trained_steps"] == 4
+
+
+def test_bad_attention_settings_fail_clearly(tmp_path):
+    data = _repetitive_data(tmp_path)
+    with pytest.raises(ValueError, match="attention must be"):
+        Trainer(_args(tmp_path, data, attention="flash"), log=lambda m: None)
+    with pytest.raises(ValueError, match="needs --attention sdpa"):
+        Trainer(_args(tmp_path, data, attention="reference", select_aux_weight=0.5), log=lambda m: None)

@@ -1,5 +1,12 @@
-"""The reference model's whole-sequence forward, with attention computed in query chunks that are
-recomputed in the backward pass (activation checkpointing).
+"""Training forwards of the reference model's modules.
+
+`train_forward_batch` (what the trainer runs): a batch of equal-length sequences, attention through
+`nsa_kernels.nsa_sdpa` (each NSA branch one fused attention call), in query chunks when its masks
+would be large; optionally the selection supervision `selection_aux_loss`. Below it, the first
+formulation, kept as `--attention reference`:
+
+`train_forward`: one sequence's whole-sequence forward, with attention computed in query chunks that
+are recomputed in the backward pass (activation checkpointing).
 
 Same modules, same math as `NSAModel.forward` (tests check logits and gradients match): projections,
 φ compression, gates and the MLP run as there; only the call to the reference `nsa_attention` is split

@@ -51,7 +51,7 @@ class TrainArgs:
     heldout: str | None = None  # default: heldout.bin beside the token file, when present
     state_dir: str | None = None  # exact resume state; default OUT/state
     resume: str | None = None  # an exact or compact state dir to continue from
-    init: str | None = None  # start a new run (fresh optimizer and schedule) from these weights (a state dir)
+    init: str | None = None  # start a new run (fresh optimizer and schedule) from a state or model dir
     stop_at_step: int = 0  # pause (checkpoint) on reaching this step (0: run to the end); reproduces a cut run
     steps: int = 0  # 0: choose from total_budget_min after timing each phase
     total_budget_min: float = 27.0
@@ -117,6 +117,10 @@ class Trainer:
     def __init__(self, a: TrainArgs, log=print):
         self.a = a
         self.log = log
+        if a.attention not in ("sdpa", "reference"):
+            raise ValueError(f"attention must be 'sdpa' or 'reference', got {a.attention!r}")
+        if a.select_aux_weight and a.attention == "reference":
+            raise ValueError("--select-aux-weight needs --attention sdpa (the reference path has no hook for it)")
         self.device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.autocast = self.device.type == "cuda"
         if self.device.type == "cuda":
@@ -243,7 +247,7 @@ class Trainer:
                                   device=self.device)
             answer = torch.as_tensor(np.stack([np.pad(s.answer, (0, width - n)) for s, n in zip(group, lens)]),
                                      device=self.device)
-            target = self._aux_target(group) if self.a.select_aux_weight and self.a.attention != "reference" else None
+            target = self._aux_target(group) if self.a.select_aux_weight else None
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 if self.a.attention == "reference":
                     logits = train_forward(self.model, ids[0, :-1], self.a.q_chunk, attn_fp32=self.autocast)[None]
