@@ -76,7 +76,8 @@ class _EngineStatsCollector:
         yield gauge("nsa:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
         yield gauge("nsa:kv_cache_usage_perc", "Fraction of KV-cache pages in use (0-1).", s.kv_cache_usage)
         yield gauge("nsa:summaries_stored", "Compressed-block summaries held in the KV cache.", s.summaries_stored)
-        yield counter("nsa:prompt_tokens", "Prompt tokens processed (prefill).", s.prompt_tokens_total)
+        yield counter("nsa:prompt_tokens", "Prompt tokens prefilled (prefix-cache hits included), counted as each chunk "
+                      "completes, once per request.", s.prompt_tokens_total)
         yield counter("nsa:generation_tokens", "Tokens generated.", s.generation_tokens_total)
         yield counter("nsa:num_preemptions", "Sequences preempted (recomputed later).", s.num_preemptions_total)
         yield counter("nsa:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",

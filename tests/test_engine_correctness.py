@@ -65,6 +65,8 @@ def test_preemption_under_page_pressure_keeps_outputs_and_frees_every_page(share
     got = run_staggered(tight, prompts, max_tokens, per_step=12)
     assert tight.scheduler.num_preemptions > 0
     assert tight.stats().num_preemptions_total == tight.scheduler.num_preemptions
+    # Recomputed prompt tokens are work done twice, but each request's prompt counts once.
+    assert tight.stats().prompt_tokens_total == sum(len(p) for p in prompts)
     assert got == expected
     for i in (0, 5):  # and the unpressured run itself is the reference's output
         assert expected[i] == reference_greedy(relaxed.model, prompts[i], 8)
@@ -187,3 +189,19 @@ def test_config_variants_match_the_reference(overrides):
     if model.cfg.shared_kv:
         assert engine.stats().prefix_cache_hits_total > 0
     engine.block_manager.check_all_free()
+
+
+def test_prompt_tokens_total_follows_prefill_progress_once_per_request():
+    """The counter behind the dashboards' prompt tokens/s rises chunk by chunk as prefill runs (not
+    when a request arrives), and a request with n = 2 counts its prompt once."""
+    engine = make_engine(True, num_pages=64, long_prefill_token_threshold=16)
+    prompt = random_prompts(1, 70, 70, seed=9)[0]
+    engine.add_request("long", prompt, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, n=2))
+    engine._publish_stats()
+    assert engine.stats().prompt_tokens_total == 0
+    seen = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        seen.append(engine.stats().prompt_tokens_total)
+    assert seen[:5] == [16, 32, 48, 64, 70]  # 16-token chunks of a 70-token prompt
+    assert seen[-1] == len(prompt)

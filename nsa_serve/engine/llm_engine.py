@@ -58,6 +58,9 @@ class Request:
     params: SamplingParams
     metrics: RequestMetrics
     completions: list[_Completion] = field(default_factory=list)
+    # Prompt tokens already counted in prompt_tokens_total: the furthest any of its sequences has
+    # prefilled (prefix-cache hits included), so n > 1 and recompute after preemption count once.
+    prompt_tokens_counted: int = 0
 
     @property
     def finished(self) -> bool:
@@ -255,7 +258,6 @@ class LLMEngine:
                 raise QueueFullError(f"the waiting queue is full ({self.args.max_queue} requests); retry later")
             self._unstarted.add(request_id)
             self._pending_add.append(req)
-            self._counters.prompt_tokens_total += len(prompt_token_ids)
 
     def abort_request(self, request_id: str) -> None:
         with self._lock:
@@ -357,6 +359,12 @@ class LLMEngine:
                 touched[req.request_id] = req
                 continue
             seq.num_computed_tokens += n
+            # prompt_tokens_total grows as prefill progresses (chunk by chunk), not at admission: its
+            # rate is prefill throughput, which is what a long-document load needs to show.
+            done = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+            if done > req.prompt_tokens_counted:
+                self._counters.prompt_tokens_total += done - req.prompt_tokens_counted
+                req.prompt_tokens_counted = done
             first, end = entries[seq]
             if end > first:
                 bm.note_summaries(seq, first, end)
@@ -487,7 +495,6 @@ class LLMEngine:
         snap.summaries_stored = bm.summaries_stored
         with self._lock:
             snap.num_waiting += len(self._pending_add)
-            snap.prompt_tokens_total = c.prompt_tokens_total
             self._stats = snap
 
     def stats(self) -> EngineStats:
