@@ -33,33 +33,53 @@ def test_shipped_model_is_the_default_and_fits_the_limits():
     assert (cfg.cmp_block, cfg.cmp_stride, cfg.select_block, cfg.num_select, cfg.window) == (32, 16, 64, 16, 512)
     assert {k: v for k, v in cfg.to_dict().items() if k not in ("extra", "bos_token_id", "eos_token_id")} == \
         {k: v for k, v in want.to_dict().items() if k not in ("extra", "bos_token_id", "eos_token_id")}
-    # The training record docs/training.md reproduces: the selection-supervised fine-tune, cut by the
-    # device call's time budget at step 1016 of its 1059 (reproduced with --stop-at-step 1016).
-    assert (cfg.extra["trained_steps"], cfg.extra["total_steps"], cfg.extra["seed"]) == (1016, 1059, 0)
+    # The training record docs/training.md reproduces: stage 3, the 160-step dialog fine-tune (seed 2)
+    # of the selection-supervised stage-2 model.
+    assert (cfg.extra["trained_steps"], cfg.extra["total_steps"], cfg.extra["seed"]) == (160, 160, 2)
+    assert cfg.extra["final"] is True
 
 
-@pytest.mark.timeout(300)
-def test_default_model_answers_in_english():
+@pytest.fixture(scope="module")
+def shipped_client():
+    """The shipped model behind a real server on loopback, through the official client."""
     from openai import OpenAI
 
-    gen = load_generation_config(SHIPPED)
     srv = start_server(SHIPPED, api_key=None, max_model_len=1024, num_pages=64)
     try:
         client = OpenAI(base_url=f"{srv.url}/v1", api_key="none")
-        model = client.models.list().data[0].id
-        replies = []
-        for prompt in ("Tell me about the Linux kernel.", "Summarise what a file system does."):
-            r = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=60, seed=1,
-                temperature=gen["temperature"], top_p=gen["top_p"],
-                extra_body={"repetition_penalty": gen["repetition_penalty"]})
-            replies.append(r.choices[0].message.content)
+        yield client, client.models.list().data[0].id
     finally:
         srv.stop()
+
+
+@pytest.mark.timeout(300)
+def test_default_model_answers_in_english(shipped_client):
+    client, model = shipped_client
+    gen = load_generation_config(SHIPPED)
+    replies = []
+    for prompt in ("Tell me about the Linux kernel.", "Summarise what a file system does."):
+        r = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=60, seed=1,
+            temperature=gen["temperature"], top_p=gen["top_p"],
+            extra_body={"repetition_penalty": gen["repetition_penalty"]})
+        replies.append(r.choices[0].message.content)
     words = [w for text in replies for w in re.findall(r"[a-z]+", text.lower())]
     assert len(set(words) & COMMON) >= 4, replies
     letters = sum(c.isalpha() or c.isspace() for text in replies for c in text)
     assert letters >= 0.8 * sum(len(t) for t in replies), replies
+
+
+@pytest.mark.timeout(300)
+def test_a_question_gets_prose_not_a_pass_key(shipped_client):
+    """The stage-2 model answered short questions with "The pass key is 3486." (its only training
+    questions were the retrieval tasks'); the dialog fine-tune fixed that (docs/training.md). The
+    server's sampling defaults come from generation_config.json."""
+    client, model = shipped_client
+    replies = [client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                              max_tokens=40, seed=seed).choices[0].message.content
+               for prompt in ("What is a kernel module?", "What is a process?") for seed in (1, 2)]
+    assert not any("pass key" in r.lower() for r in replies), replies
+    assert all(len(re.findall(r"[A-Za-z]{2,}", r)) >= 5 for r in replies), replies  # words, not blanks
 
 
 def test_without_a_shipped_model_the_default_is_the_cached_tiny_one(monkeypatch, tmp_path, tiny_model_dir):
