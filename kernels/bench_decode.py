@@ -157,14 +157,20 @@ def tune(copy_gbs, ctx=65536):
         torch.cuda.empty_cache()
 
 
-# Compressed-pass / attention launch variants timed by --compare (kwargs of nsa_decode_tuned).
+# Launch variants timed by --compare (kwargs of nsa_decode_tuned); "{sms}" = the device's SM count.
 VARIANTS = {
     "default": {},
-    "cmp dk padded to 256": dict(cmp_split_dk=False),
-    "attend dk 128 + 64": dict(attend_split_dk=True),
-    "attend 4 warps, dk 128 + 64": dict(num_warps=4, attend_split_dk=True),
-    "attend 2 stages": dict(attend_stages=2),
+    "split merge in a combine launch": dict(fuse_combine=False),
+    "cmp tile 64": dict(chunk=64),
+    "cmp tile 128, 3 programs per SM": dict(chunk=128, cmp_programs="3*sms"),
 }
+
+
+def _variant_kwargs(kw):
+    from ._triton_utils import num_sms
+
+    sms = num_sms(torch.cuda.current_device())
+    return {k: (3 * sms if v == "3*sms" else v) for k, v in kw.items()}
 
 
 def compare(copy_gbs, ctx=65536, batches=(1, 16, 64)):
@@ -184,7 +190,8 @@ def compare(copy_gbs, ctx=65536, batches=(1, 16, 64)):
         _, sel = nsa_decode(q, gates, layer, tables, seq_lens, PAPER_P, return_selection=True)
         nbytes = must_read_bytes(sel, ctx, cfg["Hkv"], cfg["Dk"], cfg["Dv"], PAPER_P)
         ref = nsa_decode(q, gates, layer, tables, seq_lens, PAPER_P).float()
-        fns = {f"new {k}": (lambda kw=kw: nsa_decode_tuned(q, gates, layer, tables, seq_lens, PAPER_P, **kw))
+        fns = {f"new {k}": (lambda kw=_variant_kwargs(kw): nsa_decode_tuned(q, gates, layer, tables, seq_lens,
+                                                                           PAPER_P, **kw))
                for k, kw in VARIANTS.items()}
         if nsa_v1 is not None:
             fns["previous version"] = lambda: nsa_v1(q, gates, layer, tables, seq_lens, PAPER_P)

@@ -1,4 +1,5 @@
-"""Triton NSA decode over the paged cache: one new token per sequence, four launches per layer.
+"""Triton NSA decode over the paged cache: one new token per sequence, three launches per layer
+(four when the splits are many, at small batch).
 
 Equals `paged.paged_nsa_attention_ref(q, gates, layer, block_tables, arange(B + 1), seq_lens, p,
 win_tables, scale)` (tested on fresh random inputs; see docs/kernels_decode.md). Launches:
@@ -12,19 +13,22 @@ win_tables, scale)` (tested on fresh random inputs; see docs/kernels_decode.md).
    no matmul. Scores stay per head: they can only be summed over the group once each head's
    global softmax normaliser is known.
 2. `_score_kernel`, grid (B·Hkv, block tiles): merges the per-head normalisers and sums the group's
-   block scores (block j gets row k of page j − k, for k < KSPAN).
-3. `_select_attend_kernel`, grid (B·Hkv, splits): every program forces the initial/local blocks,
-   takes the top-n in registers (n argmax passes over packed (score bits, −index) int64 keys, so
-   ties go to the lower block index, the reference's rule) and attends to its share of the work
-   units: the n selected pages, then the window's pages. With shared K/V a page that is both
-   selected and in the window is loaded once and feeds both branches' softmaxes (each branch is its
-   own softmax, exactly as the reference computes them); window pages already selected are skipped,
-   so every token is read once. With independent K/V (`win_tables`) the window reads its ring.
-4. `_combine_kernel` (in _triton_utils), grid (B·Hq): merges the split-K partial states of the three
-   branches and applies the gates.
+   block scores (block j gets row k of page j − k, for k < KSPAN). The group's last-arriving tile
+   program (an atomic arrival counter) forces the initial/local blocks, takes the top-n (n argmax
+   passes over packed (score bits, −index) int64 keys, so ties go to the lower block index, the
+   reference's rule) and writes the group's work list: the n selected pages, then the window's
+   pages, as (logical page, physical page) pairs; with shared K/V a window page that is also
+   selected is dropped from the list (it is read once, as a selection, and feeds both branches).
+3. `_attend_kernel`, grid (B·Hkv, splits): each program attends to its share of the work list. Each
+   branch is its own softmax, exactly as the reference computes them; with independent K/V
+   (`win_tables`) the window's pages come from the ring. When the splits are few (batch ≥ ~16 at
+   64k) the group's last-arriving split merges every split's partial states of the three branches
+   and writes the gated output.
+4. Otherwise `_combine_kernel` (in _triton_utils), grid (B·Hq), does that merge.
 
 Everything is sized from tensor shapes (never from tensor values), so there is no host sync and the
-whole call can be captured in a CUDA graph (tested: capture, change q and seq_lens, replay).
+whole call can be captured in a CUDA graph (tested: capture, change q and seq_lens, replay). The
+arrival counters live in a per-device buffer that the last arriving program of each group resets.
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ from ._triton_utils import (NEG, _combine_kernel, _dot, check_last_dim_contiguou
                             interpreter_upcast, next_pow2, target_programs)
 from .paged import PagedLayerCache
 from .reference import SparsityParams
-
 
 
 @triton.jit
@@ -125,11 +128,18 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
 
 
 @triton.jit
-def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, score_ptr, Hkv, MAXT, TPS, NSPLIT,
+def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, score_ptr, bt_ptr, sbt_b, wt_ptr, swt_b,
+                  sel_ptr, ulp_ptr, uph_ptr, cnt_ptr, Hkv, MAXT, TPS, NSPLIT,
                   G: tl.constexpr, GP: tl.constexpr, BLOCK_L: tl.constexpr, STRIDE: tl.constexpr,
                   PAGE: tl.constexpr, BN: tl.constexpr, PPT: tl.constexpr, KSPAN: tl.constexpr,
-                  NSPLIT_P: tl.constexpr, NBP: tl.constexpr, NBT: tl.constexpr):
-    """Group-summed scores of NBT blocks: Σ_h Σ_k psc[page j − k, k] · exp(m_tile − M_h) / L_h."""
+                  NSPLIT_P: tl.constexpr, NBP: tl.constexpr, NBT: tl.constexpr, NSEL: tl.constexpr,
+                  NSP: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
+                  WINDOW: tl.constexpr, RING: tl.constexpr, RING_PAGES: tl.constexpr, UP: tl.constexpr):
+    """Group-summed scores of NBT blocks: Σ_h Σ_k psc[page j − k, k] · exp(m_tile − M_h) / L_h.
+
+    The tiles of a group run in parallel (one program each: a single program walking all of a
+    group's blocks measured ~27 µs at 64k, the whole grid 4 µs); the group's last-arriving tile
+    program then takes the top-n and writes the work list (`_select_units`)."""
     pid = tl.program_id(0)
     tile = tl.program_id(1)
     b = pid // Hkv
@@ -163,36 +173,37 @@ def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, score_ptr, Hkv, MA
                      + (js % PPT)[None, :], mask=ok, other=0.0)
         score += tl.sum(sv * (tl.exp(mt - mx[:, None]) * inv[:, None]), 0)
     tl.store(score_ptr + pid * NBP + j, score)
+    # The barrier orders this CTA's stores before the atomic's release; the acquire orders the last
+    # program's loads after every other tile's stores.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + pid, 1)
+    if arrived == NBP // NBT - 1:
+        tl.store(cnt_ptr + pid, 0)  # ready for the next call: every tile of this group has counted
+        _select_units(score_ptr + pid * NBP, bt_ptr, wt_ptr, sel_ptr + pid * NSEL, ulp_ptr + pid * UP,
+                      uph_ptr + pid * UP, L, b, sbt_b, swt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL,
+                      PAGE, WINDOW, RING, RING_PAGES, UP)
 
 
 @triton.jit
-def _select_attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r,
-                          bt_ptr, sbt_b, wt_ptr, swt_b, lens_ptr, score_ptr,
-                          sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr, sel_ptr,
-                          scale, Hkv,
-                          G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr,
-                          DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
-                          NBP: tl.constexpr, NSEL: tl.constexpr, NSP: tl.constexpr, NUM_INIT: tl.constexpr,
-                          NUM_LOCAL: tl.constexpr, WINDOW: tl.constexpr, RING: tl.constexpr,
-                          RING_PAGES: tl.constexpr, UPS: tl.constexpr, NSPLIT: tl.constexpr,
-                          WRITE_SEL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid // Hkv
-    kh = pid % Hkv
-    Hq = Hkv * G
-    L = tl.load(lens_ptr + b)
-    cur = (L - 1) // PAGE  # the current (partially filled) block
-    g = tl.arange(0, GP)
-    gmask = g < G
-    heads = kh * G + g
-    rows = b * Hq + heads
+def _select_units(score_ptr, bt_ptr, wt_ptr, sel_ptr, ulp_ptr, uph_ptr, L, b, sbt_b, swt_b,
+                  NBP: tl.constexpr, NSEL: tl.constexpr, NSP: tl.constexpr, NUM_INIT: tl.constexpr,
+                  NUM_LOCAL: tl.constexpr, PAGE: tl.constexpr, WINDOW: tl.constexpr,
+                  RING: tl.constexpr, RING_PAGES: tl.constexpr, UP: tl.constexpr):
+    """Forced blocks + top-n of one group, then its attention work list.
+
+    Top-n key = (float bits of score) << 32 | (2³¹ − 1 − j): scores are ≥ 0 so their bits order like
+    the floats; +inf's bits for forced blocks (the first NUM_INIT and the NUM_LOCAL most recent, the
+    current one included); −1 for blocks past the current one. n passes of an int64 max pick the
+    best, ties going to the lower block index (the reference's stable descending sort).
+
+    Work units: [0, NSEL) the selected pages, [NSEL, UP) the window's pages (first window page …
+    current). Per unit: the logical page (−1 = nothing to do: no block selected, past the current
+    page, or, with shared K/V, a window page that is also selected and so already read) and the
+    physical page (raw pages for selections, the ring for an independent-K/V window)."""
+    cur = (L - 1) // PAGE
     j = tl.arange(0, NBP)
     visible = j <= cur
-    score = tl.load(score_ptr + pid * NBP + j)
-
-    # ---- forced blocks + top-n. Key = (float bits of score) << 32 | (2³¹ − 1 − j): scores are
-    # ≥ 0 so their bits order like the floats; +inf bits for forced blocks; −1 for invisible ones.
+    score = tl.load(score_ptr + j, mask=visible, other=0.0, cache_modifier=".cg")  # other CTAs' stores
     forced = ((j < NUM_INIT) | (j > cur - NUM_LOCAL)) & visible
     bits = score.to(tl.int32, bitcast=True).to(tl.int64)
     bits = tl.where(forced, 0x7F800000, bits)
@@ -205,12 +216,80 @@ def _select_attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_
         idx = tl.where(kmax >= 0, (0x7FFFFFFF - (kmax & 0x7FFFFFFF)).to(tl.int32), -1)
         sel = tl.where(ks == t, idx, sel)
         key = tl.where(j == idx, -1, key)
-    if WRITE_SEL:
-        if split == 0:
-            tl.store(sel_ptr + pid * NSEL + ks, sel, mask=ks < NSEL)
+    tl.store(sel_ptr + ks, sel, mask=ks < NSEL)
+    u = tl.arange(0, UP)
+    is_sel = u < NSEL
+    sel_page = tl.sum(tl.where(ks[None, :] == u[:, None], sel[None, :], 0), 1)
+    first_wp = tl.maximum(L - WINDOW, 0) // PAGE
+    wk = first_wp + (u - NSEL)
+    if RING:
+        win_ok = (~is_sel) & (wk <= cur)
+    else:
+        already = tl.sum(tl.where((sel[None, :] == wk[:, None]) & (ks[None, :] < NSEL), 1, 0), 1) > 0
+        win_ok = (~is_sel) & (wk <= cur) & (~already)
+    lp = tl.where(is_sel, sel_page, tl.where(win_ok, wk, -1))
+    ok = lp >= 0
+    lp0 = tl.where(ok, lp, 0)  # an idle unit reads table entry 0 (always a valid page id)
+    if RING:
+        phys = tl.where(is_sel, tl.load(bt_ptr + b * sbt_b + lp0),
+                        tl.load(wt_ptr + b * swt_b + lp0 % RING_PAGES))
+    else:
+        phys = tl.load(bt_ptr + b * sbt_b + lp0)
+    tl.store(ulp_ptr + u, lp)
+    tl.store(uph_ptr + u, phys)
 
-    # ---- attention over this split's work units: units [0, NSEL) are the selected pages, units
-    # [NSEL, NSEL + window pages) the window's pages (first_wp, first_wp + 1, …, cur).
+
+@triton.jit
+def _merge_splits(m_ptr, l_ptr, acc_ptr, rows, gmask, NS, GP: tl.constexpr, SCH: tl.constexpr,
+                  DV: tl.constexpr, DVP: tl.constexpr):
+    """Merge the NS split partial states (m, l, acc) of each row into a normalised [GP, DVP] output,
+    SCH splits per step ([GP, SCH, DVP] loads issued at once: with few splits, one step)."""
+    s = tl.arange(0, SCH)
+    dv = tl.arange(0, DVP)
+    mx = tl.full([GP], NEG, tl.float32)
+    total = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DVP], tl.float32)
+    for c in range(0, NS, SCH):
+        smask = gmask[:, None] & (c + s[None, :] < NS)
+        off = rows[:, None] * NS + c + s[None, :]
+        ms = tl.load(m_ptr + off, mask=smask, other=NEG, cache_modifier=".cg")
+        ls = tl.load(l_ptr + off, mask=smask, other=0.0, cache_modifier=".cg")
+        a = tl.load(acc_ptr + off[:, :, None] * DV + dv[None, None, :],
+                    mask=smask[:, :, None] & (dv[None, None, :] < DV), other=0.0, cache_modifier=".cg")
+        mn = tl.maximum(mx, tl.max(ms, 1))
+        al = tl.exp(mx - mn)
+        w = tl.exp(ms - mn[:, None])
+        total = total * al + tl.sum(ls * w, 1)
+        acc = acc * al[:, None] + tl.sum(a * w[:, :, None], 1)
+        mx = mn
+    return acc / tl.where(total > 0, total, 1.0)[:, None]
+
+
+@triton.jit
+def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r,
+                   lens_ptr, ulp_ptr, uph_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
+                   pm_ptr, pl_ptr, pacc_ptr, gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, cnt_ptr,
+                   scale, Hkv, NSPLIT_C,
+                   G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr,
+                   DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
+                   NSEL: tl.constexpr, UNITS: tl.constexpr, UP: tl.constexpr, WINDOW: tl.constexpr,
+                   RING: tl.constexpr, UPS: tl.constexpr, NSPLIT: tl.constexpr, FUSE: tl.constexpr,
+                   C_CH: tl.constexpr, S_CH: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Program (group, split) attends to work units [split·UPS, split·UPS + UPS) of its group's list
+    (written by the score kernel's last-arriving tile: selected pages, then window pages). Every branch is
+    its own softmax, as in the reference: with shared K/V a selected page inside the window feeds
+    both from one load. FUSE: the group's last-arriving split also merges all partial states of the
+    three branches and writes the gated output (no combine launch)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // Hkv
+    kh = pid % Hkv
+    Hq = Hkv * G
+    L = tl.load(lens_ptr + b)
+    g = tl.arange(0, GP)
+    gmask = g < G
+    heads = kh * G + g
+    rows = b * Hq + heads
     d0 = tl.arange(0, DK0)
     dv = tl.arange(0, DVP)
     q0 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d0[None, :],
@@ -220,7 +299,6 @@ def _select_attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_
         q1 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d1[None, :],
                      mask=gmask[:, None] & (d1[None, :] < DK), other=0.0)
     win_lo = tl.maximum(L - WINDOW, 0)
-    first_wp = win_lo // PAGE
     r_tok = tl.arange(0, PAGE)
     m_s = tl.full([GP], NEG, tl.float32)
     l_s = tl.zeros([GP], tl.float32)
@@ -230,27 +308,12 @@ def _select_attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_
     a_w = tl.zeros([GP, DVP], tl.float32)
     for uu in range(UPS):
         u = split * UPS + uu
+        lp = tl.load(ulp_ptr + pid * UP + u, mask=u < UNITS, other=-1)
+        phys = tl.load(uph_ptr + pid * UP + u, mask=u < UNITS, other=0).to(tl.int64)
         is_sel = u < NSEL
-        sel_page = tl.sum(tl.where(ks == u, sel, 0), 0) + tl.where(is_sel, 0, -1)
-        wk = first_wp + (u - NSEL)
-        if RING:
-            win_ok = (u >= NSEL) & (wk <= cur)
-        else:
-            already = tl.sum(tl.where((sel == wk) & (ks < NSEL), 1, 0), 0) > 0
-            win_ok = (u >= NSEL) & (wk <= cur) & (~already)
-        lp = tl.where(is_sel, sel_page, wk)  # logical page = selection block index
-        ok = (is_sel & (sel_page >= 0)) | ((~is_sel) & win_ok)
-        # Masked rather than branched, so the compiler can software-pipeline the unit loop; an
-        # idle unit reads table entry 0 (always present) and masks all its K/V loads.
-        if RING:
-            phys = tl.where(is_sel, tl.load(bt_ptr + b * sbt_b + tl.where(ok & is_sel, lp, 0)),
-                            tl.load(wt_ptr + b * swt_b + tl.where(ok & (~is_sel), lp % RING_PAGES, 0)))
-        else:
-            phys = tl.load(bt_ptr + b * sbt_b + tl.where(ok, lp, 0))
-        phys = phys.to(tl.int64)
-        # An idle unit gets positions ≥ L, so the one comparison below masks it: the CPU
-        # interpreter turns (vector & scalar-bool) into int32 data, which its masked loads reject.
-        pos = tl.where(ok, lp * PAGE, L) + r_tok
+        # An idle unit gets positions ≥ L, so the one comparison below masks it (the CPU
+        # interpreter turns (vector & scalar-bool) into int32 data, which its masked loads reject).
+        pos = tl.where(lp >= 0, lp * PAGE, L) + r_tok
         tmask = pos < L
         kbase = k_ptr + phys * sk_p + kh * sk_h + r_tok[:, None] * sk_r
         kk = tl.load(kbase + d0[None, :], mask=tmask[:, None] & (d0[None, :] < DK), other=0.0)
@@ -286,6 +349,23 @@ def _select_attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_
     tl.store(wm_ptr + o, m_w, mask=gmask)
     tl.store(wl_ptr + o, l_w, mask=gmask)
     tl.store(wacc_ptr + o[:, None] * DV + dv[None, :], a_w, mask=gmask[:, None] & (dv[None, :] < DV))
+    if FUSE:
+        # Last-arriving split of the group: every split's partials are written (the barrier orders
+        # this CTA's stores before the release of the atomic; its acquire orders the loads after).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid, 1)
+        if arrived == NSPLIT - 1:
+            tl.store(cnt_ptr + pid, 0)  # ready for the next call (every split has counted)
+            o_c = _merge_splits(pm_ptr, pl_ptr, pacc_ptr, rows, gmask, NSPLIT_C, GP, C_CH, DV, DVP)
+            o_s = _merge_splits(sm_ptr, sl_ptr, sacc_ptr, rows, gmask, NSPLIT, GP, S_CH, DV, DVP)
+            o_w = _merge_splits(wm_ptr, wl_ptr, wacc_ptr, rows, gmask, NSPLIT, GP, S_CH, DV, DVP)
+            gp = gates_ptr + b * sg_b + heads * sg_h
+            g0 = tl.load(gp, mask=gmask, other=0.0).to(tl.float32)
+            g1 = tl.load(gp + 1, mask=gmask, other=0.0).to(tl.float32)
+            g2 = tl.load(gp + 2, mask=gmask, other=0.0).to(tl.float32)
+            res = g0[:, None] * o_c + g1[:, None] * o_s + g2[:, None] * o_w
+            tl.store(out_ptr + b * so_b + heads[:, None] * so_h + dv[None, :],
+                     res.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & (dv[None, :] < DV))
 
 
 def _check_inputs(q, gates, layer, block_tables, seq_lens, p, win_tables):
@@ -353,30 +433,39 @@ def nsa_decode(q: torch.Tensor, gates: torch.Tensor, layer: PagedLayerCache, blo
 # 4 warps beat 8 by 75 µs at batch 64 (2-3 programs per SM instead of 1), 3 stages beat 2 by 35.
 CMP_WARPS = 4
 CMP_STAGES = 3
+# Compressed entries per tile: 128 beat 64 on the H200 (batch 16: 126.8 → 119.1 µs, batch 64:
+# 366.9 → 327.6 µs at 64k; batch 1 equal; 256 was slower everywhere), docs/benchmarks/decode.md.
+CMP_TILE = 128
 # Selection/attention launch defaults. Padded to 256, dk = 192 needs 8 warps (4 take 252 registers
 # for the [64, 256] key tiles); split as 128 + 64 dots, 4 warps fit and were fastest at 64k on the
 # H100 (docs/benchmarks/decode.md, fourth round: batch 16 166.6 → 143.5 µs, batch 64 434 → 425 µs).
 ATTEND_WARPS = 4
 ATTEND_SPLIT_DK = True
+# Fuse the split merge and gates into the attention kernel's last split when both branches have at
+# most this many splits (batch ≥ 16 at 64k); many splits (batch 1) would serialise that merge.
+FUSE_MAX_SPLITS = 8
 
 
 def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None, scale=None,
                      return_selection=False, num_splits=None, chunk=None, num_warps=None,
                      cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
-                     attend_split_dk=None, attend_stages=3):
+                     attend_split_dk=None, attend_stages=3, fuse_combine=None):
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
-    the next power of two. Defaults: the fastest measured at 64k (docs/benchmarks/decode.md)."""
+    the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
+    (None: when both branches have at most FUSE_MAX_SPLITS splits). Defaults: the fastest measured
+    at 64k (docs/benchmarks/decode.md)."""
     _check_inputs(q, gates, layer, block_tables, seq_lens, p, win_tables)
     B, Hq, Dk = q.shape
     _, Hkv, P, _ = layer.k_cache.shape
     Dv = layer.v_cache.shape[-1]
     G = Hq // Hkv
     E = P // p.stride
+    NG = B * Hkv
     max_pages = block_tables.shape[1]
     max_cmp = max(0, (max_pages * P - p.block) // p.stride + 1)
     if chunk is None:
-        chunk = max(64, E)
+        chunk = max(CMP_TILE, E)
     if chunk % E or chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk ({chunk}) must be a power of two ≥ 16 and a multiple of l'/d = {E}")
     scale = scale if scale is not None else 1.0 / math.sqrt(Dk)
@@ -396,11 +485,18 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     ADK0, ADK1 = _split_dk(Dk) if attend_split_dk else (max(16, next_pow2(Dk)), 0)
     DVP = next_pow2(Dv)
     prec = dot_precision(q.dtype)
+    ring = win_tables is not None
+    wt = win_tables if ring else block_tables
+    NBP = max(16, next_pow2(max_pages))
+    # Work units of launch 2: n selected pages + the window's pages.
+    n_win_pages = (p.window - 1 + P - 1) // P + 1
+    units = p.num_select + n_win_pages
+    UP = next_pow2(units)
 
     # Splits of TPS tiles each: as many as fit in one wave of resident programs (a second,
     # partial wave would double the time of the slowest group).
     want = cmp_programs or target_programs(dev)
-    nsplit_c = max(1, min(MAXT, want // (B * Hkv)))
+    nsplit_c = max(1, min(MAXT, want // NG))
     tps = triton.cdiv(MAXT, nsplit_c)
     nsplit_c = triton.cdiv(MAXT, tps)
     pm = torch.empty(B, Hq, nsplit_c, device=dev, dtype=f32)
@@ -408,56 +504,72 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     pacc = torch.empty(B, Hq, nsplit_c, Dv, device=dev, dtype=f32)
     pms = torch.empty(B, Hq, MAXT, device=dev, dtype=f32)
     psc = torch.empty(B, Hq, MAXT, KSPAN, BN // E, device=dev, dtype=f32)
+    scores = torch.empty(NG, NBP, device=dev, dtype=f32)
+    sel = torch.empty(B, Hkv, p.num_select, device=dev, dtype=torch.int32)
+    ulp = torch.empty(NG, UP, device=dev, dtype=torch.int32)
+    uph = torch.empty_like(ulp)
+    cnt = _arrival_counters(dev, 2 * NG)
     kc, vc = layer.kc_cache, layer.vc_cache
-    _cmp_tile_kernel[(B * Hkv, nsplit_c)](
+    _cmp_tile_kernel[(NG, nsplit_c)](
         q, q.stride(0), q.stride(1), kc, kc.stride(0), kc.stride(1), kc.stride(2),
         vc, vc.stride(0), vc.stride(1), vc.stride(2), block_tables, block_tables.stride(0), seq_lens,
         pm, pl, pacc, pms, psc, scale, Hkv, MAXT, tps, nsplit_c,
         G=G, GP=GP, DK=Dk, DK0=DK0, DK1=DK1, DV=Dv, DVP=DVP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P,
         E=E, BN=BN, PPT=BN // E, KSPAN=KSPAN, STAGES=cmp_stages,
         PREC=prec, UPCAST=interpreter_upcast(q.dtype), num_warps=cmp_warps)
+    NBT = min(NBP, 128)
+    _score_kernel[(NG, NBP // NBT)](
+        seq_lens, pm, pl, pms, psc, scores, block_tables, block_tables.stride(0), wt, wt.stride(0),
+        sel, ulp, uph, cnt[NG:], Hkv, MAXT, tps, nsplit_c,
+        G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, BN=BN, PPT=BN // E, KSPAN=KSPAN,
+        NSPLIT_P=next_pow2(nsplit_c), NBP=NBP, NBT=NBT, NSEL=p.num_select,
+        NSP=max(2, next_pow2(p.num_select)), NUM_INIT=p.num_init, NUM_LOCAL=p.num_local,
+        WINDOW=p.window, RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1, UP=UP, num_warps=4)
 
-    # Launch 2 sizing: work units = n selected pages + the window's pages, spread over splits.
-    n_win_pages = (p.window - 1 + P - 1) // P + 1
-    units = p.num_select + n_win_pages
     if num_splits is None:
         # One program per SM (measured: at batch 64 one split beats two; at batch 1 all units).
-        num_splits = max(1, min(units, triton.cdiv(target_programs(dev) // 2, B * Hkv)))
+        num_splits = max(1, min(units, triton.cdiv(target_programs(dev) // 2, NG)))
     ups = triton.cdiv(units, num_splits)
     nsplit = triton.cdiv(units, ups)
     sm = torch.empty(B, Hq, nsplit, device=dev, dtype=f32)
     sl, wm, wl = torch.empty_like(sm), torch.empty_like(sm), torch.empty_like(sm)
     sacc = torch.empty(B, Hq, nsplit, Dv, device=dev, dtype=f32)
     wacc = torch.empty_like(sacc)
-    NBP = max(16, next_pow2(max_pages))
-    NBT = min(NBP, 128)
-    scores = torch.empty(B, Hkv, NBP, device=dev, dtype=f32)
-    _score_kernel[(B * Hkv, NBP // NBT)](
-        seq_lens, pm, pl, pms, psc, scores, Hkv, MAXT, tps, nsplit_c,
-        G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, BN=BN, PPT=BN // E, KSPAN=KSPAN,
-        NSPLIT_P=next_pow2(nsplit_c), NBP=NBP, NBT=NBT, num_warps=4)
-
-    sel = torch.empty(B, Hkv, p.num_select, device=dev, dtype=torch.int32) if return_selection else sm
-    ring = win_tables is not None
-    wt = win_tables if ring else block_tables
-    k, v = layer.k_cache, layer.v_cache
-    _select_attend_kernel[(B * Hkv, nsplit)](
-        q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), k.stride(2),
-        v, v.stride(0), v.stride(1), v.stride(2), block_tables, block_tables.stride(0),
-        wt, wt.stride(0), seq_lens, scores, sm, sl, sacc, wm, wl, wacc, sel, scale, Hkv,
-        G=G, GP=GP, DK=Dk, DK0=ADK0, DK1=ADK1, DV=Dv, DVP=DVP, PAGE=P, NBP=NBP, NSEL=p.num_select,
-        NSP=max(2, next_pow2(p.num_select)), NUM_INIT=p.num_init, NUM_LOCAL=p.num_local,
-        WINDOW=p.window, RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1, UPS=ups,
-        NSPLIT=nsplit, WRITE_SEL=return_selection, PREC=prec, UPCAST=interpreter_upcast(q.dtype),
-        num_warps=num_warps, num_stages=attend_stages)
-
     out = torch.empty(B, Hq, Dv, device=dev, dtype=q.dtype)
-    _combine_kernel[(B * Hq,)](
-        out, out.stride(0), out.stride(1), gates, gates.stride(0), gates.stride(1), seq_lens,
-        pm, pl, pacc, sm, sl, sacc, wm, wl, wacc, Hq,
-        NSA=True, BLOCK_L=p.block, STRIDE=p.stride, CH=BN * tps, NC_BUF=nsplit_c,
-        NC_P=max(2, next_pow2(nsplit_c)), NS_BUF=nsplit, NS_P=max(2, next_pow2(nsplit)), DV=Dv, DVP=DVP,
-        num_warps=4)
+    NC_P, NS_P = max(2, next_pow2(nsplit_c)), max(2, next_pow2(nsplit))
+    if fuse_combine is None:
+        fuse_combine = max(nsplit_c, nsplit) <= FUSE_MAX_SPLITS
+    k, v = layer.k_cache, layer.v_cache
+    _attend_kernel[(NG, nsplit)](
+        q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), k.stride(2),
+        v, v.stride(0), v.stride(1), v.stride(2), seq_lens, ulp, uph, sm, sl, sacc, wm, wl, wacc,
+        pm, pl, pacc, gates, gates.stride(0), gates.stride(1), out, out.stride(0), out.stride(1),
+        cnt, scale, Hkv, nsplit_c,
+        G=G, GP=GP, DK=Dk, DK0=ADK0, DK1=ADK1, DV=Dv, DVP=DVP, PAGE=P, NSEL=p.num_select,
+        UNITS=units, UP=UP, WINDOW=p.window, RING=ring, UPS=ups, NSPLIT=nsplit,
+        FUSE=bool(fuse_combine), C_CH=min(4, NC_P), S_CH=min(4, NS_P), PREC=prec,
+        UPCAST=interpreter_upcast(q.dtype), num_warps=num_warps, num_stages=attend_stages)
+
+    if not fuse_combine:
+        _combine_kernel[(B * Hq,)](
+            out, out.stride(0), out.stride(1), gates, gates.stride(0), gates.stride(1), seq_lens,
+            pm, pl, pacc, sm, sl, sacc, wm, wl, wacc, Hq,
+            NSA=True, BLOCK_L=p.block, STRIDE=p.stride, CH=BN * tps, NC_BUF=nsplit_c,
+            NC_P=NC_P, NS_BUF=nsplit, NS_P=NS_P, DV=Dv, DVP=DVP, num_warps=4)
     if return_selection:
         return out, sel
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Per-group arrival counters (int32, zero between calls: the last arriving program of each
+    group resets its own). Kept per device so a call allocates nothing; grown (zeroed) on demand.
+    Calls on one device must not overlap in time on different streams (the engine uses one)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
+        _COUNTERS[device] = buf
+    return buf

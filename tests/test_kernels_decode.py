@@ -125,13 +125,33 @@ def test_nsa_decode_other_sparsity_shapes(p):
     check_nsa([7, 16, 41, 130, 191], Hkv=1, G=2, Dk=16, Dv=24, p=p, chunk=16, num_splits=2)
 
 
-@pytest.mark.parametrize("Dk,programs,attend_split", [(48, 64, True), (40, 1, True), (40, 64, False)])
-def test_nsa_decode_dk_split_and_many_compressed_splits(Dk, programs, attend_split):
+@pytest.mark.parametrize("Dk,programs,attend_split,fuse", [(48, 64, True, False), (40, 1, True, True),
+                                                            (40, 64, False, True), (48, 1, True, False)])
+def test_nsa_decode_dk_split_and_many_compressed_splits(Dk, programs, attend_split, fuse):
     # Dk = 48 runs as 32 + 16 dots, 40 as 32 + 16 with the tail masked (or padded to 64 in the
     # attention kernel). cmp_programs = 64 gives every tile of the compressed pass its own split
-    # (one tile each), 1 a single split.
+    # (one tile each), 1 a single split. fuse: the split merge in the attention kernel's last split
+    # (True) or in the separate combine launch.
     check_nsa(RAGGED, Hkv=2, G=4, Dk=Dk, Dv=16, p=SMALL, chunk=16, fn=nsa_mod.nsa_decode_tuned,
-              cmp_programs=programs, attend_split_dk=attend_split)
+              cmp_programs=programs, attend_split_dk=attend_split, fuse_combine=fuse, num_splits=3)
+
+
+def test_nsa_decode_selection_across_score_tiles():
+    # > 128 pages: the block scores come from several tile programs and the group's last-arriving
+    # one takes the top-n over all of them (a top-n over its own tile only would miss blocks).
+    p = SparsityParams(block=8, stride=4, select_block=16, num_select=8, window=32)
+    check_nsa([40, 2500, 4000], Hkv=1, G=2, Dk=16, Dv=16, p=p, chunk=64)
+
+
+def test_nsa_decode_arrival_counters_reset_and_calls_repeat():
+    # The last-arriving program of each group resets its counter, so every call starts from zero
+    # and gives the same result (a stale count would pick the wrong "last" split).
+    q, gates, layer, tables, seq_lens, _ = make_case(RAGGED, 2, 4, 24, 16, SMALL, seed=3)
+    outs = [nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, num_splits=3,
+                                     cmp_programs=64, fuse_combine=True) for _ in range(3)]
+    assert int(nsa_mod._COUNTERS[q.device].abs().sum()) == 0
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
 
 
 def test_nsa_decode_ties_go_to_lower_block():
@@ -197,7 +217,9 @@ def test_gpu_paper_shape_fp32_selection(G):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("kw", [dict(cmp_warps=8, cmp_stages=2, cmp_split_dk=False),
-                                dict(chunk=32, cmp_programs=528, attend_split_dk=True)])
+                                dict(chunk=32, cmp_programs=528, attend_split_dk=True),
+                                dict(chunk=32, cmp_programs=528, num_splits=12, fuse_combine=True),
+                                dict(fuse_combine=False)])
 def test_gpu_paper_shape_launch_variants(kw):
     # The launch configurations the benchmark compares (nsa_decode_tuned); the default is covered
     # above. fp32 so the selected blocks are compared exactly too.
@@ -237,3 +259,20 @@ def test_gpu_cuda_graph_capture_and_replay():
         torch.cuda.synchronize()
         ref = reference(q, gates, layer, tables, seq_lens, PAPER, None, dense=name == "dense")
         assert rel_err(static_out, ref) < 1e-2, name
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_last_arriving_split_sees_every_split():
+    # Many splits per group racing on the arrival counters (compressed pass: one 16-entry tile per
+    # split; attention: 25 splits, merge fused): an ordering bug would show as a wrong or
+    # non-deterministic output, so 50 calls must be bitwise equal and match the reference.
+    q, gates, layer, tables, seq_lens, _ = make_case([9000, 33000], 4, 16, 192, 128, PAPER,
+                                                     torch.bfloat16, device="cuda")
+    fn = lambda: nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, PAPER, chunk=16,  # noqa: E731
+                                          cmp_programs=4096, num_splits=25, fuse_combine=True)
+    first = fn()
+    for _ in range(50):
+        assert torch.equal(fn(), first)
+    assert rel_err(first, reference(q, gates, layer, tables, seq_lens, PAPER, None)) < 1e-2
+    assert int(nsa_mod._COUNTERS[q.device].abs().sum()) == 0
