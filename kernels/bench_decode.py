@@ -160,9 +160,7 @@ def tune(copy_gbs, ctx=65536):
 # Launch variants timed by --compare (kwargs of nsa_decode_tuned); "{sms}" = the device's SM count.
 VARIANTS = {
     "default": {},
-    "split merge in a combine launch": dict(fuse_combine=False),
     "cmp tile 64": dict(chunk=64),
-    "cmp tile 128, 3 programs per SM": dict(chunk=128, cmp_programs="3*sms"),
 }
 
 

@@ -12,13 +12,15 @@ win_tables, scale)` (tested on fresh random inputs; see docs/kernels_decode.md).
    fixed weight W[r, k] (`reference.selection_weights`), so they are KSPAN reshape-and-sums of p,
    no matmul. Scores stay per head: they can only be summed over the group once each head's
    global softmax normaliser is known.
-2. `_score_kernel`, grid (B·Hkv, block tiles): merges the per-head normalisers and sums the group's
-   block scores (block j gets row k of page j − k, for k < KSPAN). The group's last-arriving tile
-   program (an atomic arrival counter) forces the initial/local blocks, takes the top-n (n argmax
-   passes over packed (score bits, −index) int64 keys, so ties go to the lower block index, the
-   reference's rule) and writes the group's work list: the n selected pages, then the window's
-   pages, as (logical page, physical page) pairs; with shared K/V a window page that is also
-   selected is dropped from the list (it is read once, as a selection, and feeds both branches).
+2. `_score_kernel`, grid (B·Hkv, runs of TT compressed tiles): merges the per-head normalisers
+   and sums the partial scores over the group's heads with one factor exp(m_tile − M_h) / L_h per
+   (head, tile), into per-page rows part_k (block j's score is Σ_k part_k[j − k]: entries of page
+   j − k spill k blocks forward). The group's last-arriving program (an atomic arrival counter)
+   forms the block scores, forces the initial/local blocks, takes the top-n (n argmax passes over
+   packed (score bits, −index) int64 keys, so ties go to the lower block index, the reference's
+   rule) and writes the group's work list: the n selected pages, then the window's pages, as
+   (logical page, physical page) pairs; with shared K/V a window page that is also selected is
+   dropped from the list (it is read once, as a selection, and feeds both branches).
 3. `_attend_kernel`, grid (B·Hkv, splits): each program attends to its share of the work list. Each
    branch is its own softmax, exactly as the reference computes them; with independent K/V
    (`win_tables`) the window's pages come from the ring. When the splits are few (batch ≥ ~16 at
@@ -128,68 +130,73 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
 
 
 @triton.jit
-def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, score_ptr, bt_ptr, sbt_b, wt_ptr, swt_b,
-                  sel_ptr, ulp_ptr, uph_ptr, cnt_ptr, Hkv, MAXT, TPS, NSPLIT,
+def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, sbt_b, wt_ptr, swt_b,
+                  sel_ptr, ulp_ptr, uph_ptr, cnt_ptr, Hkv, MAXT, NSPLIT, NPROG,
                   G: tl.constexpr, GP: tl.constexpr, BLOCK_L: tl.constexpr, STRIDE: tl.constexpr,
                   PAGE: tl.constexpr, BN: tl.constexpr, PPT: tl.constexpr, KSPAN: tl.constexpr,
-                  NSPLIT_P: tl.constexpr, NBP: tl.constexpr, NBT: tl.constexpr, NSEL: tl.constexpr,
-                  NSP: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
-                  WINDOW: tl.constexpr, RING: tl.constexpr, RING_PAGES: tl.constexpr, UP: tl.constexpr):
-    """Group-summed scores of NBT blocks: Σ_h Σ_k psc[page j − k, k] · exp(m_tile − M_h) / L_h.
-
-    The tiles of a group run in parallel (one program each: a single program walking all of a
-    group's blocks measured ~27 µs at 64k, the whole grid 4 µs); the group's last-arriving tile
-    program then takes the top-n and writes the work list (`_select_units`)."""
+                  NSPLIT_P: tl.constexpr, TT: tl.constexpr, SROW: tl.constexpr, NBP: tl.constexpr,
+                  NSEL: tl.constexpr, NSP: tl.constexpr, NUM_INIT: tl.constexpr,
+                  NUM_LOCAL: tl.constexpr, WINDOW: tl.constexpr, RING: tl.constexpr,
+                  RING_PAGES: tl.constexpr, UP: tl.constexpr):
+    """Program (group, p) sums the group's partial scores of compressed tiles [p·TT, p·TT + TT) over
+    the heads: part_k[page] = Σ_h psc[h, tile, k, page] · exp(m_{h,tile} − M_h) / L_h, one factor
+    per (head, tile) — so the loads are contiguous [G, TT, PPT] runs and there is one exp per
+    (head, tile), not per (head, block). Block j's score is Σ_k part_k[j − k] (entries of page
+    j − k spill k blocks forward), formed by the group's last-arriving program, which then takes
+    the top-n and writes the work list (`_select_units`)."""
     pid = tl.program_id(0)
-    tile = tl.program_id(1)
+    prog = tl.program_id(1)
     b = pid // Hkv
     kh = pid % Hkv
     L = tl.load(lens_ptr + b)
     n_cmp = tl.where(L >= BLOCK_L, (L - BLOCK_L) // STRIDE + 1, 0)
     n_tiles = (n_cmp + BN - 1) // BN
-    cur = (L - 1) // PAGE
     g = tl.arange(0, GP)
     gmask = g < G
     rows = b * (Hkv * G) + kh * G + g
-    # Per-head softmax normalisers of the compressed branch (merge launch 1's splits).
+    # Per-head softmax normalisers of the compressed branch (merge of the splits' partials).
     cidx = tl.arange(0, NSPLIT_P)
-    cmask = gmask[:, None] & (cidx[None, :] < (n_tiles + TPS - 1) // TPS)
+    cmask = gmask[:, None] & (cidx[None, :] < NSPLIT)
     cm = tl.load(pm_ptr + rows[:, None] * NSPLIT + cidx[None, :], mask=cmask, other=NEG)
     mx = tl.max(cm, 1)
     cl = tl.load(pl_ptr + rows[:, None] * NSPLIT + cidx[None, :], mask=cmask, other=0.0)
     tot = tl.sum(cl * tl.exp(cm - mx[:, None]), 1)
     inv = tl.where(tot > 0, 1.0 / tl.where(tot > 0, tot, 1.0), 0.0)
-    j = tile * NBT + tl.arange(0, NBT)
-    visible = j <= cur
-    score = tl.zeros([NBT], tl.float32)
+    t = prog * TT + tl.arange(0, TT)
+    tok = t < n_tiles  # tiles past the sequence's entries were not written this call: read as 0
+    mt = tl.load(pms_ptr + rows[:, None] * MAXT + t[None, :], mask=gmask[:, None] & tok[None, :], other=NEG)
+    f = tl.exp(mt - mx[:, None]) * inv[:, None]  # [GP, TT]; 0 where masked (inv = 0 without entries)
+    pg = tl.arange(0, PPT)
     for k in tl.static_range(KSPAN):
-        jp = j - k  # the page whose entries spill k blocks forward into block j
-        ti = jp // PPT
-        ok = gmask[:, None] & (visible & (jp >= 0) & (ti < n_tiles))[None, :]
-        js = tl.maximum(jp, 0)  # masked where jp < 0; kept in range for the address
-        ts = js // PPT
-        mt = tl.load(pms_ptr + rows[:, None] * MAXT + ts[None, :], mask=ok, other=NEG)
-        sv = tl.load(psc_ptr + ((rows[:, None] * MAXT + ts[None, :]) * KSPAN + k) * PPT
-                     + (js % PPT)[None, :], mask=ok, other=0.0)
-        score += tl.sum(sv * (tl.exp(mt - mx[:, None]) * inv[:, None]), 0)
-    tl.store(score_ptr + pid * NBP + j, score)
+        sv = tl.load(psc_ptr + ((rows[:, None, None] * MAXT + t[None, :, None]) * KSPAN + k) * PPT
+                     + pg[None, None, :], mask=gmask[:, None, None] & tok[None, :, None], other=0.0)
+        part = tl.sum(sv * f[:, :, None], 0)  # [TT, PPT]
+        tl.store(part_ptr + (pid * KSPAN + k) * SROW + t[:, None] * PPT + pg[None, :], part,
+                 mask=(t < MAXT)[:, None])
     # The barrier orders this CTA's stores before the atomic's release; the acquire orders the last
-    # program's loads after every other tile's stores.
+    # program's loads after every other program's stores.
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr + pid, 1)
-    if arrived == NBP // NBT - 1:
-        tl.store(cnt_ptr + pid, 0)  # ready for the next call: every tile of this group has counted
-        _select_units(score_ptr + pid * NBP, bt_ptr, wt_ptr, sel_ptr + pid * NSEL, ulp_ptr + pid * UP,
+    if arrived == NPROG - 1:
+        tl.store(cnt_ptr + pid, 0)  # ready for the next call: every program of this group has counted
+        cur = (L - 1) // PAGE
+        j = tl.arange(0, NBP)
+        visible = j <= cur
+        score = tl.zeros([NBP], tl.float32)
+        for k in tl.static_range(KSPAN):
+            score += tl.load(part_ptr + (pid * KSPAN + k) * SROW + j - k, mask=visible & (j >= k),
+                             other=0.0, cache_modifier=".cg")  # other CTAs' stores
+        _select_units(score, bt_ptr, wt_ptr, sel_ptr + pid * NSEL, ulp_ptr + pid * UP,
                       uph_ptr + pid * UP, L, b, sbt_b, swt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL,
                       PAGE, WINDOW, RING, RING_PAGES, UP)
 
 
 @triton.jit
-def _select_units(score_ptr, bt_ptr, wt_ptr, sel_ptr, ulp_ptr, uph_ptr, L, b, sbt_b, swt_b,
+def _select_units(score, bt_ptr, wt_ptr, sel_ptr, ulp_ptr, uph_ptr, L, b, sbt_b, swt_b,
                   NBP: tl.constexpr, NSEL: tl.constexpr, NSP: tl.constexpr, NUM_INIT: tl.constexpr,
                   NUM_LOCAL: tl.constexpr, PAGE: tl.constexpr, WINDOW: tl.constexpr,
                   RING: tl.constexpr, RING_PAGES: tl.constexpr, UP: tl.constexpr):
-    """Forced blocks + top-n of one group, then its attention work list.
+    """Forced blocks + top-n of one group (score [NBP]: its block scores), then its work list.
 
     Top-n key = (float bits of score) << 32 | (2³¹ − 1 − j): scores are ≥ 0 so their bits order like
     the floats; +inf's bits for forced blocks (the first NUM_INIT and the NUM_LOCAL most recent, the
@@ -203,7 +210,6 @@ def _select_units(score_ptr, bt_ptr, wt_ptr, sel_ptr, ulp_ptr, uph_ptr, L, b, sb
     cur = (L - 1) // PAGE
     j = tl.arange(0, NBP)
     visible = j <= cur
-    score = tl.load(score_ptr + j, mask=visible, other=0.0, cache_modifier=".cg")  # other CTAs' stores
     forced = ((j < NUM_INIT) | (j > cur - NUM_LOCAL)) & visible
     bits = score.to(tl.int32, bitcast=True).to(tl.int64)
     bits = tl.where(forced, 0x7F800000, bits)
@@ -504,7 +510,6 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     pacc = torch.empty(B, Hq, nsplit_c, Dv, device=dev, dtype=f32)
     pms = torch.empty(B, Hq, MAXT, device=dev, dtype=f32)
     psc = torch.empty(B, Hq, MAXT, KSPAN, BN // E, device=dev, dtype=f32)
-    scores = torch.empty(NG, NBP, device=dev, dtype=f32)
     sel = torch.empty(B, Hkv, p.num_select, device=dev, dtype=torch.int32)
     ulp = torch.empty(NG, UP, device=dev, dtype=torch.int32)
     uph = torch.empty_like(ulp)
@@ -517,12 +522,17 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         G=G, GP=GP, DK=Dk, DK0=DK0, DK1=DK1, DV=Dv, DVP=DVP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P,
         E=E, BN=BN, PPT=BN // E, KSPAN=KSPAN, STAGES=cmp_stages,
         PREC=prec, UPCAST=interpreter_upcast(q.dtype), num_warps=cmp_warps)
-    NBT = min(NBP, 128)
-    _score_kernel[(NG, NBP // NBT)](
-        seq_lens, pm, pl, pms, psc, scores, block_tables, block_tables.stride(0), wt, wt.stride(0),
-        sel, ulp, uph, cnt[NG:], Hkv, MAXT, tps, nsplit_c,
-        G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, BN=BN, PPT=BN // E, KSPAN=KSPAN,
-        NSPLIT_P=next_pow2(nsplit_c), NBP=NBP, NBT=NBT, NSEL=p.num_select,
+    # Launch 2 sizing: TT compressed tiles per program (about 4096 partial scores: 32 a thread).
+    PPT = BN // E
+    TT = 1 << ((max(1, 4096 // (GP * KSPAN * PPT))).bit_length() - 1)
+    nprog = triton.cdiv(MAXT, TT)
+    SROW = max(NBP, MAXT * PPT)
+    part = torch.empty(NG, KSPAN, SROW, device=dev, dtype=f32)
+    _score_kernel[(NG, nprog)](
+        seq_lens, pm, pl, pms, psc, part, block_tables, block_tables.stride(0), wt, wt.stride(0),
+        sel, ulp, uph, cnt[NG:], Hkv, MAXT, nsplit_c, nprog,
+        G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, BN=BN, PPT=PPT, KSPAN=KSPAN,
+        NSPLIT_P=next_pow2(nsplit_c), TT=TT, SROW=SROW, NBP=NBP, NSEL=p.num_select,
         NSP=max(2, next_pow2(p.num_select)), NUM_INIT=p.num_init, NUM_LOCAL=p.num_local,
         WINDOW=p.window, RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1, UP=UP, num_warps=4)
 
