@@ -58,6 +58,10 @@ def register(subparsers) -> None:
                    help="disable the prefix cache")
     g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--cpu-threads", type=int, default=None,
+                   help="CPU only: intra-op threads of engine steps (default: one per core)")
+    g.add_argument("--cpu-reserved-cores", type=int, default=1,
+                   help="CPU only: cores left to the HTTP server during decode steps (default 1)")
     g.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_serve)
 
@@ -71,7 +75,8 @@ def engine_args_from(args):
                       long_prefill_token_threshold=args.long_prefill_token_threshold, max_queue=args.max_queue,
                       gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=args.cpu_kv_cache_gb,
                       num_pages=args.num_pages, enable_prefix_caching=args.enable_prefix_caching,
-                      scheduling_policy=args.scheduling_policy, enforce_eager=args.enforce_eager, seed=args.seed)
+                      scheduling_policy=args.scheduling_policy, enforce_eager=args.enforce_eager, seed=args.seed,
+                      cpu_threads=args.cpu_threads, cpu_reserved_cores=args.cpu_reserved_cores)
 
 
 def cmd_serve(args) -> int:

@@ -22,6 +22,11 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"  # "fcfs" | "priority"
     enforce_eager: bool = False  # True: no CUDA graphs
+    # CPU only: intra-op threads of engine steps (None: torch's default, one per core), and cores
+    # left free for the API server's threads during small steps (fewer than CPU_BIG_STEP_TOKENS
+    # tokens, i.e. decode); the HTTP server reserves 1 by default, as vLLM's CPU backend does.
+    cpu_threads: int | None = None
+    cpu_reserved_cores: int = 0
     seed: int = 0
 
     def validate(self) -> None:
@@ -31,6 +36,10 @@ class EngineArgs:
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError("cpu_threads must be >= 1")
+        if self.cpu_reserved_cores < 0:
+            raise ValueError("cpu_reserved_cores must be >= 0")
         for name in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

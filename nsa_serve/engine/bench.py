@@ -106,7 +106,8 @@ def run_mode(model, tokenizer, name, args, mode: str) -> BenchResult:
                        long_prefill_token_threshold=args.long_prefill_token_threshold,
                        max_queue=max(args.num_requests, 1), num_pages=args.num_pages,
                        gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=args.cpu_kv_cache_gb,
-                       enable_prefix_caching=False, enforce_eager=args.enforce_eager, seed=args.seed)
+                       enable_prefix_caching=False, enforce_eager=args.enforce_eager, seed=args.seed,
+                       cpu_threads=args.cpu_threads, cpu_reserved_cores=args.cpu_reserved_cores)
     engine = LLMEngine(eargs, model=model, tokenizer=tokenizer, model_name=name)
     engine.warmup()
     rng = random.Random(args.seed)

@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--cpu-kv-cache-gb", type=float, default=1.0)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--cpu-threads", type=int, default=None, help="CPU only: intra-op threads (default: one per core)")
+    p.add_argument("--cpu-reserved-cores", type=int, default=0,
+                   help="CPU only: cores left free during decode steps (default 0: no server here)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
