@@ -4,14 +4,7 @@
 # real engine at 32k and 64k contexts, NSA vs dense attention over the same pages.
 # Run from the repo root on a GPU machine; writes JSON and the log under ${OUT:-.}.
 set -uo pipefail
-OUT=${OUT:-.}
-# Import the project without installing it: links give kernels/ its package name, nsa_kernels.
-mkdir -p /tmp/nsa_path
-ln -sfn "$PWD/nsa_serve" /tmp/nsa_path/nsa_serve
-ln -sfn "$PWD/kernels" /tmp/nsa_path/nsa_kernels
-export PYTHONPATH=/tmp/nsa_path PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+source "$(dirname "$0")/device_env.sh"
 REQS=${REQS:-4}
 OUTLEN=${OUTLEN:-64}
 for ctx in ${CTXS:-32768 65536}; do

@@ -5,14 +5,8 @@
 # STEPS picks a subset (default: all): compile tests decode profile prefill.
 # Each step has its own time limit so one slow step cannot eat the call (about 9 minutes in all).
 set -uo pipefail
-OUT=${OUT:-.}
-mkdir -p /tmp/nsa_path
-ln -sfn "$PWD/nsa_serve" /tmp/nsa_path/nsa_serve
-ln -sfn "$PWD/kernels" /tmp/nsa_path/nsa_kernels
-export PYTHONPATH=/tmp/nsa_path PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_env.sh"
 STEPS=${STEPS:-compile tests decode profile prefill}
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/device.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 if step compile; then  # registers / spills as the device's Triton compiles them, sm_80 and sm_90
   timeout 120 python3 -m nsa_kernels.compile_check --shape paper,d128 --dtype bf16 2>&1 | tee "$OUT/compile.txt"
