@@ -23,8 +23,9 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"  # "fcfs" | "priority"
     enforce_eager: bool = False  # True: no CUDA graphs
     # CPU only: intra-op threads of engine steps (None: torch's default, one per core), and cores
-    # left free for the API server's threads during small steps (fewer than CPU_BIG_STEP_TOKENS
-    # tokens, i.e. decode); the HTTP server reserves 1 by default, as vLLM's CPU backend does.
+    # left free for the API server's threads during steps of several decoding sequences (under
+    # llm_engine.CPU_BIG_STEP_TOKENS tokens); the HTTP server reserves 1 by default, as vLLM's CPU
+    # backend reserves a core for its frontend.
     cpu_threads: int | None = None
     cpu_reserved_cores: int = 0
     seed: int = 0
