@@ -96,7 +96,7 @@ def resolve_device_dtype(args: EngineArgs) -> tuple[torch.device, torch.dtype]:
 # sequence, uses every intra-op thread; other steps (several sequences decoding) leave
 # cpu_reserved_cores to the API server, whose per-sequence work (detokenising, streaming) otherwise
 # preempts intra-op threads at every parallel region. Measured with the default model on the 2-core
-# CI machine (docs/benchmarks/engine.md): 4 clients, 256-token prompts: TPOT 80 → 40 ms with 1 of 2
+# CI machine (docs/benchmarks/engine.md): 4 clients, 256-token prompts: TPOT 80 → 38 ms with 1 of 2
 # cores reserved; one client: a 512-token prefill chunk and a lone 8k-context decode are 1.7× and
 # 1.45× faster with both threads.
 CPU_BIG_STEP_TOKENS = 256
