@@ -37,6 +37,53 @@ def target_programs(device: torch.device) -> int:
     return 8  # CPU interpreter: few programs keep the tests fast
 
 
+# Opt-in shared memory per block (bytes) by compute capability: CUDA programming guide.
+MAX_SHARED = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+
+
+def target_arch(device: torch.device) -> int:
+    """Compute capability the kernels are built for, e.g. 90: the device's, or (no CUDA device:
+    the compile check, the CPU interpreter) the active Triton target's, else 90."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    try:
+        from triton.runtime.driver import driver
+
+        arch = driver.active.get_current_target().arch
+        return int(arch) if isinstance(arch, int) else 90
+    except Exception:  # noqa: BLE001 (no GPU driver at all: any answer is fine for the interpreter)
+        return 90
+
+
+def pipeline_smem_budget(device: torch.device) -> int:
+    """Shared memory a kernel's software-pipelined tile buffers may take on `device`'s target: its
+    per-block limit less 24 KB for the rest (query tiles, layout conversions, reductions)."""
+    return MAX_SHARED.get(target_arch(device), 101376) - 24 * 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(device_index: int) -> bool:
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    has_ops = all(hasattr(tl.extra.cuda, f) for f in ("gdc_wait", "gdc_launch_dependents"))
+    has_launch = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+    return has_ops and has_launch and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Programmatic dependent launch for a chain of kernels on `device`: Hopper or newer, a Triton
+    that has it, and not switched off with NSA_PDL=0.
+
+    Why: a decode step is a chain of short launches; with PDL the next kernel's programs are
+    launched while the previous one drains, and wait on its completion (`griddepcontrol.wait`)
+    inside the kernel instead of between launches. Every kernel launched this way waits before
+    its first global memory access, so it is as safe as a plain launch after any kernel."""
+    if device.type != "cuda" or os.environ.get("NSA_PDL", "1") == "0":
+        return False
+    return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # float32 inputs would otherwise go through tf32 on the GPU (≈1e-3 error), enough to flip
     # near-tied block selections; half-precision inputs are exact products in fp32 anyway.
@@ -89,8 +136,11 @@ def _combine_kernel(out_ptr, so_b, so_h, gates_ptr, sg_b, sg_h, lens_ptr,
                     Hq,
                     NSA: tl.constexpr, BLOCK_L: tl.constexpr, STRIDE: tl.constexpr, CH: tl.constexpr,
                     NC_BUF: tl.constexpr, NC_P: tl.constexpr, NS_BUF: tl.constexpr, NS_P: tl.constexpr,
-                    DV: tl.constexpr, DVP: tl.constexpr):
-    """One program per (sequence, query head). NSA: gated sum of three branches; else dense."""
+                    DV: tl.constexpr, DVP: tl.constexpr, PDL: tl.constexpr = False):
+    """One program per (sequence, query head). NSA: gated sum of three branches; else dense.
+    PDL: launched with programmatic dependent launch (waits for the previous kernel first)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     b = pid // Hq
     h = pid % Hq

@@ -33,8 +33,8 @@ import torch
 # Triton 3.9 warns unless this is set; 1 keeps the behaviour of the GPU image's Triton 3.6.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-# Opt-in shared memory per block (bytes): CUDA programming guide, compute capabilities table.
-MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+from ._triton_utils import MAX_SHARED  # noqa: E402 (after the environment default above)
+
 
 
 @dataclass

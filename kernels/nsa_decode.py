@@ -42,7 +42,8 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import (NEG, _combine_kernel, _dot, check_last_dim_contiguous, dot_precision,
-                            interpreter_upcast, next_pow2, target_programs)
+                            interpreter_upcast, next_pow2, pdl_enabled, pipeline_smem_budget,
+                            target_programs)
 from .paged import PagedLayerCache
 from .reference import SparsityParams
 
@@ -55,7 +56,7 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
                      DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, BLOCK_L: tl.constexpr,
                      STRIDE: tl.constexpr, PAGE: tl.constexpr, E: tl.constexpr, BN: tl.constexpr,
                      PPT: tl.constexpr, KSPAN: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr,
-                     UPCAST: tl.constexpr):
+                     UPCAST: tl.constexpr, PDL: tl.constexpr):
     """Program (group, split) walks tiles [split·TPS, split·TPS + TPS) of BN compressed entries.
 
     One flat loop (no inner chunk loop) so `tl.range(num_stages=STAGES)` can prefetch the next
@@ -67,6 +68,8 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
     scores are KSPAN reshape-and-sums of p: [GP, BN] → [GP, BN/E, E] · W[:, k] → [GP, BN/E],
     stored per tile with the running max they are relative to (pms); the score kernel adds page
     jp's k-th row into block jp + k."""
+    if PDL:  # launched early (programmatic dependent launch): wait for the kernel before
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // Hkv
@@ -93,10 +96,16 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
     acc = tl.zeros([GP, DVP], tl.float32)
     t_lo = split * TPS
     t_hi = tl.minimum(t_lo + TPS, n_tiles)
+    # Page ids are loaded one tile ahead (carried): summary addresses that come from a load in the
+    # same iteration would cost the software pipeliner a stage, leaving a single buffer so a tile's
+    # loads could not overlap the previous tile's math.
+    i_n = t_lo * BN + tl.arange(0, BN)
+    page_n = tl.load(bt_ptr + b * sbt_b + i_n // E, mask=i_n < n_cmp, other=0)
     for t in tl.range(t_lo, t_hi, num_stages=STAGES):
         i = t * BN + tl.arange(0, BN)
         valid = i < n_cmp
-        page = tl.load(bt_ptr + b * sbt_b + i // E, mask=valid, other=0).to(tl.int64)
+        page = page_n.to(tl.int64)
+        page_n = tl.load(bt_ptr + b * sbt_b + (i + BN) // E, mask=i + BN < n_cmp, other=0)
         row = i % E
         kbase = kc_ptr + page[:, None] * skc_p + kh * skc_h + row[:, None] * skc_e
         k0 = tl.load(kbase + d0[None, :], mask=valid[:, None] & (d0[None, :] < DK), other=0.0)
@@ -123,6 +132,8 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
             sc = tl.sum(p3 * w[None, None, :], 2)
             tl.store(base + k * PPT, sc, mask=gmask[:, None])
         tl.store(pms_ptr + rows * MAXT + t, m, mask=gmask)
+    if PDL:  # the score kernel's programs may be launched now (they wait for this grid to finish)
+        tl.extra.cuda.gdc_launch_dependents()
     o = rows * NSPLIT + split
     tl.store(pm_ptr + o, m, mask=gmask)
     tl.store(pl_ptr + o, l, mask=gmask)
@@ -137,13 +148,16 @@ def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, 
                   NSPLIT_P: tl.constexpr, TT: tl.constexpr, SROW: tl.constexpr, NBP: tl.constexpr,
                   NSEL: tl.constexpr, NSP: tl.constexpr, NUM_INIT: tl.constexpr,
                   NUM_LOCAL: tl.constexpr, WINDOW: tl.constexpr, RING: tl.constexpr,
-                  RING_PAGES: tl.constexpr, UP: tl.constexpr):
+                  RING_PAGES: tl.constexpr, UP: tl.constexpr, PDL: tl.constexpr):
     """Program (group, p) sums the group's partial scores of compressed tiles [p·TT, p·TT + TT) over
     the heads: part_k[page] = Σ_h psc[h, tile, k, page] · exp(m_{h,tile} − M_h) / L_h, one factor
     per (head, tile) — so the loads are contiguous [G, TT, PPT] runs and there is one exp per
     (head, tile), not per (head, block). Block j's score is Σ_k part_k[j − k] (entries of page
     j − k spill k blocks forward), formed by the group's last-arriving program, which then takes
     the top-n and writes the work list (`_select_units`)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # after the wait: see nsa_decode_tuned
     pid = tl.program_id(0)
     prog = tl.program_id(1)
     b = pid // Hkv
@@ -279,13 +293,17 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
                    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr,
                    DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
                    NSEL: tl.constexpr, UNITS: tl.constexpr, UP: tl.constexpr, WINDOW: tl.constexpr,
-                   RING: tl.constexpr, UPS: tl.constexpr, NSPLIT: tl.constexpr, FUSE: tl.constexpr,
-                   C_CH: tl.constexpr, S_CH: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   RING: tl.constexpr, UPS: tl.constexpr, UPS_P: tl.constexpr, NSPLIT: tl.constexpr,
+                   STAGES: tl.constexpr, FUSE: tl.constexpr,
+                   C_CH: tl.constexpr, S_CH: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                   PDL: tl.constexpr):
     """Program (group, split) attends to work units [split·UPS, split·UPS + UPS) of its group's list
     (written by the score kernel's last-arriving tile: selected pages, then window pages). Every branch is
     its own softmax, as in the reference: with shared K/V a selected page inside the window feeds
     both from one load. FUSE: the group's last-arriving split also merges all partial states of the
     three branches and writes the gated output (no combine launch)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // Hkv
@@ -312,10 +330,18 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
     m_w = tl.full([GP], NEG, tl.float32)
     l_w = tl.zeros([GP], tl.float32)
     a_w = tl.zeros([GP, DVP], tl.float32)
-    for uu in range(UPS):
+    # The split's units are read once, before the loop: page addresses that come from a load
+    # inside the loop would cost the software pipeliner a stage, leaving one buffer (no overlap of
+    # a page's loads with the previous page's math).
+    uvec = tl.arange(0, UPS_P)
+    u_all = split * UPS + uvec
+    u_ok = (uvec < UPS) & (u_all < UNITS)
+    lp_all = tl.load(ulp_ptr + pid * UP + u_all, mask=u_ok, other=-1)
+    ph_all = tl.load(uph_ptr + pid * UP + u_all, mask=u_ok, other=0)
+    for uu in tl.range(0, UPS, num_stages=STAGES):
         u = split * UPS + uu
-        lp = tl.load(ulp_ptr + pid * UP + u, mask=u < UNITS, other=-1)
-        phys = tl.load(uph_ptr + pid * UP + u, mask=u < UNITS, other=0).to(tl.int64)
+        lp = tl.sum(tl.where(uvec == uu, lp_all, 0))
+        phys = tl.sum(tl.where(uvec == uu, ph_all, 0)).to(tl.int64)
         is_sel = u < NSEL
         # An idle unit gets positions ≥ L, so the one comparison below masks it (the CPU
         # interpreter turns (vector & scalar-bool) into int32 data, which its masked loads reject).
@@ -348,6 +374,8 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
         l_w = l_w * al + tl.sum(pp, 1)
         a_w = a_w * al[:, None] + _dot(pp.to(vv.dtype), vv, PREC, UPCAST)
         m_w = mn
+    if PDL:  # the combine kernel (small batch) or the next layer's kernels may be launched now
+        tl.extra.cuda.gdc_launch_dependents()
     o = rows * NSPLIT + split
     tl.store(sm_ptr + o, m_s, mask=gmask)
     tl.store(sl_ptr + o, l_s, mask=gmask)
@@ -437,6 +465,8 @@ def nsa_decode(q: torch.Tensor, gates: torch.Tensor, layer: PagedLayerCache, blo
 
 # Compressed-pass launch defaults, measured at 64k (docs/benchmarks/decode.md, second round):
 # 4 warps beat 8 by 75 µs at batch 64 (2-3 programs per SM instead of 1), 3 stages beat 2 by 35.
+# Since the page ids are loaded a tile ahead, 3 stages means two tile buffers (before: one, because
+# the ids loaded in the same iteration took a stage), one program per SM (seventh round).
 CMP_WARPS = 4
 CMP_STAGES = 3
 # Compressed entries per tile: 128 beat 64 on the H200 (batch 16: 126.8 → 119.1 µs, batch 64:
@@ -455,12 +485,17 @@ FUSE_MAX_SPLITS = 8
 def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None, scale=None,
                      return_selection=False, num_splits=None, chunk=None, num_warps=None,
                      cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
-                     attend_split_dk=None, attend_stages=3, fuse_combine=None):
+                     attend_split_dk=None, attend_stages=3, fuse_combine=None, pdl=None):
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
-    (None: when both branches have at most FUSE_MAX_SPLITS splits). Defaults: the fastest measured
-    at 64k (docs/benchmarks/decode.md)."""
+    (None: when both branches have at most FUSE_MAX_SPLITS splits). `pdl`: programmatic dependent
+    launch (None: `pdl_enabled`). Defaults: the fastest measured at 64k (docs/benchmarks/decode.md).
+
+    With PDL each kernel waits (griddepcontrol.wait) before touching memory, so it is safe after
+    any kernel. A kernel lets its dependents launch (launch_dependents) once its own main work is
+    issued: they are launched only when every one of its programs has said so, so waiting programs
+    of the next kernel never hold SM slots that this kernel's unscheduled programs need."""
     _check_inputs(q, gates, layer, block_tables, seq_lens, p, win_tables)
     B, Hq, Dk = q.shape
     _, Hkv, P, _ = layer.k_cache.shape
@@ -481,6 +516,8 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     cmp_stages = cmp_stages or CMP_STAGES
     num_warps = num_warps or ATTEND_WARPS
     attend_split_dk = ATTEND_SPLIT_DK if attend_split_dk is None else attend_split_dk
+    pdl = pdl_enabled(dev) if pdl is None else bool(pdl)
+    launch = {"launch_pdl": True} if pdl else {}  # only passed when on: older Triton lacks the option
 
     # Launch 1 sizing: tiles of BN entries (whole pages); KSPAN = blocks one entry can touch.
     BN = chunk
@@ -499,9 +536,16 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     units = p.num_select + n_win_pages
     UP = next_pow2(units)
 
-    # Splits of TPS tiles each: as many as fit in one wave of resident programs (a second,
-    # partial wave would double the time of the slowest group).
-    want = cmp_programs or target_programs(dev)
+    # Pipeline stages: the pipeliner keeps stages − 1 buffers of a tile (the page ids are loaded
+    # one tile ahead); fp32 tiles are twice as large, so they may get fewer.
+    elem = q.element_size()
+    budget = pipeline_smem_budget(dev)
+    cmp_stages = _stages_that_fit(cmp_stages, BN * (DK0 + DK1 + DVP) * elem, budget)
+    attend_stages = _stages_that_fit(attend_stages, P * (ADK0 + ADK1 + DVP) * elem, budget)
+    # Splits of TPS tiles each: one program per SM (two 80 KB tile buffers each; measured on the
+    # H200, batch 16: 104.5 µs vs 109.3 with two programs per SM, i.e. two waves), as many as fit
+    # in one wave (a second, partial wave would double the time of the slowest group).
+    want = cmp_programs or max(1, target_programs(dev) // 2)
     nsplit_c = max(1, min(MAXT, want // NG))
     tps = triton.cdiv(MAXT, nsplit_c)
     nsplit_c = triton.cdiv(MAXT, tps)
@@ -521,7 +565,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         pm, pl, pacc, pms, psc, scale, Hkv, MAXT, tps, nsplit_c,
         G=G, GP=GP, DK=Dk, DK0=DK0, DK1=DK1, DV=Dv, DVP=DVP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P,
         E=E, BN=BN, PPT=BN // E, KSPAN=KSPAN, STAGES=cmp_stages,
-        PREC=prec, UPCAST=interpreter_upcast(q.dtype), num_warps=cmp_warps)
+        PREC=prec, UPCAST=interpreter_upcast(q.dtype), PDL=pdl, num_warps=cmp_warps, **launch)
     # Launch 2 sizing: TT compressed tiles per program (about 4096 partial scores: 32 a thread).
     PPT = BN // E
     TT = 1 << ((max(1, 4096 // (GP * KSPAN * PPT))).bit_length() - 1)
@@ -534,11 +578,14 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, BN=BN, PPT=PPT, KSPAN=KSPAN,
         NSPLIT_P=next_pow2(nsplit_c), TT=TT, SROW=SROW, NBP=NBP, NSEL=p.num_select,
         NSP=max(2, next_pow2(p.num_select)), NUM_INIT=p.num_init, NUM_LOCAL=p.num_local,
-        WINDOW=p.window, RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1, UP=UP, num_warps=4)
+        WINDOW=p.window, RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1, UP=UP, PDL=pdl,
+        num_warps=4, **launch)
 
     if num_splits is None:
-        # One program per SM (measured: at batch 64 one split beats two; at batch 1 all units).
-        num_splits = max(1, min(units, triton.cdiv(target_programs(dev) // 2, NG)))
+        # Up to two programs per SM, one wave (they fit two per SM: 253 registers, 90 KB of
+        # buffers). Measured on the H200 at 64k: batch 16 4 splits 106.0 µs vs 3: 109.3, 6: 117.2;
+        # batch 64 1 split 289 vs 4: 309; batch 1 every unit its own split.
+        num_splits = max(1, min(units, target_programs(dev) // NG))
     ups = triton.cdiv(units, num_splits)
     nsplit = triton.cdiv(units, ups)
     sm = torch.empty(B, Hq, nsplit, device=dev, dtype=f32)
@@ -556,19 +603,29 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         pm, pl, pacc, gates, gates.stride(0), gates.stride(1), out, out.stride(0), out.stride(1),
         cnt, scale, Hkv, nsplit_c,
         G=G, GP=GP, DK=Dk, DK0=ADK0, DK1=ADK1, DV=Dv, DVP=DVP, PAGE=P, NSEL=p.num_select,
-        UNITS=units, UP=UP, WINDOW=p.window, RING=ring, UPS=ups, NSPLIT=nsplit,
+        UNITS=units, UP=UP, WINDOW=p.window, RING=ring, UPS=ups, UPS_P=next_pow2(ups), NSPLIT=nsplit,
+        STAGES=attend_stages,
         FUSE=bool(fuse_combine), C_CH=min(4, NC_P), S_CH=min(4, NS_P), PREC=prec,
-        UPCAST=interpreter_upcast(q.dtype), num_warps=num_warps, num_stages=attend_stages)
+        UPCAST=interpreter_upcast(q.dtype), PDL=pdl, num_warps=num_warps, num_stages=attend_stages,
+        **launch)
 
     if not fuse_combine:
         _combine_kernel[(B * Hq,)](
             out, out.stride(0), out.stride(1), gates, gates.stride(0), gates.stride(1), seq_lens,
             pm, pl, pacc, sm, sl, sacc, wm, wl, wacc, Hq,
             NSA=True, BLOCK_L=p.block, STRIDE=p.stride, CH=BN * tps, NC_BUF=nsplit_c,
-            NC_P=NC_P, NS_BUF=nsplit, NS_P=NS_P, DV=Dv, DVP=DVP, num_warps=4)
+            NC_P=NC_P, NS_BUF=nsplit, NS_P=NS_P, DV=Dv, DVP=DVP, PDL=pdl, num_warps=4, **launch)
     if return_selection:
         return out, sel
     return out
+
+
+def _stages_that_fit(stages: int, stage_bytes: int, budget: int) -> int:
+    """Fewer pipeline stages when stages − 1 tile buffers would not fit in `budget` bytes (≥ 2):
+    e.g. two 80 KB compressed tiles fit an H100/H200 block, not an A100's (one buffer there)."""
+    while stages > 2 and (stages - 1) * stage_bytes > budget:
+        stages -= 1
+    return stages
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}

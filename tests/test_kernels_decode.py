@@ -276,3 +276,43 @@ def test_gpu_last_arriving_split_sees_every_split():
         assert torch.equal(fn(), first)
     assert rel_err(first, reference(q, gates, layer, tables, seq_lens, PAPER, None)) < 1e-2
     assert int(nsa_mod._COUNTERS[q.device].abs().sum()) == 0
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_pdl_chain_equals_plain_launches():
+    # Programmatic dependent launch: each kernel is launched while the previous one drains and
+    # waits for it inside. A chain where every decode reads what the kernel just before it wrote
+    # (a torch copy into q, then a decode whose output becomes the next decode's q), replayed from
+    # a CUDA graph, must equal plain launches bitwise; a missing wait would read stale q.
+    from nsa_kernels._triton_utils import pdl_enabled
+
+    if not pdl_enabled(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs sm_90+ and a Triton with launch_pdl")
+    q, gates, layer, tables, seq_lens, _ = make_case([700, 9000, 33000], 4, 16, 192, 128, PAPER,
+                                                     torch.bfloat16, device="cuda")
+    src = torch.randn_like(q)
+
+    def chain(pdl):
+        q.copy_(src)
+        outs = []
+        for _ in range(3):
+            o = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, PAPER, pdl=pdl)
+            q[..., :o.shape[-1]].copy_(o * 8)
+            outs.append(o)
+        return torch.stack(outs)
+
+    plain = chain(False)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain(True)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = chain(True)
+    for _ in range(20):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static, plain)
+    assert torch.equal(chain(True), plain)  # eager PDL launches too
