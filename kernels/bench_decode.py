@@ -160,15 +160,20 @@ def tune(copy_gbs, ctx=65536):
 # Launch variants timed by --compare (kwargs of nsa_decode_tuned); "{sms}" = the device's SM count.
 VARIANTS = {
     "default": {},
-    "cmp tile 64": dict(chunk=64),
+    "no PDL": dict(pdl=False),
+    "cmp 2 programs/SM": dict(cmp_programs="2*sms"),
+    "attend 2 stages (1 buffer)": dict(attend_stages=2),
+    "cmp 2 stages (1 buffer)": dict(cmp_stages=2, cmp_programs="2*sms"),
 }
 
 
 def _variant_kwargs(kw):
+    """kwargs of one variant; a value "k*sms" is k times the device's SM count."""
     from ._triton_utils import num_sms
 
     sms = num_sms(torch.cuda.current_device())
-    return {k: (3 * sms if v == "3*sms" else v) for k, v in kw.items()}
+    return {k: (int(v.split("*")[0]) * sms if isinstance(v, str) and v.endswith("*sms") else v)
+            for k, v in kw.items()}
 
 
 def compare(copy_gbs, ctx=65536, batches=(1, 16, 64)):
