@@ -141,14 +141,13 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
 
 
 @triton.jit
-def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, sbt_b, wt_ptr, swt_b,
+def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, sbt_b,
                   sel_ptr, ulp_ptr, uph_ptr, cnt_ptr, Hkv, MAXT, NSPLIT, NPROG,
                   G: tl.constexpr, GP: tl.constexpr, BLOCK_L: tl.constexpr, STRIDE: tl.constexpr,
                   PAGE: tl.constexpr, BN: tl.constexpr, PPT: tl.constexpr, KSPAN: tl.constexpr,
                   NSPLIT_P: tl.constexpr, TT: tl.constexpr, SROW: tl.constexpr, NBP: tl.constexpr,
                   NSEL: tl.constexpr, NSP: tl.constexpr, NUM_INIT: tl.constexpr,
-                  NUM_LOCAL: tl.constexpr, WINDOW: tl.constexpr, RING: tl.constexpr,
-                  RING_PAGES: tl.constexpr, UP: tl.constexpr, PDL: tl.constexpr):
+                  NUM_LOCAL: tl.constexpr, PDL: tl.constexpr):
     """Program (group, p) sums the group's partial scores of compressed tiles [p·TT, p·TT + TT) over
     the heads: part_k[page] = Σ_h psc[h, tile, k, page] · exp(m_{h,tile} − M_h) / L_h, one factor
     per (head, tile) — so the loads are contiguous [G, TT, PPT] runs and there is one exp per
@@ -200,16 +199,14 @@ def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, 
         for k in tl.static_range(KSPAN):
             score += tl.load(part_ptr + (pid * KSPAN + k) * SROW + j - k, mask=visible & (j >= k),
                              other=0.0, cache_modifier=".cg")  # other CTAs' stores
-        _select_units(score, bt_ptr, wt_ptr, sel_ptr + pid * NSEL, ulp_ptr + pid * UP,
-                      uph_ptr + pid * UP, L, b, sbt_b, swt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL,
-                      PAGE, WINDOW, RING, RING_PAGES, UP)
+        _select_units(score, bt_ptr, sel_ptr + pid * NSEL, ulp_ptr + pid * NSP, uph_ptr + pid * NSP,
+                      L, b, sbt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL, PAGE)
 
 
 @triton.jit
-def _select_units(score, bt_ptr, wt_ptr, sel_ptr, ulp_ptr, uph_ptr, L, b, sbt_b, swt_b,
+def _select_units(score, bt_ptr, sel_ptr, ulp_ptr, uph_ptr, L, b, sbt_b,
                   NBP: tl.constexpr, NSEL: tl.constexpr, NSP: tl.constexpr, NUM_INIT: tl.constexpr,
-                  NUM_LOCAL: tl.constexpr, PAGE: tl.constexpr, WINDOW: tl.constexpr,
-                  RING: tl.constexpr, RING_PAGES: tl.constexpr, UP: tl.constexpr):
+                  NUM_LOCAL: tl.constexpr, PAGE: tl.constexpr):
     """Forced blocks + top-n of one group (score [NBP]: its block scores), then its work list.
 
     Top-n key = (float bits of score) << 32 | (2³¹ − 1 − j): scores are ≥ 0 so their bits order like
@@ -217,10 +214,8 @@ def _select_units(score, bt_ptr, wt_ptr, sel_ptr, ulp_ptr, uph_ptr, L, b, sbt_b,
     current one included); −1 for blocks past the current one. n passes of an int64 max pick the
     best, ties going to the lower block index (the reference's stable descending sort).
 
-    Work units: [0, NSEL) the selected pages, [NSEL, UP) the window's pages (first window page …
-    current). Per unit: the logical page (−1 = nothing to do: no block selected, past the current
-    page, or, with shared K/V, a window page that is also selected and so already read) and the
-    physical page (raw pages for selections, the ring for an independent-K/V window)."""
+    Work list [NSP]: the selected logical pages (−1 = none: fewer than n blocks exist) and their
+    physical pages (an unused slot names table entry 0, always a valid page id)."""
     cur = (L - 1) // PAGE
     j = tl.arange(0, NBP)
     visible = j <= cur
@@ -237,26 +232,9 @@ def _select_units(score, bt_ptr, wt_ptr, sel_ptr, ulp_ptr, uph_ptr, L, b, sbt_b,
         sel = tl.where(ks == t, idx, sel)
         key = tl.where(j == idx, -1, key)
     tl.store(sel_ptr + ks, sel, mask=ks < NSEL)
-    u = tl.arange(0, UP)
-    is_sel = u < NSEL
-    sel_page = tl.sum(tl.where(ks[None, :] == u[:, None], sel[None, :], 0), 1)
-    first_wp = tl.maximum(L - WINDOW, 0) // PAGE
-    wk = first_wp + (u - NSEL)
-    if RING:
-        win_ok = (~is_sel) & (wk <= cur)
-    else:
-        already = tl.sum(tl.where((sel[None, :] == wk[:, None]) & (ks[None, :] < NSEL), 1, 0), 1) > 0
-        win_ok = (~is_sel) & (wk <= cur) & (~already)
-    lp = tl.where(is_sel, sel_page, tl.where(win_ok, wk, -1))
-    ok = lp >= 0
-    lp0 = tl.where(ok, lp, 0)  # an idle unit reads table entry 0 (always a valid page id)
-    if RING:
-        phys = tl.where(is_sel, tl.load(bt_ptr + b * sbt_b + lp0),
-                        tl.load(wt_ptr + b * swt_b + lp0 % RING_PAGES))
-    else:
-        phys = tl.load(bt_ptr + b * sbt_b + lp0)
-    tl.store(ulp_ptr + u, lp)
-    tl.store(uph_ptr + u, phys)
+    phys = tl.load(bt_ptr + b * sbt_b + tl.maximum(sel, 0))
+    tl.store(ulp_ptr + ks, sel)
+    tl.store(uph_ptr + ks, phys)
 
 
 @triton.jit
@@ -286,65 +264,24 @@ def _merge_splits(m_ptr, l_ptr, acc_ptr, rows, gmask, NS, GP: tl.constexpr, SCH:
 
 
 @triton.jit
-def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r,
-                   lens_ptr, ulp_ptr, uph_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
-                   pm_ptr, pl_ptr, pacc_ptr, gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, cnt_ptr,
-                   scale, Hkv, NSPLIT_C,
-                   G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr,
-                   DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
-                   NSEL: tl.constexpr, UNITS: tl.constexpr, UP: tl.constexpr, WINDOW: tl.constexpr,
-                   RING: tl.constexpr, UPS: tl.constexpr, UPS_P: tl.constexpr, NSPLIT: tl.constexpr,
-                   STAGES: tl.constexpr, FUSE: tl.constexpr,
-                   C_CH: tl.constexpr, S_CH: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                   PDL: tl.constexpr):
-    """Program (group, split) attends to work units [split·UPS, split·UPS + UPS) of its group's list
-    (written by the score kernel's last-arriving tile: selected pages, then window pages). Every branch is
-    its own softmax, as in the reference: with shared K/V a selected page inside the window feeds
-    both from one load. FUSE: the group's last-arriving split also merges all partial states of the
-    three branches and writes the gated output (no combine launch)."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid // Hkv
-    kh = pid % Hkv
-    Hq = Hkv * G
-    L = tl.load(lens_ptr + b)
-    g = tl.arange(0, GP)
-    gmask = g < G
-    heads = kh * G + g
-    rows = b * Hq + heads
+def _attend_pages(q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, kh, lp_all, ph_all, idx,
+                  L, lo, both, scale, m_a, l_a, acc_a, m_b, l_b, acc_b,
+                  N: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr,
+                  DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr, BOTH: tl.constexpr,
+                  STAGES: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax of the group's query heads over N pages: page i is logical page lp_all[i]
+    (−1: none) at physical page ph_all[i]. State a takes the tokens in [lo, L). With BOTH, state b
+    also takes every token < L of the pages where `both` (shared K/V: a forced selected page that
+    is in the window is read once and feeds both branches). The page lists are vectors read before
+    the loop: addresses loaded inside it would cost the software pipeliner a stage (one buffer)."""
+    r_tok = tl.arange(0, PAGE)
     d0 = tl.arange(0, DK0)
     dv = tl.arange(0, DVP)
-    q0 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d0[None, :],
-                 mask=gmask[:, None] & (d0[None, :] < DK), other=0.0)
-    if DK1 > 0:
-        d1 = DK0 + tl.arange(0, DK1)
-        q1 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d1[None, :],
-                     mask=gmask[:, None] & (d1[None, :] < DK), other=0.0)
-    win_lo = tl.maximum(L - WINDOW, 0)
-    r_tok = tl.arange(0, PAGE)
-    m_s = tl.full([GP], NEG, tl.float32)
-    l_s = tl.zeros([GP], tl.float32)
-    a_s = tl.zeros([GP, DVP], tl.float32)
-    m_w = tl.full([GP], NEG, tl.float32)
-    l_w = tl.zeros([GP], tl.float32)
-    a_w = tl.zeros([GP, DVP], tl.float32)
-    # The split's units are read once, before the loop: page addresses that come from a load
-    # inside the loop would cost the software pipeliner a stage, leaving one buffer (no overlap of
-    # a page's loads with the previous page's math).
-    uvec = tl.arange(0, UPS_P)
-    u_all = split * UPS + uvec
-    u_ok = (uvec < UPS) & (u_all < UNITS)
-    lp_all = tl.load(ulp_ptr + pid * UP + u_all, mask=u_ok, other=-1)
-    ph_all = tl.load(uph_ptr + pid * UP + u_all, mask=u_ok, other=0)
-    for uu in tl.range(0, UPS, num_stages=STAGES):
-        u = split * UPS + uu
-        lp = tl.sum(tl.where(uvec == uu, lp_all, 0))
-        phys = tl.sum(tl.where(uvec == uu, ph_all, 0)).to(tl.int64)
-        is_sel = u < NSEL
-        # An idle unit gets positions ≥ L, so the one comparison below masks it (the CPU
-        # interpreter turns (vector & scalar-bool) into int32 data, which its masked loads reject).
+    for i in tl.range(0, N, num_stages=STAGES):
+        lp = tl.sum(tl.where(idx == i, lp_all, 0))
+        phys = tl.sum(tl.where(idx == i, ph_all, 0)).to(tl.int64)
+        # No page gets positions ≥ L, so one comparison masks it (the CPU interpreter turns
+        # (vector & scalar-bool) into int32 data, which its masked loads reject).
         pos = tl.where(lp >= 0, lp * PAGE, L) + r_tok
         tmask = pos < L
         kbase = k_ptr + phys * sk_p + kh * sk_h + r_tok[:, None] * sk_r
@@ -353,36 +290,128 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
                      mask=tmask[:, None] & (dv[None, :] < DV), other=0.0)
         s = _dot(q0, tl.trans(kk), PREC, UPCAST)  # [GP, PAGE]
         if DK1 > 0:
+            d1 = DK0 + tl.arange(0, DK1)
             kk1 = tl.load(kbase + d1[None, :], mask=tmask[:, None] & (d1[None, :] < DK), other=0.0)
             s += _dot(q1, tl.trans(kk1), PREC, UPCAST)
         s = s * scale
-        s_slc = tl.where((tmask & is_sel)[None, :], s, float("-inf"))
-        if RING:
-            in_win = tmask & (pos >= win_lo) & (~is_sel)
-        else:
-            in_win = tmask & (pos >= win_lo)
-        s_win = tl.where(in_win[None, :], s, float("-inf"))
-        mn = tl.maximum(m_s, tl.max(s_slc, 1))
-        al = tl.exp(m_s - mn)
-        pp = tl.exp(s_slc - mn[:, None])
-        l_s = l_s * al + tl.sum(pp, 1)
-        a_s = a_s * al[:, None] + _dot(pp.to(vv.dtype), vv, PREC, UPCAST)
-        m_s = mn
-        mn = tl.maximum(m_w, tl.max(s_win, 1))
-        al = tl.exp(m_w - mn)
-        pp = tl.exp(s_win - mn[:, None])
-        l_w = l_w * al + tl.sum(pp, 1)
-        a_w = a_w * al[:, None] + _dot(pp.to(vv.dtype), vv, PREC, UPCAST)
-        m_w = mn
+        sa = tl.where((tmask & (pos >= lo))[None, :], s, float("-inf"))
+        mn = tl.maximum(m_a, tl.max(sa, 1))
+        al = tl.exp(m_a - mn)
+        pp = tl.exp(sa - mn[:, None])
+        l_a = l_a * al + tl.sum(pp, 1)
+        acc_a = acc_a * al[:, None] + _dot(pp.to(vv.dtype), vv, PREC, UPCAST)
+        m_a = mn
+        if BOTH:
+            fb = tl.sum(tl.where(idx == i, both.to(tl.int32), 0))
+            sb = tl.where((tmask & (r_tok * 0 + fb > 0))[None, :], s, float("-inf"))
+            mn = tl.maximum(m_b, tl.max(sb, 1))
+            al = tl.exp(m_b - mn)
+            pp = tl.exp(sb - mn[:, None])
+            l_b = l_b * al + tl.sum(pp, 1)
+            acc_b = acc_b * al[:, None] + _dot(pp.to(vv.dtype), vv, PREC, UPCAST)
+            m_b = mn
+    return m_a, l_a, acc_a, m_b, l_b, acc_b
+
+
+@triton.jit
+def _store_partial(m_ptr, l_ptr, acc_ptr, o, gmask, m, l, acc, DV: tl.constexpr, DVP: tl.constexpr):
+    dv = tl.arange(0, DVP)
+    tl.store(m_ptr + o, m, mask=gmask)
+    tl.store(l_ptr + o, l, mask=gmask)
+    tl.store(acc_ptr + o[:, None] * DV + dv[None, :], acc, mask=gmask[:, None] & (dv[None, :] < DV))
+
+
+@triton.jit
+def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r,
+                   lens_ptr, bt_ptr, sbt_b, wt_ptr, swt_b, ulp_ptr, uph_ptr,
+                   sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
+                   pm_ptr, pl_ptr, pacc_ptr, gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, cnt_ptr,
+                   scale, Hkv, NSPLIT_C,
+                   G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr,
+                   DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
+                   NSEL: tl.constexpr, NSP: tl.constexpr, SPS: tl.constexpr, SPS_P: tl.constexpr,
+                   WINDOW: tl.constexpr, NWP: tl.constexpr, WPS: tl.constexpr, WPS_P: tl.constexpr,
+                   RING: tl.constexpr, RING_PAGES: tl.constexpr, DEDUP: tl.constexpr,
+                   NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, NSPLIT: tl.constexpr,
+                   STAGES: tl.constexpr, FUSE: tl.constexpr,
+                   C_CH: tl.constexpr, S_CH: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                   PDL: tl.constexpr):
+    """Program (group, split): window pages [split·WPS, split·WPS + WPS) of the group's window
+    (first window page … current), then selected pages [split·SPS, split·SPS + SPS) of the work
+    list the score kernel's last-arriving program wrote. Every branch is its own softmax, as in the
+    reference.
+
+    The window needs nothing from the score kernel (its pages follow from the length), so it
+    comes first, before the wait for that kernel: launched early (programmatic dependent launch),
+    the window's loads overlap the score kernel's top-n. With shared K/V (DEDUP) the forced
+    blocks inside the window — always selected — are read once, in the window loop, and feed
+    both branches; the selected loop skips them. FUSE: the group's last-arriving split also merges
+    all partial states of the three branches and writes the gated output (no combine launch)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // Hkv
+    kh = pid % Hkv
+    Hq = Hkv * G
+    g = tl.arange(0, GP)
+    gmask = g < G
+    heads = kh * G + g
+    rows = b * Hq + heads
+    # Before the wait: this launch's inputs from kernels before the score kernel (q, the length,
+    # the caches and tables) are complete — the score kernel waits for the compressed pass, which
+    # waited for them, before it lets this kernel launch.
+    L = tl.load(lens_ptr + b)
+    d0 = tl.arange(0, DK0)
+    q0 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d0[None, :],
+                 mask=gmask[:, None] & (d0[None, :] < DK), other=0.0)
+    q1 = q0
+    if DK1 > 0:
+        d1 = DK0 + tl.arange(0, DK1)
+        q1 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d1[None, :],
+                     mask=gmask[:, None] & (d1[None, :] < DK), other=0.0)
+    cur = (L - 1) // PAGE
+    win_lo = tl.maximum(L - WINDOW, 0)
+    first_wp = win_lo // PAGE
+    m_s = tl.full([GP], NEG, tl.float32)
+    l_s = tl.zeros([GP], tl.float32)
+    a_s = tl.zeros([GP, DVP], tl.float32)
+    m_w = tl.full([GP], NEG, tl.float32)
+    l_w = tl.zeros([GP], tl.float32)
+    a_w = tl.zeros([GP, DVP], tl.float32)
+    # Window pages of this split.
+    wv = tl.arange(0, WPS_P)
+    wi = split * WPS + wv
+    wlp = first_wp + wi
+    wok = (wv < WPS) & (wi < NWP) & (wlp <= cur)
+    wlp = tl.where(wok, wlp, -1)
+    wlp0 = tl.where(wok, wlp, 0)  # an unused slot reads table entry 0 (always a valid page id)
+    if RING:
+        wph = tl.load(wt_ptr + b * swt_b + wlp0 % RING_PAGES)
+    else:
+        wph = tl.load(bt_ptr + b * sbt_b + wlp0)
+    forced = ((wlp < NUM_INIT) | (wlp > cur - NUM_LOCAL)) & wok
+    m_w, l_w, a_w, m_s, l_s, a_s = _attend_pages(
+        q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, kh, wlp, wph, wv, L, win_lo, forced,
+        scale, m_w, l_w, a_w, m_s, l_s, a_s, WPS, DK, DK0, DK1, DV, DVP, PAGE, DEDUP, STAGES, PREC,
+        UPCAST)
+    if PDL:  # the work list is the score kernel's output
+        tl.extra.cuda.gdc_wait()
+    sv = tl.arange(0, SPS_P)
+    si = split * SPS + sv
+    sok = (sv < SPS) & (si < NSEL)
+    slp = tl.load(ulp_ptr + pid * NSP + si, mask=sok, other=-1)
+    sph = tl.load(uph_ptr + pid * NSP + si, mask=sok, other=0)
+    if DEDUP:  # read in the window loop
+        in_win = (slp >= first_wp) & ((slp < NUM_INIT) | (slp > cur - NUM_LOCAL))
+        slp = tl.where(in_win, -1, slp)
+    m_s, l_s, a_s, m_w, l_w, a_w = _attend_pages(
+        q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, kh, slp, sph, sv, L, 0, sok,
+        scale, m_s, l_s, a_s, m_w, l_w, a_w, SPS, DK, DK0, DK1, DV, DVP, PAGE, False, STAGES, PREC,
+        UPCAST)
     if PDL:  # the combine kernel (small batch) or the next layer's kernels may be launched now
         tl.extra.cuda.gdc_launch_dependents()
     o = rows * NSPLIT + split
-    tl.store(sm_ptr + o, m_s, mask=gmask)
-    tl.store(sl_ptr + o, l_s, mask=gmask)
-    tl.store(sacc_ptr + o[:, None] * DV + dv[None, :], a_s, mask=gmask[:, None] & (dv[None, :] < DV))
-    tl.store(wm_ptr + o, m_w, mask=gmask)
-    tl.store(wl_ptr + o, l_w, mask=gmask)
-    tl.store(wacc_ptr + o[:, None] * DV + dv[None, :], a_w, mask=gmask[:, None] & (dv[None, :] < DV))
+    _store_partial(sm_ptr, sl_ptr, sacc_ptr, o, gmask, m_s, l_s, a_s, DV, DVP)
+    _store_partial(wm_ptr, wl_ptr, wacc_ptr, o, gmask, m_w, l_w, a_w, DV, DVP)
     if FUSE:
         # Last-arriving split of the group: every split's partials are written (the barrier orders
         # this CTA's stores before the release of the atomic; its acquire orders the loads after).
@@ -390,6 +419,7 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
         arrived = tl.atomic_add(cnt_ptr + pid, 1)
         if arrived == NSPLIT - 1:
             tl.store(cnt_ptr + pid, 0)  # ready for the next call (every split has counted)
+            dv = tl.arange(0, DVP)
             o_c = _merge_splits(pm_ptr, pl_ptr, pacc_ptr, rows, gmask, NSPLIT_C, GP, C_CH, DV, DVP)
             o_s = _merge_splits(sm_ptr, sl_ptr, sacc_ptr, rows, gmask, NSPLIT, GP, S_CH, DV, DVP)
             o_w = _merge_splits(wm_ptr, wl_ptr, wacc_ptr, rows, gmask, NSPLIT, GP, S_CH, DV, DVP)
@@ -485,7 +515,8 @@ FUSE_MAX_SPLITS = 8
 def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None, scale=None,
                      return_selection=False, num_splits=None, chunk=None, num_warps=None,
                      cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
-                     attend_split_dk=None, attend_stages=3, fuse_combine=None, pdl=None):
+                     attend_split_dk=None, attend_stages=3, fuse_combine=None, pdl=None,
+                     score_warps=4):
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
@@ -531,10 +562,9 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     ring = win_tables is not None
     wt = win_tables if ring else block_tables
     NBP = max(16, next_pow2(max_pages))
-    # Work units of launch 2: n selected pages + the window's pages.
-    n_win_pages = (p.window - 1 + P - 1) // P + 1
-    units = p.num_select + n_win_pages
-    UP = next_pow2(units)
+    # Work of launch 3: the window's pages (at most NWP) and the n selected pages.
+    NWP = (p.window - 1 + P - 1) // P + 1
+    NSP = max(2, next_pow2(p.num_select))
 
     # Pipeline stages: the pipeliner keeps stages − 1 buffers of a tile (the page ids are loaded
     # one tile ahead); fp32 tiles are twice as large, so they may get fewer.
@@ -555,7 +585,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     pms = torch.empty(B, Hq, MAXT, device=dev, dtype=f32)
     psc = torch.empty(B, Hq, MAXT, KSPAN, BN // E, device=dev, dtype=f32)
     sel = torch.empty(B, Hkv, p.num_select, device=dev, dtype=torch.int32)
-    ulp = torch.empty(NG, UP, device=dev, dtype=torch.int32)
+    ulp = torch.empty(NG, NSP, device=dev, dtype=torch.int32)
     uph = torch.empty_like(ulp)
     cnt = _arrival_counters(dev, 2 * NG)
     kc, vc = layer.kc_cache, layer.vc_cache
@@ -573,21 +603,22 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     SROW = max(NBP, MAXT * PPT)
     part = torch.empty(NG, KSPAN, SROW, device=dev, dtype=f32)
     _score_kernel[(NG, nprog)](
-        seq_lens, pm, pl, pms, psc, part, block_tables, block_tables.stride(0), wt, wt.stride(0),
+        seq_lens, pm, pl, pms, psc, part, block_tables, block_tables.stride(0),
         sel, ulp, uph, cnt[NG:], Hkv, MAXT, nsplit_c, nprog,
         G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, BN=BN, PPT=PPT, KSPAN=KSPAN,
-        NSPLIT_P=next_pow2(nsplit_c), TT=TT, SROW=SROW, NBP=NBP, NSEL=p.num_select,
-        NSP=max(2, next_pow2(p.num_select)), NUM_INIT=p.num_init, NUM_LOCAL=p.num_local,
-        WINDOW=p.window, RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1, UP=UP, PDL=pdl,
-        num_warps=4, **launch)
+        NSPLIT_P=next_pow2(nsplit_c), TT=TT, SROW=SROW, NBP=NBP, NSEL=p.num_select, NSP=NSP,
+        NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, PDL=pdl, num_warps=score_warps, **launch)
 
     if num_splits is None:
         # Up to two programs per SM, one wave (they fit two per SM: 253 registers, 90 KB of
         # buffers). Measured on the H200 at 64k: batch 16 4 splits 106.0 µs vs 3: 109.3, 6: 117.2;
-        # batch 64 1 split 289 vs 4: 309; batch 1 every unit its own split.
-        num_splits = max(1, min(units, target_programs(dev) // NG))
-    ups = triton.cdiv(units, num_splits)
-    nsplit = triton.cdiv(units, ups)
+        # batch 64 1 split 289 vs 4: 309; batch 1 every page its own split.
+        num_splits = target_programs(dev) // NG
+    nsplit = max(1, min(num_splits, max(p.num_select, NWP)))
+    sps, wps = triton.cdiv(p.num_select, nsplit), triton.cdiv(NWP, nsplit)
+    # Shared K/V: forced blocks inside the window are read once (window loop) for both branches;
+    # every forced block is selected (SparsityParams keeps n ≥ num_init + num_local).
+    dedup = not ring
     sm = torch.empty(B, Hq, nsplit, device=dev, dtype=f32)
     sl, wm, wl = torch.empty_like(sm), torch.empty_like(sm), torch.empty_like(sm)
     sacc = torch.empty(B, Hq, nsplit, Dv, device=dev, dtype=f32)
@@ -599,12 +630,14 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     k, v = layer.k_cache, layer.v_cache
     _attend_kernel[(NG, nsplit)](
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), k.stride(2),
-        v, v.stride(0), v.stride(1), v.stride(2), seq_lens, ulp, uph, sm, sl, sacc, wm, wl, wacc,
+        v, v.stride(0), v.stride(1), v.stride(2), seq_lens, block_tables, block_tables.stride(0),
+        wt, wt.stride(0), ulp, uph, sm, sl, sacc, wm, wl, wacc,
         pm, pl, pacc, gates, gates.stride(0), gates.stride(1), out, out.stride(0), out.stride(1),
         cnt, scale, Hkv, nsplit_c,
-        G=G, GP=GP, DK=Dk, DK0=ADK0, DK1=ADK1, DV=Dv, DVP=DVP, PAGE=P, NSEL=p.num_select,
-        UNITS=units, UP=UP, WINDOW=p.window, RING=ring, UPS=ups, UPS_P=next_pow2(ups), NSPLIT=nsplit,
-        STAGES=attend_stages,
+        G=G, GP=GP, DK=Dk, DK0=ADK0, DK1=ADK1, DV=Dv, DVP=DVP, PAGE=P, NSEL=p.num_select, NSP=NSP,
+        SPS=sps, SPS_P=max(2, next_pow2(sps)), WINDOW=p.window, NWP=NWP, WPS=wps,
+        WPS_P=max(2, next_pow2(wps)), RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1,
+        DEDUP=dedup, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, NSPLIT=nsplit, STAGES=attend_stages,
         FUSE=bool(fuse_combine), C_CH=min(4, NC_P), S_CH=min(4, NS_P), PREC=prec,
         UPCAST=interpreter_upcast(q.dtype), PDL=pdl, num_warps=num_warps, num_stages=attend_stages,
         **launch)
