@@ -161,11 +161,7 @@ def tune(copy_gbs, ctx=65536):
 VARIANTS = {
     "default": {},
     "no PDL": dict(pdl=False),
-    "attend 2 splits": dict(num_splits=2),
-    "attend 8 splits": dict(num_splits=8),
-    "attend 2 stages (1 buffer)": dict(attend_stages=2),
-    "score 1 warp": dict(score_warps=1),
-    "score 2 warps": dict(score_warps=2),
+    "one compressed tile buffer": dict(cmp_stages=2, cmp_programs="2*sms"),
 }
 
 

@@ -18,9 +18,10 @@ fi
 if step decode; then
   timeout 150 python3 -m nsa_kernels.bench_decode --shape paper --ctx 65536 --ctx 131072 --ctx 32768 2>&1 \
     | tee "$OUT/decode.txt"
+  timeout 60 python3 -m nsa_kernels.bench_decode --shape d128 --ctx 65536 2>&1 | tee "$OUT/decode_d128.txt"
 fi
-if step profile; then
-  timeout 60 python3 -m nsa_kernels.bench_decode --profile 2>&1 | tee "$OUT/decode_profile.txt"
+if step profile; then  # per-kernel times without PDL: a PDL kernel's span includes its early wait
+  NSA_PDL=0 timeout 60 python3 -m nsa_kernels.bench_decode --profile 2>&1 | tee "$OUT/decode_profile.txt"
 fi
 if step prefill; then
   timeout 120 python3 -m nsa_kernels.bench_prefill --lens 32768,65536 2>&1 | tee "$OUT/prefill.txt"
