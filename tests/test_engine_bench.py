@@ -30,3 +30,21 @@ def test_bench_reports_nsa_and_dense(tmp_path, capsys):
 def test_bench_rejects_bad_sizes():
     with pytest.raises(SystemExit, match="num-requests"):
         main(["bench", "--preset", "tiny", "--num-requests", "0"])
+
+
+def test_bench_warmup_rounds_are_not_counted(tmp_path):
+    # Warm-up rounds run the same workload untimed: the timed round's counts must be the same
+    # whatever their number (the scheduler is deterministic for this workload).
+    rows = {}
+    for w in (0, 2):
+        out = tmp_path / f"bench{w}.json"
+        rc = main(["bench", "--preset", "tiny", "--set", "num_layers=1", "--attention", "nsa",
+                   "--num-requests", "3", "--input-len", "40", "--output-len", "4", "--device", "cpu",
+                   "--num-pages", "64", "--warmup-rounds", str(w), "--json", str(out)])
+        assert rc == 0
+        rows[w] = json.loads(out.read_text())[0]
+    for key in ("output_tokens", "decode_steps", "kv_read_ratio", "preemptions"):
+        assert rows[0][key] == rows[2][key], key
+    assert rows[2]["output_tokens"] == 12 and rows[2]["ttft_max_s"] <= rows[2]["wall_s"]
+    with pytest.raises(SystemExit, match="warmup-rounds"):
+        main(["bench", "--preset", "tiny", "--warmup-rounds", "-1"])

@@ -26,6 +26,8 @@ def register(subparsers) -> None:
                    help="CPU only: cores left free during decode steps (default 0: no server here)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--warmup-rounds", type=int, default=1,
+                   help="untimed rounds of the same workload first (Triton compiles on first use)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_run)
@@ -35,6 +37,8 @@ def _run(args) -> int:
     for name in ("num_requests", "input_len", "output_len"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup_rounds < 0:
+        raise SystemExit("--warmup-rounds must be >= 0")
     from .bench import main
 
     return main(args)
