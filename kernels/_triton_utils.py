@@ -105,6 +105,19 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
     return r
 
 
+@triton.jit
+def _online_softmax_step(m, l, acc, s, v, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile of an online softmax: s [rows, keys] masked logits (−inf = excluded), v
+    [keys, dv]. Returns the new (m, l, acc) and p = exp(s − m_new) (the compressed pass also
+    turns p into selection scores)."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
+    return m_new, l, acc, p
+
+
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
     if t.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dimension (got strides {t.stride()})")

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (NEG, _combine_kernel, _dot, check_last_dim_contiguous, dot_precision,
-                            interpreter_upcast, next_pow2, target_programs)
+from ._triton_utils import (NEG, _combine_kernel, _dot, _online_softmax_step, check_last_dim_contiguous,
+                            dot_precision, interpreter_upcast, next_pow2, target_programs)
 from .paged import PagedLayerCache
 
 
@@ -55,12 +55,7 @@ def _dense_split_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p,
                     mask=tmask[:, None] & (dv[None, :] < DV), other=0.0)
         s = _dot(q, tl.trans(k), PREC, UPCAST) * scale
         s = tl.where(tmask[None, :], s, float("-inf"))
-        mn = tl.maximum(m, tl.max(s, 1))
-        al = tl.exp(m - mn)
-        pp = tl.exp(s - mn[:, None])
-        l = l * al + tl.sum(pp, 1)
-        acc = acc * al[:, None] + _dot(pp.to(v.dtype), v, PREC, UPCAST)
-        m = mn
+        m, l, acc, _ = _online_softmax_step(m, l, acc, s, v, PREC, UPCAST)
     rows = b * (Hkv * G) + heads
     o = rows * NSPLIT + split
     tl.store(sm_ptr + o, m, mask=gmask)

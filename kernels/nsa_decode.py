@@ -41,9 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (NEG, _combine_kernel, _dot, check_last_dim_contiguous, dot_precision,
-                            interpreter_upcast, next_pow2, pdl_enabled, pipeline_smem_budget,
-                            target_programs)
+from ._triton_utils import (NEG, _combine_kernel, _dot, _online_softmax_step, check_last_dim_contiguous,
+                            dot_precision, interpreter_upcast, next_pow2, pdl_enabled,
+                            pipeline_smem_budget, target_programs)
 from .paged import PagedLayerCache
 from .reference import SparsityParams
 
@@ -116,12 +116,7 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
             k1 = tl.load(kbase + d1[None, :], mask=valid[:, None] & (d1[None, :] < DK), other=0.0)
             s += _dot(q1, tl.trans(k1), PREC, UPCAST)
         s = tl.where(valid[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
-        m = m_new
+        m, l, acc, p = _online_softmax_step(m, l, acc, s, v, PREC, UPCAST)
         p3 = tl.reshape(p, [GP, PPT, E])
         base = psc_ptr + ((rows * MAXT + t) * KSPAN)[:, None] * PPT + lpg[None, :]
         for k in tl.static_range(KSPAN):
@@ -295,21 +290,11 @@ def _attend_pages(q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, kh, 
             s += _dot(q1, tl.trans(kk1), PREC, UPCAST)
         s = s * scale
         sa = tl.where((tmask & (pos >= lo))[None, :], s, float("-inf"))
-        mn = tl.maximum(m_a, tl.max(sa, 1))
-        al = tl.exp(m_a - mn)
-        pp = tl.exp(sa - mn[:, None])
-        l_a = l_a * al + tl.sum(pp, 1)
-        acc_a = acc_a * al[:, None] + _dot(pp.to(vv.dtype), vv, PREC, UPCAST)
-        m_a = mn
+        m_a, l_a, acc_a, _ = _online_softmax_step(m_a, l_a, acc_a, sa, vv, PREC, UPCAST)
         if BOTH:
             fb = tl.sum(tl.where(idx == i, both.to(tl.int32), 0))
             sb = tl.where((tmask & (r_tok * 0 + fb > 0))[None, :], s, float("-inf"))
-            mn = tl.maximum(m_b, tl.max(sb, 1))
-            al = tl.exp(m_b - mn)
-            pp = tl.exp(sb - mn[:, None])
-            l_b = l_b * al + tl.sum(pp, 1)
-            acc_b = acc_b * al[:, None] + _dot(pp.to(vv.dtype), vv, PREC, UPCAST)
-            m_b = mn
+            m_b, l_b, acc_b, _ = _online_softmax_step(m_b, l_b, acc_b, sb, vv, PREC, UPCAST)
     return m_a, l_a, acc_a, m_b, l_b, acc_b
 
 
