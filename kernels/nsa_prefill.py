@@ -423,9 +423,70 @@ def _check(q, gates, layer, block_tables, cu_seqlens_q, seq_lens, p, win_tables)
         raise ValueError("win_tables must be [B, ring_pages]")
 
 
+@dataclass
+class PrefillPlan:
+    """Host-side layout of one `nsa_prefill` call: query tiles and row → (sequence, position)
+    tables, uploaded to the device in one copy. It depends only on the chunk lengths, the page size,
+    the group size and the tile config, so an engine step builds it once (from its host-side
+    lengths: no device sync) and passes it to every layer's call."""
+
+    cu: list[int]
+    lens: list[int]
+    page_size: int
+    group: int
+    config: PrefillConfig
+    meta: torch.Tensor  # every slice's tiles, window tiles, row → sequence, row → position (int32)
+    slices: list[tuple]  # (r0, r1, tiles, window tiles, spans in meta, blocks NB) per row slice
+
+    @property
+    def total_rows(self) -> int:
+        return self.cu[-1]
+
+
+def plan_prefill(cu_seqlens_q, seq_lens, *, page_size: int, group: int, device,
+                 config: PrefillConfig | None = None) -> PrefillPlan:
+    """The `PrefillPlan` of a call with these chunk boundaries (cu_seqlens_q, [B + 1]) and lengths
+    (seq_lens, [B], counting each chunk); lists or tensors (a device tensor costs one sync)."""
+    cfg = config or DEFAULT_CONFIG
+    cu = [int(x) for x in (cu_seqlens_q.tolist() if torch.is_tensor(cu_seqlens_q) else cu_seqlens_q)]
+    lens = [int(x) for x in (seq_lens.tolist() if torch.is_tensor(seq_lens) else seq_lens)]
+    if len(cu) != len(lens) + 1 or cu[0] != 0 or any(cu[b + 1] < cu[b] for b in range(len(lens))):
+        raise ValueError(f"cu_seqlens_q must be [B+1] rising from 0, got {cu} for {len(lens)} sequences")
+    for b, L in enumerate(lens):
+        if cu[b + 1] - cu[b] > L:
+            raise ValueError(f"sequence {b}: {cu[b + 1] - cu[b]} queries but seq_len {L}")
+    Ttot, P = cu[-1], page_size
+    GP = _pow2(group)
+    BT = max(1, cfg.rows_cmp // GP)
+    BTW = max(1, cfg.rows_win // GP)
+    if Ttot == 0:
+        return PrefillPlan(cu, lens, P, group, cfg, torch.empty(0, dtype=torch.int32, device=device), [])
+    # Uploaded in one copy before the first launch: one synchronous upload per slice would wait for
+    # the previous slice's kernels.
+    counts = torch.tensor([cu[b + 1] - cu[b] for b in range(len(lens))], dtype=torch.long)
+    row_seq_all = torch.repeat_interleave(torch.arange(len(lens)), counts)
+    row_pos_all = (torch.tensor(lens, dtype=torch.long)[row_seq_all]
+                   - (torch.tensor(cu[1:], dtype=torch.long)[row_seq_all] - torch.arange(Ttot)))
+    parts, slices, off = [], [], 0
+    for r0 in range(0, Ttot, cfg.max_rows):
+        r1 = min(Ttot, r0 + cfg.max_rows)
+        tiles = _tiles(cu, lens, r0, r1, BT)
+        wtiles = tiles if BTW == BT else _tiles(cu, lens, r0, r1, BTW)
+        segs = [tiles.flatten(), wtiles.flatten(), row_seq_all[r0:r1].int(), row_pos_all[r0:r1].int()]
+        spans = []
+        for seg in segs:
+            spans.append((off, off + seg.numel()))
+            off += seg.numel()
+        parts += segs
+        NB = -(-(int(row_pos_all[r0:r1].max()) + 1) // P)
+        slices.append((r0, r1, len(tiles), len(wtiles), spans, NB))
+    meta = torch.cat(parts).to(device)  # (pinning it cost more than the copy: ~4 ms at 8k on an H100)
+    return PrefillPlan(cu, lens, P, group, cfg, meta, slices)
+
+
 def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, seq_lens,
                 p: SparsityParams, win_tables=None, scale=None, *, config: PrefillConfig | None = None,
-                return_selection: bool = False):
+                return_selection: bool = False, plan: PrefillPlan | None = None):
     """NSA attention for a varlen batch of prompt chunks over the paged cache.
 
     Same arguments and result as `paged.paged_nsa_attention_ref`: q [Ttot, Hq, Dk], gates
@@ -433,7 +494,9 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
     window branch reads its ring, which must hold ≥ w + T_b − 1 tokens for a chunk of T_b queries
     (a shorter ring has already lost keys the chunk's first queries need).
     `return_selection=True` also returns the selected block ids [Ttot, Hkv, n] (−1 = none).
-    One host sync reads cu_seqlens_q / seq_lens to lay out the tiles (prefill is not graph-captured).
+    One host sync reads cu_seqlens_q / seq_lens to lay out the tiles (prefill is not graph-captured),
+    unless `plan` (`plan_prefill` of the same lengths, page size, group size and config) is given:
+    an engine step builds it once from its host-side lengths for all layers.
     """
     cfg = config or DEFAULT_CONFIG
     _check(q, gates, layer, block_tables, cu_seqlens_q, seq_lens, p, win_tables)
@@ -452,14 +515,17 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
     q = q.contiguous()
     gates = gates.contiguous()
     block_tables = block_tables.to(device=dev, dtype=torch.int32).contiguous()
-    cu = [int(x) for x in cu_seqlens_q.tolist()]
-    lens = [int(x) for x in seq_lens.tolist()]
-    if cu[0] != 0 or cu[-1] != Ttot or any(cu[b + 1] < cu[b] for b in range(len(lens))):
+    if plan is None:
+        plan = plan_prefill(cu_seqlens_q, seq_lens, page_size=P, group=G, device=dev, config=cfg)
+    elif (plan.page_size, plan.group, plan.config, len(plan.lens)) != (P, G, cfg, seq_lens.shape[0]):
+        raise ValueError(f"plan was made for page size {plan.page_size}, group {plan.group}, "
+                         f"{len(plan.lens)} sequences and {plan.config}; this call has {P}, {G}, "
+                         f"{seq_lens.shape[0]} and {cfg}")
+    cu, lens = plan.cu, plan.lens
+    if cu[-1] != Ttot:
         raise ValueError(f"cu_seqlens_q must rise from 0 to Ttot={Ttot}, got {cu}")
     for b, L in enumerate(lens):
         T = cu[b + 1] - cu[b]
-        if T > L:
-            raise ValueError(f"sequence {b}: {T} queries but seq_len {L}")
         if T and -(-L // P) > block_tables.shape[1]:
             raise ValueError(f"sequence {b}: seq_len {L} needs {-(-L // P)} pages, table has "
                              f"{block_tables.shape[1]}")
@@ -501,28 +567,8 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
     qk_scale = scale * LOG2E
     kc, vc, kcc, vcc = layer.k_cache, layer.v_cache, layer.kc_cache, layer.vc_cache
 
-    # Host-side layout of every slice (tiles, row → sequence/position), uploaded in one copy before
-    # the first launch: one synchronous upload per slice would wait for the previous slice's kernels.
-    counts = torch.tensor([cu[b + 1] - cu[b] for b in range(len(lens))], dtype=torch.long)
-    row_seq_all = torch.repeat_interleave(torch.arange(len(lens)), counts)
-    row_pos_all = (torch.tensor(lens, dtype=torch.long)[row_seq_all]
-                   - (torch.tensor(cu[1:], dtype=torch.long)[row_seq_all] - torch.arange(Ttot)))
-    parts, plan, off = [], [], 0
-    for r0 in range(0, Ttot, cfg.max_rows):
-        r1 = min(Ttot, r0 + cfg.max_rows)
-        tiles = _tiles(cu, lens, r0, r1, BT)
-        wtiles = tiles if BTW == BT else _tiles(cu, lens, r0, r1, BTW)
-        segs = [tiles.flatten(), wtiles.flatten(), row_seq_all[r0:r1].int(), row_pos_all[r0:r1].int()]
-        spans = []
-        for seg in segs:
-            spans.append((off, off + seg.numel()))
-            off += seg.numel()
-        parts += segs
-        NB = -(-(int(row_pos_all[r0:r1].max()) + 1) // P)
-        plan.append((r0, r1, len(tiles), len(wtiles), spans, NB))
-    meta = torch.cat(parts).to(dev)  # (pinning it cost more than the copy: ~4 ms at 8k on an H100)
-
-    for r0, r1, ntiles, nwtiles, spans, NB in plan:
+    meta = plan.meta
+    for r0, r1, ntiles, nwtiles, spans, NB in plan.slices:
         rows = r1 - r0
         tile_t, wtile_t, row_seq, row_pos = (meta[a:b] for a, b in spans)
         acc = torch.empty(rows, Hq, Dv, dtype=torch.float32, device=dev)

@@ -21,6 +21,7 @@ def use_kernels(engine, dense: bool = False):
     att = engine.runner.attention
     att.decode_fn = importlib.import_module("nsa_kernels.nsa_decode").nsa_decode
     att.prefill_fn = importlib.import_module("nsa_kernels.nsa_prefill").nsa_prefill
+    att.prefill_plan_fn = importlib.import_module("nsa_kernels.nsa_prefill").plan_prefill
     att.dense_decode_fn = importlib.import_module("nsa_kernels.dense_decode").dense_paged_decode
     att.dense_prefill_sdpa = True
     engine.runner.write = importlib.import_module("nsa_kernels.cache_write").write_kv
@@ -30,12 +31,26 @@ def use_kernels(engine, dense: bool = False):
 def test_engine_with_the_triton_kernels_matches_the_reference(shared_kv):
     engine = make_engine(shared_kv, num_pages=64, max_num_batched_tokens=64, long_prefill_token_threshold=24)
     use_kernels(engine)
+    att = engine.runner.attention
+    plans, prefill = [], att.prefill_fn
+
+    def spy(*args, **kw):  # records the host-side layout each layer's prefill call gets
+        plans.append(kw.get("plan"))
+        return prefill(*args, **kw)
+
+    att.prefill_fn = spy
     # Two prompts of 2-3 chunks, decoded together: mixed prefill + decode steps (the interpreter is slow).
     prompts = random_prompts(2, 30, 50, seed=21)
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == reference_greedy(engine.model, prompt, 2)
     engine.block_manager.check_all_free()
+    # One plan per step, shared by every layer of that step.
+    layers = engine.model.cfg.num_layers
+    assert plans and all(pl is not None for pl in plans) and len(plans) % layers == 0
+    steps = [plans[i:i + layers] for i in range(0, len(plans), layers)]
+    assert all(all(pl is step[0] for pl in step) for step in steps)
+    assert len({id(step[0]) for step in steps}) == len(steps)
 
 
 def test_dense_mode_with_the_dense_decode_kernel_and_sdpa_prefill():

@@ -21,7 +21,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from nsa_kernels.nsa_prefill import PrefillConfig, nsa_prefill, split_head_dim  # noqa: E402
+from nsa_kernels.nsa_prefill import PrefillConfig, nsa_prefill, plan_prefill, split_head_dim  # noqa: E402
 from nsa_kernels.paged import PagedLayerCache, paged_nsa_attention_ref  # noqa: E402
 from nsa_kernels.reference import (SparsityParams, _masked_attention, nsa_attention,  # noqa: E402
                                    num_compressed, num_select_blocks, selection_weights)
@@ -271,6 +271,35 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="page size"):
         nsa_prefill(torch.randn(5, 6, 16, device=DEV), g, layer, bt, cu, sl,
                     SparsityParams(block=8, stride=4, select_block=32, num_select=4, window=32))
+
+
+def test_plan_built_once_gives_the_same_result():
+    # An engine step builds the host-side layout once from its host lists (no device sync) and
+    # passes it to every layer: the result must be bitwise the plain call's, for a ragged batch
+    # with several row slices (max_rows 32) and an empty chunk; a plan of other lengths, page size,
+    # group or config is refused.
+    gen = torch.Generator().manual_seed(5)
+    lens, chunks = [117, 37, 90], [30, 0, 45]
+    seqs = [Seq(L, 2, 16, 16, SMALL, False, gen, torch.float32) for L in lens]
+    layer, bt, _ = build_cache(seqs, lens, SMALL, torch.float32, DEV, gen)
+    q = torch.randn(75, 8, 16, generator=gen).to(DEV)
+    gates = torch.rand(75, 8, 3, generator=gen).to(DEV)
+    cu_l = [0, 30, 30, 75]
+    cu = torch.tensor(cu_l, dtype=torch.int32, device=DEV)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    cfg = PrefillConfig(max_rows=32)
+    plain = nsa_prefill(q, gates, layer, bt, cu, sl, SMALL, config=cfg)
+    plan = plan_prefill(cu_l, lens, page_size=SMALL.select_block, group=4, device=DEV, config=cfg)
+    assert len(plan.slices) == 3 and plan.total_rows == 75
+    assert torch.equal(nsa_prefill(q, gates, layer, bt, cu, sl, SMALL, config=cfg, plan=plan), plain)
+    with pytest.raises(ValueError, match="plan was made"):
+        nsa_prefill(q, gates, layer, bt, cu, sl, SMALL, plan=plan)  # default config, not cfg
+    other = plan_prefill([0, 30, 30, 70], [117, 37, 85], page_size=SMALL.select_block, group=4,
+                         device=DEV, config=cfg)
+    with pytest.raises(ValueError, match="Ttot=75"):
+        nsa_prefill(q, gates, layer, bt, cu, sl, SMALL, config=cfg, plan=other)
+    with pytest.raises(ValueError, match="queries but seq_len"):
+        plan_prefill([0, 50], [40], page_size=16, group=4, device=DEV)
 
 
 # ---------------------------------------------------------------- GPU, paper shape -------------

@@ -38,10 +38,11 @@ class AttentionBackend:
             raise ValueError(f"attention must be 'nsa' or 'dense', got {mode!r}")
         self.mode = mode
         self.p = sparsity
-        self.decode_fn = self.prefill_fn = self.dense_decode_fn = None
+        self.decode_fn = self.prefill_fn = self.dense_decode_fn = self.prefill_plan_fn = None
         if device.type == "cuda":
             self.decode_fn = _optional("nsa_kernels.nsa_decode", "nsa_decode")
             self.prefill_fn = _optional("nsa_kernels.nsa_prefill", "nsa_prefill")
+            self.prefill_plan_fn = _optional("nsa_kernels.nsa_prefill", "plan_prefill")
             self.dense_decode_fn = _optional("nsa_kernels.dense_decode", "dense_paged_decode")
         if self.prefill_fn is None:
             self.prefill_fn = paged_nsa_prefill_sdpa
@@ -80,8 +81,18 @@ class AttentionBackend:
             elif not dense and self.prefill_fn is not None:
                 cu = inp.cu_seqlens_q[nd:] - inp.cu_seqlens_q[nd]
                 wt = inp.win_tables[nd:] if inp.win_tables is not None else None
+                kw = {}
+                if self.prefill_plan_fn is not None and self.prefill_fn is not paged_nsa_prefill_sdpa:
+                    # The kernel's host-side tile layout, built once per step from the host lists
+                    # (it was a device sync and an upload in each of the model's layers).
+                    if inp.prefill_plan is None:
+                        inp.prefill_plan = self.prefill_plan_fn(
+                            [c - inp.cu_host[nd] for c in inp.cu_host[nd:]], inp.seq_lens_host[nd:],
+                            page_size=cache.page_size, group=q.shape[1] // cache.k_cache.shape[1],
+                            device=q.device)
+                    kw["plan"] = inp.prefill_plan
                 out[rows_dec:] = self.prefill_fn(q[rows_dec:], gates[rows_dec:], cache, inp.block_tables[nd:], cu,
-                                                 inp.seq_lens[nd:], self.p, win_tables=wt)
+                                                 inp.seq_lens[nd:], self.p, win_tables=wt, **kw)
             else:
                 out[rows_dec:] = self._reference(q[rows_dec:], gates[rows_dec:], cache, inp, nd, B)
         return out

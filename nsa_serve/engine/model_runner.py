@@ -57,6 +57,8 @@ class StepInputs:
     win_write_slots: torch.Tensor | None = None
     cmp_write_rows: torch.Tensor | None = None
     cmp_write_slots: torch.Tensor | None = None
+    # the Triton prefill kernel's tile layout, built by the first layer and reused by the others
+    prefill_plan: object | None = None
 
 
 def cache_bytes_per_page(model_cfg, dtype: torch.dtype) -> int:
