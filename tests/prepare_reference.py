@@ -1,0 +1,83 @@
+"""The engine's step-input builder as plain Python loops over tokens (its first version), kept as
+the slow, obviously-correct twin of `ModelRunner.prepare`, which builds the same tensors with
+vectorised ops. tests/test_engine_prepare.py compares the two on every step of mixed workloads."""
+
+from __future__ import annotations
+
+import torch
+
+from nsa_kernels.reference import num_compressed
+from nsa_serve.engine.model_runner import StepInputs
+
+
+def prepare_reference(self, seqs, num_new):
+    """ModelRunner.prepare as plain loops over tokens (the engine's first version): the
+    obviously-correct twin of the vectorised one. `self` is the ModelRunner."""
+    P, E, d, l = self.P, self.E, self.cfg.cmp_stride, self.cfg.cmp_block
+    order = sorted(range(len(seqs)), key=lambda b: num_new[b] != 1)  # stable: decode rows first
+    seqs = [seqs[b] for b in order]
+    num_new = [num_new[b] for b in order]
+    num_decode = sum(1 for n in num_new if n == 1)
+    ids, pos, slots, cu, lens = [], [], [], [0], []
+    old_slots, entry_src, entry_slots, new_entries = [], [], [], []
+    logits_rows, sample_seqs = [], []
+    win_rows, win_slots, cmp_rows, cmp_slots = [], [], [], []
+    for b, (seq, T) in enumerate(zip(seqs, num_new)):
+        start, L = seq.num_computed_tokens, seq.num_computed_tokens + T
+        row0 = cu[-1]
+        table = seq.block_table
+        ids.extend(seq.token_ids[start:L])
+        pos.extend(range(start, L))
+        slots.extend(table[t // P] * P + t % P for t in range(start, L))
+        cu.append(row0 + T)
+        lens.append(L)
+        if L == seq.num_tokens:  # every known token computed: sample the next one
+            logits_rows.append(row0 + T - 1)
+            sample_seqs.append(seq)
+        # Summaries completed by this chunk (none needed by dense attention).
+        n0, n1 = seq.num_summaries, (seq.num_summaries if self.dense else num_compressed(L, l, d))
+        if n1 > n0:
+            base = len(old_slots)
+            first_old = n0 * d
+            for t in range(first_old, start):
+                old_slots.append(self._cmp_source_slot(seq, t))
+            for i in range(n0, n1):
+                entry_src.append([base + (t - first_old) if t < start else -1 - (row0 + t - start)
+                                  for t in range(i * d, i * d + l)])
+                entry_slots.append(table[i // E] * E + i % E)
+        new_entries.append((n0, max(n0, n1)))
+        if not self.shared:
+            for t in range(max(start, L - self.cmp_ring), L):
+                cmp_rows.append(row0 + t - start)
+                cmp_slots.append(self._ring_slot(seq.cmp_ring, t, self.cmp_ring))
+            for t in range(max(start, L - self.win_ring), L):
+                win_rows.append(row0 + t - start)
+                win_slots.append(self._ring_slot(seq.win_ring, t, self.win_ring))
+
+    n_old = len(old_slots)
+    # New rows were marked −1 − row; move them past the old rows of the flat source.
+    src = torch.tensor(entry_src, dtype=torch.long).reshape(-1, l)
+    src = torch.where(src < 0, n_old + (-1 - src), src)
+    dev = self.device
+    max_pages = max(len(s.block_table) for s in seqs)
+    bt = torch.zeros(len(seqs), max_pages, dtype=torch.int32)
+    for b, s in enumerate(seqs):
+        bt[b, :len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+
+    def lt(x):
+        return torch.tensor(x, dtype=torch.long).to(dev, non_blocking=True)
+
+    inp = StepInputs(
+        seqs=seqs, num_new=num_new, num_seqs=len(seqs), num_decode=num_decode,
+        input_ids=lt(ids), positions=lt(pos), slots=lt(slots), block_tables=bt.to(dev),
+        seq_lens=torch.tensor(lens, dtype=torch.int32).to(dev),
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev), cu_host=cu, seq_lens_host=lens,
+        summary_old_slots=lt(old_slots), entry_src=src.to(dev), entry_slots=lt(entry_slots),
+        new_entries=new_entries, logits_rows=lt(logits_rows), sample_seqs=sample_seqs,
+    )
+    if not self.shared:
+        wt = torch.tensor([s.win_ring for s in seqs], dtype=torch.int32).reshape(len(seqs), -1)
+        inp.win_tables = wt.to(dev)
+        inp.win_write_rows, inp.win_write_slots = lt(win_rows), lt(win_slots)
+        inp.cmp_write_rows, inp.cmp_write_slots = lt(cmp_rows), lt(cmp_slots)
+    return inp

@@ -1,0 +1,55 @@
+"""`ModelRunner.prepare` (vectorised) builds exactly the step inputs of its loop twin
+(tests/prepare_reference.py) on every step of mixed workloads: prompt chunks that start and end off
+page and compression-block boundaries, summaries spanning old and new rows, decode rows, preemption
+and recompute, shared and independent K/V (rings)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_helpers import make_engine, random_prompts, single_thread_torch
+from nsa_serve.engine.protocol import SamplingParams
+from prepare_reference import prepare_reference
+
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread_torch)
+
+FIELDS = ("num_new", "num_seqs", "num_decode", "input_ids", "positions", "slots", "block_tables", "seq_lens",
+          "cu_seqlens_q", "cu_host", "seq_lens_host", "summary_old_slots", "entry_src", "entry_slots",
+          "new_entries", "logits_rows", "win_tables", "win_write_rows", "win_write_slots", "cmp_write_rows",
+          "cmp_write_slots")
+
+
+def assert_same(got, want):
+    assert [id(s) for s in got.seqs] == [id(s) for s in want.seqs]
+    assert [id(s) for s in got.sample_seqs] == [id(s) for s in want.sample_seqs]
+    for f in FIELDS:
+        a, b = getattr(got, f), getattr(want, f)
+        if torch.is_tensor(b):
+            assert torch.is_tensor(a) and a.dtype == b.dtype, f
+            assert torch.equal(a, b.reshape(a.shape)) and a.numel() == b.numel(), f
+        else:
+            assert a == b, f
+
+
+@pytest.mark.parametrize("shared_kv", [True, False], ids=["shared_kv", "independent_kv"])
+def test_prepare_equals_its_loop_twin_on_every_step(shared_kv):
+    engine = make_engine(shared_kv, num_pages=40, max_num_batched_tokens=70, long_prefill_token_threshold=33)
+    runner, steps = engine.runner, []
+    fast = runner.prepare
+
+    def both(seqs, num_new):
+        got = fast(seqs, num_new)
+        assert_same(got, prepare_reference(runner, seqs, num_new))
+        steps.append((sum(num_new), sum(1 for n in num_new if n == 1), len(num_new)))
+        return got
+
+    runner.prepare = both
+    # Ragged prompts (several chunks each, off every boundary) with decoding interleaved; the
+    # small pool forces preemption and recompute of some sequences.
+    prompts = random_prompts(6, 20, 140, seed=31)
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
+    assert any(d and t > d for t, d, _ in steps), "no mixed prefill + decode step"
+    assert any(d == b for _, d, b in steps), "no decode-only step"
+    engine.block_manager.check_all_free()
