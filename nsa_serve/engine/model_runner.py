@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from nsa_kernels.paged import PagedLayerCache, read_slots, write_slots
@@ -115,11 +116,10 @@ class ModelRunner:
     # -- inputs -----------------------------------------------------------------------------------
     def prepare(self, seqs: list[Sequence], num_new: list[int]) -> StepInputs:
         """The step's index tensors. Per-token indices (positions, page slots, ring slots, φ's
-        source rows of a prompt chunk) come from a few tensor ops over the whole step, not Python
-        loops per token: on the 2-core development CPU an 8k-token chunk takes 1.3 ms (loops: 4.8 ms;
-        6–10 ms were seen on the GPU machine's host), a 2.4k-token mixed step 1.0 ms (1.8); a
-        decode-only step of 8–9 rows 0.19–0.28 ms (0.15–0.21: the fixed cost of a few tensor ops;
-        decode-only steps on the GPU use decode_graphs.py instead). `tests/prepare_reference.py`
+        source rows) come from a few numpy ops over the whole step, not Python loops per token.
+        Medians on the 2-core development CPU, loops → now: an 8k-token prompt chunk 5.2 → 1.0 ms
+        (6–10 ms were seen on the GPU machine's host), a 2.4k-token mixed step 1.6 → 0.5 ms,
+        16 decode rows 0.28 → 0.14 ms (independent K/V 0.33 → 0.20). `tests/prepare_reference.py`
         keeps the loop version as the obviously-correct twin; tests compare the two on every step."""
         P, E, d, l = self.P, self.E, self.cfg.cmp_stride, self.cfg.cmp_block
         order = sorted(range(len(seqs)), key=lambda b: num_new[b] != 1)  # stable: decode rows first
@@ -128,16 +128,16 @@ class ModelRunner:
         num_decode = sum(1 for n in num_new if n == 1)
         B = len(seqs)
         ids, cu, lens, starts = [], [0], [], []
-        old_slots, src_parts, slot_parts, new_entries = [], [], [], []
-        logits_rows, sample_seqs = [], []
-        ring_parts = {"cmp": ([], []), "win": ([], [])}
+        old_slots, new_entries, logits_rows, sample_seqs = [], [], [], []
+        # Per new summary: its sequence, index, and where its tokens are (lengths = entries).
+        e_seq, e_idx, e_start, e_row0, e_base, e_first = [], [], [], [], [], []
         max_pages = max(len(s.block_table) for s in seqs)
-        bt = torch.zeros(B, max_pages, dtype=torch.int32)
+        bt = np.zeros((B, max_pages), dtype=np.int32)
         for b, (seq, T) in enumerate(zip(seqs, num_new)):
             start, L = seq.num_computed_tokens, seq.num_computed_tokens + T
             row0 = cu[-1]
             table = seq.block_table
-            bt[b, :len(table)] = torch.tensor(table, dtype=torch.int32)
+            bt[b, :len(table)] = table
             ids.extend(seq.token_ids[start:L])
             starts.append(start)
             cu.append(row0 + T)
@@ -147,58 +147,60 @@ class ModelRunner:
                 sample_seqs.append(seq)
             # Summaries completed by this chunk (none needed by dense attention). Entry i reads
             # tokens i·d … i·d + l − 1: those before `start` from the cache (old rows, numbered
-            # from `base` in the flat source), the rest from this step's rows (marked −1 − row).
+            # from `base` in the flat source), the rest from this step's rows.
             n0, n1 = seq.num_summaries, (seq.num_summaries if self.dense else num_compressed(L, l, d))
             if n1 > n0:
-                base = len(old_slots)
-                first_old = n0 * d
-                old_slots.extend(self._cmp_source_slot(seq, t) for t in range(first_old, start))
-                t = torch.arange(n0, n1).unsqueeze(1) * d + torch.arange(l)
-                src_parts.append(torch.where(t < start, base + (t - first_old), -1 - (row0 + t - start)))
-                i = torch.arange(n0, n1)
-                slot_parts.append(bt[b, i // E].long() * E + i % E)
+                k = n1 - n0
+                e_seq += [b] * k
+                e_idx.extend(range(n0, n1))
+                e_start += [start] * k
+                e_row0 += [row0] * k
+                e_base += [len(old_slots)] * k
+                e_first += [n0 * d] * k
+                old_slots.extend(self._cmp_source_slot(seq, t) for t in range(n0 * d, start))
             new_entries.append((n0, max(n0, n1)))
-            if not self.shared:
-                for name, ring, ring_tokens in (("cmp", seq.cmp_ring, self.cmp_ring),
-                                                ("win", seq.win_ring, self.win_ring)):
-                    t = torch.arange(max(start, L - ring_tokens), L)
-                    r = t % ring_tokens
-                    rows, slots_ = ring_parts[name]
-                    rows.append(row0 + t - start)
-                    slots_.append(torch.tensor(ring, dtype=torch.long)[r // P] * P + r % P)
 
-        # Per-row position and raw-page slot, for all rows at once.
-        counts = torch.tensor(num_new)
-        seq_of_row = torch.repeat_interleave(torch.arange(B), counts)
-        cu_t = torch.tensor(cu)
-        pos = torch.tensor(starts)[seq_of_row] + torch.arange(cu[-1]) - cu_t[:-1][seq_of_row]
-        slots = bt[seq_of_row, pos // P].long() * P + pos % P
+        # Per-row sequence, position and raw-page slot, for all rows at once (numpy: a decode step
+        # has few rows, and numpy's per-call cost is a fraction of torch's).
+        i64 = np.int64
+        seq_of_row = np.repeat(np.arange(B), num_new)
+        pos = (np.asarray(starts, dtype=i64)[seq_of_row] + np.arange(cu[-1])
+               - np.asarray(cu[:-1], dtype=i64)[seq_of_row])
+        slots = bt[seq_of_row, pos // P].astype(i64) * P + pos % P
+        # φ's flat source: old rows first (0 … n_old − 1), then this step's rows.
         n_old = len(old_slots)
-        # New rows were marked −1 − row; move them past the old rows of the flat source.
-        src = torch.cat(src_parts) if src_parts else torch.empty(0, l, dtype=torch.long)
-        src = torch.where(src < 0, n_old + (-1 - src), src)
-        entry_slots = torch.cat(slot_parts) if slot_parts else torch.empty(0, dtype=torch.long)
+        ei = np.asarray(e_idx, dtype=i64)
+        t = ei[:, None] * d + np.arange(l)
+        e_start_c = np.asarray(e_start, dtype=i64)[:, None]
+        old_row = np.asarray(e_base, dtype=i64)[:, None] + t - np.asarray(e_first, dtype=i64)[:, None]
+        src = np.where(t < e_start_c, old_row, n_old + np.asarray(e_row0, dtype=i64)[:, None] + t - e_start_c)
+        entry_slots = bt[np.asarray(e_seq, dtype=i64), ei // E].astype(i64) * E + ei % E
         dev = self.device
 
         def lt(x):
-            if not torch.is_tensor(x):
-                x = torch.tensor(x, dtype=torch.long)
+            x = torch.from_numpy(x) if isinstance(x, np.ndarray) else torch.tensor(x, dtype=torch.long)
             return x.to(dev, non_blocking=True)
 
         inp = StepInputs(
             seqs=seqs, num_new=num_new, num_seqs=B, num_decode=num_decode,
-            input_ids=lt(ids), positions=lt(pos), slots=lt(slots), block_tables=bt.to(dev),
+            input_ids=lt(ids), positions=lt(pos), slots=lt(slots), block_tables=torch.from_numpy(bt).to(dev),
             seq_lens=torch.tensor(lens, dtype=torch.int32).to(dev),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev), cu_host=cu, seq_lens_host=lens,
-            summary_old_slots=lt(old_slots), entry_src=src.to(dev), entry_slots=lt(entry_slots),
+            summary_old_slots=lt(old_slots), entry_src=lt(src.reshape(-1, l)), entry_slots=lt(entry_slots),
             new_entries=new_entries, logits_rows=lt(logits_rows), sample_seqs=sample_seqs,
         )
         if not self.shared:
-            wt = torch.tensor([s.win_ring for s in seqs], dtype=torch.int32).reshape(B, -1)
-            inp.win_tables = wt.to(dev)
-            (cmp_rows, cmp_slots), (win_rows, win_slots) = ring_parts["cmp"], ring_parts["win"]
-            inp.win_write_rows, inp.win_write_slots = lt(torch.cat(win_rows)), lt(torch.cat(win_slots))
-            inp.cmp_write_rows, inp.cmp_write_slots = lt(torch.cat(cmp_rows)), lt(torch.cat(cmp_slots))
+            # Rings: each chunk's last ring_tokens rows are written to the ring slot of their position.
+            row_len = np.asarray(lens, dtype=i64)[seq_of_row]
+            wt = np.asarray([s.win_ring for s in seqs], dtype=np.int32).reshape(B, -1)
+            ct = np.asarray([s.cmp_ring for s in seqs], dtype=np.int32).reshape(B, -1)
+            rings = []
+            for table, ring_tokens in ((ct, self.cmp_ring), (wt, self.win_ring)):
+                rows = np.flatnonzero(pos >= row_len - ring_tokens)
+                r = pos[rows] % ring_tokens
+                rings.append((lt(rows), lt(table[seq_of_row[rows], r // P].astype(i64) * P + r % P)))
+            inp.win_tables = torch.from_numpy(wt).to(dev)
+            (inp.cmp_write_rows, inp.cmp_write_slots), (inp.win_write_rows, inp.win_write_slots) = rings
         return inp
 
     def _cmp_source_slot(self, seq: Sequence, t: int) -> int:
