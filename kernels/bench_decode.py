@@ -157,7 +157,8 @@ def tune(copy_gbs, ctx=65536):
         torch.cuda.empty_cache()
 
 
-# Launch variants timed by --compare (kwargs of nsa_decode_tuned); "{sms}" = the device's SM count.
+# Launch variants timed by --compare (kwargs of nsa_decode_tuned); a value "k*sms" means k times
+# the device's SM count.
 VARIANTS = {
     "default": {},
     "no PDL": dict(pdl=False),

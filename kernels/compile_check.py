@@ -36,7 +36,6 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 from ._triton_utils import MAX_SHARED  # noqa: E402 (after the environment default above)
 
 
-
 @dataclass
 class KernelReport:
     case: str
