@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (NEG, _combine_kernel, _dot, _online_softmax_step, check_last_dim_contiguous,
-                            dot_precision, interpreter_upcast, next_pow2, target_programs)
+from ._triton_utils import (NEG, _combine_kernel, _dot, _online_softmax_step, dot_precision,
+                            interpreter_upcast, next_pow2, target_programs)
 from .paged import PagedLayerCache
 
 

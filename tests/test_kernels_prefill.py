@@ -276,15 +276,15 @@ def test_bad_inputs_are_refused():
 def test_plan_built_once_gives_the_same_result():
     # An engine step builds the host-side layout once from its host lists (no device sync) and
     # passes it to every layer: the result must be bitwise the plain call's, for a ragged batch
-    # with several row slices (max_rows 32) and an empty chunk; a plan of other lengths, page size,
-    # group or config is refused.
+    # with several row slices (max_rows 32) and an empty chunk; a plan made for another config or
+    # other lengths is refused.
     gen = torch.Generator().manual_seed(5)
     lens, chunks = [117, 37, 90], [30, 0, 45]
     seqs = [Seq(L, 2, 16, 16, SMALL, False, gen, torch.float32) for L in lens]
     layer, bt, _ = build_cache(seqs, lens, SMALL, torch.float32, DEV, gen)
     q = torch.randn(75, 8, 16, generator=gen).to(DEV)
     gates = torch.rand(75, 8, 3, generator=gen).to(DEV)
-    cu_l = [0, 30, 30, 75]
+    cu_l = [0, *torch.tensor(chunks).cumsum(0).tolist()]  # [0, 30, 30, 75]
     cu = torch.tensor(cu_l, dtype=torch.int32, device=DEV)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
     cfg = PrefillConfig(max_rows=32)
