@@ -163,6 +163,9 @@ VARIANTS = {
     "default": {},
     "no PDL": dict(pdl=False),
     "one compressed tile buffer": dict(cmp_stages=2, cmp_programs="2*sms"),
+    "splits merged in the attention kernel": dict(fuse_combine=True),
+    "splits merged by the combine launch": dict(fuse_combine=False),
+    "64-entry compressed tiles": dict(chunk=64),
 }
 
 

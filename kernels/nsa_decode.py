@@ -233,16 +233,18 @@ def _select_units(score, bt_ptr, sel_ptr, ulp_ptr, uph_ptr, L, b, sbt_b,
 
 
 @triton.jit
-def _merge_splits(m_ptr, l_ptr, acc_ptr, rows, gmask, NS, GP: tl.constexpr, SCH: tl.constexpr,
-                  DV: tl.constexpr, DVP: tl.constexpr):
+def _merge_splits(m_ptr, l_ptr, acc_ptr, rows, gmask, NS: tl.constexpr, GP: tl.constexpr,
+                  SCH: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
     """Merge the NS split partial states (m, l, acc) of each row into a normalised [GP, DVP] output,
-    SCH splits per step ([GP, SCH, DVP] loads issued at once: with few splits, one step)."""
+    SCH splits per step ([GP, SCH, DVP] loads issued at once: with few splits, one step). Unrolled
+    (NS is a constant), so the three merges of the fused path are straight-line code whose loads
+    need not wait for the previous merge's math (batch 16 at 64k: 98.1 → 96.9 µs)."""
     s = tl.arange(0, SCH)
     dv = tl.arange(0, DVP)
     mx = tl.full([GP], NEG, tl.float32)
     total = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DVP], tl.float32)
-    for c in range(0, NS, SCH):
+    for c in tl.static_range(0, NS, SCH):
         smask = gmask[:, None] & (c + s[None, :] < NS)
         off = rows[:, None] * NS + c + s[None, :]
         ms = tl.load(m_ptr + off, mask=smask, other=NEG, cache_modifier=".cg")
@@ -311,7 +313,7 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
                    lens_ptr, bt_ptr, sbt_b, wt_ptr, swt_b, ulp_ptr, uph_ptr,
                    sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
                    pm_ptr, pl_ptr, pacc_ptr, gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, cnt_ptr,
-                   scale, Hkv, NSPLIT_C,
+                   scale, Hkv, NSPLIT_C: tl.constexpr,
                    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr,
                    DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
                    NSEL: tl.constexpr, NSP: tl.constexpr, SPS: tl.constexpr, SPS_P: tl.constexpr,
