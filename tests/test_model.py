@@ -138,3 +138,34 @@ def test_paper_shape_dk_differs_from_dv():
     with torch.no_grad():
         out = model(tokens)
     assert out.shape == (40, cfg.vocab_size) and torch.isfinite(out).all()
+
+
+def _rope_twin(x, positions, theta):
+    """Rotate-half RoPE written out: angle p·θ^(−2i/D), pairs (x_i, x_{i+D/2}) rotated."""
+    D = x.shape[-1]
+    xf = x.double()
+    i = torch.arange(D // 2, dtype=torch.float64)
+    ang = positions.double()[:, None] * theta ** (-2 * i / D)  # [T, D/2]
+    c, s = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    x1, x2 = xf[..., : D // 2], xf[..., D // 2:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_rope_tables_shared_by_layers_equal_the_formula(dtype, tol):
+    # The engine builds the RoPE tables once per step and every layer applies them to q and k;
+    # the result must be the rotation itself, for any head count and positions far apart.
+    from nsa_serve.model.nsa_model import Rope, apply_rope
+
+    gen = torch.Generator().manual_seed(0)
+    positions = torch.tensor([0, 1, 5, 63, 64, 4095, 65535, 131071])
+    rope = Rope(positions, 24, 10000.0, dtype)
+    for heads in (1, 4):
+        x = torch.randn(len(positions), heads, 24, generator=gen).to(dtype)
+        want = _rope_twin(x, positions, 10000.0)
+        got = rope(x)
+        assert got.dtype == dtype
+        assert ((got.double() - want).norm() / want.norm()).item() < tol
+        assert torch.equal(got, apply_rope(x, positions, 10000.0))
+    with pytest.raises(ValueError, match="head dim"):
+        rope(torch.zeros(len(positions), 1, 16, dtype=dtype))

@@ -112,10 +112,11 @@ class StaticDecode:
         model, write = r.model, r.write
         size = x["ids"].shape[0]
         h = model.embed(x["ids"])
+        rope = model.layers[0].attn.rope(x["pos"], h)  # one table for every layer
         for li, layer in enumerate(model.layers):
             attn, cache = layer.attn, r.caches[li]
             a = layer.attn_norm(h)
-            q, kv = attn.project(a, x["pos"])
+            q, kv = attn.project(a, x["pos"], rope)
             write(cache.k_cache, kv["slc"][0], x["slots"])
             write(cache.v_cache, kv["slc"][1], x["slots"])
             if not r.shared:

@@ -220,10 +220,11 @@ class ModelRunner:
         h = model.embed(inp.input_ids)
         has_entries = inp.entry_slots.numel() > 0
         write = self.write
+        rope = model.layers[0].attn.rope(inp.positions, h)  # one table for every layer
         for li, layer in enumerate(model.layers):
             attn, cache = layer.attn, self.caches[li]
             x = layer.attn_norm(h)
-            q, kv = attn.project(x, inp.positions)
+            q, kv = attn.project(x, inp.positions, rope)
             k_slc, v_slc = kv["slc"]
             write(cache.k_cache, k_slc, inp.slots)
             write(cache.v_cache, v_slc, inp.slots)

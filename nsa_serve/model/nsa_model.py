@@ -35,18 +35,39 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
+class Rope:
+    """Rotate-half RoPE tables for one set of positions: cos and signed sin [T, 1, D] in the
+    compute dtype (float64 for float64 inputs, else float32), angles in float64.
+
+    Built once per forward and shared by every layer and by q and k: built inside `apply_rope`
+    instead, a 16-layer decode step spent ~26 launches a layer on them, float64 cos/sin among
+    them (0.27 ms of a 9.4 ms paper-1b step at batch 4 on the H200, scripts/profile_engine_decode.py).
+    rotate_half(x)·sin = cat(x2, x1)·sin_signed with sin_signed = cat(−sin, sin): the same bits."""
+
+    def __init__(self, positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype,
+                 device: torch.device | None = None):
+        device = positions.device if device is None else device
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim))
+        ang = positions.to(device=device, dtype=torch.float64).unsqueeze(1) * inv_freq  # [T, D/2]
+        self.dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        cos, sin = ang.cos(), ang.sin()
+        self.cos = torch.cat([cos, cos], -1).unsqueeze(1).to(self.dtype)
+        self.sin = torch.cat([-sin, sin], -1).unsqueeze(1).to(self.dtype)
+        self.dim = dim
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H, D] → x rotated by its positions' angles, in x's dtype."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"RoPE table is for head dim {self.dim}, got {x.shape[-1]}")
+        xf = x.to(self.dtype)
+        D = self.dim
+        swapped = torch.cat([xf[..., D // 2:], xf[..., : D // 2]], -1)
+        return (xf * self.cos + swapped * self.sin).to(x.dtype)
+
+
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotate-half RoPE over the whole head dim. x: [T, H, D], positions: [T]."""
-    D = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float64) / D))
-    ang = positions.to(device=x.device, dtype=torch.float64).unsqueeze(1) * inv_freq  # [T, D/2]
-    cos = torch.cat([ang.cos(), ang.cos()], -1).unsqueeze(1)
-    sin = torch.cat([ang.sin(), ang.sin()], -1).unsqueeze(1)
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.to(cdt)
-    x1, x2 = xf[..., : D // 2], xf[..., D // 2:]
-    rotated = torch.cat([-x2, x1], -1)
-    return (xf * cos.to(cdt) + rotated * sin.to(cdt)).to(x.dtype)
+    return Rope(positions, x.shape[-1], theta, x.dtype, x.device)(x)
 
 
 class Compressor(nn.Module):
@@ -115,23 +136,29 @@ class NSAAttention(nn.Module):
         self.gate = Gate(cfg.gate, cfg.hidden_size, H)
 
     # -- pieces the serving engine reuses -------------------------------------------------------
-    def project(self, x: torch.Tensor, positions: torch.Tensor):
+    def rope(self, positions: torch.Tensor, x: torch.Tensor) -> Rope:
+        """The RoPE tables `project` uses for x's dtype and device (build once, pass to every layer)."""
+        return Rope(positions, self.cfg.head_dim_k, self.cfg.rope_theta, x.dtype, x.device)
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope | None = None):
         """x [T, hidden] → q [T, H, Dk] (RoPE'd), {branch: (k [T, Hkv, Dk] RoPE'd, v [T, Hkv, Dv])}.
 
-        With shared K/V every branch maps to the same pair of tensors.
+        With shared K/V every branch maps to the same pair of tensors. `rope`: tables for these
+        positions (`self.rope`), built here when not given.
         """
         c = self.cfg
         T = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(T, c.num_heads, c.head_dim_k), positions, c.rope_theta)
+        rope = rope if rope is not None else self.rope(positions, x)
+        q = rope(self.q_proj(x).view(T, c.num_heads, c.head_dim_k))
         if c.shared_kv:
-            k = apply_rope(self.k_proj(x).view(T, c.num_kv_heads, c.head_dim_k), positions, c.rope_theta)
+            k = rope(self.k_proj(x).view(T, c.num_kv_heads, c.head_dim_k))
             v = self.v_proj(x).view(T, c.num_kv_heads, c.head_dim_v)
             return q, {b: (k, v) for b in BRANCHES}
         kv = {}
         for b in BRANCHES:
             k = getattr(self, f"k_proj_{b}")(x).view(T, c.num_kv_heads, c.head_dim_k)
             v = getattr(self, f"v_proj_{b}")(x).view(T, c.num_kv_heads, c.head_dim_v)
-            kv[b] = (apply_rope(k, positions, c.rope_theta), v)
+            kv[b] = (rope(k), v)
         return q, kv
 
     def compress(self, k_raw: torch.Tensor, v_raw: torch.Tensor, first: int, count: int):
