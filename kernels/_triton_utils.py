@@ -144,13 +144,13 @@ def _combine_branch(m_ptr, l_ptr, acc_ptr, row, nvalid, S_BUF: tl.constexpr, SP:
 
 
 @triton.jit
-def _combine_kernel(out_ptr, so_b, so_h, gates_ptr, sg_b, sg_h, lens_ptr,
+def _combine_kernel(out_ptr, so_b, so_h, gates_ptr, sg_b, sg_h,
                     cm_ptr, cl_ptr, cacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
                     Hq,
-                    NSA: tl.constexpr, BLOCK_L: tl.constexpr, STRIDE: tl.constexpr, CH: tl.constexpr,
-                    NC_BUF: tl.constexpr, NC_P: tl.constexpr, NS_BUF: tl.constexpr, NS_P: tl.constexpr,
-                    DV: tl.constexpr, DVP: tl.constexpr, PDL: tl.constexpr = False):
+                    NSA: tl.constexpr, NC_BUF: tl.constexpr, NC_P: tl.constexpr, NS_BUF: tl.constexpr,
+                    NS_P: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PDL: tl.constexpr = False):
     """One program per (sequence, query head). NSA: gated sum of three branches; else dense.
+    Every split wrote its partial state (an empty split: m = NEG, l = 0, so it weighs nothing).
     PDL: launched with programmatic dependent launch (waits for the previous kernel first)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
@@ -160,10 +160,7 @@ def _combine_kernel(out_ptr, so_b, so_h, gates_ptr, sg_b, sg_h, lens_ptr,
     row = b * Hq + h
     dv = tl.arange(0, DVP)
     if NSA:
-        L = tl.load(lens_ptr + b)
-        n_cmp = tl.where(L >= BLOCK_L, (L - BLOCK_L) // STRIDE + 1, 0)
-        n_chunks = (n_cmp + CH - 1) // CH
-        o_c = _combine_branch(cm_ptr, cl_ptr, cacc_ptr, row, n_chunks, NC_BUF, NC_P, DV, DVP)
+        o_c = _combine_branch(cm_ptr, cl_ptr, cacc_ptr, row, NC_BUF, NC_BUF, NC_P, DV, DVP)
         o_s = _combine_branch(sm_ptr, sl_ptr, sacc_ptr, row, NS_BUF, NS_BUF, NS_P, DV, DVP)
         o_w = _combine_branch(wm_ptr, wl_ptr, wacc_ptr, row, NS_BUF, NS_BUF, NS_P, DV, DVP)
         gp = gates_ptr + b * sg_b + h * sg_h

@@ -24,8 +24,11 @@ def _dense_split_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p,
                         bt_ptr, sbt_b, lens_ptr, sm_ptr, sl_ptr, sacc_ptr, scale, Hkv,
                         G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
                         DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
-                        PPS: tl.constexpr, NSPLIT: tl.constexpr, PREC: tl.constexpr,
-                        UPCAST: tl.constexpr):
+                        NSPLIT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Program (group, split) walks pages [split·T, split·T + T) of its sequence, T = ⌈pages /
+    NSPLIT⌉: the splits share the sequence's own pages, not the table's width (inside a CUDA graph
+    the tables are as wide as the longest sequence served; sized by width, a short sequence's
+    pages all fell to its first splits)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // Hkv
@@ -43,8 +46,9 @@ def _dense_split_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p,
     l = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DVP], tl.float32)
     n_pages = (L + PAGE - 1) // PAGE
-    lo = split * PPS
-    hi = tl.minimum(lo + PPS, n_pages)
+    pps = (n_pages + NSPLIT - 1) // NSPLIT
+    lo = split * pps
+    hi = tl.minimum(lo + pps, n_pages)
     for pg in range(lo, hi):
         phys = tl.load(bt_ptr + b * sbt_b + pg).to(tl.int64)
         pos = pg * PAGE + r_tok
@@ -78,8 +82,7 @@ def dense_paged_decode(q: torch.Tensor, layer: PagedLayerCache, block_tables: to
     max_pages = block_tables.shape[1]
     if num_splits is None:
         num_splits = max(1, min(max_pages, triton.cdiv(target_programs(q.device), B * Hkv)))
-    pps = triton.cdiv(max_pages, num_splits)
-    nsplit = triton.cdiv(max_pages, pps)
+    nsplit = triton.cdiv(max_pages, triton.cdiv(max_pages, num_splits))
     dev, f32 = q.device, torch.float32
     sm = torch.empty(B, Hq, nsplit, device=dev, dtype=f32)
     sl = torch.empty_like(sm)
@@ -90,12 +93,11 @@ def dense_paged_decode(q: torch.Tensor, layer: PagedLayerCache, block_tables: to
         v, v.stride(0), v.stride(1), v.stride(2), block_tables, block_tables.stride(0), seq_lens,
         sm, sl, sacc, scale, Hkv,
         G=G, GP=max(16, next_pow2(G)), DK=Dk, DKP=next_pow2(Dk), DV=Dv, DVP=next_pow2(Dv), PAGE=P,
-        PPS=pps, NSPLIT=nsplit, PREC=dot_precision(q.dtype), UPCAST=interpreter_upcast(q.dtype),
+        NSPLIT=nsplit, PREC=dot_precision(q.dtype), UPCAST=interpreter_upcast(q.dtype),
         num_warps=num_warps)
     out = torch.empty(B, Hq, Dv, device=dev, dtype=q.dtype)
     _combine_kernel[(B * Hq,)](
-        out, out.stride(0), out.stride(1), out, 0, 0, seq_lens,
-        sm, sl, sacc, sm, sl, sacc, sm, sl, sacc, Hq,
-        NSA=False, BLOCK_L=1, STRIDE=1, CH=1, NC_BUF=1, NC_P=2,
+        out, out.stride(0), out.stride(1), out, 0, 0,
+        sm, sl, sacc, sm, sl, sacc, sm, sl, sacc, Hq, NSA=False, NC_BUF=1, NC_P=2,
         NS_BUF=nsplit, NS_P=max(2, next_pow2(nsplit)), DV=Dv, DVP=next_pow2(Dv), num_warps=4)
     return out

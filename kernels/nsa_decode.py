@@ -51,13 +51,16 @@ from .reference import SparsityParams
 @triton.jit
 def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc_p, svc_h, svc_e,
                      bt_ptr, sbt_b, lens_ptr, pm_ptr, pl_ptr, pacc_ptr, pms_ptr, psc_ptr, scale, Hkv,
-                     MAXT, TPS, NSPLIT,
+                     MAXT, NSPLIT,
                      G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr,
                      DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, BLOCK_L: tl.constexpr,
                      STRIDE: tl.constexpr, PAGE: tl.constexpr, E: tl.constexpr, BN: tl.constexpr,
                      PPT: tl.constexpr, KSPAN: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr,
                      UPCAST: tl.constexpr, PDL: tl.constexpr):
-    """Program (group, split) walks tiles [split·TPS, split·TPS + TPS) of BN compressed entries.
+    """Program (group, split) walks tiles [split·T, split·T + T) of BN compressed entries, T =
+    ⌈tiles / NSPLIT⌉ of this sequence: the splits share the sequence's own tiles, not the table's
+    width (inside a CUDA graph the tables are as wide as the longest sequence the graph serves, so
+    a short sequence would leave all its tiles to the first split or two).
 
     One flat loop (no inner chunk loop) so `tl.range(num_stages=STAGES)` can prefetch the next
     tiles' table entries and summaries while this tile computes. dk is two power-of-two dots
@@ -94,8 +97,9 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
     m = tl.full([GP], NEG, tl.float32)
     l = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DVP], tl.float32)
-    t_lo = split * TPS
-    t_hi = tl.minimum(t_lo + TPS, n_tiles)
+    tps = (n_tiles + NSPLIT - 1) // NSPLIT
+    t_lo = split * tps
+    t_hi = tl.minimum(t_lo + tps, n_tiles)
     # Page ids are loaded one tile ahead (carried): summary addresses that come from a load in the
     # same iteration would cost the software pipeliner a stage, leaving a single buffer so a tile's
     # loads could not overlap the previous tile's math.
@@ -559,13 +563,13 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     budget = pipeline_smem_budget(dev)
     cmp_stages = _stages_that_fit(cmp_stages, BN * (DK0 + DK1 + DVP) * elem, budget)
     attend_stages = _stages_that_fit(attend_stages, P * (ADK0 + ADK1 + DVP) * elem, budget)
-    # Splits of TPS tiles each: one program per SM (two 80 KB tile buffers each; measured on the
-    # H200, batch 16: 104.5 µs vs 109.3 with two programs per SM, i.e. two waves), as many as fit
-    # in one wave (a second, partial wave would double the time of the slowest group).
+    # Splits: one program per SM (two 80 KB tile buffers each; measured on the H200, batch 16:
+    # 104.5 µs vs 109.3 with two programs per SM, i.e. two waves), as many as fit in one wave (a
+    # second, partial wave would double the time of the slowest group); no more than the widest
+    # sequence has tiles. Each sequence's tiles are shared among them in the kernel.
     want = cmp_programs or max(1, target_programs(dev) // 2)
     nsplit_c = max(1, min(MAXT, want // NG))
-    tps = triton.cdiv(MAXT, nsplit_c)
-    nsplit_c = triton.cdiv(MAXT, tps)
+    nsplit_c = triton.cdiv(MAXT, triton.cdiv(MAXT, nsplit_c))
     pm = torch.empty(B, Hq, nsplit_c, device=dev, dtype=f32)
     pl = torch.empty_like(pm)
     pacc = torch.empty(B, Hq, nsplit_c, Dv, device=dev, dtype=f32)
@@ -579,7 +583,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     _cmp_tile_kernel[(NG, nsplit_c)](
         q, q.stride(0), q.stride(1), kc, kc.stride(0), kc.stride(1), kc.stride(2),
         vc, vc.stride(0), vc.stride(1), vc.stride(2), block_tables, block_tables.stride(0), seq_lens,
-        pm, pl, pacc, pms, psc, scale, Hkv, MAXT, tps, nsplit_c,
+        pm, pl, pacc, pms, psc, scale, Hkv, MAXT, nsplit_c,
         G=G, GP=GP, DK=Dk, DK0=DK0, DK1=DK1, DV=Dv, DVP=DVP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P,
         E=E, BN=BN, PPT=BN // E, KSPAN=KSPAN, STAGES=cmp_stages,
         PREC=prec, UPCAST=interpreter_upcast(q.dtype), PDL=pdl, num_warps=cmp_warps, **launch)
@@ -631,9 +635,8 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
 
     if not fuse_combine:
         _combine_kernel[(B * Hq,)](
-            out, out.stride(0), out.stride(1), gates, gates.stride(0), gates.stride(1), seq_lens,
-            pm, pl, pacc, sm, sl, sacc, wm, wl, wacc, Hq,
-            NSA=True, BLOCK_L=p.block, STRIDE=p.stride, CH=BN * tps, NC_BUF=nsplit_c,
+            out, out.stride(0), out.stride(1), gates, gates.stride(0), gates.stride(1),
+            pm, pl, pacc, sm, sl, sacc, wm, wl, wacc, Hq, NSA=True, NC_BUF=nsplit_c,
             NC_P=NC_P, NS_BUF=nsplit, NS_P=NS_P, DV=Dv, DVP=DVP, PDL=pdl, num_warps=4, **launch)
     if return_selection:
         return out, sel
