@@ -142,12 +142,14 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
     tl.store(pacc_ptr + o[:, None] * DV + dv[None, :], acc, mask=gmask[:, None] & (dv[None, :] < DV))
 
 
-@triton.jit
+# Run-time sizes that vary with the table width are not specialised on (divisible by 16, equal
+# to 1): eager decode steps would compile a variant per combination (it only moves addresses).
+@triton.jit(do_not_specialize=["MAXT", "NSPLIT", "NPROG", "SROW"])
 def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, sbt_b,
-                  sel_ptr, ulp_ptr, uph_ptr, cnt_ptr, Hkv, MAXT, NSPLIT, NPROG,
+                  sel_ptr, ulp_ptr, uph_ptr, cnt_ptr, Hkv, MAXT, NSPLIT, NPROG, SROW,
                   G: tl.constexpr, GP: tl.constexpr, BLOCK_L: tl.constexpr, STRIDE: tl.constexpr,
                   PAGE: tl.constexpr, BN: tl.constexpr, PPT: tl.constexpr, KSPAN: tl.constexpr,
-                  NSPLIT_P: tl.constexpr, TT: tl.constexpr, SROW: tl.constexpr, NBP: tl.constexpr,
+                  NSPLIT_P: tl.constexpr, TT: tl.constexpr, NBP: tl.constexpr,
                   NSEL: tl.constexpr, NSP: tl.constexpr, NUM_INIT: tl.constexpr,
                   NUM_LOCAL: tl.constexpr, PDL: tl.constexpr):
     """Program (group, p) sums the group's partial scores of compressed tiles [p·TT, p·TT + TT) over
@@ -727,9 +729,9 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         part = torch.empty(NG, KSPAN, SROW, device=dev, dtype=f32)
         _score_kernel[(NG, nprog)](
             seq_lens, pm, pl, pms, psc, part, block_tables, block_tables.stride(0),
-            sel, ulp, uph, cnt[NG:], Hkv, MAXT, nsplit_c, nprog,
+            sel, ulp, uph, cnt[NG:], Hkv, MAXT, nsplit_c, nprog, SROW,  # SROW: a stride, run-time
             G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, BN=BN, PPT=PPT, KSPAN=KSPAN,
-            NSPLIT_P=next_pow2(nsplit_c), TT=TT, SROW=SROW, NBP=NBP, NSEL=p.num_select, NSP=NSP,
+            NSPLIT_P=next_pow2(nsplit_c), TT=TT, NBP=NBP, NSEL=p.num_select, NSP=NSP,
             NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, PDL=pdl, num_warps=score_warps, **launch)
 
     if num_splits is None:
@@ -769,8 +771,8 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     if not fuse_combine:
         _combine_kernel[(B * Hq,)](
             out, out.stride(0), out.stride(1), gates, gates.stride(0), gates.stride(1),
-            pm, pl, pacc, sm, sl, sacc, wm, wl, wacc, Hq, NSA=True, NC_BUF=nsplit_c,
-            NC_P=NC_P, NS_BUF=nsplit, NS_P=NS_P, DV=Dv, DVP=DVP, PDL=pdl, num_warps=4, **launch)
+            pm, pl, pacc, sm, sl, sacc, wm, wl, wacc, Hq, nsplit_c, nsplit, NSA=True,
+            NC_P=NC_P, NS_P=NS_P, DV=Dv, DVP=DVP, PDL=pdl, num_warps=4, **launch)
     if return_selection:
         return out, sel
     return out
