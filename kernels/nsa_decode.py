@@ -213,7 +213,8 @@ def _score_rank_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, bt_ptr, sbt_b
                        G: tl.constexpr, GP: tl.constexpr, BLOCK_L: tl.constexpr, STRIDE: tl.constexpr,
                        PAGE: tl.constexpr, BN: tl.constexpr, PPT: tl.constexpr, ROWW: tl.constexpr,
                        KSPAN: tl.constexpr, NSPLIT_P: tl.constexpr, TT: tl.constexpr,
-                       NCP: tl.constexpr, RCH: tl.constexpr, NSEL: tl.constexpr, NSP: tl.constexpr,
+                       NCP: tl.constexpr, RCH: tl.constexpr, RROW: tl.constexpr, NSEL: tl.constexpr,
+                       NSP: tl.constexpr,
                        NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, PDL: tl.constexpr):
     """`_score_kernel` with the top-n by rank (`nsa_decode_tuned(topn="rank")`; an experiment, not
     the default until measured: docs/benchmarks/decode.md, eighth round).
@@ -302,21 +303,24 @@ def _score_rank_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, bt_ptr, sbt_b
         tl.store(cnt_ptr + pid, 0)  # ready for the next call: every program of this group has counted
         NC = NPROG * NSP
         cbase = pid * NC
-        ci = tl.arange(0, NCP)
-        ckey = tl.load(cand_ptr + cbase + ci, mask=ci < NC, other=-1, cache_modifier=".cg")  # other CTAs'
-        cph = tl.load(cph_ptr + cbase + ci, mask=ci < NC, other=0, cache_modifier=".cg")
-        crank = tl.zeros([NCP], tl.int32)
-        for c0 in tl.static_range(0, NCP, RCH):
-            cc = c0 + tl.arange(0, RCH)
-            col = tl.load(cand_ptr + cbase + cc, mask=cc < NC, other=-1, cache_modifier=".cg")
-            crank += tl.sum((col[None, :] > ckey[:, None]).to(tl.int32), 1)
-        win = (ckey >= 0) & (crank < NSEL)
-        idx = (0x7FFFFFFF - (ckey & 0x7FFFFFFF)).to(tl.int32)
-        tl.store(sel_ptr + pid * NSEL + crank, idx, mask=win)
-        tl.store(ulp_ptr + pid * NSP + crank, idx, mask=win)
-        tl.store(uph_ptr + pid * NSP + crank, cph, mask=win)
+        n_win = 0
+        for r0 in tl.static_range(0, NCP, RROW):  # RROW candidates at a time: bounded registers
+            ci = r0 + tl.arange(0, RROW)
+            ckey = tl.load(cand_ptr + cbase + ci, mask=ci < NC, other=-1, cache_modifier=".cg")  # other CTAs'
+            cph = tl.load(cph_ptr + cbase + ci, mask=ci < NC, other=0, cache_modifier=".cg")
+            crank = tl.zeros([RROW], tl.int32)
+            for c0 in tl.static_range(0, NCP, RCH):
+                cc = c0 + tl.arange(0, RCH)
+                col = tl.load(cand_ptr + cbase + cc, mask=cc < NC, other=-1, cache_modifier=".cg")
+                crank += tl.sum((col[None, :] > ckey[:, None]).to(tl.int32), 1)
+            win = (ckey >= 0) & (crank < NSEL)
+            idx = (0x7FFFFFFF - (ckey & 0x7FFFFFFF)).to(tl.int32)
+            tl.store(sel_ptr + pid * NSEL + crank, idx, mask=win)
+            tl.store(ulp_ptr + pid * NSP + crank, idx, mask=win)
+            tl.store(uph_ptr + pid * NSP + crank, cph, mask=win)
+            n_win += tl.sum(win.to(tl.int32), 0)
         # Fewer than n blocks exist: the rest of the list is empty (−1; table entry 0 is a valid id).
-        empty = ks >= tl.sum(win.to(tl.int32), 0)
+        empty = ks >= n_win
         tl.store(sel_ptr + pid * NSEL + ks, tl.full([NSP], -1, tl.int32), mask=empty & (ks < NSEL))
         tl.store(ulp_ptr + pid * NSP + ks, tl.full([NSP], -1, tl.int32), mask=empty)
         tl.store(uph_ptr + pid * NSP + ks, tl.load(bt_ptr + b * sbt_b + ks * 0), mask=empty)
@@ -794,7 +798,8 @@ def _launch_score_rank(seq_lens, pm, pl, pms, psc, block_tables, sel, ulp, uph, 
         seq_lens, pm, pl, pms, psc, block_tables, block_tables.stride(0), keys, cand, cph,
         sel, ulp, uph, cnt, Hkv, MAXT, nsplit_c, nprog,
         G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, BN=BN, PPT=PPT, ROWW=ROWW, KSPAN=KSPAN,
-        NSPLIT_P=next_pow2(nsplit_c), TT=NBLK // PPT, NCP=NCP, RCH=min(NBLK, NCP, 16), NSEL=p.num_select,
+        NSPLIT_P=next_pow2(nsplit_c), TT=NBLK // PPT, NCP=NCP, RCH=min(NBLK, NCP, 16), RROW=min(NCP, 64),
+        NSEL=p.num_select,
         NSP=NSP, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, PDL=pdl, num_warps=warps, **launch)
 
 
