@@ -142,6 +142,39 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
     tl.store(pacc_ptr + o[:, None] * DV + dv[None, :], acc, mask=gmask[:, None] & (dv[None, :] < DV))
 
 
+@triton.jit
+def _score_group(lens_ptr, pm_ptr, pl_ptr, Hkv, NSPLIT, G: tl.constexpr, GP: tl.constexpr,
+                 BLOCK_L: tl.constexpr, STRIDE: tl.constexpr, BN: tl.constexpr, NSPLIT_P: tl.constexpr):
+    """What both score kernels start from: the program's group (b, kh), its sequence length and
+    compressed-tile count, the group's rows, and each head's merged softmax normaliser of the
+    compressed branch (max mx and 1 / sum, 0 without entries) from the splits' partials."""
+    pid = tl.program_id(0)
+    b = pid // Hkv
+    kh = pid % Hkv
+    L = tl.load(lens_ptr + b)
+    n_cmp = tl.where(L >= BLOCK_L, (L - BLOCK_L) // STRIDE + 1, 0)
+    n_tiles = (n_cmp + BN - 1) // BN
+    g = tl.arange(0, GP)
+    gmask = g < G
+    rows = b * (Hkv * G) + kh * G + g
+    cidx = tl.arange(0, NSPLIT_P)
+    cmask = gmask[:, None] & (cidx[None, :] < NSPLIT)
+    cm = tl.load(pm_ptr + rows[:, None] * NSPLIT + cidx[None, :], mask=cmask, other=NEG)
+    mx = tl.max(cm, 1)
+    cl = tl.load(pl_ptr + rows[:, None] * NSPLIT + cidx[None, :], mask=cmask, other=0.0)
+    tot = tl.sum(cl * tl.exp(cm - mx[:, None]), 1)
+    inv = tl.where(tot > 0, 1.0 / tl.where(tot > 0, tot, 1.0), 0.0)
+    return pid, b, L, n_tiles, gmask, rows, mx, inv
+
+
+@triton.jit
+def _tile_factors(pms_ptr, rows, gmask, mx, inv, t, tok, MAXT):
+    """exp(m_tile − M_h) / L_h for tiles t [TT] of the group's heads → [GP, TT]; 0 where not tok
+    (tiles past the sequence's entries were not written this call) and without entries (inv = 0)."""
+    mt = tl.load(pms_ptr + rows[:, None] * MAXT + t[None, :], mask=gmask[:, None] & tok[None, :], other=NEG)
+    return tl.exp(mt - mx[:, None]) * inv[:, None]
+
+
 # Run-time sizes that vary with the table width are not specialised on (divisible by 16, equal
 # to 1): eager decode steps would compile a variant per combination (it only moves addresses).
 @triton.jit(do_not_specialize=["MAXT", "NSPLIT", "NPROG", "SROW"])
@@ -161,28 +194,12 @@ def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, 
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()  # after the wait: see nsa_decode_tuned
-    pid = tl.program_id(0)
     prog = tl.program_id(1)
-    b = pid // Hkv
-    kh = pid % Hkv
-    L = tl.load(lens_ptr + b)
-    n_cmp = tl.where(L >= BLOCK_L, (L - BLOCK_L) // STRIDE + 1, 0)
-    n_tiles = (n_cmp + BN - 1) // BN
-    g = tl.arange(0, GP)
-    gmask = g < G
-    rows = b * (Hkv * G) + kh * G + g
-    # Per-head softmax normalisers of the compressed branch (merge of the splits' partials).
-    cidx = tl.arange(0, NSPLIT_P)
-    cmask = gmask[:, None] & (cidx[None, :] < NSPLIT)
-    cm = tl.load(pm_ptr + rows[:, None] * NSPLIT + cidx[None, :], mask=cmask, other=NEG)
-    mx = tl.max(cm, 1)
-    cl = tl.load(pl_ptr + rows[:, None] * NSPLIT + cidx[None, :], mask=cmask, other=0.0)
-    tot = tl.sum(cl * tl.exp(cm - mx[:, None]), 1)
-    inv = tl.where(tot > 0, 1.0 / tl.where(tot > 0, tot, 1.0), 0.0)
+    pid, b, L, n_tiles, gmask, rows, mx, inv = _score_group(lens_ptr, pm_ptr, pl_ptr, Hkv, NSPLIT, G, GP,
+                                                            BLOCK_L, STRIDE, BN, NSPLIT_P)
     t = prog * TT + tl.arange(0, TT)
     tok = t < n_tiles  # tiles past the sequence's entries were not written this call: read as 0
-    mt = tl.load(pms_ptr + rows[:, None] * MAXT + t[None, :], mask=gmask[:, None] & tok[None, :], other=NEG)
-    f = tl.exp(mt - mx[:, None]) * inv[:, None]  # [GP, TT]; 0 where masked (inv = 0 without entries)
+    f = _tile_factors(pms_ptr, rows, gmask, mx, inv, t, tok, MAXT)  # [GP, TT]
     pg = tl.arange(0, PPT)
     for k in tl.static_range(KSPAN):
         sv = tl.load(psc_ptr + ((rows[:, None, None] * MAXT + t[None, :, None]) * KSPAN + k) * PPT
@@ -234,37 +251,21 @@ def _score_rank_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, bt_ptr, sbt_b
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()  # after the wait: see nsa_decode_tuned
     NBLK: tl.constexpr = TT * PPT
-    pid = tl.program_id(0)
     prog = tl.program_id(1)
-    b = pid // Hkv
-    kh = pid % Hkv
-    L = tl.load(lens_ptr + b)
-    n_cmp = tl.where(L >= BLOCK_L, (L - BLOCK_L) // STRIDE + 1, 0)
-    n_tiles = (n_cmp + BN - 1) // BN
-    g = tl.arange(0, GP)
-    gmask = g < G
-    rows = b * (Hkv * G) + kh * G + g
+    pid, b, L, n_tiles, gmask, rows, mx, inv = _score_group(lens_ptr, pm_ptr, pl_ptr, Hkv, NSPLIT, G, GP,
+                                                            BLOCK_L, STRIDE, BN, NSPLIT_P)
     cur = (L - 1) // PAGE
     j = prog * NBLK + tl.arange(0, NBLK)
     visible = j <= cur
     phys = tl.load(bt_ptr + b * sbt_b + j, mask=visible, other=0)
-    cidx = tl.arange(0, NSPLIT_P)
-    cmask = gmask[:, None] & (cidx[None, :] < NSPLIT)
-    cm = tl.load(pm_ptr + rows[:, None] * NSPLIT + cidx[None, :], mask=cmask, other=NEG)
-    mx = tl.max(cm, 1)
-    cl = tl.load(pl_ptr + rows[:, None] * NSPLIT + cidx[None, :], mask=cmask, other=0.0)
-    tot = tl.sum(cl * tl.exp(cm - mx[:, None]), 1)
-    inv = tl.where(tot > 0, 1.0 / tl.where(tot > 0, tot, 1.0), 0.0)
     # Factors of this program's tiles and of the tile before each (tiles past the sequence's
     # entries were not written this call: factor 0, values masked).
     t = prog * TT + tl.arange(0, TT)
     tok = t < n_tiles
-    mt = tl.load(pms_ptr + rows[:, None] * MAXT + t[None, :], mask=gmask[:, None] & tok[None, :], other=NEG)
-    f = tl.exp(mt - mx[:, None]) * inv[:, None]  # [GP, TT]
+    f = _tile_factors(pms_ptr, rows, gmask, mx, inv, t, tok, MAXT)  # [GP, TT]
     tp = t - 1
     pok = (tp >= 0) & (tp < n_tiles)
-    mtp = tl.load(pms_ptr + rows[:, None] * MAXT + tp[None, :], mask=gmask[:, None] & pok[None, :], other=NEG)
-    fp = tl.exp(mtp - mx[:, None]) * inv[:, None]
+    fp = _tile_factors(pms_ptr, rows, gmask, mx, inv, tp, pok, MAXT)
     c = tl.arange(0, PPT)
     score = tl.zeros([TT, PPT], tl.float32)
     for k in tl.static_range(KSPAN):
