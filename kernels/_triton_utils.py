@@ -152,9 +152,9 @@ def _combine_kernel(out_ptr, so_b, so_h, gates_ptr, sg_b, sg_h,
     """One program per (sequence, query head). NSA: gated sum of three branches; else dense.
     Every split wrote its partial state (an empty split: m = NEG, l = 0, so it weighs nothing).
     The split counts are run-time values (only their powers of two, NC_P / NS_P, are constants):
-    as constants they made eager decode steps compile a variant per count (47 over batch 1–16 and
-    64k of table widths). PDL: launched with programmatic dependent launch (waits for the previous
-    kernel first)."""
+    as constants they made eager decode steps compile a variant per count (scripts/
+    count_decode_variants.py: 96 combine variants over batch 1–16 × 64k of table widths, now 12).
+    PDL: launched with programmatic dependent launch (waits for the previous kernel first)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
