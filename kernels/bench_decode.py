@@ -166,8 +166,8 @@ VARIANTS = {
     "splits merged in the attention kernel": dict(fuse_combine=True),
     "splits merged by the combine launch": dict(fuse_combine=False),
     "64-entry compressed tiles": dict(chunk=64),
-    "top-n by rank (shifted score rows)": dict(topn="rank"),
-    "top-n by rank, 256 blocks a program": dict(topn="rank", score_blocks=256),
+    "top-n by arg-max passes": dict(topn="passes"),
+    "top-n by bitonic sort": dict(topn="sort"),
 }
 
 

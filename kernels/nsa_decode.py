@@ -56,7 +56,7 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
                      DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, BLOCK_L: tl.constexpr,
                      STRIDE: tl.constexpr, PAGE: tl.constexpr, E: tl.constexpr, BN: tl.constexpr,
                      PPT: tl.constexpr, KSPAN: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr,
-                     UPCAST: tl.constexpr, PDL: tl.constexpr, ROWW: tl.constexpr, SHIFT: tl.constexpr):
+                     UPCAST: tl.constexpr, PDL: tl.constexpr):
     """Program (group, split) walks tiles [split·T, split·T + T) of BN compressed entries, T =
     ⌈tiles / NSPLIT⌉ of this sequence: the splits share the sequence's own tiles, not the table's
     width (inside a CUDA graph the tables are as wide as the longest sequence the graph serves, so
@@ -70,10 +70,7 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
     overlaps the page's block + k with the fixed weight W[r, k] (k < KSPAN), so the tile's partial
     scores are KSPAN reshape-and-sums of p: [GP, BN] → [GP, BN/E, E] · W[:, k] → [GP, BN/E],
     stored per tile with the running max they are relative to (pms); the score kernel adds page
-    jp's k-th row into block jp + k. Rows are ROWW wide; SHIFT = 1 (the rank top-n) stores row k
-    k columns to the right, so column c holds what page c − k gives block c, and columns ≥ PPT
-    what this tile's last pages give the next tile's first blocks (a shifted store address, where
-    shifting the values would move them between threads)."""
+    jp's k-th row into block jp + k."""
     if PDL:  # launched early (programmatic dependent launch): wait for the kernel before
         tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
@@ -125,14 +122,14 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
         s = tl.where(valid[None, :], s * scale, float("-inf"))
         m, l, acc, p = _online_softmax_step(m, l, acc, s, v, PREC, UPCAST)
         p3 = tl.reshape(p, [GP, PPT, E])
-        base = psc_ptr + ((rows * MAXT + t) * KSPAN)[:, None] * ROWW + lpg[None, :]
+        base = psc_ptr + ((rows * MAXT + t) * KSPAN)[:, None] * PPT + lpg[None, :]
         for k in tl.static_range(KSPAN):
             # Tokens entry r of a page shares with the page's block + k, divided by d (as
             # reference.selection_weights).
             w = tl.maximum(tl.minimum(rr * STRIDE + BLOCK_L, (k + 1) * PAGE)
                            - tl.maximum(rr * STRIDE, k * PAGE), 0).to(tl.float32) / STRIDE
             sc = tl.sum(p3 * w[None, None, :], 2)
-            tl.store(base + k * ROWW + k * SHIFT, sc, mask=gmask[:, None])
+            tl.store(base + k * PPT, sc, mask=gmask[:, None])
         tl.store(pms_ptr + rows * MAXT + t, m, mask=gmask)
     if PDL:  # the score kernel's programs may be launched now (they wait for this grid to finish)
         tl.extra.cuda.gdc_launch_dependents()
@@ -184,13 +181,15 @@ def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, 
                   PAGE: tl.constexpr, BN: tl.constexpr, PPT: tl.constexpr, KSPAN: tl.constexpr,
                   NSPLIT_P: tl.constexpr, TT: tl.constexpr, NBP: tl.constexpr,
                   NSEL: tl.constexpr, NSP: tl.constexpr, NUM_INIT: tl.constexpr,
-                  NUM_LOCAL: tl.constexpr, PDL: tl.constexpr):
+                  NUM_LOCAL: tl.constexpr, TOPN: tl.constexpr, PDL: tl.constexpr):
     """Program (group, p) sums the group's partial scores of compressed tiles [p·TT, p·TT + TT) over
     the heads: part_k[page] = Σ_h psc[h, tile, k, page] · exp(m_{h,tile} − M_h) / L_h, one factor
     per (head, tile) — so the loads are contiguous [G, TT, PPT] runs and there is one exp per
     (head, tile), not per (head, block). Block j's score is Σ_k part_k[j − k] (entries of page
     j − k spill k blocks forward), formed by the group's last-arriving program, which then takes
-    the top-n and writes the work list (`_select_units`)."""
+    the top-n and writes the work list (`_select_units`). With PDL, the attention kernel may
+    launch once every program is past its wait, so its programs read their window pages while the
+    top-n runs (later triggers measured slower: docs/benchmarks/decode.md, ninth round)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()  # after the wait: see nsa_decode_tuned
@@ -221,122 +220,24 @@ def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, 
             score += tl.load(part_ptr + (pid * KSPAN + k) * SROW + j - k, mask=visible & (j >= k),
                              other=0.0, cache_modifier=".cg")  # other CTAs' stores
         _select_units(score, bt_ptr, sel_ptr + pid * NSEL, ulp_ptr + pid * NSP, uph_ptr + pid * NSP,
-                      L, b, sbt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL, PAGE)
-
-
-@triton.jit
-def _score_rank_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, bt_ptr, sbt_b, key_ptr, cand_ptr,
-                       cph_ptr, sel_ptr, ulp_ptr, uph_ptr, cnt_ptr, Hkv, MAXT, NSPLIT, NPROG,
-                       G: tl.constexpr, GP: tl.constexpr, BLOCK_L: tl.constexpr, STRIDE: tl.constexpr,
-                       PAGE: tl.constexpr, BN: tl.constexpr, PPT: tl.constexpr, ROWW: tl.constexpr,
-                       KSPAN: tl.constexpr, NSPLIT_P: tl.constexpr, TT: tl.constexpr,
-                       NCP: tl.constexpr, RCH: tl.constexpr, RROW: tl.constexpr, NSEL: tl.constexpr,
-                       NSP: tl.constexpr,
-                       NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, PDL: tl.constexpr):
-    """`_score_kernel` with the top-n by rank (`nsa_decode_tuned(topn="rank")`; an experiment, not
-    the default until measured: docs/benchmarks/decode.md, eighth round).
-
-    Program (group, p) forms the scores of the blocks of tiles [p·TT, p·TT + TT) (NBLK = TT·PPT)
-    from the compressed pass's shifted rows (SHIFT = 1: column c of row k is what page c − k gives
-    block c; columns ≥ PPT of the tile before reach this tile's first blocks), so the loads are
-    contiguous and there is one factor exp(m_tile − M_h) / L_h per (head, tile), as in the default.
-    Top-n by rank: with key = (float bits of score) << 32 | (2³¹ − 1 − j) every key is distinct and
-    its rank (how many keys are larger) is its place. Each program ranks its keys against each
-    other (rows in registers, columns RCH at a time read back from memory) and keeps those ranked
-    < n with their physical pages; the group's last-arriving program ranks the ≤ NPROG·n candidates
-    and writes rank r to slot r — one comparison pass instead of n dependent block-wide arg-max
-    passes. Forced blocks get +inf's bits and blocks past the current one no key, so ties go to the
-    lower block index, as in the default."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()  # after the wait: see nsa_decode_tuned
-    NBLK: tl.constexpr = TT * PPT
-    prog = tl.program_id(1)
-    pid, b, L, n_tiles, gmask, rows, mx, inv = _score_group(lens_ptr, pm_ptr, pl_ptr, Hkv, NSPLIT, G, GP,
-                                                            BLOCK_L, STRIDE, BN, NSPLIT_P)
-    cur = (L - 1) // PAGE
-    j = prog * NBLK + tl.arange(0, NBLK)
-    visible = j <= cur
-    phys = tl.load(bt_ptr + b * sbt_b + j, mask=visible, other=0)
-    # Factors of this program's tiles and of the tile before each (tiles past the sequence's
-    # entries were not written this call: factor 0, values masked).
-    t = prog * TT + tl.arange(0, TT)
-    tok = t < n_tiles
-    f = _tile_factors(pms_ptr, rows, gmask, mx, inv, t, tok, MAXT)  # [GP, TT]
-    tp = t - 1
-    pok = (tp >= 0) & (tp < n_tiles)
-    fp = _tile_factors(pms_ptr, rows, gmask, mx, inv, tp, pok, MAXT)
-    c = tl.arange(0, PPT)
-    score = tl.zeros([TT, PPT], tl.float32)
-    for k in tl.static_range(KSPAN):
-        sv = tl.load(psc_ptr + ((rows[:, None, None] * MAXT + t[None, :, None]) * KSPAN + k) * ROWW
-                     + c[None, None, :],
-                     mask=gmask[:, None, None] & tok[None, :, None] & (c >= k)[None, None, :], other=0.0)
-        score += tl.sum(sv * f[:, :, None], 0)
-        if k > 0:  # the previous tile's last k pages reach this tile's first k blocks
-            ov = tl.load(psc_ptr + ((rows[:, None, None] * MAXT + tp[None, :, None]) * KSPAN + k) * ROWW
-                         + PPT + c[None, None, :],
-                         mask=gmask[:, None, None] & pok[None, :, None] & (c < k)[None, None, :], other=0.0)
-            score += tl.sum(ov * fp[:, :, None], 0)
-    score = tl.reshape(score, [NBLK])
-    forced = ((j < NUM_INIT) | (j > cur - NUM_LOCAL)) & visible
-    bits = score.to(tl.int32, bitcast=True).to(tl.int64)  # scores are ≥ 0: bits order like floats
-    bits = tl.where(forced, 0x7F800000, bits)
-    key = tl.where(visible, (bits << 32) | (0x7FFFFFFF - j).to(tl.int64), -1)
-    kbase = key_ptr + (pid * NPROG + prog) * NBLK
-    tl.store(kbase + tl.arange(0, NBLK), key)
-    tl.debug_barrier()  # this CTA's key stores before its loads of them
-    rank = tl.zeros([NBLK], tl.int32)
-    for c0 in tl.static_range(0, NBLK, RCH):
-        col = tl.load(kbase + c0 + tl.arange(0, RCH), cache_modifier=".cg")
-        rank += tl.sum((col[None, :] > key[:, None]).to(tl.int32), 1)
-    keep = (key >= 0) & (rank < NSEL)
-    ks = tl.arange(0, NSP)
-    base = (pid * NPROG + prog) * NSP
-    tl.store(cand_ptr + base + rank, key, mask=keep)
-    tl.store(cph_ptr + base + rank, phys, mask=keep)
-    tl.store(cand_ptr + base + ks, tl.full([NSP], -1, tl.int64), mask=ks >= tl.sum(keep.to(tl.int32), 0))
-    # The barrier orders this CTA's stores before the atomic's release; the acquire orders the last
-    # program's loads after every other program's stores.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(cnt_ptr + pid, 1)
-    if arrived == NPROG - 1:
-        tl.store(cnt_ptr + pid, 0)  # ready for the next call: every program of this group has counted
-        NC = NPROG * NSP
-        cbase = pid * NC
-        n_win = 0
-        for r0 in tl.static_range(0, NCP, RROW):  # RROW candidates at a time: bounded registers
-            ci = r0 + tl.arange(0, RROW)
-            ckey = tl.load(cand_ptr + cbase + ci, mask=ci < NC, other=-1, cache_modifier=".cg")  # other CTAs'
-            cph = tl.load(cph_ptr + cbase + ci, mask=ci < NC, other=0, cache_modifier=".cg")
-            crank = tl.zeros([RROW], tl.int32)
-            for c0 in tl.static_range(0, NCP, RCH):
-                cc = c0 + tl.arange(0, RCH)
-                col = tl.load(cand_ptr + cbase + cc, mask=cc < NC, other=-1, cache_modifier=".cg")
-                crank += tl.sum((col[None, :] > ckey[:, None]).to(tl.int32), 1)
-            win = (ckey >= 0) & (crank < NSEL)
-            idx = (0x7FFFFFFF - (ckey & 0x7FFFFFFF)).to(tl.int32)
-            tl.store(sel_ptr + pid * NSEL + crank, idx, mask=win)
-            tl.store(ulp_ptr + pid * NSP + crank, idx, mask=win)
-            tl.store(uph_ptr + pid * NSP + crank, cph, mask=win)
-            n_win += tl.sum(win.to(tl.int32), 0)
-        # Fewer than n blocks exist: the rest of the list is empty (−1; table entry 0 is a valid id).
-        empty = ks >= n_win
-        tl.store(sel_ptr + pid * NSEL + ks, tl.full([NSP], -1, tl.int32), mask=empty & (ks < NSEL))
-        tl.store(ulp_ptr + pid * NSP + ks, tl.full([NSP], -1, tl.int32), mask=empty)
-        tl.store(uph_ptr + pid * NSP + ks, tl.load(bt_ptr + b * sbt_b + ks * 0), mask=empty)
+                      L, b, sbt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL, PAGE, TOPN)
 
 
 @triton.jit
 def _select_units(score, bt_ptr, sel_ptr, ulp_ptr, uph_ptr, L, b, sbt_b,
                   NBP: tl.constexpr, NSEL: tl.constexpr, NSP: tl.constexpr, NUM_INIT: tl.constexpr,
-                  NUM_LOCAL: tl.constexpr, PAGE: tl.constexpr):
+                  NUM_LOCAL: tl.constexpr, PAGE: tl.constexpr, TOPN: tl.constexpr):
     """Forced blocks + top-n of one group (score [NBP]: its block scores), then its work list.
 
     Top-n key = (float bits of score) << 32 | (2³¹ − 1 − j): scores are ≥ 0 so their bits order like
     the floats; +inf's bits for forced blocks (the first NUM_INIT and the NUM_LOCAL most recent, the
-    current one included); −1 for blocks past the current one. n passes of an int64 max pick the
-    best, ties going to the lower block index (the reference's stable descending sort).
+    current one included); −1 for blocks past the current one. Keys are distinct, so the n largest
+    in descending order are the best blocks, ties going to the lower block index (the reference's
+    stable descending sort). TOPN picks how they are found (TOPN_MODES):
+      0 "passes": n dependent passes of a block-wide int64 max, each removing its winner;
+      1 "sort": Triton's bitonic top-k (`tl.topk`; a full `tl.sort` where the Triton lacks it):
+        about (log n)² / 2 + log(NBP / n) · log n compare-and-swap steps, none waiting on a
+        block-wide reduction's result to start the next.
 
     Work list [NSP]: the selected logical pages (−1 = none: fewer than n blocks exist) and their
     physical pages (an unused slot names table entry 0, always a valid page id)."""
@@ -349,12 +250,19 @@ def _select_units(score, bt_ptr, sel_ptr, ulp_ptr, uph_ptr, L, b, sbt_b,
     key = (bits << 32) | (0x7FFFFFFF - j).to(tl.int64)
     key = tl.where(visible, key, -1)
     ks = tl.arange(0, NSP)
-    sel = tl.full([NSP], -1, tl.int32)
-    for t in range(NSEL):
-        kmax = tl.max(key, 0)
-        idx = tl.where(kmax >= 0, (0x7FFFFFFF - (kmax & 0x7FFFFFFF)).to(tl.int32), -1)
-        sel = tl.where(ks == t, idx, sel)
-        key = tl.where(j == idx, -1, key)
+    if TOPN == 0:
+        sel = tl.full([NSP], -1, tl.int32)
+        for t in range(NSEL):
+            kmax = tl.max(key, 0)
+            idx = tl.where(kmax >= 0, (0x7FFFFFFF - (kmax & 0x7FFFFFFF)).to(tl.int32), -1)
+            sel = tl.where(ks == t, idx, sel)
+            key = tl.where(j == idx, -1, key)
+    else:
+        if HAS_TOPK:
+            top = tl.topk(key, NSP)
+        else:  # sorted descending: row 0 of [NBP / NSP, NSP] is the largest NSP, so the column max
+            top = tl.max(tl.reshape(tl.sort(key, descending=True), [NBP // NSP, NSP]), 0)
+        sel = tl.where((top >= 0) & (ks < NSEL), (0x7FFFFFFF - (top & 0x7FFFFFFF)).to(tl.int32), -1)
     tl.store(sel_ptr + ks, sel, mask=ks < NSEL)
     phys = tl.load(bt_ptr + b * sbt_b + tl.maximum(sel, 0))
     tl.store(ulp_ptr + ks, sel)
@@ -623,6 +531,13 @@ CMP_TILE = 128
 # H100 (docs/benchmarks/decode.md, fourth round: batch 16 166.6 → 143.5 µs, batch 64 434 → 425 µs).
 ATTEND_WARPS = 4
 ATTEND_SPLIT_DK = True
+# How the score kernel's last-arriving program finds the top-n (`_select_units`). "sort" measured
+# on the H200 at 64k (docs/benchmarks/decode.md, ninth round): batch 1 31.2 → 29.9 µs, batch 16
+# 97.7 → 96.7, batch 64 equal; its top-n program 6.1 → 4.8 µs at batch 1 (timeline).
+TOPN_MODES = ("passes", "sort")
+TOPN = "sort"
+HAS_TOPK = tl.constexpr(hasattr(tl, "topk"))  # tl.topk arrived after tl.sort (Triton 3.x)
+
 # Fuse the split merge and gates into the attention kernel's last split when both branches have at
 # most this many splits (batch ≥ 16 at 64k); many splits (batch 1) would serialise that merge.
 FUSE_MAX_SPLITS = 8
@@ -632,14 +547,13 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
                      return_selection=False, num_splits=None, chunk=None, num_warps=None,
                      cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
                      attend_split_dk=None, attend_stages=3, fuse_combine=None, pdl=None,
-                     score_warps=4, topn="passes", score_blocks=128):
+                     score_warps=4, topn=TOPN):
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
     (None: when both branches have at most FUSE_MAX_SPLITS splits). `pdl`: programmatic dependent
-    launch (None: `pdl_enabled`). `topn`: "passes" (n arg-max passes, the default) or "rank"
-    (`_score_rank_kernel`, an experiment; `score_blocks` = blocks one of its programs ranks, a
-    power of two). Defaults: the fastest measured at 64k (docs/benchmarks/decode.md).
+    launch (None: `pdl_enabled`). `topn`: how the top-n is found (TOPN_MODES, `_select_units`).
+    Defaults: the fastest measured at 64k (docs/benchmarks/decode.md).
 
     With PDL each kernel waits (griddepcontrol.wait) before touching memory, so it is safe after
     any kernel. A kernel lets its dependents launch (launch_dependents) once its own main work is
@@ -679,10 +593,10 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     prec = dot_precision(q.dtype)
     ring = win_tables is not None
     wt = win_tables if ring else block_tables
-    NBP = max(16, next_pow2(max_pages))
     # Work of launch 3: the window's pages (at most NWP) and the n selected pages.
     NWP = (p.window - 1 + P - 1) // P + 1
     NSP = max(2, next_pow2(p.num_select))
+    NBP = max(16, NSP, next_pow2(max_pages))  # ≥ NSP: the sorting top-n takes NSP of NBP keys
 
     # Pipeline stages: the pipeliner keeps stages − 1 buffers of a tile (the page ids are loaded
     # one tile ahead); fp32 tiles are twice as large, so they may get fewer.
@@ -701,15 +615,10 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     pl = torch.empty_like(pm)
     pacc = torch.empty(B, Hq, nsplit_c, Dv, device=dev, dtype=f32)
     pms = torch.empty(B, Hq, MAXT, device=dev, dtype=f32)
-    if topn not in ("passes", "rank"):
-        raise ValueError(f"topn must be 'passes' or 'rank', got {topn!r}")
-    rank = topn == "rank"
+    if topn not in TOPN_MODES:
+        raise ValueError(f"topn must be one of {TOPN_MODES}, got {topn!r}")
     PPT = BN // E
-    if rank and KSPAN > PPT:
-        raise ValueError(f"a summary reaches {KSPAN} blocks, more than the {PPT} pages of a tile: use a "
-                         f"larger chunk (now {BN} entries) with topn='rank'")
-    ROWW = PPT + KSPAN - 1 if rank else PPT  # the rank top-n's rows carry the next tile's spill
-    psc = torch.empty(B, Hq, MAXT, KSPAN, ROWW, device=dev, dtype=f32)
+    psc = torch.empty(B, Hq, MAXT, KSPAN, PPT, device=dev, dtype=f32)
     sel = torch.empty(B, Hkv, p.num_select, device=dev, dtype=torch.int32)
     ulp = torch.empty(NG, NSP, device=dev, dtype=torch.int32)
     uph = torch.empty_like(ulp)
@@ -720,24 +629,20 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         vc, vc.stride(0), vc.stride(1), vc.stride(2), block_tables, block_tables.stride(0), seq_lens,
         pm, pl, pacc, pms, psc, scale, Hkv, MAXT, nsplit_c,
         G=G, GP=GP, DK=Dk, DK0=DK0, DK1=DK1, DV=Dv, DVP=DVP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P,
-        E=E, BN=BN, PPT=PPT, KSPAN=KSPAN, STAGES=cmp_stages, ROWW=ROWW, SHIFT=int(rank),
+        E=E, BN=BN, PPT=PPT, KSPAN=KSPAN, STAGES=cmp_stages,
         PREC=prec, UPCAST=interpreter_upcast(q.dtype), PDL=pdl, num_warps=cmp_warps, **launch)
-    if rank:
-        _launch_score_rank(seq_lens, pm, pl, pms, psc, block_tables, sel, ulp, uph, cnt[NG:], Hkv, MAXT,
-                           nsplit_c, G, GP, p, P, BN, PPT, ROWW, KSPAN, NSP, max_pages, score_blocks, pdl,
-                           score_warps, launch)
-    else:
-        # Launch 2 sizing: TT compressed tiles per program (about 4096 partial scores: 32 a thread).
-        TT = 1 << ((max(1, 4096 // (GP * KSPAN * PPT))).bit_length() - 1)
-        nprog = triton.cdiv(MAXT, TT)
-        SROW = max(NBP, MAXT * PPT)
-        part = torch.empty(NG, KSPAN, SROW, device=dev, dtype=f32)
-        _score_kernel[(NG, nprog)](
-            seq_lens, pm, pl, pms, psc, part, block_tables, block_tables.stride(0),
-            sel, ulp, uph, cnt[NG:], Hkv, MAXT, nsplit_c, nprog, SROW,  # SROW: a stride, run-time
-            G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, BN=BN, PPT=PPT, KSPAN=KSPAN,
-            NSPLIT_P=next_pow2(nsplit_c), TT=TT, NBP=NBP, NSEL=p.num_select, NSP=NSP,
-            NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, PDL=pdl, num_warps=score_warps, **launch)
+    # Launch 2 sizing: TT compressed tiles per program (about 4096 partial scores: 32 a thread).
+    TT = 1 << ((max(1, 4096 // (GP * KSPAN * PPT))).bit_length() - 1)
+    nprog = triton.cdiv(MAXT, TT)
+    SROW = max(NBP, MAXT * PPT)
+    part = torch.empty(NG, KSPAN, SROW, device=dev, dtype=f32)
+    _score_kernel[(NG, nprog)](
+        seq_lens, pm, pl, pms, psc, part, block_tables, block_tables.stride(0),
+        sel, ulp, uph, cnt[NG:], Hkv, MAXT, nsplit_c, nprog, SROW,  # SROW: a stride, run-time
+        G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, BN=BN, PPT=PPT, KSPAN=KSPAN,
+        NSPLIT_P=next_pow2(nsplit_c), TT=TT, NBP=NBP, NSEL=p.num_select, NSP=NSP,
+        NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, TOPN=TOPN_MODES.index(topn),
+        PDL=pdl, num_warps=score_warps, **launch)
 
     if num_splits is None:
         # Up to two programs per SM, one wave (they fit two per SM: 253 registers, 90 KB of
@@ -781,27 +686,6 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     if return_selection:
         return out, sel
     return out
-
-
-def _launch_score_rank(seq_lens, pm, pl, pms, psc, block_tables, sel, ulp, uph, cnt, Hkv, MAXT, nsplit_c,
-                       G, GP, p, P, BN, PPT, ROWW, KSPAN, NSP, max_pages, score_blocks, pdl, warps, launch):
-    """Launch `_score_rank_kernel`: programs of NBLK blocks covering every page of the table (with
-    l > d the tiles' entries end before the last pages, which may still be forced)."""
-    NG, dev = pm.shape[0] * Hkv, pm.device
-    n_blocks = max(MAXT * PPT, max_pages)
-    NBLK = max(PPT, min(score_blocks, next_pow2(n_blocks)))
-    nprog = triton.cdiv(n_blocks, NBLK)
-    NCP = next_pow2(nprog * NSP)
-    keys = torch.empty(NG, nprog, NBLK, device=dev, dtype=torch.int64)
-    cand = torch.empty(NG, nprog, NSP, device=dev, dtype=torch.int64)
-    cph = torch.empty(NG, nprog, NSP, device=dev, dtype=torch.int32)
-    _score_rank_kernel[(NG, nprog)](
-        seq_lens, pm, pl, pms, psc, block_tables, block_tables.stride(0), keys, cand, cph,
-        sel, ulp, uph, cnt, Hkv, MAXT, nsplit_c, nprog,
-        G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, BN=BN, PPT=PPT, ROWW=ROWW, KSPAN=KSPAN,
-        NSPLIT_P=next_pow2(nsplit_c), TT=NBLK // PPT, NCP=NCP, RCH=min(NBLK, NCP, 16), RROW=min(NCP, 64),
-        NSEL=p.num_select,
-        NSP=NSP, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, PDL=pdl, num_warps=warps, **launch)
 
 
 def _stages_that_fit(stages: int, stage_bytes: int, budget: int) -> int:

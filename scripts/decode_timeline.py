@@ -1,7 +1,7 @@
 """In-graph timeline of one NSA decode step: when each kernel's programs start, pass their PDL wait
 and end, from %globaltimer stamps — what the profiler cannot show once PDL overlaps the kernels.
 
-    python3 scripts/decode_timeline.py [--ctx 65536] [--batch 1 --batch 16 ...] [--topn passes --topn rank]
+    python3 scripts/decode_timeline.py [--ctx 65536] [--batch 1 --batch 16 ...] [--topn passes --topn sort]
 
 Instruments a copy of kernels/nsa_decode.py (written to a temporary file, never into the tree): each
 program of the compressed pass, the score kernel and the attention kernel stores the time at its
@@ -46,8 +46,7 @@ ARGS = ", tim_ptr=None, TIME: tl.constexpr = False):"
 TIMER = "tim_ptr=timer, TIME=timer is not None, "
 
 # (pattern, replacement, matches): each must match exactly that many times in kernels/nsa_decode.py,
-# or the script stops and says which (the kernel changed: update the anchors). Both score kernels
-# (the default and the rank top-n) are stamped as kernel 1.
+# or the script stops and says which (the kernel changed: update the anchors).
 EDITS = [
     (r"\n@triton\.jit\ndef _cmp_tile_kernel\(", "\n" + STAMP, 1),
     (r"(UPCAST: tl\.constexpr, PDL: tl\.constexpr[^)]*)\):(\n    \"\"\"Program \(group, split\) walks)",
@@ -55,13 +54,11 @@ EDITS = [
     (r"(\n    if PDL:  # launched early .*\n        tl\.extra\.cuda\.gdc_wait\(\)\n)",
      r"\n    _stamp(tim_ptr, 0, 0, TIME)\1    _stamp(tim_ptr, 0, 1, TIME)\n", 1),
     (r"(\n    tl\.store\(pacc_ptr \+ o\[:, None\] \* DV .*\n)", r"\1    _stamp(tim_ptr, 0, 2, TIME)\n", 1),
-    (r"(NUM_LOCAL: tl\.constexpr, PDL: tl\.constexpr)\):(\n    \"\"\"(Program \(group, p\)|`_score_kernel` with))",
-     r"\1" + ARGS + r"\2", 2),
+    (r"(NUM_LOCAL: tl\.constexpr, TOPN: tl\.constexpr, PDL: tl\.constexpr)\):(\n    \"\"\"Program \(group, p\))",
+     r"\1" + ARGS + r"\2", 1),
     (r"(\n    if PDL:\n        tl\.extra\.cuda\.gdc_wait\(\)\n        tl\.extra\.cuda\.gdc_launch_dependents\(\).*\n)",
-     r"\n    _stamp(tim_ptr, 1, 0, TIME)\1    _stamp(tim_ptr, 1, 1, TIME)\n", 2),
-    (r"(\n                      L, b, sbt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL, PAGE\)\n)",
-     r"\1    _stamp(tim_ptr, 1, 2, TIME)\n", 1),
-    (r"(\n        tl\.store\(uph_ptr \+ pid \* NSP \+ ks, tl\.load\(bt_ptr .*mask=empty\)\n)",
+     r"\n    _stamp(tim_ptr, 1, 0, TIME)\1    _stamp(tim_ptr, 1, 1, TIME)\n", 1),
+    (r"(\n                      L, b, sbt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL, PAGE, TOPN\)\n)",
      r"\1    _stamp(tim_ptr, 1, 2, TIME)\n", 1),
     (r"(PDL: tl\.constexpr)\):(\n    \"\"\"Program \(group, split\): window pages)", r"\1" + ARGS + r"\2", 1),
     (r"(\n    pid = tl\.program_id\(0\)\n    split = tl\.program_id\(1\)\n    b = pid // Hkv\n    kh = pid % Hkv\n    Hq = Hkv \* G)",
@@ -70,9 +67,7 @@ EDITS = [
      r"\1    _stamp(tim_ptr, 2, 1, TIME)\n", 1),
     (r"(\n                     res\.to\(out_ptr\.dtype\.element_ty\), mask=.*\n)", r"\1    _stamp(tim_ptr, 2, 2, TIME)\n", 1),
     (r"(score_warps=4[^)]*)\):", r"\1, timer=None):", 1),
-    (r"(pdl, warps, launch)\):", r"\1, timer=None):", 1),
-    (r"(pdl,\s+score_warps, launch)\)", r"\1, timer)", 1),
-    (r"PDL=pdl, (num_warps=(cmp_warps|score_warps|warps|num_warps))", "PDL=pdl, " + TIMER + r"\1", 4),
+    (r"PDL=pdl, (num_warps=(cmp_warps|score_warps|num_warps))", "PDL=pdl, " + TIMER + r"\1", 3),
 ]
 NAMES = ("cmp", "score", "attend")
 
@@ -127,7 +122,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ctx", type=int, default=65536)
     ap.add_argument("--batch", type=int, action="append")
-    ap.add_argument("--topn", action="append", choices=["passes", "rank"], help="score kernel(s) to time")
+    ap.add_argument("--topn", action="append", choices=["passes", "sort"], help="top-n mode(s) to time")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("decode_timeline needs a CUDA GPU")
@@ -137,7 +132,7 @@ def main(argv=None):
           "last past its wait / first end / median end / last end")
     for B in args.batch or (1, 16, 64):
         q, gates, layer, tables, lens = make_inputs(B, args.ctx, **SHAPES["paper"], p=PAPER_P)
-        for topn in args.topn or ["passes"]:
+        for topn in args.topn or ["sort"]:
             for pdl in (True, False):
                 step = lambda: mod.nsa_decode_tuned(q, gates, layer, tables, lens, PAPER_P, pdl=pdl,  # noqa
                                                     topn=topn, timer=tim)

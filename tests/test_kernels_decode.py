@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import triton.language as tl
 
 from kernels_interpret import DEVICE, load_kernels
 from nsa_kernels.paged import PagedLayerCache, gather_ring, gather_sequence, paged_nsa_attention_ref
@@ -219,8 +220,8 @@ def test_gpu_paper_shape_fp32_selection(G):
 @pytest.mark.parametrize("kw", [dict(cmp_warps=8, cmp_stages=2, cmp_split_dk=False),
                                 dict(chunk=32, cmp_programs=528, attend_split_dk=True),
                                 dict(chunk=32, cmp_programs=528, num_splits=12, fuse_combine=True),
-                                dict(fuse_combine=False), dict(topn="rank"),
-                                dict(topn="rank", score_blocks=32, chunk=64)])
+                                dict(fuse_combine=False), dict(topn="sort"),
+                                dict(topn="passes")])
 def test_gpu_paper_shape_launch_variants(kw):
     # The launch configurations the benchmark compares (nsa_decode_tuned); the default is covered
     # above. fp32 so the selected blocks are compared exactly too.
@@ -333,12 +334,12 @@ def test_timeline_instrumentation_still_applies():
     mod = tool.instrumented_module()
     assert "timer" in mod.nsa_decode_tuned.__code__.co_varnames
     q, gates, layer, tables, seq_lens, _ = make_case([40, 150], 2, 4, 24, 16, SMALL, seed=5)
-    for topn in ("passes", "rank"):
+    for topn in nsa_mod.TOPN_MODES:
         want = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, topn=topn)
         assert torch.equal(mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, topn=topn), want)
 
 
-RANK_CASES = {
+TOPN_CASES = {
     # name: (lens, Hkv, G, Dk, Dv, p, kwargs)
     "ragged, G=1": (RAGGED, 2, 1, 24, 16, SMALL, dict(chunk=16)),
     "G=16": ([3, 33, 160], 2, 16, 24, 16, SMALL, dict(chunk=16)),
@@ -346,37 +347,42 @@ RANK_CASES = {
     "l > l' (3 blocks a summary)": ([7, 16, 41, 130, 191], 1, 2, 16, 24,
                                     SparsityParams(block=40, stride=8, select_block=16, num_select=4,
                                                    window=32, num_local=1), dict(chunk=16, num_splits=2)),
-    "l = d = l'": ([7, 16, 41, 130, 191], 1, 2, 16, 24,
-                   SparsityParams(block=16, stride=16, select_block=16, num_select=3, window=16),
-                   dict(chunk=16)),
-    "16 programs, candidates ranked 16 at a time": ([40, 2500, 4000], 1, 2, 16, 16,
-                                                    SparsityParams(block=8, stride=4, select_block=16,
-                                                                   num_select=8, window=32),
-                                                    dict(chunk=64, score_blocks=16)),
+    "l = d = l', n not a power of two": ([7, 16, 41, 130, 191], 1, 2, 16, 24,
+                                         SparsityParams(block=16, stride=16, select_block=16, num_select=3,
+                                                        window=16), dict(chunk=16)),
+    "n above the table's blocks": ([40, 250, 600], 1, 2, 16, 16,
+                                   SparsityParams(block=8, stride=4, select_block=16, num_select=24,
+                                                  window=32), dict(chunk=64)),
     "many compressed splits": (RAGGED, 2, 4, 48, 16, SMALL, dict(chunk=16, cmp_programs=64, num_splits=3)),
 }
 
 
-@pytest.mark.parametrize("case", list(RANK_CASES))
-def test_nsa_decode_rank_topn_matches_reference(case):
-    # The top-n by rank (`topn="rank"`, an experiment beside the default arg-max passes) must pick
-    # the reference's blocks and give its output in every layout the default is tested in.
-    lens, Hkv, G, Dk, Dv, p, kw = RANK_CASES[case]
-    check_nsa(lens, Hkv, G, Dk, Dv, p, fn=nsa_mod.nsa_decode_tuned, topn="rank", **kw)
+@pytest.mark.parametrize("topk", [True, False], ids=["tl.topk", "tl.sort"])
+@pytest.mark.parametrize("case", list(TOPN_CASES))
+def test_nsa_decode_sort_topn_matches_reference(case, topk, monkeypatch):
+    # The sorting top-n (`topn="sort"`, beside the arg-max passes) must pick the reference's blocks and
+    # give its output in every layout the default is tested in — with tl.topk and with the full
+    # tl.sort used where a Triton lacks tl.topk (the interpreter reads the module global each call).
+    if topk and not hasattr(tl, "topk"):
+        pytest.skip("this Triton has no tl.topk")
+    monkeypatch.setattr(nsa_mod, "HAS_TOPK", tl.constexpr(topk))
+    lens, Hkv, G, Dk, Dv, p, kw = TOPN_CASES[case]
+    check_nsa(lens, Hkv, G, Dk, Dv, p, fn=nsa_mod.nsa_decode_tuned, topn="sort", **kw)
 
 
-def test_nsa_decode_rank_topn_ties_and_repeat_calls():
+@pytest.mark.parametrize("topn", ["passes", "sort"])
+def test_nsa_decode_topn_ties_and_repeat_calls(topn):
     q, gates, layer, tables, seq_lens, _ = make_case([132, 135], 2, 2, 16, 16, SMALL)
-    q.zero_()  # every interior block ties: lower block indices must win, as in the default
+    q.zero_()  # every interior block ties: lower block indices must win
     out, sel = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, return_selection=True,
-                                        chunk=16, topn="rank")
+                                        chunk=16, topn=topn)
     want = reference_selection(q, gates, layer, tables, seq_lens, SMALL, None)
     assert [[set(sel[b, h].tolist()) - {-1} for h in range(2)] for b in range(2)] == want
     assert sel[0, 0].tolist() == [0, 7, 8, 1]  # forced blocks first (lower index first), then the tie's winner
     _, sel_default = nsa_mod.nsa_decode(q, gates, layer, tables, seq_lens, SMALL, return_selection=True, chunk=16)
     assert torch.equal(sel, sel_default)  # the same list, in the same order
-    again = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, topn="rank")
+    again = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, topn=topn)
     assert torch.equal(again, out)
     assert int(nsa_mod._COUNTERS[q.device].abs().sum()) == 0
     with pytest.raises(ValueError, match="topn"):
-        nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, topn="sort")
+        nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, topn="rank")
