@@ -145,6 +145,7 @@ def _cases(shape: str, dtype: torch.dtype):
     from .nsa_prefill import nsa_prefill
     from .paged import PagedLayerCache
     from .reference import SparsityParams
+    from .rope import rope_rotate
 
     Hq, Hkv, Dk, Dv = SHAPES[shape]
     p = SparsityParams(block=32, stride=16, select_block=64, num_select=16, window=512)
@@ -177,6 +178,7 @@ def _cases(shape: str, dtype: torch.dtype):
         ("nsa_prefill ring", lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p, win_tables=ring[:1])),
         ("write_kv", lambda: write_kv(layer.k_cache, x, slots)),
         ("gather_blocks", lambda: gather_blocks(layer.k_cache, bslots)),
+        ("rope_rotate", lambda: rope_rotate(qp, torch.empty(T, Dk), torch.empty(T, Dk))),
         ("write_mean_summaries", lambda: write_mean_summaries(layer.k_cache, layer.v_cache, layer.kc_cache,
                                                               layer.vc_cache, bslots, sslots)),
     ]

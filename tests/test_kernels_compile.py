@@ -31,7 +31,7 @@ def test_every_kernel_builds_for_sm80_and_sm90():
     for arch in ("sm80", "sm90"):
         for kernel in ("_cmp_tile_kernel", "_attend_kernel", "_combine_kernel",
                        "_dense_split_kernel", "_cmp_kernel", "_win_kernel", "_topn_kernel", "_slc_kernel",
-                       "_write_kernel", "_gather_kernel", "_mean_summary_kernel"):
+                       "_write_kernel", "_gather_kernel", "_mean_summary_kernel", "_rope_kernel"):
             assert any(line.startswith(arch) and f" {kernel} " in line for line in lines), (arch, kernel)
     assert "0 failing" in lines[-1]
 

@@ -169,3 +169,23 @@ def test_rope_tables_shared_by_layers_equal_the_formula(dtype, tol):
         assert torch.equal(got, apply_rope(x, positions, 10000.0))
     with pytest.raises(ValueError, match="head dim"):
         rope(torch.zeros(len(positions), 1, 16, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_rms_norm_equals_the_formula(dtype, tol):
+    # RMSNorm runs torch's F.rms_norm (one fused kernel on CUDA); its twin is the formula written
+    # out, computed here in float64. Rows of very different scales, eps mattering for the small one.
+    from nsa_serve.model.nsa_model import RMSNorm, rms_norm_reference
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 96, generator=gen) * torch.tensor([1e-4, 1.0, 30.0]).view(1, 3, 1)
+    norm = RMSNorm(96, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96, generator=gen))
+    norm = norm.to(dtype)
+    got = norm(x.to(dtype))
+    want = rms_norm_reference(x.double(), norm.weight.double(), 1e-5)
+    assert got.dtype == dtype
+    assert ((got.double() - want).norm() / want.norm()).item() < tol
+    assert torch.allclose(rms_norm_reference(x.to(dtype), norm.weight, 1e-5).double(), got.double(),
+                          rtol=tol, atol=0)
