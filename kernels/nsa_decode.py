@@ -16,11 +16,11 @@ win_tables, scale)` (tested on fresh random inputs; see docs/kernels_decode.md).
    and sums the partial scores over the group's heads with one factor exp(m_tile − M_h) / L_h per
    (head, tile), into per-page rows part_k (block j's score is Σ_k part_k[j − k]: entries of page
    j − k spill k blocks forward). The group's last-arriving program (an atomic arrival counter)
-   forms the block scores, forces the initial/local blocks, takes the top-n (n argmax passes over
-   packed (score bits, −index) int64 keys, so ties go to the lower block index, the reference's
-   rule) and writes the group's work list: the n selected pages, then the window's pages, as
-   (logical page, physical page) pairs; with shared K/V a window page that is also selected is
-   dropped from the list (it is read once, as a selection, and feeds both branches).
+   forms the block scores, forces the initial/local blocks, takes the top-n of packed (score
+   bits, −index) int64 keys (Triton's bitonic top-k), so ties go to the lower block index, the
+   reference's rule, and writes the group's work list: the n selected pages, then the window's
+   pages, as (logical page, physical page) pairs; with shared K/V a window page that is also
+   selected is dropped from the list (it is read once, as a selection, and feeds both branches).
 3. `_attend_kernel`, grid (B·Hkv, splits): each program attends to its share of the work list. Each
    branch is its own softmax, exactly as the reference computes them; with independent K/V
    (`win_tables`) the window's pages come from the ring. When the splits are few (batch ≥ ~16 at
@@ -535,7 +535,7 @@ ATTEND_SPLIT_DK = True
 # on the H200 at 64k (docs/benchmarks/decode.md, ninth round): batch 1 31.2 → 29.9 µs, batch 16
 # 97.7 → 96.7, batch 64 equal; its top-n program 6.1 → 4.8 µs at batch 1 (timeline).
 TOPN_MODES = ("passes", "sort")
-TOPN = "sort"
+TOPN_DEFAULT = "sort"
 HAS_TOPK = tl.constexpr(hasattr(tl, "topk"))  # tl.topk arrived after tl.sort (Triton 3.x)
 
 # Fuse the split merge and gates into the attention kernel's last split when both branches have at
@@ -547,7 +547,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
                      return_selection=False, num_splits=None, chunk=None, num_warps=None,
                      cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
                      attend_split_dk=None, attend_stages=3, fuse_combine=None, pdl=None,
-                     score_warps=4, topn=TOPN):
+                     score_warps=4, topn=TOPN_DEFAULT):
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
