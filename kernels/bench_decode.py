@@ -166,8 +166,7 @@ VARIANTS = {
     "splits merged in the attention kernel": dict(fuse_combine=True),
     "splits merged by the combine launch": dict(fuse_combine=False),
     "64-entry compressed tiles": dict(chunk=64),
-    "top-n by arg-max passes": dict(topn="passes"),
-    "top-n by bitonic sort": dict(topn="sort"),
+    "top-n by arg-max passes (default: bitonic top-k)": dict(topn="passes"),
 }
 
 

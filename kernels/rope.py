@@ -44,7 +44,8 @@ def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
         raise ValueError(f"rope_rotate needs an even, contiguous last dim, got shape {tuple(x.shape)} "
                          f"strides {x.stride()}")
     cos, sin = cos.reshape(T, D), sin.reshape(T, D)
-    if cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.stride(-1) != 1 or sin.stride() != cos.stride():
+    if (cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.stride(-1) != 1
+            or sin.stride() != cos.stride()):
         raise ValueError("rope_rotate needs float32 tables [T, D] with a contiguous last dim")
     out = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
     if T == 0:
