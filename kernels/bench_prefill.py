@@ -104,10 +104,11 @@ def parse_config(text: str) -> PrefillConfig:
 
 SWEEP = [  # tried at 64k with --sweep; the fastest is then used for the table
     "",
+    "mask_split=0",
+    "score_cat=0",
+    "mask_split=1,stages_cmp=4",
     "rows_cmp=64,warps_cmp=4",
-    "rows_cmp=64,warps_cmp=4,warps_slc=4",
-    "rows_win=128,warps_win=8",
-    "stages_cmp=3",
+    "rows_cmp=64,warps_cmp=4,stages_cmp=2",
 ]
 
 

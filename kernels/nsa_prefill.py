@@ -98,6 +98,52 @@ def _overlap_tokens(ii, jj, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr):
 
 
 @_helper
+def _full_chunks(pos0, L: tl.constexpr, D: tl.constexpr, CN: tl.constexpr, BN: tl.constexpr,
+                 MASK_SPLIT: tl.constexpr):
+    """Summaries [0, n) in whole chunks of CN that every query at position ≥ pos0 sees (entry i is
+    visible when i·d + l − 1 ≤ pos): the chunks that need no causal mask. 0 without MASK_SPLIT or
+    when a chunk is narrower than its tile (CN < BN: padded columns need the mask)."""
+    n0 = tl.where(pos0 + 1 >= L, (pos0 + 1 - L) // D + 1, 0)
+    if MASK_SPLIT and CN == BN:
+        return (n0 // CN) * CN
+    else:
+        return n0 * 0
+
+
+@_helper
+def _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p, skc_h, skc_r, svc_p,
+                 svc_h, svc_r, n_vis, row_ok, pos, qk_scale, ar, dv, DK: tl.constexpr, DK1: tl.constexpr,
+                 DK2: tl.constexpr, DV: tl.constexpr, P: tl.constexpr, E: tl.constexpr, D: tl.constexpr,
+                 L: tl.constexpr, CN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """One chunk of sweep 1 (online softmax over summaries [i0, i0 + CN)); pg_n holds this chunk's
+    page ids and is returned holding the next chunk's. MASKED=False: every row sees every entry."""
+    ii = i0 + ar
+    ok_i = (ar < CN) & (ii < n_vis)
+    pg = pg_n.to(tl.int64)
+    pg_n = tl.load(bt_row + ((ii + CN) * D) // P, mask=(ar < CN) & (ii + CN < n_vis), other=0)
+    kb = kc_ptr + pg * skc_p + h * skc_h + (ii % E) * skc_r
+    s = _qk(q1, q2, kb[None, :], ok_i[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
+    if MASKED:
+        vis = row_ok[:, None] & ok_i[None, :] & ((ii[None, :] * D + L - 1) <= pos[:, None])
+        s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    vb = vc_ptr + pg * svc_p + h * svc_h + (ii % E) * svc_r
+    vc = tl.load(vb[:, None] + dv[None, :], mask=ok_i[:, None] & (dv[None, :] < DV), other=0.0)
+    o = o * alpha[:, None] + _mm(p.to(vc.dtype), vc, PREC, UPCAST)
+    return m_new, l_i, o, pg_n
+
+
+@_helper
+def _cat_blocks(c, j2, BJ: tl.constexpr, BJE: tl.constexpr):
+    """Block ids of chunk c's score columns j2 ∈ [0, 2·BJ): its own blocks, then the next chunk's."""
+    return c * BJE + tl.where(j2 < BJ, j2, j2 - BJ + BJE)
+
+
+@_helper
 def _tile_rows(tile_ptr, BT: tl.constexpr, GP: tl.constexpr, G: tl.constexpr):
     """A query tile: BT consecutive queries of one sequence × the group's heads (padded to GP)."""
     pid = tl.program_id(0)
@@ -121,6 +167,7 @@ def _cmp_kernel(
     P: tl.constexpr, E: tl.constexpr, D: tl.constexpr, L: tl.constexpr,
     BN: tl.constexpr, CN: tl.constexpr, BJ: tl.constexpr, BJE: tl.constexpr,
     PREC: tl.constexpr, SPREC: tl.constexpr, UPCAST: tl.constexpr, BF16X3: tl.constexpr,
+    SCAT: tl.constexpr, MASK_SPLIT: tl.constexpr,
 ):
     """Compressed attention (→ acc = g_cmp·o_cmp) and group-summed selection-block scores."""
     BM: tl.constexpr = BT * GP
@@ -140,22 +187,21 @@ def _cmp_kernel(
     m_i = tl.full([BM], -1.0e30, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     o = tl.zeros([BM, DVP], tl.float32)
-    for i0 in range(0, n_vis, CN):
-        ii = i0 + ar
-        ok_i = (ar < CN) & (ii < n_vis)
-        pg = tl.load(bt_row + (ii * D) // P, mask=ok_i, other=0).to(tl.int64)
-        kb = kc_ptr + pg * skc_p + h * skc_h + (ii % E) * skc_r
-        s = _qk(q1, q2, kb[None, :], ok_i[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
-        vis = row_ok[:, None] & ok_i[None, :] & ((ii[None, :] * D + L - 1) <= pos[:, None])
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vb = vc_ptr + pg * svc_p + h * svc_h + (ii % E) * svc_r
-        vc = tl.load(vb[:, None] + dv[None, :], mask=ok_i[:, None] & (dv[None, :] < DV), other=0.0)
-        o = o * alpha[:, None] + _mm(p.to(vc.dtype), vc, PREC, UPCAST)
-        m_i = m_new
+    # Page ids are read a chunk ahead (carried): summary addresses loaded in the same iteration
+    # leave Triton's pipeliner nothing to issue early, so the next chunk's copies would start only
+    # after this chunk's math (the decode kernels' finding, docs/benchmarks/decode.md 7th round).
+    # Chunks every row of the tile sees whole (below the first query's visible count) skip the
+    # causal mask: one loop without it, one with it for the rest.
+    n_full = _full_chunks(pos0, L, D, CN, BN, MASK_SPLIT)
+    pg_n = tl.load(bt_row + (ar * D) // P, mask=(ar < CN) & (ar < n_vis), other=0)
+    for i0 in range(0, n_full, CN):
+        m_i, l_i, o, pg_n = _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p,
+                                         skc_h, skc_r, svc_p, svc_h, svc_r, n_vis, row_ok, pos, qk_scale,
+                                         ar, dv, DK, DK1, DK2, DV, P, E, D, L, CN, PREC, UPCAST, False)
+    for i0 in range(n_full, n_vis, CN):
+        m_i, l_i, o, pg_n = _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p,
+                                         skc_h, skc_r, svc_p, svc_h, svc_r, n_vis, row_ok, pos, qk_scale,
+                                         ar, dv, DK, DK1, DK2, DV, P, E, D, L, CN, PREC, UPCAST, True)
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
     g_cmp = tl.load(g_ptr + qrow * sg_t + head * sg_h, mask=row_ok, other=0.0).to(tl.float32)
     arow = (row0 + t - row_base).to(tl.int64)
@@ -175,17 +221,41 @@ def _cmp_kernel(
     spill = tl.zeros([BT, BJ], tl.float32)
     cur_t = (pos0 + tq) // P
     srow = (row0 + tq - row_base).to(tl.int64)
+    pg_n = tl.load(bt_row + (ar * D) // P, mask=(ar < CN) & (ar < n_vis), other=0)
     for c in range(0, n_chunks):
         i0 = c * CN
         ii = i0 + ar
         ok_i = (ar < CN) & (ii < n_vis)
-        pg = tl.load(bt_row + (ii * D) // P, mask=ok_i, other=0).to(tl.int64)
+        pg = pg_n.to(tl.int64)  # read a chunk ahead, as in sweep 1
+        pg_n = tl.load(bt_row + ((ii + CN) * D) // P, mask=(ar < CN) & (ii + CN < n_vis), other=0)
         kb = kc_ptr + pg * skc_p + h * skc_h + (ii % E) * skc_r
         s = _qk(q1, q2, kb[None, :], ok_i[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
-        vis = row_ok[:, None] & ok_i[None, :] & ((ii[None, :] * D + L - 1) <= pos[:, None])
-        p = tl.where(vis, tl.exp2(s - m_i[:, None]), 0.0) * inv_l[:, None]
+        if MASK_SPLIT:  # a run-time branch: chunks below n_full are seen whole by every row
+            if i0 < n_full:
+                p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]
+            else:
+                vis = row_ok[:, None] & ok_i[None, :] & ((ii[None, :] * D + L - 1) <= pos[:, None])
+                p = tl.where(vis, tl.exp2(s - m_i[:, None]), 0.0) * inv_l[:, None]
+        else:
+            vis = row_ok[:, None] & ok_i[None, :] & ((ii[None, :] * D + L - 1) <= pos[:, None])
+            p = tl.where(vis, tl.exp2(s - m_i[:, None]), 0.0) * inv_l[:, None]
         j_own = c * BJE + jr
-        if BF16X3:
+        if BF16X3 and SCAT:
+            # As below, with this chunk's blocks and the next chunk's (the spill) as the two halves
+            # of one [CN, 2·BJ] weight matrix: three products of width 2·BJ instead of six of BJ.
+            j2 = tl.arange(0, 2 * BJ)
+            w2 = _overlap_tokens(ii, _cat_blocks(c, j2, BJ, BJE), D, L, P).to(tl.bfloat16)
+            p_hi = p.to(tl.bfloat16)
+            r1 = p - p_hi.to(tl.float32)
+            p_mid = r1.to(tl.bfloat16)
+            p_lo = (r1 - p_mid.to(tl.float32)).to(tl.bfloat16)
+            sc = _mm(p_hi, w2, "tf32", UPCAST) + _mm(p_mid, w2, "tf32", UPCAST)
+            sc += _mm(p_lo, w2, "tf32", UPCAST)
+            both = tl.sum(tl.reshape(sc, (BT, GP, 2 * BJ)), 1) / D  # [BT, 2·BJ]: own | next
+            own_c, nxt_c = tl.split(tl.permute(tl.reshape(both, (BT, 2, BJ)), (0, 2, 1)))
+            own = own_c + spill
+            spill = nxt_c
+        elif BF16X3:
             # p = hi + mid + lo in bf16 (24 mantissa bits, fp32's accuracy) against the overlap
             # token counts (small integers, exact in bf16): three cheap bf16 products instead of
             # fp32 ones, with p as the A operand straight from registers, as in p·V.
@@ -235,8 +305,11 @@ def _win_kernel(
     o = tl.zeros([BM, DVP], tl.float32)
     kr = tl.arange(0, P)
     w_lo = tl.maximum(pos0 - W + 1, 0)
-    for pj in range(w_lo // P, pos_last // P + 1):
-        pg = tl.load(wt_row + pj % ring_pages).to(tl.int64)
+    pj0 = w_lo // P
+    pg_n = tl.load(wt_row + pj0 % ring_pages)
+    for pj in range(pj0, pos_last // P + 1):
+        pg = pg_n.to(tl.int64)  # read a page ahead (see _cmp_kernel); the extra read is in the table
+        pg_n = tl.load(wt_row + (pj + 1) % ring_pages, mask=pj < pos_last // P, other=0)
         kk = pj * P + kr
         kb = k_ptr + pg * sk_p + h * sk_h + kr * sk_r
         s = _qk(q1, q2, kb[None, :], kk[None, :] <= pos_last, DK, DK1, DK2, PREC, UPCAST) * qk_scale
@@ -357,19 +430,23 @@ def split_head_dim(dk: int) -> tuple[int, int]:
 
 @dataclass
 class PrefillConfig:
-    """Tile shapes (defaults: the fastest of a sweep at 64k on an H100, docs/benchmarks/prefill.md).
-    rows_*: query-tile rows (queries × padded group) of the compressed and window
-    kernels; cmp_chunk: summaries per step; max_rows: query rows per internal slice (bounds the
-    fp32 scratch and the score buffer: 16k rows ≈ 0.5 GB each at the paper shape and 128k)."""
+    """Tile shapes (defaults: the fastest of a sweep at 64k on an H100, re-swept on an H200,
+    docs/benchmarks/prefill.md). rows_*: query-tile rows (queries × padded group) of the compressed
+    and window kernels; cmp_chunk: summaries per step; stages_*: software-pipeline stages (the page
+    ids are read a step ahead, so 3 stages keep the next chunk's copies in flight during this
+    chunk's math: 2 tile buffers); max_rows: query rows per internal slice (bounds the fp32 scratch
+    and the score buffer: 16k rows ≈ 0.5 GB each at the paper shape and 128k)."""
 
     rows_cmp: int = 128
     cmp_chunk: int = 64
     score_bf16x3: int = 1  # block scores as three bf16 products (else fp32 "tf32x3" products)
+    score_cat: int = 1  # with bf16x3: own and next chunk's blocks in one product of twice the width
+    mask_split: int = 1  # compressed sweeps: no causal-mask math on chunks every row sees whole
     warps_cmp: int = 8
-    stages_cmp: int = 2
+    stages_cmp: int = 3  # H200 64k: cmp 42.0 → 34.4 ms with the ids read ahead (2 stages: 36.3)
     rows_win: int = 64
     warps_win: int = 4
-    stages_win: int = 2
+    stages_win: int = 2  # 3 stages: 147 KB, one program an SM; 7.3 ms vs 5.1
     warps_slc: int = 2
     stages_slc: int = 2
     max_rows: int = 16384
@@ -584,6 +661,7 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
             G=G, GP=GP, BT=BT, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, E=E,
             D=p.stride, L=p.block, BN=BN, CN=CN, BJ=BJ, BJE=BJE, PREC=prec, SPREC=sprec,
             UPCAST=upcast, BF16X3=bool(cfg.score_bf16x3) and min(p.block, P) <= 256,
+            SCAT=bool(cfg.score_cat), MASK_SPLIT=bool(cfg.mask_split),
             num_warps=cfg.warps_cmp, num_stages=cfg.stages_cmp,
         )
         _win_kernel[(nwtiles, Hkv)](

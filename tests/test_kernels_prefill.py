@@ -232,6 +232,30 @@ def test_forced_blocks_and_small_tiles():
                                                                             max_rows=32), **SHAPE)
 
 
+@pytest.mark.parametrize("cfg", [PrefillConfig(score_cat=0), PrefillConfig(rows_cmp=16, cmp_chunk=16),
+                                 PrefillConfig(stages_cmp=2, stages_win=3)],
+                         ids=["scores in two products", "small tiles", "other stages"])
+def test_launch_configs_match_reference(cfg):
+    # Configurations the benchmark sweeps: the block scores of a chunk and its spill into the next
+    # in two products of width BJ (the default: one of 2·BJ); tiny tiles and summary chunks; other
+    # pipeline depths. l = 12 with d = 4 spills a summary into the next block, across the chunk's
+    # last block too.
+    p = SparsityParams(block=12, stride=4, select_block=16, num_select=5, window=24, num_init=1, num_local=2)
+    run_case(lens=[117, 37, 90, 55], chunks=[30, 21, 0, 13], Hq=8, Hkv=2, p=p, config=cfg, **SHAPE)
+
+
+@pytest.mark.parametrize("cfg", [PrefillConfig(rows_cmp=16, cmp_chunk=16),
+                                 PrefillConfig(rows_cmp=32, cmp_chunk=32, score_cat=0),
+                                 PrefillConfig(rows_cmp=16, cmp_chunk=16, mask_split=0)],
+                         ids=["small tiles", "scores in two products", "mask everywhere"])
+def test_mask_split_matches_reference(cfg):
+    # mask_split (default): the compressed sweeps skip the causal mask on chunks every row of a
+    # tile sees whole. Long enough prompts that tiles have such chunks (and a boundary chunk after
+    # them); chunk starts off every multiple of d, l, l' and the summary chunk.
+    p = SparsityParams(block=12, stride=4, select_block=16, num_select=5, window=24, num_init=1, num_local=2)
+    run_case(lens=[520, 90], chunks=[150, 90], Hq=8, Hkv=2, p=p, config=cfg, **SHAPE)
+
+
 def test_half_precision():
     run_case(lens=[80, 50], chunks=[31, 50], Hq=8, Hkv=2, p=SMALL, dtype=torch.bfloat16, tol=1.5e-2, **SHAPE)
 
