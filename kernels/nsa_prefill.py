@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
+from ._triton_utils import target_arch
 from .paged import PagedLayerCache
 from .reference import SparsityParams
 
@@ -455,6 +456,16 @@ class PrefillConfig:
 DEFAULT_CONFIG = PrefillConfig()
 
 
+def default_config(device) -> PrefillConfig:
+    """DEFAULT_CONFIG on Hopper and newer. Before Hopper the compressed kernel's matrix operands
+    live in registers (no wgmma), and with 3 stages or the unmasked loop it spills on sm_80
+    (`compile_check`): there it keeps 2 stages and the mask on every chunk (spill-free; not timed
+    on an A100)."""
+    if target_arch(torch.device(device)) >= 90:
+        return DEFAULT_CONFIG
+    return replace(DEFAULT_CONFIG, stages_cmp=2, mask_split=0)
+
+
 def _tiles(cu, lens, r0, r1, BT) -> torch.Tensor:
     """int32 [tiles, 4]: (sequence, first row, rows, first position) of each BT-query tile within
     rows [r0, r1), last tiles first (later queries see more summaries: start the long tiles first)."""
@@ -524,7 +535,7 @@ def plan_prefill(cu_seqlens_q, seq_lens, *, page_size: int, group: int, device,
                  config: PrefillConfig | None = None) -> PrefillPlan:
     """The `PrefillPlan` of a call with these chunk boundaries (cu_seqlens_q, [B + 1]) and lengths
     (seq_lens, [B], counting each chunk); lists or tensors (a device tensor costs one sync)."""
-    cfg = config or DEFAULT_CONFIG
+    cfg = config or default_config(device)
     cu = [int(x) for x in (cu_seqlens_q.tolist() if torch.is_tensor(cu_seqlens_q) else cu_seqlens_q)]
     lens = [int(x) for x in (seq_lens.tolist() if torch.is_tensor(seq_lens) else seq_lens)]
     if len(cu) != len(lens) + 1 or cu[0] != 0 or any(cu[b + 1] < cu[b] for b in range(len(lens))):
@@ -575,7 +586,7 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
     unless `plan` (`plan_prefill` of the same lengths, page size, group size and config) is given:
     an engine step builds it once from its host-side lengths for all layers.
     """
-    cfg = config or DEFAULT_CONFIG
+    cfg = config or default_config(q.device)
     _check(q, gates, layer, block_tables, cu_seqlens_q, seq_lens, p, win_tables)
     dev = q.device
     Ttot, Hq, Dk = q.shape
