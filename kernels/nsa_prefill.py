@@ -139,6 +139,15 @@ def _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p
 
 
 @_helper
+def _split_bf16x3(p):
+    """fp32 p as hi + mid + lo in bf16 (24 mantissa bits: fp32's accuracy)."""
+    p_hi = p.to(tl.bfloat16)
+    r1 = p - p_hi.to(tl.float32)
+    p_mid = r1.to(tl.bfloat16)
+    return p_hi, p_mid, (r1 - p_mid.to(tl.float32)).to(tl.bfloat16)
+
+
+@_helper
 def _cat_blocks(c, j2, BJ: tl.constexpr, BJE: tl.constexpr):
     """Block ids of chunk c's score columns j2 ∈ [0, 2·BJ): its own blocks, then the next chunk's."""
     return c * BJE + tl.where(j2 < BJ, j2, j2 - BJ + BJE)
@@ -203,7 +212,9 @@ def _cmp_kernel(
         m_i, l_i, o, pg_n = _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p,
                                          skc_h, skc_r, svc_p, svc_h, svc_r, n_vis, row_ok, pos, qk_scale,
                                          ar, dv, DK, DK1, DK2, DV, P, E, D, L, CN, PREC, UPCAST, True)
-    inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
+    # 0 for padded rows (heads g ≥ G, queries past the tile): sweep 2 sums p over the padded group,
+    # and its unmasked chunks would otherwise add the padded heads' p.
+    inv_l = tl.where(row_ok & (l_i > 0), 1.0 / l_i, 0.0)
     g_cmp = tl.load(g_ptr + qrow * sg_t + head * sg_h, mask=row_ok, other=0.0).to(tl.float32)
     arow = (row0 + t - row_base).to(tl.int64)
     tl.store(acc_ptr + arow[:, None] * sa_t + head[:, None] * sa_h + dv[None, :],
@@ -246,10 +257,7 @@ def _cmp_kernel(
             # of one [CN, 2·BJ] weight matrix: three products of width 2·BJ instead of six of BJ.
             j2 = tl.arange(0, 2 * BJ)
             w2 = _overlap_tokens(ii, _cat_blocks(c, j2, BJ, BJE), D, L, P).to(tl.bfloat16)
-            p_hi = p.to(tl.bfloat16)
-            r1 = p - p_hi.to(tl.float32)
-            p_mid = r1.to(tl.bfloat16)
-            p_lo = (r1 - p_mid.to(tl.float32)).to(tl.bfloat16)
+            p_hi, p_mid, p_lo = _split_bf16x3(p)
             sc = _mm(p_hi, w2, "tf32", UPCAST) + _mm(p_mid, w2, "tf32", UPCAST)
             sc += _mm(p_lo, w2, "tf32", UPCAST)
             both = tl.sum(tl.reshape(sc, (BT, GP, 2 * BJ)), 1) / D  # [BT, 2·BJ]: own | next
@@ -262,10 +270,7 @@ def _cmp_kernel(
             # fp32 ones, with p as the A operand straight from registers, as in p·V.
             w_o = _overlap_tokens(ii, j_own, D, L, P).to(tl.bfloat16)
             w_n = _overlap_tokens(ii, j_own + BJE, D, L, P).to(tl.bfloat16)
-            p_hi = p.to(tl.bfloat16)
-            r1 = p - p_hi.to(tl.float32)
-            p_mid = r1.to(tl.bfloat16)
-            p_lo = (r1 - p_mid.to(tl.float32)).to(tl.bfloat16)
+            p_hi, p_mid, p_lo = _split_bf16x3(p)
             sc_own = _mm(p_hi, w_o, "tf32", UPCAST) + _mm(p_mid, w_o, "tf32", UPCAST)
             sc_own += _mm(p_lo, w_o, "tf32", UPCAST)
             sc_nxt = _mm(p_hi, w_n, "tf32", UPCAST) + _mm(p_mid, w_n, "tf32", UPCAST)
