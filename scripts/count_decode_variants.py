@@ -5,7 +5,10 @@ its constexpr values plus, for every int argument Triton specialises on, whether
 by 16, or neither (Triton's rule; `do_not_specialize` arguments excepted). A server meets a new key
 the first time a step has that batch size and width class, and pays a compile then.
 
-    python3 scripts/count_decode_variants.py [--max-batch 16] [--max-pages 1024]
+    python3 scripts/count_decode_variants.py [--max-batch 16] [--max-pages 1024] [--exact-width]
+
+Widths are rounded as the engine rounds them (`model_runner.table_width`: the next power of two,
+at least 16); `--exact-width` counts tables exactly as wide as the longest sequence (before).
 
 A model of Triton's key, not Triton's cache: it shows which launch constants multiply variants.
 Runs on a CPU (kernels/ importable as nsa_kernels). Results: docs/benchmarks/engine.md.
@@ -17,8 +20,9 @@ import torch
 from triton.runtime.jit import JITFunction
 
 
-def count(max_batch: int, max_pages: int) -> dict[str, int]:
+def count(max_batch: int, max_pages: int, exact_width: bool = False) -> dict[str, int]:
     import nsa_kernels.nsa_decode as nd
+    from nsa_serve.engine.model_runner import table_width
     from nsa_kernels.paged import PagedLayerCache
     from nsa_kernels.reference import SparsityParams
 
@@ -46,7 +50,7 @@ def count(max_batch: int, max_pages: int) -> dict[str, int]:
         for B in range(1, max_batch + 1):
             q, g = torch.empty(B, 64, 192, dtype=d), torch.empty(B, 64, 3, dtype=d)
             for pages in range(1, max_pages + 1):
-                bt = torch.zeros(B, pages, dtype=torch.int32)
+                bt = torch.zeros(B, pages if exact_width else table_width(pages), dtype=torch.int32)
                 nd.nsa_decode(q, g, layer, bt, torch.full((B,), pages * P, dtype=torch.int32), p)
     finally:
         JITFunction.run, nd.target_programs, nd.pipeline_smem_budget, nd.pdl_enabled = original
@@ -57,9 +61,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-pages", type=int, default=1024)
+    ap.add_argument("--exact-width", action="store_true", help="tables as wide as the longest sequence")
     a = ap.parse_args()
-    n = count(a.max_batch, a.max_pages)
-    print(f"batch 1–{a.max_batch}, table widths 1–{a.max_pages} pages: {n} — {sum(n.values())} in all")
+    n = count(a.max_batch, a.max_pages, a.exact_width)
+    width = "exact" if a.exact_width else "rounded as the engine rounds them"
+    print(f"batch 1–{a.max_batch}, longest sequence 1–{a.max_pages} pages, table widths {width}: {n} — "
+          f"{sum(n.values())} in all")
 
 
 if __name__ == "__main__":

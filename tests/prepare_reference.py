@@ -59,7 +59,11 @@ def prepare_reference(self, seqs, num_new):
     src = torch.tensor(entry_src, dtype=torch.long).reshape(-1, l)
     src = torch.where(src < 0, n_old + (-1 - src), src)
     dev = self.device
-    max_pages = max(len(s.block_table) for s in seqs)
+    # Width: the longest table rounded up to a power of two, at least 16 (page 0 pads).
+    longest = max(len(s.block_table) for s in seqs)
+    max_pages = 16
+    while max_pages < longest:
+        max_pages *= 2
     bt = torch.zeros(len(seqs), max_pages, dtype=torch.int32)
     for b, s in enumerate(seqs):
         bt[b, :len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)

@@ -53,3 +53,11 @@ def test_prepare_equals_its_loop_twin_on_every_step(shared_kv):
     assert any(d and t > d for t, d, _ in steps), "no mixed prefill + decode step"
     assert any(d == b for _, d, b in steps), "no decode-only step"
     engine.block_manager.check_all_free()
+
+
+def test_eager_table_width_is_a_power_of_two_of_at_least_16():
+    # Eager steps' block tables are padded (page 0) to these widths so the attention kernels meet
+    # few width classes (scripts/count_decode_variants.py: 109 → 53 decode variants).
+    from nsa_serve.engine.model_runner import table_width
+
+    assert [table_width(n) for n in (0, 1, 15, 16, 17, 33, 1024, 1025)] == [16, 16, 16, 16, 32, 64, 1024, 2048]

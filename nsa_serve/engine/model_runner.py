@@ -82,6 +82,16 @@ def ring_pages(model_cfg, max_chunk: int) -> tuple[int, int]:
     return math.ceil((c.window + max_chunk - 1) / c.select_block), math.ceil(c.cmp_block / c.select_block)
 
 
+def table_width(pages: int) -> int:
+    """Width of an eager step's block tables for a longest sequence of `pages` pages: the next
+    power of two, at least 16. The attention kernels specialise on sizes that follow the width (its
+    power of two, and whether strides divide by 16), so exact widths made eager steps compile a new
+    variant the first time they met each class: `scripts/count_decode_variants.py` counts 109 decode
+    variants over batch 1–16 × widths 1–1024 pages, 53 with this rounding. Padding entries are page
+    0, a valid id the kernels mask (their documented precondition)."""
+    return max(16, 1 << (max(1, pages) - 1).bit_length())
+
+
 class ModelRunner:
     def __init__(self, model: NSAModel, num_pages: int, attention: str = "nsa", max_chunk: int = 512):
         self.model = model
@@ -131,8 +141,7 @@ class ModelRunner:
         old_slots, new_entries, logits_rows, sample_seqs = [], [], [], []
         # Per new summary: its sequence, index, and where its tokens are (lengths = entries).
         e_seq, e_idx, e_start, e_row0, e_base, e_first = [], [], [], [], [], []
-        max_pages = max(len(s.block_table) for s in seqs)
-        bt = np.zeros((B, max_pages), dtype=np.int32)
+        bt = np.zeros((B, table_width(max(len(s.block_table) for s in seqs))), dtype=np.int32)
         for b, (seq, T) in enumerate(zip(seqs, num_new)):
             start, L = seq.num_computed_tokens, seq.num_computed_tokens + T
             row0 = cu[-1]
