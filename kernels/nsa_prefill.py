@@ -99,6 +99,13 @@ def _overlap_tokens(ii, jj, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr):
 
 
 @_helper
+def _visible(row_ok, ok_i, ii, pos, D: tl.constexpr, L: tl.constexpr):
+    """[rows, entries] causal mask of the compressed branch: entry i is visible to a query at pos
+    when its whole block is in the past, i·d + l − 1 ≤ pos (rows and entries that exist)."""
+    return row_ok[:, None] & ok_i[None, :] & ((ii[None, :] * D + L - 1) <= pos[:, None])
+
+
+@_helper
 def _full_chunks(pos0, L: tl.constexpr, D: tl.constexpr, CN: tl.constexpr, BN: tl.constexpr,
                  MASK_SPLIT: tl.constexpr):
     """Summaries [0, n) in whole chunks of CN that every query at position ≥ pos0 sees (entry i is
@@ -126,7 +133,7 @@ def _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p
     kb = kc_ptr + pg * skc_p + h * skc_h + (ii % E) * skc_r
     s = _qk(q1, q2, kb[None, :], ok_i[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
     if MASKED:
-        vis = row_ok[:, None] & ok_i[None, :] & ((ii[None, :] * D + L - 1) <= pos[:, None])
+        vis = _visible(row_ok, ok_i, ii, pos, D, L)
         s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -246,10 +253,10 @@ def _cmp_kernel(
             if i0 < n_full:
                 p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]
             else:
-                vis = row_ok[:, None] & ok_i[None, :] & ((ii[None, :] * D + L - 1) <= pos[:, None])
+                vis = _visible(row_ok, ok_i, ii, pos, D, L)
                 p = tl.where(vis, tl.exp2(s - m_i[:, None]), 0.0) * inv_l[:, None]
         else:
-            vis = row_ok[:, None] & ok_i[None, :] & ((ii[None, :] * D + L - 1) <= pos[:, None])
+            vis = _visible(row_ok, ok_i, ii, pos, D, L)
             p = tl.where(vis, tl.exp2(s - m_i[:, None]), 0.0) * inv_l[:, None]
         j_own = c * BJE + jr
         if BF16X3 and SCAT:
@@ -314,7 +321,7 @@ def _win_kernel(
     pj0 = w_lo // P
     pg_n = tl.load(wt_row + pj0 % ring_pages)
     for pj in range(pj0, pos_last // P + 1):
-        pg = pg_n.to(tl.int64)  # read a page ahead (see _cmp_kernel); the extra read is in the table
+        pg = pg_n.to(tl.int64)  # read a page ahead (see _cmp_kernel); none past the last page
         pg_n = tl.load(wt_row + (pj + 1) % ring_pages, mask=pj < pos_last // P, other=0)
         kk = pj * P + kr
         kb = k_ptr + pg * sk_p + h * sk_h + kr * sk_r
@@ -439,8 +446,8 @@ class PrefillConfig:
     """Tile shapes (defaults: the fastest of a sweep at 64k on an H100, re-swept on an H200,
     docs/benchmarks/prefill.md). rows_*: query-tile rows (queries × padded group) of the compressed
     and window kernels; cmp_chunk: summaries per step; stages_*: software-pipeline stages (the page
-    ids are read a step ahead, so 3 stages keep the next chunk's copies in flight during this
-    chunk's math: 2 tile buffers); max_rows: query rows per internal slice (bounds the fp32 scratch
+    ids are read a step ahead, so with 3 stages — three tile buffers — the next chunk's copies are
+    in flight during this chunk's math); max_rows: query rows per internal slice (bounds the fp32 scratch
     and the score buffer: 16k rows ≈ 0.5 GB each at the paper shape and 128k)."""
 
     rows_cmp: int = 128

@@ -22,9 +22,9 @@ from triton.runtime.jit import JITFunction
 
 def count(max_batch: int, max_pages: int, exact_width: bool = False) -> dict[str, int]:
     import nsa_kernels.nsa_decode as nd
-    from nsa_serve.engine.model_runner import table_width
     from nsa_kernels.paged import PagedLayerCache
     from nsa_kernels.reference import SparsityParams
+    from nsa_serve.engine.model_runner import table_width
 
     seen: dict[str, set] = {}
 
