@@ -167,8 +167,6 @@ VARIANTS = {
     "splits merged by the combine launch": dict(fuse_combine=False),
     "64-entry compressed tiles": dict(chunk=64),
     "top-n by arg-max passes (default: bitonic top-k)": dict(topn="passes"),
-    "window pages on the first 2 attention splits": dict(win_splits=2),
-    "window pages on the first attention split": dict(win_splits=1),
 }
 
 

@@ -547,16 +547,12 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
                      return_selection=False, num_splits=None, chunk=None, num_warps=None,
                      cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
                      attend_split_dk=None, attend_stages=3, fuse_combine=None, pdl=None,
-                     score_warps=4, topn=TOPN_DEFAULT, win_splits=None):
+                     score_warps=4, topn=TOPN_DEFAULT):
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
     (None: when both branches have at most FUSE_MAX_SPLITS splits). `pdl`: programmatic dependent
     launch (None: `pdl_enabled`). `topn`: how the top-n is found (TOPN_MODES, `_select_units`).
-    `win_splits`: how many of the attention kernel's splits take the window's pages (None: all of
-    them, evenly). Fewer puts the window, which is read before the wait for the score kernel, on
-    the splits launched first, so the last-launched splits reach their selected pages sooner
-    (staged for measurement: docs/benchmarks/decode.md, tenth round).
     Defaults: the fastest measured at 64k (docs/benchmarks/decode.md).
 
     With PDL each kernel waits (griddepcontrol.wait) before touching memory, so it is safe after
@@ -654,9 +650,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         # batch 64 1 split 289 vs 4: 309; batch 1 every page its own split.
         num_splits = target_programs(dev) // NG
     nsplit = max(1, min(num_splits, max(p.num_select, NWP)))
-    # Splits s ≥ win_splits get no window pages (s·wps ≥ NWP).
-    wsplits = nsplit if win_splits is None else max(1, min(nsplit, int(win_splits)))
-    sps, wps = triton.cdiv(p.num_select, nsplit), triton.cdiv(NWP, wsplits)
+    sps, wps = triton.cdiv(p.num_select, nsplit), triton.cdiv(NWP, nsplit)
     # Shared K/V: forced blocks inside the window are read once (window loop) for both branches;
     # every forced block is selected (SparsityParams keeps n ≥ num_init + num_local).
     dedup = not ring

@@ -2,7 +2,9 @@
 and end, from %globaltimer stamps — what the profiler cannot show once PDL overlaps the kernels.
 
     python3 scripts/decode_timeline.py [--ctx 65536] [--batch 1 --batch 16 ...] [--topn passes --topn sort]
-                                       [--win-splits 0 --win-splits 2 ...]   (0: all splits, the default)
+                                       [--variant "" --variant "attend_maxnreg=224" ...]
+
+A --variant is nsa_decode_tuned keyword arguments (Python literals, comma-separated; "" = the default).
 
 Instruments a copy of kernels/nsa_decode.py (written to a temporary file, never into the tree): each
 program of the compressed pass, the score kernel and the attention kernel stores the time at its
@@ -18,6 +20,7 @@ scripts/device_env.sh sets up). Docs: docs/benchmarks/decode.md, eighth round.
 from __future__ import annotations
 
 import argparse
+import ast
 import atexit
 import importlib.util
 import os
@@ -117,6 +120,15 @@ def timeline(step, tim, reps=25):
     return torch.tensor(rows[5:]).median(0).values.tolist(), bench(g.replay)
 
 
+def parse_kwargs(text: str) -> dict:
+    """'a=1, b="x"' → {"a": 1, "b": "x"} (values are Python literals)."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, value = item.partition("=")
+        out[key.strip()] = ast.literal_eval(value.strip())
+    return out
+
+
 def main(argv=None):
     from nsa_kernels.bench_decode import PAPER_P, SHAPES, make_inputs
 
@@ -124,8 +136,7 @@ def main(argv=None):
     ap.add_argument("--ctx", type=int, default=65536)
     ap.add_argument("--batch", type=int, action="append")
     ap.add_argument("--topn", action="append", choices=["passes", "sort"], help="top-n mode(s) to time")
-    ap.add_argument("--win-splits", type=int, action="append",
-                    help="attention splits that take the window's pages (0: all, the default)")
+    ap.add_argument("--variant", action="append", help="nsa_decode_tuned kwargs, e.g. 'attend_maxnreg=224'")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("decode_timeline needs a CUDA GPU")
@@ -136,14 +147,15 @@ def main(argv=None):
     for B in args.batch or (1, 16, 64):
         q, gates, layer, tables, lens = make_inputs(B, args.ctx, **SHAPES["paper"], p=PAPER_P)
         for topn in args.topn or ["sort"]:
-            for ws in args.win_splits or [0]:
+            for variant in args.variant or [""]:
+                kw = parse_kwargs(variant)
                 for pdl in (True, False):
                     step = lambda: mod.nsa_decode_tuned(q, gates, layer, tables, lens, PAPER_P,  # noqa
-                                                        pdl=pdl, topn=topn, win_splits=ws or None, timer=tim)
+                                                        pdl=pdl, topn=topn, timer=tim, **kw)
                     med, us = timeline(step, tim)
                     parts = [f"{n} " + "/".join(f"{v:.1f}" for v in med[6 * i:6 * i + 6])
                              for i, n in enumerate(NAMES)]
-                    print(f"B={B:3d} top-n {topn:6s} window splits {ws or 'all'} PDL={'on ' if pdl else 'off'} "
+                    print(f"B={B:3d} top-n {topn:6s} {variant or 'default'} PDL={'on ' if pdl else 'off'} "
                           f"graph {us:6.1f} µs | " + " | ".join(parts), flush=True)
         del q, gates, layer, tables, lens
         torch.cuda.empty_cache()

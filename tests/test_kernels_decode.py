@@ -117,15 +117,6 @@ def test_nsa_decode_both_kv_layouts(ring):
     check_nsa([2, 31, 32, 47, 200], Hkv=2, G=4, Dk=32, Dv=16, p=SMALL, ring=ring, chunk=16, num_splits=3)
 
 
-@pytest.mark.parametrize("ring", [False, 3])
-@pytest.mark.parametrize("win_splits", [1, 2])
-def test_nsa_decode_window_on_the_first_splits(win_splits, ring):
-    # win_splits: only the first splits take the window's pages (the others none), with the forced
-    # blocks inside the window read once for both branches wherever they land.
-    check_nsa([2, 31, 32, 47, 200], Hkv=2, G=4, Dk=32, Dv=16, p=SMALL, ring=ring, chunk=16, num_splits=4,
-              fn=nsa_mod.nsa_decode_tuned, win_splits=win_splits)
-
-
 @pytest.mark.parametrize("p", [
     SparsityParams(block=16, stride=16, select_block=16, num_select=3, window=16),  # l = d = l' (fla)
     SparsityParams(block=12, stride=4, select_block=16, num_select=5, window=48, num_init=2),
@@ -230,7 +221,7 @@ def test_gpu_paper_shape_fp32_selection(G):
                                 dict(chunk=32, cmp_programs=528, attend_split_dk=True),
                                 dict(chunk=32, cmp_programs=528, num_splits=12, fuse_combine=True),
                                 dict(fuse_combine=False), dict(topn="sort"),
-                                dict(topn="passes"), dict(win_splits=2), dict(win_splits=1)])
+                                dict(topn="passes")])
 def test_gpu_paper_shape_launch_variants(kw):
     # The launch configurations the benchmark compares (nsa_decode_tuned); the default is covered
     # above. fp32 so the selected blocks are compared exactly too.
