@@ -2,7 +2,7 @@
 and end, from %globaltimer stamps — what the profiler cannot show once PDL overlaps the kernels.
 
     python3 scripts/decode_timeline.py [--ctx 65536] [--batch 1 --batch 16 ...] [--topn passes --topn sort]
-                                       [--variant "" --variant "attend_maxnreg=224" ...]
+                                       [--variant "" --variant "cmp_warps=8" ...]
 
 A --variant is nsa_decode_tuned keyword arguments (Python literals, comma-separated; "" = the default).
 
@@ -136,7 +136,7 @@ def main(argv=None):
     ap.add_argument("--ctx", type=int, default=65536)
     ap.add_argument("--batch", type=int, action="append")
     ap.add_argument("--topn", action="append", choices=["passes", "sort"], help="top-n mode(s) to time")
-    ap.add_argument("--variant", action="append", help="nsa_decode_tuned kwargs, e.g. 'attend_maxnreg=224'")
+    ap.add_argument("--variant", action="append", help="nsa_decode_tuned kwargs, e.g. 'cmp_warps=8'")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("decode_timeline needs a CUDA GPU")

@@ -45,7 +45,7 @@ def main():
                                   enable_prefix_caching=False),
                        model=model, tokenizer=None, model_name=name)
     engine.warmup()
-    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     for i in range(a.batch):
         engine.add_request(f"p{i}", torch.randint(8, model.cfg.vocab_size, (a.input_len,), generator=g).tolist(),
@@ -53,8 +53,18 @@ def main():
     warm = 0
     while warm < 5:  # past every prefill, and a few decode steps (graphs replayed once)
         warm += decode_step(engine)
-    walls = []
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    plain = []  # wall times without the profiler (which adds host work to every launch)
+    while len(plain) < 20:
+        sync()
+        t0 = time.perf_counter()
+        if decode_step(engine):
+            sync()
+            plain.append(time.perf_counter() - t0)
+    plain.sort()
+    print(f"decode step wall without the profiler: median {1e3 * plain[len(plain) // 2]:.2f} ms "
+          f"(min {1e3 * plain[0]:.2f}, max {1e3 * plain[-1]:.2f}) over {len(plain)} steps")
+    walls = []
     acts = [ProfilerActivity.CUDA] if dev.type == "cuda" else [ProfilerActivity.CPU]
     sync()
     with profile(activities=acts) as prof:

@@ -189,3 +189,37 @@ def test_rms_norm_equals_the_formula(dtype, tol):
     assert ((got.double() - want).norm() / want.norm()).item() < tol
     assert torch.allclose(rms_norm_reference(x.to(dtype), norm.weight, 1e-5).double(), got.double(),
                           rtol=tol, atol=0)
+
+
+@pytest.mark.parametrize("shared,gate", [(True, "linear"), (False, "linear"), (True, "mlp")],
+                         ids=["shared-kv", "independent-kv", "mlp-gate"])
+def test_fused_projections_equal_the_separate_layers(shared, gate):
+    # The engine's one-GEMM projections (q, every K/V, linear gate) and gate/up MLP equal the
+    # reference layers; the layers' weights become views of the fused buffer, so the reference
+    # path still reads the same values, and a checkpoint loaded afterwards lands in both.
+    from nsa_serve.model.nsa_model import BRANCHES
+
+    cfg = preset("tiny", num_heads=8, num_kv_heads=2, head_dim_k=48, head_dim_v=32, shared_kv=shared, gate=gate)
+    model = NSAModel(cfg).init_weights(seed=1).double().eval()
+    for p in model.parameters():  # non-zero biases and position embeddings
+        with torch.no_grad():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype) * 0.1)
+    x = torch.randn(9, cfg.hidden_size, dtype=torch.float64)
+    pos = torch.tensor([0, 3, 4, 17, 100, 101, 500, 1000, 2047])
+    attn, mlp = model.layers[0].attn, model.layers[0].mlp
+    with torch.no_grad():
+        q0, kv0 = attn.project(x, pos)
+        g0, m0 = attn.gate(x), mlp(x)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        assert model.fuse_for_inference() is model.fuse_for_inference()  # idempotent
+        q1, kv1, g1 = attn.project_and_gate(x, pos)
+        m1 = mlp.forward_fused(x)
+        for a, b in [(q0, q1), (g0, g1), (m0, m1)] + [(kv0[br][i], kv1[br][i]) for br in BRANCHES for i in (0, 1)]:
+            assert a.shape == b.shape
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+        assert (kv1["cmp"][0] is kv1["win"][0]) == shared
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # same weights
+        model.load_state_dict({k: v * 2 for k, v in state.items()})  # loading writes the fused buffer
+        q2, _, _ = attn.project_and_gate(x, pos)
+        assert torch.allclose(q2, attn.project(x, pos)[0], rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(q2, q1)

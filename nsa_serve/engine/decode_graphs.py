@@ -41,6 +41,20 @@ def graph_sizes(max_batch: int) -> list[int]:
     return sizes
 
 
+def _block_gather(block_slots: torch.Tensor, P: int, device: torch.device):
+    """cache [pages, Hkv, P, D] → the tokens of each row's compression block [size, Hkv, l, D].
+
+    On CUDA one Triton gather a call (`gather_blocks`, contiguous out, so φ's flatten is a view);
+    elsewhere advanced indexing with the page/row split computed once for all layers (it was four
+    index launches a layer, plus a copy for φ's flatten of the permuted result)."""
+    if device.type == "cuda":
+        from nsa_kernels.cache_write import gather_blocks
+
+        return lambda cache: gather_blocks(cache, block_slots)
+    pages, rows = block_slots // P, block_slots % P
+    return lambda cache: cache[pages, :, rows].permute(0, 2, 1, 3)
+
+
 class StaticDecode:
     def __init__(self, runner, max_batch: int, max_model_len: int):
         self.runner = runner
@@ -113,10 +127,11 @@ class StaticDecode:
         size = x["ids"].shape[0]
         h = model.embed(x["ids"])
         rope = model.layers[0].attn.rope(x["pos"], h)  # one table for every layer
+        gather = _block_gather(x["block_slots"], r.P, h.device)  # φ's block reads, every layer's
         for li, layer in enumerate(model.layers):
             attn, cache = layer.attn, r.caches[li]
             a = layer.attn_norm(h)
-            q, kv = attn.project(a, x["pos"], rope)
+            q, kv, gates = attn.project_and_gate(a, x["pos"], rope)
             write(cache.k_cache, kv["slc"][0], x["slots"])
             write(cache.v_cache, kv["slc"][1], x["slots"])
             if not r.shared:
@@ -125,15 +140,11 @@ class StaticDecode:
                 write(cache.k_cache, kv["win"][0], x["win_slots"])
                 write(cache.v_cache, kv["win"][1], x["win_slots"])
             if not r.dense:
-                bs = x["block_slots"]
-                P = cache.page_size
-                kb = cache.k_cache[bs // P, :, bs % P].permute(0, 2, 1, 3)  # [size, Hkv, l, Dk]
-                vb = cache.v_cache[bs // P, :, bs % P].permute(0, 2, 1, 3)
-                write(cache.kc_cache, attn.phi_k(kb), x["entry_slots"])
-                write(cache.vc_cache, attn.phi_v(vb), x["entry_slots"])
-            o = self._attend(q, attn.gate(a), cache, x, size)
+                write(cache.kc_cache, attn.phi_k(gather(cache.k_cache)), x["entry_slots"])
+                write(cache.vc_cache, attn.phi_v(gather(cache.v_cache)), x["entry_slots"])
+            o = self._attend(q, gates, cache, x, size)
             h = h + attn.output(o)
-            h = h + layer.mlp(layer.mlp_norm(h))
+            h = h + layer.mlp.forward_fused(layer.mlp_norm(h))
         return model.logits(h).float()
 
     def _attend(self, q, gates, cache, x, size):

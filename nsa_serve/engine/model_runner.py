@@ -94,7 +94,9 @@ def table_width(pages: int) -> int:
 
 class ModelRunner:
     def __init__(self, model: NSAModel, num_pages: int, attention: str = "nsa", max_chunk: int = 512):
-        self.model = model
+        # One GEMM for a layer's q/K/V/gate projections and one for the MLP's gate/up (fewer,
+        # larger launches a step; the weights are shared with the reference paths, not copied).
+        self.model = model.fuse_for_inference()
         self.cfg = c = model.cfg
         self.p = c.sparsity
         param = next(model.parameters())
@@ -233,7 +235,7 @@ class ModelRunner:
         for li, layer in enumerate(model.layers):
             attn, cache = layer.attn, self.caches[li]
             x = layer.attn_norm(h)
-            q, kv = attn.project(x, inp.positions, rope)
+            q, kv, gates = attn.project_and_gate(x, inp.positions, rope)
             k_slc, v_slc = kv["slc"]
             write(cache.k_cache, k_slc, inp.slots)
             write(cache.v_cache, v_slc, inp.slots)
@@ -246,9 +248,9 @@ class ModelRunner:
                 write(cache.v_cache, v_c[inp.cmp_write_rows], inp.cmp_write_slots)
                 write(cache.k_cache, k_w[inp.win_write_rows], inp.win_write_slots)
                 write(cache.v_cache, v_w[inp.win_write_rows], inp.win_write_slots)
-            o = self.attention(q, attn.gate(x), cache, inp)
+            o = self.attention(q, gates, cache, inp)
             h = h + attn.output(o)
-            h = h + layer.mlp(layer.mlp_norm(h))
+            h = h + layer.mlp.forward_fused(layer.mlp_norm(h))
         return model.logits(h[inp.logits_rows]).float()
 
     def _write_summaries(self, attn, cache: PagedLayerCache, kv_cmp, inp: StepInputs) -> None:

@@ -180,6 +180,63 @@ class NSAAttention(nn.Module):
             kv[b] = (rope(k), v)
         return q, kv
 
+    def fuse_projections(self) -> None:
+        """For inference: one GEMM makes q, every K/V projection and (linear gates) the gate logits.
+
+        The weights are concatenated once, q first, then the keys, then the values, then the gate,
+        and the original Linear layers' weights become views into that buffer: the same values,
+        no second copy, and `project` / `gate` (the reference path) still read them. A decode
+        step of paper-1b made 3–9 small GEMMs a layer here (plus cuBLAS's split-K reductions);
+        `project_and_gate` makes one. Idempotent."""
+        if getattr(self, "_fused", None) is not None:
+            return
+        c = self.cfg
+        names = ("",) if c.shared_kv else tuple(f"_{b}" for b in BRANCHES)
+        mods = ([self.q_proj] + [getattr(self, f"k_proj{s}") for s in names]
+                + [getattr(self, f"v_proj{s}") for s in names])
+        gate = self.gate.net if isinstance(self.gate.net, nn.Linear) else None
+        if gate is not None:
+            mods.append(gate)
+        with torch.no_grad():
+            weight = torch.cat([m.weight for m in mods])
+            bias = None
+            if gate is not None:  # the gate's bias; the projections have none (zeros add nothing)
+                bias = torch.cat([weight.new_zeros(weight.shape[0] - gate.weight.shape[0]), gate.bias])
+                gate.bias.data = bias[-gate.weight.shape[0]:]
+            start = 0
+            for m in mods:
+                n = m.weight.shape[0]
+                m.weight.data = weight[start:start + n]
+                start += n
+        self._fused = (weight, bias, len(names), gate is not None)
+
+    def project_and_gate(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope | None = None):
+        """`project(x, positions, rope)` and `gate(x)` together: (q, kv, gates). After
+        `fuse_projections` they come from one GEMM and q and the keys are rotated in one RoPE call
+        (same values up to the GEMM's float rounding: tests compare the two); else the two calls."""
+        fused = getattr(self, "_fused", None)
+        rope = rope if rope is not None else self.rope(positions, x)
+        if fused is None:
+            q, kv = self.project(x, positions, rope)
+            return q, kv, self.gate(x)
+        weight, bias, nkv, has_gate = fused
+        c = self.cfg
+        T, H, Hkv, Dk, Dv = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim_k, c.head_dim_v
+        y = F.linear(x, weight, bias)
+        n_qk = (H + nkv * Hkv) * Dk
+        qk = rope(y[:, :n_qk].view(T, H + nkv * Hkv, Dk))
+        q = qk[:, :H]
+        ks = [qk[:, H + i * Hkv:H + (i + 1) * Hkv] for i in range(nkv)]
+        v0 = n_qk
+        vs = [y[:, v0 + i * Hkv * Dv:v0 + (i + 1) * Hkv * Dv].view(T, Hkv, Dv) for i in range(nkv)]
+        if has_gate:
+            gates = torch.sigmoid(y[:, v0 + nkv * Hkv * Dv:]).view(T, H, 3)
+        else:
+            gates = self.gate(x)
+        if nkv == 1:
+            return q, {b: (ks[0], vs[0]) for b in BRANCHES}, gates
+        return q, {b: (ks[i], vs[i]) for i, b in enumerate(BRANCHES)}, gates
+
     def compress(self, k_raw: torch.Tensor, v_raw: torch.Tensor, first: int, count: int):
         """Summaries for compressed entries first … first+count−1 from the compression branch's raw
         K/V (post-RoPE keys, positions 0 … covering those blocks). Returns ([count, Hkv, Dk], [.., Dv])."""
@@ -221,6 +278,25 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def fuse(self) -> None:
+        """For inference: gate_proj and up_proj as one GEMM (`forward_fused`); their weights become
+        views into the concatenated buffer, so `forward` is unchanged. Idempotent."""
+        if getattr(self, "_gate_up", None) is not None:
+            return
+        with torch.no_grad():
+            weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+            n = self.gate_proj.weight.shape[0]
+            self.gate_proj.weight.data, self.up_proj.weight.data = weight[:n], weight[n:]
+        self._gate_up = weight
+
+    def forward_fused(self, x):
+        """`forward` with one GEMM for gate and up after `fuse` (same values up to float rounding)."""
+        if getattr(self, "_gate_up", None) is None:
+            return self.forward(x)
+        gu = F.linear(x, self._gate_up)
+        n = gu.shape[-1] // 2
+        return self.down_proj(F.silu(gu[..., :n]) * gu[..., n:])
 
 
 class DecoderLayer(nn.Module):
@@ -294,6 +370,15 @@ class NSAModel(nn.Module):
             h = h + layer.attn(layer.attn_norm(h), positions)
             h = h + layer.mlp(layer.mlp_norm(h))
         return self.logits(h)
+
+    def fuse_for_inference(self) -> "NSAModel":
+        """Concatenate each layer's input projections (NSAAttention.fuse_projections, MLP.fuse)
+        for the serving engine's `project_and_gate` / `forward_fused`; the reference paths read
+        the same weights. Idempotent."""
+        for layer in self.layers:
+            layer.attn.fuse_projections()
+            layer.mlp.fuse()
+        return self
 
     def new_cache(self) -> ContiguousCache:
         return ContiguousCache(self.cfg)
