@@ -85,3 +85,41 @@ def prepare_reference(self, seqs, num_new):
         inp.win_write_rows, inp.win_write_slots = lt(win_rows), lt(win_slots)
         inp.cmp_write_rows, inp.cmp_write_slots = lt(cmp_rows), lt(cmp_slots)
     return inp
+
+
+def static_host_inputs_reference(self, seqs, size):
+    """StaticDecode.host_inputs as its first version (torch element writes, every table converted
+    each step): the twin of the numpy one with cached table rows. `self` is the StaticDecode."""
+    r = self.runner
+    P, E, d, l = r.P, r.E, r.cfg.cmp_stride, r.cfg.cmp_block
+    trash = r.trash_page
+    ids = torch.zeros(size, dtype=torch.long)
+    pos = torch.zeros(size, dtype=torch.long)
+    slots = torch.full((size,), trash * P, dtype=torch.long)
+    tables = torch.full((size, self.max_pages), trash, dtype=torch.int32)
+    lens = torch.ones(size, dtype=torch.int32)
+    entry_slots = torch.full((size,), trash * E, dtype=torch.long)
+    block_slots = torch.full((size, l), trash * P, dtype=torch.long)
+    out = dict(ids=ids, pos=pos, slots=slots, tables=tables, lens=lens, entry_slots=entry_slots,
+               block_slots=block_slots)
+    if not r.shared:
+        out["win_tables"] = torch.full((size, r.win_ring_pages), trash, dtype=torch.int32)
+        out["win_slots"] = torch.full((size,), trash * P, dtype=torch.long)
+        out["cmp_slots"] = torch.full((size,), trash * P, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        t = s.num_computed_tokens
+        table = s.block_table
+        ids[b] = s.token_ids[t]
+        pos[b] = t
+        slots[b] = table[t // P] * P + t % P
+        tables[b, :len(table)] = torch.tensor(table, dtype=torch.int32)
+        lens[b] = t + 1
+        if not r.shared:
+            out["win_tables"][b] = torch.tensor(s.win_ring, dtype=torch.int32)
+            out["win_slots"][b] = r._ring_slot(s.win_ring, t, r.win_ring)
+            out["cmp_slots"][b] = r._ring_slot(s.cmp_ring, t, r.cmp_ring)
+        n0, n1 = s.num_summaries, num_compressed(t + 1, l, d)
+        if not r.dense and n1 > n0:
+            entry_slots[b] = table[n0 // E] * E + n0 % E
+            block_slots[b] = torch.tensor([r._cmp_source_slot(s, u) for u in range(n0 * d, n0 * d + l)])
+    return out

@@ -10,7 +10,7 @@ import torch
 
 from engine_helpers import make_engine, random_prompts, single_thread_torch
 from nsa_serve.engine.protocol import SamplingParams
-from prepare_reference import prepare_reference
+from prepare_reference import prepare_reference, static_host_inputs_reference
 
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread_torch)
 
@@ -52,6 +52,36 @@ def test_prepare_equals_its_loop_twin_on_every_step(shared_kv):
     assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
     assert any(d and t > d for t, d, _ in steps), "no mixed prefill + decode step"
     assert any(d == b for _, d, b in steps), "no decode-only step"
+    engine.block_manager.check_all_free()
+
+
+@pytest.mark.parametrize("shared_kv", [True, False], ids=["shared_kv", "independent_kv"])
+def test_fixed_shape_decode_inputs_equal_their_loop_twin_on_every_step(shared_kv):
+    # The fixed-shape (CUDA graph) decode path's host inputs, built with numpy and block-table rows
+    # cached between steps, equal the torch loop version on every decode step: tables growing page
+    # by page, sequences leaving and joining the batch, and preemption replacing tables (the small
+    # pool forces it).
+    from nsa_serve.engine.decode_graphs import StaticDecode
+
+    engine = make_engine(shared_kv, num_pages=40, max_num_batched_tokens=70, long_prefill_token_threshold=33)
+    static = engine.runner.static_decode = StaticDecode(engine.runner, 8, engine.max_model_len)
+    fast, calls = static.host_inputs, []
+
+    def both(seqs, size):
+        got = fast(seqs, size)
+        want = static_host_inputs_reference(static, seqs, size)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+        calls.append(len(seqs))
+        return got
+
+    static.host_inputs = both
+    prompts = random_prompts(8, 60, 140, seed=32)
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
+    assert len(calls) > 20 and len(set(calls)) > 1
+    assert engine.scheduler.num_preemptions > 0
     engine.block_manager.check_all_free()
 
 
