@@ -3,7 +3,7 @@
 The runner owns the paged cache (one `PagedLayerCache` per layer, DESIGN.md §3) and runs the
 model's layers piece by piece so that K/V and summaries go into pages:
 
-  per layer: attn.project → write K/V into pages (and rings) → φ on the blocks completed this
+  per layer: attn.project_and_gate → write K/V into pages (and rings) → φ on the blocks completed this
   step → write summaries beside their page → attention over the pages → gates → MLP.
 
 A step mixes single-token (decode) rows and prompt chunks of any sequences. Rows are ordered

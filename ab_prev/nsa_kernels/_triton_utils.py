@@ -1,0 +1,176 @@
+"""Small shared pieces of the Triton decode kernels: sizing helpers and the split-K combine.
+
+Every split-K kernel here writes, per (sequence, query head, split), an un-normalised partial
+softmax state: the running max `m`, the running sum `l` of exp(s − m), and `acc` = Σ exp(s − m)·v
+(all float32). `_combine_branch` merges them into one normalised attention output. An empty split
+has m = NEG, l = 0, acc = 0 and contributes nothing; a branch with no key at all returns zeros,
+which is the reference's convention for rows with nothing to attend to.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# A finite "minus infinity" for running maxima: exp(NEG − NEG) = 1 instead of NaN when a whole
+# tile is masked, while exp(NEG − finite) is still exactly 0.
+NEG = tl.constexpr(-1.0e30)
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """Programs wanted per launch so that a small batch still covers every SM about twice."""
+    if device.type == "cuda":
+        return 2 * num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 8  # CPU interpreter: few programs keep the tests fast
+
+
+# Opt-in shared memory per block (bytes) by compute capability: CUDA programming guide.
+MAX_SHARED = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+
+
+def target_arch(device: torch.device) -> int:
+    """Compute capability the kernels are built for, e.g. 90: the device's, or (no CUDA device:
+    the compile check, the CPU interpreter) the active Triton target's, else 90."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    try:
+        from triton.runtime.driver import driver
+
+        arch = driver.active.get_current_target().arch
+        return int(arch) if isinstance(arch, int) else 90
+    except Exception:  # noqa: BLE001 (no GPU driver at all: any answer is fine for the interpreter)
+        return 90
+
+
+def pipeline_smem_budget(device: torch.device) -> int:
+    """Shared memory a kernel's software-pipelined tile buffers may take on `device`'s target: its
+    per-block limit less 24 KB for the rest (query tiles, layout conversions, reductions)."""
+    return MAX_SHARED.get(target_arch(device), 101376) - 24 * 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(device_index: int) -> bool:
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    has_ops = all(hasattr(tl.extra.cuda, f) for f in ("gdc_wait", "gdc_launch_dependents"))
+    has_launch = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+    return has_ops and has_launch and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Programmatic dependent launch for a chain of kernels on `device`: Hopper or newer, a Triton
+    that has it, and not switched off with NSA_PDL=0.
+
+    Why: a decode step is a chain of short launches; with PDL the next kernel's programs are
+    launched while the previous one drains, and wait on its completion (`griddepcontrol.wait`)
+    inside the kernel instead of between launches. Every kernel launched this way waits before
+    its first global memory access, so it is as safe as a plain launch after any kernel."""
+    if device.type != "cuda" or os.environ.get("NSA_PDL", "1") == "0":
+        return False
+    return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs would otherwise go through tf32 on the GPU (≈1e-3 error), enough to flip
+    # near-tied block selections; half-precision inputs are exact products in fp32 anyway.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def interpreter_upcast(dtype: torch.dtype) -> bool:
+    """True when bf16 dot operands must be widened: the CPU interpreter (triton 3.9) multiplies
+    bf16 operands as their raw uint16 bits. The upcast is exact, so results keep their meaning."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        r = tl.dot(a, b, input_precision=PREC)
+    return r
+
+
+@triton.jit
+def _online_softmax_step(m, l, acc, s, v, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile of an online softmax: s [rows, keys] masked logits (−inf = excluded), v
+    [keys, dv]. Returns the new (m, l, acc) and p = exp(s − m_new) (the compressed pass also
+    turns p into selection scores)."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
+    return m_new, l, acc, p
+
+
+def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (got strides {t.stride()})")
+
+
+@triton.jit
+def _combine_branch(m_ptr, l_ptr, acc_ptr, row, nvalid, S_BUF, SP: tl.constexpr,
+                    DV: tl.constexpr, DVP: tl.constexpr):
+    """Merge the first `nvalid` of the S_BUF partial states stored for `row`; returns [DVP] fp32.
+
+    All loads are issued up front (one [SP, DVP] tile): decode is latency-bound here."""
+    s = tl.arange(0, SP)
+    smask = s < nvalid
+    dv = tl.arange(0, DVP)
+    ms = tl.load(m_ptr + row * S_BUF + s, mask=smask, other=NEG)
+    ls = tl.load(l_ptr + row * S_BUF + s, mask=smask, other=0.0)
+    a = tl.load(acc_ptr + (row * S_BUF + s)[:, None] * DV + dv[None, :],
+                mask=smask[:, None] & (dv[None, :] < DV), other=0.0)
+    mx = tl.max(ms, 0)
+    w = tl.exp(ms - mx)
+    total = tl.sum(ls * w, 0)
+    acc = tl.sum(a * w[:, None], 0)
+    return acc / tl.where(total > 0, total, 1.0)
+
+
+@triton.jit
+def _combine_kernel(out_ptr, so_b, so_h, gates_ptr, sg_b, sg_h,
+                    cm_ptr, cl_ptr, cacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
+                    Hq, NC_BUF, NS_BUF,
+                    NSA: tl.constexpr, NC_P: tl.constexpr, NS_P: tl.constexpr, DV: tl.constexpr,
+                    DVP: tl.constexpr, PDL: tl.constexpr = False):
+    """One program per (sequence, query head). NSA: gated sum of three branches; else dense.
+    Every split wrote its partial state (an empty split: m = NEG, l = 0, so it weighs nothing).
+    The split counts are run-time values (only their powers of two, NC_P / NS_P, are constants):
+    as constants they made eager decode steps compile a variant per count (scripts/
+    count_decode_variants.py: 96 combine variants over batch 1–16 × 64k of table widths, now 12).
+    PDL: launched with programmatic dependent launch (waits for the previous kernel first)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    pid = tl.program_id(0)
+    b = pid // Hq
+    h = pid % Hq
+    row = b * Hq + h
+    dv = tl.arange(0, DVP)
+    if NSA:
+        o_c = _combine_branch(cm_ptr, cl_ptr, cacc_ptr, row, NC_BUF, NC_BUF, NC_P, DV, DVP)
+        o_s = _combine_branch(sm_ptr, sl_ptr, sacc_ptr, row, NS_BUF, NS_BUF, NS_P, DV, DVP)
+        o_w = _combine_branch(wm_ptr, wl_ptr, wacc_ptr, row, NS_BUF, NS_BUF, NS_P, DV, DVP)
+        gp = gates_ptr + b * sg_b + h * sg_h
+        g0 = tl.load(gp).to(tl.float32)
+        g1 = tl.load(gp + 1).to(tl.float32)
+        g2 = tl.load(gp + 2).to(tl.float32)
+        o = g0 * o_c + g1 * o_s + g2 * o_w
+    else:
+        o = _combine_branch(sm_ptr, sl_ptr, sacc_ptr, row, NS_BUF, NS_BUF, NS_P, DV, DVP)
+    tl.store(out_ptr + b * so_b + h * so_h + dv, o.to(out_ptr.dtype.element_ty), mask=dv < DV)

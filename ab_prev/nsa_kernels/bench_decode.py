@@ -1,0 +1,276 @@
+"""Decode benchmark: NSA and dense paged decode against torch SDPA decode, on one GPU.
+
+    python -m nsa_kernels.bench_decode                 # full table (both shapes, 8k … 128k, batch 1/16/64)
+    python -m nsa_kernels.bench_decode --ctx 65536 --batch 16 --shape paper
+    python -m nsa_kernels.bench_decode --tune          # a few kernel variants at 64k, paper shape
+    python -m nsa_kernels.bench_decode --compare       # 64k paper rows + launch variants (+ previous
+                                                       # version if kernels/nsa_decode_v1.py exists)
+
+Every number is a median of `triton.testing.do_bench` (L2 flushed before each call, so the data
+comes from HBM). Columns: SDPA = torch scaled_dot_product_attention on contiguous K/V (GQA, the
+fastest backend that runs the shape; its name is printed); dense = our split-K paged decode; NSA and
+NSA+graph = our four-launch NSA decode eager and replayed from a CUDA graph; x = SDPA / NSA+graph;
+MB = bytes NSA must read (visible summaries + the union of selected and window tokens, K and V, all
+kv heads and sequences); GB/s and %copy = those bytes over the NSA+graph time, and against the
+device-to-device copy bandwidth (bytes read + written) measured at the start of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+
+from .dense_decode import dense_paged_decode
+from .nsa_decode import nsa_decode, nsa_decode_tuned
+from .paged import PagedLayerCache
+from .reference import SparsityParams, num_compressed
+
+PAPER_P = SparsityParams(block=32, stride=16, select_block=64, num_select=16, window=512)
+SHAPES = {"paper": dict(Hq=64, Hkv=4, Dk=192, Dv=128), "d128": dict(Hq=64, Hkv=4, Dk=128, Dv=128)}
+
+
+def bench(fn, rep=100):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3  # µs
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    us = bench(lambda: y.copy_(x))
+    return 2 * x.numel() * 2 / (us * 1e-6) / 1e9  # GB/s, read + written
+
+
+def make_inputs(B, ctx, Hq, Hkv, Dk, Dv, p, dtype=torch.bfloat16, seed=0):
+    torch.manual_seed(seed)
+    P = p.select_block
+    pages_per_seq = math.ceil(ctx / P)
+    n_pages = B * pages_per_seq
+    layer = PagedLayerCache.allocate(n_pages, Hkv, Dk, Dv, P, p.stride, dtype=dtype, device="cuda")
+    for t in (layer.k_cache, layer.v_cache, layer.kc_cache, layer.vc_cache):
+        t.normal_()
+    tables = torch.randperm(n_pages, device="cuda").view(B, pages_per_seq).to(torch.int32)
+    seq_lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(B, Hq, Dk, device="cuda", dtype=dtype)
+    gates = torch.rand(B, Hq, 3, device="cuda", dtype=dtype)
+    return q, gates, layer, tables, seq_lens
+
+
+def must_read_bytes(sel, ctx, Hkv, Dk, Dv, p, elem=2):
+    """Bytes NSA must read for sel [B, Hkv, n] at length ctx: summaries + |selected ∪ window| tokens."""
+    P, L = p.select_block, ctx
+    j = sel.long()
+    ok = j >= 0
+    page_tok = (torch.clamp(L - j * P, 0, P)) * ok  # tokens of each selected page below L
+    lo = max(0, L - p.window)
+    overlap = torch.clamp(torch.clamp((j + 1) * P, max=L) - torch.clamp(j * P, min=lo), min=0) * ok
+    tokens = int(page_tok.sum()) + sel.shape[0] * Hkv * (L - lo) - int(overlap.sum())
+    summaries = sel.shape[0] * Hkv * num_compressed(L, p.block, p.stride)
+    return (tokens + summaries) * (Dk + Dv) * elem
+
+
+def sdpa_baseline(q, ctx, Hkv, Dk, Dv):
+    """Fastest SDPA backend on contiguous [B, Hkv, ctx, D] K/V for one query token; (µs, name)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, Hq, _ = q.shape
+    k = torch.randn(B, Hkv, ctx, Dk, device="cuda", dtype=q.dtype)
+    v = torch.randn(B, Hkv, ctx, Dv, device="cuda", dtype=q.dtype)
+    q4 = q.unsqueeze(2)
+    best = (math.inf, "none")
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                fn = lambda: torch.nn.functional.scaled_dot_product_attention(q4, k, v, enable_gqa=True)  # noqa: E731
+                fn()
+                torch.cuda.synchronize()
+                us = bench(fn)
+        except (RuntimeError, NotImplementedError):
+            continue
+        if us < best[0]:
+            best = (us, backend.name.lower().replace("_attention", ""))
+    del k, v
+    return best
+
+
+def graph_of(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def run_row(shape, ctx, B, copy_gbs, p=PAPER_P):
+    cfg = SHAPES[shape]
+    q, gates, layer, tables, seq_lens = make_inputs(B, ctx, **cfg, p=p)
+    sdpa_us, backend = sdpa_baseline(q, ctx, cfg["Hkv"], cfg["Dk"], cfg["Dv"])
+    dense_us = bench(lambda: dense_paged_decode(q, layer, tables, seq_lens))
+    nsa = lambda: nsa_decode(q, gates, layer, tables, seq_lens, p)  # noqa: E731
+    nsa_us = bench(nsa)
+    g = graph_of(nsa)
+    graph_us = bench(g.replay)
+    _, sel = nsa_decode(q, gates, layer, tables, seq_lens, p, return_selection=True)
+    nbytes = must_read_bytes(sel, ctx, cfg["Hkv"], cfg["Dk"], cfg["Dv"], p)
+    gbs = nbytes / (graph_us * 1e-6) / 1e9
+    row = (f"| {shape} | {ctx // 1024}k | {B} | {sdpa_us:.1f} ({backend}) | {dense_us:.1f} | {nsa_us:.1f} | "
+           f"{graph_us:.1f} | {sdpa_us / graph_us:.2f}x | {nbytes / 1e6:.1f} | {gbs:.0f} | "
+           f"{100 * gbs / copy_gbs:.0f}% |")
+    del q, gates, layer, tables, seq_lens, g
+    torch.cuda.empty_cache()
+    return row
+
+
+HEADER = ("| shape | ctx | batch | SDPA µs | dense paged µs | NSA µs | NSA+graph µs | x SDPA | MB read "
+          "| GB/s | % copy |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def tune(copy_gbs, ctx=65536):
+    """Time a few launch configurations of the NSA decode (paper shape) to pick the defaults."""
+    cfg = SHAPES["paper"]
+    print("| batch | chunk | warps | splits | NSA+graph µs | % copy |\n|---|---|---|---|---|---|")
+    for B in (1, 16, 64):
+        q, gates, layer, tables, seq_lens = make_inputs(B, ctx, **cfg, p=PAPER_P)
+        _, sel = nsa_decode(q, gates, layer, tables, seq_lens, PAPER_P, return_selection=True)
+        nbytes = must_read_bytes(sel, ctx, cfg["Hkv"], cfg["Dk"], cfg["Dv"], PAPER_P)
+        for chunk in (None, 32):  # compressed entries per tile (default 64)
+            for warps in (8,):
+                for splits in (None, 1, 5, 25):
+                    fn = lambda: nsa_decode(q, gates, layer, tables, seq_lens, PAPER_P, chunk=chunk,  # noqa: E731
+                                            num_warps=warps, num_splits=splits)
+                    try:
+                        us = bench(graph_of(fn).replay, rep=50)
+                    except Exception as e:  # a variant that fails to compile is reported, not fatal
+                        print(f"| {B} | {chunk} | {warps} | {splits} | failed: {type(e).__name__} | |")
+                        continue
+                    print(f"| {B} | {chunk} | {warps} | {splits} | {us:.1f} | "
+                          f"{100 * nbytes / (us * 1e-6) / 1e9 / copy_gbs:.0f}% |", flush=True)
+        del q, gates, layer, tables, seq_lens
+        torch.cuda.empty_cache()
+
+
+# Launch variants timed by --compare (kwargs of nsa_decode_tuned); a value "k*sms" means k times
+# the device's SM count.
+VARIANTS = {
+    "default": {},
+    "no PDL": dict(pdl=False),
+    "one compressed tile buffer": dict(cmp_stages=2, cmp_programs="2*sms"),
+    "splits merged in the attention kernel": dict(fuse_combine=True),
+    "splits merged by the combine launch": dict(fuse_combine=False),
+    "64-entry compressed tiles": dict(chunk=64),
+    "top-n by arg-max passes (default: bitonic top-k)": dict(topn="passes"),
+}
+
+
+def _variant_kwargs(kw):
+    """kwargs of one variant; a value "k*sms" is k times the device's SM count."""
+    from ._triton_utils import num_sms
+
+    sms = num_sms(torch.cuda.current_device())
+    return {k: (int(v.split("*")[0]) * sms if isinstance(v, str) and v.endswith("*sms") else v)
+            for k, v in kw.items()}
+
+
+def compare(copy_gbs, ctx=65536, batches=(1, 16, 64)):
+    """Paper shape at `ctx`: the table row of the current default, then the previous version
+    (`nsa_decode_v1`, if present beside this module: the saved copy of the kernel before this
+    round) and launch variants, each from a CUDA graph."""
+    try:
+        from .nsa_decode_v1 import nsa_decode as nsa_v1
+    except ImportError:
+        nsa_v1 = None
+    cfg = SHAPES["paper"]
+    rows = []
+    for B in batches:
+        rows.append(run_row("paper", ctx, B, copy_gbs))
+        print(HEADER + "\n" + rows[-1], flush=True)
+        q, gates, layer, tables, seq_lens = make_inputs(B, ctx, **cfg, p=PAPER_P)
+        _, sel = nsa_decode(q, gates, layer, tables, seq_lens, PAPER_P, return_selection=True)
+        nbytes = must_read_bytes(sel, ctx, cfg["Hkv"], cfg["Dk"], cfg["Dv"], PAPER_P)
+        ref = nsa_decode(q, gates, layer, tables, seq_lens, PAPER_P).float()
+        fns = {f"new {k}": (lambda kw=_variant_kwargs(kw): nsa_decode_tuned(q, gates, layer, tables, seq_lens,
+                                                                           PAPER_P, **kw))
+               for k, kw in VARIANTS.items()}
+        if nsa_v1 is not None:
+            fns["previous version"] = lambda: nsa_v1(q, gates, layer, tables, seq_lens, PAPER_P)
+        print("| batch | variant | NSA+graph µs | % copy | max abs diff vs default |\n|---|---|---|---|---|")
+        for name, fn in fns.items():
+            try:
+                diff = (fn().float() - ref).abs().max().item()
+                us = bench(graph_of(fn).replay, rep=50)
+            except Exception as e:  # a variant that fails to compile is reported, not fatal
+                print(f"| {B} | {name} | failed: {type(e).__name__}: {str(e)[:80]} | | |", flush=True)
+                continue
+            print(f"| {B} | {name} | {us:.1f} | {100 * nbytes / (us * 1e-6) / 1e9 / copy_gbs:.0f}% | "
+                  f"{diff:.2e} |", flush=True)
+        del q, gates, layer, tables, seq_lens
+        torch.cuda.empty_cache()
+    print(HEADER)
+    print("\n".join(rows))
+
+
+def profile(copy_gbs, ctx=65536):
+    """Per-kernel device time of one NSA and one dense decode step (L2 flushed between steps)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cfg = SHAPES["paper"]
+    flush = torch.empty(1 << 28, dtype=torch.int8, device="cuda")
+    for B in (1, 16, 64):
+        q, gates, layer, tables, seq_lens = make_inputs(B, ctx, **cfg, p=PAPER_P)
+        steps = {"nsa": lambda: nsa_decode(q, gates, layer, tables, seq_lens, PAPER_P),
+                 "dense": lambda: dense_paged_decode(q, layer, tables, seq_lens)}
+        for name, fn in steps.items():
+            fn()
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    flush.zero_()
+                    fn()
+                torch.cuda.synchronize()
+            for evt in prof.key_averages():
+                total = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+                if total and "fill" not in evt.key and "elementwise" not in evt.key:
+                    print(f"  B={B} {name}: {evt.key[:60]:60s} {total / evt.count:8.1f} µs x{evt.count}")
+        del q, gates, layer, tables, seq_lens
+        torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=list(SHAPES), action="append")
+    ap.add_argument("--ctx", type=int, action="append")
+    ap.add_argument("--batch", type=int, action="append")
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--compare", action="store_true", help="64k paper shape: default vs variants")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_decode needs a CUDA GPU")
+    copy_gbs = copy_bandwidth()
+    print(f"device: {torch.cuda.get_device_name()}  copy bandwidth (read + write): {copy_gbs:.0f} GB/s")
+    if args.compare:
+        compare(copy_gbs, batches=tuple(args.batch or (1, 16, 64)))
+    if args.profile:
+        profile(copy_gbs)
+    if args.tune:
+        tune(copy_gbs)
+    if args.profile or args.tune or args.compare:
+        return
+    print(HEADER, flush=True)
+    for shape in args.shape or list(SHAPES):
+        for ctx in args.ctx or [8192, 16384, 32768, 65536, 131072]:
+            for B in args.batch or [1, 16, 64]:
+                print(run_row(shape, ctx, B, copy_gbs), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,716 @@
+"""Triton NSA prefill over the paged cache: a varlen batch of prompt chunks in four launches.
+
+Its obviously-correct twin is `paged.paged_nsa_attention_ref` (same arguments, same result).
+Each chunk's queries are the last tokens of their sequence (positions seq_len − T_b … seq_len − 1);
+the chunk's K/V and every summary it completes are already in the pages, so a chunk attends to its
+cached context and to itself through one block table.
+
+Launches (per internal slice of at most `max_rows` query rows, which bounds the scratch memory so a
+128k prompt fits next to its cache):
+
+1. `_cmp_kernel`, grid (query tile, kv group). A tile is BT consecutive queries of one sequence
+   times the G query heads of the group (BT·G rows, so one K/V load serves the whole group).
+   Sweep 1 is flash attention over the visible summaries (acc = g_cmp·o_cmp, fp32 scratch); sweep 2
+   recomputes q·k̃ to get the normalised p_cmp and turns it into selection-block scores (overlap
+   weights, summed over the group's heads) in a small [rows, Hkv, NB] fp32 buffer. No per-head
+   score matrix reaches HBM.
+2. `_win_kernel`, same tiles: the window branch as banded flash attention over the pages (or the
+   independent-K/V ring); acc += g_win·o_win.
+3. `_topn_kernel`: forced initial/local blocks, then the highest scores, ties to the lower block
+   index (the reference's stable sort), as block ids [rows, Hkv, n] (−1 where fewer are visible).
+4. `_slc_kernel`, grid (query, kv group): attention over the n selected pages with all heads of the
+   group as the rows of one matrix product (padded to 16 rows), causal inside the current block;
+   writes acc + g_slc·o_slc in the query dtype.
+
+Shapes the launcher accepts: any group size G (padded to a power of two inside), Dk ≠ Dv, head dims
+split into power-of-two parts (192 = 128 + 64, so the paper shape wastes no work), page size
+P = l' a power of two ≥ 16, d | P, fp32/bf16/fp16 (accumulation in fp32).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import target_arch
+from .paged import PagedLayerCache
+from .reference import SparsityParams
+
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Under the CPU interpreter every call of a nested @triton.jit function re-patches the language
+# module (~5 ms a call); the helpers below are plain device code that runs the same as inlined
+# Python there. On the GPU they are ordinary jit functions.
+_helper = (lambda fn: fn) if _INTERPRET else triton.jit
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@_helper
+def _mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation. UPCAST (CPU interpreter only): its dot multiplies bf16's raw
+    bits, so operands go through fp32 there."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@_helper
+def _qk(q1, q2, kbase, kmask, DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
+        PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """q·kᵀ for q split into [.., DK1] and [.., DK2] column parts; kbase: [1, N] row pointers."""
+    d1 = tl.arange(0, DK1)
+    k1 = tl.load(kbase + d1[:, None], mask=kmask, other=0.0)
+    s = _mm(q1, k1, PREC, UPCAST)
+    if DK2 > 0:
+        d2 = DK1 + tl.arange(0, DK2)
+        k2 = tl.load(kbase + d2[:, None], mask=kmask & (d2[:, None] < DK), other=0.0)
+        s += _mm(q2, k2, PREC, UPCAST)
+    return s
+
+
+@_helper
+def _load_q(q_ptr, q_off, row_ok, DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr):
+    d1 = tl.arange(0, DK1)
+    q1 = tl.load(q_ptr + q_off[:, None] + d1[None, :], mask=row_ok[:, None], other=0.0)
+    q2 = q1
+    if DK2 > 0:
+        d2 = DK1 + tl.arange(0, DK2)
+        q2 = tl.load(q_ptr + q_off[:, None] + d2[None, :],
+                     mask=row_ok[:, None] & (d2[None, :] < DK), other=0.0)
+    return q1, q2
+
+
+@_helper
+def _overlap_tokens(ii, jj, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr):
+    """[len(ii), len(jj)] tokens summary i ([i·d, i·d + l)) shares with selection block j."""
+    start = tl.maximum(ii[:, None] * D, jj[None, :] * P)
+    end = tl.minimum(ii[:, None] * D + L, (jj[None, :] + 1) * P)
+    return tl.maximum(end - start, 0).to(tl.float32)
+
+
+@_helper
+def _visible(row_ok, ok_i, ii, pos, D: tl.constexpr, L: tl.constexpr):
+    """[rows, entries] causal mask of the compressed branch: entry i is visible to a query at pos
+    when its whole block is in the past, i·d + l − 1 ≤ pos (rows and entries that exist)."""
+    return row_ok[:, None] & ok_i[None, :] & ((ii[None, :] * D + L - 1) <= pos[:, None])
+
+
+@_helper
+def _full_chunks(pos0, L: tl.constexpr, D: tl.constexpr, CN: tl.constexpr, BN: tl.constexpr,
+                 MASK_SPLIT: tl.constexpr):
+    """Summaries [0, n) in whole chunks of CN that every query at position ≥ pos0 sees (entry i is
+    visible when i·d + l − 1 ≤ pos): the chunks that need no causal mask. 0 without MASK_SPLIT or
+    when a chunk is narrower than its tile (CN < BN: padded columns need the mask)."""
+    n0 = tl.where(pos0 + 1 >= L, (pos0 + 1 - L) // D + 1, 0)
+    if MASK_SPLIT and CN == BN:
+        return (n0 // CN) * CN
+    else:
+        return n0 * 0
+
+
+@_helper
+def _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p, skc_h, skc_r, svc_p,
+                 svc_h, svc_r, n_vis, row_ok, pos, qk_scale, ar, dv, DK: tl.constexpr, DK1: tl.constexpr,
+                 DK2: tl.constexpr, DV: tl.constexpr, P: tl.constexpr, E: tl.constexpr, D: tl.constexpr,
+                 L: tl.constexpr, CN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """One chunk of sweep 1 (online softmax over summaries [i0, i0 + CN)); pg_n holds this chunk's
+    page ids and is returned holding the next chunk's. MASKED=False: every row sees every entry."""
+    ii = i0 + ar
+    ok_i = (ar < CN) & (ii < n_vis)
+    pg = pg_n.to(tl.int64)
+    pg_n = tl.load(bt_row + ((ii + CN) * D) // P, mask=(ar < CN) & (ii + CN < n_vis), other=0)
+    kb = kc_ptr + pg * skc_p + h * skc_h + (ii % E) * skc_r
+    s = _qk(q1, q2, kb[None, :], ok_i[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
+    if MASKED:
+        vis = _visible(row_ok, ok_i, ii, pos, D, L)
+        s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    vb = vc_ptr + pg * svc_p + h * svc_h + (ii % E) * svc_r
+    vc = tl.load(vb[:, None] + dv[None, :], mask=ok_i[:, None] & (dv[None, :] < DV), other=0.0)
+    o = o * alpha[:, None] + _mm(p.to(vc.dtype), vc, PREC, UPCAST)
+    return m_new, l_i, o, pg_n
+
+
+@_helper
+def _split_bf16x3(p):
+    """fp32 p as hi + mid + lo in bf16 (24 mantissa bits: fp32's accuracy)."""
+    p_hi = p.to(tl.bfloat16)
+    r1 = p - p_hi.to(tl.float32)
+    p_mid = r1.to(tl.bfloat16)
+    return p_hi, p_mid, (r1 - p_mid.to(tl.float32)).to(tl.bfloat16)
+
+
+@_helper
+def _cat_blocks(c, j2, BJ: tl.constexpr, BJE: tl.constexpr):
+    """Block ids of chunk c's score columns j2 ∈ [0, 2·BJ): its own blocks, then the next chunk's."""
+    return c * BJE + tl.where(j2 < BJ, j2, j2 - BJ + BJE)
+
+
+@_helper
+def _tile_rows(tile_ptr, BT: tl.constexpr, GP: tl.constexpr, G: tl.constexpr):
+    """A query tile: BT consecutive queries of one sequence × the group's heads (padded to GP)."""
+    pid = tl.program_id(0)
+    seq = tl.load(tile_ptr + pid * 4)
+    row0 = tl.load(tile_ptr + pid * 4 + 1)
+    nrows = tl.load(tile_ptr + pid * 4 + 2)
+    pos0 = tl.load(tile_ptr + pid * 4 + 3)
+    r = tl.arange(0, BT * GP)
+    t = r // GP
+    g = r % GP
+    return seq, row0, nrows, pos0, t, g, (t < nrows) & (g < G)
+
+
+@triton.jit
+def _cmp_kernel(
+    q_ptr, g_ptr, acc_ptr, score_ptr, kc_ptr, vc_ptr, bt_ptr, tile_ptr,
+    sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, ss_t, ss_h,
+    skc_p, skc_h, skc_r, svc_p, svc_h, svc_r, sbt, row_base, qk_scale,
+    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
+    DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+    P: tl.constexpr, E: tl.constexpr, D: tl.constexpr, L: tl.constexpr,
+    BN: tl.constexpr, CN: tl.constexpr, BJ: tl.constexpr, BJE: tl.constexpr,
+    PREC: tl.constexpr, SPREC: tl.constexpr, UPCAST: tl.constexpr, BF16X3: tl.constexpr,
+    SCAT: tl.constexpr, MASK_SPLIT: tl.constexpr,
+):
+    """Compressed attention (→ acc = g_cmp·o_cmp) and group-summed selection-block scores."""
+    BM: tl.constexpr = BT * GP
+    h = tl.program_id(1)
+    seq, row0, nrows, pos0, t, g, row_ok = _tile_rows(tile_ptr, BT, GP, G)
+    pos_last = pos0 + nrows - 1
+    pos = pos0 + t
+    qrow = (row0 + t).to(tl.int64)
+    head = h * G + g
+    q1, q2 = _load_q(q_ptr, qrow * sq_t + head * sq_h, row_ok, DK, DK1, DK2)
+    dv = tl.arange(0, DVP)
+    bt_row = bt_ptr + seq.to(tl.int64) * sbt
+    ar = tl.arange(0, BN)
+
+    # Sweep 1: flash attention over the visible summaries (entry i visible when i·d + l − 1 ≤ pos).
+    n_vis = tl.where(pos_last + 1 >= L, (pos_last + 1 - L) // D + 1, 0)
+    m_i = tl.full([BM], -1.0e30, tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    o = tl.zeros([BM, DVP], tl.float32)
+    # Page ids are read a chunk ahead (carried): summary addresses loaded in the same iteration
+    # leave Triton's pipeliner nothing to issue early, so the next chunk's copies would start only
+    # after this chunk's math (the decode kernels' finding, docs/benchmarks/decode.md 7th round).
+    # Chunks every row of the tile sees whole (below the first query's visible count) skip the
+    # causal mask: one loop without it, one with it for the rest.
+    n_full = _full_chunks(pos0, L, D, CN, BN, MASK_SPLIT)
+    pg_n = tl.load(bt_row + (ar * D) // P, mask=(ar < CN) & (ar < n_vis), other=0)
+    for i0 in range(0, n_full, CN):
+        m_i, l_i, o, pg_n = _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p,
+                                         skc_h, skc_r, svc_p, svc_h, svc_r, n_vis, row_ok, pos, qk_scale,
+                                         ar, dv, DK, DK1, DK2, DV, P, E, D, L, CN, PREC, UPCAST, False)
+    for i0 in range(n_full, n_vis, CN):
+        m_i, l_i, o, pg_n = _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p,
+                                         skc_h, skc_r, svc_p, svc_h, svc_r, n_vis, row_ok, pos, qk_scale,
+                                         ar, dv, DK, DK1, DK2, DV, P, E, D, L, CN, PREC, UPCAST, True)
+    # 0 for padded rows (heads g ≥ G, queries past the tile): sweep 2 sums p over the padded group,
+    # and its unmasked chunks would otherwise add the padded heads' p.
+    inv_l = tl.where(row_ok & (l_i > 0), 1.0 / l_i, 0.0)
+    g_cmp = tl.load(g_ptr + qrow * sg_t + head * sg_h, mask=row_ok, other=0.0).to(tl.float32)
+    arow = (row0 + t - row_base).to(tl.int64)
+    tl.store(acc_ptr + arow[:, None] * sa_t + head[:, None] * sa_h + dv[None, :],
+             o * (inv_l * g_cmp)[:, None], mask=row_ok[:, None] & (dv[None, :] < DV))
+
+    # Sweep 2: normalised p_cmp → selection-block scores. Chunk c covers summaries
+    # [c·CN, (c+1)·CN) and owns blocks [c·BJE, (c+1)·BJE) (CN·d = BJE·P). A summary can spill
+    # into the next chunk's blocks (l > d), never further, so each chunk adds its own part plus
+    # the previous chunk's spill and hands on its own. Per-row block scores come from a matrix
+    # product with p as the A operand (as in p·V); the group's heads are then summed on the small
+    # [rows, blocks] result.
+    tq = tl.arange(0, BT)
+    jr = tl.arange(0, BJ)
+    cur_last = pos_last // P
+    n_chunks = tl.maximum(tl.cdiv(n_vis, CN), cur_last // BJE + 1)
+    spill = tl.zeros([BT, BJ], tl.float32)
+    cur_t = (pos0 + tq) // P
+    srow = (row0 + tq - row_base).to(tl.int64)
+    pg_n = tl.load(bt_row + (ar * D) // P, mask=(ar < CN) & (ar < n_vis), other=0)
+    for c in range(0, n_chunks):
+        i0 = c * CN
+        ii = i0 + ar
+        ok_i = (ar < CN) & (ii < n_vis)
+        pg = pg_n.to(tl.int64)  # read a chunk ahead, as in sweep 1
+        pg_n = tl.load(bt_row + ((ii + CN) * D) // P, mask=(ar < CN) & (ii + CN < n_vis), other=0)
+        kb = kc_ptr + pg * skc_p + h * skc_h + (ii % E) * skc_r
+        s = _qk(q1, q2, kb[None, :], ok_i[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
+        if MASK_SPLIT:  # a run-time branch: chunks below n_full are seen whole by every row
+            if i0 < n_full:
+                p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]
+            else:
+                vis = _visible(row_ok, ok_i, ii, pos, D, L)
+                p = tl.where(vis, tl.exp2(s - m_i[:, None]), 0.0) * inv_l[:, None]
+        else:
+            vis = _visible(row_ok, ok_i, ii, pos, D, L)
+            p = tl.where(vis, tl.exp2(s - m_i[:, None]), 0.0) * inv_l[:, None]
+        j_own = c * BJE + jr
+        if BF16X3 and SCAT:
+            # As below, with this chunk's blocks and the next chunk's (the spill) as the two halves
+            # of one [CN, 2·BJ] weight matrix: three products of width 2·BJ instead of six of BJ.
+            j2 = tl.arange(0, 2 * BJ)
+            w2 = _overlap_tokens(ii, _cat_blocks(c, j2, BJ, BJE), D, L, P).to(tl.bfloat16)
+            p_hi, p_mid, p_lo = _split_bf16x3(p)
+            sc = _mm(p_hi, w2, "tf32", UPCAST) + _mm(p_mid, w2, "tf32", UPCAST)
+            sc += _mm(p_lo, w2, "tf32", UPCAST)
+            both = tl.sum(tl.reshape(sc, (BT, GP, 2 * BJ)), 1) / D  # [BT, 2·BJ]: own | next
+            own_c, nxt_c = tl.split(tl.permute(tl.reshape(both, (BT, 2, BJ)), (0, 2, 1)))
+            own = own_c + spill
+            spill = nxt_c
+        elif BF16X3:
+            # p = hi + mid + lo in bf16 (24 mantissa bits, fp32's accuracy) against the overlap
+            # token counts (small integers, exact in bf16): three cheap bf16 products instead of
+            # fp32 ones, with p as the A operand straight from registers, as in p·V.
+            w_o = _overlap_tokens(ii, j_own, D, L, P).to(tl.bfloat16)
+            w_n = _overlap_tokens(ii, j_own + BJE, D, L, P).to(tl.bfloat16)
+            p_hi, p_mid, p_lo = _split_bf16x3(p)
+            sc_own = _mm(p_hi, w_o, "tf32", UPCAST) + _mm(p_mid, w_o, "tf32", UPCAST)
+            sc_own += _mm(p_lo, w_o, "tf32", UPCAST)
+            sc_nxt = _mm(p_hi, w_n, "tf32", UPCAST) + _mm(p_mid, w_n, "tf32", UPCAST)
+            sc_nxt += _mm(p_lo, w_n, "tf32", UPCAST)
+            own = tl.sum(tl.reshape(sc_own, (BT, GP, BJ)), 1) / D + spill
+            spill = tl.sum(tl.reshape(sc_nxt, (BT, GP, BJ)), 1) / D
+        else:  # fp32 products ("tf32x3"): overlap counts above 256 are not exact in bf16
+            sc_own = tl.dot(p, _overlap_tokens(ii, j_own, D, L, P), input_precision=SPREC)
+            sc_nxt = tl.dot(p, _overlap_tokens(ii, j_own + BJE, D, L, P), input_precision=SPREC)
+            own = tl.sum(tl.reshape(sc_own, (BT, GP, BJ)), 1) / D + spill
+            spill = tl.sum(tl.reshape(sc_nxt, (BT, GP, BJ)), 1) / D
+        smask = (tq[:, None] < nrows) & (jr[None, :] < BJE) & (j_own[None, :] <= cur_t[:, None])
+        tl.store(score_ptr + srow[:, None] * ss_t + h * ss_h + j_own[None, :], own, mask=smask)
+
+
+@triton.jit
+def _win_kernel(
+    q_ptr, g_ptr, acc_ptr, k_ptr, v_ptr, wt_ptr, tile_ptr,
+    sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, sk_p, sk_h, sk_r, sv_p, sv_h, sv_r,
+    swt, ring_pages, row_base, qk_scale,
+    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
+    DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+    P: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Window branch as banded flash attention over (pos − w, pos]; acc += g_win·o_win."""
+    BM: tl.constexpr = BT * GP
+    h = tl.program_id(1)
+    seq, row0, nrows, pos0, t, g, row_ok = _tile_rows(tile_ptr, BT, GP, G)
+    pos_last = pos0 + nrows - 1
+    pos = pos0 + t
+    qrow = (row0 + t).to(tl.int64)
+    head = h * G + g
+    q1, q2 = _load_q(q_ptr, qrow * sq_t + head * sq_h, row_ok, DK, DK1, DK2)
+    dv = tl.arange(0, DVP)
+    wt_row = wt_ptr + seq.to(tl.int64) * swt
+    m_i = tl.full([BM], -1.0e30, tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    o = tl.zeros([BM, DVP], tl.float32)
+    kr = tl.arange(0, P)
+    w_lo = tl.maximum(pos0 - W + 1, 0)
+    pj0 = w_lo // P
+    pg_n = tl.load(wt_row + pj0 % ring_pages)
+    for pj in range(pj0, pos_last // P + 1):
+        pg = pg_n.to(tl.int64)  # read a page ahead (see _cmp_kernel); none past the last page
+        pg_n = tl.load(wt_row + (pj + 1) % ring_pages, mask=pj < pos_last // P, other=0)
+        kk = pj * P + kr
+        kb = k_ptr + pg * sk_p + h * sk_h + kr * sk_r
+        s = _qk(q1, q2, kb[None, :], kk[None, :] <= pos_last, DK, DK1, DK2, PREC, UPCAST) * qk_scale
+        ok = row_ok[:, None] & (kk[None, :] <= pos[:, None]) & (kk[None, :] > pos[:, None] - W)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vb = v_ptr + pg * sv_p + h * sv_h + kr * sv_r
+        v = tl.load(vb[:, None] + dv[None, :], mask=(kk[:, None] <= pos_last) & (dv[None, :] < DV),
+                    other=0.0)
+        o = o * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, UPCAST)
+        m_i = m_new
+    g_win = tl.load(g_ptr + qrow * sg_t + head * sg_h + 2, mask=row_ok, other=0.0).to(tl.float32)
+    arow = (row0 + t - row_base).to(tl.int64)
+    amask = row_ok[:, None] & (dv[None, :] < DV)
+    aptr = acc_ptr + arow[:, None] * sa_t + head[:, None] * sa_h + dv[None, :]
+    acc = tl.load(aptr, mask=amask, other=0.0)
+    tl.store(aptr, acc + o * (tl.where(l_i > 0, 1.0 / l_i, 0.0) * g_win)[:, None], mask=amask)
+
+
+@triton.jit
+def _topn_kernel(score_ptr, idx_ptr, rowpos_ptr, nrows, ss_t, ss_h, si_t, si_h,
+                 NSEL: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
+                 P: tl.constexpr, NBP: tl.constexpr, NSP: tl.constexpr, RB: tl.constexpr):
+    r = tl.program_id(0) * RB + tl.arange(0, RB)
+    h = tl.program_id(1)
+    r_ok = r < nrows
+    pos = tl.load(rowpos_ptr + r, mask=r_ok, other=-1)
+    cur = pos // P
+    j = tl.arange(0, NBP)
+    vis = (j[None, :] <= cur[:, None]) & r_ok[:, None]
+    sc = tl.load(score_ptr + r.to(tl.int64)[:, None] * ss_t + h * ss_h + j[None, :], mask=vis, other=0.0)
+    forced = vis & ((j[None, :] < NUM_INIT) | (j[None, :] > cur[:, None] - NUM_LOCAL))
+    key = tl.where(forced, float("inf"), tl.where(vis, sc, float("-inf")))
+    k = tl.arange(0, NSP)
+    out = tl.full([RB, NSP], -1, tl.int32)
+    for s in range(NSEL):
+        mx = tl.max(key, 1)
+        am = tl.argmax(key, 1, tie_break_left=True).to(tl.int32)  # ties → lower block index
+        pick = tl.where(mx > float("-inf"), am, -1)  # nothing visible left: no block
+        out = tl.where(k[None, :] == s, pick[:, None], out)
+        key = tl.where(j[None, :] == am[:, None], float("-inf"), key)
+    tl.store(idx_ptr + r.to(tl.int64)[:, None] * si_t + h * si_h + k[None, :], out,
+             mask=r_ok[:, None] & (k[None, :] < NSEL))
+
+
+@triton.jit
+def _slc_kernel(
+    q_ptr, g_ptr, acc_ptr, out_ptr, idx_ptr, rowseq_ptr, rowpos_ptr,
+    k_ptr, v_ptr, bt_ptr,
+    sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, so_t, so_h, si_t, si_h,
+    sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, sbt, row_base, qk_scale,
+    G: tl.constexpr, GP: tl.constexpr,
+    DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+    P: tl.constexpr, NSEL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    row = (row_base + r).to(tl.int64)
+    seq = tl.load(rowseq_ptr + r)
+    pos = tl.load(rowpos_ptr + r)
+    g = tl.arange(0, GP)
+    g_ok = g < G
+    head = h * G + g
+    q1, q2 = _load_q(q_ptr, row * sq_t + head * sq_h, g_ok, DK, DK1, DK2)
+    dv = tl.arange(0, DVP)
+    kr = tl.arange(0, P)
+    bt_row = bt_ptr + seq.to(tl.int64) * sbt
+    m_i = tl.full([GP], -1.0e30, tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    o = tl.zeros([GP, DVP], tl.float32)
+    for sidx in range(NSEL):
+        blk = tl.load(idx_ptr + r.to(tl.int64) * si_t + h * si_h + sidx)
+        pg = tl.load(bt_row + tl.maximum(blk, 0)).to(tl.int64)
+        kk = blk * P + kr
+        kmask = (kk >= 0) & (kk <= pos)  # no block (id −1) → all masked; causal inside the current block
+        kb = k_ptr + pg * sk_p + h * sk_h + kr * sk_r
+        s = _qk(q1, q2, kb[None, :], kmask[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
+        s = tl.where(g_ok[:, None] & kmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vb = v_ptr + pg * sv_p + h * sv_h + kr * sv_r
+        v = tl.load(vb[:, None] + dv[None, :], mask=kmask[:, None] & (dv[None, :] < DV), other=0.0)
+        o = o * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, UPCAST)
+        m_i = m_new
+    o = o * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]
+    omask = g_ok[:, None] & (dv[None, :] < DV)
+    g_slc = tl.load(g_ptr + row * sg_t + head * sg_h + 1, mask=g_ok, other=0.0).to(tl.float32)
+    acc = tl.load(acc_ptr + r.to(tl.int64) * sa_t + head[:, None] * sa_h + dv[None, :], mask=omask,
+                  other=0.0)
+    res = acc + g_slc[:, None] * o
+    tl.store(out_ptr + row * so_t + head[:, None] * so_h + dv[None, :],
+             res.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def split_head_dim(dk: int) -> tuple[int, int]:
+    """Head dim as two power-of-two tiles (DK1, DK2): 192 → (128, 64), 128 → (128, 0), 24 → (16, 16).
+    The second part is masked when it overhangs; both are ≥ 16 (the matrix-unit minimum)."""
+    if dk < 16:
+        return 16, 0
+    d1 = 1 << (dk.bit_length() - 1)
+    rest = dk - d1
+    return d1, (max(16, _pow2(rest)) if rest else 0)
+
+
+@dataclass
+class PrefillConfig:
+    """Tile shapes (defaults: the fastest of a sweep at 64k on an H100, re-swept on an H200,
+    docs/benchmarks/prefill.md). rows_*: query-tile rows (queries × padded group) of the compressed
+    and window kernels; cmp_chunk: summaries per step; stages_*: software-pipeline stages (the page
+    ids are read a step ahead, so with 3 stages — three tile buffers — the next chunk's copies are
+    in flight during this chunk's math); max_rows: query rows per internal slice (bounds the fp32 scratch
+    and the score buffer: 16k rows ≈ 0.5 GB each at the paper shape and 128k)."""
+
+    rows_cmp: int = 128
+    cmp_chunk: int = 64
+    score_bf16x3: int = 1  # block scores as three bf16 products (else fp32 "tf32x3" products)
+    score_cat: int = 1  # with bf16x3: own and next chunk's blocks in one product of twice the width
+    mask_split: int = 1  # compressed sweeps: no causal-mask math on chunks every row sees whole
+    warps_cmp: int = 8
+    stages_cmp: int = 3  # H200 64k: cmp 42.0 → 34.4 ms with the ids read ahead (2 stages: 36.3)
+    rows_win: int = 64
+    warps_win: int = 4
+    stages_win: int = 2  # 3 stages: 147 KB, one program an SM; 7.3 ms vs 5.1
+    warps_slc: int = 2
+    stages_slc: int = 2
+    max_rows: int = 16384
+
+
+DEFAULT_CONFIG = PrefillConfig()
+
+
+def default_config(device) -> PrefillConfig:
+    """DEFAULT_CONFIG on Hopper and newer. Before Hopper the compressed kernel's matrix operands
+    live in registers (no wgmma), and with 3 stages or the unmasked loop it spills on sm_80
+    (`compile_check`): there it keeps 2 stages and the mask on every chunk (spill-free; not timed
+    on an A100)."""
+    if target_arch(torch.device(device)) >= 90:
+        return DEFAULT_CONFIG
+    return replace(DEFAULT_CONFIG, stages_cmp=2, mask_split=0)
+
+
+def _tiles(cu, lens, r0, r1, BT) -> torch.Tensor:
+    """int32 [tiles, 4]: (sequence, first row, rows, first position) of each BT-query tile within
+    rows [r0, r1), last tiles first (later queries see more summaries: start the long tiles first)."""
+    parts = []
+    for b in range(len(lens)):
+        lo, hi = max(cu[b], r0), min(cu[b + 1], r1)
+        if hi <= lo:
+            continue
+        a = torch.arange(lo, hi, BT, dtype=torch.int32)
+        parts.append(torch.stack([torch.full_like(a, b), a, (hi - a).clamp(max=BT),
+                                  lens[b] - (cu[b + 1] - a)], 1))
+    return torch.cat(parts).flip(0).contiguous()
+
+
+def _check(q, gates, layer, block_tables, cu_seqlens_q, seq_lens, p, win_tables):
+    if q.dim() != 3 or gates.shape != (q.shape[0], q.shape[1], 3):
+        raise ValueError(f"q must be [Ttot, Hq, Dk] and gates [Ttot, Hq, 3]; got {tuple(q.shape)}, "
+                         f"{tuple(gates.shape)}")
+    npages, hkv, P, dk = layer.k_cache.shape
+    if q.shape[2] != dk:
+        raise ValueError(f"q head dim {q.shape[2]} != cache key dim {dk}")
+    if q.shape[1] % hkv:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({hkv})")
+    if P != p.select_block:
+        raise ValueError(f"page size {P} must equal the selection block l' = {p.select_block}")
+    if P % p.stride or layer.summaries_per_page != P // p.stride:
+        raise ValueError(f"page size {P} must be a multiple of stride d = {p.stride} with P/d summaries "
+                         f"per page (cache holds {layer.summaries_per_page})")
+    if P < 16 or P & (P - 1):
+        raise NotImplementedError(f"Triton prefill needs a power-of-two page size >= 16, got {P}")
+    for name, t in (("k_cache", layer.k_cache), ("v_cache", layer.v_cache),
+                    ("kc_cache", layer.kc_cache), ("vc_cache", layer.vc_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} dtype {t.dtype} differs from q dtype {q.dtype}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"unsupported dtype {q.dtype} (fp32, fp16, bf16)")
+    B = seq_lens.shape[0]
+    if cu_seqlens_q.shape != (B + 1,) or block_tables.shape[0] != B:
+        raise ValueError("cu_seqlens_q must be [B+1] and block_tables [B, max_pages] for B = len(seq_lens)")
+    if win_tables is not None and win_tables.shape[0] != B:
+        raise ValueError("win_tables must be [B, ring_pages]")
+
+
+@dataclass
+class PrefillPlan:
+    """Host-side layout of one `nsa_prefill` call: query tiles and row → (sequence, position)
+    tables, uploaded to the device in one copy. It depends only on the chunk lengths, the page size,
+    the group size and the tile config, so an engine step builds it once (from its host-side
+    lengths: no device sync) and passes it to every layer's call."""
+
+    cu: list[int]
+    lens: list[int]
+    page_size: int
+    group: int
+    config: PrefillConfig
+    meta: torch.Tensor  # every slice's tiles, window tiles, row → sequence, row → position (int32)
+    slices: list[tuple]  # (r0, r1, tiles, window tiles, spans in meta, blocks NB) per row slice
+
+    @property
+    def total_rows(self) -> int:
+        return self.cu[-1]
+
+
+def plan_prefill(cu_seqlens_q, seq_lens, *, page_size: int, group: int, device,
+                 config: PrefillConfig | None = None) -> PrefillPlan:
+    """The `PrefillPlan` of a call with these chunk boundaries (cu_seqlens_q, [B + 1]) and lengths
+    (seq_lens, [B], counting each chunk); lists or tensors (a device tensor costs one sync)."""
+    cfg = config or default_config(device)
+    cu = [int(x) for x in (cu_seqlens_q.tolist() if torch.is_tensor(cu_seqlens_q) else cu_seqlens_q)]
+    lens = [int(x) for x in (seq_lens.tolist() if torch.is_tensor(seq_lens) else seq_lens)]
+    if len(cu) != len(lens) + 1 or cu[0] != 0 or any(cu[b + 1] < cu[b] for b in range(len(lens))):
+        raise ValueError(f"cu_seqlens_q must be [B+1] rising from 0, got {cu} for {len(lens)} sequences")
+    for b, L in enumerate(lens):
+        if cu[b + 1] - cu[b] > L:
+            raise ValueError(f"sequence {b}: {cu[b + 1] - cu[b]} queries but seq_len {L}")
+    Ttot, P = cu[-1], page_size
+    GP = _pow2(group)
+    BT = max(1, cfg.rows_cmp // GP)
+    BTW = max(1, cfg.rows_win // GP)
+    if Ttot == 0:
+        return PrefillPlan(cu, lens, P, group, cfg, torch.empty(0, dtype=torch.int32, device=device), [])
+    # Uploaded in one copy before the first launch: one synchronous upload per slice would wait for
+    # the previous slice's kernels.
+    counts = torch.tensor([cu[b + 1] - cu[b] for b in range(len(lens))], dtype=torch.long)
+    row_seq_all = torch.repeat_interleave(torch.arange(len(lens)), counts)
+    row_pos_all = (torch.tensor(lens, dtype=torch.long)[row_seq_all]
+                   - (torch.tensor(cu[1:], dtype=torch.long)[row_seq_all] - torch.arange(Ttot)))
+    parts, slices, off = [], [], 0
+    for r0 in range(0, Ttot, cfg.max_rows):
+        r1 = min(Ttot, r0 + cfg.max_rows)
+        tiles = _tiles(cu, lens, r0, r1, BT)
+        wtiles = tiles if BTW == BT else _tiles(cu, lens, r0, r1, BTW)
+        segs = [tiles.flatten(), wtiles.flatten(), row_seq_all[r0:r1].int(), row_pos_all[r0:r1].int()]
+        spans = []
+        for seg in segs:
+            spans.append((off, off + seg.numel()))
+            off += seg.numel()
+        parts += segs
+        NB = -(-(int(row_pos_all[r0:r1].max()) + 1) // P)
+        slices.append((r0, r1, len(tiles), len(wtiles), spans, NB))
+    meta = torch.cat(parts).to(device)  # (pinning it cost more than the copy: ~4 ms at 8k on an H100)
+    return PrefillPlan(cu, lens, P, group, cfg, meta, slices)
+
+
+def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, seq_lens,
+                p: SparsityParams, win_tables=None, scale=None, *, config: PrefillConfig | None = None,
+                return_selection: bool = False, plan: PrefillPlan | None = None):
+    """NSA attention for a varlen batch of prompt chunks over the paged cache.
+
+    Same arguments and result as `paged.paged_nsa_attention_ref`: q [Ttot, Hq, Dk], gates
+    [Ttot, Hq, 3] → [Ttot, Hq, Dv] in q's dtype. With `win_tables` (independent-K/V checkpoints) the
+    window branch reads its ring, which must hold ≥ w + T_b − 1 tokens for a chunk of T_b queries
+    (a shorter ring has already lost keys the chunk's first queries need).
+    `return_selection=True` also returns the selected block ids [Ttot, Hkv, n] (−1 = none).
+    One host sync reads cu_seqlens_q / seq_lens to lay out the tiles (prefill is not graph-captured),
+    unless `plan` (`plan_prefill` of the same lengths, page size, group size and config) is given:
+    an engine step builds it once from its host-side lengths for all layers.
+    """
+    cfg = config or default_config(q.device)
+    _check(q, gates, layer, block_tables, cu_seqlens_q, seq_lens, p, win_tables)
+    dev = q.device
+    Ttot, Hq, Dk = q.shape
+    _, Hkv, P, _ = layer.k_cache.shape
+    Dv = layer.v_cache.shape[-1]
+    G = Hq // Hkv
+    E = P // p.stride
+    scale = scale if scale is not None else 1.0 / math.sqrt(Dk)
+    out = torch.empty(Ttot, Hq, Dv, dtype=q.dtype, device=dev)
+    sel = torch.empty(Ttot, Hkv, p.num_select, dtype=torch.int32, device=dev) if return_selection else None
+    if Ttot == 0:
+        return (out, sel) if return_selection else out
+
+    q = q.contiguous()
+    gates = gates.contiguous()
+    block_tables = block_tables.to(device=dev, dtype=torch.int32).contiguous()
+    if plan is None:
+        plan = plan_prefill(cu_seqlens_q, seq_lens, page_size=P, group=G, device=dev, config=cfg)
+    elif (plan.page_size, plan.group, plan.config, len(plan.lens)) != (P, G, cfg, seq_lens.shape[0]):
+        raise ValueError(f"plan was made for page size {plan.page_size}, group {plan.group}, "
+                         f"{len(plan.lens)} sequences and {plan.config}; this call has {P}, {G}, "
+                         f"{seq_lens.shape[0]} and {cfg}")
+    cu, lens = plan.cu, plan.lens
+    if cu[-1] != Ttot:
+        raise ValueError(f"cu_seqlens_q must rise from 0 to Ttot={Ttot}, got {cu}")
+    for b, L in enumerate(lens):
+        T = cu[b + 1] - cu[b]
+        if T and -(-L // P) > block_tables.shape[1]:
+            raise ValueError(f"sequence {b}: seq_len {L} needs {-(-L // P)} pages, table has "
+                             f"{block_tables.shape[1]}")
+    if win_tables is not None:
+        win_tables = win_tables.to(device=dev, dtype=torch.int32).contiguous()
+        ring = win_tables.shape[1] * P
+        if ring < p.window:
+            raise ValueError(f"window ring of {ring} tokens is shorter than the window w = {p.window}")
+        for b, L in enumerate(lens):
+            T = cu[b + 1] - cu[b]
+            if T and L > ring and ring < p.window + T - 1:
+                raise ValueError(
+                    f"sequence {b}: a chunk of {T} queries needs a window ring of >= w + T - 1 = "
+                    f"{p.window + T - 1} tokens, the ring holds {ring}; use shorter chunks or a longer ring")
+        wt, ring_pages = win_tables, win_tables.shape[1]
+    else:
+        wt, ring_pages = block_tables, 1 << 30
+
+    # Tile shapes.
+    DK1, DK2 = split_head_dim(Dk)
+    DVP = max(16, _pow2(Dv))
+    GP = _pow2(G)
+    BT = max(1, cfg.rows_cmp // GP)
+    BTW = max(1, cfg.rows_win // GP)
+    BN = max(16, _pow2(cfg.cmp_chunk))
+    CN = (BN // E) * E if BN >= E else 0
+    if CN == 0:
+        raise NotImplementedError(f"summary chunk {BN} smaller than summaries per page {E}")
+    BJE = CN // E
+    BJ = max(16, _pow2(BJE))
+    if p.block - p.stride > CN * p.stride:
+        raise NotImplementedError("compression block too long for one chunk of spill (l − d > chunk·d)")
+    GP_SLC = max(16, GP)
+    NSP = max(2, _pow2(p.num_select))
+    fp32 = q.dtype == torch.float32
+    prec = "ieee" if fp32 else "tf32"
+    sprec = "ieee" if _INTERPRET else "tf32x3"  # block scores decide the ranking: keep fp32 accuracy
+    upcast = _INTERPRET  # the interpreter multiplies bf16 bit patterns: compute its dots in fp32
+    qk_scale = scale * LOG2E
+    kc, vc, kcc, vcc = layer.k_cache, layer.v_cache, layer.kc_cache, layer.vc_cache
+
+    meta = plan.meta
+    for r0, r1, ntiles, nwtiles, spans, NB in plan.slices:
+        rows = r1 - r0
+        tile_t, wtile_t, row_seq, row_pos = (meta[a:b] for a, b in spans)
+        acc = torch.empty(rows, Hq, Dv, dtype=torch.float32, device=dev)
+        scores = torch.empty(rows, Hkv, NB, dtype=torch.float32, device=dev)
+        idx = torch.empty(rows, Hkv, p.num_select, dtype=torch.int32, device=dev)
+
+        _cmp_kernel[(ntiles, Hkv)](
+            q, gates, acc, scores, kcc, vcc, block_tables, tile_t,
+            q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
+            scores.stride(0), scores.stride(1),
+            kcc.stride(0), kcc.stride(1), kcc.stride(2), vcc.stride(0), vcc.stride(1), vcc.stride(2),
+            block_tables.stride(0), r0, qk_scale,
+            G=G, GP=GP, BT=BT, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, E=E,
+            D=p.stride, L=p.block, BN=BN, CN=CN, BJ=BJ, BJE=BJE, PREC=prec, SPREC=sprec,
+            UPCAST=upcast, BF16X3=bool(cfg.score_bf16x3) and min(p.block, P) <= 256,
+            SCAT=bool(cfg.score_cat), MASK_SPLIT=bool(cfg.mask_split),
+            num_warps=cfg.warps_cmp, num_stages=cfg.stages_cmp,
+        )
+        _win_kernel[(nwtiles, Hkv)](
+            q, gates, acc, kc, vc, wt, wtile_t,
+            q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
+            kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+            wt.stride(0), ring_pages, r0, qk_scale,
+            G=G, GP=GP, BT=BTW, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, W=p.window,
+            PREC=prec, UPCAST=upcast, num_warps=cfg.warps_win, num_stages=cfg.stages_win,
+        )
+        NBP = max(16, _pow2(NB))
+        RB = max(1, min(16, 4096 // NBP))
+        _topn_kernel[(triton.cdiv(rows, RB), Hkv)](
+            scores, idx, row_pos, rows, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
+            NSEL=p.num_select, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, P=P,
+            NBP=NBP, NSP=NSP, RB=RB, num_warps=4,
+        )
+        _slc_kernel[(rows, Hkv)](
+            q, gates, acc, out, idx, row_seq, row_pos, kc, vc, block_tables,
+            q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
+            out.stride(0), out.stride(1), idx.stride(0), idx.stride(1),
+            kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+            block_tables.stride(0), r0, qk_scale,
+            G=G, GP=GP_SLC, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, NSEL=p.num_select,
+            PREC=prec, UPCAST=upcast, num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
+        )
+        if sel is not None:
+            sel[r0:r1] = idx
+    return (out, sel) if return_selection else out

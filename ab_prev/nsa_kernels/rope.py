@@ -1,0 +1,58 @@
+"""Rotate-half RoPE as one Triton kernel: x [T, H, D] rotated by per-token tables, in x's dtype.
+
+The PyTorch form (`nsa_serve.model.nsa_model.Rope`, the twin the tests compare against) is a cast,
+a concatenation of the halves, two products, a sum and a cast back: six launches for each of q and
+k in every layer of a decode step. Here it is one: each program rotates one token's heads,
+out₁ = x₁·cos − x₂·sin and out₂ = x₂·cos + x₁·sin, in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import next_pow2
+
+
+@triton.jit
+def _rope_kernel(x_ptr, sx_t, sx_h, cos_ptr, sin_ptr, sc_t, out_ptr, so_t, so_h, H,
+                 HALF: tl.constexpr, HALF_P: tl.constexpr, BH: tl.constexpr):
+    """Program (t, head block): heads [hb·BH, hb·BH + BH) of token t. The tables are the Rope
+    class's: cos = [cos, cos], sin = [−sin, sin] (signed), so out₂ uses sin's second half and
+    out₁ subtracts the same value."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BH + tl.arange(0, BH)
+    d = tl.arange(0, HALF_P)
+    dm = d < HALF
+    m = (h < H)[:, None] & dm[None, :]
+    xp = x_ptr + t * sx_t + h[:, None] * sx_h + d[None, :]
+    x1 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(xp + HALF, mask=m, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + t * sc_t + d, mask=dm, other=0.0)[None, :]
+    s = tl.load(sin_ptr + t * sc_t + HALF + d, mask=dm, other=0.0)[None, :]
+    op = out_ptr + t * so_t + h[:, None] * so_h + d[None, :]
+    tl.store(op, (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(op + HALF, (x2 * c + x1 * s).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] (last dim contiguous), cos / sin float32 [T, 1, D] or [T, D] with the Rope
+    class's layout → a new [T, H, D] tensor in x's dtype."""
+    T, H, D = x.shape
+    if D % 2 or x.stride(-1) != 1:
+        raise ValueError(f"rope_rotate needs an even, contiguous last dim, got shape {tuple(x.shape)} "
+                         f"strides {x.stride()}")
+    cos, sin = cos.reshape(T, D), sin.reshape(T, D)
+    if (cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.stride(-1) != 1
+            or sin.stride() != cos.stride()):
+        raise ValueError("rope_rotate needs float32 tables [T, D] with a contiguous last dim")
+    out = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    half_p = next_pow2(D // 2)
+    bh = max(1, min(next_pow2(H), 4096 // half_p))  # about 4096 elements of each half a program
+    _rope_kernel[(T, triton.cdiv(H, bh))](
+        x, x.stride(0), x.stride(1), cos, sin, cos.stride(0), out, out.stride(0), out.stride(1), H,
+        HALF=D // 2, HALF_P=half_p, BH=bh, num_warps=4)
+    return out

@@ -1,0 +1,164 @@
+"""`nsa-serve serve [MODEL_DIR]`: the OpenAI-compatible HTTP server.
+
+Startup order: resolve the model (the bundled default when none is given), build the engine (loads
+weights), start its loop and warm up, and only then bind the port, so a listening server is a ready
+one. SIGTERM/SIGINT: stop accepting, let in-flight requests finish for up to --shutdown-timeout
+seconds, abort the rest, stop the engine, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import threading
+from contextlib import contextmanager
+
+import uvicorn
+
+log = logging.getLogger("nsa_serve.api")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL_DIR",
+                   help="model directory (default: the bundled default model)")
+    g = p.add_argument_group("HTTP")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=os.environ.get("NSA_SERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health and /ready "
+                        "(default: $NSA_SERVE_API_KEY; unset: no key)")
+    g.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) clients use (default: the model directory's name)")
+    g.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024,
+                   help="larger request bodies get 413")
+    g.add_argument("--retry-after", type=int, default=1, help="Retry-After seconds sent with 429")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests may take to finish after SIGTERM")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
+    g.add_argument("--long-prefill-token-threshold", type=int, default=512,
+                   help="per-request prefill chunk cap per step")
+    g.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights and cache")
+    g.add_argument("--cpu-kv-cache-gb", type=float, default=1.0, help="page pool size on CPU")
+    g.add_argument("--num-pages", type=int, default=None, help="force the page pool size")
+    g.add_argument("--attention", choices=["nsa", "dense"], default="nsa")
+    g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    g.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="disable the prefix cache")
+    g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--cpu-threads", type=int, default=None,
+                   help="CPU only: intra-op threads of engine steps (default: one per core)")
+    g.add_argument("--cpu-reserved-cores", type=int, default=1,
+                   help="CPU only: cores left to the HTTP server during decode steps (default 1)")
+    g.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_serve)
+
+
+def engine_args_from(args):
+    from ..engine.args import EngineArgs
+
+    return EngineArgs(model=args.model, device=args.device, dtype=args.dtype, attention=args.attention,
+                      max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                      max_num_batched_tokens=args.max_num_batched_tokens,
+                      long_prefill_token_threshold=args.long_prefill_token_threshold, max_queue=args.max_queue,
+                      gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=args.cpu_kv_cache_gb,
+                      num_pages=args.num_pages, enable_prefix_caching=args.enable_prefix_caching,
+                      scheduling_policy=args.scheduling_policy, enforce_eager=args.enforce_eager, seed=args.seed,
+                      cpu_threads=args.cpu_threads, cpu_reserved_cores=args.cpu_reserved_cores)
+
+
+def cmd_serve(args) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def serve(args) -> int:
+    from tqdm import tqdm
+
+    from ..engine.async_engine import AsyncLLMEngine
+    from ..engine.llm_engine import LLMEngine
+    from ..model.checkpoint import load_generation_config
+    from ..model.init_model import ensure_default_model
+    from .server import ServerSettings, build_app
+
+    with tqdm(total=3, unit="stage", bar_format="{desc:<40} |{bar:20}| {n}/{total} [{elapsed}]") as bar:
+        def stage(name: str) -> None:
+            bar.set_description_str(f"nsa-serve: {name}")
+
+        stage("resolving model")
+        args.model = str(args.model or ensure_default_model())
+        bar.update()
+        stage("loading weights")
+        eargs = engine_args_from(args)
+        try:
+            # Loads and checks the weights and sizes the page pool. Bad flags or a broken model
+            # directory (ConfigError, CheckpointError are ValueErrors) end here with their message.
+            engine = AsyncLLMEngine(eargs, engine=LLMEngine(eargs))
+        except (ValueError, FileNotFoundError) as exc:
+            raise SystemExit(f"nsa-serve serve: {exc}") from None
+        bar.update()
+        stage("warming up")
+        await engine.start()
+        bar.update()
+        stage("ready")
+
+    defaults = {k: v for k, v in load_generation_config(args.model).items()
+                if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")}
+    settings = ServerSettings(served_model_names=args.served_model_name or [], api_key=args.api_key,
+                              max_body_bytes=args.max_body_bytes, retry_after_s=args.retry_after,
+                              shutdown_timeout_s=args.shutdown_timeout, defaults=defaults, model_root=args.model,
+                              start_engine=False)
+    app = build_app(engine, settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=max(1, int(round(args.shutdown_timeout))),
+                            access_log=args.log_level == "debug")
+    server = GracefulServer(config, on_exit=lambda: setattr(app.state.ctx, "draining", True))
+    log.info("serving %s as %s on http://%s:%d", args.model, ", ".join(app.state.ctx.served_model_names),
+             args.host, args.port)
+    try:
+        await server.serve()
+    finally:
+        # In-flight requests were given the graceful period by uvicorn; whatever remains is aborted.
+        await engine.shutdown(0.0)
+    log.info("stopped")
+    return 0
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn.Server that marks the app draining on SIGTERM/SIGINT and, unlike uvicorn, does not
+    re-raise the signal after shutting down (that would kill the process before the engine stops)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit=lambda: None):
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig, frame) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+    @contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals reach only the main thread (tests run servers in threads)
+            return
+        previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)

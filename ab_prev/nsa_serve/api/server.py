@@ -1,0 +1,162 @@
+"""The FastAPI application: routes translate HTTP to engine calls and back, nothing more.
+
+`build_app(engine, settings)` wires an already-constructed engine into an app; the engine's loop is
+started and stopped by the app's lifespan, so it runs on the server's event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .. import __version__
+from ..engine.protocol import EngineError
+from ..metrics import CONTENT_TYPE, ServerMetrics
+from .errors import APIError, from_engine_error
+from .generation import ClientDisconnected
+from .middleware import GuardMiddleware
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
+                       TokenizeRequest)
+from .serving_chat import create_chat_completion
+from .serving_common import ServingContext, parse_body
+from .serving_completions import create_completion
+
+log = logging.getLogger("nsa_serve.api")
+
+
+@dataclass
+class ServerSettings:
+    served_model_names: list[str] = field(default_factory=list)  # empty: the engine's model_name
+    api_key: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    retry_after_s: int = 1
+    shutdown_timeout_s: float = 30.0
+    defaults: dict[str, Any] = field(default_factory=dict)  # sampling defaults (generation_config.json)
+    model_root: str | None = None
+    start_engine: bool = True  # False: the caller started it (and will shut it down)
+
+
+def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    names = settings.served_model_names or [engine.model_name]
+    metrics = ServerMetrics(names[0], engine.max_model_len, stats=engine.stats)
+    ctx = ServingContext(engine=engine, metrics=metrics, served_model_names=names,
+                         max_model_len=engine.max_model_len, model_root=settings.model_root,
+                         defaults=dict(settings.defaults), retry_after_s=settings.retry_after_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.start_engine:
+            await engine.start()
+        try:
+            yield
+        finally:
+            ctx.draining = True
+            if settings.start_engine:
+                await engine.shutdown(settings.shutdown_timeout_s)
+
+    app = FastAPI(title="nsa-serve", version=__version__, lifespan=lifespan)
+    app.state.ctx = ctx
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError):
+        return await _api_error(request, from_engine_error(exc, ctx.retry_after_s))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected):
+        return Response(status_code=499)  # nobody reads it; keeps the ASGI cycle complete
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        message = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed on "
+                   f"{request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return await _api_error(request, APIError(exc.status_code, message, headers=dict(exc.headers or {})))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return await _api_error(request, APIError(400, str(exc)))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return await _api_error(request, APIError(500, f"internal server error: {type(exc).__name__}"))
+
+    # -- generation --------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await create_chat_completion(ctx, await parse_body(request, ChatCompletionRequest), request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await create_completion(ctx, await parse_body(request, CompletionRequest), request)
+
+    # -- models and tokens -------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models():
+        return ModelList(data=[ModelCard(id=n, root=ctx.model_root, max_model_len=ctx.max_model_len)
+                               for n in names]).model_dump()
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = await parse_body(request, TokenizeRequest)
+        ctx.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        if req.messages is not None:
+            try:
+                text = ctx.tokenizer.apply_chat_template([m.as_template_dict() for m in req.messages],
+                                                         add_generation_prompt=req.add_generation_prompt)
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="messages") from None
+            ids = ctx.encode(text, "messages", add_special_tokens=req.add_special_tokens)
+        else:
+            ids = ctx.encode(req.prompt, "prompt", add_special_tokens=req.add_special_tokens)
+        return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids,
+                "token_strs": [ctx.tokenizer.token_text(t) for t in ids]}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = await parse_body(request, DetokenizeRequest)
+        ctx.check_model(req.model)
+        return {"prompt": ctx.tokenizer.decode(ctx.check_token_ids(req.tokens, "tokens"))}
+
+    # -- operations --------------------------------------------------------------------------------
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/health")
+    async def health():
+        if not engine.is_alive:
+            raise APIError(503, "the engine loop has stopped", code="engine_dead")
+        return Response(status_code=200)
+
+    @app.get("/ready")
+    async def ready():
+        if ctx.draining:
+            raise APIError(503, "shutting down", code="shutting_down")
+        if not engine.is_alive:
+            raise APIError(503, "the engine loop has stopped", code="engine_dead")
+        if not engine.is_ready:
+            raise APIError(503, "warming up", code="not_ready")
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics_route():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    app.add_middleware(GuardMiddleware, metrics=metrics, api_key=settings.api_key,
+                       max_body_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,112 @@
+"""/v1/chat/completions: chat template -> engine request -> OpenAI chat.completion(.chunk) objects."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator
+
+import anyio
+from starlette.requests import Request
+
+from ..engine.protocol import RequestOutput, TokenLogprob
+from .errors import bad_request
+from .generation import tracked_generate
+from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+                       ChatCompletionResponse, ChatMessageOut, ChatTokenLogprob, ChoiceLogprobs, DeltaMessage,
+                       TopLogprob, UsageInfo)
+from .serving_common import (SSE_DONE, ServingContext, SSEResponse, clamp_logprob, run_to_end, json_response,
+                             new_id, raise_if_failed, sse, stream_error_event)
+
+
+async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
+    model = ctx.check_model(req.model)
+    ctx.check_admitting()
+    try:
+        text = ctx.tokenizer.apply_chat_template([m.as_template_dict() for m in req.messages],
+                                                 add_generation_prompt=req.add_generation_prompt)
+    except ValueError as exc:
+        raise bad_request(str(exc), param="messages") from None
+    prompt_ids = ctx.encode(text, param="messages")
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = ctx.resolve_max_tokens(req.requested_max_tokens(), len(prompt_ids), param,
+                                        default=ctx.defaults.get("max_tokens"))
+    params = req.to_sampling_params(max_tokens, ctx.defaults)
+    request_id = new_id("chatcmpl")
+    top_k = req.top_logprobs or 0
+    it = tracked_generate(ctx.engine, ctx.metrics, prompt_ids, params, request_id, priority=req.priority)
+    first = await ctx.first_output(raw, it)
+    created = int(time.time())
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return SSEResponse(_stream(ctx, it, first, request_id, model, created, params.n, include_usage, top_k),
+                           headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
+
+    async def drain() -> RequestOutput:
+        last = first
+        async for out in it:
+            last = out
+        return last
+
+    final = await run_to_end(ctx, raw, drain)
+    raise_if_failed(final)
+    choices = [ChatChoice(index=c.index, message=ChatMessageOut(content=c.text),
+                          logprobs=_logprobs(c.logprobs, top_k) if params.logprobs is not None else None,
+                          finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+               for c in sorted(final.outputs, key=lambda c: c.index)]
+    completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+    usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
+                      total_tokens=len(prompt_ids) + completion_tokens)
+    body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
+    return json_response(body, request_id)
+
+
+async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: RequestOutput, request_id: str,
+                  model: str, created: int, n: int, include_usage: bool, top_k: int) -> AsyncIterator[str]:
+    def chunk(choices, usage=None):
+        return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
+
+    try:
+        # OpenAI sends the role alone first, one chunk per choice.
+        for i in range(n):
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        out = first
+        completion_tokens = [0] * n
+        done: set[int] = set()  # the engine repeats a finished choice in later outputs of the request
+        while True:
+            for c in out.outputs:
+                completion_tokens[c.index] = len(c.token_ids)
+                if c.index in done or not (c.delta_text or c.delta_logprobs or c.finish_reason):
+                    continue  # finished already, or e.g. a partial UTF-8 character held back
+                if c.finish_reason:
+                    done.add(c.index)
+                lp = _logprobs(c.delta_logprobs, top_k) if c.delta_logprobs is not None else None
+                delta = DeltaMessage(content=c.delta_text) if c.delta_text or not c.finish_reason else DeltaMessage()
+                raise_if_failed(out, c.index)
+                yield chunk([ChatChunkChoice(index=c.index, delta=delta, logprobs=lp,
+                                             finish_reason=c.finish_reason,
+                                             stop_reason=c.stop_reason)])
+            if out.finished:
+                break
+            out = await it.__anext__()
+        if include_usage:
+            prompt_tokens = len(first.prompt_token_ids)
+            total = sum(completion_tokens)
+            yield chunk([], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=total,
+                                      total_tokens=prompt_tokens + total))
+    except asyncio.CancelledError:
+        raise  # client gone: tracked_generate's cleanup aborts the request
+    except Exception as exc:  # headers are out: report in-band, as OpenAI does
+        yield stream_error_event(exc, ctx.retry_after_s)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await it.aclose()
+    yield SSE_DONE
+
+
+def _logprobs(lps: list[TokenLogprob] | None, top_k: int) -> ChoiceLogprobs:
+    return ChoiceLogprobs(content=[
+        ChatTokenLogprob(token=t.token, logprob=clamp_logprob(t.logprob), bytes=list(t.token.encode("utf-8")),
+                         top_logprobs=[TopLogprob(token=s, logprob=clamp_logprob(lp), bytes=list(s.encode("utf-8")))
+                                       for _, s, lp in t.top[:top_k]])
+        for t in (lps or [])])

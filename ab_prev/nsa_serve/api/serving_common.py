@@ -1,0 +1,219 @@
+"""What both generation endpoints share: the serving context, body parsing, prompt checks, SSE framing."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+import anyio
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from ..engine.protocol import EngineError, RequestOutput
+from ..metrics import ServerMetrics
+from .errors import APIError, bad_request, from_engine_error
+from .generation import ClientDisconnected, cancel_on_disconnect
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+# JSON cannot carry -inf; vLLM clamps the same way.
+_MIN_LOGPROB = -9999.0
+
+
+@dataclass
+class ServingContext:
+    engine: Any  # nsa_serve.engine.protocol.AsyncEngine plus `tokenizer`, `model_name`
+    metrics: ServerMetrics
+    served_model_names: list[str]
+    max_model_len: int
+    model_root: str | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)  # generation_config.json sampling defaults
+    retry_after_s: int = 1
+    draining: bool = False  # set on SIGTERM: readiness goes false, new generation requests get 503
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def check_model(self, name: str | None) -> str:
+        if name is None:
+            return self.served_model_names[0]
+        if name not in self.served_model_names:
+            raise APIError(404, f"The model `{name}` does not exist. Served models: "
+                                f"{', '.join(self.served_model_names)}", param="model", code="model_not_found")
+        return name
+
+    def check_admitting(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down and admits no new requests", code="shutting_down")
+        if not self.engine.is_alive:
+            raise APIError(503, "the engine loop has stopped", code="engine_dead")
+
+    # -- prompts -------------------------------------------------------------------------------------
+    def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request(f"{param} contains an unpaired UTF-16 surrogate (\\ud800-\\udfff escape)",
+                              param=param) from None
+        return self.tokenizer.encode(text, add_bos=add_special_tokens)
+
+    def check_token_ids(self, ids: list[int], param: str) -> list[int]:
+        vocab = self.tokenizer.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise bad_request(f"{param} holds token id {bad}, outside the vocabulary [0, {vocab})", param=param)
+        return ids
+
+    def resolve_max_tokens(self, requested: int | None, prompt_len: int, param: str,
+                           default: int | None = None, prompt_param: str = "messages") -> int:
+        """max_tokens for the engine, checked against the context the prompt leaves."""
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                                f"your prompt has {prompt_len} tokens, which leaves no room for a completion. "
+                                f"Shorten the prompt.", param=prompt_param,
+                           code="context_length_exceeded")
+        if requested is None:
+            return min(default, room) if default else room
+        if isinstance(requested, int) and requested > room:
+            raise APIError(400, f"{param} is too large: {requested}. This model's maximum context length is "
+                                f"{self.max_model_len} tokens and your request has {prompt_len} input tokens "
+                                f"({requested} > {self.max_model_len} - {prompt_len}).", param=param,
+                           code="context_length_exceeded")
+        return requested
+
+    async def first_output(self, request: Request, it: AsyncIterator) -> Any:
+        """The first item of a generation, mapping admission errors (queue full, ...) to HTTP errors
+        before any response bytes go out, and aborting if the client leaves while it waits."""
+        try:
+            return await cancel_on_disconnect(request, it.__anext__)
+        except StopAsyncIteration:
+            raise APIError(500, "the engine finished the request without any output") from None
+        except EngineError as exc:
+            raise from_engine_error(exc, self.retry_after_s) from None
+        except ClientDisconnected:
+            raise
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The request body as `model`; invalid UTF-8, malformed JSON and schema violations are 400s."""
+    body = await request.body()
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"request body is not valid UTF-8 (bad byte at offset {exc.start})") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def _validation_error(exc: ValidationError) -> APIError:
+    errors = exc.errors()
+    first = errors[0]
+    # Union members add their type name to `loc` (e.g. ('stop', 'str')); keep the path a client wrote.
+    loc = [str(p) for p in first["loc"] if isinstance(p, int) or not _is_type_tag(p)]
+    path = ".".join(loc) or "body"
+    more = len({tuple(e["loc"][:1]) for e in errors}) - 1
+    extra = f" (and {more} more invalid field{'s' if more > 1 else ''})" if more > 0 else ""
+    if first["type"] == "missing":
+        msg = f"{path} is required{extra}"
+    else:
+        got = first.get("input")
+        got_s = json.dumps(got)[:80] if _jsonable(got) else type(got).__name__
+        msg = f"{path}: {first['msg']} (got {got_s}){extra}"
+    return bad_request(msg, param=loc[0] if loc else None)
+
+
+def _is_type_tag(p: str) -> bool:
+    return any(ch in p for ch in "[]") or p in ("str", "int", "float", "bool", "list", "dict") or \
+        p.startswith(("function-", "constrained-"))
+
+
+def _jsonable(v) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def clamp_logprob(x: float) -> float:
+    return _MIN_LOGPROB if not math.isfinite(x) or x < _MIN_LOGPROB else float(x)
+
+
+def sse(payload: BaseModel | dict) -> str:
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def stream_error_event(exc: BaseException, retry_after_s: int = 1) -> str:
+    """An error inside a stream that has already sent its headers: one `data: {"error": ...}` event,
+    which the openai client raises as APIError."""
+    if isinstance(exc, APIError):
+        err = exc
+    elif isinstance(exc, EngineError):
+        err = from_engine_error(exc, retry_after_s)
+    else:
+        err = APIError(500, f"internal error while streaming: {type(exc).__name__}: {exc}")
+    return sse(err.body())
+
+
+def raise_if_failed(out: RequestOutput, index: int | None = None) -> None:
+    """A sequence the engine ended with finish_reason "error" (its computation raised) fails the HTTP
+    request with 500, as vLLM does, rather than passing off a truncated text as a normal answer."""
+    for c in out.outputs:
+        if c.finish_reason == "error" and (index is None or c.index == index):
+            raise APIError(500, f"the engine failed while generating request {out.request_id} "
+                                f"(choice {c.index}); see the server log", code="generation_error")
+
+
+class SSEResponse(StreamingResponse):
+    """A text/event-stream response that always closes its body generator, even when the client's
+    disconnect cancels the send loop while the generator sits at a `yield` (Starlette leaves it to the
+    garbage collector then, and the engine would keep the request's pages until it ran)."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
+def json_response(body: BaseModel, request_id: str) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json", headers={"X-Request-Id": request_id})
+
+
+async def run_to_end(ctx: ServingContext, request: Request, fn: Callable[[], Awaitable[T]]) -> T:
+    """Await fn() (draining a generation for a non-streaming response), aborting if the client leaves
+    and mapping engine failures to HTTP errors."""
+    try:
+        return await cancel_on_disconnect(request, fn)
+    except EngineError as exc:
+        raise from_engine_error(exc, ctx.retry_after_s) from None

@@ -1,0 +1,143 @@
+"""/v1/completions: prompt(s) -> engine request(s) -> OpenAI text_completion objects.
+
+A batch of prompts becomes one engine request per prompt; choice `index` is prompt_index * n + i,
+as OpenAI and vLLM number them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator
+
+import anyio
+from starlette.requests import Request
+
+from ..engine.protocol import RequestOutput, TokenLogprob
+from .generation import merge, tracked_generate
+from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
+from .serving_common import (SSE_DONE, ServingContext, SSEResponse, clamp_logprob, run_to_end, json_response,
+                             new_id, raise_if_failed, sse, stream_error_event)
+
+
+async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
+    model = ctx.check_model(req.model)
+    ctx.check_admitting()
+    prompts = req.prompts()
+    prompt_ids = [ctx.check_token_ids(p, "prompt") if isinstance(p, list) else ctx.encode(p, "prompt")
+                  for p in prompts]
+    longest = max(len(p) for p in prompt_ids)
+    max_tokens = ctx.resolve_max_tokens(req.max_tokens, longest, "max_tokens", prompt_param="prompt")
+    # Without an explicit max_tokens each prompt may use its own remaining context.
+    params = [req.to_sampling_params(max_tokens if req.max_tokens is not None else
+                                     ctx.resolve_max_tokens(None, len(p), "max_tokens", prompt_param="prompt"),
+                                     ctx.defaults)
+              for p in prompt_ids]
+    request_id = new_id("cmpl")
+    ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+    gens = [tracked_generate(ctx.engine, ctx.metrics, p, sp, rid, priority=req.priority)
+            for p, sp, rid in zip(prompt_ids, params, ids)]
+    it = merge(gens)
+    first = await ctx.first_output(raw, it)
+    created = int(time.time())
+    n = req.n
+    echo = [_prompt_text(ctx, p) if req.echo else "" for p in prompts]
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return SSEResponse(_stream(ctx, it, first, request_id, model, created, n, len(prompts), echo,
+                                   include_usage, req.logprobs),
+                           headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
+
+    async def drain() -> dict[int, RequestOutput]:
+        finals = {first[0]: first[1]}
+        async for src, out in it:
+            finals[src] = out
+        return finals
+
+    finals = await run_to_end(ctx, raw, drain)
+    for out in finals.values():
+        raise_if_failed(out)
+    choices = []
+    prompt_tokens = completion_tokens = 0
+    for src in range(len(prompts)):
+        out = finals[src]
+        prompt_tokens += len(out.prompt_token_ids)
+        for c in sorted(out.outputs, key=lambda c: c.index):
+            completion_tokens += len(c.token_ids)
+            lp = _logprobs(c.logprobs, req.logprobs, len(echo[src])) if req.logprobs is not None else None
+            choices.append(CompletionChoice(index=src * n + c.index, text=echo[src] + c.text, logprobs=lp,
+                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+    usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                      total_tokens=prompt_tokens + completion_tokens)
+    return json_response(CompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                                            usage=usage), request_id)
+
+
+def _prompt_text(ctx: ServingContext, prompt: str | list[int]) -> str:
+    return prompt if isinstance(prompt, str) else ctx.tokenizer.decode(prompt)
+
+
+async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, created: int, n: int,
+                  num_prompts: int, echo: list[str], include_usage: bool, logprobs: int | None
+                  ) -> AsyncIterator[str]:
+    def chunk(choices, usage=None):
+        return sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage))
+
+    prompt_tokens: dict[int, int] = {}
+    completion_tokens: dict[tuple[int, int], int] = {}
+    offsets: dict[tuple[int, int], int] = {}  # text_offset of the next token, per choice
+    echoed: set[tuple[int, int]] = set()
+    done: set[tuple[int, int]] = set()  # the engine repeats a finished choice in later outputs
+    try:
+        src, out = first
+        while True:
+            prompt_tokens[src] = len(out.prompt_token_ids)
+            for c in out.outputs:
+                key = (src, c.index)
+                completion_tokens[key] = len(c.token_ids)
+                prefix = ""
+                if key not in echoed:
+                    echoed.add(key)
+                    prefix = echo[src]
+                    offsets[key] = len(prefix)
+                if key in done or not (prefix or c.delta_text or c.delta_logprobs or c.finish_reason):
+                    continue
+                if c.finish_reason:
+                    done.add(key)
+                raise_if_failed(out, c.index)
+                lp = None
+                if logprobs is not None:
+                    lp = _logprobs(c.delta_logprobs, logprobs, offsets[key])
+                    offsets[key] += sum(len(t.token) for t in c.delta_logprobs or [])
+                yield chunk([CompletionChoice(index=src * n + c.index, text=prefix + c.delta_text, logprobs=lp,
+                                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
+            try:
+                src, out = await it.__anext__()
+            except StopAsyncIteration:
+                break
+        if include_usage:
+            p, g = sum(prompt_tokens.values()), sum(completion_tokens.values())
+            yield chunk([], UsageInfo(prompt_tokens=p, completion_tokens=g, total_tokens=p + g))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        yield stream_error_event(exc, ctx.retry_after_s)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await it.aclose()
+    yield SSE_DONE
+
+
+def _logprobs(lps: list[TokenLogprob] | None, k: int, start_offset: int) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    offset = start_offset
+    for t in lps or []:
+        out.tokens.append(t.token)
+        out.token_logprobs.append(clamp_logprob(t.logprob))
+        out.text_offset.append(offset)
+        offset += len(t.token)
+        top: dict[str, float] = {}
+        for _, s, lp in t.top[:k]:
+            top.setdefault(s, clamp_logprob(lp))
+        out.top_logprobs.append(top)
+    return out

@@ -1,0 +1,211 @@
+"""Offline throughput benchmark of the engine: N requests of given prompt / output lengths.
+
+Runs the same workload through the engine once per attention mode (`nsa`, `dense`, or both) on one
+model, after `--warmup-rounds` untimed rounds of it (default 1: kernels compiled, caches warm), and
+prints tokens/s, TTFT, and where each decode step's time goes: host work (scheduler,
+block manager, building the step's index tensors, detokenizer/stop checks) vs the model forward +
+sampling (synchronised with the GPU by the sampler's transfer of the token ids). Ratios are taken
+between the modes measured in the same run. The model is either a directory (`--model`) or a
+random-initialised preset (`--preset paper-1b`: paper-like attention shape, ~1B parameters), which
+needs no tokenizer (text is not decoded then).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .args import EngineArgs
+from .llm_engine import LLMEngine, resolve_device_dtype
+from .protocol import SamplingParams
+
+
+@dataclass
+class BenchResult:
+    mode: str
+    attention_impl: str
+    num_requests: int
+    input_len: int
+    output_len: int
+    wall_s: float
+    output_tokens: int
+    output_tok_s: float
+    decode_steps: int
+    decode_tok_s: float  # over decode-only steps
+    decode_step_ms: float  # mean wall time of a decode-only step
+    decode_host_ms: float  # scheduler + input building + postprocess, per decode-only step
+    decode_model_ms: float  # forward + sampling, per decode-only step
+    schedule_ms: float  # scheduler + block manager alone, per decode-only step
+    ttft_mean_s: float
+    ttft_p50_s: float
+    ttft_max_s: float
+    kv_read_ratio: float  # dense K/V tokens / tokens this mode read, over decode rows
+    num_pages: int
+    preemptions: int
+    decode_path: str  # "CUDA graphs" | "eager"
+
+
+def build_model(args, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer, name) from --model or a random-initialised --preset."""
+    if args.model:
+        from ..model.checkpoint import load_model
+        from ..tokenizer import Tokenizer
+
+        d = Path(args.model)
+        model = load_model(d, device=device, dtype=dtype)
+        tok = Tokenizer(d / "tokenizer.model") if (d / "tokenizer.model").is_file() else None
+        return model, tok, d.resolve().name
+    from ..model.config import preset
+    from ..model.nsa_model import NSAModel
+
+    overrides = dict(_parse_set(item) for item in (args.set or []))
+    need = args.input_len + args.output_len
+    cfg = preset(args.preset, **overrides)
+    if cfg.max_position_embeddings < need:
+        cfg.max_position_embeddings = need
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = NSAModel(cfg)
+    _init_random(model, args.seed)
+    return model.to(dtype=dtype).eval(), None, f"{args.preset}-random"
+
+
+@torch.no_grad()
+def _init_random(model, seed: int) -> None:
+    """The reference init (small normals scaled by fan-in), drawn on the model's device (fast on GPU)."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif ".pos" in name or name.endswith(".bias"):
+            p.zero_()
+        else:
+            std = 0.02 if name.startswith("embed") else p.shape[-1] ** -0.5 if p.dim() > 1 else 1.0
+            p.normal_(0.0, std, generator=gen)
+
+
+def _parse_set(item: str):
+    key, _, value = item.partition("=")
+    for conv in (int, float):
+        try:
+            return key, conv(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
+def run_mode(model, tokenizer, name, args, mode: str) -> BenchResult:
+    eargs = EngineArgs(device=str(next(model.parameters()).device), attention=mode,
+                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                       long_prefill_token_threshold=args.long_prefill_token_threshold,
+                       max_queue=max(args.num_requests, 1), num_pages=args.num_pages,
+                       gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=args.cpu_kv_cache_gb,
+                       enable_prefix_caching=False, enforce_eager=args.enforce_eager, seed=args.seed,
+                       cpu_threads=args.cpu_threads, cpu_reserved_cores=args.cpu_reserved_cores)
+    engine = LLMEngine(eargs, model=model, tokenizer=tokenizer, model_name=name)
+    engine.warmup()
+    V = model.cfg.vocab_size
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True,
+                            seed=args.seed if args.temperature > 0 else None)
+    # Warm-up rounds: the same workload, untimed. Triton compiles a kernel variant the first time a
+    # shape class appears (the prefill top-n per power of two of the context, eager decode steps
+    # next to a prefill chunk, …); measured on the H200 at 64k, that put ~12 s of compilation into
+    # the first round's TTFTs (mean 16.1 s vs 5.0 s once compiled). Fresh random prompts each round.
+    for w in range(args.warmup_rounds):
+        wrng = random.Random(args.seed + 1 + w)
+        for i in range(args.num_requests):
+            engine.add_request(f"warmup-{w}-{i}", [wrng.randrange(8, V) for _ in range(args.input_len)], params)
+        while engine.has_unfinished_requests():
+            engine.step()
+    before = engine.stats()
+    rng = random.Random(args.seed)
+    prompts = [[rng.randrange(8, V) for _ in range(args.input_len)] for _ in range(args.num_requests)]
+    t0 = time.perf_counter()  # after the prompts exist: building 4 × 64k random prompts takes ~0.2 s
+    t0_wall = time.time()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"bench-{i}", prompt, params, arrival_time=t0_wall)
+    decode_steps, ttft, out_tokens = [], [], 0
+    while engine.has_unfinished_requests():
+        s0 = time.perf_counter()
+        outs = engine.step()
+        wall = time.perf_counter() - s0
+        t = engine.last_timing
+        if t.num_tokens and t.num_tokens == t.num_decode:
+            decode_steps.append((wall, t))
+        for o in outs:
+            if o.finished:
+                ttft.append(o.metrics.first_token_time - o.metrics.arrival_time)
+                out_tokens += len(o.outputs[0].token_ids)
+    total = time.perf_counter() - t0
+    stats = engine.stats()
+    n = max(len(decode_steps), 1)
+    dec_wall = sum(w for w, _ in decode_steps)
+    dec_tokens = sum(t.num_decode for _, t in decode_steps)
+    result = BenchResult(
+        mode=mode, attention_impl=engine.runner.attention.describe(), num_requests=args.num_requests,
+        input_len=args.input_len, output_len=args.output_len, wall_s=total, output_tokens=out_tokens,
+        output_tok_s=out_tokens / total, decode_steps=len(decode_steps),
+        decode_tok_s=dec_tokens / dec_wall if dec_wall else 0.0, decode_step_ms=1e3 * dec_wall / n,
+        decode_host_ms=1e3 * sum(t.schedule_s + t.prepare_s + t.postprocess_s for _, t in decode_steps) / n,
+        decode_model_ms=1e3 * sum(t.model_s for _, t in decode_steps) / n,
+        schedule_ms=1e3 * sum(t.schedule_s for _, t in decode_steps) / n,
+        ttft_mean_s=statistics.fmean(ttft), ttft_p50_s=statistics.median(ttft), ttft_max_s=max(ttft),
+        kv_read_ratio=(stats.kv_tokens_dense_total - before.kv_tokens_dense_total)
+        / max(stats.kv_tokens_read_total - before.kv_tokens_read_total, 1),
+        num_pages=engine.block_manager.num_pages,
+        preemptions=stats.num_preemptions_total - before.num_preemptions_total,
+        decode_path="CUDA graphs" if engine.runner.static_decode is not None and engine.runner.static_decode.graphs
+        else "eager")
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def format_table(results: list[BenchResult]) -> str:
+    cols = [("mode", "mode", "{}"), ("out tok/s", "output_tok_s", "{:.1f}"), ("decode tok/s", "decode_tok_s", "{:.1f}"),
+            ("decode step ms", "decode_step_ms", "{:.2f}"), ("model ms", "decode_model_ms", "{:.2f}"),
+            ("host ms", "decode_host_ms", "{:.2f}"), ("sched ms", "schedule_ms", "{:.3f}"),
+            ("TTFT mean s", "ttft_mean_s", "{:.3f}"), ("TTFT max s", "ttft_max_s", "{:.3f}"),
+            ("KV read ×", "kv_read_ratio", "{:.2f}"), ("preempt", "preemptions", "{}")]
+    lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        lines.append("| " + " | ".join(fmt.format(getattr(r, key)) for _, key, fmt in cols) + " |")
+    by = {r.mode: r for r in results}
+    if "nsa" in by and "dense" in by and by["dense"].decode_tok_s:
+        lines.append("")
+        lines.append(f"NSA / dense decode tokens/s: {by['nsa'].decode_tok_s / by['dense'].decode_tok_s:.2f}x; "
+                     f"decode step time dense / NSA: {by['dense'].decode_step_ms / by['nsa'].decode_step_ms:.2f}x")
+    for r in results:
+        lines.append(f"{r.mode}: {r.attention_impl}, decode {r.decode_path}; {r.num_pages} pages; host share of a decode step "
+                     f"{100 * r.decode_host_ms / max(r.decode_step_ms, 1e-9):.1f}%")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    if not args.model and not args.preset:
+        from ..model.init_model import ensure_default_model
+
+        args.model = str(ensure_default_model())
+    device, dtype = resolve_device_dtype(EngineArgs(device=args.device, dtype=args.dtype))
+    model, tok, name = build_model(args, device, dtype)
+    modes = ["nsa", "dense"] if args.attention == "both" else [args.attention]
+    print(f"model {name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, {device}, {dtype}; "
+          f"{args.num_requests} requests × {args.input_len} prompt + {args.output_len} output tokens")
+    results = []
+    for mode in modes:
+        results.append(run_mode(model, tok, name, args, mode))
+        print(f"  {mode}: done in {results[-1].wall_s:.1f} s", flush=True)
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.__dict__ for r in results], f, indent=2)
+    return 0

@@ -1,0 +1,44 @@
+"""`nsa-serve bench`: registered into the main command by nsa_serve/cli.py."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="offline engine throughput benchmark (NSA vs dense attention)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="model directory (default: the bundled default model)")
+    src.add_argument("--preset", help="random-initialised preset instead of a directory: tiny | small | paper-1b")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a preset config field")
+    p.add_argument("--attention", default="both", choices=["nsa", "dense", "both"])
+    p.add_argument("--num-requests", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--long-prefill-token-threshold", type=int, default=512)
+    p.add_argument("--num-pages", type=int, default=None, help="page pool size (default: from memory)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--cpu-kv-cache-gb", type=float, default=1.0)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--cpu-threads", type=int, default=None, help="CPU only: intra-op threads (default: one per core)")
+    p.add_argument("--cpu-reserved-cores", type=int, default=0,
+                   help="CPU only: cores left free during decode steps (default 0: no server here)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--warmup-rounds", type=int, default=1,
+                   help="untimed rounds of the same workload first (Triton compiles on first use)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    for name in ("num_requests", "input_len", "output_len"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup_rounds < 0:
+        raise SystemExit("--warmup-rounds must be >= 0")
+    from .bench import main
+
+    return main(args)

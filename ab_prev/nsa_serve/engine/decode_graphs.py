@@ -1,0 +1,188 @@
+"""Decode steps with fixed-shape inputs, replayed as CUDA graphs per padded batch size.
+
+A step in which every sequence feeds exactly one token (its last sampled one) has the same shape
+for a given batch size, so on CUDA it is captured once per padded size (1, 2, 4, 8, …) and replayed:
+a 1B model's decode step is hundreds of small launches, which a graph issues at once.
+
+To keep shapes fixed, everything data-dependent becomes a padded tensor:
+  * batch rows are padded to the graph size; pad rows point at the runner's *trash page* (a page
+    the block manager never hands out), so their writes land there and their reads are harmless;
+  * a decode token completes at most one compressed block (entry i completes at token i·d + l − 1),
+    so each row carries one summary slot and the l token slots of that block — the trash page
+    when the token completes none;
+  * block tables have the width of the longest possible sequence.
+φ reads the block's l tokens from the cache after the new token was written (shared K/V: the raw
+pages; independent K/V: φ's staging ring), so no flat source of varying length is needed.
+
+`StaticDecode.forward` is the same computation as `ModelRunner.execute` for such a step and runs
+eagerly on CPU, where the tests compare it with the reference model; only the capture is CUDA-only.
+If capture fails the engine logs it and stays eager.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from nsa_kernels.paged import paged_nsa_attention_ref
+from nsa_kernels.reference import num_compressed
+
+from .sequence import Sequence
+
+log = logging.getLogger("nsa_serve.engine")
+
+
+def graph_sizes(max_batch: int) -> list[int]:
+    sizes = [1 << i for i in range(max(1, max_batch).bit_length()) if (1 << i) <= max_batch]
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
+class StaticDecode:
+    def __init__(self, runner, max_batch: int, max_model_len: int):
+        self.runner = runner
+        self.sizes = graph_sizes(max_batch)
+        self.max_pages = math.ceil(max_model_len / runner.P)
+        self.graphs: dict[int, tuple] = {}
+        self.steps = 0  # decode steps served by this path (for tests and logs)
+
+    @property
+    def max_batch(self) -> int:
+        return self.sizes[-1]
+
+    def eligible(self, seqs: list[Sequence], num_new: list[int]) -> bool:
+        return (0 < len(seqs) <= self.max_batch
+                and all(n == 1 and s.num_tokens - s.num_computed_tokens == 1 for s, n in zip(seqs, num_new)))
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def host_inputs(self, seqs: list[Sequence], size: int) -> dict[str, torch.Tensor]:
+        r = self.runner
+        P, E, d, l = r.P, r.E, r.cfg.cmp_stride, r.cfg.cmp_block
+        trash = r.trash_page
+        B = len(seqs)
+        ids = torch.zeros(size, dtype=torch.long)
+        pos = torch.zeros(size, dtype=torch.long)
+        slots = torch.full((size,), trash * P, dtype=torch.long)
+        tables = torch.full((size, self.max_pages), trash, dtype=torch.int32)
+        lens = torch.ones(size, dtype=torch.int32)
+        entry_slots = torch.full((size,), trash * E, dtype=torch.long)
+        block_slots = torch.full((size, l), trash * P, dtype=torch.long)
+        out = dict(ids=ids, pos=pos, slots=slots, tables=tables, lens=lens, entry_slots=entry_slots,
+                   block_slots=block_slots)
+        if not r.shared:
+            out["win_tables"] = torch.full((size, r.win_ring_pages), trash, dtype=torch.int32)
+            out["win_slots"] = torch.full((size,), trash * P, dtype=torch.long)
+            out["cmp_slots"] = torch.full((size,), trash * P, dtype=torch.long)
+        for b, s in enumerate(seqs[:B]):
+            t = s.num_computed_tokens  # the position of the token fed now
+            table = s.block_table
+            ids[b] = s.token_ids[t]
+            pos[b] = t
+            slots[b] = table[t // P] * P + t % P
+            tables[b, :len(table)] = torch.tensor(table, dtype=torch.int32)
+            lens[b] = t + 1
+            if not r.shared:
+                out["win_tables"][b] = torch.tensor(s.win_ring, dtype=torch.int32)
+                out["win_slots"][b] = r._ring_slot(s.win_ring, t, r.win_ring)
+                out["cmp_slots"][b] = r._ring_slot(s.cmp_ring, t, r.cmp_ring)
+            n0, n1 = s.num_summaries, num_compressed(t + 1, l, d)
+            if not r.dense and n1 > n0:
+                assert n1 == n0 + 1, "a decode token completes at most one compressed block"
+                entry_slots[b] = table[n0 // E] * E + n0 % E
+                block_slots[b] = torch.tensor([r._cmp_source_slot(s, u) for u in range(n0 * d, n0 * d + l)])
+        return out
+
+    def new_entries(self, seqs: list[Sequence]) -> dict[Sequence, tuple[int, int]]:
+        c = self.runner.cfg
+        res = {}
+        for s in seqs:
+            n0 = s.num_summaries
+            n1 = n0 if self.runner.dense else num_compressed(s.num_computed_tokens + 1, c.cmp_block, c.cmp_stride)
+            res[s] = (n0, max(n0, n1))
+        return res
+
+    # -- the step ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Fixed-shape decode step over padded inputs → logits [size, vocab] (float32)."""
+        r = self.runner
+        model, write = r.model, r.write
+        size = x["ids"].shape[0]
+        h = model.embed(x["ids"])
+        rope = model.layers[0].attn.rope(x["pos"], h)  # one table for every layer
+        for li, layer in enumerate(model.layers):
+            attn, cache = layer.attn, r.caches[li]
+            a = layer.attn_norm(h)
+            q, kv = attn.project(a, x["pos"], rope)
+            write(cache.k_cache, kv["slc"][0], x["slots"])
+            write(cache.v_cache, kv["slc"][1], x["slots"])
+            if not r.shared:
+                write(cache.k_cache, kv["cmp"][0], x["cmp_slots"])
+                write(cache.v_cache, kv["cmp"][1], x["cmp_slots"])
+                write(cache.k_cache, kv["win"][0], x["win_slots"])
+                write(cache.v_cache, kv["win"][1], x["win_slots"])
+            if not r.dense:
+                bs = x["block_slots"]
+                P = cache.page_size
+                kb = cache.k_cache[bs // P, :, bs % P].permute(0, 2, 1, 3)  # [size, Hkv, l, Dk]
+                vb = cache.v_cache[bs // P, :, bs % P].permute(0, 2, 1, 3)
+                write(cache.kc_cache, attn.phi_k(kb), x["entry_slots"])
+                write(cache.vc_cache, attn.phi_v(vb), x["entry_slots"])
+            o = self._attend(q, attn.gate(a), cache, x, size)
+            h = h + attn.output(o)
+            h = h + layer.mlp(layer.mlp_norm(h))
+        return model.logits(h).float()
+
+    def _attend(self, q, gates, cache, x, size):
+        att, r = self.runner.attention, self.runner
+        wt = x.get("win_tables")
+        if r.dense:
+            if att.dense_decode_fn is not None:
+                return att.dense_decode_fn(q, cache, x["tables"], x["lens"])
+            cu = torch.arange(size + 1, dtype=torch.int32, device=q.device)
+            return paged_nsa_attention_ref(q, gates, cache, x["tables"], cu, x["lens"], att.p, dense=True)
+        if att.decode_fn is not None:
+            return att.decode_fn(q, gates, cache, x["tables"], x["lens"], att.p, win_tables=wt)
+        cu = torch.arange(size + 1, dtype=torch.int32, device=q.device)
+        return paged_nsa_attention_ref(q, gates, cache, x["tables"], cu, x["lens"], att.p, win_tables=wt)
+
+    def prepare(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
+        """Host-side inputs of a decode-only step, padded to the next graph size."""
+        return self.host_inputs(seqs, next(s for s in self.sizes if s >= len(seqs)))
+
+    def execute(self, host: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+        """Logits [batch, vocab] for a decode-only step (graph replay when captured)."""
+        size = host["ids"].shape[0]
+        self.steps += 1
+        if size in self.graphs:
+            graph, bufs, out = self.graphs[size]
+            for k, v in host.items():
+                bufs[k].copy_(v, non_blocking=True)
+            graph.replay()
+            return out[:batch]
+        dev = self.runner.device
+        return self.forward({k: v.to(dev) for k, v in host.items()})[:batch]
+
+    # -- CUDA graphs ------------------------------------------------------------------------------
+    def capture(self) -> None:
+        """Capture one graph per padded size (all-pad inputs: writes go to the trash page)."""
+        dev = self.runner.device
+        pool = None
+        for size in reversed(self.sizes):
+            bufs = {k: v.to(dev) for k, v in self.host_inputs([], size).items()}
+            stream = torch.cuda.Stream(dev)
+            stream.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile / autotune outside the capture
+                    self.forward(bufs)
+            torch.cuda.current_stream(dev).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.forward(bufs)
+            pool = graph.pool()
+            self.graphs[size] = (graph, bufs, out)
+        torch.cuda.synchronize(dev)
+        log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)

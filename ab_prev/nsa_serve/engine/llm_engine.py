@@ -1,0 +1,538 @@
+"""The synchronous engine: requests in, one `step()` at a time, RequestOutputs out.
+
+step = drain adds/aborts → scheduler.schedule() → runner.prepare/execute → sampler →
+bookkeeping (pages, prefix cache, stop conditions, detokenizer) → outputs for the requests that
+moved. The async engine (async_engine.py) calls `step()` in a worker thread; tests and the
+offline benchmark call it directly.
+
+Thread contract: `add_request`, `abort_request` and `stats` may be called from another thread
+while `step` runs; they only touch lock-protected pending lists and the stats snapshot.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nsa_kernels.reference import tokens_read_per_step
+
+from ..model.nsa_model import NSAModel
+from .args import EngineArgs
+from .block_manager import BlockManager
+from .decode_graphs import StaticDecode
+from .detokenizer import IncrementalDetokenizer, StopStringMatcher
+from .model_runner import ModelRunner, cache_bytes_per_page, ring_pages
+from .protocol import (CompletionOutput, EngineStats, InvalidRequestError, PromptTooLongError, QueueFullError,
+                       RequestMetrics, RequestOutput, SamplingParams)
+from .sampler import SampleResult, Sampler
+from .scheduler import ScheduledBatch, Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger("nsa_serve.engine")
+
+
+@dataclass(eq=False)
+class _Completion:
+    """Output side of one sequence: text so far and what has been streamed."""
+
+    seq: Sequence
+    detok: IncrementalDetokenizer | None
+    matcher: StopStringMatcher
+    text: str = ""
+    sent_chars: int = 0
+    sent_tokens: int = 0
+    sent_logprobs: int = 0
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    completions: list[_Completion] = field(default_factory=list)
+    # Prompt tokens already counted in prompt_tokens_total: the furthest any of its sequences has
+    # prefilled (prefix-cache hits included), so n > 1 and recompute after preemption count once.
+    prompt_tokens_counted: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(c.seq.is_finished for c in self.completions)
+
+
+@dataclass
+class StepTiming:
+    """Where the time of the last step went (seconds), for the benchmark."""
+
+    schedule_s: float = 0.0  # scheduler + block manager (plain Python)
+    prepare_s: float = 0.0  # building the step's index tensors
+    model_s: float = 0.0  # forward + sampling, synchronised on GPU
+    postprocess_s: float = 0.0  # detokenizer, stop checks, outputs
+    num_tokens: int = 0
+    num_decode: int = 0
+
+
+def resolve_device_dtype(args: EngineArgs) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif args.dtype in names:
+        dtype = names[args.dtype]
+    else:
+        raise ValueError(f"unknown dtype {args.dtype!r}; choose auto, float32, bfloat16 or float16")
+    return device, dtype
+
+
+# CPU steps and threads: a step with at least this many tokens (a prefill chunk), or with a single
+# sequence, uses every intra-op thread; other steps (several sequences decoding) leave
+# cpu_reserved_cores to the API server, whose per-sequence work (detokenising, streaming) otherwise
+# preempts intra-op threads at every parallel region. Measured with the default model on the 2-core
+# CI machine (docs/benchmarks/engine.md): 4 clients, 256-token prompts: TPOT 80 → 38 ms with 1 of 2
+# cores reserved; one client: a 512-token prefill chunk and a lone 8k-context decode are 1.7× and
+# 1.45× faster with both threads.
+CPU_BIG_STEP_TOKENS = 256
+
+
+def cpu_thread_policy(args: EngineArgs) -> tuple[int, int]:
+    """(threads for small steps, threads for big steps) of a CPU engine."""
+    total = args.cpu_threads or torch.get_num_threads()
+    return max(1, total - args.cpu_reserved_cores), total
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs, model: NSAModel | None = None, tokenizer=None,
+                 model_name: str | None = None):
+        args.validate()
+        self.args = args
+        if model is None:
+            from ..model.checkpoint import load_model
+            from ..model.init_model import ensure_default_model
+            from ..tokenizer import Tokenizer
+
+            model_dir = Path(args.model) if args.model else ensure_default_model()
+            device, dtype = resolve_device_dtype(args)
+            model = load_model(model_dir, device=device, dtype=dtype)
+            tok_path = model_dir / "tokenizer.model"
+            tokenizer = Tokenizer(tok_path) if tok_path.is_file() else None
+            model_name = model_name or model_dir.resolve().name
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_name = model_name or "nsa-model"
+        self.config = cfg = model.cfg
+        self.device = next(model.parameters()).device
+
+        num_pages = args.num_pages or self._size_page_pool()
+        self.runner = ModelRunner(model, num_pages, args.attention, self._max_chunk())
+        self.block_manager = BlockManager(
+            num_pages, cfg.select_block, cfg.select_block // cfg.cmp_stride, cfg.cmp_block - cfg.cmp_stride,
+            self.runner.win_ring_pages, self.runner.cmp_ring_pages,
+            # Rings are private per sequence, so independent-K/V models cannot share prefixes.
+            enable_prefix_caching=args.enable_prefix_caching and cfg.shared_kv)
+        limit = args.max_model_len or cfg.max_position_embeddings
+        if limit > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {limit} exceeds the model's max_position_embeddings "
+                             f"({cfg.max_position_embeddings})")
+        fit = self.block_manager.max_tokens_per_sequence()
+        if fit < limit:
+            log.warning("page pool of %d pages holds %d tokens per sequence; max_model_len lowered "
+                        "from %d", num_pages, fit, limit)
+            limit = fit
+        if limit < 2:
+            raise ValueError(f"page pool of {num_pages} pages is too small to run any request")
+        self.max_model_len = limit
+        att = self.runner.attention
+        if self.device.type == "cuda" and not args.enforce_eager and (
+                att.dense_decode_fn if args.attention == "dense" else att.decode_fn) is not None:
+            # Decode-only steps run with fixed shapes and are captured as CUDA graphs in warmup().
+            self.runner.static_decode = StaticDecode(self.runner, min(args.max_num_seqs, 256), self.max_model_len)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
+                                   args.long_prefill_token_threshold, args.scheduling_policy)
+        stop_ids = tokenizer.stop_token_ids if tokenizer is not None else [cfg.eos_token_id]
+        self.eos_token_ids = stop_ids
+        self.sampler = Sampler(cfg.vocab_size, stop_ids, seed=args.seed)
+        self.requests: dict[str, Request] = {}
+        self._lock = threading.Lock()
+        self._pending_add: list[Request] = []
+        self._pending_abort: list[str] = []
+        self._unstarted: set[str] = set()  # admitted to the queue, not yet scheduled (for max_queue)
+        self._cpu_threads = cpu_thread_policy(args) if self.device.type == "cpu" else None
+        self._counters = EngineStats(num_pages_total=num_pages)
+        self._stats = EngineStats(num_pages_total=num_pages)
+        self.last_timing = StepTiming()
+
+    # -- sizing -----------------------------------------------------------------------------------
+    def _size_page_pool(self) -> int:
+        per_page = cache_bytes_per_page(self.config, next(self.model.parameters()).dtype)
+        if self.device.type != "cuda":
+            return max(1, int(self.args.cpu_kv_cache_gb * (1 << 30) // per_page))
+        # GPU: measure the activation peak of a full-budget step on a scratch pool, then give the
+        # cache what is left of `gpu_memory_utilization` of the device.
+        free, total = torch.cuda.mem_get_info(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self._profile_step()
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        torch.cuda.empty_cache()
+        budget = total * self.args.gpu_memory_utilization - (total - free) - peak
+        pages = int(budget // per_page)
+        if pages < 1:
+            raise RuntimeError(f"no GPU memory left for the KV cache (need {per_page} bytes per page, "
+                               f"{budget / 2**30:.2f} GiB available); lower max_num_batched_tokens or "
+                               "raise gpu_memory_utilization")
+        log.info("page pool: %d pages (%.2f GiB), activation peak %.2f GiB", pages,
+                 pages * per_page / 2**30, peak / 2**30)
+        return pages
+
+    def _max_chunk(self) -> int:
+        """The most tokens one sequence computes in a step."""
+        return min(self.args.long_prefill_token_threshold, self.args.max_num_batched_tokens)
+
+    def _profile_step(self) -> None:
+        """One full-budget step of prompt chunks on a scratch pool (memory profile / warm-up):
+        max_num_batched_tokens tokens as sequences of one chunk each (chunks never exceed the cap)."""
+        cfg = self.config
+        budget = min(self.args.max_num_batched_tokens, self.args.max_num_seqs * self._max_chunk())
+        chunk = min(self._max_chunk(), cfg.max_position_embeddings)
+        sizes = [min(chunk, budget - i) for i in range(0, budget, chunk)]
+        per_seq = math.ceil(chunk / cfg.select_block) + sum(ring_pages(cfg, self._max_chunk()))
+        runner = ModelRunner(self.model, per_seq * len(sizes), self.args.attention, self._max_chunk())
+        bm = BlockManager(runner.num_pages, cfg.select_block, cfg.select_block // cfg.cmp_stride,
+                          cfg.cmp_block - cfg.cmp_stride, runner.win_ring_pages, runner.cmp_ring_pages, False)
+        gen = torch.Generator().manual_seed(0)
+        seqs = []
+        for i, n in enumerate(sizes):
+            prompt = torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist()
+            seqs.append(Sequence(f"profile-{i}", 0, prompt, SamplingParams(max_tokens=1), time.time()))
+            bm.admit(seqs[-1], n)
+        runner.execute(runner.prepare(seqs, sizes))
+        del runner
+
+    def warmup(self) -> None:
+        """One short step end to end, so the first request does not pay for lazy initialisation."""
+        n = min(8, self.max_model_len - 1)
+        req_id = "__warmup__"
+        self.add_request(req_id, list(range(3, 3 + n)), SamplingParams(max_tokens=1, temperature=0))
+        while self.has_unfinished_requests():
+            self.step()
+        static = self.runner.static_decode
+        if static is not None and not static.graphs:
+            try:
+                static.capture()
+            except Exception:  # a failed capture costs speed, not correctness
+                log.exception("CUDA graph capture failed; decode runs eagerly")
+                self.runner.static_decode = None
+        # Warm-up traffic is not user traffic: start the counters from zero.
+        self._counters = EngineStats(num_pages_total=self.block_manager.num_pages)
+        self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0
+        self._publish_stats()
+
+    # -- requests ---------------------------------------------------------------------------------
+    def validate_request(self, prompt_token_ids, params: SamplingParams) -> None:
+        """Raise InvalidRequestError / PromptTooLongError describing what is wrong."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be SamplingParams")
+        params.validate()
+        if not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids:
+            raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
+        V = self.config.vocab_size
+        for t in prompt_token_ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < V:
+                raise InvalidRequestError(f"prompt token id {t!r} is not in the vocabulary [0, {V})",
+                                          param="prompt")
+        if any(not isinstance(t, int) or isinstance(t, bool) for t in params.stop_token_ids):
+            raise InvalidRequestError("stop_token_ids must be integers", param="stop_token_ids")
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len:
+            raise PromptTooLongError(f"this model's maximum context length is {self.max_model_len} tokens; "
+                                     f"the prompt has {n} tokens, leaving no room to generate")
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise PromptTooLongError(f"this model's maximum context length is {self.max_model_len} tokens; "
+                                     f"the prompt has {n} tokens and max_tokens is {params.max_tokens}")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    priority: int = 0, arrival_time: float | None = None) -> None:
+        self.validate_request(prompt_token_ids, params)
+        arrival = time.time() if arrival_time is None else arrival_time
+        req = Request(request_id, list(prompt_token_ids), params, RequestMetrics(arrival_time=arrival))
+        for i in range(params.n):
+            seq = Sequence(request_id, i, list(prompt_token_ids), params, arrival, priority)
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids) if self.tokenizer else None
+            req.completions.append(_Completion(seq, detok, StopStringMatcher(params.stop,
+                                                                             params.include_stop_str_in_output)))
+        with self._lock:
+            if request_id in self.requests or any(r.request_id == request_id for r in self._pending_add):
+                raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+            if len(self._unstarted) >= self.args.max_queue:
+                raise QueueFullError(f"the waiting queue is full ({self.args.max_queue} requests); retry later")
+            self._unstarted.add(request_id)
+            self._pending_add.append(req)
+
+    def abort_request(self, request_id: str) -> None:
+        with self._lock:
+            self._pending_abort.append(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        with self._lock:
+            return bool(self._pending_add or self._pending_abort or self.requests)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        with self._lock:
+            adds, self._pending_add = self._pending_add, []
+            aborts, self._pending_abort = self._pending_abort, []
+        for req in adds:
+            self.requests[req.request_id] = req
+            for c in req.completions:
+                self.scheduler.add(c.seq)
+        for rid in aborts:
+            out = self._abort(rid)
+            if out is not None:
+                outputs.append(out)
+
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        timing = StepTiming(schedule_s=t1 - t0, num_tokens=batch.num_tokens,
+                            num_decode=sum(1 for n in batch.num_new_tokens if n == 1))
+        if batch.seqs:
+            if self._cpu_threads is not None:
+                big = batch.num_tokens >= CPU_BIG_STEP_TOKENS or len(batch.seqs) == 1
+                n = self._cpu_threads[big]
+                if n != torch.get_num_threads():
+                    torch.set_num_threads(n)  # per step: the engine thread's intra-op pool
+            results, failed = self._execute(batch, timing)
+            t2 = time.perf_counter()
+            outputs.extend(self._postprocess(batch, results, failed))
+            timing.postprocess_s = time.perf_counter() - t2
+        self._counters.num_preemptions_total = self.scheduler.num_preemptions
+        self.last_timing = timing
+        self._publish_stats()
+        return outputs
+
+    def _run(self, seqs: list[Sequence], nums: list[int], timing: StepTiming | None = None):
+        static = self.runner.static_decode
+        if static is not None and static.eligible(seqs, nums):
+            t0 = time.perf_counter()
+            entries = static.new_entries(seqs)
+            host = static.prepare(seqs)
+            t1 = time.perf_counter()
+            samples = self.sampler(static.execute(host, len(seqs)), seqs)
+            if timing is not None:
+                timing.prepare_s = t1 - t0
+                timing.model_s = time.perf_counter() - t1
+            return dict(zip(seqs, samples)), entries
+        t0 = time.perf_counter()
+        inp = self.runner.prepare(seqs, nums)
+        t1 = time.perf_counter()
+        logits = self.runner.execute(inp)
+        samples = self.sampler(logits, inp.sample_seqs)
+        if timing is not None:
+            timing.prepare_s = t1 - t0
+            timing.model_s = time.perf_counter() - t1  # sampler's .tolist() synchronises the GPU
+        return dict(zip(inp.sample_seqs, samples)), dict(zip(inp.seqs, inp.new_entries))
+
+    def _execute(self, batch: ScheduledBatch, timing: StepTiming):
+        """Run the batch; if it fails, run its sequences one by one so only the culprit fails."""
+        try:
+            return self._run(batch.seqs, batch.num_new_tokens, timing), set()
+        except Exception:
+            log.exception("engine step failed; retrying its %d sequence(s) one at a time", len(batch.seqs))
+        static = self.runner.static_decode
+        if static is not None and static.eligible(batch.seqs, batch.num_new_tokens):
+            # The failure may be the graph path's: never let it fail requests twice.
+            log.warning("fixed-shape decode disabled after a failed step; running eagerly")
+            self.runner.static_decode = None
+        samples, entries, failed = {}, {}, set()
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            try:
+                s, e = self._run([seq], [n])
+                samples.update(s)
+                entries.update(e)
+            except Exception:
+                log.exception("request %s failed", seq.request_id)
+                failed.add(seq)
+        return (samples, entries), failed
+
+    # -- bookkeeping after a step -----------------------------------------------------------------
+    def _postprocess(self, batch: ScheduledBatch, results, failed: set) -> list[RequestOutput]:
+        samples, entries = results
+        now = time.time()
+        touched: dict[str, Request] = {}
+        bm, p = self.block_manager, self.config.sparsity
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            req = self.requests[seq.request_id]
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+                req.metrics.num_cached_tokens = seq.num_cached_tokens
+            with self._lock:
+                self._unstarted.discard(seq.request_id)
+            if seq in failed:
+                self._finish(seq, "error")
+                touched[req.request_id] = req
+                continue
+            seq.num_computed_tokens += n
+            # prompt_tokens_total grows as prefill progresses (chunk by chunk), not at admission: its
+            # rate is prefill throughput, which is what a long-document load needs to show.
+            done = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+            if done > req.prompt_tokens_counted:
+                self._counters.prompt_tokens_total += done - req.prompt_tokens_counted
+                req.prompt_tokens_counted = done
+            first, end = entries[seq]
+            if end > first:
+                bm.note_summaries(seq, first, end)
+                seq.num_summaries = end
+            bm.register_complete_pages(seq)
+            if n == 1:  # a decode row: what one step of attention reads, per kv group
+                L = seq.num_computed_tokens
+                read = L if self.args.attention == "dense" else tokens_read_per_step(L, p)
+                self._counters.kv_tokens_read_total += read
+                self._counters.kv_tokens_dense_total += L
+        for seq, sample in samples.items():
+            if seq.is_finished:
+                continue
+            req = self.requests[seq.request_id]
+            self._append_token(req, seq, sample, now)
+            touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            outputs.append(self._make_output(req))
+            if req.finished:
+                self._retire(req)
+        return outputs
+
+    def _append_token(self, req: Request, seq: Sequence, sample: SampleResult, now: float) -> None:
+        comp = req.completions[seq.index]
+        token, params = sample.token_id, seq.params
+        seq.token_ids.append(token)
+        self._counters.generation_tokens_total += 1
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        req.metrics.last_token_time = now
+        if sample.logprob is not None:
+            lp = sample.logprob
+            lp.token = self._token_text(token)
+            lp.top = [(i, self._token_text(i), v) for i, _, v in lp.top]
+            seq.logprobs.append(lp)
+        n_out = seq.num_output_tokens
+        is_stop_token = n_out >= params.min_tokens and (
+            token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids))
+        if is_stop_token:  # ends the completion; its text (an end marker) is not shown
+            self._finish(seq, "stop", token)
+        else:
+            if comp.detok is not None:
+                delta = comp.detok.add(token)
+                comp.text += delta
+                if n_out >= params.min_tokens and self._check_stop_string(comp, len(delta)):
+                    return  # cut at the stop string: nothing held back is shown
+            if (params.max_tokens is not None and n_out >= params.max_tokens) or seq.num_tokens >= self.max_model_len:
+                self._finish(seq, "length")
+        if seq.is_finished and comp.detok is not None:  # release characters held for completion
+            delta = comp.detok.flush()
+            comp.text += delta
+            if delta and seq.finish_reason == "length" and n_out >= params.min_tokens:
+                self._check_stop_string(comp, len(delta), already_finished=True)
+
+    def _check_stop_string(self, comp: _Completion, new_chars: int, already_finished: bool = False) -> bool:
+        hit = comp.matcher.find(comp.text, new_chars)
+        if hit is None:
+            return False
+        cut, s = hit
+        comp.text = comp.text[:cut]
+        if already_finished:
+            comp.seq.finish_reason, comp.seq.stop_reason = "stop", s
+        else:
+            self._finish(comp.seq, "stop", s)
+        return True
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.token_text(token) if self.tokenizer is not None else ""
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+
+    def _abort(self, request_id: str) -> RequestOutput | None:
+        with self._lock:
+            self._unstarted.discard(request_id)
+            pending = [r for r in self._pending_add if r.request_id == request_id]
+            self._pending_add = [r for r in self._pending_add if r.request_id != request_id]
+        req = self.requests.get(request_id) or (pending[0] if pending else None)
+        if req is None:
+            return None
+        for comp in req.completions:
+            if not comp.seq.is_finished:
+                self._finish(comp.seq, "abort")
+        out = self._make_output(req)
+        self._retire(req)
+        return out
+
+    def _retire(self, req: Request) -> None:
+        req.metrics.finished_time = time.time()
+        self.requests.pop(req.request_id, None)
+
+    def _make_output(self, req: Request) -> RequestOutput:
+        outs = []
+        for comp in req.completions:
+            seq = comp.seq
+            finished = seq.is_finished
+            visible = comp.matcher.visible(comp.text, finished)
+            ids = seq.output_token_ids
+            delta_lp = None
+            if seq.logprobs is not None:
+                delta_lp = seq.logprobs[comp.sent_logprobs:]
+                comp.sent_logprobs = len(seq.logprobs)
+            outs.append(CompletionOutput(
+                index=seq.index, text=comp.text[:visible], token_ids=list(ids),
+                delta_text=comp.text[comp.sent_chars:visible], delta_token_ids=ids[comp.sent_tokens:],
+                delta_logprobs=delta_lp, logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                finish_reason=seq.finish_reason if finished else None,
+                stop_reason=seq.stop_reason if finished else None))
+            comp.sent_chars = max(comp.sent_chars, visible)
+            comp.sent_tokens = len(ids)
+        finished = req.finished
+        if finished and req.metrics.finished_time is None:
+            req.metrics.finished_time = time.time()
+        return RequestOutput(req.request_id, req.prompt_token_ids, outs, finished, copy.copy(req.metrics))
+
+    # -- stats ------------------------------------------------------------------------------------
+    def _publish_stats(self) -> None:
+        c, bm = self._counters, self.block_manager
+        snap = copy.copy(c)
+        snap.num_running = len(self.scheduler.running)
+        snap.num_waiting = len(self.scheduler.waiting)
+        snap.num_pages_total = bm.num_pages
+        snap.num_pages_used = bm.num_used_pages
+        snap.prefix_cache_queries_total = bm.prefix_queries
+        snap.prefix_cache_hits_total = bm.prefix_hits
+        snap.summaries_stored = bm.summaries_stored
+        with self._lock:
+            snap.num_waiting += len(self._pending_add)
+            self._stats = snap
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return copy.copy(self._stats)
+
+    # -- convenience (tests, offline use) ---------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+        """Run prompts to completion; returns the final output of each, in order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"offline-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, plist):
+            self.add_request(rid, prompt, p)
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[r] for r in ids]

@@ -1,0 +1,263 @@
+"""Tensors of one engine step: the page pool, the step's index tensors, the forward pass.
+
+The runner owns the paged cache (one `PagedLayerCache` per layer, DESIGN.md §3) and runs the
+model's layers piece by piece so that K/V and summaries go into pages:
+
+  per layer: attn.project → write K/V into pages (and rings) → φ on the blocks completed this
+  step → write summaries beside their page → attention over the pages → gates → MLP.
+
+A step mixes single-token (decode) rows and prompt chunks of any sequences. Rows are ordered
+decode first, then chunks, so each attention implementation gets one contiguous slice.
+
+Summaries. Entry i covers tokens [i·d, i·d + l) and is made when its last token is computed. Its
+tokens may be partly in the cache (computed in earlier steps) and partly in this step's fresh
+K/V, so φ reads from one flat source: [old rows gathered from the cache ; this step's rows], and
+`entry_src` indexes l rows of it per new entry. With shared K/V the old rows come from the raw
+pages; with independent K/V from φ's staging ring (which holds the last P·⌈l/P⌉ ≥ l tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nsa_kernels.paged import PagedLayerCache, read_slots, write_slots
+from nsa_kernels.reference import num_compressed
+
+from ..model.nsa_model import NSAModel
+from .attention import AttentionBackend
+from .sequence import Sequence
+
+
+@dataclass
+class StepInputs:
+    seqs: list[Sequence]  # in row order (decode first)
+    num_new: list[int]
+    num_seqs: int
+    num_decode: int
+    input_ids: torch.Tensor  # [Ttot]
+    positions: torch.Tensor  # [Ttot]
+    slots: torch.Tensor  # [Ttot] raw-page slots
+    block_tables: torch.Tensor  # [B, max_pages] int32
+    seq_lens: torch.Tensor  # [B] int32, after this step
+    cu_seqlens_q: torch.Tensor  # [B+1] int32
+    cu_host: list[int]
+    seq_lens_host: list[int]
+    summary_old_slots: torch.Tensor  # rows φ reads from the cache
+    entry_src: torch.Tensor  # [Ne, l] rows of [old ; new] per new summary
+    entry_slots: torch.Tensor  # [Ne] summary slots
+    new_entries: list[tuple[int, int]]  # per sequence: (first, end) entries written
+    logits_rows: torch.Tensor  # rows whose logits are sampled
+    sample_seqs: list[Sequence]
+    # independent K/V only
+    win_tables: torch.Tensor | None = None
+    win_write_rows: torch.Tensor | None = None
+    win_write_slots: torch.Tensor | None = None
+    cmp_write_rows: torch.Tensor | None = None
+    cmp_write_slots: torch.Tensor | None = None
+    # the Triton prefill kernel's tile layout, built by the first layer and reused by the others
+    prefill_plan: object | None = None
+
+
+def cache_bytes_per_page(model_cfg, dtype: torch.dtype) -> int:
+    c = model_cfg
+    E = c.select_block // c.cmp_stride
+    elt = torch.tensor([], dtype=dtype).element_size()
+    return c.num_layers * c.num_kv_heads * (c.select_block + E) * (c.head_dim_k + c.head_dim_v) * elt
+
+
+def ring_pages(model_cfg, max_chunk: int) -> tuple[int, int]:
+    """Pages of the (window, φ staging) rings each sequence of an independent-K/V model needs.
+
+    The window ring keeps w + T − 1 tokens for a chunk of T ≤ max_chunk queries (its first query
+    looks w − 1 tokens back after the whole chunk is written); φ's ring keeps l tokens.
+    Shared-K/V models need no rings.
+    """
+    c = model_cfg
+    if c.shared_kv:
+        return 0, 0
+    return math.ceil((c.window + max_chunk - 1) / c.select_block), math.ceil(c.cmp_block / c.select_block)
+
+
+def table_width(pages: int) -> int:
+    """Width of an eager step's block tables for a longest sequence of `pages` pages: the next
+    power of two, at least 16. The attention kernels specialise on sizes that follow the width (its
+    power of two, and whether strides divide by 16), so exact widths made eager steps compile a new
+    variant the first time they met each class: `scripts/count_decode_variants.py` counts 109 decode
+    variants over batch 1–16 × widths 1–1024 pages, 53 with this rounding. Padding entries are page
+    0, a valid id the kernels mask (their documented precondition)."""
+    return max(16, 1 << (max(1, pages) - 1).bit_length())
+
+
+class ModelRunner:
+    def __init__(self, model: NSAModel, num_pages: int, attention: str = "nsa", max_chunk: int = 512):
+        self.model = model
+        self.cfg = c = model.cfg
+        self.p = c.sparsity
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.P = c.select_block
+        self.E = c.select_block // c.cmp_stride
+        self.shared = c.shared_kv
+        self.dense = attention == "dense"
+        self.win_ring_pages, self.cmp_ring_pages = ring_pages(c, max_chunk)
+        self.win_ring = self.win_ring_pages * self.P
+        self.cmp_ring = self.cmp_ring_pages * self.P
+        self.num_pages = num_pages
+        # One extra page the block manager never hands out: padded rows of fixed-shape (CUDA graph)
+        # decode steps write there (decode_graphs.py).
+        self.trash_page = num_pages
+        self.static_decode = None  # decode_graphs.StaticDecode when fixed-shape decode is on
+        self.caches = [PagedLayerCache.allocate(num_pages + 1, c.num_kv_heads, c.head_dim_k, c.head_dim_v,
+                                                self.P, c.cmp_stride, dtype=self.dtype, device=self.device)
+                       for _ in range(c.num_layers)]
+        self.attention = AttentionBackend(attention, self.device, self.p)
+        self.write = write_slots
+        if self.device.type == "cuda":  # the Triton scatter when it is there (same result)
+            try:
+                from nsa_kernels.cache_write import write_kv
+                self.write = write_kv
+            except ImportError:
+                pass
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def prepare(self, seqs: list[Sequence], num_new: list[int]) -> StepInputs:
+        """The step's index tensors. Per-token indices (positions, page slots, ring slots, φ's
+        source rows) come from a few numpy ops over the whole step, not Python loops per token.
+        Medians on the 2-core development CPU, loops → now: an 8k-token prompt chunk 5.2 → 1.0 ms
+        (6–10 ms were seen on the GPU machine's host), a 2.4k-token mixed step 1.6 → 0.5 ms,
+        16 decode rows 0.28 → 0.14 ms (independent K/V 0.33 → 0.20). `tests/prepare_reference.py`
+        keeps the loop version as the obviously-correct twin; tests compare the two on every step."""
+        P, E, d, l = self.P, self.E, self.cfg.cmp_stride, self.cfg.cmp_block
+        order = sorted(range(len(seqs)), key=lambda b: num_new[b] != 1)  # stable: decode rows first
+        seqs = [seqs[b] for b in order]
+        num_new = [num_new[b] for b in order]
+        num_decode = sum(1 for n in num_new if n == 1)
+        B = len(seqs)
+        ids, cu, lens, starts = [], [0], [], []
+        old_slots, new_entries, logits_rows, sample_seqs = [], [], [], []
+        # Per new summary: its sequence, index, and where its tokens are (lengths = entries).
+        e_seq, e_idx, e_start, e_row0, e_base, e_first = [], [], [], [], [], []
+        bt = np.zeros((B, table_width(max(len(s.block_table) for s in seqs))), dtype=np.int32)
+        for b, (seq, T) in enumerate(zip(seqs, num_new)):
+            start, L = seq.num_computed_tokens, seq.num_computed_tokens + T
+            row0 = cu[-1]
+            table = seq.block_table
+            bt[b, :len(table)] = table
+            ids.extend(seq.token_ids[start:L])
+            starts.append(start)
+            cu.append(row0 + T)
+            lens.append(L)
+            if L == seq.num_tokens:  # every known token computed: sample the next one
+                logits_rows.append(row0 + T - 1)
+                sample_seqs.append(seq)
+            # Summaries completed by this chunk (none needed by dense attention). Entry i reads
+            # tokens i·d … i·d + l − 1: those before `start` from the cache (old rows, numbered
+            # from `base` in the flat source), the rest from this step's rows.
+            n0, n1 = seq.num_summaries, (seq.num_summaries if self.dense else num_compressed(L, l, d))
+            if n1 > n0:
+                k = n1 - n0
+                e_seq += [b] * k
+                e_idx.extend(range(n0, n1))
+                e_start += [start] * k
+                e_row0 += [row0] * k
+                e_base += [len(old_slots)] * k
+                e_first += [n0 * d] * k
+                old_slots.extend(self._cmp_source_slot(seq, t) for t in range(n0 * d, start))
+            new_entries.append((n0, max(n0, n1)))
+
+        # Per-row sequence, position and raw-page slot, for all rows at once (numpy: a decode step
+        # has few rows, and numpy's per-call cost is a fraction of torch's).
+        i64 = np.int64
+        seq_of_row = np.repeat(np.arange(B), num_new)
+        pos = (np.asarray(starts, dtype=i64)[seq_of_row] + np.arange(cu[-1])
+               - np.asarray(cu[:-1], dtype=i64)[seq_of_row])
+        slots = bt[seq_of_row, pos // P].astype(i64) * P + pos % P
+        # φ's flat source: old rows first (0 … n_old − 1), then this step's rows.
+        n_old = len(old_slots)
+        ei = np.asarray(e_idx, dtype=i64)
+        t = ei[:, None] * d + np.arange(l)
+        e_start_c = np.asarray(e_start, dtype=i64)[:, None]
+        old_row = np.asarray(e_base, dtype=i64)[:, None] + t - np.asarray(e_first, dtype=i64)[:, None]
+        src = np.where(t < e_start_c, old_row, n_old + np.asarray(e_row0, dtype=i64)[:, None] + t - e_start_c)
+        entry_slots = bt[np.asarray(e_seq, dtype=i64), ei // E].astype(i64) * E + ei % E
+        dev = self.device
+
+        def lt(x):
+            x = torch.from_numpy(x) if isinstance(x, np.ndarray) else torch.tensor(x, dtype=torch.long)
+            return x.to(dev, non_blocking=True)
+
+        inp = StepInputs(
+            seqs=seqs, num_new=num_new, num_seqs=B, num_decode=num_decode,
+            input_ids=lt(ids), positions=lt(pos), slots=lt(slots), block_tables=torch.from_numpy(bt).to(dev),
+            seq_lens=torch.tensor(lens, dtype=torch.int32).to(dev),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev), cu_host=cu, seq_lens_host=lens,
+            summary_old_slots=lt(old_slots), entry_src=lt(src.reshape(-1, l)), entry_slots=lt(entry_slots),
+            new_entries=new_entries, logits_rows=lt(logits_rows), sample_seqs=sample_seqs,
+        )
+        if not self.shared:
+            # Rings: each chunk's last ring_tokens rows are written to the ring slot of their position.
+            row_len = np.asarray(lens, dtype=i64)[seq_of_row]
+            wt = np.asarray([s.win_ring for s in seqs], dtype=np.int32).reshape(B, -1)
+            ct = np.asarray([s.cmp_ring for s in seqs], dtype=np.int32).reshape(B, -1)
+            rings = []
+            for table, ring_tokens in ((ct, self.cmp_ring), (wt, self.win_ring)):
+                rows = np.flatnonzero(pos >= row_len - ring_tokens)
+                r = pos[rows] % ring_tokens
+                rings.append((lt(rows), lt(table[seq_of_row[rows], r // P].astype(i64) * P + r % P)))
+            inp.win_tables = torch.from_numpy(wt).to(dev)
+            (inp.cmp_write_rows, inp.cmp_write_slots), (inp.win_write_rows, inp.win_write_slots) = rings
+        return inp
+
+    def _cmp_source_slot(self, seq: Sequence, t: int) -> int:
+        if self.shared:
+            return seq.block_table[t // self.P] * self.P + t % self.P
+        return self._ring_slot(seq.cmp_ring, t, self.cmp_ring)
+
+    def _ring_slot(self, ring: list[int], t: int, ring_tokens: int) -> int:
+        r = t % ring_tokens
+        return ring[r // self.P] * self.P + r % self.P
+
+    # -- forward ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, inp: StepInputs) -> torch.Tensor:
+        """Run the step; return logits [len(inp.sample_seqs), vocab] (float32)."""
+        model = self.model
+        h = model.embed(inp.input_ids)
+        has_entries = inp.entry_slots.numel() > 0
+        write = self.write
+        rope = model.layers[0].attn.rope(inp.positions, h)  # one table for every layer
+        for li, layer in enumerate(model.layers):
+            attn, cache = layer.attn, self.caches[li]
+            x = layer.attn_norm(h)
+            q, kv = attn.project(x, inp.positions, rope)
+            k_slc, v_slc = kv["slc"]
+            write(cache.k_cache, k_slc, inp.slots)
+            write(cache.v_cache, v_slc, inp.slots)
+            if has_entries:
+                self._write_summaries(attn, cache, kv["cmp"], inp)
+            if not self.shared:
+                k_c, v_c = kv["cmp"]
+                k_w, v_w = kv["win"]
+                write(cache.k_cache, k_c[inp.cmp_write_rows], inp.cmp_write_slots)
+                write(cache.v_cache, v_c[inp.cmp_write_rows], inp.cmp_write_slots)
+                write(cache.k_cache, k_w[inp.win_write_rows], inp.win_write_slots)
+                write(cache.v_cache, v_w[inp.win_write_rows], inp.win_write_slots)
+            o = self.attention(q, attn.gate(x), cache, inp)
+            h = h + attn.output(o)
+            h = h + layer.mlp(layer.mlp_norm(h))
+        return model.logits(h[inp.logits_rows]).float()
+
+    def _write_summaries(self, attn, cache: PagedLayerCache, kv_cmp, inp: StepInputs) -> None:
+        k_new, v_new = kv_cmp
+        # φ's old rows: the raw pages (shared K/V; already hold this step's rows too, but the old
+        # rows are all before the step) or the staging ring, read before this step writes it.
+        k_src = torch.cat([read_slots(cache.k_cache, inp.summary_old_slots), k_new])
+        v_src = torch.cat([read_slots(cache.v_cache, inp.summary_old_slots), v_new])
+        kb = k_src[inp.entry_src].permute(0, 2, 1, 3)  # [Ne, Hkv, l, Dk]
+        vb = v_src[inp.entry_src].permute(0, 2, 1, 3)
+        self.write(cache.kc_cache, attn.phi_k(kb), inp.entry_slots)
+        self.write(cache.vc_cache, attn.phi_v(vb), inp.entry_slots)

@@ -1,0 +1,179 @@
+"""What the API layer sees of the engine: request parameters, streamed outputs, stats, errors.
+
+Plain data classes, no tensors. The HTTP layer translates OpenAI requests into `SamplingParams`,
+calls `AsyncEngine.generate`, and turns the `RequestOutput`s it yields back into responses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol
+
+
+class EngineError(Exception):
+    """Base class for errors the API maps to HTTP responses."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """Bad parameters or prompt (HTTP 400). `param` names the offending field when known."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class PromptTooLongError(InvalidRequestError):
+    """Prompt (plus max_tokens) does not fit the model's context (HTTP 400, context_length_exceeded)."""
+
+    def __init__(self, message: str, param: str | None = "messages"):
+        super().__init__(message, param=param, code="context_length_exceeded")
+
+
+class QueueFullError(EngineError):
+    """The bounded waiting queue is full (HTTP 429 with Retry-After)."""
+
+
+class EngineDeadError(EngineError):
+    """The engine loop has stopped (HTTP 503)."""
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1) disables
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: up to the context limit
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; k ≥ 0: chosen token's logprob plus top-k
+    include_stop_str_in_output: bool = False
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError naming the field when a value is out of range."""
+
+        def bad(param, msg):
+            raise InvalidRequestError(f"{param} {msg}", param=param)
+
+        if not isinstance(self.n, int) or not 1 <= self.n <= 16:
+            bad("n", f"must be an integer between 1 and 16, got {self.n!r}")
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 2):
+            bad("temperature", f"must be between 0 and 2, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            bad("top_k", f"must be -1, 0 (disabled) or a positive integer, got {self.top_k}")
+        if not (math.isfinite(self.min_p) and 0 <= self.min_p <= 1):
+            bad("min_p", f"must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and -2 <= v <= 2):
+                bad(name, f"must be between -2 and 2, got {v}")
+        if not (math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= 2):
+            bad("repetition_penalty", f"must be in (0, 2], got {self.repetition_penalty}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            bad("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0 or (
+                self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            bad("min_tokens", f"must be between 0 and max_tokens, got {self.min_tokens!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            bad("logprobs", f"must be between 0 and 20, got {self.logprobs!r}")
+        if len(self.stop) > 16 or any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "must be at most 16 non-empty strings")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", f"must be an integer, got {self.seed!r}")
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob), best first
+
+
+@dataclass
+class CompletionOutput:
+    """One of the n completions of a request, as of this output."""
+
+    index: int
+    text: str = ""  # cumulative text
+    token_ids: list[int] = field(default_factory=list)  # cumulative
+    delta_text: str = ""  # what this output adds (for streaming)
+    delta_token_ids: list[int] = field(default_factory=list)
+    delta_logprobs: list[TokenLogprob] | None = None
+    logprobs: list[TokenLogprob] | None = None  # cumulative
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    num_pages_total: int = 0
+    num_pages_used: int = 0
+    num_preemptions_total: int = 0
+    prefix_cache_queries_total: int = 0  # tokens looked up
+    prefix_cache_hits_total: int = 0  # tokens found
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    kv_tokens_read_total: int = 0  # per kv group, summed over decode steps (NSA's cost)
+    kv_tokens_dense_total: int = 0  # what dense attention would have read for the same steps
+    summaries_stored: int = 0  # compressed-block summaries held in the cache now
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.num_pages_used / self.num_pages_total if self.num_pages_total else 0.0
+
+
+class AsyncEngine(Protocol):
+    """The interface the API layer codes against (implemented by nsa_serve.engine.async_engine)."""
+
+    max_model_len: int
+
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                 priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Submit a request; yields outputs as tokens arrive, the last one with finished=True.
+
+        Raises QueueFullError, PromptTooLongError or InvalidRequestError before yielding anything.
+        Closing the iterator early (client gone) aborts the request and frees its pages.
+        """
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    @property
+    def is_alive(self) -> bool: ...
+
+    @property
+    def is_ready(self) -> bool: ...

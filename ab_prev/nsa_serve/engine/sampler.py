@@ -1,0 +1,145 @@
+"""Next-token sampling for a batch of sequences, each with its own SamplingParams.
+
+Order (as in vLLM): penalties → min_tokens masking → greedy (temperature 0) or
+temperature → top-k → top-p → min-p → draw. Logprobs report the model's raw distribution
+(log-softmax of the unmodified logits), the convention OpenAI-compatible servers follow.
+
+The draw uses the exponential race: token = argmax(p / E) with E ~ Exp(1) i.i.d. per vocabulary
+entry, which samples exactly from p. A seeded request draws its E from its own generator, one
+vector per step, so its tokens depend only on its seed and its own logits — never on batch mates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .protocol import TokenLogprob
+from .sequence import Sequence
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: TokenLogprob | None = None  # token text left empty; the engine fills it in
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, eos_token_ids: list[int], seed: int = 0):
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self.seed = seed
+        self._shared_gen: dict[str, torch.Generator] = {}
+
+    def _shared(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._shared_gen:
+            self._shared_gen[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._shared_gen[key]
+
+    @staticmethod
+    def _own_generator(seq: Sequence, device: torch.device) -> torch.Generator:
+        if seq.generator is None or seq.generator.device != device:
+            # Completion i of a seeded request gets seed + i: n > 1 completions must differ.
+            seq.generator = torch.Generator(device=device).manual_seed(seq.params.seed + seq.index)
+        return seq.generator
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+        B, V = logits.shape
+        if B == 0:
+            return []
+        device = logits.device
+        ps = [s.params for s in seqs]
+        needs_min = [s.num_output_tokens < p.min_tokens for s, p in zip(seqs, ps)]
+        plain_greedy = all(p.temperature == 0 and p.logprobs is None and not _has_penalty(p) for p in ps)
+        if plain_greedy and not any(needs_min):
+            return [SampleResult(t) for t in logits.argmax(dim=-1).tolist()]
+
+        logits = logits.float()
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in ps) else None
+        logits = logits.clone()
+        for b, (seq, p) in enumerate(zip(seqs, ps)):
+            if _has_penalty(p):
+                logits[b] = apply_penalties(logits[b], seq, p)
+            if needs_min[b]:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
+                banned = [t for t in banned if 0 <= t < V]
+                if banned:
+                    logits[b, banned] = -float("inf")
+
+        greedy_host = [p.temperature == 0 for p in ps]  # decided on the host: no GPU sync
+        tokens = logits.argmax(dim=-1)
+        if not all(greedy_host):
+            greedy = torch.tensor(greedy_host, device=device)
+            temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in ps],
+                                device=device).unsqueeze(1)
+            probs = filter_probs(torch.softmax(logits / temp, dim=-1),
+                                 top_k=[p.top_k for p in ps], top_p=[p.top_p for p in ps],
+                                 min_p=[p.min_p for p in ps])
+            race = torch.empty_like(probs).exponential_(generator=self._shared(device))
+            for b, (seq, p) in enumerate(zip(seqs, ps)):
+                if p.seed is not None and p.temperature > 0:
+                    race[b] = torch.empty(V, device=device).exponential_(generator=self._own_generator(seq, device))
+            sampled = (probs / race).argmax(dim=-1)
+            tokens = torch.where(greedy, tokens, sampled)
+
+        token_list = tokens.tolist()
+        results = [SampleResult(t) for t in token_list]
+        if raw_logprobs is not None:
+            kmax = max(p.logprobs or 0 for p in ps)
+            chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+            top_v, top_i = (raw_logprobs.topk(kmax, dim=-1) if kmax else (None, None))
+            top_v = top_v.tolist() if kmax else None
+            top_i = top_i.tolist() if kmax else None
+            for b, p in enumerate(ps):
+                if p.logprobs is None:
+                    continue
+                top = [(top_i[b][j], "", top_v[b][j]) for j in range(p.logprobs)] if p.logprobs else []
+                results[b].logprob = TokenLogprob(token_list[b], "", chosen[b], top)
+        return results
+
+
+def _has_penalty(p) -> bool:
+    return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1.0
+
+
+def apply_penalties(logits: torch.Tensor, seq: Sequence, p) -> torch.Tensor:
+    """Presence / frequency penalties over generated tokens; repetition penalty over prompt and
+    generated tokens (divide positive logits, multiply negative ones), as vLLM defines them."""
+    V = logits.shape[-1]
+    out_ids = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+    counts = torch.bincount(out_ids, minlength=V)[:V].to(logits.dtype)
+    logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
+    if p.repetition_penalty != 1.0:
+        seen = torch.zeros(V, dtype=torch.bool, device=logits.device)
+        seen[torch.tensor(seq.token_ids, dtype=torch.long, device=logits.device)] = True
+        rp = p.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
+    return logits
+
+
+def filter_probs(probs: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> torch.Tensor:
+    """Zero out what top-k / top-p / min-p exclude, row by row. The most likely token always stays."""
+    B, V = probs.shape
+    device = probs.device
+    k_host = [min(k, V) if k and k > 0 else V for k in top_k]
+    ks = torch.tensor(k_host, device=device)
+    tp = torch.tensor(top_p, device=device, dtype=probs.dtype)
+    mp = torch.tensor(min_p, device=device, dtype=probs.dtype)
+    if any(k < V for k in k_host) or any(p < 1 for p in top_p):  # host-side test: no GPU sync
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        rank = torch.arange(V, device=device).unsqueeze(0)
+        sorted_p = sorted_p.masked_fill(rank >= ks.unsqueeze(1), 0.0)
+        # top-p on the distribution top-k left (renormalised): drop a token once the mass
+        # before it already reaches p.
+        kept = sorted_p / sorted_p.sum(dim=-1, keepdim=True)
+        drop = (kept.cumsum(dim=-1) - kept) >= tp.unsqueeze(1)
+        drop[:, 0] = False
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(1, idx, sorted_p)
+    if any(m > 0 for m in min_p):
+        top = probs.amax(dim=-1, keepdim=True)
+        probs = probs.masked_fill(probs < mp.unsqueeze(1) * top, 0.0)
+    return probs

@@ -1,0 +1,120 @@
+"""Tokenizer (sentencepiece) and the chat template.
+
+Chat template (docs/chat_template.md): every message becomes
+
+    <|role|>\n{content}<|end|>\n
+
+with role one of system / user / assistant / tool, and the prompt ends with `<|assistant|>\n` so
+the model writes the reply. The model ends its turn with `<|end|>`, which is a stop token.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import sys
+from pathlib import Path
+
+import sentencepiece as spm
+
+SPECIAL_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"]
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no tokenizer.model at {self.path}")
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        self.end_of_turn_id = self.sp.piece_to_id("<|end|>")
+        if self.sp.id_to_piece(self.end_of_turn_id) != "<|end|>":
+            self.end_of_turn_id = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Tokens that end a generation unless ignore_eos: eos and the end-of-turn marker."""
+        return [t for t in (self.eos_id, self.end_of_turn_id) if t is not None and t >= 0]
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = self.sp.encode(text)
+        return [self.bos_id] + ids if add_bos and self.bos_id >= 0 else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self.sp.id_to_piece(token_id)
+
+    def token_text(self, token_id: int) -> str:
+        """A display string for one token (logprobs): its piece with the word-boundary mark as space."""
+        piece = self.sp.id_to_piece(token_id)
+        if piece.startswith("<0x") and piece.endswith(">"):
+            return piece  # a raw byte of a multi-byte character
+        return piece.replace("\u2581", " ")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return render_chat(messages, add_generation_prompt)
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    parts = []
+    for m in messages:
+        role = m.get("role")
+        if role not in ROLES:
+            raise ValueError(f"message role must be one of {ROLES}, got {role!r}")
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise ValueError("message content must be a string or a list of text parts")
+        parts.append(f"<|{role}|>\n{content}<|end|>\n")
+    if add_generation_prompt:
+        parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+def stdlib_docstrings(limit_bytes: int = 6_000_000) -> str:
+    """English text found offline on any machine with Python: the standard library's docstrings."""
+    root = Path(sys.modules["ast"].__file__).parent
+    out, size = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if any(part in ("test", "tests", "idlelib", "site-packages", "lib2to3") for part in path.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 40:
+                    out.append(doc)
+                    size += len(doc)
+        if size > limit_bytes:
+            break
+    return "\n\n".join(out)
+
+
+def train_tokenizer(text: str, out_path: str | Path, vocab_size: int) -> Tokenizer:
+    """Train a BPE sentencepiece model on `text` with the chat special tokens and byte fallback
+    (so any UTF-8 input encodes). Deterministic for a given text and vocab size."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        character_coverage=1.0, byte_fallback=True, user_defined_symbols=SPECIAL_TOKENS,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, input_sentence_size=0,
+        max_sentence_length=8192, minloglevel=2, split_digits=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+    )
+    Path(out_path).write_bytes(model.getvalue())
+    return Tokenizer(out_path)

@@ -1,0 +1,165 @@
+"""In-graph timeline of one NSA decode step: when each kernel's programs start, pass their PDL wait
+and end, from %globaltimer stamps — what the profiler cannot show once PDL overlaps the kernels.
+
+    python3 scripts/decode_timeline.py [--ctx 65536] [--batch 1 --batch 16 ...] [--topn passes --topn sort]
+                                       [--variant "" --variant "attend_maxnreg=224" ...]
+
+A --variant is nsa_decode_tuned keyword arguments (Python literals, comma-separated; "" = the default).
+
+Instruments a copy of kernels/nsa_decode.py (written to a temporary file, never into the tree): each
+program of the compressed pass, the score kernel and the attention kernel stores the time at its
+entry, after its griddepcontrol.wait (or where it would be), and at its end. The step is captured
+in a CUDA graph (with and without PDL) and replayed after an L2 flush; medians over 25 replays.
+Columns per kernel, µs from the first compressed-pass program's entry: first entry / last entry /
+last program past its wait / first end / median end / last end. The batch-1 combine launch is not
+stamped (it ends before the graph does). The stamps cost a store each; compare the printed graph
+time with bench_decode's to see their effect. Needs a CUDA GPU; nsa_kernels importable (as
+scripts/device_env.sh sets up). Docs: docs/benchmarks/decode.md, eighth round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import atexit
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+
+import torch
+
+STAMP = '''
+@triton.jit
+def _now():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
+def _stamp(tim_ptr, kid, slot, TIME: tl.constexpr):
+    if TIME:
+        prog = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(tim_ptr + (kid * 65536 + prog) * 3 + slot, _now())
+
+
+@triton.jit
+def _cmp_tile_kernel('''
+ARGS = ", tim_ptr=None, TIME: tl.constexpr = False):"
+TIMER = "tim_ptr=timer, TIME=timer is not None, "
+
+# (pattern, replacement, matches): each must match exactly that many times in kernels/nsa_decode.py,
+# or the script stops and says which (the kernel changed: update the anchors).
+EDITS = [
+    (r"\n@triton\.jit\ndef _cmp_tile_kernel\(", "\n" + STAMP, 1),
+    (r"(UPCAST: tl\.constexpr, PDL: tl\.constexpr[^)]*)\):(\n    \"\"\"Program \(group, split\) walks)",
+     r"\1" + ARGS + r"\2", 1),
+    (r"(\n    if PDL:  # launched early .*\n        tl\.extra\.cuda\.gdc_wait\(\)\n)",
+     r"\n    _stamp(tim_ptr, 0, 0, TIME)\1    _stamp(tim_ptr, 0, 1, TIME)\n", 1),
+    (r"(\n    tl\.store\(pacc_ptr \+ o\[:, None\] \* DV .*\n)", r"\1    _stamp(tim_ptr, 0, 2, TIME)\n", 1),
+    (r"(NUM_LOCAL: tl\.constexpr, TOPN: tl\.constexpr, PDL: tl\.constexpr)\):(\n    \"\"\"Program \(group, p\))",
+     r"\1" + ARGS + r"\2", 1),
+    (r"(\n    if PDL:\n        tl\.extra\.cuda\.gdc_wait\(\)\n        tl\.extra\.cuda\.gdc_launch_dependents\(\).*\n)",
+     r"\n    _stamp(tim_ptr, 1, 0, TIME)\1    _stamp(tim_ptr, 1, 1, TIME)\n", 1),
+    (r"(\n                      L, b, sbt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL, PAGE, TOPN\)\n)",
+     r"\1    _stamp(tim_ptr, 1, 2, TIME)\n", 1),
+    (r"(PDL: tl\.constexpr)\):(\n    \"\"\"Program \(group, split\): window pages)", r"\1" + ARGS + r"\2", 1),
+    (r"(\n    pid = tl\.program_id\(0\)\n    split = tl\.program_id\(1\)\n    b = pid // Hkv\n    kh = pid % Hkv\n    Hq = Hkv \* G)",
+     r"\n    _stamp(tim_ptr, 2, 0, TIME)\1", 1),
+    (r"(\n    if PDL:  # the work list is the score kernel's output\n        tl\.extra\.cuda\.gdc_wait\(\)\n)",
+     r"\1    _stamp(tim_ptr, 2, 1, TIME)\n", 1),
+    (r"(\n                     res\.to\(out_ptr\.dtype\.element_ty\), mask=.*\n)", r"\1    _stamp(tim_ptr, 2, 2, TIME)\n", 1),
+    (r"(score_warps=4[^)]*)\):", r"\1, timer=None):", 1),
+    (r"PDL=pdl, (num_warps=(cmp_warps|score_warps|num_warps))", "PDL=pdl, " + TIMER + r"\1", 3),
+]
+NAMES = ("cmp", "score", "attend")
+
+
+def instrumented_module():
+    import nsa_kernels
+
+    src_path = os.path.join(os.path.dirname(nsa_kernels.__file__), "nsa_decode.py")
+    src = open(src_path).read()
+    for pat, rep, want in EDITS:
+        src, n = re.subn(pat, rep, src)
+        if n != want:
+            sys.exit(f"decode_timeline: anchor {pat[:60]!r} matched {n} times (not {want}) in {src_path}; "
+                     "update EDITS")
+    # A real file (Triton reads kernel source through inspect), loaded as a module of the package
+    # so its relative imports resolve.
+    fd, path = tempfile.mkstemp(suffix="_nsa_decode_timeline.py")
+    with os.fdopen(fd, "w") as f:
+        f.write(src)
+    atexit.register(os.remove, path)
+    spec = importlib.util.spec_from_file_location("nsa_kernels._nsa_decode_timeline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def timeline(step, tim, reps=25):
+    from nsa_kernels.bench_decode import bench, graph_of
+
+    g = graph_of(step)
+    flush = torch.empty(1 << 28, dtype=torch.int8, device="cuda")
+    rows = []
+    for _ in range(reps + 5):
+        tim.zero_()
+        flush.zero_()
+        torch.cuda.synchronize()
+        g.replay()
+        torch.cuda.synchronize()
+        t = tim.view(3, 65536, 3).cpu().double()
+        t0 = t[0, :, 0][t[0, :, 0] > 0].min()
+        r = []
+        for k in range(3):
+            x = (t[k][t[k, :, 2] > 0] - t0) / 1e3
+            r += [x[:, 0].min(), x[:, 0].max(), x[:, 1].max(), x[:, 2].min(), x[:, 2].median(), x[:, 2].max()]
+        rows.append([float(v) for v in r])
+    return torch.tensor(rows[5:]).median(0).values.tolist(), bench(g.replay)
+
+
+def parse_kwargs(text: str) -> dict:
+    """'a=1, b="x"' → {"a": 1, "b": "x"} (values are Python literals)."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, value = item.partition("=")
+        out[key.strip()] = ast.literal_eval(value.strip())
+    return out
+
+
+def main(argv=None):
+    from nsa_kernels.bench_decode import PAPER_P, SHAPES, make_inputs
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ctx", type=int, default=65536)
+    ap.add_argument("--batch", type=int, action="append")
+    ap.add_argument("--topn", action="append", choices=["passes", "sort"], help="top-n mode(s) to time")
+    ap.add_argument("--variant", action="append", help="nsa_decode_tuned kwargs, e.g. 'attend_maxnreg=224'")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("decode_timeline needs a CUDA GPU")
+    mod = instrumented_module()
+    tim = torch.zeros(3 * 65536 * 3, dtype=torch.int64, device="cuda")  # ≤ 65536 programs a kernel
+    print(f"paper shape, {args.ctx // 1024}k; µs from the first compressed-pass entry: first entry / last entry / "
+          "last past its wait / first end / median end / last end")
+    for B in args.batch or (1, 16, 64):
+        q, gates, layer, tables, lens = make_inputs(B, args.ctx, **SHAPES["paper"], p=PAPER_P)
+        for topn in args.topn or ["sort"]:
+            for variant in args.variant or [""]:
+                kw = parse_kwargs(variant)
+                for pdl in (True, False):
+                    step = lambda: mod.nsa_decode_tuned(q, gates, layer, tables, lens, PAPER_P,  # noqa
+                                                        pdl=pdl, topn=topn, timer=tim, **kw)
+                    med, us = timeline(step, tim)
+                    parts = [f"{n} " + "/".join(f"{v:.1f}" for v in med[6 * i:6 * i + 6])
+                             for i, n in enumerate(NAMES)]
+                    print(f"B={B:3d} top-n {topn:6s} {variant or 'default'} PDL={'on ' if pdl else 'off'} "
+                          f"graph {us:6.1f} µs | " + " | ".join(parts), flush=True)
+        del q, gates, layer, tables, lens
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

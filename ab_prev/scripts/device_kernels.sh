@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The kernels' GPU acceptance run in one device call (issues: decode ≥ 8× SDPA at 64k batch 16, prefill
+# ≥ 5× at 64k): the device's own register report, the real-shape GPU tests, the decode table and
+# profile, the prefill table. Run from the repo root on a GPU machine; everything lands in ${OUT:-.}.
+# STEPS picks a subset (default: all but timeline): compile tests decode profile prefill timeline.
+# Each step has its own time limit so one slow step cannot eat the call (about 9 minutes in all).
+set -uo pipefail
+source "$(dirname "$0")/device_env.sh"
+STEPS=${STEPS:-compile tests decode profile prefill}
+step() { [[ " $STEPS " == *" $1 "* ]]; }
+if step compile; then  # registers / spills as the device's Triton compiles them, sm_80 and sm_90
+  timeout 120 python3 -m nsa_kernels.compile_check --shape paper,d128 --dtype bf16 2>&1 | tee "$OUT/compile.txt"
+fi
+if step tests; then
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_decode.py \
+    tests/test_kernels_prefill.py 2>&1 | tee "$OUT/gpu_tests.txt"
+fi
+if step decode; then
+  timeout 150 python3 -m nsa_kernels.bench_decode --shape paper --ctx 65536 --ctx 131072 --ctx 32768 2>&1 \
+    | tee "$OUT/decode.txt"
+  timeout 60 python3 -m nsa_kernels.bench_decode --shape d128 --ctx 65536 2>&1 | tee "$OUT/decode_d128.txt"
+fi
+if step profile; then  # per-kernel times without PDL: a PDL kernel's span includes its early wait
+  NSA_PDL=0 timeout 60 python3 -m nsa_kernels.bench_decode --profile 2>&1 | tee "$OUT/decode_profile.txt"
+fi
+if step timeline; then  # in-graph program timeline of the decode kernels (docs/benchmarks/decode.md, eighth round)
+  timeout 120 python3 scripts/decode_timeline.py --batch 1 --batch 16 2>&1 | tee "$OUT/timeline.txt"
+fi
+if step prefill; then
+  timeout 120 python3 -m nsa_kernels.bench_prefill --lens 32768,65536 2>&1 | tee "$OUT/prefill.txt"
+fi
