@@ -24,17 +24,35 @@ from .reference import SparsityParams
 
 
 @triton.jit
+def _write_row(cache_ptr, sc_p, sc_h, sc_r, x_ptr, sx_t, sx_h, t, slot,
+               R: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    """Token t's [H, D] row of x into the cache slot `slot` (page slot // R, row slot % R)."""
+    h = tl.arange(0, HP)
+    d = tl.arange(0, DP)
+    mask = (h[:, None] < H) & (d[None, :] < D)
+    x = tl.load(x_ptr + t * sx_t + h[:, None] * sx_h + d[None, :], mask=mask)
+    dst = cache_ptr + (slot // R) * sc_p + h[:, None] * sc_h + (slot % R) * sc_r + d[None, :]
+    tl.store(dst, x.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _write_kernel(cache_ptr, sc_p, sc_h, sc_r, x_ptr, sx_t, sx_h, slots_ptr,
                   R: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     if slot >= 0:
-        h = tl.arange(0, HP)
-        d = tl.arange(0, DP)
-        mask = (h[:, None] < H) & (d[None, :] < D)
-        x = tl.load(x_ptr + t * sx_t + h[:, None] * sx_h + d[None, :], mask=mask)
-        dst = cache_ptr + (slot // R) * sc_p + h[:, None] * sc_h + (slot % R) * sc_r + d[None, :]
-        tl.store(dst, x.to(cache_ptr.dtype.element_ty), mask=mask)
+        _write_row(cache_ptr, sc_p, sc_h, sc_r, x_ptr, sx_t, sx_h, t, slot, R, H, HP, D, DP)
+
+
+@triton.jit
+def _write_pair_kernel(kc_ptr, skc_p, skc_h, skc_r, vc_ptr, svc_p, svc_h, svc_r, k_ptr, sk_t, sk_h,
+                       v_ptr, sv_t, sv_h, slots_ptr, R: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
+                       DK: tl.constexpr, DKP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    if slot >= 0:
+        _write_row(kc_ptr, skc_p, skc_h, skc_r, k_ptr, sk_t, sk_h, t, slot, R, H, HP, DK, DKP)
+        _write_row(vc_ptr, svc_p, svc_h, svc_r, v_ptr, sv_t, sv_h, t, slot, R, H, HP, DV, DVP)
 
 
 def write_kv(cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> None:
@@ -55,6 +73,31 @@ def write_kv(cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> None:
     _write_kernel[(x.shape[0],)](cache, cache.stride(0), cache.stride(1), cache.stride(2),
                                  x, x.stride(0), x.stride(1), slots.contiguous(),
                                  R=cache.shape[2], H=H, HP=next_pow2(H), D=D, DP=next_pow2(D))
+
+
+def write_kv_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  slots: torch.Tensor) -> None:
+    """`write_kv(k_cache, k, slots)` and `write_kv(v_cache, v, slots)` in one launch (K and V of the
+    same tokens, or the keys' and values' summaries): a layer's writes in a decode step were four
+    launches of a few microseconds each, now two."""
+    for name, cache, x in (("k", k_cache, k), ("v", v_cache, v)):
+        if x.dim() != 3 or cache.dim() != 4 or x.shape[1:] != (cache.shape[1], cache.shape[3]):
+            raise ValueError(f"{name} {tuple(x.shape)} must be [T, H, D] matching its cache {tuple(cache.shape)}")
+        check_last_dim_contiguous(f"{name} cache", cache)
+        check_last_dim_contiguous(name, x)
+    if k.shape[:2] != v.shape[:2] or k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} and their caches must agree on tokens, "
+                         f"heads and rows")
+    if slots.shape != (k.shape[0],) or slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slots must be an int32/int64 vector of length {k.shape[0]}")
+    if k.shape[0] == 0:
+        return
+    H, DK, DV = k.shape[1], k.shape[2], v.shape[2]
+    _write_pair_kernel[(k.shape[0],)](
+        k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), slots.contiguous(),
+        R=k_cache.shape[2], H=H, HP=next_pow2(H), DK=DK, DKP=next_pow2(DK), DV=DV, DVP=next_pow2(DV))
 
 
 def block_token_slots(table: torch.Tensor, entries: torch.Tensor, p: SparsityParams, page_size: int,

@@ -139,7 +139,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _cases(shape: str, dtype: torch.dtype):
     """(name, thunk) pairs that call each launcher at `shape` with CPU tensors; nothing is read."""
-    from .cache_write import gather_blocks, write_kv, write_mean_summaries
+    from .add_rms_norm import add_rms_norm
+    from .cache_write import gather_blocks, write_kv, write_kv_pair, write_mean_summaries
     from .dense_decode import dense_paged_decode
     from .nsa_decode import nsa_decode
     from .nsa_prefill import nsa_prefill
@@ -167,6 +168,8 @@ def _cases(shape: str, dtype: torch.dtype):
     cu = torch.tensor([0, T], dtype=torch.int32)
     plens = torch.tensor([pages * P], dtype=torch.int32)
     x = torch.empty(T, Hkv, Dk, dtype=dtype)
+    xv = torch.empty(T, Hkv, Dv, dtype=dtype)
+    hid = torch.empty(T, 2048, dtype=dtype)  # paper-1b's hidden size
     slots = torch.zeros(T, dtype=torch.long)
     bslots = torch.zeros(8, p.block, dtype=torch.long)
     sslots = torch.zeros(8, dtype=torch.long)
@@ -177,6 +180,8 @@ def _cases(shape: str, dtype: torch.dtype):
         ("nsa_prefill", lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p)),
         ("nsa_prefill ring", lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p, win_tables=ring[:1])),
         ("write_kv", lambda: write_kv(layer.k_cache, x, slots)),
+        ("write_kv_pair", lambda: write_kv_pair(layer.k_cache, layer.v_cache, x, xv, slots)),
+        ("add_rms_norm", lambda: add_rms_norm(hid, hid, torch.empty(2048, dtype=dtype), 1e-6)),
         ("gather_blocks", lambda: gather_blocks(layer.k_cache, bslots)),
         ("rope_rotate", lambda: rope_rotate(qp, torch.empty(T, Dk), torch.empty(T, Dk))),
         ("write_mean_summaries", lambda: write_mean_summaries(layer.k_cache, layer.v_cache, layer.kc_cache,

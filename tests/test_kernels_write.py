@@ -28,6 +28,28 @@ def test_write_kv_equals_write_slots_and_skips_negative_slots(dtype):
     assert torch.equal(skipped, cache)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_pair_equals_two_writes_and_skips_negative_slots(dtype):
+    # K and V (dk ≠ dv) of the same tokens in one launch; a view whose token stride is not H·D (as
+    # the fused projection's slices are); −1 slots write nothing.
+    gen = torch.Generator().manual_seed(2)
+    kc = torch.randn(7, 3, 16, 24, generator=gen).to(DEVICE, dtype)
+    vc = torch.randn(7, 3, 16, 8, generator=gen).to(DEVICE, dtype)
+    kv = torch.randn(5, 3 * 24 + 3 * 8 + 5, generator=gen).to(DEVICE, dtype)
+    k, v = kv[:, :72].view(5, 3, 24), kv[:, 72:96].view(5, 3, 8)
+    slots = torch.randperm(7 * 16, generator=gen)[:5].to(DEVICE)
+    slots[2] = -1
+    wk, wv = kc.clone(), vc.clone()
+    keep = slots >= 0
+    write_slots(wk, k[keep], slots[keep])
+    write_slots(wv, v[keep], slots[keep])
+    gk, gv = kc.clone(), vc.clone()
+    cw.write_kv_pair(gk, gv, k, v, slots)
+    assert torch.equal(gk, wk) and torch.equal(gv, wv)
+    with pytest.raises(ValueError, match="agree"):
+        cw.write_kv_pair(gk, gv, k, v[:4], slots)
+
+
 def _sequence(length, p, Hkv=2, D=8, ring_pages=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
     P = p.select_block

@@ -30,6 +30,8 @@ import torch
 from nsa_kernels.paged import paged_nsa_attention_ref
 from nsa_kernels.reference import num_compressed
 
+from ..model.nsa_model import add_rms_norm
+
 from .sequence import Sequence
 
 log = logging.getLogger("nsa_serve.engine")
@@ -163,29 +165,32 @@ class StaticDecode:
     def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         """Fixed-shape decode step over padded inputs → logits [size, vocab] (float32)."""
         r = self.runner
-        model, write = r.model, r.write
+        model, write = r.model, r.write_pair
         size = x["ids"].shape[0]
         h = model.embed(x["ids"])
         rope = model.layers[0].attn.rope(x["pos"], h)  # one table for every layer
         gather = _block_gather(x["block_slots"], r.P, h.device)  # φ's block reads, every layer's
+        pending = None  # the previous layer's MLP output: added to h together with this layer's norm
         for li, layer in enumerate(model.layers):
             attn, cache = layer.attn, r.caches[li]
-            a = layer.attn_norm(h)
+            if pending is None:
+                a = layer.attn_norm(h)
+            else:
+                h, a = add_rms_norm(h, pending, layer.attn_norm)
             q, kv, gates = attn.project_and_gate(a, x["pos"], rope)
-            write(cache.k_cache, kv["slc"][0], x["slots"])
-            write(cache.v_cache, kv["slc"][1], x["slots"])
+            write(cache.k_cache, cache.v_cache, *kv["slc"], x["slots"])
             if not r.shared:
-                write(cache.k_cache, kv["cmp"][0], x["cmp_slots"])
-                write(cache.v_cache, kv["cmp"][1], x["cmp_slots"])
-                write(cache.k_cache, kv["win"][0], x["win_slots"])
-                write(cache.v_cache, kv["win"][1], x["win_slots"])
-            if not r.dense:
-                write(cache.kc_cache, attn.phi_k(gather(cache.k_cache)), x["entry_slots"])
-                write(cache.vc_cache, attn.phi_v(gather(cache.v_cache)), x["entry_slots"])
+                write(cache.k_cache, cache.v_cache, *kv["cmp"], x["cmp_slots"])
+                write(cache.k_cache, cache.v_cache, *kv["win"], x["win_slots"])
+            if not r.dense:  # after the token's own write: φ reads its block from the cache
+                write(cache.kc_cache, cache.vc_cache, attn.phi_k(gather(cache.k_cache)),
+                      attn.phi_v(gather(cache.v_cache)), x["entry_slots"])
             o = self._attend(q, gates, cache, x, size)
-            h = h + attn.output(o)
-            h = h + layer.mlp.forward_fused(layer.mlp_norm(h))
-        return model.logits(h).float()
+            h, a = add_rms_norm(h, attn.output(o), layer.mlp_norm)
+            pending = layer.mlp.forward_fused(a)
+        if pending is None:
+            return model.logits(h).float()
+        return model.head(add_rms_norm(h, pending, model.norm)[1]).float()
 
     def _attend(self, q, gates, cache, x, size):
         att, r = self.runner.attention, self.runner

@@ -27,7 +27,7 @@ import torch
 from nsa_kernels.paged import PagedLayerCache, read_slots, write_slots
 from nsa_kernels.reference import num_compressed
 
-from ..model.nsa_model import NSAModel
+from ..model.nsa_model import NSAModel, add_rms_norm
 from .attention import AttentionBackend
 from .sequence import Sequence
 
@@ -118,12 +118,17 @@ class ModelRunner:
                        for _ in range(c.num_layers)]
         self.attention = AttentionBackend(attention, self.device, self.p)
         self.write = write_slots
-        if self.device.type == "cuda":  # the Triton scatter when it is there (same result)
+        self.write_pair = self._write_pair  # K and V (or their summaries) of the same rows
+        if self.device.type == "cuda":  # the Triton scatters when they are there (same result)
             try:
-                from nsa_kernels.cache_write import write_kv
-                self.write = write_kv
+                from nsa_kernels.cache_write import write_kv, write_kv_pair
+                self.write, self.write_pair = write_kv, write_kv_pair
             except ImportError:
                 pass
+
+    def _write_pair(self, k_cache, v_cache, k, v, slots) -> None:
+        self.write(k_cache, k, slots)
+        self.write(v_cache, v, slots)
 
     # -- inputs -----------------------------------------------------------------------------------
     def prepare(self, seqs: list[Sequence], num_new: list[int]) -> StepInputs:
@@ -230,27 +235,31 @@ class ModelRunner:
         model = self.model
         h = model.embed(inp.input_ids)
         has_entries = inp.entry_slots.numel() > 0
-        write = self.write
+        write = self.write_pair
         rope = model.layers[0].attn.rope(inp.positions, h)  # one table for every layer
+        pending = None  # the previous layer's MLP output: added to h together with this layer's norm
         for li, layer in enumerate(model.layers):
             attn, cache = layer.attn, self.caches[li]
-            x = layer.attn_norm(h)
+            if pending is None:
+                x = layer.attn_norm(h)
+            else:
+                h, x = add_rms_norm(h, pending, layer.attn_norm)
             q, kv, gates = attn.project_and_gate(x, inp.positions, rope)
-            k_slc, v_slc = kv["slc"]
-            write(cache.k_cache, k_slc, inp.slots)
-            write(cache.v_cache, v_slc, inp.slots)
+            write(cache.k_cache, cache.v_cache, *kv["slc"], inp.slots)
             if has_entries:
                 self._write_summaries(attn, cache, kv["cmp"], inp)
             if not self.shared:
                 k_c, v_c = kv["cmp"]
                 k_w, v_w = kv["win"]
-                write(cache.k_cache, k_c[inp.cmp_write_rows], inp.cmp_write_slots)
-                write(cache.v_cache, v_c[inp.cmp_write_rows], inp.cmp_write_slots)
-                write(cache.k_cache, k_w[inp.win_write_rows], inp.win_write_slots)
-                write(cache.v_cache, v_w[inp.win_write_rows], inp.win_write_slots)
+                write(cache.k_cache, cache.v_cache, k_c[inp.cmp_write_rows], v_c[inp.cmp_write_rows],
+                      inp.cmp_write_slots)
+                write(cache.k_cache, cache.v_cache, k_w[inp.win_write_rows], v_w[inp.win_write_rows],
+                      inp.win_write_slots)
             o = self.attention(q, gates, cache, inp)
-            h = h + attn.output(o)
-            h = h + layer.mlp.forward_fused(layer.mlp_norm(h))
+            h, x = add_rms_norm(h, attn.output(o), layer.mlp_norm)
+            pending = layer.mlp.forward_fused(x)
+        if pending is not None:
+            h = h + pending
         return model.logits(h[inp.logits_rows]).float()
 
     def _write_summaries(self, attn, cache: PagedLayerCache, kv_cmp, inp: StepInputs) -> None:
@@ -261,5 +270,4 @@ class ModelRunner:
         v_src = torch.cat([read_slots(cache.v_cache, inp.summary_old_slots), v_new])
         kb = k_src[inp.entry_src].permute(0, 2, 1, 3)  # [Ne, Hkv, l, Dk]
         vb = v_src[inp.entry_src].permute(0, 2, 1, 3)
-        self.write(cache.kc_cache, attn.phi_k(kb), inp.entry_slots)
-        self.write(cache.vc_cache, attn.phi_v(vb), inp.entry_slots)
+        self.write_pair(cache.kc_cache, cache.vc_cache, attn.phi_k(kb), attn.phi_v(vb), inp.entry_slots)

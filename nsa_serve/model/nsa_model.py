@@ -37,6 +37,19 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + δ, norm(h + δ)): a residual add and the RMSNorm that follows it. On CUDA (rows [T, N],
+    no autograd) one Triton launch where the PyTorch form below is two (kernels/add_rms_norm.py,
+    tested against it); the serving engine's layer loop uses it twice a layer."""
+    if (h.is_cuda and h.dim() == 2 and delta.shape == h.shape and h.stride(-1) == 1 and delta.stride(-1) == 1
+            and not (torch.is_grad_enabled() and (h.requires_grad or delta.requires_grad))):
+        from nsa_kernels.add_rms_norm import add_rms_norm as fused
+
+        return fused(h, delta, norm.weight, norm.eps)
+    h = h + delta
+    return h, norm(h)
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`RMSNorm`'s obviously-correct twin (the tests compare them)."""
     xf = x.double() if x.dtype == torch.float64 else x.float()
@@ -359,8 +372,11 @@ class NSAModel(nn.Module):
         return self
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.norm(h)
-        return h @ self.embed.weight.t() if self.lm_head is None else self.lm_head(h)
+        return self.head(self.norm(h))
+
+    def head(self, hn: torch.Tensor) -> torch.Tensor:
+        """Logits of the final-normed hidden states (`logits` without the norm)."""
+        return hn @ self.embed.weight.t() if self.lm_head is None else self.lm_head(hn)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Whole-sequence forward: tokens [S] → logits [S, vocab]."""
