@@ -193,7 +193,7 @@ def test_rms_norm_equals_the_formula(dtype, tol):
 
 @pytest.mark.parametrize("shared,gate", [(True, "linear"), (False, "linear"), (True, "mlp")],
                          ids=["shared-kv", "independent-kv", "mlp-gate"])
-def test_fused_projections_equal_the_separate_layers(shared, gate):
+def test_fused_projections_equal_the_separate_layers(shared, gate, tmp_path):
     # The engine's one-GEMM projections (q, every K/V, linear gate) and gate/up MLP equal the
     # reference layers; the layers' weights become views of the fused buffer, so the reference
     # path still reads the same values, and a checkpoint loaded afterwards lands in both.
@@ -223,3 +223,8 @@ def test_fused_projections_equal_the_separate_layers(shared, gate):
         q2, _, _ = attn.project_and_gate(x, pos)
         assert torch.allclose(q2, attn.project(x, pos)[0], rtol=1e-12, atol=1e-12)
         assert not torch.allclose(q2, q1)
+        # A fused model saves (its weights share one buffer) and loads back to the same logits.
+        tokens = torch.randint(0, cfg.vocab_size, (12,))
+        save_model(model, tmp_path / "m")
+        again = load_model(tmp_path / "m", dtype=torch.float64)
+        assert torch.equal(again(tokens), model(tokens))

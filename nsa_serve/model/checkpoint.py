@@ -25,7 +25,9 @@ def save_model(model: NSAModel, out_dir: str | Path, tokenizer_path: str | Path 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.cfg.save(out / "config.json")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # Copies: after `fuse_for_inference` the projection weights are views of one buffer, and
+    # safetensors refuses tensors that share memory.
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "model": "nsa"})
     if tokenizer_path is not None and Path(tokenizer_path).resolve() != (out / "tokenizer.model").resolve():
         shutil.copyfile(tokenizer_path, out / "tokenizer.model")
@@ -67,9 +69,11 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                                   f"config needs {shape}")
         if not state[name].is_floating_point():
             raise CheckpointError(f"{weights}: tensor '{name}' must be floating point, got {state[name].dtype}")
-    model = model.to_empty(device=device)
+    # Materialised in the target dtype before loading: through the default float32 first, a
+    # float64 checkpoint lost its low bits.
+    model = model.to_empty(device=device).to(dtype=dtype)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
-    return model.to(dtype=dtype).eval()
+    return model.eval()
 
 
 def load_generation_config(model_dir: str | Path) -> dict:
