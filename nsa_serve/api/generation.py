@@ -47,8 +47,11 @@ async def tracked_generate(engine, metrics: ServerMetrics, prompt_ids: list[int]
             now = time.perf_counter()
             for c in out.outputs:
                 k = len(c.delta_token_ids)
-                num_tokens[c.index] = len(c.token_ids)
-                if k:
+                num_tokens[c.index] = c.num_tokens
+                if c.inter_token_latencies is not None:  # one final output: the engine timed the gaps
+                    for gap in c.inter_token_latencies:
+                        metrics.itl.observe(gap)
+                elif k:
                     prev = last_token_at.get(c.index)
                     if prev is not None:  # the first token's latency is TTFT, not ITL
                         for _ in range(k):
@@ -56,7 +59,7 @@ async def tracked_generate(engine, metrics: ServerMetrics, prompt_ids: list[int]
                     last_token_at[c.index] = now
                 if c.finish_reason is not None and c.index not in finished:
                     finished.add(c.index)
-                    metrics.finished_sequence(c.finish_reason, len(c.token_ids))
+                    metrics.finished_sequence(c.finish_reason, c.num_tokens)
             if out.finished:
                 done = True
                 _observe_request(metrics, out, arrival)

@@ -75,7 +75,9 @@ class _SamplingFields(BaseModel):
             frequency_penalty=self.frequency_penalty, repetition_penalty=pick("repetition_penalty", 1.0),
             seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
-            include_stop_str_in_output=self.include_stop_str_in_output)
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            # A stream needs only what each output adds; a plain response only the last output.
+            output_kind="delta" if self.stream else "final_only")
         params.validate()  # InvalidRequestError -> 400 naming the field
         return params
 

@@ -54,7 +54,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                           logprobs=_logprobs(c.logprobs, top_k) if params.logprobs is not None else None,
                           finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                for c in sorted(final.outputs, key=lambda c: c.index)]
-    completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+    completion_tokens = sum(c.num_tokens for c in final.outputs)
     usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
                       total_tokens=len(prompt_ids) + completion_tokens)
     body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
@@ -75,7 +75,7 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
         done: set[int] = set()  # the engine repeats a finished choice in later outputs of the request
         while True:
             for c in out.outputs:
-                completion_tokens[c.index] = len(c.token_ids)
+                completion_tokens[c.index] = c.num_tokens
                 if c.index in done or not (c.delta_text or c.delta_logprobs or c.finish_reason):
                     continue  # finished already, or e.g. a partial UTF-8 character held back
                 if c.finish_reason:

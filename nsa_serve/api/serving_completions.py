@@ -63,7 +63,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         out = finals[src]
         prompt_tokens += len(out.prompt_token_ids)
         for c in sorted(out.outputs, key=lambda c: c.index):
-            completion_tokens += len(c.token_ids)
+            completion_tokens += c.num_tokens
             lp = _logprobs(c.logprobs, req.logprobs, len(echo[src])) if req.logprobs is not None else None
             choices.append(CompletionChoice(index=src * n + c.index, text=echo[src] + c.text, logprobs=lp,
                                             finish_reason=c.finish_reason, stop_reason=c.stop_reason))
@@ -94,7 +94,7 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
             prompt_tokens[src] = len(out.prompt_token_ids)
             for c in out.outputs:
                 key = (src, c.index)
-                completion_tokens[key] = len(c.token_ids)
+                completion_tokens[key] = c.num_tokens
                 prefix = ""
                 if key not in echoed:
                     echoed.add(key)

@@ -49,6 +49,8 @@ class _Completion:
     sent_chars: int = 0
     sent_tokens: int = 0
     sent_logprobs: int = 0
+    last_token_time: float | None = None
+    itl: list[float] | None = None  # output kind "final_only": gaps between consecutive tokens
 
 
 @dataclass(eq=False)
@@ -266,8 +268,9 @@ class LLMEngine:
         for i in range(params.n):
             seq = Sequence(request_id, i, list(prompt_token_ids), params, arrival, priority)
             detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids) if self.tokenizer else None
-            req.completions.append(_Completion(seq, detok, StopStringMatcher(params.stop,
-                                                                             params.include_stop_str_in_output)))
+            req.completions.append(_Completion(
+                seq, detok, StopStringMatcher(params.stop, params.include_stop_str_in_output),
+                itl=[] if params.output_kind == "final_only" else None))
         with self._lock:
             if request_id in self.requests or any(r.request_id == request_id for r in self._pending_add):
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
@@ -374,8 +377,8 @@ class LLMEngine:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
                 req.metrics.num_cached_tokens = seq.num_cached_tokens
-            with self._lock:
-                self._unstarted.discard(seq.request_id)
+                with self._lock:
+                    self._unstarted.discard(seq.request_id)
             if seq in failed:
                 self._finish(seq, "error")
                 touched[req.request_id] = req
@@ -405,8 +408,10 @@ class LLMEngine:
             touched[req.request_id] = req
         outputs = []
         for req in touched.values():
-            outputs.append(self._make_output(req))
-            if req.finished:
+            finished = req.finished
+            if finished or req.params.output_kind != "final_only":
+                outputs.append(self._make_output(req))
+            if finished:
                 self._retire(req)
         return outputs
 
@@ -418,6 +423,10 @@ class LLMEngine:
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
         req.metrics.last_token_time = now
+        if params.output_kind == "final_only":
+            if comp.last_token_time is not None:
+                comp.itl.append(now - comp.last_token_time)
+            comp.last_token_time = now
         if sample.logprob is not None:
             lp = sample.logprob
             lp.token = self._token_text(token)
@@ -481,28 +490,36 @@ class LLMEngine:
         self.requests.pop(req.request_id, None)
 
     def _make_output(self, req: Request) -> RequestOutput:
+        finished = req.finished
+        # Cumulative fields cost O(length): every output of kind "cumulative", else the last only.
+        full = finished or req.params.output_kind == "cumulative"
         outs = []
         for comp in req.completions:
             seq = comp.seq
-            finished = seq.is_finished
-            visible = comp.matcher.visible(comp.text, finished)
-            ids = seq.output_token_ids
+            done = seq.is_finished
+            visible = comp.matcher.visible(comp.text, done)
+            start = seq.num_prompt_tokens
+            num = seq.num_tokens - start
             delta_lp = None
             if seq.logprobs is not None:
                 delta_lp = seq.logprobs[comp.sent_logprobs:]
                 comp.sent_logprobs = len(seq.logprobs)
             outs.append(CompletionOutput(
-                index=seq.index, text=comp.text[:visible], token_ids=list(ids),
-                delta_text=comp.text[comp.sent_chars:visible], delta_token_ids=ids[comp.sent_tokens:],
-                delta_logprobs=delta_lp, logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
-                finish_reason=seq.finish_reason if finished else None,
-                stop_reason=seq.stop_reason if finished else None))
+                index=seq.index, num_tokens=num,
+                text=comp.text[:visible] if full else "",
+                token_ids=seq.token_ids[start:] if full else [],
+                delta_text=comp.text[comp.sent_chars:visible],
+                delta_token_ids=seq.token_ids[start + comp.sent_tokens:],
+                delta_logprobs=delta_lp,
+                logprobs=list(seq.logprobs) if full and seq.logprobs is not None else None,
+                finish_reason=seq.finish_reason if done else None,
+                stop_reason=seq.stop_reason if done else None,
+                inter_token_latencies=list(comp.itl) if comp.itl is not None and finished else None))
             comp.sent_chars = max(comp.sent_chars, visible)
-            comp.sent_tokens = len(ids)
-        finished = req.finished
+            comp.sent_tokens = num
         if finished and req.metrics.finished_time is None:
             req.metrics.finished_time = time.time()
-        return RequestOutput(req.request_id, req.prompt_token_ids, outs, finished, copy.copy(req.metrics))
+        return RequestOutput(req.request_id, req.prompt_token_ids, outs, finished, req.metrics.snapshot())
 
     # -- stats ------------------------------------------------------------------------------------
     def _publish_stats(self) -> None:

@@ -39,6 +39,9 @@ class EngineDeadError(EngineError):
     """The engine loop has stopped (HTTP 503)."""
 
 
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -57,6 +60,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k ≥ 0: chosen token's logprob plus top-k
     include_stop_str_in_output: bool = False
+    # What each RequestOutput carries (vLLM's RequestOutputKind): "cumulative" = text and token ids
+    # so far in every output; "delta" = only what the output adds, cumulative fields in the final
+    # output only (streaming); "final_only" = one output, when the request finishes (non-streaming).
+    # Cumulative fields cost O(length) per sequence per step, so a long stream pays O(length²).
+    output_kind: str = "cumulative"
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the field when a value is out of range."""
@@ -91,6 +99,8 @@ class SamplingParams:
             bad("stop", "must be at most 16 non-empty strings")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", f"must be an integer, got {self.seed!r}")
+        if self.output_kind not in OUTPUT_KINDS:
+            bad("output_kind", f"must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}")
 
 
 @dataclass
@@ -106,14 +116,20 @@ class CompletionOutput:
     """One of the n completions of a request, as of this output."""
 
     index: int
-    text: str = ""  # cumulative text
-    token_ids: list[int] = field(default_factory=list)  # cumulative
+    num_tokens: int = 0  # tokens generated so far (every output kind)
+    # Cumulative text / ids / logprobs: in every output of kind "cumulative", otherwise only in the
+    # request's final output ("" / [] / None before it).
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
     delta_text: str = ""  # what this output adds (for streaming)
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: list[TokenLogprob] | None = None
     logprobs: list[TokenLogprob] | None = None  # cumulative
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+    # Kind "final_only": the gaps between this completion's consecutive tokens (seconds, engine
+    # clock), so inter-token latency is observable without streaming; None for the other kinds.
+    inter_token_latencies: list[float] | None = None
 
 
 @dataclass
@@ -124,6 +140,11 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    def snapshot(self) -> "RequestMetrics":
+        """A copy for an output (the engine goes on updating its own); copy.copy is ~3× slower."""
+        return RequestMetrics(self.arrival_time, self.first_scheduled_time, self.first_token_time,
+                              self.last_token_time, self.finished_time, self.num_cached_tokens)
 
 
 @dataclass
