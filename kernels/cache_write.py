@@ -169,6 +169,51 @@ def gather_blocks(cache: torch.Tensor, block_slots: torch.Tensor) -> torch.Tenso
 
 
 @triton.jit
+def _gather_pair_kernel(out_ptr, so_w, so_n, so_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r,
+                        slots_ptr, R: tl.constexpr, LB: tl.constexpr, LBP: tl.constexpr,
+                        DK: tl.constexpr, DV: tl.constexpr, DM: tl.constexpr, DMP: tl.constexpr):
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    t = tl.arange(0, LBP)
+    d = tl.arange(0, DMP)
+    slot = tl.load(slots_ptr + n * LB + t, mask=t < LB, other=-1).to(tl.int64)
+    ok = (slot >= 0)[:, None]
+    page, row = (slot // R)[:, None], (slot % R)[:, None]
+    out_mask = (t[:, None] < LB) & (d[None, :] < DM)
+    dst = out_ptr + n * so_n + h * so_h + t[:, None] * DM + d[None, :]
+    if tl.program_id(2) == 0:
+        x = tl.load(k_ptr + page * sk_p + h * sk_h + row * sk_r + d[None, :], mask=ok & (d[None, :] < DK), other=0.0)
+        tl.store(dst, x, mask=out_mask)
+    else:
+        x = tl.load(v_ptr + page * sv_p + h * sv_h + row * sv_r + d[None, :], mask=ok & (d[None, :] < DV), other=0.0)
+        tl.store(dst + so_w, x, mask=out_mask)
+
+
+def gather_block_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, block_slots: torch.Tensor) -> torch.Tensor:
+    """φ's input for K and V in one launch: [2, N·H, l·Dm] with Dm = max(Dk, Dv), each token's row
+    zero-padded to Dm (K first, V second; rows with slot −1 are zero). The layout of
+    `NSAAttention.phi_pair`'s batched GEMM; `paged.gather_block_pair_reference` is its twin."""
+    if block_slots.dim() != 2:
+        raise ValueError(f"block_slots must be [N, l], got {tuple(block_slots.shape)}")
+    check_last_dim_contiguous("k_cache", k_cache)
+    check_last_dim_contiguous("v_cache", v_cache)
+    if k_cache.shape[:3] != v_cache.shape[:3] or k_cache.dtype != v_cache.dtype:
+        raise ValueError("k_cache and v_cache must share pages, heads, page size and dtype")
+    N, LB = block_slots.shape
+    H, DK, DV = k_cache.shape[1], k_cache.shape[3], v_cache.shape[3]
+    DM = max(DK, DV)
+    out = torch.empty(2, N * H, LB * DM, device=k_cache.device, dtype=k_cache.dtype)
+    if N:
+        _gather_pair_kernel[(N, H, 2)](
+            out, out.stride(0), H * out.stride(1), out.stride(1),
+            k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            block_slots.contiguous(), R=k_cache.shape[2], LB=LB, LBP=next_pow2(LB),
+            DK=DK, DV=DV, DM=DM, DMP=next_pow2(DM))
+    return out
+
+
+@triton.jit
 def _mean_summary_kernel(src_ptr, ss_p, ss_h, ss_r, dst_ptr, sd_p, sd_h, sd_r, bslots_ptr, sslots_ptr,
                          R: tl.constexpr, E: tl.constexpr, LB: tl.constexpr, LBP: tl.constexpr,
                          D: tl.constexpr, DP: tl.constexpr):

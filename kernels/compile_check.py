@@ -140,7 +140,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def _cases(shape: str, dtype: torch.dtype):
     """(name, thunk) pairs that call each launcher at `shape` with CPU tensors; nothing is read."""
     from .add_rms_norm import add_rms_norm
-    from .cache_write import gather_blocks, write_kv, write_kv_pair, write_mean_summaries
+    from .cache_write import gather_block_pair, gather_blocks, write_kv, write_kv_pair, write_mean_summaries
     from .dense_decode import dense_paged_decode
     from .nsa_decode import nsa_decode
     from .nsa_prefill import nsa_prefill
@@ -183,6 +183,7 @@ def _cases(shape: str, dtype: torch.dtype):
         ("write_kv_pair", lambda: write_kv_pair(layer.k_cache, layer.v_cache, x, xv, slots)),
         ("add_rms_norm", lambda: add_rms_norm(hid, hid, torch.empty(2048, dtype=dtype), 1e-6)),
         ("gather_blocks", lambda: gather_blocks(layer.k_cache, bslots)),
+        ("gather_block_pair", lambda: gather_block_pair(layer.k_cache, layer.v_cache, bslots)),
         ("rope_rotate", lambda: rope_rotate(qp, torch.empty(T, Dk), torch.empty(T, Dk))),
         ("write_mean_summaries", lambda: write_mean_summaries(layer.k_cache, layer.v_cache, layer.kc_cache,
                                                               layer.vc_cache, bslots, sslots)),

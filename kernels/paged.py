@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .reference import SparsityParams, dense_attention, nsa_attention, num_compressed
 
@@ -136,3 +137,21 @@ def paged_nsa_attention_ref(q, gates, layer: PagedLayerCache, block_tables, cu_s
             kw, vw = k, v
         out[lo:hi] = nsa_attention(q[lo:hi], positions, kc, vc, k, v, kw, vw, gates[lo:hi], p, scale)
     return out
+
+
+def gather_block_pair_reference(k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                block_slots: torch.Tensor) -> torch.Tensor:
+    """φ's K and V input [2, N·H, l·Dm] (Dm = max(Dk, Dv); each token's row zero-padded to Dm; rows
+    with slot −1 zero): the twin of `cache_write.gather_block_pair`, and the engine's path off CUDA."""
+    R = k_cache.shape[2]
+    DM = max(k_cache.shape[3], v_cache.shape[3])
+    slots = block_slots.long()
+    ok = (slots >= 0)[:, None, :, None]
+    s = slots.clamp(min=0)
+    parts = []
+    for cache in (k_cache, v_cache):
+        x = cache[s // R, :, s % R].permute(0, 2, 1, 3)  # [N, H, l, D]
+        x = torch.where(ok, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        x = F.pad(x, (0, DM - x.shape[-1]))
+        parts.append(x.reshape(x.shape[0] * x.shape[1], -1))
+    return torch.stack(parts)

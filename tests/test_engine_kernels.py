@@ -5,6 +5,7 @@ and the outputs must equal the reference model's, as on the CPU path."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine_helpers import make_engine, random_prompts, reference_greedy, single_thread_torch
 from nsa_serve.engine.protocol import SamplingParams
@@ -80,11 +81,38 @@ def test_fixed_shape_decode_path_matches_the_reference(shared_kv):
     engine = make_engine(shared_kv, num_pages=128, long_prefill_token_threshold=24)
     static = _static(engine)
     prompts = random_prompts(6, 1, 70, seed=23)
-    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))
+    params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    outs = engine.generate(prompts, params)
     assert static.steps > 0
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == reference_greedy(engine.model, prompt, 9)
     engine.block_manager.check_all_free()
+
+
+@pytest.mark.parametrize("shared_kv", [True, False], ids=["shared_kv", "independent_kv"])
+def test_fixed_shape_decode_writes_the_same_cache_as_the_eager_path(shared_kv):
+    # Greedy tokens of a tiny random model can hide a wrong summary: the cache itself must hold what
+    # the eager path writes (the same steps allocate the same pages). Every decode step here runs
+    # through the fixed-shape path, whose φ_K and φ_V come from phi_pair; 12 tokens at stride 4
+    # complete 3 compression blocks per sequence there.
+    prompts = random_prompts(3, 5, 40, seed=25)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    fixed = make_engine(shared_kv, num_pages=128)
+    static = _static(fixed)
+    calls = []
+    attn = fixed.model.layers[0].attn
+    phi_pair = attn.phi_pair
+    attn.phi_pair = lambda x: calls.append(x.shape) or phi_pair(x)
+    fixed.generate(prompts, params)
+    assert static.steps >= 11 and len(calls) == static.steps
+    eager = make_engine(shared_kv, num_pages=128)
+    eager.generate(prompts, params)
+    n = fixed.block_manager.num_pages
+    for got, want in zip(fixed.runner.caches, eager.runner.caches):
+        for name in ("k_cache", "v_cache", "kc_cache", "vc_cache"):
+            a, b = getattr(got, name)[:n], getattr(want, name)[:n]
+            assert b.abs().sum() > 0, name
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_fixed_shape_decode_with_the_triton_decode_kernel():

@@ -110,3 +110,27 @@ def test_ring_gather_and_fused_mean_summaries():
     kc2 = torch.zeros_like(kc)
     cw.write_kv(kc2, cw.gather_blocks(k, bslots).mean(2), sslots)
     torch.testing.assert_close(read_slots(kc2, sslots), read_slots(want_k, sslots))
+
+
+@pytest.mark.parametrize("dk,dv", [(24, 8), (8, 24), (16, 16)])
+def test_gather_block_pair_equals_two_gathers_zero_padded(dk, dv):
+    # φ's fused input: K and V blocks in one launch, each token's row padded to max(dk, dv), rows
+    # of slot −1 (no block completed) zero; the PyTorch twin (the engine's CPU path) the same.
+    from nsa_kernels.paged import gather_block_pair_reference
+
+    gen = torch.Generator().manual_seed(5)
+    P, lb, H = 16, 8, 3
+    k = torch.randn(9, H, P, dk, generator=gen).to(DEVICE, torch.bfloat16)
+    v = torch.randn(9, H, P, dv, generator=gen).to(DEVICE, torch.bfloat16)
+    slots = torch.randperm(9 * P, generator=gen)[:4 * lb].view(4, lb)
+    slots[2] = -1
+    slots = slots.to(DEVICE)
+    dm = max(dk, dv)
+    want = torch.zeros(2, 4 * H, lb * dm, dtype=torch.bfloat16, device=DEVICE)
+    for i, (cache, d) in enumerate(((k, dk), (v, dv))):
+        blocks = cw.gather_blocks(cache, slots)  # [4, H, lb, d], zero rows where slot −1
+        want[i].view(4, H, lb, dm)[..., :d] = blocks
+    got = cw.gather_block_pair(k, v, slots.to(torch.int32))
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert torch.equal(gather_block_pair_reference(k, v, slots), want)
+    assert not want[:, 2 * H:3 * H].any()

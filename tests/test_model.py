@@ -228,3 +228,35 @@ def test_fused_projections_equal_the_separate_layers(shared, gate, tmp_path):
         save_model(model, tmp_path / "m")
         again = load_model(tmp_path / "m", dtype=torch.float64)
         assert torch.equal(again(tokens), model(tokens))
+
+
+@pytest.mark.parametrize("phi,dk,dv", [("mlp", 48, 32), ("linear", 48, 32), ("mlp", 32, 48)])
+def test_phi_pair_equals_phi_k_and_phi_v(phi, dk, dv):
+    # The decode graphs' φ: K and V blocks zero-padded to max(dk, dv) and stacked, the keys'
+    # position embedding folded into a bias, one batched GEMM chain; equal to the two Compressors.
+    from nsa_kernels.paged import gather_block_pair_reference
+
+    cfg = preset("tiny", num_heads=8, num_kv_heads=2, head_dim_k=dk, head_dim_v=dv, phi=phi)
+    model = NSAModel(cfg).init_weights(seed=2).double().eval()
+    attn = model.layers[0].attn
+    with torch.no_grad():
+        attn.phi_k.pos.add_(torch.randn(attn.phi_k.pos.shape, dtype=torch.float64))  # non-zero
+    gen = torch.Generator().manual_seed(3)
+    P, lb = cfg.select_block, cfg.cmp_block
+    k = torch.randn(6, 2, P, dk, generator=gen, dtype=torch.float64)
+    v = torch.randn(6, 2, P, dv, generator=gen, dtype=torch.float64)
+    slots = torch.randperm(6 * P, generator=gen)[:3 * lb].view(3, lb)
+    with torch.no_grad():
+        want_k = attn.phi_k(k[slots // P, :, slots % P].permute(0, 2, 1, 3)).reshape(6, dk)
+        want_v = attn.phi_v(v[slots // P, :, slots % P].permute(0, 2, 1, 3)).reshape(6, dv)
+        assert not attn.has_phi_pair
+        model.fuse_for_inference()
+        got_k, got_v = attn.phi_pair(gather_block_pair_reference(k, v, slots))
+    assert torch.allclose(got_k, want_k, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(got_v, want_v, rtol=1e-12, atol=1e-12)
+
+
+def test_phi_pair_is_not_built_for_mean_pooling():
+    model = NSAModel(preset("tiny", phi="mean")).eval()
+    model.fuse_for_inference()
+    assert not model.layers[0].attn.has_phi_pair

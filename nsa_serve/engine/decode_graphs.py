@@ -27,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from nsa_kernels.paged import paged_nsa_attention_ref
+from nsa_kernels.paged import gather_block_pair_reference, paged_nsa_attention_ref
 from nsa_kernels.reference import num_compressed
 
 from ..model.nsa_model import add_rms_norm
@@ -56,6 +56,16 @@ def _block_gather(block_slots: torch.Tensor, P: int, device: torch.device):
         return lambda cache: gather_blocks(cache, block_slots)
     pages, rows = block_slots // P, block_slots % P
     return lambda cache: cache[pages, :, rows].permute(0, 2, 1, 3)
+
+
+def _block_gather_pair(block_slots: torch.Tensor, device: torch.device):
+    """(k_cache, v_cache) → φ_pair's input [2, size·Hkv, l·Dm]: one Triton launch on CUDA
+    (`gather_block_pair`), its PyTorch twin elsewhere."""
+    if device.type == "cuda":
+        from nsa_kernels.cache_write import gather_block_pair
+
+        return lambda k_cache, v_cache: gather_block_pair(k_cache, v_cache, block_slots)
+    return lambda k_cache, v_cache: gather_block_pair_reference(k_cache, v_cache, block_slots)
 
 
 class TableRows:
@@ -170,6 +180,7 @@ class StaticDecode:
         h = model.embed(x["ids"])
         rope = model.layers[0].attn.rope(x["pos"], h)  # one table for every layer
         gather = _block_gather(x["block_slots"], r.P, h.device)  # φ's block reads, every layer's
+        gather_pair = _block_gather_pair(x["block_slots"], h.device)
         pending = None  # the previous layer's MLP output: added to h together with this layer's norm
         for li, layer in enumerate(model.layers):
             attn, cache = layer.attn, r.caches[li]
@@ -183,8 +194,13 @@ class StaticDecode:
                 write(cache.k_cache, cache.v_cache, *kv["cmp"], x["cmp_slots"])
                 write(cache.k_cache, cache.v_cache, *kv["win"], x["win_slots"])
             if not r.dense:  # after the token's own write: φ reads its block from the cache
-                write(cache.kc_cache, cache.vc_cache, attn.phi_k(gather(cache.k_cache)),
-                      attn.phi_v(gather(cache.v_cache)), x["entry_slots"])
+                if attn.has_phi_pair:  # K and V blocks in one gather, φ_K and φ_V in one GEMM chain
+                    sk, sv = attn.phi_pair(gather_pair(cache.k_cache, cache.v_cache))
+                    Hkv = cache.k_cache.shape[1]
+                    sk, sv = sk.view(size, Hkv, -1), sv.view(size, Hkv, -1)
+                else:
+                    sk, sv = attn.phi_k(gather(cache.k_cache)), attn.phi_v(gather(cache.v_cache))
+                write(cache.kc_cache, cache.vc_cache, sk, sv, x["entry_slots"])
             o = self._attend(q, gates, cache, x, size)
             h, a = add_rms_norm(h, attn.output(o), layer.mlp_norm)
             pending = layer.mlp.forward_fused(a)

@@ -250,6 +250,51 @@ class NSAAttention(nn.Module):
             return q, {b: (ks[0], vs[0]) for b in BRANCHES}, gates
         return q, {b: (ks[i], vs[i]) for i, b in enumerate(BRANCHES)}, gates
 
+    def fuse_phi(self) -> None:
+        """For inference: φ_K and φ_V (mlp / linear) as one batched GEMM chain, `phi_pair`.
+
+        Each token's D-wide row is zero-padded to Dm = max(Dk, Dv), so both φs take [l·Dm] inputs
+        and give [Dm] outputs and stack into [2, l·Dm, Dm] (and [2, Dm, Dm]) weights; the zero rows
+        and columns add nothing, and padded outputs stay zero through SiLU. The keys' intra-block
+        position embedding is folded into a bias: W·flatten(x + pe) = W·flatten(x) + W·flatten(pe).
+        A decode step then makes 4 launches for φ per layer (`gather_block_pair`, a batched GEMM
+        with the bias, SiLU, a batched GEMM) instead of 9. The stacked weights are copies (the
+        padding), ~4.7 MB a layer at the paper shape; the reference `phi_k` / `phi_v` are unchanged.
+        φ = mean has no weights to stack: `phi_pair` stays unavailable. Idempotent."""
+        if getattr(self, "_phi_fused", None) is not None or self.phi_k.variant == "mean":
+            return
+        c = self.cfg
+        lb, dm = c.cmp_block, max(c.head_dim_k, c.head_dim_v)
+        w1 = self.phi_k.proj.weight
+        with torch.no_grad():
+            W1 = w1.new_zeros(2, dm, lb, dm)  # [which, out, token, in]
+            acc = torch.promote_types(w1.dtype, torch.float32)  # the folded bias: at least fp32 sums
+            bias = torch.zeros(2, 1, dm, dtype=acc, device=w1.device)
+            W2 = w1.new_zeros(2, dm, dm) if self.phi_k.variant == "mlp" else None
+            for i, phi in enumerate((self.phi_k, self.phi_v)):
+                d = phi.proj.weight.shape[0]
+                W1[i, :d, :, :d] = phi.proj.weight.view(d, lb, d)
+                if phi.pos is not None:
+                    bias[i, 0, :d] = phi.proj.weight.to(acc) @ phi.pos.to(acc).flatten()
+                if W2 is not None:
+                    W2[i, :d, :d] = phi.out.weight
+            W1t = W1.view(2, dm, lb * dm).transpose(1, 2).contiguous()  # [2, l·Dm, Dm]: x @ W
+            W2t = W2.transpose(1, 2).contiguous() if W2 is not None else None
+        self._phi_fused = (W1t, bias.to(w1.dtype), W2t)
+
+    def phi_pair(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """φ_K and φ_V of M blocks each, after `fuse_phi`: x [2, M, l·Dm] (the layout of
+        `nsa_kernels.cache_write.gather_block_pair`) → ([M, Dk], [M, Dv])."""
+        W1t, bias, W2t = self._phi_fused
+        h = torch.baddbmm(bias, x, W1t)
+        if W2t is not None:
+            h = torch.bmm(F.silu(h), W2t)
+        return h[0, :, :self.cfg.head_dim_k], h[1, :, :self.cfg.head_dim_v]
+
+    @property
+    def has_phi_pair(self) -> bool:
+        return getattr(self, "_phi_fused", None) is not None
+
     def compress(self, k_raw: torch.Tensor, v_raw: torch.Tensor, first: int, count: int):
         """Summaries for compressed entries first … first+count−1 from the compression branch's raw
         K/V (post-RoPE keys, positions 0 … covering those blocks). Returns ([count, Hkv, Dk], [.., Dv])."""
@@ -389,10 +434,11 @@ class NSAModel(nn.Module):
 
     def fuse_for_inference(self) -> "NSAModel":
         """Concatenate each layer's input projections (NSAAttention.fuse_projections, MLP.fuse)
-        for the serving engine's `project_and_gate` / `forward_fused`; the reference paths read
-        the same weights. Idempotent."""
+        for the serving engine's `project_and_gate` / `forward_fused`, and stack φ_K and φ_V for
+        `phi_pair` (NSAAttention.fuse_phi); the reference paths are unchanged. Idempotent."""
         for layer in self.layers:
             layer.attn.fuse_projections()
+            layer.attn.fuse_phi()
             layer.mlp.fuse()
         return self
 
