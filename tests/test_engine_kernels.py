@@ -89,15 +89,27 @@ def test_fixed_shape_decode_path_matches_the_reference(shared_kv):
     engine.block_manager.check_all_free()
 
 
-@pytest.mark.parametrize("shared_kv", [True, False], ids=["shared_kv", "independent_kv"])
-def test_fixed_shape_decode_writes_the_same_cache_as_the_eager_path(shared_kv):
+def _engine_for(case: str):
+    if case != "dk_ne_dv":
+        return make_engine(case == "shared_kv", num_pages=128)
+    from nsa_serve.engine.args import EngineArgs
+    from nsa_serve.engine.llm_engine import LLMEngine
+    from nsa_serve.model import NSAModel, preset
+
+    torch.manual_seed(0)
+    model = NSAModel(preset("tiny", head_dim_k=32, head_dim_v=16)).init_weights(seed=3).eval()
+    return LLMEngine(EngineArgs(device="cpu", dtype="float32", num_pages=128, max_num_seqs=16), model=model)
+
+
+@pytest.mark.parametrize("case", ["shared_kv", "independent_kv", "dk_ne_dv"])
+def test_fixed_shape_decode_writes_the_same_cache_as_the_eager_path(case):
     # Greedy tokens of a tiny random model can hide a wrong summary: the cache itself must hold what
     # the eager path writes (the same steps allocate the same pages). Every decode step here runs
     # through the fixed-shape path, whose φ_K and φ_V come from phi_pair; 12 tokens at stride 4
     # complete 3 compression blocks per sequence there.
     prompts = random_prompts(3, 5, 40, seed=25)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    fixed = make_engine(shared_kv, num_pages=128)
+    fixed = _engine_for(case)
     static = _static(fixed)
     calls = []
     attn = fixed.model.layers[0].attn
@@ -105,7 +117,7 @@ def test_fixed_shape_decode_writes_the_same_cache_as_the_eager_path(shared_kv):
     attn.phi_pair = lambda x: calls.append(x.shape) or phi_pair(x)
     fixed.generate(prompts, params)
     assert static.steps >= 11 and len(calls) == static.steps
-    eager = make_engine(shared_kv, num_pages=128)
+    eager = _engine_for(case)
     eager.generate(prompts, params)
     n = fixed.block_manager.num_pages
     for got, want in zip(fixed.runner.caches, eager.runner.caches):
