@@ -147,6 +147,7 @@ def _cases(shape: str, dtype: torch.dtype):
     from .paged import PagedLayerCache
     from .reference import SparsityParams
     from .rope import rope_rotate
+    from .silu_mul import silu_mul
 
     Hq, Hkv, Dk, Dv = SHAPES[shape]
     p = SparsityParams(block=32, stride=16, select_block=64, num_select=16, window=512)
@@ -182,6 +183,7 @@ def _cases(shape: str, dtype: torch.dtype):
         ("write_kv", lambda: write_kv(layer.k_cache, x, slots)),
         ("write_kv_pair", lambda: write_kv_pair(layer.k_cache, layer.v_cache, x, xv, slots)),
         ("add_rms_norm", lambda: add_rms_norm(hid, hid, torch.empty(2048, dtype=dtype), 1e-6)),
+        ("silu_mul", lambda: silu_mul(torch.empty(T, 2 * 5632, dtype=dtype))),  # paper-1b's MLP width
         ("gather_blocks", lambda: gather_blocks(layer.k_cache, bslots)),
         ("gather_block_pair", lambda: gather_block_pair(layer.k_cache, layer.v_cache, bslots)),
         ("rope_rotate", lambda: rope_rotate(qp, torch.empty(T, Dk), torch.empty(T, Dk))),

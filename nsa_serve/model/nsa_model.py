@@ -50,6 +50,17 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[t
     return h, norm(h)
 
 
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """silu(g)·u for gu = [g | u] along the last dim (SwiGLU). On CUDA (rows [T, 2I], no autograd)
+    one Triton launch where the PyTorch form below is two (kernels/silu_mul.py, tested against it)."""
+    n = gu.shape[-1] // 2
+    if gu.is_cuda and gu.dim() == 2 and gu.stride(-1) == 1 and not (torch.is_grad_enabled() and gu.requires_grad):
+        from nsa_kernels.silu_mul import silu_mul as fused
+
+        return fused(gu)
+    return F.silu(gu[..., :n]) * gu[..., n:]
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`RMSNorm`'s obviously-correct twin (the tests compare them)."""
     xf = x.double() if x.dtype == torch.float64 else x.float()
@@ -352,9 +363,7 @@ class MLP(nn.Module):
         """`forward` with one GEMM for gate and up after `fuse` (same values up to float rounding)."""
         if getattr(self, "_gate_up", None) is None:
             return self.forward(x)
-        gu = F.linear(x, self._gate_up)
-        n = gu.shape[-1] // 2
-        return self.down_proj(F.silu(gu[..., :n]) * gu[..., n:])
+        return self.down_proj(silu_mul(F.linear(x, self._gate_up)))
 
 
 class DecoderLayer(nn.Module):
