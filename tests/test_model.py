@@ -254,6 +254,19 @@ def test_phi_pair_equals_phi_k_and_phi_v(phi, dk, dv):
         got_k, got_v = attn.phi_pair(gather_block_pair_reference(k, v, slots))
     assert torch.allclose(got_k, want_k, rtol=1e-12, atol=1e-12)
     assert torch.allclose(got_v, want_v, rtol=1e-12, atol=1e-12)
+    # The stack is a copy: weights loaded afterwards retire it until the model is fused again.
+    x = gather_block_pair_reference(k, v, slots)
+    state = model.state_dict()
+    model.load_state_dict({n: t * 2 if ".phi_" in n else t for n, t in state.items()})
+    assert not attn.has_phi_pair
+    with pytest.raises(RuntimeError, match="fuse_phi"):
+        attn.phi_pair(x)
+    model.fuse_for_inference()
+    with torch.no_grad():
+        got_k, got_v = attn.phi_pair(x)
+        want_k = attn.phi_k(k[slots // P, :, slots % P].permute(0, 2, 1, 3)).reshape(6, dk)
+    assert attn.has_phi_pair
+    assert torch.allclose(got_k, want_k, rtol=1e-12, atol=1e-12)
 
 
 def test_phi_pair_is_not_built_for_mean_pooling():

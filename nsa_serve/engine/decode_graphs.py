@@ -58,7 +58,7 @@ def _block_gather(block_slots: torch.Tensor, P: int, device: torch.device):
     return lambda cache: cache[pages, :, rows].permute(0, 2, 1, 3)
 
 
-def _block_gather_pair(block_slots: torch.Tensor, device: torch.device):
+def _block_gather_pair(block_slots: torch.Tensor, P: int, device: torch.device):
     """(k_cache, v_cache) → φ_pair's input [2, size·Hkv, l·Dm]: one Triton launch on CUDA
     (`gather_block_pair`), its PyTorch twin elsewhere."""
     if device.type == "cuda":
@@ -179,8 +179,10 @@ class StaticDecode:
         size = x["ids"].shape[0]
         h = model.embed(x["ids"])
         rope = model.layers[0].attn.rope(x["pos"], h)  # one table for every layer
-        gather = _block_gather(x["block_slots"], r.P, h.device)  # φ's block reads, every layer's
-        gather_pair = _block_gather_pair(x["block_slots"], h.device)
+        # φ's block reads, every layer's: K and V blocks in one gather for φ_K and φ_V as one GEMM
+        # chain (phi_pair; every layer is fused alike), else one gather per cache.
+        pair = model.layers[0].attn.has_phi_pair
+        gather = (_block_gather_pair if pair else _block_gather)(x["block_slots"], r.P, h.device)
         pending = None  # the previous layer's MLP output: added to h together with this layer's norm
         for li, layer in enumerate(model.layers):
             attn, cache = layer.attn, r.caches[li]
@@ -194,8 +196,8 @@ class StaticDecode:
                 write(cache.k_cache, cache.v_cache, *kv["cmp"], x["cmp_slots"])
                 write(cache.k_cache, cache.v_cache, *kv["win"], x["win_slots"])
             if not r.dense:  # after the token's own write: φ reads its block from the cache
-                if attn.has_phi_pair:  # K and V blocks in one gather, φ_K and φ_V in one GEMM chain
-                    sk, sv = attn.phi_pair(gather_pair(cache.k_cache, cache.v_cache))
+                if pair:
+                    sk, sv = attn.phi_pair(gather(cache.k_cache, cache.v_cache))
                     Hkv = cache.k_cache.shape[1]
                     sk, sv = sk.view(size, Hkv, -1), sv.view(size, Hkv, -1)
                 else:

@@ -95,7 +95,8 @@ def table_width(pages: int) -> int:
 class ModelRunner:
     def __init__(self, model: NSAModel, num_pages: int, attention: str = "nsa", max_chunk: int = 512):
         # One GEMM for a layer's q/K/V/gate projections and one for the MLP's gate/up (fewer,
-        # larger launches a step; the weights are shared with the reference paths, not copied).
+        # larger launches a step; the weights are shared with the reference paths, not copied),
+        # and φ_K/φ_V stacked for the decode graphs (a padded copy, NSAAttention.fuse_phi).
         self.model = model.fuse_for_inference()
         self.cfg = c = model.cfg
         self.p = c.sparsity

@@ -271,8 +271,10 @@ class NSAAttention(nn.Module):
         A decode step then makes 4 launches for φ per layer (`gather_block_pair`, a batched GEMM
         with the bias, SiLU, a batched GEMM) instead of 9. The stacked weights are copies (the
         padding), ~4.7 MB a layer at the paper shape; the reference `phi_k` / `phi_v` are unchanged.
-        φ = mean has no weights to stack: `phi_pair` stays unavailable. Idempotent."""
-        if getattr(self, "_phi_fused", None) is not None or self.phi_k.variant == "mean":
+        φ = mean has no weights to stack: `phi_pair` stays unavailable. Idempotent; because the
+        stack is a copy, weights changed in place afterwards (a checkpoint loaded into the fused
+        model) make `has_phi_pair` False until it is called again."""
+        if self.has_phi_pair or self.phi_k.variant == "mean":
             return
         c = self.cfg
         lb, dm = c.cmp_block, max(c.head_dim_k, c.head_dim_v)
@@ -291,12 +293,18 @@ class NSAAttention(nn.Module):
                     W2[i, :d, :d] = phi.out.weight
             W1t = W1.view(2, dm, lb * dm).transpose(1, 2).contiguous()  # [2, l·Dm, Dm]: x @ W
             W2t = W2.transpose(1, 2).contiguous() if W2 is not None else None
-        self._phi_fused = (W1t, bias.to(w1.dtype), W2t)
+        self._phi_fused = (W1t, bias.to(w1.dtype), W2t, self._phi_versions())
+
+    def _phi_versions(self) -> tuple[int, ...]:
+        """In-place writes to φ's parameters (load_state_dict, optimiser steps) bump these."""
+        return tuple(t._version for t in (*self.phi_k.parameters(), *self.phi_v.parameters()))
 
     def phi_pair(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """φ_K and φ_V of M blocks each, after `fuse_phi`: x [2, M, l·Dm] (the layout of
         `nsa_kernels.cache_write.gather_block_pair`) → ([M, Dk], [M, Dv])."""
-        W1t, bias, W2t = self._phi_fused
+        if not self.has_phi_pair:
+            raise RuntimeError("phi_pair needs fuse_phi() after φ's weights last changed")
+        W1t, bias, W2t, _ = self._phi_fused
         h = torch.baddbmm(bias, x, W1t)
         if W2t is not None:
             h = torch.bmm(F.silu(h), W2t)
@@ -304,7 +312,9 @@ class NSAAttention(nn.Module):
 
     @property
     def has_phi_pair(self) -> bool:
-        return getattr(self, "_phi_fused", None) is not None
+        """`phi_pair` is built and φ's weights have not changed since."""
+        fused = getattr(self, "_phi_fused", None)
+        return fused is not None and fused[3] == self._phi_versions()
 
     def compress(self, k_raw: torch.Tensor, v_raw: torch.Tensor, first: int, count: int):
         """Summaries for compressed entries first … first+count−1 from the compression branch's raw
