@@ -62,6 +62,9 @@ def register(subparsers) -> None:
                    help="CPU only: intra-op threads of engine steps (default: one per core)")
     g.add_argument("--cpu-reserved-cores", type=int, default=1,
                    help="CPU only: cores left to the HTTP server during decode steps (default 1)")
+    g.add_argument("--warmup-context", type=int, default=0,
+                   help="run a synthetic workload up to this context length at start-up, so Triton "
+                   "compiles its kernel variants before the first request (default 0: off)")
     g.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_serve)
 
@@ -76,7 +79,8 @@ def engine_args_from(args):
                       gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=args.cpu_kv_cache_gb,
                       num_pages=args.num_pages, enable_prefix_caching=args.enable_prefix_caching,
                       scheduling_policy=args.scheduling_policy, enforce_eager=args.enforce_eager, seed=args.seed,
-                      cpu_threads=args.cpu_threads, cpu_reserved_cores=args.cpu_reserved_cores)
+                      cpu_threads=args.cpu_threads, cpu_reserved_cores=args.cpu_reserved_cores,
+                      warmup_context=args.warmup_context)
 
 
 def cmd_serve(args) -> int:

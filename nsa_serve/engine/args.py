@@ -29,6 +29,11 @@ class EngineArgs:
     cpu_threads: int | None = None
     cpu_reserved_cores: int = 0
     seed: int = 0
+    # Context length a start-up warm-up covers (0: none). Triton compiles a kernel variant the first
+    # time a step meets a new context class; warmup() can run a synthetic workload up to this length
+    # first. Off by default: measured on the H200 with an empty Triton cache (docs/engine.md), the
+    # first 4 × 64k requests lost ~1 s of TTFT to compiles, and the warm-up costs 25–36 s of start-up.
+    warmup_context: int = 0
 
     def validate(self) -> None:
         if self.attention not in ("nsa", "dense"):
@@ -41,6 +46,8 @@ class EngineArgs:
             raise ValueError("cpu_threads must be >= 1")
         if self.cpu_reserved_cores < 0:
             raise ValueError("cpu_reserved_cores must be >= 0")
+        if self.warmup_context < 0:
+            raise ValueError("warmup_context must be >= 0")
         for name in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

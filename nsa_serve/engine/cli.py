@@ -28,6 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--warmup-rounds", type=int, default=1,
                    help="untimed rounds of the same workload first (Triton compiles on first use)")
+    p.add_argument("--warmup-context", type=int, default=0,
+                   help="run a synthetic workload up to this context length at start-up, so Triton "
+                   "compiles its kernel variants before the first request (default 0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_run)

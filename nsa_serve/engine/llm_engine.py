@@ -232,10 +232,52 @@ class LLMEngine:
             except Exception:  # a failed capture costs speed, not correctness
                 log.exception("CUDA graph capture failed; decode runs eagerly")
                 self.runner.static_decode = None
+        lengths = self.warmup_prompt_lengths()
+        if lengths:
+            t0 = time.perf_counter()
+            self._run_warmup_prompts(lengths)
+            log.info("warm-up over contexts up to %d tokens (%d prompts) took %.1f s", max(lengths),
+                     len(lengths), time.perf_counter() - t0)
         # Warm-up traffic is not user traffic: start the counters from zero.
         self._counters = EngineStats(num_pages_total=self.block_manager.num_pages)
         self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0
         self._publish_stats()
+
+    WARMUP_NEW_TOKENS = 16
+
+    def warmup_prompt_lengths(self) -> list[int]:
+        """Prompt lengths of the start-up warm-up (`EngineArgs.warmup_context`): one short prompt per
+        power of two below a prefill chunk (the prefill top-n is compiled per power of two of the
+        context's blocks, and lengths that are not multiples of 16 get their own variants: + 7), and
+        two long ones, whose chunks walk every larger context class; each generates
+        WARMUP_NEW_TOKENS tokens, so decode steps also run beside other requests' prefill chunks (the
+        eager decode variants) and, at the end, alone (the CUDA graphs)."""
+        limit = min(self.args.warmup_context, self.max_model_len) - self.WARMUP_NEW_TOKENS
+        if limit < 1:
+            return []
+        chunk = self._max_chunk()
+        lengths = []
+        k = 16
+        while k + 7 < min(limit, chunk):
+            lengths.append(k + 7)
+            k *= 2
+        lengths += sorted({min(limit, limit // 2 + 7), limit})
+        return lengths
+
+    def _run_warmup_prompts(self, lengths: list[int]) -> None:
+        """Random prompts of these lengths through the real scheduler, as many waiting at once as
+        the queue allows; greedy, EOS ignored."""
+        gen = torch.Generator().manual_seed(self.args.seed)
+        params = SamplingParams(max_tokens=self.WARMUP_NEW_TOKENS, temperature=0, ignore_eos=True)
+        todo = list(lengths)
+        i = 0
+        while todo or self.has_unfinished_requests():
+            while todo and len(self._unstarted) < self.args.max_queue:
+                n = todo.pop(0)
+                prompt = torch.randint(8, self.config.vocab_size, (n,), generator=gen).tolist()
+                self.add_request(f"__warmup_ctx_{i}__", prompt, params)
+                i += 1
+            self.step()
 
     # -- requests ---------------------------------------------------------------------------------
     def validate_request(self, prompt_token_ids, params: SamplingParams) -> None:
