@@ -167,6 +167,7 @@ VARIANTS = {
     "splits merged by the combine launch": dict(fuse_combine=False),
     "64-entry compressed tiles": dict(chunk=64),
     "top-n by arg-max passes (default: bitonic top-k)": dict(topn="passes"),
+    "top-n of per-program candidates (default: over every block)": dict(topn="cand"),
 }
 
 

@@ -142,7 +142,7 @@ def _cases(shape: str, dtype: torch.dtype):
     from .add_rms_norm import add_rms_norm
     from .cache_write import gather_block_pair, gather_blocks, write_kv, write_kv_pair, write_mean_summaries
     from .dense_decode import dense_paged_decode
-    from .nsa_decode import nsa_decode
+    from .nsa_decode import nsa_decode, nsa_decode_tuned
     from .nsa_prefill import nsa_prefill
     from .paged import PagedLayerCache
     from .reference import SparsityParams
@@ -177,6 +177,7 @@ def _cases(shape: str, dtype: torch.dtype):
     return [
         ("nsa_decode", lambda: nsa_decode(q1, g1, layer, bt, lens, p)),
         ("nsa_decode ring", lambda: nsa_decode(q1, g1, layer, bt, lens, p, win_tables=ring)),
+        ("nsa_decode top-n of candidates", lambda: nsa_decode_tuned(q1, g1, layer, bt, lens, p, topn="cand")),
         ("dense_paged_decode", lambda: dense_paged_decode(q1, layer, bt, lens)),
         ("nsa_prefill", lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p)),
         ("nsa_prefill ring", lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p, win_tables=ring[:1])),

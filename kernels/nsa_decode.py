@@ -176,12 +176,12 @@ def _tile_factors(pms_ptr, rows, gmask, mx, inv, t, tok, MAXT):
 # to 1): eager decode steps would compile a variant per combination (it only moves addresses).
 @triton.jit(do_not_specialize=["MAXT", "NSPLIT", "NPROG", "SROW"])
 def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, sbt_b,
-                  sel_ptr, ulp_ptr, uph_ptr, cnt_ptr, Hkv, MAXT, NSPLIT, NPROG, SROW,
+                  sel_ptr, ulp_ptr, uph_ptr, cnt_ptr, cand_ptr, edge_ptr, Hkv, MAXT, NSPLIT, NPROG, SROW,
                   G: tl.constexpr, GP: tl.constexpr, BLOCK_L: tl.constexpr, STRIDE: tl.constexpr,
                   PAGE: tl.constexpr, BN: tl.constexpr, PPT: tl.constexpr, KSPAN: tl.constexpr,
                   NSPLIT_P: tl.constexpr, TT: tl.constexpr, NBP: tl.constexpr,
                   NSEL: tl.constexpr, NSP: tl.constexpr, NUM_INIT: tl.constexpr,
-                  NUM_LOCAL: tl.constexpr, TOPN: tl.constexpr, PDL: tl.constexpr):
+                  NUM_LOCAL: tl.constexpr, TOPN: tl.constexpr, NPROG_P: tl.constexpr, PDL: tl.constexpr):
     """Program (group, p) sums the group's partial scores of compressed tiles [p·TT, p·TT + TT) over
     the heads: part_k[page] = Σ_h psc[h, tile, k, page] · exp(m_{h,tile} − M_h) / L_h, one factor
     per (head, tile) — so the loads are contiguous [G, TT, PPT] runs and there is one exp per
@@ -189,7 +189,13 @@ def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, 
     j − k spill k blocks forward), formed by the group's last-arriving program, which then takes
     the top-n and writes the work list (`_select_units`). With PDL, the attention kernel may
     launch once every program is past its wait, so its programs read their window pages while the
-    top-n runs (later triggers measured slower: docs/benchmarks/decode.md, ninth round)."""
+    top-n runs (later triggers measured slower: docs/benchmarks/decode.md, ninth round).
+
+    TOPN 2 ("cand"): each program also forms its own blocks' scores and keeps their top-n keys as
+    candidates, so the last-arriving program takes the top-n of NPROG·n candidates instead of every
+    block (each block of the group's top-n is in its own program's top-n). A block's spill from
+    the page before the program's first comes from the previous tile's partial scores, summed here
+    (`edge`) because the previous program may not have stored its part yet."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()  # after the wait: see nsa_decode_tuned
@@ -206,21 +212,64 @@ def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, 
         part = tl.sum(sv * f[:, :, None], 0)  # [TT, PPT]
         tl.store(part_ptr + (pid * KSPAN + k) * SROW + t[:, None] * PPT + pg[None, :], part,
                  mask=(t < MAXT)[:, None])
+    cur = (L - 1) // PAGE
+    if TOPN == 2:
+        BLK: tl.constexpr = TT * PPT
+        first = prog * BLK
+        tp = prog * TT - 1  # the tile before this program's: its pages spill into our first blocks
+        ep = (pid * NPROG + prog) * KSPAN * PPT
+        tpv = tl.zeros([GP], tl.int32) + tp  # as a vector: masks from scalars alone fail to interpret
+        tpok = gmask & (tpv >= 0) & (tpv < n_tiles)
+        mt = tl.load(pms_ptr + rows * MAXT + tpv, mask=tpok, other=NEG)
+        fe = tl.exp(mt - mx) * inv
+        for k in tl.static_range(1, KSPAN):
+            sv = tl.load(psc_ptr + ((rows[:, None] * MAXT + tpv[:, None]) * KSPAN + k) * PPT + pg[None, :],
+                         mask=tpok[:, None], other=0.0)
+            tl.store(edge_ptr + ep + k * PPT + pg, tl.sum(sv * fe[:, None], 0))
+        tl.debug_barrier()  # this CTA's part and edge stores before its own loads below
+        j = first + tl.arange(0, BLK)
+        visible = j <= cur
+        score = tl.zeros([BLK], tl.float32)
+        for k in tl.static_range(KSPAN):
+            x = j - k  # the page whose row k spills into block j
+            own = tl.load(part_ptr + (pid * KSPAN + k) * SROW + x, mask=visible & (x >= first),
+                          other=0.0, cache_modifier=".cg")
+            if k > 0:
+                own += tl.load(edge_ptr + ep + k * PPT + (x - first + PPT),
+                               mask=visible & (x < first) & (x >= 0), other=0.0, cache_modifier=".cg")
+            score += own
+        key = _topn_keys(score, j, cur, NUM_INIT, NUM_LOCAL)
+        ks = tl.arange(0, NSP)
+        if HAS_TOPK:
+            top = tl.topk(key, NSP)
+        else:
+            top = tl.max(tl.reshape(tl.sort(key, descending=True), [BLK // NSP, NSP]), 0)
+        tl.store(cand_ptr + (pid * NPROG + prog) * NSP + ks, top)
     # The barrier orders this CTA's stores before the atomic's release; the acquire orders the last
     # program's loads after every other program's stores.
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr + pid, 1)
     if arrived == NPROG - 1:
         tl.store(cnt_ptr + pid, 0)  # ready for the next call: every program of this group has counted
-        cur = (L - 1) // PAGE
-        j = tl.arange(0, NBP)
-        visible = j <= cur
-        score = tl.zeros([NBP], tl.float32)
-        for k in tl.static_range(KSPAN):
-            score += tl.load(part_ptr + (pid * KSPAN + k) * SROW + j - k, mask=visible & (j >= k),
-                             other=0.0, cache_modifier=".cg")  # other CTAs' stores
-        _select_units(score, bt_ptr, sel_ptr + pid * NSEL, ulp_ptr + pid * NSP, uph_ptr + pid * NSP,
-                      L, b, sbt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL, PAGE, TOPN)
+        if TOPN == 2:
+            c = tl.arange(0, NPROG_P * NSP)
+            keys = tl.load(cand_ptr + pid * NPROG * NSP + c, mask=c < NPROG * NSP, other=-1,
+                           cache_modifier=".cg")  # other CTAs' stores
+            if HAS_TOPK:
+                top = tl.topk(keys, NSP)
+            else:
+                top = tl.max(tl.reshape(tl.sort(keys, descending=True), [NPROG_P, NSP]), 0)
+            _store_units(_blocks_of(top, NSEL, NSP), bt_ptr, sel_ptr + pid * NSEL, ulp_ptr + pid * NSP,
+                         uph_ptr + pid * NSP, b, sbt_b, NSEL, NSP)
+        else:
+            j = tl.arange(0, NBP)
+            visible = j <= cur
+            score = tl.zeros([NBP], tl.float32)
+            for k in tl.static_range(KSPAN):
+                score += tl.load(part_ptr + (pid * KSPAN + k) * SROW + j - k, mask=visible & (j >= k),
+                                 other=0.0, cache_modifier=".cg")  # other CTAs' stores
+            _select_units(score, bt_ptr, sel_ptr + pid * NSEL, ulp_ptr + pid * NSP, uph_ptr + pid * NSP,
+                          L, b, sbt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL, PAGE, TOPN)
 
 
 @triton.jit
@@ -237,18 +286,14 @@ def _select_units(score, bt_ptr, sel_ptr, ulp_ptr, uph_ptr, L, b, sbt_b,
       0 "passes": n dependent passes of a block-wide int64 max, each removing its winner;
       1 "sort": Triton's bitonic top-k (`tl.topk`; a full `tl.sort` where the Triton lacks it):
         about (log n)² / 2 + log(NBP / n) · log n compare-and-swap steps, none waiting on a
-        block-wide reduction's result to start the next.
+        block-wide reduction's result to start the next;
+      (2 "cand" does not come here: `_score_kernel` takes a top-n per program, then of those.)
 
     Work list [NSP]: the selected logical pages (−1 = none: fewer than n blocks exist) and their
     physical pages (an unused slot names table entry 0, always a valid page id)."""
     cur = (L - 1) // PAGE
     j = tl.arange(0, NBP)
-    visible = j <= cur
-    forced = ((j < NUM_INIT) | (j > cur - NUM_LOCAL)) & visible
-    bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-    bits = tl.where(forced, 0x7F800000, bits)
-    key = (bits << 32) | (0x7FFFFFFF - j).to(tl.int64)
-    key = tl.where(visible, key, -1)
+    key = _topn_keys(score, j, cur, NUM_INIT, NUM_LOCAL)
     ks = tl.arange(0, NSP)
     if TOPN == 0:
         sel = tl.full([NSP], -1, tl.int32)
@@ -262,7 +307,33 @@ def _select_units(score, bt_ptr, sel_ptr, ulp_ptr, uph_ptr, L, b, sbt_b,
             top = tl.topk(key, NSP)
         else:  # sorted descending: row 0 of [NBP / NSP, NSP] is the largest NSP, so the column max
             top = tl.max(tl.reshape(tl.sort(key, descending=True), [NBP // NSP, NSP]), 0)
-        sel = tl.where((top >= 0) & (ks < NSEL), (0x7FFFFFFF - (top & 0x7FFFFFFF)).to(tl.int32), -1)
+        sel = _blocks_of(top, NSEL, NSP)
+    _store_units(sel, bt_ptr, sel_ptr, ulp_ptr, uph_ptr, b, sbt_b, NSEL, NSP)
+
+
+@triton.jit
+def _topn_keys(score, j, cur, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr):
+    """Top-n keys of blocks j (see `_select_units`): score bits, +inf for forced blocks, the block
+    index in the low half (ties to the lower index), −1 past the current block."""
+    visible = j <= cur
+    forced = ((j < NUM_INIT) | (j > cur - NUM_LOCAL)) & visible
+    bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+    bits = tl.where(forced, 0x7F800000, bits)
+    key = (bits << 32) | (0x7FFFFFFF - j).to(tl.int64)
+    return tl.where(visible, key, -1)
+
+
+@triton.jit
+def _blocks_of(top, NSEL: tl.constexpr, NSP: tl.constexpr):
+    """Block indices of the NSP best keys in descending order (−1: no block, or past n)."""
+    ks = tl.arange(0, NSP)
+    return tl.where((top >= 0) & (ks < NSEL), (0x7FFFFFFF - (top & 0x7FFFFFFF)).to(tl.int32), -1)
+
+
+@triton.jit
+def _store_units(sel, bt_ptr, sel_ptr, ulp_ptr, uph_ptr, b, sbt_b, NSEL: tl.constexpr, NSP: tl.constexpr):
+    """The selection and the work list: logical pages and their physical pages."""
+    ks = tl.arange(0, NSP)
     tl.store(sel_ptr + ks, sel, mask=ks < NSEL)
     phys = tl.load(bt_ptr + b * sbt_b + tl.maximum(sel, 0))
     tl.store(ulp_ptr + ks, sel)
@@ -534,7 +605,7 @@ ATTEND_SPLIT_DK = True
 # How the score kernel's last-arriving program finds the top-n (`_select_units`). "sort" measured
 # on the H200 at 64k (docs/benchmarks/decode.md, ninth round): batch 1 31.2 → 29.9 µs, batch 16
 # 97.7 → 96.7, batch 64 equal; its top-n program 6.1 → 4.8 µs at batch 1 (timeline).
-TOPN_MODES = ("passes", "sort")
+TOPN_MODES = ("passes", "sort", "cand")
 TOPN_DEFAULT = "sort"
 HAS_TOPK = tl.constexpr(hasattr(tl, "topk"))  # tl.topk arrived after tl.sort (Triton 3.x)
 
@@ -636,12 +707,20 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     nprog = triton.cdiv(MAXT, TT)
     SROW = max(NBP, MAXT * PPT)
     part = torch.empty(NG, KSPAN, SROW, device=dev, dtype=f32)
+    if topn == "cand" and (TT * PPT < NSP or KSPAN - 1 > PPT or nprog * TT * PPT < max_pages):
+        # A program's blocks must hold n candidates, spills reach one tile back at most, and the
+        # programs' blocks cover the table (not so when l − d ≥ l': the last page has no entry).
+        topn = "sort"
+    cands = topn == "cand"
+    cand = torch.empty(NG, nprog, NSP, device=dev, dtype=torch.int64) if cands else pms
+    edge = torch.empty(NG, nprog, KSPAN, PPT, device=dev, dtype=f32) if cands else pms
     _score_kernel[(NG, nprog)](
         seq_lens, pm, pl, pms, psc, part, block_tables, block_tables.stride(0),
-        sel, ulp, uph, cnt[NG:], Hkv, MAXT, nsplit_c, nprog, SROW,  # SROW: a stride, run-time
+        sel, ulp, uph, cnt[NG:], cand, edge, Hkv, MAXT, nsplit_c, nprog, SROW,  # SROW: a stride, run-time
         G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, BN=BN, PPT=PPT, KSPAN=KSPAN,
         NSPLIT_P=next_pow2(nsplit_c), TT=TT, NBP=NBP, NSEL=p.num_select, NSP=NSP,
         NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, TOPN=TOPN_MODES.index(topn),
+        NPROG_P=next_pow2(nprog) if cands else 1,
         PDL=pdl, num_warps=score_warps, **launch)
 
     if num_splits is None:

@@ -1,7 +1,7 @@
 """In-graph timeline of one NSA decode step: when each kernel's programs start, pass their PDL wait
 and end, from %globaltimer stamps — what the profiler cannot show once PDL overlaps the kernels.
 
-    python3 scripts/decode_timeline.py [--ctx 65536] [--batch 1 --batch 16 ...] [--topn passes --topn sort]
+    python3 scripts/decode_timeline.py [--ctx 65536] [--batch 1 --batch 16 ...] [--topn sort --topn cand]
                                        [--variant "" --variant "cmp_warps=8" ...]
 
 A --variant is nsa_decode_tuned keyword arguments (Python literals, comma-separated; "" = the default).
@@ -58,12 +58,12 @@ EDITS = [
     (r"(\n    if PDL:  # launched early .*\n        tl\.extra\.cuda\.gdc_wait\(\)\n)",
      r"\n    _stamp(tim_ptr, 0, 0, TIME)\1    _stamp(tim_ptr, 0, 1, TIME)\n", 1),
     (r"(\n    tl\.store\(pacc_ptr \+ o\[:, None\] \* DV .*\n)", r"\1    _stamp(tim_ptr, 0, 2, TIME)\n", 1),
-    (r"(NUM_LOCAL: tl\.constexpr, TOPN: tl\.constexpr, PDL: tl\.constexpr)\):(\n    \"\"\"Program \(group, p\))",
+    (r"(TOPN: tl\.constexpr, NPROG_P: tl\.constexpr, PDL: tl\.constexpr)\):(\n    \"\"\"Program \(group, p\))",
      r"\1" + ARGS + r"\2", 1),
     (r"(\n    if PDL:\n        tl\.extra\.cuda\.gdc_wait\(\)\n        tl\.extra\.cuda\.gdc_launch_dependents\(\).*\n)",
      r"\n    _stamp(tim_ptr, 1, 0, TIME)\1    _stamp(tim_ptr, 1, 1, TIME)\n", 1),
-    (r"(\n                      L, b, sbt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL, PAGE, TOPN\)\n)",
-     r"\1    _stamp(tim_ptr, 1, 2, TIME)\n", 1),
+    (r"(\n                          L, b, sbt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL, PAGE, TOPN\)\n)",
+     r"\1        _stamp(tim_ptr, 1, 2, TIME)\n", 1),  # after the last-arriving program's if/else
     (r"(PDL: tl\.constexpr)\):(\n    \"\"\"Program \(group, split\): window pages)", r"\1" + ARGS + r"\2", 1),
     (r"(\n    pid = tl\.program_id\(0\)\n    split = tl\.program_id\(1\)\n    b = pid // Hkv\n    kh = pid % Hkv\n    Hq = Hkv \* G)",
      r"\n    _stamp(tim_ptr, 2, 0, TIME)\1", 1),
@@ -135,7 +135,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ctx", type=int, default=65536)
     ap.add_argument("--batch", type=int, action="append")
-    ap.add_argument("--topn", action="append", choices=["passes", "sort"], help="top-n mode(s) to time")
+    ap.add_argument("--topn", action="append", choices=["passes", "sort", "cand"], help="top-n mode(s) to time")
     ap.add_argument("--variant", action="append", help="nsa_decode_tuned kwargs, e.g. 'cmp_warps=8'")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -137,11 +137,43 @@ def test_nsa_decode_dk_split_and_many_compressed_splits(Dk, programs, attend_spl
               cmp_programs=programs, attend_split_dk=attend_split, fuse_combine=fuse, num_splits=3)
 
 
-def test_nsa_decode_selection_across_score_tiles():
+@pytest.mark.parametrize("topn", ["sort", "cand"])
+def test_nsa_decode_selection_across_score_tiles(topn):
     # > 128 pages: the block scores come from several tile programs and the group's last-arriving
-    # one takes the top-n over all of them (a top-n over its own tile only would miss blocks).
+    # one takes the top-n over all of them (a top-n over its own tile only would miss blocks);
+    # "cand": each program's first block gets its spill from the previous program's last page.
     p = SparsityParams(block=8, stride=4, select_block=16, num_select=8, window=32)
-    check_nsa([40, 2500, 4000], Hkv=1, G=2, Dk=16, Dv=16, p=p, chunk=64)
+    check_nsa([40, 2500, 4000], Hkv=1, G=2, Dk=16, Dv=16, p=p, chunk=64, fn=nsa_mod.nsa_decode_tuned,
+              topn=topn)
+
+
+def test_nsa_decode_candidate_topn_spill_across_programs():
+    # The summary that ends page 127 (the last page of score program 0) also covers block 128's
+    # first tokens. Made to dominate, it must select both blocks; block 128's share reaches the
+    # second program only through its edge row.
+    p = SparsityParams(block=8, stride=4, select_block=16, num_select=8, window=32)
+    q, gates, layer, tables, seq_lens, _ = make_case([4000], 1, 2, 16, 16, p, seed=7)
+    layer.kc_cache[int(tables[0, 127]), 0, 3] = 8 * q[0].mean(0) / q[0].mean(0).norm()
+    _, sel = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, p, chunk=64, topn="cand",
+                                      return_selection=True)
+    want = reference_selection(q, gates, layer, tables, seq_lens, p, None)
+    assert {127, 128} <= want[0][0]
+    assert set(sel[0, 0].tolist()) - {-1} == want[0][0]
+
+
+def test_nsa_decode_candidate_topn_ties_across_programs():
+    # q = 0: every interior block ties, across both score programs (250 pages, 128 a program), so
+    # the candidates' top-n must give the same list, in the same order, as the top-n over all.
+    p = SparsityParams(block=8, stride=4, select_block=16, num_select=8, window=32)
+    q, gates, layer, tables, seq_lens, _ = make_case([4000, 2100], 1, 2, 16, 16, p)
+    q.zero_()
+    got = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, p, chunk=64, topn="cand",
+                                   return_selection=True)[1]
+    want = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, p, chunk=64, topn="sort",
+                                    return_selection=True)[1]
+    assert torch.equal(got, want)
+    assert got[0, 0].tolist()[:3] == [0, 248, 249]  # forced: initial, then the two local blocks
+    assert int(nsa_mod._COUNTERS[q.device].abs().sum()) == 0
 
 
 def test_nsa_decode_arrival_counters_reset_and_calls_repeat():
@@ -221,7 +253,8 @@ def test_gpu_paper_shape_fp32_selection(G):
                                 dict(chunk=32, cmp_programs=528, attend_split_dk=True),
                                 dict(chunk=32, cmp_programs=528, num_splits=12, fuse_combine=True),
                                 dict(fuse_combine=False), dict(topn="sort"),
-                                dict(topn="passes")])
+                                dict(topn="passes"), dict(topn="cand"),
+                                dict(topn="cand", chunk=64, cmp_programs=528)])
 def test_gpu_paper_shape_launch_variants(kw):
     # The launch configurations the benchmark compares (nsa_decode_tuned); the default is covered
     # above. fp32 so the selected blocks are compared exactly too.
@@ -357,9 +390,10 @@ TOPN_CASES = {
 }
 
 
+@pytest.mark.parametrize("topn", ["sort", "cand"])
 @pytest.mark.parametrize("topk", [True, False], ids=["tl.topk", "tl.sort"])
 @pytest.mark.parametrize("case", list(TOPN_CASES))
-def test_nsa_decode_sort_topn_matches_reference(case, topk, monkeypatch):
+def test_nsa_decode_sort_topn_matches_reference(case, topk, topn, monkeypatch):
     # The sorting top-n (`topn="sort"`, beside the arg-max passes) must pick the reference's blocks and
     # give its output in every layout the default is tested in — with tl.topk and with the full
     # tl.sort used where a Triton lacks tl.topk (the interpreter reads the module global each call).
@@ -367,10 +401,10 @@ def test_nsa_decode_sort_topn_matches_reference(case, topk, monkeypatch):
         pytest.skip("this Triton has no tl.topk")
     monkeypatch.setattr(nsa_mod, "HAS_TOPK", tl.constexpr(topk))
     lens, Hkv, G, Dk, Dv, p, kw = TOPN_CASES[case]
-    check_nsa(lens, Hkv, G, Dk, Dv, p, fn=nsa_mod.nsa_decode_tuned, topn="sort", **kw)
+    check_nsa(lens, Hkv, G, Dk, Dv, p, fn=nsa_mod.nsa_decode_tuned, topn=topn, **kw)
 
 
-@pytest.mark.parametrize("topn", ["passes", "sort"])
+@pytest.mark.parametrize("topn", ["passes", "sort", "cand"])
 def test_nsa_decode_topn_ties_and_repeat_calls(topn):
     q, gates, layer, tables, seq_lens, _ = make_case([132, 135], 2, 2, 16, 16, SMALL)
     q.zero_()  # every interior block ties: lower block indices must win
