@@ -52,6 +52,21 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(token_id)
 
+    def appended_texts(self) -> list[str | None] | None:
+        """Per token id, the text it adds when decoded right after an ordinary piece — its piece with
+        the word-boundary mark as a space — or None for ids whose text depends on their neighbours
+        (byte pieces, which join into UTF-8 characters) or that decode to nothing or a placeholder
+        (control, unknown, unused). The incremental detokenizer appends these instead of running two
+        decodes a token. None overall when this model's decoder does not simply concatenate ordinary
+        pieces (e.g. `treat_whitespace_as_suffix`), which `_concatenates` checks on sample pieces.
+        Built once (a pass over the vocabulary)."""
+        if not hasattr(self, "_appended"):
+            sp = self.sp
+            texts = [None if (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i))
+                     else sp.id_to_piece(i).replace("\u2581", " ") for i in range(sp.get_piece_size())]
+            self._appended = texts if _concatenates(sp, texts) else None
+        return self._appended
+
     def token_text(self, token_id: int) -> str:
         """A display string for one token (logprobs): its piece with the word-boundary mark as space."""
         piece = self.sp.id_to_piece(token_id)
@@ -61,6 +76,25 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return render_chat(messages, add_generation_prompt)
+
+
+def _concatenates(sp, texts: list[str | None], samples: int = 64) -> bool:
+    """Whether decode(ids + [b]) == decode(ids) + texts[b] for ordinary pieces, on samples that
+    include pieces with the word-boundary mark at the start, at the end, and none."""
+    ordinary = [i for i, t in enumerate(texts) if t is not None]
+    if not ordinary:
+        return False
+    mark = "\u2581"
+    lead = [i for i in ordinary if sp.id_to_piece(i).startswith(mark)]
+    trail = [i for i in ordinary if sp.id_to_piece(i).endswith(mark)]
+    plain = [i for i in ordinary if mark not in sp.id_to_piece(i)]
+    pool = [g[(k * 7919) % len(g)] for g in (lead, trail, plain, ordinary) if g for k in range(samples)]
+    for k, b in enumerate(pool):
+        a, c = pool[(k * 31 + 7) % len(pool)], pool[(k * 17 + 3) % len(pool)]
+        for ids in ([a], [c, a]):
+            if sp.decode(ids + [b]) != sp.decode(ids) + texts[b]:
+                return False
+    return True
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:

@@ -58,3 +58,59 @@ def test_stop_string_matcher_finds_the_earliest_and_holds_back_a_possible_start(
     assert m.find("abcSTOP and xy", 9) == (3, "STOP")
     assert StopStringMatcher(["STOP"], include_in_output=True).find("abSTOP", 4) == (6, "STOP")
     assert m.visible("abc", finished=True) == 3
+
+
+class _SlowOnly:
+    """The tokenizer without its per-piece texts: the detokenizer's two-decode path only."""
+
+    def __init__(self, tok):
+        self.decode = tok.decode
+
+
+def test_fast_path_gives_the_same_deltas_as_two_decodes_a_token():
+    # Ordinary pieces append their own text; bytes (multi-byte characters and junk), control and
+    # unknown pieces, and whatever follows them, take the decode path. Step by step, the deltas
+    # must be those of the decode-only detokenizer, and the fast path must actually be taken.
+    tok = tokenizer()
+    sp = tok.sp
+    assert tok.appended_texts() is not None
+    kinds = {"byte": [i for i in range(tok.vocab_size) if sp.is_byte(i)],
+             "special": [0, 1, 2, 3, 7],  # unk, bos, eos, chat markers
+             "ordinary": [i for i in range(tok.vocab_size) if tok.appended_texts()[i] is not None]}
+    real = tok.encode(" Grüße aus Köln → 東京, naïve café ✓ and plain words again.", add_bos=False)
+    rng = random.Random(1)
+    fast_tokens = 0
+    for trial in range(60):
+        if trial % 3 == 0:
+            ids = real[rng.randrange(len(real)):]
+        else:
+            pick = rng.choices(list(kinds), weights=[1, 1, 8], k=rng.randint(1, 40))
+            ids = [rng.choice(kinds[k]) for k in pick]
+        prompt = [rng.choice(kinds["ordinary"] + kinds["byte"]) for _ in range(rng.randint(1, 8))]
+        fast, slow = IncrementalDetokenizer(tok, prompt), IncrementalDetokenizer(_SlowOnly(tok), prompt)
+        for t in ids:
+            before = fast.read_offset
+            assert fast.add(t) == slow.add(t)
+            fast_tokens += before == len(fast.ids) - 1 and tok.appended_texts()[t] is not None
+        assert fast.flush() == slow.flush() and fast.text == slow.text
+    assert fast_tokens > 200
+
+
+def test_fast_path_is_off_when_the_decoder_does_not_concatenate_pieces():
+    from nsa_serve.tokenizer import _concatenates
+
+    tok = tokenizer()
+
+    class SuffixSpace:  # a decoder that keeps the mark as a suffix: drops the last piece's space
+        def __init__(self, sp):
+            self.sp = sp
+
+        def decode(self, ids):
+            return self.sp.decode(ids).rstrip(" ")
+
+        def __getattr__(self, name):
+            return getattr(self.sp, name)
+
+    texts = tok.appended_texts()
+    assert _concatenates(tok.sp, texts)
+    assert not _concatenates(SuffixSpace(tok.sp), texts)

@@ -27,11 +27,24 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""
+        # Fast path: an ordinary piece after an ordinary piece, nothing held, adds its own text
+        # (Tokenizer.appended_texts); two decodes a token cost ~3 µs on the 2-core VM.
+        appended = getattr(tokenizer, "appended_texts", None)
+        self._appended = appended() if appended is not None else None
 
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes (maybe empty while a character is open)."""
-        self.ids.append(token_id)
-        return self._advance(force=len(self.ids) - self.read_offset >= _MAX_HELD_TOKENS)
+        ids = self.ids
+        ids.append(token_id)
+        fast = self._appended
+        if fast is not None and self.read_offset == len(ids) - 1 and self.read_offset > 0:
+            delta = fast[token_id] if 0 <= token_id < len(fast) else None
+            if delta is not None and fast[ids[-2]] is not None:
+                self.prefix_offset = self.read_offset
+                self.read_offset = len(ids)
+                self.text += delta
+                return delta
+        return self._advance(force=len(ids) - self.read_offset >= _MAX_HELD_TOKENS)
 
     def flush(self) -> str:
         """At the end of generation: emit whatever is held, complete or not."""
