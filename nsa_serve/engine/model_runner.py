@@ -30,6 +30,7 @@ from nsa_kernels.reference import num_compressed
 from ..model.nsa_model import NSAModel, add_rms_norm
 from .attention import AttentionBackend
 from .sequence import Sequence
+from .table_rows import TableRows
 
 
 @dataclass
@@ -99,6 +100,7 @@ class ModelRunner:
         # and φ_K/φ_V stacked for the decode graphs (a padded copy, NSAAttention.fuse_phi).
         self.model = model.fuse_for_inference()
         self.cfg = c = model.cfg
+        self._table_rows = TableRows()  # block tables as numpy rows, between steps
         self.p = c.sparsity
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -150,11 +152,10 @@ class ModelRunner:
         # Per new summary: its sequence, index, and where its tokens are (lengths = entries).
         e_seq, e_idx, e_start, e_row0, e_base, e_first = [], [], [], [], [], []
         bt = np.zeros((B, table_width(max(len(s.block_table) for s in seqs))), dtype=np.int32)
-        for b, (seq, T) in enumerate(zip(seqs, num_new)):
+        for b, (seq, T, row) in enumerate(zip(seqs, num_new, self._table_rows.rows(seqs))):
             start, L = seq.num_computed_tokens, seq.num_computed_tokens + T
             row0 = cu[-1]
-            table = seq.block_table
-            bt[b, :len(table)] = table
+            bt[b, :len(row)] = row  # cached numpy rows: a list → array copy was O(pages) a row a step
             ids.extend(seq.token_ids[start:L])
             starts.append(start)
             cu.append(row0 + T)
