@@ -48,3 +48,22 @@ def test_bench_warmup_rounds_are_not_counted(tmp_path):
     assert rows[2]["output_tokens"] == 12 and rows[2]["ttft_max_s"] <= rows[2]["wall_s"]
     with pytest.raises(SystemExit, match="warmup-rounds"):
         main(["bench", "--preset", "tiny", "--warmup-rounds", "-1"])
+
+
+def test_bench_reports_decode_rows_and_warns_when_the_batch_is_never_full(tmp_path, capsys):
+    # Short prompts prefill in one step: every decode-only step has all 3 rows, no note. Long
+    # prompts prefill one 64-token chunk a step, so early requests finish their 3 tokens beside
+    # later prompts' chunks: decode-only steps see fewer rows, and the bench says so.
+    common = ["bench", "--preset", "tiny", "--set", "num_layers=1", "--attention", "nsa", "--num-requests", "3",
+              "--output-len", "3", "--device", "cpu", "--num-pages", "64", "--warmup-rounds", "0"]
+    rows = {}
+    for name, extra in {"full": ["--input-len", "40"],
+                        "tail": ["--input-len", "200", "--max-num-batched-tokens", "64",
+                                 "--long-prefill-token-threshold", "64"]}.items():
+        out = tmp_path / f"{name}.json"
+        assert main(common + extra + ["--json", str(out)]) == 0
+        rows[name] = (json.loads(out.read_text())[0], capsys.readouterr().out)
+    full, text = rows["full"]
+    assert full["decode_rows_max"] == 3 and full["decode_rows_mean"] == 3.0 and "note (nsa)" not in text
+    tail, text = rows["tail"]
+    assert 0 < tail["decode_rows_max"] < 3 and "note (nsa): decode-only steps ran at most" in text

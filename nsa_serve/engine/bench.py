@@ -50,6 +50,8 @@ class BenchResult:
     num_pages: int
     preemptions: int
     decode_path: str  # "CUDA graphs" | "eager"
+    decode_rows_mean: float = 0.0  # sequences per decode-only step (≤ num_requests)
+    decode_rows_max: int = 0
 
 
 def build_model(args, device: torch.device, dtype: torch.dtype):
@@ -164,7 +166,9 @@ def run_mode(model, tokenizer, name, args, mode: str) -> BenchResult:
         num_pages=engine.block_manager.num_pages,
         preemptions=stats.num_preemptions_total - before.num_preemptions_total,
         decode_path="CUDA graphs" if engine.runner.static_decode is not None and engine.runner.static_decode.graphs
-        else "eager")
+        else "eager",
+        decode_rows_mean=dec_tokens / n if decode_steps else 0.0,
+        decode_rows_max=max((t.num_decode for _, t in decode_steps), default=0))
     del engine
     gc.collect()
     if torch.cuda.is_available():
@@ -177,7 +181,8 @@ def format_table(results: list[BenchResult]) -> str:
             ("decode step ms", "decode_step_ms", "{:.2f}"), ("model ms", "decode_model_ms", "{:.2f}"),
             ("host ms", "decode_host_ms", "{:.2f}"), ("sched ms", "schedule_ms", "{:.3f}"),
             ("TTFT mean s", "ttft_mean_s", "{:.3f}"), ("TTFT max s", "ttft_max_s", "{:.3f}"),
-            ("KV read ×", "kv_read_ratio", "{:.2f}"), ("preempt", "preemptions", "{}")]
+            ("decode rows", "decode_rows_mean", "{:.1f}"), ("KV read ×", "kv_read_ratio", "{:.2f}"),
+            ("preempt", "preemptions", "{}")]
     lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         lines.append("| " + " | ".join(fmt.format(getattr(r, key)) for _, key, fmt in cols) + " |")
@@ -189,6 +194,13 @@ def format_table(results: list[BenchResult]) -> str:
     for r in results:
         lines.append(f"{r.mode}: {r.attention_impl}, decode {r.decode_path}; {r.num_pages} pages; host share of a decode step "
                      f"{100 * r.decode_host_ms / max(r.decode_step_ms, 1e-9):.1f}%")
+    for r in results:
+        if r.decode_steps and r.decode_rows_max < r.num_requests:
+            # Requests that finish their outputs beside other prompts' prefill chunks never reach a
+            # decode-only step: the decode columns then measure a smaller batch than asked for.
+            lines.append(f"note ({r.mode}): decode-only steps ran at most {r.decode_rows_max} of {r.num_requests} "
+                         f"sequences (mean {r.decode_rows_mean:.1f}); raise --output-len above the prefill's "
+                         "step count to measure decode at the full batch")
     return "\n".join(lines)
 
 
