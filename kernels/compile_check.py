@@ -178,6 +178,8 @@ def _cases(shape: str, dtype: torch.dtype):
         ("nsa_decode", lambda: nsa_decode(q1, g1, layer, bt, lens, p)),
         ("nsa_decode ring", lambda: nsa_decode(q1, g1, layer, bt, lens, p, win_tables=ring)),
         ("nsa_decode top-n of candidates", lambda: nsa_decode_tuned(q1, g1, layer, bt, lens, p, topn="cand")),
+        ("nsa_decode spread merge", lambda: nsa_decode_tuned(q1, g1, layer, bt, lens, p, num_splits=16,
+                                                             fuse_combine="spread")),
         ("dense_paged_decode", lambda: dense_paged_decode(q1, layer, bt, lens)),
         ("nsa_prefill", lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p)),
         ("nsa_prefill ring", lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p, win_tables=ring[:1])),

@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import (NEG, _combine_kernel, _dot, _online_softmax_step, check_last_dim_contiguous,
-                            dot_precision, interpreter_upcast, next_pow2, pdl_enabled,
-                            pipeline_smem_budget, target_programs)
+                            dot_precision, interpret_mode, interpreter_upcast, next_pow2, num_sms,
+                            pdl_enabled, pipeline_smem_budget, target_programs)
 from .paged import PagedLayerCache
 from .reference import SparsityParams
 
@@ -420,7 +420,7 @@ def _store_partial(m_ptr, l_ptr, acc_ptr, o, gmask, m, l, acc, DV: tl.constexpr,
 def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r,
                    lens_ptr, bt_ptr, sbt_b, wt_ptr, swt_b, ulp_ptr, uph_ptr,
                    sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
-                   pm_ptr, pl_ptr, pacc_ptr, gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, cnt_ptr,
+                   pm_ptr, pl_ptr, pacc_ptr, gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, cnt_ptr, dep_ptr,
                    scale, Hkv, NSPLIT_C: tl.constexpr,
                    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr,
                    DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
@@ -440,8 +440,13 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
     comes first, before the wait for that kernel: launched early (programmatic dependent launch),
     the window's loads overlap the score kernel's top-n. With shared K/V (DEDUP) the forced
     blocks inside the window — always selected — are read once, in the window loop, and feed
-    both branches; the selected loop skips them. FUSE: the group's last-arriving split also merges
-    all partial states of the three branches and writes the gated output (no combine launch)."""
+    both branches; the selected loop skips them. FUSE 1: the group's last-arriving split also
+    merges all partial states of the three branches and writes the gated output (no combine
+    launch). FUSE 2 ("spread"): every split waits (spins on the group's arrival counter) until all
+    the group's splits have stored their partials, then merges its own share of the group's heads;
+    the last to leave (a second counter) resets both. Only valid when every program of the grid is
+    resident at once (the launcher checks the grid against the SMs), and never in the interpreter,
+    which runs programs one after another."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // Hkv
@@ -507,24 +512,54 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
     o = rows * NSPLIT + split
     _store_partial(sm_ptr, sl_ptr, sacc_ptr, o, gmask, m_s, l_s, a_s, DV, DVP)
     _store_partial(wm_ptr, wl_ptr, wacc_ptr, o, gmask, m_w, l_w, a_w, DV, DVP)
-    if FUSE:
+    if FUSE == 1:
         # Last-arriving split of the group: every split's partials are written (the barrier orders
         # this CTA's stores before the release of the atomic; its acquire orders the loads after).
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + pid, 1)
         if arrived == NSPLIT - 1:
             tl.store(cnt_ptr + pid, 0)  # ready for the next call (every split has counted)
-            dv = tl.arange(0, DVP)
-            o_c = _merge_splits(pm_ptr, pl_ptr, pacc_ptr, rows, gmask, NSPLIT_C, GP, C_CH, DV, DVP)
-            o_s = _merge_splits(sm_ptr, sl_ptr, sacc_ptr, rows, gmask, NSPLIT, GP, S_CH, DV, DVP)
-            o_w = _merge_splits(wm_ptr, wl_ptr, wacc_ptr, rows, gmask, NSPLIT, GP, S_CH, DV, DVP)
-            gp = gates_ptr + b * sg_b + heads * sg_h
-            g0 = tl.load(gp, mask=gmask, other=0.0).to(tl.float32)
-            g1 = tl.load(gp + 1, mask=gmask, other=0.0).to(tl.float32)
-            g2 = tl.load(gp + 2, mask=gmask, other=0.0).to(tl.float32)
-            res = g0[:, None] * o_c + g1[:, None] * o_s + g2[:, None] * o_w
-            tl.store(out_ptr + b * so_b + heads[:, None] * so_h + dv[None, :],
-                     res.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & (dv[None, :] < DV))
+            _merge_and_gate(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
+                            gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, b, heads, rows, gmask,
+                            NSPLIT_C, NSPLIT, GP, C_CH, S_CH, DV, DVP)
+    if FUSE == 2:
+        tl.debug_barrier()
+        tl.atomic_add(cnt_ptr + pid, 1)  # release: this split's partials are stored
+        while tl.atomic_add(cnt_ptr + pid, 0, sem="acquire") < NSPLIT:
+            pass
+        # This split's heads only, as a tile of HSP rows (not GP: at batch 1 the merges read 32 +
+        # 16 + 16 states a head, which for every head at once would not fit the registers).
+        HS: tl.constexpr = (G + NSPLIT - 1) // NSPLIT
+        HSP: tl.constexpr = 2 if HS <= 2 else (4 if HS <= 4 else (8 if HS <= 8 else GP))
+        hg = split * HS + tl.arange(0, HSP)
+        mine = (tl.arange(0, HSP) < HS) & (hg < G)
+        _merge_and_gate(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
+                        gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, b, kh * G + hg, b * Hq + kh * G + hg,
+                        mine, NSPLIT_C, NSPLIT, HSP, C_CH, S_CH, DV, DVP)
+        # The last split to leave resets both counters: every split has passed its wait by then.
+        if tl.atomic_add(dep_ptr + pid, 1) == NSPLIT - 1:
+            tl.store(cnt_ptr + pid, 0)
+            tl.store(dep_ptr + pid, 0)
+
+
+@triton.jit
+def _merge_and_gate(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
+                    gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, b, heads, rows, gmask,
+                    NSPLIT_C: tl.constexpr, NSPLIT: tl.constexpr, GP: tl.constexpr, C_CH: tl.constexpr,
+                    S_CH: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+    """The gated output of the rows in gmask from every split's partial states of the three
+    branches (compressed, selected, window)."""
+    dv = tl.arange(0, DVP)
+    o_c = _merge_splits(pm_ptr, pl_ptr, pacc_ptr, rows, gmask, NSPLIT_C, GP, C_CH, DV, DVP)
+    o_s = _merge_splits(sm_ptr, sl_ptr, sacc_ptr, rows, gmask, NSPLIT, GP, S_CH, DV, DVP)
+    o_w = _merge_splits(wm_ptr, wl_ptr, wacc_ptr, rows, gmask, NSPLIT, GP, S_CH, DV, DVP)
+    gp = gates_ptr + b * sg_b + heads * sg_h
+    g0 = tl.load(gp, mask=gmask, other=0.0).to(tl.float32)
+    g1 = tl.load(gp + 1, mask=gmask, other=0.0).to(tl.float32)
+    g2 = tl.load(gp + 2, mask=gmask, other=0.0).to(tl.float32)
+    res = g0[:, None] * o_c + g1[:, None] * o_s + g2[:, None] * o_w
+    tl.store(out_ptr + b * so_b + heads[:, None] * so_h + dv[None, :],
+             res.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & (dv[None, :] < DV))
 
 
 def _check_inputs(q, gates, layer, block_tables, seq_lens, p, win_tables):
@@ -622,7 +657,8 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
-    (None: when both branches have at most FUSE_MAX_SPLITS splits). `pdl`: programmatic dependent
+    (None: when both branches have at most FUSE_MAX_SPLITS splits; "spread": every split merges a
+    share of the heads once all have stored, GPU only, grid ≤ SMs). `pdl`: programmatic dependent
     launch (None: `pdl_enabled`). `topn`: how the top-n is found (TOPN_MODES, `_select_units`).
     Defaults: the fastest measured at 64k (docs/benchmarks/decode.md).
 
@@ -693,7 +729,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     sel = torch.empty(B, Hkv, p.num_select, device=dev, dtype=torch.int32)
     ulp = torch.empty(NG, NSP, device=dev, dtype=torch.int32)
     uph = torch.empty_like(ulp)
-    cnt = _arrival_counters(dev, 2 * NG)
+    cnt = _arrival_counters(dev, 3 * NG)  # attention arrivals, score arrivals, attention departures
     kc, vc = layer.kc_cache, layer.vc_cache
     _cmp_tile_kernel[(NG, nsplit_c)](
         q, q.stride(0), q.stride(1), kc, kc.stride(0), kc.stride(1), kc.stride(2),
@@ -741,23 +777,32 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     NC_P, NS_P = max(2, next_pow2(nsplit_c)), max(2, next_pow2(nsplit))
     if fuse_combine is None:
         fuse_combine = max(nsplit_c, nsplit) <= FUSE_MAX_SPLITS
+    spread = fuse_combine == "spread"
+    if spread:
+        if interpret_mode():  # programs run one after another there: the first would wait forever
+            raise ValueError("fuse_combine='spread' needs a GPU (its splits wait for each other)")
+        if dev.type == "cuda" and NG * nsplit > num_sms(
+                dev.index if dev.index is not None else torch.cuda.current_device()):
+            raise ValueError(f"fuse_combine='spread' needs every attention program resident at once: "
+                             f"{NG * nsplit} programs > the device's SMs")
+    fuse_mode = 2 if spread else int(bool(fuse_combine))
     k, v = layer.k_cache, layer.v_cache
     _attend_kernel[(NG, nsplit)](
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), k.stride(2),
         v, v.stride(0), v.stride(1), v.stride(2), seq_lens, block_tables, block_tables.stride(0),
         wt, wt.stride(0), ulp, uph, sm, sl, sacc, wm, wl, wacc,
         pm, pl, pacc, gates, gates.stride(0), gates.stride(1), out, out.stride(0), out.stride(1),
-        cnt, scale, Hkv, nsplit_c if fuse_combine else 1,  # a constant only the fused merge uses:
+        cnt, cnt[2 * NG:], scale, Hkv, nsplit_c if fuse_mode else 1,  # a constant only the fused merge uses:
         # 1 otherwise, so unfused launches do not compile a variant per compressed split count
         G=G, GP=GP, DK=Dk, DK0=ADK0, DK1=ADK1, DV=Dv, DVP=DVP, PAGE=P, NSEL=p.num_select, NSP=NSP,
         SPS=sps, SPS_P=max(2, next_pow2(sps)), WINDOW=p.window, NWP=NWP, WPS=wps,
         WPS_P=max(2, next_pow2(wps)), RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1,
         DEDUP=dedup, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, NSPLIT=nsplit, STAGES=attend_stages,
-        FUSE=bool(fuse_combine), C_CH=min(4, NC_P), S_CH=min(4, NS_P), PREC=prec,
+        FUSE=fuse_mode, C_CH=min(4, NC_P), S_CH=min(4, NS_P), PREC=prec,
         UPCAST=interpreter_upcast(q.dtype), PDL=pdl, num_warps=num_warps, num_stages=attend_stages,
         **launch)
 
-    if not fuse_combine:
+    if not fuse_mode:
         _combine_kernel[(B * Hq,)](
             out, out.stride(0), out.stride(1), gates, gates.stride(0), gates.stride(1),
             pm, pl, pacc, sm, sl, sacc, wm, wl, wacc, Hq, nsplit_c, nsplit, NSA=True,
