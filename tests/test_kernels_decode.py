@@ -305,7 +305,7 @@ def test_spread_merge_is_refused_where_splits_cannot_wait_for_each_other():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("lens,splits", [([9000, 33000, 65536, 1], 16), ([700, 20000], 12), ([5000] * 16, 2)])
+@pytest.mark.parametrize("lens,splits", [([65536, 1], 16), ([700, 20000], 12), ([5000] * 16, 2)])  # ≤ 128 programs
 def test_gpu_spread_merge_equals_the_reference_and_repeats_bitwise(lens, splits):
     # Every split waits for its group's others, then merges its share of the heads (16 heads over
     # 16, 12 or 2 splits): 50 calls bitwise equal, the reference matched, the counters back at 0.
