@@ -161,6 +161,21 @@ def test_nsa_decode_candidate_topn_spill_across_programs():
     assert set(sel[0, 0].tolist()) - {-1} == want[0][0]
 
 
+def test_nsa_decode_candidate_topn_two_page_spill_across_programs():
+    # l > l': a summary spans three pages, so page 63's entry 1 (tokens 1016–1055) spills into
+    # blocks 64 (k = 1) and 65 (k = 2), the second program's first two blocks (64 pages a program).
+    # Made to dominate, it must select exactly those two besides the forced blocks.
+    p = SparsityParams(block=40, stride=8, select_block=16, num_select=4, window=32, num_local=1)
+    q, gates, layer, tables, seq_lens, _ = make_case([3000], 1, 2, 16, 16, p, seed=11)
+    layer.kc_cache[int(tables[0, 63]), 0, 1] = 8 * q[0].mean(0) / q[0].mean(0).norm()
+    _, sel = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, p, chunk=16, topn="cand",
+                                      return_selection=True)
+    want = reference_selection(q, gates, layer, tables, seq_lens, p, None)
+    assert {64, 65} <= want[0][0]
+    assert set(sel[0, 0].tolist()) - {-1} == want[0][0]
+    check_nsa([3000, 1100, 40], 1, 2, 16, 16, p, fn=nsa_mod.nsa_decode_tuned, topn="cand", chunk=16)
+
+
 def test_nsa_decode_candidate_topn_ties_across_programs():
     # q = 0: every interior block ties, across both score programs (250 pages, 128 a program), so
     # the candidates' top-n must give the same list, in the same order, as the top-n over all.
