@@ -527,19 +527,43 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
         tl.atomic_add(cnt_ptr + pid, 1)  # release: this split's partials are stored
         while tl.atomic_add(cnt_ptr + pid, 0, sem="acquire") < NSPLIT:
             pass
-        # This split's heads only, as a tile of HSP rows (not GP: at batch 1 the merges read 32 +
-        # 16 + 16 states a head, which for every head at once would not fit the registers).
-        HS: tl.constexpr = (G + NSPLIT - 1) // NSPLIT
-        HSP: tl.constexpr = 2 if HS <= 2 else (4 if HS <= 4 else (8 if HS <= 8 else GP))
-        hg = split * HS + tl.arange(0, HSP)
-        mine = (tl.arange(0, HSP) < HS) & (hg < G)
-        _merge_and_gate(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
-                        gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, b, kh * G + hg, b * Hq + kh * G + hg,
-                        mine, NSPLIT_C, NSPLIT, HSP, C_CH, S_CH, DV, DVP)
+        _merge_share(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
+                     gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, b, kh, split, Hq,
+                     G, GP, NSPLIT_C, NSPLIT, C_CH, S_CH, DV, DVP)
         # The last split to leave resets both counters: every split has passed its wait by then.
         if tl.atomic_add(dep_ptr + pid, 1) == NSPLIT - 1:
             tl.store(cnt_ptr + pid, 0)
             tl.store(dep_ptr + pid, 0)
+
+
+@triton.jit
+def _merge_share(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
+                 gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, b, kh, split, Hq,
+                 G: tl.constexpr, GP: tl.constexpr, NSPLIT_C: tl.constexpr, NSPLIT: tl.constexpr,
+                 C_CH: tl.constexpr, S_CH: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+    """Split `split`'s share of its group's heads, ⌈G / NSPLIT⌉ of them, merged and gated. They
+    are a tile of HSP rows, not GP: at batch 1 the merges read 32 + 16 + 16 states a head, which
+    for every head at once would not fit the registers."""
+    HS: tl.constexpr = (G + NSPLIT - 1) // NSPLIT
+    HSP: tl.constexpr = 2 if HS <= 2 else (4 if HS <= 4 else (8 if HS <= 8 else GP))
+    hg = split * HS + tl.arange(0, HSP)
+    mine = (tl.arange(0, HSP) < HS) & (hg < G)
+    _merge_and_gate(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
+                    gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, b, kh * G + hg, b * Hq + kh * G + hg,
+                    mine, NSPLIT_C, NSPLIT, HSP, C_CH, S_CH, DV, DVP)
+
+
+@triton.jit
+def _merge_shares_kernel(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
+                         gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, Hkv,
+                         G: tl.constexpr, GP: tl.constexpr, NSPLIT_C: tl.constexpr, NSPLIT: tl.constexpr,
+                         C_CH: tl.constexpr, S_CH: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+    """The spread merge as its own launch, grid (B·Hkv, splits): what each attention split does
+    after its wait in FUSE 2, for the CPU interpreter, where splits cannot wait for each other."""
+    pid = tl.program_id(0)
+    _merge_share(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
+                 gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, pid // Hkv, pid % Hkv, tl.program_id(1),
+                 Hkv * G, G, GP, NSPLIT_C, NSPLIT, C_CH, S_CH, DV, DVP)
 
 
 @triton.jit
@@ -778,21 +802,21 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     if fuse_combine is None:
         fuse_combine = max(nsplit_c, nsplit) <= FUSE_MAX_SPLITS
     spread = fuse_combine == "spread"
-    if spread:
-        if interpret_mode():  # programs run one after another there: the first would wait forever
-            raise ValueError("fuse_combine='spread' needs a GPU (its splits wait for each other)")
-        if dev.type == "cuda" and NG * nsplit > num_sms(
-                dev.index if dev.index is not None else torch.cuda.current_device()):
-            raise ValueError(f"fuse_combine='spread' needs every attention program resident at once: "
-                             f"{NG * nsplit} programs > the device's SMs")
-    fuse_mode = 2 if spread else int(bool(fuse_combine))
+    # The interpreter runs programs one after another, so a split waiting for the others would
+    # wait forever: there the same shares are merged by a second launch after the attention.
+    spread_launch = spread and interpret_mode()
+    if spread and dev.type == "cuda" and NG * nsplit > num_sms(
+            dev.index if dev.index is not None else torch.cuda.current_device()):
+        raise ValueError(f"fuse_combine='spread' needs every attention program resident at once: "
+                         f"{NG * nsplit} programs > the device's SMs")
+    fuse_mode = 0 if spread_launch else (2 if spread else int(bool(fuse_combine)))
     k, v = layer.k_cache, layer.v_cache
     _attend_kernel[(NG, nsplit)](
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), k.stride(2),
         v, v.stride(0), v.stride(1), v.stride(2), seq_lens, block_tables, block_tables.stride(0),
         wt, wt.stride(0), ulp, uph, sm, sl, sacc, wm, wl, wacc,
         pm, pl, pacc, gates, gates.stride(0), gates.stride(1), out, out.stride(0), out.stride(1),
-        cnt, cnt[2 * NG:], scale, Hkv, nsplit_c if fuse_mode else 1,  # a constant only the fused merge uses:
+        cnt, cnt[2 * NG:], scale, Hkv, nsplit_c if fuse_mode else 1,  # a constant only the fused merges use:
         # 1 otherwise, so unfused launches do not compile a variant per compressed split count
         G=G, GP=GP, DK=Dk, DK0=ADK0, DK1=ADK1, DV=Dv, DVP=DVP, PAGE=P, NSEL=p.num_select, NSP=NSP,
         SPS=sps, SPS_P=max(2, next_pow2(sps)), WINDOW=p.window, NWP=NWP, WPS=wps,
@@ -802,7 +826,12 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         UPCAST=interpreter_upcast(q.dtype), PDL=pdl, num_warps=num_warps, num_stages=attend_stages,
         **launch)
 
-    if not fuse_mode:
+    if spread_launch:
+        _merge_shares_kernel[(NG, nsplit)](
+            pm, pl, pacc, sm, sl, sacc, wm, wl, wacc, gates, gates.stride(0), gates.stride(1),
+            out, out.stride(0), out.stride(1), Hkv, G=G, GP=GP, NSPLIT_C=nsplit_c, NSPLIT=nsplit,
+            C_CH=min(4, NC_P), S_CH=min(4, NS_P), DV=Dv, DVP=DVP, num_warps=4)
+    elif not fuse_mode:
         _combine_kernel[(B * Hq,)](
             out, out.stride(0), out.stride(1), gates, gates.stride(0), gates.stride(1),
             pm, pl, pacc, sm, sl, sacc, wm, wl, wacc, Hq, nsplit_c, nsplit, NSA=True,
