@@ -208,6 +208,7 @@ def compare(copy_gbs, ctx=65536, batches=(1, 16, 64)):
                for k, kw in variants.items()}
         if nsa_v1 is not None:
             fns["previous version"] = lambda: nsa_v1(q, gates, layer, tables, seq_lens, PAPER_P)
+
         print("| batch | variant | NSA+graph µs | % copy | max abs diff vs default |\n|---|---|---|---|---|")
         for name, fn in fns.items():
             try:
@@ -218,10 +219,28 @@ def compare(copy_gbs, ctx=65536, batches=(1, 16, 64)):
                 continue
             print(f"| {B} | {name} | {us:.1f} | {100 * nbytes / (us * 1e-6) / 1e9 / copy_gbs:.0f}% | "
                   f"{diff:.2e} |", flush=True)
+        _compare_dense(B, q, layer, tables, seq_lens)
         del q, gates, layer, tables, seq_lens
         torch.cuda.empty_cache()
     print(HEADER)
     print("\n".join(rows))
+
+
+def _compare_dense(B, q, layer, tables, seq_lens):
+    """The dense baseline's launches (dense_decode.DENSE_LAUNCH), each from a CUDA graph."""
+    from .dense_decode import DENSE_LAUNCH
+
+    base = dense_paged_decode(q, layer, tables, seq_lens, launch="previous").float()
+    print("| batch | dense paged launch | µs (graph) | max abs diff vs previous |\n|---|---|---|---|")
+    for name in sorted(DENSE_LAUNCH):
+        fn = lambda name=name: dense_paged_decode(q, layer, tables, seq_lens, launch=name)  # noqa: E731
+        try:
+            diff = (fn().float() - base).abs().max().item()
+            us = bench(graph_of(fn).replay, rep=50)
+        except Exception as e:  # reported, not fatal
+            print(f"| {B} | {name} | failed: {type(e).__name__}: {str(e)[:80]} | |", flush=True)
+            continue
+        print(f"| {B} | {name} | {us:.1f} | {diff:.2e} |", flush=True)
 
 
 def profile(copy_gbs, ctx=65536):

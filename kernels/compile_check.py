@@ -181,6 +181,7 @@ def _cases(shape: str, dtype: torch.dtype):
         ("nsa_decode spread merge", lambda: nsa_decode_tuned(q1, g1, layer, bt, lens, p, num_splits=16,
                                                              fuse_combine="spread")),
         ("dense_paged_decode", lambda: dense_paged_decode(q1, layer, bt, lens)),
+        ("dense_paged_decode ahead", lambda: dense_paged_decode(q1, layer, bt, lens, launch="ahead")),
         ("nsa_prefill", lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p)),
         ("nsa_prefill ring", lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p, win_tables=ring[:1])),
         ("write_kv", lambda: write_kv(layer.k_cache, x, slots)),

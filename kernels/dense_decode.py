@@ -22,13 +22,20 @@ from .paged import PagedLayerCache
 @triton.jit
 def _dense_split_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r,
                         bt_ptr, sbt_b, lens_ptr, sm_ptr, sl_ptr, sacc_ptr, scale, Hkv,
-                        G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
-                        DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
-                        NSPLIT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                        G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr,
+                        DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
+                        NSPLIT: tl.constexpr, AHEAD: tl.constexpr, STAGES: tl.constexpr,
+                        PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Program (group, split) walks pages [split·T, split·T + T) of its sequence, T = ⌈pages /
     NSPLIT⌉: the splits share the sequence's own pages, not the table's width (inside a CUDA graph
     the tables are as wide as the longest sequence served; sized by width, a short sequence's
-    pages all fell to its first splits)."""
+    pages all fell to its first splits).
+
+    dk is DK0 + DK1 power-of-two dots (192 = 128 + 64) or one padded dot (DK1 = 0). AHEAD: the
+    page ids are read a page ahead (a carried pair: a carried scalar id still compiled to
+    `async_wait {num = 0}`, the pair to `{num = 3}`), so the software pipeliner (STAGES) can issue a
+    page's K/V loads while the previous page computes. With the id loaded in the same iteration it
+    waits for every copy (the lesson of the NSA kernels: docs/benchmarks/decode.md, seventh round)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // Hkv
@@ -37,11 +44,15 @@ def _dense_split_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p,
     g = tl.arange(0, GP)
     gmask = g < G
     heads = kh * G + g
-    dk = tl.arange(0, DKP)
+    d0 = tl.arange(0, DK0)
     dv = tl.arange(0, DVP)
     r_tok = tl.arange(0, PAGE)
-    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + dk[None, :],
-                mask=gmask[:, None] & (dk[None, :] < DK), other=0.0)
+    q0 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d0[None, :],
+                 mask=gmask[:, None] & (d0[None, :] < DK), other=0.0)
+    if DK1 > 0:
+        d1 = DK0 + tl.arange(0, DK1)
+        q1 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d1[None, :],
+                     mask=gmask[:, None] & (d1[None, :] < DK), other=0.0)
     m = tl.full([GP], NEG, tl.float32)
     l = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DVP], tl.float32)
@@ -49,16 +60,26 @@ def _dense_split_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p,
     pps = (n_pages + NSPLIT - 1) // NSPLIT
     lo = split * pps
     hi = tl.minimum(lo + pps, n_pages)
-    for pg in range(lo, hi):
-        phys = tl.load(bt_ptr + b * sbt_b + pg).to(tl.int64)
+    if AHEAD:
+        two = tl.arange(0, 2)
+        ids_n = tl.load(bt_ptr + b * sbt_b + lo + two, mask=lo + two < hi, other=0)
+    for pg in tl.range(lo, hi, num_stages=STAGES):
+        if AHEAD:
+            phys = tl.sum(tl.where(two == 0, ids_n, 0)).to(tl.int64)
+            ids_n = tl.load(bt_ptr + b * sbt_b + pg + 1 + two, mask=pg + 1 + two < hi, other=0)
+        else:
+            phys = tl.load(bt_ptr + b * sbt_b + pg).to(tl.int64)
         pos = pg * PAGE + r_tok
         tmask = pos < L
-        k = tl.load(k_ptr + phys * sk_p + kh * sk_h + r_tok[:, None] * sk_r + dk[None, :],
-                    mask=tmask[:, None] & (dk[None, :] < DK), other=0.0)
+        kbase = k_ptr + phys * sk_p + kh * sk_h + r_tok[:, None] * sk_r
+        k0 = tl.load(kbase + d0[None, :], mask=tmask[:, None] & (d0[None, :] < DK), other=0.0)
         v = tl.load(v_ptr + phys * sv_p + kh * sv_h + r_tok[:, None] * sv_r + dv[None, :],
                     mask=tmask[:, None] & (dv[None, :] < DV), other=0.0)
-        s = _dot(q, tl.trans(k), PREC, UPCAST) * scale
-        s = tl.where(tmask[None, :], s, float("-inf"))
+        s = _dot(q0, tl.trans(k0), PREC, UPCAST)
+        if DK1 > 0:
+            k1 = tl.load(kbase + d1[None, :], mask=tmask[:, None] & (d1[None, :] < DK), other=0.0)
+            s += _dot(q1, tl.trans(k1), PREC, UPCAST)
+        s = tl.where(tmask[None, :], s * scale, float("-inf"))
         m, l, acc, _ = _online_softmax_step(m, l, acc, s, v, PREC, UPCAST)
     rows = b * (Hkv * G) + heads
     o = rows * NSPLIT + split
@@ -67,10 +88,22 @@ def _dense_split_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p,
     tl.store(sacc_ptr + o[:, None] * DV + dv[None, :], acc, mask=gmask[:, None] & (dv[None, :] < DV))
 
 
+# Launch defaults of the dense baseline. Until the eighth session the kernel read each page id in
+# the iteration that loads the page and padded dk to a power of two (8 warps); "ahead" reads the id
+# a page early so copies can overlap (3 stages) and splits dk like the NSA kernels (4 warps). Not
+# yet timed on a GPU: `bench_decode --compare` times both ("dense paged, previous launch").
+DENSE_LAUNCH = {"ahead": dict(ahead=True, split_dk=True, stages=3, num_warps=4),
+                "previous": dict(ahead=False, split_dk=False, stages=None, num_warps=8)}  # None: Triton's default
+DENSE_DEFAULT = "previous"
+
+
 def dense_paged_decode(q: torch.Tensor, layer: PagedLayerCache, block_tables: torch.Tensor,
                        seq_lens: torch.Tensor, scale: float | None = None,
-                       num_splits: int | None = None, num_warps: int = 8) -> torch.Tensor:
-    """Causal attention of one new token per sequence over all its pages. q [B, Hq, Dk] → [B, Hq, Dv]."""
+                       num_splits: int | None = None, num_warps: int | None = None,
+                       launch: str | None = None) -> torch.Tensor:
+    """Causal attention of one new token per sequence over all its pages. q [B, Hq, Dk] → [B, Hq, Dv].
+
+    `launch`: a DENSE_LAUNCH key (default DENSE_DEFAULT); results equal to float rounding."""
     from .nsa_decode import _check_inputs  # one place for the shared shape checks
 
     _check_inputs(q, None, layer, block_tables, seq_lens, None, None)
@@ -87,14 +120,20 @@ def dense_paged_decode(q: torch.Tensor, layer: PagedLayerCache, block_tables: to
     sm = torch.empty(B, Hq, nsplit, device=dev, dtype=f32)
     sl = torch.empty_like(sm)
     sacc = torch.empty(B, Hq, nsplit, Dv, device=dev, dtype=f32)
+    cfg = DENSE_LAUNCH.get(launch or DENSE_DEFAULT)
+    if cfg is None:
+        raise ValueError(f"launch must be one of {sorted(DENSE_LAUNCH)}, got {launch!r}")
+    from .nsa_decode import _split_dk
+
+    DK0, DK1 = _split_dk(Dk) if cfg["split_dk"] else (next_pow2(Dk), 0)
     k, v = layer.k_cache, layer.v_cache
     _dense_split_kernel[(B * Hkv, nsplit)](
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), k.stride(2),
         v, v.stride(0), v.stride(1), v.stride(2), block_tables, block_tables.stride(0), seq_lens,
         sm, sl, sacc, scale, Hkv,
-        G=G, GP=max(16, next_pow2(G)), DK=Dk, DKP=next_pow2(Dk), DV=Dv, DVP=next_pow2(Dv), PAGE=P,
-        NSPLIT=nsplit, PREC=dot_precision(q.dtype), UPCAST=interpreter_upcast(q.dtype),
-        num_warps=num_warps)
+        G=G, GP=max(16, next_pow2(G)), DK=Dk, DK0=DK0, DK1=DK1, DV=Dv, DVP=next_pow2(Dv), PAGE=P,
+        NSPLIT=nsplit, AHEAD=cfg["ahead"], STAGES=cfg["stages"], PREC=dot_precision(q.dtype),
+        UPCAST=interpreter_upcast(q.dtype), num_warps=num_warps or cfg["num_warps"])
     out = torch.empty(B, Hq, Dv, device=dev, dtype=q.dtype)
     _combine_kernel[(B * Hq,)](
         out, out.stride(0), out.stride(1), out, 0, 0,

@@ -18,6 +18,7 @@ from nsa_kernels.reference import SparsityParams, nsa_attention
 _, _, dense_mod, nsa_mod = load_kernels()
 
 SMALL = SparsityParams(block=8, stride=4, select_block=16, num_select=4, window=32)
+DENSE_LAUNCHES = ("ahead", "previous")  # dense_decode.DENSE_LAUNCH
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -221,11 +222,16 @@ def test_nsa_decode_half_precision(dtype):
     check_nsa([9, 100, 170], Hkv=2, G=4, Dk=24, Dv=16, p=SMALL, dtype=dtype, tol=2e-2, chunk=16)
 
 
-@pytest.mark.parametrize("G,splits", [(1, 1), (4, 3), (16, 5)])
-def test_dense_paged_decode_matches_reference(G, splits):
-    q, gates, layer, tables, seq_lens, _ = make_case(RAGGED, 2, G, 24, 16, SMALL, seed=G)
-    out = dense_mod.dense_paged_decode(q, layer, tables, seq_lens, num_splits=splits)
+@pytest.mark.parametrize("launch", sorted(DENSE_LAUNCHES))
+@pytest.mark.parametrize("G,splits,Dk", [(1, 1, 24), (4, 3, 24), (16, 5, 24), (4, 2, 48), (2, 1, 16)])
+def test_dense_paged_decode_matches_reference(G, splits, Dk, launch):
+    # Both launches ("ahead": page ids a page early and dk as two dots, e.g. 48 = 32 + 16; and the
+    # previous one), ragged lengths, several splits.
+    q, gates, layer, tables, seq_lens, _ = make_case(RAGGED, 2, G, Dk, 16, SMALL, seed=G)
+    out = dense_mod.dense_paged_decode(q, layer, tables, seq_lens, num_splits=splits, launch=launch)
     assert rel_err(out, reference(q, gates, layer, tables, seq_lens, SMALL, None, dense=True)) < 1e-5
+    with pytest.raises(ValueError, match="launch"):
+        dense_mod.dense_paged_decode(q, layer, tables, seq_lens, launch="nope")
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -279,10 +285,11 @@ def test_gpu_paper_shape_launch_variants(kw):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_dense_paper_shape():
+@pytest.mark.parametrize("launch", DENSE_LAUNCHES)
+def test_gpu_dense_paper_shape(launch):
     q, gates, layer, tables, seq_lens, _ = make_case([1, 64, 65, 5000, 33000], 4, 16, 192, 128, PAPER,
                                                      torch.bfloat16, device="cuda")
-    out = dense_mod.dense_paged_decode(q, layer, tables, seq_lens)
+    out = dense_mod.dense_paged_decode(q, layer, tables, seq_lens, launch=launch)
     assert rel_err(out, reference(q, gates, layer, tables, seq_lens, PAPER, None, dense=True)) < 1e-2
 
 
