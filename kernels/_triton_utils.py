@@ -123,6 +123,20 @@ def _online_softmax_step(m, l, acc, s, v, PREC: tl.constexpr, UPCAST: tl.constex
     return m_new, l, acc, p
 
 
+@triton.jit
+def _load_q_halves(q_ptr, row_off, gmask, DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr):
+    """The group's query rows (`row_off` [GP] element offsets) as the operands of dk = DK0 + DK1,
+    two power-of-two dots (192 = 128 + 64); q1 is q0 (unused) when DK1 = 0."""
+    d0 = tl.arange(0, DK0)
+    q0 = tl.load(q_ptr + row_off[:, None] + d0[None, :], mask=gmask[:, None] & (d0[None, :] < DK), other=0.0)
+    q1 = q0
+    if DK1 > 0:
+        d1 = DK0 + tl.arange(0, DK1)
+        q1 = tl.load(q_ptr + row_off[:, None] + d1[None, :], mask=gmask[:, None] & (d1[None, :] < DK),
+                     other=0.0)
+    return q0, q1
+
+
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
     if t.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dimension (got strides {t.stride()})")

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (NEG, _combine_kernel, _dot, _online_softmax_step, dot_precision,
-                            interpreter_upcast, next_pow2, target_programs)
+from ._triton_utils import (NEG, _combine_kernel, _dot, _load_q_halves, _online_softmax_step,
+                            dot_precision, interpreter_upcast, next_pow2, target_programs)
 from .paged import PagedLayerCache
 
 
@@ -47,12 +47,9 @@ def _dense_split_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p,
     d0 = tl.arange(0, DK0)
     dv = tl.arange(0, DVP)
     r_tok = tl.arange(0, PAGE)
-    q0 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d0[None, :],
-                 mask=gmask[:, None] & (d0[None, :] < DK), other=0.0)
+    q0, q1 = _load_q_halves(q_ptr, b * sq_b + heads * sq_h, gmask, DK, DK0, DK1)
     if DK1 > 0:
         d1 = DK0 + tl.arange(0, DK1)
-        q1 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d1[None, :],
-                     mask=gmask[:, None] & (d1[None, :] < DK), other=0.0)
     m = tl.full([GP], NEG, tl.float32)
     l = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DVP], tl.float32)

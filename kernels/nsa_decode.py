@@ -41,9 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (NEG, _combine_kernel, _dot, _online_softmax_step, check_last_dim_contiguous,
-                            dot_precision, interpret_mode, interpreter_upcast, next_pow2, num_sms,
-                            pdl_enabled, pipeline_smem_budget, target_programs)
+from ._triton_utils import (NEG, _combine_kernel, _dot, _load_q_halves, _online_softmax_step,
+                            check_last_dim_contiguous, dot_precision, interpret_mode, interpreter_upcast,
+                            next_pow2, num_sms, pdl_enabled, pipeline_smem_budget, target_programs)
 from .paged import PagedLayerCache
 from .reference import SparsityParams
 
@@ -88,12 +88,9 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
     dv = tl.arange(0, DVP)
     lpg = tl.arange(0, PPT)
     rr = tl.arange(0, E)
-    q0 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d0[None, :],
-                 mask=gmask[:, None] & (d0[None, :] < DK), other=0.0)
+    q0, q1 = _load_q_halves(q_ptr, b * sq_b + heads * sq_h, gmask, DK, DK0, DK1)
     if DK1 > 0:
         d1 = DK0 + tl.arange(0, DK1)
-        q1 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d1[None, :],
-                     mask=gmask[:, None] & (d1[None, :] < DK), other=0.0)
     m = tl.full([GP], NEG, tl.float32)
     l = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DVP], tl.float32)
@@ -460,14 +457,7 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
     # the caches and tables) are complete — the score kernel waits for the compressed pass, which
     # waited for them, before it lets this kernel launch.
     L = tl.load(lens_ptr + b)
-    d0 = tl.arange(0, DK0)
-    q0 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d0[None, :],
-                 mask=gmask[:, None] & (d0[None, :] < DK), other=0.0)
-    q1 = q0
-    if DK1 > 0:
-        d1 = DK0 + tl.arange(0, DK1)
-        q1 = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d1[None, :],
-                     mask=gmask[:, None] & (d1[None, :] < DK), other=0.0)
+    q0, q1 = _load_q_halves(q_ptr, b * sq_b + heads * sq_h, gmask, DK, DK0, DK1)
     cur = (L - 1) // PAGE
     win_lo = tl.maximum(L - WINDOW, 0)
     first_wp = win_lo // PAGE

@@ -148,33 +148,31 @@ def test_nsa_decode_selection_across_score_tiles(topn):
               topn=topn)
 
 
-def test_nsa_decode_candidate_topn_spill_across_programs():
-    # The summary that ends page 127 (the last page of score program 0) also covers block 128's
-    # first tokens. Made to dominate, it must select both blocks; block 128's share reaches the
-    # second program only through its edge row.
-    p = SparsityParams(block=8, stride=4, select_block=16, num_select=8, window=32)
-    q, gates, layer, tables, seq_lens, _ = make_case([4000], 1, 2, 16, 16, p, seed=7)
-    layer.kc_cache[int(tables[0, 127]), 0, 3] = 8 * q[0].mean(0) / q[0].mean(0).norm()
-    _, sel = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, p, chunk=64, topn="cand",
-                                      return_selection=True)
-    want = reference_selection(q, gates, layer, tables, seq_lens, p, None)
-    assert {127, 128} <= want[0][0]
-    assert set(sel[0, 0].tolist()) - {-1} == want[0][0]
-
-
-def test_nsa_decode_candidate_topn_two_page_spill_across_programs():
+SPILL_CASES = {
+    # The summary that ends page 127 (the last page of score program 0, 128 pages a program) also
+    # covers block 128's first tokens.
+    "one page": (SparsityParams(block=8, stride=4, select_block=16, num_select=8, window=32),
+                 4000, 127, 3, 64, {127, 128}),
     # l > l': a summary spans three pages, so page 63's entry 1 (tokens 1016–1055) spills into
-    # blocks 64 (k = 1) and 65 (k = 2), the second program's first two blocks (64 pages a program).
-    # Made to dominate, it must select exactly those two besides the forced blocks.
-    p = SparsityParams(block=40, stride=8, select_block=16, num_select=4, window=32, num_local=1)
-    q, gates, layer, tables, seq_lens, _ = make_case([3000], 1, 2, 16, 16, p, seed=11)
-    layer.kc_cache[int(tables[0, 63]), 0, 1] = 8 * q[0].mean(0) / q[0].mean(0).norm()
-    _, sel = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, p, chunk=16, topn="cand",
+    # blocks 64 (k = 1) and 65 (k = 2), the second program's first two (64 pages a program).
+    "two pages": (SparsityParams(block=40, stride=8, select_block=16, num_select=4, window=32, num_local=1),
+                  3000, 63, 1, 16, {64, 65}),
+}
+
+
+@pytest.mark.parametrize("case", list(SPILL_CASES))
+def test_nsa_decode_candidate_topn_spill_across_programs(case):
+    # One summary made to dominate must select the blocks it spills into; the second program's
+    # share of it reaches that program only through its edge rows.
+    p, length, page, entry, chunk, blocks = SPILL_CASES[case]
+    q, gates, layer, tables, seq_lens, _ = make_case([length], 1, 2, 16, 16, p, seed=7)
+    layer.kc_cache[int(tables[0, page]), 0, entry] = 8 * q[0].mean(0) / q[0].mean(0).norm()
+    _, sel = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, p, chunk=chunk, topn="cand",
                                       return_selection=True)
     want = reference_selection(q, gates, layer, tables, seq_lens, p, None)
-    assert {64, 65} <= want[0][0]
+    assert blocks <= want[0][0]
     assert set(sel[0, 0].tolist()) - {-1} == want[0][0]
-    check_nsa([3000, 1100, 40], 1, 2, 16, 16, p, fn=nsa_mod.nsa_decode_tuned, topn="cand", chunk=16)
+    check_nsa([length, 1100, 40], 1, 2, 16, 16, p, fn=nsa_mod.nsa_decode_tuned, topn="cand", chunk=chunk)
 
 
 def test_nsa_decode_candidate_topn_ties_across_programs():
