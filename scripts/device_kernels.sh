@@ -2,7 +2,8 @@
 # The kernels' GPU acceptance run in one device call (issues: decode ≥ 8× SDPA at 64k batch 16, prefill
 # ≥ 5× at 64k): the device's own register report, the real-shape GPU tests, the decode table and
 # profile, the prefill table. Run from the repo root on a GPU machine; everything lands in ${OUT:-.}.
-# STEPS picks a subset (default: all but timeline): compile tests decode profile prefill timeline.
+# STEPS picks a subset (default: all but compare and timeline): compile tests decode profile prefill
+# compare timeline. compare = the 64k launch variants and staged modes (bench_decode --compare).
 # Each step has its own time limit so one slow step cannot eat the call (about 9 minutes in all).
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
@@ -12,7 +13,7 @@ if step compile; then  # registers / spills as the device's Triton compiles them
   timeout 120 python3 -m nsa_kernels.compile_check --shape paper,d128 --dtype bf16 2>&1 | tee "$OUT/compile.txt"
 fi
 if step tests; then
-  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_decode.py \
+  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_decode.py \
     tests/test_kernels_prefill.py 2>&1 | tee "$OUT/gpu_tests.txt"
 fi
 if step decode; then
@@ -23,8 +24,12 @@ fi
 if step profile; then  # per-kernel times without PDL: a PDL kernel's span includes its early wait
   NSA_PDL=0 timeout 60 python3 -m nsa_kernels.bench_decode --profile 2>&1 | tee "$OUT/decode_profile.txt"
 fi
+if step compare; then
+  timeout 240 python3 -m nsa_kernels.bench_decode --compare 2>&1 | tee "$OUT/decode_compare.txt"
+fi
 if step timeline; then  # in-graph program timeline of the decode kernels (docs/benchmarks/decode.md, eighth round)
-  timeout 120 python3 scripts/decode_timeline.py --batch 1 --batch 16 2>&1 | tee "$OUT/timeline.txt"
+  timeout 150 python3 scripts/decode_timeline.py --batch 1 --batch 16 --topn sort --topn cand 2>&1 \
+    | tee "$OUT/timeline.txt"
 fi
 if step prefill; then
   timeout 120 python3 -m nsa_kernels.bench_prefill --lens 32768,65536 2>&1 | tee "$OUT/prefill.txt"
