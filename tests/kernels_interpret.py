@@ -23,3 +23,10 @@ def load_kernels():
             if name in sys.modules:
                 importlib.reload(sys.modules[name])
     return [importlib.import_module(n) for n in _MODULES]
+
+
+def assert_matches(got, want, twin, tol):
+    """A kernel's output `got` against the float64 formula `want` (relative norm error < tol) and
+    against its PyTorch twin `twin` elementwise (rtol = tol, atol = tol · max |want|)."""
+    assert ((got.double() - want).norm() / want.norm()).item() < tol
+    assert torch.allclose(got.double(), twin.double(), rtol=tol, atol=tol * want.abs().max().item())

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels_interpret import DEVICE, load_kernels
+from kernels_interpret import DEVICE, assert_matches, load_kernels
 from nsa_serve.model.nsa_model import silu_mul
 
 load_kernels()
@@ -25,8 +25,7 @@ def check(T, N, dtype, tol, device=DEVICE, strided=False, seed=0):
     want = g * torch.sigmoid(g) * u
     twin = F.silu(gu[:, :N]) * gu[:, N:]
     if T and N:
-        assert ((y.double() - want).norm() / want.norm()).item() < tol
-        assert torch.allclose(y.double(), twin.double(), rtol=tol, atol=tol * want.abs().max().item())
+        assert_matches(y, want, twin, tol)
     return y
 
 
