@@ -90,11 +90,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def interpret_mode() -> bool:
-    """Triton kernels run in the CPU interpreter (one program after another)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def interpreter_upcast(dtype: torch.dtype) -> bool:
     """True when bf16 dot operands must be widened: the CPU interpreter (triton 3.9) multiplies
     bf16 operands as their raw uint16 bits. The upcast is exact, so results keep their meaning."""

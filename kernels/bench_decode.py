@@ -167,15 +167,8 @@ VARIANTS = {
     "splits merged by the combine launch": dict(fuse_combine=False),
     "64-entry compressed tiles": dict(chunk=64),
     "top-n by arg-max passes (default: bitonic top-k)": dict(topn="passes"),
-    "top-n of per-program candidates (default: over every block)": dict(topn="cand"),
+    "top-n over every block (default: of per-program candidates)": dict(topn="sort"),
 }
-# Variants that only apply at some batch sizes (the spread merge needs the attention grid to fit the
-# SMs at once: batch 1 at 64k, 4 groups × 16 splits); --compare skips them elsewhere with a note.
-SMALL_BATCH_VARIANTS = {
-    "splits merged by every split, heads shared (default: combine launch)": dict(fuse_combine="spread"),
-}
-
-
 def _variant_kwargs(kw):
     """kwargs of one variant; a value "k*sms" is k times the device's SM count."""
     from ._triton_utils import num_sms
@@ -202,10 +195,9 @@ def compare(copy_gbs, ctx=65536, batches=(1, 16, 64)):
         _, sel = nsa_decode(q, gates, layer, tables, seq_lens, PAPER_P, return_selection=True)
         nbytes = must_read_bytes(sel, ctx, cfg["Hkv"], cfg["Dk"], cfg["Dv"], PAPER_P)
         ref = nsa_decode(q, gates, layer, tables, seq_lens, PAPER_P).float()
-        variants = dict(VARIANTS, **(SMALL_BATCH_VARIANTS if B == 1 else {}))
         fns = {f"new {k}": (lambda kw=_variant_kwargs(kw): nsa_decode_tuned(q, gates, layer, tables, seq_lens,
                                                                            PAPER_P, **kw))
-               for k, kw in variants.items()}
+               for k, kw in VARIANTS.items()}
         if nsa_v1 is not None:
             fns["previous version"] = lambda: nsa_v1(q, gates, layer, tables, seq_lens, PAPER_P)
 

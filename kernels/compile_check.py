@@ -177,11 +177,9 @@ def _cases(shape: str, dtype: torch.dtype):
     return [
         ("nsa_decode", lambda: nsa_decode(q1, g1, layer, bt, lens, p)),
         ("nsa_decode ring", lambda: nsa_decode(q1, g1, layer, bt, lens, p, win_tables=ring)),
-        ("nsa_decode top-n of candidates", lambda: nsa_decode_tuned(q1, g1, layer, bt, lens, p, topn="cand")),
-        ("nsa_decode spread merge", lambda: nsa_decode_tuned(q1, g1, layer, bt, lens, p, num_splits=16,
-                                                             fuse_combine="spread")),
+        ("nsa_decode top-n over every block", lambda: nsa_decode_tuned(q1, g1, layer, bt, lens, p, topn="sort")),
         ("dense_paged_decode", lambda: dense_paged_decode(q1, layer, bt, lens)),
-        ("dense_paged_decode ahead", lambda: dense_paged_decode(q1, layer, bt, lens, launch="ahead")),
+        ("dense_paged_decode previous", lambda: dense_paged_decode(q1, layer, bt, lens, launch="previous")),
         ("nsa_prefill", lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p)),
         ("nsa_prefill ring", lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p, win_tables=ring[:1])),
         ("write_kv", lambda: write_kv(layer.k_cache, x, slots)),

@@ -85,13 +85,14 @@ def _dense_split_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p,
     tl.store(sacc_ptr + o[:, None] * DV + dv[None, :], acc, mask=gmask[:, None] & (dv[None, :] < DV))
 
 
-# Launch defaults of the dense baseline. Until the eighth session the kernel read each page id in
-# the iteration that loads the page and padded dk to a power of two (8 warps); "ahead" reads the id
-# a page early so copies can overlap (3 stages) and splits dk like the NSA kernels (4 warps). Not
-# yet timed on a GPU: `bench_decode --compare` times both ("dense paged, previous launch").
+# Launch defaults of the dense baseline. Until the ninth session the kernel read each page id in
+# the iteration that loads the page and padded dk to a power of two (8 warps, "previous"); "ahead"
+# reads the id a page early so copies overlap (3 stages) and splits dk like the NSA kernels (4 warps).
+# H200, 64k, paper shape, CUDA graph (docs/benchmarks/decode.md, ninth session): batch 1 63.1 →
+# 58.1 µs, batch 16 1113.6 → 789.4, batch 64 2925.4 → 2407.5. "previous" stays for `--compare`.
 DENSE_LAUNCH = {"ahead": dict(ahead=True, split_dk=True, stages=3, num_warps=4),
                 "previous": dict(ahead=False, split_dk=False, stages=None, num_warps=8)}  # None: Triton's default
-DENSE_DEFAULT = "previous"
+DENSE_DEFAULT = "ahead"
 
 
 def dense_paged_decode(q: torch.Tensor, layer: PagedLayerCache, block_tables: torch.Tensor,

@@ -15,10 +15,11 @@ win_tables, scale)` (tested on fresh random inputs; see docs/kernels_decode.md).
 2. `_score_kernel`, grid (B·Hkv, runs of TT compressed tiles): merges the per-head normalisers
    and sums the partial scores over the group's heads with one factor exp(m_tile − M_h) / L_h per
    (head, tile), into per-page rows part_k (block j's score is Σ_k part_k[j − k]: entries of page
-   j − k spill k blocks forward). The group's last-arriving program (an atomic arrival counter)
-   forms the block scores, forces the initial/local blocks, takes the top-n of packed (score
-   bits, −index) int64 keys (Triton's bitonic top-k), so ties go to the lower block index, the
-   reference's rule, and writes the group's work list: the n selected pages, then the window's
+   j − k spill k blocks forward). Each program forms its own blocks' scores, forces the
+   initial/local blocks and keeps the top-n of packed (score bits, −index) int64 keys (Triton's
+   bitonic top-k), so ties go to the lower block index, the reference's rule; the group's
+   last-arriving program (an atomic arrival counter) takes the top-n of those candidates and
+   writes the group's work list: the n selected pages, then the window's
    pages, as (logical page, physical page) pairs; with shared K/V a window page that is also
    selected is dropped from the list (it is read once, as a selection, and feeds both branches).
 3. `_attend_kernel`, grid (B·Hkv, splits): each program attends to its share of the work list. Each
@@ -42,8 +43,8 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import (NEG, _combine_kernel, _dot, _load_q_halves, _online_softmax_step,
-                            check_last_dim_contiguous, dot_precision, interpret_mode, interpreter_upcast,
-                            next_pow2, num_sms, pdl_enabled, pipeline_smem_budget, target_programs)
+                            check_last_dim_contiguous, dot_precision, interpreter_upcast,
+                            next_pow2, pdl_enabled, pipeline_smem_budget, target_programs)
 from .paged import PagedLayerCache
 from .reference import SparsityParams
 
@@ -417,7 +418,7 @@ def _store_partial(m_ptr, l_ptr, acc_ptr, o, gmask, m, l, acc, DV: tl.constexpr,
 def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r,
                    lens_ptr, bt_ptr, sbt_b, wt_ptr, swt_b, ulp_ptr, uph_ptr,
                    sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
-                   pm_ptr, pl_ptr, pacc_ptr, gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, cnt_ptr, dep_ptr,
+                   pm_ptr, pl_ptr, pacc_ptr, gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, cnt_ptr,
                    scale, Hkv, NSPLIT_C: tl.constexpr,
                    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr,
                    DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
@@ -439,11 +440,7 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
     blocks inside the window — always selected — are read once, in the window loop, and feed
     both branches; the selected loop skips them. FUSE 1: the group's last-arriving split also
     merges all partial states of the three branches and writes the gated output (no combine
-    launch). FUSE 2 ("spread"): every split waits (spins on the group's arrival counter) until all
-    the group's splits have stored their partials, then merges its own share of the group's heads;
-    the last to leave (a second counter) resets both. Only valid when every program of the grid is
-    resident at once (the launcher checks the grid against the SMs), and never in the interpreter,
-    which runs programs one after another."""
+    launch)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // Hkv
@@ -512,48 +509,6 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
             _merge_and_gate(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
                             gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, b, heads, rows, gmask,
                             NSPLIT_C, NSPLIT, GP, C_CH, S_CH, DV, DVP)
-    if FUSE == 2:
-        tl.debug_barrier()
-        tl.atomic_add(cnt_ptr + pid, 1)  # release: this split's partials are stored
-        while tl.atomic_add(cnt_ptr + pid, 0, sem="acquire") < NSPLIT:
-            pass
-        _merge_share(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
-                     gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, b, kh, split, Hq,
-                     G, GP, NSPLIT_C, NSPLIT, C_CH, S_CH, DV, DVP)
-        # The last split to leave resets both counters: every split has passed its wait by then.
-        if tl.atomic_add(dep_ptr + pid, 1) == NSPLIT - 1:
-            tl.store(cnt_ptr + pid, 0)
-            tl.store(dep_ptr + pid, 0)
-
-
-@triton.jit
-def _merge_share(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
-                 gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, b, kh, split, Hq,
-                 G: tl.constexpr, GP: tl.constexpr, NSPLIT_C: tl.constexpr, NSPLIT: tl.constexpr,
-                 C_CH: tl.constexpr, S_CH: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
-    """Split `split`'s share of its group's heads, ⌈G / NSPLIT⌉ of them, merged and gated. They
-    are a tile of HSP rows, not GP: at batch 1 the merges read 32 + 16 + 16 states a head, which
-    for every head at once would not fit the registers."""
-    HS: tl.constexpr = (G + NSPLIT - 1) // NSPLIT
-    HSP: tl.constexpr = 2 if HS <= 2 else (4 if HS <= 4 else (8 if HS <= 8 else GP))
-    hg = split * HS + tl.arange(0, HSP)
-    mine = (tl.arange(0, HSP) < HS) & (hg < G)
-    _merge_and_gate(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
-                    gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, b, kh * G + hg, b * Hq + kh * G + hg,
-                    mine, NSPLIT_C, NSPLIT, HSP, C_CH, S_CH, DV, DVP)
-
-
-@triton.jit
-def _merge_shares_kernel(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
-                         gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, Hkv,
-                         G: tl.constexpr, GP: tl.constexpr, NSPLIT_C: tl.constexpr, NSPLIT: tl.constexpr,
-                         C_CH: tl.constexpr, S_CH: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
-    """The spread merge as its own launch, grid (B·Hkv, splits): what each attention split does
-    after its wait in FUSE 2, for the CPU interpreter, where splits cannot wait for each other."""
-    pid = tl.program_id(0)
-    _merge_share(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
-                 gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, pid // Hkv, pid % Hkv, tl.program_id(1),
-                 Hkv * G, G, GP, NSPLIT_C, NSPLIT, C_CH, S_CH, DV, DVP)
 
 
 @triton.jit
@@ -651,11 +606,13 @@ CMP_TILE = 128
 # H100 (docs/benchmarks/decode.md, fourth round: batch 16 166.6 → 143.5 µs, batch 64 434 → 425 µs).
 ATTEND_WARPS = 4
 ATTEND_SPLIT_DK = True
-# How the score kernel's last-arriving program finds the top-n (`_select_units`). "sort" measured
-# on the H200 at 64k (docs/benchmarks/decode.md, ninth round): batch 1 31.2 → 29.9 µs, batch 16
-# 97.7 → 96.7, batch 64 equal; its top-n program 6.1 → 4.8 µs at batch 1 (timeline).
+# How the score kernel finds the top-n (`_select_units`). "sort" measured on the H200 at 64k
+# (docs/benchmarks/decode.md, ninth round): batch 1 31.2 → 29.9 µs, batch 16 97.7 → 96.7, batch 64
+# equal; its top-n program 6.1 → 4.8 µs at batch 1 (timeline). "cand" over "sort" (ninth session,
+# same call): batch 1 29.4 → 29.3 µs, batch 16 97.5 → 96.8, batch 64 equal; in the timeline the
+# score kernel's last program ends 1.0 µs (batch 1) and 4.1 µs (batch 16) earlier, the step 0.7 µs.
 TOPN_MODES = ("passes", "sort", "cand")
-TOPN_DEFAULT = "sort"
+TOPN_DEFAULT = "cand"
 HAS_TOPK = tl.constexpr(hasattr(tl, "topk"))  # tl.topk arrived after tl.sort (Triton 3.x)
 
 # Fuse the split merge and gates into the attention kernel's last split when both branches have at
@@ -671,8 +628,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
-    (None: when both branches have at most FUSE_MAX_SPLITS splits; "spread": every split merges a
-    share of the heads once all have stored, GPU only, grid ≤ SMs). `pdl`: programmatic dependent
+    (None: when both branches have at most FUSE_MAX_SPLITS splits). `pdl`: programmatic dependent
     launch (None: `pdl_enabled`). `topn`: how the top-n is found (TOPN_MODES, `_select_units`).
     Defaults: the fastest measured at 64k (docs/benchmarks/decode.md).
 
@@ -743,7 +699,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     sel = torch.empty(B, Hkv, p.num_select, device=dev, dtype=torch.int32)
     ulp = torch.empty(NG, NSP, device=dev, dtype=torch.int32)
     uph = torch.empty_like(ulp)
-    cnt = _arrival_counters(dev, 3 * NG)  # attention arrivals, score arrivals, attention departures
+    cnt = _arrival_counters(dev, 2 * NG)  # attention arrivals, then score arrivals
     kc, vc = layer.kc_cache, layer.vc_cache
     _cmp_tile_kernel[(NG, nsplit_c)](
         q, q.stride(0), q.stride(1), kc, kc.stride(0), kc.stride(1), kc.stride(2),
@@ -791,22 +747,14 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     NC_P, NS_P = max(2, next_pow2(nsplit_c)), max(2, next_pow2(nsplit))
     if fuse_combine is None:
         fuse_combine = max(nsplit_c, nsplit) <= FUSE_MAX_SPLITS
-    spread = fuse_combine == "spread"
-    # The interpreter runs programs one after another, so a split waiting for the others would
-    # wait forever: there the same shares are merged by a second launch after the attention.
-    spread_launch = spread and interpret_mode()
-    if spread and dev.type == "cuda" and NG * nsplit > num_sms(
-            dev.index if dev.index is not None else torch.cuda.current_device()):
-        raise ValueError(f"fuse_combine='spread' needs every attention program resident at once: "
-                         f"{NG * nsplit} programs > the device's SMs")
-    fuse_mode = 0 if spread_launch else (2 if spread else int(bool(fuse_combine)))
+    fuse_mode = int(bool(fuse_combine))
     k, v = layer.k_cache, layer.v_cache
     _attend_kernel[(NG, nsplit)](
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), k.stride(2),
         v, v.stride(0), v.stride(1), v.stride(2), seq_lens, block_tables, block_tables.stride(0),
         wt, wt.stride(0), ulp, uph, sm, sl, sacc, wm, wl, wacc,
         pm, pl, pacc, gates, gates.stride(0), gates.stride(1), out, out.stride(0), out.stride(1),
-        cnt, cnt[2 * NG:], scale, Hkv, nsplit_c if fuse_mode else 1,  # a constant only the fused merges use:
+        cnt, scale, Hkv, nsplit_c if fuse_mode else 1,  # a constant only the fused merges use:
         # 1 otherwise, so unfused launches do not compile a variant per compressed split count
         G=G, GP=GP, DK=Dk, DK0=ADK0, DK1=ADK1, DV=Dv, DVP=DVP, PAGE=P, NSEL=p.num_select, NSP=NSP,
         SPS=sps, SPS_P=max(2, next_pow2(sps)), WINDOW=p.window, NWP=NWP, WPS=wps,
@@ -816,12 +764,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         UPCAST=interpreter_upcast(q.dtype), PDL=pdl, num_warps=num_warps, num_stages=attend_stages,
         **launch)
 
-    if spread_launch:
-        _merge_shares_kernel[(NG, nsplit)](
-            pm, pl, pacc, sm, sl, sacc, wm, wl, wacc, gates, gates.stride(0), gates.stride(1),
-            out, out.stride(0), out.stride(1), Hkv, G=G, GP=GP, NSPLIT_C=nsplit_c, NSPLIT=nsplit,
-            C_CH=min(4, NC_P), S_CH=min(4, NS_P), DV=Dv, DVP=DVP, num_warps=4)
-    elif not fuse_mode:
+    if not fuse_mode:
         _combine_kernel[(B * Hq,)](
             out, out.stride(0), out.stride(1), gates, gates.stride(0), gates.stride(1),
             pm, pl, pacc, sm, sl, sacc, wm, wl, wacc, Hq, nsplit_c, nsplit, NSA=True,

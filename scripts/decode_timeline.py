@@ -69,7 +69,8 @@ EDITS = [
      r"\n    _stamp(tim_ptr, 2, 0, TIME)\1", 1),
     (r"(\n    if PDL:  # the work list is the score kernel's output\n        tl\.extra\.cuda\.gdc_wait\(\)\n)",
      r"\1    _stamp(tim_ptr, 2, 1, TIME)\n", 1),
-    (r"(\n            tl\.store\(dep_ptr \+ pid, 0\)\n)", r"\1    _stamp(tim_ptr, 2, 2, TIME)\n", 1),  # the kernel's end
+    (r"(\n                            NSPLIT_C, NSPLIT, GP, C_CH, S_CH, DV, DVP\)\n)",
+     r"\1    _stamp(tim_ptr, 2, 2, TIME)\n", 1),  # the kernel's end, after the fused merge
     (r"(score_warps=4[^)]*)\):", r"\1, timer=None):", 1),
     (r"PDL=pdl, (num_warps=(cmp_warps|score_warps|num_warps))", "PDL=pdl, " + TIMER + r"\1", 3),
 ]

@@ -316,36 +316,6 @@ def test_gpu_cuda_graph_capture_and_replay():
         assert rel_err(static_out, ref) < 1e-2, name
 
 
-@pytest.mark.parametrize("G,splits", [(4, 3), (16, 5), (16, 16), (1, 4), (3, 2)])
-def test_nsa_decode_spread_merge_shares_match_reference(G, splits):
-    # Each split merges ⌈G / splits⌉ of its group's heads (some splits none, the last share cut at
-    # G). In the interpreter the shares are merged by a second launch with the same code the GPU
-    # kernel runs after its wait; the wait itself is covered by the GPU tests.
-    check_nsa(RAGGED, 2, G, 24, 16, SMALL, fn=nsa_mod.nsa_decode_tuned, num_splits=splits,
-              fuse_combine="spread", chunk=16)
-    check_nsa(RAGGED[:5], 2, G, 24, 16, SMALL, ring=2, fn=nsa_mod.nsa_decode_tuned, num_splits=splits,
-              fuse_combine="spread", chunk=16)
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("lens,splits", [([65536, 1], 16), ([700, 20000], 12), ([5000] * 16, 2)])  # ≤ 128 programs
-def test_gpu_spread_merge_equals_the_reference_and_repeats_bitwise(lens, splits):
-    # Every split waits for its group's others, then merges its share of the heads (16 heads over
-    # 16, 12 or 2 splits): 50 calls bitwise equal, the reference matched, the counters back at 0.
-    q, gates, layer, tables, seq_lens, _ = make_case(lens, 4, 16, 192, 128, PAPER, torch.bfloat16, device="cuda")
-    fn = lambda: nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, PAPER,  # noqa: E731
-                                          num_splits=splits, fuse_combine="spread")
-    first = fn()
-    for _ in range(50):
-        assert torch.equal(fn(), first)
-    assert rel_err(first, reference(q, gates, layer, tables, seq_lens, PAPER, None)) < 1e-2
-    assert int(nsa_mod._COUNTERS[q.device].abs().sum()) == 0
-    plain = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, PAPER, num_splits=splits,
-                                     fuse_combine=False)
-    assert rel_err(first, plain.double()) < 1e-2
-
-
 @pytest.mark.gpu
 @gpu
 def test_gpu_last_arriving_split_sees_every_split():
