@@ -168,7 +168,6 @@ VARIANTS = {
     "64-entry compressed tiles": dict(chunk=64),
     "top-n by arg-max passes (default: bitonic top-k)": dict(topn="passes"),
     "top-n over every block (default: of per-program candidates)": dict(topn="sort"),
-    "score in the attention kernel (default: score kernel)": dict(score="attend"),
 }
 def _variant_kwargs(kw):
     """kwargs of one variant; a value "k*sms" is k times the device's SM count."""

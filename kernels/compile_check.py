@@ -178,8 +178,6 @@ def _cases(shape: str, dtype: torch.dtype):
         ("nsa_decode", lambda: nsa_decode(q1, g1, layer, bt, lens, p)),
         ("nsa_decode ring", lambda: nsa_decode(q1, g1, layer, bt, lens, p, win_tables=ring)),
         ("nsa_decode top-n over every block", lambda: nsa_decode_tuned(q1, g1, layer, bt, lens, p, topn="sort")),
-        ("nsa_decode score in the attention kernel",
-         lambda: nsa_decode_tuned(q1, g1, layer, bt, lens, p, score="attend")),
         ("dense_paged_decode", lambda: dense_paged_decode(q1, layer, bt, lens)),
         ("dense_paged_decode previous", lambda: dense_paged_decode(q1, layer, bt, lens, launch="previous")),
         ("nsa_prefill", lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p)),

@@ -407,65 +407,6 @@ def _attend_pages(q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, kh, 
 
 
 @triton.jit
-def _group_selection(pm_ptr, pl_ptr, pms_ptr, psc_ptr, b, kh, L, Hq, MAXT, NC,
-                     G: tl.constexpr, GP: tl.constexpr, NCP: tl.constexpr, BLOCK_L: tl.constexpr,
-                     STRIDE: tl.constexpr, BN: tl.constexpr, PAGE: tl.constexpr, PPT: tl.constexpr,
-                     KSPAN: tl.constexpr, NBS: tl.constexpr, HCH: tl.constexpr, NSEL: tl.constexpr,
-                     NSP: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr):
-    """The group's selected blocks [NSP] (best first, −1: none) straight from the compressed
-    pass's partials, in one program: what the score kernel computes, without its launch, its
-    arrival counter or its stores (the fused score, "attend" mode; every attention split of the
-    group computes the same list).
-
-    Block j's score is Σ_h Σ_k psc[h, tile(j − k), k, page(j − k)] · exp(m_{h,tile} − M_h) / L_h
-    (entries of page j − k spill k blocks forward), summed HCH heads at a time as [HCH, NTP, PPT]
-    tiles: NTP = NBS / PPT tiles of PPT pages, so one exp per (head, tile), not per block. A spill
-    (k ≥ 1) into the first k blocks of a tile comes from the previous tile, with its factor."""
-    NTP: tl.constexpr = NBS // PPT
-    n_cmp = tl.where(L >= BLOCK_L, (L - BLOCK_L) // STRIDE + 1, 0)
-    n_tiles = (n_cmp + BN - 1) // BN
-    cur = (L - 1) // PAGE
-    tt = tl.arange(0, NTP)
-    rr = tl.arange(0, PPT)
-    hc = tl.arange(0, HCH)
-    cidx = tl.arange(0, NCP)
-    score = tl.zeros([NTP, PPT], tl.float32)
-    for h0 in tl.static_range(0, G, HCH):
-        hmask = h0 + hc < G
-        rows = b * Hq + kh * G + h0 + hc  # [HCH]
-        cmask = hmask[:, None] & (cidx[None, :] < NC)
-        cm = tl.load(pm_ptr + rows[:, None] * NC + cidx[None, :], mask=cmask, other=NEG)
-        mx = tl.max(cm, 1)
-        cl = tl.load(pl_ptr + rows[:, None] * NC + cidx[None, :], mask=cmask, other=0.0)
-        tot = tl.sum(cl * tl.exp(cm - mx[:, None]), 1)
-        inv = tl.where(tot > 0, 1.0 / tl.where(tot > 0, tot, 1.0), 0.0)
-        for k in tl.static_range(KSPAN):
-            # Page x = j − k of block j; its tile is tt, or tt − 1 for the first k pages of tile tt.
-            for back in tl.static_range(2 if k > 0 else 1):
-                tsrc = tt - back
-                tok = (tsrc >= 0) & (tsrc < n_tiles) & (tsrc < MAXT)
-                mt = tl.load(pms_ptr + rows[:, None] * MAXT + tsrc[None, :], mask=hmask[:, None] & tok[None, :],
-                             other=NEG)
-                f = tl.exp(mt - mx[:, None]) * inv[:, None]  # [HCH, NTP]; 0 without entries
-                x = tt[:, None] * PPT + rr[None, :] - k  # [NTP, PPT] pages
-                if back == 1:
-                    mine = rr < k
-                else:
-                    mine = rr >= k
-                ok = mine[None, :] & tok[:, None] & (x >= 0) & (tt[:, None] * PPT + rr[None, :] <= cur)
-                sv = tl.load(psc_ptr + ((rows[:, None, None] * MAXT + tsrc[None, :, None]) * KSPAN + k) * PPT
-                             + (x % PPT)[None, :, :], mask=hmask[:, None, None] & ok[None, :, :], other=0.0)
-                score += tl.sum(sv * f[:, :, None], 0)
-    j = tl.arange(0, NBS)
-    key = _topn_keys(tl.reshape(score, [NBS]), j, cur, NUM_INIT, NUM_LOCAL)
-    if HAS_TOPK:
-        top = tl.topk(key, NSP)
-    else:
-        top = tl.max(tl.reshape(tl.sort(key, descending=True), [NBS // NSP, NSP]), 0)
-    return _blocks_of(top, NSEL, NSP)
-
-
-@triton.jit
 def _store_partial(m_ptr, l_ptr, acc_ptr, o, gmask, m, l, acc, DV: tl.constexpr, DVP: tl.constexpr):
     dv = tl.arange(0, DVP)
     tl.store(m_ptr + o, m, mask=gmask)
@@ -473,13 +414,11 @@ def _store_partial(m_ptr, l_ptr, acc_ptr, o, gmask, m, l, acc, DV: tl.constexpr,
     tl.store(acc_ptr + o[:, None] * DV + dv[None, :], acc, mask=gmask[:, None] & (dv[None, :] < DV))
 
 
-# MAXT and NC only move addresses and masks of the fused score: not specialised on (see _score_kernel).
-@triton.jit(do_not_specialize=["MAXT", "NC"])
+@triton.jit
 def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r,
                    lens_ptr, bt_ptr, sbt_b, wt_ptr, swt_b, ulp_ptr, uph_ptr,
                    sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
                    pm_ptr, pl_ptr, pacc_ptr, gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, cnt_ptr,
-                   pms_ptr, psc_ptr, sel_ptr, MAXT, NC,
                    scale, Hkv, NSPLIT_C: tl.constexpr,
                    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr,
                    DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
@@ -489,9 +428,7 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
                    NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, NSPLIT: tl.constexpr,
                    STAGES: tl.constexpr, FUSE: tl.constexpr,
                    C_CH: tl.constexpr, S_CH: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                   PDL: tl.constexpr, SCORE: tl.constexpr, NCP: tl.constexpr, BLOCK_L: tl.constexpr,
-                   STRIDE: tl.constexpr, BN: tl.constexpr, PPT: tl.constexpr, KSPAN: tl.constexpr,
-                   NBS: tl.constexpr, HCH: tl.constexpr):
+                   PDL: tl.constexpr):
     """Program (group, split): window pages [split·WPS, split·WPS + WPS) of the group's window
     (first window page … current), then selected pages [split·SPS, split·SPS + SPS) of the work
     list the score kernel's last-arriving program wrote. Every branch is its own softmax, as in the
@@ -503,9 +440,7 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
     blocks inside the window — always selected — are read once, in the window loop, and feed
     both branches; the selected loop skips them. FUSE 1: the group's last-arriving split also
     merges all partial states of the three branches and writes the gated output (no combine
-    launch). SCORE 1 (fused score): there is no score kernel; after its wait (for the compressed
-    pass) every split computes the group's selection itself (`_group_selection`) and takes its
-    share; split 0 stores the selection."""
+    launch)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // Hkv
@@ -545,23 +480,13 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
         q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, kh, wlp, wph, wv, L, win_lo, forced,
         scale, m_w, l_w, a_w, m_s, l_s, a_s, WPS, DK, DK0, DK1, DV, DVP, PAGE, DEDUP, STAGES, PREC,
         UPCAST)
-    if PDL:  # the work list is the score kernel's output (SCORE: the compressed pass's partials)
+    if PDL:  # the work list is the score kernel's output
         tl.extra.cuda.gdc_wait()
     sv = tl.arange(0, SPS_P)
     si = split * SPS + sv
     sok = (sv < SPS) & (si < NSEL)
-    if SCORE:
-        sel = _group_selection(pm_ptr, pl_ptr, pms_ptr, psc_ptr, b, kh, L, Hq, MAXT, NC, G, GP, NCP,
-                               BLOCK_L, STRIDE, BN, PAGE, PPT, KSPAN, NBS, HCH, NSEL, NSP,
-                               NUM_INIT, NUM_LOCAL)
-        ks = tl.arange(0, NSP)
-        tl.store(sel_ptr + pid * NSEL + ks, sel, mask=(ks < NSEL) & (ks * 0 + split == 0))
-        slp = tl.sum(tl.where(ks[None, :] == si[:, None], sel[None, :], 0), 1)
-        slp = tl.where(sok, slp, -1)
-        sph = tl.load(bt_ptr + b * sbt_b + tl.maximum(slp, 0), mask=sok, other=0)
-    else:
-        slp = tl.load(ulp_ptr + pid * NSP + si, mask=sok, other=-1)
-        sph = tl.load(uph_ptr + pid * NSP + si, mask=sok, other=0)
+    slp = tl.load(ulp_ptr + pid * NSP + si, mask=sok, other=-1)
+    sph = tl.load(uph_ptr + pid * NSP + si, mask=sok, other=0)
     if DEDUP:  # read in the window loop
         in_win = (slp >= first_wp) & ((slp < NUM_INIT) | (slp > cur - NUM_LOCAL))
         slp = tl.where(in_win, -1, slp)
@@ -688,10 +613,6 @@ ATTEND_SPLIT_DK = True
 # score kernel's last program ends 1.0 µs (batch 1) and 4.1 µs (batch 16) earlier, the step 0.7 µs.
 TOPN_MODES = ("passes", "sort", "cand")
 TOPN_DEFAULT = "cand"
-# Where the selection is formed: a score kernel between the compressed pass and the attention, or
-# each attention split for its own group ("attend": one launch fewer, the top-n done once per split).
-SCORE_MODES = ("kernel", "attend")
-SCORE_DEFAULT = "kernel"
 HAS_TOPK = tl.constexpr(hasattr(tl, "topk"))  # tl.topk arrived after tl.sort (Triton 3.x)
 
 # Fuse the split merge and gates into the attention kernel's last split when both branches have at
@@ -703,14 +624,12 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
                      return_selection=False, num_splits=None, chunk=None, num_warps=None,
                      cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
                      attend_split_dk=None, attend_stages=3, fuse_combine=None, pdl=None,
-                     score_warps=4, topn=TOPN_DEFAULT, score=SCORE_DEFAULT):
+                     score_warps=4, topn=TOPN_DEFAULT):
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
     (None: when both branches have at most FUSE_MAX_SPLITS splits). `pdl`: programmatic dependent
     launch (None: `pdl_enabled`). `topn`: how the top-n is found (TOPN_MODES, `_select_units`).
-    `score`: "kernel" (the score kernel forms the selection) or "attend" (no score kernel: every
-    attention split forms its group's selection from the compressed pass's partials; `topn` unused).
     Defaults: the fastest measured at 64k (docs/benchmarks/decode.md).
 
     With PDL each kernel waits (griddepcontrol.wait) before touching memory, so it is safe after
@@ -794,9 +713,6 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     nprog = triton.cdiv(MAXT, TT)
     SROW = max(NBP, MAXT * PPT)
     part = torch.empty(NG, KSPAN, SROW, device=dev, dtype=f32)
-    if score not in SCORE_MODES:
-        raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
-    fused_score = score == "attend" and KSPAN - 1 <= PPT  # spills must reach one tile back at most
     if topn == "cand" and (TT * PPT < NSP or KSPAN - 1 > PPT or nprog * TT * PPT < max_pages):
         # A program's blocks must hold n candidates, spills reach one tile back at most, and the
         # programs' blocks cover the table (not so when l − d ≥ l': the last page has no entry).
@@ -804,15 +720,14 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     cands = topn == "cand"
     cand = torch.empty(NG, nprog, NSP, device=dev, dtype=torch.int64) if cands else pms
     edge = torch.empty(NG, nprog, KSPAN, PPT, device=dev, dtype=f32) if cands else pms
-    if not fused_score:
-        _score_kernel[(NG, nprog)](
-            seq_lens, pm, pl, pms, psc, part, block_tables, block_tables.stride(0),
-            sel, ulp, uph, cnt[NG:], cand, edge, Hkv, MAXT, nsplit_c, nprog, SROW,  # SROW: a stride, run-time
-            G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, BN=BN, PPT=PPT, KSPAN=KSPAN,
-            NSPLIT_P=next_pow2(nsplit_c), TT=TT, NBP=NBP, NSEL=p.num_select, NSP=NSP,
-            NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, TOPN=TOPN_MODES.index(topn),
-            NPROG_P=next_pow2(nprog) if cands else 1,
-            PDL=pdl, num_warps=score_warps, **launch)
+    _score_kernel[(NG, nprog)](
+        seq_lens, pm, pl, pms, psc, part, block_tables, block_tables.stride(0),
+        sel, ulp, uph, cnt[NG:], cand, edge, Hkv, MAXT, nsplit_c, nprog, SROW,  # SROW: a stride, run-time
+        G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, BN=BN, PPT=PPT, KSPAN=KSPAN,
+        NSPLIT_P=next_pow2(nsplit_c), TT=TT, NBP=NBP, NSEL=p.num_select, NSP=NSP,
+        NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, TOPN=TOPN_MODES.index(topn),
+        NPROG_P=next_pow2(nprog) if cands else 1,
+        PDL=pdl, num_warps=score_warps, **launch)
 
     if num_splits is None:
         # Up to two programs per SM, one wave (they fit two per SM: 253 registers, 90 KB of
@@ -839,17 +754,15 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         v, v.stride(0), v.stride(1), v.stride(2), seq_lens, block_tables, block_tables.stride(0),
         wt, wt.stride(0), ulp, uph, sm, sl, sacc, wm, wl, wacc,
         pm, pl, pacc, gates, gates.stride(0), gates.stride(1), out, out.stride(0), out.stride(1),
-        cnt, pms, psc, sel, MAXT, nsplit_c, scale, Hkv, nsplit_c if fuse_mode else 1,  # a constant only the fused merges use:
+        cnt, scale, Hkv, nsplit_c if fuse_mode else 1,  # a constant only the fused merges use:
         # 1 otherwise, so unfused launches do not compile a variant per compressed split count
         G=G, GP=GP, DK=Dk, DK0=ADK0, DK1=ADK1, DV=Dv, DVP=DVP, PAGE=P, NSEL=p.num_select, NSP=NSP,
         SPS=sps, SPS_P=max(2, next_pow2(sps)), WINDOW=p.window, NWP=NWP, WPS=wps,
         WPS_P=max(2, next_pow2(wps)), RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1,
         DEDUP=dedup, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, NSPLIT=nsplit, STAGES=attend_stages,
         FUSE=fuse_mode, C_CH=min(4, NC_P), S_CH=min(4, NS_P), PREC=prec,
-        UPCAST=interpreter_upcast(q.dtype), PDL=pdl, SCORE=fused_score, NCP=next_pow2(nsplit_c),
-        BLOCK_L=p.block, STRIDE=p.stride, BN=BN, PPT=PPT, KSPAN=KSPAN, NBS=max(NBP, PPT),
-        HCH=max(1, min(GP, 2048 // max(NBP, PPT))),
-        num_warps=num_warps, num_stages=attend_stages, **launch)
+        UPCAST=interpreter_upcast(q.dtype), PDL=pdl, num_warps=num_warps, num_stages=attend_stages,
+        **launch)
 
     if not fuse_mode:
         _combine_kernel[(B * Hq,)](

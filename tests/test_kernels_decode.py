@@ -190,56 +190,6 @@ def test_nsa_decode_candidate_topn_ties_across_programs():
     assert int(nsa_mod._COUNTERS[q.device].abs().sum()) == 0
 
 
-ATTEND_SCORE_CASES = {
-    # (lens, Hkv, G, Dk, Dv, p, kwargs of nsa_decode_tuned)
-    "G 1": (RAGGED, 2, 1, 24, 16, SMALL, dict(chunk=16)),
-    "G 4, 3 splits": (RAGGED, 2, 4, 24, 16, SMALL, dict(chunk=16, num_splits=3)),
-    "G 16": ([3, 33, 160], 2, 16, 24, 16, SMALL, dict(chunk=16)),
-    "G 3, many compressed splits": (RAGGED, 1, 3, 24, 16, SMALL, dict(chunk=16, cmp_programs=64)),
-    "ring of w": ([2, 31, 32, 47, 200], 2, 4, 32, 16, SMALL, dict(chunk=16, num_splits=3, ring=2)),
-    "ring of w + P": ([2, 31, 32, 47, 200], 2, 4, 32, 16, SMALL, dict(chunk=16, num_splits=3, ring=3)),
-    "l = d = l'": ([7, 16, 41, 130, 191], 1, 2, 16, 24,
-                   SparsityParams(block=16, stride=16, select_block=16, num_select=3, window=16), dict(chunk=16)),
-    "l > l', spills two pages": ([7, 16, 41, 130, 191], 1, 2, 16, 24,
-                                 SparsityParams(block=40, stride=8, select_block=16, num_select=4, window=32,
-                                                num_local=1), dict(chunk=16, num_splits=2)),
-    "many tiles": ([40, 2500, 4000], 1, 2, 16, 16,
-                   SparsityParams(block=8, stride=4, select_block=16, num_select=8, window=32), dict(chunk=64)),
-}
-
-
-@pytest.mark.parametrize("case", list(ATTEND_SCORE_CASES))
-def test_nsa_decode_score_in_the_attention_kernel(case):
-    # score="attend": no score kernel; every attention split forms its group's selection from the
-    # compressed pass's partials (spills from the previous tile included: "l > l'" and "many
-    # tiles" fail without them). Output and selected blocks equal the reference's.
-    lens, Hkv, G, Dk, Dv, p, kw = ATTEND_SCORE_CASES[case]
-    kw = dict(kw)
-    ring = kw.pop("ring", False)
-    check_nsa(lens, Hkv, G, Dk, Dv, p, ring=ring, fn=nsa_mod.nsa_decode_tuned, score="attend", **kw)
-
-
-@pytest.mark.parametrize("case", list(SPILL_CASES))
-def test_nsa_decode_score_in_the_attention_kernel_spill_and_ties(case):
-    # A dominant summary's spill into the next tile's first blocks must select them; with q = 0
-    # every interior block ties, and the list (order included) equals the score kernel's.
-    p, length, page, entry, chunk, blocks = SPILL_CASES[case]
-    q, gates, layer, tables, seq_lens, _ = make_case([length], 1, 2, 16, 16, p, seed=7)
-    layer.kc_cache[int(tables[0, page]), 0, entry] = 8 * q[0].mean(0) / q[0].mean(0).norm()
-    _, sel = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, p, chunk=chunk, score="attend",
-                                      return_selection=True)
-    want = reference_selection(q, gates, layer, tables, seq_lens, p, None)
-    assert blocks <= want[0][0]
-    assert set(sel[0, 0].tolist()) - {-1} == want[0][0]
-    q.zero_()
-    got = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, p, chunk=chunk, score="attend",
-                                   return_selection=True)[1]
-    assert torch.equal(got, nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, p, chunk=chunk,
-                                                     topn="sort", return_selection=True)[1])
-    with pytest.raises(ValueError, match="score must be one of"):
-        nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, p, score="nope")
-
-
 def test_nsa_decode_arrival_counters_reset_and_calls_repeat():
     # The last-arriving program of each group resets its counter, so every call starts from zero
     # and gives the same result (a stale count would pick the wrong "last" split).
@@ -323,8 +273,7 @@ def test_gpu_paper_shape_fp32_selection(G):
                                 dict(chunk=32, cmp_programs=528, num_splits=12, fuse_combine=True),
                                 dict(fuse_combine=False), dict(topn="sort"),
                                 dict(topn="passes"), dict(topn="cand"),
-                                dict(topn="cand", chunk=64, cmp_programs=528),
-                                dict(score="attend"), dict(score="attend", chunk=32, cmp_programs=528)])
+                                dict(topn="cand", chunk=64, cmp_programs=528)])
 def test_gpu_paper_shape_launch_variants(kw):
     # The launch configurations the benchmark compares (nsa_decode_tuned); the default is covered
     # above. fp32 so the selected blocks are compared exactly too.
