@@ -136,7 +136,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ctx", type=int, default=65536)
     ap.add_argument("--batch", type=int, action="append")
-    ap.add_argument("--topn", action="append", choices=["passes", "sort", "cand"], help="top-n mode(s) to time")
+    ap.add_argument("--topn", action="append", choices=["passes", "sort", "cand"],
+                    help="top-n mode(s) to time (default: the kernel's default)")
     ap.add_argument("--variant", action="append", help="nsa_decode_tuned kwargs, e.g. 'cmp_warps=8'")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -147,7 +148,7 @@ def main(argv=None):
           "last past its wait / first end / median end / last end")
     for B in args.batch or (1, 16, 64):
         q, gates, layer, tables, lens = make_inputs(B, args.ctx, **SHAPES["paper"], p=PAPER_P)
-        for topn in args.topn or ["sort"]:
+        for topn in args.topn or [mod.TOPN_DEFAULT]:
             for variant in args.variant or [""]:
                 kw = parse_kwargs(variant)
                 for pdl in (True, False):
