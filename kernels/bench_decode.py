@@ -169,6 +169,8 @@ VARIANTS = {
     "top-n by arg-max passes (default: bitonic top-k)": dict(topn="passes"),
     "top-n over every block (default: of per-program candidates)": dict(topn="sort"),
 }
+
+
 def _variant_kwargs(kw):
     """kwargs of one variant; a value "k*sms" is k times the device's SM count."""
     from ._triton_utils import num_sms
@@ -200,7 +202,6 @@ def compare(copy_gbs, ctx=65536, batches=(1, 16, 64)):
                for k, kw in VARIANTS.items()}
         if nsa_v1 is not None:
             fns["previous version"] = lambda: nsa_v1(q, gates, layer, tables, seq_lens, PAPER_P)
-
         print("| batch | variant | NSA+graph µs | % copy | max abs diff vs default |\n|---|---|---|---|---|")
         for name, fn in fns.items():
             try:
