@@ -9,6 +9,7 @@ which is the reference's convention for rows with nothing to attend to.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 
@@ -130,6 +131,38 @@ def _load_q_halves(q_ptr, row_off, gmask, DK: tl.constexpr, DK0: tl.constexpr, D
         q1 = tl.load(q_ptr + row_off[:, None] + d1[None, :], mask=gmask[:, None] & (d1[None, :] < DK),
                      other=0.0)
     return q0, q1
+
+
+# CUfunction_attribute CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT (cuda.h); -1 = the
+# driver's choice (CU_SHAREDMEM_CARVEOUT_DEFAULT), 100 = as much shared memory as the SM has.
+_CARVEOUT_ATTR = 9
+_carveouts: dict[int, int] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _libcuda():
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def set_carveout(compiled, percent: int | None) -> None:
+    """Preferred shared-memory carveout of a launched Triton kernel (`compiled`: what
+    `kernel[grid](...)` returned), in percent of the SM's unified L1/shared memory; None: the
+    driver's choice. Applies to its later launches (and graph replays).
+
+    Why: Triton asks for the largest carveout only for kernels above 48 KB of shared memory. A
+    small kernel left to the driver may run SMs in a smaller configuration, and a large-buffer
+    kernel launched behind it (PDL) cannot share such an SM until it drains. No-op on the CPU
+    interpreter; the driver call is made only when the value changes."""
+    fn = getattr(compiled, "function", None)
+    if not fn:
+        return
+    want = -1 if percent is None else int(percent)
+    if _carveouts.get(fn, -1) == want:
+        return
+    rc = _libcuda().cuFuncSetAttribute(ctypes.c_void_p(fn), ctypes.c_int(_CARVEOUT_ATTR), ctypes.c_int(want))
+    if rc != 0:
+        raise RuntimeError(f"cuFuncSetAttribute(preferred carveout {want}) failed: CUresult {rc}")
+    _carveouts[fn] = want
 
 
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:

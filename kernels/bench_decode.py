@@ -168,6 +168,7 @@ VARIANTS = {
     "64-entry compressed tiles": dict(chunk=64),
     "top-n by arg-max passes (default: bitonic top-k)": dict(topn="passes"),
     "top-n over every block (default: of per-program candidates)": dict(topn="sort"),
+    "score/combine carveout left to the driver (default: 100 % shared memory)": dict(carveout=None),
 }
 
 

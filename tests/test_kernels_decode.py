@@ -273,12 +273,42 @@ def test_gpu_paper_shape_fp32_selection(G):
                                 dict(chunk=32, cmp_programs=528, num_splits=12, fuse_combine=True),
                                 dict(fuse_combine=False), dict(topn="sort"),
                                 dict(topn="passes"), dict(topn="cand"),
-                                dict(topn="cand", chunk=64, cmp_programs=528)])
+                                dict(topn="cand", chunk=64, cmp_programs=528),
+                                dict(carveout=None), dict(carveout=0)])
 def test_gpu_paper_shape_launch_variants(kw):
     # The launch configurations the benchmark compares (nsa_decode_tuned); the default is covered
     # above. fp32 so the selected blocks are compared exactly too.
     check_nsa([1, 65, 4097, 20000, 33000], Hkv=4, G=16, Dk=192, Dv=128, p=PAPER, device="cuda",
               fn=nsa_mod.nsa_decode_tuned, **kw)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_set_carveout_sets_the_function_attribute():
+    # The decode step's carveout knob must reach the driver: read the attribute back from the
+    # score kernel's compiled functions after calls with different values (other tests in the
+    # session may have loaded other variants of it, so the value must be among them).
+    import ctypes
+
+    from nsa_kernels._triton_utils import _CARVEOUT_ATTR, _libcuda, set_carveout
+
+    def carveout_of(fn):
+        got = ctypes.c_int()
+        assert _libcuda().cuFuncGetAttribute(ctypes.byref(got), ctypes.c_int(_CARVEOUT_ATTR),
+                                             ctypes.c_void_p(fn)) == 0
+        return got.value
+
+    q, gates, layer, tables, seq_lens, _ = make_case([100, 3000], 4, 16, 192, 128, PAPER, torch.bfloat16,
+                                                     device="cuda")
+    k = nsa_mod._score_kernel
+    for want in (0, 37, 100):
+        nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, PAPER, carveout=want)
+        fns = [c.function for cache in k.device_caches.values() for c in cache[0].values() if c.function]
+        assert want in {carveout_of(fn) for fn in fns}
+    for want in (0, 37, 100):  # set directly on one function
+        set_carveout(type("Launched", (), {"function": fns[0]})(), want)
+        assert carveout_of(fns[0]) == want
+    set_carveout(None, 100)  # anything without a loaded function (the interpreter's result) is a no-op
 
 
 @pytest.mark.gpu
