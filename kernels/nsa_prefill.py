@@ -576,8 +576,12 @@ def plan_prefill(cu_seqlens_q, seq_lens, *, page_size: int, group: int, device,
         spans = []
         for seg in segs:
             spans.append((off, off + seg.numel()))
-            off += seg.numel()
-        parts += segs
+            # Each segment starts 16-byte aligned: Triton specialises pointer arguments on their
+            # alignment, so unaligned slices made extra kernel variants that depended on the tile
+            # counts (scripts/check_precompile_coverage.py).
+            pad = -seg.numel() % 4
+            parts += [seg, seg.new_zeros(pad)] if pad else [seg]
+            off += seg.numel() + pad
         NB = -(-(int(row_pos_all[r0:r1].max()) + 1) // P)
         slices.append((r0, r1, len(tiles), len(wtiles), spans, NB))
     meta = torch.cat(parts).to(device)  # (pinning it cost more than the copy: ~4 ms at 8k on an H100)
