@@ -152,7 +152,12 @@ def set_carveout(compiled, percent: int | None) -> None:
     Why: Triton asks for the largest carveout only for kernels above 48 KB of shared memory. A
     small kernel left to the driver may run SMs in a smaller configuration, and a large-buffer
     kernel launched behind it (PDL) cannot share such an SM until it drains. No-op on the CPU
-    interpreter; the driver call is made only when the value changes."""
+    interpreter; the driver call is made only when the value changes. A kernel still compiling
+    (Triton's FutureKernel, under AsyncCompileMode) is left alone: asking it for its function would
+    wait for the compile; the next launch sets it."""
+    future = getattr(triton, "FutureKernel", None)
+    if future is not None and isinstance(compiled, future):
+        return
     fn = getattr(compiled, "function", None)
     if not fn:
         return

@@ -16,8 +16,11 @@ for topn in ${TOPNS:-cand sort}; do
     echo "=== top-n $topn, $run Triton cache, $REQS requests × $CTX + $OUTLEN ===" | tee -a "$OUT/coldwarm.log"
     timeout "${STEP_TIMEOUT:-150}" python3 - "$topn" "$REQS" "$CTX" "$OUTLEN" "$OUT/coldwarm_${topn}_$run.json" \
       <<'PY' 2>&1 | grep -v Warning | tee -a "$OUT/coldwarm.log"
+import logging
 import sys
 import nsa_kernels.nsa_decode as nd
+logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+logging.getLogger("nsa_serve.engine").setLevel(logging.INFO)  # the warm-up's breakdown
 topn, reqs, ctx, outlen, js = sys.argv[1:]
 f = nd.nsa_decode_tuned
 names = f.__code__.co_varnames[:f.__code__.co_argcount]

@@ -65,6 +65,9 @@ def register(subparsers) -> None:
     g.add_argument("--warmup-context", type=int, default=0,
                    help="run a synthetic workload up to this context length at start-up, so Triton "
                    "compiles its kernel variants before the first request (default 0: off)")
+    g.add_argument("--no-precompile", dest="precompile", action="store_false",
+                   help="CUDA: do not compile the kernel variants of eager steps at start-up (they "
+                   "then compile inside the first requests that meet them)")
     g.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_serve)
 
@@ -80,7 +83,7 @@ def engine_args_from(args):
                       num_pages=args.num_pages, enable_prefix_caching=args.enable_prefix_caching,
                       scheduling_policy=args.scheduling_policy, enforce_eager=args.enforce_eager, seed=args.seed,
                       cpu_threads=args.cpu_threads, cpu_reserved_cores=args.cpu_reserved_cores,
-                      warmup_context=args.warmup_context)
+                      warmup_context=args.warmup_context, precompile=args.precompile)
 
 
 def cmd_serve(args) -> int:

@@ -34,6 +34,10 @@ class EngineArgs:
     # first. Off by default: measured on the H200 with an empty Triton cache (docs/engine.md), the
     # first 4 × 64k requests lost ~1 s of TTFT to compiles, and the warm-up costs 25–36 s of start-up.
     warmup_context: int = 0
+    # CUDA: compile the Triton kernel variants of every eager step shape at start-up (synthetic
+    # steps that only compile, engine/precompile.py), so the first requests do not pay for them:
+    # ~10 s of TTFT over the first 8 × 64k requests on an H200 with an empty Triton cache.
+    precompile: bool = True
 
     def validate(self) -> None:
         if self.attention not in ("nsa", "dense"):

@@ -52,6 +52,7 @@ class BenchResult:
     decode_path: str  # "CUDA graphs" | "eager"
     decode_rows_mean: float = 0.0  # sequences per decode-only step (≤ num_requests)
     decode_rows_max: int = 0
+    warmup_s: float = 0.0  # LLMEngine.warmup: graph capture, kernel precompile, --warmup-context
 
 
 def build_model(args, device: torch.device, dtype: torch.dtype):
@@ -111,9 +112,11 @@ def run_mode(model, tokenizer, name, args, mode: str) -> BenchResult:
                        gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=args.cpu_kv_cache_gb,
                        enable_prefix_caching=False, enforce_eager=args.enforce_eager, seed=args.seed,
                        cpu_threads=args.cpu_threads, cpu_reserved_cores=args.cpu_reserved_cores,
-                       warmup_context=args.warmup_context)
+                       warmup_context=args.warmup_context, precompile=args.precompile)
     engine = LLMEngine(eargs, model=model, tokenizer=tokenizer, model_name=name)
+    w0 = time.perf_counter()
     engine.warmup()
+    warmup_s = time.perf_counter() - w0
     V = model.cfg.vocab_size
     # "delta": one output per request per step, as the server's streaming requests (the load tester's).
     params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True,
@@ -168,7 +171,7 @@ def run_mode(model, tokenizer, name, args, mode: str) -> BenchResult:
         decode_path="CUDA graphs" if engine.runner.static_decode is not None and engine.runner.static_decode.graphs
         else "eager",
         decode_rows_mean=dec_tokens / n if decode_steps else 0.0,
-        decode_rows_max=max((t.num_decode for _, t in decode_steps), default=0))
+        decode_rows_max=max((t.num_decode for _, t in decode_steps), default=0), warmup_s=warmup_s)
     del engine
     gc.collect()
     if torch.cuda.is_available():
@@ -193,7 +196,7 @@ def format_table(results: list[BenchResult]) -> str:
                      f"decode step time dense / NSA: {by['dense'].decode_step_ms / by['nsa'].decode_step_ms:.2f}x")
     for r in results:
         lines.append(f"{r.mode}: {r.attention_impl}, decode {r.decode_path}; {r.num_pages} pages; host share of a decode step "
-                     f"{100 * r.decode_host_ms / max(r.decode_step_ms, 1e-9):.1f}%")
+                     f"{100 * r.decode_host_ms / max(r.decode_step_ms, 1e-9):.1f}%; start-up warm-up {r.warmup_s:.1f} s")
     for r in results:
         if r.decode_steps and r.decode_rows_max < r.num_requests:
             # Requests that finish their outputs beside other prompts' prefill chunks never reach a

@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--warmup-context", type=int, default=0,
                    help="run a synthetic workload up to this context length at start-up, so Triton "
                    "compiles its kernel variants before the first request (default 0: off)")
+    p.add_argument("--no-precompile", dest="precompile", action="store_false",
+                   help="CUDA: do not compile the kernel variants of eager steps at start-up (they "
+                   "then compile inside the first requests that meet them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_run)

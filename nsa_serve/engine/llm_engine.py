@@ -29,6 +29,7 @@ from .block_manager import BlockManager
 from .decode_graphs import StaticDecode
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .model_runner import ModelRunner, cache_bytes_per_page, ring_pages
+from .precompile import precompile
 from .protocol import (CompletionOutput, EngineStats, InvalidRequestError, PromptTooLongError, QueueFullError,
                        RequestMetrics, RequestOutput, SamplingParams)
 from .sampler import SampleResult, Sampler
@@ -220,6 +221,7 @@ class LLMEngine:
 
     def warmup(self) -> None:
         """One short step end to end, so the first request does not pay for lazy initialisation."""
+        t0 = time.perf_counter()
         n = min(8, self.max_model_len - 1)
         req_id = "__warmup__"
         self.add_request(req_id, list(range(3, 3 + n)), SamplingParams(max_tokens=1, temperature=0))
@@ -232,6 +234,12 @@ class LLMEngine:
             except Exception:  # a failed capture costs speed, not correctness
                 log.exception("CUDA graph capture failed; decode runs eagerly")
                 self.runner.static_decode = None
+        log.info("warm-up: first step and decode graphs took %.1f s", time.perf_counter() - t0)
+        if self.args.precompile:
+            # Eager steps only: decode-only steps replay the graphs captured above (when there are
+            # none, every decode-row count can be eager).
+            rows = self.args.max_num_seqs - (1 if self.runner.static_decode is not None else 0)
+            precompile(self.runner, rows, self.max_model_len, self._max_chunk())
         lengths = self.warmup_prompt_lengths()
         if lengths:
             t0 = time.perf_counter()
