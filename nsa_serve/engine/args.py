@@ -29,10 +29,9 @@ class EngineArgs:
     cpu_threads: int | None = None
     cpu_reserved_cores: int = 0
     seed: int = 0
-    # Context length a start-up warm-up covers (0: none). Triton compiles a kernel variant the first
-    # time a step meets a new context class; warmup() can run a synthetic workload up to this length
-    # first. Off by default: measured on the H200 with an empty Triton cache (docs/engine.md), the
-    # first 4 × 64k requests lost ~1 s of TTFT to compiles, and the warm-up costs 25–36 s of start-up.
+    # Context length of a start-up workload run for real (0: none): prompts whose chunks walk every
+    # context class (docs/engine.md). `precompile` compiles those classes without running them;
+    # this also finishes any other lazy initialisation, at 25–36 s of start-up at 64k on an H200.
     warmup_context: int = 0
     # CUDA: compile the Triton kernel variants of every eager step shape at start-up (synthetic
     # steps that only compile, engine/precompile.py), so the first requests do not pay for them:
