@@ -54,8 +54,11 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 gcc libc6-dev python3-dev \
     && rm -rf /var/lib/apt/lists/*
 
-# A fixed, non-root uid so Kubernetes' runAsNonRoot can check it without a user name lookup.
-RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin nsa
+# A fixed, non-root uid so Kubernetes' runAsNonRoot can check it without a user name lookup. The
+# Triton cache directory exists in the image, owned by it, so a new named volume mounted there
+# (deploy/compose) starts with that owner.
+RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin nsa \
+    && mkdir -p /tmp/triton-cache && chown 10001:10001 /tmp/triton-cache
 
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/nsa-serve /opt/nsa-serve

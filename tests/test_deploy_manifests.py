@@ -326,6 +326,9 @@ def test_compose_wires_server_prometheus_and_grafana():
             src = vol.split(":")[0]
             if src.startswith("./"):
                 assert (COMPOSE / src).exists(), f"{name} mounts missing {src}"
+    # Triton's kernel cache survives restarts (a named volume at the image's TRITON_CACHE_DIR).
+    assert "triton-cache:/tmp/triton-cache" in server["volumes"] and "triton-cache" in compose_file()["volumes"]
+    assert "TRITON_CACHE_DIR=/tmp/triton-cache" in (COMPOSE / "../../Dockerfile").read_text()
     mounts = {v.split(":")[1]: v.split(":")[0] for v in services["prometheus"]["volumes"]}
     assert mounts["/etc/prometheus/prometheus.yml"] == "./prometheus.yml"
     assert mounts["/etc/prometheus/alerts.yml"] == "./alerts.yml"
