@@ -9,8 +9,8 @@ compiles inside its first requests' TTFTs: ~10 s over the first 8 × 64k request
 
 `precompile` runs synthetic steps through the real `ModelRunner.execute` — the same launchers,
 shapes and strides as served steps — while every Triton launch only compiles (`compile_only`),
-in a thread pool when this Triton has `AsyncCompileMode` (the LLVM and ptxas stages release the
-GIL). Nothing is launched, so the steps cost host time only and their outputs are never read; the
+in a thread pool when this Triton has `AsyncCompileMode` (its API for compiling kernels in
+parallel; how much threads overlap was not measured separately). Nothing is launched, so the steps cost host time only and their outputs are never read; the
 synthetic sequences' pages all point at the runner's trash page, which no request owns. Compiled
 kernels land in Triton's in-memory and on-disk caches, where served steps find them.
 """
