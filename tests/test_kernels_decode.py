@@ -470,3 +470,34 @@ def test_nsa_decode_topn_ties_and_repeat_calls(topn):
     assert int(nsa_mod._COUNTERS[q.device].abs().sum()) == 0
     with pytest.raises(ValueError, match="topn"):
         nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, topn="rank")
+
+
+def test_set_carveout_is_a_hint_a_refusal_warns_once_and_never_fails(monkeypatch):
+    # The carveout is a performance hint: a driver that refuses it (or no libcuda) must not fail
+    # the decode step; it warns once per function and value. Calls for an unchanged value, and
+    # objects without a loaded function (the interpreter's), make no driver call.
+    import nsa_kernels._triton_utils as tu
+
+    calls = []
+
+    class Lib:
+        def cuFuncSetAttribute(self, fn, attr, value):
+            calls.append((fn.value, attr.value, value.value))
+            return 1  # CUDA_ERROR_INVALID_VALUE
+
+    monkeypatch.setattr(tu, "_libcuda", lambda: Lib())
+    monkeypatch.setattr(tu, "_carveouts", {})
+    launched = type("Launched", (), {"function": 1234})()
+    with pytest.warns(RuntimeWarning, match="carveout to 100"):
+        tu.set_carveout(launched, 100)
+    tu.set_carveout(launched, 100)  # same value: not retried
+    tu.set_carveout(type("NotLoaded", (), {"function": None})(), 100)
+    tu.set_carveout(None, 100)
+    assert calls == [(1234, tu._CARVEOUT_ATTR, 100)]
+
+    def missing():
+        raise OSError("libcuda.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(tu, "_libcuda", missing)
+    with pytest.warns(RuntimeWarning, match="libcuda"):
+        tu.set_carveout(launched, 0)
