@@ -7,6 +7,7 @@ neither; `do_not_specialize` arguments excepted). The launchers size themselves 
 (132 SMs, PDL), as scripts/count_decode_variants.py does.
 
     python3 scripts/check_precompile_coverage.py [--independent-kv] [--requests 12] [--max-num-seqs 4]
+        [--preset tiny --num-pages 64 --budget 96 --chunk 40]
 
 First the precompile's synthetic steps are recorded (`precompile.plan` + `run_steps`), then a
 workload of chunked prompts beside decoding ones (mixed steps) through the real scheduler; the
@@ -64,6 +65,10 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--max-num-seqs", type=int, default=4)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--preset", default="tiny", help="model shape (nsa_serve.model.config presets)")
+    ap.add_argument("--num-pages", type=int, default=64, help="page pool (sets max_model_len)")
+    ap.add_argument("--budget", type=int, default=96, help="max_num_batched_tokens")
+    ap.add_argument("--chunk", type=int, default=40, help="long_prefill_token_threshold")
     a = ap.parse_args(argv)
 
     import nsa_kernels.nsa_decode as nd
@@ -80,11 +85,11 @@ def main(argv=None) -> int:
     def record(self, *args, grid, warmup, **kwargs):
         seen.add(key_of(self, args, kwargs))
 
-    model_dir = init_model(tempfile.mkdtemp(prefix="nsa-coverage-") + "/m", "tiny", seed=0,
+    model_dir = init_model(tempfile.mkdtemp(prefix="nsa-coverage-") + "/m", a.preset, seed=0,
                            shared_kv=not a.independent_kv)
-    eng = LLMEngine(EngineArgs(model=str(model_dir), device="cpu", dtype="bfloat16", num_pages=64,
-                               max_num_seqs=a.max_num_seqs, max_num_batched_tokens=96,
-                               long_prefill_token_threshold=40, enforce_eager=True, precompile=False))
+    eng = LLMEngine(EngineArgs(model=str(model_dir), device="cpu", dtype="bfloat16", num_pages=a.num_pages,
+                               max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.budget,
+                               long_prefill_token_threshold=a.chunk, enforce_eager=True, precompile=False))
     att = eng.runner.attention
     att.decode_fn, att.prefill_fn, att.prefill_plan_fn = nd.nsa_decode, nsa_prefill, plan_prefill
     JITFunction.run = record
@@ -109,7 +114,7 @@ def main(argv=None) -> int:
         by_kernel.setdefault(k[0], [0, 0])[0] += 1
     for k in missing:
         by_kernel[k[0]][1] += 1
-    print(f"{'independent' if a.independent_kv else 'shared'} K/V, max_model_len {eng.max_model_len}: "
+    print(f"{a.preset}, {'independent' if a.independent_kv else 'shared'} K/V, max_model_len {eng.max_model_len}: "
           f"precompile planned {len(planned)} variants; the workload met {len(met)}, {len(missing)} not planned")
     for name, (n, m) in sorted(by_kernel.items()):
         print(f"  {name}: met {n}, not planned {m}")
