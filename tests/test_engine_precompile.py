@@ -4,6 +4,7 @@ do not run, and (GPU) that after it a mixed workload compiles nothing new."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -147,3 +148,28 @@ def test_precompile_plans_every_variant_a_mixed_workload_meets(extra):
     r = subprocess.run([sys.executable, str(script), *extra], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert ", 0 not planned" in r.stdout
+
+
+def test_the_server_imports_and_warms_up_without_triton():
+    # The README's serve command installs CPU torch without the test extra, so no triton: the
+    # server's modules must not import it (the precompile imports it only on CUDA). Found by the
+    # README check when precompile.py imported triton at module level.
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "class NoTriton:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ModuleNotFoundError(\"No module named 'triton'\")\n"
+        "sys.meta_path.insert(0, NoTriton())\n"
+        "import nsa_serve.api.server, nsa_serve.engine.llm_engine\n"
+        "from engine_helpers import make_engine\n"
+        "eng = make_engine()\n"
+        "eng.warmup()\n"
+        "assert 'triton' not in sys.modules\n"
+        "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(__file__))
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

@@ -24,9 +24,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import triton
-from triton.runtime.jit import JITFunction
-
 from nsa_kernels.reference import num_compressed
 
 from .model_runner import ModelRunner, table_width
@@ -105,7 +102,10 @@ def plan(max_decode_rows: int, max_model_len: int, page_size: int, max_chunk: in
 def compile_only(threads: int):
     """Inside, a Triton launch compiles its kernel (in a pool of `threads` when Triton has
     AsyncCompileMode) and returns without running it. On exit every compile has finished (or
-    raised)."""
+    raised). Triton is imported here, not at module level: a CPU install may not have it."""
+    import triton
+    from triton.runtime.jit import JITFunction
+
     async_mode = getattr(triton, "AsyncCompileMode", None)
     run = JITFunction.run
 
