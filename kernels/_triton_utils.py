@@ -9,6 +9,7 @@ which is the reference's convention for rows with nothing to attend to.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -140,6 +141,10 @@ _CARVEOUT_ATTR = 9
 _carveouts: dict[int, int] = {}
 
 
+# Triton's placeholder for a kernel still compiling under AsyncCompileMode (newer Triton only).
+_FUTURE_KERNEL = getattr(triton, "FutureKernel", None)
+
+
 @functools.lru_cache(maxsize=None)
 def _libcuda():
     return ctypes.CDLL("libcuda.so.1")
@@ -156,8 +161,7 @@ def set_carveout(compiled, percent: int | None) -> None:
     interpreter; the driver call is made only when the value changes. A kernel still compiling
     (Triton's FutureKernel, under AsyncCompileMode) is left alone: asking it for its function would
     wait for the compile; the next launch sets it."""
-    future = getattr(triton, "FutureKernel", None)
-    if future is not None and isinstance(compiled, future):
+    if _FUTURE_KERNEL is not None and isinstance(compiled, _FUTURE_KERNEL):
         return
     fn = getattr(compiled, "function", None)
     if not fn:
@@ -172,6 +176,21 @@ def set_carveout(compiled, percent: int | None) -> None:
         rc = str(e)
     if rc != 0:
         warnings.warn(f"could not set a kernel's preferred shared-memory carveout to {want}: {rc}", RuntimeWarning)
+
+
+@contextlib.contextmanager
+def jit_launches_replaced(wrap):
+    """Within the block, `kernel[grid](...)` calls `wrap(original_run)` (same signature as
+    Triton's `JITFunction.run`) instead of launching; the original is back on exit, errors
+    included. For compile-only passes (compile_check, the engine's start-up precompile)."""
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.run
+    JITFunction.run = wrap(original)
+    try:
+        yield
+    finally:
+        JITFunction.run = original
 
 
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:

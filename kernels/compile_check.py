@@ -33,7 +33,7 @@ import torch
 # Triton 3.9 warns unless this is set; 1 keeps the behaviour of the GPU image's Triton 3.6.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-from ._triton_utils import MAX_SHARED  # noqa: E402 (after the environment default above)
+from ._triton_utils import MAX_SHARED, jit_launches_replaced  # noqa: E402 (after the environment default above)
 
 
 @dataclass
@@ -109,23 +109,21 @@ def compile_only(arch: int, sink: list):
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_check must run without TRITON_INTERPRET=1 (kernels would be interpreted)")
     from triton.runtime.driver import driver
-    from triton.runtime.jit import JITFunction
 
-    original = JITFunction.run
-
-    def run(self, *args, grid, warmup, **kwargs):
-        if getattr(self, "_compile_check_arch", None) != arch:
-            self.device_caches.clear()  # its binder holds the target of the first compile
-            self._compile_check_arch = arch
-        sink.append((self.fn.__name__, original(self, *args, grid=grid, warmup=True, **kwargs)))
+    def wrap(original):
+        def run(self, *args, grid, warmup, **kwargs):
+            if getattr(self, "_compile_check_arch", None) != arch:
+                self.device_caches.clear()  # its binder holds the target of the first compile
+                self._compile_check_arch = arch
+            sink.append((self.fn.__name__, original(self, *args, grid=grid, warmup=True, **kwargs)))
+        return run
 
     previous = getattr(driver, "_active", None)  # None on a machine without a GPU driver
     driver.set_active(_CompileOnlyDriver(arch))
-    JITFunction.run = run
     try:
-        yield
+        with jit_launches_replaced(wrap):
+            yield
     finally:
-        JITFunction.run = original
         driver._active = previous
 
 

@@ -10,9 +10,10 @@ compiles inside its first requests' TTFTs: ~10 s over the first 8 × 64k request
 `precompile` runs synthetic steps through the real `ModelRunner.execute` — the same launchers,
 shapes and strides as served steps — while every Triton launch only compiles (`compile_only`),
 in a thread pool when this Triton has `AsyncCompileMode` (its API for compiling kernels in
-parallel; how much threads overlap was not measured separately). Nothing is launched, so the steps cost host time only and their outputs are never read; the
-synthetic sequences' pages all point at the runner's trash page, which no request owns. Compiled
-kernels land in Triton's in-memory and on-disk caches, where served steps find them.
+parallel; how much the threads overlap was not measured on its own). Nothing is launched, so the
+steps cost host time only and their outputs are never read; the synthetic sequences' pages all
+point at the runner's trash page, which no request owns. Compiled kernels land in Triton's
+in-memory and on-disk caches, where served steps find them.
 """
 
 from __future__ import annotations
@@ -104,23 +105,21 @@ def compile_only(threads: int):
     AsyncCompileMode) and returns without running it. On exit every compile has finished (or
     raised). Triton is imported here, not at module level: a CPU install may not have it."""
     import triton
-    from triton.runtime.jit import JITFunction
+
+    from nsa_kernels._triton_utils import jit_launches_replaced
+
+    def wrap(run):
+        def compile_run(self, *args, grid, warmup, **kwargs):
+            return run(self, *args, grid=grid, warmup=True, **kwargs)
+        return compile_run
 
     async_mode = getattr(triton, "AsyncCompileMode", None)
-    run = JITFunction.run
-
-    def compile_run(self, *args, grid, warmup, **kwargs):
-        return run(self, *args, grid=grid, warmup=True, **kwargs)
-
     with contextlib.ExitStack() as stack:
         if async_mode is not None and threads > 1:
             pool = stack.enter_context(ThreadPoolExecutor(threads, thread_name_prefix="triton-compile"))
             stack.enter_context(async_mode(pool))
-        JITFunction.run = compile_run
-        try:
-            yield
-        finally:
-            JITFunction.run = run
+        stack.enter_context(jit_launches_replaced(wrap))
+        yield
 
 
 def _sequence(runner: ModelRunner, length: int, computed: int) -> Sequence:
