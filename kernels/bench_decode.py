@@ -7,7 +7,7 @@
                                                        # version if kernels/nsa_decode_v1.py exists)
 
 Every number is a median of `triton.testing.do_bench` (L2 flushed before each call, so the data
-comes from HBM). Columns: SDPA = torch scaled_dot_product_attention on contiguous K/V (GQA, the
+comes from HBM; `--flush read` empties it by reading instead of writing, see FLUSH). Columns: SDPA = torch scaled_dot_product_attention on contiguous K/V (GQA, the
 fastest backend that runs the shape; its name is printed); dense = our split-K paged decode; NSA and
 NSA+graph = our four-launch NSA decode eager and replayed from a CUDA graph; x = SDPA / NSA+graph;
 MB = bytes NSA must read (visible summaries + the union of selected and window tokens, K and V, all
@@ -32,10 +32,45 @@ PAPER_P = SparsityParams(block=32, stride=16, select_block=64, num_select=16, wi
 SHAPES = {"paper": dict(Hq=64, Hkv=4, Dk=192, Dv=128), "d128": dict(Hq=64, Hkv=4, Dk=128, Dv=128)}
 
 
+# How the L2 is emptied before each timed call (--flush). "write": triton.testing.do_bench's own
+# way, zeroing a 256 MB buffer, which leaves the L2 full of dirty lines: the timed call then pays
+# for writing them back to HBM (~50 MB) while it reads. "read": a 256 MB buffer is read instead,
+# so the L2 is just as cold for the timed call's data but holds only clean lines — as after the
+# weight-reading matmuls that precede attention in a model. Both modes time every kernel of a
+# table the same way (SDPA included); docs/benchmarks/decode.md, fifteenth round, has both.
+FLUSH_MODES = ("write", "read")
+FLUSH = "write"
+_FLUSH_BUF: list[torch.Tensor] = []
+
+
 def bench(fn, rep=100):
+    """Median µs of fn after a warm-up, the L2 emptied before each call (FLUSH)."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3  # µs
+    if FLUSH == "write":
+        return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3
+    if not _FLUSH_BUF:
+        _FLUSH_BUF.append(torch.ones(1 << 26, dtype=torch.int32, device="cuda"))  # 256 MB
+    buf = _FLUSH_BUF[0]
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    probe = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    probe[0].record()
+    for _ in range(5):
+        buf.sum()
+        fn()
+    probe[1].record()
+    torch.cuda.synchronize()
+    n = max(10, min(1000, int(rep / (probe[0].elapsed_time(probe[1]) / 5))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for start, end in events:
+        buf.sum()  # reads 256 MB, writes one number
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return float(torch.tensor([s.elapsed_time(e) for s, e in events]).median()) * 1e3  # µs
 
 
 def copy_bandwidth() -> float:
@@ -272,11 +307,16 @@ def main(argv=None):
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--compare", action="store_true", help="64k paper shape: default vs variants")
+    ap.add_argument("--flush", choices=FLUSH_MODES, default="write",
+                    help="how the L2 is emptied before each timed call (default: write, do_bench's)")
     args = ap.parse_args(argv)
+    global FLUSH
+    FLUSH = args.flush
     if not torch.cuda.is_available():
         sys.exit("bench_decode needs a CUDA GPU")
     copy_gbs = copy_bandwidth()
-    print(f"device: {torch.cuda.get_device_name()}  copy bandwidth (read + write): {copy_gbs:.0f} GB/s")
+    print(f"device: {torch.cuda.get_device_name()}  copy bandwidth (read + write): {copy_gbs:.0f} GB/s  "
+          f"L2 flush: {FLUSH}")
     if args.compare:
         compare(copy_gbs, batches=tuple(args.batch or (1, 16, 64)))
     if args.profile:

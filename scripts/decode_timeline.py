@@ -2,7 +2,7 @@
 and end, from %globaltimer stamps — what the profiler cannot show once PDL overlaps the kernels.
 
     python3 scripts/decode_timeline.py [--ctx 65536] [--batch 1 --batch 16 ...] [--topn sort --topn cand]
-                                       [--variant "" --variant "cmp_warps=8" ...]
+                                       [--variant "" --variant "cmp_warps=8" ...] [--pdl on|off|both]
 
 A --variant is nsa_decode_tuned keyword arguments (Python literals, comma-separated; "" = the default).
 
@@ -121,6 +121,9 @@ def timeline(step, tim, reps=25):
     return torch.tensor(rows[5:]).median(0).values.tolist(), bench(g.replay)
 
 
+PDL_MODES = {"both": (True, False), "on": (True,), "off": (False,)}
+
+
 def parse_kwargs(text: str) -> dict:
     """'a=1, b="x"' → {"a": 1, "b": "x"} (values are Python literals)."""
     out = {}
@@ -139,6 +142,7 @@ def main(argv=None):
     ap.add_argument("--topn", action="append", choices=["passes", "sort", "cand"],
                     help="top-n mode(s) to time (default: the kernel's default)")
     ap.add_argument("--variant", action="append", help="nsa_decode_tuned kwargs, e.g. 'cmp_warps=8'")
+    ap.add_argument("--pdl", choices=list(PDL_MODES), default="both", help="PDL on, off or both (default)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("decode_timeline needs a CUDA GPU")
@@ -151,10 +155,14 @@ def main(argv=None):
         for topn in args.topn or [mod.TOPN_DEFAULT]:
             for variant in args.variant or [""]:
                 kw = parse_kwargs(variant)
-                for pdl in (True, False):
+                for pdl in PDL_MODES[args.pdl]:
                     step = lambda: mod.nsa_decode_tuned(q, gates, layer, tables, lens, PAPER_P,  # noqa
                                                         pdl=pdl, topn=topn, timer=tim, **kw)
-                    med, us = timeline(step, tim)
+                    try:
+                        med, us = timeline(step, tim)
+                    except Exception as e:  # a variant that does not build is reported, not fatal
+                        print(f"B={B:3d} {variant}: failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                        break
                     parts = [f"{n} " + "/".join(f"{v:.1f}" for v in med[6 * i:6 * i + 6])
                              for i, n in enumerate(NAMES)]
                     print(f"B={B:3d} top-n {topn:6s} {variant or 'default'} PDL={'on ' if pdl else 'off'} "
