@@ -3,6 +3,7 @@ and end, from %globaltimer stamps — what the profiler cannot show once PDL ove
 
     python3 scripts/decode_timeline.py [--ctx 65536] [--batch 1 --batch 16 ...] [--topn sort --topn cand]
                                        [--variant "" --variant "cmp_warps=8" ...] [--pdl on|off|both]
+                                       [--score-phases]
 
 A --variant is nsa_decode_tuned keyword arguments (Python literals, comma-separated; "" = the default).
 
@@ -76,13 +77,39 @@ EDITS = [
 ]
 NAMES = ("cmp", "score", "attend")
 
+# --score-phases: stamps inside the score kernel (top-n "cand", the default), as (kernel id, slot)
+# pairs after kernel ids 0–2. A point's time is when the program reached that line; the compiler
+# may still move a load's wait past it, so a phase's time can show up in the next one.
+PHASES = (
+    ("normalisers merged", (3, 0)),
+    ("tile factors", (3, 1)),
+    ("partial sums stored", (3, 2)),
+    ("edge stored, barrier", (4, 0)),
+    ("own block scores", (4, 1)),
+    ("candidates stored", (4, 2)),
+    ("arrived (atomic)", (5, 0)),
+    ("last: top-n of candidates", (5, 1)),
+)
+PHASE_EDITS = [
+    (r"(\n                                                            BLOCK_L, STRIDE, BN, NSPLIT_P\)\n)",
+     r"\1    _stamp(tim_ptr, 3, 0, TIME)\n", 1),
+    (r"(\n    f = _tile_factors\(.*\n)", r"\1    _stamp(tim_ptr, 3, 1, TIME)\n", 1),
+    (r"(\n)(    cur = \(L - 1\) // PAGE\n    if TOPN == 2:)", r"\1    _stamp(tim_ptr, 3, 2, TIME)\n\2", 1),
+    (r"(\n        tl\.debug_barrier\(\)  # this CTA's part and edge stores.*\n)", r"\1        _stamp(tim_ptr, 4, 0, TIME)\n", 1),
+    (r"(\n)(        key = _topn_keys\(score, j, cur, NUM_INIT, NUM_LOCAL\)\n)", r"\1        _stamp(tim_ptr, 4, 1, TIME)\n\2", 1),
+    (r"(\n        tl\.store\(cand_ptr \+ \(pid \* NPROG \+ prog\) \* NSP \+ ks, top\)\n)",
+     r"\1        _stamp(tim_ptr, 4, 2, TIME)\n", 1),
+    (r"(\n    arrived = tl\.atomic_add\(cnt_ptr \+ pid, 1\)\n)", r"\1    _stamp(tim_ptr, 5, 0, TIME)\n", 1),
+    (r"(\n)(            _store_units\(_blocks_of\(top, NSEL, NSP\))", r"\1            _stamp(tim_ptr, 5, 1, TIME)\n\2", 1),
+]
 
-def instrumented_module():
+
+def instrumented_module(score_phases=False):
     import nsa_kernels
 
     src_path = os.path.join(os.path.dirname(nsa_kernels.__file__), "nsa_decode.py")
     src = open(src_path).read()
-    for pat, rep, want in EDITS:
+    for pat, rep, want in EDITS + (PHASE_EDITS if score_phases else []):
         src, n = re.subn(pat, rep, src)
         if n != want:
             sys.exit(f"decode_timeline: anchor {pat[:60]!r} matched {n} times (not {want}) in {src_path}; "
@@ -99,7 +126,10 @@ def instrumented_module():
     return mod
 
 
-def timeline(step, tim, reps=25):
+def timeline(step, tim, reps=25, score_phases=False):
+    """Medians over `reps` replays: the six numbers of each kernel (NAMES), then with score_phases
+    the median and last time of each PHASES point over the programs that reached it; and the
+    graph's bench time."""
     from nsa_kernels.bench_decode import bench, graph_of
 
     g = graph_of(step)
@@ -111,12 +141,16 @@ def timeline(step, tim, reps=25):
         torch.cuda.synchronize()
         g.replay()
         torch.cuda.synchronize()
-        t = tim.view(3, 65536, 3).cpu().double()
+        t = tim.view(-1, 65536, 3).cpu().double()
         t0 = t[0, :, 0][t[0, :, 0] > 0].min()
         r = []
         for k in range(3):
             x = (t[k][t[k, :, 2] > 0] - t0) / 1e3
             r += [x[:, 0].min(), x[:, 0].max(), x[:, 1].max(), x[:, 2].min(), x[:, 2].median(), x[:, 2].max()]
+        if score_phases:
+            for _, (k, slot) in PHASES:
+                x = (t[k, :, slot][t[k, :, slot] > 0] - t0) / 1e3
+                r += [x.median(), x.max()] if x.numel() else [float("nan")] * 2
         rows.append([float(v) for v in r])
     return torch.tensor(rows[5:]).median(0).values.tolist(), bench(g.replay)
 
@@ -143,11 +177,14 @@ def main(argv=None):
                     help="top-n mode(s) to time (default: the kernel's default)")
     ap.add_argument("--variant", action="append", help="nsa_decode_tuned kwargs, e.g. 'cmp_warps=8'")
     ap.add_argument("--pdl", choices=list(PDL_MODES), default="both", help="PDL on, off or both (default)")
+    ap.add_argument("--score-phases", action="store_true",
+                    help="also stamp points inside the score kernel (PHASES) and print their times")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("decode_timeline needs a CUDA GPU")
-    mod = instrumented_module()
-    tim = torch.zeros(3 * 65536 * 3, dtype=torch.int64, device="cuda")  # ≤ 65536 programs a kernel
+    mod = instrumented_module(args.score_phases)
+    ids = 6 if args.score_phases else 3  # kernel ids 0–2, then the phase points' ids 3–5
+    tim = torch.zeros(ids * 65536 * 3, dtype=torch.int64, device="cuda")  # ≤ 65536 programs a kernel
     print(f"paper shape, {args.ctx // 1024}k; µs from the first compressed-pass entry: first entry / last entry / "
           "last past its wait / first end / median end / last end")
     for B in args.batch or (1, 16, 64):
@@ -159,7 +196,7 @@ def main(argv=None):
                     step = lambda: mod.nsa_decode_tuned(q, gates, layer, tables, lens, PAPER_P,  # noqa
                                                         pdl=pdl, topn=topn, timer=tim, **kw)
                     try:
-                        med, us = timeline(step, tim)
+                        med, us = timeline(step, tim, score_phases=args.score_phases)
                     except Exception as e:  # a variant that does not build is reported, not fatal
                         print(f"B={B:3d} {variant}: failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
                         break
@@ -167,6 +204,11 @@ def main(argv=None):
                              for i, n in enumerate(NAMES)]
                     print(f"B={B:3d} top-n {topn:6s} {variant or 'default'} PDL={'on ' if pdl else 'off'} "
                           f"graph {us:6.1f} µs | " + " | ".join(parts), flush=True)
+                    if args.score_phases:
+                        ph = med[18:]
+                        print("      score phases, median / last µs: " + " | ".join(
+                            f"{name} {ph[2 * i]:.1f}/{ph[2 * i + 1]:.1f}" for i, (name, _) in enumerate(PHASES)),
+                            flush=True)
         del q, gates, layer, tables, lens
         torch.cuda.empty_cache()
 
