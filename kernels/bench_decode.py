@@ -204,6 +204,7 @@ VARIANTS = {
     "top-n by arg-max passes (default: bitonic top-k)": dict(topn="passes"),
     "top-n over every block (default: of per-program candidates)": dict(topn="sort"),
     "score/combine carveout left to the driver (default: 100 % shared memory)": dict(carveout=None),
+    "compressed pass without L2 eviction hints": dict(cmp_evict=False),
 }
 
 

@@ -58,7 +58,8 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
                      DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, BLOCK_L: tl.constexpr,
                      STRIDE: tl.constexpr, PAGE: tl.constexpr, E: tl.constexpr, BN: tl.constexpr,
                      PPT: tl.constexpr, KSPAN: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr,
-                     UPCAST: tl.constexpr, PDL: tl.constexpr):
+                     UPCAST: tl.constexpr, PDL: tl.constexpr, READ_EV: tl.constexpr = "",
+                     KEEP_EV: tl.constexpr = ""):
     """Program (group, split) walks tiles [split·T, split·T + T) of BN compressed entries, T =
     ⌈tiles / NSPLIT⌉ of this sequence: the splits share the sequence's own tiles, not the table's
     width (inside a CUDA graph the tables are as wide as the longest sequence the graph serves, so
@@ -72,7 +73,10 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
     overlaps the page's block + k with the fixed weight W[r, k] (k < KSPAN), so the tile's partial
     scores are KSPAN reshape-and-sums of p: [GP, BN] → [GP, BN/E, E] · W[:, k] → [GP, BN/E],
     stored per tile with the running max they are relative to (pms); the score kernel adds page
-    jp's k-th row into block jp + k."""
+    jp's k-th row into block jp + k.
+
+    READ_EV / KEEP_EV: L2 eviction hints ("" = none) for the summary reads and for the partial
+    results the score kernel reads next (CMP_EVICT)."""
     if PDL:  # launched early (programmatic dependent launch): wait for the kernel before
         tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
@@ -111,12 +115,14 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
         page_n = tl.load(bt_ptr + b * sbt_b + (i + BN) // E, mask=i + BN < n_cmp, other=0)
         row = i % E
         kbase = kc_ptr + page[:, None] * skc_p + kh * skc_h + row[:, None] * skc_e
-        k0 = tl.load(kbase + d0[None, :], mask=valid[:, None] & (d0[None, :] < DK), other=0.0)
+        k0 = tl.load(kbase + d0[None, :], mask=valid[:, None] & (d0[None, :] < DK), other=0.0,
+                     eviction_policy=READ_EV)
         v = tl.load(vc_ptr + page[:, None] * svc_p + kh * svc_h + row[:, None] * svc_e + dv[None, :],
-                    mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
+                    mask=valid[:, None] & (dv[None, :] < DV), other=0.0, eviction_policy=READ_EV)
         s = _dot(q0, tl.trans(k0), PREC, UPCAST)
         if DK1 > 0:
-            k1 = tl.load(kbase + d1[None, :], mask=valid[:, None] & (d1[None, :] < DK), other=0.0)
+            k1 = tl.load(kbase + d1[None, :], mask=valid[:, None] & (d1[None, :] < DK), other=0.0,
+                         eviction_policy=READ_EV)
             s += _dot(q1, tl.trans(k1), PREC, UPCAST)
         s = tl.where(valid[None, :], s * scale, float("-inf"))
         m, l, acc, p = _online_softmax_step(m, l, acc, s, v, PREC, UPCAST)
@@ -128,13 +134,13 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
             w = tl.maximum(tl.minimum(rr * STRIDE + BLOCK_L, (k + 1) * PAGE)
                            - tl.maximum(rr * STRIDE, k * PAGE), 0).to(tl.float32) / STRIDE
             sc = tl.sum(p3 * w[None, None, :], 2)
-            tl.store(base + k * PPT, sc, mask=gmask[:, None])
-        tl.store(pms_ptr + rows * MAXT + t, m, mask=gmask)
+            tl.store(base + k * PPT, sc, mask=gmask[:, None], eviction_policy=KEEP_EV)
+        tl.store(pms_ptr + rows * MAXT + t, m, mask=gmask, eviction_policy=KEEP_EV)
     if PDL:  # the score kernel's programs may be launched now (they wait for this grid to finish)
         tl.extra.cuda.gdc_launch_dependents()
     o = rows * NSPLIT + split
-    tl.store(pm_ptr + o, m, mask=gmask)
-    tl.store(pl_ptr + o, l, mask=gmask)
+    tl.store(pm_ptr + o, m, mask=gmask, eviction_policy=KEEP_EV)
+    tl.store(pl_ptr + o, l, mask=gmask, eviction_policy=KEEP_EV)
     tl.store(pacc_ptr + o[:, None] * DV + dv[None, :], acc, mask=gmask[:, None] & (dv[None, :] < DV))
 
 
@@ -602,6 +608,12 @@ CMP_STAGES = 3
 # Compressed entries per tile: 128 beat 64 on the H200 (batch 16: 126.8 → 119.1 µs, batch 64:
 # 366.9 → 327.6 µs at 64k; batch 1 equal; 256 was slower everywhere), docs/benchmarks/decode.md.
 CMP_TILE = 128
+# L2 eviction hints in the compressed pass: its summary reads (168 MB at batch 16, 64k, read once)
+# evict first, its partial results (8 MB, read next by the score kernel) last, so the score
+# kernel's loads find them in L2. H200, 64k, same call (docs/benchmarks/decode.md, fifteenth
+# round): batch 16 92.5 / 92.3 → 91.0 / 90.9 µs; batch 1 29.3 → 29.4; batch 64 281.9 / 281.0 →
+# 282.3 / 283.0 (its partials are 34 MB, most of the L2).
+CMP_EVICT = True
 # Selection/attention launch defaults. Padded to 256, dk = 192 needs 8 warps (4 take 252 registers
 # for the [64, 256] key tiles); split as 128 + 64 dots, 4 warps fit and were fastest at 64k on the
 # H100 (docs/benchmarks/decode.md, fourth round: batch 16 166.6 → 143.5 µs, batch 64 434 → 425 µs).
@@ -632,7 +644,8 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
                      return_selection=False, num_splits=None, chunk=None, num_warps=None,
                      cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
                      attend_split_dk=None, attend_stages=3, fuse_combine=None, pdl=None,
-                     score_warps=4, topn=TOPN_DEFAULT, carveout=CARVEOUT_DEFAULT):
+                     score_warps=4, topn=TOPN_DEFAULT, carveout=CARVEOUT_DEFAULT,
+                     cmp_evict=None):
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
@@ -667,6 +680,8 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     num_warps = num_warps or ATTEND_WARPS
     attend_split_dk = ATTEND_SPLIT_DK if attend_split_dk is None else attend_split_dk
     pdl = pdl_enabled(dev) if pdl is None else bool(pdl)
+    evict = CMP_EVICT if cmp_evict is None else bool(cmp_evict)
+    read_ev, keep_ev = ("evict_first", "evict_last") if evict else ("", "")
     launch = {"launch_pdl": True} if pdl else {}  # only passed when on: older Triton lacks the option
 
     # Launch 1 sizing: tiles of BN entries (whole pages); KSPAN = blocks one entry can touch.
@@ -717,7 +732,8 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         pm, pl, pacc, pms, psc, scale, Hkv, MAXT, nsplit_c,
         G=G, GP=GP, DK=Dk, DK0=DK0, DK1=DK1, DV=Dv, DVP=DVP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P,
         E=E, BN=BN, PPT=PPT, KSPAN=KSPAN, STAGES=cmp_stages,
-        PREC=prec, UPCAST=interpreter_upcast(q.dtype), PDL=pdl, num_warps=cmp_warps, **launch)
+        PREC=prec, UPCAST=interpreter_upcast(q.dtype), READ_EV=read_ev, KEEP_EV=keep_ev,
+        PDL=pdl, num_warps=cmp_warps, **launch)
     # Launch 2 sizing: TT compressed tiles per program (about 4096 partial scores: 32 a thread).
     TT = 1 << ((max(1, 4096 // (GP * KSPAN * PPT))).bit_length() - 1)
     nprog = triton.cdiv(MAXT, TT)

@@ -138,6 +138,17 @@ def test_nsa_decode_dk_split_and_many_compressed_splits(Dk, programs, attend_spl
               cmp_programs=programs, attend_split_dk=attend_split, fuse_combine=fuse, num_splits=3)
 
 
+def test_nsa_decode_eviction_hints_change_nothing_but_caching():
+    # cmp_evict only adds L2 eviction hints to the compressed pass's loads and stores: the results
+    # must be bitwise those without them.
+    q, gates, layer, tables, seq_lens, _ = make_case(RAGGED, 2, 4, 48, 16, SMALL, seed=3)
+    on, sel_on = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, cmp_evict=True,
+                                          return_selection=True)
+    off, sel_off = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, cmp_evict=False,
+                                            return_selection=True)
+    assert torch.equal(on, off) and torch.equal(sel_on, sel_off)
+
+
 @pytest.mark.parametrize("topn", ["sort", "cand"])
 def test_nsa_decode_selection_across_score_tiles(topn):
     # > 128 pages: the block scores come from several tile programs and the group's last-arriving
@@ -274,7 +285,7 @@ def test_gpu_paper_shape_fp32_selection(G):
                                 dict(fuse_combine=False), dict(topn="sort"),
                                 dict(topn="passes"), dict(topn="cand"),
                                 dict(topn="cand", chunk=64, cmp_programs=528),
-                                dict(carveout=None), dict(carveout=0)])
+                                dict(carveout=None), dict(carveout=0), dict(cmp_evict=False)])
 def test_gpu_paper_shape_launch_variants(kw):
     # The launch configurations the benchmark compares (nsa_decode_tuned); the default is covered
     # above. fp32 so the selected blocks are compared exactly too.
@@ -414,12 +425,14 @@ def test_timeline_instrumentation_still_applies():
     spec = importlib.util.spec_from_file_location("decode_timeline", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    mod = tool.instrumented_module()
-    assert "timer" in mod.nsa_decode_tuned.__code__.co_varnames
     q, gates, layer, tables, seq_lens, _ = make_case([40, 150], 2, 4, 24, 16, SMALL, seed=5)
-    for topn in nsa_mod.TOPN_MODES:
-        want = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, topn=topn)
-        assert torch.equal(mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, topn=topn), want)
+    for score_phases in (False, True):  # --score-phases adds stamps inside the score kernel
+        mod = tool.instrumented_module(score_phases)
+        assert "timer" in mod.nsa_decode_tuned.__code__.co_varnames
+        for topn in nsa_mod.TOPN_MODES:
+            want = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, topn=topn)
+            got = mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, topn=topn)
+            assert torch.equal(got, want)
 
 
 TOPN_CASES = {
