@@ -7,11 +7,12 @@
                                                        # version if kernels/nsa_decode_v1.py exists)
 
 Every number is a median of `triton.testing.do_bench` (L2 flushed before each call, so the data
-comes from HBM; `--flush read` empties it by reading instead of writing, see FLUSH). Columns: SDPA = torch scaled_dot_product_attention on contiguous K/V (GQA, the
-fastest backend that runs the shape; its name is printed); dense = our split-K paged decode; NSA and
-NSA+graph = our four-launch NSA decode eager and replayed from a CUDA graph; x = SDPA / NSA+graph;
-MB = bytes NSA must read (visible summaries + the union of selected and window tokens, K and V, all
-kv heads and sequences); GB/s and %copy = those bytes over the NSA+graph time, and against the
+comes from HBM; `--flush read` empties it by reading instead of writing, see FLUSH). Columns:
+SDPA = torch scaled_dot_product_attention on contiguous K/V (GQA, the fastest backend that runs
+the shape; its name is printed); dense = our split-K paged decode; NSA and NSA+graph = our
+four-launch NSA decode eager and replayed from a CUDA graph; x = SDPA / NSA+graph; MB = bytes
+NSA must read (visible summaries + the union of selected and window tokens, K and V, all kv heads
+and sequences); GB/s and %copy = those bytes over the NSA+graph time, and against the
 device-to-device copy bandwidth (bytes read + written) measured at the start of the same run.
 """
 

@@ -113,21 +113,27 @@ def main(argv=None):
         n_ent = pages * E
         nbytes = kc.numel() * 2 + vc.numel() * 2
         runs = {}
+
+        def per_head(nsplit, warps, stages, BN=128):
+            out = torch.empty(B * Hkv * nsplit * BN, device="cuda")
+            return lambda: _per_head[(B * Hkv, nsplit)](
+                kc, vc, bt, out, bt.stride(0), kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0),
+                vc.stride(1), vc.stride(2), n_ent, Hkv, nsplit, DK0=128, DK1=64, DV=Dv, E=E, BN=BN,
+                STAGES=stages, num_warps=warps)
+
+        def all_heads(nsplit, warps, stages, rows=128):
+            out = torch.empty(B * nsplit * rows, device="cuda")
+            return lambda: _all_heads[(B, nsplit)](
+                kc, vc, bt, out, bt.stride(0), kc.stride(0), kc.stride(2), vc.stride(0), vc.stride(2), n_ent,
+                nsplit, DK0=128, DK1=64, DV=Dv, HE=Hkv * E, PPT=rows // (Hkv * E), E=E, STAGES=stages,
+                num_warps=warps)
+
         for warps in (4, 8):
             for stages in (2, 3):
-                BN = 128
-                nsplit = max(1, min(n_ent // BN, sms // (B * Hkv)))
-                out = torch.empty(B * Hkv * nsplit * BN, device="cuda")
-                runs[f"per-head, {warps} warps, {stages} stages"] = (B * Hkv * nsplit, lambda o=out, n=nsplit, w=warps, s=stages: _per_head[(B * Hkv, n)](
-                    kc, vc, bt, o, bt.stride(0), kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0),
-                    vc.stride(1), vc.stride(2), n_ent, Hkv, n, DK0=128, DK1=64, DV=Dv, E=E, BN=BN, STAGES=s,
-                    num_warps=w))
-                PPT = BN // (Hkv * E)
-                nsplit = max(1, min(pages // PPT, sms // B))
-                out2 = torch.empty(B * nsplit * BN, device="cuda")
-                runs[f"all-heads, {warps} warps, {stages} stages"] = (B * nsplit, lambda o=out2, n=nsplit, w=warps, s=stages: _all_heads[(B, n)](
-                    kc, vc, bt, o, bt.stride(0), kc.stride(0), kc.stride(2), vc.stride(0), vc.stride(2), n_ent,
-                    n, DK0=128, DK1=64, DV=Dv, HE=Hkv * E, PPT=PPT, E=E, STAGES=s, num_warps=w))
+                n = max(1, min(n_ent // 128, sms // (B * Hkv)))  # as the pass: one program an SM
+                runs[f"per-head, {warps} warps, {stages} stages"] = (B * Hkv * n, per_head(n, warps, stages))
+                n = max(1, min(pages // (128 // (Hkv * E)), sms // B))
+                runs[f"all-heads, {warps} warps, {stages} stages"] = (B * n, all_heads(n, warps, stages))
         flat_k, flat_v = kc.view(-1), vc.view(-1)
         runs["contiguous (torch sum)"] = (0, lambda: (flat_k.sum(), flat_v.sum()))
         for name, (progs, fn) in runs.items():
