@@ -2,8 +2,10 @@
 # The kernels' GPU acceptance run in one device call (issues: decode ≥ 8× SDPA at 64k batch 16, prefill
 # ≥ 5× at 64k): the device's own register report, the real-shape GPU tests, the decode table and
 # profile, the prefill table. Run from the repo root on a GPU machine; everything lands in ${OUT:-.}.
-# STEPS picks a subset (default: all but compare and timeline): compile tests decode profile prefill
-# compare timeline. compare = the 64k launch variants and staged modes (bench_decode --compare).
+# STEPS picks a subset (default: all but compare, timeline and decode_read): compile tests decode
+# profile prefill compare timeline decode_read. compare = the 64k launch variants and staged modes
+# (bench_decode --compare); decode_read = the paper-shape decode table with the L2 emptied by reads
+# (bench_decode --flush read; decode.md, fifteenth round).
 # Each step has its own time limit so one slow step cannot eat the call (about 9 minutes in all).
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
@@ -20,6 +22,10 @@ if step decode; then
   timeout 150 python3 -m nsa_kernels.bench_decode --shape paper --ctx 65536 --ctx 131072 --ctx 32768 2>&1 \
     | tee "$OUT/decode.txt"
   timeout 60 python3 -m nsa_kernels.bench_decode --shape d128 --ctx 65536 2>&1 | tee "$OUT/decode_d128.txt"
+fi
+if step decode_read; then
+  timeout 170 python3 -m nsa_kernels.bench_decode --flush read --shape paper --ctx 65536 --ctx 131072 \
+    --ctx 32768 2>&1 | tee "$OUT/decode_read.txt"
 fi
 if step profile; then  # per-kernel times without PDL: a PDL kernel's span includes its early wait
   NSA_PDL=0 timeout 60 python3 -m nsa_kernels.bench_decode --profile 2>&1 | tee "$OUT/decode_profile.txt"
