@@ -133,6 +133,54 @@ def test_gpu_mixed_workload_after_precompile_compiles_nothing(shared_kv):
     assert [o.outputs[0].token_ids for o in outs] == want  # serving is unchanged by it
 
 
+@pytest.mark.parametrize("shared_kv", [True, False])
+def test_graph_sizes_compile_pass_runs_every_size_and_restores_the_model(shared_kv, monkeypatch):
+    # StaticDecode.compile_sizes (before the CUDA graph capture): one forward per graph size, one
+    # layer each, inside compile_only; afterwards the model has all its layers, no page is used and
+    # requests decode exactly as the reference (CPU: the forward runs, with the reference attention).
+    from nsa_serve.engine.decode_graphs import StaticDecode
+
+    eng = make_engine(shared_kv, num_pages=64, max_num_seqs=5)
+    static = eng.runner.static_decode = StaticDecode(eng.runner, 5, eng.max_model_len)  # CUDA-only in engines
+    seen = []
+    forward = static.forward
+    monkeypatch.setattr(static, "forward", lambda x: seen.append((x["ids"].shape[0], len(eng.model.layers)))
+                        or forward(x))
+    inputs = {n: static.host_inputs([], n) for n in static.sizes}
+    static.compile_sizes(inputs, threads=2)
+    assert seen == [(n, 1) for n in static.sizes] and static.sizes[-1] == 5
+    assert len(eng.model.layers) == eng.model.cfg.num_layers and eng.block_manager.num_used_pages == 0
+    prompt = random_prompts(1, 40, 40, seed=9)[0]
+    out = eng.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert out.outputs[0].token_ids == reference_greedy(eng.model, prompt, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_graph_capture_compiles_nothing_after_its_compile_pass(monkeypatch):
+    # The capture's own forwards (two per size, then the captured one) meet only kernel variants
+    # that compile_sizes compiled in its pool.
+    from nsa_serve.engine.decode_graphs import StaticDecode
+
+    counts = {}
+    compile_sizes, capture = StaticDecode.compile_sizes, StaticDecode.capture
+
+    def counted_compile(self, inputs, threads=None):
+        compile_sizes(self, inputs, threads)
+        counts["after compile pass"] = _compiled_variants()
+
+    def counted_capture(self):
+        capture(self)
+        counts["after capture"] = _compiled_variants()
+
+    monkeypatch.setattr(StaticDecode, "compile_sizes", counted_compile)
+    monkeypatch.setattr(StaticDecode, "capture", counted_capture)
+    eng = make_engine(True, device="cuda", dtype="bfloat16", num_pages=64, max_num_seqs=6, precompile=False)
+    eng.warmup()
+    assert eng.runner.static_decode.graphs and len(counts) == 2
+    assert counts["after capture"] == counts["after compile pass"]
+
+
 @pytest.mark.parametrize("extra", [[], ["--independent-kv", "--max-num-seqs", "6", "--requests", "14"]])
 def test_precompile_plans_every_variant_a_mixed_workload_meets(extra):
     # scripts/check_precompile_coverage.py: the launches of the precompile's steps and of a served

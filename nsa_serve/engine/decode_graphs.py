@@ -210,12 +210,36 @@ class StaticDecode:
         return self.forward({k: v.to(dev) for k, v in host.items()})[:batch]
 
     # -- CUDA graphs ------------------------------------------------------------------------------
+    def compile_sizes(self, inputs: dict[int, dict[str, torch.Tensor]], threads: int | None = None) -> None:
+        """Compile every graph size's Triton kernels before the capture, in parallel: one forward
+        per size in which launches only compile (`precompile.compile_only`, a thread pool where
+        Triton has AsyncCompileMode). Why: the decode kernels are specialised per batch size, and
+        the capture's first forward of each size compiled them one after another (the first step
+        and the graphs took 39.5 s of a cold start on an H200, docs/benchmarks/engine.md). Nothing
+        Triton runs, so the torch ops in between see garbage and write only their own outputs and
+        the trash page (the inputs are all padding)."""
+        import os
+
+        from .precompile import compile_only  # a CUDA-only path: precompile imports Triton lazily
+
+        model = self.runner.model
+        layers = model.layers
+        try:
+            model.layers = layers[:1]  # every layer launches the same variants
+            with compile_only(threads or min(16, os.cpu_count() or 1)):
+                for bufs in inputs.values():
+                    self.forward(bufs)
+        finally:
+            model.layers = layers
+
     def capture(self) -> None:
         """Capture one graph per padded size (all-pad inputs: writes go to the trash page)."""
         dev = self.runner.device
+        inputs = {size: {k: v.to(dev) for k, v in self.host_inputs([], size).items()} for size in self.sizes}
+        self.compile_sizes(inputs)
         pool = None
         for size in reversed(self.sizes):
-            bufs = {k: v.to(dev) for k, v in self.host_inputs([], size).items()}
+            bufs = inputs[size]
             stream = torch.cuda.Stream(dev)
             stream.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(stream):
