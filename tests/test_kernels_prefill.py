@@ -257,6 +257,33 @@ def test_mask_split_matches_reference(cfg):
     run_case(lens=[520, 90], chunks=[150, 90], Hq=6, Hkv=2, p=p, config=cfg, **SHAPE)
 
 
+@pytest.mark.parametrize("p", [SparsityParams(block=12, stride=4, select_block=16, num_select=5, window=24,
+                                               num_init=1, num_local=2),
+                               SparsityParams(block=8, stride=4, select_block=16, num_select=3, window=16,
+                                              num_init=0, num_local=3)])
+def test_topn_ties_go_to_the_lower_block(p):
+    # q = 0: every visible block scores the same, so the choice is decided by ties alone: the
+    # forced blocks first, then the lowest other indices, in that order (the reference's stable
+    # sort), and −1 where fewer blocks are visible than n.
+    Hq, Hkv, Dk, Dv, S = 4, 2, 48, 32, 150
+    gen = torch.Generator().manual_seed(3)
+    s = Seq(S, Hkv, Dk, Dv, p, False, gen, torch.float32)
+    layer, bt, _ = build_cache([s], [S], p, torch.float32, DEV, gen)
+    q = torch.zeros(S, Hq, Dk, device=DEV)
+    gates = torch.rand(S, Hq, 3, generator=gen).to(DEV)
+    cu = torch.tensor([0, S], dtype=torch.int32, device=DEV)
+    sl = torch.tensor([S], dtype=torch.int32, device=DEV)
+    sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True)[1]
+    P = p.select_block
+    for t in (0, 37, 100, S - 1):
+        cur = t // P
+        forced = [j for j in range(cur + 1) if j < p.num_init or j > cur - p.num_local]
+        rest = [j for j in range(cur + 1) if j not in forced]
+        want = (forced + rest)[:p.num_select]
+        want += [-1] * (p.num_select - len(want))
+        assert sel[t, 0].tolist() == want, (t, sel[t, 0].tolist(), want)
+
+
 def test_half_precision():
     run_case(lens=[80, 50], chunks=[31, 50], Hq=8, Hkv=2, p=SMALL, dtype=torch.bfloat16, tol=1.5e-2, **SHAPE)
 
