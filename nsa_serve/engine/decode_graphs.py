@@ -32,6 +32,7 @@ from nsa_kernels.reference import num_compressed
 
 from ..model.nsa_model import add_rms_norm
 
+from .precompile import compile_only, first_layer_only
 from .sequence import Sequence
 from .table_rows import TableRows
 
@@ -218,19 +219,9 @@ class StaticDecode:
         and the graphs took 39.5 s of a cold start on an H200, docs/benchmarks/engine.md). Nothing
         Triton runs, so the torch ops in between see garbage and write only their own outputs and
         the trash page (the inputs are all padding)."""
-        import os
-
-        from .precompile import compile_only  # a CUDA-only path: precompile imports Triton lazily
-
-        model = self.runner.model
-        layers = model.layers
-        try:
-            model.layers = layers[:1]  # every layer launches the same variants
-            with compile_only(threads or min(16, os.cpu_count() or 1)):
-                for bufs in inputs.values():
-                    self.forward(bufs)
-        finally:
-            model.layers = layers
+        with first_layer_only(self.runner.model), compile_only(threads):
+            for bufs in inputs.values():
+                self.forward(bufs)
 
     def capture(self) -> None:
         """Capture one graph per padded size (all-pad inputs: writes go to the trash page)."""

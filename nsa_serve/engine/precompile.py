@@ -99,12 +99,20 @@ def plan(max_decode_rows: int, max_model_len: int, page_size: int, max_chunk: in
     return steps
 
 
+def compile_threads() -> int:
+    """Threads of the compile pool by default: one a core, at most 16."""
+    return min(16, os.cpu_count() or 1)
+
+
 @contextlib.contextmanager
-def compile_only(threads: int):
-    """Inside, a Triton launch compiles its kernel (in a pool of `threads` when Triton has
-    AsyncCompileMode) and returns without running it. On exit every compile has finished (or
-    raised). Triton is imported here, not at module level: a CPU install may not have it."""
+def compile_only(threads: int | None = None):
+    """Inside, a Triton launch compiles its kernel (in a pool of `threads`, default
+    `compile_threads()`, when Triton has AsyncCompileMode) and returns without running it. On exit
+    every compile has finished (or raised). Triton is imported here, not at module level: a CPU
+    install may not have it."""
     import triton
+
+    threads = threads or compile_threads()
 
     from nsa_kernels._triton_utils import jit_launches_replaced
 
@@ -135,20 +143,26 @@ def _sequence(runner: ModelRunner, length: int, computed: int) -> Sequence:
     return seq
 
 
-def run_steps(runner: ModelRunner, steps: list[Step]) -> None:
-    """Run the synthetic steps through `runner` (inside `compile_only` they only compile)."""
-    model = runner.model
+@contextlib.contextmanager
+def first_layer_only(model):
+    """Inside, `model` runs its first layer only. Every layer has the same shapes, so it launches
+    the same kernel variants: for compiling, one layer meets them all, at 1/num_layers of the host
+    time a step."""
     layers = model.layers
     try:
-        # Every layer has the same shapes, so it launches the same kernel variants: one layer
-        # meets them all, at 1/num_layers of the host time a step.
         model.layers = layers[:1]
+        yield
+    finally:
+        model.layers = layers
+
+
+def run_steps(runner: ModelRunner, steps: list[Step]) -> None:
+    """Run the synthetic steps through `runner` (inside `compile_only` they only compile)."""
+    with first_layer_only(runner.model):
         for s in steps:
             seqs = [_sequence(runner, s.pages * runner.P, s.pages * runner.P - 1) for _ in range(s.decode)]
             seqs.append(_sequence(runner, s.context, s.context - s.chunk))
             runner.execute(runner.prepare(seqs, [1] * s.decode + [s.chunk]))
-    finally:
-        model.layers = layers
 
 
 def precompile(runner: ModelRunner, max_decode_rows: int, max_model_len: int, max_chunk: int,
@@ -156,7 +170,7 @@ def precompile(runner: ModelRunner, max_decode_rows: int, max_model_len: int, ma
     """Compile the kernels of every `plan` step; returns the number of steps run (0 off CUDA)."""
     if runner.device.type != "cuda":
         return 0
-    threads = threads or min(16, os.cpu_count() or 1)
+    threads = threads or compile_threads()
     steps = plan(max_decode_rows, max_model_len, runner.P, max_chunk)
     t0 = time.perf_counter()
     with compile_only(threads):
