@@ -11,7 +11,8 @@ import pytest
 from nsa_serve.tokenizer import Tokenizer, render_chat
 from nsa_serve.train.batches import Phase, StepSampler, parse_curriculum, phase_at, seqs_per_step
 from nsa_serve.train.evaluate import build_passkey_cases
-from nsa_serve.train.tasks import TaskBuilder, passkey_answer, passkey_messages, passkey_needle
+from nsa_serve.train.tasks import (GREETING_REPLIES, GREETINGS, TaskBuilder, passkey_answer, passkey_messages,
+                                   passkey_needle)
 from nsa_serve.train.tokens import read_tokens
 
 from train_helpers import prepared_data
@@ -131,26 +132,77 @@ def test_task_mix(builder):
     assert kinds == {"passkey"}
 
 
+QUESTION_WORDS = {"What", "is", "Tell", "me", "about", "Explain", "does", "do", "How", "I", "use", "Describe", "Can",
+                  "you", "tell", "what", "means"}
+
+
 @pytest.mark.parametrize("length", [300, 777, 2048])
 def test_dialog_turns_fill_the_length_and_mark_the_replies(builder, length):
     tok, tb = builder
-    s = tb.dialog(np.random.default_rng(length), length)
-    assert s.ids.shape[0] == length + 1 and s.answer.shape[0] == length and s.kind == "dialog"
-    text = tok.decode(s.ids.tolist())
-    turns = text.count("<|user|>")
-    assert turns >= 1 and text.count("<|assistant|>") == turns and text.count("<|end|>") == 2 * turns
-    assert text.rstrip().endswith("<|end|>")
-    # The answer mask covers exactly the assistant turns: decoding its tokens gives no user text.
-    answer_text = tok.decode(s.ids[1:][s.answer].tolist())
-    assert "<|user|>" not in answer_text and "<|assistant|>" not in answer_text
-    assert answer_text.count("<|end|>") == turns
-    # Each question asks about a word that its reply contains.
-    for user_part in text.split("<|user|>")[1:]:
-        question, reply = user_part.split("<|assistant|>")
-        word = next(w for w in re.findall(r"[A-Za-z_]+", question.split("<|end|>")[0])
-                    if w not in {"What", "is", "Tell", "me", "about", "Explain", "does", "do", "How", "I", "use",
-                                 "Describe", "Can", "you", "tell", "what", "means"})
-        assert word in reply or word == "this", (word, reply[:200])
+    whole = []
+    for seed in range(4):
+        s = tb.dialog(np.random.default_rng([length, seed]), length)
+        assert s.ids.shape[0] == length + 1 and s.answer.shape[0] == length and s.kind == "dialog"
+        assert s.ids[0] == tok.bos_id
+        text = tok.decode(s.ids.tolist())
+        turns = text.split("<|user|>")[1:]
+        assert turns and text.startswith("<|user|>")
+        # The answer mask covers exactly the assistant replies and their <|end|>: decoding the marked
+        # targets gives every reply in order and no user text.
+        answer_text = tok.decode(s.ids[1:][s.answer].tolist())
+        assert "<|user|>" not in answer_text and "<|assistant|>" not in answer_text
+        replies = [t.split("<|assistant|>\n", 1)[1] for t in turns if "<|assistant|>\n" in t]
+        assert answer_text.replace(" ", "") == "".join(replies).replace(" ", "")
+        # Every turn but the last is whole; the last is cut where the length ends.
+        for i, turn in enumerate(turns):
+            question, _, reply = turn.partition("<|assistant|>\n")
+            if i < len(turns) - 1:
+                assert question.endswith("<|end|>\n") and reply.endswith("<|end|>\n"), turn
+                reply = reply[: -len("<|end|>\n")]
+                # A whole reply is whole sentences: a capital first, a sentence end last (but for a
+                # draw that found no sentence end within 2n tokens: rare in real text, see below).
+                assert reply.lstrip()[:1].isupper(), reply
+                whole.append(reply.rstrip().rstrip("\"')]")[-1:] in ".!?")
+            if i < len(turns) - 1 and (i > 0 or reply not in GREETING_REPLIES):
+                # Each whole question asks about a word that its reply contains.
+                word = next(w for w in re.findall(r"[A-Za-z_]+", question.split("<|end|>")[0])
+                            if w not in QUESTION_WORDS)
+                assert word in reply or word == "this", (word, reply[:200])
+    assert sum(whole) >= 0.9 * len(whole), whole
+
+
+def test_dialog_greetings_open_a_quarter_of_the_samples(builder):
+    tok, tb = builder
+    greeted = 0
+    for seed in range(200):
+        text = tok.decode(tb.dialog(np.random.default_rng(seed), 400).ids.tolist())
+        first = text.split("<|user|>\n", 1)[1].split("<|end|>")[0]
+        if first in GREETINGS:
+            greeted += 1
+            reply = text.split("<|assistant|>\n", 1)[1].split("<|end|>")[0]
+            assert reply in GREETING_REPLIES, reply
+    assert 30 <= greeted <= 70, greeted  # GREETING_SHARE = 0.25 of 200: 50 ± 3 sd
+
+
+def test_passage_runs_from_a_sentence_start_to_a_sentence_end_inside_one_document(builder):
+    tok, _ = builder
+    docs = ["intro words then. First sentence of one. Second sentence is here! Third one, with more words?",
+            "Another document starts. It has two sentences."]
+    stream = []
+    for d in docs:
+        stream += [tok.bos_id] + tok.encode(d, add_bos=False) + [tok.eos_id]
+    tb = TaskBuilder(tok, np.asarray(stream * 3, dtype=np.uint16))
+    seen = set()
+    for seed in range(40):
+        n = 30 + seed % 20
+        out = tb._passage(np.random.default_rng(seed), n)
+        text = tok.decode(out).strip()
+        assert 0 < len(out) <= 2 * n
+        assert tok.bos_id not in out and tok.eos_id not in out  # never across a document boundary
+        assert text[0].isupper() and text[-1] in ".!?", text
+        assert any(text in d for d in docs), text
+        seen.add(text)
+    assert len(seen) > 1
 
 
 def test_dialog_share_of_the_task_mix(builder):

@@ -13,7 +13,10 @@ blocks, or (when near) the window. They teach the model to use its sparse branch
 * dialog (opt-in: the 4th share of `--task-mix`) — several short turns: a question about a word of a
   corpus passage ("What is {word}?", "Tell me about {word}.", ...) answered by that passage. Teaches
   that a question other than the pass key's gets prose back (the first default model answered
-  "What is a kernel module?" with a pass key: docs/training.md).
+  "What is a kernel module?" with a pass key: docs/training.md). Replies are whole sentences (a
+  passage starts at a sentence start and ends at a sentence end), so a reply begins like an answer
+  and ends its turn; a quarter of the samples open with a greeting and its fixed reply (nothing in
+  the corpus greets, and the first dialog model answered "Hello!" with documentation fragments).
 
 The training loop builds these from token pieces (filler comes from the tokenized corpus, no decode /
 re-encode at 16k tokens); `passkey_messages` builds the same prompt as text for the HTTP evaluation,
@@ -35,6 +38,19 @@ PASSKEY_HEADER = ("There is an important piece of information hidden inside a lo
 PASSKEY_QUESTION = "What is the pass key?"
 DIALOG_QUESTIONS = ("What is {}?", "Tell me about {}.", "Explain {}.", "What does {} do?", "How do I use {}?",
                     "Describe {}.", "Can you tell me what {} means?")
+# A greeting (or a question about the assistant) and the replies it is trained to give: the corpus
+# has neither, so these are the only place the model learns them. Kept true of the shipped model.
+GREETINGS = ("Hello!", "Hi!", "Hi there.", "Hello", "Hey!", "Good morning!", "Hello, who are you?",
+             "Who are you?", "What can you do?", "Hi, what do you know about?")
+GREETING_REPLIES = (
+    "Hello! I am a small language model with native sparse attention, trained on the documentation of "
+    "Linux, Python and Perl. Ask me about them.",
+    "Hi! I am a small NSA model served by nsa-serve. I have read the Linux, Python and Perl "
+    "documentation, so ask me a question about it.",
+    "Hello. I can answer questions about the Linux kernel, Python and Perl from their documentation. "
+    "What would you like to know?",
+)
+GREETING_SHARE = 0.25  # of dialog samples whose first turn is a greeting
 CHAT_INSTRUCTIONS = ("Continue the following text.", "Here is part of a document. Write what comes next.",
                      "Read this passage and continue it.")
 KV_HEADER = "Here is a list of keys and their values. Remember them. I will ask you for one of them."
@@ -60,6 +76,13 @@ def passkey_messages(filler_before: str, filler_after: str, key: str) -> list[di
 def random_key(rng: np.random.Generator, min_digits: int = 4, max_digits: int = 7) -> str:
     n = int(rng.integers(min_digits, max_digits + 1))
     return str(int(rng.integers(10 ** (n - 1), 10 ** n)))
+
+
+def _ascii_byte(piece: str) -> str:
+    """A byte-fallback piece of an ASCII character ("<0x21>") as that character; other pieces as they are."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">") and int(piece[3:5], 16) < 0x80:
+        return chr(int(piece[3:5], 16))
+    return piece
 
 
 @dataclass
@@ -100,6 +123,20 @@ class TaskBuilder:
             pre, post = render_chat([{"role": "user", "content": f"{instr}\n\n{_A}"}]).split(_A)
             self.chat.append((self._enc_start(pre), self._enc(post)))
         self.end = self._enc("<|end|>\n")
+        # Per token id: ends a sentence ("." "!" "?", before closing quotes or brackets), is a newline,
+        # starts with a capital letter. A passage starts after a sentence end, a newline or a document
+        # boundary, on a capital; it ends after a sentence end.
+        pieces = [_ascii_byte(tok.id_to_piece(i)) for i in range(tok.vocab_size)]
+        self._ends_sentence = np.array([p.rstrip("\"')]").endswith((".", "!", "?")) for p in pieces])
+        self._newline = np.array([p == "\n" for p in pieces])
+        # (at most one "▁" before it: an indented line is not where a reply should start)
+        self._capital = np.array([p[:1].isupper() or (p[:1] == "\u2581" and p[1:2].isupper()) for p in pieces])
+        self._space = np.array([p == "\u2581" for p in pieces])  # a lone "▁" before a capital's piece
+        self.greetings = []
+        for g in GREETINGS:
+            head = render_chat([{"role": "user", "content": g}])
+            self.greetings.append((self._enc_start(head), head))
+        self.greeting_replies = [self._enc(r) for r in GREETING_REPLIES]
 
     def _enc_start(self, text: str) -> list[int]:
         """Tokens of the text that starts a prompt, exactly as the server encodes a whole prompt."""
@@ -130,6 +167,38 @@ class TaskBuilder:
         while len(out) < n:  # tiny corpora (tests): wrap around
             out += [int(t) for t in self.filler[: n] if int(t) not in self.drop]
         return out[:n]
+
+    def _passage(self, rng: np.random.Generator, n: int, tries: int = 4) -> list[int]:
+        """About n tokens of one corpus document from a sentence start to a sentence end (what a reply
+        looks like): the last sentence end within n tokens, else the first within 2n. A few draws
+        look for one; the last draw is cut at n tokens when none has it (a very long sentence or
+        code), and plain filler is used when no draw found a sentence start."""
+        if n <= 0:
+            return []
+        span = 8 * n + 256
+        fallback = None
+        for _ in range(tries):
+            start = int(rng.integers(0, max(1, self.filler.shape[0] - span)))
+            seg = self.filler[start:start + span].astype(np.int64)
+            boundary = np.isin(seg, list(self.drop)) if self.drop else np.zeros(seg.shape, dtype=bool)
+            after_end = self._ends_sentence[seg[:-1]] | self._newline[seg[:-1]] | boundary[:-1]
+            capital = self._capital[seg[1:]]
+            capital[:-1] |= self._space[seg[1:-1]] & self._capital[seg[2:]]
+            starts = np.nonzero(after_end & capital & ~boundary[1:])[0] + 1
+            if starts.size == 0:
+                continue
+            i = int(starts[0])
+            i += int(self._space[seg[i]])  # "▁" "▁These" (two spaces after a full stop): start at the word
+            stop = np.nonzero(boundary[i:])[0]  # the document ends here
+            doc = seg[i:i + min(2 * n, int(stop[0]) if stop.size else 2 * n)]
+            ends = np.nonzero(self._ends_sentence[doc])[0] + 1  # lengths that end on a sentence end
+            if ends.size:
+                within = ends[ends <= n]
+                return [int(t) for t in doc[:int(within[-1] if within.size else ends[0])]]
+            fallback = doc[:n]
+        if fallback is None:
+            return self._filler(rng, n)
+        return [int(t) for t in fallback]
 
     def _finish(self, body: list[int], answer: list[int], length: int, kind: str, needle: int = -1) -> Sample:
         ids = [self.tok.bos_id] + body + answer
@@ -190,38 +259,36 @@ class TaskBuilder:
 
     def dialog(self, rng: np.random.Generator, length: int) -> Sample:
         """Turns of (question about a word of a passage → that passage) filling exactly length + 1
-        tokens; every assistant reply and its <|end|> is answer."""
+        tokens; every assistant reply and its <|end|> is answer. A GREETING_SHARE of the samples open
+        with a greeting turn. The sequence ends where the length does, inside a last turn if needed
+        (as a context window cuts a document): a cut reply is still answer, a cut question is not."""
         ids, mask = [self.tok.bos_id], []
         first = True
-        while True:
+        greet = float(rng.random()) < GREETING_SHARE
+        while len(ids) < length + 1:
             room = length + 1 - len(ids)
-            # The reply is cut before its word is picked, leaving 64 tokens for the question's turn
-            # header, so the question always asks about a word its reply contains.
-            n_reply = min(int(rng.integers(32, 257)), room - 64 - len(self.end))
-            reply = self._filler(rng, n_reply) if n_reply >= 8 else []
-            words = re.findall(r"[A-Za-z][A-Za-z_]{4,}", self.tok.decode(reply))
-            word = words[int(rng.integers(len(words)))] if words else "this"
-            question = DIALOG_QUESTIONS[int(rng.integers(len(DIALOG_QUESTIONS)))].format(word)
-            text = render_chat([{"role": "user", "content": question}])
-            # A later turn follows "<|end|>\n" in the middle of the sequence: encoded as such a piece.
-            head = self._enc_start(text) if first else self._enc(text)
-            if not reply or len(head) + len(reply) + len(self.end) > room:
-                # No room for another turn: the previous reply absorbs what is left.
-                if first:
-                    raise ValueError(f"dialog needs more than {length} tokens")
-                extra = self._filler(rng, room)
-                cut = len(ids) - len(self.end)
-                ids = ids[:cut] + extra + self.end
-                mask = mask[:cut - 1] + [True] * (len(extra) + len(self.end))
-                break
-            ids += head + reply + self.end
-            mask += [False] * len(head) + [True] * (len(reply) + len(self.end))
+            if first and greet:
+                gi = int(rng.integers(len(self.greetings)))
+                head = self.greetings[gi][0]
+                reply = self.greeting_replies[int(rng.integers(len(self.greeting_replies)))]
+            else:
+                # The passage is drawn before its word is picked, so the question always asks about a
+                # word its reply contains.
+                reply = self._passage(rng, int(rng.integers(32, 257)))
+                words = re.findall(r"[A-Za-z][A-Za-z_]{4,}", self.tok.decode(reply))
+                word = words[int(rng.integers(len(words)))] if words else "this"
+                question = DIALOG_QUESTIONS[int(rng.integers(len(DIALOG_QUESTIONS)))].format(word)
+                text = render_chat([{"role": "user", "content": question}])
+                # A later turn follows "<|end|>\n" in the middle of the sequence: encoded as such a piece.
+                head = self._enc_start(text) if first else self._enc(text)
+            if first and len(head) + 8 > room:
+                raise ValueError(f"dialog needs more than {length} tokens")
+            turn = head + reply + self.end
+            turn_mask = [False] * len(head) + [True] * (len(reply) + len(self.end))
+            ids += turn[:room]
+            mask += turn_mask[:room]
             first = False
-            if len(ids) == length + 1:
-                break
         ids = np.asarray(ids, dtype=np.int64)
-        if ids.shape[0] != length + 1:
-            raise ValueError(f"dialog sample of {ids.shape[0]} tokens, wanted {length + 1}")
         # mask[k] marks token ids[k + 1] (the targets are ids[1:]).
         return Sample(ids, np.asarray(mask, dtype=bool), "dialog")
 
