@@ -156,6 +156,30 @@ def test_stop_string_cuts_the_output(client, api_server):
     assert kept.choices[0].text == text[:text.index(stop) + len(stop)]
 
 
+def test_logit_bias_and_allowed_token_ids(client, api_server):
+    """OpenAI's logit_bias and vLLM's allowed_token_ids reach the sampler: +100 forces a token, -100
+    bans one, a one-token allowed set leaves nothing else to sample."""
+    model = api_server.engine.model_name
+    kw = dict(model=model, prompt="Data structures", max_tokens=4)
+    with api_server.http() as h:
+        text_of = {t: h.post("/detokenize", json={"tokens": [t] * 4}).json()["prompt"] for t in (7, 8)}
+    assert text_of[7] != text_of[8]
+    for t in (7, 8):
+        r = client.completions.create(temperature=0, logit_bias={str(t): 100}, extra_body={"ignore_eos": True}, **kw)
+        assert r.choices[0].text == text_of[t]
+        r = client.completions.create(temperature=1.0, seed=3, extra_body={"allowed_token_ids": [t], "ignore_eos": True},
+                                      **kw)
+        assert r.choices[0].text == text_of[t]
+    # Among two allowed tokens, -100 on one leaves the other, whichever the model prefers.
+    for banned, left in ((7, 8), (8, 7)):
+        r = client.completions.create(temperature=1.0, seed=5, logit_bias={str(banned): -100},
+                                      extra_body={"allowed_token_ids": [7, 8], "ignore_eos": True}, **kw)
+        assert r.choices[0].text == text_of[left]
+    chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4, temperature=0,
+                                          logit_bias={"7": 100}, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == text_of[7] and chat.usage.completion_tokens == 4
+
+
 def test_max_completion_tokens_is_honoured(client, api_server):
     r = client.chat.completions.create(model=api_server.engine.model_name, messages=MESSAGES,
                                        max_completion_tokens=3, **GREEDY)

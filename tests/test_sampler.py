@@ -103,3 +103,44 @@ def test_min_tokens_bans_stop_tokens_and_logprobs_are_raw():
     assert [t for t, _, _ in r.logprob.top] == [2, 4, lp.argsort(descending=True)[2].item()]
     r2 = Sampler(V, [2])(logits, [seq(p, output=[9, 9])])[0]
     assert r2.token_id == 2  # min_tokens reached: eos allowed again
+
+
+def test_logit_bias_and_allowed_tokens_match_their_definitions():
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, V, generator=gen)
+    top = logits.argmax(-1)
+    bias = {int(top[0]): -100.0, 7: 2.5, 11: -0.5}
+    ps = [SamplingParams(temperature=0, logit_bias=bias), SamplingParams(temperature=0, allowed_token_ids=[3, 9, 20]),
+          SamplingParams(temperature=0, allowed_token_ids=[3, 9], logit_bias={3: 100.0}, presence_penalty=0.5)]
+    seqs = [seq(p) for p in ps]
+    got = [r.token_id for r in Sampler(V, [0])(logits, seqs)]
+    want0 = logits[0].clone()
+    for t, b in bias.items():
+        want0[t] += b
+    assert got[0] == int(want0.argmax()) and got[0] != int(top[0])
+    assert got[1] == max((3, 9, 20), key=lambda t: float(logits[1, t]))
+    assert got[2] == 3
+    # Sampled rows stay inside allowed_token_ids over many draws, at the renormalised frequencies.
+    p = SamplingParams(temperature=1.0, seed=3, allowed_token_ids=[1, 2])
+    flat = torch.zeros(1, V)
+    flat[0, 2] = math.log(3.0)  # token 2 three times as likely as token 1
+    s, sampler = seq(p), Sampler(V, [])
+    draws = [sampler(flat, [s])[0].token_id for _ in range(2000)]
+    assert set(draws) == {1, 2}
+    assert abs(draws.count(2) / 2000 - 0.75) < 4 * math.sqrt(0.75 * 0.25 / 2000)
+
+
+def test_min_tokens_yields_when_only_stop_tokens_are_allowed():
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(6))
+    p = SamplingParams(temperature=1.0, min_tokens=3, allowed_token_ids=[2], seed=1)
+    assert Sampler(V, [2])(logits, [seq(p)])[0].token_id == 2  # not NaN, not an out-of-set token
+
+
+@pytest.mark.parametrize("kw", [dict(logit_bias={5: 101.0}), dict(logit_bias={5: float("nan")}),
+                                dict(logit_bias={"5": 1.0}), dict(allowed_token_ids=[])])
+def test_bias_validation(kw):
+    from nsa_serve.engine.protocol import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**kw).validate()
+    assert e.value.param == next(iter(kw))

@@ -2,7 +2,7 @@
 
 Requests are validated in strict mode: a string where a number belongs, or `true` where an integer
 belongs, is a 400 (as the OpenAI API answers), never a silent conversion. Unknown fields are ignored
-(clients send provider-specific extras), known-but-unsupported ones (`logit_bias`, `tools`, `suffix`)
+(clients send provider-specific extras), known-but-unsupported ones (`tools`, `suffix`)
 are rejected with a message naming them, so nobody believes they took effect.
 """
 
@@ -49,11 +49,10 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None
     priority: int = 0
 
     def _check_common(self) -> None:
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported by this server", param="logit_bias")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
 
@@ -76,10 +75,22 @@ class _SamplingFields(BaseModel):
             seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias=_token_bias(self.logit_bias), allowed_token_ids=self.allowed_token_ids,
             # A stream needs only what each output adds; a plain response only the last output.
             output_kind="delta" if self.stream else "final_only")
         params.validate()  # InvalidRequestError -> 400 naming the field
         return params
+
+
+def _token_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's logit_bias (token ids as JSON object keys, so strings) with integer keys."""
+    out = {}
+    for key, value in (bias or {}).items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+    return out
 
 
 class CompletionRequest(_SamplingFields):

@@ -31,7 +31,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = ctx.resolve_max_tokens(req.requested_max_tokens(), len(prompt_ids), param,
                                         default=ctx.defaults.get("max_tokens"))
-    params = req.to_sampling_params(max_tokens, ctx.defaults)
+    params = ctx.check_sampling_ids(req.to_sampling_params(max_tokens, ctx.defaults))
     request_id = new_id("chatcmpl")
     top_k = req.top_logprobs or 0
     it = tracked_generate(ctx.engine, ctx.metrics, prompt_ids, params, request_id, priority=req.priority)

@@ -70,6 +70,14 @@ class ServingContext:
             raise bad_request(f"{param} holds token id {bad}, outside the vocabulary [0, {vocab})", param=param)
         return ids
 
+    def check_sampling_ids(self, params):
+        """The token ids sampling parameters name (logit_bias keys, allowed_token_ids) are in the
+        vocabulary: a 400 naming the field, not an index error in the engine loop."""
+        self.check_token_ids(list(params.logit_bias), "logit_bias")
+        if params.allowed_token_ids is not None:
+            self.check_token_ids(params.allowed_token_ids, "allowed_token_ids")
+        return params
+
     def resolve_max_tokens(self, requested: int | None, prompt_len: int, param: str,
                            default: int | None = None, prompt_param: str = "messages") -> int:
         """max_tokens for the engine, checked against the context the prompt leaves."""

@@ -29,10 +29,10 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     longest = max(len(p) for p in prompt_ids)
     max_tokens = ctx.resolve_max_tokens(req.max_tokens, longest, "max_tokens", prompt_param="prompt")
     # Without an explicit max_tokens each prompt may use its own remaining context.
-    params = [req.to_sampling_params(max_tokens if req.max_tokens is not None else
-                                     ctx.resolve_max_tokens(None, len(p), "max_tokens", prompt_param="prompt"),
-                                     ctx.defaults)
-              for p in prompt_ids]
+    params = [ctx.check_sampling_ids(req.to_sampling_params(
+        max_tokens if req.max_tokens is not None else
+        ctx.resolve_max_tokens(None, len(p), "max_tokens", prompt_param="prompt"), ctx.defaults))
+        for p in prompt_ids]
     request_id = new_id("cmpl")
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
     gens = [tracked_generate(ctx.engine, ctx.metrics, p, sp, rid, priority=req.priority)

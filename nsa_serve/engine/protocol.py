@@ -60,6 +60,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k ≥ 0: chosen token's logprob plus top-k
     include_stop_str_in_output: bool = False
+    # Added to the logits of these token ids before penalties and sampling (OpenAI's logit_bias,
+    # -100 … 100: ±100 in effect bans or forces a token).
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    allowed_token_ids: list[int] | None = None  # vLLM's: sample only among these
     # What each RequestOutput carries (vLLM's RequestOutputKind): "cumulative" = text and token ids
     # so far in every output; "delta" = only what the output adds, cumulative fields in the final
     # output only (streaming); "final_only" = one output, when the request finishes (non-streaming).
@@ -99,6 +103,13 @@ class SamplingParams:
             bad("stop", "must be at most 16 non-empty strings")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", f"must be an integer, got {self.seed!r}")
+        if any(not isinstance(k, int) or isinstance(k, bool) for k in self.logit_bias) or any(
+                not (isinstance(v, (int, float)) and math.isfinite(v) and -100 <= v <= 100)
+                for v in self.logit_bias.values()):
+            bad("logit_bias", "must map token ids to numbers between -100 and 100")
+        if self.allowed_token_ids is not None and (
+                not self.allowed_token_ids or any(not isinstance(t, int) for t in self.allowed_token_ids)):
+            bad("allowed_token_ids", "must be a non-empty list of token ids")
         if self.output_kind not in OUTPUT_KINDS:
             bad("output_kind", f"must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}")
 

@@ -1,6 +1,6 @@
 """Next-token sampling for a batch of sequences, each with its own SamplingParams.
 
-Order (as in vLLM): penalties → min_tokens masking → greedy (temperature 0) or
+Order (as in vLLM): allowed_token_ids → logit_bias → penalties → min_tokens masking → greedy (temperature 0) or
 temperature → top-k → top-p → min-p → draw. Logprobs report the model's raw distribution
 (log-softmax of the unmodified logits), the convention OpenAI-compatible servers follow.
 
@@ -53,7 +53,8 @@ class Sampler:
         device = logits.device
         ps = [s.params for s in seqs]
         needs_min = [s.num_output_tokens < p.min_tokens for s, p in zip(seqs, ps)]
-        plain_greedy = all(p.temperature == 0 and p.logprobs is None and not _has_penalty(p) for p in ps)
+        plain_greedy = all(p.temperature == 0 and p.logprobs is None and not _has_penalty(p)
+                           and not _has_bias(p) for p in ps)
         if plain_greedy and not any(needs_min):
             return [SampleResult(t) for t in logits.argmax(dim=-1).tolist()]
 
@@ -61,11 +62,17 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in ps) else None
         logits = logits.clone()
         for b, (seq, p) in enumerate(zip(seqs, ps)):
+            if _has_bias(p):
+                logits[b] = apply_bias(logits[b], p)
             if _has_penalty(p):
                 logits[b] = apply_penalties(logits[b], seq, p)
             if needs_min[b]:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
                 banned = [t for t in banned if 0 <= t < V]
+                # Decided on the host: when allowed_token_ids holds only stop tokens, min_tokens
+                # yields (banning them all would leave nothing to sample).
+                if p.allowed_token_ids is not None and not set(p.allowed_token_ids) - set(banned):
+                    banned = []
                 if banned:
                     logits[b, banned] = -float("inf")
 
@@ -99,6 +106,23 @@ class Sampler:
                 top = [(top_i[b][j], "", top_v[b][j]) for j in range(p.logprobs)] if p.logprobs else []
                 results[b].logprob = TokenLogprob(token_list[b], "", chosen[b], top)
         return results
+
+
+def _has_bias(p) -> bool:
+    return bool(p.logit_bias) or p.allowed_token_ids is not None
+
+
+def apply_bias(logits: torch.Tensor, p) -> torch.Tensor:
+    """allowed_token_ids (every other token to -inf), then logit_bias added to its tokens' logits."""
+    if p.allowed_token_ids is not None:
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep[torch.tensor(p.allowed_token_ids, dtype=torch.long, device=logits.device)] = True
+        logits = logits.masked_fill(~keep, -float("inf"))
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+        logits = logits.index_add(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype,
+                                                       device=logits.device))
+    return logits
 
 
 def _has_penalty(p) -> bool:
