@@ -206,6 +206,48 @@ def test_chat_logprobs_shapes(client, api_server):
     assert none.choices[0].logprobs is None
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_decoding_scored_it(client, api_server):
+    """echo + logprobs (what evaluation harnesses send to score a continuation): the prompt's tokens
+    come back with their logprobs, the first null. A prompt ending in tokens the server generated
+    scores them (to fp32 rounding) as the decode steps that generated them did: prefill rows against
+    decode steps. The generated tokens are known ids: allowed_token_ids forces them, and logprobs
+    report the raw distribution."""
+    model = api_server.engine.model_name
+    with api_server.http() as h:
+        prompt = h.post("/tokenize", json={"prompt": "Lists and tuples"}).json()["tokens"]
+    forced = 100
+    gen = client.completions.create(model=model, prompt=prompt, max_tokens=4, logprobs=0,
+                                    extra_body={"allowed_token_ids": [forced], "ignore_eos": True}, temperature=0)
+    gen_lps = gen.choices[0].logprobs.token_logprobs
+    full = prompt + [forced] * 4
+    r = client.completions.create(model=model, prompt=full, max_tokens=1, logprobs=2, echo=True, **GREEDY)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(full) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    with api_server.http() as h:
+        assert r.choices[0].text.startswith(h.post("/detokenize", json={"tokens": full}).json()["prompt"])
+    assert lp.token_logprobs[len(prompt):len(full)] == pytest.approx(gen_lps, abs=1e-4)
+    for chosen, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert chosen <= 0 and 1 <= len(top) <= 2 and max(top.values()) >= chosen - 1e-6
+    # The same numbers through vLLM's prompt_logprobs field, and streamed: the first chunk carries them.
+    with api_server.http() as h:
+        v = h.post("/v1/completions", json={"model": model, "prompt": full, "max_tokens": 1, "temperature": 0,
+                                            "prompt_logprobs": 2}).json()
+        chat = h.post("/v1/chat/completions", json={"model": model, "messages": MESSAGES, "max_tokens": 1,
+                                                    "prompt_logprobs": 0}).json()
+        n_chat_prompt = h.post("/tokenize", json={"messages": MESSAGES}).json()["count"]
+    plp = v["choices"][0]["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(full)
+    assert [e[str(t)]["logprob"] for e, t in zip(plp[1:], full[1:])] == pytest.approx(lp.token_logprobs[1:len(full)],
+                                                                                       abs=1e-6)
+    assert all(e[str(t)]["rank"] >= 1 and len(e) <= 3 for e, t in zip(plp[1:], full[1:]))
+    chunks = list(client.completions.create(model=model, prompt=full, max_tokens=1, logprobs=2, echo=True,
+                                            stream=True, **GREEDY))
+    first = chunks[0].choices[0].logprobs
+    assert first.token_logprobs[:len(full)] == pytest.approx(lp.token_logprobs[:len(full)], abs=1e-6)
+    assert len(chat["prompt_logprobs"]) == n_chat_prompt and chat["prompt_logprobs"][0] is None
+
+
 def test_completion_logprobs_shapes(client, api_server):
     r = client.completions.create(model=api_server.engine.model_name, prompt="Lists and tuples", max_tokens=5,
                                   logprobs=2, **GREEDY)

@@ -50,14 +50,17 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None
     priority: int = 0
 
     def _check_common(self) -> None:
+        if self.prompt_logprobs is not None and self.stream:
+            raise bad_request("prompt_logprobs is not available with stream=true", param="prompt_logprobs")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                         defaults: dict[str, Any]) -> SamplingParams:
+                         defaults: dict[str, Any], prompt_logprobs: int | None = None) -> SamplingParams:
         """The engine parameters; `defaults` (the model's generation_config.json) fill what the
         request leaves out, as vLLM does."""
 
@@ -76,6 +79,7 @@ class _SamplingFields(BaseModel):
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias=_token_bias(self.logit_bias), allowed_token_ids=self.allowed_token_ids,
+            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
             # A stream needs only what each output adds; a plain response only the last output.
             output_kind="delta" if self.stream else "final_only")
         params.validate()  # InvalidRequestError -> 400 naming the field
@@ -122,10 +126,13 @@ class CompletionRequest(_SamplingFields):
             raise bad_request("suffix is not supported by this server", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request("best_of must be equal to n (beam-like best_of is not supported)", param="best_of")
+        prompt_logprobs = None
         if self.echo and self.logprobs is not None:
-            raise bad_request("echo with logprobs needs prompt logprobs, which this server does not compute",
-                              param="echo")
-        return self._sampling_params(max_tokens, self.logprobs, defaults)
+            # The echoed prompt's tokens get logprobs too (what evaluation harnesses score with).
+            if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
+                raise bad_request(f"logprobs must be between 0 and 20, got {self.logprobs!r}", param="logprobs")
+            prompt_logprobs = max(self.logprobs, self.prompt_logprobs or 0)
+        return self._sampling_params(max_tokens, self.logprobs, defaults, prompt_logprobs)
 
 
 class TextPart(BaseModel):
@@ -213,12 +220,23 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptTokenLogprob(BaseModel):
+    """vLLM's shape of one prompt_logprobs entry: {token_id: {logprob, rank, decoded_token}}."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptTokenLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -269,6 +287,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     system_fingerprint: str | None = None
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(BaseModel):

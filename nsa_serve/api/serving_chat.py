@@ -15,8 +15,8 @@ from .generation import tracked_generate
 from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatMessageOut, ChatTokenLogprob, ChoiceLogprobs, DeltaMessage,
                        TopLogprob, UsageInfo)
-from .serving_common import (SSE_DONE, ServingContext, SSEResponse, clamp_logprob, run_to_end, json_response,
-                             new_id, raise_if_failed, sse, stream_error_event)
+from .serving_common import (SSE_DONE, ServingContext, SSEResponse, clamp_logprob, json_response, new_id,
+                             prompt_logprobs_body, raise_if_failed, run_to_end, sse, stream_error_event)
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
@@ -57,7 +57,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     completion_tokens = sum(c.num_tokens for c in final.outputs)
     usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
                       total_tokens=len(prompt_ids) + completion_tokens)
-    body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
+    body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage,
+                                  prompt_logprobs=prompt_logprobs_body(final.prompt_logprobs))
     return json_response(body, request_id)
 
 

@@ -170,6 +170,23 @@ def clamp_logprob(x: float) -> float:
     return _MIN_LOGPROB if not math.isfinite(x) or x < _MIN_LOGPROB else float(x)
 
 
+def prompt_logprobs_body(lps) -> list | None:
+    """Engine prompt logprobs as vLLM returns them: None for the first token, then per token a dict
+    {token id: {logprob, rank, decoded_token}} holding the prompt's token and the top-k."""
+    if lps is None:
+        return None
+    out = []
+    for t in lps:
+        if t is None:
+            out.append(None)
+            continue
+        entry = {str(t.token_id): {"logprob": clamp_logprob(t.logprob), "rank": t.rank, "decoded_token": t.token}}
+        for rank, (i, text, lp) in enumerate(t.top, start=1):
+            entry.setdefault(str(i), {"logprob": clamp_logprob(lp), "rank": rank, "decoded_token": text})
+        out.append(entry)
+    return out
+
+
 def sse(payload: BaseModel | dict) -> str:
     data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
     return f"data: {data}\n\n"

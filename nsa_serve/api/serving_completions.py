@@ -16,8 +16,8 @@ from starlette.requests import Request
 from ..engine.protocol import RequestOutput, TokenLogprob
 from .generation import merge, tracked_generate
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
-from .serving_common import (SSE_DONE, ServingContext, SSEResponse, clamp_logprob, run_to_end, json_response,
-                             new_id, raise_if_failed, sse, stream_error_event)
+from .serving_common import (SSE_DONE, ServingContext, SSEResponse, clamp_logprob, json_response, new_id,
+                             prompt_logprobs_body, raise_if_failed, run_to_end, sse, stream_error_event)
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
@@ -64,9 +64,14 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         prompt_tokens += len(out.prompt_token_ids)
         for c in sorted(out.outputs, key=lambda c: c.index):
             completion_tokens += c.num_tokens
-            lp = _logprobs(c.logprobs, req.logprobs, len(echo[src])) if req.logprobs is not None else None
+            lp = None
+            if req.logprobs is not None:
+                lp = _logprobs(c.logprobs, req.logprobs, len(echo[src]))
+                if req.echo:
+                    lp = _join(_echo_logprobs(ctx, out, req.logprobs), lp)
             choices.append(CompletionChoice(index=src * n + c.index, text=echo[src] + c.text, logprobs=lp,
-                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                            prompt_logprobs=prompt_logprobs_body(out.prompt_logprobs)))
     usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                       total_tokens=prompt_tokens + completion_tokens)
     return json_response(CompletionResponse(id=request_id, created=created, model=model, choices=choices,
@@ -87,11 +92,14 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
     completion_tokens: dict[tuple[int, int], int] = {}
     offsets: dict[tuple[int, int], int] = {}  # text_offset of the next token, per choice
     echoed: set[tuple[int, int]] = set()
+    prompt_lps: dict[int, CompletionLogprobs | None] = {}
     done: set[tuple[int, int]] = set()  # the engine repeats a finished choice in later outputs
     try:
         src, out = first
         while True:
             prompt_tokens[src] = len(out.prompt_token_ids)
+            if out.prompt_logprobs is not None and echo[src] and logprobs is not None:
+                prompt_lps.setdefault(src, _echo_logprobs(ctx, out, logprobs))
             for c in out.outputs:
                 key = (src, c.index)
                 completion_tokens[key] = c.num_tokens
@@ -109,6 +117,8 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
                 if logprobs is not None:
                     lp = _logprobs(c.delta_logprobs, logprobs, offsets[key])
                     offsets[key] += sum(len(t.token) for t in c.delta_logprobs or [])
+                    if prefix and prompt_lps[src] is not None:  # echo: the prompt's tokens come first
+                        lp = _join(prompt_lps[src], lp)
                 yield chunk([CompletionChoice(index=src * n + c.index, text=prefix + c.delta_text, logprobs=lp,
                                               finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
             try:
@@ -126,6 +136,33 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
         with anyio.CancelScope(shield=True):
             await it.aclose()
     yield SSE_DONE
+
+
+def _echo_logprobs(ctx: ServingContext, out: RequestOutput, k: int) -> CompletionLogprobs:
+    """The echoed prompt's part of a choice's logprobs: its tokens, their logprobs given what comes
+    before (null for the first token, as OpenAI's echo gives), offsets from 0."""
+    res = CompletionLogprobs()
+    offset = 0
+    for tid, t in zip(out.prompt_token_ids, out.prompt_logprobs or []):
+        text = ctx.tokenizer.token_text(tid) if t is None else t.token
+        res.tokens.append(text)
+        res.text_offset.append(offset)
+        offset += len(text)
+        if t is None:
+            res.token_logprobs.append(None)
+            res.top_logprobs.append(None)
+            continue
+        res.token_logprobs.append(clamp_logprob(t.logprob))
+        top: dict[str, float] = {}
+        for _, s, lp in t.top[:k]:
+            top.setdefault(s, clamp_logprob(lp))
+        res.top_logprobs.append(top)
+    return res
+
+
+def _join(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(text_offset=a.text_offset + b.text_offset, token_logprobs=a.token_logprobs +
+                              b.token_logprobs, tokens=a.tokens + b.tokens, top_logprobs=a.top_logprobs + b.top_logprobs)
 
 
 def _logprobs(lps: list[TokenLogprob] | None, k: int, start_offset: int) -> CompletionLogprobs:

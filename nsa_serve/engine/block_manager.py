@@ -165,7 +165,9 @@ class BlockManager:
         `num_new_tokens` more (capped to what is left). Sets seq.num_computed_tokens to the cached
         length. False, changing nothing, when pages run short."""
         assert not seq.block_table and seq.num_computed_tokens == 0
-        hit_pages, hit_hashes = self.match_prefix(seq.token_ids)
+        # Prompt logprobs need every prompt position's logits: such a sequence computes them all
+        # (its pages still enter the cache for others).
+        hit_pages, hit_hashes = ([], []) if seq.wants_prompt_logprobs else self.match_prefix(seq.token_ids)
         cached = len(hit_pages) * self.page_size
         total = cached + min(num_new_tokens, seq.num_tokens - cached)
         fresh = self.pages_for(total) - len(hit_pages) + self.ring_pages
@@ -178,7 +180,7 @@ class BlockManager:
         seq.page_hashes = list(hit_hashes)
         seq.num_computed_tokens = cached
         seq.num_summaries = len(hit_pages) * self.summaries_per_page
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and not seq.wants_prompt_logprobs:
             self.prefix_queries += seq.num_tokens
             self.prefix_hits += cached
         ok = self.allocate(seq, total)

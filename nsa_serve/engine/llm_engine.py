@@ -31,7 +31,7 @@ from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .model_runner import ModelRunner, cache_bytes_per_page, ring_pages
 from .precompile import precompile
 from .protocol import (CompletionOutput, EngineStats, InvalidRequestError, PromptTooLongError, QueueFullError,
-                       RequestMetrics, RequestOutput, SamplingParams)
+                       RequestMetrics, RequestOutput, SamplingParams, TokenLogprob)
 from .sampler import SampleResult, Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
@@ -64,6 +64,9 @@ class Request:
     # Prompt tokens already counted in prompt_tokens_total: the furthest any of its sequences has
     # prefilled (prefix-cache hits included), so n > 1 and recompute after preemption count once.
     prompt_tokens_counted: int = 0
+    # params.prompt_logprobs: entry p for prompt token p (None for p = 0), filled as prefill goes
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def finished(self) -> bool:
@@ -80,6 +83,22 @@ class StepTiming:
     postprocess_s: float = 0.0  # detokenizer, stop checks, outputs
     num_tokens: int = 0
     num_decode: int = 0
+
+
+def _prompt_entries(inp) -> dict:
+    """Per sequence, (prompt position, TokenLogprob) for the prompt rows of a step (texts filled later)."""
+    res = inp.prompt_result
+    if res is None:
+        return {}
+    out, i = {}, 0
+    for seq, first, count in inp.prompt_spans:
+        k = seq.params.prompt_logprobs
+        out[seq] = [(first + j, TokenLogprob(
+            inp.prompt_targets_host[i + j], "", res.logprob[i + j],
+            [(t, "", v) for t, v in zip(res.top_ids[i + j][:k], res.top_logprobs[i + j][:k])],
+            rank=res.rank[i + j])) for j in range(count)]
+        i += count
+    return out
 
 
 def resolve_device_dtype(args: EngineArgs) -> tuple[torch.device, torch.dtype]:
@@ -302,6 +321,10 @@ class LLMEngine:
                                           param="prompt")
         if any(not isinstance(t, int) or isinstance(t, bool) for t in params.stop_token_ids):
             raise InvalidRequestError("stop_token_ids must be integers", param="stop_token_ids")
+        for name, ids in (("logit_bias", list(params.logit_bias)), ("allowed_token_ids", params.allowed_token_ids or [])):
+            bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < V), None)
+            if bad is not None:
+                raise InvalidRequestError(f"{name} holds token id {bad!r}, outside the vocabulary [0, {V})", param=name)
         n = len(prompt_token_ids)
         if n >= self.max_model_len:
             raise PromptTooLongError(f"this model's maximum context length is {self.max_model_len} tokens; "
@@ -315,6 +338,8 @@ class LLMEngine:
         self.validate_request(prompt_token_ids, params)
         arrival = time.time() if arrival_time is None else arrival_time
         req = Request(request_id, list(prompt_token_ids), params, RequestMetrics(arrival_time=arrival))
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
         for i in range(params.n):
             seq = Sequence(request_id, i, list(prompt_token_ids), params, arrival, priority)
             detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids) if self.tokenizer else None
@@ -383,7 +408,7 @@ class LLMEngine:
             if timing is not None:
                 timing.prepare_s = t1 - t0
                 timing.model_s = time.perf_counter() - t1
-            return dict(zip(seqs, samples)), entries
+            return dict(zip(seqs, samples)), entries, {}
         t0 = time.perf_counter()
         inp = self.runner.prepare(seqs, nums)
         t1 = time.perf_counter()
@@ -392,7 +417,7 @@ class LLMEngine:
         if timing is not None:
             timing.prepare_s = t1 - t0
             timing.model_s = time.perf_counter() - t1  # sampler's .tolist() synchronises the GPU
-        return dict(zip(inp.sample_seqs, samples)), dict(zip(inp.seqs, inp.new_entries))
+        return dict(zip(inp.sample_seqs, samples)), dict(zip(inp.seqs, inp.new_entries)), _prompt_entries(inp)
 
     def _execute(self, batch: ScheduledBatch, timing: StepTiming):
         """Run the batch; if it fails, run its sequences one by one so only the culprit fails."""
@@ -405,20 +430,21 @@ class LLMEngine:
             # The failure may be the graph path's: never let it fail requests twice.
             log.warning("fixed-shape decode disabled after a failed step; running eagerly")
             self.runner.static_decode = None
-        samples, entries, failed = {}, {}, set()
+        samples, entries, prompts, failed = {}, {}, {}, set()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             try:
-                s, e = self._run([seq], [n])
+                s, e, pl = self._run([seq], [n])
                 samples.update(s)
                 entries.update(e)
+                prompts.update(pl)
             except Exception:
                 log.exception("request %s failed", seq.request_id)
                 failed.add(seq)
-        return (samples, entries), failed
+        return (samples, entries, prompts), failed
 
     # -- bookkeeping after a step -----------------------------------------------------------------
     def _postprocess(self, batch: ScheduledBatch, results, failed: set) -> list[RequestOutput]:
-        samples, entries = results
+        samples, entries, prompts = results
         now = time.time()
         touched: dict[str, Request] = {}
         bm, p = self.block_manager, self.config.sparsity
@@ -445,6 +471,8 @@ class LLMEngine:
                 bm.note_summaries(seq, first, end)
                 seq.num_summaries = end
             bm.register_complete_pages(seq)
+            if seq in prompts:
+                self._add_prompt_logprobs(req, prompts[seq])
             if n == 1:  # a decode row: what one step of attention reads, per kv group
                 L = seq.num_computed_tokens
                 read = L if self.args.attention == "dense" else tokens_read_per_step(L, p)
@@ -464,6 +492,16 @@ class LLMEngine:
             if finished:
                 self._retire(req)
         return outputs
+
+    def _add_prompt_logprobs(self, req: Request, entries: list[tuple[int, TokenLogprob]]) -> None:
+        """Append prompt logprobs in position order; a recompute after preemption repeats positions
+        already held, which are skipped."""
+        have = req.prompt_logprobs
+        for pos, lp in entries:
+            if pos == len(have):
+                lp.token = self._token_text(lp.token_id)
+                lp.top = [(i, self._token_text(i), v) for i, _, v in lp.top]
+                have.append(lp)
 
     def _append_token(self, req: Request, seq: Sequence, sample: SampleResult, now: float) -> None:
         comp = req.completions[seq.index]
@@ -569,7 +607,13 @@ class LLMEngine:
             comp.sent_tokens = num
         if finished and req.metrics.finished_time is None:
             req.metrics.finished_time = time.time()
-        return RequestOutput(req.request_id, req.prompt_token_ids, outs, finished, req.metrics.snapshot())
+        prompt_lps = None
+        if req.prompt_logprobs is not None and len(req.prompt_logprobs) == len(req.prompt_token_ids) and (
+                full or not req.prompt_logprobs_sent):
+            prompt_lps = list(req.prompt_logprobs)
+            req.prompt_logprobs_sent = True
+        return RequestOutput(req.request_id, req.prompt_token_ids, outs, finished, req.metrics.snapshot(),
+                             prompt_logprobs=prompt_lps)
 
     # -- stats ------------------------------------------------------------------------------------
     def _publish_stats(self) -> None:

@@ -19,7 +19,7 @@ pages; with independent K/V from φ's staging ring (which holds the last P·⌈l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -53,6 +53,14 @@ class StepInputs:
     new_entries: list[tuple[int, int]]  # per sequence: (first, end) entries written
     logits_rows: torch.Tensor  # rows whose logits are sampled
     sample_seqs: list[Sequence]
+    # Prompt logprobs: rows whose next token is a prompt token, those tokens, and per sequence
+    # (seq, position of the first target, count); the forward fills prompt_result.
+    prompt_rows: torch.Tensor | None = None
+    prompt_targets: torch.Tensor | None = None
+    prompt_targets_host: list[int] = field(default_factory=list)
+    prompt_spans: list[tuple[Sequence, int, int]] = field(default_factory=list)
+    prompt_k: int = 0
+    prompt_result: "PromptLogprobs | None" = None
     # independent K/V only
     win_tables: torch.Tensor | None = None
     win_write_rows: torch.Tensor | None = None
@@ -61,6 +69,38 @@ class StepInputs:
     cmp_write_slots: torch.Tensor | None = None
     # the Triton prefill kernel's tile layout, built by the first layer and reused by the others
     prefill_plan: object | None = None
+
+
+@dataclass
+class PromptLogprobs:
+    """Per prompt row (host lists): the target token's logprob and rank, and the top-k (ids, logprobs)."""
+
+    logprob: list[float]
+    rank: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+PROMPT_LOGPROB_ROWS = 256  # rows of full-vocabulary logits alive at once (vocab 128k: 128 MB fp32)
+
+
+def prompt_logprobs(model, h: torch.Tensor, targets: torch.Tensor, k: int) -> PromptLogprobs:
+    """Log-softmax of the model's logits at rows `h`, read at `targets`, in slices so a long prompt
+    chunk never holds [rows, vocab] at once."""
+    lp_all, rank_all, ti_all, tv_all = [], [], [], []
+    for i in range(0, h.shape[0], PROMPT_LOGPROB_ROWS):
+        lp = torch.log_softmax(model.logits(h[i:i + PROMPT_LOGPROB_ROWS]).float(), dim=-1)
+        tgt = targets[i:i + PROMPT_LOGPROB_ROWS].unsqueeze(1)
+        chosen = lp.gather(1, tgt)
+        lp_all.append(chosen.squeeze(1))
+        rank_all.append((lp > chosen).sum(dim=1) + 1)  # vLLM's rank: 1 + tokens strictly more likely
+        if k:
+            v, ix = lp.topk(k, dim=-1)
+            tv_all.append(v)
+            ti_all.append(ix)
+    return PromptLogprobs(torch.cat(lp_all).tolist(), torch.cat(rank_all).tolist(),
+                          torch.cat(ti_all).tolist() if k else [[] for _ in range(h.shape[0])],
+                          torch.cat(tv_all).tolist() if k else [[] for _ in range(h.shape[0])])
 
 
 def cache_bytes_per_page(model_cfg, dtype: torch.dtype) -> int:
@@ -149,6 +189,7 @@ class ModelRunner:
         B = len(seqs)
         ids, cu, lens, starts = [], [0], [], []
         old_slots, new_entries, logits_rows, sample_seqs = [], [], [], []
+        prompt_rows, prompt_targets, prompt_spans, prompt_k = [], [], [], 0
         # Per new summary: its sequence, index, and where its tokens are (lengths = entries).
         e_seq, e_idx, e_start, e_row0, e_base, e_first = [], [], [], [], [], []
         bt = np.zeros((B, table_width(max(len(s.block_table) for s in seqs))), dtype=np.int32)
@@ -163,6 +204,13 @@ class ModelRunner:
             if L == seq.num_tokens:  # every known token computed: sample the next one
                 logits_rows.append(row0 + T - 1)
                 sample_seqs.append(seq)
+            if seq.wants_prompt_logprobs and start < seq.num_prompt_tokens - 1:
+                # Row of position p predicts token p + 1: rows up to the prompt's second-to-last token.
+                last = min(L, seq.num_prompt_tokens - 1)
+                prompt_rows.extend(range(row0, row0 + last - start))
+                prompt_targets.extend(seq.token_ids[start + 1:last + 1])
+                prompt_spans.append((seq, start + 1, last - start))
+                prompt_k = max(prompt_k, seq.params.prompt_logprobs)
             # Summaries completed by this chunk (none needed by dense attention). Entry i reads
             # tokens i·d … i·d + l − 1: those before `start` from the cache (old rows, numbered
             # from `base` in the flat source), the rest from this step's rows.
@@ -207,6 +255,9 @@ class ModelRunner:
             summary_old_slots=lt(old_slots), entry_src=lt(src.reshape(-1, l)), entry_slots=lt(entry_slots),
             new_entries=new_entries, logits_rows=lt(logits_rows), sample_seqs=sample_seqs,
         )
+        if prompt_spans:
+            inp.prompt_rows, inp.prompt_targets = lt(prompt_rows), lt(prompt_targets)
+            inp.prompt_spans, inp.prompt_k, inp.prompt_targets_host = prompt_spans, prompt_k, prompt_targets
         if not self.shared:
             # Rings: each chunk's last ring_tokens rows are written to the ring slot of their position.
             row_len = np.asarray(lens, dtype=i64)[seq_of_row]
@@ -262,6 +313,8 @@ class ModelRunner:
             pending = layer.mlp.forward_fused(x)
         if pending is not None:
             h = h + pending
+        if inp.prompt_spans:
+            inp.prompt_result = prompt_logprobs(model, h[inp.prompt_rows], inp.prompt_targets, inp.prompt_k)
         return model.logits(h[inp.logits_rows]).float()
 
     def _write_summaries(self, attn, cache: PagedLayerCache, kv_cmp, inp: StepInputs) -> None:

@@ -59,6 +59,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k ≥ 0: chosen token's logprob plus top-k
+    # vLLM's: per prompt token (but the first), its logprob given the tokens before it, plus top-k.
+    # Computed during prefill by the request's first completion, which skips the prefix cache for it.
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     # Added to the logits of these token ids before penalties and sampling (OpenAI's logit_bias,
     # -100 … 100: ±100 in effect bans or forces a token).
@@ -99,6 +102,9 @@ class SamplingParams:
             bad("min_tokens", f"must be between 0 and max_tokens, got {self.min_tokens!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             bad("logprobs", f"must be between 0 and 20, got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            bad("prompt_logprobs", f"must be between 0 and 20, got {self.prompt_logprobs!r}")
         if len(self.stop) > 16 or any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must be at most 16 non-empty strings")
         if self.seed is not None and not isinstance(self.seed, int):
@@ -120,6 +126,7 @@ class TokenLogprob:
     token: str
     logprob: float
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob), best first
+    rank: int | None = None  # prompt logprobs: 1 + how many tokens were more likely
 
 
 @dataclass
@@ -165,6 +172,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # With params.prompt_logprobs: one entry per prompt token, None for the first (nothing before
+    # it); set in the first output after the prompt is prefilled (and in every later cumulative one).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass

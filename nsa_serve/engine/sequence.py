@@ -56,6 +56,11 @@ class Sequence:
             self.logprobs = []
 
     @property
+    def wants_prompt_logprobs(self) -> bool:
+        """The request asked for prompt logprobs and this is the completion that computes them."""
+        return self.params.prompt_logprobs is not None and self.index == 0
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
