@@ -48,6 +48,17 @@ def main() -> int:
             failures += not ok
             print(f"shared_kv={shared} prompt {i} ({len(prompt)} tokens): {'OK' if ok else 'MISMATCH'}"
                   + ("" if ok else f"\n  engine {got}\n  ref    {ref}"))
+        # Prompt logprobs (prefill rows scored in slices) against the reference's full forward.
+        outs = engine.generate(prompts[:3], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))
+        for i, (prompt, out) in enumerate(zip(prompts, outs)):
+            with torch.no_grad():
+                ref = torch.log_softmax(model.step(torch.tensor(prompt, device="cuda"), model.new_cache())[:-1].double(), -1)
+            want = ref.gather(1, torch.tensor(prompt[1:], device="cuda").unsqueeze(1)).squeeze(1).cpu()
+            got = torch.tensor([t.logprob for t in out.prompt_logprobs[1:]], dtype=torch.float64)
+            err = float((got - want).abs().max())
+            ok = out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt) and err < 2e-3
+            failures += not ok
+            print(f"shared_kv={shared} prompt {i} prompt_logprobs: max |err| {err:.2e} {'OK' if ok else 'MISMATCH'}")
         print("attention:", engine.runner.attention.describe())
         engine.block_manager.check_all_free()
     print("GPU engine check:", "PASS" if not failures else f"{failures} mismatches")
