@@ -42,9 +42,14 @@ def test_engine_with_the_triton_kernels_matches_the_reference(shared_kv):
     att.prefill_fn = spy
     # Two prompts of 2-3 chunks, decoded together: mixed prefill + decode steps (the interpreter is slow).
     prompts = random_prompts(2, 30, 50, seed=21)
-    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    # Prompt logprobs ride along: the prompt rows of the Triton prefill's output, scored.
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=0))
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == reference_greedy(engine.model, prompt, 2)
+        with torch.no_grad():
+            ref = torch.log_softmax(engine.model.step(torch.tensor(prompt), engine.model.new_cache())[:-1].double(), -1)
+        want = ref.gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1).tolist()
+        assert [t.logprob for t in out.prompt_logprobs[1:]] == pytest.approx(want, abs=2e-4)
     engine.block_manager.check_all_free()
     # One plan per step, shared by every layer of that step.
     layers = engine.model.cfg.num_layers
