@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import openai
 import pytest
@@ -178,6 +179,30 @@ def test_logit_bias_and_allowed_token_ids(client, api_server):
     chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4, temperature=0,
                                           logit_bias={"7": 100}, extra_body={"ignore_eos": True})
     assert chat.choices[0].message.content == text_of[7] and chat.usage.completion_tokens == 4
+
+
+def test_structured_outputs_through_the_client(client, api_server):
+    """OpenAI's response_format json_schema, vLLM's guided_choice / guided_regex and structured_outputs:
+    the reply matches, whatever the random model would have said."""
+    model = api_server.engine.model_name
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=40, temperature=0.7, seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}})
+    assert r.choices[0].finish_reason == "stop"
+    obj = json.loads(r.choices[0].message.content)
+    assert set(obj) == {"ok", "n"} and isinstance(obj["ok"], bool) and isinstance(obj["n"], int) and obj["n"] <= 99
+    stream = list(client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=40, temperature=0.7, seed=1, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}))
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == r.choices[0].message.content
+    c = client.completions.create(model=model, prompt="Pick one:", max_tokens=10, temperature=1.0, seed=2,
+                                  extra_body={"guided_choice": ["red", "green", "blue"]})
+    assert c.choices[0].text in {"red", "green", "blue"} and c.choices[0].finish_reason == "stop"
+    c = client.completions.create(model=model, prompt="A code:", max_tokens=10, temperature=1.0, seed=3, n=2,
+                                  extra_body={"structured_outputs": {"regex": "[A-Z]{2}[0-9]{3}"}})
+    assert all(re.fullmatch("[A-Z]{2}[0-9]{3}", ch.text) for ch in c.choices), [ch.text for ch in c.choices]
 
 
 def test_max_completion_tokens_is_honoured(client, api_server):

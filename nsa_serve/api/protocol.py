@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from ..engine.protocol import SamplingParams
+from ..engine.structured import StructuredOutput
 from .errors import bad_request
 
 _REQUEST_CONFIG = ConfigDict(strict=True, extra="ignore")
@@ -52,6 +53,50 @@ class _SamplingFields(BaseModel):
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
     priority: int = 0
+    # Structured output: OpenAI's response_format, vLLM's guided_* fields and its newer
+    # structured_outputs object ({"json" | "regex" | "choice" | "grammar" | "json_object": ...}).
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+
+    def _structured(self) -> StructuredOutput | None:
+        """The one output constraint the request names, or None; 400 for two or a malformed one."""
+        found = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type", "text")
+            if kind == "json_object":
+                found.append(StructuredOutput("json_object", None, "response_format"))
+            elif kind == "json_schema":
+                js = rf.get("json_schema")
+                schema = js.get("schema") if isinstance(js, dict) else None
+                if not isinstance(schema, dict):
+                    raise bad_request("response_format json_schema needs json_schema.schema, a JSON schema object",
+                                      param="response_format")
+                found.append(StructuredOutput("json", schema, "response_format"))
+            elif kind != "text":
+                raise bad_request(f"response_format type must be text, json_object or json_schema, got {kind!r}",
+                                  param="response_format")
+        for kind, value in (("json", self.guided_json), ("regex", self.guided_regex),
+                            ("choice", self.guided_choice), ("grammar", self.guided_grammar)):
+            if value is not None:
+                found.append(StructuredOutput(kind, value, f"guided_{kind}"))
+        for key, value in (self.structured_outputs or {}).items():
+            if key not in ("json", "regex", "choice", "grammar", "json_object"):
+                raise bad_request(f"structured_outputs.{key} is not supported (json, regex, choice, grammar, "
+                                  f"json_object are)", param="structured_outputs")
+            if key == "json_object":
+                if value:
+                    found.append(StructuredOutput("json_object", None, "structured_outputs"))
+            elif value is not None:
+                found.append(StructuredOutput(key, value, "structured_outputs"))
+        if len(found) > 1:
+            raise bad_request("give one output constraint (response_format, guided_json, guided_regex, guided_choice, "
+                              "guided_grammar or structured_outputs), not several", param=found[1].param)
+        return found[0] if found else None
 
     def _check_common(self) -> None:
         if self.prompt_logprobs is not None and self.stream:
@@ -80,6 +125,7 @@ class _SamplingFields(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias=_token_bias(self.logit_bias), allowed_token_ids=self.allowed_token_ids,
             prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
+            structured=self._structured(),
             # A stream needs only what each output adds; a plain response only the last output.
             output_kind="delta" if self.stream else "final_only")
         params.validate()  # InvalidRequestError -> 400 naming the field
@@ -167,7 +213,6 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
 
     def requested_max_tokens(self) -> int | None:
@@ -178,8 +223,6 @@ class ChatCompletionRequest(_SamplingFields):
         self._check_common()
         if self.tools and self.tool_choice != "none":
             raise bad_request("tool calling is not supported by this server", param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise bad_request("only response_format {\"type\": \"text\"} is supported", param="response_format")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")

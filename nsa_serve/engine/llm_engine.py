@@ -35,6 +35,7 @@ from .protocol import (CompletionOutput, EngineStats, InvalidRequestError, Promp
 from .sampler import SampleResult, Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
+from .structured import GrammarCompiler
 
 log = logging.getLogger("nsa_serve.engine")
 
@@ -181,6 +182,7 @@ class LLMEngine:
         stop_ids = tokenizer.stop_token_ids if tokenizer is not None else [cfg.eos_token_id]
         self.eos_token_ids = stop_ids
         self.sampler = Sampler(cfg.vocab_size, stop_ids, seed=args.seed)
+        self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size)
         self.requests: dict[str, Request] = {}
         self._lock = threading.Lock()
         self._pending_add: list[Request] = []
@@ -337,11 +339,15 @@ class LLMEngine:
                     priority: int = 0, arrival_time: float | None = None) -> None:
         self.validate_request(prompt_token_ids, params)
         arrival = time.time() if arrival_time is None else arrival_time
+        # Structured output: the grammar is compiled here, so a bad one is a 400 before anything runs.
+        matcher = self.grammars.matcher(params.structured) if params.structured is not None else None
         req = Request(request_id, list(prompt_token_ids), params, RequestMetrics(arrival_time=arrival))
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         for i in range(params.n):
             seq = Sequence(request_id, i, list(prompt_token_ids), params, arrival, priority)
+            if matcher is not None:
+                seq.matcher = matcher if i == 0 else matcher.deep_copy()
             detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids) if self.tokenizer else None
             req.completions.append(_Completion(
                 seq, detok, StopStringMatcher(params.stop, params.include_stop_str_in_output),
@@ -521,7 +527,16 @@ class LLMEngine:
             lp.top = [(i, self._token_text(i), v) for i, _, v in lp.top]
             seq.logprobs.append(lp)
         n_out = seq.num_output_tokens
-        is_stop_token = n_out >= params.min_tokens and (
+        grammar_done = False
+        if seq.matcher is not None:
+            # The sampler only offered tokens the grammar allows, so a refusal is a bug, not bad input.
+            if not seq.matcher.consume_token(token) or seq.matcher.is_error():
+                log.error("request %s: structured output matcher refused token %d: %s", seq.request_id, token,
+                          seq.matcher.get_error())
+                self._finish(seq, "error")
+                return
+            grammar_done = seq.matcher.is_stopped()
+        is_stop_token = (n_out >= params.min_tokens or seq.matcher is not None) and (
             token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids))
         if is_stop_token:  # ends the completion; its text (an end marker) is not shown
             self._finish(seq, "stop", token)
@@ -531,7 +546,9 @@ class LLMEngine:
                 comp.text += delta
                 if n_out >= params.min_tokens and self._check_stop_string(comp, len(delta)):
                     return  # cut at the stop string: nothing held back is shown
-            if (params.max_tokens is not None and n_out >= params.max_tokens) or seq.num_tokens >= self.max_model_len:
+            if grammar_done:  # the output is complete: nothing else may follow
+                self._finish(seq, "stop")
+            elif (params.max_tokens is not None and n_out >= params.max_tokens) or seq.num_tokens >= self.max_model_len:
                 self._finish(seq, "length")
         if seq.is_finished and comp.detok is not None:  # release characters held for completion
             delta = comp.detok.flush()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Protocol
 
 
 class EngineError(Exception):
@@ -67,6 +67,8 @@ class SamplingParams:
     # -100 … 100: ±100 in effect bans or forces a token).
     logit_bias: dict[int, float] = field(default_factory=dict)
     allowed_token_ids: list[int] | None = None  # vLLM's: sample only among these
+    # Structured output (structured.StructuredOutput): the grammar the output must match.
+    structured: Any = None
     # What each RequestOutput carries (vLLM's RequestOutputKind): "cumulative" = text and token ids
     # so far in every output; "delta" = only what the output adds, cumulative fields in the final
     # output only (streaming); "final_only" = one output, when the request finishes (non-streaming).
@@ -116,6 +118,8 @@ class SamplingParams:
         if self.allowed_token_ids is not None and (
                 not self.allowed_token_ids or any(not isinstance(t, int) for t in self.allowed_token_ids)):
             bad("allowed_token_ids", "must be a non-empty list of token ids")
+        if self.structured is not None:
+            self.structured.check_shape()
         if self.output_kind not in OUTPUT_KINDS:
             bad("output_kind", f"must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}")
 

@@ -1,6 +1,7 @@
 """Next-token sampling for a batch of sequences, each with its own SamplingParams.
 
-Order (as in vLLM): allowed_token_ids → logit_bias → penalties → min_tokens masking → greedy (temperature 0) or
+Order (as in vLLM): structured-output grammar mask → allowed_token_ids → logit_bias → penalties →
+min_tokens masking (not for grammar rows: the grammar decides when the output may end) → greedy (temperature 0) or
 temperature → top-k → top-p → min-p → draw. Logprobs report the model's raw distribution
 (log-softmax of the unmodified logits), the convention OpenAI-compatible servers follow.
 
@@ -17,6 +18,7 @@ import torch
 
 from .protocol import TokenLogprob
 from .sequence import Sequence
+from .structured import allowed_mask
 
 
 @dataclass
@@ -52,9 +54,9 @@ class Sampler:
             return []
         device = logits.device
         ps = [s.params for s in seqs]
-        needs_min = [s.num_output_tokens < p.min_tokens for s, p in zip(seqs, ps)]
+        needs_min = [s.num_output_tokens < p.min_tokens and s.matcher is None for s, p in zip(seqs, ps)]
         plain_greedy = all(p.temperature == 0 and p.logprobs is None and not _has_penalty(p)
-                           and not _has_bias(p) for p in ps)
+                           and not _has_bias(p) for p in ps) and all(s.matcher is None for s in seqs)
         if plain_greedy and not any(needs_min):
             return [SampleResult(t) for t in logits.argmax(dim=-1).tolist()]
 
@@ -62,6 +64,9 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in ps) else None
         logits = logits.clone()
         for b, (seq, p) in enumerate(zip(seqs, ps)):
+            if seq.matcher is not None:
+                allowed = allowed_mask(seq.matcher, V).to(device, non_blocking=True)
+                logits[b] = logits[b].masked_fill(~allowed, -float("inf"))
             if _has_bias(p):
                 logits[b] = apply_bias(logits[b], p)
             if _has_penalty(p):

@@ -48,6 +48,7 @@ class Sequence:
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] | None = None
     generator: object = None  # torch.Generator for seeded sampling (reproducible whatever the batch)
+    matcher: object = None  # structured output: llguidance matcher over the tokens sampled so far
 
     def __post_init__(self) -> None:
         if not self.token_ids:
