@@ -271,6 +271,14 @@ def test_echo_with_logprobs_scores_the_prompt_as_decoding_scored_it(client, api_
     first = chunks[0].choices[0].logprobs
     assert first.token_logprobs[:len(full)] == pytest.approx(lp.token_logprobs[:len(full)], abs=1e-6)
     assert len(chat["prompt_logprobs"]) == n_chat_prompt and chat["prompt_logprobs"][0] is None
+    # A batch of token prompts, as lm-evaluation-harness sends them to score continuations: choice i
+    # holds prompt i's tokens then the generated one; its slices line up with the single-prompt call.
+    batch = client.completions.create(model=model, prompt=[full, prompt], max_tokens=1, logprobs=1, echo=True,
+                                      **GREEDY)
+    assert [len(ch.logprobs.token_logprobs) for ch in batch.choices] == [len(full) + 1, len(prompt) + 1]
+    assert batch.choices[0].logprobs.token_logprobs[1:len(full)] == pytest.approx(lp.token_logprobs[1:len(full)],
+                                                                                  abs=1e-6)
+    assert batch.choices[1].logprobs.tokens[:len(prompt)] == lp.tokens[:len(prompt)]
 
 
 def test_completion_logprobs_shapes(client, api_server):
