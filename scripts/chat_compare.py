@@ -58,7 +58,9 @@ def ask_all(model_dir: str, port: int) -> list[dict]:
                                                    max_tokens=60, seed=seed)
                 text = r.choices[0].message.content
                 out.append(dict(prompt=q, seed=seed, text=text, english=is_english(text),
-                                pass_key="pass key" in text.lower(), finish_reason=r.choices[0].finish_reason))
+                                pass_key="pass key" in text.lower(), finish_reason=r.choices[0].finish_reason,
+                                capital_start=text.lstrip()[:1].isupper(),
+                                sentence_end=text.rstrip().rstrip("\"')]")[-1:] in ".!?"))
         return out
     finally:
         srv.terminate()
@@ -76,7 +78,9 @@ def main() -> int:
         res = results[m] = ask_all(m, a.port + i)
         n = len(res)
         print(f"{m}: English {sum(r['english'] for r in res)}/{n}, pass-key replies "
-              f"{sum(r['pass_key'] for r in res)}/{n}, ended their turn {sum(r['finish_reason'] == 'stop' for r in res)}/{n}")
+              f"{sum(r['pass_key'] for r in res)}/{n}, ended their turn {sum(r['finish_reason'] == 'stop' for r in res)}/{n}, "
+              f"start with a capital {sum(r['capital_start'] for r in res)}/{n}, end on . ! ? "
+              f"{sum(r['sentence_end'] for r in res)}/{n}")
     if a.out:
         a.out.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     return 0

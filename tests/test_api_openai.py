@@ -25,6 +25,15 @@ def test_models_lists_the_served_model(client, api_server):
     assert models[0].object == "model"
 
 
+def test_models_retrieve(client, api_server):
+    name = api_server.engine.model_name
+    card = client.models.retrieve(name)
+    assert card.id == name and card.object == "model"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no-such/model")
+    assert e.value.body["code"] == "model_not_found"
+
+
 def test_chat_non_streaming(client, api_server):
     r = client.chat.completions.create(model=api_server.engine.model_name, messages=MESSAGES, max_tokens=8,
                                        **GREEDY)
@@ -300,8 +309,8 @@ def test_tokenize_detokenize_round_trip(api_server):
 
 
 @pytest.mark.parametrize("method,path", [
-    ("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/tokenize"),
-    ("POST", "/detokenize"), ("GET", "/version"), ("GET", "/metrics")])
+    ("GET", "/v1/models"), ("GET", "/v1/models/x"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+    ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/version"), ("GET", "/metrics")])
 def test_every_route_but_the_probes_needs_the_key(api_server, method, path):
     with api_server.http(auth=False) as h:
         r = h.request(method, path, json={})

@@ -108,6 +108,11 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
         return ModelList(data=[ModelCard(id=n, root=ctx.model_root, max_model_len=ctx.max_model_len)
                                for n in names]).model_dump()
 
+    @app.get("/v1/models/{model:path}")
+    async def model_card(model: str):
+        # OpenAI's models.retrieve; served names may hold "/" (org/name), hence the path converter.
+        return ModelCard(id=ctx.check_model(model), root=ctx.model_root, max_model_len=ctx.max_model_len).model_dump()
+
     @app.post("/tokenize")
     async def tokenize(request: Request):
         req = await parse_body(request, TokenizeRequest)
