@@ -141,23 +141,10 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
 def _echo_logprobs(ctx: ServingContext, out: RequestOutput, k: int) -> CompletionLogprobs:
     """The echoed prompt's part of a choice's logprobs: its tokens, their logprobs given what comes
     before (null for the first token, as OpenAI's echo gives), offsets from 0."""
-    res = CompletionLogprobs()
-    offset = 0
-    for tid, t in zip(out.prompt_token_ids, out.prompt_logprobs or []):
-        text = ctx.tokenizer.token_text(tid) if t is None else t.token
-        res.tokens.append(text)
-        res.text_offset.append(offset)
-        offset += len(text)
-        if t is None:
-            res.token_logprobs.append(None)
-            res.top_logprobs.append(None)
-            continue
-        res.token_logprobs.append(clamp_logprob(t.logprob))
-        top: dict[str, float] = {}
-        for _, s, lp in t.top[:k]:
-            top.setdefault(s, clamp_logprob(lp))
-        res.top_logprobs.append(top)
-    return res
+    first, rest = out.prompt_logprobs[0], out.prompt_logprobs[1:]
+    head = ctx.tokenizer.token_text(out.prompt_token_ids[0]) if first is None else first.token
+    tail = _logprobs(rest, k, len(head))
+    return _join(CompletionLogprobs(text_offset=[0], token_logprobs=[None], tokens=[head], top_logprobs=[None]), tail)
 
 
 def _join(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
