@@ -1,10 +1,14 @@
 """GPU check of the engine end to end: the real engine on CUDA (Triton prefill/decode kernels, the
 Triton cache writer, CUDA-graph decode) must produce the same greedy tokens as the reference model's
-incremental API, for shared and independent K/V, in fp32. Run on a GPU machine:
+incremental API, for shared and independent K/V, in fp32; prompt logprobs must equal the reference
+forward's; and the bundled model on CUDA (bf16, its own tokenizer) must give structured outputs that
+match their grammar (needs llguidance, which the GPU image lacks: carry its wheel). Run on a GPU machine:
     python3 scripts/gpu_engine_check.py
 """
 
+import json
 import random
+import re
 import sys
 
 import torch
@@ -12,6 +16,8 @@ import torch
 from nsa_serve.engine.args import EngineArgs
 from nsa_serve.engine.llm_engine import LLMEngine
 from nsa_serve.engine.protocol import SamplingParams
+from nsa_serve.engine.structured import StructuredOutput
+from nsa_serve.model.checkpoint import default_model_dir
 from nsa_serve.model.config import preset
 from nsa_serve.model.nsa_model import NSAModel
 
@@ -61,8 +67,42 @@ def main() -> int:
             print(f"shared_kv={shared} prompt {i} prompt_logprobs: max |err| {err:.2e} {'OK' if ok else 'MISMATCH'}")
         print("attention:", engine.runner.attention.describe())
         engine.block_manager.check_all_free()
+    failures += structured_check()
     print("GPU engine check:", "PASS" if not failures else f"{failures} mismatches")
     return 1 if failures else 0
+
+
+def structured_check() -> int:
+    """The bundled model on CUDA: sampled outputs under a JSON schema, a regex and a choice must all
+    complete (finish `stop`) and match; masks are built on the host and applied to GPU logits."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+              "properties": {"city": {"type": "string", "maxLength": 12},
+                             "days": {"type": "integer", "minimum": 1, "maximum": 30}}}
+    cases = [(StructuredOutput("json", schema),
+              lambda t: set(json.loads(t)) == {"city", "days"} and 1 <= json.loads(t)["days"] <= 30),
+             (StructuredOutput("regex", r"[A-Z][a-z]{2,8} [0-9]{1,3}"),
+              lambda t: re.fullmatch(r"[A-Z][a-z]{2,8} [0-9]{1,3}", t)),
+             (StructuredOutput("choice", ["red", "green", "blue"]), lambda t: t in {"red", "green", "blue"})]
+    engine = LLMEngine(EngineArgs(model=str(default_model_dir()), device="cuda", dtype="bfloat16",
+                                  num_pages=1024, max_num_seqs=16))
+    engine.warmup()
+    prompt = engine.tokenizer.encode("Plan a trip. Answer in the requested format.")
+    failures = 0
+    for so, check in cases:
+        outs = engine.generate([prompt] * 4, SamplingParams(temperature=1.0, seed=7, n=2, max_tokens=80,
+                                                            structured=so))
+        for out in outs:
+            for c in out.outputs:
+                try:
+                    ok = c.finish_reason == "stop" and bool(check(c.text))
+                except ValueError:
+                    ok = False
+                failures += not ok
+                if not ok:
+                    print(f"structured {so.kind}: MISMATCH {c.finish_reason} {c.text!r}")
+        print(f"structured {so.kind}: 8 outputs, e.g. {outs[0].outputs[0].text!r}")
+    engine.block_manager.check_all_free()
+    return failures
 
 
 if __name__ == "__main__":
