@@ -110,3 +110,26 @@ def test_a_bad_grammar_is_refused_and_the_engine_carries_on(engine):
     assert not engine.has_unfinished_requests()
     out = run(engine, [[9, 10, 11]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0][0]
     assert len(out.token_ids) == 3
+
+
+def test_allowed_token_ids_that_contradict_the_grammar(engine):
+    # First token impossible: a 400 naming allowed_token_ids, nothing scheduled. Possible at first
+    # but not later (digits only, the regex then wants "x"): the completion ends with "error" after
+    # the digits, no stray token appended, no pages held, and the engine carries on.
+    sp = engine.tokenizer.sp
+    digits = [i for i in range(sp.get_piece_size()) if sp.id_to_piece(i).lstrip("▁").isdigit()
+              and sp.id_to_piece(i).lstrip("▁") != ""]
+    assert digits
+    with pytest.raises(InvalidRequestError) as e:
+        engine.add_request("contradiction", [5, 6, 7], SamplingParams(
+            max_tokens=8, allowed_token_ids=digits, structured=StructuredOutput("regex", "[a-z]+")))
+    assert e.value.param == "allowed_token_ids"
+    assert not engine.has_unfinished_requests()
+    so = StructuredOutput("regex", "[0-9]{3}x")
+    outs = run(engine, [[5, 6, 7]], SamplingParams(temperature=1.0, seed=3, max_tokens=12, allowed_token_ids=digits,
+                                                   structured=so))[0]
+    c = outs[0]
+    assert c.finish_reason == "error", (c.finish_reason, c.text)
+    assert all(t in digits for t in c.token_ids) and len(c.text.strip()) == 3 and c.text.strip().isdigit(), c.text
+    out = run(engine, [[9, 10, 11]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0][0]
+    assert len(out.token_ids) == 3

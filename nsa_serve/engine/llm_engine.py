@@ -35,7 +35,7 @@ from .protocol import (CompletionOutput, EngineStats, InvalidRequestError, Promp
 from .sampler import SampleResult, Sampler
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
-from .structured import GrammarCompiler
+from .structured import GrammarCompiler, allowed_mask
 
 log = logging.getLogger("nsa_serve.engine")
 
@@ -341,6 +341,11 @@ class LLMEngine:
         arrival = time.time() if arrival_time is None else arrival_time
         # Structured output: the grammar is compiled here, so a bad one is a 400 before anything runs.
         matcher = self.grammars.matcher(params.structured) if params.structured is not None else None
+        if matcher is not None and params.allowed_token_ids is not None:
+            first = allowed_mask(matcher, self.grammars.vocab_size)
+            if not first[list(params.allowed_token_ids)].any():
+                raise InvalidRequestError("allowed_token_ids leave no token the structured output allows "
+                                          "as the first token", param="allowed_token_ids")
         req = Request(request_id, list(prompt_token_ids), params, RequestMetrics(arrival_time=arrival))
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
@@ -512,6 +517,13 @@ class LLMEngine:
     def _append_token(self, req: Request, seq: Sequence, sample: SampleResult, now: float) -> None:
         comp = req.completions[seq.index]
         token, params = sample.token_id, seq.params
+        if sample.dead_end:  # allowed_token_ids and the grammar left nothing to sample: it cannot go on
+            log.warning("request %s: allowed_token_ids leave no token the structured output allows after "
+                        "%d tokens; finished with finish_reason 'error'", seq.request_id, seq.num_output_tokens)
+            self._finish(seq, "error")
+            if comp.detok is not None:  # release characters held for completion
+                comp.text += comp.detok.flush()
+            return
         seq.token_ids.append(token)
         self._counters.generation_tokens_total += 1
         if req.metrics.first_token_time is None:

@@ -25,6 +25,7 @@ from .structured import allowed_mask
 class SampleResult:
     token_id: int
     logprob: TokenLogprob | None = None  # token text left empty; the engine fills it in
+    dead_end: bool = False  # the grammar and allowed_token_ids left no token (token_id is meaningless)
 
 
 class Sampler:
@@ -63,10 +64,13 @@ class Sampler:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in ps) else None
         logits = logits.clone()
+        dead = []
         for b, (seq, p) in enumerate(zip(seqs, ps)):
             if seq.matcher is not None:
-                allowed = allowed_mask(seq.matcher, V).to(device, non_blocking=True)
-                logits[b] = logits[b].masked_fill(~allowed, -float("inf"))
+                allowed = allowed_mask(seq.matcher, V)
+                if p.allowed_token_ids is not None and not allowed[list(p.allowed_token_ids)].any():
+                    dead.append(b)  # checked on the host mask: nothing to sample in this row
+                logits[b] = logits[b].masked_fill(~allowed.to(device, non_blocking=True), -float("inf"))
             if _has_bias(p):
                 logits[b] = apply_bias(logits[b], p)
             if _has_penalty(p):
@@ -99,6 +103,8 @@ class Sampler:
 
         token_list = tokens.tolist()
         results = [SampleResult(t) for t in token_list]
+        for b in dead:
+            results[b].dead_end = True
         if raw_logprobs is not None:
             kmax = max(p.logprobs or 0 for p in ps)
             chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
