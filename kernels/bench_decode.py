@@ -206,6 +206,10 @@ VARIANTS = {
     "top-n over every block (default: of per-program candidates)": dict(topn="sort"),
     "score/combine carveout left to the driver (default: 100 % shared memory)": dict(carveout=None),
     "compressed pass without L2 eviction hints": dict(cmp_evict=False),
+    "64-entry compressed tiles, one a program": dict(chunk=64, cmp_programs="2*sms"),
+    "32-entry compressed tiles": dict(chunk=32),
+    "32-entry compressed tiles, two a program": dict(chunk=32, cmp_programs="2*sms"),
+    "32-entry compressed tiles, one a program": dict(chunk=32, cmp_programs="4*sms"),
 }
 
 
@@ -218,10 +222,11 @@ def _variant_kwargs(kw):
             for k, v in kw.items()}
 
 
-def compare(copy_gbs, ctx=65536, batches=(1, 16, 64)):
+def compare(copy_gbs, ctx=65536, batches=(1, 16, 64), only=None):
     """Paper shape at `ctx`: the table row of the current default, then the previous version
     (`nsa_decode_v1`, if present beside this module: the saved copy of the kernel before this
-    round) and launch variants, each from a CUDA graph."""
+    round) and launch variants, each from a CUDA graph. `only`: substrings; variants whose name
+    has none of them are skipped (the default is always timed)."""
     try:
         from .nsa_decode_v1 import nsa_decode as nsa_v1
     except ImportError:
@@ -237,7 +242,7 @@ def compare(copy_gbs, ctx=65536, batches=(1, 16, 64)):
         ref = nsa_decode(q, gates, layer, tables, seq_lens, PAPER_P).float()
         fns = {f"new {k}": (lambda kw=_variant_kwargs(kw): nsa_decode_tuned(q, gates, layer, tables, seq_lens,
                                                                            PAPER_P, **kw))
-               for k, kw in VARIANTS.items()}
+               for k, kw in VARIANTS.items() if k == "default" or not only or any(o in k for o in only)}
         if nsa_v1 is not None:
             fns["previous version"] = lambda: nsa_v1(q, gates, layer, tables, seq_lens, PAPER_P)
         print("| batch | variant | NSA+graph µs | % copy | max abs diff vs default |\n|---|---|---|---|---|")
@@ -309,6 +314,8 @@ def main(argv=None):
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--compare", action="store_true", help="64k paper shape: default vs variants")
+    ap.add_argument("--only", action="append", help="with --compare: time only the variants whose name "
+                    "contains one of these substrings (and the default)")
     ap.add_argument("--flush", choices=FLUSH_MODES, default="write",
                     help="how the L2 is emptied before each timed call (default: write, do_bench's)")
     args = ap.parse_args(argv)
@@ -320,7 +327,7 @@ def main(argv=None):
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth (read + write): {copy_gbs:.0f} GB/s  "
           f"L2 flush: {FLUSH}")
     if args.compare:
-        compare(copy_gbs, batches=tuple(args.batch or (1, 16, 64)))
+        compare(copy_gbs, batches=tuple(args.batch or (1, 16, 64)), only=args.only)
     if args.profile:
         profile(copy_gbs)
     if args.tune:

@@ -173,7 +173,9 @@ def _cases(shape: str, dtype: torch.dtype):
     bslots = torch.zeros(8, p.block, dtype=torch.long)
     sslots = torch.zeros(8, dtype=torch.long)
     return [
-        ("nsa_decode", lambda: nsa_decode(q1, g1, layer, bt, lens, p)),
+        ("nsa_decode", lambda: nsa_decode(q1, g1, layer, bt, lens, p)),  # B·Hkv ≤ 8: small-batch tiles
+        ("nsa_decode batch 4", lambda: nsa_decode(q1.repeat(2, 1, 1), g1.repeat(2, 1, 1), layer, bt.repeat(2, 1),
+                                                  lens.repeat(2), p)),
         ("nsa_decode ring", lambda: nsa_decode(q1, g1, layer, bt, lens, p, win_tables=ring)),
         ("nsa_decode top-n over every block", lambda: nsa_decode_tuned(q1, g1, layer, bt, lens, p, topn="sort")),
         ("dense_paged_decode", lambda: dense_paged_decode(q1, layer, bt, lens)),

@@ -608,6 +608,13 @@ CMP_STAGES = 3
 # Compressed entries per tile: 128 beat 64 on the H200 (batch 16: 126.8 → 119.1 µs, batch 64:
 # 366.9 → 327.6 µs at 64k; batch 1 equal; 256 was slower everywhere), docs/benchmarks/decode.md.
 CMP_TILE = 128
+# Small batches (at most SMALL_GROUPS kv groups, i.e. batch ≤ 2 at 4 kv heads) are latency-bound:
+# 32-entry tiles at two programs an SM (each program 2 tiles deep at batch 1) beat one 128-entry
+# tile a program. H200, 64k, paper shape, graph µs, two runs (docs/benchmarks/decode.md,
+# seventeenth round): batch 1 29.0 / 30.0 → 27.6 / 27.7, batch 2 35.0 → 33.6; batch 4 and 8 were
+# slower with any smaller tile (44.6 → ≥ 45.9, 62.3 → ≥ 63.9).
+SMALL_GROUPS = 8
+SMALL_TILE = 32
 # L2 eviction hints in the compressed pass: its summary reads (168 MB at batch 16, 64k, read once)
 # evict first, its partial results (8 MB, read next by the score kernel) last, so the score
 # kernel's loads find them in L2. H200, 64k, same call (docs/benchmarks/decode.md, fifteenth
@@ -669,7 +676,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     max_pages = block_tables.shape[1]
     max_cmp = max(0, (max_pages * P - p.block) // p.stride + 1)
     if chunk is None:
-        chunk = max(CMP_TILE, E)
+        chunk, cmp_programs = _cmp_tiling(NG, E, cmp_programs, q.device)
     if chunk % E or chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk ({chunk}) must be a power of two ≥ 16 and a multiple of l'/d = {E}")
     scale = scale if scale is not None else 1.0 / math.sqrt(Dk)
@@ -800,6 +807,15 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     if return_selection:
         return out, sel
     return out
+
+
+def _cmp_tiling(groups: int, entries_per_page: int, programs: int | None, dev: torch.device):
+    """Default compressed-pass tile (entries) and program count for `groups` = B·Hkv kv groups:
+    small tiles, two programs an SM at small batch (SMALL_GROUPS), else CMP_TILE at one an SM
+    (programs None: nsa_decode_tuned's default). A caller's `programs` keeps the large tile."""
+    if groups <= SMALL_GROUPS and programs is None:
+        return max(SMALL_TILE, entries_per_page), target_programs(dev)
+    return max(CMP_TILE, entries_per_page), programs
 
 
 def _stages_that_fit(stages: int, stage_bytes: int, budget: int) -> int:

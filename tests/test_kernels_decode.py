@@ -226,6 +226,20 @@ def test_nsa_decode_ties_go_to_lower_block():
     assert rel_err(out, reference(q, gates, layer, tables, seq_lens, SMALL, None)) < 1e-5
 
 
+def test_nsa_decode_small_batch_tiling():
+    # At most SMALL_GROUPS kv groups the default takes SMALL_TILE-entry tiles at two programs an SM;
+    # more groups, or a caller's program count, keep CMP_TILE. Both defaults equal the reference.
+    dev = torch.device(DEVICE)
+    two = nsa_mod.target_programs(dev)
+    assert nsa_mod._cmp_tiling(nsa_mod.SMALL_GROUPS, 4, None, dev) == (nsa_mod.SMALL_TILE, two)
+    assert nsa_mod._cmp_tiling(nsa_mod.SMALL_GROUPS + 1, 4, None, dev) == (nsa_mod.CMP_TILE, None)
+    assert nsa_mod._cmp_tiling(1, 4, 7, dev) == (nsa_mod.CMP_TILE, 7)
+    assert nsa_mod._cmp_tiling(1, 64, None, dev)[0] == max(nsa_mod.SMALL_TILE, 64)
+    p = SparsityParams(block=8, stride=4, select_block=16, num_select=4, window=32)
+    check_nsa([700, 301], Hkv=2, G=4, Dk=24, Dv=16, p=p)  # 4 groups: small tiles
+    check_nsa([700, 301, 5, 90, 64], Hkv=2, G=4, Dk=24, Dv=16, p=p)  # 10 groups: CMP_TILE
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_nsa_decode_half_precision(dtype):
     check_nsa([9, 100, 170], Hkv=2, G=4, Dk=24, Dv=16, p=SMALL, dtype=dtype, tol=2e-2, chunk=16)
@@ -267,6 +281,15 @@ def test_gpu_paper_shape_half(dtype):
     for ring in (False, PAPER.window // PAPER.select_block):
         check_nsa(lens, Hkv=4, G=16, Dk=192, Dv=128, p=PAPER, dtype=dtype, tol=1e-2, device="cuda",
                   ring=ring)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("lens", [[65536], [33000, 70]], ids=["batch 1", "batch 2"])
+def test_gpu_paper_shape_small_batch_default(lens):
+    # Batch 1 and 2 at 4 kv heads take the small-batch compressed tiling (_cmp_tiling).
+    check_nsa(lens, Hkv=4, G=16, Dk=192, Dv=128, p=PAPER, device="cuda")
+    check_nsa(lens, Hkv=4, G=16, Dk=192, Dv=128, p=PAPER, dtype=torch.bfloat16, tol=1e-2, device="cuda")
 
 
 @pytest.mark.gpu
