@@ -29,6 +29,8 @@ def server(tiny_model_dir):
     yield srv
     srv.stop()
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+
 
 def chat(**overrides):
     return {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **overrides}
@@ -105,6 +107,25 @@ def matrix(model: str, long_prompt: str):
         ("empty guided_choice", x, {"json": {"prompt": "a", "guided_choice": []}}, 400, "guided_choice", None),
         ("unknown structured_outputs key", x, {"json": {"prompt": "a", "structured_outputs": {"xml": "x"}}}, 400,
          "structured_outputs", None),
+        ("tools with tool_choice auto", c, {"json": chat(tools=[TOOL], tool_choice="auto")}, 400, "tool_choice",
+         None),
+        ("tools without tool_choice (OpenAI's default: auto)", c, {"json": chat(tools=[TOOL])}, 400, "tool_choice",
+         None),
+        ("tool_choice required without tools", c, {"json": chat(tool_choice="required")}, 400, "tool_choice", None),
+        ("tool_choice naming an unknown function", c,
+         {"json": chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "nope"}})}, 400,
+         "tool_choice", None),
+        ("tool_choice of an unknown shape", c, {"json": chat(tools=[TOOL], tool_choice="always")}, 400,
+         "tool_choice", None),
+        ("tool without a function", c, {"json": chat(tools=[{"type": "function"}], tool_choice="required")}, 400,
+         "tools", None),
+        ("tool name with a space", c, {"json": chat(tools=[{"type": "function", "function": {"name": "a b"}}],
+                                                    tool_choice="required")}, 400, "tools", None),
+        ("tool call beside response_format", c,
+         {"json": chat(tools=[TOOL], tool_choice="required", response_format={"type": "json_object"})}, 400,
+         "response_format", None),
+        ("allowed_token_ids contradicting the grammar", c,
+         {"json": chat(allowed_token_ids=[5], guided_regex="[a-z]+x")}, 400, "allowed_token_ids", None),
         ("allowed_token_ids empty", x, {"json": {"prompt": "a", "allowed_token_ids": []}}, 400,
          "allowed_token_ids", None),
         ("stream_options without stream", c, {"json": chat(stream_options={"include_usage": True})}, 400,

@@ -331,3 +331,80 @@ def test_wrong_key_is_an_authentication_error(api_server):
     with pytest.raises(openai.AuthenticationError) as exc:
         bad.models.list()
     assert exc.value.status_code == 401 and exc.value.body["code"] == "invalid_api_key"
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                   "properties": {"city": {"type": "string", "maxLength": 12},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "additionalProperties": False, "required": ["zone"],
+                                       "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}}}}}
+TOOL_MESSAGES = [{"role": "user", "content": "What is the weather in Oslo?"}]
+
+
+def _check_call(call, names=("get_weather", "get_time")):
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name in names
+    args = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        assert set(args) == {"city", "unit"} and args["unit"] in {"celsius", "fahrenheit"} and len(args["city"]) <= 12
+    else:
+        assert set(args) == {"zone"} and isinstance(args["zone"], int) and -12 <= args["zone"] <= 14
+    return args
+
+
+def test_named_tool_choice_returns_a_valid_call_streamed_or_not(client, api_server):
+    """tool_choice naming a function: one call of it whose arguments obey its schema; finish_reason
+    "stop" (OpenAI's for a forced call); the stream carries id and name first, then the arguments."""
+    kw = dict(model=api_server.engine.model_name, messages=TOOL_MESSAGES, tools=[WEATHER, CLOCK], max_tokens=60,
+              temperature=0.8, seed=5, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    r = client.chat.completions.create(**kw)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "stop" and msg.content is None and len(msg.tool_calls) == 1
+    args = _check_call(msg.tool_calls[0], names=("get_weather",))
+    chunks = [c for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+    deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather"
+    assert all(d.index == 0 and d.id is None for d in deltas[1:])
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == args
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_required_tool_choice_returns_calls_of_the_given_tools(client, api_server):
+    """tool_choice "required": one or more calls, each of a given tool with valid arguments;
+    finish_reason "tool_calls"; parallel_tool_calls=false gives exactly one; n = 2 and streaming
+    give the same calls (ids aside) for the same seed."""
+    kw = dict(model=api_server.engine.model_name, messages=TOOL_MESSAGES, tools=[WEATHER, CLOCK], max_tokens=120,
+              temperature=0.8, seed=11, tool_choice="required")
+    r = client.chat.completions.create(n=2, **kw)
+    for ch in r.choices:
+        assert ch.finish_reason == "tool_calls" and ch.message.content is None and ch.message.tool_calls
+        for call in ch.message.tool_calls:
+            _check_call(call)
+    one = client.chat.completions.create(parallel_tool_calls=False, **kw).choices[0]
+    assert one.finish_reason == "tool_calls" and len(one.message.tool_calls) == 1
+    want = [(c.function.name, json.loads(c.function.arguments)) for c in
+            client.chat.completions.create(**kw).choices[0].message.tool_calls]
+    chunks = [c for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+    deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == want
+    assert [d.index for d in deltas] == list(range(len(want))) and chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_conversation_round_trip_and_tool_choice_none(client, api_server):
+    """A conversation that feeds a call's result back (assistant tool_calls, then a tool message) is
+    accepted; tool_choice "none" answers in text."""
+    model = api_server.engine.model_name
+    first = client.chat.completions.create(model=model, messages=TOOL_MESSAGES, tools=[WEATHER], max_tokens=60,
+                                           temperature=0.0, tool_choice="required").choices[0].message
+    history = TOOL_MESSAGES + [first.model_dump(exclude_none=True),
+                               {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "12 C, rain"}]
+    r = client.chat.completions.create(model=model, messages=history, tools=[WEATHER], tool_choice="none",
+                                       max_tokens=5, **GREEDY)
+    assert r.choices[0].message.tool_calls is None and isinstance(r.choices[0].message.content, str)
+    assert r.usage.completion_tokens == 5
+    with api_server.http() as h:
+        with_history = h.post("/tokenize", json={"messages": history}).json()["count"]
+        without = h.post("/tokenize", json={"messages": TOOL_MESSAGES}).json()["count"]
+    assert r.usage.prompt_tokens > with_history > without  # the calls, the result and the tool list are shown

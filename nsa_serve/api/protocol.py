@@ -2,7 +2,7 @@
 
 Requests are validated in strict mode: a string where a number belongs, or `true` where an integer
 belongs, is a 400 (as the OpenAI API answers), never a silent conversion. Unknown fields are ignored
-(clients send provider-specific extras), known-but-unsupported ones (`tools`, `suffix`)
+(clients send provider-specific extras), known-but-unsupported ones (`suffix`, `tool_choice: "auto"`)
 are rejected with a message naming them, so nobody believes they took effect.
 """
 
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer
 from ..engine.protocol import SamplingParams
 from ..engine.structured import StructuredOutput
 from .errors import bad_request
+from .tools import Tool, ToolPlan, parse_tools, plan_tool_calls, render_tool_calls
 
 _REQUEST_CONFIG = ConfigDict(strict=True, extra="ignore")
 
@@ -105,9 +106,11 @@ class _SamplingFields(BaseModel):
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                         defaults: dict[str, Any], prompt_logprobs: int | None = None) -> SamplingParams:
+                         defaults: dict[str, Any], prompt_logprobs: int | None = None,
+                         structured: StructuredOutput | None = None) -> SamplingParams:
         """The engine parameters; `defaults` (the model's generation_config.json) fill what the
-        request leaves out, as vLLM does."""
+        request leaves out, as vLLM does. `structured`: a constraint from elsewhere (tool calls),
+        which may not be combined with one of the request's own."""
 
         def pick(name, fallback):
             value = getattr(self, name)
@@ -125,11 +128,18 @@ class _SamplingFields(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias=_token_bias(self.logit_bias), allowed_token_ids=self.allowed_token_ids,
             prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
-            structured=self._structured(),
+            structured=_one_constraint(structured, self._structured()),
             # A stream needs only what each output adds; a plain response only the last output.
             output_kind="delta" if self.stream else "final_only")
         params.validate()  # InvalidRequestError -> 400 naming the field
         return params
+
+
+def _one_constraint(tools: StructuredOutput | None, own: StructuredOutput | None) -> StructuredOutput | None:
+    if tools is not None and own is not None:
+        raise bad_request(f"a tool call is already a constrained output: drop {own.param} or use tool_choice "
+                          "\"none\"", param=own.param)
+    return tools or own
 
 
 def _token_bias(bias: dict[str, float] | None) -> dict[int, float]:
@@ -192,6 +202,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result's call
 
     def as_template_dict(self) -> dict:
         if isinstance(self.content, list):
@@ -201,6 +213,8 @@ class ChatMessage(BaseModel):
             content = "".join(p.text or "" for p in self.content)
         else:
             content = self.content
+        if self.tool_calls:  # shown as the JSON a "required" tool choice generates (api/tools.py)
+            content = (content or "") + render_tool_calls(self.tool_calls)
         # OpenAI's newer "developer" role is the system role of older models.
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
@@ -213,16 +227,21 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
 
     def requested_max_tokens(self) -> int | None:
         # max_completion_tokens is OpenAI's newer name and wins when both are given.
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def to_sampling_params(self, max_tokens: int | None, defaults: dict[str, Any]) -> SamplingParams:
+    def tool_plan(self) -> tuple[list[Tool], ToolPlan | None]:
+        """The request's tools and how its reply becomes tool calls (api/tools.py)."""
+        tools = parse_tools(self.tools)
+        return tools, plan_tool_calls(tools, self.tool_choice, self.parallel_tool_calls)
+
+    def to_sampling_params(self, max_tokens: int | None, defaults: dict[str, Any],
+                           plan: ToolPlan | None = None) -> SamplingParams:
         self._check_common()
-        if self.tools and self.tool_choice != "none":
-            raise bad_request("tool calling is not supported by this server", param="tools")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
@@ -230,7 +249,8 @@ class ChatCompletionRequest(_SamplingFields):
                 raise bad_request(f"top_logprobs must be between 0 and 20, got {self.top_logprobs}",
                                   param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs, defaults)
+        return self._sampling_params(max_tokens, logprobs, defaults,
+                                     structured=plan.structured if plan is not None else None)
 
 
 class TokenizeRequest(BaseModel):
@@ -336,6 +356,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_nulls(self, handler):

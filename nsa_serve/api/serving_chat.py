@@ -17,21 +17,25 @@ from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCom
                        TopLogprob, UsageInfo)
 from .serving_common import (SSE_DONE, ServingContext, SSEResponse, clamp_logprob, json_response, new_id,
                              prompt_logprobs_body, raise_if_failed, run_to_end, sse, stream_error_event)
+from .tools import ToolPlan, new_call_id, tool_calls_of, tools_system_text
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
     model = ctx.check_model(req.model)
     ctx.check_admitting()
+    tools, plan = req.tool_plan()
+    messages = [m.as_template_dict() for m in req.messages]
+    if tools:  # the model is shown the tools it may be asked to call
+        messages.insert(0, {"role": "system", "content": tools_system_text(tools)})
     try:
-        text = ctx.tokenizer.apply_chat_template([m.as_template_dict() for m in req.messages],
-                                                 add_generation_prompt=req.add_generation_prompt)
+        text = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
     except ValueError as exc:
         raise bad_request(str(exc), param="messages") from None
     prompt_ids = ctx.encode(text, param="messages")
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = ctx.resolve_max_tokens(req.requested_max_tokens(), len(prompt_ids), param,
                                         default=ctx.defaults.get("max_tokens"))
-    params = ctx.check_sampling_ids(req.to_sampling_params(max_tokens, ctx.defaults))
+    params = ctx.check_sampling_ids(req.to_sampling_params(max_tokens, ctx.defaults, plan))
     request_id = new_id("chatcmpl")
     top_k = req.top_logprobs or 0
     it = tracked_generate(ctx.engine, ctx.metrics, prompt_ids, params, request_id, priority=req.priority)
@@ -39,7 +43,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     created = int(time.time())
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return SSEResponse(_stream(ctx, it, first, request_id, model, created, params.n, include_usage, top_k),
+        return SSEResponse(_stream(ctx, it, first, request_id, model, created, params.n, include_usage, top_k,
+                                   plan),
                            headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
 
     async def drain() -> RequestOutput:
@@ -50,10 +55,14 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
 
     final = await run_to_end(ctx, raw, drain)
     raise_if_failed(final)
-    choices = [ChatChoice(index=c.index, message=ChatMessageOut(content=c.text),
-                          logprobs=_logprobs(c.logprobs, top_k) if params.logprobs is not None else None,
-                          finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-               for c in sorted(final.outputs, key=lambda c: c.index)]
+    choices = []
+    for c in sorted(final.outputs, key=lambda c: c.index):
+        calls = tool_calls_of(plan, c.text, c.finish_reason) if plan is not None else None
+        message = ChatMessageOut(content=None, tool_calls=calls) if calls else ChatMessageOut(content=c.text)
+        choices.append(ChatChoice(index=c.index, message=message,
+                                  logprobs=_logprobs(c.logprobs, top_k) if params.logprobs is not None else None,
+                                  finish_reason=_finish_reason(plan, c.finish_reason, calls),
+                                  stop_reason=c.stop_reason))
     completion_tokens = sum(c.num_tokens for c in final.outputs)
     usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
                       total_tokens=len(prompt_ids) + completion_tokens)
@@ -62,10 +71,42 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     return json_response(body, request_id)
 
 
+def _finish_reason(plan: ToolPlan | None, reason: str | None, calls: list | None) -> str | None:
+    # OpenAI: "tool_calls" when the model chose to call ("required"); a named call ends with "stop".
+    return "tool_calls" if calls and plan is not None and plan.mode == "required" else reason
+
+
 async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: RequestOutput, request_id: str,
-                  model: str, created: int, n: int, include_usage: bool, top_k: int) -> AsyncIterator[str]:
+                  model: str, created: int, n: int, include_usage: bool, top_k: int,
+                  plan: ToolPlan | None = None) -> AsyncIterator[str]:
     def chunk(choices, usage=None):
         return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
+
+    # Tool calls: a named call streams its arguments as they are generated (the call's id and
+    # name first); "required" calls are whole only when the JSON list closes, so each choice's
+    # text is held and sent as complete calls in its finishing chunk.
+    held = [""] * n
+    named_started: set[int] = set()
+
+    def delta_of(i: int, text: str, reason: str | None) -> tuple[DeltaMessage, str | None]:
+        if plan is None:
+            return (DeltaMessage(content=text) if text or not reason else DeltaMessage()), reason
+        if plan.mode == "named":
+            calls = []
+            if i not in named_started:
+                named_started.add(i)
+                calls.append({"index": 0, "id": new_call_id(), "type": "function",
+                              "function": {"name": plan.name, "arguments": text}})
+            elif text:
+                calls.append({"index": 0, "function": {"arguments": text}})
+            return DeltaMessage(tool_calls=calls or None), reason
+        held[i] += text
+        if not reason:
+            return DeltaMessage(), None
+        calls = tool_calls_of(plan, held[i], reason)
+        if not calls:  # cut before the list closed: what was generated, as text
+            return DeltaMessage(content=held[i]), reason
+        return DeltaMessage(tool_calls=[dict(call, index=k) for k, call in enumerate(calls)]), "tool_calls"
 
     try:
         # OpenAI sends the role alone first, one chunk per choice.
@@ -82,10 +123,11 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
                 if c.finish_reason:
                     done.add(c.index)
                 lp = _logprobs(c.delta_logprobs, top_k) if c.delta_logprobs is not None else None
-                delta = DeltaMessage(content=c.delta_text) if c.delta_text or not c.finish_reason else DeltaMessage()
                 raise_if_failed(out, c.index)
-                yield chunk([ChatChunkChoice(index=c.index, delta=delta, logprobs=lp,
-                                             finish_reason=c.finish_reason,
+                delta, reason = delta_of(c.index, c.delta_text, c.finish_reason)
+                if plan is not None and plan.mode == "required" and not reason and lp is None:
+                    continue  # held until the list closes
+                yield chunk([ChatChunkChoice(index=c.index, delta=delta, logprobs=lp, finish_reason=reason,
                                              stop_reason=c.stop_reason)])
             if out.finished:
                 break

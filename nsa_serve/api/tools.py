@@ -1,0 +1,142 @@
+"""Tool calling for /v1/chat/completions through structured outputs (vLLM's "named" and "required"
+function calling, which work with any model).
+
+- `tool_choice: {"type": "function", "function": {"name": F}}`: the reply is constrained to F's
+  `parameters` schema and returned as one tool call; finish_reason "stop" (as OpenAI and vLLM).
+- `tool_choice: "required"`: the reply is constrained to a JSON array of `{"name", "parameters"}`
+  objects, one of the tools each (one item when `parallel_tool_calls` is false), returned as tool
+  calls; finish_reason "tool_calls".
+- `tool_choice: "none"`: plain text.
+- `tool_choice: "auto"` (OpenAI's default when tools are given) needs a parser that recognises a
+  model's own tool-call syntax; this server has none for its models, so it is a 400 saying what
+  works instead (vLLM answers the same without --enable-auto-tool-choice).
+
+The tool list is shown to the model in a system turn (`tools_system_text`), and earlier assistant
+tool calls are rendered in the same JSON the "required" grammar produces, so a conversation that
+feeds tool results back (`role: "tool"`) reads the way the model answers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ..engine.structured import StructuredOutput
+from .errors import bad_request
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """How a request's reply becomes tool calls: `named` (one call of `name`) or `required`."""
+
+    mode: str
+    name: str | None
+    structured: StructuredOutput
+
+
+def parse_tools(tools: list[Any] | None) -> list[Tool]:
+    """The request's `tools` (OpenAI's function-tool shape), checked; 400 naming `tools` otherwise."""
+    out: list[Tool] = []
+    for i, t in enumerate(tools or []):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
+            raise bad_request(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}", param="tools")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise bad_request(f"tools[{i}].function.name must be 1-64 letters, digits, _ or -, got {name!r}",
+                              param="tools")
+        if any(x.name == name for x in out):
+            raise bad_request(f"tools has two functions named {name!r}", param="tools")
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict):
+            raise bad_request(f"tools[{i}].function.parameters must be a JSON schema object", param="tools")
+        desc = fn.get("description", "")
+        if not isinstance(desc, str):
+            raise bad_request(f"tools[{i}].function.description must be a string", param="tools")
+        out.append(Tool(name, desc, params))
+    return out
+
+
+def plan_tool_calls(tools: list[Tool], tool_choice: Any, parallel: bool | None) -> ToolPlan | None:
+    """The constraint a tool_choice asks for (None: a plain reply); 400 naming `tool_choice`."""
+    if tool_choice is None:
+        tool_choice = "auto" if tools else "none"
+    if tool_choice == "none":
+        return None
+    if tool_choice == "auto":
+        raise bad_request("tool_choice \"auto\" needs a parser for the model's own tool-call syntax, which this "
+                          "server does not have; use tool_choice \"required\" or a named function (both are "
+                          "guaranteed by guided decoding), or \"none\"", param="tool_choice")
+    if not tools:
+        raise bad_request("tool_choice asks for a tool call but tools is empty", param="tool_choice")
+    if tool_choice == "required":
+        items = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
+                  "properties": {"name": {"const": t.name}, "parameters": t.parameters}} for t in tools]
+        schema: dict = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+        if parallel is False:
+            schema["maxItems"] = 1
+        return ToolPlan("required", None, StructuredOutput("json", schema, "tool_choice"))
+    fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    if not isinstance(tool_choice, dict) or tool_choice.get("type") != "function" or not isinstance(fn, dict):
+        raise bad_request("tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                          "\"function\": {\"name\": ...}}", param="tool_choice")
+    match = [t for t in tools if t.name == fn.get("name")]
+    if not match:
+        raise bad_request(f"tool_choice names {fn.get('name')!r}, which is not in tools", param="tool_choice")
+    return ToolPlan("named", match[0].name, StructuredOutput("json", match[0].parameters, "tool_choice"))
+
+
+def tools_system_text(tools: list[Tool]) -> str:
+    """What the model is shown about the tools (a system turn before the conversation)."""
+    specs = [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in tools]
+    return ("You can call these functions. To call some, answer with a JSON list of "
+            "{\"name\": ..., \"parameters\": {...}} objects.\n" + json.dumps(specs, ensure_ascii=False))
+
+
+def render_tool_calls(calls: list[Any]) -> str:
+    """An earlier assistant message's tool_calls (OpenAI shape) as the text the model would have
+    produced under tool_choice "required"; arguments that are not JSON stay as strings."""
+    out = []
+    for c in calls:
+        fn = c.get("function", {}) if isinstance(c, dict) else {}
+        args = fn.get("arguments", "{}")
+        try:
+            args = json.loads(args) if isinstance(args, str) else args
+        except ValueError:
+            pass
+        out.append({"name": fn.get("name"), "parameters": args})
+    return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tool_calls_of(plan: ToolPlan, text: str, finish_reason: str | None) -> list[dict] | None:
+    """The tool calls a finished reply holds (OpenAI's `message.tool_calls`), or None when it holds
+    none: a "required" reply cut before its JSON list closed (`max_tokens`, a stop string) cannot be
+    split into calls and stays text; a named call's arguments are its text as generated, even if
+    `max_tokens` cut it (as OpenAI returns them)."""
+    if plan.mode == "named":
+        return [{"id": new_call_id(), "type": "function", "function": {"name": plan.name, "arguments": text}}]
+    if finish_reason != "stop":
+        return None
+    try:
+        calls = json.loads(text)
+    except ValueError:
+        return None
+    return [{"id": new_call_id(), "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["parameters"], ensure_ascii=False)}}
+            for c in calls]
