@@ -133,3 +133,25 @@ def test_allowed_token_ids_that_contradict_the_grammar(engine):
     assert all(t in digits for t in c.token_ids) and len(c.text.strip()) == 3 and c.text.strip().isdigit(), c.text
     out = run(engine, [[9, 10, 11]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0][0]
     assert len(out.token_ids) == 3
+
+
+def test_batched_masks_equal_one_by_one(engine):
+    # The parallel executor path (several matchers, different states) gives each row the mask the
+    # single-matcher path gives.
+    from nsa_serve.engine.structured import allowed_masks
+
+    V = engine.config.vocab_size
+    matchers = []
+    for k, so in enumerate([StructuredOutput("json", SCHEMA), StructuredOutput("regex", "[a-z]{2,5}-[0-9]+"),
+                            StructuredOutput("choice", ["alpha", "beta"]), StructuredOutput("json_object", None)]):
+        m = engine.grammars.matcher(so)
+        g = torch.Generator().manual_seed(k)
+        for _ in range(k + 1):  # a few tokens in, so the states differ
+            ids = allowed_mask(m, V).nonzero().flatten()
+            assert m.consume_token(int(ids[torch.randint(len(ids), (1,), generator=g)]))
+        matchers.append(m)
+    batch = allowed_masks(matchers, V)
+    assert batch.shape == (4, V) and batch.dtype == torch.bool
+    for k, m in enumerate(matchers):
+        assert torch.equal(batch[k], allowed_mask(m, V)), k
+    assert allowed_masks([], V).shape == (0, V)

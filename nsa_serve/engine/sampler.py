@@ -18,7 +18,7 @@ import torch
 
 from .protocol import TokenLogprob
 from .sequence import Sequence
-from .structured import allowed_mask
+from .structured import allowed_masks
 
 
 @dataclass
@@ -65,12 +65,16 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in ps) else None
         logits = logits.clone()
         dead = []
-        for b, (seq, p) in enumerate(zip(seqs, ps)):
-            if seq.matcher is not None:
-                allowed = allowed_mask(seq.matcher, V)
-                if p.allowed_token_ids is not None and not allowed[list(p.allowed_token_ids)].any():
+        rows = [b for b, seq in enumerate(seqs) if seq.matcher is not None]
+        if rows:  # grammar masks, all rows at once (in parallel on llguidance's pool)
+            allowed = allowed_masks([seqs[b].matcher for b in rows], V)
+            for k, b in enumerate(rows):
+                ids = ps[b].allowed_token_ids
+                if ids is not None and not allowed[k, list(ids)].any():
                     dead.append(b)  # checked on the host mask: nothing to sample in this row
-                logits[b] = logits[b].masked_fill(~allowed.to(device, non_blocking=True), -float("inf"))
+            idx = torch.tensor(rows, device=device)
+            logits[idx] = logits[idx].masked_fill(~allowed.to(device, non_blocking=True), -float("inf"))
+        for b, (seq, p) in enumerate(zip(seqs, ps)):
             if _has_bias(p):
                 logits[b] = apply_bias(logits[b], p)
             if _has_penalty(p):

@@ -143,12 +143,37 @@ class GrammarCompiler:
 
 def allowed_mask(matcher, vocab_size: int) -> torch.Tensor:
     """[vocab_size] bool: the tokens `matcher` allows next (CPU)."""
+    return allowed_masks([matcher], vocab_size)[0]
+
+
+def allowed_masks(matchers: list, vocab_size: int) -> torch.Tensor:
+    """[len(matchers), vocab_size] bool: the tokens each matcher allows next (CPU). More than one
+    are computed in parallel on llguidance's thread pool (`LLExecutor`, which releases the GIL)."""
     # One bit per token, 32 to an int32 word (llguidance's layout), written straight into the tensor
     # (llguidance.torch would do the same, but importing it sets up torch.compile machinery).
-    words = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
-    matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
+    n = len(matchers)
+    words = torch.zeros(n, (vocab_size + 31) // 32, dtype=torch.int32)
+    row_bytes = words.shape[1] * 4
+    if n == 1:
+        matchers[0].unsafe_compute_mask_ptr(words.data_ptr(), row_bytes)
+    elif n > 1:
+        _executor().unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], words.data_ptr(),
+                                            row_bytes, n)
     bits = (words.unsqueeze(-1) >> _SHIFTS) & 1
-    return bits.reshape(-1)[:vocab_size].bool()
+    return bits.reshape(n, words.shape[1] * 32)[:, :vocab_size].bool()
 
 
 _SHIFTS = torch.arange(32, dtype=torch.int32)
+_EXECUTOR = None
+_EXECUTOR_LOCK = threading.Lock()
+
+
+def _executor():
+    """One process-wide llguidance executor (its default pool: 80 % of the CPUs, at most 32)."""
+    global _EXECUTOR
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None:
+            import llguidance as llg
+
+            _EXECUTOR = llg.LLExecutor()
+        return _EXECUTOR
