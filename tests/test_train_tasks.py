@@ -184,6 +184,18 @@ def test_dialog_greetings_open_a_quarter_of_the_samples(builder):
     assert 30 <= greeted <= 70, greeted  # GREETING_SHARE = 0.25 of 200: 50 ± 3 sd
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_dialog_greeting_share_is_the_builders(builder, share):
+    # `--greeting-share` (TaskBuilder's greeting_share): none, or every sample, opens with a greeting.
+    tok, tb = builder
+    tb = TaskBuilder(tok, tb.filler, greeting_share=share)
+    firsts = [tok.decode(tb.dialog(np.random.default_rng(seed), 400).ids.tolist()).split("<|user|>\n", 1)[1]
+              .split("<|end|>")[0] for seed in range(30)]
+    assert sum(f in GREETINGS for f in firsts) == round(share * 30), firsts
+    with pytest.raises(ValueError):
+        TaskBuilder(tok, tb.filler, greeting_share=1.5)
+
+
 def test_passage_runs_from_a_sentence_start_to_a_sentence_end_inside_one_document(builder):
     tok, _ = builder
     docs = ["intro words then. First sentence of one. Second sentence is here! Third one, with more words?",

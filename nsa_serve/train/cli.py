@@ -48,6 +48,8 @@ def cmd_train(args) -> int:
                   eval_tokens=args.eval_tokens, task_mix=args.task_mix, attention=args.attention,
                   micro_batch_tokens=args.micro_batch_tokens, select_aux_weight=args.select_aux_weight,
                   stop_at_step=args.stop_at_step)
+    if args.greeting_share is not None:
+        a.greeting_share = args.greeting_share
     if args.curriculum:
         a.curriculum = args.curriculum
     status = Trainer(a, log=lambda m: print(m, flush=True)).run()
@@ -137,6 +139,8 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--task-prob", type=float, help="override every phase's retrieval-task probability")
     p.add_argument("--task-mix", default="0.5,0.2,0.3", help="PASSKEY,KV,CHAT shares of the task sequences")
+    p.add_argument("--greeting-share", type=float,
+                   help="share of dialog samples that open with a greeting turn (default 0.25, tasks.GREETING_SHARE)")
     p.add_argument("--answer-weight", type=float, default=1.0)
     p.add_argument("--select-aux-weight", type=float, default=0.0,
                    help="weight of the selection's retrieval supervision on task sequences (0: off)")

@@ -99,9 +99,12 @@ class Sample:
 class TaskBuilder:
     """Builds task samples of an exact length from a tokenizer and a filler token stream."""
 
-    def __init__(self, tok: Tokenizer, filler: np.ndarray):
+    def __init__(self, tok: Tokenizer, filler: np.ndarray, greeting_share: float = GREETING_SHARE):
+        if not 0.0 <= greeting_share <= 1.0:
+            raise ValueError(f"greeting_share must be in [0, 1], got {greeting_share}")
         self.tok = tok
         self.filler = filler
+        self.greeting_share = greeting_share
         self.drop = {t for t in (tok.bos_id, tok.eos_id) if t is not None and t >= 0}
         self._nl = tok.encode("\n", add_bos=False)
         # The rendered template around the filler, split at the sentinels: pieces before, between,
@@ -259,12 +262,12 @@ class TaskBuilder:
 
     def dialog(self, rng: np.random.Generator, length: int) -> Sample:
         """Turns of (question about a word of a passage → that passage) filling exactly length + 1
-        tokens; every assistant reply and its <|end|> is answer. A GREETING_SHARE of the samples open
-        with a greeting turn. The sequence ends where the length does, inside a last turn if needed
+        tokens; every assistant reply and its <|end|> is answer. A greeting_share of the samples (default
+        GREETING_SHARE) open with a greeting turn. The sequence ends where the length does, inside a last turn if needed
         (as a context window cuts a document): a cut reply is still answer, a cut question is not."""
         ids, mask = [self.tok.bos_id], []
         first = True
-        greet = float(rng.random()) < GREETING_SHARE
+        greet = float(rng.random()) < self.greeting_share
         while len(ids) < length + 1:
             room = length + 1 - len(ids)
             if first and greet:

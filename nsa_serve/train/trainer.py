@@ -31,7 +31,7 @@ from .batches import (DEFAULT_CURRICULUM, Phase, StepSampler, parse_curriculum, 
 from .evaluate import heldout_nll, perplexity
 from .forward import train_forward, train_forward_batch
 from .presets import model_config
-from .tasks import Sample, TaskBuilder
+from .tasks import GREETING_SHARE, Sample, TaskBuilder
 from .tokens import read_meta, read_tokens
 
 CALIBRATION_STEP = 10**9  # data seeds for the timing steps, far from any real step's
@@ -69,6 +69,7 @@ class TrainArgs:
     select_aux_weight: float = 0.0  # retrieval supervision of the selection (forward.selection_aux_loss)
     task_prob: float | None = None  # override every phase's task probability
     task_mix: str = "0.5,0.2,0.3"  # passkey, kv lookup, continuation chat shares of the tasks
+    greeting_share: float = GREETING_SHARE  # of dialog samples that open with a greeting turn
     seed: int = 0
     checkpoint_every: int = 200
     log_every: int = 10
@@ -154,7 +155,8 @@ class Trainer:
         if cfg.max_position_embeddings < self.phases[-1].seq_len:
             raise ValueError(f"curriculum length {self.phases[-1].seq_len} exceeds max_position_embeddings "
                              f"{cfg.max_position_embeddings}")
-        tasks = TaskBuilder(self.tok, self.tokens) if any(p.task_prob > 0 for p in self.phases) else None
+        tasks = (TaskBuilder(self.tok, self.tokens, a.greeting_share) if any(p.task_prob > 0 for p in self.phases)
+                 else None)
         self.sampler = StepSampler(self.tokens, tasks, a.seed, parse_task_mix(a.task_mix))
         torch.manual_seed(a.seed)
         self.model = NSAModel(cfg).init_weights(a.seed).to(self.device)
