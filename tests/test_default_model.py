@@ -33,9 +33,9 @@ def test_shipped_model_is_the_default_and_fits_the_limits():
     assert (cfg.cmp_block, cfg.cmp_stride, cfg.select_block, cfg.num_select, cfg.window) == (32, 16, 64, 16, 512)
     assert {k: v for k, v in cfg.to_dict().items() if k not in ("extra", "bos_token_id", "eos_token_id")} == \
         {k: v for k, v in want.to_dict().items() if k not in ("extra", "bos_token_id", "eos_token_id")}
-    # The training record docs/training.md reproduces: stage 3, the 160-step dialog fine-tune (seed 2)
-    # of the selection-supervised stage-2 model.
-    assert (cfg.extra["trained_steps"], cfg.extra["total_steps"], cfg.extra["seed"]) == (160, 160, 2)
+    # The training record docs/training.md reproduces: stage 4, the 60-step greeting fine-tune (seed 3)
+    # of stage 3 (the 160-step dialog fine-tune of the selection-supervised stage-2 model).
+    assert (cfg.extra["trained_steps"], cfg.extra["total_steps"], cfg.extra["seed"]) == (60, 60, 3)
     assert cfg.extra["final"] is True
 
 
