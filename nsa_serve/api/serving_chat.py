@@ -106,7 +106,8 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
         calls = tool_calls_of(plan, held[i], reason)
         if not calls:  # cut before the list closed: what was generated, as text
             return DeltaMessage(content=held[i]), reason
-        return DeltaMessage(tool_calls=[dict(call, index=k) for k, call in enumerate(calls)]), "tool_calls"
+        return (DeltaMessage(tool_calls=[dict(call, index=k) for k, call in enumerate(calls)]),
+                _finish_reason(plan, reason, calls))
 
     try:
         # OpenAI sends the role alone first, one chunk per choice.
