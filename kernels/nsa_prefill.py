@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._triton_utils import target_arch
 from .paged import PagedLayerCache
@@ -131,18 +132,50 @@ def _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p
     pg = pg_n.to(tl.int64)
     pg_n = tl.load(bt_row + ((ii + CN) * D) // P, mask=(ar < CN) & (ii + CN < n_vis), other=0)
     kb = kc_ptr + pg * skc_p + h * skc_h + (ii % E) * skc_r
-    s = _qk(q1, q2, kb[None, :], ok_i[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
+    # Logits stay unscaled: the row max is scaled once per row and the scale enters the exponent's
+    # fused multiply-add, one instruction an entry fewer than scaling every logit.
+    s = _qk(q1, q2, kb[None, :], ok_i[None, :], DK, DK1, DK2, PREC, UPCAST)
     if MASKED:
         vis = _visible(row_ok, ok_i, ii, pos, D, L)
         s = tl.where(vis, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     vb = vc_ptr + pg * svc_p + h * svc_h + (ii % E) * svc_r
     vc = tl.load(vb[:, None] + dv[None, :], mask=ok_i[:, None] & (dv[None, :] < DV), other=0.0)
     o = o * alpha[:, None] + _mm(p.to(vc.dtype), vc, PREC, UPCAST)
     return m_new, l_i, o, pg_n
+
+
+@_helper
+def _qk_packed(q1, q2, kd1, kd2, r, DK1: tl.constexpr, DK2: tl.constexpr, PREC: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """q·kᵀ for the packed summary rows [r, r + CN) (tensor descriptors: TMA copies on Hopper)."""
+    s = _mm(q1, tl.trans(kd1.load([r, 0])), PREC, UPCAST)
+    if DK2 > 0:
+        s += _mm(q2, tl.trans(kd2.load([r, DK1])), PREC, UPCAST)
+    return s
+
+
+@_helper
+def _sweep1_step_packed(i0, r, q1, q2, m_i, l_i, o, kd1, kd2, vd, n_vis, row_ok, pos, qk_scale, ar,
+                        DK1: tl.constexpr, DK2: tl.constexpr, D: tl.constexpr, L: tl.constexpr,
+                        CN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
+    """_sweep1_step over the packed summaries: rows [r, r + CN) hold entries [i0, i0 + CN). Rows
+    past the sequence's last entry hold finite values (zeros or other rows) and get p = 0."""
+    s = _qk_packed(q1, q2, kd1, kd2, r, DK1, DK2, PREC, UPCAST)
+    if MASKED:
+        ii = i0 + ar
+        vis = _visible(row_ok, (ar < CN) & (ii < n_vis), ii, pos, D, L)
+        s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    vc = vd.load([r, 0])
+    o = o * alpha[:, None] + _mm(p.to(vc.dtype), vc, PREC, UPCAST)
+    return m_new, l_i, o
 
 
 @_helper
@@ -174,9 +207,11 @@ def _tile_rows(tile_ptr, BT: tl.constexpr, GP: tl.constexpr, G: tl.constexpr):
     return seq, row0, nrows, pos0, t, g, (t < nrows) & (g < G)
 
 
-@triton.jit
+# pack_rows (pages packed × summaries a page) changes with every step's lengths: specialising on
+# its divisibility by 16 would make a second variant that the engine's precompile may not meet.
+@triton.jit(do_not_specialize=["pack_rows"])
 def _cmp_kernel(
-    q_ptr, g_ptr, acc_ptr, score_ptr, kc_ptr, vc_ptr, bt_ptr, tile_ptr,
+    q_ptr, g_ptr, acc_ptr, score_ptr, kc_ptr, vc_ptr, bt_ptr, tile_ptr, kd1, kd2, vd, pack_ptr, pack_rows,
     sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, ss_t, ss_h,
     skc_p, skc_h, skc_r, svc_p, svc_h, svc_r, sbt, row_base, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
@@ -184,9 +219,12 @@ def _cmp_kernel(
     P: tl.constexpr, E: tl.constexpr, D: tl.constexpr, L: tl.constexpr,
     BN: tl.constexpr, CN: tl.constexpr, BJ: tl.constexpr, BJE: tl.constexpr,
     PREC: tl.constexpr, SPREC: tl.constexpr, UPCAST: tl.constexpr, BF16X3: tl.constexpr,
-    SCAT: tl.constexpr, MASK_SPLIT: tl.constexpr,
+    SCAT: tl.constexpr, MASK_SPLIT: tl.constexpr, PARTS: tl.constexpr, PACKED: tl.constexpr,
 ):
-    """Compressed attention (→ acc = g_cmp·o_cmp) and group-summed selection-block scores."""
+    """Compressed attention (→ acc = g_cmp·o_cmp) and group-summed selection-block scores.
+    PACKED: the summaries are read from `_pack_kernel`'s contiguous copy through tensor
+    descriptors kd1 / kd2 (key columns [0, DK1) / [DK1, DK1 + DK2)) and vd; else through the
+    block table, page by page."""
     BM: tl.constexpr = BT * GP
     h = tl.program_id(1)
     seq, row0, nrows, pos0, t, g, row_ok = _tile_rows(tile_ptr, BT, GP, G)
@@ -210,15 +248,25 @@ def _cmp_kernel(
     # Chunks every row of the tile sees whole (below the first query's visible count) skip the
     # causal mask: one loop without it, one with it for the rest.
     n_full = _full_chunks(pos0, L, D, CN, BN, MASK_SPLIT)
-    pg_n = tl.load(bt_row + (ar * D) // P, mask=(ar < CN) & (ar < n_vis), other=0)
-    for i0 in range(0, n_full, CN):
-        m_i, l_i, o, pg_n = _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p,
-                                         skc_h, skc_r, svc_p, svc_h, svc_r, n_vis, row_ok, pos, qk_scale,
-                                         ar, dv, DK, DK1, DK2, DV, P, E, D, L, CN, PREC, UPCAST, False)
-    for i0 in range(n_full, n_vis, CN):
-        m_i, l_i, o, pg_n = _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p,
-                                         skc_h, skc_r, svc_p, svc_h, svc_r, n_vis, row_ok, pos, qk_scale,
-                                         ar, dv, DK, DK1, DK2, DV, P, E, D, L, CN, PREC, UPCAST, True)
+    if PACKED:
+        # This sequence's entries for kv head h start at packed row r0p (entry i at r0p + i).
+        r0p = h * pack_rows + tl.load(pack_ptr + seq) * E
+        for i0 in range(0, n_full, CN):
+            m_i, l_i, o = _sweep1_step_packed(i0, r0p + i0, q1, q2, m_i, l_i, o, kd1, kd2, vd, n_vis, row_ok,
+                                              pos, qk_scale, ar, DK1, DK2, D, L, CN, PREC, UPCAST, False)
+        for i0 in range(n_full, n_vis, CN):
+            m_i, l_i, o = _sweep1_step_packed(i0, r0p + i0, q1, q2, m_i, l_i, o, kd1, kd2, vd, n_vis, row_ok,
+                                              pos, qk_scale, ar, DK1, DK2, D, L, CN, PREC, UPCAST, True)
+    else:
+        pg_n = tl.load(bt_row + (ar * D) // P, mask=(ar < CN) & (ar < n_vis), other=0)
+        for i0 in range(0, n_full, CN):
+            m_i, l_i, o, pg_n = _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p,
+                                             skc_h, skc_r, svc_p, svc_h, svc_r, n_vis, row_ok, pos, qk_scale,
+                                             ar, dv, DK, DK1, DK2, DV, P, E, D, L, CN, PREC, UPCAST, False)
+        for i0 in range(n_full, n_vis, CN):
+            m_i, l_i, o, pg_n = _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p,
+                                             skc_h, skc_r, svc_p, svc_h, svc_r, n_vis, row_ok, pos, qk_scale,
+                                             ar, dv, DK, DK1, DK2, DV, P, E, D, L, CN, PREC, UPCAST, True)
     # 0 for padded rows (heads g ≥ G, queries past the tile): sweep 2 sums p over the padded group,
     # and its unmasked chunks would otherwise add the padded heads' p.
     inv_l = tl.where(row_ok & (l_i > 0), 1.0 / l_i, 0.0)
@@ -240,33 +288,46 @@ def _cmp_kernel(
     spill = tl.zeros([BT, BJ], tl.float32)
     cur_t = (pos0 + tq) // P
     srow = (row0 + tq - row_base).to(tl.int64)
-    pg_n = tl.load(bt_row + (ar * D) // P, mask=(ar < CN) & (ar < n_vis), other=0)
+    if not PACKED:
+        pg_n = tl.load(bt_row + (ar * D) // P, mask=(ar < CN) & (ar < n_vis), other=0)
+    # Chunk c's weights are chunk 0's: summaries and blocks both move by CN·d = BJE·P tokens.
+    j2 = tl.arange(0, 2 * BJ)
+    w2b = _overlap_tokens(ar, _cat_blocks(0, j2, BJ, BJE), D, L, P).to(tl.bfloat16)
+    # With the bf16 products, 1/l is applied to their [rows, blocks] result (half the entries)
+    # instead of to p; it is 0 for padded rows either way.
+    NORM_AFTER: tl.constexpr = BF16X3 and SCAT
     for c in range(0, n_chunks):
         i0 = c * CN
         ii = i0 + ar
         ok_i = (ar < CN) & (ii < n_vis)
-        pg = pg_n.to(tl.int64)  # read a chunk ahead, as in sweep 1
-        pg_n = tl.load(bt_row + ((ii + CN) * D) // P, mask=(ar < CN) & (ii + CN < n_vis), other=0)
-        kb = kc_ptr + pg * skc_p + h * skc_h + (ii % E) * skc_r
-        s = _qk(q1, q2, kb[None, :], ok_i[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
+        if PACKED:
+            s = _qk_packed(q1, q2, kd1, kd2, r0p + i0, DK1, DK2, PREC, UPCAST) * qk_scale
+        else:
+            pg = pg_n.to(tl.int64)  # read a chunk ahead, as in sweep 1
+            pg_n = tl.load(bt_row + ((ii + CN) * D) // P, mask=(ar < CN) & (ii + CN < n_vis), other=0)
+            kb = kc_ptr + pg * skc_p + h * skc_h + (ii % E) * skc_r
+            s = _qk(q1, q2, kb[None, :], ok_i[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
         if MASK_SPLIT:  # a run-time branch: chunks below n_full are seen whole by every row
             if i0 < n_full:
-                p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]
+                p = tl.exp2(s - m_i[:, None])
             else:
                 vis = _visible(row_ok, ok_i, ii, pos, D, L)
-                p = tl.where(vis, tl.exp2(s - m_i[:, None]), 0.0) * inv_l[:, None]
+                p = tl.where(vis, tl.exp2(s - m_i[:, None]), 0.0)
         else:
             vis = _visible(row_ok, ok_i, ii, pos, D, L)
-            p = tl.where(vis, tl.exp2(s - m_i[:, None]), 0.0) * inv_l[:, None]
+            p = tl.where(vis, tl.exp2(s - m_i[:, None]), 0.0)
+        if not NORM_AFTER:
+            p = p * inv_l[:, None]
         j_own = c * BJE + jr
         if BF16X3 and SCAT:
             # As below, with this chunk's blocks and the next chunk's (the spill) as the two halves
-            # of one [CN, 2·BJ] weight matrix: three products of width 2·BJ instead of six of BJ.
-            j2 = tl.arange(0, 2 * BJ)
-            w2 = _overlap_tokens(ii, _cat_blocks(c, j2, BJ, BJE), D, L, P).to(tl.bfloat16)
+            # of one [CN, 2·BJ] weight matrix: one product of width 2·BJ per bf16 part of p (two by
+            # default: 16 mantissa bits) instead of two of BJ.
             p_hi, p_mid, p_lo = _split_bf16x3(p)
-            sc = _mm(p_hi, w2, "tf32", UPCAST) + _mm(p_mid, w2, "tf32", UPCAST)
-            sc += _mm(p_lo, w2, "tf32", UPCAST)
+            sc = _mm(p_hi, w2b, "tf32", UPCAST) + _mm(p_mid, w2b, "tf32", UPCAST)
+            if PARTS == 3:
+                sc += _mm(p_lo, w2b, "tf32", UPCAST)
+            sc = sc * inv_l[:, None]
             both = tl.sum(tl.reshape(sc, (BT, GP, 2 * BJ)), 1) / D  # [BT, 2·BJ]: own | next
             own_c, nxt_c = tl.split(tl.permute(tl.reshape(both, (BT, 2, BJ)), (0, 2, 1)))
             own = own_c + spill
@@ -291,6 +352,37 @@ def _cmp_kernel(
             spill = tl.sum(tl.reshape(sc_nxt, (BT, GP, BJ)), 1) / D
         smask = (tq[:, None] < nrows) & (jr[None, :] < BJE) & (j_own[None, :] <= cur_t[:, None])
         tl.store(score_ptr + srow[:, None] * ss_t + h * ss_h + j_own[None, :], own, mask=smask)
+
+
+@triton.jit(do_not_specialize=["pack_rows"])
+def _pack_kernel(kc_ptr, vc_ptr, bt_ptr, pages_ptr, lens_ptr, kp_ptr, vp_ptr,
+                 skc_p, skc_h, skc_r, svc_p, svc_h, svc_r, sbt, pack_rows,
+                 DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, DV: tl.constexpr,
+                 DVP: tl.constexpr, E: tl.constexpr, D: tl.constexpr, L: tl.constexpr):
+    """Copy page j of the pack list ((sequence, page slot) pairs) for kv head h: its E summaries
+    into rows h·pack_rows + j·E + e of the packed K̃ [.., DK1 + DK2] and Ṽ [.., DVP] — zeros for
+    summaries not yet complete (never written: the page may hold anything) and past DK / DV."""
+    j = tl.program_id(0)
+    h = tl.program_id(1)
+    seq = tl.load(pages_ptr + 2 * j)
+    slot = tl.load(pages_ptr + 2 * j + 1)
+    seq_len = tl.load(lens_ptr + seq)
+    pg = tl.load(bt_ptr + seq.to(tl.int64) * sbt + slot).to(tl.int64)
+    e = tl.arange(0, E)
+    done = (slot * E + e) * D + L <= seq_len  # summary i = slot·E + e covers tokens [i·d, i·d + l)
+    row = (h * pack_rows + j * E + e).to(tl.int64)
+    kb = kc_ptr + pg * skc_p + h * skc_h + e[:, None] * skc_r
+    d1 = tl.arange(0, DK1)
+    tl.store(kp_ptr + row[:, None] * (DK1 + DK2) + d1[None, :],
+             tl.load(kb + d1[None, :], mask=done[:, None], other=0.0))
+    if DK2 > 0:
+        d2 = DK1 + tl.arange(0, DK2)
+        tl.store(kp_ptr + row[:, None] * (DK1 + DK2) + d2[None, :],
+                 tl.load(kb + d2[None, :], mask=done[:, None] & (d2[None, :] < DK), other=0.0))
+    dv = tl.arange(0, DVP)
+    v = tl.load(vc_ptr + pg * svc_p + h * svc_h + e[:, None] * svc_r + dv[None, :],
+                mask=done[:, None] & (dv[None, :] < DV), other=0.0)
+    tl.store(vp_ptr + row[:, None] * DVP + dv[None, :], v)
 
 
 @triton.jit
@@ -325,12 +417,12 @@ def _win_kernel(
         pg_n = tl.load(wt_row + (pj + 1) % ring_pages, mask=pj < pos_last // P, other=0)
         kk = pj * P + kr
         kb = k_ptr + pg * sk_p + h * sk_h + kr * sk_r
-        s = _qk(q1, q2, kb[None, :], kk[None, :] <= pos_last, DK, DK1, DK2, PREC, UPCAST) * qk_scale
+        s = _qk(q1, q2, kb[None, :], kk[None, :] <= pos_last, DK, DK1, DK2, PREC, UPCAST)
         ok = row_ok[:, None] & (kk[None, :] <= pos[:, None]) & (kk[None, :] > pos[:, None] - W)
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # scaled late, as in _sweep1_step
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         vb = v_ptr + pg * sv_p + h * sv_h + kr * sv_r
         v = tl.load(vb[:, None] + dv[None, :], mask=(kk[:, None] <= pos_last) & (dv[None, :] < DV),
@@ -450,13 +542,20 @@ class PrefillConfig:
     in flight during this chunk's math); max_rows: query rows per internal slice (bounds the fp32 scratch
     and the score buffer: 16k rows ≈ 0.5 GB each at the paper shape and 128k)."""
 
-    rows_cmp: int = 128
-    cmp_chunk: int = 64
+    rows_cmp: int = 64  # H200 64k, packed summaries: 64 rows / 4 warps / 2 stages (2 programs an
+    cmp_chunk: int = 64  # SM) cmp 23.5 ms; 128 / 8 / 3 (1 an SM) 24.9; 64 / 4 / 3 32.4
     score_bf16x3: int = 1  # block scores as three bf16 products (else fp32 "tf32x3" products)
     score_cat: int = 1  # with bf16x3: own and next chunk's blocks in one product of twice the width
+    # With score_cat: p as 2 bf16 parts (16 mantissa bits) or 3 (fp32's 24). H200 64k: cmp 31.5 →
+    # 28.8 ms with 2; 12 of the 262,144 (query, group) selections differed from 3 parts'.
+    score_parts: int = 2
+    # Compressed kernel reads a contiguous copy of the visible summaries (one small gather launch
+    # a call) through tensor descriptors: TMA tile copies on Hopper instead of per-thread gathered
+    # addresses (0: page by page through the block table).
+    cmp_packed: int = 1
     mask_split: int = 1  # compressed sweeps: no causal-mask math on chunks every row sees whole
-    warps_cmp: int = 8
-    stages_cmp: int = 3  # H200 64k: cmp 42.0 → 34.4 ms with the ids read ahead (2 stages: 36.3)
+    warps_cmp: int = 4
+    stages_cmp: int = 2
     rows_win: int = 64
     warps_win: int = 4
     stages_win: int = 2  # 3 stages: 147 KB, one program an SM; 7.3 ms vs 5.1
@@ -470,12 +569,13 @@ DEFAULT_CONFIG = PrefillConfig()
 
 def default_config(device) -> PrefillConfig:
     """DEFAULT_CONFIG on Hopper and newer. Before Hopper the compressed kernel's matrix operands
-    live in registers (no wgmma), and with 3 stages or the unmasked loop it spills on sm_80
-    (`compile_check`): there it keeps 2 stages and the mask on every chunk (spill-free; not timed
-    on an A100)."""
+    live in registers (no wgmma) and several of the Hopper choices spill on sm_80 (`compile_check`,
+    Triton 3.6): the packed reads (no TMA: 648 B), 64-row tiles at 4 warps (152 B), 3 stages, the
+    unmasked loop. There it keeps the spill-free 128 rows at 8 warps, 2 stages, the mask on every
+    chunk and the page-by-page summary reads (not timed on an A100)."""
     if target_arch(torch.device(device)) >= 90:
         return DEFAULT_CONFIG
-    return replace(DEFAULT_CONFIG, stages_cmp=2, mask_split=0)
+    return replace(DEFAULT_CONFIG, rows_cmp=128, warps_cmp=8, stages_cmp=2, mask_split=0, cmp_packed=0)
 
 
 def _tiles(cu, lens, r0, r1, BT) -> torch.Tensor:
@@ -537,6 +637,7 @@ class PrefillPlan:
     config: PrefillConfig
     meta: torch.Tensor  # every slice's tiles, window tiles, row → sequence, row → position (int32)
     slices: list[tuple]  # (r0, r1, tiles, window tiles, spans in meta, blocks NB) per row slice
+    pack: tuple | None = None  # with cmp_packed: (pages, spans in meta of pages / firsts / lengths)
 
     @property
     def total_rows(self) -> int:
@@ -584,8 +685,24 @@ def plan_prefill(cu_seqlens_q, seq_lens, *, page_size: int, group: int, device,
             off += seg.numel() + pad
         NB = -(-(int(row_pos_all[r0:r1].max()) + 1) // P)
         slices.append((r0, r1, len(tiles), len(wtiles), spans, NB))
+    pack = None
+    if cfg.cmp_packed:
+        # Every page of each sequence with queries in this call, in order: (sequence, slot) pairs,
+        # each sequence's first pack page, and the lengths (which summaries are complete).
+        npg = torch.tensor([-(-L // P) if cu[b + 1] > cu[b] else 0 for b, L in enumerate(lens)])
+        firsts = torch.cumsum(npg, 0) - npg
+        seqs = torch.repeat_interleave(torch.arange(len(lens)), npg)
+        pairs = torch.stack([seqs, torch.arange(len(seqs)) - firsts[seqs]], 1)
+        segs = [pairs.int().flatten(), firsts.int(), torch.tensor(lens, dtype=torch.int32)]
+        spans = []
+        for seg in segs:
+            spans.append((off, off + seg.numel()))
+            pad = -seg.numel() % 4
+            parts += [seg, seg.new_zeros(pad)] if pad else [seg]
+            off += seg.numel() + pad
+        pack = (len(seqs), spans)
     meta = torch.cat(parts).to(device)  # (pinning it cost more than the copy: ~4 ms at 8k on an H100)
-    return PrefillPlan(cu, lens, P, group, cfg, meta, slices)
+    return PrefillPlan(cu, lens, P, group, cfg, meta, slices, pack)
 
 
 def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, seq_lens,
@@ -603,6 +720,8 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
     an engine step builds it once from its host-side lengths for all layers.
     """
     cfg = config or default_config(q.device)
+    if cfg.score_parts not in (2, 3):
+        raise ValueError(f"score_parts must be 2 or 3 (bf16 parts of p), got {cfg.score_parts}")
     _check(q, gates, layer, block_tables, cu_seqlens_q, seq_lens, p, win_tables)
     dev = q.device
     Ttot, Hq, Dk = q.shape
@@ -672,6 +791,24 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
     kc, vc, kcc, vcc = layer.k_cache, layer.v_cache, layer.kc_cache, layer.vc_cache
 
     meta = plan.meta
+    kd1 = kd2 = vd = pack_first = None
+    pack_rows = 0
+    if plan.pack is not None:
+        npk, (pages_span, first_span, lens_span) = plan.pack
+        pack_rows = npk * E
+        DKW = DK1 + DK2  # row width: a multiple of 16 elements (descriptor strides: 16-byte multiples)
+        kpack = torch.empty(Hkv * pack_rows, DKW, dtype=q.dtype, device=dev)
+        vpack = torch.empty(Hkv * pack_rows, DVP, dtype=q.dtype, device=dev)
+        _pack_kernel[(npk, Hkv)](
+            kcc, vcc, block_tables, meta[pages_span[0]:pages_span[1]], meta[lens_span[0]:lens_span[1]],
+            kpack, vpack, kcc.stride(0), kcc.stride(1), kcc.stride(2), vcc.stride(0), vcc.stride(1),
+            vcc.stride(2), block_tables.stride(0), pack_rows,
+            DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, E=E, D=p.stride, L=p.block, num_warps=4,
+        )
+        kd1 = TensorDescriptor.from_tensor(kpack, [CN, DK1])
+        kd2 = TensorDescriptor.from_tensor(kpack, [CN, max(DK2, 16)])
+        vd = TensorDescriptor.from_tensor(vpack, [CN, DVP])
+        pack_first = meta[first_span[0]:first_span[1]]
     for r0, r1, ntiles, nwtiles, spans, NB in plan.slices:
         rows = r1 - r0
         tile_t, wtile_t, row_seq, row_pos = (meta[a:b] for a, b in spans)
@@ -680,7 +817,7 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
         idx = torch.empty(rows, Hkv, p.num_select, dtype=torch.int32, device=dev)
 
         _cmp_kernel[(ntiles, Hkv)](
-            q, gates, acc, scores, kcc, vcc, block_tables, tile_t,
+            q, gates, acc, scores, kcc, vcc, block_tables, tile_t, kd1, kd2, vd, pack_first, pack_rows,
             q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
             scores.stride(0), scores.stride(1),
             kcc.stride(0), kcc.stride(1), kcc.stride(2), vcc.stride(0), vcc.stride(1), vcc.stride(2),
@@ -688,7 +825,8 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
             G=G, GP=GP, BT=BT, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, E=E,
             D=p.stride, L=p.block, BN=BN, CN=CN, BJ=BJ, BJE=BJE, PREC=prec, SPREC=sprec,
             UPCAST=upcast, BF16X3=bool(cfg.score_bf16x3) and min(p.block, P) <= 256,
-            SCAT=bool(cfg.score_cat), MASK_SPLIT=bool(cfg.mask_split),
+            SCAT=bool(cfg.score_cat), MASK_SPLIT=bool(cfg.mask_split), PARTS=cfg.score_parts,
+            PACKED=plan.pack is not None,
             num_warps=cfg.warps_cmp, num_stages=cfg.stages_cmp,
         )
         _win_kernel[(nwtiles, Hkv)](

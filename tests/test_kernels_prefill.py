@@ -233,8 +233,10 @@ def test_forced_blocks_and_small_tiles():
 
 
 @pytest.mark.parametrize("cfg", [PrefillConfig(score_cat=0), PrefillConfig(rows_cmp=16, cmp_chunk=16),
-                                 PrefillConfig(stages_cmp=2, stages_win=3)],
-                         ids=["scores in two products", "small tiles", "other stages"])
+                                 PrefillConfig(stages_cmp=3, stages_win=3), PrefillConfig(score_parts=3),
+                                 PrefillConfig(cmp_packed=0)],
+                         ids=["scores in two products", "small tiles", "other stages", "p in three bf16 parts",
+                              "summaries page by page"])
 def test_launch_configs_match_reference(cfg):
     # Configurations the benchmark sweeps: the block scores of a chunk and its spill into the next
     # in two products of width BJ (the default: one of 2·BJ); tiny tiles and summary chunks; other
@@ -246,8 +248,9 @@ def test_launch_configs_match_reference(cfg):
 
 @pytest.mark.parametrize("cfg", [PrefillConfig(rows_cmp=16, cmp_chunk=16),
                                  PrefillConfig(rows_cmp=32, cmp_chunk=32, score_cat=0),
-                                 PrefillConfig(rows_cmp=16, cmp_chunk=16, mask_split=0)],
-                         ids=["small tiles", "scores in two products", "mask everywhere"])
+                                 PrefillConfig(rows_cmp=16, cmp_chunk=16, mask_split=0),
+                                 PrefillConfig(rows_cmp=16, cmp_chunk=16, cmp_packed=0)],
+                         ids=["small tiles", "scores in two products", "mask everywhere", "summaries page by page"])
 def test_mask_split_matches_reference(cfg):
     # mask_split (default): the compressed sweeps skip the causal mask on chunks every row of a
     # tile sees whole. Long enough prompts that tiles have such chunks (and a boundary chunk after
@@ -323,6 +326,9 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="page size"):
         nsa_prefill(torch.randn(5, 6, 16, device=DEV), g, layer, bt, cu, sl,
                     SparsityParams(block=8, stride=4, select_block=32, num_select=4, window=32))
+    with pytest.raises(ValueError, match="score_parts"):
+        nsa_prefill(torch.randn(5, 6, 16, device=DEV), g, layer, bt, cu, sl, SMALL,
+                    config=PrefillConfig(score_parts=1))
 
 
 def test_plan_built_once_gives_the_same_result():
