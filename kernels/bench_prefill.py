@@ -7,6 +7,8 @@ head dims), SDPA with Dv = 128 as is (whatever backend torch picks), NSA prefill
 at 64k NSA prefill as 4k and 8k chunks (each chunk a separate call that reads the earlier ones from
 the cache). Ratios are against the faster SDPA variant measured in the same run. Inputs are random
 normal (never zeros); pages are shuffled. Times are medians of CUDA-event timings after warm-up.
+Each NSA call is given its `plan_prefill` (host-side tile tables), made before the timing as an
+engine step makes it once for all layers; its host time is printed in its own column.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from .nsa_prefill import PrefillConfig, nsa_prefill
+from .nsa_prefill import PrefillConfig, nsa_prefill, plan_prefill
 from .paged import PagedLayerCache
 from .reference import SparsityParams
 
@@ -57,19 +59,36 @@ def make_inputs(S, Hq=64, Hkv=4, Dk=192, Dv=128, p=PAPER, dtype=torch.bfloat16, 
 
 
 def nsa_call(q, gates, layer, bt, S, chunk, p, cfg):
-    """Prefill S tokens in chunks of `chunk` (one call each) and return a closure that runs them all."""
+    """Prefill S tokens in chunks of `chunk` (one call each) and return a closure that runs them all.
+    Each call gets its `plan_prefill` made beforehand, as an engine step makes it once for all
+    layers: the host-side tile layout is per step, not per layer (its time: `plan_ms`)."""
     bounds = list(range(0, S, chunk)) + [S]
     dev = q.device
     calls = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         cu = torch.tensor([0, b - a], dtype=torch.int32, device=dev)
         sl = torch.tensor([b], dtype=torch.int32, device=dev)
-        calls.append((q[a:b], gates[a:b], cu, sl))
+        plan = plan_prefill([0, b - a], [b], page_size=layer.page_size, group=q.shape[1] // layer.k_cache.shape[1],
+                            device=dev, config=cfg)
+        calls.append((q[a:b], gates[a:b], cu, sl, plan))
 
     def run():
-        for qq, gg, cu, sl in calls:
-            nsa_prefill(qq, gg, layer, bt, cu, sl, p, config=cfg)
+        for qq, gg, cu, sl, plan in calls:
+            nsa_prefill(qq, gg, layer, bt, cu, sl, p, config=cfg, plan=plan)
     return run
+
+
+def plan_ms(S, cfg, reps: int = 7) -> float:
+    """Median host milliseconds of one `plan_prefill` for a one-chunk prompt of S tokens (it ends
+    with the upload of its tables, so the device copy is included)."""
+    import time
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        plan_prefill([0, S], [S], page_size=PAPER.select_block, group=16, device="cuda", config=cfg)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def sdpa_calls(S, Hq=64, Dk=192, Dv=128, dtype=torch.bfloat16):
@@ -104,20 +123,21 @@ def parse_config(text: str) -> PrefillConfig:
 
 SWEEP = [  # tried at 64k with --sweep; the fastest is then used for the table
     "",
+    "cmp_packed=0",
+    "rows_cmp=128,warps_cmp=8,stages_cmp=3",
+    "score_parts=3",
     "mask_split=0",
-    "score_cat=0",
-    "mask_split=1,stages_cmp=4",
-    "rows_cmp=64,warps_cmp=4",
-    "rows_cmp=64,warps_cmp=4,stages_cmp=2",
 ]
 
 
 def sweep(p, args) -> PrefillConfig:
-    """Time each SWEEP config at 64k (per-kernel times from the profiler); return the fastest."""
+    """Time each SWEEP config (or --variants) at 64k (per-kernel times from the profiler), --rounds
+    times in turn; return the fastest."""
     S = 65536
     q, gates, layer, bt = make_inputs(S)
     best = (math.inf, None)
-    for text in SWEEP:
+    configs = args.variants.split(";") if args.variants else SWEEP
+    for text in configs * args.rounds:
         try:
             cfg = parse_config(text)
             fn = nsa_call(q, gates, layer, bt, S, S, p, cfg)
@@ -139,6 +159,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lens", default="8192,16384,32768,65536,131072")
     ap.add_argument("--sweep", action="store_true", help="try SWEEP tile configs at 64k, keep the fastest")
+    ap.add_argument("--variants", default="", help="with --sweep: configs to try instead of SWEEP, "
+                    "';'-separated (an empty item is the default)")
+    ap.add_argument("--rounds", type=int, default=1, help="with --sweep: time the configs this many times in turn")
     ap.add_argument("--config", default="", help="PrefillConfig fields, e.g. rows_cmp=128,warps_cmp=8")
     args = ap.parse_args()
     p = PAPER
@@ -164,7 +187,8 @@ def main() -> None:
         t_one = timed(one, reps)
         peak = torch.cuda.max_memory_allocated() / 2**30
         base = min(t_pad, t_raw)
-        row = dict(S=S, sdpa_pad=t_pad, sdpa_raw=t_raw, nsa=t_one, speedup=base / t_one, peak=peak)
+        row = dict(S=S, sdpa_pad=t_pad, sdpa_raw=t_raw, nsa=t_one, speedup=base / t_one, peak=peak,
+                   plan=plan_ms(S, cfg))
         prof = profile_kernels(one)
         row["kernels"] = {k.split("_kernel")[0].strip("_"): round(v, 2) for k, v in prof.items()
                           if "_kernel" in k}
@@ -177,12 +201,13 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     print("\n| prompt | SDPA causal, V padded to 192 (ms) | SDPA causal, dv 128 (ms) "
-          "| NSA prefill one chunk (ms) | speedup vs faster SDPA | NSA per kernel (ms) | NSA peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+          "| NSA prefill one chunk (ms) | speedup vs faster SDPA | NSA per kernel (ms) | NSA peak GiB "
+          "| host plan, once a step (ms) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ks = ", ".join(f"{k} {v:.1f}" for k, v in r["kernels"].items())
         print(f"| {r['S'] // 1024}k | {r['sdpa_pad']:.1f} | {r['sdpa_raw']:.1f} | {r['nsa']:.1f} | "
-              f"{r['speedup']:.2f}× | {ks} | {r['peak']:.1f} |")
+              f"{r['speedup']:.2f}× | {ks} | {r['peak']:.1f} | {r['plan']:.1f} |")
     for r in rows:
         if "c4k" in r:
             print(f"\n64k chunked: one chunk {r['nsa']:.1f} ms, 8k chunks {r['c8k']:.1f} ms "
