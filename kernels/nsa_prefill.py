@@ -120,6 +120,17 @@ def _full_chunks(pos0, L: tl.constexpr, D: tl.constexpr, CN: tl.constexpr, BN: t
 
 
 @_helper
+def _softmax_step(s, m_i, l_i, qk_scale):
+    """Online-softmax update for unscaled logits s: (new row max, rescale factor, p, new row sum).
+    The row max is scaled once a row and the scale enters the exponent's fused multiply-add, one
+    instruction an entry fewer than scaling every logit first."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
+
+
+@_helper
 def _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p, skc_h, skc_r, svc_p,
                  svc_h, svc_r, n_vis, row_ok, pos, qk_scale, ar, dv, DK: tl.constexpr, DK1: tl.constexpr,
                  DK2: tl.constexpr, DV: tl.constexpr, P: tl.constexpr, E: tl.constexpr, D: tl.constexpr,
@@ -132,16 +143,11 @@ def _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p
     pg = pg_n.to(tl.int64)
     pg_n = tl.load(bt_row + ((ii + CN) * D) // P, mask=(ar < CN) & (ii + CN < n_vis), other=0)
     kb = kc_ptr + pg * skc_p + h * skc_h + (ii % E) * skc_r
-    # Logits stay unscaled: the row max is scaled once per row and the scale enters the exponent's
-    # fused multiply-add, one instruction an entry fewer than scaling every logit.
     s = _qk(q1, q2, kb[None, :], ok_i[None, :], DK, DK1, DK2, PREC, UPCAST)
     if MASKED:
         vis = _visible(row_ok, ok_i, ii, pos, D, L)
         s = tl.where(vis, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s * qk_scale - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    m_new, alpha, p, l_i = _softmax_step(s, m_i, l_i, qk_scale)
     vb = vc_ptr + pg * svc_p + h * svc_h + (ii % E) * svc_r
     vc = tl.load(vb[:, None] + dv[None, :], mask=ok_i[:, None] & (dv[None, :] < DV), other=0.0)
     o = o * alpha[:, None] + _mm(p.to(vc.dtype), vc, PREC, UPCAST)
@@ -169,10 +175,7 @@ def _sweep1_step_packed(i0, r, q1, q2, m_i, l_i, o, kd1, kd2, vd, n_vis, row_ok,
         ii = i0 + ar
         vis = _visible(row_ok, (ar < CN) & (ii < n_vis), ii, pos, D, L)
         s = tl.where(vis, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s * qk_scale - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    m_new, alpha, p, l_i = _softmax_step(s, m_i, l_i, qk_scale)
     vc = vd.load([r, 0])
     o = o * alpha[:, None] + _mm(p.to(vc.dtype), vc, PREC, UPCAST)
     return m_new, l_i, o
@@ -420,10 +423,7 @@ def _win_kernel(
         s = _qk(q1, q2, kb[None, :], kk[None, :] <= pos_last, DK, DK1, DK2, PREC, UPCAST)
         ok = row_ok[:, None] & (kk[None, :] <= pos[:, None]) & (kk[None, :] > pos[:, None] - W)
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # scaled late, as in _sweep1_step
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_new, alpha, p, l_i = _softmax_step(s, m_i, l_i, qk_scale)
         vb = v_ptr + pg * sv_p + h * sv_h + kr * sv_r
         v = tl.load(vb[:, None] + dv[None, :], mask=(kk[:, None] <= pos_last) & (dv[None, :] < DV),
                     other=0.0)
