@@ -221,13 +221,12 @@ def _combine_branch(m_ptr, l_ptr, acc_ptr, row, nvalid, S_BUF, SP: tl.constexpr,
 @triton.jit
 def _combine_kernel(out_ptr, so_b, so_h, gates_ptr, sg_b, sg_h,
                     cm_ptr, cl_ptr, cacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
-                    Hq, NC_BUF, NS_BUF, NW_BUF,
+                    Hq, NC_BUF, NS_BUF,
                     NSA: tl.constexpr, NC_P: tl.constexpr, NS_P: tl.constexpr, DV: tl.constexpr,
                     DVP: tl.constexpr, PDL: tl.constexpr = False):
     """One program per (sequence, query head). NSA: gated sum of three branches; else dense.
     Every split wrote its partial state (an empty split: m = NEG, l = 0, so it weighs nothing).
-    The split counts are run-time values (only their powers of two, NC_P / NS_P — the latter covers
-    the selected and window branches, NS_BUF and NW_BUF slots — are constants):
+    The split counts are run-time values (only their powers of two, NC_P / NS_P, are constants):
     as constants they made eager decode steps compile a variant per count (scripts/
     count_decode_variants.py: 96 combine variants over batch 1–16 × 64k of table widths, now 12).
     PDL: launched with programmatic dependent launch (waits for the previous kernel first)."""
@@ -241,7 +240,7 @@ def _combine_kernel(out_ptr, so_b, so_h, gates_ptr, sg_b, sg_h,
     if NSA:
         o_c = _combine_branch(cm_ptr, cl_ptr, cacc_ptr, row, NC_BUF, NC_BUF, NC_P, DV, DVP)
         o_s = _combine_branch(sm_ptr, sl_ptr, sacc_ptr, row, NS_BUF, NS_BUF, NS_P, DV, DVP)
-        o_w = _combine_branch(wm_ptr, wl_ptr, wacc_ptr, row, NW_BUF, NW_BUF, NS_P, DV, DVP)
+        o_w = _combine_branch(wm_ptr, wl_ptr, wacc_ptr, row, NS_BUF, NS_BUF, NS_P, DV, DVP)
         gp = gates_ptr + b * sg_b + h * sg_h
         g0 = tl.load(gp).to(tl.float32)
         g1 = tl.load(gp + 1).to(tl.float32)

@@ -210,14 +210,6 @@ VARIANTS = {
     "32-entry compressed tiles": dict(chunk=32),
     "32-entry compressed tiles, two a program": dict(chunk=32, cmp_programs="2*sms"),
     "32-entry compressed tiles, one a program": dict(chunk=32, cmp_programs="4*sms"),
-    "window launch, 1 page a program": dict(window_pages=1),
-    "window launch, 1 page a program, 8 warps": dict(window_pages=1, window_warps=8),
-    "window launch, 1 page a program, merge by the combine launch": dict(window_pages=1, fuse_combine=False),
-    "window launch, 1 page a program, 8 attention splits": dict(window_pages=1, num_splits=8),
-    "window launch, 1 page a program, 2 attention splits": dict(window_pages=1, num_splits=2),
-    "window launch, 2 pages a program": dict(window_pages=2),
-    "window launch, 3 pages a program, one buffer": dict(window_pages=3, window_stages=2),
-    "window launch, 9 pages a program, one buffer": dict(window_pages=9, window_stages=2),
 }
 
 

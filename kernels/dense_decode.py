@@ -135,6 +135,6 @@ def dense_paged_decode(q: torch.Tensor, layer: PagedLayerCache, block_tables: to
     out = torch.empty(B, Hq, Dv, device=dev, dtype=q.dtype)
     _combine_kernel[(B * Hq,)](
         out, out.stride(0), out.stride(1), out, 0, 0,
-        sm, sl, sacc, sm, sl, sacc, sm, sl, sacc, Hq, 1, nsplit, nsplit, NSA=False, NC_P=2,
+        sm, sl, sacc, sm, sl, sacc, sm, sl, sacc, Hq, 1, nsplit, NSA=False, NC_P=2,
         NS_P=max(2, next_pow2(nsplit)), DV=Dv, DVP=next_pow2(Dv), num_warps=4)
     return out

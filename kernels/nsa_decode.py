@@ -422,84 +422,6 @@ def _store_partial(m_ptr, l_ptr, acc_ptr, o, gmask, m, l, acc, DV: tl.constexpr,
 
 
 @triton.jit
-def _window_pages(q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, bt_ptr, sbt_b, wt_ptr, swt_b,
-                  b, kh, L, w0, scale, m_w, l_w, a_w, m_s, l_s, a_s,
-                  DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr, DV: tl.constexpr,
-                  DVP: tl.constexpr, PAGE: tl.constexpr, WINDOW: tl.constexpr, NWP: tl.constexpr,
-                  WPS: tl.constexpr, WPS_P: tl.constexpr, RING: tl.constexpr, RING_PAGES: tl.constexpr,
-                  DEDUP: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
-                  STAGES: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Window pages [w0, w0 + WPS) of the group's window (first window page … current) into the
-    window state (w); with DEDUP the forced blocks among them also feed the selected state (s)."""
-    cur = (L - 1) // PAGE
-    win_lo = tl.maximum(L - WINDOW, 0)
-    wv = tl.arange(0, WPS_P)
-    wi = w0 + wv
-    wlp = win_lo // PAGE + wi
-    wok = (wv < WPS) & (wi < NWP) & (wlp <= cur)
-    wlp = tl.where(wok, wlp, -1)
-    wlp0 = tl.where(wok, wlp, 0)  # an unused slot reads table entry 0 (always a valid page id)
-    if RING:
-        wph = tl.load(wt_ptr + b * swt_b + wlp0 % RING_PAGES)
-    else:
-        wph = tl.load(bt_ptr + b * sbt_b + wlp0)
-    forced = ((wlp < NUM_INIT) | (wlp > cur - NUM_LOCAL)) & wok
-    return _attend_pages(q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, kh, wlp, wph, wv, L,
-                         win_lo, forced, scale, m_w, l_w, a_w, m_s, l_s, a_s, WPS, DK, DK0, DK1, DV, DVP,
-                         PAGE, DEDUP, STAGES, PREC, UPCAST)
-
-
-@triton.jit
-def _window_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r,
-                   lens_ptr, bt_ptr, sbt_b, wt_ptr, swt_b, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
-                   scale, Hkv, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr,
-                   DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
-                   WINDOW: tl.constexpr, NWP: tl.constexpr, WPS: tl.constexpr, WPS_P: tl.constexpr,
-                   RING: tl.constexpr, RING_PAGES: tl.constexpr, DEDUP: tl.constexpr,
-                   NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, NSPLIT: tl.constexpr,
-                   NSS: tl.constexpr, NSW: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr,
-                   UPCAST: tl.constexpr, PDL: tl.constexpr):
-    """The window launch (`window_pages`): program (group, w) attends to window pages
-    [w·WPS, w·WPS + WPS) and stores the window's partial state in slot w of NSW and, with DEDUP,
-    the forced blocks' selected-branch state in slot NSPLIT + w of NSS (after the attention
-    splits' slots). Launched between the score and attention kernels, with a small footprint, so
-    its programs run beside the score programs instead of waiting for the attention kernel's SM
-    slots, and the attention kernel is left with the selected pages only.
-
-    Its inputs are complete at launch without a wait (q, lengths, caches, tables come from before
-    the compressed pass, which the score kernel waited for before letting this kernel launch). It
-    waits for the score kernel at its end, so that the attention kernel's wait (for this kernel)
-    also covers the work list the score kernel writes."""
-    pid = tl.program_id(0)
-    w = tl.program_id(1)
-    b = pid // Hkv
-    kh = pid % Hkv
-    g = tl.arange(0, GP)
-    gmask = g < G
-    heads = kh * G + g
-    rows = b * (Hkv * G) + heads
-    L = tl.load(lens_ptr + b)
-    q0, q1 = _load_q_halves(q_ptr, b * sq_b + heads * sq_h, gmask, DK, DK0, DK1)
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-    m_s = tl.full([GP], NEG, tl.float32)
-    l_s = tl.zeros([GP], tl.float32)
-    a_s = tl.zeros([GP, DVP], tl.float32)
-    m_w = tl.full([GP], NEG, tl.float32)
-    l_w = tl.zeros([GP], tl.float32)
-    a_w = tl.zeros([GP, DVP], tl.float32)
-    m_w, l_w, a_w, m_s, l_s, a_s = _window_pages(
-        q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, bt_ptr, sbt_b, wt_ptr, swt_b,
-        b, kh, L, w * WPS, scale, m_w, l_w, a_w, m_s, l_s, a_s, DK, DK0, DK1, DV, DVP, PAGE,
-        WINDOW, NWP, WPS, WPS_P, RING, RING_PAGES, DEDUP, NUM_INIT, NUM_LOCAL, STAGES, PREC, UPCAST)
-    _store_partial(wm_ptr, wl_ptr, wacc_ptr, rows * NSW + w, gmask, m_w, l_w, a_w, DV, DVP)
-    if DEDUP:
-        _store_partial(sm_ptr, sl_ptr, sacc_ptr, rows * NSS + NSPLIT + w, gmask, m_s, l_s, a_s, DV, DVP)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-
-
-@triton.jit
 def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r,
                    lens_ptr, bt_ptr, sbt_b, wt_ptr, swt_b, ulp_ptr, uph_ptr,
                    sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
@@ -511,7 +433,6 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
                    WINDOW: tl.constexpr, NWP: tl.constexpr, WPS: tl.constexpr, WPS_P: tl.constexpr,
                    RING: tl.constexpr, RING_PAGES: tl.constexpr, DEDUP: tl.constexpr,
                    NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, NSPLIT: tl.constexpr,
-                   NSS: tl.constexpr, NSW: tl.constexpr, WSEP: tl.constexpr,
                    STAGES: tl.constexpr, FUSE: tl.constexpr,
                    C_CH: tl.constexpr, S_CH: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                    PDL: tl.constexpr):
@@ -542,18 +463,30 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
     L = tl.load(lens_ptr + b)
     q0, q1 = _load_q_halves(q_ptr, b * sq_b + heads * sq_h, gmask, DK, DK0, DK1)
     cur = (L - 1) // PAGE
-    first_wp = tl.maximum(L - WINDOW, 0) // PAGE
+    win_lo = tl.maximum(L - WINDOW, 0)
+    first_wp = win_lo // PAGE
     m_s = tl.full([GP], NEG, tl.float32)
     l_s = tl.zeros([GP], tl.float32)
     a_s = tl.zeros([GP, DVP], tl.float32)
     m_w = tl.full([GP], NEG, tl.float32)
     l_w = tl.zeros([GP], tl.float32)
     a_w = tl.zeros([GP, DVP], tl.float32)
-    if not WSEP:  # window pages of this split (else the window launch reads them)
-        m_w, l_w, a_w, m_s, l_s, a_s = _window_pages(
-            q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, bt_ptr, sbt_b, wt_ptr, swt_b,
-            b, kh, L, split * WPS, scale, m_w, l_w, a_w, m_s, l_s, a_s, DK, DK0, DK1, DV, DVP, PAGE,
-            WINDOW, NWP, WPS, WPS_P, RING, RING_PAGES, DEDUP, NUM_INIT, NUM_LOCAL, STAGES, PREC, UPCAST)
+    # Window pages of this split.
+    wv = tl.arange(0, WPS_P)
+    wi = split * WPS + wv
+    wlp = first_wp + wi
+    wok = (wv < WPS) & (wi < NWP) & (wlp <= cur)
+    wlp = tl.where(wok, wlp, -1)
+    wlp0 = tl.where(wok, wlp, 0)  # an unused slot reads table entry 0 (always a valid page id)
+    if RING:
+        wph = tl.load(wt_ptr + b * swt_b + wlp0 % RING_PAGES)
+    else:
+        wph = tl.load(bt_ptr + b * sbt_b + wlp0)
+    forced = ((wlp < NUM_INIT) | (wlp > cur - NUM_LOCAL)) & wok
+    m_w, l_w, a_w, m_s, l_s, a_s = _attend_pages(
+        q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, kh, wlp, wph, wv, L, win_lo, forced,
+        scale, m_w, l_w, a_w, m_s, l_s, a_s, WPS, DK, DK0, DK1, DV, DVP, PAGE, DEDUP, STAGES, PREC,
+        UPCAST)
     if PDL:  # the work list is the score kernel's output
         tl.extra.cuda.gdc_wait()
     sv = tl.arange(0, SPS_P)
@@ -570,9 +503,9 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
         UPCAST)
     if PDL:  # the combine kernel (small batch) or the next layer's kernels may be launched now
         tl.extra.cuda.gdc_launch_dependents()
-    _store_partial(sm_ptr, sl_ptr, sacc_ptr, rows * NSS + split, gmask, m_s, l_s, a_s, DV, DVP)
-    if not WSEP:
-        _store_partial(wm_ptr, wl_ptr, wacc_ptr, rows * NSW + split, gmask, m_w, l_w, a_w, DV, DVP)
+    o = rows * NSPLIT + split
+    _store_partial(sm_ptr, sl_ptr, sacc_ptr, o, gmask, m_s, l_s, a_s, DV, DVP)
+    _store_partial(wm_ptr, wl_ptr, wacc_ptr, o, gmask, m_w, l_w, a_w, DV, DVP)
     if FUSE == 1:
         # Last-arriving split of the group: every split's partials are written (the barrier orders
         # this CTA's stores before the release of the atomic; its acquire orders the loads after).
@@ -582,20 +515,20 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
             tl.store(cnt_ptr + pid, 0)  # ready for the next call (every split has counted)
             _merge_and_gate(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
                             gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, b, heads, rows, gmask,
-                            NSPLIT_C, NSS, NSW, GP, C_CH, S_CH, DV, DVP)
+                            NSPLIT_C, NSPLIT, GP, C_CH, S_CH, DV, DVP)
 
 
 @triton.jit
 def _merge_and_gate(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
                     gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, b, heads, rows, gmask,
-                    NSPLIT_C: tl.constexpr, NSS: tl.constexpr, NSW: tl.constexpr, GP: tl.constexpr,
-                    C_CH: tl.constexpr, S_CH: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
+                    NSPLIT_C: tl.constexpr, NSPLIT: tl.constexpr, GP: tl.constexpr, C_CH: tl.constexpr,
+                    S_CH: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr):
     """The gated output of the rows in gmask from every split's partial states of the three
-    branches (compressed, selected, window: NSPLIT_C, NSS and NSW slots a row)."""
+    branches (compressed, selected, window)."""
     dv = tl.arange(0, DVP)
     o_c = _merge_splits(pm_ptr, pl_ptr, pacc_ptr, rows, gmask, NSPLIT_C, GP, C_CH, DV, DVP)
-    o_s = _merge_splits(sm_ptr, sl_ptr, sacc_ptr, rows, gmask, NSS, GP, S_CH, DV, DVP)
-    o_w = _merge_splits(wm_ptr, wl_ptr, wacc_ptr, rows, gmask, NSW, GP, S_CH, DV, DVP)
+    o_s = _merge_splits(sm_ptr, sl_ptr, sacc_ptr, rows, gmask, NSPLIT, GP, S_CH, DV, DVP)
+    o_w = _merge_splits(wm_ptr, wl_ptr, wacc_ptr, rows, gmask, NSPLIT, GP, S_CH, DV, DVP)
     gp = gates_ptr + b * sg_b + heads * sg_h
     g0 = tl.load(gp, mask=gmask, other=0.0).to(tl.float32)
     g1 = tl.load(gp + 1, mask=gmask, other=0.0).to(tl.float32)
@@ -719,16 +652,14 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
                      cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
                      attend_split_dk=None, attend_stages=3, fuse_combine=None, pdl=None,
                      score_warps=4, topn=TOPN_DEFAULT, carveout=CARVEOUT_DEFAULT,
-                     cmp_evict=None, window_pages=None, window_warps=4, window_stages=None):
+                     cmp_evict=None):
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
     (None: when both branches have at most FUSE_MAX_SPLITS splits). `pdl`: programmatic dependent
     launch (None: `pdl_enabled`). `topn`: how the top-n is found (TOPN_MODES, `_select_units`).
     `carveout`: preferred shared-memory carveout, percent, of the small score and combine kernels
-    (`set_carveout`; None: the driver's choice). `window_pages` k ≥ 1: the window's pages are read by
-    their own launch (`_window_kernel`, k pages a program, `window_warps`, `window_stages`) between
-    the score and attention kernels, not by the attention splits (None or 0).
+    (`set_carveout`; None: the driver's choice).
     Defaults: the fastest measured at 64k (docs/benchmarks/decode.md).
 
     With PDL each kernel waits (griddepcontrol.wait) before touching memory, so it is safe after
@@ -837,48 +768,21 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         # buffers). Measured on the H200 at 64k: batch 16 4 splits 106.0 µs vs 3: 109.3, 6: 117.2;
         # batch 64 1 split 289 vs 4: 309; batch 1 every page its own split.
         num_splits = target_programs(dev) // NG
-    wsep = bool(window_pages)
-    if wsep:  # the window launch takes the window; the attention splits, the selected pages
-        if window_pages < 1:
-            raise ValueError(f"window_pages must be ≥ 1 (or None / 0: no window launch), got {window_pages}")
-        wps = min(int(window_pages), NWP)
-        nws = triton.cdiv(NWP, wps)
-        nsplit = max(1, min(num_splits, p.num_select))
-    else:
-        nsplit = max(1, min(num_splits, max(p.num_select, NWP)))
-        wps, nws = triton.cdiv(NWP, nsplit), nsplit
-    sps = triton.cdiv(p.num_select, nsplit)
+    nsplit = max(1, min(num_splits, max(p.num_select, NWP)))
+    sps, wps = triton.cdiv(p.num_select, nsplit), triton.cdiv(NWP, nsplit)
     # Shared K/V: forced blocks inside the window are read once (window loop) for both branches;
     # every forced block is selected (SparsityParams keeps n ≥ num_init + num_local).
     dedup = not ring
-    # Partial-state slots a row: the selected branch's are the attention splits', then (window
-    # launch with shared K/V) the window programs' forced-block states; the window branch's are
-    # the window programs'.
-    nss = nsplit + (nws if wsep and dedup else 0)
-    sm = torch.empty(B, Hq, nss, device=dev, dtype=f32)
-    sl = torch.empty_like(sm)
-    wm = torch.empty(B, Hq, nws, device=dev, dtype=f32)
-    wl = torch.empty_like(wm)
-    sacc = torch.empty(B, Hq, nss, Dv, device=dev, dtype=f32)
-    wacc = torch.empty(B, Hq, nws, Dv, device=dev, dtype=f32)
+    sm = torch.empty(B, Hq, nsplit, device=dev, dtype=f32)
+    sl, wm, wl = torch.empty_like(sm), torch.empty_like(sm), torch.empty_like(sm)
+    sacc = torch.empty(B, Hq, nsplit, Dv, device=dev, dtype=f32)
+    wacc = torch.empty_like(sacc)
     out = torch.empty(B, Hq, Dv, device=dev, dtype=q.dtype)
-    NC_P, NS_P = max(2, next_pow2(nsplit_c)), max(2, next_pow2(max(nss, nws)))
-    if fuse_combine is None:  # the attention splits' count: how many arrive before the merge
+    NC_P, NS_P = max(2, next_pow2(nsplit_c)), max(2, next_pow2(nsplit))
+    if fuse_combine is None:
         fuse_combine = max(nsplit_c, nsplit) <= FUSE_MAX_SPLITS
     fuse_mode = int(bool(fuse_combine))
     k, v = layer.k_cache, layer.v_cache
-    if wsep:
-        w_stages = window_stages or (attend_stages if wps > 1 else 1)
-        _window_kernel[(NG, nws)](
-            q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), k.stride(2),
-            v, v.stride(0), v.stride(1), v.stride(2), seq_lens, block_tables, block_tables.stride(0),
-            wt, wt.stride(0), sm, sl, sacc, wm, wl, wacc, scale, Hkv,
-            G=G, GP=GP, DK=Dk, DK0=ADK0, DK1=ADK1, DV=Dv, DVP=DVP, PAGE=P, WINDOW=p.window, NWP=NWP,
-            WPS=wps, WPS_P=max(2, next_pow2(wps)), RING=ring,
-            RING_PAGES=win_tables.shape[1] if ring else 1, DEDUP=dedup, NUM_INIT=p.num_init,
-            NUM_LOCAL=p.num_local, NSPLIT=nsplit, NSS=nss, NSW=nws, STAGES=w_stages, PREC=prec,
-            UPCAST=interpreter_upcast(q.dtype), PDL=pdl, num_warps=window_warps, num_stages=w_stages,
-            **launch)
     _attend_kernel[(NG, nsplit)](
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), k.stride(2),
         v, v.stride(0), v.stride(1), v.stride(2), seq_lens, block_tables, block_tables.stride(0),
@@ -889,8 +793,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         G=G, GP=GP, DK=Dk, DK0=ADK0, DK1=ADK1, DV=Dv, DVP=DVP, PAGE=P, NSEL=p.num_select, NSP=NSP,
         SPS=sps, SPS_P=max(2, next_pow2(sps)), WINDOW=p.window, NWP=NWP, WPS=wps,
         WPS_P=max(2, next_pow2(wps)), RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1,
-        DEDUP=dedup, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, NSPLIT=nsplit, NSS=nss, NSW=nws,
-        WSEP=wsep, STAGES=attend_stages,
+        DEDUP=dedup, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, NSPLIT=nsplit, STAGES=attend_stages,
         FUSE=fuse_mode, C_CH=min(4, NC_P), S_CH=min(4, NS_P), PREC=prec,
         UPCAST=interpreter_upcast(q.dtype), PDL=pdl, num_warps=num_warps, num_stages=attend_stages,
         **launch)
@@ -898,7 +801,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     if not fuse_mode:
         k_comb = _combine_kernel[(B * Hq,)](
             out, out.stride(0), out.stride(1), gates, gates.stride(0), gates.stride(1),
-            pm, pl, pacc, sm, sl, sacc, wm, wl, wacc, Hq, nsplit_c, nss, nws, NSA=True,
+            pm, pl, pacc, sm, sl, sacc, wm, wl, wacc, Hq, nsplit_c, nsplit, NSA=True,
             NC_P=NC_P, NS_P=NS_P, DV=Dv, DVP=DVP, PDL=pdl, num_warps=4, **launch)
         set_carveout(k_comb, carveout)
     if return_selection:

@@ -70,45 +70,37 @@ EDITS = [
      r"\n    _stamp(tim_ptr, 2, 0, TIME)\1", 1),
     (r"(\n    if PDL:  # the work list is the score kernel's output\n        tl\.extra\.cuda\.gdc_wait\(\)\n)",
      r"\1    _stamp(tim_ptr, 2, 1, TIME)\n", 1),
-    (r"(\n                            NSPLIT_C, NSS, NSW, GP, C_CH, S_CH, DV, DVP\)\n)",
+    (r"(\n                            NSPLIT_C, NSPLIT, GP, C_CH, S_CH, DV, DVP\)\n)",
      r"\1    _stamp(tim_ptr, 2, 2, TIME)\n", 1),  # the kernel's end, after the fused merge
-    # The window launch (window_pages): entry, window pages done, end (after its wait).
-    (r"(UPCAST: tl\.constexpr, PDL: tl\.constexpr)\):(\n    \"\"\"The window launch)", r"\1" + ARGS + r"\2", 1),
-    (r"(\n    pid = tl\.program_id\(0\)\n    w = tl\.program_id\(1\)\n)", r"\n    _stamp(tim_ptr, 3, 0, TIME)\1", 1),
-    (r"(\n)(    _store_partial\(wm_ptr, wl_ptr, wacc_ptr, rows \* NSW \+ w, )", r"\1    _stamp(tim_ptr, 3, 1, TIME)\n\2", 1),
-    (r"(\n    if PDL:\n        tl\.extra\.cuda\.gdc_wait\(\)\n)(\n\n@triton\.jit\ndef _attend_kernel)",
-     r"\1    _stamp(tim_ptr, 3, 2, TIME)\n\2", 1),
     (r"(score_warps=4[^)]*)\):", r"\1, timer=None):", 1),
-    (r"PDL=pdl, (num_warps=(cmp_warps|score_warps|num_warps|window_warps))", "PDL=pdl, " + TIMER + r"\1", 4),
+    (r"PDL=pdl, (num_warps=(cmp_warps|score_warps|num_warps))", "PDL=pdl, " + TIMER + r"\1", 3),
 ]
-# Kernel ids 0–3; the window launch (3) has no programs unless window_pages is set ("-" then); its
-# "past its wait" column is when its pages are done (it waits at its end).
-NAMES = ("cmp", "score", "attend", "window")
+NAMES = ("cmp", "score", "attend")
 
 # --score-phases: stamps inside the score kernel (top-n "cand", the default), as (kernel id, slot)
-# pairs after kernel ids 0–3. A point's time is when the program reached that line; the compiler
+# pairs after kernel ids 0–2. A point's time is when the program reached that line; the compiler
 # may still move a load's wait past it, so a phase's time can show up in the next one.
 PHASES = (
-    ("normalisers merged", (4, 0)),
-    ("tile factors", (4, 1)),
-    ("partial sums stored", (4, 2)),
-    ("edge stored, barrier", (5, 0)),
-    ("own block scores", (5, 1)),
-    ("candidates stored", (5, 2)),
-    ("arrived (atomic)", (6, 0)),
-    ("last: top-n of candidates", (6, 1)),
+    ("normalisers merged", (3, 0)),
+    ("tile factors", (3, 1)),
+    ("partial sums stored", (3, 2)),
+    ("edge stored, barrier", (4, 0)),
+    ("own block scores", (4, 1)),
+    ("candidates stored", (4, 2)),
+    ("arrived (atomic)", (5, 0)),
+    ("last: top-n of candidates", (5, 1)),
 )
 PHASE_EDITS = [
     (r"(\n                                                            BLOCK_L, STRIDE, BN, NSPLIT_P\)\n)",
-     r"\1    _stamp(tim_ptr, 4, 0, TIME)\n", 1),
-    (r"(\n    f = _tile_factors\(.*\n)", r"\1    _stamp(tim_ptr, 4, 1, TIME)\n", 1),
-    (r"(\n)(    cur = \(L - 1\) // PAGE\n    if TOPN == 2:)", r"\1    _stamp(tim_ptr, 4, 2, TIME)\n\2", 1),
-    (r"(\n        tl\.debug_barrier\(\)  # this CTA's part and edge stores.*\n)", r"\1        _stamp(tim_ptr, 5, 0, TIME)\n", 1),
-    (r"(\n)(        key = _topn_keys\(score, j, cur, NUM_INIT, NUM_LOCAL\)\n)", r"\1        _stamp(tim_ptr, 5, 1, TIME)\n\2", 1),
+     r"\1    _stamp(tim_ptr, 3, 0, TIME)\n", 1),
+    (r"(\n    f = _tile_factors\(.*\n)", r"\1    _stamp(tim_ptr, 3, 1, TIME)\n", 1),
+    (r"(\n)(    cur = \(L - 1\) // PAGE\n    if TOPN == 2:)", r"\1    _stamp(tim_ptr, 3, 2, TIME)\n\2", 1),
+    (r"(\n        tl\.debug_barrier\(\)  # this CTA's part and edge stores.*\n)", r"\1        _stamp(tim_ptr, 4, 0, TIME)\n", 1),
+    (r"(\n)(        key = _topn_keys\(score, j, cur, NUM_INIT, NUM_LOCAL\)\n)", r"\1        _stamp(tim_ptr, 4, 1, TIME)\n\2", 1),
     (r"(\n        tl\.store\(cand_ptr \+ \(pid \* NPROG \+ prog\) \* NSP \+ ks, top\)\n)",
-     r"\1        _stamp(tim_ptr, 5, 2, TIME)\n", 1),
-    (r"(\n    arrived = tl\.atomic_add\(cnt_ptr \+ pid, 1\)\n)", r"\1    _stamp(tim_ptr, 6, 0, TIME)\n", 1),
-    (r"(\n)(            _store_units\(_blocks_of\(top, NSEL, NSP\))", r"\1            _stamp(tim_ptr, 6, 1, TIME)\n\2", 1),
+     r"\1        _stamp(tim_ptr, 4, 2, TIME)\n", 1),
+    (r"(\n    arrived = tl\.atomic_add\(cnt_ptr \+ pid, 1\)\n)", r"\1    _stamp(tim_ptr, 5, 0, TIME)\n", 1),
+    (r"(\n)(            _store_units\(_blocks_of\(top, NSEL, NSP\))", r"\1            _stamp(tim_ptr, 5, 1, TIME)\n\2", 1),
 ]
 
 
@@ -152,10 +144,9 @@ def timeline(step, tim, reps=25, score_phases=False):
         t = tim.view(-1, 65536, 3).cpu().double()
         t0 = t[0, :, 0][t[0, :, 0] > 0].min()
         r = []
-        for k in range(len(NAMES)):
+        for k in range(3):
             x = (t[k][t[k, :, 2] > 0] - t0) / 1e3
-            r += ([x[:, 0].min(), x[:, 0].max(), x[:, 1].max(), x[:, 2].min(), x[:, 2].median(), x[:, 2].max()]
-                  if x.numel() else [float("nan")] * 6)
+            r += [x[:, 0].min(), x[:, 0].max(), x[:, 1].max(), x[:, 2].min(), x[:, 2].median(), x[:, 2].max()]
         if score_phases:
             for _, (k, slot) in PHASES:
                 x = (t[k, :, slot][t[k, :, slot] > 0] - t0) / 1e3
@@ -192,7 +183,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("decode_timeline needs a CUDA GPU")
     mod = instrumented_module(args.score_phases)
-    ids = 7 if args.score_phases else 4  # kernel ids 0–3, then the phase points' ids 4–6
+    ids = 6 if args.score_phases else 3  # kernel ids 0–2, then the phase points' ids 3–5
     tim = torch.zeros(ids * 65536 * 3, dtype=torch.int64, device="cuda")  # ≤ 65536 programs a kernel
     print(f"paper shape, {args.ctx // 1024}k; µs from the first compressed-pass entry: first entry / last entry / "
           "last past its wait / first end / median end / last end")
@@ -214,7 +205,7 @@ def main(argv=None):
                     print(f"B={B:3d} top-n {topn:6s} {variant or 'default'} PDL={'on ' if pdl else 'off'} "
                           f"graph {us:6.1f} µs | " + " | ".join(parts), flush=True)
                     if args.score_phases:
-                        ph = med[6 * len(NAMES):]
+                        ph = med[18:]
                         print("      score phases, median / last µs: " + " | ".join(
                             f"{name} {ph[2 * i]:.1f}/{ph[2 * i + 1]:.1f}" for i, (name, _) in enumerate(PHASES)),
                             flush=True)

@@ -138,19 +138,6 @@ def test_nsa_decode_dk_split_and_many_compressed_splits(Dk, programs, attend_spl
               cmp_programs=programs, attend_split_dk=attend_split, fuse_combine=fuse, num_splits=3)
 
 
-@pytest.mark.parametrize("ring", [False, 2, 3])
-@pytest.mark.parametrize("pages,fuse", [(1, True), (2, False), (3, True), (9, None)])
-def test_nsa_decode_window_launch(ring, pages, fuse):
-    # window_pages: the window's pages read by their own launch, `pages` a program, its partial
-    # states merged with the attention splits' (fused or by the combine launch). With shared K/V
-    # the forced blocks inside the window feed the selected branch from the window launch's slots
-    # (the attention splits skip them). 9 ≥ the window's pages: one window program a group.
-    check_nsa([2, 31, 32, 47, 200], Hkv=2, G=4, Dk=32, Dv=16, p=SMALL, ring=ring, chunk=16, num_splits=3,
-              fn=nsa_mod.nsa_decode_tuned, window_pages=pages, fuse_combine=fuse)
-    with pytest.raises(ValueError, match="window_pages"):
-        check_nsa([40], Hkv=1, G=2, Dk=16, Dv=16, p=SMALL, fn=nsa_mod.nsa_decode_tuned, window_pages=-1)
-
-
 def test_nsa_decode_eviction_hints_change_nothing_but_caching():
     # cmp_evict only adds L2 eviction hints to the compressed pass's loads and stores: the results
     # must be bitwise those without them.
@@ -321,9 +308,7 @@ def test_gpu_paper_shape_fp32_selection(G):
                                 dict(fuse_combine=False), dict(topn="sort"),
                                 dict(topn="passes"), dict(topn="cand"),
                                 dict(topn="cand", chunk=64, cmp_programs=528),
-                                dict(carveout=None), dict(carveout=0), dict(cmp_evict=False),
-                                dict(window_pages=1), dict(window_pages=1, window_warps=8),
-                                dict(window_pages=3, window_stages=2), dict(window_pages=9, fuse_combine=False)])
+                                dict(carveout=None), dict(carveout=0), dict(cmp_evict=False)])
 def test_gpu_paper_shape_launch_variants(kw):
     # The launch configurations the benchmark compares (nsa_decode_tuned); the default is covered
     # above. fp32 so the selected blocks are compared exactly too.
@@ -414,8 +399,7 @@ def test_gpu_last_arriving_split_sees_every_split():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("window_pages", [None, 1])
-def test_gpu_pdl_chain_equals_plain_launches(window_pages):
+def test_gpu_pdl_chain_equals_plain_launches():
     # Programmatic dependent launch: each kernel is launched while the previous one drains and
     # waits for it inside. A chain where every decode reads what the kernel just before it wrote
     # (a torch copy into q, then a decode whose output becomes the next decode's q), replayed from
@@ -432,8 +416,7 @@ def test_gpu_pdl_chain_equals_plain_launches(window_pages):
         q.copy_(src)
         outs = []
         for _ in range(3):
-            o = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, PAPER, pdl=pdl,
-                                         window_pages=window_pages)
+            o = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, PAPER, pdl=pdl)
             q[..., :o.shape[-1]].copy_(o * 8)
             outs.append(o)
         return torch.stack(outs)
@@ -469,9 +452,9 @@ def test_timeline_instrumentation_still_applies():
     for score_phases in (False, True):  # --score-phases adds stamps inside the score kernel
         mod = tool.instrumented_module(score_phases)
         assert "timer" in mod.nsa_decode_tuned.__code__.co_varnames
-        for topn, kw in [(t, {}) for t in nsa_mod.TOPN_MODES] + [("cand", dict(window_pages=2))]:
-            want = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, topn=topn, **kw)
-            got = mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, topn=topn, **kw)
+        for topn in nsa_mod.TOPN_MODES:
+            want = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, topn=topn)
+            got = mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, topn=topn)
             assert torch.equal(got, want)
 
 
