@@ -204,10 +204,6 @@ VARIANTS = {
     "64-entry compressed tiles": dict(chunk=64),
     "top-n by arg-max passes (default: bitonic top-k)": dict(topn="passes"),
     "top-n over every block (default: of per-program candidates)": dict(topn="sort"),
-    "candidates from gathered partial scores (top-n \"direct\")": dict(topn="direct"),
-    "candidates from stored per-page rows (top-n \"cand\")": dict(topn="cand"),
-    "candidates from gathered partial scores (top-n \"direct\"), score kernel ≤ 56 registers":
-        dict(topn="direct", score_maxnreg=56),
     "score/combine carveout left to the driver (default: 100 % shared memory)": dict(carveout=None),
     "compressed pass without L2 eviction hints": dict(cmp_evict=False),
     "64-entry compressed tiles, one a program": dict(chunk=64, cmp_programs="2*sms"),

@@ -200,97 +200,13 @@ def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, 
     candidates, so the last-arriving program takes the top-n of NPROG·n candidates instead of every
     block (each block of the group's top-n is in its own program's top-n). A block's spill from
     the page before the program's first comes from the previous tile's partial scores, summed here
-    (`edge`) because the previous program may not have stored its part yet.
-
-    TOPN 3 ("direct"): the same candidates, but block j's score is gathered straight from the
-    compressed pass's partial scores of the pages j − k, with the factor of each one's tile, so
-    the per-page rows are neither stored nor read back (no part/edge round trip through memory,
-    no barrier), and every load of the program (normalisers, tile maxima, partial scores) has an
-    address known at its start."""
+    (`edge`) because the previous program may not have stored its part yet."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()  # after the wait: see nsa_decode_tuned
     prog = tl.program_id(1)
     pid, b, L, n_tiles, gmask, rows, mx, inv = _score_group(lens_ptr, pm_ptr, pl_ptr, Hkv, NSPLIT, G, GP,
                                                             BLOCK_L, STRIDE, BN, NSPLIT_P)
-    if TOPN == 3:
-        _direct_candidates(pms_ptr, psc_ptr, cand_ptr, pid, prog, NPROG, L, n_tiles, gmask, rows, mx, inv,
-                           MAXT, PAGE, PPT, KSPAN, TT, NSP, NUM_INIT, NUM_LOCAL)
-    else:
-        _part_candidates(pms_ptr, psc_ptr, part_ptr, cand_ptr, edge_ptr, pid, prog, NPROG, SROW, L, n_tiles,
-                         gmask, rows, mx, inv, MAXT, GP, PAGE, PPT, KSPAN, TT, NSP, NUM_INIT, NUM_LOCAL, TOPN)
-    # The barrier orders this CTA's stores before the atomic's release; the acquire orders the last
-    # program's loads after every other program's stores.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(cnt_ptr + pid, 1)
-    if arrived == NPROG - 1:
-        tl.store(cnt_ptr + pid, 0)  # ready for the next call: every program of this group has counted
-        if TOPN >= 2:
-            c = tl.arange(0, NPROG_P * NSP)
-            keys = tl.load(cand_ptr + pid * NPROG * NSP + c, mask=c < NPROG * NSP, other=-1,
-                           cache_modifier=".cg")  # other CTAs' stores
-            if HAS_TOPK:
-                top = tl.topk(keys, NSP)
-            else:
-                top = tl.max(tl.reshape(tl.sort(keys, descending=True), [NPROG_P, NSP]), 0)
-            _store_units(_blocks_of(top, NSEL, NSP), bt_ptr, sel_ptr + pid * NSEL, ulp_ptr + pid * NSP,
-                         uph_ptr + pid * NSP, b, sbt_b, NSEL, NSP)
-        else:
-            cur = (L - 1) // PAGE
-            j = tl.arange(0, NBP)
-            visible = j <= cur
-            score = tl.zeros([NBP], tl.float32)
-            for k in tl.static_range(KSPAN):
-                score += tl.load(part_ptr + (pid * KSPAN + k) * SROW + j - k, mask=visible & (j >= k),
-                                 other=0.0, cache_modifier=".cg")  # other CTAs' stores
-            _select_units(score, bt_ptr, sel_ptr + pid * NSEL, ulp_ptr + pid * NSP, uph_ptr + pid * NSP,
-                          L, b, sbt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL, PAGE, TOPN)
-
-
-@triton.jit
-def _direct_candidates(pms_ptr, psc_ptr, cand_ptr, pid, prog, NPROG, L, n_tiles, gmask, rows, mx, inv,
-                       MAXT, PAGE: tl.constexpr, PPT: tl.constexpr, KSPAN: tl.constexpr, TT: tl.constexpr,
-                       NSP: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr):
-    """TOPN 3: the top-n keys of this program's TT·PPT blocks, each block's score summed over the
-    group's heads and over the KSPAN pages that spill into it, from the partial scores directly.
-    Block j = (tile t, page pp) takes row k of page j − k: of tile t when pp ≥ k, else of tile
-    t − 1 (KSPAN − 1 ≤ PPT), so the factors are two [GP, TT] loads, selected per page, not
-    gathered per block (which doubled the kernel's registers)."""
-    BLK: tl.constexpr = TT * PPT
-    cur = (L - 1) // PAGE
-    t = prog * TT + tl.arange(0, TT)
-    pp = tl.arange(0, PPT)
-    f = _tile_factors(pms_ptr, rows, gmask, mx, inv, t, t < n_tiles, MAXT)  # [GP, TT]
-    f_prev = _tile_factors(pms_ptr, rows, gmask, mx, inv, t - 1, (t >= 1) & (t - 1 < n_tiles), MAXT)
-    j = t[:, None] * PPT + pp[None, :]  # [TT, PPT] blocks
-    visible = j <= cur
-    score = tl.zeros([TT, PPT], tl.float32)
-    for k in tl.static_range(KSPAN):
-        x = j - k  # the page whose row k spills into block j
-        tx = t[:, None] - (pp[None, :] < k).to(tl.int32)
-        ok = visible & (x >= 0) & (tx < n_tiles)  # tiles past the entries were not written: 0
-        off = tl.where(ok, (tx * KSPAN + k) * PPT + x % PPT, 0)
-        sv = tl.load(psc_ptr + (rows[:, None, None] * MAXT * KSPAN * PPT + off[None, :, :]),
-                     mask=gmask[:, None, None] & ok[None, :, :], other=0.0)
-        fk = tl.where((pp >= k)[None, None, :], f[:, :, None], f_prev[:, :, None])
-        score += tl.sum(sv * fk, 0)
-    key = _topn_keys(tl.reshape(score, [BLK]), tl.reshape(j, [BLK]), cur, NUM_INIT, NUM_LOCAL)
-    ks = tl.arange(0, NSP)
-    if HAS_TOPK:
-        top = tl.topk(key, NSP)
-    else:
-        top = tl.max(tl.reshape(tl.sort(key, descending=True), [BLK // NSP, NSP]), 0)
-    tl.store(cand_ptr + (pid * NPROG + prog) * NSP + ks, top)
-
-
-@triton.jit
-def _part_candidates(pms_ptr, psc_ptr, part_ptr, cand_ptr, edge_ptr, pid, prog, NPROG, SROW, L, n_tiles,
-                     gmask, rows, mx, inv, MAXT, GP: tl.constexpr, PAGE: tl.constexpr, PPT: tl.constexpr,
-                     KSPAN: tl.constexpr, TT: tl.constexpr, NSP: tl.constexpr, NUM_INIT: tl.constexpr,
-                     NUM_LOCAL: tl.constexpr, TOPN: tl.constexpr):
-    """TOPN 0–2: this program's tiles' partial scores summed over the heads into the per-page rows
-    part_k; with TOPN 2 also its own blocks' scores (from those rows and the `edge`) and their top-n
-    keys as candidates."""
     t = prog * TT + tl.arange(0, TT)
     tok = t < n_tiles  # tiles past the sequence's entries were not written this call: read as 0
     f = _tile_factors(pms_ptr, rows, gmask, mx, inv, t, tok, MAXT)  # [GP, TT]
@@ -334,6 +250,31 @@ def _part_candidates(pms_ptr, psc_ptr, part_ptr, cand_ptr, edge_ptr, pid, prog, 
         else:
             top = tl.max(tl.reshape(tl.sort(key, descending=True), [BLK // NSP, NSP]), 0)
         tl.store(cand_ptr + (pid * NPROG + prog) * NSP + ks, top)
+    # The barrier orders this CTA's stores before the atomic's release; the acquire orders the last
+    # program's loads after every other program's stores.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + pid, 1)
+    if arrived == NPROG - 1:
+        tl.store(cnt_ptr + pid, 0)  # ready for the next call: every program of this group has counted
+        if TOPN == 2:
+            c = tl.arange(0, NPROG_P * NSP)
+            keys = tl.load(cand_ptr + pid * NPROG * NSP + c, mask=c < NPROG * NSP, other=-1,
+                           cache_modifier=".cg")  # other CTAs' stores
+            if HAS_TOPK:
+                top = tl.topk(keys, NSP)
+            else:
+                top = tl.max(tl.reshape(tl.sort(keys, descending=True), [NPROG_P, NSP]), 0)
+            _store_units(_blocks_of(top, NSEL, NSP), bt_ptr, sel_ptr + pid * NSEL, ulp_ptr + pid * NSP,
+                         uph_ptr + pid * NSP, b, sbt_b, NSEL, NSP)
+        else:
+            j = tl.arange(0, NBP)
+            visible = j <= cur
+            score = tl.zeros([NBP], tl.float32)
+            for k in tl.static_range(KSPAN):
+                score += tl.load(part_ptr + (pid * KSPAN + k) * SROW + j - k, mask=visible & (j >= k),
+                                 other=0.0, cache_modifier=".cg")  # other CTAs' stores
+            _select_units(score, bt_ptr, sel_ptr + pid * NSEL, ulp_ptr + pid * NSP, uph_ptr + pid * NSP,
+                          L, b, sbt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL, PAGE, TOPN)
 
 
 @triton.jit
@@ -690,7 +631,7 @@ ATTEND_SPLIT_DK = True
 # equal; its top-n program 6.1 → 4.8 µs at batch 1 (timeline). "cand" over "sort" (ninth session,
 # same call): batch 1 29.4 → 29.3 µs, batch 16 97.5 → 96.8, batch 64 equal; in the timeline the
 # score kernel's last program ends 1.0 µs (batch 1) and 4.1 µs (batch 16) earlier, the step 0.7 µs.
-TOPN_MODES = ("passes", "sort", "cand", "direct")
+TOPN_MODES = ("passes", "sort", "cand")
 TOPN_DEFAULT = "cand"
 HAS_TOPK = tl.constexpr(hasattr(tl, "topk"))  # tl.topk arrived after tl.sort (Triton 3.x)
 
@@ -711,15 +652,14 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
                      cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
                      attend_split_dk=None, attend_stages=3, fuse_combine=None, pdl=None,
                      score_warps=4, topn=TOPN_DEFAULT, carveout=CARVEOUT_DEFAULT,
-                     cmp_evict=None, score_maxnreg=None):
+                     cmp_evict=None):
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
     (None: when both branches have at most FUSE_MAX_SPLITS splits). `pdl`: programmatic dependent
     launch (None: `pdl_enabled`). `topn`: how the top-n is found (TOPN_MODES, `_select_units`).
     `carveout`: preferred shared-memory carveout, percent, of the small score and combine kernels
-    (`set_carveout`; None: the driver's choice). `score_maxnreg`: a register cap for the score
-    kernel (None: the compiler's choice).
+    (`set_carveout`; None: the driver's choice).
     Defaults: the fastest measured at 64k (docs/benchmarks/decode.md).
 
     With PDL each kernel waits (griddepcontrol.wait) before touching memory, so it is safe after
@@ -805,15 +745,14 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     TT = 1 << ((max(1, 4096 // (GP * KSPAN * PPT))).bit_length() - 1)
     nprog = triton.cdiv(MAXT, TT)
     SROW = max(NBP, MAXT * PPT)
-    if topn in ("cand", "direct") and (TT * PPT < NSP or KSPAN - 1 > PPT or nprog * TT * PPT < max_pages):
+    part = torch.empty(NG, KSPAN, SROW, device=dev, dtype=f32)
+    if topn == "cand" and (TT * PPT < NSP or KSPAN - 1 > PPT or nprog * TT * PPT < max_pages):
         # A program's blocks must hold n candidates, spills reach one tile back at most, and the
         # programs' blocks cover the table (not so when l − d ≥ l': the last page has no entry).
         topn = "sort"
-    cands = topn in ("cand", "direct")
+    cands = topn == "cand"
     cand = torch.empty(NG, nprog, NSP, device=dev, dtype=torch.int64) if cands else pms
-    edge = torch.empty(NG, nprog, KSPAN, PPT, device=dev, dtype=f32) if topn == "cand" else pms
-    # Per-page rows of the summed scores ("direct" gathers its blocks' scores without them).
-    part = torch.empty(NG, KSPAN, SROW, device=dev, dtype=f32) if topn != "direct" else pms
+    edge = torch.empty(NG, nprog, KSPAN, PPT, device=dev, dtype=f32) if cands else pms
     k_score = _score_kernel[(NG, nprog)](
         seq_lens, pm, pl, pms, psc, part, block_tables, block_tables.stride(0),
         sel, ulp, uph, cnt[NG:], cand, edge, Hkv, MAXT, nsplit_c, nprog, SROW,  # SROW: a stride, run-time
@@ -821,7 +760,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         NSPLIT_P=next_pow2(nsplit_c), TT=TT, NBP=NBP, NSEL=p.num_select, NSP=NSP,
         NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, TOPN=TOPN_MODES.index(topn),
         NPROG_P=next_pow2(nprog) if cands else 1,
-        PDL=pdl, num_warps=score_warps, **launch, **({"maxnreg": score_maxnreg} if score_maxnreg else {}))
+        PDL=pdl, num_warps=score_warps, **launch)
     set_carveout(k_score, carveout)
 
     if num_splits is None:

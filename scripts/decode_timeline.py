@@ -82,16 +82,25 @@ NAMES = ("cmp", "score", "attend")
 # may still move a load's wait past it, so a phase's time can show up in the next one.
 PHASES = (
     ("normalisers merged", (3, 0)),
-    ("candidates stored", (3, 1)),
-    ("arrived (atomic)", (3, 2)),
-    ("last: top-n of candidates", (4, 0)),
+    ("tile factors", (3, 1)),
+    ("partial sums stored", (3, 2)),
+    ("edge stored, barrier", (4, 0)),
+    ("own block scores", (4, 1)),
+    ("candidates stored", (4, 2)),
+    ("arrived (atomic)", (5, 0)),
+    ("last: top-n of candidates", (5, 1)),
 )
 PHASE_EDITS = [
     (r"(\n                                                            BLOCK_L, STRIDE, BN, NSPLIT_P\)\n)",
      r"\1    _stamp(tim_ptr, 3, 0, TIME)\n", 1),
-    (r"(\n)(    # The barrier orders this CTA's stores before the atomic's release)", r"\1    _stamp(tim_ptr, 3, 1, TIME)\n\2", 1),
-    (r"(\n    arrived = tl\.atomic_add\(cnt_ptr \+ pid, 1\)\n)", r"\1    _stamp(tim_ptr, 3, 2, TIME)\n", 1),
-    (r"(\n)(            _store_units\(_blocks_of\(top, NSEL, NSP\))", r"\1            _stamp(tim_ptr, 4, 0, TIME)\n\2", 1),
+    (r"(\n    f = _tile_factors\(.*\n)", r"\1    _stamp(tim_ptr, 3, 1, TIME)\n", 1),
+    (r"(\n)(    cur = \(L - 1\) // PAGE\n    if TOPN == 2:)", r"\1    _stamp(tim_ptr, 3, 2, TIME)\n\2", 1),
+    (r"(\n        tl\.debug_barrier\(\)  # this CTA's part and edge stores.*\n)", r"\1        _stamp(tim_ptr, 4, 0, TIME)\n", 1),
+    (r"(\n)(        key = _topn_keys\(score, j, cur, NUM_INIT, NUM_LOCAL\)\n)", r"\1        _stamp(tim_ptr, 4, 1, TIME)\n\2", 1),
+    (r"(\n        tl\.store\(cand_ptr \+ \(pid \* NPROG \+ prog\) \* NSP \+ ks, top\)\n)",
+     r"\1        _stamp(tim_ptr, 4, 2, TIME)\n", 1),
+    (r"(\n    arrived = tl\.atomic_add\(cnt_ptr \+ pid, 1\)\n)", r"\1    _stamp(tim_ptr, 5, 0, TIME)\n", 1),
+    (r"(\n)(            _store_units\(_blocks_of\(top, NSEL, NSP\))", r"\1            _stamp(tim_ptr, 5, 1, TIME)\n\2", 1),
 ]
 
 
@@ -164,7 +173,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ctx", type=int, default=65536)
     ap.add_argument("--batch", type=int, action="append")
-    ap.add_argument("--topn", action="append", choices=["passes", "sort", "cand", "direct"],
+    ap.add_argument("--topn", action="append", choices=["passes", "sort", "cand"],
                     help="top-n mode(s) to time (default: the kernel's default)")
     ap.add_argument("--variant", action="append", help="nsa_decode_tuned kwargs, e.g. 'cmp_warps=8'")
     ap.add_argument("--pdl", choices=list(PDL_MODES), default="both", help="PDL on, off or both (default)")
@@ -174,7 +183,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("decode_timeline needs a CUDA GPU")
     mod = instrumented_module(args.score_phases)
-    ids = 5 if args.score_phases else 3  # kernel ids 0–2, then the phase points' ids 3–4
+    ids = 6 if args.score_phases else 3  # kernel ids 0–2, then the phase points' ids 3–5
     tim = torch.zeros(ids * 65536 * 3, dtype=torch.int64, device="cuda")  # ≤ 65536 programs a kernel
     print(f"paper shape, {args.ctx // 1024}k; µs from the first compressed-pass entry: first entry / last entry / "
           "last past its wait / first end / median end / last end")

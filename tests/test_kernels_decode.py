@@ -149,12 +149,11 @@ def test_nsa_decode_eviction_hints_change_nothing_but_caching():
     assert torch.equal(on, off) and torch.equal(sel_on, sel_off)
 
 
-@pytest.mark.parametrize("topn", ["sort", "cand", "direct"])
+@pytest.mark.parametrize("topn", ["sort", "cand"])
 def test_nsa_decode_selection_across_score_tiles(topn):
     # > 128 pages: the block scores come from several tile programs and the group's last-arriving
     # one takes the top-n over all of them (a top-n over its own tile only would miss blocks);
-    # "cand": each program's first block gets its spill from the previous program's last page;
-    # "direct": gathers it from that page's partial scores.
+    # "cand": each program's first block gets its spill from the previous program's last page.
     p = SparsityParams(block=8, stride=4, select_block=16, num_select=8, window=32)
     check_nsa([40, 2500, 4000], Hkv=1, G=2, Dk=16, Dv=16, p=p, chunk=64, fn=nsa_mod.nsa_decode_tuned,
               topn=topn)
@@ -172,31 +171,28 @@ SPILL_CASES = {
 }
 
 
-@pytest.mark.parametrize("topn", ["cand", "direct"])
 @pytest.mark.parametrize("case", list(SPILL_CASES))
-def test_nsa_decode_candidate_topn_spill_across_programs(case, topn):
+def test_nsa_decode_candidate_topn_spill_across_programs(case):
     # One summary made to dominate must select the blocks it spills into; the second program's
-    # share of it reaches that program only through its edge rows ("cand") or its gather of the
-    # previous program's last tile ("direct").
+    # share of it reaches that program only through its edge rows.
     p, length, page, entry, chunk, blocks = SPILL_CASES[case]
     q, gates, layer, tables, seq_lens, _ = make_case([length], 1, 2, 16, 16, p, seed=7)
     layer.kc_cache[int(tables[0, page]), 0, entry] = 8 * q[0].mean(0) / q[0].mean(0).norm()
-    _, sel = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, p, chunk=chunk, topn=topn,
+    _, sel = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, p, chunk=chunk, topn="cand",
                                       return_selection=True)
     want = reference_selection(q, gates, layer, tables, seq_lens, p, None)
     assert blocks <= want[0][0]
     assert set(sel[0, 0].tolist()) - {-1} == want[0][0]
-    check_nsa([length, 1100, 40], 1, 2, 16, 16, p, fn=nsa_mod.nsa_decode_tuned, topn=topn, chunk=chunk)
+    check_nsa([length, 1100, 40], 1, 2, 16, 16, p, fn=nsa_mod.nsa_decode_tuned, topn="cand", chunk=chunk)
 
 
-@pytest.mark.parametrize("topn", ["cand", "direct"])
-def test_nsa_decode_candidate_topn_ties_across_programs(topn):
+def test_nsa_decode_candidate_topn_ties_across_programs():
     # q = 0: every interior block ties, across both score programs (250 pages, 128 a program), so
     # the candidates' top-n must give the same list, in the same order, as the top-n over all.
     p = SparsityParams(block=8, stride=4, select_block=16, num_select=8, window=32)
     q, gates, layer, tables, seq_lens, _ = make_case([4000, 2100], 1, 2, 16, 16, p)
     q.zero_()
-    got = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, p, chunk=64, topn=topn,
+    got = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, p, chunk=64, topn="cand",
                                    return_selection=True)[1]
     want = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, p, chunk=64, topn="sort",
                                     return_selection=True)[1]
@@ -311,9 +307,7 @@ def test_gpu_paper_shape_fp32_selection(G):
                                 dict(chunk=32, cmp_programs=528, num_splits=12, fuse_combine=True),
                                 dict(fuse_combine=False), dict(topn="sort"),
                                 dict(topn="passes"), dict(topn="cand"),
-                                dict(topn="cand", chunk=64, cmp_programs=528), dict(topn="direct"),
-                                dict(topn="direct", chunk=32, cmp_programs=528),
-                                dict(topn="direct", score_maxnreg=56),
+                                dict(topn="cand", chunk=64, cmp_programs=528),
                                 dict(carveout=None), dict(carveout=0), dict(cmp_evict=False)])
 def test_gpu_paper_shape_launch_variants(kw):
     # The launch configurations the benchmark compares (nsa_decode_tuned); the default is covered
@@ -482,7 +476,7 @@ TOPN_CASES = {
 }
 
 
-@pytest.mark.parametrize("topn", ["sort", "cand", "direct"])
+@pytest.mark.parametrize("topn", ["sort", "cand"])
 @pytest.mark.parametrize("topk", [True, False], ids=["tl.topk", "tl.sort"])
 @pytest.mark.parametrize("case", list(TOPN_CASES))
 def test_nsa_decode_sort_topn_matches_reference(case, topk, topn, monkeypatch):
@@ -496,7 +490,7 @@ def test_nsa_decode_sort_topn_matches_reference(case, topk, topn, monkeypatch):
     check_nsa(lens, Hkv, G, Dk, Dv, p, fn=nsa_mod.nsa_decode_tuned, topn=topn, **kw)
 
 
-@pytest.mark.parametrize("topn", ["passes", "sort", "cand", "direct"])
+@pytest.mark.parametrize("topn", ["passes", "sort", "cand"])
 def test_nsa_decode_topn_ties_and_repeat_calls(topn):
     q, gates, layer, tables, seq_lens, _ = make_case([132, 135], 2, 2, 16, 16, SMALL)
     q.zero_()  # every interior block ties: lower block indices must win
