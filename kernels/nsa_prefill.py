@@ -561,6 +561,7 @@ class PrefillConfig:
     stages_win: int = 2  # 3 stages: 147 KB, one program an SM; 7.3 ms vs 5.1
     warps_slc: int = 2
     stages_slc: int = 2
+    maxnreg_slc: int = 0  # register cap of the selected-branch kernel (0: the compiler's choice)
     max_rows: int = 16384
 
 
@@ -851,6 +852,7 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
             block_tables.stride(0), r0, qk_scale,
             G=G, GP=GP_SLC, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, NSEL=p.num_select,
             PREC=prec, UPCAST=upcast, num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
+            **({"maxnreg": cfg.maxnreg_slc} if cfg.maxnreg_slc else {}),
         )
         if sel is not None:
             sel[r0:r1] = idx
