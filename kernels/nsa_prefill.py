@@ -514,135 +514,6 @@ def _slc_kernel(
              res.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-@_helper
-def _kt(kb, kmask, DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr):
-    """A page's keys as two transposed column parts [DK1, P], [DK2, P] (kb: [P] row pointers)."""
-    d1 = tl.arange(0, DK1)
-    k1 = tl.load(kb[None, :] + d1[:, None], mask=kmask[None, :], other=0.0)
-    k2 = k1
-    if DK2 > 0:
-        d2 = DK1 + tl.arange(0, DK2)
-        k2 = tl.load(kb[None, :] + d2[:, None], mask=kmask[None, :] & (d2[:, None] < DK), other=0.0)
-    return k1, k2
-
-
-@_helper
-def _slc_step(q1, q2, k1, k2, v, kmask, g_ok, m_i, l_i, o, qk_scale, DK2: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One selected page of one query's group rows: the online-softmax update (log2 domain)."""
-    s = _mm(q1, k1, PREC, UPCAST)
-    if DK2 > 0:
-        s += _mm(q2, k2, PREC, UPCAST)
-    s = tl.where(g_ok[:, None] & kmask[None, :], s * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    o = o * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, UPCAST)
-    return m_new, l_i, o
-
-
-@_helper
-def _slc_finish(g_ptr, acc_ptr, out_ptr, row, r, head, g_ok, dv, m_i, l_i, o, sg_t, sg_h, sa_t, sa_h,
-                so_t, so_h, DV: tl.constexpr):
-    """out = acc (the compressed and window branches, gated) + g_slc · the selected branch."""
-    o = o * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]
-    omask = g_ok[:, None] & (dv[None, :] < DV)
-    g_slc = tl.load(g_ptr + row * sg_t + head * sg_h + 1, mask=g_ok, other=0.0).to(tl.float32)
-    acc = tl.load(acc_ptr + r.to(tl.int64) * sa_t + head[:, None] * sa_h + dv[None, :], mask=omask,
-                  other=0.0)
-    tl.store(out_ptr + row * so_t + head[:, None] * so_h + dv[None, :],
-             (acc + g_slc[:, None] * o).to(out_ptr.dtype.element_ty), mask=omask)
-
-
-@_helper
-def _pair_slot(idx_ptr, bt_a, bt_b, ra, rb, b_ok, h, sidx, si_t, si_h, kr, pos_a, pos_b, P: tl.constexpr):
-    """Slot sidx of both rows of a pair: block ids (−1: none), physical pages and causal masks."""
-    blk_a = tl.load(idx_ptr + ra.to(tl.int64) * si_t + h * si_h + sidx)
-    blk_b = tl.where(b_ok, tl.load(idx_ptr + rb.to(tl.int64) * si_t + h * si_h + sidx), -1)
-    pg_a = tl.load(bt_a + tl.maximum(blk_a, 0)).to(tl.int64)
-    pg_b = tl.load(bt_b + tl.maximum(blk_b, 0)).to(tl.int64)
-    ka = blk_a * P + kr
-    kb = blk_b * P + kr
-    # No block (id −1) → all masked; causal inside the current block.
-    return blk_a, pg_a, (ka >= 0) & (ka <= pos_a), blk_b, pg_b, (kb >= 0) & (kb <= pos_b)
-
-
-@triton.jit
-def _slc_pair_kernel(
-    q_ptr, g_ptr, acc_ptr, out_ptr, idx_ptr, rowseq_ptr, rowpos_ptr,
-    k_ptr, v_ptr, bt_ptr,
-    sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, so_t, so_h, si_t, si_h,
-    sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, sbt, row_base, nrows, qk_scale,
-    G: tl.constexpr, GP: tl.constexpr,
-    DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
-    P: tl.constexpr, NSEL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """`_slc_kernel` for two consecutive query rows a program (`slc_pairs`): where both rows' s-th
-    selected block is the same physical page — the forced initial and local blocks of two queries
-    in the same block, the common case — its keys and values are read once and feed both rows'
-    softmax (each with its own causal mask), so the pair reads ~13 + 16 pages instead of 32.
-    An odd row count leaves the last program one row (b_ok false: row b's keys all masked)."""
-    pr = tl.program_id(0)
-    h = tl.program_id(1)
-    ra = 2 * pr
-    b_ok = ra + 1 < nrows
-    rb = tl.minimum(ra + 1, nrows - 1)  # an odd row count: the last program has one row (rb = ra)
-    row_a = (row_base + ra).to(tl.int64)
-    row_b = (row_base + rb).to(tl.int64)
-    seq_a = tl.load(rowseq_ptr + ra)
-    pos_a = tl.load(rowpos_ptr + ra)
-    seq_b = tl.load(rowseq_ptr + rb)
-    pos_b = tl.where(b_ok, tl.load(rowpos_ptr + rb), -1)  # no second row: every key masked
-    g = tl.arange(0, GP)
-    g_ok = g < G
-    gb_ok = g_ok & ((g * 0 + b_ok.to(tl.int32)) > 0)  # as a vector (see `share` below)
-    head = h * G + g
-    qa1, qa2 = _load_q(q_ptr, row_a * sq_t + head * sq_h, g_ok, DK, DK1, DK2)
-    qb1, qb2 = _load_q(q_ptr, row_b * sq_t + head * sq_h, g_ok, DK, DK1, DK2)
-    dv = tl.arange(0, DVP)
-    kr = tl.arange(0, P)
-    bt_a = bt_ptr + seq_a.to(tl.int64) * sbt
-    bt_b = bt_ptr + seq_b.to(tl.int64) * sbt
-    m_a = tl.full([GP], -1.0e30, tl.float32)
-    l_a = tl.zeros([GP], tl.float32)
-    o_a = tl.zeros([GP, DVP], tl.float32)
-    m_b = tl.full([GP], -1.0e30, tl.float32)
-    l_b = tl.zeros([GP], tl.float32)
-    o_b = tl.zeros([GP, DVP], tl.float32)
-    # Row a's pages, each also feeding row b where row b's block in the same slot is that page;
-    # then row b's other pages. One page buffer at a time (two in flight took 94–137 KB of shared
-    # memory: one program an SM).
-    for sidx in range(NSEL):
-        blk_a, pg_a, mask_a, blk_b, pg_b, mask_b = _pair_slot(idx_ptr, bt_a, bt_b, ra, rb, b_ok, h, sidx,
-                                                               si_t, si_h, kr, pos_a, pos_b, P)
-        share = (pg_a == pg_b) & (blk_a >= 0) & (blk_b >= 0)
-        # As a vector (the CPU interpreter rejects masks made of a scalar bool and a vector).
-        share_v = (kr * 0 + share.to(tl.int32)) > 0
-        read = mask_a | (share_v & mask_b)
-        k1, k2 = _kt(k_ptr + pg_a * sk_p + h * sk_h + kr * sk_r, read, DK, DK1, DK2)
-        v = tl.load(v_ptr + pg_a * sv_p + h * sv_h + kr[:, None] * sv_r + dv[None, :],
-                    mask=read[:, None] & (dv[None, :] < DV), other=0.0)
-        m_a, l_a, o_a = _slc_step(qa1, qa2, k1, k2, v, mask_a, g_ok, m_a, l_a, o_a, qk_scale, DK2,
-                                  PREC, UPCAST)
-        if share:
-            m_b, l_b, o_b = _slc_step(qb1, qb2, k1, k2, v, mask_b, g_ok, m_b, l_b, o_b, qk_scale, DK2,
-                                      PREC, UPCAST)
-    for sidx in range(NSEL):
-        blk_a, pg_a, mask_a, blk_b, pg_b, mask_b = _pair_slot(idx_ptr, bt_a, bt_b, ra, rb, b_ok, h, sidx,
-                                                               si_t, si_h, kr, pos_a, pos_b, P)
-        share = (pg_a == pg_b) & (blk_a >= 0) & (blk_b >= 0)
-        own = mask_b & ((kr * 0 + share.to(tl.int32)) == 0)  # shared pages were read above: no bytes
-        k1, k2 = _kt(k_ptr + pg_b * sk_p + h * sk_h + kr * sk_r, own, DK, DK1, DK2)
-        v = tl.load(v_ptr + pg_b * sv_p + h * sv_h + kr[:, None] * sv_r + dv[None, :],
-                    mask=own[:, None] & (dv[None, :] < DV), other=0.0)
-        m_b, l_b, o_b = _slc_step(qb1, qb2, k1, k2, v, own, g_ok, m_b, l_b, o_b, qk_scale, DK2, PREC, UPCAST)
-    _slc_finish(g_ptr, acc_ptr, out_ptr, row_a, ra, head, g_ok, dv, m_a, l_a, o_a, sg_t, sg_h, sa_t, sa_h,
-                so_t, so_h, DV)
-    _slc_finish(g_ptr, acc_ptr, out_ptr, row_b, rb, head, gb_ok, dv, m_b, l_b, o_b, sg_t, sg_h, sa_t, sa_h,
-                so_t, so_h, DV)
-
-
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
@@ -690,8 +561,6 @@ class PrefillConfig:
     stages_win: int = 2  # 3 stages: 147 KB, one program an SM; 7.3 ms vs 5.1
     warps_slc: int = 2
     stages_slc: int = 2
-    maxnreg_slc: int = 0  # register cap of the selected-branch kernel (0: the compiler's choice)
-    slc_pairs: int = 0  # selected branch two query rows a program, shared pages read once
     max_rows: int = 16384
 
 
@@ -974,18 +843,15 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
             NSEL=p.num_select, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, P=P,
             NBP=NBP, NSP=NSP, RB=RB, num_warps=4,
         )
-        slc_args = (q, gates, acc, out, idx, row_seq, row_pos, kc, vc, block_tables,
-                    q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
-                    out.stride(0), out.stride(1), idx.stride(0), idx.stride(1),
-                    kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-                    block_tables.stride(0), r0)
-        slc_kw = dict(G=G, GP=GP_SLC, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, NSEL=p.num_select,
-                      PREC=prec, UPCAST=upcast, num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
-                      **({"maxnreg": cfg.maxnreg_slc} if cfg.maxnreg_slc else {}))
-        if cfg.slc_pairs:
-            _slc_pair_kernel[(triton.cdiv(rows, 2), Hkv)](*slc_args, rows, qk_scale, **slc_kw)
-        else:
-            _slc_kernel[(rows, Hkv)](*slc_args, qk_scale, **slc_kw)
+        _slc_kernel[(rows, Hkv)](
+            q, gates, acc, out, idx, row_seq, row_pos, kc, vc, block_tables,
+            q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
+            out.stride(0), out.stride(1), idx.stride(0), idx.stride(1),
+            kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+            block_tables.stride(0), r0, qk_scale,
+            G=G, GP=GP_SLC, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, NSEL=p.num_select,
+            PREC=prec, UPCAST=upcast, num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
+        )
         if sel is not None:
             sel[r0:r1] = idx
     return (out, sel) if return_selection else out

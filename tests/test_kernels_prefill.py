@@ -234,11 +234,9 @@ def test_forced_blocks_and_small_tiles():
 
 @pytest.mark.parametrize("cfg", [PrefillConfig(score_cat=0), PrefillConfig(rows_cmp=16, cmp_chunk=16),
                                  PrefillConfig(stages_cmp=3, stages_win=3), PrefillConfig(score_parts=3),
-                                 PrefillConfig(cmp_packed=0), PrefillConfig(warps_slc=4, maxnreg_slc=128),
-                                 PrefillConfig(slc_pairs=1, warps_slc=4)],
+                                 PrefillConfig(cmp_packed=0)],
                          ids=["scores in two products", "small tiles", "other stages", "p in three bf16 parts",
-                              "summaries page by page", "selected kernel at 4 warps, ≤ 128 registers",
-                              "selected branch two rows a program"])
+                              "summaries page by page"])
 def test_launch_configs_match_reference(cfg):
     # Configurations the benchmark sweeps: the block scores of a chunk and its spill into the next
     # in two products of width BJ (the default: one of 2·BJ); tiny tiles and summary chunks; other
@@ -246,20 +244,6 @@ def test_launch_configs_match_reference(cfg):
     # last block too.
     p = SparsityParams(block=12, stride=4, select_block=16, num_select=5, window=24, num_init=1, num_local=2)
     run_case(lens=[117, 37, 90, 55], chunks=[30, 21, 0, 13], Hq=8, Hkv=2, p=p, config=cfg, **SHAPE)
-
-
-@pytest.mark.parametrize("independent", [False, True])
-def test_selected_pairs_odd_rows_and_pairs_across_sequences(independent):
-    # slc_pairs: rows 2i and 2i + 1 share a program and the pages both selected in the same slot
-    # (their forced blocks). 65 rows in slices of 32 (max_rows): the last program of the last
-    # slice has one row; pairs straddle chunk boundaries (rows 30/31 … 50/51: two sequences, whose
-    # pages are never the same), block boundaries (different current blocks) and sequences with
-    # fewer than n visible blocks.
-    p = SparsityParams(block=12, stride=4, select_block=16, num_select=5, window=24, num_init=1, num_local=2)
-    cfg = PrefillConfig(slc_pairs=1, max_rows=32)
-    run_case(lens=[117, 37, 90, 55, 20], chunks=[31, 21, 0, 13, 0], Hq=8, Hkv=2, p=p, config=cfg,
-             independent=independent, **SHAPE)
-    run_case(lens=[9, 64, 33], chunks=[9, 3, 33], Hq=4, Hkv=1, p=p, config=cfg, independent=independent, **SHAPE)
 
 
 @pytest.mark.parametrize("cfg", [PrefillConfig(rows_cmp=16, cmp_chunk=16),
@@ -412,11 +396,8 @@ def sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows, tol=1.5e-2):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,Hq,cfg", [(torch.bfloat16, 64, None), (torch.float16, 64, None),
-                                          (torch.bfloat16, 48, None),
-                                          (torch.bfloat16, 64, PrefillConfig(slc_pairs=1, warps_slc=4))],
-                         ids=["bf16", "fp16", "group 12", "selected branch in pairs"])
-def test_gpu_paper_shape_ragged_batch(dtype, Hq, cfg):
+@pytest.mark.parametrize("dtype,Hq", [(torch.bfloat16, 64), (torch.float16, 64), (torch.bfloat16, 48)])
+def test_gpu_paper_shape_ragged_batch(dtype, Hq):
     # Hq 48: group size 12, padded to 16 inside (the padded heads must add nothing to the scores).
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     p, Hkv, Dk, Dv = PAPER, 4, 192, 128
@@ -428,7 +409,7 @@ def test_gpu_paper_shape_ragged_batch(dtype, Hq, cfg):
     gates = torch.rand(Ttot, Hq, 3, generator=gen).to(dtype).to(DEV)
     cu = torch.tensor([0, 2500, 5501, 6278], dtype=torch.int32, device=DEV)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    out, sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True, config=cfg)
+    out, sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True)
     assert torch.isfinite(out).all()
     rows = torch.randint(0, Ttot, (24,), generator=gen).tolist() + [0, 2499, 2500, 5500, 5501, Ttot - 1]
     sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows)
