@@ -234,9 +234,10 @@ def test_forced_blocks_and_small_tiles():
 
 @pytest.mark.parametrize("cfg", [PrefillConfig(score_cat=0), PrefillConfig(rows_cmp=16, cmp_chunk=16),
                                  PrefillConfig(stages_cmp=3, stages_win=3), PrefillConfig(score_parts=3),
-                                 PrefillConfig(cmp_packed=0)],
+                                 PrefillConfig(cmp_packed=0), PrefillConfig(slc_step=8, stages_slc=3),
+                                 PrefillConfig(slc_step=16)],
                          ids=["scores in two products", "small tiles", "other stages", "p in three bf16 parts",
-                              "summaries page by page"])
+                              "summaries page by page", "selected pages in halves", "selected ids read first"])
 def test_launch_configs_match_reference(cfg):
     # Configurations the benchmark sweeps: the block scores of a chunk and its spill into the next
     # in two products of width BJ (the default: one of 2·BJ); tiny tiles and summary chunks; other
