@@ -397,8 +397,12 @@ def sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows, tol=1.5e-2):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,Hq", [(torch.bfloat16, 64), (torch.float16, 64), (torch.bfloat16, 48)])
-def test_gpu_paper_shape_ragged_batch(dtype, Hq):
+@pytest.mark.parametrize("dtype,Hq,cfg", [(torch.bfloat16, 64, None), (torch.float16, 64, None),
+                                          (torch.bfloat16, 48, None),
+                                          (torch.bfloat16, 64, PrefillConfig(slc_step=32, stages_slc=3)),
+                                          (torch.bfloat16, 64, PrefillConfig(slc_step=16, stages_slc=3))],
+                         ids=["bf16", "fp16", "group 12", "selected 32 keys a step", "selected 16 keys a step"])
+def test_gpu_paper_shape_ragged_batch(dtype, Hq, cfg):
     # Hq 48: group size 12, padded to 16 inside (the padded heads must add nothing to the scores).
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     p, Hkv, Dk, Dv = PAPER, 4, 192, 128
@@ -410,7 +414,7 @@ def test_gpu_paper_shape_ragged_batch(dtype, Hq):
     gates = torch.rand(Ttot, Hq, 3, generator=gen).to(dtype).to(DEV)
     cu = torch.tensor([0, 2500, 5501, 6278], dtype=torch.int32, device=DEV)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    out, sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True)
+    out, sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True, config=cfg)
     assert torch.isfinite(out).all()
     rows = torch.randint(0, Ttot, (24,), generator=gen).tolist() + [0, 2499, 2500, 5500, 5501, Ttot - 1]
     sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows)
