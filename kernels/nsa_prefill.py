@@ -472,11 +472,7 @@ def _slc_kernel(
     G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
     P: tl.constexpr, NSEL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    KSTEP: tl.constexpr = 0, NSP: tl.constexpr = 2,
 ):
-    """KSTEP (`slc_step`): 0 — a page a step, its block id and page read in the step; else KSTEP
-    keys a step (P / KSTEP steps a page), the n block ids and pages read before the loop, so the
-    software pipeliner can keep the next step's copies in flight in a second, smaller buffer."""
     r = tl.program_id(0)
     h = tl.program_id(1)
     row = (row_base + r).to(tl.int64)
@@ -492,33 +488,19 @@ def _slc_kernel(
     m_i = tl.full([GP], -1.0e30, tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     o = tl.zeros([GP, DVP], tl.float32)
-    STEP: tl.constexpr = KSTEP if KSTEP > 0 else P
-    NSTEP: tl.constexpr = P // STEP
-    if KSTEP > 0:
-        kr = tl.arange(0, STEP)
-        sv = tl.arange(0, NSP)
-        blks = tl.load(idx_ptr + r.to(tl.int64) * si_t + h * si_h + sv, mask=sv < NSEL, other=-1)
-        pgs = tl.load(bt_row + tl.maximum(blks, 0))
-    for it in range(NSEL * NSTEP):
-        if KSTEP > 0:
-            sidx = it // NSTEP
-            blk = tl.sum(tl.where(sv == sidx, blks, 0))
-            pg = tl.sum(tl.where(sv == sidx, pgs, 0)).to(tl.int64)
-            tok = (it % NSTEP) * STEP + kr  # the step's tokens within the page
-        else:
-            blk = tl.load(idx_ptr + r.to(tl.int64) * si_t + h * si_h + it)
-            pg = tl.load(bt_row + tl.maximum(blk, 0)).to(tl.int64)
-            tok = kr
-        kk = blk * P + tok
+    for sidx in range(NSEL):
+        blk = tl.load(idx_ptr + r.to(tl.int64) * si_t + h * si_h + sidx)
+        pg = tl.load(bt_row + tl.maximum(blk, 0)).to(tl.int64)
+        kk = blk * P + kr
         kmask = (kk >= 0) & (kk <= pos)  # no block (id −1) → all masked; causal inside the current block
-        kb = k_ptr + pg * sk_p + h * sk_h + tok * sk_r
+        kb = k_ptr + pg * sk_p + h * sk_h + kr * sk_r
         s = _qk(q1, q2, kb[None, :], kmask[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
         s = tl.where(g_ok[:, None] & kmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vb = v_ptr + pg * sv_p + h * sv_h + tok * sv_r
+        vb = v_ptr + pg * sv_p + h * sv_h + kr * sv_r
         v = tl.load(vb[:, None] + dv[None, :], mask=kmask[:, None] & (dv[None, :] < DV), other=0.0)
         o = o * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
@@ -579,7 +561,6 @@ class PrefillConfig:
     stages_win: int = 2  # 3 stages: 147 KB, one program an SM; 7.3 ms vs 5.1
     warps_slc: int = 2
     stages_slc: int = 2
-    slc_step: int = 0  # selected branch: keys a step (0: a page, its id read in the step)
     max_rows: int = 16384
 
 
@@ -869,8 +850,7 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
             kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
             block_tables.stride(0), r0, qk_scale,
             G=G, GP=GP_SLC, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, NSEL=p.num_select,
-            PREC=prec, UPCAST=upcast, KSTEP=min(cfg.slc_step, P), NSP=NSP,
-            num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
+            PREC=prec, UPCAST=upcast, num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
         )
         if sel is not None:
             sel[r0:r1] = idx
