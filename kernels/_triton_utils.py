@@ -122,6 +122,24 @@ def _online_softmax_step(m, l, acc, s, v, PREC: tl.constexpr, UPCAST: tl.constex
 
 
 @triton.jit
+def topn_key(score, j, forced, visible):
+    """int64 top-n keys of blocks j (decode and prefill): (float bits of score) << 32 | (2³¹ − 1 − j).
+    Scores are ≥ 0, so their bits order like the floats; forced blocks get +inf's bits; −1 where
+    not visible. Keys are distinct, so the n largest in descending order are the best blocks,
+    ties going to the lower block index (the reference's stable descending sort)."""
+    bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+    bits = tl.where(forced, 0x7F800000, bits)
+    key = (bits << 32) | (0x7FFFFFFF - j).to(tl.int64)
+    return tl.where(visible, key, -1)
+
+
+@triton.jit
+def topn_block(key):
+    """The block index a `topn_key` names (−1 for a key < 0: no block)."""
+    return tl.where(key >= 0, (0x7FFFFFFF - (key & 0x7FFFFFFF)).to(tl.int32), -1)
+
+
+@triton.jit
 def _load_q_halves(q_ptr, row_off, gmask, DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr):
     """The group's query rows (`row_off` [GP] element offsets) as the operands of dk = DK0 + DK1,
     two power-of-two dots (192 = 128 + 64); q1 is q0 (unused) when DK1 = 0."""

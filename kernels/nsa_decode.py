@@ -45,7 +45,7 @@ import triton.language as tl
 from ._triton_utils import (NEG, _combine_kernel, _dot, _load_q_halves, _online_softmax_step,
                             check_last_dim_contiguous, dot_precision, interpreter_upcast,
                             next_pow2, pdl_enabled, pipeline_smem_budget, set_carveout,
-                            target_programs)
+                            target_programs, topn_block, topn_key)
 from .paged import PagedLayerCache
 from .reference import SparsityParams
 
@@ -304,7 +304,7 @@ def _select_units(score, bt_ptr, sel_ptr, ulp_ptr, uph_ptr, L, b, sbt_b,
         sel = tl.full([NSP], -1, tl.int32)
         for t in range(NSEL):
             kmax = tl.max(key, 0)
-            idx = tl.where(kmax >= 0, (0x7FFFFFFF - (kmax & 0x7FFFFFFF)).to(tl.int32), -1)
+            idx = topn_block(kmax)
             sel = tl.where(ks == t, idx, sel)
             key = tl.where(j == idx, -1, key)
     else:
@@ -322,10 +322,7 @@ def _topn_keys(score, j, cur, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr):
     index in the low half (ties to the lower index), −1 past the current block."""
     visible = j <= cur
     forced = ((j < NUM_INIT) | (j > cur - NUM_LOCAL)) & visible
-    bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-    bits = tl.where(forced, 0x7F800000, bits)
-    key = (bits << 32) | (0x7FFFFFFF - j).to(tl.int64)
-    return tl.where(visible, key, -1)
+    return topn_key(score, j, forced, visible)
 
 
 @triton.jit

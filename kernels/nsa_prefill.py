@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._triton_utils import target_arch
+from ._triton_utils import target_arch, topn_block, topn_key
 from .paged import PagedLayerCache
 from .reference import SparsityParams
 
@@ -440,12 +440,11 @@ def _win_kernel(
 @triton.jit
 def _topn_kernel(score_ptr, idx_ptr, rowpos_ptr, nrows, ss_t, ss_h, si_t, si_h,
                  NSEL: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
-                 P: tl.constexpr, NBP: tl.constexpr, NSP: tl.constexpr, RB: tl.constexpr,
-                 PACKED: tl.constexpr = False):
+                 P: tl.constexpr, NBP: tl.constexpr, NSP: tl.constexpr, RB: tl.constexpr):
     """n arg-max passes over each row's visible blocks (forced blocks first), ties to the lower
-    block index. PACKED (`topn_packed`): each pass is one int64 max over keys (score bits << 32 |
-    2³¹ − 1 − j): block scores are ≥ 0, so their bits order like the floats, and the index in the
-    low half breaks ties — instead of a max and an arg-max reduction a pass."""
+    block index: each pass is one int64 max over `topn_key`s (score bits, then the index). A max
+    and an arg-max reduction a pass took 2.54 ms at 64k on the H200 against 2.26
+    (docs/benchmarks/prefill.md, sixteenth session)."""
     r = tl.program_id(0) * RB + tl.arange(0, RB)
     h = tl.program_id(1)
     r_ok = r < nrows
@@ -457,24 +456,12 @@ def _topn_kernel(score_ptr, idx_ptr, rowpos_ptr, nrows, ss_t, ss_h, si_t, si_h,
     forced = vis & ((j[None, :] < NUM_INIT) | (j[None, :] > cur[:, None] - NUM_LOCAL))
     k = tl.arange(0, NSP)
     out = tl.full([RB, NSP], -1, tl.int32)
-    if PACKED:
-        # +0.0 for anything not above 0 (−0.0's bits would sort below every other score).
-        bits = tl.where(sc > 0, sc, 0.0).to(tl.int32, bitcast=True).to(tl.int64)
-        bits = tl.where(forced, 0x7F800000, bits)  # +inf's bits
-        pk = tl.where(vis, (bits << 32) | (0x7FFFFFFF - j[None, :]).to(tl.int64), -1)
-        for s in range(NSEL):
-            kmax = tl.max(pk, 1)
-            pick = tl.where(kmax >= 0, (0x7FFFFFFF - (kmax & 0x7FFFFFFF)).to(tl.int32), -1)
-            out = tl.where(k[None, :] == s, pick[:, None], out)
-            pk = tl.where(j[None, :] == pick[:, None], -1, pk)
-    else:
-        key = tl.where(forced, float("inf"), tl.where(vis, sc, float("-inf")))
-        for s in range(NSEL):
-            mx = tl.max(key, 1)
-            am = tl.argmax(key, 1, tie_break_left=True).to(tl.int32)  # ties → lower block index
-            pick = tl.where(mx > float("-inf"), am, -1)  # nothing visible left: no block
-            out = tl.where(k[None, :] == s, pick[:, None], out)
-            key = tl.where(j[None, :] == am[:, None], float("-inf"), key)
+    # +0.0 for anything not above 0 (−0.0's bits would sort below every other score).
+    key = topn_key(tl.where(sc > 0, sc, 0.0), j[None, :], forced, vis)
+    for s in range(NSEL):
+        pick = topn_block(tl.max(key, 1))  # −1: nothing visible left
+        out = tl.where(k[None, :] == s, pick[:, None], out)
+        key = tl.where(j[None, :] == pick[:, None], -1, key)
     tl.store(idx_ptr + r.to(tl.int64)[:, None] * si_t + h * si_h + k[None, :], out,
              mask=r_ok[:, None] & (k[None, :] < NSEL))
 
@@ -577,7 +564,6 @@ class PrefillConfig:
     stages_win: int = 2  # 3 stages: 147 KB, one program an SM; 7.3 ms vs 5.1
     warps_slc: int = 2
     stages_slc: int = 2
-    topn_packed: int = 0  # top-n passes over packed (score bits, index) int64 keys: one max a pass
     max_rows: int = 16384
 
 
@@ -858,7 +844,7 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
         _topn_kernel[(triton.cdiv(rows, RB), Hkv)](
             scores, idx, row_pos, rows, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
             NSEL=p.num_select, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, P=P,
-            NBP=NBP, NSP=NSP, RB=RB, PACKED=bool(cfg.topn_packed), num_warps=4,
+            NBP=NBP, NSP=NSP, RB=RB, num_warps=4,
         )
         _slc_kernel[(rows, Hkv)](
             q, gates, acc, out, idx, row_seq, row_pos, kc, vc, block_tables,

@@ -234,9 +234,9 @@ def test_forced_blocks_and_small_tiles():
 
 @pytest.mark.parametrize("cfg", [PrefillConfig(score_cat=0), PrefillConfig(rows_cmp=16, cmp_chunk=16),
                                  PrefillConfig(stages_cmp=3, stages_win=3), PrefillConfig(score_parts=3),
-                                 PrefillConfig(cmp_packed=0), PrefillConfig(topn_packed=1)],
+                                 PrefillConfig(cmp_packed=0)],
                          ids=["scores in two products", "small tiles", "other stages", "p in three bf16 parts",
-                              "summaries page by page", "top-n over packed keys"])
+                              "summaries page by page"])
 def test_launch_configs_match_reference(cfg):
     # Configurations the benchmark sweeps: the block scores of a chunk and its spill into the next
     # in two products of width BJ (the default: one of 2·BJ); tiny tiles and summary chunks; other
@@ -264,8 +264,7 @@ def test_mask_split_matches_reference(cfg):
                                                num_init=1, num_local=2),
                                SparsityParams(block=8, stride=4, select_block=16, num_select=3, window=16,
                                               num_init=0, num_local=3)])
-@pytest.mark.parametrize("packed", [0, 1], ids=["max and arg-max", "packed keys"])
-def test_topn_ties_go_to_the_lower_block(p, packed):
+def test_topn_ties_go_to_the_lower_block(p):
     # q = 0: every visible block scores the same, so the choice is decided by ties alone: the
     # forced blocks first, then the lowest other indices, in that order (the reference's stable
     # sort), and −1 where fewer blocks are visible than n.
@@ -277,8 +276,7 @@ def test_topn_ties_go_to_the_lower_block(p, packed):
     gates = torch.rand(S, Hq, 3, generator=gen).to(DEV)
     cu = torch.tensor([0, S], dtype=torch.int32, device=DEV)
     sl = torch.tensor([S], dtype=torch.int32, device=DEV)
-    sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True,
-                      config=PrefillConfig(topn_packed=packed))[1]
+    sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True)[1]
     P = p.select_block
     for t in (0, 37, 100, S - 1):
         cur = t // P
@@ -398,11 +396,8 @@ def sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows, tol=1.5e-2):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,Hq,cfg", [(torch.bfloat16, 64, None), (torch.float16, 64, None),
-                                          (torch.bfloat16, 48, None),
-                                          (torch.bfloat16, 64, PrefillConfig(topn_packed=1))],
-                         ids=["bf16", "fp16", "group 12", "top-n over packed keys"])
-def test_gpu_paper_shape_ragged_batch(dtype, Hq, cfg):
+@pytest.mark.parametrize("dtype,Hq", [(torch.bfloat16, 64), (torch.float16, 64), (torch.bfloat16, 48)])
+def test_gpu_paper_shape_ragged_batch(dtype, Hq):
     # Hq 48: group size 12, padded to 16 inside (the padded heads must add nothing to the scores).
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     p, Hkv, Dk, Dv = PAPER, 4, 192, 128
@@ -414,7 +409,7 @@ def test_gpu_paper_shape_ragged_batch(dtype, Hq, cfg):
     gates = torch.rand(Ttot, Hq, 3, generator=gen).to(dtype).to(DEV)
     cu = torch.tensor([0, 2500, 5501, 6278], dtype=torch.int32, device=DEV)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    out, sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True, config=cfg)
+    out, sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True)
     assert torch.isfinite(out).all()
     rows = torch.randint(0, Ttot, (24,), generator=gen).tolist() + [0, 2499, 2500, 5500, 5501, Ttot - 1]
     sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows)
