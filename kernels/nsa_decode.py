@@ -329,7 +329,7 @@ def _topn_keys(score, j, cur, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr):
 def _blocks_of(top, NSEL: tl.constexpr, NSP: tl.constexpr):
     """Block indices of the NSP best keys in descending order (−1: no block, or past n)."""
     ks = tl.arange(0, NSP)
-    return tl.where((top >= 0) & (ks < NSEL), (0x7FFFFFFF - (top & 0x7FFFFFFF)).to(tl.int32), -1)
+    return tl.where(ks < NSEL, topn_block(top), -1)
 
 
 @triton.jit
