@@ -372,11 +372,12 @@ def _merge_splits(m_ptr, l_ptr, acc_ptr, rows, gmask, NS: tl.constexpr, GP: tl.c
 
 @triton.jit
 def _attend_pages(q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, kh, lp_all, ph_all, idx,
-                  L, lo, both, scale, m_a, l_a, acc_a, m_b, l_b, acc_b,
+                  L, lo, both, scale, m_a, l_a, acc_a, m_b, l_b, acc_b, n_iter,
                   N: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr,
                   DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr, BOTH: tl.constexpr,
                   STAGES: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Online softmax of the group's query heads over N pages: page i is logical page lp_all[i]
+    """Online softmax of the group's query heads over the first n_iter of N page slots (n_iter:
+    N, or a run-time count where the slots past it are empty): page i is logical page lp_all[i]
     (−1: none) at physical page ph_all[i]. State a takes the tokens in [lo, L). With BOTH, state b
     also takes every token < L of the pages where `both` (shared K/V: a forced selected page that
     is in the window is read once and feeds both branches). The page lists are vectors read before
@@ -384,7 +385,7 @@ def _attend_pages(q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, kh, 
     r_tok = tl.arange(0, PAGE)
     d0 = tl.arange(0, DK0)
     dv = tl.arange(0, DVP)
-    for i in tl.range(0, N, num_stages=STAGES):
+    for i in tl.range(0, n_iter, num_stages=STAGES):
         lp = tl.sum(tl.where(idx == i, lp_all, 0))
         phys = tl.sum(tl.where(idx == i, ph_all, 0)).to(tl.int64)
         # No page gets positions ≥ L, so one comparison masks it (the CPU interpreter turns
@@ -428,7 +429,7 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
                    DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
                    NSEL: tl.constexpr, NSP: tl.constexpr, SPS: tl.constexpr, SPS_P: tl.constexpr,
                    WINDOW: tl.constexpr, NWP: tl.constexpr, WPS: tl.constexpr, WPS_P: tl.constexpr,
-                   RING: tl.constexpr, RING_PAGES: tl.constexpr, DEDUP: tl.constexpr,
+                   WSPLIT: tl.constexpr, RING: tl.constexpr, RING_PAGES: tl.constexpr, DEDUP: tl.constexpr,
                    NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, NSPLIT: tl.constexpr,
                    STAGES: tl.constexpr, FUSE: tl.constexpr,
                    C_CH: tl.constexpr, S_CH: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -480,9 +481,13 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
     else:
         wph = tl.load(bt_ptr + b * sbt_b + wlp0)
     forced = ((wlp < NUM_INIT) | (wlp > cur - NUM_LOCAL)) & wok
+    if WSPLIT < NSPLIT:  # the window on the first WSPLIT splits only: the others skip its loop
+        n_win = tl.sum(wok.to(tl.int32))  # the valid slots are a prefix
+    else:
+        n_win = WPS
     m_w, l_w, a_w, m_s, l_s, a_s = _attend_pages(
         q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, kh, wlp, wph, wv, L, win_lo, forced,
-        scale, m_w, l_w, a_w, m_s, l_s, a_s, WPS, DK, DK0, DK1, DV, DVP, PAGE, DEDUP, STAGES, PREC,
+        scale, m_w, l_w, a_w, m_s, l_s, a_s, n_win, WPS, DK, DK0, DK1, DV, DVP, PAGE, DEDUP, STAGES, PREC,
         UPCAST)
     if PDL:  # the work list is the score kernel's output
         tl.extra.cuda.gdc_wait()
@@ -496,7 +501,7 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
         slp = tl.where(in_win, -1, slp)
     m_s, l_s, a_s, m_w, l_w, a_w = _attend_pages(
         q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, kh, slp, sph, sv, L, 0, sok,
-        scale, m_s, l_s, a_s, m_w, l_w, a_w, SPS, DK, DK0, DK1, DV, DVP, PAGE, False, STAGES, PREC,
+        scale, m_s, l_s, a_s, m_w, l_w, a_w, SPS, SPS, DK, DK0, DK1, DV, DVP, PAGE, False, STAGES, PREC,
         UPCAST)
     if PDL:  # the combine kernel (small batch) or the next layer's kernels may be launched now
         tl.extra.cuda.gdc_launch_dependents()
@@ -649,14 +654,15 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
                      cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
                      attend_split_dk=None, attend_stages=3, fuse_combine=None, pdl=None,
                      score_warps=4, topn=TOPN_DEFAULT, carveout=CARVEOUT_DEFAULT,
-                     cmp_evict=None):
+                     cmp_evict=None, win_splits=None):
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
     (None: when both branches have at most FUSE_MAX_SPLITS splits). `pdl`: programmatic dependent
     launch (None: `pdl_enabled`). `topn`: how the top-n is found (TOPN_MODES, `_select_units`).
     `carveout`: preferred shared-memory carveout, percent, of the small score and combine kernels
-    (`set_carveout`; None: the driver's choice).
+    (`set_carveout`; None: the driver's choice). `win_splits`: the window's pages go to the first
+    that many attention splits only (None: every split).
     Defaults: the fastest measured at 64k (docs/benchmarks/decode.md).
 
     With PDL each kernel waits (griddepcontrol.wait) before touching memory, so it is safe after
@@ -766,7 +772,8 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         # batch 64 1 split 289 vs 4: 309; batch 1 every page its own split.
         num_splits = target_programs(dev) // NG
     nsplit = max(1, min(num_splits, max(p.num_select, NWP)))
-    sps, wps = triton.cdiv(p.num_select, nsplit), triton.cdiv(NWP, nsplit)
+    wsplit = nsplit if win_splits is None else max(1, min(win_splits, nsplit))
+    sps, wps = triton.cdiv(p.num_select, nsplit), triton.cdiv(NWP, wsplit)
     # Shared K/V: forced blocks inside the window are read once (window loop) for both branches;
     # every forced block is selected (SparsityParams keeps n ≥ num_init + num_local).
     dedup = not ring
@@ -789,7 +796,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         # 1 otherwise, so unfused launches do not compile a variant per compressed split count
         G=G, GP=GP, DK=Dk, DK0=ADK0, DK1=ADK1, DV=Dv, DVP=DVP, PAGE=P, NSEL=p.num_select, NSP=NSP,
         SPS=sps, SPS_P=max(2, next_pow2(sps)), WINDOW=p.window, NWP=NWP, WPS=wps,
-        WPS_P=max(2, next_pow2(wps)), RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1,
+        WPS_P=max(2, next_pow2(wps)), WSPLIT=wsplit, RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1,
         DEDUP=dedup, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, NSPLIT=nsplit, STAGES=attend_stages,
         FUSE=fuse_mode, C_CH=min(4, NC_P), S_CH=min(4, NS_P), PREC=prec,
         UPCAST=interpreter_upcast(q.dtype), PDL=pdl, num_warps=num_warps, num_stages=attend_stages,

@@ -3,7 +3,7 @@ and end, from %globaltimer stamps — what the profiler cannot show once PDL ove
 
     python3 scripts/decode_timeline.py [--ctx 65536] [--batch 1 --batch 16 ...] [--topn sort --topn cand]
                                        [--variant "" --variant "cmp_warps=8" ...] [--pdl on|off|both]
-                                       [--score-phases]
+                                       [--score-phases] [--by-split]
 
 A --variant is nsa_decode_tuned keyword arguments (Python literals, comma-separated; "" = the default).
 
@@ -126,10 +126,11 @@ def instrumented_module(score_phases=False):
     return mod
 
 
-def timeline(step, tim, reps=25, score_phases=False):
+def timeline(step, tim, reps=25, score_phases=False, groups=0):
     """Medians over `reps` replays: the six numbers of each kernel (NAMES), then with score_phases
-    the median and last time of each PHASES point over the programs that reached it; and the
-    graph's bench time."""
+    the median and last time of each PHASES point over the programs that reached it, then with
+    `groups` (kv groups, B·Hkv) the attention kernel's median entry / past-wait / end and last end
+    of each split; and the graph's bench time."""
     from nsa_kernels.bench_decode import bench, graph_of
 
     g = graph_of(step)
@@ -151,6 +152,14 @@ def timeline(step, tim, reps=25, score_phases=False):
             for _, (k, slot) in PHASES:
                 x = (t[k, :, slot][t[k, :, slot] > 0] - t0) / 1e3
                 r += [x.median(), x.max()] if x.numel() else [float("nan")] * 2
+        if groups:
+            # Attention program (group, split) is stamped at group · nsplit + split.
+            ok = t[2, :, 2] > 0
+            x = (t[2][ok] - t0) / 1e3
+            split = torch.nonzero(ok).flatten() % (int(ok.sum()) // groups)
+            for sp in range(int(ok.sum()) // groups):
+                y = x[split == sp]
+                r += [y[:, 0].median(), y[:, 1].median(), y[:, 2].median(), y[:, 2].max()]
         rows.append([float(v) for v in r])
     return torch.tensor(rows[5:]).median(0).values.tolist(), bench(g.replay)
 
@@ -179,6 +188,9 @@ def main(argv=None):
     ap.add_argument("--pdl", choices=list(PDL_MODES), default="both", help="PDL on, off or both (default)")
     ap.add_argument("--score-phases", action="store_true",
                     help="also stamp points inside the score kernel (PHASES) and print their times")
+    ap.add_argument("--by-split", action="store_true",
+                    help="also print the attention kernel's times per split (median entry / past its "
+                         "wait / end, last end)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("decode_timeline needs a CUDA GPU")
@@ -196,7 +208,8 @@ def main(argv=None):
                     step = lambda: mod.nsa_decode_tuned(q, gates, layer, tables, lens, PAPER_P,  # noqa
                                                         pdl=pdl, topn=topn, timer=tim, **kw)
                     try:
-                        med, us = timeline(step, tim, score_phases=args.score_phases)
+                        med, us = timeline(step, tim, score_phases=args.score_phases,
+                                           groups=B * SHAPES["paper"]["Hkv"] if args.by_split else 0)
                     except Exception as e:  # a variant that does not build is reported, not fatal
                         print(f"B={B:3d} {variant}: failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
                         break
@@ -209,6 +222,11 @@ def main(argv=None):
                         print("      score phases, median / last µs: " + " | ".join(
                             f"{name} {ph[2 * i]:.1f}/{ph[2 * i + 1]:.1f}" for i, (name, _) in enumerate(PHASES)),
                             flush=True)
+                    if args.by_split:
+                        sp = med[18 + (2 * len(PHASES) if args.score_phases else 0):]
+                        print("      attention by split, median entry / past wait / end, last end µs: " + " | ".join(
+                            f"{i}: " + "/".join(f"{v:.1f}" for v in sp[4 * i:4 * i + 4])
+                            for i in range(len(sp) // 4)), flush=True)
         del q, gates, layer, tables, lens
         torch.cuda.empty_cache()
 

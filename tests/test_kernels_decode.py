@@ -118,6 +118,15 @@ def test_nsa_decode_both_kv_layouts(ring):
     check_nsa([2, 31, 32, 47, 200], Hkv=2, G=4, Dk=32, Dv=16, p=SMALL, ring=ring, chunk=16, num_splits=3)
 
 
+@pytest.mark.parametrize("ring", [False, 3])
+@pytest.mark.parametrize("splits,win_splits,fuse", [(3, 1, True), (4, 2, False), (5, 2, True), (2, 1, False)])
+def test_nsa_decode_window_on_first_splits(splits, win_splits, fuse, ring):
+    # win_splits: the window's pages go to the first splits only, the later ones skip its loop
+    # (run-time trip count). Lengths put the window over 1-3 pages, on and off page boundaries.
+    check_nsa([2, 31, 32, 47, 200, 65], Hkv=2, G=4, Dk=32, Dv=16, p=SMALL, ring=ring, chunk=16,
+              num_splits=splits, win_splits=win_splits, fuse_combine=fuse, fn=nsa_mod.nsa_decode_tuned)
+
+
 @pytest.mark.parametrize("p", [
     SparsityParams(block=16, stride=16, select_block=16, num_select=3, window=16),  # l = d = l' (fla)
     SparsityParams(block=12, stride=4, select_block=16, num_select=5, window=48, num_init=2),
@@ -308,7 +317,8 @@ def test_gpu_paper_shape_fp32_selection(G):
                                 dict(fuse_combine=False), dict(topn="sort"),
                                 dict(topn="passes"), dict(topn="cand"),
                                 dict(topn="cand", chunk=64, cmp_programs=528),
-                                dict(carveout=None), dict(carveout=0), dict(cmp_evict=False)])
+                                dict(carveout=None), dict(carveout=0), dict(cmp_evict=False),
+                                dict(win_splits=2), dict(win_splits=1, num_splits=6)])
 def test_gpu_paper_shape_launch_variants(kw):
     # The launch configurations the benchmark compares (nsa_decode_tuned); the default is covered
     # above. fp32 so the selected blocks are compared exactly too.
