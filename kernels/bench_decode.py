@@ -210,13 +210,12 @@ VARIANTS = {
     "32-entry compressed tiles": dict(chunk=32),
     "32-entry compressed tiles, two a program": dict(chunk=32, cmp_programs="2*sms"),
     "32-entry compressed tiles, one a program": dict(chunk=32, cmp_programs="4*sms"),
-    "window on the first split only": dict(win_splits=1),
-    "window on the first 2 splits": dict(win_splits=2),
     "window on the first 3 splits": dict(win_splits=3),
-    "window on the first 2 of 5 splits": dict(win_splits=2, num_splits=5),
-    "window on the first 3 of 5 splits": dict(win_splits=3, num_splits=5),
-    "window on the first 8 splits": dict(win_splits=8),
-    "window on the first 4 splits": dict(win_splits=4),
+    "window on the first 2 splits": dict(win_splits=2),
+    "balanced splits, window on the first 2": dict(balance=True, win_splits=2),
+    "balanced splits, window on the first 3": dict(balance=True, win_splits=3),
+    "balanced splits, window on every split": dict(balance=True),
+    "balanced splits, window on the first 8": dict(balance=True, win_splits=8),
 }
 
 
