@@ -210,12 +210,6 @@ VARIANTS = {
     "32-entry compressed tiles": dict(chunk=32),
     "32-entry compressed tiles, two a program": dict(chunk=32, cmp_programs="2*sms"),
     "32-entry compressed tiles, one a program": dict(chunk=32, cmp_programs="4*sms"),
-    "window on the first 3 splits": dict(win_splits=3),
-    "window on the first 2 splits": dict(win_splits=2),
-    "balanced splits, window on the first 2": dict(balance=True, win_splits=2),
-    "balanced splits, window on the first 3": dict(balance=True, win_splits=3),
-    "balanced splits, window on every split": dict(balance=True),
-    "balanced splits, window on the first 8": dict(balance=True, win_splits=8),
 }
 
 

@@ -373,14 +373,14 @@ def _merge_splits(m_ptr, l_ptr, acc_ptr, rows, gmask, NS: tl.constexpr, GP: tl.c
 @triton.jit
 def _attend_pages(q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, kh, lp_all, ph_all, idx,
                   L, lo, both, scale, m_a, l_a, acc_a, m_b, l_b, acc_b, n_iter,
-                  N: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr,
+                  DK: tl.constexpr, DK0: tl.constexpr, DK1: tl.constexpr,
                   DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr, BOTH: tl.constexpr,
                   STAGES: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Online softmax of the group's query heads over the first n_iter of N page slots (n_iter:
-    N, or a run-time count where the slots past it are empty): page i is logical page lp_all[i]
-    (−1: none) at physical page ph_all[i]. State a takes the tokens in [lo, L). With BOTH, state b
-    also takes every token < L of the pages where `both` (shared K/V: a forced selected page that
-    is in the window is read once and feeds both branches). The page lists are vectors read before
+    """Online softmax of the group's query heads over page slots 0 … n_iter − 1 (a run-time
+    count): page i is logical page lp_all[i] (−1: none) at physical page ph_all[i]. State a takes
+    the tokens in [lo, L). With BOTH, state b also takes every token < L of the pages where `both`
+    (shared K/V: a forced selected page that is in the window is read once and feeds both
+    branches). The page lists are vectors read before
     the loop: addresses loaded inside it would cost the software pipeliner a stage (one buffer)."""
     r_tok = tl.arange(0, PAGE)
     d0 = tl.arange(0, DK0)
@@ -428,15 +428,17 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
                    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr,
                    DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
                    NSEL: tl.constexpr, NSP: tl.constexpr, SPS: tl.constexpr, SPS_P: tl.constexpr,
-                   WINDOW: tl.constexpr, NWP: tl.constexpr, WPS: tl.constexpr, WPS_P: tl.constexpr,
-                   WSPLIT: tl.constexpr, BALANCE: tl.constexpr, RING: tl.constexpr, RING_PAGES: tl.constexpr, DEDUP: tl.constexpr,
+                   WINDOW: tl.constexpr, WPS: tl.constexpr, WPS_P: tl.constexpr,
+                   RING: tl.constexpr, RING_PAGES: tl.constexpr, DEDUP: tl.constexpr,
                    NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, NSPLIT: tl.constexpr,
                    STAGES: tl.constexpr, FUSE: tl.constexpr,
                    C_CH: tl.constexpr, S_CH: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                    PDL: tl.constexpr):
-    """Program (group, split): window pages [split·WPS, split·WPS + WPS) of the group's window
-    (first window page … current), then selected pages [split·SPS, split·SPS + SPS) of the work
-    list the score kernel's last-arriving program wrote. Every branch is its own softmax, as in the
+    """Program (group, split): its share (at most WPS) of the sequence's window pages (first window
+    page … current), then its share (at most SPS) of the selected pages left to read from the work
+    list the score kernel's last-arriving program wrote. Shares are even, the remainder going to
+    the last splits: launched last, they start up to ~10 µs later at batch 16 (docs/benchmarks/
+    decode.md, nineteenth round). Every branch is its own softmax, as in the
     reference.
 
     The window needs nothing from the score kernel (its pages follow from the length), so it
@@ -469,68 +471,49 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
     m_w = tl.full([GP], NEG, tl.float32)
     l_w = tl.zeros([GP], tl.float32)
     a_w = tl.zeros([GP, DVP], tl.float32)
-    # Window pages of this split.
+    # This split's share of the sequence's own window pages (not of the widest window, NWP): the
+    # loop runs over its pages only (a run-time trip count), with no empty slots.
     wv = tl.arange(0, WPS_P)
-    if BALANCE:  # this sequence's window pages shared evenly by the first WSPLIT splits
-        nw = cur - first_wp + 1
-        w_lo = split * nw // WSPLIT
-        w_n = tl.where(split < WSPLIT, (split + 1) * nw // WSPLIT - w_lo, 0)
-        wi = w_lo + wv
-        wok = wv < w_n
-    else:
-        wi = split * WPS + wv
-        wok = (wv < WPS) & (wi < NWP)
-    wlp = first_wp + wi
-    wok = wok & (wlp <= cur)
-    wlp = tl.where(wok, wlp, -1)
+    nw = cur - first_wp + 1
+    w_lo = split * nw // NSPLIT
+    n_win = (split + 1) * nw // NSPLIT - w_lo
+    wok = wv < n_win
+    wlp = tl.where(wok, first_wp + w_lo + wv, -1)
     wlp0 = tl.where(wok, wlp, 0)  # an unused slot reads table entry 0 (always a valid page id)
     if RING:
         wph = tl.load(wt_ptr + b * swt_b + wlp0 % RING_PAGES)
     else:
         wph = tl.load(bt_ptr + b * sbt_b + wlp0)
     forced = ((wlp < NUM_INIT) | (wlp > cur - NUM_LOCAL)) & wok
-    if BALANCE or WSPLIT < NSPLIT:  # the window on the first WSPLIT splits only: the others skip its loop
-        n_win = tl.sum(wok.to(tl.int32))  # the valid slots are a prefix
-    else:
-        n_win = WPS
     m_w, l_w, a_w, m_s, l_s, a_s = _attend_pages(
         q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, kh, wlp, wph, wv, L, win_lo, forced,
-        scale, m_w, l_w, a_w, m_s, l_s, a_s, n_win, WPS, DK, DK0, DK1, DV, DVP, PAGE, DEDUP, STAGES, PREC,
+        scale, m_w, l_w, a_w, m_s, l_s, a_s, n_win, DK, DK0, DK1, DV, DVP, PAGE, DEDUP, STAGES, PREC,
         UPCAST)
     if PDL:  # the work list is the score kernel's output
         tl.extra.cuda.gdc_wait()
+    # The selected pages left to read — not −1 (fewer than n blocks), not read in the window loop
+    # (DEDUP) — shared evenly by the splits, the remainder going to the last ones (launched last,
+    # they start later), each split's taken from the whole work list by rank: no empty slots.
     sv = tl.arange(0, SPS_P)
-    if BALANCE:
-        # The pages left to read (not read in the window loop, not −1) shared evenly by all
-        # splits, the remainder going to the last ones (launched last, they start later).
-        e = tl.arange(0, NSP)
-        lp_all = tl.load(ulp_ptr + pid * NSP + e)
-        ph_all = tl.load(uph_ptr + pid * NSP + e)
-        todo = (e < NSEL) & (lp_all >= 0)
-        if DEDUP:
-            todo = todo & ~((lp_all >= first_wp) & ((lp_all < NUM_INIT) | (lp_all > cur - NUM_LOCAL)))
-        rank = tl.cumsum(todo.to(tl.int32), 0) - 1
-        n_todo = tl.sum(todo.to(tl.int32))
-        base = n_todo // NSPLIT
-        extra = n_todo - base * NSPLIT
-        s_lo = split * base + tl.maximum(split - (NSPLIT - extra), 0)
-        n_sel = base + (split >= NSPLIT - extra).to(tl.int32)
-        pick = todo[None, :] & (rank[None, :] == (s_lo + sv)[:, None])  # [SPS_P, NSP]: one entry a slot
-        sok = sv < n_sel
-        slp = tl.where(sok, tl.sum(tl.where(pick, lp_all[None, :], 0), 1), -1)
-        sph = tl.sum(tl.where(pick, ph_all[None, :], 0), 1)
-    else:
-        si = split * SPS + sv
-        sok = (sv < SPS) & (si < NSEL)
-        slp = tl.load(ulp_ptr + pid * NSP + si, mask=sok, other=-1)
-        sph = tl.load(uph_ptr + pid * NSP + si, mask=sok, other=0)
-        n_sel = SPS
-        if DEDUP:  # read in the window loop
-            in_win = (slp >= first_wp) & ((slp < NUM_INIT) | (slp > cur - NUM_LOCAL))
-            slp = tl.where(in_win, -1, slp)
+    e = tl.arange(0, NSP)
+    lp_all = tl.load(ulp_ptr + pid * NSP + e)
+    ph_all = tl.load(uph_ptr + pid * NSP + e)
+    todo = (e < NSEL) & (lp_all >= 0)
+    if DEDUP:
+        todo = todo & ~((lp_all >= first_wp) & ((lp_all < NUM_INIT) | (lp_all > cur - NUM_LOCAL)))
+    rank = tl.cumsum(todo.to(tl.int32), 0) - 1
+    n_todo = tl.sum(todo.to(tl.int32))
+    base = n_todo // NSPLIT
+    extra = n_todo - base * NSPLIT
+    s_lo = split * base + tl.maximum(split - (NSPLIT - extra), 0)
+    n_sel = base + (split >= NSPLIT - extra).to(tl.int32)
+    pick = todo[None, :] & (rank[None, :] == (s_lo + sv)[:, None])  # [SPS_P, NSP]: one entry a slot
+    sok = sv < n_sel
+    slp = tl.where(sok, tl.sum(tl.where(pick, lp_all[None, :], 0), 1), -1)
+    sph = tl.sum(tl.where(pick, ph_all[None, :], 0), 1)
     m_s, l_s, a_s, m_w, l_w, a_w = _attend_pages(
         q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, kh, slp, sph, sv, L, 0, sok,
-        scale, m_s, l_s, a_s, m_w, l_w, a_w, n_sel, SPS, DK, DK0, DK1, DV, DVP, PAGE, False, STAGES, PREC,
+        scale, m_s, l_s, a_s, m_w, l_w, a_w, n_sel, DK, DK0, DK1, DV, DVP, PAGE, False, STAGES, PREC,
         UPCAST)
     if PDL:  # the combine kernel (small batch) or the next layer's kernels may be launched now
         tl.extra.cuda.gdc_launch_dependents()
@@ -683,17 +666,14 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
                      cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
                      attend_split_dk=None, attend_stages=3, fuse_combine=None, pdl=None,
                      score_warps=4, topn=TOPN_DEFAULT, carveout=CARVEOUT_DEFAULT,
-                     cmp_evict=None, win_splits=None, balance=False):
+                     cmp_evict=None):
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
     (None: when both branches have at most FUSE_MAX_SPLITS splits). `pdl`: programmatic dependent
     launch (None: `pdl_enabled`). `topn`: how the top-n is found (TOPN_MODES, `_select_units`).
     `carveout`: preferred shared-memory carveout, percent, of the small score and combine kernels
-    (`set_carveout`; None: the driver's choice). `win_splits`: the window's pages go to the first
-    that many attention splits only (None: every split). `balance`: each split's window pages from
-    the sequence's own window (not its widest), and the selected pages still to read shared evenly,
-    the remainder going to the last splits.
+    (`set_carveout`; None: the driver's choice). 
     Defaults: the fastest measured at 64k (docs/benchmarks/decode.md).
 
     With PDL each kernel waits (griddepcontrol.wait) before touching memory, so it is safe after
@@ -803,8 +783,8 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         # batch 64 1 split 289 vs 4: 309; batch 1 every page its own split.
         num_splits = target_programs(dev) // NG
     nsplit = max(1, min(num_splits, max(p.num_select, NWP)))
-    wsplit = nsplit if win_splits is None else max(1, min(win_splits, nsplit))
-    sps, wps = triton.cdiv(p.num_select, nsplit), triton.cdiv(NWP, wsplit)
+    # Slots a split may need (its share of at most n selected and NWP window pages).
+    sps, wps = triton.cdiv(p.num_select, nsplit), triton.cdiv(NWP, nsplit)
     # Shared K/V: forced blocks inside the window are read once (window loop) for both branches;
     # every forced block is selected (SparsityParams keeps n ≥ num_init + num_local).
     dedup = not ring
@@ -826,8 +806,8 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         cnt, scale, Hkv, nsplit_c if fuse_mode else 1,  # a constant only the fused merges use:
         # 1 otherwise, so unfused launches do not compile a variant per compressed split count
         G=G, GP=GP, DK=Dk, DK0=ADK0, DK1=ADK1, DV=Dv, DVP=DVP, PAGE=P, NSEL=p.num_select, NSP=NSP,
-        SPS=sps, SPS_P=max(2, next_pow2(sps)), WINDOW=p.window, NWP=NWP, WPS=wps,
-        WPS_P=max(2, next_pow2(wps)), WSPLIT=wsplit, BALANCE=bool(balance), RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1,
+        SPS=sps, SPS_P=max(2, next_pow2(sps)), WINDOW=p.window, WPS=wps,
+        WPS_P=max(2, next_pow2(wps)), RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1,
         DEDUP=dedup, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, NSPLIT=nsplit, STAGES=attend_stages,
         FUSE=fuse_mode, C_CH=min(4, NC_P), S_CH=min(4, NS_P), PREC=prec,
         UPCAST=interpreter_upcast(q.dtype), PDL=pdl, num_warps=num_warps, num_stages=attend_stages,

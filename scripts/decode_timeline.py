@@ -65,7 +65,7 @@ EDITS = [
      r"\n    _stamp(tim_ptr, 1, 0, TIME)\1    _stamp(tim_ptr, 1, 1, TIME)\n", 1),
     (r"(\n                          L, b, sbt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL, PAGE, TOPN\)\n)",
      r"\1        _stamp(tim_ptr, 1, 2, TIME)\n", 1),  # after the last-arriving program's if/else
-    (r"(PDL: tl\.constexpr)\):(\n    \"\"\"Program \(group, split\): window pages)", r"\1" + ARGS + r"\2", 1),
+    (r"(PDL: tl\.constexpr)\):(\n    \"\"\"Program \(group, split\): its share)", r"\1" + ARGS + r"\2", 1),
     (r"(\n    pid = tl\.program_id\(0\)\n    split = tl\.program_id\(1\)\n    b = pid // Hkv\n    kh = pid % Hkv\n    Hq = Hkv \* G)",
      r"\n    _stamp(tim_ptr, 2, 0, TIME)\1", 1),
     (r"(\n    if PDL:  # the work list is the score kernel's output\n        tl\.extra\.cuda\.gdc_wait\(\)\n)",
