@@ -380,8 +380,8 @@ def _attend_pages(q0, q1, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r, kh, 
     count): page i is logical page lp_all[i] (−1: none) at physical page ph_all[i]. State a takes
     the tokens in [lo, L). With BOTH, state b also takes every token < L of the pages where `both`
     (shared K/V: a forced selected page that is in the window is read once and feeds both
-    branches). The page lists are vectors read before
-    the loop: addresses loaded inside it would cost the software pipeliner a stage (one buffer)."""
+    branches). The page lists are vectors read before the loop: addresses loaded inside it would
+    cost the software pipeliner a stage (one buffer)."""
     r_tok = tl.arange(0, PAGE)
     d0 = tl.arange(0, DK0)
     dv = tl.arange(0, DVP)
@@ -438,8 +438,7 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
     page … current), then its share (at most SPS) of the selected pages left to read from the work
     list the score kernel's last-arriving program wrote. Shares are even, the remainder going to
     the last splits: launched last, they start up to ~10 µs later at batch 16 (docs/benchmarks/
-    decode.md, nineteenth round). Every branch is its own softmax, as in the
-    reference.
+    decode.md, nineteenth round). Every branch is its own softmax, as in the reference.
 
     The window needs nothing from the score kernel (its pages follow from the length), so it
     comes first, before the wait for that kernel: launched early (programmatic dependent launch),
@@ -673,7 +672,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     (None: when both branches have at most FUSE_MAX_SPLITS splits). `pdl`: programmatic dependent
     launch (None: `pdl_enabled`). `topn`: how the top-n is found (TOPN_MODES, `_select_units`).
     `carveout`: preferred shared-memory carveout, percent, of the small score and combine kernels
-    (`set_carveout`; None: the driver's choice). 
+    (`set_carveout`; None: the driver's choice).
     Defaults: the fastest measured at 64k (docs/benchmarks/decode.md).
 
     With PDL each kernel waits (griddepcontrol.wait) before touching memory, so it is safe after
