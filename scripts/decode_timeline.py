@@ -46,6 +46,14 @@ def _stamp(tim_ptr, kid, slot, TIME: tl.constexpr):
 
 
 @triton.jit
+def _stamp_sm(tim_ptr, kid, TIME: tl.constexpr):
+    if TIME:  # the SM this program runs on (slot 0 of kernel id kid)
+        prog = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+        tl.store(tim_ptr + (kid * 65536 + prog) * 3, sm.to(tl.int64))
+
+
+@triton.jit
 def _cmp_tile_kernel('''
 ARGS = ", tim_ptr=None, TIME: tl.constexpr = False):"
 TIMER = "tim_ptr=timer, TIME=timer is not None, "
@@ -67,7 +75,7 @@ EDITS = [
      r"\1        _stamp(tim_ptr, 1, 2, TIME)\n", 1),  # after the last-arriving program's if/else
     (r"(PDL: tl\.constexpr)\):(\n    \"\"\"Program \(group, split\): its share)", r"\1" + ARGS + r"\2", 1),
     (r"(\n    pid = tl\.program_id\(0\)\n    split = tl\.program_id\(1\)\n    b = pid // Hkv\n    kh = pid % Hkv\n    Hq = Hkv \* G)",
-     r"\n    _stamp(tim_ptr, 2, 0, TIME)\1", 1),
+     r"\n    _stamp(tim_ptr, 2, 0, TIME)\n    _stamp_sm(tim_ptr, 6, TIME)\1", 1),
     (r"(\n    if PDL:  # the work list is the score kernel's output\n        tl\.extra\.cuda\.gdc_wait\(\)\n)",
      r"\1    _stamp(tim_ptr, 2, 1, TIME)\n", 1),
     (r"(\n                            NSPLIT_C, NSPLIT, GP, C_CH, S_CH, DV, DVP\)\n)",
@@ -160,11 +168,18 @@ def timeline(step, tim, reps=25, score_phases=False, groups=0):
             for sp in range(int(ok.sum()) // groups):
                 y = x[split == sp]
                 r += [y[:, 0].median(), y[:, 1].median(), y[:, 2].median(), y[:, 2].max()]
+            # By how many attention programs ran on the program's SM (%smid, kernel id 6).
+            sm = t[6, :, 0][ok].long()
+            per_sm = torch.bincount(sm)[sm]
+            for k in SM_SHARES:
+                y = x[per_sm == k]
+                r += [y.shape[0], y[:, 2].median(), y[:, 2].max()] if y.shape[0] else [0, float("nan"), float("nan")]
         rows.append([float(v) for v in r])
     return torch.tensor(rows[5:]).median(0).values.tolist(), bench(g.replay)
 
 
 PDL_MODES = {"both": (True, False), "on": (True,), "off": (False,)}
+SM_SHARES = (1, 2, 3)  # --by-split: attention programs grouped by how many ran on their SM
 
 
 def parse_kwargs(text: str) -> dict:
@@ -195,7 +210,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("decode_timeline needs a CUDA GPU")
     mod = instrumented_module(args.score_phases)
-    ids = 6 if args.score_phases else 3  # kernel ids 0–2, then the phase points' ids 3–5
+    ids = 7  # kernel ids 0–2, the phase points' ids 3–5, the attention programs' SMs (6)
     tim = torch.zeros(ids * 65536 * 3, dtype=torch.int64, device="cuda")  # ≤ 65536 programs a kernel
     print(f"paper shape, {args.ctx // 1024}k; µs from the first compressed-pass entry: first entry / last entry / "
           "last past its wait / first end / median end / last end")
@@ -223,10 +238,14 @@ def main(argv=None):
                             f"{name} {ph[2 * i]:.1f}/{ph[2 * i + 1]:.1f}" for i, (name, _) in enumerate(PHASES)),
                             flush=True)
                     if args.by_split:
-                        sp = med[18 + (2 * len(PHASES) if args.score_phases else 0):]
+                        sp = med[18 + (2 * len(PHASES) if args.score_phases else 0):-3 * len(SM_SHARES)]
                         print("      attention by split, median entry / past wait / end, last end µs: " + " | ".join(
                             f"{i}: " + "/".join(f"{v:.1f}" for v in sp[4 * i:4 * i + 4])
                             for i in range(len(sp) // 4)), flush=True)
+                        sh = med[-3 * len(SM_SHARES):]
+                        print("      attention by programs on the SM, count / median end / last end µs: " + " | ".join(
+                            f"{k} an SM: {sh[3 * i]:.0f}/{sh[3 * i + 1]:.1f}/{sh[3 * i + 2]:.1f}"
+                            for i, k in enumerate(SM_SHARES)), flush=True)
         del q, gates, layer, tables, lens
         torch.cuda.empty_cache()
 
