@@ -210,7 +210,6 @@ VARIANTS = {
     "32-entry compressed tiles": dict(chunk=32),
     "32-entry compressed tiles, two a program": dict(chunk=32, cmp_programs="2*sms"),
     "32-entry compressed tiles, one a program": dict(chunk=32, cmp_programs="4*sms"),
-    "window shares reversed (its last pages to the first splits)": dict(window_reversed=True),
 }
 
 

@@ -429,7 +429,7 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
                    DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
                    NSEL: tl.constexpr, NSP: tl.constexpr, SPS: tl.constexpr, SPS_P: tl.constexpr,
                    WINDOW: tl.constexpr, WPS: tl.constexpr, WPS_P: tl.constexpr,
-                   WREV: tl.constexpr, RING: tl.constexpr, RING_PAGES: tl.constexpr, DEDUP: tl.constexpr,
+                   RING: tl.constexpr, RING_PAGES: tl.constexpr, DEDUP: tl.constexpr,
                    NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, NSPLIT: tl.constexpr,
                    STAGES: tl.constexpr, FUSE: tl.constexpr,
                    C_CH: tl.constexpr, S_CH: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -474,9 +474,8 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
     # loop runs over its pages only (a run-time trip count), with no empty slots.
     wv = tl.arange(0, WPS_P)
     nw = cur - first_wp + 1
-    wc = NSPLIT - 1 - split if WREV else split  # WREV: the window's last pages to the first splits
-    w_lo = wc * nw // NSPLIT
-    n_win = (wc + 1) * nw // NSPLIT - w_lo
+    w_lo = split * nw // NSPLIT
+    n_win = (split + 1) * nw // NSPLIT - w_lo
     wok = wv < n_win
     wlp = tl.where(wok, first_wp + w_lo + wv, -1)
     wlp0 = tl.where(wok, wlp, 0)  # an unused slot reads table entry 0 (always a valid page id)
@@ -666,15 +665,14 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
                      cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
                      attend_split_dk=None, attend_stages=3, fuse_combine=None, pdl=None,
                      score_warps=4, topn=TOPN_DEFAULT, carveout=CARVEOUT_DEFAULT,
-                     cmp_evict=None, window_reversed=False):
+                     cmp_evict=None):
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
     (None: when both branches have at most FUSE_MAX_SPLITS splits). `pdl`: programmatic dependent
     launch (None: `pdl_enabled`). `topn`: how the top-n is found (TOPN_MODES, `_select_units`).
     `carveout`: preferred shared-memory carveout, percent, of the small score and combine kernels
-    (`set_carveout`; None: the driver's choice). `window_reversed`: split s takes the window share
-    of split S − 1 − s, so the window's last pages (the forced local blocks) go to the first splits.
+    (`set_carveout`; None: the driver's choice).
     Defaults: the fastest measured at 64k (docs/benchmarks/decode.md).
 
     With PDL each kernel waits (griddepcontrol.wait) before touching memory, so it is safe after
@@ -808,7 +806,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         # 1 otherwise, so unfused launches do not compile a variant per compressed split count
         G=G, GP=GP, DK=Dk, DK0=ADK0, DK1=ADK1, DV=Dv, DVP=DVP, PAGE=P, NSEL=p.num_select, NSP=NSP,
         SPS=sps, SPS_P=max(2, next_pow2(sps)), WINDOW=p.window, WPS=wps,
-        WPS_P=max(2, next_pow2(wps)), WREV=bool(window_reversed), RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1,
+        WPS_P=max(2, next_pow2(wps)), RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1,
         DEDUP=dedup, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, NSPLIT=nsplit, STAGES=attend_stages,
         FUSE=fuse_mode, C_CH=min(4, NC_P), S_CH=min(4, NS_P), PREC=prec,
         UPCAST=interpreter_upcast(q.dtype), PDL=pdl, num_warps=num_warps, num_stages=attend_stages,

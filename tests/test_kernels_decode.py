@@ -119,14 +119,13 @@ def test_nsa_decode_both_kv_layouts(ring):
 
 
 @pytest.mark.parametrize("ring", [False, 3])
-@pytest.mark.parametrize("splits,fuse,rev", [(1, True, False), (2, False, False), (4, True, False),
-                                             (6, False, False), (4, False, True), (3, True, True)])
-def test_nsa_decode_split_shares(splits, fuse, rev, ring):
+@pytest.mark.parametrize("splits,fuse", [(1, True), (2, False), (4, True), (6, False)])
+def test_nsa_decode_split_shares(splits, fuse, ring):
     # Each split takes its share of the sequence's own window pages and of the selected pages left
     # to read (the remainder to the last splits); 6 splits > n = 4 leave some with no selected page,
     # and the window (1-3 pages here, on and off page boundaries) leaves some with none.
     check_nsa([2, 31, 32, 47, 200, 65], Hkv=2, G=4, Dk=32, Dv=16, p=SMALL, ring=ring, chunk=16,
-              num_splits=splits, fuse_combine=fuse, window_reversed=rev, fn=nsa_mod.nsa_decode_tuned)
+              num_splits=splits, fuse_combine=fuse, fn=nsa_mod.nsa_decode_tuned)
 
 
 @pytest.mark.parametrize("p", [
@@ -320,7 +319,7 @@ def test_gpu_paper_shape_fp32_selection(G):
                                 dict(topn="passes"), dict(topn="cand"),
                                 dict(topn="cand", chunk=64, cmp_programs=528),
                                 dict(carveout=None), dict(carveout=0), dict(cmp_evict=False),
-                                dict(num_splits=7), dict(window_reversed=True)])
+                                dict(num_splits=7)])
 def test_gpu_paper_shape_launch_variants(kw):
     # The launch configurations the benchmark compares (nsa_decode_tuned); the default is covered
     # above. fp32 so the selected blocks are compared exactly too.
