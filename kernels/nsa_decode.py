@@ -427,18 +427,19 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
                    scale, Hkv, NSPLIT_C: tl.constexpr,
                    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr,
                    DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
-                   NSEL: tl.constexpr, NSP: tl.constexpr, SPS: tl.constexpr, SPS_P: tl.constexpr,
-                   WINDOW: tl.constexpr, WPS: tl.constexpr, WPS_P: tl.constexpr,
+                   NSEL: tl.constexpr, NSP: tl.constexpr, SPS_P: tl.constexpr,
+                   WINDOW: tl.constexpr, WPS_P: tl.constexpr,
                    RING: tl.constexpr, RING_PAGES: tl.constexpr, DEDUP: tl.constexpr,
                    NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, NSPLIT: tl.constexpr,
                    STAGES: tl.constexpr, FUSE: tl.constexpr,
                    C_CH: tl.constexpr, S_CH: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                    PDL: tl.constexpr):
-    """Program (group, split): its share (at most WPS) of the sequence's window pages (first window
-    page … current), then its share (at most SPS) of the selected pages left to read from the work
-    list the score kernel's last-arriving program wrote. Shares are even, the remainder going to
-    the last splits: launched last, they start up to ~10 µs later at batch 16 (docs/benchmarks/
-    decode.md, nineteenth round). Every branch is its own softmax, as in the reference.
+    """Program (group, split): its share (at most WPS_P slots) of the sequence's window pages
+    (first window page … current), then its share (at most SPS_P) of the selected pages left to
+    read from the work list the score kernel's last-arriving program wrote. Shares are even, the
+    remainder going to the last splits: launched last, they start up to ~10 µs later at batch 16
+    (docs/benchmarks/decode.md, nineteenth round). Every branch is its own softmax, as in the
+    reference.
 
     The window needs nothing from the score kernel (its pages follow from the length), so it
     comes first, before the wait for that kernel: launched early (programmatic dependent launch),
@@ -805,8 +806,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         cnt, scale, Hkv, nsplit_c if fuse_mode else 1,  # a constant only the fused merges use:
         # 1 otherwise, so unfused launches do not compile a variant per compressed split count
         G=G, GP=GP, DK=Dk, DK0=ADK0, DK1=ADK1, DV=Dv, DVP=DVP, PAGE=P, NSEL=p.num_select, NSP=NSP,
-        SPS=sps, SPS_P=max(2, next_pow2(sps)), WINDOW=p.window, WPS=wps,
-        WPS_P=max(2, next_pow2(wps)), RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1,
+        SPS_P=max(2, next_pow2(sps)), WINDOW=p.window, WPS_P=max(2, next_pow2(wps)), RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1,
         DEDUP=dedup, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, NSPLIT=nsplit, STAGES=attend_stages,
         FUSE=fuse_mode, C_CH=min(4, NC_P), S_CH=min(4, NS_P), PREC=prec,
         UPCAST=interpreter_upcast(q.dtype), PDL=pdl, num_warps=num_warps, num_stages=attend_stages,
