@@ -178,6 +178,12 @@ SPILL_CASES = {
     # blocks 64 (k = 1) and 65 (k = 2), the second program's first two (64 pages a program).
     "two pages": (SparsityParams(block=40, stride=8, select_block=16, num_select=4, window=32, num_local=1),
                   3000, 63, 1, 16, {64, 65}),
+    # Page 62's entry 0 (tokens 992–1031) spills into block 63 (k = 1) and, two pages on, into
+    # block 64 (k = 2), the second program's first block: its edge is the previous tile's
+    # next-to-last page, not its last.
+    "two pages, second to last": (SparsityParams(block=40, stride=8, select_block=16, num_select=5, window=32,
+                                                 num_local=1),
+                                  3000, 62, 0, 16, {62, 63, 64}),
 }
 
 
