@@ -1,0 +1,94 @@
+"""What a decode step of a few dependent launches costs before it does any work: the floor under
+`bench_decode`'s batch-1 row, measured the way that row is (a CUDA graph replayed under
+`bench_decode.bench`, the L2 emptied before each call).
+
+    python3 scripts/launch_floor.py            # on a GPU, from the repo root (kernels/ importable
+                                               # as nsa_kernels: source scripts/device_env.sh)
+
+Why: issue 3 asks for ≥ 4× dense SDPA at batch 1 and 64k (≤ 16 µs against cuDNN's ~64 µs). NSA's
+decode is a chain: compressed pass → scores and top-n → attention over the selected pages (→ the
+split merge at batch 1). Each link needs its predecessor's results, so each waits for at least one
+read from HBM after the previous link's last write. This script times graphs of chains of 1–4
+kernels that do nothing but that — each program reads one page-sized tile (64 rows of 320 bf16 =
+40 KB, the K and V of one page of the paper shape) from a 1 GB buffer and writes one number — on
+the device's SM count of programs, linked by programmatic dependent launch (griddepcontrol, as the
+decode kernels are) or by plain stream order, and the same chains with empty kernels. The
+difference from the real step is the work the real kernels do beyond one read each.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _read_tile(src_ptr, dst_ptr, n_tiles, seed, ROWS: tl.constexpr, COLS: tl.constexpr,
+               C0: tl.constexpr, READ: tl.constexpr, PDL: tl.constexpr):
+    """One program: wait for the previous launch (PDL), read one ROWS × COLS tile (as C0 + the
+    rest: power-of-two blocks) at a pseudo-random tile index (READ), let the next launch start,
+    write one number."""
+    pid = tl.program_id(0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    acc = 0.0
+    if READ:
+        t = (pid * 7919 + seed) % n_tiles
+        r = tl.arange(0, ROWS)
+        c0 = tl.arange(0, C0)
+        c1 = C0 + tl.arange(0, COLS - C0)
+        base = src_ptr + t * ROWS * COLS + r[:, None] * COLS
+        x0 = tl.load(base + c0[None, :]).to(tl.float32)
+        x1 = tl.load(base + c1[None, :]).to(tl.float32)
+        acc = tl.sum(tl.sum(x0, 1), 0) + tl.sum(tl.sum(x1, 1), 0)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    tl.store(dst_ptr + pid, acc)
+
+
+def chain(src, dst, n_links, read, pdl, programs):
+    rows, cols = 64, 320
+    n_tiles = src.numel() // (rows * cols)
+    launch = {"launch_pdl": True} if pdl else {}
+
+    def fn():
+        for i in range(n_links):
+            _read_tile[(programs,)](src, dst, n_tiles, 1009 * i + 17, ROWS=rows, COLS=cols, C0=256, READ=read,
+                                    PDL=pdl, num_warps=4, **launch)
+    return fn
+
+
+def main():
+    from nsa_kernels import bench_decode
+    from nsa_kernels._triton_utils import num_sms
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--links", type=int, action="append", help="chain lengths (default 1 2 3 4)")
+    args = ap.parse_args()
+    links = args.links or [1, 2, 3, 4]
+    sms = num_sms(torch.cuda.current_device())
+    src = torch.randn(1 << 29, device="cuda").to(torch.bfloat16)  # 1 GB, random (never zeros)
+    dst = torch.empty(4 * sms, device="cuda")
+    print(f"{torch.cuda.get_device_name()}, {sms} SMs, torch {torch.__version__}, triton {triton.__version__}")
+    print("graph µs (median); each link = one launch of `programs` programs")
+    print("| flush | programs | kernels | links: " + " | ".join(str(n) for n in links) + " |")
+    print("|---|---|---|" + "---|" * len(links))
+    for flush in bench_decode.FLUSH_MODES:
+        bench_decode.FLUSH = flush
+        for programs in (sms, 2 * sms):
+            for read, pdl, what in ((False, True, "empty, PDL"), (True, True, "one 40 KB read each, PDL"),
+                                    (True, False, "one 40 KB read each, stream order")):
+                cells = []
+                for n in links:
+                    fn = chain(src, dst, n, read, pdl, programs)
+                    fn()
+                    torch.cuda.synchronize()
+                    cells.append(f"{bench_decode.bench(bench_decode.graph_of(fn).replay, rep=50):.1f}")
+                print(f"| {flush} | {programs} | {what} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
