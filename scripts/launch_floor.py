@@ -12,7 +12,9 @@ read from HBM after the previous link's last write. This script times graphs of 
 kernels that do nothing but that — each program reads one page-sized tile (64 rows of 320 bf16 =
 40 KB, the K and V of one page of the paper shape) from a 1 GB buffer and writes one number — on
 the device's SM count of programs, linked by programmatic dependent launch (griddepcontrol, as the
-decode kernels are) or by plain stream order, and the same chains with empty kernels. The
+decode kernels are: the next launch let in at a program's entry, or after its read) or by plain
+stream order, and the same chains with empty kernels; and, for a persistent single kernel, one
+launch whose reads are separated by grid-wide barriers. The
 difference from the real step is the work the real kernels do beyond one read each.
 """
 
@@ -27,12 +29,15 @@ import triton.language as tl
 
 @triton.jit
 def _read_tile(src_ptr, dst_ptr, n_tiles, seed, ROWS: tl.constexpr, COLS: tl.constexpr,
-               C0: tl.constexpr, READ: tl.constexpr, PDL: tl.constexpr):
+               C0: tl.constexpr, READ: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
     """One program: wait for the previous launch (PDL), read one ROWS × COLS tile (as C0 + the
     rest: power-of-two blocks) at a pseudo-random tile index (READ), let the next launch start,
-    write one number."""
+    write one number. EARLY: let the next launch start at entry instead (as the decode kernels
+    do), so its programs are resident and waiting when this launch's last program ends."""
     pid = tl.program_id(0)
     if PDL:
+        if EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     acc = 0.0
     if READ:
@@ -44,12 +49,54 @@ def _read_tile(src_ptr, dst_ptr, n_tiles, seed, ROWS: tl.constexpr, COLS: tl.con
         x0 = tl.load(base + c0[None, :]).to(tl.float32)
         x1 = tl.load(base + c1[None, :]).to(tl.float32)
         acc = tl.sum(tl.sum(x0, 1), 0) + tl.sum(tl.sum(x1, 1), 0)
-    if PDL:
+    if PDL and not EARLY:
         tl.extra.cuda.gdc_launch_dependents()
     tl.store(dst_ptr + pid, acc)
 
 
-def chain(src, dst, n_links, read, pdl, programs):
+@triton.jit
+def _read_tiles_barriers(src_ptr, dst_ptr, bar_ptr, n_tiles, seed, n_prog, LINKS: tl.constexpr,
+                         ROWS: tl.constexpr, COLS: tl.constexpr, C0: tl.constexpr):
+    """One persistent launch: LINKS reads of one tile each, every read after the first behind a
+    grid-wide barrier (all programs resident: at most one an SM), as a single kernel would pass
+    the compressed pass's results to its score and attention phases. The barrier reverses a
+    generation word (bar_ptr[1]) when the last program arrives on the count (bar_ptr[0]), so it
+    is reusable across calls with no reset."""
+    pid = tl.program_id(0)
+    r = tl.arange(0, ROWS)
+    c0 = tl.arange(0, C0)
+    c1 = C0 + tl.arange(0, COLS - C0)
+    acc = 0.0
+    for i in tl.static_range(LINKS):
+        if i > 0:
+            gen = tl.atomic_add(bar_ptr + 1, 0, sem="acquire")
+            tl.debug_barrier()
+            if tl.atomic_add(bar_ptr, 1, sem="acq_rel") == n_prog - 1:
+                tl.atomic_xchg(bar_ptr, 0, sem="relaxed")
+                tl.atomic_add(bar_ptr + 1, 1, sem="release")
+            else:
+                while tl.atomic_add(bar_ptr + 1, 0, sem="acquire") == gen:
+                    pass
+            tl.debug_barrier()
+        t = (pid * 7919 + seed + 1009 * i) % n_tiles
+        base = src_ptr + t * ROWS * COLS + r[:, None] * COLS
+        x0 = tl.load(base + c0[None, :]).to(tl.float32)
+        x1 = tl.load(base + c1[None, :]).to(tl.float32)
+        acc += tl.sum(tl.sum(x0, 1), 0) + tl.sum(tl.sum(x1, 1), 0)
+    tl.store(dst_ptr + pid, acc)
+
+
+def persistent(src, dst, bar, n_links, programs):
+    rows, cols = 64, 320
+    n_tiles = src.numel() // (rows * cols)
+
+    def fn():
+        _read_tiles_barriers[(programs,)](src, dst, bar, n_tiles, 17, programs, LINKS=n_links, ROWS=rows,
+                                          COLS=cols, C0=256, num_warps=4)
+    return fn
+
+
+def chain(src, dst, n_links, read, pdl, programs, early=False):
     rows, cols = 64, 320
     n_tiles = src.numel() // (rows * cols)
     launch = {"launch_pdl": True} if pdl else {}
@@ -57,7 +104,7 @@ def chain(src, dst, n_links, read, pdl, programs):
     def fn():
         for i in range(n_links):
             _read_tile[(programs,)](src, dst, n_tiles, 1009 * i + 17, ROWS=rows, COLS=cols, C0=256, READ=read,
-                                    PDL=pdl, num_warps=4, **launch)
+                                    PDL=pdl, EARLY=early, num_warps=4, **launch)
     return fn
 
 
@@ -72,6 +119,7 @@ def main():
     sms = num_sms(torch.cuda.current_device())
     src = torch.randn(1 << 29, device="cuda").to(torch.bfloat16)  # 1 GB, random (never zeros)
     dst = torch.empty(4 * sms, device="cuda")
+    bar = torch.zeros(2, dtype=torch.int32, device="cuda")  # grid barrier: arrival count, generation
     print(f"{torch.cuda.get_device_name()}, {sms} SMs, torch {torch.__version__}, triton {triton.__version__}")
     print("graph µs (median); each link = one launch of `programs` programs")
     print("| flush | programs | kernels | links: " + " | ".join(str(n) for n in links) + " |")
@@ -79,15 +127,26 @@ def main():
     for flush in bench_decode.FLUSH_MODES:
         bench_decode.FLUSH = flush
         for programs in (sms, 2 * sms):
-            for read, pdl, what in ((False, True, "empty, PDL"), (True, True, "one 40 KB read each, PDL"),
-                                    (True, False, "one 40 KB read each, stream order")):
+            for read, pdl, early, what in ((False, True, False, "empty, PDL"),
+                                           (True, True, False, "one 40 KB read each, PDL, next launched after the read"),
+                                           (True, True, True, "one 40 KB read each, PDL, next launched at entry"),
+                                           (True, False, False, "one 40 KB read each, stream order")):
                 cells = []
                 for n in links:
-                    fn = chain(src, dst, n, read, pdl, programs)
+                    fn = chain(src, dst, n, read, pdl, programs, early)
                     fn()
                     torch.cuda.synchronize()
                     cells.append(f"{bench_decode.bench(bench_decode.graph_of(fn).replay, rep=50):.1f}")
                 print(f"| {flush} | {programs} | {what} | " + " | ".join(cells) + " |", flush=True)
+        # One launch, reads separated by grid barriers: one program an SM so that all are resident.
+        cells = []
+        for n in links:
+            fn = persistent(src, dst, bar, n, sms)
+            fn()
+            torch.cuda.synchronize()
+            cells.append(f"{bench_decode.bench(bench_decode.graph_of(fn).replay, rep=50):.1f}")
+        print(f"| {flush} | {sms} | one launch, one 40 KB read each between grid barriers | "
+              + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
