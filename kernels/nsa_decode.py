@@ -633,7 +633,9 @@ SMALL_TILE = 32
 # evict first, its partial results (8 MB, read next by the score kernel) last, so the score
 # kernel's loads find them in L2. H200, 64k, same call (docs/benchmarks/decode.md, fifteenth
 # round): batch 16 92.5 / 92.3 → 91.0 / 90.9 µs; batch 1 29.3 → 29.4; batch 64 281.9 / 281.0 →
-# 282.3 / 283.0 (its partials are 34 MB, most of the L2).
+# 282.3 / 283.0 (its partials are 34 MB, most of the L2). Triton 3.6 (the GPU image's) keeps
+# only the stores' hint: its pipelined (cp.async) loads drop eviction policies, so that gain is the
+# partials'. Triton 3.9 puts both in the PTX (twentieth round).
 CMP_EVICT = True
 # Selection/attention launch defaults. Padded to 256, dk = 192 needs 8 warps (4 take 252 registers
 # for the [64, 256] key tiles); split as 128 + 64 dots, 4 warps fit and were fastest at 64k on the
