@@ -374,7 +374,8 @@ def test_named_tool_choice_returns_a_valid_call_streamed_or_not(client, api_serv
 def test_required_tool_choice_returns_calls_of_the_given_tools(client, api_server):
     """tool_choice "required": one or more calls, each of a given tool with valid arguments;
     finish_reason "tool_calls"; parallel_tool_calls=false gives exactly one; n = 2 and streaming
-    give the same calls (ids aside) for the same seed."""
+    give the same calls (ids aside) for the same seed, streamed call by call: index, id and name
+    first, then the arguments in pieces as they are generated."""
     kw = dict(model=api_server.engine.model_name, messages=TOOL_MESSAGES, tools=[WEATHER, CLOCK], max_tokens=120,
               temperature=0.8, seed=11, tool_choice="required")
     r = client.chat.completions.create(n=2, **kw)
@@ -388,8 +389,28 @@ def test_required_tool_choice_returns_calls_of_the_given_tools(client, api_serve
             client.chat.completions.create(**kw).choices[0].message.tool_calls]
     chunks = [c for c in client.chat.completions.create(stream=True, **kw) if c.choices]
     deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
-    assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == want
-    assert [d.index for d in deltas] == list(range(len(want))) and chunks[-1].choices[0].finish_reason == "tool_calls"
+    heads = [d for d in deltas if d.id is not None]
+    assert [d.index for d in heads] == list(range(len(want)))
+    assert all(d.id.startswith("call_") and d.type == "function" and d.function.name for d in heads)
+    assert all(d.function.name is None and d.type is None for d in deltas if d.id is None)
+    assert [d.index for d in deltas] == sorted(d.index for d in deltas)  # call after call
+    args = ["".join(d.function.arguments or "" for d in deltas if d.index == k) for k in range(len(want))]
+    assert [(h.function.name, json.loads(a)) for h, a in zip(heads, args)] == want
+    assert len(deltas) > 2 * len(want)  # the arguments came in pieces, not whole
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_required_tool_choice_cut_by_max_tokens_is_text_streamed_or_not(client, api_server):
+    """A "required" reply that max_tokens cuts before any call's name closed holds no call: both the
+    reply and the stream give the generated text as content, with finish_reason "length"."""
+    kw = dict(model=api_server.engine.model_name, messages=TOOL_MESSAGES, tools=[WEATHER, CLOCK], max_tokens=2,
+              temperature=0.8, seed=11, tool_choice="required")
+    r = client.chat.completions.create(**kw).choices[0]
+    assert r.finish_reason == "length" and r.message.tool_calls is None and r.message.content.startswith("[")
+    chunks = [c for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+    assert not any(c.choices[0].delta.tool_calls for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_tool_conversation_round_trip_and_tool_choice_none(client, api_server):

@@ -17,7 +17,7 @@ from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCom
                        TopLogprob, UsageInfo)
 from .serving_common import (SSE_DONE, ServingContext, SSEResponse, clamp_logprob, json_response, new_id,
                              prompt_logprobs_body, raise_if_failed, run_to_end, sse, stream_error_event)
-from .tools import ToolPlan, new_call_id, tool_calls_of, tools_system_text
+from .tools import RequiredCallStream, ToolPlan, new_call_id, tool_calls_of, tools_system_text
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
@@ -82,11 +82,14 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
     def chunk(choices, usage=None):
         return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
 
-    # Tool calls: a named call streams its arguments as they are generated (the call's id and
-    # name first); "required" calls are whole only when the JSON list closes, so each choice's
-    # text is held and sent as complete calls in its finishing chunk.
+    # Tool calls stream as they are generated: a named call's id and name first, then its
+    # arguments; "required" calls each once their name has closed, then their arguments
+    # (RequiredCallStream). A "required" reply cut before any call's name closed is sent as text
+    # in its last chunk, as the non-streamed reply gives it.
     held = [""] * n
     named_started: set[int] = set()
+    required = [RequiredCallStream() for _ in range(n)] if plan is not None and plan.mode == "required" else []
+    sent_calls: set[int] = set()
 
     def delta_of(i: int, text: str, reason: str | None) -> tuple[DeltaMessage, str | None]:
         if plan is None:
@@ -101,13 +104,16 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
                 calls.append({"index": 0, "function": {"arguments": text}})
             return DeltaMessage(tool_calls=calls or None), reason
         held[i] += text
+        calls = required[i].feed(text)
+        if calls:
+            sent_calls.add(i)
         if not reason:
-            return DeltaMessage(), None
-        calls = tool_calls_of(plan, held[i], reason)
-        if not calls:  # cut before the list closed: what was generated, as text
+            return DeltaMessage(tool_calls=calls or None), None
+        if tool_calls_of(plan, held[i], reason):  # the list closed
+            return DeltaMessage(tool_calls=calls or None), "tool_calls"
+        if i not in sent_calls:  # cut before any call: what was generated, as text
             return DeltaMessage(content=held[i]), reason
-        return (DeltaMessage(tool_calls=[dict(call, index=k) for k, call in enumerate(calls)]),
-                _finish_reason(plan, reason, calls))
+        return DeltaMessage(tool_calls=calls or None), reason  # cut inside a call: it stays as sent
 
     try:
         # OpenAI sends the role alone first, one chunk per choice.
@@ -126,8 +132,8 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
                 lp = _logprobs(c.delta_logprobs, top_k) if c.delta_logprobs is not None else None
                 raise_if_failed(out, c.index)
                 delta, reason = delta_of(c.index, c.delta_text, c.finish_reason)
-                if plan is not None and plan.mode == "required" and not reason and lp is None:
-                    continue  # held until the list closes
+                if required and not reason and lp is None and not delta.tool_calls:
+                    continue  # nothing to say yet (e.g. inside a call's name)
                 yield chunk([ChatChunkChoice(index=c.index, delta=delta, logprobs=lp, finish_reason=reason,
                                              stop_reason=c.stop_reason)])
             if out.finished:

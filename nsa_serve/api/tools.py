@@ -5,7 +5,7 @@ function calling, which work with any model).
   `parameters` schema and returned as one tool call; finish_reason "stop" (as OpenAI and vLLM).
 - `tool_choice: "required"`: the reply is constrained to a JSON array of `{"name", "parameters"}`
   objects, one of the tools each (one item when `parallel_tool_calls` is false), returned as tool
-  calls; finish_reason "tool_calls".
+  calls; finish_reason "tool_calls". Streamed call by call (`RequiredCallStream`).
 - `tool_choice: "none"`: plain text.
 - `tool_choice: "auto"` (OpenAI's default when tools are given) needs a parser that recognises a
   model's own tool-call syntax; this server has none for its models, so it is a 400 saying what
@@ -122,6 +122,111 @@ def render_tool_calls(calls: list[Any]) -> str:
 
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class RequiredCallStream:
+    """The tool-call deltas of a "required" reply while it is generated (OpenAI's streamed
+    `delta.tool_calls`). The reply is a JSON list of `{"name", "parameters"}` objects; the grammar
+    guarantees that shape, not the order of the two keys. A call's first delta (index, id, name)
+    goes out once its name string has closed; after it, the raw text of its `parameters` value as
+    it grows, so the concatenated arguments are exactly the value the model wrote.
+
+    A one-pass scanner over the characters fed so far: nesting depth, strings and escapes, and at
+    depth 2 (inside a call's object) whether a key, its colon, its value or the comma after it is
+    next."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._in_str = False
+        self._esc = False
+        self._grab: list[str] | None = None  # raw text of a key or a depth-2 string value
+        self._mode = ""  # at depth 2: "key", "colon", "value", "after"
+        self._key: str | None = None
+        self._started = False  # the current depth-2 value has started
+        self._scalar = False  # ... and is a number or literal (it ends at its delimiter)
+        self._cap = False  # characters belong to a parameters value
+        self._calls: list[dict] = []  # per call: name, pending argument text, header sent
+
+    def feed(self, text: str) -> list[dict]:
+        """Deltas for `text`, the reply's next characters: one per call that has news."""
+        first = max(len(self._calls) - 1, 0)
+        for ch in text:
+            self._step(ch)
+        out = []
+        for i in range(first, len(self._calls)):
+            call = self._calls[i]
+            if call["name"] is None:
+                continue
+            args, call["pending"] = "".join(call["pending"]), []
+            if not call["sent"]:
+                call["sent"] = True
+                out.append({"index": i, "id": new_call_id(), "type": "function",
+                            "function": {"name": call["name"], "arguments": args}})
+            elif args:
+                out.append({"index": i, "function": {"arguments": args}})
+        return out
+
+    def _step(self, ch: str) -> None:
+        if self._in_str:
+            self._take(ch)
+            if self._grab is not None:
+                self._grab.append(ch)
+            if self._esc:
+                self._esc = False
+            elif ch == "\\":
+                self._esc = True
+            elif ch == '"':
+                self._in_str = False
+                self._string_closed()
+            return
+        if self._depth == 2 and self._mode == "value":
+            if not self._started:
+                if ch.isspace():
+                    return
+                self._started, self._cap = True, self._key == "parameters"
+                self._scalar = ch not in '"{['
+            elif self._scalar and (ch in ",}" or ch.isspace()):
+                self._value_done()  # the delimiter is handled below
+        if ch == '"':
+            self._in_str = True
+            self._grab = [] if self._depth == 2 and self._mode in ("key", "value") else None
+            self._take(ch)
+        elif ch in "{[":
+            self._take(ch)
+            if self._depth == 1 and ch == "{":  # a new call
+                self._calls.append({"name": None, "pending": [], "sent": False})
+                self._mode = "key"
+            self._depth += 1
+        elif ch in "}]":
+            self._take(ch)
+            self._depth -= 1
+            if self._depth == 2 and self._mode == "value":
+                self._value_done()  # a container value closed
+        elif self._depth == 2 and self._mode == "colon" and ch == ":":
+            self._mode, self._started = "value", False
+        elif self._depth == 2 and self._mode == "after" and ch == ",":
+            self._mode = "key"
+        else:
+            self._take(ch)
+
+    def _take(self, ch: str) -> None:
+        if self._cap and self._calls:
+            self._calls[-1]["pending"].append(ch)
+
+    def _string_closed(self) -> None:
+        if self._depth != 2 or self._grab is None:
+            return
+        value = json.loads('"' + "".join(self._grab))  # the grabbed text ends with its closing quote
+        self._grab = None
+        if self._mode == "key":
+            self._key, self._mode = value, "colon"
+        elif self._mode == "value":
+            if self._key == "name" and self._calls:
+                self._calls[-1]["name"] = value
+            self._value_done()
+
+    def _value_done(self) -> None:
+        self._mode, self._cap, self._scalar = "after", False, False
 
 
 def tool_calls_of(plan: ToolPlan, text: str, finish_reason: str | None) -> list[dict] | None:
