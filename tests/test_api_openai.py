@@ -400,6 +400,24 @@ def test_required_tool_choice_returns_calls_of_the_given_tools(client, api_serve
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_required_tool_calls_stream_per_choice_with_logprobs(client, api_server):
+    """n = 2 with logprobs: each choice's streamed calls are its non-streamed calls (same seed),
+    each choice finishes once with "tool_calls", and the tokens' logprobs ride along."""
+    kw = dict(model=api_server.engine.model_name, messages=TOOL_MESSAGES, tools=[WEATHER, CLOCK], max_tokens=120,
+              temperature=0.8, seed=11, tool_choice="required", n=2, logprobs=True)
+    whole = client.chat.completions.create(**kw)
+    chunks = [c for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+    for ch in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == ch.index]
+        deltas = [tc for c in mine for tc in (c.delta.tool_calls or [])]
+        heads = [d for d in deltas if d.id is not None]
+        args = ["".join(d.function.arguments or "" for d in deltas if d.index == h.index) for h in heads]
+        assert [(h.function.name, json.loads(a)) for h, a in zip(heads, args)] == \
+            [(t.function.name, json.loads(t.function.arguments)) for t in ch.message.tool_calls]
+        assert [c.finish_reason for c in mine if c.finish_reason] == ["tool_calls"]
+        assert sum(len(c.logprobs.content) for c in mine if c.logprobs) == len(ch.logprobs.content)
+
+
 def test_required_tool_choice_cut_by_max_tokens_is_text_streamed_or_not(client, api_server):
     """A "required" reply that max_tokens cuts before any call's name closed holds no call: both the
     reply and the stream give the generated text as content, with finish_reason "length"."""
