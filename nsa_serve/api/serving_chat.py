@@ -89,7 +89,6 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
     held = [""] * n
     named_started: set[int] = set()
     required = [RequiredCallStream() for _ in range(n)] if plan is not None and plan.mode == "required" else []
-    sent_calls: set[int] = set()
 
     def delta_of(i: int, text: str, reason: str | None) -> tuple[DeltaMessage, str | None]:
         if plan is None:
@@ -105,13 +104,11 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
             return DeltaMessage(tool_calls=calls or None), reason
         held[i] += text
         calls = required[i].feed(text)
-        if calls:
-            sent_calls.add(i)
         if not reason:
             return DeltaMessage(tool_calls=calls or None), None
         if tool_calls_of(plan, held[i], reason):  # the list closed
             return DeltaMessage(tool_calls=calls or None), "tool_calls"
-        if i not in sent_calls:  # cut before any call: what was generated, as text
+        if not required[i].started:  # cut before any call: what was generated, as text
             return DeltaMessage(content=held[i]), reason
         return DeltaMessage(tool_calls=calls or None), reason  # cut inside a call: it stays as sent
 

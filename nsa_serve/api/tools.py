@@ -147,6 +147,11 @@ class RequiredCallStream:
         self._cap = False  # characters belong to a parameters value
         self._calls: list[dict] = []  # per call: name, pending argument text, header sent
 
+    @property
+    def started(self) -> bool:
+        """Whether a call has gone out (its first delta)."""
+        return any(c["sent"] for c in self._calls)
+
     def feed(self, text: str) -> list[dict]:
         """Deltas for `text`, the reply's next characters: one per call that has news."""
         first = max(len(self._calls) - 1, 0)
