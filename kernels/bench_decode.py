@@ -210,6 +210,17 @@ VARIANTS = {
     "32-entry compressed tiles": dict(chunk=32),
     "32-entry compressed tiles, two a program": dict(chunk=32, cmp_programs="2*sms"),
     "32-entry compressed tiles, one a program": dict(chunk=32, cmp_programs="4*sms"),
+    # Unpipelined compressed pass (loads to registers, latency hidden by programs an SM): Triton
+    # 3.6 keeps the evict-first hint only on such loads, not on pipelined cp.async copies.
+    "register loads, 128-entry tiles, 1 an SM": dict(cmp_stages=1),
+    "register loads, 128-entry tiles, 2 an SM": dict(cmp_stages=1, chunk=128, cmp_programs="2*sms"),
+    "register loads, 64-entry tiles, 8 warps, 2 an SM": dict(cmp_stages=1, chunk=64, cmp_warps=8,
+                                                             cmp_programs="2*sms"),
+    "register loads, 32-entry tiles, 4 an SM": dict(cmp_stages=1, chunk=32, cmp_programs="4*sms"),
+    "register loads, 32-entry tiles, 4 an SM, no hints": dict(cmp_stages=1, chunk=32, cmp_programs="4*sms",
+                                                              cmp_evict=False),
+    "register loads, 64-entry tiles, 8 warps, 2 an SM, no hints": dict(cmp_stages=1, chunk=64, cmp_warps=8,
+                                                                       cmp_programs="2*sms", cmp_evict=False),
 }
 
 

@@ -325,7 +325,10 @@ def test_gpu_paper_shape_fp32_selection(G):
                                 dict(topn="passes"), dict(topn="cand"),
                                 dict(topn="cand", chunk=64, cmp_programs=528),
                                 dict(carveout=None), dict(carveout=0), dict(cmp_evict=False),
-                                dict(num_splits=7)])
+                                dict(num_splits=7),
+                                # unpipelined compressed pass (its loads keep the evict-first hint)
+                                dict(cmp_stages=1, chunk=32, cmp_programs=528),
+                                dict(cmp_stages=1, chunk=64, cmp_warps=8, cmp_programs=264)])
 def test_gpu_paper_shape_launch_variants(kw):
     # The launch configurations the benchmark compares (nsa_decode_tuned); the default is covered
     # above. fp32 so the selected blocks are compared exactly too.
