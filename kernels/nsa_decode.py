@@ -638,8 +638,8 @@ SMALL_TILE = 32
 # partials'. Triton 3.9 puts both in the PTX (twentieth round). It drops them on purpose: its
 # bundled ptxas 12.8 miscompiles hinted cp.async (an illegal-instruction fault). Put back with
 # ptxas 13.4 (scripts/cp_async_hint_probe.py, twenty-first round), the read hint alone gave batch
-# 1 / 16 / 64 −0.4 / −0.3 / +4.5 µs; with the attention kernel's page reads hinted too, batch 16
-# went 90.6 → 87.2 µs. Revisit both hints on a toolchain that emits them (Triton ≥ 3.9).
+# 1 / 16 / 64 −0.4 / −0.3 / +3.9–4.8 µs; with the attention kernel's page reads hinted too, batch
+# 16 went 90.6 → 87.2 µs. Revisit both hints on a toolchain that emits them (Triton ≥ 3.9).
 CMP_EVICT = True
 # Selection/attention launch defaults. Padded to 256, dk = 192 needs 8 warps (4 take 252 registers
 # for the [64, 256] key tiles); split as 128 + 64 dots, 4 warps fit and were fastest at 64k on the
