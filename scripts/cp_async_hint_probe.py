@@ -58,7 +58,11 @@ def add_evict_first(ptx: str) -> tuple[str, int]:
 def install(kernels: tuple[str, ...], log: list) -> None:
     from triton import knobs
 
-    def hook(backend, stages, options, language, capability):
+    def hook(*args):
+        if not args:  # newer Triton (3.9) first asks for the hook's part of the cache key
+            key = f"cp_async_hint_probe:{','.join(kernels)}:{bool(os.environ.get('HINT_AT_COPY'))}"
+            return key, key
+        backend, stages, options, language, capability = args
         make_ptx = stages["ptx"]
 
         def ptx_stage(src, metadata):
