@@ -635,7 +635,7 @@ SMALL_TILE = 32
 # round): batch 16 92.5 / 92.3 → 91.0 / 90.9 µs; batch 1 29.3 → 29.4; batch 64 281.9 / 281.0 →
 # 282.3 / 283.0 (its partials are 34 MB, most of the L2). Triton 3.6 (the GPU image's) keeps
 # only the stores' hint: its pipelined (cp.async) loads drop eviction policies, so that gain is the
-# partials'. Triton 3.9 puts both in the PTX (twentieth round). It drops them on purpose: its
+# partials'. Triton 3.9 puts both in the PTX (twentieth round). Triton 3.6 drops them on purpose: its
 # bundled ptxas 12.8 miscompiles hinted cp.async (an illegal-instruction fault). Put back with
 # ptxas 13.4 (scripts/cp_async_hint_probe.py, twenty-first round), the read hint alone gave batch
 # 1 / 16 / 64 −0.4 / −0.3 / +3.9–4.8 µs; with the attention kernel's page reads hinted too, batch
