@@ -38,20 +38,23 @@ import tempfile
 MODES = {"none": (), "cmp": ("_cmp_tile_kernel",), "attend": ("_attend_kernel",),
          "cmp+attend": ("_cmp_tile_kernel", "_attend_kernel")}
 _COPY = re.compile(r"cp\.async\.cg\.shared\.global (\[[^\]]*\]), (\[[^\]]*\]), (0x10|16), (%r\d+);")
+_MAKE = "createpolicy.fractional.L2::evict_first.b64 %rd_evf, 1.0;"
 
 
 def add_evict_first(ptx: str) -> tuple[str, int]:
     """`ptx` with every cp.async.cg copy given an evict-first L2 cache-policy operand, and the
     number of copies changed. One policy register, made at the kernel's entry (HINT_AT_COPY: made
     again before every copy, as Triton 3.9 emits it)."""
-    at_copy = "createpolicy.fractional.L2::evict_first.b64 %rd_evf, 1.0;\n\t" if os.environ.get("HINT_AT_COPY") else ""
-    out, n = _COPY.subn(at_copy + r"cp.async.cg.shared.global.L2::cache_hint \1, \2, \3, \4, %rd_evf;", ptx)
+    at_copy = bool(os.environ.get("HINT_AT_COPY"))
+    hinted = r"cp.async.cg.shared.global.L2::cache_hint \1, \2, \3, \4, %rd_evf;"
+    out, n = _COPY.subn((_MAKE + "\n\t" if at_copy else "") + hinted, ptx)
     if n:
         decl = re.search(r"\n(\s*)\.reg \.b64\s+%rd<\d+>;\n", out)
         if decl is None:
             raise RuntimeError("no .b64 register declaration to extend")
-        make = "" if at_copy else f"{decl.group(1)}createpolicy.fractional.L2::evict_first.b64 %rd_evf, 1.0;\n"
-        out = out[:decl.end()] + f"{decl.group(1)}.reg .b64 %rd_evf;\n" + make + out[decl.end():]
+        ind = decl.group(1)
+        extra = f"{ind}.reg .b64 %rd_evf;\n" + ("" if at_copy else f"{ind}{_MAKE}\n")
+        out = out[:decl.end()] + extra + out[decl.end():]
     return out, n
 
 
@@ -78,6 +81,7 @@ def install(kernels: tuple[str, ...], log: list) -> None:
 
 def child(mode: str, out_path: str) -> None:
     import torch
+    from safetensors.torch import save_file
 
     from nsa_kernels import bench_decode as bd
     from nsa_kernels.nsa_decode import nsa_decode
@@ -85,12 +89,11 @@ def child(mode: str, out_path: str) -> None:
     log: list = []
     install(MODES[mode], log)
     res = {"mode": mode}
+    outs = {}
     for B in (1, 16, 64):
         q, gates, layer, tables, seq_lens = bd.make_inputs(B, 65536, **bd.SHAPES["paper"], p=bd.PAPER_P)
         fn = lambda: nsa_decode(q, gates, layer, tables, seq_lens, bd.PAPER_P)  # noqa: E731
-        o = fn().float()
-        res[f"sum{B}"] = [o.sum().item(), o.abs().sum().item()]
-        torch.save(o.cpu(), f"{out_path}.{B}.pt")
+        outs[f"b{B}"] = fn().float().cpu()
         g = bd.graph_of(fn)
         for flush in ("write", "read"):
             bd.FLUSH = flush
@@ -98,12 +101,14 @@ def child(mode: str, out_path: str) -> None:
         del q, gates, layer, tables, seq_lens, g
         torch.cuda.empty_cache()
     res["rewrites"] = sorted(set(log))
+    save_file(outs, out_path + ".safetensors")
     with open(out_path, "w") as f:
         json.dump(res, f)
 
 
 def main() -> None:
     import torch
+    from safetensors.torch import load_file
 
     tmp = tempfile.mkdtemp()
     results = {}
@@ -123,13 +128,15 @@ def main() -> None:
 
     ptxas = get_ptxas(90)
     print(f"ptxas {ptxas.version} ({ptxas.path})")
-    base = next(i for i, m in results if m == "none")
-    print("| run | mode | copies rewritten | B=1 write µs | B=16 write | B=64 write | B=1 read | B=16 read | B=64 read | outputs equal to 'none' |")
+    outs = {key: load_file(os.path.join(tmp, f"{key[0]}_{key[1]}.json.safetensors")) for key in results}
+    base = next((outs[key] for key in results if key[1] == "none"), None)
+    print("| run | mode | copies rewritten | B=1 write µs | B=16 write | B=64 write | B=1 read | B=16 read "
+          "| B=64 read | outputs equal to 'none' |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for (i, mode), r in results.items():
-        same = all(torch.equal(torch.load(os.path.join(tmp, f"{i}_{mode}.json.{B}.pt")),
-                               torch.load(os.path.join(tmp, f"{base}_none.json.{B}.pt"))) for B in (1, 16, 64))
-        cols = [" / ".join(f"{x:.1f}" for x in r[f"{fl}{B}"]) for fl in ("write", "read") for B in (1, 16, 64)]
+        same = "n/a" if base is None else all(torch.equal(outs[(i, mode)][k], base[k]) for k in base)
+        cols = [" / ".join(f"{x:.1f}" for x in r[f"{fl}{B}"]) for fl in ("write", "read")
+                for B in (1, 16, 64)]
         print(f"| {i} | {mode} | {r['rewrites']} | " + " | ".join(cols) + f" | {same} |", flush=True)
 
 
