@@ -67,7 +67,7 @@ EDITS = [
     (r"(\n    if PDL:  # launched early .*\n        tl\.extra\.cuda\.gdc_wait\(\)\n)",
      r"\n    _stamp(tim_ptr, 0, 0, TIME)\1    _stamp(tim_ptr, 0, 1, TIME)\n", 1),
     (r"(\n    tl\.store\(pacc_ptr \+ o\[:, None\] \* DV .*\n)", r"\1    _stamp(tim_ptr, 0, 2, TIME)\n", 1),
-    (r"(TOPN: tl\.constexpr, NPROG_P: tl\.constexpr, PDL: tl\.constexpr)\):(\n    \"\"\"Program \(group, p\))",
+    (r"(NPROG_P: tl\.constexpr, TICKET: tl\.constexpr,\n\s*PDL: tl\.constexpr)\):(\n    \"\"\"Program \(group, p\))",
      r"\1" + ARGS + r"\2", 1),
     (r"(\n    if PDL:\n        tl\.extra\.cuda\.gdc_wait\(\)\n        tl\.extra\.cuda\.gdc_launch_dependents\(\).*\n)",
      r"\n    _stamp(tim_ptr, 1, 0, TIME)\1    _stamp(tim_ptr, 1, 1, TIME)\n", 1),
@@ -78,8 +78,15 @@ EDITS = [
      r"\n    _stamp(tim_ptr, 2, 0, TIME)\n    _stamp_sm(tim_ptr, 6, TIME)\1", 1),
     (r"(\n    if PDL:  # the work list is the score kernel's output\n        tl\.extra\.cuda\.gdc_wait\(\)\n)",
      r"\1    _stamp(tim_ptr, 2, 1, TIME)\n", 1),
-    (r"(\n                            NSPLIT_C, NSPLIT, GP, C_CH, S_CH, DV, DVP\)\n)",
-     r"\1    _stamp(tim_ptr, 2, 2, TIME)\n", 1),  # the kernel's end, after the fused merge
+    (r"(\n        if arrived == NSPLIT - 1:\n            tl\.store\(cnt_ptr \+ pid, 0\).*\n.*\n.*\n"
+     r"                            NSPLIT_C, NSPLIT, GP, C_CH, S_CH, DV, DVP\)\n)",
+     r"\1    _stamp(tim_ptr, 2, 2, TIME)\n", 1),  # the kernel's end, after the fused merges (the last block)
+    # Kernel id 7: slot 1 when a program's own pages are done (all programs), slot 0 when a merging
+    # program starts its merge (after the last arrival it saw: the fused merges, both kinds).
+    (r"(\n    o = rows \* NSPLIT \+ split\n)(    _store_partial\(sm_ptr)", r"\1    _stamp(tim_ptr, 7, 1, TIME)\n\2", 1),
+    (r"(\n            while n < NSPLIT - 1:.*\n                n = tl\.atomic_add\(cnt_ptr \+ pid, 0, sem=\"acquire\"\)\n)",
+     r"\1            _stamp(tim_ptr, 7, 0, TIME)\n", 1),
+    (r"(\n        if arrived == NSPLIT - 1:\n)", r"\1            _stamp(tim_ptr, 7, 0, TIME)\n", 1),
     (r"(score_warps=4[^)]*)\):", r"\1, timer=None):", 1),
     (r"PDL=pdl, (num_warps=(cmp_warps|score_warps|num_warps))", "PDL=pdl, " + TIMER + r"\1", 3),
 ]
@@ -107,7 +114,7 @@ PHASE_EDITS = [
     (r"(\n)(        key = _topn_keys\(score, j, cur, NUM_INIT, NUM_LOCAL\)\n)", r"\1        _stamp(tim_ptr, 4, 1, TIME)\n\2", 1),
     (r"(\n        tl\.store\(cand_ptr \+ \(pid \* NPROG \+ prog\) \* NSP \+ ks, top\)\n)",
      r"\1        _stamp(tim_ptr, 4, 2, TIME)\n", 1),
-    (r"(\n    arrived = tl\.atomic_add\(cnt_ptr \+ pid, 1\)\n)", r"\1    _stamp(tim_ptr, 5, 0, TIME)\n", 1),
+    (r"(\n        last = arrived == NPROG - 1\n)", r"\1        _stamp(tim_ptr, 5, 0, TIME)\n", 1),
     (r"(\n)(            _store_units\(_blocks_of\(top, NSEL, NSP\))", r"\1            _stamp(tim_ptr, 5, 1, TIME)\n\2", 1),
 ]
 
@@ -174,6 +181,15 @@ def timeline(step, tim, reps=25, score_phases=False, groups=0):
             for k in SM_SHARES:
                 y = x[per_sm == k]
                 r += [y.shape[0], y[:, 2].median(), y[:, 2].max()] if y.shape[0] else [0, float("nan"), float("nan")]
+            # The fused merge: programs that merged (kernel id 7, slot 0), from their own pages done
+            # to the merge's start (waiting for the other splits) and to their end.
+            mrg = t[7, :, 0] > 0
+            if mrg.any():
+                done, start, end = ((t[7, :, 1][mrg] - t0) / 1e3, (t[7, :, 0][mrg] - t0) / 1e3,
+                                    (t[2, :, 2][mrg] - t0) / 1e3)
+                r += [(start - done).median(), (end - start).median(), end.median(), end.max()]
+            else:
+                r += [float("nan")] * 4
         rows.append([float(v) for v in r])
     return torch.tensor(rows[5:]).median(0).values.tolist(), bench(g.replay)
 
@@ -210,7 +226,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("decode_timeline needs a CUDA GPU")
     mod = instrumented_module(args.score_phases)
-    ids = 7  # kernel ids 0–2, the phase points' ids 3–5, the attention programs' SMs (6)
+    ids = 8  # kernel ids 0–2, the phase points' ids 3–5, the attention programs' SMs (6), merges (7)
     tim = torch.zeros(ids * 65536 * 3, dtype=torch.int64, device="cuda")  # ≤ 65536 programs a kernel
     print(f"paper shape, {args.ctx // 1024}k; µs from the first compressed-pass entry: first entry / last entry / "
           "last past its wait / first end / median end / last end")
@@ -238,14 +254,17 @@ def main(argv=None):
                             f"{name} {ph[2 * i]:.1f}/{ph[2 * i + 1]:.1f}" for i, (name, _) in enumerate(PHASES)),
                             flush=True)
                     if args.by_split:
-                        sp = med[18 + (2 * len(PHASES) if args.score_phases else 0):-3 * len(SM_SHARES)]
+                        sp = med[18 + (2 * len(PHASES) if args.score_phases else 0):-3 * len(SM_SHARES) - 4]
                         print("      attention by split, median entry / past wait / end, last end µs: " + " | ".join(
                             f"{i}: " + "/".join(f"{v:.1f}" for v in sp[4 * i:4 * i + 4])
                             for i in range(len(sp) // 4)), flush=True)
-                        sh = med[-3 * len(SM_SHARES):]
+                        sh = med[-3 * len(SM_SHARES) - 4:-4]
                         print("      attention by programs on the SM, count / median end / last end µs: " + " | ".join(
                             f"{k} an SM: {sh[3 * i]:.0f}/{sh[3 * i + 1]:.1f}/{sh[3 * i + 2]:.1f}"
                             for i, k in enumerate(SM_SHARES)), flush=True)
+                        mg = med[-4:]
+                        print(f"      fused merge, median µs: own pages done → merge start {mg[0]:.2f}, merge "
+                              f"{mg[1]:.2f}; merging programs' end median / last {mg[2]:.1f}/{mg[3]:.1f}", flush=True)
         del q, gates, layer, tables, lens
         torch.cuda.empty_cache()
 
