@@ -181,13 +181,12 @@ def _tile_factors(pms_ptr, rows, gmask, mx, inv, t, tok, MAXT):
 # to 1): eager decode steps would compile a variant per combination (it only moves addresses).
 @triton.jit(do_not_specialize=["MAXT", "NSPLIT", "NPROG", "SROW"])
 def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, sbt_b,
-                  sel_ptr, ulp_ptr, uph_ptr, cnt_ptr, tick_ptr, cand_ptr, edge_ptr, Hkv, MAXT, NSPLIT, NPROG, SROW,
+                  sel_ptr, ulp_ptr, uph_ptr, cnt_ptr, cand_ptr, edge_ptr, Hkv, MAXT, NSPLIT, NPROG, SROW,
                   G: tl.constexpr, GP: tl.constexpr, BLOCK_L: tl.constexpr, STRIDE: tl.constexpr,
                   PAGE: tl.constexpr, BN: tl.constexpr, PPT: tl.constexpr, KSPAN: tl.constexpr,
                   NSPLIT_P: tl.constexpr, TT: tl.constexpr, NBP: tl.constexpr,
                   NSEL: tl.constexpr, NSP: tl.constexpr, NUM_INIT: tl.constexpr,
-                  NUM_LOCAL: tl.constexpr, TOPN: tl.constexpr, NPROG_P: tl.constexpr, TICKET: tl.constexpr,
-                  PDL: tl.constexpr):
+                  NUM_LOCAL: tl.constexpr, TOPN: tl.constexpr, NPROG_P: tl.constexpr, PDL: tl.constexpr):
     """Program (group, p) sums the group's partial scores of compressed tiles [p·TT, p·TT + TT) over
     the heads: part_k[page] = Σ_h psc[h, tile, k, page] · exp(m_{h,tile} − M_h) / L_h, one factor
     per (head, tile) — so the loads are contiguous [G, TT, PPT] runs and there is one exp per
@@ -201,17 +200,11 @@ def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, 
     candidates, so the last-arriving program takes the top-n of NPROG·n candidates instead of every
     block (each block of the group's top-n is in its own program's top-n). A block's spill from
     the page before the program's first comes from the previous tile's partial scores, summed here
-    (`edge`) because the previous program may not have stored its part yet.
-
-    TICKET: the top-n is taken by the group's last program to *start* (an entry ticket: the others
-    are then running, so it may wait for them), which waits for their arrivals instead of fencing
-    and counting itself in."""
+    (`edge`) because the previous program may not have stored its part yet."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()  # after the wait: see nsa_decode_tuned
     prog = tl.program_id(1)
-    if TICKET:
-        ticket = tl.atomic_add(tick_ptr + tl.program_id(0), 1, sem="relaxed")
     pid, b, L, n_tiles, gmask, rows, mx, inv = _score_group(lens_ptr, pm_ptr, pl_ptr, Hkv, NSPLIT, G, GP,
                                                             BLOCK_L, STRIDE, BN, NSPLIT_P)
     t = prog * TT + tl.arange(0, TT)
@@ -260,19 +253,8 @@ def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, 
     # The barrier orders this CTA's stores before the atomic's release; the acquire orders the last
     # program's loads after every other program's stores.
     tl.debug_barrier()
-    if TICKET:
-        last = ticket == NPROG - 1
-        if last:
-            n = tl.atomic_add(cnt_ptr + pid, 0, sem="acquire")
-            while n < NPROG - 1:  # the others' stores, visible once their release is seen
-                n = tl.atomic_add(cnt_ptr + pid, 0, sem="acquire")
-            tl.store(tick_ptr + pid, 0)
-        else:
-            tl.atomic_add(cnt_ptr + pid, 1, sem="release")
-    else:
-        arrived = tl.atomic_add(cnt_ptr + pid, 1)
-        last = arrived == NPROG - 1
-    if last:
+    arrived = tl.atomic_add(cnt_ptr + pid, 1)
+    if arrived == NPROG - 1:
         tl.store(cnt_ptr + pid, 0)  # ready for the next call: every program of this group has counted
         if TOPN == 2:
             c = tl.arange(0, NPROG_P * NSP)
@@ -442,7 +424,7 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
                    lens_ptr, bt_ptr, sbt_b, wt_ptr, swt_b, ulp_ptr, uph_ptr,
                    sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
                    pm_ptr, pl_ptr, pacc_ptr, gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, cnt_ptr,
-                   tick_ptr, scale, Hkv, NSPLIT_C: tl.constexpr,
+                   scale, Hkv, NSPLIT_C: tl.constexpr,
                    G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr,
                    DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PAGE: tl.constexpr,
                    NSEL: tl.constexpr, NSP: tl.constexpr, SPS_P: tl.constexpr,
@@ -465,8 +447,7 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
     blocks inside the window — always selected — are read once, in the window loop, and feed
     both branches; the selected loop skips them. FUSE 1: the group's last-arriving split also
     merges all partial states of the three branches and writes the gated output (no combine
-    launch). FUSE 2: the same merge by the group's last split to *start* (an entry ticket), which
-    waits for the others' arrivals instead of fencing and counting itself in."""
+    launch)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // Hkv
@@ -476,11 +457,6 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
     gmask = g < G
     heads = kh * G + g
     rows = b * Hq + heads
-    if FUSE == 2:
-        # The last split of the group to take a ticket merges: every other split is then running,
-        # so waiting for them cannot deadlock, whatever order the hardware starts programs in.
-        # Its result is needed only at the end, so the atomic's round trip is off the path.
-        ticket = tl.atomic_add(tick_ptr + pid, 1, sem="relaxed")
     # Before the wait: this launch's inputs from kernels before the score kernel (q, the length,
     # the caches and tables) are complete — the score kernel waits for the compressed pass, which
     # waited for them, before it lets this kernel launch.
@@ -544,21 +520,6 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
     o = rows * NSPLIT + split
     _store_partial(sm_ptr, sl_ptr, sacc_ptr, o, gmask, m_s, l_s, a_s, DV, DVP)
     _store_partial(wm_ptr, wl_ptr, wacc_ptr, o, gmask, m_w, l_w, a_w, DV, DVP)
-    if FUSE == 2:
-        # The barrier orders this CTA's stores before the release (others) or before its own merge
-        # loads (the merging split: its own partials need no fence, only its threads read them).
-        tl.debug_barrier()
-        if ticket == NSPLIT - 1:
-            n = tl.atomic_add(cnt_ptr + pid, 0, sem="acquire")
-            while n < NSPLIT - 1:  # the others' partials, visible once their release is seen
-                n = tl.atomic_add(cnt_ptr + pid, 0, sem="acquire")
-            tl.store(cnt_ptr + pid, 0)  # both counters ready for the next call
-            tl.store(tick_ptr + pid, 0)
-            _merge_and_gate(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
-                            gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, b, heads, rows, gmask,
-                            NSPLIT_C, NSPLIT, GP, C_CH, S_CH, DV, DVP)
-        else:
-            tl.atomic_add(cnt_ptr + pid, 1, sem="release")
     if FUSE == 1:
         # Last-arriving split of the group: every split's partials are written (the barrier orders
         # this CTA's stores before the release of the atomic; its acquire orders the loads after).
@@ -711,13 +672,11 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
                      cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
                      attend_split_dk=None, attend_stages=3, fuse_combine=None, pdl=None,
                      score_warps=4, topn=TOPN_DEFAULT, carveout=CARVEOUT_DEFAULT,
-                     cmp_evict=None, score_ticket=False):
+                     cmp_evict=None):
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
-    (None: when both branches have at most FUSE_MAX_SPLITS splits; "ticket": by the last split to
-    start, FUSE 2 of `_attend_kernel`). `score_ticket`: the score kernel's top-n taken the same way
-    (TICKET of `_score_kernel`). `pdl`: programmatic dependent
+    (None: when both branches have at most FUSE_MAX_SPLITS splits). `pdl`: programmatic dependent
     launch (None: `pdl_enabled`). `topn`: how the top-n is found (TOPN_MODES, `_select_units`).
     `carveout`: preferred shared-memory carveout, percent, of the small score and combine kernels
     (`set_carveout`; None: the driver's choice).
@@ -792,7 +751,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     sel = torch.empty(B, Hkv, p.num_select, device=dev, dtype=torch.int32)
     ulp = torch.empty(NG, NSP, device=dev, dtype=torch.int32)
     uph = torch.empty_like(ulp)
-    cnt = _arrival_counters(dev, 4 * NG)  # attention arrivals, score arrivals, attention / score tickets
+    cnt = _arrival_counters(dev, 2 * NG)  # attention arrivals, then score arrivals
     kc, vc = layer.kc_cache, layer.vc_cache
     _cmp_tile_kernel[(NG, nsplit_c)](
         q, q.stride(0), q.stride(1), kc, kc.stride(0), kc.stride(1), kc.stride(2),
@@ -816,11 +775,11 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     edge = torch.empty(NG, nprog, KSPAN, PPT, device=dev, dtype=f32) if cands else pms
     k_score = _score_kernel[(NG, nprog)](
         seq_lens, pm, pl, pms, psc, part, block_tables, block_tables.stride(0),
-        sel, ulp, uph, cnt[NG:], cnt[3 * NG:], cand, edge, Hkv, MAXT, nsplit_c, nprog, SROW,  # SROW: a stride
+        sel, ulp, uph, cnt[NG:], cand, edge, Hkv, MAXT, nsplit_c, nprog, SROW,  # SROW: a stride, run-time
         G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, BN=BN, PPT=PPT, KSPAN=KSPAN,
         NSPLIT_P=next_pow2(nsplit_c), TT=TT, NBP=NBP, NSEL=p.num_select, NSP=NSP,
         NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, TOPN=TOPN_MODES.index(topn),
-        NPROG_P=next_pow2(nprog) if cands else 1, TICKET=bool(score_ticket),
+        NPROG_P=next_pow2(nprog) if cands else 1,
         PDL=pdl, num_warps=score_warps, **launch)
     set_carveout(k_score, carveout)
 
@@ -843,14 +802,14 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     NC_P, NS_P = max(2, next_pow2(nsplit_c)), max(2, next_pow2(nsplit))
     if fuse_combine is None:
         fuse_combine = max(nsplit_c, nsplit) <= FUSE_MAX_SPLITS
-    fuse_mode = 2 if fuse_combine == "ticket" else int(bool(fuse_combine))
+    fuse_mode = int(bool(fuse_combine))
     k, v = layer.k_cache, layer.v_cache
     _attend_kernel[(NG, nsplit)](
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), k.stride(2),
         v, v.stride(0), v.stride(1), v.stride(2), seq_lens, block_tables, block_tables.stride(0),
         wt, wt.stride(0), ulp, uph, sm, sl, sacc, wm, wl, wacc,
         pm, pl, pacc, gates, gates.stride(0), gates.stride(1), out, out.stride(0), out.stride(1),
-        cnt, cnt[2 * NG:], scale, Hkv, nsplit_c if fuse_mode else 1,  # a constant only the fused merges use:
+        cnt, scale, Hkv, nsplit_c if fuse_mode else 1,  # a constant only the fused merges use:
         # 1 otherwise, so unfused launches do not compile a variant per compressed split count
         G=G, GP=GP, DK=Dk, DK0=ADK0, DK1=ADK1, DV=Dv, DVP=DVP, PAGE=P, NSEL=p.num_select, NSP=NSP,
         SPS_P=max(2, next_pow2(sps)), WINDOW=p.window, WPS_P=max(2, next_pow2(wps)),

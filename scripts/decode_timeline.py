@@ -67,7 +67,7 @@ EDITS = [
     (r"(\n    if PDL:  # launched early .*\n        tl\.extra\.cuda\.gdc_wait\(\)\n)",
      r"\n    _stamp(tim_ptr, 0, 0, TIME)\1    _stamp(tim_ptr, 0, 1, TIME)\n", 1),
     (r"(\n    tl\.store\(pacc_ptr \+ o\[:, None\] \* DV .*\n)", r"\1    _stamp(tim_ptr, 0, 2, TIME)\n", 1),
-    (r"(NPROG_P: tl\.constexpr, TICKET: tl\.constexpr,\n\s*PDL: tl\.constexpr)\):(\n    \"\"\"Program \(group, p\))",
+    (r"(TOPN: tl\.constexpr, NPROG_P: tl\.constexpr, PDL: tl\.constexpr)\):(\n    \"\"\"Program \(group, p\))",
      r"\1" + ARGS + r"\2", 1),
     (r"(\n    if PDL:\n        tl\.extra\.cuda\.gdc_wait\(\)\n        tl\.extra\.cuda\.gdc_launch_dependents\(\).*\n)",
      r"\n    _stamp(tim_ptr, 1, 0, TIME)\1    _stamp(tim_ptr, 1, 1, TIME)\n", 1),
@@ -78,14 +78,11 @@ EDITS = [
      r"\n    _stamp(tim_ptr, 2, 0, TIME)\n    _stamp_sm(tim_ptr, 6, TIME)\1", 1),
     (r"(\n    if PDL:  # the work list is the score kernel's output\n        tl\.extra\.cuda\.gdc_wait\(\)\n)",
      r"\1    _stamp(tim_ptr, 2, 1, TIME)\n", 1),
-    (r"(\n        if arrived == NSPLIT - 1:\n            tl\.store\(cnt_ptr \+ pid, 0\).*\n.*\n.*\n"
-     r"                            NSPLIT_C, NSPLIT, GP, C_CH, S_CH, DV, DVP\)\n)",
-     r"\1    _stamp(tim_ptr, 2, 2, TIME)\n", 1),  # the kernel's end, after the fused merges (the last block)
-    # Kernel id 7: slot 1 when a program's own pages are done (all programs), slot 0 when a merging
-    # program starts its merge (after the last arrival it saw: the fused merges, both kinds).
+    (r"(\n                            NSPLIT_C, NSPLIT, GP, C_CH, S_CH, DV, DVP\)\n)",
+     r"\1    _stamp(tim_ptr, 2, 2, TIME)\n", 1),  # the kernel's end, after the fused merge
+    # Kernel id 7: slot 1 when a program's own pages are done (all programs), slot 0 when the
+    # group's last-arriving split starts the fused merge (after its arrival).
     (r"(\n    o = rows \* NSPLIT \+ split\n)(    _store_partial\(sm_ptr)", r"\1    _stamp(tim_ptr, 7, 1, TIME)\n\2", 1),
-    (r"(\n            while n < NSPLIT - 1:.*\n                n = tl\.atomic_add\(cnt_ptr \+ pid, 0, sem=\"acquire\"\)\n)",
-     r"\1            _stamp(tim_ptr, 7, 0, TIME)\n", 1),
     (r"(\n        if arrived == NSPLIT - 1:\n)", r"\1            _stamp(tim_ptr, 7, 0, TIME)\n", 1),
     (r"(score_warps=4[^)]*)\):", r"\1, timer=None):", 1),
     (r"PDL=pdl, (num_warps=(cmp_warps|score_warps|num_warps))", "PDL=pdl, " + TIMER + r"\1", 3),
@@ -114,7 +111,7 @@ PHASE_EDITS = [
     (r"(\n)(        key = _topn_keys\(score, j, cur, NUM_INIT, NUM_LOCAL\)\n)", r"\1        _stamp(tim_ptr, 4, 1, TIME)\n\2", 1),
     (r"(\n        tl\.store\(cand_ptr \+ \(pid \* NPROG \+ prog\) \* NSP \+ ks, top\)\n)",
      r"\1        _stamp(tim_ptr, 4, 2, TIME)\n", 1),
-    (r"(\n        last = arrived == NPROG - 1\n)", r"\1        _stamp(tim_ptr, 5, 0, TIME)\n", 1),
+    (r"(\n    arrived = tl\.atomic_add\(cnt_ptr \+ pid, 1\)\n)", r"\1    _stamp(tim_ptr, 5, 0, TIME)\n", 1),
     (r"(\n)(            _store_units\(_blocks_of\(top, NSEL, NSP\))", r"\1            _stamp(tim_ptr, 5, 1, TIME)\n\2", 1),
 ]
 

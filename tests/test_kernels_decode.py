@@ -119,13 +119,11 @@ def test_nsa_decode_both_kv_layouts(ring):
 
 
 @pytest.mark.parametrize("ring", [False, 3])
-@pytest.mark.parametrize("splits,fuse", [(1, True), (2, False), (4, True), (6, False),
-                                         (1, "ticket"), (3, "ticket"), (6, "ticket")])
+@pytest.mark.parametrize("splits,fuse", [(1, True), (2, False), (4, True), (6, False)])
 def test_nsa_decode_split_shares(splits, fuse, ring):
     # Each split takes its share of the sequence's own window pages and of the selected pages left
     # to read (the remainder to the last splits); 6 splits > n = 4 leave some with no selected page,
-    # and the window (1-3 pages here, on and off page boundaries) leaves some with none. "ticket":
-    # the merging split's own states come from its registers, the others' from memory.
+    # and the window (1-3 pages here, on and off page boundaries) leaves some with none.
     check_nsa([2, 31, 32, 47, 200, 65], Hkv=2, G=4, Dk=32, Dv=16, p=SMALL, ring=ring, chunk=16,
               num_splits=splits, fuse_combine=fuse, fn=nsa_mod.nsa_decode_tuned)
 
@@ -230,24 +228,6 @@ def test_nsa_decode_arrival_counters_reset_and_calls_repeat():
         assert torch.equal(o, outs[0])
 
 
-@pytest.mark.parametrize("topn", nsa_mod.TOPN_MODES)
-def test_nsa_decode_tickets_change_no_bit(topn):
-    # With tickets, the group's last program to start takes the top-n (score kernel) and merges the
-    # splits (attention kernel) after waiting for the others' arrivals: the same work from the same
-    # memory as the last-arriving program's, so bitwise the same output and selection, repeat calls
-    # too, and every counter and ticket back at zero. The partials' buffers hold another call's
-    # data first, so reading a slot before its split has stored it would show.
-    q, gates, layer, tables, seq_lens, _ = make_case(RAGGED, 2, 4, 24, 16, SMALL, seed=4)
-    kw = dict(chunk=16, num_splits=3, cmp_programs=64, topn=topn, return_selection=True)
-    want = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, fuse_combine=True, **kw)
-    for fuse, score_ticket in (("ticket", False), (True, True), ("ticket", True)):
-        nsa_mod.nsa_decode_tuned(q * -3, gates, layer, tables, seq_lens, SMALL, fuse_combine=True, **kw)
-        got = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, fuse_combine=fuse,
-                                       score_ticket=score_ticket, **kw)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-        assert int(nsa_mod._COUNTERS[q.device].abs().sum()) == 0
-
-
 def test_nsa_decode_ties_go_to_lower_block():
     # q = 0 makes every logit 0; with N = 32 visible summaries each p_cmp is exactly 1/32, so all
     # interior blocks score exactly the same in any summation order: lower block indices must win.
@@ -341,8 +321,7 @@ def test_gpu_paper_shape_fp32_selection(G):
 @pytest.mark.parametrize("kw", [dict(cmp_warps=8, cmp_stages=2, cmp_split_dk=False),
                                 dict(chunk=32, cmp_programs=528, attend_split_dk=True),
                                 dict(chunk=32, cmp_programs=528, num_splits=12, fuse_combine=True),
-                                dict(fuse_combine=False), dict(fuse_combine="ticket"),
-                                dict(score_ticket=True), dict(score_ticket=True, topn="sort"), dict(topn="sort"),
+                                dict(fuse_combine=False), dict(topn="sort"),
                                 dict(topn="passes"), dict(topn="cand"),
                                 dict(topn="cand", chunk=64, cmp_programs=528),
                                 dict(carveout=None), dict(carveout=0), dict(cmp_evict=False),
@@ -423,21 +402,17 @@ def test_gpu_cuda_graph_capture_and_replay():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("fuse,score_ticket", [(True, False), ("ticket", True)])
-def test_gpu_last_arriving_split_sees_every_split(fuse, score_ticket):
+def test_gpu_last_arriving_split_sees_every_split():
     # Many splits per group racing on the arrival counters (compressed pass: one 16-entry tile per
     # split; attention: 25 splits, merge fused): an ordering bug would show as a wrong or
-    # non-deterministic output, so 50 calls must be bitwise equal and match the reference. With
-    # tickets the merging split waits for the others' arrivals: a missing acquire or release
-    # would read stale partials, a wrong role a deadlock (the call would hang).
+    # non-deterministic output, so 50 calls must be bitwise equal and match the reference.
     q, gates, layer, tables, seq_lens, _ = make_case([9000, 33000], 4, 16, 192, 128, PAPER,
                                                      torch.bfloat16, device="cuda")
-    fn = lambda f, t: nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, PAPER,  # noqa: E731
-                                               chunk=16, cmp_programs=4096, num_splits=25,
-                                               fuse_combine=f, score_ticket=t)
-    first = fn(True, False)
+    fn = lambda: nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, PAPER, chunk=16,  # noqa: E731
+                                          cmp_programs=4096, num_splits=25, fuse_combine=True)
+    first = fn()
     for _ in range(50):
-        assert torch.equal(fn(fuse, score_ticket), first)
+        assert torch.equal(fn(), first)
     assert rel_err(first, reference(q, gates, layer, tables, seq_lens, PAPER, None)) < 1e-2
     assert int(nsa_mod._COUNTERS[q.device].abs().sum()) == 0
 
@@ -501,12 +476,10 @@ def test_timeline_instrumentation_still_applies():
             want = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, topn=topn)
             got = mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, topn=topn)
             assert torch.equal(got, want)
-        for fuse in (True, "ticket"):  # the merge stamps of both fused merges
-            want = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, num_splits=3,
-                                            fuse_combine=fuse)
-            got = mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, num_splits=3,
-                                       fuse_combine=fuse)
-            assert torch.equal(got, want)
+        # The fused merge's stamps (3 splits, merged by the last-arriving one).
+        kw = dict(chunk=16, num_splits=3, fuse_combine=True)
+        want = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, **kw)
+        assert torch.equal(mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, **kw), want)
 
 
 TOPN_CASES = {
