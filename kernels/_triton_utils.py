@@ -228,7 +228,7 @@ def _combine_branch(m_ptr, l_ptr, acc_ptr, row, nvalid, S_BUF, SP: tl.constexpr,
     ms = tl.load(m_ptr + row * S_BUF + s, mask=smask, other=NEG)
     ls = tl.load(l_ptr + row * S_BUF + s, mask=smask, other=0.0)
     a = tl.load(acc_ptr + (row * S_BUF + s)[:, None] * DV + dv[None, :],
-                mask=smask[:, None] & (dv[None, :] < DV), other=0.0)
+                mask=smask[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)  # fp32 or bf16
     mx = tl.max(ms, 0)
     w = tl.exp(ms - mx)
     total = tl.sum(ls * w, 0)

@@ -201,6 +201,7 @@ VARIANTS = {
     "one compressed tile buffer": dict(cmp_stages=2, cmp_programs="2*sms"),
     "splits merged in the attention kernel": dict(fuse_combine=True),
     "splits merged by the combine launch": dict(fuse_combine=False),
+    "partial output rows in fp32 (default: bf16 for bf16 inputs)": dict(bf16_partials=False),
     "64-entry compressed tiles": dict(chunk=64),
     "top-n by arg-max passes (default: bitonic top-k)": dict(topn="passes"),
     "top-n over every block (default: of per-program candidates)": dict(topn="sort"),

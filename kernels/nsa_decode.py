@@ -141,7 +141,8 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
     o = rows * NSPLIT + split
     tl.store(pm_ptr + o, m, mask=gmask, eviction_policy=KEEP_EV)
     tl.store(pl_ptr + o, l, mask=gmask, eviction_policy=KEEP_EV)
-    tl.store(pacc_ptr + o[:, None] * DV + dv[None, :], acc, mask=gmask[:, None] & (dv[None, :] < DV))
+    tl.store(pacc_ptr + o[:, None] * DV + dv[None, :], acc.to(pacc_ptr.dtype.element_ty),
+             mask=gmask[:, None] & (dv[None, :] < DV))
 
 
 @triton.jit
@@ -360,7 +361,8 @@ def _merge_splits(m_ptr, l_ptr, acc_ptr, rows, gmask, NS: tl.constexpr, GP: tl.c
         ms = tl.load(m_ptr + off, mask=smask, other=NEG, cache_modifier=".cg")
         ls = tl.load(l_ptr + off, mask=smask, other=0.0, cache_modifier=".cg")
         a = tl.load(acc_ptr + off[:, :, None] * DV + dv[None, None, :],
-                    mask=smask[:, :, None] & (dv[None, None, :] < DV), other=0.0, cache_modifier=".cg")
+                    mask=smask[:, :, None] & (dv[None, None, :] < DV), other=0.0,
+                    cache_modifier=".cg").to(tl.float32)  # stored as fp32 or bf16
         mn = tl.maximum(mx, tl.max(ms, 1))
         al = tl.exp(mx - mn)
         w = tl.exp(ms - mn[:, None])
@@ -416,7 +418,8 @@ def _store_partial(m_ptr, l_ptr, acc_ptr, o, gmask, m, l, acc, DV: tl.constexpr,
     dv = tl.arange(0, DVP)
     tl.store(m_ptr + o, m, mask=gmask)
     tl.store(l_ptr + o, l, mask=gmask)
-    tl.store(acc_ptr + o[:, None] * DV + dv[None, :], acc, mask=gmask[:, None] & (dv[None, :] < DV))
+    tl.store(acc_ptr + o[:, None] * DV + dv[None, :], acc.to(acc_ptr.dtype.element_ty),
+             mask=gmask[:, None] & (dv[None, :] < DV))
 
 
 @triton.jit
@@ -662,6 +665,15 @@ HAS_TOPK = tl.constexpr(hasattr(tl, "topk"))  # tl.topk arrived after tl.sort (T
 # Carveout 0 (prefer L1) was slower: 99.6 µs, the score programs entering at 64 instead of 58.
 CARVEOUT_DEFAULT = 100
 
+# The splits' partial output rows (unnormalised sums; m and l stay fp32) in bf16 for bf16 inputs, as
+# vLLM's split-K decode keeps its partial outputs in the activation dtype: the merges read half the
+# bytes, one more bf16 rounding of each row (max |Δ| 2e-3 at 64k; the bf16 tests' 1e-2 bound holds).
+# fp16 inputs keep fp32 rows: fp16's range is too small for unnormalised sums. H200, 64k, paper
+# shape, graph µs, fp32 → bf16 rows in one process each (docs/benchmarks/decode.md, twenty-second
+# round): batch 16 89.9 → 89.6, 89.9 → 89.0, 88.9 → 89.0, 89.8 → 89.0; batch 64 280.7 → 279.6,
+# 277.3 → 275.5; batch 1 27.1 → 27.4. Timeline at batch 16: the fused merge 2.05 → 1.54 µs.
+BF16_PARTIALS = True
+
 # Fuse the split merge and gates into the attention kernel's last split when both branches have at
 # most this many splits (batch ≥ 16 at 64k); many splits (batch 1) would serialise that merge.
 FUSE_MAX_SPLITS = 8
@@ -672,14 +684,15 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
                      cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
                      attend_split_dk=None, attend_stages=3, fuse_combine=None, pdl=None,
                      score_warps=4, topn=TOPN_DEFAULT, carveout=CARVEOUT_DEFAULT,
-                     cmp_evict=None):
+                     cmp_evict=None, bf16_partials=None):
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
     (None: when both branches have at most FUSE_MAX_SPLITS splits). `pdl`: programmatic dependent
     launch (None: `pdl_enabled`). `topn`: how the top-n is found (TOPN_MODES, `_select_units`).
     `carveout`: preferred shared-memory carveout, percent, of the small score and combine kernels
-    (`set_carveout`; None: the driver's choice).
+    (`set_carveout`; None: the driver's choice). `bf16_partials`: the splits' partial output
+    rows (not their m and l) stored in bf16 when q is bf16 (None: BF16_PARTIALS).
     Defaults: the fastest measured at 64k (docs/benchmarks/decode.md).
 
     With PDL each kernel waits (griddepcontrol.wait) before touching memory, so it is safe after
@@ -742,7 +755,9 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     nsplit_c = triton.cdiv(MAXT, triton.cdiv(MAXT, nsplit_c))
     pm = torch.empty(B, Hq, nsplit_c, device=dev, dtype=f32)
     pl = torch.empty_like(pm)
-    pacc = torch.empty(B, Hq, nsplit_c, Dv, device=dev, dtype=f32)
+    bf16_partials = BF16_PARTIALS if bf16_partials is None else bool(bf16_partials)
+    part_dt = torch.bfloat16 if bf16_partials and q.dtype == torch.bfloat16 else f32
+    pacc = torch.empty(B, Hq, nsplit_c, Dv, device=dev, dtype=part_dt)
     pms = torch.empty(B, Hq, MAXT, device=dev, dtype=f32)
     if topn not in TOPN_MODES:
         raise ValueError(f"topn must be one of {TOPN_MODES}, got {topn!r}")
@@ -796,7 +811,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     dedup = not ring
     sm = torch.empty(B, Hq, nsplit, device=dev, dtype=f32)
     sl, wm, wl = torch.empty_like(sm), torch.empty_like(sm), torch.empty_like(sm)
-    sacc = torch.empty(B, Hq, nsplit, Dv, device=dev, dtype=f32)
+    sacc = torch.empty(B, Hq, nsplit, Dv, device=dev, dtype=part_dt)
     wacc = torch.empty_like(sacc)
     out = torch.empty(B, Hq, Dv, device=dev, dtype=q.dtype)
     NC_P, NS_P = max(2, next_pow2(nsplit_c)), max(2, next_pow2(nsplit))

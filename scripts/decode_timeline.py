@@ -66,7 +66,7 @@ EDITS = [
      r"\1" + ARGS + r"\2", 1),
     (r"(\n    if PDL:  # launched early .*\n        tl\.extra\.cuda\.gdc_wait\(\)\n)",
      r"\n    _stamp(tim_ptr, 0, 0, TIME)\1    _stamp(tim_ptr, 0, 1, TIME)\n", 1),
-    (r"(\n    tl\.store\(pacc_ptr \+ o\[:, None\] \* DV .*\n)", r"\1    _stamp(tim_ptr, 0, 2, TIME)\n", 1),
+    (r"(\n    tl\.store\(pacc_ptr \+ o\[:, None\] \* DV .*\n             mask=.*\n)", r"\1    _stamp(tim_ptr, 0, 2, TIME)\n", 1),
     (r"(TOPN: tl\.constexpr, NPROG_P: tl\.constexpr, PDL: tl\.constexpr)\):(\n    \"\"\"Program \(group, p\))",
      r"\1" + ARGS + r"\2", 1),
     (r"(\n    if PDL:\n        tl\.extra\.cuda\.gdc_wait\(\)\n        tl\.extra\.cuda\.gdc_launch_dependents\(\).*\n)",

@@ -261,6 +261,20 @@ def test_nsa_decode_half_precision(dtype):
     check_nsa([9, 100, 170], Hkv=2, G=4, Dk=24, Dv=16, p=SMALL, dtype=dtype, tol=2e-2, chunk=16)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_nsa_decode_bf16_partials(fuse):
+    # The splits' partial output rows stored in bf16 (the default for bf16 inputs; both merges read
+    # them): still within the bf16 bound of the float64 reference, and not the fp32 partials' bits
+    # (the knob takes effect). fp32 and fp16 inputs keep fp32 rows (other tests: exact selections).
+    kw = dict(chunk=16, num_splits=3, cmp_programs=64, fuse_combine=fuse, fn=nsa_mod.nsa_decode_tuned)
+    check_nsa([9, 100, 170], Hkv=2, G=4, Dk=24, Dv=16, p=SMALL, dtype=torch.bfloat16, tol=2e-2,
+              bf16_partials=True, **kw)
+    q, gates, layer, tables, seq_lens, _ = make_case([9, 100, 170], 2, 4, 24, 16, SMALL, torch.bfloat16)
+    a, b = (nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, num_splits=3,
+                                     cmp_programs=64, fuse_combine=fuse, bf16_partials=x) for x in (False, True))
+    assert not torch.equal(a, b)
+
+
 @pytest.mark.parametrize("launch", sorted(DENSE_LAUNCHES))
 @pytest.mark.parametrize("G,splits,Dk", [(1, 1, 24), (4, 3, 24), (16, 5, 24), (4, 2, 48), (2, 1, 16)])
 def test_dense_paged_decode_matches_reference(G, splits, Dk, launch):
@@ -334,6 +348,18 @@ def test_gpu_paper_shape_launch_variants(kw):
     # above. fp32 so the selected blocks are compared exactly too.
     check_nsa([1, 65, 4097, 20000, 33000], Hkv=4, G=16, Dk=192, Dv=128, p=PAPER, device="cuda",
               fn=nsa_mod.nsa_decode_tuned, **kw)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("bf16_partials", [True, False])
+def test_gpu_paper_shape_bf16_partials(fuse, bf16_partials):
+    # Partial output rows in bf16 (the default; the knob acts on bf16 inputs only) or fp32, both
+    # merges: the bf16 bound holds.
+    check_nsa([1, 65, 4097, 20000, 33000], Hkv=4, G=16, Dk=192, Dv=128, p=PAPER, dtype=torch.bfloat16,
+              tol=1e-2, device="cuda", fn=nsa_mod.nsa_decode_tuned, bf16_partials=bf16_partials,
+              fuse_combine=fuse)
 
 
 @pytest.mark.gpu
