@@ -275,8 +275,9 @@ def _cmp_kernel(
     inv_l = tl.where(row_ok & (l_i > 0), 1.0 / l_i, 0.0)
     g_cmp = tl.load(g_ptr + qrow * sg_t + head * sg_h, mask=row_ok, other=0.0).to(tl.float32)
     arow = (row0 + t - row_base).to(tl.int64)
+    res = o * (inv_l * g_cmp)[:, None]
     tl.store(acc_ptr + arow[:, None] * sa_t + head[:, None] * sa_h + dv[None, :],
-             o * (inv_l * g_cmp)[:, None], mask=row_ok[:, None] & (dv[None, :] < DV))
+             res.to(acc_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
 
     # Sweep 2: normalised p_cmp → selection-block scores. Chunk c covers summaries
     # [c·CN, (c+1)·CN) and owns blocks [c·BJE, (c+1)·BJE) (CN·d = BJE·P). A summary can spill
@@ -433,8 +434,9 @@ def _win_kernel(
     arow = (row0 + t - row_base).to(tl.int64)
     amask = row_ok[:, None] & (dv[None, :] < DV)
     aptr = acc_ptr + arow[:, None] * sa_t + head[:, None] * sa_h + dv[None, :]
-    acc = tl.load(aptr, mask=amask, other=0.0)
-    tl.store(aptr, acc + o * (tl.where(l_i > 0, 1.0 / l_i, 0.0) * g_win)[:, None], mask=amask)
+    acc = tl.load(aptr, mask=amask, other=0.0).to(tl.float32)
+    res = acc + o * (tl.where(l_i > 0, 1.0 / l_i, 0.0) * g_win)[:, None]
+    tl.store(aptr, res.to(acc_ptr.dtype.element_ty), mask=amask)
 
 
 @triton.jit
@@ -511,7 +513,7 @@ def _slc_kernel(
     omask = g_ok[:, None] & (dv[None, :] < DV)
     g_slc = tl.load(g_ptr + row * sg_t + head * sg_h + 1, mask=g_ok, other=0.0).to(tl.float32)
     acc = tl.load(acc_ptr + r.to(tl.int64) * sa_t + head[:, None] * sa_h + dv[None, :], mask=omask,
-                  other=0.0)
+                  other=0.0).to(tl.float32)
     res = acc + g_slc[:, None] * o
     tl.store(out_ptr + row * so_t + head[:, None] * so_h + dv[None, :],
              res.to(out_ptr.dtype.element_ty), mask=omask)
@@ -565,6 +567,9 @@ class PrefillConfig:
     warps_slc: int = 2
     stages_slc: int = 2
     max_rows: int = 16384
+    # The gated compressed + window sum handed to the selected-branch kernel ([rows, Hq, Dv], read
+    # and written three times) in bf16 for bf16 inputs (else fp32).
+    acc_bf16: int = 0
 
 
 DEFAULT_CONFIG = PrefillConfig()
@@ -811,10 +816,11 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
         kd2 = TensorDescriptor.from_tensor(kpack, [CN, max(DK2, 16)])
         vd = TensorDescriptor.from_tensor(vpack, [CN, DVP])
         pack_first = meta[first_span[0]:first_span[1]]
+    acc_dt = torch.bfloat16 if cfg.acc_bf16 and q.dtype == torch.bfloat16 else torch.float32
     for r0, r1, ntiles, nwtiles, spans, NB in plan.slices:
         rows = r1 - r0
         tile_t, wtile_t, row_seq, row_pos = (meta[a:b] for a, b in spans)
-        acc = torch.empty(rows, Hq, Dv, dtype=torch.float32, device=dev)
+        acc = torch.empty(rows, Hq, Dv, dtype=acc_dt, device=dev)
         scores = torch.empty(rows, Hkv, NB, dtype=torch.float32, device=dev)
         idx = torch.empty(rows, Hkv, p.num_select, dtype=torch.int32, device=dev)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,7 +22,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from nsa_kernels.nsa_prefill import PrefillConfig, nsa_prefill, plan_prefill, split_head_dim  # noqa: E402
+from nsa_kernels.nsa_prefill import (PrefillConfig, default_config, nsa_prefill, plan_prefill,  # noqa: E402
+                                      split_head_dim)
 from nsa_kernels.paged import PagedLayerCache, paged_nsa_attention_ref  # noqa: E402
 from nsa_kernels.reference import (SparsityParams, _masked_attention, nsa_attention,  # noqa: E402
                                    num_compressed, num_select_blocks, selection_weights)
@@ -288,7 +290,12 @@ def test_topn_ties_go_to_the_lower_block(p):
 
 
 def test_half_precision():
-    run_case(lens=[80, 50], chunks=[31, 50], Hq=8, Hkv=2, p=SMALL, dtype=torch.bfloat16, tol=1.5e-2, **SHAPE)
+    # Then acc_bf16: the compressed + window sum handed to the selected-branch kernel in bf16 —
+    # within the same bound, and not the fp32 sum's bits (the knob takes effect).
+    kw = dict(lens=[80, 50], chunks=[31, 50], Hq=8, Hkv=2, p=SMALL, dtype=torch.bfloat16, tol=1.5e-2, seed=11)
+    a = run_case(config=PrefillConfig(acc_bf16=0), **kw, **SHAPE)[0]
+    b = run_case(config=PrefillConfig(acc_bf16=1), **kw, **SHAPE)[0]
+    assert not torch.equal(a, b)
 
 
 def test_head_dim_split():
@@ -396,8 +403,9 @@ def sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows, tol=1.5e-2):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,Hq", [(torch.bfloat16, 64), (torch.float16, 64), (torch.bfloat16, 48)])
-def test_gpu_paper_shape_ragged_batch(dtype, Hq):
+@pytest.mark.parametrize("dtype,Hq,acc_bf16", [(torch.bfloat16, 64, 0), (torch.float16, 64, 0),
+                                               (torch.bfloat16, 48, 0), (torch.bfloat16, 64, 1)])
+def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16):
     # Hq 48: group size 12, padded to 16 inside (the padded heads must add nothing to the scores).
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     p, Hkv, Dk, Dv = PAPER, 4, 192, 128
@@ -409,7 +417,8 @@ def test_gpu_paper_shape_ragged_batch(dtype, Hq):
     gates = torch.rand(Ttot, Hq, 3, generator=gen).to(dtype).to(DEV)
     cu = torch.tensor([0, 2500, 5501, 6278], dtype=torch.int32, device=DEV)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    out, sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True)
+    out, sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True,
+                           config=replace(default_config(q.device), acc_bf16=acc_bf16))
     assert torch.isfinite(out).all()
     rows = torch.randint(0, Ttot, (24,), generator=gen).tolist() + [0, 2499, 2500, 5500, 5501, Ttot - 1]
     sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows)
