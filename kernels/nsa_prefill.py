@@ -10,7 +10,8 @@ Launches (per internal slice of at most `max_rows` query rows, which bounds the 
 
 1. `_cmp_kernel`, grid (query tile, kv group). A tile is BT consecutive queries of one sequence
    times the G query heads of the group (BT·G rows, so one K/V load serves the whole group).
-   Sweep 1 is flash attention over the visible summaries (acc = g_cmp·o_cmp, fp32 scratch); sweep 2
+   Sweep 1 is flash attention over the visible summaries (acc = g_cmp·o_cmp, a scratch in bf16 for
+   bf16 inputs, else fp32: `PrefillConfig.acc_bf16`); sweep 2
    recomputes q·k̃ to get the normalised p_cmp and turns it into selection-block scores (overlap
    weights, summed over the group's heads) in a small [rows, Hkv, NB] fp32 buffer. No per-head
    score matrix reaches HBM.
@@ -567,9 +568,12 @@ class PrefillConfig:
     warps_slc: int = 2
     stages_slc: int = 2
     max_rows: int = 16384
-    # The gated compressed + window sum handed to the selected-branch kernel ([rows, Hq, Dv], read
-    # and written three times) in bf16 for bf16 inputs (else fp32).
-    acc_bf16: int = 0
+    # The gated compressed + window sum handed to the selected-branch kernel ([rows, Hq, Dv], written,
+    # read and written, read) in bf16 for bf16 inputs, else fp32: half its bytes, one more bf16
+    # rounding (2.7e-3 relative to the fp32 sum's output at 64k, selections unchanged). H200, 64k,
+    # paper shape, kernels summed: 51.9 → 50.8 ms (cmp 23.5 → 23.1, win 5.0 → 4.5, slc 21.2 → 20.9;
+    # docs/benchmarks/prefill.md, twentieth session).
+    acc_bf16: int = 1
 
 
 DEFAULT_CONFIG = PrefillConfig()

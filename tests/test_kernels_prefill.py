@@ -290,8 +290,8 @@ def test_topn_ties_go_to_the_lower_block(p):
 
 
 def test_half_precision():
-    # Then acc_bf16: the compressed + window sum handed to the selected-branch kernel in bf16 —
-    # within the same bound, and not the fp32 sum's bits (the knob takes effect).
+    # acc_bf16 (the default) and not: the compressed + window sum handed to the selected-branch
+    # kernel in bf16 or fp32 — both within the bound, and not the same bits (the knob takes effect).
     kw = dict(lens=[80, 50], chunks=[31, 50], Hq=8, Hkv=2, p=SMALL, dtype=torch.bfloat16, tol=1.5e-2, seed=11)
     a = run_case(config=PrefillConfig(acc_bf16=0), **kw, **SHAPE)[0]
     b = run_case(config=PrefillConfig(acc_bf16=1), **kw, **SHAPE)[0]
