@@ -72,9 +72,8 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
     Selection scores: a tile holds whole pages (BN is a multiple of E = l'/d), and entry r of a page
     overlaps the page's block + k with the fixed weight W[r, k] (k < KSPAN), so the tile's partial
     scores are KSPAN reshape-and-sums of p: [GP, BN] → [GP, BN/E, E] · W[:, k] → [GP, BN/E],
-    relative to the tile's running max (pms). Page jp's k-th row is stored where block jp + k's
-    rows are (psc[h, (jp + k) // PPT, k, (jp + k) % PPT]), so the score kernel sums a block's KSPAN
-    rows in registers, each with the factor of the tile it came from.
+    stored per tile with the running max they are relative to (pms); the score kernel adds page
+    jp's k-th row into block jp + k.
 
     READ_EV / KEEP_EV: L2 eviction hints ("" = none) for the summary reads and for the partial
     results the score kernel reads next (CMP_EVICT)."""
@@ -128,18 +127,14 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
         s = tl.where(valid[None, :], s * scale, float("-inf"))
         m, l, acc, p = _online_softmax_step(m, l, acc, s, v, PREC, UPCAST)
         p3 = tl.reshape(p, [GP, PPT, E])
+        base = psc_ptr + ((rows * MAXT + t) * KSPAN)[:, None] * PPT + lpg[None, :]
         for k in tl.static_range(KSPAN):
             # Tokens entry r of a page shares with the page's block + k, divided by d (as
             # reference.selection_weights).
             w = tl.maximum(tl.minimum(rr * STRIDE + BLOCK_L, (k + 1) * PAGE)
                            - tl.maximum(rr * STRIDE, k * PAGE), 0).to(tl.float32) / STRIDE
             sc = tl.sum(p3 * w[None, None, :], 2)
-            # Stored at the block it spills into (page + k), so the score kernel sums a block's
-            # rows in registers; blocks past the table's last tile are never visible.
-            tgt = t * PPT + lpg + k
-            tt = tgt // PPT
-            tl.store(psc_ptr + ((rows[:, None] * MAXT + tt[None, :]) * KSPAN + k) * PPT + (tgt % PPT)[None, :],
-                     sc, mask=gmask[:, None] & (tt < MAXT)[None, :], eviction_policy=KEEP_EV)
+            tl.store(base + k * PPT, sc, mask=gmask[:, None], eviction_policy=KEEP_EV)
         tl.store(pms_ptr + rows * MAXT + t, m, mask=gmask, eviction_policy=KEEP_EV)
     if PDL:  # the score kernel's programs may be launched now (they wait for this grid to finish)
         tl.extra.cuda.gdc_launch_dependents()
@@ -187,29 +182,26 @@ def _tile_factors(pms_ptr, rows, gmask, mx, inv, t, tok, MAXT):
 # to 1): eager decode steps would compile a variant per combination (it only moves addresses).
 @triton.jit(do_not_specialize=["MAXT", "NSPLIT", "NPROG", "SROW"])
 def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, sbt_b,
-                  sel_ptr, ulp_ptr, uph_ptr, cnt_ptr, cand_ptr, Hkv, MAXT, NSPLIT, NPROG, SROW,
+                  sel_ptr, ulp_ptr, uph_ptr, cnt_ptr, cand_ptr, edge_ptr, Hkv, MAXT, NSPLIT, NPROG, SROW,
                   G: tl.constexpr, GP: tl.constexpr, BLOCK_L: tl.constexpr, STRIDE: tl.constexpr,
                   PAGE: tl.constexpr, BN: tl.constexpr, PPT: tl.constexpr, KSPAN: tl.constexpr,
                   NSPLIT_P: tl.constexpr, TT: tl.constexpr, NBP: tl.constexpr,
                   NSEL: tl.constexpr, NSP: tl.constexpr, NUM_INIT: tl.constexpr,
                   NUM_LOCAL: tl.constexpr, TOPN: tl.constexpr, NPROG_P: tl.constexpr, PDL: tl.constexpr):
-    """Program (group, p) sums the group's partial scores of the blocks in compressed tiles
-    [p·TT, p·TT + TT) (PPT blocks a tile) over the heads: block j's score is
-    Σ_h Σ_k psc[h, j, k] · exp(m_{h,src} − M_h) / L_h, where row k of block j came from page j − k
-    and src is that page's tile (the compressed pass stores it at block j: `_cmp_tile_kernel`). One
-    factor per (head, tile), so the loads are contiguous [G, TT, PPT] runs with one exp per (head,
-    tile), not per (head, block). Nothing goes through memory between the sum and the top-n:
-    until the twentieth session the rows were stored by source page, and a program wrote its
-    sums, and the spill from the tile before its first, to memory and read them back shifted
-    (docs/benchmarks/decode.md, twenty-third round). Then the group's last-arriving program takes
-    the top-n and writes the work list. With PDL, the attention kernel may launch once every
-    program is past its wait, so its programs read their window pages while the top-n runs (later
-    triggers measured slower: docs/benchmarks/decode.md, ninth round).
+    """Program (group, p) sums the group's partial scores of compressed tiles [p·TT, p·TT + TT) over
+    the heads: part_k[page] = Σ_h psc[h, tile, k, page] · exp(m_{h,tile} − M_h) / L_h, one factor
+    per (head, tile) — so the loads are contiguous [G, TT, PPT] runs and there is one exp per
+    (head, tile), not per (head, block). Block j's score is Σ_k part_k[j − k] (entries of page
+    j − k spill k blocks forward), formed by the group's last-arriving program, which then takes
+    the top-n and writes the work list (`_select_units`). With PDL, the attention kernel may
+    launch once every program is past its wait, so its programs read their window pages while the
+    top-n runs (later triggers measured slower: docs/benchmarks/decode.md, ninth round).
 
-    TOPN 2 ("cand"): each program keeps its own blocks' top-n keys as candidates, so the
-    last-arriving program takes the top-n of NPROG·n candidates instead of every block (each block
-    of the group's top-n is in its own program's top-n). Else each program stores its block scores
-    and the last-arriving one reads them all (`_select_units`)."""
+    TOPN 2 ("cand"): each program also forms its own blocks' scores and keeps their top-n keys as
+    candidates, so the last-arriving program takes the top-n of NPROG·n candidates instead of every
+    block (each block of the group's top-n is in its own program's top-n). A block's spill from
+    the page before the program's first comes from the previous tile's partial scores, summed here
+    (`edge`) because the previous program may not have stored its part yet."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()  # after the wait: see nsa_decode_tuned
@@ -217,35 +209,48 @@ def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, 
     pid, b, L, n_tiles, gmask, rows, mx, inv = _score_group(lens_ptr, pm_ptr, pl_ptr, Hkv, NSPLIT, G, GP,
                                                             BLOCK_L, STRIDE, BN, NSPLIT_P)
     t = prog * TT + tl.arange(0, TT)
+    tok = t < n_tiles  # tiles past the sequence's entries were not written this call: read as 0
+    f = _tile_factors(pms_ptr, rows, gmask, mx, inv, t, tok, MAXT)  # [GP, TT]
     pg = tl.arange(0, PPT)
-    score = tl.zeros([TT, PPT], tl.float32)
     for k in tl.static_range(KSPAN):
-        # Page t·PPT + pg − k lies in tile t + LO or t + LO + 1 (LO = ⌊−k / PPT⌋): two factors.
-        LO = -((k + PPT - 1) // PPT)
-        hi = (pg - k >= (LO + 1) * PPT)[None, :]  # [1, PPT]
-        t_lo = t + LO
-        ok_lo = (t_lo >= 0) & (t_lo < n_tiles)  # tiles past the sequence's entries were not written
-        ok_hi = (t_lo + 1 >= 0) & (t_lo + 1 < n_tiles)  # this call: read as 0
-        f_lo = _tile_factors(pms_ptr, rows, gmask, mx, inv, t_lo, ok_lo, MAXT)  # [GP, TT]
-        f_hi = _tile_factors(pms_ptr, rows, gmask, mx, inv, t_lo + 1, ok_hi, MAXT)
-        ok = tl.where(hi, ok_hi[:, None], ok_lo[:, None]) & (t < MAXT)[:, None]  # [TT, PPT]
         sv = tl.load(psc_ptr + ((rows[:, None, None] * MAXT + t[None, :, None]) * KSPAN + k) * PPT
-                     + pg[None, None, :], mask=gmask[:, None, None] & ok[None, :, :], other=0.0)
-        f = tl.where(hi[None, :, :], f_hi[:, :, None], f_lo[:, :, None])  # [GP, TT, PPT]
-        score += tl.sum(sv * f, 0)
+                     + pg[None, None, :], mask=gmask[:, None, None] & tok[None, :, None], other=0.0)
+        part = tl.sum(sv * f[:, :, None], 0)  # [TT, PPT]
+        tl.store(part_ptr + (pid * KSPAN + k) * SROW + t[:, None] * PPT + pg[None, :], part,
+                 mask=(t < MAXT)[:, None])
     cur = (L - 1) // PAGE
     if TOPN == 2:
         BLK: tl.constexpr = TT * PPT
-        j = prog * BLK + tl.arange(0, BLK)
-        key = _topn_keys(tl.reshape(score, [BLK]), j, cur, NUM_INIT, NUM_LOCAL)
+        first = prog * BLK
+        tp = prog * TT - 1  # the tile before this program's: its pages spill into our first blocks
+        ep = (pid * NPROG + prog) * KSPAN * PPT
+        tpv = tl.zeros([GP], tl.int32) + tp  # as a vector: masks from scalars alone fail to interpret
+        tpok = gmask & (tpv >= 0) & (tpv < n_tiles)
+        mt = tl.load(pms_ptr + rows * MAXT + tpv, mask=tpok, other=NEG)
+        fe = tl.exp(mt - mx) * inv
+        for k in tl.static_range(1, KSPAN):
+            sv = tl.load(psc_ptr + ((rows[:, None] * MAXT + tpv[:, None]) * KSPAN + k) * PPT + pg[None, :],
+                         mask=tpok[:, None], other=0.0)
+            tl.store(edge_ptr + ep + k * PPT + pg, tl.sum(sv * fe[:, None], 0))
+        tl.debug_barrier()  # this CTA's part and edge stores before its own loads below
+        j = first + tl.arange(0, BLK)
+        visible = j <= cur
+        score = tl.zeros([BLK], tl.float32)
+        for k in tl.static_range(KSPAN):
+            x = j - k  # the page whose row k spills into block j
+            own = tl.load(part_ptr + (pid * KSPAN + k) * SROW + x, mask=visible & (x >= first),
+                          other=0.0, cache_modifier=".cg")
+            if k > 0:
+                own += tl.load(edge_ptr + ep + k * PPT + (x - first + PPT),
+                               mask=visible & (x < first) & (x >= 0), other=0.0, cache_modifier=".cg")
+            score += own
+        key = _topn_keys(score, j, cur, NUM_INIT, NUM_LOCAL)
         ks = tl.arange(0, NSP)
         if HAS_TOPK:
             top = tl.topk(key, NSP)
         else:
             top = tl.max(tl.reshape(tl.sort(key, descending=True), [BLK // NSP, NSP]), 0)
         tl.store(cand_ptr + (pid * NPROG + prog) * NSP + ks, top)
-    else:
-        tl.store(part_ptr + pid * SROW + t[:, None] * PPT + pg[None, :], score, mask=(t < MAXT)[:, None])
     # The barrier orders this CTA's stores before the atomic's release; the acquire orders the last
     # program's loads after every other program's stores.
     tl.debug_barrier()
@@ -264,9 +269,12 @@ def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, 
                          uph_ptr + pid * NSP, b, sbt_b, NSEL, NSP)
         else:
             j = tl.arange(0, NBP)
-            every = tl.load(part_ptr + pid * SROW + j, mask=(j <= cur) & (j < MAXT * PPT), other=0.0,
-                            cache_modifier=".cg")  # other CTAs' stores
-            _select_units(every, bt_ptr, sel_ptr + pid * NSEL, ulp_ptr + pid * NSP, uph_ptr + pid * NSP,
+            visible = j <= cur
+            score = tl.zeros([NBP], tl.float32)
+            for k in tl.static_range(KSPAN):
+                score += tl.load(part_ptr + (pid * KSPAN + k) * SROW + j - k, mask=visible & (j >= k),
+                                 other=0.0, cache_modifier=".cg")  # other CTAs' stores
+            _select_units(score, bt_ptr, sel_ptr + pid * NSEL, ulp_ptr + pid * NSP, uph_ptr + pid * NSP,
                           L, b, sbt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL, PAGE, TOPN)
 
 
@@ -773,16 +781,17 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     TT = 1 << ((max(1, 4096 // (GP * KSPAN * PPT))).bit_length() - 1)
     nprog = triton.cdiv(MAXT, TT)
     SROW = max(NBP, MAXT * PPT)
-    if topn == "cand" and (TT * PPT < NSP or nprog * TT * PPT < max_pages):
-        # A program's blocks must hold n candidates, and the programs' blocks cover the table (not
-        # so when l − d ≥ l': the last page has no entry).
+    part = torch.empty(NG, KSPAN, SROW, device=dev, dtype=f32)
+    if topn == "cand" and (TT * PPT < NSP or KSPAN - 1 > PPT or nprog * TT * PPT < max_pages):
+        # A program's blocks must hold n candidates, spills reach one tile back at most, and the
+        # programs' blocks cover the table (not so when l − d ≥ l': the last page has no entry).
         topn = "sort"
     cands = topn == "cand"
-    part = pms if cands else torch.empty(NG, SROW, device=dev, dtype=f32)
     cand = torch.empty(NG, nprog, NSP, device=dev, dtype=torch.int64) if cands else pms
+    edge = torch.empty(NG, nprog, KSPAN, PPT, device=dev, dtype=f32) if cands else pms
     k_score = _score_kernel[(NG, nprog)](
         seq_lens, pm, pl, pms, psc, part, block_tables, block_tables.stride(0),
-        sel, ulp, uph, cnt[NG:], cand, Hkv, MAXT, nsplit_c, nprog, SROW,  # SROW: a stride, run-time
+        sel, ulp, uph, cnt[NG:], cand, edge, Hkv, MAXT, nsplit_c, nprog, SROW,  # SROW: a stride, run-time
         G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, BN=BN, PPT=PPT, KSPAN=KSPAN,
         NSPLIT_P=next_pow2(nsplit_c), TT=TT, NBP=NBP, NSEL=p.num_select, NSP=NSP,
         NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, TOPN=TOPN_MODES.index(topn),

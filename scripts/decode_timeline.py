@@ -94,7 +94,10 @@ NAMES = ("cmp", "score", "attend")
 # may still move a load's wait past it, so a phase's time can show up in the next one.
 PHASES = (
     ("normalisers merged", (3, 0)),
-    ("block scores summed", (3, 1)),
+    ("tile factors", (3, 1)),
+    ("partial sums stored", (3, 2)),
+    ("edge stored, barrier", (4, 0)),
+    ("own block scores", (4, 1)),
     ("candidates stored", (4, 2)),
     ("arrived (atomic)", (5, 0)),
     ("last: top-n of candidates", (5, 1)),
@@ -102,7 +105,10 @@ PHASES = (
 PHASE_EDITS = [
     (r"(\n                                                            BLOCK_L, STRIDE, BN, NSPLIT_P\)\n)",
      r"\1    _stamp(tim_ptr, 3, 0, TIME)\n", 1),
-    (r"(\n)(    cur = \(L - 1\) // PAGE\n    if TOPN == 2:)", r"\1    _stamp(tim_ptr, 3, 1, TIME)\n\2", 1),
+    (r"(\n    f = _tile_factors\(.*\n)", r"\1    _stamp(tim_ptr, 3, 1, TIME)\n", 1),
+    (r"(\n)(    cur = \(L - 1\) // PAGE\n    if TOPN == 2:)", r"\1    _stamp(tim_ptr, 3, 2, TIME)\n\2", 1),
+    (r"(\n        tl\.debug_barrier\(\)  # this CTA's part and edge stores.*\n)", r"\1        _stamp(tim_ptr, 4, 0, TIME)\n", 1),
+    (r"(\n)(        key = _topn_keys\(score, j, cur, NUM_INIT, NUM_LOCAL\)\n)", r"\1        _stamp(tim_ptr, 4, 1, TIME)\n\2", 1),
     (r"(\n        tl\.store\(cand_ptr \+ \(pid \* NPROG \+ prog\) \* NSP \+ ks, top\)\n)",
      r"\1        _stamp(tim_ptr, 4, 2, TIME)\n", 1),
     (r"(\n    arrived = tl\.atomic_add\(cnt_ptr \+ pid, 1\)\n)", r"\1    _stamp(tim_ptr, 5, 0, TIME)\n", 1),
