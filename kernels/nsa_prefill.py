@@ -16,11 +16,15 @@ Launches (per internal slice of at most `max_rows` query rows, which bounds the 
    weights, summed over the group's heads) in a small [rows, Hkv, NB] fp32 buffer. No per-head
    score matrix reaches HBM.
 2. `_win_kernel`, same tiles: the window branch as banded flash attention over the pages (or the
-   independent-K/V ring); acc += g_win·o_win.
+   independent-K/V ring); acc += g_win·o_win. With shared K/V it then also runs the selected
+   branch's softmax over each query's forced blocks (the first `num_init` and the `num_local` most
+   recent: every query selects them) for the whole tile, and stores that unnormalised state
+   (`PrefillConfig.forced_win`): the tile's queries and heads read each forced page once.
 3. `_topn_kernel`: forced initial/local blocks, then the highest scores, ties to the lower block
    index (the reference's stable sort), as block ids [rows, Hkv, n] (−1 where fewer are visible).
 4. `_slc_kernel`, grid (query, kv group): attention over the n selected pages with all heads of the
-   group as the rows of one matrix product (padded to 16 rows), causal inside the current block;
+   group as the rows of one matrix product (padded to 16 rows), causal inside the current block —
+   with `forced_win` only the non-forced ones, merged with the window kernel's forced state;
    writes acc + g_slc·o_slc in the query dtype.
 
 Shapes the launcher accepts: any group size G (padded to a power of two inside), Dk ≠ Dv, head dims
@@ -392,14 +396,23 @@ def _pack_kernel(kc_ptr, vc_ptr, bt_ptr, pages_ptr, lens_ptr, kp_ptr, vp_ptr,
 
 @triton.jit
 def _win_kernel(
-    q_ptr, g_ptr, acc_ptr, k_ptr, v_ptr, wt_ptr, tile_ptr,
+    q_ptr, g_ptr, acc_ptr, k_ptr, v_ptr, wt_ptr, tile_ptr, bt_ptr, fm_ptr, fl_ptr, fo_ptr,
     sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, sk_p, sk_h, sk_r, sv_p, sv_h, sv_r,
-    swt, ring_pages, row_base, qk_scale,
+    swt, ring_pages, sbt, sf_t, row_base, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
     DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
     P: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    FORCED: tl.constexpr = False, NUM_INIT: tl.constexpr = 1, NUM_LOCAL: tl.constexpr = 2,
 ):
-    """Window branch as banded flash attention over (pos − w, pos]; acc += g_win·o_win."""
+    """Window branch as banded flash attention over (pos − w, pos]; acc += g_win·o_win.
+
+    FORCED (shared K/V only): then the selected branch's softmax over each query's forced blocks
+    (the first NUM_INIT and the NUM_LOCAL most recent, which every query selects), for the whole
+    tile at once: its BT queries × G heads read each forced page once instead of once a query
+    and kv group in `_slc_kernel`, and the local pages were just read by the window loop (L2
+    hits). The unnormalised state (row max m, sum l, Σ p·v; [rows, Hq] and [rows, Hq, Dv], row
+    stride sf_t heads) goes to fm / fl / fo, where `_slc_kernel` starts from it and skips those
+    blocks (they lead each query's selection)."""
     BM: tl.constexpr = BT * GP
     h = tl.program_id(1)
     seq, row0, nrows, pos0, t, g, row_ok = _tile_rows(tile_ptr, BT, GP, G)
@@ -438,6 +451,48 @@ def _win_kernel(
     acc = tl.load(aptr, mask=amask, other=0.0).to(tl.float32)
     res = acc + o * (tl.where(l_i > 0, 1.0 / l_i, 0.0) * g_win)[:, None]
     tl.store(aptr, res.to(acc_ptr.dtype.element_ty), mask=amask)
+    if FORCED:
+        # A tile's queries are consecutive, so their forced blocks are the first NUM_INIT and the
+        # local run from the first query's oldest to the last query's current block; each row
+        # masks what is not forced for it (and keys past it: causal inside the current block).
+        bt_row = bt_ptr + seq.to(tl.int64) * sbt
+        cur = pos // P
+        m_i = tl.full([BM], -1.0e30, tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        o = tl.zeros([BM, DVP], tl.float32)
+        n_init = tl.minimum(NUM_INIT, pos_last // P + 1)
+        lo = tl.maximum(NUM_INIT, pos0 // P - NUM_LOCAL + 1)  # first local block not an initial one
+        for i in range(0, n_init + tl.maximum(pos_last // P + 1 - lo, 0)):
+            j = tl.where(i < n_init, i, lo + i - n_init)
+            m_i, l_i, o = _forced_page(j, bt_row, q1, q2, m_i, l_i, o, k_ptr, v_ptr, h, sk_p, sk_h, sk_r,
+                                       sv_p, sv_h, sv_r, pos, pos_last, cur, row_ok, qk_scale, P, DK, DK1, DK2, DV,
+                                       DVP, NUM_INIT, NUM_LOCAL, PREC, UPCAST)
+        frow = arow * sf_t + head
+        tl.store(fm_ptr + frow, m_i, mask=row_ok)
+        tl.store(fl_ptr + frow, l_i, mask=row_ok)
+        tl.store(fo_ptr + frow[:, None] * DV + dv[None, :], o.to(fo_ptr.dtype.element_ty), mask=amask)
+
+
+@_helper
+def _forced_page(j, bt_row, q1, q2, m_i, l_i, o, k_ptr, v_ptr, h, sk_p, sk_h, sk_r, sv_p, sv_h, sv_r,
+                 pos, pos_last, cur, row_ok, qk_scale, P: tl.constexpr, DK: tl.constexpr, DK1: tl.constexpr,
+                 DK2: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, NUM_INIT: tl.constexpr,
+                 NUM_LOCAL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One online-softmax step of the selected branch over block j for the rows it is forced for
+    (`_win_kernel` FORCED)."""
+    kr = tl.arange(0, P)
+    dv = tl.arange(0, DVP)
+    pg = tl.load(bt_row + j).to(tl.int64)
+    kk = j * P + kr
+    kb = k_ptr + pg * sk_p + h * sk_h + kr * sk_r
+    kin = kk <= pos_last  # keys past the tile's last query may be unwritten (NaN): not loaded
+    s = _qk(q1, q2, kb[None, :], kin[None, :], DK, DK1, DK2, PREC, UPCAST)
+    forced = row_ok & (j <= cur) & ((j < NUM_INIT) | (j > cur - NUM_LOCAL))
+    s = tl.where(forced[:, None] & (kk[None, :] <= pos[:, None]), s, float("-inf"))
+    m_new, alpha, p, l_i = _softmax_step(s, m_i, l_i, qk_scale)
+    v = tl.load(v_ptr + pg * sv_p + h * sv_h + kr[:, None] * sv_r + dv[None, :],
+                mask=kin[:, None] & (dv[None, :] < DV), other=0.0)
+    return m_new, l_i, o * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, UPCAST)
 
 
 @triton.jit
@@ -472,13 +527,17 @@ def _topn_kernel(score_ptr, idx_ptr, rowpos_ptr, nrows, ss_t, ss_h, si_t, si_h,
 @triton.jit
 def _slc_kernel(
     q_ptr, g_ptr, acc_ptr, out_ptr, idx_ptr, rowseq_ptr, rowpos_ptr,
-    k_ptr, v_ptr, bt_ptr,
+    k_ptr, v_ptr, bt_ptr, fm_ptr, fl_ptr, fo_ptr,
     sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, so_t, so_h, si_t, si_h,
-    sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, sbt, row_base, qk_scale,
+    sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, sbt, sf_t, row_base, qk_scale,
     G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
     P: tl.constexpr, NSEL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    FORCED: tl.constexpr = False, NUM_INIT: tl.constexpr = 1, NUM_LOCAL: tl.constexpr = 2,
 ):
+    """Selected branch of query row r and kv group h over its NSEL selected blocks; out = acc +
+    g_slc·o_slc. FORCED: the forced blocks, which lead the selection (+inf keys, `_topn_kernel`),
+    were attended by `_win_kernel`; start from its state and skip them."""
     r = tl.program_id(0)
     h = tl.program_id(1)
     row = (row_base + r).to(tl.int64)
@@ -494,7 +553,13 @@ def _slc_kernel(
     m_i = tl.full([GP], -1.0e30, tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     o = tl.zeros([GP, DVP], tl.float32)
-    for sidx in range(NSEL):
+    if FORCED:
+        # A query at pos with more than NUM_INIT + NUM_LOCAL visible blocks has that many forced
+        # ones; with fewer, every visible block is forced and the entries after them are −1.
+        FIRST: tl.constexpr = NUM_INIT + NUM_LOCAL
+    else:
+        FIRST: tl.constexpr = 0
+    for sidx in range(FIRST, NSEL):
         blk = tl.load(idx_ptr + r.to(tl.int64) * si_t + h * si_h + sidx)
         pg = tl.load(bt_row + tl.maximum(blk, 0)).to(tl.int64)
         kk = blk * P + kr
@@ -510,8 +575,17 @@ def _slc_kernel(
         v = tl.load(vb[:, None] + dv[None, :], mask=kmask[:, None] & (dv[None, :] < DV), other=0.0)
         o = o * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
-    o = o * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]
     omask = g_ok[:, None] & (dv[None, :] < DV)
+    if FORCED:  # merged after the loop, so that its state is not held through it
+        frow = r.to(tl.int64) * sf_t + head
+        fm = tl.load(fm_ptr + frow, mask=g_ok, other=-1.0e30)
+        m_new = tl.maximum(m_i, fm)
+        a_f = tl.exp2(fm - m_new)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.load(fl_ptr + frow, mask=g_ok, other=0.0) * a_f
+        o = o * alpha[:, None] + tl.load(fo_ptr + frow[:, None] * DV + dv[None, :], mask=omask,
+                                         other=0.0).to(tl.float32) * a_f[:, None]
+    o = o * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]
     g_slc = tl.load(g_ptr + row * sg_t + head * sg_h + 1, mask=g_ok, other=0.0).to(tl.float32)
     acc = tl.load(acc_ptr + r.to(tl.int64) * sa_t + head[:, None] * sa_h + dv[None, :], mask=omask,
                   other=0.0).to(tl.float32)
@@ -574,6 +648,11 @@ class PrefillConfig:
     # paper shape, kernels summed: 51.9 → 50.8 ms (cmp 23.5 → 23.1, win 5.0 → 4.5, slc 21.2 → 20.9;
     # docs/benchmarks/prefill.md, twentieth session).
     acc_bf16: int = 1
+    # The selected branch's forced blocks (first and most recent) attended by the window kernel for
+    # a tile of queries at once, not by the selected-branch kernel a query at a time; shared K/V
+    # only (an independent window reads other pages). H200, 64k, paper shape: slc 21.0 → 17.6 ms,
+    # win 4.5 → 5.9, kernels 51.1 → 49.0 (docs/benchmarks/prefill.md, twenty-first session).
+    forced_win: int = 1
 
 
 DEFAULT_CONFIG = PrefillConfig()
@@ -821,12 +900,19 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
         vd = TensorDescriptor.from_tensor(vpack, [CN, DVP])
         pack_first = meta[first_span[0]:first_span[1]]
     acc_dt = torch.bfloat16 if cfg.acc_bf16 and q.dtype == torch.bfloat16 else torch.float32
+    forced = bool(cfg.forced_win) and win_tables is None
     for r0, r1, ntiles, nwtiles, spans, NB in plan.slices:
         rows = r1 - r0
         tile_t, wtile_t, row_seq, row_pos = (meta[a:b] for a, b in spans)
         acc = torch.empty(rows, Hq, Dv, dtype=acc_dt, device=dev)
         scores = torch.empty(rows, Hkv, NB, dtype=torch.float32, device=dev)
         idx = torch.empty(rows, Hkv, p.num_select, dtype=torch.int32, device=dev)
+        if forced:
+            fm = torch.empty(rows, Hq, dtype=torch.float32, device=dev)
+            fl = torch.empty_like(fm)
+            fo = torch.empty(rows, Hq, Dv, dtype=acc_dt, device=dev)
+        else:
+            fm = fl = fo = acc  # not read
 
         _cmp_kernel[(ntiles, Hkv)](
             q, gates, acc, scores, kcc, vcc, block_tables, tile_t, kd1, kd2, vd, pack_first, pack_rows,
@@ -842,12 +928,13 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
             num_warps=cfg.warps_cmp, num_stages=cfg.stages_cmp,
         )
         _win_kernel[(nwtiles, Hkv)](
-            q, gates, acc, kc, vc, wt, wtile_t,
+            q, gates, acc, kc, vc, wt, wtile_t, block_tables, fm, fl, fo,
             q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
             kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-            wt.stride(0), ring_pages, r0, qk_scale,
+            wt.stride(0), ring_pages, block_tables.stride(0), Hq, r0, qk_scale,
             G=G, GP=GP, BT=BTW, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, W=p.window,
-            PREC=prec, UPCAST=upcast, num_warps=cfg.warps_win, num_stages=cfg.stages_win,
+            PREC=prec, UPCAST=upcast, FORCED=forced, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local,
+            num_warps=cfg.warps_win, num_stages=cfg.stages_win,
         )
         NBP = max(16, _pow2(NB))
         RB = max(1, min(16, 4096 // NBP))
@@ -857,13 +944,14 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
             NBP=NBP, NSP=NSP, RB=RB, num_warps=4,
         )
         _slc_kernel[(rows, Hkv)](
-            q, gates, acc, out, idx, row_seq, row_pos, kc, vc, block_tables,
+            q, gates, acc, out, idx, row_seq, row_pos, kc, vc, block_tables, fm, fl, fo,
             q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
             out.stride(0), out.stride(1), idx.stride(0), idx.stride(1),
             kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-            block_tables.stride(0), r0, qk_scale,
+            block_tables.stride(0), Hq, r0, qk_scale,
             G=G, GP=GP_SLC, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, NSEL=p.num_select,
-            PREC=prec, UPCAST=upcast, num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
+            PREC=prec, UPCAST=upcast, FORCED=forced, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local,
+            num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
         )
         if sel is not None:
             sel[r0:r1] = idx

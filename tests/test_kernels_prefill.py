@@ -226,12 +226,28 @@ def test_independent_kv_window_ring():
     run_case(lens=[100, 61], chunks=[38, 61], Hq=8, Hkv=2, p=SMALL, independent=True, **SHAPE)
 
 
-def test_forced_blocks_and_small_tiles():
-    """num_init 0, three local blocks, n = all visible early on; tiny query tiles and summary chunks."""
+@pytest.mark.parametrize("forced_win", [1, 0])
+def test_forced_blocks_and_small_tiles(forced_win):
+    """num_init 0, three local blocks, n = all visible early on; tiny query tiles and summary chunks.
+    forced_win: the forced blocks attended by the window kernel a tile at a time (default) or by the
+    selected-branch kernel."""
     p = SparsityParams(block=8, stride=4, select_block=16, num_select=3, window=16, num_init=0,
                        num_local=3)
     run_case(lens=[150], chunks=[70], Hq=4, Hkv=1, p=p, config=PrefillConfig(rows_cmp=16, cmp_chunk=16,
-                                                                            max_rows=32), **SHAPE)
+                                                                            max_rows=32, forced_win=forced_win),
+             **SHAPE)
+
+
+@pytest.mark.parametrize("forced_win", [1, 0])
+@pytest.mark.parametrize("p", [SparsityParams(block=8, stride=4, select_block=16, num_select=5, window=48,
+                                               num_init=2, num_local=1),
+                               SparsityParams(block=8, stride=4, select_block=16, num_select=4, window=32,
+                                              num_init=1, num_local=2)], ids=["two initial, one local", "paper's"])
+def test_forced_blocks_across_window_tiles(p, forced_win):
+    # Group size 1: a window tile holds 64 queries, four to five blocks of 16, so its rows have
+    # different forced blocks; chunk starts off the block size, a sequence starting inside block 1.
+    run_case(lens=[200, 90, 23], chunks=[133, 61, 23], Hq=2, Hkv=2, p=p,
+             config=PrefillConfig(forced_win=forced_win), **SHAPE)
 
 
 @pytest.mark.parametrize("cfg", [PrefillConfig(score_cat=0), PrefillConfig(rows_cmp=16, cmp_chunk=16),
@@ -403,10 +419,12 @@ def sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows, tol=1.5e-2):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,Hq,acc_bf16", [(torch.bfloat16, 64, 0), (torch.float16, 64, 0),
-                                               (torch.bfloat16, 48, 0), (torch.bfloat16, 64, 1)])
-def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16):
+@pytest.mark.parametrize("dtype,Hq,acc_bf16,forced_win", [(torch.bfloat16, 64, 0, 1), (torch.float16, 64, 0, 1),
+                                                          (torch.bfloat16, 48, 0, 1), (torch.bfloat16, 64, 1, 1),
+                                                          (torch.bfloat16, 64, 1, 0)])
+def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16, forced_win):
     # Hq 48: group size 12, padded to 16 inside (the padded heads must add nothing to the scores).
+    # forced_win 0: the forced blocks in the selected-branch kernel, as before the twenty-first session.
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     p, Hkv, Dk, Dv = PAPER, 4, 192, 128
     lens, chunks = [9000, 3001, 5000], [2500, 3001, 777]
@@ -418,7 +436,7 @@ def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16):
     cu = torch.tensor([0, 2500, 5501, 6278], dtype=torch.int32, device=DEV)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
     out, sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True,
-                           config=replace(default_config(q.device), acc_bf16=acc_bf16))
+                           config=replace(default_config(q.device), acc_bf16=acc_bf16, forced_win=forced_win))
     assert torch.isfinite(out).all()
     rows = torch.randint(0, Ttot, (24,), generator=gen).tolist() + [0, 2499, 2500, 5500, 5501, Ttot - 1]
     sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows)
