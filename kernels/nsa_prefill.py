@@ -18,8 +18,9 @@ Launches (per internal slice of at most `max_rows` query rows, which bounds the 
 2. `_win_kernel`, same tiles: the window branch as banded flash attention over the pages (or the
    independent-K/V ring); acc += g_win·o_win. With shared K/V it then also runs the selected
    branch's softmax over each query's forced blocks (the first `num_init` and the `num_local` most
-   recent: every query selects them) for the whole tile, and stores that unnormalised state
-   (`PrefillConfig.forced_win`): the tile's queries and heads read each forced page once.
+   recent: every query selects them) for the whole tile, and stores that output (normalised, with
+   its log-sum-exp; `PrefillConfig.forced_win`): the tile's queries and heads read each forced
+   page once.
 3. `_topn_kernel`: forced initial/local blocks, then the highest scores, ties to the lower block
    index (the reference's stable sort), as block ids [rows, Hkv, n] (−1 where fewer are visible).
 4. `_slc_kernel`, grid (query, kv group): attention over the n selected pages with all heads of the
@@ -396,7 +397,7 @@ def _pack_kernel(kc_ptr, vc_ptr, bt_ptr, pages_ptr, lens_ptr, kp_ptr, vp_ptr,
 
 @triton.jit
 def _win_kernel(
-    q_ptr, g_ptr, acc_ptr, k_ptr, v_ptr, wt_ptr, tile_ptr, bt_ptr, fm_ptr, fl_ptr, fo_ptr,
+    q_ptr, g_ptr, acc_ptr, k_ptr, v_ptr, wt_ptr, tile_ptr, bt_ptr, fm_ptr, fo_ptr,
     sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, sk_p, sk_h, sk_r, sv_p, sv_h, sv_r,
     swt, ring_pages, sbt, sf_t, row_base, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
@@ -410,9 +411,9 @@ def _win_kernel(
     (the first NUM_INIT and the NUM_LOCAL most recent, which every query selects), for the whole
     tile at once: its BT queries × G heads read each forced page once instead of once a query
     and kv group in `_slc_kernel`, and the local pages were just read by the window loop (L2
-    hits). The unnormalised state (row max m, sum l, Σ p·v; [rows, Hq] and [rows, Hq, Dv], row
-    stride sf_t heads) goes to fm / fl / fo, where `_slc_kernel` starts from it and skips those
-    blocks (they lead each query's selection)."""
+    hits). Its output, normalised, goes to fo (acc's layout) and its log-sum-exp (log2 units) to
+    fm ([rows, Hq], row stride sf_t); `_slc_kernel` skips those blocks (they lead each query's
+    selection) and merges this state after its loop."""
     BM: tl.constexpr = BT * GP
     h = tl.program_id(1)
     seq, row0, nrows, pos0, t, g, row_ok = _tile_rows(tile_ptr, BT, GP, G)
@@ -467,10 +468,13 @@ def _win_kernel(
             m_i, l_i, o = _forced_page(j, bt_row, q1, q2, m_i, l_i, o, k_ptr, v_ptr, h, sk_p, sk_h, sk_r,
                                        sv_p, sv_h, sv_r, pos, pos_last, cur, row_ok, qk_scale, P, DK, DK1, DK2, DV,
                                        DVP, NUM_INIT, NUM_LOCAL, PREC, UPCAST)
+        # Normalised, with its log-sum-exp (log2 units): one value a row fewer to merge.
         frow = arow * sf_t + head
-        tl.store(fm_ptr + frow, m_i, mask=row_ok)
-        tl.store(fl_ptr + frow, l_i, mask=row_ok)
-        tl.store(fo_ptr + frow[:, None] * DV + dv[None, :], o.to(fo_ptr.dtype.element_ty), mask=amask)
+        tl.store(fm_ptr + frow, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)) + tl.where(l_i > 0, 0.0, -1.0e30),
+                 mask=row_ok)
+        o = o * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]
+        tl.store(fo_ptr + arow[:, None] * sa_t + head[:, None] * sa_h + dv[None, :],
+                 o.to(fo_ptr.dtype.element_ty), mask=amask)
 
 
 @_helper
@@ -527,7 +531,7 @@ def _topn_kernel(score_ptr, idx_ptr, rowpos_ptr, nrows, ss_t, ss_h, si_t, si_h,
 @triton.jit
 def _slc_kernel(
     q_ptr, g_ptr, acc_ptr, out_ptr, idx_ptr, rowseq_ptr, rowpos_ptr,
-    k_ptr, v_ptr, bt_ptr, fm_ptr, fl_ptr, fo_ptr,
+    k_ptr, v_ptr, bt_ptr, fm_ptr, fo_ptr,
     sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, so_t, so_h, si_t, si_h,
     sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, sbt, sf_t, row_base, qk_scale,
     G: tl.constexpr, GP: tl.constexpr,
@@ -537,7 +541,7 @@ def _slc_kernel(
 ):
     """Selected branch of query row r and kv group h over its NSEL selected blocks; out = acc +
     g_slc·o_slc. FORCED: the forced blocks, which lead the selection (+inf keys, `_topn_kernel`),
-    were attended by `_win_kernel`; start from its state and skip them."""
+    were attended by `_win_kernel`: skip them, and merge its output after the loop."""
     r = tl.program_id(0)
     h = tl.program_id(1)
     row = (row_base + r).to(tl.int64)
@@ -576,19 +580,18 @@ def _slc_kernel(
         o = o * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
     omask = g_ok[:, None] & (dv[None, :] < DV)
+    aoff = r.to(tl.int64) * sa_t + head * sa_h  # acc and the forced state share a layout
     if FORCED:  # merged after the loop, so that its state is not held through it
-        frow = r.to(tl.int64) * sf_t + head
-        fm = tl.load(fm_ptr + frow, mask=g_ok, other=-1.0e30)
-        m_new = tl.maximum(m_i, fm)
-        a_f = tl.exp2(fm - m_new)
+        lse = tl.load(fm_ptr + r.to(tl.int64) * sf_t + head, mask=g_ok, other=-1.0e30)
+        m_new = tl.maximum(m_i, lse)
+        a_f = tl.exp2(lse - m_new)
         alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.load(fl_ptr + frow, mask=g_ok, other=0.0) * a_f
-        o = o * alpha[:, None] + tl.load(fo_ptr + frow[:, None] * DV + dv[None, :], mask=omask,
+        l_i = l_i * alpha + a_f
+        o = o * alpha[:, None] + tl.load(fo_ptr + aoff[:, None] + dv[None, :], mask=omask,
                                          other=0.0).to(tl.float32) * a_f[:, None]
     o = o * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]
     g_slc = tl.load(g_ptr + row * sg_t + head * sg_h + 1, mask=g_ok, other=0.0).to(tl.float32)
-    acc = tl.load(acc_ptr + r.to(tl.int64) * sa_t + head[:, None] * sa_h + dv[None, :], mask=omask,
-                  other=0.0).to(tl.float32)
+    acc = tl.load(acc_ptr + aoff[:, None] + dv[None, :], mask=omask, other=0.0).to(tl.float32)
     res = acc + g_slc[:, None] * o
     tl.store(out_ptr + row * so_t + head[:, None] * so_h + dv[None, :],
              res.to(out_ptr.dtype.element_ty), mask=omask)
@@ -909,10 +912,9 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
         idx = torch.empty(rows, Hkv, p.num_select, dtype=torch.int32, device=dev)
         if forced:
             fm = torch.empty(rows, Hq, dtype=torch.float32, device=dev)
-            fl = torch.empty_like(fm)
-            fo = torch.empty(rows, Hq, Dv, dtype=acc_dt, device=dev)
+            fo = torch.empty_like(acc)  # the layout of acc: the kernels index both alike
         else:
-            fm = fl = fo = acc  # not read
+            fm = fo = acc  # not read
 
         _cmp_kernel[(ntiles, Hkv)](
             q, gates, acc, scores, kcc, vcc, block_tables, tile_t, kd1, kd2, vd, pack_first, pack_rows,
@@ -928,7 +930,7 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
             num_warps=cfg.warps_cmp, num_stages=cfg.stages_cmp,
         )
         _win_kernel[(nwtiles, Hkv)](
-            q, gates, acc, kc, vc, wt, wtile_t, block_tables, fm, fl, fo,
+            q, gates, acc, kc, vc, wt, wtile_t, block_tables, fm, fo,
             q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
             kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
             wt.stride(0), ring_pages, block_tables.stride(0), Hq, r0, qk_scale,
@@ -944,7 +946,7 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
             NBP=NBP, NSP=NSP, RB=RB, num_warps=4,
         )
         _slc_kernel[(rows, Hkv)](
-            q, gates, acc, out, idx, row_seq, row_pos, kc, vc, block_tables, fm, fl, fo,
+            q, gates, acc, out, idx, row_seq, row_pos, kc, vc, block_tables, fm, fo,
             q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
             out.stride(0), out.stride(1), idx.stride(0), idx.stride(1),
             kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
