@@ -503,10 +503,13 @@ def _forced_page(j, bt_row, q1, q2, m_i, l_i, o, k_ptr, v_ptr, h, sk_p, sk_h, sk
 def _topn_kernel(score_ptr, idx_ptr, rowpos_ptr, nrows, ss_t, ss_h, si_t, si_h,
                  NSEL: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
                  P: tl.constexpr, NBP: tl.constexpr, NSP: tl.constexpr, RB: tl.constexpr):
-    """n arg-max passes over each row's visible blocks (forced blocks first), ties to the lower
-    block index: each pass is one int64 max over `topn_key`s (score bits, then the index). A max
-    and an arg-max reduction a pass took 2.54 ms at 64k on the H200 against 2.26
-    (docs/benchmarks/prefill.md, sixteenth session)."""
+    """Each row's forced blocks (the first NUM_INIT and the NUM_LOCAL most recent that exist, in
+    index order: what passes over their +inf keys would pick first), then n − NUM_INIT − NUM_LOCAL
+    arg-max passes over the other visible blocks, ties to the lower block index: each pass is one
+    int64 max over `topn_key`s (score bits, then the index). A max and an arg-max reduction a pass
+    took 2.54 ms at 64k on the H200 against 2.26 (docs/benchmarks/prefill.md, sixteenth session);
+    placing the forced blocks without passes saves three of the paper's sixteen (twenty-first).
+    A row with at most NUM_INIT + NUM_LOCAL visible blocks has them all forced, and −1 after."""
     r = tl.program_id(0) * RB + tl.arange(0, RB)
     h = tl.program_id(1)
     r_ok = r < nrows
@@ -517,12 +520,17 @@ def _topn_kernel(score_ptr, idx_ptr, rowpos_ptr, nrows, ss_t, ss_h, si_t, si_h,
     sc = tl.load(score_ptr + r.to(tl.int64)[:, None] * ss_t + h * ss_h + j[None, :], mask=vis, other=0.0)
     forced = vis & ((j[None, :] < NUM_INIT) | (j[None, :] > cur[:, None] - NUM_LOCAL))
     k = tl.arange(0, NSP)
-    out = tl.full([RB, NSP], -1, tl.int32)
+    # Forced blocks first: k < n_init → block k; then the local run from lo to cur.
+    n_init = tl.minimum(NUM_INIT, cur + 1)
+    lo = tl.maximum(NUM_INIT, cur - NUM_LOCAL + 1)
+    n_forced = n_init + tl.maximum(cur - lo + 1, 0)  # [RB]
+    fblk = tl.where(k[None, :] < n_init[:, None], k[None, :], lo[:, None] + k[None, :] - n_init[:, None])
+    out = tl.where((k[None, :] < n_forced[:, None]) & r_ok[:, None], fblk, -1)
     # +0.0 for anything not above 0 (−0.0's bits would sort below every other score).
-    key = topn_key(tl.where(sc > 0, sc, 0.0), j[None, :], forced, vis)
-    for s in range(NSEL):
+    key = tl.where(forced, -1, topn_key(tl.where(sc > 0, sc, 0.0), j[None, :], forced, vis))
+    for s in range(NSEL - NUM_INIT - NUM_LOCAL):
         pick = topn_block(tl.max(key, 1))  # −1: nothing visible left
-        out = tl.where(k[None, :] == s, pick[:, None], out)
+        out = tl.where(k[None, :] == n_forced[:, None] + s, pick[:, None], out)
         key = tl.where(j[None, :] == pick[:, None], -1, key)
     tl.store(idx_ptr + r.to(tl.int64)[:, None] * si_t + h * si_h + k[None, :], out,
              mask=r_ok[:, None] & (k[None, :] < NSEL))
