@@ -2,23 +2,17 @@
 rates it prints (docs/benchmarks/decode.md, fifteenth round) would not be the compressed pass's
 bytes. CPU interpreter at a small shape; the pages of each sequence in a shuffled order."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from kernels_interpret import DEVICE, load_kernels
+from script_helpers import load_script
 
 load_kernels()
 
 
 def _probe():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "cmp_read_probe.py"
-    spec = importlib.util.spec_from_file_location("cmp_read_probe", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("cmp_read_probe")
 
 
 @pytest.mark.parametrize("pages,nsplit", [(16, 2), (12, 3)])

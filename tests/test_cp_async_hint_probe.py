@@ -2,23 +2,20 @@
 kernels an evict-first L2 policy that is made before any copy runs, and leave other kernels alone
 — the device measurements in docs/benchmarks/decode.md (twenty-first round) rest on it."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-PROBE = Path(__file__).resolve().parents[1] / "scripts" / "cp_async_hint_probe.py"
+from script_helpers import SCRIPTS, load_script
+
+PROBE = SCRIPTS / "cp_async_hint_probe.py"
 
 
 def _probe():
-    spec = importlib.util.spec_from_file_location("cp_async_hint_probe", PROBE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("cp_async_hint_probe")
 
 
 # The shape of Triton 3.6's PTX for a pipelined kernel (declarations, then copies in the loop).

@@ -12,6 +12,7 @@ import torch
 import triton.language as tl
 
 from kernels_interpret import DEVICE, load_kernels
+from script_helpers import load_script
 from nsa_kernels.paged import PagedLayerCache, gather_ring, gather_sequence, paged_nsa_attention_ref
 from nsa_kernels.reference import SparsityParams, nsa_attention
 
@@ -487,13 +488,7 @@ def test_timeline_instrumentation_still_applies():
     # scripts/decode_timeline.py stamps a copy of this kernel file by matching anchors in its source;
     # a kernel edit that moves an anchor must fail here, not on the GPU. Without a timer the
     # instrumented copy computes exactly what the kernel does.
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "decode_timeline.py"
-    spec = importlib.util.spec_from_file_location("decode_timeline", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("decode_timeline")
     q, gates, layer, tables, seq_lens, _ = make_case([40, 150], 2, 4, 24, 16, SMALL, seed=5)
     for score_phases in (False, True):  # --score-phases adds stamps inside the score kernel
         mod = tool.instrumented_module(score_phases)

@@ -1,21 +1,15 @@
 """scripts/selection_overlap.py: the page-read counts it prints (docs/benchmarks/prefill.md, plan)
 must be the union sizes of real selections, with the forced blocks left out."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 from nsa_kernels.nsa_sdpa import selection_scores
 from nsa_kernels.reference import SparsityParams, num_compressed, num_select_blocks, select_blocks
+from script_helpers import load_script
 
 
 def _script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "selection_overlap.py"
-    spec = importlib.util.spec_from_file_location("selection_overlap", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("selection_overlap")
 
 
 def test_tile_reads_counts_unions():
