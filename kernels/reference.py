@@ -85,6 +85,15 @@ def compress_blocks(x: torch.Tensor, block: int, stride: int) -> torch.Tensor:
     return x.unfold(0, block, stride)[:n].permute(0, 1, 3, 2)
 
 
+def forced_blocks(positions: torch.Tensor, num_blocks: int, p: SparsityParams) -> torch.Tensor:
+    """[T, NB] mask of the blocks every query at `positions` selects whatever its scores: the first
+    num_init and the num_local most recent (its own block included), among those it can see."""
+    j = torch.arange(num_blocks, device=positions.device)
+    cur = positions.div(p.select_block, rounding_mode="floor").unsqueeze(1)  # [T, 1]
+    forced = (j.unsqueeze(0) < p.num_init) | (j.unsqueeze(0) > cur - p.num_local)
+    return forced & (j.unsqueeze(0) <= cur)
+
+
 def select_blocks(scores: torch.Tensor, positions: torch.Tensor, p: SparsityParams) -> torch.Tensor:
     """Choose selection blocks from group scores.
 
@@ -96,8 +105,7 @@ def select_blocks(scores: torch.Tensor, positions: torch.Tensor, p: SparsityPara
     j = torch.arange(NB, device=scores.device)
     cur = positions.div(p.select_block, rounding_mode="floor").unsqueeze(1)  # [T, 1]
     visible = j.unsqueeze(0) <= cur  # [T, NB]
-    forced = (j.unsqueeze(0) < p.num_init) | (j.unsqueeze(0) > cur - p.num_local)
-    forced = forced & visible
+    forced = forced_blocks(positions, NB, p)
     key = scores.to(torch.float64).masked_fill(~visible, -math.inf)
     key = key.masked_fill(forced, math.inf)
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., : p.num_select]

@@ -27,7 +27,7 @@ import sys
 import torch
 
 from nsa_kernels.nsa_sdpa import selection_scores
-from nsa_kernels.reference import num_compressed, num_select_blocks, select_blocks
+from nsa_kernels.reference import forced_blocks, num_compressed, num_select_blocks, select_blocks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TILES = (1, 2, 4, 8, 16, 32, 64)
@@ -44,11 +44,7 @@ def selections(q: torch.Tensor, kc: torch.Tensor, p, scale: float, chunk: int = 
         pos = torch.arange(a, b)
         visible = (torch.arange(N)[None, :] * p.stride + p.block - 1) <= pos[:, None]
         sc = selection_scores(q[None, a:b], kc[None], visible, NB, p, scale)[0]  # [Hkv, C, NB]
-        chosen = select_blocks(sc, pos, p)
-        j = torch.arange(NB)
-        cur = (pos // p.select_block)[:, None]
-        forced = (j[None, :] < p.num_init) | (j[None, :] > cur - p.num_local)
-        out.append(chosen & ~forced[None])
+        out.append(select_blocks(sc, pos, p) & ~forced_blocks(pos, NB, p)[None])
     return torch.cat(out, 1)
 
 
