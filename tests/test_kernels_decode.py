@@ -12,9 +12,9 @@ import torch
 import triton.language as tl
 
 from kernels_interpret import DEVICE, load_kernels
-from script_helpers import load_script
 from nsa_kernels.paged import PagedLayerCache, gather_ring, gather_sequence, paged_nsa_attention_ref
 from nsa_kernels.reference import SparsityParams, nsa_attention
+from script_helpers import load_script
 
 _, _, dense_mod, nsa_mod = load_kernels()
 

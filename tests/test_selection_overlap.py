@@ -8,12 +8,8 @@ from nsa_kernels.reference import SparsityParams, num_compressed, num_select_blo
 from script_helpers import load_script
 
 
-def _script():
-    return load_script("selection_overlap")
-
-
 def test_tile_reads_counts_unions():
-    m = _script()
+    m = load_script("selection_overlap")
     sel = torch.zeros(1, 4, 8, dtype=torch.bool)
     sel[0, 0, [2, 3]] = sel[0, 1, [2, 3]] = True  # queries 0 and 1 share both pages
     sel[0, 2, [3, 4]] = sel[0, 3, [3, 4]] = True  # queries 2 and 3 too; page 3 is everyone's
@@ -23,7 +19,7 @@ def test_tile_reads_counts_unions():
 
 
 def test_selections_are_the_reference_without_forced_blocks():
-    m = _script()
+    m = load_script("selection_overlap")
     torch.manual_seed(0)
     p = SparsityParams(block=8, stride=4, select_block=16, num_select=4, num_init=1, num_local=1, window=32)
     T, Hq, Hkv, D = 150, 4, 2, 16
