@@ -26,7 +26,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -141,7 +141,7 @@ def _cases(shape: str, dtype: torch.dtype):
     from .cache_write import gather_block_pair, gather_blocks, write_kv, write_kv_pair, write_mean_summaries
     from .dense_decode import dense_paged_decode
     from .nsa_decode import nsa_decode, nsa_decode_tuned
-    from .nsa_prefill import nsa_prefill
+    from .nsa_prefill import DEFAULT_CONFIG, nsa_prefill
     from .paged import PagedLayerCache
     from .reference import SparsityParams
     from .rope import rope_rotate
@@ -182,6 +182,8 @@ def _cases(shape: str, dtype: torch.dtype):
         ("dense_paged_decode previous", lambda: dense_paged_decode(q1, layer, bt, lens, launch="previous")),
         ("nsa_prefill", lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p)),
         ("nsa_prefill ring", lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p, win_tables=ring[:1])),
+        ("nsa_prefill top-n kernel",  # the default takes the top-n in _slc_kernel
+         lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p, config=replace(DEFAULT_CONFIG, slc_topn=0))),
         ("write_kv", lambda: write_kv(layer.k_cache, x, slots)),
         ("write_kv_pair", lambda: write_kv_pair(layer.k_cache, layer.v_cache, x, xv, slots)),
         ("add_rms_norm", lambda: add_rms_norm(hid, hid, torch.empty(2048, dtype=dtype), 1e-6)),

@@ -1,4 +1,4 @@
-"""Triton NSA prefill over the paged cache: a varlen batch of prompt chunks in four launches.
+"""Triton NSA prefill over the paged cache: a varlen batch of prompt chunks, three launches a slice.
 
 Its obviously-correct twin is `paged.paged_nsa_attention_ref` (same arguments, same result).
 Each chunk's queries are the last tokens of their sequence (positions seq_len − T_b … seq_len − 1);
@@ -21,8 +21,10 @@ Launches (per internal slice of at most `max_rows` query rows, which bounds the 
    recent: every query selects them) for the whole tile, and stores that output (normalised, with
    its log-sum-exp; `PrefillConfig.forced_win`): the tile's queries and heads read each forced
    page once.
-3. `_topn_kernel`: forced initial/local blocks, then the highest scores, ties to the lower block
-   index (the reference's stable sort), as block ids [rows, Hkv, n] (−1 where fewer are visible).
+3. The selection (`_select_rows`): forced initial/local blocks, then the highest scores, ties to
+   the lower block index (the reference's stable sort), as block ids [rows, Hkv, n] (−1 where fewer
+   are visible). Taken by each `_slc_kernel` program for its own query and group
+   (`PrefillConfig.slc_topn`, the default), or by a `_topn_kernel` launch before it.
 4. `_slc_kernel`, grid (query, kv group): attention over the n selected pages with all heads of the
    group as the rows of one matrix product (padded to 16 rows), causal inside the current block —
    with `forced_win` only the non-forced ones, merged with the window kernel's forced state;
@@ -499,39 +501,80 @@ def _forced_page(j, bt_row, q1, q2, m_i, l_i, o, k_ptr, v_ptr, h, sk_p, sk_h, sk
     return m_new, l_i, o * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, UPCAST)
 
 
-@triton.jit
-def _topn_kernel(score_ptr, idx_ptr, rowpos_ptr, nrows, ss_t, ss_h, si_t, si_h,
-                 NSEL: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
-                 P: tl.constexpr, NBP: tl.constexpr, NSP: tl.constexpr, RB: tl.constexpr):
-    """Each row's forced blocks (the first NUM_INIT and the NUM_LOCAL most recent that exist, in
-    index order: what passes over their +inf keys would pick first), then n − NUM_INIT − NUM_LOCAL
-    arg-max passes over the other visible blocks, ties to the lower block index: each pass is one
-    int64 max over `topn_key`s (score bits, then the index). A max and an arg-max reduction a pass
-    took 2.54 ms at 64k on the H200 against 2.26 (docs/benchmarks/prefill.md, sixteenth session);
+@_helper
+def _select_rows(score_ptr, r, r_ok, pos, h, ss_t, ss_h, NSEL: tl.constexpr, NUM_INIT: tl.constexpr,
+                 NUM_LOCAL: tl.constexpr, P: tl.constexpr, NBP: tl.constexpr, NSP: tl.constexpr,
+                 GS: tl.constexpr):
+    """Block ids [R, NSP] of rows r [R] (queries at pos, kv group h) from their block scores: the
+    forced blocks (the first NUM_INIT and the NUM_LOCAL most recent that exist, in index order:
+    what passes over their +inf keys would pick first), then n − NUM_INIT − NUM_LOCAL arg-max
+    passes over the other visible blocks, ties to the lower block index: each pass is one int64
+    max over `topn_key`s (score bits, then the index). A max and an arg-max reduction a pass took
+    2.54 ms at 64k on the H200 against 2.26 (docs/benchmarks/prefill.md, sixteenth session);
     placing the forced blocks without passes saves three of the paper's sixteen (twenty-first).
-    A row with at most NUM_INIT + NUM_LOCAL visible blocks has them all forced, and −1 after."""
-    r = tl.program_id(0) * RB + tl.arange(0, RB)
-    h = tl.program_id(1)
-    r_ok = r < nrows
-    pos = tl.load(rowpos_ptr + r, mask=r_ok, other=-1)
+    A row with at most NUM_INIT + NUM_LOCAL visible blocks has them all forced, and −1 after.
+
+    GS > 0 (`PrefillConfig.topn_groups`): the passes first pick the best groups of GS consecutive
+    blocks by their best key, then the blocks among those groups' keys (reloaded). Exact: a block
+    among the m best lies in one of the m best groups, since each better group holds a better
+    key. The passes then run over NBP / GS and NSP · GS keys instead of NBP."""
     cur = pos // P
-    j = tl.arange(0, NBP)
-    vis = (j[None, :] <= cur[:, None]) & r_ok[:, None]
-    sc = tl.load(score_ptr + r.to(tl.int64)[:, None] * ss_t + h * ss_h + j[None, :], mask=vis, other=0.0)
-    forced = vis & ((j[None, :] < NUM_INIT) | (j[None, :] > cur[:, None] - NUM_LOCAL))
     k = tl.arange(0, NSP)
     # Forced blocks first: k < n_init → block k; then the local run from lo to cur.
     n_init = tl.minimum(NUM_INIT, cur + 1)
     lo = tl.maximum(NUM_INIT, cur - NUM_LOCAL + 1)
-    n_forced = n_init + tl.maximum(cur - lo + 1, 0)  # [RB]
+    n_forced = n_init + tl.maximum(cur - lo + 1, 0)  # [R]
     fblk = tl.where(k[None, :] < n_init[:, None], k[None, :], lo[:, None] + k[None, :] - n_init[:, None])
     out = tl.where((k[None, :] < n_forced[:, None]) & r_ok[:, None], fblk, -1)
-    # +0.0 for anything not above 0 (−0.0's bits would sort below every other score).
-    key = tl.where(forced, -1, topn_key(tl.where(sc > 0, sc, 0.0), j[None, :], forced, vis))
+    base = score_ptr + r.to(tl.int64)[:, None] * ss_t + h * ss_h
+    j = tl.arange(0, NBP)
+    jj = j[None, :]
+    key = _row_keys(base, jj, cur, r_ok, NUM_INIT, NUM_LOCAL)
+    if GS > 0:
+        NG: tl.constexpr = NBP // GS
+        gkey = tl.max(tl.reshape(key, [key.shape[0], NG, GS]), 2)  # [R, NG]: each group's best
+        gi = tl.arange(0, NG)
+        grp = tl.full([key.shape[0], NSP], -1, tl.int32)
+        for s in range(NSEL - NUM_INIT - NUM_LOCAL):
+            best = tl.max(gkey, 1)
+            g = tl.where(best >= 0, topn_block(best) // GS, -1)
+            grp = tl.where(k[None, :] == s, g[:, None], grp)
+            gkey = tl.where(gi[None, :] == g[:, None], -1, gkey)
+        e = tl.arange(0, GS)
+        jc = tl.reshape(tl.maximum(grp, 0)[:, :, None] * GS + e[None, None, :], [key.shape[0], NSP * GS])
+        okc = tl.reshape((grp >= 0)[:, :, None] & (e[None, None, :] >= 0), [key.shape[0], NSP * GS])
+        key = tl.where(okc, _row_keys(base, jc, cur, r_ok, NUM_INIT, NUM_LOCAL), -1)
+        jj = jc  # (a slot of a group not picked repeats blocks 0 … GS − 1 with key −1)
     for s in range(NSEL - NUM_INIT - NUM_LOCAL):
         pick = topn_block(tl.max(key, 1))  # −1: nothing visible left
         out = tl.where(k[None, :] == n_forced[:, None] + s, pick[:, None], out)
-        key = tl.where(j[None, :] == pick[:, None], -1, key)
+        key = tl.where(jj == pick[:, None], -1, key)
+    return out
+
+
+@_helper
+def _row_keys(base, j, cur, r_ok, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr):
+    """`topn_key`s of blocks j [R, C] of rows whose scores start at base [R, 1]; −1 for forced blocks
+    (placed without passes) and blocks not visible."""
+    vis = (j <= cur[:, None]) & r_ok[:, None]
+    sc = tl.load(base + j, mask=vis, other=0.0)
+    forced = vis & ((j < NUM_INIT) | (j > cur[:, None] - NUM_LOCAL))
+    # +0.0 for anything not above 0 (−0.0's bits would sort below every other score).
+    return tl.where(forced, -1, topn_key(tl.where(sc > 0, sc, 0.0), j, forced, vis))
+
+
+@triton.jit
+def _topn_kernel(score_ptr, idx_ptr, rowpos_ptr, nrows, ss_t, ss_h, si_t, si_h,
+                 NSEL: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
+                 P: tl.constexpr, NBP: tl.constexpr, NSP: tl.constexpr, RB: tl.constexpr,
+                 GS: tl.constexpr = 0):
+    """`_select_rows` of RB query rows a program → block ids [rows, Hkv, n]."""
+    r = tl.program_id(0) * RB + tl.arange(0, RB)
+    h = tl.program_id(1)
+    r_ok = r < nrows
+    pos = tl.load(rowpos_ptr + r, mask=r_ok, other=-1)
+    out = _select_rows(score_ptr, r, r_ok, pos, h, ss_t, ss_h, NSEL, NUM_INIT, NUM_LOCAL, P, NBP, NSP, GS)
+    k = tl.arange(0, NSP)
     tl.store(idx_ptr + r.to(tl.int64)[:, None] * si_t + h * si_h + k[None, :], out,
              mask=r_ok[:, None] & (k[None, :] < NSEL))
 
@@ -546,15 +589,32 @@ def _slc_kernel(
     DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
     P: tl.constexpr, NSEL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     FORCED: tl.constexpr = False, NUM_INIT: tl.constexpr = 1, NUM_LOCAL: tl.constexpr = 2,
+    score_ptr=None, ss_t=0, ss_h=0, TOPN: tl.constexpr = False, NBP: tl.constexpr = 16,
+    NSP: tl.constexpr = 16,
 ):
     """Selected branch of query row r and kv group h over its NSEL selected blocks; out = acc +
     g_slc·o_slc. FORCED: the forced blocks, which lead the selection (+inf keys, `_topn_kernel`),
-    were attended by `_win_kernel`: skip them, and merge its output after the loop."""
+    were attended by `_win_kernel`: skip them, and merge its output after the loop.
+
+    TOPN (`PrefillConfig.slc_topn`): the program selects its own blocks from the block scores
+    (`_select_rows` over every block, as `_topn_kernel` would), stores them to idx, and keeps them
+    in registers — no top-n launch, and no id load inside the loop. This kernel waits on its loads
+    most of the time (docs/benchmarks/prefill.md, sixteenth session), so part of the selection's
+    arithmetic fills issue slots its neighbours leave idle: H200, 64k, slc +1.2 ms against the
+    top-n kernel's 2.0 (128k: +4.5 against 6.8). The block-group passes cost it more than they
+    save (+1.9 ms at 64k): at 2 warps each pass's reduction crosses warps, and they double the
+    passes (twenty-third session)."""
     r = tl.program_id(0)
     h = tl.program_id(1)
     row = (row_base + r).to(tl.int64)
     seq = tl.load(rowseq_ptr + r)
     pos = tl.load(rowpos_ptr + r)
+    if TOPN:
+        one = tl.arange(0, 1)
+        sel = tl.reshape(_select_rows(score_ptr, r + one, one == 0, pos + one, h, ss_t, ss_h, NSEL, NUM_INIT,
+                                      NUM_LOCAL, P, NBP, NSP, 0), [NSP])
+        ks = tl.arange(0, NSP)
+        tl.store(idx_ptr + r.to(tl.int64) * si_t + h * si_h + ks, sel, mask=ks < NSEL)
     g = tl.arange(0, GP)
     g_ok = g < G
     head = h * G + g
@@ -572,7 +632,10 @@ def _slc_kernel(
     else:
         FIRST: tl.constexpr = 0
     for sidx in range(FIRST, NSEL):
-        blk = tl.load(idx_ptr + r.to(tl.int64) * si_t + h * si_h + sidx)
+        if TOPN:
+            blk = tl.sum(tl.where(ks == sidx, sel, 0))
+        else:
+            blk = tl.load(idx_ptr + r.to(tl.int64) * si_t + h * si_h + sidx)
         pg = tl.load(bt_row + tl.maximum(blk, 0)).to(tl.int64)
         kk = blk * P + kr
         kmask = (kk >= 0) & (kk <= pos)  # no block (id −1) → all masked; causal inside the current block
@@ -664,6 +727,14 @@ class PrefillConfig:
     # only (an independent window reads other pages). H200, 64k, paper shape: slc 21.0 → 17.6 ms,
     # win 4.5 → 5.9, kernels 51.1 → 49.0 (docs/benchmarks/prefill.md, twenty-first session).
     forced_win: int = 1
+    # Each selected-branch program takes its own top-n from the block scores (no top-n launch;
+    # `_slc_kernel` TOPN). H200, paper shape: top-n + slc kernels 19.6 → 18.8 ms at 64k, 44.6 → 42.2
+    # at 128k (docs/benchmarks/prefill.md, twenty-third session).
+    slc_topn: int = 1
+    # With slc_topn 0, the top-n kernel's passes run over groups of this many blocks first, then over
+    # the best groups' blocks (0: over every block; `_select_rows`). A power of two. H200, paper
+    # shape: top-n 2.03 → 1.57 ms at 64k, 6.83 → 4.59 at 128k.
+    topn_groups: int = 16
 
 
 DEFAULT_CONFIG = PrefillConfig()
@@ -673,11 +744,13 @@ def default_config(device) -> PrefillConfig:
     """DEFAULT_CONFIG on Hopper and newer. Before Hopper the compressed kernel's matrix operands
     live in registers (no wgmma) and several of the Hopper choices spill on sm_80 (`compile_check`,
     Triton 3.6): the packed reads (no TMA: 648 B), 64-row tiles at 4 warps (152 B), 3 stages, the
-    unmasked loop. There it keeps the spill-free 128 rows at 8 warps, 2 stages, the mask on every
-    chunk and the page-by-page summary reads (not timed on an A100)."""
+    unmasked loop, the top-n inside the selected-branch kernel (8 B). There it keeps the spill-free
+    128 rows at 8 warps, 2 stages, the mask on every chunk, the page-by-page summary reads and the
+    top-n kernel (not timed on an A100)."""
     if target_arch(torch.device(device)) >= 90:
         return DEFAULT_CONFIG
-    return replace(DEFAULT_CONFIG, rows_cmp=128, warps_cmp=8, stages_cmp=2, mask_split=0, cmp_packed=0)
+    return replace(DEFAULT_CONFIG, rows_cmp=128, warps_cmp=8, stages_cmp=2, mask_split=0, cmp_packed=0,
+                   slc_topn=0)
 
 
 def _tiles(cu, lens, r0, r1, BT) -> torch.Tensor:
@@ -823,6 +896,8 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
     cfg = config or default_config(q.device)
     if cfg.score_parts not in (2, 3):
         raise ValueError(f"score_parts must be 2 or 3 (bf16 parts of p), got {cfg.score_parts}")
+    if cfg.topn_groups < 0 or cfg.topn_groups & (cfg.topn_groups - 1):
+        raise ValueError(f"topn_groups must be 0 or a power of two, got {cfg.topn_groups}")
     _check(q, gates, layer, block_tables, cu_seqlens_q, seq_lens, p, win_tables)
     dev = q.device
     Ttot, Hq, Dk = q.shape
@@ -948,11 +1023,14 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
         )
         NBP = max(16, _pow2(NB))
         RB = max(1, min(16, 4096 // NBP))
-        _topn_kernel[(triton.cdiv(rows, RB), Hkv)](
-            scores, idx, row_pos, rows, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
-            NSEL=p.num_select, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, P=P,
-            NBP=NBP, NSP=NSP, RB=RB, num_warps=4,
-        )
+        # Groups only where they leave the passes fewer keys than the blocks themselves.
+        GS = cfg.topn_groups if cfg.topn_groups and NBP >= 2 * NSP * cfg.topn_groups else 0
+        if not cfg.slc_topn:
+            _topn_kernel[(triton.cdiv(rows, RB), Hkv)](
+                scores, idx, row_pos, rows, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
+                NSEL=p.num_select, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, P=P,
+                NBP=NBP, NSP=NSP, RB=RB, GS=GS, num_warps=4,
+            )
         _slc_kernel[(rows, Hkv)](
             q, gates, acc, out, idx, row_seq, row_pos, kc, vc, block_tables, fm, fo,
             q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
@@ -961,7 +1039,8 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
             block_tables.stride(0), Hq, r0, qk_scale,
             G=G, GP=GP_SLC, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, NSEL=p.num_select,
             PREC=prec, UPCAST=upcast, FORCED=forced, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local,
-            num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
+            score_ptr=scores, ss_t=scores.stride(0), ss_h=scores.stride(1), TOPN=bool(cfg.slc_topn),
+            NBP=NBP, NSP=NSP, num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
         )
         if sel is not None:
             sel[r0:r1] = idx

@@ -1,12 +1,14 @@
-# Nsight Compute on one 64k NSA prefill call (paper shape): the last 16k-row slice's four kernels,
+# Nsight Compute on one 64k NSA prefill call (paper shape): the last 16k-row slice's kernels,
 # full section set, then the details page and per-SASS-line source pages (stall samples) as text.
 # Run on the GPU machine from the repo root: bash scripts/device_ncu_prefill.sh [LEN] [CONFIG]
 source scripts/device_env.sh
 export PYTHONWARNINGS=ignore
 LEN=${1:-65536}
 CFG=${2:-}
+# The packing kernel, then four slices of three kernels (four with slc_topn=0: _topn before _slc).
+if [[ "$CFG" == *slc_topn=0* ]]; then SKIP=13 COUNT=4; else SKIP=10 COUNT=3; fi
 ncu --version | tail -1
-ncu --clock-control none --profile-from-start off --set full --launch-skip 12 --launch-count 4 \
+ncu --clock-control none --profile-from-start off --set full --launch-skip $SKIP --launch-count $COUNT \
     -f -o /tmp/pf python3 scripts/ncu_prefill.py --len "$LEN" --config "$CFG" > "$OUT/ncu_run.log" 2>&1
 tail -5 "$OUT/ncu_run.log"
 ncu -i /tmp/pf.ncu-rep --page details > "$OUT/details.txt" 2>&1

@@ -252,14 +252,19 @@ def test_forced_blocks_across_window_tiles(p, forced_win):
 
 @pytest.mark.parametrize("cfg", [PrefillConfig(score_cat=0), PrefillConfig(rows_cmp=16, cmp_chunk=16),
                                  PrefillConfig(stages_cmp=3, stages_win=3), PrefillConfig(score_parts=3),
-                                 PrefillConfig(cmp_packed=0)],
+                                 PrefillConfig(cmp_packed=0), PrefillConfig(slc_topn=0, topn_groups=0),
+                                 PrefillConfig(slc_topn=0, topn_groups=2),
+                                 PrefillConfig(forced_win=0)],
                          ids=["scores in two products", "small tiles", "other stages", "p in three bf16 parts",
-                              "summaries page by page"])
+                              "summaries page by page", "top-n kernel", "top-n kernel over block groups",
+                              "forced blocks in the selected branch"])
 def test_launch_configs_match_reference(cfg):
     # Configurations the benchmark sweeps: the block scores of a chunk and its spill into the next
     # in two products of width BJ (the default: one of 2·BJ); tiny tiles and summary chunks; other
-    # pipeline depths. l = 12 with d = 4 spills a summary into the next block, across the chunk's
-    # last block too.
+    # pipeline depths; the top-n in its own kernel (the default: each selected-branch program takes
+    # its own), over every block or block groups first; the forced blocks attended by the
+    # selected-branch kernel (default: the window kernel). l = 12 with d = 4 spills a summary into
+    # the next block, across the chunk's last block too.
     p = SparsityParams(block=12, stride=4, select_block=16, num_select=5, window=24, num_init=1, num_local=2)
     run_case(lens=[117, 37, 90, 55], chunks=[30, 21, 0, 13], Hq=8, Hkv=2, p=p, config=cfg, **SHAPE)
 
@@ -282,7 +287,8 @@ def test_mask_split_matches_reference(cfg):
                                                num_init=1, num_local=2),
                                SparsityParams(block=8, stride=4, select_block=16, num_select=3, window=16,
                                               num_init=0, num_local=3)])
-def test_topn_ties_go_to_the_lower_block(p):
+@pytest.mark.parametrize("slc_topn,topn_groups", [(1, 0), (0, 0), (0, 2)])
+def test_topn_ties_go_to_the_lower_block(p, slc_topn, topn_groups):
     # q = 0: every visible block scores the same, so the choice is decided by ties alone: the
     # forced blocks first, then the lowest other indices, in that order (the reference's stable
     # sort), and −1 where fewer blocks are visible than n.
@@ -294,7 +300,8 @@ def test_topn_ties_go_to_the_lower_block(p):
     gates = torch.rand(S, Hq, 3, generator=gen).to(DEV)
     cu = torch.tensor([0, S], dtype=torch.int32, device=DEV)
     sl = torch.tensor([S], dtype=torch.int32, device=DEV)
-    sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True)[1]
+    sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True,
+                      config=replace(default_config(DEV), slc_topn=slc_topn, topn_groups=topn_groups))[1]
     P = p.select_block
     for t in (0, 37, 100, S - 1):
         cur = t // P
@@ -303,6 +310,34 @@ def test_topn_ties_go_to_the_lower_block(p):
         want = (forced + rest)[:p.num_select]
         want += [-1] * (p.num_select - len(want))
         assert sel[t, 0].tolist() == want, (t, sel[t, 0].tolist(), want)
+
+
+@pytest.mark.parametrize("cfg", [PrefillConfig(slc_topn=0, topn_groups=2),
+                                 PrefillConfig(slc_topn=0, topn_groups=4), PrefillConfig(),
+                                 PrefillConfig(forced_win=0)],
+                         ids=["groups of 2", "groups of 4", "in the selected-branch kernel (default)",
+                              "in the selected-branch kernel, forced blocks there too"])
+def test_topn_variants_select_the_same_blocks(cfg):
+    # Long enough for the block groups to be used (25 blocks, NBP 32 ≥ 2 · NSP · group size). Every
+    # top-n variant ranks the same fp32 scores exactly, so its selection equals the top-n kernel's
+    # over every block, bit for bit (and the reference's away from near-ties: run_case, once).
+    p = SparsityParams(block=12, stride=4, select_block=16, num_select=4, window=24, num_init=1, num_local=2)
+    lens, chunks = [400, 300], [90, 60]
+    if cfg.forced_win == 0:
+        run_case(lens=lens, chunks=chunks, Hq=4, Hkv=2, p=p, config=cfg, **SHAPE)
+    gen = torch.Generator().manual_seed(11)
+    seqs = [Seq(L, 2, 48, 32, p, False, gen, torch.float32) for L in lens]
+    layer, bt, _ = build_cache(seqs, lens, p, torch.float32, DEV, gen)
+    q = torch.randn(sum(chunks), 4, 48, generator=gen).to(DEV)
+    gates = torch.rand(sum(chunks), 4, 3, generator=gen).to(DEV)
+    cu = torch.tensor([0, chunks[0], sum(chunks)], dtype=torch.int32, device=DEV)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    base_cfg = PrefillConfig(slc_topn=0, topn_groups=0, forced_win=cfg.forced_win)
+    base = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True, config=base_cfg)
+    got = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True, config=cfg)
+    assert (base[1][:, :, 3] >= 0).any()  # rows with non-forced picks exist
+    assert torch.equal(got[1], base[1])
+    assert torch.equal(got[0], base[0])
 
 
 def test_half_precision():
@@ -419,12 +454,14 @@ def sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows, tol=1.5e-2):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,Hq,acc_bf16,forced_win", [(torch.bfloat16, 64, 0, 1), (torch.float16, 64, 0, 1),
-                                                          (torch.bfloat16, 48, 0, 1), (torch.bfloat16, 64, 1, 1),
-                                                          (torch.bfloat16, 64, 1, 0)])
-def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16, forced_win):
+@pytest.mark.parametrize("dtype,Hq,acc_bf16,forced_win,slc_topn", [
+    (torch.bfloat16, 64, 0, 1, 1), (torch.float16, 64, 0, 1, 1), (torch.bfloat16, 48, 0, 1, 1),
+    (torch.bfloat16, 64, 1, 1, 1), (torch.bfloat16, 64, 1, 0, 1), (torch.bfloat16, 64, 1, 1, 0),
+    (torch.bfloat16, 48, 1, 0, 0)])
+def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16, forced_win, slc_topn):
     # Hq 48: group size 12, padded to 16 inside (the padded heads must add nothing to the scores).
     # forced_win 0: the forced blocks in the selected-branch kernel, as before the twenty-first session.
+    # slc_topn 0: the top-n in its own kernel (over groups of 16 blocks first, topn_groups' default).
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     p, Hkv, Dk, Dv = PAPER, 4, 192, 128
     lens, chunks = [9000, 3001, 5000], [2500, 3001, 777]
@@ -436,7 +473,8 @@ def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16, forced_win):
     cu = torch.tensor([0, 2500, 5501, 6278], dtype=torch.int32, device=DEV)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
     out, sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True,
-                           config=replace(default_config(q.device), acc_bf16=acc_bf16, forced_win=forced_win))
+                           config=replace(default_config(q.device), acc_bf16=acc_bf16, forced_win=forced_win,
+                                          slc_topn=slc_topn))
     assert torch.isfinite(out).all()
     rows = torch.randint(0, Ttot, (24,), generator=gen).tolist() + [0, 2499, 2500, 5500, 5501, Ttot - 1]
     sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows)
