@@ -593,7 +593,7 @@ def _slc_kernel(
     NSP: tl.constexpr = 16,
 ):
     """Selected branch of query row r and kv group h over its NSEL selected blocks; out = acc +
-    g_slc·o_slc. FORCED: the forced blocks, which lead the selection (+inf keys, `_topn_kernel`),
+    g_slc·o_slc. FORCED: the forced blocks, which lead the selection (+inf keys, `_select_rows`),
     were attended by `_win_kernel`: skip them, and merge its output after the loop.
 
     TOPN (`PrefillConfig.slc_topn`): the program selects its own blocks from the block scores
@@ -601,8 +601,8 @@ def _slc_kernel(
     in registers — no top-n launch, and no id load inside the loop. This kernel waits on its loads
     most of the time (docs/benchmarks/prefill.md, sixteenth session), so part of the selection's
     arithmetic fills issue slots its neighbours leave idle: H200, 64k, slc +1.2 ms against the
-    top-n kernel's 2.0 (128k: +4.5 against 6.8). The block-group passes cost it more than they
-    save (+1.9 ms at 64k): at 2 warps each pass's reduction crosses warps, and they double the
+    top-n kernel's 2.0 (128k: +4.5 against 6.8). With the block-group passes it took 19.5 ms
+    instead of 18.8 at 64k: at 2 warps each pass's reduction crosses warps, and groups double the
     passes (twenty-third session)."""
     r = tl.program_id(0)
     h = tl.program_id(1)
