@@ -177,6 +177,9 @@ def _cases(shape: str, dtype: torch.dtype):
         ("nsa_decode batch 4", lambda: nsa_decode(q1.repeat(2, 1, 1), g1.repeat(2, 1, 1), layer, bt.repeat(2, 1),
                                                   lens.repeat(2), p)),
         ("nsa_decode ring", lambda: nsa_decode(q1, g1, layer, bt, lens, p, win_tables=ring)),
+        ("nsa_decode batch 16, values after keys",  # the default there with PDL (sm_90)
+         lambda: nsa_decode_tuned(q1.repeat(8, 1, 1), g1.repeat(8, 1, 1), layer, bt.repeat(8, 1), lens.repeat(8),
+                                  p, values_after_keys=True)),
         ("nsa_decode top-n over every block", lambda: nsa_decode_tuned(q1, g1, layer, bt, lens, p, topn="sort")),
         ("dense_paged_decode", lambda: dense_paged_decode(q1, layer, bt, lens)),
         ("dense_paged_decode previous", lambda: dense_paged_decode(q1, layer, bt, lens, launch="previous")),

@@ -11,7 +11,9 @@ win_tables, scale)` (tested on fresh random inputs; see docs/kernels_decode.md).
    selection scores Σ_i w_ij·exp(s_hi − m_h): entry r of a page overlaps the page's block + k with a
    fixed weight W[r, k] (`reference.selection_weights`), so they are KSPAN reshape-and-sums of p,
    no matmul. Scores stay per head: they can only be summed over the group once each head's
-   global softmax normaliser is known.
+   global softmax normaliser is known. Values after keys (the default from batch 3 with PDL,
+   `_values_after_keys`): a program reads its tiles' keys first (storing p), counts itself done
+   for the score kernel, and only then reads their values, so the scores overlap the value reads.
 2. `_score_kernel`, grid (B·Hkv, runs of TT compressed tiles): merges the per-head normalisers
    and sums the partial scores over the group's heads with one factor exp(m_tile − M_h) / L_h per
    (head, tile), into per-page rows part_k (block j's score is Σ_k part_k[j − k]: entries of page
@@ -19,7 +21,8 @@ win_tables, scale)` (tested on fresh random inputs; see docs/kernels_decode.md).
    initial/local blocks and keeps the top-n of packed (score bits, −index) int64 keys (Triton's
    bitonic top-k), so ties go to the lower block index, the reference's rule; the group's
    last-arriving program (an atomic arrival counter) takes the top-n of those candidates and
-   writes the group's work list: the n selected pages, then the window's
+   writes the group's work list (with values after keys, the programs wait for their group's
+   key-split count instead of the whole pass): the n selected pages, then the window's
    pages, as (logical page, physical page) pairs; with shared K/V a window page that is also
    selected is dropped from the list (it is read once, as a selection, and feeds both branches).
 3. `_attend_kernel`, grid (B·Hkv, splits): each program attends to its share of the work list. Each
@@ -52,14 +55,15 @@ from .reference import SparsityParams
 
 @triton.jit
 def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc_p, svc_h, svc_e,
-                     bt_ptr, sbt_b, lens_ptr, pm_ptr, pl_ptr, pacc_ptr, pms_ptr, psc_ptr, scale, Hkv,
+                     bt_ptr, sbt_b, lens_ptr, pm_ptr, pl_ptr, pacc_ptr, pms_ptr, psc_ptr, pp_ptr, kcnt_ptr,
+                     scale, Hkv,
                      MAXT, NSPLIT,
                      G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DK0: tl.constexpr,
                      DK1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, BLOCK_L: tl.constexpr,
                      STRIDE: tl.constexpr, PAGE: tl.constexpr, E: tl.constexpr, BN: tl.constexpr,
                      PPT: tl.constexpr, KSPAN: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr,
                      UPCAST: tl.constexpr, PDL: tl.constexpr, READ_EV: tl.constexpr = "",
-                     KEEP_EV: tl.constexpr = ""):
+                     KEEP_EV: tl.constexpr = "", VAFTER: tl.constexpr = False):
     """Program (group, split) walks tiles [split·T, split·T + T) of BN compressed entries, T =
     ⌈tiles / NSPLIT⌉ of this sequence: the splits share the sequence's own tiles, not the table's
     width (inside a CUDA graph the tables are as wide as the longest sequence the graph serves, so
@@ -76,7 +80,14 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
     jp's k-th row into block jp + k.
 
     READ_EV / KEEP_EV: L2 eviction hints ("" = none) for the summary reads and for the partial
-    results the score kernel reads next (CMP_EVICT)."""
+    results the score kernel reads next (CMP_EVICT).
+
+    VAFTER (values after keys, `_values_after_keys`): the loop reads key summaries only and stores
+    each tile's p = exp(s − m) in q's dtype (pp, [B·Hq, MAXT·BN]: the rounding the p·V dot applies
+    anyway). The program then stores its softmax state, counts itself in kcnt (per group) and lets
+    the score kernel launch; its score programs wait for that count, not for this whole grid. Only
+    then does the program read its tiles' value summaries, with its p read back, so the score sums
+    and top-n run while the values stream in."""
     if PDL:  # launched early (programmatic dependent launch): wait for the kernel before
         tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
@@ -117,15 +128,25 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
         kbase = kc_ptr + page[:, None] * skc_p + kh * skc_h + row[:, None] * skc_e
         k0 = tl.load(kbase + d0[None, :], mask=valid[:, None] & (d0[None, :] < DK), other=0.0,
                      eviction_policy=READ_EV)
-        v = tl.load(vc_ptr + page[:, None] * svc_p + kh * svc_h + row[:, None] * svc_e + dv[None, :],
-                    mask=valid[:, None] & (dv[None, :] < DV), other=0.0, eviction_policy=READ_EV)
+        if not VAFTER:
+            v = tl.load(vc_ptr + page[:, None] * svc_p + kh * svc_h + row[:, None] * svc_e + dv[None, :],
+                        mask=valid[:, None] & (dv[None, :] < DV), other=0.0, eviction_policy=READ_EV)
         s = _dot(q0, tl.trans(k0), PREC, UPCAST)
         if DK1 > 0:
             k1 = tl.load(kbase + d1[None, :], mask=valid[:, None] & (d1[None, :] < DK), other=0.0,
                          eviction_policy=READ_EV)
             s += _dot(q1, tl.trans(k1), PREC, UPCAST)
         s = tl.where(valid[None, :], s * scale, float("-inf"))
-        m, l, acc, p = _online_softmax_step(m, l, acc, s, v, PREC, UPCAST)
+        if VAFTER:
+            m_new = tl.maximum(m, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            l = l * tl.exp(m - m_new) + tl.sum(p, 1)
+            m = m_new
+            # Whole tiles (p = 0 past the entries): the value loop reads them back unmasked.
+            tl.store(pp_ptr + rows[:, None] * (MAXT * BN) + i[None, :], p.to(pp_ptr.dtype.element_ty),
+                     mask=gmask[:, None], eviction_policy=KEEP_EV)
+        else:
+            m, l, acc, p = _online_softmax_step(m, l, acc, s, v, PREC, UPCAST)
         p3 = tl.reshape(p, [GP, PPT, E])
         base = psc_ptr + ((rows * MAXT + t) * KSPAN)[:, None] * PPT + lpg[None, :]
         for k in tl.static_range(KSPAN):
@@ -136,11 +157,20 @@ def _cmp_tile_kernel(q_ptr, sq_b, sq_h, kc_ptr, skc_p, skc_h, skc_e, vc_ptr, svc
             sc = tl.sum(p3 * w[None, None, :], 2)
             tl.store(base + k * PPT, sc, mask=gmask[:, None], eviction_policy=KEEP_EV)
         tl.store(pms_ptr + rows * MAXT + t, m, mask=gmask, eviction_policy=KEEP_EV)
-    if PDL:  # the score kernel's programs may be launched now (they wait for this grid to finish)
+    if PDL and not VAFTER:  # the score kernel may be launched now (it waits for this grid to finish)
         tl.extra.cuda.gdc_launch_dependents()
     o = rows * NSPLIT + split
     tl.store(pm_ptr + o, m, mask=gmask, eviction_policy=KEEP_EV)
     tl.store(pl_ptr + o, l, mask=gmask, eviction_policy=KEEP_EV)
+    if VAFTER:
+        # This split's keys are done: count it for the group's score programs (the barrier orders
+        # the CTA's stores before the release), let them launch, then read the values.
+        tl.debug_barrier()
+        tl.atomic_add(kcnt_ptr + pid, 1, sem="release")
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        acc = _tile_values(vc_ptr, svc_p, svc_h, svc_e, bt_ptr, sbt_b, pms_ptr, pp_ptr, b, kh, rows, gmask,
+                           n_cmp, t_lo, t_hi, m, MAXT, GP, DV, DVP, E, BN, STAGES, PREC, UPCAST)
     tl.store(pacc_ptr + o[:, None] * DV + dv[None, :], acc.to(pacc_ptr.dtype.element_ty),
              mask=gmask[:, None] & (dv[None, :] < DV))
 
@@ -182,12 +212,13 @@ def _tile_factors(pms_ptr, rows, gmask, mx, inv, t, tok, MAXT):
 # to 1): eager decode steps would compile a variant per combination (it only moves addresses).
 @triton.jit(do_not_specialize=["MAXT", "NSPLIT", "NPROG", "SROW"])
 def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, sbt_b,
-                  sel_ptr, ulp_ptr, uph_ptr, cnt_ptr, cand_ptr, edge_ptr, Hkv, MAXT, NSPLIT, NPROG, SROW,
+                  sel_ptr, ulp_ptr, uph_ptr, cnt_ptr, cand_ptr, edge_ptr, kcnt_ptr, Hkv, MAXT, NSPLIT, NPROG, SROW,
                   G: tl.constexpr, GP: tl.constexpr, BLOCK_L: tl.constexpr, STRIDE: tl.constexpr,
                   PAGE: tl.constexpr, BN: tl.constexpr, PPT: tl.constexpr, KSPAN: tl.constexpr,
                   NSPLIT_P: tl.constexpr, TT: tl.constexpr, NBP: tl.constexpr,
                   NSEL: tl.constexpr, NSP: tl.constexpr, NUM_INIT: tl.constexpr,
-                  NUM_LOCAL: tl.constexpr, TOPN: tl.constexpr, NPROG_P: tl.constexpr, PDL: tl.constexpr):
+                  NUM_LOCAL: tl.constexpr, TOPN: tl.constexpr, NPROG_P: tl.constexpr, KFLAG: tl.constexpr,
+                  PDL: tl.constexpr):
     """Program (group, p) sums the group's partial scores of compressed tiles [p·TT, p·TT + TT) over
     the heads: part_k[page] = Σ_h psc[h, tile, k, page] · exp(m_{h,tile} − M_h) / L_h, one factor
     per (head, tile) — so the loads are contiguous [G, TT, PPT] runs and there is one exp per
@@ -202,8 +233,11 @@ def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, 
     block (each block of the group's top-n is in its own program's top-n). A block's spill from
     the page before the program's first comes from the previous tile's partial scores, summed here
     (`edge`) because the previous program may not have stored its part yet."""
+    if KFLAG:  # the pass reads values after keys: wait for this group's key splits only
+        _wait_count(kcnt_ptr + tl.program_id(0), NSPLIT)
     if PDL:
-        tl.extra.cuda.gdc_wait()
+        if not KFLAG:
+            tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()  # after the wait: see nsa_decode_tuned
     prog = tl.program_id(1)
     pid, b, L, n_tiles, gmask, rows, mx, inv = _score_group(lens_ptr, pm_ptr, pl_ptr, Hkv, NSPLIT, G, GP,
@@ -257,6 +291,8 @@ def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, 
     arrived = tl.atomic_add(cnt_ptr + pid, 1)
     if arrived == NPROG - 1:
         tl.store(cnt_ptr + pid, 0)  # ready for the next call: every program of this group has counted
+        if KFLAG:  # every program of the group is past its wait for the pass's count
+            tl.store(kcnt_ptr + pid, 0)
         if TOPN == 2:
             c = tl.arange(0, NPROG_P * NSP)
             keys = tl.load(cand_ptr + pid * NPROG * NSP + c, mask=c < NPROG * NSP, other=-1,
@@ -276,6 +312,19 @@ def _score_kernel(lens_ptr, pm_ptr, pl_ptr, pms_ptr, psc_ptr, part_ptr, bt_ptr, 
                                  other=0.0, cache_modifier=".cg")  # other CTAs' stores
             _select_units(score, bt_ptr, sel_ptr + pid * NSEL, ulp_ptr + pid * NSP, uph_ptr + pid * NSP,
                           L, b, sbt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL, PAGE, TOPN)
+    if KFLAG and PDL:
+        # This grid ends after the pass's (its values included): the attention kernel's wait for
+        # this grid then covers the pass's partial outputs, which its merge reads.
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def _wait_count(ptr, n):
+    """Spin until the int32 counter at ptr reaches n (acquire: the counted programs' stores are
+    visible after). Only for programs whose counters are bumped by already-running programs."""
+    c = tl.atomic_add(ptr, 0, sem="acquire")
+    while c < n:
+        c = tl.atomic_add(ptr, 0, sem="acquire")
 
 
 @triton.jit
@@ -536,6 +585,34 @@ def _attend_kernel(q_ptr, sq_b, sq_h, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h
 
 
 @triton.jit
+def _tile_values(vc_ptr, svc_p, svc_h, svc_e, bt_ptr, sbt_b, pms_ptr, pp_ptr, b, kh, rows, gmask,
+                 n_cmp, t_lo, t_hi, m, MAXT, GP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+                 E: tl.constexpr, BN: tl.constexpr, STAGES: tl.constexpr, PREC: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """Σ over compressed tiles t in [t_lo, t_hi) of exp(m_t − m) · (p_t · V_t) → [GP, DVP], the
+    compressed-pass program's output relative to its final max m: p_t = exp(s − m_t) as its key
+    loop stored it (pp), m_t its running max then (pms), V_t the tile's value summaries read
+    through the block table."""
+    dv = tl.arange(0, DVP)
+    acc = tl.zeros([GP, DVP], tl.float32)
+    # Page ids one tile ahead, as in the compressed pass (addresses from a load in the same
+    # iteration would cost the pipeliner a stage).
+    i_n = t_lo * BN + tl.arange(0, BN)
+    page_n = tl.load(bt_ptr + b * sbt_b + i_n // E, mask=i_n < n_cmp, other=0)
+    for t in tl.range(t_lo, t_hi, num_stages=STAGES):
+        i = t * BN + tl.arange(0, BN)
+        valid = i < n_cmp
+        page = page_n.to(tl.int64)
+        page_n = tl.load(bt_ptr + b * sbt_b + (i + BN) // E, mask=i + BN < n_cmp, other=0)
+        v = tl.load(vc_ptr + page[:, None] * svc_p + kh * svc_h + (i % E)[:, None] * svc_e + dv[None, :],
+                    mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
+        pt = tl.load(pp_ptr + rows[:, None] * (MAXT * BN) + i[None, :], mask=gmask[:, None], other=0.0)
+        mt = tl.load(pms_ptr + rows * MAXT + t, mask=gmask, other=NEG)
+        acc += tl.exp(mt - m)[:, None] * _dot(pt, v, PREC, UPCAST)
+    return acc
+
+
+@triton.jit
 def _merge_and_gate(pm_ptr, pl_ptr, pacc_ptr, sm_ptr, sl_ptr, sacc_ptr, wm_ptr, wl_ptr, wacc_ptr,
                     gates_ptr, sg_b, sg_h, out_ptr, so_b, so_h, b, heads, rows, gmask,
                     NSPLIT_C: tl.constexpr, NSPLIT: tl.constexpr, GP: tl.constexpr, C_CH: tl.constexpr,
@@ -675,6 +752,18 @@ CARVEOUT_DEFAULT = 100
 # merge 2.05 → 1.54 µs.
 BF16_PARTIALS = True
 
+# Values after keys (`_values_after_keys`): from batch 3 (more than SMALL_GROUPS kv groups) with PDL,
+# each compressed-pass program reads its tiles' value summaries after its keys, and the score
+# programs wait for their group's key splits only, so the score sums and top-n overlap the value
+# reads. Its launch shape: the
+# pass's 104 KB of buffers fit two programs an SM, and one-warp score programs (all 512 at batch
+# 16) fit beside them. H200, 64k, paper shape, graph µs (docs/benchmarks/decode.md, twenty-sixth
+# round): batch 16 88.2 → 84.0 (one-warp score) / 84.7 (two), batch 64 275.3 → 267.5 / 268.4,
+# batch 1 26.8 → 30.2 (not used there). With four-warp score programs batch 16 was 90.4 (they
+# entered late, beside the pass); values read by the attention splits instead were slower at every
+# batch (89.4–108.4 at 16).
+VALUES_AFTER_KEYS_SCORE_WARPS = 1
+
 # Fuse the split merge and gates into the attention kernel's last split when both branches have at
 # most this many splits (batch ≥ 16 at 64k); many splits (batch 1) would serialise that merge.
 FUSE_MAX_SPLITS = 8
@@ -684,8 +773,8 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
                      return_selection=False, num_splits=None, chunk=None, num_warps=None,
                      cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
                      attend_split_dk=None, attend_stages=3, fuse_combine=None, pdl=None,
-                     score_warps=4, topn=TOPN_DEFAULT, carveout=CARVEOUT_DEFAULT,
-                     cmp_evict=None, bf16_partials=None):
+                     score_warps=None, topn=TOPN_DEFAULT, carveout=CARVEOUT_DEFAULT,
+                     cmp_evict=None, bf16_partials=None, values_after_keys=None):
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
@@ -694,10 +783,16 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     `carveout`: preferred shared-memory carveout, percent, of the small score and combine kernels
     (`set_carveout`; None: the driver's choice). `bf16_partials`: the splits' partial output
     rows (not their m and l) stored in bf16 when q is bf16 (None: BF16_PARTIALS).
+    `values_after_keys`: the compressed pass reads values after keys and the score kernel waits
+    for the keys only (None: `_values_after_keys`); it also sets the default pass programs (two an
+    SM) and score warps (VALUES_AFTER_KEYS_SCORE_WARPS; else 4).
     Defaults: the fastest measured at 64k (docs/benchmarks/decode.md).
 
     With PDL each kernel waits (griddepcontrol.wait) before touching memory, so it is safe after
-    any kernel. A kernel lets its dependents launch (launch_dependents) once its own main work is
+    any kernel. (With values after keys the score programs instead wait for their group's count of
+    the pass's key splits: they launch only once every pass program has counted itself, i.e. after
+    the pass's own wait, and they wait for the pass's grid at their end, so the attention kernel's
+    wait still covers everything before it.) A kernel lets its dependents launch (launch_dependents) once its own main work is
     issued: they are launched only when every one of its programs has said so, so waiting programs
     of the next kernel never hold SM slots that this kernel's unscheduled programs need."""
     _check_inputs(q, gates, layer, block_tables, seq_lens, p, win_tables)
@@ -709,18 +804,20 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     NG = B * Hkv
     max_pages = block_tables.shape[1]
     max_cmp = max(0, (max_pages * P - p.block) // p.stride + 1)
+    dev = q.device
+    pdl = pdl_enabled(dev) if pdl is None else bool(pdl)
+    after_keys = _values_after_keys(NG, pdl) if values_after_keys is None else bool(values_after_keys)
+    score_warps = score_warps or (VALUES_AFTER_KEYS_SCORE_WARPS if after_keys else 4)
     if chunk is None:
         chunk, cmp_programs = _cmp_tiling(NG, E, cmp_programs, q.device)
     if chunk % E or chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk ({chunk}) must be a power of two ≥ 16 and a multiple of l'/d = {E}")
     scale = scale if scale is not None else 1.0 / math.sqrt(Dk)
-    dev = q.device
     f32 = torch.float32
     cmp_warps = cmp_warps or CMP_WARPS
     cmp_stages = cmp_stages or CMP_STAGES
     num_warps = num_warps or ATTEND_WARPS
     attend_split_dk = ATTEND_SPLIT_DK if attend_split_dk is None else attend_split_dk
-    pdl = pdl_enabled(dev) if pdl is None else bool(pdl)
     evict = CMP_EVICT if cmp_evict is None else bool(cmp_evict)
     read_ev, keep_ev = ("evict_first", "evict_last") if evict else ("", "")
     launch = {"launch_pdl": True} if pdl else {}  # only passed when on: older Triton lacks the option
@@ -751,7 +848,8 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     # 104.5 µs vs 109.3 with two programs per SM, i.e. two waves), as many as fit in one wave (a
     # second, partial wave would double the time of the slowest group); no more than the widest
     # sequence has tiles. Each sequence's tiles are shared among them in the kernel.
-    want = cmp_programs or max(1, target_programs(dev) // 2)
+    # (Values after keys: the keys-only buffers fit two programs an SM, so two.)
+    want = cmp_programs or (target_programs(dev) if after_keys else max(1, target_programs(dev) // 2))
     nsplit_c = max(1, min(MAXT, want // NG))
     nsplit_c = triton.cdiv(MAXT, triton.cdiv(MAXT, nsplit_c))
     pm = torch.empty(B, Hq, nsplit_c, device=dev, dtype=f32)
@@ -759,6 +857,8 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     bf16_partials = BF16_PARTIALS if bf16_partials is None else bool(bf16_partials)
     part_dt = torch.bfloat16 if bf16_partials and q.dtype == torch.bfloat16 else f32
     pacc = torch.empty(B, Hq, nsplit_c, Dv, device=dev, dtype=part_dt)
+    # Values after keys: the key loop's p per entry, read back by the same program.
+    pp = torch.empty(B * Hq, MAXT * BN, device=dev, dtype=q.dtype) if after_keys else pm
     pms = torch.empty(B, Hq, MAXT, device=dev, dtype=f32)
     if topn not in TOPN_MODES:
         raise ValueError(f"topn must be one of {TOPN_MODES}, got {topn!r}")
@@ -767,16 +867,17 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     sel = torch.empty(B, Hkv, p.num_select, device=dev, dtype=torch.int32)
     ulp = torch.empty(NG, NSP, device=dev, dtype=torch.int32)
     uph = torch.empty_like(ulp)
-    cnt = _arrival_counters(dev, 2 * NG)  # attention arrivals, then score arrivals
+    cnt = _arrival_counters(dev, 3 * NG)  # attention arrivals, score arrivals, pass key splits done
+    kcnt = cnt[2 * NG:]
     kc, vc = layer.kc_cache, layer.vc_cache
     _cmp_tile_kernel[(NG, nsplit_c)](
         q, q.stride(0), q.stride(1), kc, kc.stride(0), kc.stride(1), kc.stride(2),
         vc, vc.stride(0), vc.stride(1), vc.stride(2), block_tables, block_tables.stride(0), seq_lens,
-        pm, pl, pacc, pms, psc, scale, Hkv, MAXT, nsplit_c,
+        pm, pl, pacc, pms, psc, pp, kcnt, scale, Hkv, MAXT, nsplit_c,
         G=G, GP=GP, DK=Dk, DK0=DK0, DK1=DK1, DV=Dv, DVP=DVP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P,
         E=E, BN=BN, PPT=PPT, KSPAN=KSPAN, STAGES=cmp_stages,
         PREC=prec, UPCAST=interpreter_upcast(q.dtype), READ_EV=read_ev, KEEP_EV=keep_ev,
-        PDL=pdl, num_warps=cmp_warps, **launch)
+        VAFTER=after_keys, PDL=pdl, num_warps=cmp_warps, **launch)
     # Launch 2 sizing: TT compressed tiles per program (about 4096 partial scores: 32 a thread).
     TT = 1 << ((max(1, 4096 // (GP * KSPAN * PPT))).bit_length() - 1)
     nprog = triton.cdiv(MAXT, TT)
@@ -791,11 +892,11 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     edge = torch.empty(NG, nprog, KSPAN, PPT, device=dev, dtype=f32) if cands else pms
     k_score = _score_kernel[(NG, nprog)](
         seq_lens, pm, pl, pms, psc, part, block_tables, block_tables.stride(0),
-        sel, ulp, uph, cnt[NG:], cand, edge, Hkv, MAXT, nsplit_c, nprog, SROW,  # SROW: a stride, run-time
+        sel, ulp, uph, cnt[NG:], cand, edge, kcnt, Hkv, MAXT, nsplit_c, nprog, SROW,  # SROW: a stride, run-time
         G=G, GP=GP, BLOCK_L=p.block, STRIDE=p.stride, PAGE=P, BN=BN, PPT=PPT, KSPAN=KSPAN,
         NSPLIT_P=next_pow2(nsplit_c), TT=TT, NBP=NBP, NSEL=p.num_select, NSP=NSP,
         NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, TOPN=TOPN_MODES.index(topn),
-        NPROG_P=next_pow2(nprog) if cands else 1,
+        NPROG_P=next_pow2(nprog) if cands else 1, KFLAG=after_keys,
         PDL=pdl, num_warps=score_warps, **launch)
     set_carveout(k_score, carveout)
 
@@ -853,6 +954,13 @@ def _cmp_tiling(groups: int, entries_per_page: int, programs: int | None, dev: t
     if groups <= SMALL_GROUPS and programs is None:
         return max(SMALL_TILE, entries_per_page), target_programs(dev)
     return max(CMP_TILE, entries_per_page), programs
+
+
+def _values_after_keys(groups: int, pdl: bool) -> bool:
+    """Default of `nsa_decode_tuned(values_after_keys=...)`: with PDL (the score kernel can only
+    overlap the value reads when launched early) and more than SMALL_GROUPS kv groups; at batch 1
+    it was slower (26.8 → 30.2 µs at 64k: the pass is latency-bound there)."""
+    return pdl and groups > SMALL_GROUPS
 
 
 def _stages_that_fit(stages: int, stage_bytes: int, budget: int) -> int:

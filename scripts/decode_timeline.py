@@ -67,9 +67,9 @@ EDITS = [
     (r"(\n    if PDL:  # launched early .*\n        tl\.extra\.cuda\.gdc_wait\(\)\n)",
      r"\n    _stamp(tim_ptr, 0, 0, TIME)\1    _stamp(tim_ptr, 0, 1, TIME)\n", 1),
     (r"(\n    tl\.store\(pacc_ptr \+ o\[:, None\] \* DV .*\n             mask=.*\n)", r"\1    _stamp(tim_ptr, 0, 2, TIME)\n", 1),
-    (r"(TOPN: tl\.constexpr, NPROG_P: tl\.constexpr, PDL: tl\.constexpr)\):(\n    \"\"\"Program \(group, p\))",
+    (r"(TOPN: tl\.constexpr, NPROG_P: tl\.constexpr, KFLAG: tl\.constexpr,\n +PDL: tl\.constexpr)\):(\n    \"\"\"Program \(group, p\))",
      r"\1" + ARGS + r"\2", 1),
-    (r"(\n    if PDL:\n        tl\.extra\.cuda\.gdc_wait\(\)\n        tl\.extra\.cuda\.gdc_launch_dependents\(\).*\n)",
+    (r"(\n    if PDL:\n        if not KFLAG:\n            tl\.extra\.cuda\.gdc_wait\(\)\n        tl\.extra\.cuda\.gdc_launch_dependents\(\).*\n)",
      r"\n    _stamp(tim_ptr, 1, 0, TIME)\1    _stamp(tim_ptr, 1, 1, TIME)\n", 1),
     (r"(\n                          L, b, sbt_b, NBP, NSEL, NSP, NUM_INIT, NUM_LOCAL, PAGE, TOPN\)\n)",
      r"\1        _stamp(tim_ptr, 1, 2, TIME)\n", 1),  # after the last-arriving program's if/else
@@ -84,7 +84,7 @@ EDITS = [
     # group's last-arriving split starts the fused merge (after its arrival).
     (r"(\n    o = rows \* NSPLIT \+ split\n)(    _store_partial\(sm_ptr)", r"\1    _stamp(tim_ptr, 7, 1, TIME)\n\2", 1),
     (r"(\n        if arrived == NSPLIT - 1:\n)", r"\1            _stamp(tim_ptr, 7, 0, TIME)\n", 1),
-    (r"(score_warps=4[^)]*)\):", r"\1, timer=None):", 1),
+    (r"(score_warps=None[^)]*)\):", r"\1, timer=None):", 1),
     (r"PDL=pdl, (num_warps=(cmp_warps|score_warps|num_warps))", "PDL=pdl, " + TIMER + r"\1", 3),
 ]
 NAMES = ("cmp", "score", "attend")

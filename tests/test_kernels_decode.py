@@ -129,6 +129,40 @@ def test_nsa_decode_split_shares(splits, fuse, ring):
               num_splits=splits, fuse_combine=fuse, fn=nsa_mod.nsa_decode_tuned)
 
 
+@pytest.mark.parametrize("ring", [False, 3])
+@pytest.mark.parametrize("splits,fuse,programs", [(1, True, None), (3, False, 64), (4, True, 64), (6, False, None)])
+def test_nsa_decode_values_after_keys(ring, splits, fuse, programs):
+    # The compressed pass reads values after keys (its p read back) and the score programs wait for
+    # their group's key splits only; ragged lengths include ones with no compressed entry, and
+    # programs=64 gives the pass several splits a group.
+    check_nsa([2, 31, 32, 47, 200, 65], Hkv=2, G=4, Dk=32, Dv=16, p=SMALL, ring=ring, chunk=16,
+              num_splits=splits, fuse_combine=fuse, cmp_programs=programs, values_after_keys=True,
+              fn=nsa_mod.nsa_decode_tuned)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nsa_decode_values_after_keys_half(dtype):
+    check_nsa([40, 300, 7], Hkv=2, G=4, Dk=24, Dv=16, p=SMALL, dtype=dtype, tol=1e-2, chunk=16, num_splits=3,
+              values_after_keys=True, fn=nsa_mod.nsa_decode_tuned)
+
+
+def test_nsa_decode_values_after_keys_default_rule():
+    # On by default only where it was measured faster: with PDL and more than SMALL_GROUPS groups.
+    small = nsa_mod.SMALL_GROUPS
+    assert nsa_mod._values_after_keys(small + 1, True) and nsa_mod._values_after_keys(256, True)
+    assert not nsa_mod._values_after_keys(small, True) and not nsa_mod._values_after_keys(256, False)
+
+
+def test_nsa_decode_values_after_keys_counters_reset_and_calls_repeat():
+    # The pass counts each group's finished key splits for the score programs; the last score
+    # program of a group resets the count, so repeated calls see fresh counts and equal outputs.
+    q, gates, layer, tables, seq_lens, _ = make_case([300, 77, 5], 2, 4, 16, 16, SMALL)
+    outs = [nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, chunk=16, cmp_programs=64,
+                                     values_after_keys=True) for _ in range(3)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert int(nsa_mod._COUNTERS[q.device].abs().sum()) == 0
+
+
 @pytest.mark.parametrize("p", [
     SparsityParams(block=16, stride=16, select_block=16, num_select=3, window=16),  # l = d = l' (fla)
     SparsityParams(block=12, stride=4, select_block=16, num_select=5, window=48, num_init=2),
@@ -343,7 +377,13 @@ def test_gpu_paper_shape_fp32_selection(G):
                                 dict(num_splits=7),
                                 # unpipelined compressed pass (its loads keep the evict-first hint)
                                 dict(cmp_stages=1, chunk=32, cmp_programs=528),
-                                dict(cmp_stages=1, chunk=64, cmp_warps=8, cmp_programs=264)])
+                                dict(cmp_stages=1, chunk=64, cmp_warps=8, cmp_programs=264),
+                                # values after keys (the default at batch ≥ 3 with PDL), and without
+                                dict(values_after_keys=True, score_warps=4),
+                                dict(values_after_keys=True, cmp_programs=132, score_warps=2),
+                                dict(values_after_keys=True, num_splits=6),
+                                dict(values_after_keys=True, chunk=32, cmp_programs=528, fuse_combine=False),
+                                dict(values_after_keys=False)])
 def test_gpu_paper_shape_launch_variants(kw):
     # The launch configurations the benchmark compares (nsa_decode_tuned); the default is covered
     # above. fp32 so the selected blocks are compared exactly too.
@@ -429,14 +469,16 @@ def test_gpu_cuda_graph_capture_and_replay():
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_last_arriving_split_sees_every_split():
+@pytest.mark.parametrize("after_keys", [False, True])
+def test_gpu_last_arriving_split_sees_every_split(after_keys):
     # Many splits per group racing on the arrival counters (compressed pass: one 16-entry tile per
     # split; attention: 25 splits, merge fused): an ordering bug would show as a wrong or
     # non-deterministic output, so 50 calls must be bitwise equal and match the reference.
     q, gates, layer, tables, seq_lens, _ = make_case([9000, 33000], 4, 16, 192, 128, PAPER,
                                                      torch.bfloat16, device="cuda")
     fn = lambda: nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, PAPER, chunk=16,  # noqa: E731
-                                          cmp_programs=4096, num_splits=25, fuse_combine=True)
+                                          cmp_programs=4096, num_splits=25, fuse_combine=True,
+                                          values_after_keys=after_keys)
     first = fn()
     for _ in range(50):
         assert torch.equal(fn(), first)
@@ -446,7 +488,8 @@ def test_gpu_last_arriving_split_sees_every_split():
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_pdl_chain_equals_plain_launches():
+@pytest.mark.parametrize("after_keys", [False, True])
+def test_gpu_pdl_chain_equals_plain_launches(after_keys):
     # Programmatic dependent launch: each kernel is launched while the previous one drains and
     # waits for it inside. A chain where every decode reads what the kernel just before it wrote
     # (a torch copy into q, then a decode whose output becomes the next decode's q), replayed from
@@ -463,7 +506,8 @@ def test_gpu_pdl_chain_equals_plain_launches():
         q.copy_(src)
         outs = []
         for _ in range(3):
-            o = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, PAPER, pdl=pdl)
+            o = nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, PAPER, pdl=pdl,
+                                         values_after_keys=after_keys)
             q[..., :o.shape[-1]].copy_(o * 8)
             outs.append(o)
         return torch.stack(outs)
