@@ -84,6 +84,12 @@ def rel_err(a, b):
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+# References of check_nsa's cases, by the arguments that determine the case's inputs (make_case is
+# seeded, so equal arguments give equal inputs): the launch-variant tests check one case against
+# many launch configurations, and the float64 reference at the paper shape is most of their time.
+_REFERENCES: dict[tuple, tuple] = {}
+
+
 def check_nsa(lens, Hkv, G, Dk, Dv, p, ring=False, dtype=torch.float32, tol=1e-5, device=DEVICE,
               fn=None, **kw):
     q, gates, layer, tables, seq_lens, win = make_case(lens, Hkv, G, Dk, Dv, p, dtype, ring, device)
@@ -91,11 +97,15 @@ def check_nsa(lens, Hkv, G, Dk, Dv, p, ring=False, dtype=torch.float32, tol=1e-5
                                           return_selection=True, **kw)
     assert out.shape == (len(lens), Hkv * G, Dv) and out.dtype == dtype
     assert torch.isfinite(out).all()
-    ref = reference(q, gates, layer, tables, seq_lens, p, win)
+    key = (tuple(lens), Hkv, G, Dk, Dv, p, ring, dtype, str(device))
+    if key not in _REFERENCES:
+        ref = reference(q, gates, layer, tables, seq_lens, p, win)
+        want = reference_selection(q, gates, layer, tables, seq_lens, p, win) if dtype == torch.float32 else None
+        _REFERENCES[key] = (ref, want)
+    ref, want = _REFERENCES[key]
     err = rel_err(out, ref)
     assert err < tol, f"relative error {err:.2e} ≥ {tol:.0e}"
     if dtype == torch.float32:
-        want = reference_selection(q, gates, layer, tables, seq_lens, p, win)
         for b in range(len(lens)):
             for h in range(Hkv):
                 got = [j for j in sel[b, h].tolist() if j >= 0]
