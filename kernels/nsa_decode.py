@@ -759,7 +759,7 @@ BF16_PARTIALS = True
 # pass's 104 KB of buffers fit two programs an SM, and one-warp score programs (all 512 at batch
 # 16) fit beside them. H200, 64k, paper shape, graph µs (docs/benchmarks/decode.md, twenty-sixth
 # round): batch 16 88.2 → 84.0 (one-warp score) / 84.7 (two), batch 64 275.3 → 267.5 / 268.4,
-# batch 1 26.8 → 30.2 (not used there). With four-warp score programs batch 16 was 90.4 (they
+# batch 1 26.8 → 30.4 / 30.2 (not used there). With four-warp score programs batch 16 was 90.4 (they
 # entered late, beside the pass); values read by the attention splits instead were slower at every
 # batch (89.4–108.4 at 16).
 VALUES_AFTER_KEYS_SCORE_WARPS = 1
@@ -958,8 +958,9 @@ def _cmp_tiling(groups: int, entries_per_page: int, programs: int | None, dev: t
 
 def _values_after_keys(groups: int, pdl: bool) -> bool:
     """Default of `nsa_decode_tuned(values_after_keys=...)`: with PDL (the score kernel can only
-    overlap the value reads when launched early) and more than SMALL_GROUPS kv groups; at batch 1
-    it was slower (26.8 → 30.2 µs at 64k: the pass is latency-bound there)."""
+    overlap the value reads when launched early) and more than SMALL_GROUPS kv groups. At batch 1
+    it was slower in every launch shape tried (26.7–26.8 → 29.8–32.4 µs at 64k): the pass is
+    latency-bound there."""
     return pdl and groups > SMALL_GROUPS
 
 
