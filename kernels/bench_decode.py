@@ -208,6 +208,10 @@ VARIANTS = {
     "values after the keys, 2-warp score programs": dict(values_after_keys=True, score_warps=2),
     "values after the keys, pass 1 program an SM": dict(values_after_keys=True, cmp_programs="1*sms"),
     "values with the keys, 2-warp score programs": dict(values_after_keys=False, score_warps=2),
+    # Batch 4 (16 kv groups) has 16 pass and 16 attention splits, so a combine launch merges them;
+    # with 8 of each the attention kernel's last split merges instead (FUSE_MAX_SPLITS).
+    "8 attention splits a group": dict(num_splits=8),
+    "8 attention splits a group, pass 1 program an SM": dict(num_splits=8, cmp_programs="1*sms"),
     "64-entry compressed tiles": dict(chunk=64),
     "top-n by arg-max passes (default: bitonic top-k)": dict(topn="passes"),
     "top-n over every block (default: of per-program candidates)": dict(topn="sort"),
