@@ -19,7 +19,8 @@ dv 128, bf16), every query seeing every summary (the unmasked chunks, most of th
 
 Not used by the server: a measurement for the plan. Each kernel's output is checked against a
 float32 torch computation on sampled tiles before it is timed. Times: triton.testing.do_bench
-medians (L2 flushed), TFLOP/s = 2·rows·N·(dk + dv) / time.
+medians (L2 flushed; the runs in docs/benchmarks/prefill.md, twenty-fifth session, took its default
+means), TFLOP/s = 2·rows·N·(dk + dv) / time, and the ratio to the Triton loop in the same run.
 """
 
 from __future__ import annotations
@@ -294,7 +295,8 @@ def main():
     samples = [(0, 0), (a.queries // 2 + 1, 1), (a.queries - 1, 3), (777 % a.queries, 2)]
     ref = reference(q, kp, vp, N, samples)
     print(f"N = {N} summaries, {a.queries} queries × {Hkv} kv groups × {G} heads; {flops / 1e12:.2f} TFLOP a call")
-    print("| variant | ms | TFLOP/s | max rel. err vs float32 (sampled queries) |\n|---|---|---|---|")
+    print("| variant | ms | TFLOP/s | × the Triton loop | max rel. err vs float32 (sampled queries) |\n"
+          "|---|---|---|---|---|")
     base = None
     for name, fn, kw in VARIANTS:
         out = torch.full((a.queries * G * Hkv, DV), float("nan"), device="cuda")
@@ -307,10 +309,10 @@ def main():
         o = out.view(a.queries, G, Hkv, DV)
         err = max(((o[t, :, h] - r).abs().max() / r.abs().max()).item() for (t, h), r in ref.items())
         nan = bool(torch.isnan(out).any())
-        ms = triton.testing.do_bench(lambda: fn(q, kp, vp, N, out, **kw), warmup=50, rep=200)
-        base = base or ms
-        print(f"| {name} | {ms:.3f} | {flops / ms / 1e9:.0f} | {err:.2e}{' (NaN in output!)' if nan else ''} |",
-              flush=True)
+        ms = triton.testing.do_bench(lambda: fn(q, kp, vp, N, out, **kw), warmup=50, rep=200, return_mode="median")
+        base = base or ms  # the first variant: the Triton loop
+        print(f"| {name} | {ms:.3f} | {flops / ms / 1e9:.0f} | {base / ms:.2f}× | "
+              f"{err:.2e}{' (NaN in output!)' if nan else ''} |", flush=True)
 
 
 if __name__ == "__main__":
