@@ -15,7 +15,10 @@ dv 128, bf16), every query seeing every summary (the unmasked chunks, most of th
 - **gluon**: a Gluon kernel with a ring of STAGES TMA tile buffers and asynchronous warpgroup MMAs:
   chunk j+1's q·kᵀ runs on the tensor cores while chunk j's softmax runs, and chunk j's p·V stays
   in flight until chunk j+1's softmax is done (FlashAttention-3's intra-warpgroup overlap). Its
-  warps are BM / 16 (one warpgroup a 64 rows), all consumers; no producer warp.
+  warps are BM / 16 (one warpgroup a 64 rows), all consumers; no producer warp;
+- **gluon producer warp**: the same loop on 128 rows (8 warps), with a warp-specialized 1-warp
+  producer issuing the copies into a ring of ready/empty barriers, so the loop has no CTA-wide
+  barrier. Built for sm_90 without MMA serialisation, not yet run on a GPU.
 
 Not used by the server: a measurement for the plan. Each kernel's output is checked against a
 float32 torch computation on sampled tiles before it is timed. Times: triton.testing.do_bench
@@ -201,6 +204,115 @@ def _gluon_sweep(q_ptr, out_ptr, kd1, kd2, vd, N, sq_t, sq_h, qk_scale,
     gl.store(out_ptr + gl.expand_dims(rows * V_, 1) + gl.expand_dims(dv, 0), o)
 
 
+@gluon.jit
+def _ws_producer(kd1, kd2, vd, k1_s, k2_s, v_s, ready, empty, r0, n, CN: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: chunk j's keys and values into ring slot j % STAGES once both consumers freed it."""
+    NBYTES: gl.constexpr = CN * (K1 + K2 + V_) * 2
+    for j in range(n):
+        slot = j % STAGES
+        mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+        bar = ready.index(slot)
+        mbarrier.expect(bar, NBYTES)
+        tma.async_copy_global_to_shared(kd1, [r0 + j * CN, 0], bar, k1_s.index(slot))
+        tma.async_copy_global_to_shared(kd2, [r0 + j * CN, K1], bar, k2_s.index(slot))
+        tma.async_copy_global_to_shared(vd, [r0 + j * CN, 0], bar, v_s.index(slot))
+
+
+@gluon.jit
+def _ws_consumer(q_ptr, out_ptr, q1_s, q2_s, k1_s, k2_s, v_s, ready, empty, tile, h, n, sq_t, sq_h,
+                 qk_scale, CN: gl.constexpr, STAGES: gl.constexpr, Q_REGS: gl.constexpr):
+    """8 warps, the 128 rows of a tile (8 queries): _gluon_sweep's loop, waiting for each chunk on
+    the producer's `ready` barrier and freeing its slot on `empty` once its p·V is done."""
+    wpc: gl.constexpr = [8, 1]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=wpc, instr_shape=[16, CN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=wpc, instr_shape=[16, 128, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], wpc, [1, 0])
+    r = gl.arange(0, 128, layout=gl.SliceLayout(1, ld))
+    qoff = gl.expand_dims((tile * 8 + r // 16).to(gl.int64) * sq_t + (h * 16 + r % 16) * sq_h, 1)
+    d1 = gl.expand_dims(gl.arange(0, K1, layout=gl.SliceLayout(0, ld)), 0)
+    d2 = gl.expand_dims(gl.arange(0, K2, layout=gl.SliceLayout(0, ld)), 0) + K1
+    q1_s.store(gl.load(q_ptr + qoff + d1))
+    q2_s.store(gl.load(q_ptr + qoff + d2))
+    if Q_REGS:
+        q1 = q1_s.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+        q2 = q2_s.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+    else:
+        fence_async_shared()
+        q1 = q1_s
+        q2 = q2_s
+
+    zero = gl.zeros([128, CN], gl.float32, s_layout)
+    m_i = gl.full([128], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([128], gl.float32, gl.SliceLayout(1, s_layout))
+    o = warpgroup_mma_init(gl.zeros([128, V_], gl.float32, o_layout))
+    p_prev = gl.zeros([128, CN], gl.bfloat16, p_layout)
+    mbarrier.wait(ready.index(0), 0)
+    s = _gluon_qk(q1, q2, k1_s, k2_s, 0, zero)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    for j in range(n - 1):
+        slot = j % STAGES
+        nslot = (j + 1) % STAGES
+        mbarrier.wait(ready.index(nslot), ((j + 1) // STAGES) & 1)
+        s_next = _gluon_qk(q1, q2, k1_s, k2_s, nslot, zero)
+        m_i, alpha, p, l_i = _gluon_softmax(s, m_i, l_i, qk_scale)
+        o, p_prev, s_next = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_prev, s_next))
+        gl.thread_barrier()  # both warpgroups past that wait before one thread frees the slot
+        mbarrier.arrive(empty.index((j + STAGES - 1) % STAGES), count=1, pred=j >= 1)  # chunk j-1 done
+        o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p_prev = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        o = warpgroup_mma(p_prev, v_s.index(slot), o, is_async=True)
+        s = s_next
+    m_i, alpha, p, l_i = _gluon_softmax(s, m_i, l_i, qk_scale)
+    o, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_prev))
+    o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+    o = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_s.index((n - 1) % STAGES), o,
+                      is_async=True)
+    o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
+    o = o / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+    ro = gl.arange(0, 128, layout=gl.SliceLayout(1, o_layout))
+    dv = gl.arange(0, V_, layout=gl.SliceLayout(0, o_layout))
+    rows = (tile * 128 + ro).to(gl.int64) * gl.num_programs(1) + h
+    gl.store(out_ptr + gl.expand_dims(rows * V_, 1) + gl.expand_dims(dv, 0), o)
+
+
+@gluon.jit
+def _gluon_sweep_ws(q_ptr, out_ptr, kd1, kd2, vd, N, sq_t, sq_h, qk_scale,
+                    CN: gl.constexpr, STAGES: gl.constexpr, Q_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """A producer warp for the TMA copies (a warp-specialized worker) and the kernel's 8 warps as
+    one 128-row consumer (8 queries a program): slots are freed through mbarriers, with no CTA
+    barrier in the loop. Two 64-row consumers as separate workers (FlashAttention-3's layout)
+    were serialised by ptxas (C7512; docs/benchmarks/prefill.md, twenty-fifth session)."""
+    tile = gl.program_id(0)
+    h = gl.program_id(1)
+    q1_s = gl.allocate_shared_memory(gl.bfloat16, [128, K1], gl.NVMMASharedLayout.get_default_for([128, K1], gl.bfloat16))
+    q2_s = gl.allocate_shared_memory(gl.bfloat16, [128, K2], gl.NVMMASharedLayout.get_default_for([128, K2], gl.bfloat16))
+    k1_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, CN, K1], kd1.layout)
+    k2_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, CN, K2], kd2.layout)
+    v_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, CN, V_], vd.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    n = N // CN
+    gl.warp_specialize([
+        (_ws_consumer, (q_ptr, out_ptr, q1_s, q2_s, k1_s, k2_s, v_s, ready, empty, tile, h, n, sq_t, sq_h,
+                        qk_scale, CN, STAGES, Q_REGS)),
+        (_ws_producer, (kd1, kd2, vd, k1_s, k2_s, v_s, ready, empty, h * N, n, CN, STAGES)),
+    ], [1], [24])
+
+
+def run_gluon_ws(q, kp, vp, N, out, CN=64, STAGES=3, q_regs=True):
+    lay = lambda shape: gl.NVMMASharedLayout.get_default_for(shape, gl.bfloat16)  # noqa: E731
+    kd1 = GluonDescriptor.from_tensor(kp, [CN, DK1], lay([CN, DK1]))
+    kd2 = GluonDescriptor.from_tensor(kp, [CN, DK2], lay([CN, DK2]))
+    vd = GluonDescriptor.from_tensor(vp, [CN, DV], lay([CN, DV]))
+    grid = (q.shape[0] // 8, kp.shape[0] // N)
+    _gluon_sweep_ws[grid](q, out, kd1, kd2, vd, N, q.stride(0), q.stride(1), LOG2E / math.sqrt(DK),
+                          CN=CN, STAGES=STAGES, Q_REGS=q_regs, num_warps=8)
+
+
 def make(n_summaries: int, tiles_rows: int, Hkv: int, device):
     """q [T, Hkv·16, 192] and the packed summaries [Hkv·N, 192] / [Hkv·N, 128], random normal."""
     torch.manual_seed(0)
@@ -259,6 +371,12 @@ VARIANTS = [  # (name, runner, kwargs)
      dict(CN=64, STAGES=2, warps=8, q_regs=True)),
     ("gluon 128 rows (2 warpgroups), q in registers, 3 stages", run_gluon,
      dict(CN=64, STAGES=3, warps=8, q_regs=True)),
+    # Not yet run on a GPU (twenty-fifth session: built on the CPU after the device time was spent).
+    ("gluon producer warp + 128-row consumer, q in registers, 2 stages", run_gluon_ws, dict(CN=64, STAGES=2)),
+    ("gluon producer warp + 128-row consumer, q in registers, 3 stages", run_gluon_ws, dict(CN=64, STAGES=3)),
+    ("gluon producer warp + 128-row consumer, q in registers, 4 stages", run_gluon_ws, dict(CN=64, STAGES=4)),
+    ("gluon producer warp + 128-row consumer, q in shared memory, 3 stages", run_gluon_ws,
+     dict(CN=64, STAGES=3, q_regs=False)),
 ]
 
 
