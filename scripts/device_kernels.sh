@@ -2,10 +2,12 @@
 # The kernels' GPU acceptance run in one device call (issues: decode ≥ 8× SDPA at 64k batch 16, prefill
 # ≥ 5× at 64k): the device's own register report, the real-shape GPU tests, the decode table and
 # profile, the prefill table. Run from the repo root on a GPU machine; everything lands in ${OUT:-.}.
-# STEPS picks a subset (default: all but compare, timeline and decode_read): compile tests decode
-# profile prefill compare timeline decode_read. compare = the 64k launch variants and staged modes
-# (bench_decode --compare); decode_read = the paper-shape decode table with the L2 emptied by reads
-# (bench_decode --flush read; decode.md, fifteenth round).
+# STEPS picks a subset (default: all but compare, timeline, decode_read and gluon_probe): compile
+# tests decode profile prefill compare timeline decode_read gluon_probe. compare = the 64k launch
+# variants and staged modes (bench_decode --compare); decode_read = the paper-shape decode table with
+# the L2 emptied by reads (bench_decode --flush read; decode.md, fifteenth round); gluon_probe = one
+# compressed sweep in Gluon against the Triton loop (scripts/gluon_cmp_probe.py; prefill.md,
+# twenty-fifth session).
 # Each step has its own time limit so one slow step cannot eat the call. The default steps can take
 # longer than one 600 s device call (tests alone up to ~9 minutes): give the tests a call of their own.
 set -uo pipefail
@@ -39,6 +41,9 @@ fi
 if step timeline; then  # in-graph program timeline of the decode kernels (docs/benchmarks/decode.md, eighth round)
   timeout 150 python3 scripts/decode_timeline.py --batch 1 --batch 16 --topn sort --topn cand 2>&1 \
     | tee "$OUT/timeline.txt"
+fi
+if step gluon_probe; then
+  timeout 200 python3 scripts/gluon_cmp_probe.py 2>&1 | tee "$OUT/gluon_probe.txt"
 fi
 if step prefill; then
   timeout 120 python3 -m nsa_kernels.bench_prefill --lens 32768,65536 2>&1 | tee "$OUT/prefill.txt"
