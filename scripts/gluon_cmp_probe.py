@@ -107,10 +107,43 @@ def _gluon_softmax(s, m_i, l_i, qk_scale):
 
 
 @gluon.jit
+def _gluon_q(q_ptr, q1_s, q2_s, tile, h, sq_t, sq_h, s_layout: gl.constexpr, ld: gl.constexpr,
+             Q_REGS: gl.constexpr):
+    """A tile's q (BM = q1_s's rows: BM / 16 queries × the 16 heads of kv group h) into shared
+    memory, returned as the q·kᵀ MMAs' A operand: registers (Q_REGS, so those MMAs read only the
+    keys from shared memory) or the shared memory itself."""
+    BM: gl.constexpr = q1_s.shape[0]
+    r = gl.arange(0, BM, layout=gl.SliceLayout(1, ld))
+    qoff = gl.expand_dims((tile * (BM // 16) + r // 16).to(gl.int64) * sq_t + (h * 16 + r % 16) * sq_h, 1)
+    d1 = gl.expand_dims(gl.arange(0, K1, layout=gl.SliceLayout(0, ld)), 0)
+    d2 = gl.expand_dims(gl.arange(0, K2, layout=gl.SliceLayout(0, ld)), 0) + K1
+    q1_s.store(gl.load(q_ptr + qoff + d1))
+    q2_s.store(gl.load(q_ptr + qoff + d2))
+    fence_async_shared()
+    if Q_REGS:
+        q1 = q1_s.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+        q2 = q2_s.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+    else:
+        q1 = q1_s
+        q2 = q2_s
+    return q1, q2
+
+
+@gluon.jit
+def _gluon_store(out_ptr, o, l_i, tile, h, o_layout: gl.constexpr):
+    """o / l into rows (tile·BM + r)·Hkv + h of out [queries·16·Hkv, dv] (BM = o's rows)."""
+    BM: gl.constexpr = o.shape[0]
+    o = o / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+    ro = gl.arange(0, BM, layout=gl.SliceLayout(1, o_layout))
+    dv = gl.arange(0, V_, layout=gl.SliceLayout(0, o_layout))
+    rows = (tile * BM + ro).to(gl.int64) * gl.num_programs(1) + h
+    gl.store(out_ptr + gl.expand_dims(rows * V_, 1) + gl.expand_dims(dv, 0), o)
+
+
+@gluon.jit
 def _gluon_sweep(q_ptr, out_ptr, kd1, kd2, vd, N, sq_t, sq_h, qk_scale,
                  CN: gl.constexpr, STAGES: gl.constexpr, Q_REGS: gl.constexpr, num_warps: gl.constexpr):
     BM: gl.constexpr = 16 * num_warps  # one warpgroup a 64 rows
-    BT: gl.constexpr = BM // 16  # queries a tile (G = 16 heads each)
     tile = gl.program_id(0)
     h = gl.program_id(1)
     wpc: gl.constexpr = [num_warps, 1]
@@ -119,25 +152,9 @@ def _gluon_sweep(q_ptr, out_ptr, kd1, kd2, vd, N, sq_t, sq_h, qk_scale,
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], wpc, [1, 0])
 
-    # q: BT queries × 16 heads of kv group h, into shared memory as the MMAs' A operand.
     q1_s = gl.allocate_shared_memory(gl.bfloat16, [BM, K1], gl.NVMMASharedLayout.get_default_for([BM, K1], gl.bfloat16))
     q2_s = gl.allocate_shared_memory(gl.bfloat16, [BM, K2], gl.NVMMASharedLayout.get_default_for([BM, K2], gl.bfloat16))
-    r = gl.arange(0, BM, layout=gl.SliceLayout(1, ld_layout))
-    qoff = gl.expand_dims((tile * BT + r // 16).to(gl.int64) * sq_t + (h * 16 + r % 16) * sq_h, 1)
-    d1 = gl.expand_dims(gl.arange(0, K1, layout=gl.SliceLayout(0, ld_layout)), 0)
-    q1_s.store(gl.load(q_ptr + qoff + d1))
-    ld2: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], wpc, [1, 0])
-    r2 = gl.arange(0, BM, layout=gl.SliceLayout(1, ld2))
-    qoff2 = gl.expand_dims((tile * BT + r2 // 16).to(gl.int64) * sq_t + (h * 16 + r2 % 16) * sq_h, 1)
-    d2 = gl.expand_dims(gl.arange(0, K2, layout=gl.SliceLayout(0, ld2)), 0) + K1
-    q2_s.store(gl.load(q_ptr + qoff2 + d2))
-    fence_async_shared()
-    if Q_REGS:  # q as the register A operand: the q·kᵀ MMAs then read only the keys from shared memory
-        q1 = q1_s.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-        q2 = q2_s.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-    else:
-        q1 = q1_s
-        q2 = q2_s
+    q1, q2 = _gluon_q(q_ptr, q1_s, q2_s, tile, h, sq_t, sq_h, s_layout, ld_layout, Q_REGS)
 
     k1_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, CN, K1], kd1.layout)
     k2_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, CN, K2], kd2.layout)
@@ -197,11 +214,7 @@ def _gluon_sweep(q_ptr, out_ptr, kd1, kd2, vd, N, sq_t, sq_h, qk_scale,
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(kbars.index(i))
         mbarrier.invalidate(vbars.index(i))
-    o = o / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-    ro = gl.arange(0, BM, layout=gl.SliceLayout(1, o_layout))
-    dv = gl.arange(0, V_, layout=gl.SliceLayout(0, o_layout))
-    rows = (tile * BM + ro).to(gl.int64) * gl.num_programs(1) + h
-    gl.store(out_ptr + gl.expand_dims(rows * V_, 1) + gl.expand_dims(dv, 0), o)
+    _gluon_store(out_ptr, o, l_i, tile, h, o_layout)
 
 
 @gluon.jit
@@ -228,19 +241,7 @@ def _ws_consumer(q_ptr, out_ptr, q1_s, q2_s, k1_s, k2_s, v_s, ready, empty, tile
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=wpc, instr_shape=[16, 128, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], wpc, [1, 0])
-    r = gl.arange(0, 128, layout=gl.SliceLayout(1, ld))
-    qoff = gl.expand_dims((tile * 8 + r // 16).to(gl.int64) * sq_t + (h * 16 + r % 16) * sq_h, 1)
-    d1 = gl.expand_dims(gl.arange(0, K1, layout=gl.SliceLayout(0, ld)), 0)
-    d2 = gl.expand_dims(gl.arange(0, K2, layout=gl.SliceLayout(0, ld)), 0) + K1
-    q1_s.store(gl.load(q_ptr + qoff + d1))
-    q2_s.store(gl.load(q_ptr + qoff + d2))
-    if Q_REGS:
-        q1 = q1_s.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-        q2 = q2_s.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-    else:
-        fence_async_shared()
-        q1 = q1_s
-        q2 = q2_s
+    q1, q2 = _gluon_q(q_ptr, q1_s, q2_s, tile, h, sq_t, sq_h, s_layout, ld, Q_REGS)
 
     zero = gl.zeros([128, CN], gl.float32, s_layout)
     m_i = gl.full([128], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
@@ -269,11 +270,7 @@ def _ws_consumer(q_ptr, out_ptr, q1_s, q2_s, k1_s, k2_s, v_s, ready, empty, tile
     o = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_s.index((n - 1) % STAGES), o,
                       is_async=True)
     o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
-    o = o / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-    ro = gl.arange(0, 128, layout=gl.SliceLayout(1, o_layout))
-    dv = gl.arange(0, V_, layout=gl.SliceLayout(0, o_layout))
-    rows = (tile * 128 + ro).to(gl.int64) * gl.num_programs(1) + h
-    gl.store(out_ptr + gl.expand_dims(rows * V_, 1) + gl.expand_dims(dv, 0), o)
+    _gluon_store(out_ptr, o, l_i, tile, h, o_layout)
 
 
 @gluon.jit
