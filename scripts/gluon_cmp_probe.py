@@ -301,6 +301,11 @@ def _gluon_sweep_ws(q_ptr, out_ptr, kd1, kd2, vd, N, sq_t, sq_h, qk_scale,
 
 
 def run_gluon_ws(q, kp, vp, N, out, CN=64, STAGES=3, q_regs=True):
+    if STAGES < 3:
+        # The consumer waits for chunk j+1 before it frees chunk j-1's slot (its p·V is in flight
+        # until then), and with two slots chunk j+1 needs that slot: the kernel would hang (it did,
+        # on the H200, twenty-sixth session).
+        raise ValueError("the producer-warp sweep needs STAGES >= 3 (2 deadlocks)")
     lay = lambda shape: gl.NVMMASharedLayout.get_default_for(shape, gl.bfloat16)  # noqa: E731
     kd1 = GluonDescriptor.from_tensor(kp, [CN, DK1], lay([CN, DK1]))
     kd2 = GluonDescriptor.from_tensor(kp, [CN, DK2], lay([CN, DK2]))
@@ -308,6 +313,114 @@ def run_gluon_ws(q, kp, vp, N, out, CN=64, STAGES=3, q_regs=True):
     grid = (q.shape[0] // 8, kp.shape[0] // N)
     _gluon_sweep_ws[grid](q, out, kd1, kd2, vd, N, q.stride(0), q.stride(1), LOG2E / math.sqrt(DK),
                           CN=CN, STAGES=STAGES, Q_REGS=q_regs, num_warps=8)
+
+
+@gluon.jit
+def _ws_ring_producer(desc_a, desc_b, bufs_a, bufs_b, ready, empty, r0, n, COL_B: gl.constexpr,
+                      CN: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: chunk j's rows of one ring (the keys: both column halves; the values: desc_b
+    unused) into slot j % STAGES once the consumer freed it."""
+    for j in range(n):
+        slot = j % STAGES
+        mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+        bar = ready.index(slot)
+        if COL_B > 0:
+            mbarrier.expect(bar, CN * (bufs_a.shape[2] + bufs_b.shape[2]) * 2)
+            tma.async_copy_global_to_shared(desc_a, [r0 + j * CN, 0], bar, bufs_a.index(slot))
+            tma.async_copy_global_to_shared(desc_b, [r0 + j * CN, COL_B], bar, bufs_b.index(slot))
+        else:
+            mbarrier.expect(bar, CN * bufs_a.shape[2] * 2)
+            tma.async_copy_global_to_shared(desc_a, [r0 + j * CN, 0], bar, bufs_a.index(slot))
+
+
+@gluon.jit
+def _ws2_consumer(q_ptr, out_ptr, q1_s, q2_s, k1_s, k2_s, v_s, kready, kempty, vready, vempty, tile, h, n,
+                  sq_t, sq_h, qk_scale, BM: gl.constexpr, CN: gl.constexpr, STAGES: gl.constexpr):
+    """_gluon_sweep's loop (q in registers) fed by two producer warps: a key slot is freed as soon
+    as its q·kᵀ is waited for, a value slot once its p·V is (one iteration later)."""
+    wpc: gl.constexpr = [BM // 16, 1]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=wpc, instr_shape=[16, CN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=wpc, instr_shape=[16, 128, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], wpc, [1, 0])
+    q1, q2 = _gluon_q(q_ptr, q1_s, q2_s, tile, h, sq_t, sq_h, s_layout, ld, True)
+
+    zero = gl.zeros([BM, CN], gl.float32, s_layout)
+    m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
+    o = warpgroup_mma_init(gl.zeros([BM, V_], gl.float32, o_layout))
+    p_prev = gl.zeros([BM, CN], gl.bfloat16, p_layout)
+    mbarrier.wait(kready.index(0), 0)
+    s = _gluon_qk(q1, q2, k1_s, k2_s, 0, zero)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    gl.thread_barrier()
+    mbarrier.arrive(kempty.index(0), count=1)
+    for j in range(n - 1):
+        slot = j % STAGES
+        nslot = (j + 1) % STAGES
+        mbarrier.wait(kready.index(nslot), ((j + 1) // STAGES) & 1)
+        s_next = _gluon_qk(q1, q2, k1_s, k2_s, nslot, zero)
+        m_i, alpha, p, l_i = _gluon_softmax(s, m_i, l_i, qk_scale)
+        o, p_prev, s_next = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_prev, s_next))
+        gl.thread_barrier()  # every warp past that wait before one thread frees the slots
+        mbarrier.arrive(kempty.index(nslot), count=1)  # chunk j+1's keys
+        mbarrier.arrive(vempty.index((j + STAGES - 1) % STAGES), count=1, pred=j >= 1)  # chunk j-1's values
+        o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        mbarrier.wait(vready.index(slot), (j // STAGES) & 1)
+        p_prev = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        o = warpgroup_mma(p_prev, v_s.index(slot), o, is_async=True)
+        s = s_next
+    last = (n - 1) % STAGES
+    m_i, alpha, p, l_i = _gluon_softmax(s, m_i, l_i, qk_scale)
+    o, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_prev))
+    o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+    mbarrier.wait(vready.index(last), ((n - 1) // STAGES) & 1)
+    o = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_s.index(last), o, is_async=True)
+    o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
+    _gluon_store(out_ptr, o, l_i, tile, h, o_layout)
+
+
+@gluon.jit
+def _gluon_sweep_ws2(q_ptr, out_ptr, kd1, kd2, vd, N, sq_t, sq_h, qk_scale,
+                     CN: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """Keys and values in separate rings, each filled by its own 1-warp producer; the kernel's
+    warps are one consumer of 16·num_warps rows. With separate rings two slots each cannot
+    deadlock (a key slot is free before the next chunk's q·kᵀ is waited for), so 64-row programs
+    fit twice an SM (104 KB of shared memory), as the fastest plain variants do."""
+    BM: gl.constexpr = 16 * num_warps
+    tile = gl.program_id(0)
+    h = gl.program_id(1)
+    q1_s = gl.allocate_shared_memory(gl.bfloat16, [BM, K1], gl.NVMMASharedLayout.get_default_for([BM, K1], gl.bfloat16))
+    q2_s = gl.allocate_shared_memory(gl.bfloat16, [BM, K2], gl.NVMMASharedLayout.get_default_for([BM, K2], gl.bfloat16))
+    k1_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, CN, K1], kd1.layout)
+    k2_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, CN, K2], kd2.layout)
+    v_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, CN, V_], vd.layout)
+    kready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kempty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    vready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    vempty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(kready.index(i), count=1)
+        mbarrier.init(kempty.index(i), count=1)
+        mbarrier.init(vready.index(i), count=1)
+        mbarrier.init(vempty.index(i), count=1)
+    n = N // CN
+    gl.warp_specialize([
+        (_ws2_consumer, (q_ptr, out_ptr, q1_s, q2_s, k1_s, k2_s, v_s, kready, kempty, vready, vempty, tile, h, n,
+                         sq_t, sq_h, qk_scale, BM, CN, STAGES)),
+        (_ws_ring_producer, (kd1, kd2, k1_s, k2_s, kready, kempty, h * N, n, K1, CN, STAGES)),
+        (_ws_ring_producer, (vd, vd, v_s, v_s, vready, vempty, h * N, n, 0, CN, STAGES)),
+    ], [1, 1], [24, 24])
+
+
+def run_gluon_ws2(q, kp, vp, N, out, CN=64, STAGES=2, warps=4, maxnreg=None):
+    lay = lambda shape: gl.NVMMASharedLayout.get_default_for(shape, gl.bfloat16)  # noqa: E731
+    kd1 = GluonDescriptor.from_tensor(kp, [CN, DK1], lay([CN, DK1]))
+    kd2 = GluonDescriptor.from_tensor(kp, [CN, DK2], lay([CN, DK2]))
+    vd = GluonDescriptor.from_tensor(vp, [CN, DV], lay([CN, DV]))
+    grid = (q.shape[0] // warps, kp.shape[0] // N)
+    _gluon_sweep_ws2[grid](q, out, kd1, kd2, vd, N, q.stride(0), q.stride(1), LOG2E / math.sqrt(DK),
+                           CN=CN, STAGES=STAGES, num_warps=warps, maxnreg=maxnreg)
 
 
 def make(n_summaries: int, tiles_rows: int, Hkv: int, device):
@@ -368,12 +481,23 @@ VARIANTS = [  # (name, runner, kwargs)
      dict(CN=64, STAGES=2, warps=8, q_regs=True)),
     ("gluon 128 rows (2 warpgroups), q in registers, 3 stages", run_gluon,
      dict(CN=64, STAGES=3, warps=8, q_regs=True)),
-    # Not yet run on a GPU (twenty-fifth session: built on the CPU after the device time was spent).
-    ("gluon producer warp + 128-row consumer, q in registers, 2 stages", run_gluon_ws, dict(CN=64, STAGES=2)),
+    # A producer warp needs 3 slots or more: see run_gluon_ws.
     ("gluon producer warp + 128-row consumer, q in registers, 3 stages", run_gluon_ws, dict(CN=64, STAGES=3)),
     ("gluon producer warp + 128-row consumer, q in registers, 4 stages", run_gluon_ws, dict(CN=64, STAGES=4)),
     ("gluon producer warp + 128-row consumer, q in shared memory, 3 stages", run_gluon_ws,
      dict(CN=64, STAGES=3, q_regs=False)),
+    ("gluon key and value producer warps + 64-row consumer, q in registers, 2 stages", run_gluon_ws2,
+     dict(CN=64, STAGES=2, warps=4)),
+    ("gluon key and value producer warps + 64-row consumer, q in registers, 3 stages", run_gluon_ws2,
+     dict(CN=64, STAGES=3, warps=4)),
+    # Triton pads the two producer warps to a warpgroup: 8 warps at 255 registers fill the register
+    # file. At 128 two programs share an SM, the consumer raised to 232 (setmaxnreg).
+    ("gluon key and value producer warps + 64-row consumer, q in registers, 2 stages, 2 programs an SM",
+     run_gluon_ws2, dict(CN=64, STAGES=2, warps=4, maxnreg=128)),
+    ("gluon key and value producer warps + 128-row consumer, q in registers, 2 stages", run_gluon_ws2,
+     dict(CN=64, STAGES=2, warps=8)),
+    ("gluon key and value producer warps + 128-row consumer, q in registers, 3 stages", run_gluon_ws2,
+     dict(CN=64, STAGES=3, warps=8)),
 ]
 
 
@@ -401,6 +525,8 @@ def main():
     ap.add_argument("--n", type=int, default=4096, help="summaries every query sees (64k prompt: up to 4096)")
     ap.add_argument("--queries", type=int, default=8192, help="queries (each 16 heads of each kv group)")
     ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--only", action="append", default=[],
+                    help="time only variants whose name contains this (repeatable); the Triton loop always runs")
     a = ap.parse_args()
     if a.compile_only:
         return compile_only()
@@ -413,7 +539,9 @@ def main():
     print("| variant | ms | TFLOP/s | × the Triton loop | max rel. err vs float32 (sampled queries) |\n"
           "|---|---|---|---|---|")
     base = None
-    for name, fn, kw in VARIANTS:
+    for k, (name, fn, kw) in enumerate(VARIANTS):
+        if k and a.only and not any(o in name for o in a.only):
+            continue
         out = torch.full((a.queries * G * Hkv, DV), float("nan"), device="cuda")
         try:
             fn(q, kp, vp, N, out, **kw)
