@@ -125,7 +125,8 @@ SWEEP = [  # tried at 64k with --sweep; the fastest is then used for the table
     "",
     "cmp_packed=0",
     "rows_cmp=128,warps_cmp=8,stages_cmp=3",
-    "score_parts=3",
+    "score_sums=0",
+    "score_sums=0,score_parts=3",
     "mask_split=0",
 ]
 

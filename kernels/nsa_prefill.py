@@ -205,6 +205,31 @@ def _cat_blocks(c, j2, BJ: tl.constexpr, BJE: tl.constexpr):
 
 
 @_helper
+def _block_sums(p, spill, jr, BT: tl.constexpr, GP: tl.constexpr, BJ: tl.constexpr, E: tl.constexpr,
+                D: tl.constexpr, L: tl.constexpr, P: tl.constexpr, KSPAN: tl.constexpr):
+    """A chunk's selection-block scores summed in fp32 registers, without matrix products: the
+    chunk is BJ whole pages of E summaries, and summary r of a page shares a fixed number of tokens
+    with the page's block + k (k < KSPAN), as in the decode kernel's tiles. For each k: a weighted
+    reshape-and-sum over the page's E summaries, the group's heads summed, then moved k blocks on
+    (tl.gather): into this chunk's blocks, or past its end into the next chunk's (the spill).
+    Returns (own [BT, BJ] with the previous chunk's spill added, this chunk's spill)."""
+    p3 = tl.reshape(p, (BT * GP, BJ, E))
+    rr = tl.arange(0, E)
+    own = spill
+    nxt = tl.zeros([BT, BJ], tl.float32)
+    for k in tl.static_range(KSPAN):
+        w = (tl.maximum(tl.minimum(rr * D + L, (k + 1) * P) - tl.maximum(rr * D, k * P), 0) / D).to(tl.float32)
+        part = tl.sum(tl.reshape(tl.sum(p3 * w[None, None, :], 2), (BT, GP, BJ)), 1)  # [BT, BJ]
+        if k == 0:
+            own += part
+        else:
+            jj = jr[None, :] + tl.zeros([BT, 1], tl.int32)
+            own += tl.where(jj >= k, tl.gather(part, tl.maximum(jj - k, 0), 1), 0.0)
+            nxt += tl.where(jj < k, tl.gather(part, tl.minimum(jj + BJ - k, BJ - 1), 1), 0.0)
+    return own, nxt
+
+
+@_helper
 def _tile_rows(tile_ptr, BT: tl.constexpr, GP: tl.constexpr, G: tl.constexpr):
     """A query tile: BT consecutive queries of one sequence × the group's heads (padded to GP)."""
     pid = tl.program_id(0)
@@ -231,6 +256,7 @@ def _cmp_kernel(
     BN: tl.constexpr, CN: tl.constexpr, BJ: tl.constexpr, BJE: tl.constexpr,
     PREC: tl.constexpr, SPREC: tl.constexpr, UPCAST: tl.constexpr, BF16X3: tl.constexpr,
     SCAT: tl.constexpr, MASK_SPLIT: tl.constexpr, PARTS: tl.constexpr, PACKED: tl.constexpr,
+    SUMS: tl.constexpr = False, KSPAN: tl.constexpr = 2,
 ):
     """Compressed attention (→ acc = g_cmp·o_cmp) and group-summed selection-block scores.
     PACKED: the summaries are read from `_pack_kernel`'s contiguous copy through tensor
@@ -307,7 +333,7 @@ def _cmp_kernel(
     w2b = _overlap_tokens(ar, _cat_blocks(0, j2, BJ, BJE), D, L, P).to(tl.bfloat16)
     # With the bf16 products, 1/l is applied to their [rows, blocks] result (half the entries)
     # instead of to p; it is 0 for padded rows either way.
-    NORM_AFTER: tl.constexpr = BF16X3 and SCAT
+    NORM_AFTER: tl.constexpr = BF16X3 and SCAT and not SUMS
     for c in range(0, n_chunks):
         i0 = c * CN
         ii = i0 + ar
@@ -331,7 +357,9 @@ def _cmp_kernel(
         if not NORM_AFTER:
             p = p * inv_l[:, None]
         j_own = c * BJE + jr
-        if BF16X3 and SCAT:
+        if SUMS:
+            own, spill = _block_sums(p, spill, jr, BT, GP, BJ, E, D, L, P, KSPAN)
+        elif BF16X3 and SCAT:
             # As below, with this chunk's blocks and the next chunk's (the spill) as the two halves
             # of one [CN, 2·BJ] weight matrix: one product of width 2·BJ per bf16 part of p (two by
             # default: 16 mantissa bits) instead of two of BJ.
@@ -703,6 +731,12 @@ class PrefillConfig:
     # With score_cat: p as 2 bf16 parts (16 mantissa bits) or 3 (fp32's 24). H200 64k: cmp 31.5 →
     # 28.8 ms with 2; 12 of the 262,144 (query, group) selections differed from 3 parts'.
     score_parts: int = 2
+    # Block scores as weighted reshape-and-sums of p in fp32 registers (`_block_sums`, as the decode
+    # kernel forms its tiles' scores) instead of the bf16 products above; used where a chunk is
+    # whole pages (E | chunk) and an entry's spill stays within the next chunk. fp32 throughout (the
+    # products keep 16 of p's 24 mantissa bits) at the products' speed: H200 64k, three runs in
+    # turn, cmp 23.11 / 23.31 / 23.46 → 22.93 / 23.10 / 23.37 ms (prefill.md, twenty-sixth session).
+    score_sums: int = 1
     # Compressed kernel reads a contiguous copy of the visible summaries (one small gather launch
     # a call) through tensor descriptors: TMA tile copies on Hopper instead of per-thread gathered
     # addresses (0: page by page through the block table).
@@ -957,6 +991,10 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
     BJ = max(16, _pow2(BJE))
     if p.block - p.stride > CN * p.stride:
         raise NotImplementedError("compression block too long for one chunk of spill (l − d > chunk·d)")
+    # Blocks a summary's tokens reach from its page's own (KSPAN). The in-register block sums need
+    # whole pages a chunk and the spill within the next chunk; else the scores are products.
+    KSPAN = ((E - 1) * p.stride + p.block - 1) // P + 1
+    sums = bool(cfg.score_sums) and CN == BN and KSPAN - 1 <= BJE
     GP_SLC = max(16, GP)
     NSP = max(2, _pow2(p.num_select))
     fp32 = q.dtype == torch.float32
@@ -1006,10 +1044,10 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
             kcc.stride(0), kcc.stride(1), kcc.stride(2), vcc.stride(0), vcc.stride(1), vcc.stride(2),
             block_tables.stride(0), r0, qk_scale,
             G=G, GP=GP, BT=BT, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, E=E,
-            D=p.stride, L=p.block, BN=BN, CN=CN, BJ=BJ, BJE=BJE, PREC=prec, SPREC=sprec,
+            D=p.stride, L=p.block, BN=BN, CN=CN, BJ=BJE if sums else BJ, BJE=BJE, PREC=prec, SPREC=sprec,
             UPCAST=upcast, BF16X3=bool(cfg.score_bf16x3) and min(p.block, P) <= 256,
             SCAT=bool(cfg.score_cat), MASK_SPLIT=bool(cfg.mask_split), PARTS=cfg.score_parts,
-            PACKED=plan.pack is not None,
+            PACKED=plan.pack is not None, SUMS=sums, KSPAN=KSPAN,
             num_warps=cfg.warps_cmp, num_stages=cfg.stages_cmp,
         )
         _win_kernel[(nwtiles, Hkv)](

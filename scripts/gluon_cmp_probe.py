@@ -16,9 +16,10 @@ dv 128, bf16), every query seeing every summary (the unmasked chunks, most of th
   chunk j+1's q·kᵀ runs on the tensor cores while chunk j's softmax runs, and chunk j's p·V stays
   in flight until chunk j+1's softmax is done (FlashAttention-3's intra-warpgroup overlap). Its
   warps are BM / 16 (one warpgroup a 64 rows), all consumers; no producer warp;
-- **gluon producer warp**: the same loop on 128 rows (8 warps), with a warp-specialized 1-warp
-  producer issuing the copies into a ring of ready/empty barriers, so the loop has no CTA-wide
-  barrier. Built for sm_90 without MMA serialisation, not yet run on a GPU.
+- **gluon producer warp(s)**: the same loop with warp-specialized 1-warp producers issuing the
+  copies into rings of ready/empty barriers: one ring of key + value slots (128 rows, ≥ 3 slots),
+  or separate key and value rings with a producer each (64 or 128 rows). Best on the H200:
+  538–540 TFLOP/s, 1.12× the Triton loop (docs/benchmarks/prefill.md, twenty-sixth session).
 
 Not used by the server: a measurement for the plan. Each kernel's output is checked against a
 float32 torch computation on sampled tiles before it is timed. Times: triton.testing.do_bench
@@ -107,6 +108,45 @@ def _gluon_softmax(s, m_i, l_i, qk_scale):
 
 
 @gluon.jit
+def _gluon_overlap(ready, phase, q1, q2, k1_s, k2_s, nslot, zero, s, m_i, l_i, o, p_prev, qk_scale):
+    """The loop head every Gluon sweep shares: once chunk j+1's keys are in (`ready`), its q·kᵀ
+    runs on the tensor cores while chunk j's softmax runs; then both it and chunk j-1's p·V are
+    waited for. (Waiting for the p·V alone, num_outstanding=2, made ptxas serialise every MMA: its
+    C7514.) Returns chunk j+1's scores, the softmax state and chunk j's p."""
+    mbarrier.wait(ready.index(nslot), phase)
+    s_next = _gluon_qk(q1, q2, k1_s, k2_s, nslot, zero)
+    m_i, alpha, p, l_i = _gluon_softmax(s, m_i, l_i, qk_scale)
+    o, p_prev, s_next = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_prev, s_next))
+    return s_next, m_i, alpha, p, l_i, o, p_prev
+
+
+@gluon.jit
+def _gluon_pv(o, alpha, p, v_s, vready, slot, phase, o_layout: gl.constexpr, p_layout: gl.constexpr,
+              WAIT_V: gl.constexpr):
+    """o rescaled by the softmax's alpha, then this chunk's p·V issued (once its values are in,
+    when they have their own barriers: WAIT_V) to run into the next softmax. Returns (o, the bf16
+    p it reads: a loop variable until that product is waited for, or the next softmax could reuse
+    its registers and ptxas would serialise every MMA)."""
+    o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+    if WAIT_V:
+        mbarrier.wait(vready.index(slot), phase)
+    p_b = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+    return warpgroup_mma(p_b, v_s.index(slot), o, is_async=True), p_b
+
+
+@gluon.jit
+def _gluon_tail(s, m_i, l_i, o, p_prev, v_s, vready, n, qk_scale, o_layout: gl.constexpr, p_layout: gl.constexpr,
+                STAGES: gl.constexpr, WAIT_V: gl.constexpr):
+    """The last chunk after the loop: its softmax, chunk n-2's p·V waited for, then (once its
+    values are in, when they have their own barriers: WAIT_V) its own p·V. Returns (o, l)."""
+    last = (n - 1) % STAGES
+    m_i, alpha, p, l_i = _gluon_softmax(s, m_i, l_i, qk_scale)
+    o, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_prev))
+    o, p_prev = _gluon_pv(o, alpha, p, v_s, vready, last, ((n - 1) // STAGES) & 1, o_layout, p_layout, WAIT_V)
+    return warpgroup_mma_wait(num_outstanding=0, deps=(o, )), l_i
+
+
+@gluon.jit
 def _gluon_q(q_ptr, q1_s, q2_s, tile, h, sq_t, sq_h, s_layout: gl.constexpr, ld: gl.constexpr,
              Q_REGS: gl.constexpr):
     """A tile's q (BM = q1_s's rows: BM / 16 queries × the 16 heads of kv group h) into shared
@@ -187,30 +227,17 @@ def _gluon_sweep(q_ptr, out_ptr, kd1, kd2, vd, N, sq_t, sq_h, qk_scale,
     for j in range(n - 1):
         slot = j % STAGES
         nslot = (j + 1) % STAGES
-        # chunk j+1's q·kᵀ on the tensor cores while chunk j's softmax runs
-        mbarrier.wait(kbars.index(nslot), ((j + 1) // STAGES) & 1)
-        s_next = _gluon_qk(q1, q2, k1_s, k2_s, nslot, zero)
-        m_i, alpha, p, l_i = _gluon_softmax(s, m_i, l_i, qk_scale)
-        # Chunk j+1's q·kᵀ (which had the softmax's time) and chunk j-1's p·V are done: that value
-        # slot is free, and chunk j's key slot was since the last iteration. (Waiting for the p·V
-        # alone, num_outstanding=2, made ptxas serialise every MMA: its C7514.)
-        o, p_prev, s_next = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_prev, s_next))
+        s_next, m_i, alpha, p, l_i, o, p_prev = _gluon_overlap(kbars, ((j + 1) // STAGES) & 1, q1, q2, k1_s,
+                                                               k2_s, nslot, zero, s, m_i, l_i, o, p_prev, qk_scale)
+        # Chunk j-1's p·V is done, so its value slot is free; chunk j's key slot was since the last
+        # iteration.
         gl.thread_barrier()  # every warp is past those waits before a slot is overwritten
         _gluon_load_k(kd1, kd2, k1_s, k2_s, kbars, r0 + (j + STAGES) * CN, slot, j + STAGES < n, KBYTES)
         pslot = (j + STAGES - 1) % STAGES
         _gluon_load_v(vd, v_s, vbars, r0 + (j + STAGES - 1) * CN, pslot, (j >= 1) & (j + STAGES - 1 < n), VBYTES)
-        o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        mbarrier.wait(vbars.index(slot), (j // STAGES) & 1)
-        p_prev = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-        o = warpgroup_mma(p_prev, v_s.index(slot), o, is_async=True)  # in flight into the next softmax
+        o, p_prev = _gluon_pv(o, alpha, p, v_s, vbars, slot, (j // STAGES) & 1, o_layout, p_layout, True)
         s = s_next
-    last = (n - 1) % STAGES
-    m_i, alpha, p, l_i = _gluon_softmax(s, m_i, l_i, qk_scale)
-    o, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_prev))
-    o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-    mbarrier.wait(vbars.index(last), ((n - 1) // STAGES) & 1)
-    o = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_s.index(last), o, is_async=True)
-    o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
+    o, l_i = _gluon_tail(s, m_i, l_i, o, p_prev, v_s, vbars, n, qk_scale, o_layout, p_layout, STAGES, True)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(kbars.index(i))
         mbarrier.invalidate(vbars.index(i))
@@ -254,22 +281,13 @@ def _ws_consumer(q_ptr, out_ptr, q1_s, q2_s, k1_s, k2_s, v_s, ready, empty, tile
     for j in range(n - 1):
         slot = j % STAGES
         nslot = (j + 1) % STAGES
-        mbarrier.wait(ready.index(nslot), ((j + 1) // STAGES) & 1)
-        s_next = _gluon_qk(q1, q2, k1_s, k2_s, nslot, zero)
-        m_i, alpha, p, l_i = _gluon_softmax(s, m_i, l_i, qk_scale)
-        o, p_prev, s_next = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_prev, s_next))
+        s_next, m_i, alpha, p, l_i, o, p_prev = _gluon_overlap(ready, ((j + 1) // STAGES) & 1, q1, q2, k1_s,
+                                                               k2_s, nslot, zero, s, m_i, l_i, o, p_prev, qk_scale)
         gl.thread_barrier()  # both warpgroups past that wait before one thread frees the slot
         mbarrier.arrive(empty.index((j + STAGES - 1) % STAGES), count=1, pred=j >= 1)  # chunk j-1 done
-        o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        p_prev = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-        o = warpgroup_mma(p_prev, v_s.index(slot), o, is_async=True)
+        o, p_prev = _gluon_pv(o, alpha, p, v_s, ready, slot, 0, o_layout, p_layout, False)
         s = s_next
-    m_i, alpha, p, l_i = _gluon_softmax(s, m_i, l_i, qk_scale)
-    o, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_prev))
-    o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-    o = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_s.index((n - 1) % STAGES), o,
-                      is_async=True)
-    o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
+    o, l_i = _gluon_tail(s, m_i, l_i, o, p_prev, v_s, ready, n, qk_scale, o_layout, p_layout, STAGES, False)
     _gluon_store(out_ptr, o, l_i, tile, h, o_layout)
 
 
@@ -358,25 +376,14 @@ def _ws2_consumer(q_ptr, out_ptr, q1_s, q2_s, k1_s, k2_s, v_s, kready, kempty, v
     for j in range(n - 1):
         slot = j % STAGES
         nslot = (j + 1) % STAGES
-        mbarrier.wait(kready.index(nslot), ((j + 1) // STAGES) & 1)
-        s_next = _gluon_qk(q1, q2, k1_s, k2_s, nslot, zero)
-        m_i, alpha, p, l_i = _gluon_softmax(s, m_i, l_i, qk_scale)
-        o, p_prev, s_next = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_prev, s_next))
+        s_next, m_i, alpha, p, l_i, o, p_prev = _gluon_overlap(kready, ((j + 1) // STAGES) & 1, q1, q2, k1_s,
+                                                               k2_s, nslot, zero, s, m_i, l_i, o, p_prev, qk_scale)
         gl.thread_barrier()  # every warp past that wait before one thread frees the slots
         mbarrier.arrive(kempty.index(nslot), count=1)  # chunk j+1's keys
         mbarrier.arrive(vempty.index((j + STAGES - 1) % STAGES), count=1, pred=j >= 1)  # chunk j-1's values
-        o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        mbarrier.wait(vready.index(slot), (j // STAGES) & 1)
-        p_prev = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-        o = warpgroup_mma(p_prev, v_s.index(slot), o, is_async=True)
+        o, p_prev = _gluon_pv(o, alpha, p, v_s, vready, slot, (j // STAGES) & 1, o_layout, p_layout, True)
         s = s_next
-    last = (n - 1) % STAGES
-    m_i, alpha, p, l_i = _gluon_softmax(s, m_i, l_i, qk_scale)
-    o, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_prev))
-    o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-    mbarrier.wait(vready.index(last), ((n - 1) // STAGES) & 1)
-    o = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_s.index(last), o, is_async=True)
-    o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
+    o, l_i = _gluon_tail(s, m_i, l_i, o, p_prev, v_s, vready, n, qk_scale, o_layout, p_layout, STAGES, True)
     _gluon_store(out_ptr, o, l_i, tile, h, o_layout)
 
 

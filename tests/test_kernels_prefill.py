@@ -250,17 +250,21 @@ def test_forced_blocks_across_window_tiles(p, forced_win):
              config=PrefillConfig(forced_win=forced_win), **SHAPE)
 
 
-@pytest.mark.parametrize("cfg", [PrefillConfig(score_cat=0), PrefillConfig(rows_cmp=16, cmp_chunk=16),
-                                 PrefillConfig(stages_cmp=3, stages_win=3), PrefillConfig(score_parts=3),
+@pytest.mark.parametrize("cfg", [PrefillConfig(score_sums=0), PrefillConfig(score_sums=0, score_cat=0),
+                                 PrefillConfig(rows_cmp=16, cmp_chunk=16),
+                                 PrefillConfig(score_sums=0, rows_cmp=16, cmp_chunk=16),
+                                 PrefillConfig(stages_cmp=3, stages_win=3), PrefillConfig(score_sums=0, score_parts=3),
                                  PrefillConfig(cmp_packed=0), PrefillConfig(slc_topn=0, topn_groups=0),
                                  PrefillConfig(slc_topn=0, topn_groups=2),
                                  PrefillConfig(forced_win=0)],
-                         ids=["scores in two products", "small tiles", "other stages", "p in three bf16 parts",
+                         ids=["scores as products", "scores in two products", "small tiles",
+                              "scores as products, small tiles", "other stages", "p in three bf16 parts",
                               "summaries page by page", "top-n kernel", "top-n kernel over block groups",
                               "forced blocks in the selected branch"])
 def test_launch_configs_match_reference(cfg):
-    # Configurations the benchmark sweeps: the block scores of a chunk and its spill into the next
-    # in two products of width BJ (the default: one of 2·BJ); tiny tiles and summary chunks; other
+    # Configurations the benchmark sweeps: the block scores as matrix products against the overlap
+    # weights (the default sums them in registers), of a chunk and its spill into the next in one
+    # product of width 2·BJ or two of BJ, p in two or three bf16 parts; tiny tiles and summary chunks; other
     # pipeline depths; the top-n in its own kernel (the default: each selected-branch program takes
     # its own), over every block or block groups first; the forced blocks attended by the
     # selected-branch kernel (default: the window kernel). l = 12 with d = 4 spills a summary into
@@ -269,8 +273,19 @@ def test_launch_configs_match_reference(cfg):
     run_case(lens=[117, 37, 90, 55], chunks=[30, 21, 0, 13], Hq=8, Hkv=2, p=p, config=cfg, **SHAPE)
 
 
+@pytest.mark.parametrize("sums", [1, 0])
+@pytest.mark.parametrize("chunk", [64, 16])
+def test_scores_three_blocks_an_entry(chunk, sums):
+    # l = 24, d = 4, l' = 16: a page's last entries reach two blocks past it (KSPAN 3), so the
+    # in-register sums move a part two blocks on, and two blocks of it spill past a chunk's end
+    # (the products' weight matrix holds the same spill).
+    p = SparsityParams(block=24, stride=4, select_block=16, num_select=5, window=24, num_init=1, num_local=2)
+    run_case(lens=[117, 61], chunks=[45, 61], Hq=8, Hkv=2, p=p,
+             config=PrefillConfig(score_sums=sums, rows_cmp=16, cmp_chunk=chunk), **SHAPE)
+
+
 @pytest.mark.parametrize("cfg", [PrefillConfig(rows_cmp=16, cmp_chunk=16),
-                                 PrefillConfig(rows_cmp=32, cmp_chunk=32, score_cat=0),
+                                 PrefillConfig(rows_cmp=32, cmp_chunk=32, score_sums=0, score_cat=0),
                                  PrefillConfig(rows_cmp=16, cmp_chunk=16, mask_split=0),
                                  PrefillConfig(rows_cmp=16, cmp_chunk=16, cmp_packed=0)],
                          ids=["small tiles", "scores in two products", "mask everywhere", "summaries page by page"])
@@ -454,15 +469,16 @@ def sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows, tol=1.5e-2):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,Hq,acc_bf16,forced_win,slc_topn", [
-    (torch.bfloat16, 64, 0, 1, 1), (torch.float16, 64, 0, 1, 1), (torch.bfloat16, 48, 0, 1, 1),
-    (torch.bfloat16, 64, 1, 1, 1), (torch.bfloat16, 64, 1, 0, 1), (torch.bfloat16, 64, 1, 1, 0),
-    (torch.bfloat16, 48, 1, 0, 0)])
-def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16, forced_win, slc_topn):
+@pytest.mark.parametrize("dtype,Hq,acc_bf16,forced_win,slc_topn,sums", [
+    (torch.bfloat16, 64, 0, 1, 1, 1), (torch.float16, 64, 0, 1, 1, 1), (torch.bfloat16, 48, 0, 1, 1, 1),
+    (torch.bfloat16, 64, 1, 1, 1, 1), (torch.bfloat16, 64, 1, 0, 1, 1), (torch.bfloat16, 64, 1, 1, 0, 1),
+    (torch.bfloat16, 48, 1, 0, 0, 1), (torch.bfloat16, 64, 1, 1, 1, 0), (torch.float16, 48, 1, 1, 1, 0)])
+def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16, forced_win, slc_topn, sums):
     # Hq 48: group size 12, padded to 16 inside (the padded heads must add nothing to the scores).
     # forced_win 0: the forced blocks in the selected-branch kernel, as before the twenty-first session.
     # slc_topn 0: the top-n in its own kernel, over groups of 4 blocks first (the 9000-token
-    # prompt has 141 blocks: too few for the default groups of 16 to be used).
+    # prompt has 141 blocks: too few for the default groups of 16 to be used). sums 0: the block
+    # scores as bf16 matrix products (before the twenty-sixth session), 1: summed in registers.
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     p, Hkv, Dk, Dv = PAPER, 4, 192, 128
     lens, chunks = [9000, 3001, 5000], [2500, 3001, 777]
@@ -475,7 +491,7 @@ def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16, forced_win, slc_topn)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
     out, sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True,
                            config=replace(default_config(q.device), acc_bf16=acc_bf16, forced_win=forced_win,
-                                          slc_topn=slc_topn, topn_groups=4))
+                                          slc_topn=slc_topn, topn_groups=4, score_sums=sums))
     assert torch.isfinite(out).all()
     rows = torch.randint(0, Ttot, (24,), generator=gen).tolist() + [0, 2499, 2500, 5500, 5501, Ttot - 1]
     sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows)
