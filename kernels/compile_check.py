@@ -143,6 +143,7 @@ def _cases(shape: str, dtype: torch.dtype):
     from .nsa_decode import nsa_decode, nsa_decode_tuned
     from .nsa_prefill import DEFAULT_CONFIG, nsa_prefill
     from .paged import PagedLayerCache
+    from .phi_decode import phi_write_pair
     from .reference import SparsityParams
     from .rope import rope_rotate
     from .silu_mul import silu_mul
@@ -172,6 +173,9 @@ def _cases(shape: str, dtype: torch.dtype):
     slots = torch.zeros(T, dtype=torch.long)
     bslots = torch.zeros(8, p.block, dtype=torch.long)
     sslots = torch.zeros(8, dtype=torch.long)
+    dm = max(Dk, Dv)
+    phi_weights = (torch.empty(2, p.block * dm, dm, dtype=dtype), torch.empty(2, 1, dm, dtype=dtype),
+                   torch.empty(2, dm, dm, dtype=dtype))
     return [
         ("nsa_decode", lambda: nsa_decode(q1, g1, layer, bt, lens, p)),  # B·Hkv ≤ 8: small-batch tiles
         ("nsa_decode batch 4", lambda: nsa_decode(q1.repeat(2, 1, 1), g1.repeat(2, 1, 1), layer, bt.repeat(2, 1),
@@ -198,6 +202,8 @@ def _cases(shape: str, dtype: torch.dtype):
         ("rope_rotate", lambda: rope_rotate(qp, torch.empty(T, Dk), torch.empty(T, Dk))),
         ("write_mean_summaries", lambda: write_mean_summaries(layer.k_cache, layer.v_cache, layer.kc_cache,
                                                               layer.vc_cache, bslots, sslots)),
+        ("phi_write_pair", lambda: phi_write_pair(layer.k_cache, layer.v_cache, bslots, layer.kc_cache,
+                                                  layer.vc_cache, sslots, *phi_weights)),
     ]
 
 

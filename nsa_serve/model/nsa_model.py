@@ -310,6 +310,14 @@ class NSAAttention(nn.Module):
             h = torch.bmm(F.silu(h), W2t)
         return h[0, :, :self.cfg.head_dim_k], h[1, :, :self.cfg.head_dim_v]
 
+    def phi_pair_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`fuse_phi`'s stacked weights (W1 [2, l·Dm, Dm], bias [2, 1, Dm], W2 [2, Dm, Dm] or None
+        for φ = linear): what `phi_pair` multiplies by, for kernels that run the same products
+        (nsa_kernels.phi_decode)."""
+        if not self.has_phi_pair:
+            raise RuntimeError("phi_pair_weights needs fuse_phi() after φ's weights last changed")
+        return self._phi_fused[:3]
+
     @property
     def has_phi_pair(self) -> bool:
         """`phi_pair` is built and φ's weights have not changed since."""
