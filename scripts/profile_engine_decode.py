@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from nsa_serve.engine.args import EngineArgs
 from nsa_serve.engine.bench import build_model
+from nsa_serve.engine.decode_graphs import FUSED_PHI_MAX_BATCH
 from nsa_serve.engine.llm_engine import LLMEngine
 from nsa_serve.engine.protocol import SamplingParams
 
@@ -33,9 +34,13 @@ def main():
     ap.add_argument("--input-len", type=int, default=8192)
     ap.add_argument("--attention", default="nsa", choices=["nsa", "dense"])
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--plain-steps", type=int, default=20, help="steps timed without the profiler")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--preset", default="paper-1b")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--phi", choices=["kernel", "gemm"], default=None,
+                    help="decode graphs' φ up to FUSED_PHI_MAX_BATCH sequences: nsa_kernels.phi_decode "
+                         "(kernel) or gather + phi_pair + write (gemm); default: the engine's choice")
     a = ap.parse_args()
     margs = SimpleNamespace(model=None, preset=a.preset, set=None, input_len=a.input_len, output_len=256, seed=0)
     dev = torch.device(a.device)
@@ -44,6 +49,8 @@ def main():
                                   max_num_batched_tokens=8192, long_prefill_token_threshold=8192,
                                   enable_prefix_caching=False),
                        model=model, tokenizer=None, model_name=name)
+    if a.phi is not None and engine.runner.static_decode is not None:
+        engine.runner.static_decode.fused_phi = a.phi == "kernel"
     engine.warmup()
     params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
@@ -55,7 +62,7 @@ def main():
         warm += decode_step(engine)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     plain = []  # wall times without the profiler (which adds host work to every launch)
-    while len(plain) < 20:
+    while len(plain) < a.plain_steps:
         sync()
         t0 = time.perf_counter()
         if decode_step(engine):
@@ -63,7 +70,8 @@ def main():
             plain.append(time.perf_counter() - t0)
     plain.sort()
     print(f"decode step wall without the profiler: median {1e3 * plain[len(plain) // 2]:.2f} ms "
-          f"(min {1e3 * plain[0]:.2f}, max {1e3 * plain[-1]:.2f}) over {len(plain)} steps")
+          f"(mean {1e3 * sum(plain) / len(plain):.2f}, min {1e3 * plain[0]:.2f}, max {1e3 * plain[-1]:.2f}) "
+          f"over {len(plain)} steps")
     walls = []
     acts = [ProfilerActivity.CUDA] if dev.type == "cuda" else [ProfilerActivity.CPU]
     sync()
@@ -79,7 +87,9 @@ def main():
     evts = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
     total = sum(getattr(e, key) for e in evts) / n
     t = engine.last_timing
-    print(f"{name} {a.attention}, batch {a.batch}, context {a.input_len}: wall per step "
+    static = engine.runner.static_decode
+    phi = "kernel" if static is not None and static.fused_phi and a.batch <= FUSED_PHI_MAX_BATCH else "gemm"
+    print(f"{name} {a.attention} (φ: {phi}), batch {a.batch}, context {a.input_len}: wall per step "
           f"{1e3 * sum(walls) / len(walls):.2f} ms (last: model {1e3 * t.model_s:.2f} ms, host "
           f"{1e3 * (t.schedule_s + t.prepare_s + t.postprocess_s):.2f} ms); kernels add up to "
           f"{total / 1e3:.2f} ms a step; {sum(e.count for e in evts) / n:.0f} kernel launches a step")

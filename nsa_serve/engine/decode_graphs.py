@@ -60,6 +60,30 @@ def _block_gather(block_slots: torch.Tensor, P: int, device: torch.device):
     return lambda cache: cache[pages, :, rows].permute(0, 2, 1, 3)
 
 
+# Graph sizes up to this run φ as `phi_write_pair`. Its two launches cost 27–33 µs a layer at 1–16
+# sequences when a row completes a block and 2.6–2.8 µs when none does, against 23–24 µs in every
+# step for the five-launch path (H200, paper-1b, scripts/phi_decode_bench.py). A sequence completes
+# a block every d = 16 tokens, so with B sequences at unrelated positions a step has one with
+# probability 1 − (15/16)^B: 40 % at 8 (≈ 13.6 µs a layer on average), 64 % at 16 (≈ 22 µs, too
+# close to call), 98 % at 64 (70 µs against 26).
+FUSED_PHI_MAX_BATCH = 8
+
+
+def fused_phi_available(model, device: torch.device) -> bool:
+    """Whether decode steps run φ as `nsa_kernels.phi_decode.phi_write_pair` (CUDA, stacked φ
+    weights, Dm a multiple of 16): gather, both products and the summary write in two launches
+    instead of five, and nothing read in steps where no row completes a block (the five launches
+    took ~20 µs a layer in every step at paper-1b, docs/benchmarks/engine.md)."""
+    attn = model.layers[0].attn
+    if device.type != "cuda" or not attn.has_phi_pair:
+        return False
+    try:
+        from nsa_kernels.phi_decode import column_tile
+    except ImportError:
+        return False
+    return column_tile(max(attn.cfg.head_dim_k, attn.cfg.head_dim_v)) > 0
+
+
 def _block_gather_pair(block_slots: torch.Tensor, P: int, device: torch.device):
     """(k_cache, v_cache) → φ_pair's input [2, size·Hkv, l·Dm]: one Triton launch on CUDA
     (`gather_block_pair`), its PyTorch twin elsewhere."""
@@ -78,6 +102,9 @@ class StaticDecode:
         self.graphs: dict[int, tuple] = {}
         self.steps = 0  # decode steps served by this path (for tests and logs)
         self._tables = TableRows()
+        # φ through nsa_kernels.phi_decode; False keeps the gather + phi_pair + write path (both
+        # are the same products; set before capture() to compare them).
+        self.fused_phi = fused_phi_available(runner.model, runner.device)
 
     @property
     def max_batch(self) -> int:
@@ -166,19 +193,31 @@ class StaticDecode:
                 write(cache.k_cache, cache.v_cache, *kv["cmp"], x["cmp_slots"])
                 write(cache.k_cache, cache.v_cache, *kv["win"], x["win_slots"])
             if not r.dense:  # after the token's own write: φ reads its block from the cache
-                if pair:
-                    sk, sv = attn.phi_pair(gather(cache.k_cache, cache.v_cache))
-                    Hkv = cache.k_cache.shape[1]
-                    sk, sv = sk.view(size, Hkv, -1), sv.view(size, Hkv, -1)
-                else:
-                    sk, sv = attn.phi_k(gather(cache.k_cache)), attn.phi_v(gather(cache.v_cache))
-                write(cache.kc_cache, cache.vc_cache, sk, sv, x["entry_slots"])
+                self._summaries(attn, cache, x, size, gather, pair)
             o = self._attend(q, gates, cache, x, size)
             h, a = add_rms_norm(h, attn.output(o), layer.mlp_norm)
             pending = layer.mlp.forward_fused(a)
         if pending is None:
             return model.logits(h).float()
         return model.head(add_rms_norm(h, pending, model.norm)[1]).float()
+
+    def _summaries(self, attn, cache, x, size, gather, pair) -> None:
+        """φ of the block each row completes, written to its summary slot (trash for none)."""
+        if pair and self.fused_phi and size <= FUSED_PHI_MAX_BATCH:
+            from nsa_kernels.phi_decode import phi_write_pair
+
+            # Rows completing no block point at the trash page: a step where none completes one
+            # (most steps: a sequence completes a block every d tokens) reads no weights.
+            phi_write_pair(cache.k_cache, cache.v_cache, x["block_slots"], cache.kc_cache, cache.vc_cache,
+                           x["entry_slots"], *attn.phi_pair_weights(), skip_page=self.runner.trash_page)
+            return
+        if pair:
+            sk, sv = attn.phi_pair(gather(cache.k_cache, cache.v_cache))
+            Hkv = cache.k_cache.shape[1]
+            sk, sv = sk.view(size, Hkv, -1), sv.view(size, Hkv, -1)
+        else:
+            sk, sv = attn.phi_k(gather(cache.k_cache)), attn.phi_v(gather(cache.v_cache))
+        self.runner.write_pair(cache.kc_cache, cache.vc_cache, sk, sv, x["entry_slots"])
 
     def _attend(self, q, gates, cache, x, size):
         att, r = self.runner.attention, self.runner
