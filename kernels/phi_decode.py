@@ -5,7 +5,10 @@ In a decode step every sequence may complete one compression block of l tokens p
 layer: gather the blocks (`gather_block_pair`), a batched GEMM with the folded bias, SiLU, a second
 batched GEMM, and the summary write. Its first GEMM is [2, rows, l·Dm] × [2, l·Dm, Dm]: 4.7 MB of
 weights at the paper shape, which cuBLAS runs on a handful of thread blocks (`N = Dm = 192`), ~11 µs
-a layer on the H200 at 8 sequences (docs/benchmarks/engine.md). Here it is two launches:
+a layer on the H200 at 8 sequences (docs/benchmarks/engine.md), and all five ran in every step
+although a sequence completes a block only every d tokens. Here it is two launches, and neither
+reads the weights in a step where no row writes a summary (rows pointing at `skip_page`, a decode
+graph's trash page, write none):
 
 1. `_phi_partial_kernel`, grid (K split, K-or-V, output-column tile): reads its rows' block tokens
    straight from the paged cache (the gather) and multiplies them by its slice of the first weight,
@@ -14,6 +17,11 @@ a layer on the H200 at 8 sequences (docs/benchmarks/engine.md). Here it is two l
 2. `_phi_finish_kernel`, grid (row tile, K-or-V, output-column tile): sums the partials in a fixed
    order (deterministic, no atomics), adds the bias, then for the MLP form applies SiLU and the
    second [Dm, Dm] product, and writes the summary into its slot (slot −1: no write).
+
+In a step that does write, the two launches took 27–33 µs a layer at 1–16 sequences against the
+five launches' 23–24 µs (H200, paper-1b): the finish's serial per-chunk work costs more than the
+split saves. The skip (2.6–2.8 µs) is what wins, which is why the engine uses this at small batch
+only (`nsa_serve.engine.decode_graphs.FUSED_PHI_MAX_BATCH`).
 
 The layout is `NSAAttention.fuse_phi`'s: each token's row zero-padded to Dm = max(Dk, Dv), weights
 W1 [2, l·Dm, Dm], bias [2, 1, Dm], W2 [2, Dm, Dm] or None (φ = linear). The twin is
@@ -29,9 +37,10 @@ import triton.language as tl
 from ._triton_utils import check_last_dim_contiguous, dot_precision, interpreter_upcast
 from .paged import gather_block_pair_reference
 
-# The first product's reduction in 8 pieces (48 programs at the paper shape): the fastest of 8 / 16 /
-# 32 on the H200 at 1–16 sequences, the finish's reads of the float32 partials growing with the
-# count (docs/benchmarks/engine.md, twenty-seventh session).
+# The first product's reduction in 8 pieces (48 programs at the paper shape): what the engine was
+# measured with. 16 with this 4-warp finish was faster in the kernel bench before the skip's checks
+# were added (22.5 against 27.3 µs at 8 sequences, H200) and is the next thing to measure
+# (docs/benchmarks/engine.md, twenty-seventh session).
 SPLITS = 8
 MAX_SPLITS = 16
 
