@@ -10,18 +10,21 @@ although a sequence completes a block only every d tokens. Here it is two launch
 reads the weights in a step where no row writes a summary (rows pointing at `skip_page`, a decode
 graph's trash page, write none):
 
-1. `_phi_partial_kernel`, grid (K split, K-or-V, output-column tile): reads its rows' block tokens
-   straight from the paged cache (the gather) and multiplies them by its slice of the first weight,
-   writing float32 partial sums. Splitting the l·Dm-long reduction is what puts the weight read on
-   enough SMs.
+1. `_phi_partial_kernel`, grid (token split, K-or-V, output-column tile): reads its rows' block
+   tokens straight from the paged cache (the gather) and multiplies them by its slice of the first
+   weight, writing float32 partial sums. Splitting the l-token reduction is what puts the weight
+   read on enough SMs.
 2. `_phi_finish_kernel`, grid (row tile, K-or-V, output-column tile): sums the partials in a fixed
    order (deterministic, no atomics), adds the bias, then for the MLP form applies SiLU and the
    second [Dm, Dm] product, and writes the summary into its slot (slot −1: no write).
 
-In a step that does write, the two launches took 27–33 µs a layer at 1–16 sequences against the
-five launches' 23–24 µs (H200, paper-1b): the finish's serial per-chunk work costs more than the
-split saves. The skip (2.6–2.8 µs) is what wins, which is why the engine uses this at small batch
-only (`nsa_serve.engine.decode_graphs.FUSED_PHI_MAX_BATCH`).
+H200, paper-1b, a step where every row writes (scripts/phi_decode_bench.py, 2026-12-03): 12.6 /
+15.3 / 16.1 µs a layer at 1 / 8 / 16 sequences, 22.6 at 32 and 34.6 at 64, against the five
+launches' 23.2–25.7; 2.4–2.6 µs in a step where no row writes. The first version took 27–33 µs at
+1–16 sequences: its partial kernel loaded a slot and then the row it names in every iteration, and
+its finish's partial sum replicated SiLU and the second product across threads (the kernels'
+docstrings say how each was found). The engine uses this up to
+`nsa_serve.engine.decode_graphs.FUSED_PHI_MAX_BATCH` sequences.
 
 The layout is `NSAAttention.fuse_phi`'s: each token's row zero-padded to Dm = max(Dk, Dv), weights
 W1 [2, l·Dm, Dm], bias [2, 1, Dm], W2 [2, Dm, Dm] or None (φ = linear). The twin is
@@ -37,11 +40,14 @@ import triton.language as tl
 from ._triton_utils import check_last_dim_contiguous, dot_precision, interpreter_upcast
 from .paged import gather_block_pair_reference
 
-# The first product's reduction in 8 pieces (48 programs at the paper shape): what the engine was
-# measured with. 16 with this 4-warp finish was faster in the kernel bench before the skip's checks
-# were added (22.5 against 27.3 µs at 8 sequences, H200) and is the next thing to measure
-# (docs/benchmarks/engine.md, twenty-seventh session).
+# The first product's l-token reduction in SPLITS pieces; SMALL_SPLITS up to SMALL_ROWS block rows
+# (sequences), where the finish's reads of the partials cost more than more programs save. H200,
+# paper-1b, µs a layer with every row writing (two calls): 4 splits 12.6 / 15.3 / 16.1–16.2 at
+# 1 / 8 / 16 sequences against 8 splits' 14.2–14.3 / 15.7–15.9 / 16.9; at 32 sequences 25.1–25.2
+# against 22.6–22.8; 16 splits slower at every size.
 SPLITS = 8
+SMALL_SPLITS = 4
+SMALL_ROWS = 16
 MAX_SPLITS = 16
 
 
@@ -54,19 +60,22 @@ def _writes(eslots_ptr, n, ok, E: tl.constexpr, SKIP_PAGE):
 
 @triton.jit
 def _phi_partial_kernel(part_ptr, sp_s, sp_w, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r,
-                        slots_ptr, eslots_ptr, SKIP_PAGE, w_ptr, sw_w, N, NR, CPS,
+                        slots_ptr, eslots_ptr, SKIP_PAGE, w_ptr, sw_w, N, NR, TPS,
                         H: tl.constexpr, R: tl.constexpr, E: tl.constexpr, LB: tl.constexpr,
                         DK: tl.constexpr, DV: tl.constexpr, DM: tl.constexpr, BK: tl.constexpr,
-                        BN: tl.constexpr, BR: tl.constexpr, NP: tl.constexpr, STAGES: tl.constexpr,
-                        PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Program (s, w, c): Σ over K chunks [s·CPS, (s+1)·CPS) of x[rows, chunk] · W1[w, chunk, c-tile].
+                        BN: tl.constexpr, BR: tl.constexpr, NP: tl.constexpr,
+                        STAGES: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Program (s, w, c): Σ over tokens [s·TPS, (s+1)·TPS) of the block of x[rows, token] ·
+    W1[w, token's rows, c-tile].
 
-    A chunk is BK consecutive columns of one token's Dm-wide row (BK divides Dm), so its x is one
-    contiguous read per row: token t's row of kv head h in the page its slot names. The loop has
-    no branch, so Triton pipelines its loads (the weight slab is what streams from HBM); chunks
-    wholly in V's zero padding are read and multiplied like the others. When no row of the step
-    writes a summary (most decode steps: a sequence completes a block every d tokens), nothing is
-    read at all."""
+    The loop runs over tokens and reads the *next* token's slots (a loop-carried vector). The
+    first version looped over 64-column chunks and loaded each chunk's slot and then the row it
+    names: two dependent round trips an iteration. A second read the split's slots before the
+    loop and picked each token's with a masked sum; the compiler then knew nothing of the rows'
+    alignment and made 2-byte loads of them (Nsight Compute: `LDG.E.U16`, the most-stalled
+    instructions). Here a row's address is page·stride + row·stride with the strides as
+    arguments, so the loads are 16-byte copies the pipeline issues ahead. A token's chunks past K's or V's own width (V's padding to Dm) read
+    nothing: their weight rows multiply zeros."""
     s = tl.program_id(0)
     w = tl.program_id(1)
     every = tl.arange(0, NP)
@@ -74,46 +83,54 @@ def _phi_partial_kernel(part_ptr, sp_s, sp_w, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv
     if tl.max(any_row.to(tl.int32), 0) > 0:
         cols = tl.program_id(2) * BN + tl.arange(0, BN)
         kk = tl.arange(0, BK)
-        NCH: tl.constexpr = LB * DM // BK
-        c0 = s * CPS
-        c1 = tl.minimum(c0 + CPS, NCH)
         is_k = w == 0
-        d_w = tl.where(is_k, DK, DV)  # K's or V's own width; the padding to Dm is zeros
+        d_w = tl.where(is_k, DK, DV)
+        t0 = s * TPS
+        t1 = tl.minimum(t0 + TPS, LB)
         w_base = w_ptr + w * sw_w + cols[None, :]
         for r0 in range(0, NR, BR):
             rows = r0 + tl.arange(0, BR)
             r_ok = rows < NR
             n, h = rows // H, rows % H
             live, _live_e = _writes(eslots_ptr, n, r_ok, E, SKIP_PAGE)  # other rows' blocks are not read
-            head_k = (h * sk_h)[:, None]
-            head_v = (h * sv_h)[:, None]
+            head_k, head_v = h * sk_h, h * sv_h
+            sl = tl.load(slots_ptr + n * LB + t0, mask=live, other=-1).to(tl.int64)
             acc = tl.zeros((BR, BN), tl.float32)
-            for c in tl.range(c0, c1, num_stages=STAGES):
-                t = (c * BK) // DM
-                j = (c * BK) % DM + kk
-                slot = tl.load(slots_ptr + n * LB + t, mask=live, other=-1).to(tl.int64)
-                ok = (live & (slot >= 0))[:, None] & (j < d_w)[None, :]
-                page, rr = (slot // R)[:, None], (slot % R)[:, None]
-                src = tl.where(is_k, k_ptr + page * sk_p + head_k + rr * sk_r + j[None, :],
-                               v_ptr + page * sv_p + head_v + rr * sv_r + j[None, :])
-                x = tl.load(src, mask=ok, other=0.0)
-                wt = tl.load(w_base + (c * BK + kk)[:, None] * DM)
-                if UPCAST:  # the CPU interpreter's dot multiplies bf16's raw bits
-                    x = x.to(tl.float32)
-                    wt = wt.to(tl.float32)
-                acc = tl.dot(x, wt, acc, input_precision=PREC)
+            for t in tl.range(t0, t1, num_stages=STAGES):
+                nxt = tl.load(slots_ptr + n * LB + t + 1, mask=live & (n * 0 + t + 1 < t1), other=-1).to(tl.int64)
+                page, rr = sl // R, sl % R
+                row_k = page * sk_p + head_k + rr * sk_r
+                row_v = page * sv_p + head_v + rr * sv_r
+                for q in tl.static_range(DM // BK):
+                    j = q * BK + kk
+                    ok = (sl >= 0)[:, None] & (j < d_w)[None, :]
+                    src = tl.where(is_k, k_ptr + row_k[:, None] + j[None, :], v_ptr + row_v[:, None] + j[None, :])
+                    x = tl.load(src, mask=ok, other=0.0)
+                    wt = tl.load(w_base + (t * DM + j)[:, None] * DM, mask=(j < d_w)[:, None], other=0.0)
+                    if UPCAST:  # the CPU interpreter's dot multiplies bf16's raw bits
+                        x = x.to(tl.float32)
+                        wt = wt.to(tl.float32)
+                    acc = tl.dot(x, wt, acc, input_precision=PREC)
+                sl = nxt
             tl.store(part_ptr + s * sp_s + w * sp_w + rows[:, None] * DM + cols[None, :], acc, mask=r_ok[:, None])
 
 
 @triton.jit
 def _phi_finish_kernel(part_ptr, sp_s, sp_w, N, NR, b_ptr, w2_ptr, sw2_w,
                        kc_ptr, skc_p, skc_h, skc_r, vc_ptr, svc_p, svc_h, svc_r, eslots_ptr, SKIP_PAGE,
-                       KS: tl.constexpr, KSP: tl.constexpr, H: tl.constexpr, E: tl.constexpr,
+                       KS: tl.constexpr, H: tl.constexpr, E: tl.constexpr,
                        DK: tl.constexpr, DV: tl.constexpr, DM: tl.constexpr, BN: tl.constexpr,
-                       BR: tl.constexpr, MLP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                       BR: tl.constexpr, MLP: tl.constexpr, FSTAGES: tl.constexpr, PREC: tl.constexpr,
+                       UPCAST: tl.constexpr):
     """Program (r, w, c): summary columns c-tile of rows r-tile for K (w = 0) or V (w = 1). The KS
-    partials of a tile are one [KSP, BR, BN] read summed in registers (a loop over them waited on
-    each read in turn). A tile with no row to write reads nothing."""
+    partials of a [BR, BN] tile are KS two-dimensional reads, unrolled so they are in flight
+    together. (The first version read them as one [KS, BR, BN] tile and summed over its first
+    axis: the sum's result was replicated across the threads that held different partials, and
+    SiLU and everything after ran once per partial, 8 times over: 29 µs for 6 programs under
+    Nsight Compute.) The
+    hidden row's chunks are a rolled loop (the kernel runs once per program, so its code is
+    fetched once too) pipelined FSTAGES deep: with as many stages as chunks, every chunk's reads are
+    issued before the first chunk's math (2.3 µs less than unpipelined at one sequence). A tile with no row to write reads nothing."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     w = tl.program_id(1)
     cols = tl.program_id(2) * BN + tl.arange(0, BN)
@@ -121,25 +138,25 @@ def _phi_finish_kernel(part_ptr, sp_s, sp_w, N, NR, b_ptr, w2_ptr, sw2_w,
     n, h = rows // H, rows % H
     live, slot = _writes(eslots_ptr, n, r_ok, E, SKIP_PAGE)
     if tl.max(live.to(tl.int32), 0) > 0:
-        ks = tl.arange(0, KSP)
-        part = part_ptr + w * sp_w + ks[:, None, None] * sp_s + rows[None, :, None] * DM
-        pmask = (ks < KS)[:, None, None] & live[None, :, None]
+        part = part_ptr + w * sp_w + rows[:, None] * DM
         if MLP:  # silu(x·W1 + b) · W2: the whole hidden row, a BN-wide chunk at a time
             acc = tl.zeros((BR, BN), tl.float32)
-            for k0 in tl.static_range(0, DM, BN):
+            for k0 in tl.range(0, DM, BN, num_stages=FSTAGES):
                 kc = k0 + tl.arange(0, BN)
-                hid = tl.sum(tl.load(part + kc[None, None, :], mask=pmask, other=0.0), 0)
-                hid += tl.load(b_ptr + w * DM + kc).to(tl.float32)[None, :]
-                hid = hid / (1.0 + tl.exp(-hid))
                 w2 = tl.load(w2_ptr + w * sw2_w + kc[:, None] * DM + cols[None, :])
+                hid = tl.load(b_ptr + w * DM + kc).to(tl.float32)[None, :]
+                for g in tl.static_range(KS):
+                    hid += tl.load(part + g * sp_s + kc[None, :], mask=live[:, None], other=0.0)
+                hid = hid / (1.0 + tl.exp(-hid))
                 a = hid.to(w2.dtype)
                 if UPCAST:
                     a = a.to(tl.float32)
                     w2 = w2.to(tl.float32)
                 acc = tl.dot(a, w2, acc, input_precision=PREC)
         else:  # x·W1 + b
-            acc = tl.sum(tl.load(part + cols[None, None, :], mask=pmask, other=0.0), 0)
-            acc += tl.load(b_ptr + w * DM + cols).to(tl.float32)[None, :]
+            acc = tl.load(b_ptr + w * DM + cols).to(tl.float32)[None, :]
+            for g in tl.static_range(KS):
+                acc += tl.load(part + g * sp_s + cols[None, :], mask=live[:, None], other=0.0)
         page, e = (slot // E)[:, None], (slot % E)[:, None]
         if w == 0:
             ok = live[:, None] & (cols < DK)[None, :]
@@ -163,17 +180,18 @@ def column_tile(dm: int) -> int:
 def phi_write_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, block_slots: torch.Tensor,
                    kc_cache: torch.Tensor, vc_cache: torch.Tensor, entry_slots: torch.Tensor,
                    w1: torch.Tensor, bias: torch.Tensor, w2: torch.Tensor | None,
-                   splits: int | None = None, stages: int = 4, skip_page: int = -1) -> None:
+                   splits: int | None = None, stages: int = 3, skip_page: int = -1) -> None:
     """kc/vc_cache[entry_slots] = φ_K / φ_V of the l tokens at block_slots [N, l] of k/v_cache.
 
     Caches [pages, Hkv, rows, D] (summary caches: rows = entries a page); slots are flat
     (page · rows + row) int32/int64, −1 = none (a block slot reads zeros, an entry slot writes
     nothing). w1 [2, l·Dm, Dm], bias [2, 1, Dm], w2 [2, Dm, Dm] or None: `NSAAttention.fuse_phi`'s
-    stacked weights. `splits`: pieces of the first product's l·Dm-long reduction (default SPLITS,
-    at most MAX_SPLITS; more: more programs stream the weights; fewer: fewer float32 partials for
-    the finish to read); `stages`: its software pipeline's depth. `skip_page`: a page whose entry slots count as
-    "no summary" (a CUDA graph's trash page, where padding rows and rows completing no block
-    point); when no row writes, neither kernel reads anything."""
+    stacked weights. `splits`: pieces of the first product's l-token reduction (default SMALL_SPLITS
+    up to SMALL_ROWS rows, SPLITS above; at most MAX_SPLITS and l; more: more programs stream the
+    weights; fewer: fewer float32 partials for the finish to read); `stages`: its software
+    pipeline's depth. `skip_page`: a page whose entry slots count as "no summary" (a CUDA graph's
+    trash page, where padding rows and rows completing no block point); when no row writes,
+    neither kernel reads anything."""
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache), ("kc_cache", kc_cache), ("vc_cache", vc_cache)):
         if c.dim() != 4:
             raise ValueError(f"{name} must be [pages, heads, rows, D], got {tuple(c.shape)}")
@@ -199,30 +217,30 @@ def phi_write_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, block_slots: to
         return
     w1, bias = w1.contiguous(), bias.contiguous()
     w2 = w2.contiguous() if w2 is not None else None
-    NR, NCT, NCH = N * H, DM // BN, LB * DM // BN
-    # The finish holds a tile's KS partials in registers ([KSP, 16, 64] float32 over 4 warps):
-    # at most MAX_SPLITS of them.
-    cps = triton.cdiv(NCH, max(1, min(SPLITS if splits is None else splits, MAX_SPLITS, NCH)))
-    KS = triton.cdiv(NCH, cps)
+    NR = N * H
+    if splits is None:
+        splits = SMALL_SPLITS if N <= SMALL_ROWS else SPLITS
+    tps = triton.cdiv(LB, max(1, min(splits, MAX_SPLITS, LB)))  # tokens a split
+    KS = triton.cdiv(LB, tps)
     BR = min(64, max(16, triton.next_power_of_2(NR)))
     part = torch.empty((KS, 2, NR, DM), dtype=torch.float32, device=k_cache.device)
     up, prec = interpreter_upcast(k_cache.dtype), dot_precision(k_cache.dtype)
     es, E = entry_slots.contiguous(), kc_cache.shape[2]
-    _phi_partial_kernel[(KS, 2, NCT)](
+    _phi_partial_kernel[(KS, 2, DM // BN)](
         part, part.stride(0), part.stride(1),
         k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_slots.contiguous(), es, skip_page, w1, w1.stride(0), N, NR, cps,
+        block_slots.contiguous(), es, skip_page, w1, w1.stride(0), N, NR, tps,
         H=H, R=R, E=E, LB=LB, DK=DK, DV=DV, DM=DM, BK=BN, BN=BN, BR=BR, NP=triton.next_power_of_2(N),
         STAGES=stages, PREC=prec, UPCAST=up, num_warps=4)
-    BR2 = 16  # the finish holds KS partials of its tile: small tiles, more programs
-    _phi_finish_kernel[(triton.cdiv(NR, BR2), 2, NCT)](
+    BR2 = 16  # the finish's tiles: small, so more programs share the partials' reads
+    _phi_finish_kernel[(triton.cdiv(NR, BR2), 2, DM // BN)](
         part, part.stride(0), part.stride(1), N, NR, bias, w2 if w2 is not None else w1,
         w2.stride(0) if w2 is not None else 0,
         kc_cache, kc_cache.stride(0), kc_cache.stride(1), kc_cache.stride(2),
         vc_cache, vc_cache.stride(0), vc_cache.stride(1), vc_cache.stride(2), es, skip_page,
-        KS=KS, KSP=triton.next_power_of_2(KS), H=H, E=E, DK=DK, DV=DV, DM=DM, BN=BN, BR=BR2,
-        MLP=w2 is not None, PREC=prec, UPCAST=up, num_warps=4)
+        KS=KS, H=H, E=E, DK=DK, DV=DV, DM=DM, BN=BN, BR=BR2, MLP=w2 is not None, FSTAGES=DM // BN,
+        PREC=prec, UPCAST=up, num_warps=4)
 
 
 def phi_write_pair_reference(k_cache, v_cache, block_slots, kc_cache, vc_cache, entry_slots, w1, bias, w2,

@@ -7,21 +7,24 @@ the median per call. Both paths' summaries are compared first (they are the same
 fused one rounds once instead of after each step). Run on a GPU from the repo root with
 `scripts/device_env.sh` sourced:
 
-    python3 scripts/phi_decode_bench.py [--rows 1 8 16 64] [--splits 4 8 16] [--stages 3 4]
+    python3 scripts/phi_decode_bench.py [--rows 1 8 16 64] [--variants s4:p3 s8:p3 ...]
 
-Columns sS/pP: `splits` S, `stages` P; "none done": the default when no row completes a block
-(every entry slot on the skip page, as in most decode steps), where nothing is read.
+A variant is sS:pP (`phi_write_pair`'s `splits` S and `stages` P); a trailing ":first" times the first launch alone (the finish replaced by nothing, so its output
+is not checked). "none done": the default when no row completes a block (every entry slot on the
+skip page, as in most decode steps), where nothing is read.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 
 import torch
 import torch.nn.functional as F
 
 from nsa_kernels.cache_write import gather_block_pair, write_kv_pair
+import nsa_kernels.phi_decode as phi_decode
 from nsa_kernels.phi_decode import phi_write_pair
 from nsa_serve.model.config import preset
 from nsa_serve.model.nsa_model import NSAAttention
@@ -52,11 +55,33 @@ def graph_median(fn, reps: int = 40) -> float:
     return statistics.median(times)
 
 
+def parse(v: str):
+    """"s8:p3[:first]" → (phi_write_pair knobs, first launch only)."""
+    f = v.split(":")
+    return dict(splits=int(f[0][1:]), stages=int(f[1][1:])), f[-1] == "first"
+
+
+class _Nothing:
+    def __getitem__(self, grid):
+        return lambda *args, **kw: None
+
+
+@contextlib.contextmanager
+def no_finish():
+    """The finish launch replaced by nothing: what is left is the first launch's time."""
+    saved = phi_decode._phi_finish_kernel
+    phi_decode._phi_finish_kernel = _Nothing()
+    try:
+        yield
+    finally:
+        phi_decode._phi_finish_kernel = saved
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="*", default=[1, 8, 16, 64], help="sequences (each 4 kv heads)")
-    ap.add_argument("--splits", type=int, nargs="*", default=[4, 8, 16])
-    ap.add_argument("--stages", type=int, nargs="*", default=[3, 4])
+    ap.add_argument("--variants", nargs="*", default=[
+        "s4:p3", "s8:p3", "s16:p3", "s4:p2", "s8:p2", "s4:p3:first", "s8:p3:first"])
     a = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     cfg = preset("paper-1b")
@@ -73,11 +98,11 @@ def main():
     pages = 4096
     k = torch.randn(pages, H, P, Dk, device=dev, dtype=dt)
     v = torch.randn(pages, H, P, Dv, device=dev, dtype=dt)
-    combos = [(s, p) for s in a.splits for p in a.stages]
+    combos = [parse(v) for v in a.variants]
     print(f"paper-1b φ (mlp, l = {lb}, dk {Dk}, dv {Dv}, {H} kv heads), µs a layer, median of graph replays")
     print(f"{'seqs':>5s} {'gather+phi_pair+write':>22s} {'fused (default)':>16s} " +
-          " ".join(f"{f's{s}/p{p}':>7s}" for s, p in combos) +
-          f" {'× before':>9s} {'max |Δ|/max':>11s} {'none done':>10s}")
+          " ".join(f"{v:>{max(7, len(v))}s}" for v in a.variants) +
+          f" {'× before':>9s} {'worst |Δ|/max':>11s} {'none done':>10s}")
     for N in a.rows:
         slots = torch.randint(0, pages * P, (N, lb), device=dev)
         entries = torch.randperm(pages * E, device=dev)[:N]
@@ -89,22 +114,35 @@ def main():
             hid = torch.bmm(F.silu(torch.baddbmm(b, gather_block_pair(k, v, slots), w1)), w2)
             write_kv_pair(kc, vc, hid[0, :, :Dk].view(N, H, -1), hid[1, :, :Dv].view(N, H, -1), entries)
 
-        def fused(i, splits=None, stages=3, kc=kc[1], vc=vc[1], slots=slots, entries=entries):
-            phi_write_pair(k, v, slots, kc, vc, entries, *weights[i], splits=splits, stages=stages)
+        def fused(i, kc=kc[1], vc=vc[1], slots=slots, entries=entries, **knobs):
+            phi_write_pair(k, v, slots, kc, vc, entries, *weights[i], **knobs)
 
         before(0)
         fused(0)
         e = entries.long()
         ref = torch.cat([kc[0][e // E, :, e % E].flatten(), vc[0][e // E, :, e % E].flatten()]).double()
-        got = torch.cat([kc[1][e // E, :, e % E].flatten(), vc[1][e // E, :, e % E].flatten()]).double()
-        err = ((got - ref).abs().max() / ref.abs().max()).item()
+
+        def error():
+            got = torch.cat([kc[1][e // E, :, e % E].flatten(), vc[1][e // E, :, e % E].flatten()]).double()
+            return ((got - ref).abs().max() / ref.abs().max()).item()
+
+        err = error()
+        for knobs, first in combos:  # every full variant's summaries, the worst kept
+            if not first:
+                kc[1].zero_()
+                vc[1].zero_()
+                fused(0, **knobs)
+                err = max(err, error())
         t0 = graph_median(before)
         t1 = graph_median(fused)
-        ts = [graph_median(lambda i, s=s, p=p: fused(i, s, p)) for s, p in combos]
+        ts = []
+        for knobs, first in combos:
+            with no_finish() if first else contextlib.nullcontext():
+                ts.append(graph_median(lambda i, knobs=knobs: fused(i, **knobs)))
         none = torch.full_like(entries, (pages - 1) * E)  # no row completes a block: all on the skip page
         t_skip = graph_median(lambda i: phi_write_pair(k, v, slots, kc[1], vc[1], none, *weights[i],
                                                        skip_page=pages - 1))
-        print(f"{N:5d} {t0:22.2f} {t1:16.2f} " + " ".join(f"{t:7.2f}" for t in ts) +
+        print(f"{N:5d} {t0:22.2f} {t1:16.2f} " + " ".join(f"{t:{max(7, len(v))}.2f}" for t, v in zip(ts, a.variants)) +
               f" {t0 / t1:8.2f}× {err:11.2e} {t_skip:10.2f}", flush=True)
 
 

@@ -80,8 +80,9 @@ def test_phi_write_pair_equals_phi_modules_and_twin(phi, dk, dv):
 
 @pytest.mark.parametrize("splits", [1, 3, 1000])
 def test_phi_write_pair_any_split_of_the_reduction(splits):
-    # 1: one program sums everything; 1000: capped at MAX_SPLITS (more than this shape's chunks).
-    check("mlp", 32, 16, lb=4, H=2, N=3, dtype=torch.float32, tol=1e-5, splits=splits)
+    # 1: one program sums everything; 3: l = 8 tokens as 3 + 3 + 2; 1000: capped at MAX_SPLITS
+    # and l. Dk 48 / Dv 32: V's third 16-column chunk of each token is padding and is skipped.
+    check("mlp", 48, 32, lb=8, H=2, N=3, dtype=torch.float32, tol=1e-5, splits=splits)
 
 
 def test_phi_write_pair_step_with_no_summary_writes_nothing():
@@ -90,7 +91,7 @@ def test_phi_write_pair_step_with_no_summary_writes_nothing():
 
 
 def test_phi_write_pair_bf16_and_many_rows():
-    # N·H = 80 rows: the partial kernel loops over row tiles, the finish takes 32-row programs.
+    # N·H = 80 rows: the partial kernel loops over 64-row tiles, the finish takes 16-row programs.
     check("mlp", 32, 32, lb=4, H=4, N=20, dtype=torch.bfloat16, tol=2e-2)
 
 
