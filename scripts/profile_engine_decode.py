@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from nsa_serve.engine.args import EngineArgs
 from nsa_serve.engine.bench import build_model
-from nsa_serve.engine.decode_graphs import FUSED_PHI_MAX_BATCH
+from nsa_serve.engine import decode_graphs
 from nsa_serve.engine.llm_engine import LLMEngine
 from nsa_serve.engine.protocol import SamplingParams
 
@@ -41,21 +41,29 @@ def main():
     ap.add_argument("--phi", choices=["kernel", "gemm"], default=None,
                     help="decode graphs' φ up to FUSED_PHI_MAX_BATCH sequences: nsa_kernels.phi_decode "
                          "(kernel) or gather + phi_pair + write (gemm); default: the engine's choice")
+    ap.add_argument("--phi-max-batch", type=int, default=None,
+                    help="override decode_graphs.FUSED_PHI_MAX_BATCH (the largest graph size with φ as the kernel)")
+    ap.add_argument("--stagger", action="store_true",
+                    help="prompt i is input-len + i tokens long, so sequences complete compression blocks in "
+                         "different steps (equal lengths complete them all in one step of every d)")
     a = ap.parse_args()
-    margs = SimpleNamespace(model=None, preset=a.preset, set=None, input_len=a.input_len, output_len=256, seed=0)
+    margs = SimpleNamespace(model=None, preset=a.preset, set=None, input_len=a.input_len, output_len=256 + a.batch, seed=0)
     dev = torch.device(a.device)
     model, _, name = build_model(margs, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     engine = LLMEngine(EngineArgs(device=a.device, attention=a.attention, max_num_seqs=max(8, a.batch),
                                   max_num_batched_tokens=8192, long_prefill_token_threshold=8192,
                                   enable_prefix_caching=False),
                        model=model, tokenizer=None, model_name=name)
+    if a.phi_max_batch is not None:
+        decode_graphs.FUSED_PHI_MAX_BATCH = a.phi_max_batch
     if a.phi is not None and engine.runner.static_decode is not None:
         engine.runner.static_decode.fused_phi = a.phi == "kernel"
     engine.warmup()
     params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     for i in range(a.batch):
-        engine.add_request(f"p{i}", torch.randint(8, model.cfg.vocab_size, (a.input_len,), generator=g).tolist(),
+        engine.add_request(f"p{i}", torch.randint(8, model.cfg.vocab_size, (a.input_len + (i if a.stagger else 0),),
+                                                         generator=g).tolist(),
                            params)
     warm = 0
     while warm < 5:  # past every prefill, and a few decode steps (graphs replayed once)
@@ -88,8 +96,9 @@ def main():
     total = sum(getattr(e, key) for e in evts) / n
     t = engine.last_timing
     static = engine.runner.static_decode
-    phi = "kernel" if static is not None and static.fused_phi and a.batch <= FUSED_PHI_MAX_BATCH else "gemm"
-    print(f"{name} {a.attention} (φ: {phi}), batch {a.batch}, context {a.input_len}: wall per step "
+    phi = "kernel" if static is not None and static.fused_phi and a.batch <= decode_graphs.FUSED_PHI_MAX_BATCH else "gemm"
+    print(f"{name} {a.attention} (φ: {phi}), batch {a.batch}, context {a.input_len}"
+          f"{' + i (staggered)' if a.stagger else ''}: wall per step "
           f"{1e3 * sum(walls) / len(walls):.2f} ms (last: model {1e3 * t.model_s:.2f} ms, host "
           f"{1e3 * (t.schedule_s + t.prepare_s + t.postprocess_s):.2f} ms); kernels add up to "
           f"{total / 1e3:.2f} ms a step; {sum(e.count for e in evts) / n:.0f} kernel launches a step")
