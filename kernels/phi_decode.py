@@ -19,7 +19,7 @@ graph's trash page, write none):
    second [Dm, Dm] product, and writes the summary into its slot (slot −1: no write).
 
 H200, paper-1b, a step where every row writes (scripts/phi_decode_bench.py, 2026-12-03): 12.6 /
-15.3 / 16.1 µs a layer at 1 / 8 / 16 sequences, 22.6 at 32 and 34.6 at 64, against the five
+15.3 / 16.1 µs a layer at 1 / 8 / 16 sequences, 21.7 at 32 and 30.1 at 64, against the five
 launches' 23.2–25.7; 2.4–2.6 µs in a step where no row writes. The first version took 27–33 µs at
 1–16 sequences: its partial kernel loaded a slot and then the row it names in every iteration, and
 its finish's partial sum replicated SiLU and the second product across threads (the kernels'
@@ -42,10 +42,10 @@ from .paged import gather_block_pair_reference
 
 # The first product's l-token reduction in SPLITS pieces; SMALL_SPLITS up to SMALL_ROWS block rows
 # (sequences), where the finish's reads of the partials cost more than more programs save. H200,
-# paper-1b, µs a layer with every row writing (two calls): 4 splits 12.6 / 15.3 / 16.1–16.2 at
-# 1 / 8 / 16 sequences against 8 splits' 14.2–14.3 / 15.7–15.9 / 16.9; at 32 sequences 25.1–25.2
-# against 22.6–22.8; 16 splits slower at every size.
-SPLITS = 8
+# paper-1b, µs a layer with every row writing (two calls each): 4 splits 12.6 / 15.3 / 16.1–16.2
+# at 1 / 8 / 16 sequences, 8 splits 14.2–14.3 / 15.7–15.9 / 16.9, 16 splits 15.8 / 16.3–16.4 /
+# 17.4–17.5; at 32 sequences 25.1–25.2 / 22.6–22.8 / 21.7–21.8, at 64 43.3 / 34.6 / 30.1.
+SPLITS = 16
 SMALL_SPLITS = 4
 SMALL_ROWS = 16
 MAX_SPLITS = 16
@@ -74,8 +74,8 @@ def _phi_partial_kernel(part_ptr, sp_s, sp_w, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv
     loop and picked each token's with a masked sum; the compiler then knew nothing of the rows'
     alignment and made 2-byte loads of them (Nsight Compute: `LDG.E.U16`, the most-stalled
     instructions). Here a row's address is page·stride + row·stride with the strides as
-    arguments, so the loads are 16-byte copies the pipeline issues ahead. A token's chunks past K's or V's own width (V's padding to Dm) read
-    nothing: their weight rows multiply zeros."""
+    arguments, so the loads are 16-byte copies the pipeline issues ahead. A token's chunks past
+    K's or V's own width (V's padding to Dm) read nothing: their weight rows multiply zeros."""
     s = tl.program_id(0)
     w = tl.program_id(1)
     every = tl.arange(0, NP)
@@ -127,10 +127,10 @@ def _phi_finish_kernel(part_ptr, sp_s, sp_w, N, NR, b_ptr, w2_ptr, sw2_w,
     together. (The first version read them as one [KS, BR, BN] tile and summed over its first
     axis: the sum's result was replicated across the threads that held different partials, and
     SiLU and everything after ran once per partial, 8 times over: 29 µs for 6 programs under
-    Nsight Compute.) The
-    hidden row's chunks are a rolled loop (the kernel runs once per program, so its code is
-    fetched once too) pipelined FSTAGES deep: with as many stages as chunks, every chunk's reads are
-    issued before the first chunk's math (2.3 µs less than unpipelined at one sequence). A tile with no row to write reads nothing."""
+    Nsight Compute.) The hidden row's chunks are a rolled loop (the kernel runs once per program,
+    so its code is fetched once too) pipelined FSTAGES deep: with as many stages as chunks, every
+    chunk's reads are issued before the first chunk's math (2.3 µs less than unpipelined at one
+    sequence). A tile with no row to write reads nothing."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     w = tl.program_id(1)
     cols = tl.program_id(2) * BN + tl.arange(0, BN)
