@@ -9,9 +9,11 @@ fused one rounds once instead of after each step). Run on a GPU from the repo ro
 
     python3 scripts/phi_decode_bench.py [--rows 1 8 16 64] [--variants s4:p3 s8:p3 ...]
 
-A variant is sS:pP (`phi_write_pair`'s `splits` S and `stages` P); a trailing ":first" times the first launch alone (the finish replaced by nothing, so its output
-is not checked). "none done": the default when no row completes a block (every entry slot on the
-skip page, as in most decode steps), where nothing is read.
+A variant is sS:pP (`phi_write_pair`'s `splits` S and `stages` P); a trailing ":first" times the
+first launch alone (the finish replaced by nothing, so its output is not checked). Every other
+variant's summaries are compared with the gather path's (the worst is printed). "none done": the
+default when no row completes a block (every entry slot on the skip page, as in most decode
+steps), where nothing is read.
 """
 
 from __future__ import annotations
