@@ -97,6 +97,7 @@ def _phi_partial_kernel(part_ptr, sp_s, sp_w, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv
             sl = tl.load(slots_ptr + n * LB + t0, mask=live, other=-1).to(tl.int64)
             acc = tl.zeros((BR, BN), tl.float32)
             for t in tl.range(t0, t1, num_stages=STAGES):
+                # (n * 0 makes the bound a vector: the CPU interpreter refuses a scalar mask term)
                 nxt = tl.load(slots_ptr + n * LB + t + 1, mask=live & (n * 0 + t + 1 < t1), other=-1).to(tl.int64)
                 page, rr = sl // R, sl % R
                 row_k = page * sk_p + head_k + rr * sk_r

@@ -8,6 +8,7 @@ fused one rounds once instead of after each step). Run on a GPU from the repo ro
 `scripts/device_env.sh` sourced:
 
     python3 scripts/phi_decode_bench.py [--rows 1 8 16 64] [--variants s4:p3 s8:p3 ...]
+    ncu --profile-from-start off --set full -o /tmp/phi python3 scripts/phi_decode_bench.py --ncu 16
 
 A variant is sS:pP (`phi_write_pair`'s `splits` S and `stages` P); a trailing ":first" times the
 first launch alone (the finish replaced by nothing, so its output is not checked). Every other
@@ -79,11 +80,31 @@ def no_finish():
         phi_decode._phi_finish_kernel = saved
 
 
+def profile_one(k, v, weights, N, pages, P, E, lb):
+    """One `phi_write_pair` call with every row writing, warmed up, the weights flushed from the L2
+    (as in a decode step that reads 16 layers), alone between profiler start and stop."""
+    slots = torch.randint(0, pages * P, (N, lb), device=k.device)
+    entries = torch.randperm(pages * E, device=k.device)[:N]
+    kc = torch.zeros(pages, k.shape[1], E, k.shape[3], device=k.device, dtype=k.dtype)
+    vc = torch.zeros(pages, v.shape[1], E, v.shape[3], device=v.device, dtype=v.dtype)
+    for _ in range(3):
+        phi_write_pair(k, v, slots, kc, vc, entries, *weights)
+    torch.empty(256 << 20, dtype=torch.uint8, device=k.device).zero_()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    phi_write_pair(k, v, slots, kc, vc, entries, *weights)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="*", default=[1, 8, 16, 64], help="sequences (each 4 kv heads)")
     ap.add_argument("--variants", nargs="*", default=[
         "s4:p3", "s8:p3", "s16:p3", "s4:p2", "s8:p2", "s4:p3:first", "s8:p3:first"])
+    ap.add_argument("--ncu", type=int, default=None, metavar="N",
+                    help="instead of the table: one default call at N sequences (the L2 flushed first) "
+                         "between cudaProfilerStart/Stop, for `ncu --profile-from-start off`")
     a = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     cfg = preset("paper-1b")
@@ -100,6 +121,9 @@ def main():
     pages = 4096
     k = torch.randn(pages, H, P, Dk, device=dev, dtype=dt)
     v = torch.randn(pages, H, P, Dv, device=dev, dtype=dt)
+    if a.ncu is not None:
+        profile_one(k, v, weights[0], a.ncu, pages, P, E, lb)
+        return
     combos = [parse(v) for v in a.variants]
     print(f"paper-1b φ (mlp, l = {lb}, dk {Dk}, dv {Dv}, {H} kv heads), µs a layer, median of graph replays")
     print(f"{'seqs':>5s} {'gather+phi_pair+write':>22s} {'fused (default)':>16s} " +
