@@ -145,7 +145,7 @@ def _cases(shape: str, dtype: torch.dtype):
     from .paged import PagedLayerCache
     from .phi_decode import phi_write_pair
     from .reference import SparsityParams
-    from .rope import rope_rotate
+    from .rope import rope_rotate, rope_rotate_and_sigmoid
     from .silu_mul import silu_mul
 
     Hq, Hkv, Dk, Dv = SHAPES[shape]
@@ -200,6 +200,8 @@ def _cases(shape: str, dtype: torch.dtype):
         ("gather_blocks", lambda: gather_blocks(layer.k_cache, bslots)),
         ("gather_block_pair", lambda: gather_block_pair(layer.k_cache, layer.v_cache, bslots)),
         ("rope_rotate", lambda: rope_rotate(qp, torch.empty(T, Dk), torch.empty(T, Dk))),
+        ("rope_rotate_and_sigmoid", lambda: rope_rotate_and_sigmoid(qp, torch.empty(T, Dk), torch.empty(T, Dk),
+                                                                    gp.view(T, 3 * Hq))),
         ("write_mean_summaries", lambda: write_mean_summaries(layer.k_cache, layer.v_cache, layer.kc_cache,
                                                               layer.vc_cache, bslots, sslots)),
         ("phi_write_pair", lambda: phi_write_pair(layer.k_cache, layer.v_cache, bslots, layer.kc_cache,

@@ -4,6 +4,12 @@ The PyTorch form (`nsa_serve.model.nsa_model.Rope`, the twin the tests compare a
 a concatenation of the halves, two products, a sum and a cast back: six launches for each of q and
 k in every layer of a decode step. Here it is one: each program rotates one token's heads,
 out₁ = x₁·cos − x₂·sin and out₂ = x₂·cos + x₁·sin, in float32.
+
+`rope_rotate_and_sigmoid` also takes the branch gates' logits, which come from the same fused
+projection: a strided slice of its output, on which torch's sigmoid is its own launch with a
+non-vectorised loop (34 µs a 16-layer decode step at 8 and 16 sequences on the H200,
+docs/benchmarks/engine.md, twenty-seventh round). Here the rotation's first head-block programs
+apply it in the same launch.
 """
 
 from __future__ import annotations
@@ -17,11 +23,19 @@ from ._triton_utils import next_pow2
 
 @triton.jit
 def _rope_kernel(x_ptr, sx_t, sx_h, cos_ptr, sin_ptr, sc_t, out_ptr, so_t, so_h, H,
-                 HALF: tl.constexpr, HALF_P: tl.constexpr, BH: tl.constexpr):
+                 g_ptr, sg_t, go_ptr, NG,
+                 HALF: tl.constexpr, HALF_P: tl.constexpr, BH: tl.constexpr,
+                 SIG: tl.constexpr, NG_P: tl.constexpr):
     """Program (t, head block): heads [hb·BH, hb·BH + BH) of token t. The tables are the Rope
     class's: cos = [cos, cos], sin = [−sin, sin] (signed), so out₂ uses sin's second half and
-    out₁ subtracts the same value."""
+    out₁ subtracts the same value. SIG: program (t, 0) also writes sigmoid(g[t, :NG]) to go[t]
+    (float32 math, rounded once to the output's dtype, as torch.sigmoid does)."""
     t = tl.program_id(0).to(tl.int64)
+    if SIG:
+        if tl.program_id(1) == 0:
+            j = tl.arange(0, NG_P)
+            g = tl.load(g_ptr + t * sg_t + j, mask=j < NG, other=0.0).to(tl.float32)
+            tl.store(go_ptr + t * NG + j, (1.0 / (1.0 + tl.exp(-g))).to(go_ptr.dtype.element_ty), mask=j < NG)
     h = tl.program_id(1) * BH + tl.arange(0, BH)
     d = tl.arange(0, HALF_P)
     dm = d < HALF
@@ -39,6 +53,21 @@ def _rope_kernel(x_ptr, sx_t, sx_h, cos_ptr, sin_ptr, sc_t, out_ptr, so_t, so_h,
 def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, H, D] (last dim contiguous), cos / sin float32 [T, 1, D] or [T, D] with the Rope
     class's layout → a new [T, H, D] tensor in x's dtype."""
+    return _launch(x, cos, sin, None)[0]
+
+
+def rope_rotate_and_sigmoid(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_rotate(x, cos, sin)` and sigmoid(g) in one launch. g [T, NG] (last dim contiguous,
+    any token stride: a slice of the projection's output) → a new contiguous [T, NG] tensor in
+    g's dtype."""
+    if g.dim() != 2 or g.shape[0] != x.shape[0] or (g.shape[1] > 1 and g.stride(1) != 1):
+        raise ValueError(f"rope_rotate_and_sigmoid needs gate logits [T, NG] with a contiguous last dim, "
+                         f"got shape {tuple(g.shape)} strides {g.stride()} for {x.shape[0]} tokens")
+    return _launch(x, cos, sin, g)
+
+
+def _launch(x, cos, sin, g):
     T, H, D = x.shape
     if D % 2 or x.stride(-1) != 1:
         raise ValueError(f"rope_rotate needs an even, contiguous last dim, got shape {tuple(x.shape)} "
@@ -48,11 +77,15 @@ def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
             or sin.stride() != cos.stride()):
         raise ValueError("rope_rotate needs float32 tables [T, D] with a contiguous last dim")
     out = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
+    gout = None if g is None else torch.empty(g.shape, dtype=g.dtype, device=g.device)
     if T == 0:
-        return out
+        return out, gout
     half_p = next_pow2(D // 2)
     bh = max(1, min(next_pow2(H), 4096 // half_p))  # about 4096 elements of each half a program
+    ng = 0 if g is None else g.shape[1]
     _rope_kernel[(T, triton.cdiv(H, bh))](
         x, x.stride(0), x.stride(1), cos, sin, cos.stride(0), out, out.stride(0), out.stride(1), H,
-        HALF=D // 2, HALF_P=half_p, BH=bh, num_warps=4)
-    return out
+        x if g is None else g, 0 if g is None else g.stride(0), out if g is None else gout, ng,
+        HALF=D // 2, HALF_P=half_p, BH=bh, SIG=g is not None and ng > 0, NG_P=next_pow2(max(ng, 1)),
+        num_warps=4)
+    return out, gout

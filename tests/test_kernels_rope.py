@@ -9,7 +9,7 @@ from kernels_interpret import DEVICE, load_kernels
 from nsa_serve.model.nsa_model import Rope
 
 load_kernels()
-from nsa_kernels.rope import rope_rotate  # noqa: E402  (after the interpreter is set up)
+from nsa_kernels.rope import rope_rotate, rope_rotate_and_sigmoid  # noqa: E402  (after the interpreter is set up)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 POSITIONS = [0, 1, 5, 63, 64, 4095, 65535, 131071]
@@ -55,6 +55,41 @@ def test_rope_kernel_strided_tokens_and_empty():
     assert rope_rotate(torch.zeros(0, 2, 8, device=DEVICE), rope.cos, rope.sin).shape == (0, 2, 8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,D,NG", [(4, 24, 12), (5, 24, 15), (3, 6, 1)])
+def test_rope_and_sigmoid_in_one_launch(H, D, NG, dtype):
+    # The gates' logits as the model has them: a strided slice of one projection's output, beside
+    # the q/k columns the launch rotates. The rotation is rope_rotate's bit for bit; the sigmoid is
+    # torch's within one rounding of the dtype (float32 math, rounded once), and saturates cleanly.
+    gen = torch.Generator().manual_seed(3)
+    T = len(POSITIONS)
+    rope = Rope(torch.tensor(POSITIONS), D, 10000.0, dtype, torch.device(DEVICE))
+    y = (torch.randn(T, H * D + 7 + NG, generator=gen) * 4).to(DEVICE, dtype)
+    y[0, -NG:] = torch.tensor([-200.0, 200.0] * NG, dtype=dtype)[:NG].to(DEVICE)  # far into both tails
+    x, g = y[:, :H * D].view(T, H, D), y[:, -NG:]
+    rot, sig = rope_rotate_and_sigmoid(x, rope.cos, rope.sin, g)
+    assert torch.equal(rot, rope_rotate(x, rope.cos, rope.sin))
+    assert sig.shape == (T, NG) and sig.dtype == dtype and sig.is_contiguous()
+    want = torch.sigmoid(g.double())
+    eps = torch.finfo(dtype).eps
+    assert (sig.double() - want).abs().max().item() <= eps
+    assert sig[0, 0].item() == 0.0 and (NG == 1 or sig[0, 1].item() == 1.0)
+    assert torch.allclose(sig.double(), torch.sigmoid(g).double(), rtol=0, atol=eps)
+
+
+def test_rope_and_sigmoid_empty_and_refusals():
+    rope = Rope(torch.tensor([], dtype=torch.long), 8, 10000.0, torch.float32, torch.device(DEVICE))
+    rot, sig = rope_rotate_and_sigmoid(torch.zeros(0, 2, 8, device=DEVICE), rope.cos, rope.sin,
+                                       torch.zeros(0, 6, device=DEVICE))
+    assert rot.shape == (0, 2, 8) and sig.shape == (0, 6)
+    rope = Rope(torch.tensor([3, 4]), 8, 10000.0, torch.float32, torch.device(DEVICE))
+    x = torch.zeros(2, 2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="gate logits"):
+        rope_rotate_and_sigmoid(x, rope.cos, rope.sin, torch.zeros(2, 6, device=DEVICE)[:, ::2])
+    with pytest.raises(ValueError, match="gate logits"):
+        rope_rotate_and_sigmoid(x, rope.cos, rope.sin, torch.zeros(3, 6, device=DEVICE))
+
+
 def test_rope_kernel_refuses_what_it_cannot_do():
     rope = Rope(torch.tensor([3]), 8, 10000.0, torch.float32, torch.device(DEVICE))
     x = torch.zeros(1, 2, 16, device=DEVICE)[..., ::2]  # last dim not contiguous
@@ -80,3 +115,21 @@ def test_gpu_rope_paper_shape_and_dispatch(H):
     assert y.grad_fn is not None and torch.equal(y.detach(), rope.rotate_reference(x))
     with torch.no_grad():
         assert torch.equal(rope(xg), rope_rotate(x, rope.cos, rope.sin))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_rope_and_sigmoid_dispatch():
+    # Rope.rotate_and_sigmoid takes the one-launch kernel on CUDA without autograd (the model's
+    # decode and prefill), and the two PyTorch ops when x requires grad.
+    positions = list(range(0, 4096, 17))
+    T, H, D = len(positions), 68, 192
+    rope = Rope(torch.tensor(positions), D, 10000.0, torch.bfloat16, torch.device("cuda"))
+    y = torch.randn(T, H * D + 192, device="cuda", dtype=torch.bfloat16)
+    x, g = y[:, :H * D].view(T, H, D), y[:, H * D:]
+    rot, sig = rope.rotate_and_sigmoid(x, g)
+    assert torch.equal(rot, rope_rotate(x, rope.cos, rope.sin))
+    assert (sig.double() - torch.sigmoid(g.double())).abs().max().item() <= torch.finfo(torch.bfloat16).eps
+    xg = x.clone().requires_grad_(True)
+    rot2, sig2 = rope.rotate_and_sigmoid(xg, g)
+    assert rot2.grad_fn is not None and torch.equal(sig2, torch.sigmoid(g))

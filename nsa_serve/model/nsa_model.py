@@ -92,13 +92,27 @@ class Rope:
         """x [T, H, D] → x rotated by its positions' angles, in x's dtype."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"RoPE table is for head dim {self.dim}, got {x.shape[-1]}")
-        # The kernel has no backward: training (autograd on x) keeps the PyTorch ops.
-        if x.is_cuda and self.dtype == torch.float32 and x.stride(-1) == 1 and not (
-                torch.is_grad_enabled() and x.requires_grad):
+        if self._kernel_applies(x):
             from nsa_kernels.rope import rope_rotate  # one launch instead of six (kernels/rope.py)
 
             return rope_rotate(x, self.cos, self.sin)
         return self.rotate_reference(x)
+
+    def rotate_and_sigmoid(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(x), sigmoid(g)) for g [T, NG]: one launch where the kernel applies (the gates'
+        logits ride along with the rotation, kernels/rope.py says why), else the two ops."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"RoPE table is for head dim {self.dim}, got {x.shape[-1]}")
+        if self._kernel_applies(x) and self._kernel_applies(g) and g.dim() == 2:
+            from nsa_kernels.rope import rope_rotate_and_sigmoid
+
+            return rope_rotate_and_sigmoid(x, self.cos, self.sin, g)
+        return self(x), torch.sigmoid(g)
+
+    def _kernel_applies(self, x: torch.Tensor) -> bool:
+        # The kernel has no backward: training (autograd on x) keeps the PyTorch ops.
+        return (x.is_cuda and self.dtype == torch.float32 and x.stride(-1) == 1
+                and not (torch.is_grad_enabled() and x.requires_grad))
 
     def rotate_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The rotation in PyTorch ops: CPU, float64, and the twin of the CUDA kernel."""
@@ -248,15 +262,15 @@ class NSAAttention(nn.Module):
         T, H, Hkv, Dk, Dv = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim_k, c.head_dim_v
         y = F.linear(x, weight, bias)
         n_qk = (H + nkv * Hkv) * Dk
-        qk = rope(y[:, :n_qk].view(T, H + nkv * Hkv, Dk))
+        v0 = n_qk
+        if has_gate:  # the gates' sigmoid in the RoPE launch (kernels/rope.py says why)
+            qk, gates = rope.rotate_and_sigmoid(y[:, :n_qk].view(T, H + nkv * Hkv, Dk), y[:, v0 + nkv * Hkv * Dv:])
+            gates = gates.view(T, H, 3)
+        else:
+            qk, gates = rope(y[:, :n_qk].view(T, H + nkv * Hkv, Dk)), self.gate(x)
         q = qk[:, :H]
         ks = [qk[:, H + i * Hkv:H + (i + 1) * Hkv] for i in range(nkv)]
-        v0 = n_qk
         vs = [y[:, v0 + i * Hkv * Dv:v0 + (i + 1) * Hkv * Dv].view(T, Hkv, Dv) for i in range(nkv)]
-        if has_gate:
-            gates = torch.sigmoid(y[:, v0 + nkv * Hkv * Dv:]).view(T, H, 3)
-        else:
-            gates = self.gate(x)
         if nkv == 1:
             return q, {b: (ks[0], vs[0]) for b in BRANCHES}, gates
         return q, {b: (ks[i], vs[i]) for i, b in enumerate(BRANCHES)}, gates
