@@ -10,7 +10,7 @@ although a sequence completes a block only every d tokens. Here it is two launch
 reads the weights in a step where no row writes a summary (rows pointing at `skip_page`, a decode
 graph's trash page, write none):
 
-1. `_phi_partial_kernel`, grid (token split, K-or-V, output-column tile): reads its rows' block
+1. `_phi_partial_kernel`, grid (token split, K-or-V, output-column tile × row tile): reads its rows' block
    tokens straight from the paged cache (the gather) and multiplies them by its slice of the first
    weight, writing float32 partial sums. Splitting the l-token reduction is what puts the weight
    read on enough SMs.
@@ -18,13 +18,14 @@ graph's trash page, write none):
    order (deterministic, no atomics), adds the bias, then for the MLP form applies SiLU and the
    second [Dm, Dm] product, and writes the summary into its slot (slot −1: no write).
 
-H200, paper-1b, a step where every row writes (scripts/phi_decode_bench.py, 2026-12-03): 12.6 /
-15.3 / 16.1 µs a layer at 1 / 8 / 16 sequences, 21.7 at 32 and 30.1 at 64, against the five
-launches' 23.2–25.7; 2.4–2.6 µs in a step where no row writes. The first version took 27–33 µs at
-1–16 sequences: its partial kernel loaded a slot and then the row it names in every iteration, and
-its finish's partial sum replicated SiLU and the second product across threads (the kernels'
-docstrings say how each was found). The engine uses this up to
-`nsa_serve.engine.decode_graphs.FUSED_PHI_MAX_BATCH` sequences.
+H200, paper-1b, a step where every row writes (scripts/phi_decode_bench.py, 2026-12-04): 12.4–12.5
+/ 15.3–15.5 / 15.9–16.0 / 16.8–17.0 / 26.6–27.3 µs a layer at 1 / 16 / 32 / 64 / 128 sequences,
+against the five launches' 22.8–29.2; 2.4–3.7 µs in a step where no row writes. The first version
+took 27–33 µs at 1–16 sequences: its partial kernel loaded a slot and then the row it names in every
+iteration, and its finish's partial sum replicated SiLU and the second product across threads (the
+kernels' docstrings say how each was found). Until row tiles had programs of their own, 64
+sequences took 30.1. The engine uses this up to `nsa_serve.engine.decode_graphs.FUSED_PHI_MAX_BATCH`
+sequences.
 
 The layout is `NSAAttention.fuse_phi`'s: each token's row zero-padded to Dm = max(Dk, Dv), weights
 W1 [2, l·Dm, Dm], bias [2, 1, Dm], W2 [2, Dm, Dm] or None (φ = linear). The twin is
@@ -40,14 +41,13 @@ import triton.language as tl
 from ._triton_utils import check_last_dim_contiguous, dot_precision, interpreter_upcast
 from .paged import gather_block_pair_reference
 
-# The first product's l-token reduction in SPLITS pieces; SMALL_SPLITS up to SMALL_ROWS block rows
-# (sequences), where the finish's reads of the partials cost more than more programs save. H200,
-# paper-1b, µs a layer with every row writing (two calls each): 4 splits 12.6 / 15.3 / 16.1–16.2
-# at 1 / 8 / 16 sequences, 8 splits 14.2–14.3 / 15.7–15.9 / 16.9, 16 splits 15.8 / 16.3–16.4 /
-# 17.4–17.5; at 32 sequences 25.1–25.2 / 22.6–22.8 / 21.7–21.8, at 64 43.3 / 34.6 / 30.1.
-SPLITS = 16
-SMALL_SPLITS = 4
-SMALL_ROWS = 16
+# The first product's l-token reduction in SPLITS pieces. With one 64-row tile a partial program
+# (`row_tiles` = 1), 4 splits are the fastest at every batch measured. H200, paper-1b, µs a layer
+# with every row writing, one call, 4 / 8 / 16 splits: 12.4 / 14.2 / 15.5 at 1 sequence, 15.4 /
+# 16.0 / 16.8 at 16, 15.9 / 16.4 / 20.6 at 32, 17.0 / 23.7 / 27.0 at 64, 27.3 / 32.7 / 48.2 at 128
+# (the gather path: 22.8–29.2). Before row tiles had their own programs, 64 sequences needed 16
+# splits to fill the GPU and took 30.1.
+SPLITS = 4
 MAX_SPLITS = 16
 
 
@@ -60,13 +60,16 @@ def _writes(eslots_ptr, n, ok, E: tl.constexpr, SKIP_PAGE):
 
 @triton.jit
 def _phi_partial_kernel(part_ptr, sp_s, sp_w, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv_p, sv_h, sv_r,
-                        slots_ptr, eslots_ptr, SKIP_PAGE, w_ptr, sw_w, N, NR, TPS,
+                        slots_ptr, eslots_ptr, SKIP_PAGE, w_ptr, sw_w, N, NR, TPS, RPP,
                         H: tl.constexpr, R: tl.constexpr, E: tl.constexpr, LB: tl.constexpr,
                         DK: tl.constexpr, DV: tl.constexpr, DM: tl.constexpr, BK: tl.constexpr,
                         BN: tl.constexpr, BR: tl.constexpr, NP: tl.constexpr,
                         STAGES: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Program (s, w, c): Σ over tokens [s·TPS, (s+1)·TPS) of the block of x[rows, token] ·
-    W1[w, token's rows, c-tile].
+    """Program (s, w, c + CT·r): Σ over tokens [s·TPS, (s+1)·TPS) of the block of x[rows, token] ·
+    W1[w, token's rows, c-tile], for the RPP row tiles of BR rows from r·RPP (CT = DM // BN column
+    tiles). One row tile a program by default: with all of them in one program, 64 sequences'
+    256 rows were four tiles one after the other on only 96 programs (30.1 µs a layer against the
+    gather path's 25.7).
 
     The loop runs over tokens and reads the *next* token's slots (a loop-carried vector). The
     first version looped over 64-column chunks and loaded each chunk's slot and then the row it
@@ -81,16 +84,19 @@ def _phi_partial_kernel(part_ptr, sp_s, sp_w, k_ptr, sk_p, sk_h, sk_r, v_ptr, sv
     every = tl.arange(0, NP)
     any_row, _any_e = _writes(eslots_ptr, every, every < N, E, SKIP_PAGE)
     if tl.max(any_row.to(tl.int32), 0) > 0:
-        cols = tl.program_id(2) * BN + tl.arange(0, BN)
+        CT: tl.constexpr = DM // BN
+        cols = (tl.program_id(2) % CT) * BN + tl.arange(0, BN)
+        r_first = (tl.program_id(2) // CT) * RPP * BR
+        r_end = tl.minimum(NR, r_first + RPP * BR)
         kk = tl.arange(0, BK)
         is_k = w == 0
         d_w = tl.where(is_k, DK, DV)
         t0 = s * TPS
         t1 = tl.minimum(t0 + TPS, LB)
         w_base = w_ptr + w * sw_w + cols[None, :]
-        for r0 in range(0, NR, BR):
+        for r0 in range(r_first, r_end, BR):
             rows = r0 + tl.arange(0, BR)
-            r_ok = rows < NR
+            r_ok = rows < r_end
             n, h = rows // H, rows % H
             live, _live_e = _writes(eslots_ptr, n, r_ok, E, SKIP_PAGE)  # other rows' blocks are not read
             head_k, head_v = h * sk_h, h * sv_h
@@ -181,16 +187,19 @@ def column_tile(dm: int) -> int:
 def phi_write_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, block_slots: torch.Tensor,
                    kc_cache: torch.Tensor, vc_cache: torch.Tensor, entry_slots: torch.Tensor,
                    w1: torch.Tensor, bias: torch.Tensor, w2: torch.Tensor | None,
-                   splits: int | None = None, stages: int = 3, skip_page: int = -1) -> None:
+                   splits: int | None = None, stages: int = 3, skip_page: int = -1,
+                   row_tiles: int = 1) -> None:
     """kc/vc_cache[entry_slots] = φ_K / φ_V of the l tokens at block_slots [N, l] of k/v_cache.
 
     Caches [pages, Hkv, rows, D] (summary caches: rows = entries a page); slots are flat
     (page · rows + row) int32/int64, −1 = none (a block slot reads zeros, an entry slot writes
     nothing). w1 [2, l·Dm, Dm], bias [2, 1, Dm], w2 [2, Dm, Dm] or None: `NSAAttention.fuse_phi`'s
-    stacked weights. `splits`: pieces of the first product's l-token reduction (default SMALL_SPLITS
-    up to SMALL_ROWS rows, SPLITS above; at most MAX_SPLITS and l; more: more programs stream the
-    weights; fewer: fewer float32 partials for the finish to read); `stages`: its software
-    pipeline's depth. `skip_page`: a page whose entry slots count as "no summary" (a CUDA graph's
+    stacked weights. `splits`: pieces of the first product's l-token reduction (default SPLITS; at most
+    MAX_SPLITS and l; more: more programs stream the weights; fewer: fewer float32 partials for the
+    finish to read); `stages`: its software
+    pipeline's depth; `row_tiles`: tiles of up to 64 rows (block rows × kv heads) a partial program
+    walks one after the other (more: fewer programs, each weight slice read once for more rows).
+    `skip_page`: a page whose entry slots count as "no summary" (a CUDA graph's
     trash page, where padding rows and rows completing no block point); when no row writes,
     neither kernel reads anything."""
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache), ("kc_cache", kc_cache), ("vc_cache", vc_cache)):
@@ -220,18 +229,21 @@ def phi_write_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, block_slots: to
     w2 = w2.contiguous() if w2 is not None else None
     NR = N * H
     if splits is None:
-        splits = SMALL_SPLITS if N <= SMALL_ROWS else SPLITS
+        splits = SPLITS
     tps = triton.cdiv(LB, max(1, min(splits, MAX_SPLITS, LB)))  # tokens a split
     KS = triton.cdiv(LB, tps)
+    if row_tiles < 1:
+        raise ValueError(f"row_tiles must be ≥ 1, got {row_tiles}")
     BR = min(64, max(16, triton.next_power_of_2(NR)))
+    row_groups = triton.cdiv(triton.cdiv(NR, BR), row_tiles)
     part = torch.empty((KS, 2, NR, DM), dtype=torch.float32, device=k_cache.device)
     up, prec = interpreter_upcast(k_cache.dtype), dot_precision(k_cache.dtype)
     es, E = entry_slots.contiguous(), kc_cache.shape[2]
-    _phi_partial_kernel[(KS, 2, DM // BN)](
+    _phi_partial_kernel[(KS, 2, DM // BN * row_groups)](
         part, part.stride(0), part.stride(1),
         k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_slots.contiguous(), es, skip_page, w1, w1.stride(0), N, NR, tps,
+        block_slots.contiguous(), es, skip_page, w1, w1.stride(0), N, NR, tps, row_tiles,
         H=H, R=R, E=E, LB=LB, DK=DK, DV=DV, DM=DM, BK=BN, BN=BN, BR=BR, NP=triton.next_power_of_2(N),
         STAGES=stages, PREC=prec, UPCAST=up, num_warps=4)
     BR2 = 16  # the finish's tiles: small, so more programs share the partials' reads

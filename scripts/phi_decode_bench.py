@@ -10,7 +10,8 @@ fused one rounds once instead of after each step). Run on a GPU from the repo ro
     python3 scripts/phi_decode_bench.py [--rows 1 8 16 64] [--variants s4:p3 s8:p3 ...]
     ncu --profile-from-start off --set full -o /tmp/phi python3 scripts/phi_decode_bench.py --ncu 16
 
-A variant is sS:pP (`phi_write_pair`'s `splits` S and `stages` P); a trailing ":first" times the
+A variant is sS:pP[:tT] (`phi_write_pair`'s `splits` S, `stages` P and `row_tiles` T, the 64-row
+tiles a partial program walks; default 1); a trailing ":first" times the
 first launch alone (the finish replaced by nothing, so its output is not checked). Every other
 variant's summaries are compared with the gather path's (the worst is printed). "none done": the
 default when no row completes a block (every entry slot on the skip page, as in most decode
@@ -59,9 +60,15 @@ def graph_median(fn, reps: int = 40) -> float:
 
 
 def parse(v: str):
-    """"s8:p3[:first]" → (phi_write_pair knobs, first launch only)."""
+    """"s8:p3[:tT][:first]" → (phi_write_pair knobs, first launch only)."""
     f = v.split(":")
-    return dict(splits=int(f[0][1:]), stages=int(f[1][1:])), f[-1] == "first"
+    knobs = dict(splits=int(f[0][1:]), stages=int(f[1][1:]))
+    for extra in f[2:]:
+        if extra.startswith("t"):
+            knobs["row_tiles"] = int(extra[1:])
+        elif extra != "first":
+            raise ValueError(f"unknown variant field {extra!r} in {v!r}")
+    return knobs, f[-1] == "first"
 
 
 class _Nothing:

@@ -28,7 +28,7 @@ def attention(phi, dk, dv, lb, seed=0, device=DEVICE, dtype=torch.float32):
     return attn.to(device, dtype)
 
 
-def check(phi, dk, dv, lb, H, N, dtype, tol, splits=None, device=DEVICE, seed=0, skip_all=False):
+def check(phi, dk, dv, lb, H, N, dtype, tol, splits=None, device=DEVICE, seed=0, skip_all=False, row_tiles=1):
     attn = attention(phi, dk, dv, lb, seed, device, dtype)
     attn.fuse_phi()
     gen = torch.Generator().manual_seed(seed + 1)
@@ -47,7 +47,8 @@ def check(phi, dk, dv, lb, H, N, dtype, tol, splits=None, device=DEVICE, seed=0,
     kc0 = torch.randn(pages, H, E, dk, generator=gen).to(device, dtype)
     vc0 = torch.randn(pages, H, E, dv, generator=gen).to(device, dtype)
     kc, vc = kc0.clone(), vc0.clone()
-    phi_write_pair(k, v, slots, kc, vc, entries, *attn.phi_pair_weights(), splits=splits, skip_page=skip)
+    phi_write_pair(k, v, slots, kc, vc, entries, *attn.phi_pair_weights(), splits=splits, skip_page=skip,
+                   row_tiles=row_tiles)
     twin_k, twin_v = kc0.clone(), vc0.clone()
     phi_write_pair_reference(k, v, slots, twin_k, twin_v, entries, *attn.phi_pair_weights(), skip_page=skip)
 
@@ -90,9 +91,13 @@ def test_phi_write_pair_step_with_no_summary_writes_nothing():
     check("mlp", 32, 16, lb=4, H=2, N=4, dtype=torch.float32, tol=1e-5, skip_all=True)
 
 
-def test_phi_write_pair_bf16_and_many_rows():
-    # N·H = 80 rows: the partial kernel loops over 64-row tiles, the finish takes 16-row programs.
-    check("mlp", 32, 32, lb=4, H=4, N=20, dtype=torch.bfloat16, tol=2e-2)
+@pytest.mark.parametrize("row_tiles", [1, 2, 3])
+def test_phi_write_pair_bf16_and_many_rows(row_tiles):
+    # N·H = 80 rows = 64-row tiles [0, 64) and [64, 80): one partial program per tile (1), or one
+    # walking both (2; 3 also caps at both); the finish takes 16-row programs.
+    check("mlp", 32, 32, lb=4, H=4, N=20, dtype=torch.bfloat16, tol=2e-2, row_tiles=row_tiles)
+    if row_tiles == 1:  # 200 rows: four tiles, the last one short, two a program
+        check("linear", 32, 16, lb=4, H=4, N=50, dtype=torch.float32, tol=1e-5, row_tiles=2, seed=5)
 
 
 def test_phi_write_pair_refusals():
@@ -110,6 +115,8 @@ def test_phi_write_pair_refusals():
     w1, b, w2 = attn.phi_pair_weights()
     with pytest.raises(ValueError, match="weights must be"):
         phi_write_pair(k, k, torch.zeros(1, 8, dtype=torch.long, device=DEVICE), k, k, e, w1, b, w2)
+    with pytest.raises(ValueError, match="row_tiles"):
+        phi_write_pair(k, k, s, k, k, e, w1, b, w2, row_tiles=0)
     with pytest.raises(ValueError, match="entry_slots"):
         phi_write_pair(k, k, s, k, k, torch.zeros(2, dtype=torch.long, device=DEVICE), w1, b, w2)
     with torch.no_grad():
@@ -120,7 +127,7 @@ def test_phi_write_pair_refusals():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("N", [1, 8, 64])
-def test_gpu_phi_write_pair_paper_shape(N):
+@pytest.mark.parametrize("N,row_tiles", [(1, 1), (8, 1), (64, 1), (64, 4), (100, 1)])
+def test_gpu_phi_write_pair_paper_shape(N, row_tiles):
     # paper-1b: l = 32, dk 192, dv 128, 4 kv heads; bf16 as served.
-    check("mlp", 192, 128, lb=32, H=4, N=N, dtype=torch.bfloat16, tol=2e-2, device="cuda")
+    check("mlp", 192, 128, lb=32, H=4, N=N, dtype=torch.bfloat16, tol=2e-2, device="cuda", row_tiles=row_tiles)

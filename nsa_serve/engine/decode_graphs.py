@@ -60,15 +60,15 @@ def _block_gather(block_slots: torch.Tensor, P: int, device: torch.device):
     return lambda cache: cache[pages, :, rows].permute(0, 2, 1, 3)
 
 
-# Graph sizes up to this run φ as `phi_write_pair`: two launches, 12.6–16.1 µs a layer at 1–16
-# sequences and 21.7 at 32 in a step where a row completes a block, 2.4–2.6 µs when none does,
-# against 23.2–24.4 µs in every step for the five-launch path (H200, paper-1b,
-# scripts/phi_decode_bench.py). At 64 it is slower when a row writes (30.1 against 25.5 µs), and
-# with 64 sequences at unrelated positions almost every step has one (1 − (15/16)^64 = 98 %): in the
-# engine's decode step with staggered lengths, kernels summed 4.35 against 4.27 ms at 64 × 16k,
-# 3.58 against 3.63 at 32 × 32k, 3.17 against 3.30 at 16 × 64k (scripts/profile_engine_decode.py;
-# φ then split 8 ways above 16 sequences, 34.6 µs a layer at 64).
-FUSED_PHI_MAX_BATCH = 32
+# Graph sizes up to this run φ as `phi_write_pair`: two launches, 12.4–17.0 µs a layer at 1–64
+# sequences and 26.6–27.3 at 128 in a step where a row completes a block, 2.4–3.7 µs when none
+# does, against 22.8–29.2 µs in every step for the five-launch path (H200, paper-1b,
+# scripts/phi_decode_bench.py, 2026-12-04). In the engine's decode step with staggered lengths
+# (scripts/profile_engine_decode.py --stagger), kernels summed 4.11 against 4.25 ms at 64 × 16k, and
+# 3.47 at 32 × 32k against the five launches' 3.63 of the session before (which still ran the gates'
+# sigmoid, ~0.03 ms, on its own). Wider graphs (max_num_seqs > 128) were not measured and keep the
+# five launches.
+FUSED_PHI_MAX_BATCH = 128
 
 
 def fused_phi_available(model, device: torch.device) -> bool:
