@@ -96,11 +96,12 @@ def test_auto_chunk_bounds_the_mask():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-3), (torch.float64, 1e-9)])
 def test_batched_forward_on_cuda_matches_the_model(dtype, atol):
-    # Seeded tokens: in float32 the two paths' selection scores differ in their last bits, so on
-    # some inputs a near-tie picks a different block for a query and that row differs by far more
-    # than rounding. Drawn from the global CUDA generator, the tokens depended on the tests run
-    # before (it failed after the precompile tests, 2026-12-04, and passed alone and for seeds
-    # 0–11: max difference 2.7–3.6e-6). Float64 leaves no such ties: the same logic, tightly.
+    # Seeded tokens. Drawn from the global CUDA generator, the tokens depended on the tests run
+    # before: it failed after the precompile tests (2026-12-04) and passed alone and for seeds
+    # 0–11 (max difference 2.7–3.6e-6). Likely cause: in float32 the two paths' selection scores
+    # differ in their last bits, so on some inputs a near-tie picks a different block for a query
+    # and that row differs by far more than rounding. Float64 leaves no such ties: the same logic,
+    # tightly.
     cfg = model_config("default")
     model = NSAModel(cfg).init_weights(0).cuda().to(dtype)
     tokens = torch.randint(0, cfg.vocab_size, (2, 2048), device="cuda",
