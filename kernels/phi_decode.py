@@ -194,14 +194,13 @@ def phi_write_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, block_slots: to
     Caches [pages, Hkv, rows, D] (summary caches: rows = entries a page); slots are flat
     (page · rows + row) int32/int64, −1 = none (a block slot reads zeros, an entry slot writes
     nothing). w1 [2, l·Dm, Dm], bias [2, 1, Dm], w2 [2, Dm, Dm] or None: `NSAAttention.fuse_phi`'s
-    stacked weights. `splits`: pieces of the first product's l-token reduction (default SPLITS; at most
-    MAX_SPLITS and l; more: more programs stream the weights; fewer: fewer float32 partials for the
-    finish to read); `stages`: its software
-    pipeline's depth; `row_tiles`: tiles of up to 64 rows (block rows × kv heads) a partial program
-    walks one after the other (more: fewer programs, each weight slice read once for more rows).
-    `skip_page`: a page whose entry slots count as "no summary" (a CUDA graph's
-    trash page, where padding rows and rows completing no block point); when no row writes,
-    neither kernel reads anything."""
+    stacked weights. `splits`: pieces of the first product's l-token reduction (default SPLITS; at
+    most MAX_SPLITS and l; more: more programs stream the weights; fewer: fewer float32 partials for
+    the finish to read); `stages`: its software pipeline's depth; `row_tiles`: tiles of up to 64
+    rows (block rows × kv heads) a partial program walks one after the other (more: fewer programs,
+    each weight slice read once for more rows). `skip_page`: a page whose entry slots count as "no
+    summary" (a CUDA graph's trash page, where padding rows and rows completing no block point);
+    when no row writes, neither kernel reads anything."""
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache), ("kc_cache", kc_cache), ("vc_cache", vc_cache)):
         if c.dim() != 4:
             raise ValueError(f"{name} must be [pages, heads, rows, D], got {tuple(c.shape)}")
