@@ -145,7 +145,7 @@ def _cases(shape: str, dtype: torch.dtype):
     from .paged import PagedLayerCache
     from .phi_decode import phi_write_pair
     from .reference import SparsityParams
-    from .rope import rope_rotate, rope_rotate_and_sigmoid
+    from .rope import rope_rotate, rope_rotate_and_sigmoid, rope_rotate_sigmoid_write
     from .silu_mul import silu_mul
 
     Hq, Hkv, Dk, Dv = SHAPES[shape]
@@ -202,6 +202,10 @@ def _cases(shape: str, dtype: torch.dtype):
         ("rope_rotate", lambda: rope_rotate(qp, torch.empty(T, Dk), torch.empty(T, Dk))),
         ("rope_rotate_and_sigmoid", lambda: rope_rotate_and_sigmoid(qp, torch.empty(T, Dk), torch.empty(T, Dk),
                                                                     gp.view(T, 3 * Hq))),
+        ("rope_rotate_sigmoid_write",  # q and key heads rotated, gates, the token's K/V written
+         lambda: rope_rotate_sigmoid_write(torch.empty(T, Hq + Hkv, Dk, dtype=dtype), torch.empty(T, Dk),
+                                           torch.empty(T, Dk), gp.view(T, 3 * Hq), layer.k_cache, layer.v_cache,
+                                           xv, slots)),
         ("write_mean_summaries", lambda: write_mean_summaries(layer.k_cache, layer.v_cache, layer.kc_cache,
                                                               layer.vc_cache, bslots, sslots)),
         ("phi_write_pair", lambda: phi_write_pair(layer.k_cache, layer.v_cache, bslots, layer.kc_cache,

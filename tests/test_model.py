@@ -222,6 +222,16 @@ def test_fused_projections_equal_the_separate_layers(shared, gate, tmp_path):
         model.load_state_dict({k: v * 2 for k, v in state.items()})  # loading writes the fused buffer
         q2, _, _ = attn.project_and_gate(x, pos)
         assert torch.allclose(q2, attn.project(x, pos)[0], rtol=1e-12, atol=1e-12)
+        # `write`: the selection branch's K/V handed to write_pair at the slots (on a CPU the
+        # RoPE kernel does not apply, so write_pair is called), outputs unchanged.
+        calls = []
+        slots = torch.arange(9)
+        kc, vc = torch.zeros(3, 2, 4, 48, dtype=torch.float64), torch.zeros(3, 2, 4, 32, dtype=torch.float64)
+        q3, kv3, g3 = attn.project_and_gate(x, pos, write=(kc, vc, slots, lambda *a: calls.append(a)))
+        q4, kv4, g4 = attn.project_and_gate(x, pos)
+        assert torch.equal(q3, q4) and torch.equal(g3, g4)
+        assert len(calls) == 1 and calls[0][0] is kc and calls[0][1] is vc and calls[0][4] is slots
+        assert torch.equal(calls[0][2], kv4["slc"][0]) and torch.equal(calls[0][3], kv4["slc"][1])
         assert not torch.allclose(q2, q1)
         # A fused model saves (its weights share one buffer) and loads back to the same logits.
         tokens = torch.randint(0, cfg.vocab_size, (12,))

@@ -189,8 +189,9 @@ class StaticDecode:
                 a = layer.attn_norm(h)
             else:
                 h, a = add_rms_norm(h, pending, layer.attn_norm)
-            q, kv, gates = attn.project_and_gate(a, x["pos"], rope)
-            write(cache.k_cache, cache.v_cache, *kv["slc"], x["slots"])
+            # The token's K/V into its page slots: in the RoPE launch with shared K/V.
+            q, kv, gates = attn.project_and_gate(a, x["pos"], rope,
+                                                 write=(cache.k_cache, cache.v_cache, x["slots"], write))
             if not r.shared:
                 write(cache.k_cache, cache.v_cache, *kv["cmp"], x["cmp_slots"])
                 write(cache.k_cache, cache.v_cache, *kv["win"], x["win_slots"])

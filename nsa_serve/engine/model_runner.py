@@ -3,7 +3,7 @@
 The runner owns the paged cache (one `PagedLayerCache` per layer, DESIGN.md §3) and runs the
 model's layers piece by piece so that K/V and summaries go into pages:
 
-  per layer: attn.project_and_gate → write K/V into pages (and rings) → φ on the blocks completed this
+  per layer: attn.project_and_gate (which writes K/V into pages) → rings → φ on the blocks completed this
   step → write summaries beside their page → attention over the pages → gates → MLP.
 
 A step mixes single-token (decode) rows and prompt chunks of any sequences. Rows are ordered
@@ -297,8 +297,9 @@ class ModelRunner:
                 x = layer.attn_norm(h)
             else:
                 h, x = add_rms_norm(h, pending, layer.attn_norm)
-            q, kv, gates = attn.project_and_gate(x, inp.positions, rope)
-            write(cache.k_cache, cache.v_cache, *kv["slc"], inp.slots)
+            # The token's K/V into its page slots: in the RoPE launch with shared K/V.
+            q, kv, gates = attn.project_and_gate(x, inp.positions, rope,
+                                                 write=(cache.k_cache, cache.v_cache, inp.slots, write))
             if has_entries:
                 self._write_summaries(attn, cache, kv["cmp"], inp)
             if not self.shared:

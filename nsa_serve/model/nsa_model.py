@@ -109,6 +109,22 @@ class Rope:
             return rope_rotate_and_sigmoid(x, self.cos, self.sin, g)
         return self(x), torch.sigmoid(g)
 
+    def rotate_sigmoid_write(self, x: torch.Tensor, g: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             v: torch.Tensor, slots: torch.Tensor, write_pair) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rotate_and_sigmoid(x, g)`, and the keys (x's last Hkv heads, rotated) and values v
+        stored into the caches at slots: in the same launch where the kernel applies
+        (kernels/rope.py says why), else by `write_pair(k_cache, v_cache, keys, v, slots)` after."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"RoPE table is for head dim {self.dim}, got {x.shape[-1]}")
+        if (self._kernel_applies(x) and self._kernel_applies(g) and g.dim() == 2 and k_cache.is_cuda
+                and v.stride(-1) == 1):
+            from nsa_kernels.rope import rope_rotate_sigmoid_write
+
+            return rope_rotate_sigmoid_write(x, self.cos, self.sin, g, k_cache, v_cache, v, slots)
+        rot, sig = self.rotate_and_sigmoid(x, g)
+        write_pair(k_cache, v_cache, rot[:, x.shape[1] - v.shape[1]:], v, slots)
+        return rot, sig
+
     def _kernel_applies(self, x: torch.Tensor) -> bool:
         # The kernel has no backward: training (autograd on x) keeps the PyTorch ops.
         return (x.is_cuda and self.dtype == torch.float32 and x.stride(-1) == 1
@@ -248,14 +264,22 @@ class NSAAttention(nn.Module):
                 start += n
         self._fused = (weight, bias, len(names), gate is not None)
 
-    def project_and_gate(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope | None = None):
+    def project_and_gate(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope | None = None,
+                         write=None):
         """`project(x, positions, rope)` and `gate(x)` together: (q, kv, gates). After
         `fuse_projections` they come from one GEMM and q and the keys are rotated in one RoPE call
-        (same values up to the GEMM's float rounding: tests compare the two); else the two calls."""
+        (same values up to the GEMM's float rounding: tests compare the two); else the two calls.
+
+        `write` = (k_cache, v_cache, slots, write_pair): also store the selection branch's keys
+        and values (with shared K/V, every branch's) at slots, as `write_pair(k_cache, v_cache, k,
+        v, slots)` would. With shared K/V and the fused gates the RoPE launch does it (one launch
+        a layer fewer in the engine's decode step); otherwise `write_pair` is called."""
         fused = getattr(self, "_fused", None)
         rope = rope if rope is not None else self.rope(positions, x)
         if fused is None:
             q, kv = self.project(x, positions, rope)
+            if write is not None:
+                write[3](write[0], write[1], *kv["slc"], write[2])
             return q, kv, self.gate(x)
         weight, bias, nkv, has_gate = fused
         c = self.cfg
@@ -263,17 +287,22 @@ class NSAAttention(nn.Module):
         y = F.linear(x, weight, bias)
         n_qk = (H + nkv * Hkv) * Dk
         v0 = n_qk
-        if has_gate:  # the gates' sigmoid in the RoPE launch (kernels/rope.py says why)
-            qk, gates = rope.rotate_and_sigmoid(y[:, :n_qk].view(T, H + nkv * Hkv, Dk), y[:, v0 + nkv * Hkv * Dv:])
-            gates = gates.view(T, H, 3)
+        vs = [y[:, v0 + i * Hkv * Dv:v0 + (i + 1) * Hkv * Dv].view(T, Hkv, Dv) for i in range(nkv)]
+        qk_in, g = y[:, :n_qk].view(T, H + nkv * Hkv, Dk), y[:, v0 + nkv * Hkv * Dv:]
+        if has_gate and write is not None and nkv == 1:  # sigmoid and the K/V write in the RoPE launch
+            qk, gates = rope.rotate_sigmoid_write(qk_in, g, write[0], write[1], vs[0], write[2], write[3])
+            write = None
+        elif has_gate:  # the gates' sigmoid in the RoPE launch (kernels/rope.py says why)
+            qk, gates = rope.rotate_and_sigmoid(qk_in, g)
         else:
-            qk, gates = rope(y[:, :n_qk].view(T, H + nkv * Hkv, Dk)), self.gate(x)
+            qk, gates = rope(qk_in), self.gate(x)
+        gates = gates.view(T, H, 3)
         q = qk[:, :H]
         ks = [qk[:, H + i * Hkv:H + (i + 1) * Hkv] for i in range(nkv)]
-        vs = [y[:, v0 + i * Hkv * Dv:v0 + (i + 1) * Hkv * Dv].view(T, Hkv, Dv) for i in range(nkv)]
-        if nkv == 1:
-            return q, {b: (ks[0], vs[0]) for b in BRANCHES}, gates
-        return q, {b: (ks[i], vs[i]) for i, b in enumerate(BRANCHES)}, gates
+        kv = {b: (ks[0], vs[0]) for b in BRANCHES} if nkv == 1 else {b: (ks[i], vs[i]) for i, b in enumerate(BRANCHES)}
+        if write is not None:
+            write[3](write[0], write[1], *kv["slc"], write[2])
+        return q, kv, gates
 
     def fuse_phi(self) -> None:
         """For inference: φ_K and φ_V (mlp / linear) as one batched GEMM chain, `phi_pair`.
