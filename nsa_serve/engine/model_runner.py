@@ -3,8 +3,9 @@
 The runner owns the paged cache (one `PagedLayerCache` per layer, DESIGN.md §3) and runs the
 model's layers piece by piece so that K/V and summaries go into pages:
 
-  per layer: attn.project_and_gate (which writes K/V into pages) → rings → φ on the blocks completed this
-  step → write summaries beside their page → attention over the pages → gates → MLP.
+  per layer: attn.project_and_gate (which also writes K/V into pages) → K/V into the rings →
+  φ on the blocks completed this step → write summaries beside their page → attention over the
+  pages → gates → MLP.
 
 A step mixes single-token (decode) rows and prompt chunks of any sequences. Rows are ordered
 decode first, then chunks, so each attention implementation gets one contiguous slice.
