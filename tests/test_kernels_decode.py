@@ -118,7 +118,7 @@ def check_nsa(lens, Hkv, G, Dk, Dv, p, ring=False, dtype=torch.float32, tol=1e-5
 RAGGED = [1, 5, 16, 17, 64, 150, 160]
 
 
-@pytest.mark.parametrize("G", [1, 4, 16])
+@pytest.mark.parametrize("G", [1, 4, 16, 24])  # 24: "16 and more", padded to 32 inside
 def test_nsa_decode_matches_reference_group_sizes(G):
     check_nsa(RAGGED if G < 16 else [3, 33, 160], Hkv=2, G=G, Dk=24, Dv=16, p=SMALL, chunk=16)
 

@@ -184,7 +184,7 @@ def run_case(lens, chunks, Hq, Hkv, Dk, Dv, p, dtype=torch.float32, independent=
 SHAPE = dict(Dk=48, Dv=32)  # dk ≠ dv, dk split 32 + 16 like 192 = 128 + 64
 
 
-@pytest.mark.parametrize("G", [1, 3, 4, 16])  # 3: padded to 4 inside
+@pytest.mark.parametrize("G", [1, 3, 4, 16, 24])  # 3 and 24: padded to 4 and 32 inside
 def test_ragged_batch_matches_reference(G):
     # chunk lengths and starts off every multiple of d, l, l'; one prompt from token 0; one empty chunk
     run_case(lens=[117, 37, 90, 55], chunks=[30, 21, 0, 13], Hq=2 * G, Hkv=2, p=SMALL, **SHAPE)
