@@ -89,10 +89,14 @@ def rope_rotate_and_sigmoid(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     """`rope_rotate(x, cos, sin)` and sigmoid(g) in one launch. g [T, NG] (last dim contiguous,
     any token stride: a slice of the projection's output) → a new contiguous [T, NG] tensor in
     g's dtype."""
-    if g.dim() != 2 or g.shape[0] != x.shape[0] or (g.shape[1] > 1 and g.stride(1) != 1):
-        raise ValueError(f"rope_rotate_and_sigmoid needs gate logits [T, NG] with a contiguous last dim, "
-                         f"got shape {tuple(g.shape)} strides {g.stride()} for {x.shape[0]} tokens")
+    _check_gates("rope_rotate_and_sigmoid", x, g)
     return _launch(x, cos, sin, g)
+
+
+def _check_gates(caller: str, x: torch.Tensor, g: torch.Tensor) -> None:
+    if g.dim() != 2 or g.shape[0] != x.shape[0] or (g.shape[1] > 1 and g.stride(1) != 1):
+        raise ValueError(f"{caller} needs gate logits [T, NG] with a contiguous last dim, "
+                         f"got shape {tuple(g.shape)} strides {g.stride()} for {x.shape[0]} tokens")
 
 
 def rope_rotate_sigmoid_write(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, g: torch.Tensor,
@@ -116,9 +120,7 @@ def rope_rotate_sigmoid_write(x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
         raise ValueError("the caches need a contiguous last dim")
     if slots.shape != (x.shape[0],) or slots.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slots must be an int32/int64 vector of length {x.shape[0]}")
-    if g.dim() != 2 or g.shape[0] != x.shape[0] or (g.shape[1] > 1 and g.stride(1) != 1):
-        raise ValueError(f"rope_rotate_sigmoid_write needs gate logits [T, NG] with a contiguous last dim, "
-                         f"got shape {tuple(g.shape)} strides {g.stride()} for {x.shape[0]} tokens")
+    _check_gates("rope_rotate_sigmoid_write", x, g)
     return _launch(x, cos, sin, g, (k_cache, v_cache, v, slots.contiguous()))
 
 

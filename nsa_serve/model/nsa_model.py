@@ -279,7 +279,8 @@ class NSAAttention(nn.Module):
         if fused is None:
             q, kv = self.project(x, positions, rope)
             if write is not None:
-                write[3](write[0], write[1], *kv["slc"], write[2])
+                k_cache, v_cache, slots, write_pair = write
+                write_pair(k_cache, v_cache, *kv["slc"], slots)
             return q, kv, self.gate(x)
         weight, bias, nkv, has_gate = fused
         c = self.cfg
@@ -289,9 +290,10 @@ class NSAAttention(nn.Module):
         v0 = n_qk
         vs = [y[:, v0 + i * Hkv * Dv:v0 + (i + 1) * Hkv * Dv].view(T, Hkv, Dv) for i in range(nkv)]
         qk_in, g = y[:, :n_qk].view(T, H + nkv * Hkv, Dk), y[:, v0 + nkv * Hkv * Dv:]
-        if has_gate and write is not None and nkv == 1:  # sigmoid and the K/V write in the RoPE launch
-            qk, gates = rope.rotate_sigmoid_write(qk_in, g, write[0], write[1], vs[0], write[2], write[3])
-            write = None
+        in_rope = write is not None and has_gate and nkv == 1
+        if in_rope:  # the sigmoid and the K/V write in the RoPE launch
+            k_cache, v_cache, slots, write_pair = write
+            qk, gates = rope.rotate_sigmoid_write(qk_in, g, k_cache, v_cache, vs[0], slots, write_pair)
         elif has_gate:  # the gates' sigmoid in the RoPE launch (kernels/rope.py says why)
             qk, gates = rope.rotate_and_sigmoid(qk_in, g)
         else:
@@ -299,9 +301,13 @@ class NSAAttention(nn.Module):
         gates = gates.view(T, H, 3)
         q = qk[:, :H]
         ks = [qk[:, H + i * Hkv:H + (i + 1) * Hkv] for i in range(nkv)]
-        kv = {b: (ks[0], vs[0]) for b in BRANCHES} if nkv == 1 else {b: (ks[i], vs[i]) for i, b in enumerate(BRANCHES)}
-        if write is not None:
-            write[3](write[0], write[1], *kv["slc"], write[2])
+        if nkv == 1:
+            kv = {b: (ks[0], vs[0]) for b in BRANCHES}
+        else:
+            kv = {b: (ks[i], vs[i]) for i, b in enumerate(BRANCHES)}
+        if write is not None and not in_rope:
+            k_cache, v_cache, slots, write_pair = write
+            write_pair(k_cache, v_cache, *kv["slc"], slots)
         return q, kv, gates
 
     def fuse_phi(self) -> None:
