@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from nsa_serve.engine.block_manager import BlockManager
 from nsa_serve.engine.protocol import SamplingParams
 from nsa_serve.engine.scheduler import Scheduler
@@ -90,3 +92,48 @@ def test_abort_frees_waiting_and_running_sequences():
         assert s.status is SequenceStatus.FINISHED
     assert not sched.has_work()
     bm.check_all_free()
+
+
+def test_step_budget_and_chunk_defaults_depend_on_the_device():
+    # None (the defaults): 8192 tokens a step in chunks up to the whole budget on CUDA (eager
+    # prefill steps are host-bound in small chunks); 2048 a step in chunks of 512 elsewhere. An
+    # explicit value always wins, and the chunk never exceeds the budget.
+    from nsa_serve.engine.args import EngineArgs
+
+    def pair(a, dev):
+        r = a.resolved(dev)
+        return r.max_num_batched_tokens, r.long_prefill_token_threshold
+
+    a = EngineArgs()
+    assert (a.max_num_batched_tokens, a.long_prefill_token_threshold) == (None, None)
+    assert pair(a, "cuda") == (8192, 8192)
+    assert pair(a, "cpu") == (2048, 512)
+    assert pair(EngineArgs(max_num_batched_tokens=2048), "cuda") == (2048, 2048)
+    assert pair(EngineArgs(max_num_batched_tokens=256), "cpu") == (256, 256)
+    assert pair(EngineArgs(long_prefill_token_threshold=100), "cuda") == (8192, 100)
+    assert pair(EngineArgs(long_prefill_token_threshold=100), "cpu") == (2048, 100)
+    assert pair(EngineArgs(max_num_batched_tokens=64, long_prefill_token_threshold=100), "cpu") == (64, 64)
+    # Independent K/V: each sequence's window ring holds w + chunk - 1 tokens, so CUDA chunks stop at 2048.
+    assert EngineArgs().resolved("cuda", shared_kv=False).long_prefill_token_threshold == 2048
+    assert EngineArgs(max_num_batched_tokens=1024).resolved("cuda", shared_kv=False).long_prefill_token_threshold == 1024
+    assert EngineArgs(long_prefill_token_threshold=4096).resolved("cuda", shared_kv=False).long_prefill_token_threshold == 4096
+    assert EngineArgs().resolved("cpu", shared_kv=False).long_prefill_token_threshold == 512
+    assert a.resolved("cuda").max_num_seqs == a.max_num_seqs and a.max_num_batched_tokens is None  # a copy
+    a.validate()
+    for name in ("long_prefill_token_threshold", "max_num_batched_tokens"):
+        with pytest.raises(ValueError, match=name):
+            EngineArgs(**{name: 0}).validate()
+
+
+def test_engine_schedules_with_the_device_default_chunk():
+    from engine_helpers import make_engine
+
+    engine = make_engine(long_prefill_token_threshold=None, max_num_batched_tokens=None)
+    assert engine.chunk_cap == engine.scheduler.chunk_cap == 512
+    assert engine.args.max_num_batched_tokens == engine.scheduler.max_num_batched_tokens == 2048
+    prompt = list(range(3, 3 + 700))
+    engine.add_request("long", prompt, SamplingParams(max_tokens=1, temperature=0))
+    engine.step()  # the first chunk: 512 of the 700 prompt tokens
+    assert engine.requests["long"].completions[0].seq.num_computed_tokens == 512
+    while engine.has_unfinished_requests():
+        engine.step()

@@ -43,9 +43,11 @@ def register(subparsers) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
-    g.add_argument("--long-prefill-token-threshold", type=int, default=512,
-                   help="per-request prefill chunk cap per step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one engine step (default: 8192 on CUDA, 2048 on CPU)")
+    g.add_argument("--long-prefill-token-threshold", type=int, default=None,
+                   help="per-request prefill chunk cap per step (default: the whole step budget on "
+                        "CUDA, 512 on CPU)")
     g.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory for weights and cache")

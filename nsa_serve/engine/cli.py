@@ -15,8 +15,11 @@ def register(subparsers) -> None:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--long-prefill-token-threshold", type=int, default=512)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one engine step (default: 8192 on CUDA, 2048 on CPU)")
+    p.add_argument("--long-prefill-token-threshold", type=int, default=None,
+                   help="per-request prefill chunk cap per step (default: the whole step budget on CUDA, "
+                        "512 on CPU)")
     p.add_argument("--num-pages", type=int, default=None, help="page pool size (default: from memory)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--cpu-kv-cache-gb", type=float, default=1.0)

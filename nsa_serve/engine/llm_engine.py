@@ -152,6 +152,9 @@ class LLMEngine:
         self.model_name = model_name or "nsa-model"
         self.config = cfg = model.cfg
         self.device = next(model.parameters()).device
+        # The step budget and prefill chunk defaults depend on the device (EngineArgs.resolved).
+        self.args = args = args.resolved(self.device.type, cfg.shared_kv)
+        self.chunk_cap = args.long_prefill_token_threshold  # the most tokens a sequence computes a step
 
         num_pages = args.num_pages or self._size_page_pool()
         self.runner = ModelRunner(model, num_pages, args.attention, self._max_chunk())
@@ -218,7 +221,7 @@ class LLMEngine:
 
     def _max_chunk(self) -> int:
         """The most tokens one sequence computes in a step."""
-        return min(self.args.long_prefill_token_threshold, self.args.max_num_batched_tokens)
+        return self.chunk_cap
 
     def _profile_step(self) -> None:
         """One full-budget step of prompt chunks on a scratch pool (memory profile / warm-up):
