@@ -60,6 +60,9 @@ def register(subparsers) -> None:
                    help="disable the prefix cache")
     g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--async-scheduling", action="store_true",
+                   help="queue each decode step before reading the previous one's tokens, so the "
+                        "host's work overlaps the GPU's (decode steps served by CUDA graphs)")
     g.add_argument("--cpu-threads", type=int, default=None,
                    help="CPU only: intra-op threads of engine steps (default: one per core)")
     g.add_argument("--cpu-reserved-cores", type=int, default=1,
@@ -84,6 +87,7 @@ def engine_args_from(args):
                       gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=args.cpu_kv_cache_gb,
                       num_pages=args.num_pages, enable_prefix_caching=args.enable_prefix_caching,
                       scheduling_policy=args.scheduling_policy, enforce_eager=args.enforce_eager, seed=args.seed,
+                      async_scheduling=args.async_scheduling,
                       cpu_threads=args.cpu_threads, cpu_reserved_cores=args.cpu_reserved_cores,
                       warmup_context=args.warmup_context, precompile=args.precompile)
 

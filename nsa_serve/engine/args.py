@@ -22,6 +22,11 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"  # "fcfs" | "priority"
     enforce_eager: bool = False  # True: no CUDA graphs
+    # Decode steps served by the fixed-shape path are queued before the previous step's tokens are
+    # read, so the host's bookkeeping overlaps the device (vLLM's async scheduling, SGLang's overlap
+    # scheduler). Rows whose sampling depends on their tokens (grammar, penalties, min_tokens not
+    # reached) run synchronously.
+    async_scheduling: bool = False
     # CPU only: intra-op threads of engine steps (None: torch's default, one per core), and cores
     # left free for the API server's threads during steps of several decoding sequences (under
     # llm_engine.CPU_BIG_STEP_TOKENS tokens); the HTTP server reserves 1 by default, as vLLM's CPU

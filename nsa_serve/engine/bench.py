@@ -112,6 +112,7 @@ def run_mode(model, tokenizer, name, args, mode: str) -> BenchResult:
                        max_queue=max(args.num_requests, 1), num_pages=args.num_pages,
                        gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=args.cpu_kv_cache_gb,
                        enable_prefix_caching=False, enforce_eager=args.enforce_eager, seed=args.seed,
+                       async_scheduling=args.async_scheduling,
                        cpu_threads=args.cpu_threads, cpu_reserved_cores=args.cpu_reserved_cores,
                        warmup_context=args.warmup_context, precompile=args.precompile)
     engine = LLMEngine(eargs, model=model, tokenizer=tokenizer, model_name=name)

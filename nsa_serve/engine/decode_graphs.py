@@ -96,6 +96,14 @@ def _block_gather_pair(block_slots: torch.Tensor, P: int, device: torch.device):
     return lambda k_cache, v_cache: gather_block_pair_reference(k_cache, v_cache, block_slots)
 
 
+def _gather_ids(ids: torch.Tensor, ids_from, device: torch.device) -> None:
+    """ids[:len(rows)] = tokens[rows] on the device, queued behind the step that sampled tokens."""
+    tokens, rows = ids_from
+    idx = torch.tensor(rows, dtype=torch.long)
+    idx = idx.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else idx.to(device)
+    ids[:len(rows)] = tokens.to(ids.dtype)[idx]
+
+
 class StaticDecode:
     def __init__(self, runner, max_batch: int, max_model_len: int):
         self.runner = runner
@@ -144,7 +152,8 @@ class StaticDecode:
         for b, (s, row) in enumerate(zip(seqs, self._tables.rows(seqs))):
             t = s.num_computed_tokens  # the position of the token fed now
             table = s.block_table
-            ids[b] = s.token_ids[t]
+            # A token still pending on the device (async scheduling) is gathered in `execute`.
+            ids[b] = s.token_ids[t] if t < len(s.token_ids) else 0
             pos[b] = t
             slots[b] = table[t // P] * P + t % P
             tables[b, :len(row)] = row
@@ -239,18 +248,26 @@ class StaticDecode:
         """Host-side inputs of a decode-only step, padded to the next graph size."""
         return self.host_inputs(seqs, next(s for s in self.sizes if s >= len(seqs)))
 
-    def execute(self, host: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
-        """Logits [batch, vocab] for a decode-only step (graph replay when captured)."""
+    def execute(self, host: dict[str, torch.Tensor], batch: int, ids_from=None) -> torch.Tensor:
+        """Logits [batch, vocab] for a decode-only step (graph replay when captured).
+
+        ids_from = (tokens, rows): the first `batch` input ids are tokens[rows], a device tensor
+        the previous step sampled and the host has not read yet (async scheduling)."""
         size = host["ids"].shape[0]
         self.steps += 1
+        dev = self.runner.device
         if size in self.graphs:
             graph, bufs, out = self.graphs[size]
             for k, v in host.items():
                 bufs[k].copy_(v, non_blocking=True)
+            if ids_from is not None:
+                _gather_ids(bufs["ids"], ids_from, dev)
             graph.replay()
             return out[:batch]
-        dev = self.runner.device
-        return self.forward({k: v.to(dev) for k, v in host.items()})[:batch]
+        x = {k: v.to(dev) for k, v in host.items()}
+        if ids_from is not None:
+            _gather_ids(x["ids"], ids_from, dev)
+        return self.forward(x)[:batch]
 
     # -- CUDA graphs ------------------------------------------------------------------------------
     def compile_sizes(self, inputs: dict[int, dict[str, torch.Tensor]], threads: int | None = None) -> None:

@@ -32,7 +32,7 @@ from .model_runner import ModelRunner, cache_bytes_per_page, ring_pages
 from .precompile import precompile
 from .protocol import (CompletionOutput, EngineStats, InvalidRequestError, PromptTooLongError, QueueFullError,
                        RequestMetrics, RequestOutput, SamplingParams, TokenLogprob)
-from .sampler import SampleResult, Sampler
+from .sampler import PendingSample, SampleResult, Sampler, _has_penalty
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
 from .structured import GrammarCompiler, allowed_mask
@@ -72,6 +72,16 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(c.seq.is_finished for c in self.completions)
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """A decode step launched on the device whose tokens the host has not read (async scheduling)."""
+
+    seqs: list[Sequence]
+    pending: PendingSample
+    row: dict  # Sequence → its row in pending.tokens
+    entries: dict  # Sequence → (first, end) summaries written (StaticDecode.new_entries)
 
 
 @dataclass
@@ -195,6 +205,7 @@ class LLMEngine:
         self._counters = EngineStats(num_pages_total=num_pages)
         self._stats = EngineStats(num_pages_total=num_pages)
         self.last_timing = StepTiming()
+        self._inflight: _InFlight | None = None  # async scheduling: the step whose tokens are unread
 
     # -- sizing -----------------------------------------------------------------------------------
     def _size_page_pool(self) -> int:
@@ -374,7 +385,7 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         with self._lock:
-            return bool(self._pending_add or self._pending_abort or self.requests)
+            return bool(self._pending_add or self._pending_abort or self.requests or self._inflight)
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -396,20 +407,130 @@ class LLMEngine:
         t1 = time.perf_counter()
         timing = StepTiming(schedule_s=t1 - t0, num_tokens=batch.num_tokens,
                             num_decode=sum(1 for n in batch.num_new_tokens if n == 1))
+        prev, self._inflight = self._inflight, None
+        if prev is not None:
+            # The previous step's tokens are still on the device. Queue this step behind it when it
+            # only continues those rows; then read the previous tokens while this one computes.
+            nxt = self._chain(batch, prev, timing)
+            t2 = time.perf_counter()
+            model_s = timing.model_s
+            outputs.extend(self._finalize(prev, timing))
+            if nxt is not None:
+                self._start(nxt)
+                batch = ScheduledBatch()
+            else:  # sequences that ended with the previous tokens drop out of this step
+                keep = [i for i, s in enumerate(batch.seqs) if not s.is_finished]
+                batch = ScheduledBatch([batch.seqs[i] for i in keep], [batch.num_new_tokens[i] for i in keep],
+                                       batch.preempted)
+                timing.num_tokens = batch.num_tokens
+                timing.num_decode = sum(1 for n in batch.num_new_tokens if n == 1)
+            timing.postprocess_s = time.perf_counter() - t2 - (timing.model_s - model_s)
         if batch.seqs:
             if self._cpu_threads is not None:
                 big = batch.num_tokens >= CPU_BIG_STEP_TOKENS or len(batch.seqs) == 1
                 n = self._cpu_threads[big]
                 if n != torch.get_num_threads():
                     torch.set_num_threads(n)  # per step: the engine thread's intra-op pool
-            results, failed = self._execute(batch, timing)
-            t2 = time.perf_counter()
-            outputs.extend(self._postprocess(batch, results, failed))
-            timing.postprocess_s = time.perf_counter() - t2
+            launched = self._launch_async(batch, timing)
+            if launched is not None:
+                self._start(launched)
+            else:
+                results, failed = self._execute(batch, timing)
+                t2 = time.perf_counter()
+                outputs.extend(self._postprocess(batch, results, failed))
+                timing.postprocess_s = time.perf_counter() - t2
         self._counters.num_preemptions_total = self.scheduler.num_preemptions
         self.last_timing = timing
         self._publish_stats()
         return outputs
+
+    # -- async scheduling -------------------------------------------------------------------------
+    def _overlap_safe(self, seq: Sequence) -> bool:
+        """Whether the next token of `seq` can be sampled before the host reads its last one:
+        nothing in its sampling depends on the tokens themselves (a grammar, penalties, a
+        min_tokens count not yet reached)."""
+        p = seq.params
+        return seq.matcher is None and not _has_penalty(p) and seq.num_output_tokens >= p.min_tokens
+
+    def _async_batch(self, batch: ScheduledBatch) -> bool:
+        static = self.runner.static_decode
+        return (self.args.async_scheduling and static is not None and not batch.preempted
+                and static.eligible(batch.seqs, batch.num_new_tokens)
+                and all(self._overlap_safe(s) for s in batch.seqs))
+
+    def _ends_with_pending(self, seq: Sequence) -> bool:
+        """The pending token surely ends `seq` (max_tokens, context length): no row for it."""
+        p = seq.params
+        n_out = seq.num_tokens - seq.num_prompt_tokens
+        return (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len
+
+    def _launch_async(self, batch: ScheduledBatch, timing: StepTiming, prev: _InFlight | None = None):
+        """Launch a decode-only batch without reading its tokens: an `_InFlight`, or None when the
+        batch does not qualify (or the launch failed: the caller runs it synchronously)."""
+        if not self._async_batch(batch):
+            return None
+        seqs = batch.seqs
+        static = self.runner.static_decode
+        try:
+            t0 = time.perf_counter()
+            entries = static.new_entries(seqs)
+            host = static.prepare(seqs)
+            t1 = time.perf_counter()
+            ids_from = None
+            if prev is not None:
+                ids_from = (prev.pending.tokens, [prev.row[s] for s in seqs])
+            pending = self.sampler.launch(static.execute(host, len(seqs), ids_from=ids_from), seqs)
+        except Exception:
+            log.exception("async decode launch failed; running the step synchronously")
+            return None
+        timing.prepare_s = t1 - t0
+        timing.model_s = time.perf_counter() - t1
+        return _InFlight(list(seqs), pending, {s: i for i, s in enumerate(seqs)}, entries)
+
+    def _start(self, launched: _InFlight) -> None:
+        """Bookkeeping of a launched step (its rows are computed; their next tokens are pending)."""
+        self._advance(launched.seqs, [1] * len(launched.seqs), launched.entries, {}, set())
+        live = [s for s in launched.seqs if not s.is_finished]
+        for seq in live:
+            seq.num_pending += 1
+        if live:  # else every row ended with the previous tokens: nothing to read
+            self._inflight = launched
+
+    def _chain(self, batch: ScheduledBatch, prev: _InFlight, timing: StepTiming):
+        """Launch `batch` behind the in-flight step `prev` when every row continues one of prev's
+        sequences; rows whose pending token surely ends them are left out."""
+        if not batch.seqs or any(s not in prev.row or s.num_pending != 1 for s in batch.seqs):
+            return None
+        rows = [i for i, s in enumerate(batch.seqs) if not self._ends_with_pending(s)]
+        if not rows:
+            return None
+        sub = ScheduledBatch([batch.seqs[i] for i in rows], [batch.num_new_tokens[i] for i in rows])
+        nxt = self._launch_async(sub, timing, prev)
+        if nxt is not None:
+            timing.num_tokens = timing.num_decode = len(sub.seqs)
+        return nxt
+
+    def _finalize(self, prev: _InFlight, timing: StepTiming) -> list[RequestOutput]:
+        """Read an in-flight step's tokens and give them to their sequences (as `_postprocess`).
+        The wait for the device counts as model time."""
+        t0 = time.perf_counter()
+        try:
+            results = prev.pending.results()
+        except Exception:  # the step failed on the device: its rows cannot be retried one by one
+            log.exception("async decode step failed; its %d sequence(s) end with an error", len(prev.seqs))
+            results = None
+        timing.model_s += time.perf_counter() - t0
+        for seq in prev.seqs:
+            if seq.num_pending:  # not for rows that ended with the step before (never pending)
+                seq.num_pending -= 1
+        if results is None:
+            touched = {}
+            for seq in prev.seqs:
+                if not seq.is_finished:
+                    self._finish(seq, "error")
+                    touched[seq.request_id] = self.requests[seq.request_id]
+            return self._emit({}, touched)
+        return self._emit(dict(zip(prev.seqs, results)), {})
 
     def _run(self, seqs: list[Sequence], nums: list[int], timing: StepTiming | None = None):
         static = self.runner.static_decode
@@ -459,10 +580,19 @@ class LLMEngine:
     # -- bookkeeping after a step -----------------------------------------------------------------
     def _postprocess(self, batch: ScheduledBatch, results, failed: set) -> list[RequestOutput]:
         samples, entries, prompts = results
+        touched = self._advance(batch.seqs, batch.num_new_tokens, entries, prompts, failed)
+        return self._emit(samples, touched)
+
+    def _advance(self, seqs: list[Sequence], nums: list[int], entries, prompts, failed: set) -> dict:
+        """Cache bookkeeping of computed rows (tokens, summaries, prefix pages, counters). Needs no
+        sampled token: async scheduling runs it while the step is still on the device. Returns the
+        requests touched (those whose rows failed)."""
         now = time.time()
         touched: dict[str, Request] = {}
         bm, p = self.block_manager, self.config.sparsity
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        for seq, n in zip(seqs, nums):
+            if seq.is_finished:  # ended by the previous step's tokens while this one was in flight
+                continue
             req = self.requests[seq.request_id]
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
@@ -492,6 +622,11 @@ class LLMEngine:
                 read = L if self.args.attention == "dense" else tokens_read_per_step(L, p)
                 self._counters.kv_tokens_read_total += read
                 self._counters.kv_tokens_dense_total += L
+        return touched
+
+    def _emit(self, samples: dict, touched: dict) -> list[RequestOutput]:
+        """Sampled tokens into their sequences (stop checks, text), then the requests' outputs."""
+        now = time.time()
         for seq, sample in samples.items():
             if seq.is_finished:
                 continue
@@ -619,7 +754,7 @@ class LLMEngine:
             done = seq.is_finished
             visible = comp.matcher.visible(comp.text, done)
             start = seq.num_prompt_tokens
-            num = seq.num_tokens - start
+            num = len(seq.token_ids) - start  # known tokens (not those pending on the device)
             delta_lp = None
             if seq.logprobs is not None:
                 delta_lp = seq.logprobs[comp.sent_logprobs:]

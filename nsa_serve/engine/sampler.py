@@ -48,18 +48,24 @@ class Sampler:
             seq.generator = torch.Generator(device=device).manual_seed(seq.params.seed + seq.index)
         return seq.generator
 
-    @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+        return self.launch(logits, seqs).results()
+
+    @torch.no_grad()
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> "PendingSample":
+        """Enqueue the sampling of every row on the logits' device; read the results with
+        `PendingSample.results()`. Nothing here waits for the device (host values go up through
+        pinned buffers), so an engine can queue its next step before reading this one's tokens."""
         B, V = logits.shape
-        if B == 0:
-            return []
         device = logits.device
+        if B == 0:
+            return PendingSample(torch.empty(0, dtype=torch.long, device=device), None, [], [], 0)
         ps = [s.params for s in seqs]
         needs_min = [s.num_output_tokens < p.min_tokens and s.matcher is None for s, p in zip(seqs, ps)]
         plain_greedy = all(p.temperature == 0 and p.logprobs is None and not _has_penalty(p)
                            and not _has_bias(p) for p in ps) and all(s.matcher is None for s in seqs)
         if plain_greedy and not any(needs_min):
-            return [SampleResult(t) for t in logits.argmax(dim=-1).tolist()]
+            return PendingSample(logits.argmax(dim=-1), None, ps, [], 0)
 
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in ps) else None
@@ -72,8 +78,8 @@ class Sampler:
                 ids = ps[b].allowed_token_ids
                 if ids is not None and not allowed[k, list(ids)].any():
                     dead.append(b)  # checked on the host mask: nothing to sample in this row
-            idx = torch.tensor(rows, device=device)
-            logits[idx] = logits[idx].masked_fill(~allowed.to(device, non_blocking=True), -float("inf"))
+            idx = _upload(rows, torch.long, device)
+            logits[idx] = logits[idx].masked_fill(~_upload(allowed, torch.bool, device), -float("inf"))
         for b, (seq, p) in enumerate(zip(seqs, ps)):
             if _has_bias(p):
                 logits[b] = apply_bias(logits[b], p)
@@ -87,14 +93,14 @@ class Sampler:
                 if p.allowed_token_ids is not None and not set(p.allowed_token_ids) - set(banned):
                     banned = []
                 if banned:
-                    logits[b, banned] = -float("inf")
+                    logits[b, _upload(banned, torch.long, device)] = -float("inf")
 
         greedy_host = [p.temperature == 0 for p in ps]  # decided on the host: no GPU sync
         tokens = logits.argmax(dim=-1)
         if not all(greedy_host):
-            greedy = torch.tensor(greedy_host, device=device)
-            temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in ps],
-                                device=device).unsqueeze(1)
+            greedy = _upload(greedy_host, torch.bool, device)
+            temp = _upload([p.temperature if p.temperature > 0 else 1.0 for p in ps], torch.float32,
+                           device).unsqueeze(1)
             probs = filter_probs(torch.softmax(logits / temp, dim=-1),
                                  top_k=[p.top_k for p in ps], top_p=[p.top_p for p in ps],
                                  min_p=[p.min_p for p in ps])
@@ -105,22 +111,65 @@ class Sampler:
             sampled = (probs / race).argmax(dim=-1)
             tokens = torch.where(greedy, tokens, sampled)
 
-        token_list = tokens.tolist()
-        results = [SampleResult(t) for t in token_list]
-        for b in dead:
-            results[b].dead_end = True
+        lp = None
+        kmax = 0
         if raw_logprobs is not None:
             kmax = max(p.logprobs or 0 for p in ps)
-            chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
-            top_v, top_i = (raw_logprobs.topk(kmax, dim=-1) if kmax else (None, None))
-            top_v = top_v.tolist() if kmax else None
-            top_i = top_i.tolist() if kmax else None
-            for b, p in enumerate(ps):
+            chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+            top_v, top_i = raw_logprobs.topk(kmax, dim=-1) if kmax else (None, None)
+            lp = (chosen, top_v, top_i)
+        return PendingSample(tokens, lp, ps, dead, kmax)
+
+
+class PendingSample:
+    """A batch's sampled tokens (and logprobs) on their way to the host.
+
+    `tokens` stays on the device (the next step's inputs can be gathered from it). On CUDA the
+    host copies are queued right behind the sampling, with an event after them, so `results()`
+    waits for this step's work only, not for whatever was queued on the stream since."""
+
+    def __init__(self, tokens: torch.Tensor, lp, params, dead: list[int], kmax: int):
+        self.tokens = tokens
+        self._params, self._dead, self._kmax = params, dead, kmax
+        parts = [tokens] + ([t for t in lp if t is not None] if lp is not None else [])
+        self._has_lp = lp is not None
+        self._event = None
+        if tokens.is_cuda:
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in parts]
+            for h, t in zip(host, parts):
+                h.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            parts = host
+        self._host = parts
+
+    def results(self) -> list[SampleResult]:
+        if self._event is not None:
+            self._event.synchronize()
+        token_list = self._host[0].tolist()
+        results = [SampleResult(t) for t in token_list]
+        for b in self._dead:
+            results[b].dead_end = True
+        if self._has_lp:
+            chosen = self._host[1].tolist()
+            top_v = self._host[2].tolist() if self._kmax else None
+            top_i = self._host[3].tolist() if self._kmax else None
+            for b, p in enumerate(self._params):
                 if p.logprobs is None:
                     continue
                 top = [(top_i[b][j], "", top_v[b][j]) for j in range(p.logprobs)] if p.logprobs else []
                 results[b].logprob = TokenLogprob(token_list[b], "", chosen[b], top)
         return results
+
+
+def _upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values (a list or a CPU tensor) on `device` without waiting for the device's queue: on
+    CUDA through a pinned buffer (a pageable upload would synchronise the stream first)."""
+    t = values if torch.is_tensor(values) else torch.tensor(values, dtype=dtype)
+    t = t.to(dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _has_bias(p) -> bool:
@@ -131,12 +180,11 @@ def apply_bias(logits: torch.Tensor, p) -> torch.Tensor:
     """allowed_token_ids (every other token to -inf), then logit_bias added to its tokens' logits."""
     if p.allowed_token_ids is not None:
         keep = torch.zeros_like(logits, dtype=torch.bool)
-        keep[torch.tensor(p.allowed_token_ids, dtype=torch.long, device=logits.device)] = True
+        keep[_upload(list(p.allowed_token_ids), torch.long, logits.device)] = True
         logits = logits.masked_fill(~keep, -float("inf"))
     if p.logit_bias:
-        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
-        logits = logits.index_add(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype,
-                                                       device=logits.device))
+        ids = _upload(list(p.logit_bias), torch.long, logits.device)
+        logits = logits.index_add(0, ids, _upload(list(p.logit_bias.values()), logits.dtype, logits.device))
     return logits
 
 
@@ -164,9 +212,9 @@ def filter_probs(probs: torch.Tensor, top_k: list[int], top_p: list[float], min_
     B, V = probs.shape
     device = probs.device
     k_host = [min(k, V) if k and k > 0 else V for k in top_k]
-    ks = torch.tensor(k_host, device=device)
-    tp = torch.tensor(top_p, device=device, dtype=probs.dtype)
-    mp = torch.tensor(min_p, device=device, dtype=probs.dtype)
+    ks = _upload(k_host, torch.long, device)
+    tp = _upload(top_p, probs.dtype, device)
+    mp = _upload(min_p, probs.dtype, device)
     if any(k < V for k in k_host) or any(p < 1 for p in top_p):  # host-side test: no GPU sync
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         rank = torch.arange(V, device=device).unsqueeze(0)

@@ -43,6 +43,9 @@ class Sequence:
     page_hashes: list[int] = field(default_factory=list)  # chained hashes of pages registered so far
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
     num_preemptions: int = 0
+    # Async scheduling: tokens sampled on the device but not yet read back. They count in
+    # `num_tokens` (the scheduler feeds them next) but are not in `token_ids` yet.
+    num_pending: int = 0
     # Output state.
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -67,7 +70,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
 
     @property
     def output_token_ids(self) -> list[int]:
