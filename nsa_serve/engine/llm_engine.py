@@ -5,6 +5,10 @@ bookkeeping (pages, prefix cache, stop conditions, detokenizer) → outputs for 
 moved. The async engine (async_engine.py) calls `step()` in a worker thread; tests and the
 offline benchmark call it directly.
 
+With `EngineArgs.async_scheduling`, a graph decode step is launched before the previous one's
+tokens are read, and `step()` returns the previous step's outputs (docs/engine.md, "Async
+scheduling"): launch this step → read the previous tokens → bookkeeping of both.
+
 Thread contract: `add_request`, `abort_request` and `stats` may be called from another thread
 while `step` runs; they only touch lock-protected pending lists and the stats snapshot.
 """
@@ -32,7 +36,7 @@ from .model_runner import ModelRunner, cache_bytes_per_page, ring_pages
 from .precompile import precompile
 from .protocol import (CompletionOutput, EngineStats, InvalidRequestError, PromptTooLongError, QueueFullError,
                        RequestMetrics, RequestOutput, SamplingParams, TokenLogprob)
-from .sampler import PendingSample, SampleResult, Sampler, _has_penalty
+from .sampler import PendingSample, SampleResult, Sampler, has_penalty
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
 from .structured import GrammarCompiler, allowed_mask
@@ -450,7 +454,7 @@ class LLMEngine:
         nothing in its sampling depends on the tokens themselves (a grammar, penalties, a
         min_tokens count not yet reached)."""
         p = seq.params
-        return seq.matcher is None and not _has_penalty(p) and seq.num_output_tokens >= p.min_tokens
+        return seq.matcher is None and not has_penalty(p) and seq.num_output_tokens >= p.min_tokens
 
     def _async_batch(self, batch: ScheduledBatch) -> bool:
         static = self.runner.static_decode

@@ -62,7 +62,7 @@ class Sampler:
             return PendingSample(torch.empty(0, dtype=torch.long, device=device), None, [], [], 0)
         ps = [s.params for s in seqs]
         needs_min = [s.num_output_tokens < p.min_tokens and s.matcher is None for s, p in zip(seqs, ps)]
-        plain_greedy = all(p.temperature == 0 and p.logprobs is None and not _has_penalty(p)
+        plain_greedy = all(p.temperature == 0 and p.logprobs is None and not has_penalty(p)
                            and not _has_bias(p) for p in ps) and all(s.matcher is None for s in seqs)
         if plain_greedy and not any(needs_min):
             return PendingSample(logits.argmax(dim=-1), None, ps, [], 0)
@@ -83,7 +83,7 @@ class Sampler:
         for b, (seq, p) in enumerate(zip(seqs, ps)):
             if _has_bias(p):
                 logits[b] = apply_bias(logits[b], p)
-            if _has_penalty(p):
+            if has_penalty(p):
                 logits[b] = apply_penalties(logits[b], seq, p)
             if needs_min[b]:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
@@ -188,7 +188,7 @@ def apply_bias(logits: torch.Tensor, p) -> torch.Tensor:
     return logits
 
 
-def _has_penalty(p) -> bool:
+def has_penalty(p) -> bool:
     return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1.0
 
 
