@@ -1,6 +1,7 @@
 """Where a long prompt's time goes when it is prefilled in small chunks (GPU).
 
     python scripts/prefill_chunk_probe.py [--len 65536] [--chunks 512,1024,2048,4096,8192,65536]
+    (on the GPU machine after `source scripts/device_env.sh`, which makes kernels/ importable as nsa_kernels)
 
 Part 1 (kernels): one layer's `nsa_prefill` over the whole prompt as consecutive chunks (plans made
 beforehand, as an engine step does), total ms and per-kernel ms summed over the chunks (torch
@@ -15,16 +16,12 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from nsa_kernels.bench_prefill import PAPER, make_inputs, nsa_call, profile_kernels, timed  # noqa: E402
-from nsa_kernels.nsa_prefill import default_config, plan_prefill  # noqa: E402
+from nsa_kernels.bench_prefill import PAPER, make_inputs, nsa_call, profile_kernels, timed
+from nsa_kernels.nsa_prefill import default_config, plan_prefill
 
 
 def kernels(S: int, chunks: list[int]) -> None:

@@ -19,7 +19,7 @@ def test_bench_reports_nsa_and_dense(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "| nsa |" in text and "| dense |" in text and "NSA / dense decode tokens/s" in text
-    assert "prefill chunks of 512 tokens" in text  # the CPU default (EngineArgs.chunk_cap)
+    assert "prefill chunks of 512 tokens" in text  # the CPU default (EngineArgs.resolved)
     rows = json.loads(out.read_text())
     assert [r["mode"] for r in rows] == ["nsa", "dense"]
     for r in rows:

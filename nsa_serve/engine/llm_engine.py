@@ -474,22 +474,28 @@ class LLMEngine:
         if not self._async_batch(batch):
             return None
         seqs = batch.seqs
-        static = self.runner.static_decode
         try:
-            t0 = time.perf_counter()
-            entries = static.new_entries(seqs)
-            host = static.prepare(seqs)
-            t1 = time.perf_counter()
-            ids_from = None
-            if prev is not None:
-                ids_from = (prev.pending.tokens, [prev.row[s] for s in seqs])
-            pending = self.sampler.launch(static.execute(host, len(seqs), ids_from=ids_from), seqs)
+            entries, pending = self._launch_static(seqs, timing, prev)
         except Exception:
             log.exception("async decode launch failed; running the step synchronously")
             return None
-        timing.prepare_s = t1 - t0
-        timing.model_s = time.perf_counter() - t1
         return _InFlight(list(seqs), pending, {s: i for i, s in enumerate(seqs)}, entries)
+
+    def _launch_static(self, seqs: list[Sequence], timing: StepTiming | None, prev: _InFlight | None = None):
+        """Queue a decode-only step on the fixed-shape path and its sampling; nothing is read back.
+        With `prev`, the input ids are the tokens `prev` sampled, gathered on the device.
+        Returns (summaries written per sequence, PendingSample)."""
+        static = self.runner.static_decode
+        t0 = time.perf_counter()
+        entries = static.new_entries(seqs)
+        host = static.prepare(seqs)
+        t1 = time.perf_counter()
+        ids_from = None if prev is None else (prev.pending.tokens, [prev.row[s] for s in seqs])
+        pending = self.sampler.launch(static.execute(host, len(seqs), ids_from=ids_from), seqs)
+        if timing is not None:
+            timing.prepare_s = t1 - t0
+            timing.model_s = time.perf_counter() - t1
+        return entries, pending
 
     def _start(self, launched: _InFlight) -> None:
         """Bookkeeping of a launched step (its rows are computed; their next tokens are pending)."""
@@ -539,14 +545,11 @@ class LLMEngine:
     def _run(self, seqs: list[Sequence], nums: list[int], timing: StepTiming | None = None):
         static = self.runner.static_decode
         if static is not None and static.eligible(seqs, nums):
-            t0 = time.perf_counter()
-            entries = static.new_entries(seqs)
-            host = static.prepare(seqs)
+            entries, pending = self._launch_static(seqs, timing)
             t1 = time.perf_counter()
-            samples = self.sampler(static.execute(host, len(seqs)), seqs)
+            samples = pending.results()
             if timing is not None:
-                timing.prepare_s = t1 - t0
-                timing.model_s = time.perf_counter() - t1
+                timing.model_s += time.perf_counter() - t1
             return dict(zip(seqs, samples)), entries, {}
         t0 = time.perf_counter()
         inp = self.runner.prepare(seqs, nums)
