@@ -67,8 +67,8 @@ def test_fixed_shape_decode_inputs_equal_their_loop_twin_on_every_step(shared_kv
     static = engine.runner.static_decode = StaticDecode(engine.runner, 8, engine.max_model_len)
     fast, calls = static.host_inputs, []
 
-    def both(seqs, size):
-        got = fast(seqs, size)
+    def both(seqs, size, out=None):
+        got = fast(seqs, size, out)  # out: the engine's staging buffers, reused every other step
         want = static_host_inputs_reference(static, seqs, size)
         assert got.keys() == want.keys()
         for k in want:
@@ -91,3 +91,27 @@ def test_eager_table_width_is_a_power_of_two_of_at_least_16():
     from nsa_serve.engine.model_runner import table_width
 
     assert [table_width(n) for n in (0, 1, 15, 16, 17, 33, 1024, 1025)] == [16, 16, 16, 16, 32, 64, 1024, 2048]
+
+
+def test_step_inputs_are_views_of_one_buffer_and_staging_alternates():
+    # A step's inputs move to the device as one copy of one flat buffer: every view must start
+    # aligned, none may overlap another, and a copy carries all of them. The engine fills two
+    # staging buffers per graph size in turn (the one copied last step may still be in flight).
+    from nsa_serve.engine.decode_graphs import StaticDecode
+
+    engine = make_engine(False, num_pages=40)
+    static = StaticDecode(engine.runner, 8, engine.max_model_len)
+    a = static.new_inputs(4)
+    assert set(a) == {"ids", "pos", "slots", "entry_slots", "block_slots", "tables", "lens", "win_slots",
+                      "cmp_slots", "win_tables"}
+    base = a.flat.data_ptr()
+    spans = sorted((t.data_ptr() - base, t.data_ptr() - base + t.numel() * t.element_size()) for t in a.values())
+    assert all(lo % 8 == 0 for lo, _ in spans) and all(h <= lo for (_, h), (lo, _) in zip(spans, spans[1:]))
+    assert spans[-1][1] <= a.flat.numel()
+    for i, t in enumerate(a.values()):
+        t.copy_(torch.arange(t.numel()).view(t.shape) + 1000 * i)
+    b = static.new_inputs(4)
+    b.copy_(a)
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    first, second, third = (static._staging.take(4) for _ in range(3))
+    assert first is third and first is not second and static._staging.take(8) is not first

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 
-import numpy as np
 import torch
 
 from nsa_kernels.paged import gather_block_pair_reference, paged_nsa_attention_ref
@@ -104,6 +103,66 @@ def _gather_ids(ids: torch.Tensor, ids_from, device: torch.device) -> None:
     ids[:len(rows)] = tokens.to(ids.dtype)[idx]
 
 
+class StepInputs(dict):
+    """A step's input tensors by name, all views of one flat byte buffer (`flat`), so moving them
+    to the device is one copy instead of one per tensor (seven to ten a step: ~5–8 µs of host
+    time each)."""
+
+    def __init__(self, layout, device=None, pin: bool = False):
+        super().__init__()
+        offsets, total = [], 0
+        for _, dtype, shape, _ in layout:
+            total = -(-total // 8) * 8  # every view starts on an 8-byte boundary
+            offsets.append(total)
+            total += math.prod(shape) * dtype.itemsize
+        self.flat = torch.empty(total, dtype=torch.uint8, device=device, pin_memory=pin)
+        for (name, dtype, shape, _), off in zip(layout, offsets):
+            n = math.prod(shape) * dtype.itemsize
+            self[name] = self.flat[off:off + n].view(dtype).view(shape)
+
+    def copy_(self, src: "StepInputs") -> None:
+        """Every tensor from `src` (same layout): one copy, queued without waiting when `src` is
+        pinned host memory."""
+        self.flat.copy_(src.flat, non_blocking=True)
+
+
+class _Staging:
+    """Host buffers of the step inputs, two per graph size used in turn; pinned on CUDA.
+
+    Why pinned: a non-blocking copy from pageable memory returns at once only while it is small.
+    On an H200 a 4 MB one waited for the GPU's queue (scripts/h2d_copy_probe.py: 5.1 ms behind a
+    5 ms kernel; 0.08 ms at 1 MB), and an async-scheduled launch would then wait for the step
+    before it. Block tables reach 2 MB at 256 sequences of 128k tokens. From pinned memory the copy
+    call took 7–9 µs at every size. Why two: a buffer is refilled only after its last copy has
+    run (an event); with one step in flight, that copy is two steps back and long done."""
+
+    def __init__(self, static: "StaticDecode", pinned: bool):
+        self.static, self.pinned = static, pinned
+        self._bufs: dict[int, list] = {}  # size → [[StepInputs, event or None], [...]]
+        self._turn: dict[int, int] = {}
+
+    def take(self, size: int) -> StepInputs:
+        if size not in self._bufs:
+            self._bufs[size] = [[self.static.new_inputs(size, pin=self.pinned), None] for _ in range(2)]
+            self._turn[size] = 0
+        i = self._turn[size]
+        self._turn[size] = 1 - i
+        entry = self._bufs[size][i]
+        if entry[1] is not None:
+            entry[1].synchronize()
+        return entry[0]
+
+    def copied(self, host: StepInputs) -> None:
+        """`host`'s copy to the device has been queued: it may be refilled once that has run."""
+        if not self.pinned:
+            return
+        for entry in self._bufs.get(host["ids"].shape[0], []):
+            if entry[0] is host:
+                if entry[1] is None:
+                    entry[1] = torch.cuda.Event()
+                entry[1].record()
+
+
 class StaticDecode:
     def __init__(self, runner, max_batch: int, max_model_len: int):
         self.runner = runner
@@ -112,6 +171,7 @@ class StaticDecode:
         self.graphs: dict[int, tuple] = {}
         self.steps = 0  # decode steps served by this path (for tests and logs)
         self._tables = TableRows()
+        self._staging = _Staging(self, pinned=runner.device.type == "cuda")
         # φ through nsa_kernels.phi_decode; False keeps the gather + phi_pair + write path (both
         # are the same products; set before capture() to compare them).
         self.fused_phi = fused_phi_available(runner.model, runner.device)
@@ -125,30 +185,41 @@ class StaticDecode:
                 and all(n == 1 and s.num_tokens - s.num_computed_tokens == 1 for s, n in zip(seqs, num_new)))
 
     # -- inputs -----------------------------------------------------------------------------------
-    def host_inputs(self, seqs: list[Sequence], size: int) -> dict[str, torch.Tensor]:
-        """The step's padded inputs on the host (numpy, then shared with torch tensors).
+    def _layout(self, size: int) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:
+        """The step inputs as (name, dtype, shape, padding value): the padded rows point at the
+        trash page (tables, token slots, summary slots); ids, positions 0, lengths 1."""
+        r = self.runner
+        P, E, l, trash = r.P, r.E, r.cfg.cmp_block, r.trash_page
+        i64, i32 = torch.int64, torch.int32
+        out = [("ids", i64, (size,), 0), ("pos", i64, (size,), 0), ("slots", i64, (size,), trash * P),
+               ("entry_slots", i64, (size,), trash * E), ("block_slots", i64, (size, l), trash * P),
+               ("tables", i32, (size, self.max_pages), trash), ("lens", i32, (size,), 1)]
+        if not r.shared:
+            out[5:5] = [("win_slots", i64, (size,), trash * P), ("cmp_slots", i64, (size,), trash * P)]
+            out.append(("win_tables", i32, (size, r.win_ring_pages), trash))
+        return out
 
-        Built with numpy element writes and cached block-table rows: torch's per-element writes
-        and converting every table from Python ints each step were ~0.7 ms of host time at batch
-        16 and 32k contexts on the development CPU. tests/prepare_reference.py keeps the torch
-        loop version as the twin the tests compare this with."""
+    def new_inputs(self, size: int, device=None, pin: bool = False) -> "StepInputs":
+        """Uninitialised input tensors of a graph size, as views of one flat buffer."""
+        return StepInputs(self._layout(size), device=device, pin=pin)
+
+    def host_inputs(self, seqs: list[Sequence], size: int, out: "StepInputs | None" = None) -> "StepInputs":
+        """The step's padded inputs on the host, written into `out` (a staging buffer) or new ones.
+
+        Filled through numpy views with element writes and cached block-table rows: torch's
+        per-element writes and converting every table from Python ints each step were ~0.7 ms of
+        host time at batch 16 and 32k contexts on the development CPU. tests/prepare_reference.py
+        keeps the torch loop version as the twin the tests compare this with."""
         r = self.runner
         P, E, d, l = r.P, r.E, r.cfg.cmp_stride, r.cfg.cmp_block
-        trash = r.trash_page
-        i64 = np.int64
-        ids = np.zeros(size, dtype=i64)
-        pos = np.zeros(size, dtype=i64)
-        slots = np.full(size, trash * P, dtype=i64)
-        tables = np.full((size, self.max_pages), trash, dtype=np.int32)
-        lens = np.ones(size, dtype=np.int32)
-        entry_slots = np.full(size, trash * E, dtype=i64)
-        block_slots = np.full((size, l), trash * P, dtype=i64)
-        out = dict(ids=ids, pos=pos, slots=slots, tables=tables, lens=lens, entry_slots=entry_slots,
-                   block_slots=block_slots)
-        if not r.shared:
-            out["win_tables"] = np.full((size, r.win_ring_pages), trash, dtype=np.int32)
-            out["win_slots"] = np.full(size, trash * P, dtype=i64)
-            out["cmp_slots"] = np.full(size, trash * P, dtype=i64)
+        if out is None:
+            out = self.new_inputs(size)
+        arrays = {}
+        for name, _, _, pad in self._layout(size):
+            arrays[name] = a = out[name].numpy()
+            a.fill(pad)  # a reused buffer holds the rows of an earlier step
+        ids, pos, slots, tables, lens = (arrays[k] for k in ("ids", "pos", "slots", "tables", "lens"))
+        entry_slots, block_slots = arrays["entry_slots"], arrays["block_slots"]
         for b, (s, row) in enumerate(zip(seqs, self._tables.rows(seqs))):
             t = s.num_computed_tokens  # the position of the token fed now
             table = s.block_table
@@ -159,15 +230,15 @@ class StaticDecode:
             tables[b, :len(row)] = row
             lens[b] = t + 1
             if not r.shared:
-                out["win_tables"][b] = s.win_ring
-                out["win_slots"][b] = r._ring_slot(s.win_ring, t, r.win_ring)
-                out["cmp_slots"][b] = r._ring_slot(s.cmp_ring, t, r.cmp_ring)
+                arrays["win_tables"][b] = s.win_ring
+                arrays["win_slots"][b] = r._ring_slot(s.win_ring, t, r.win_ring)
+                arrays["cmp_slots"][b] = r._ring_slot(s.cmp_ring, t, r.cmp_ring)
             n0, n1 = s.num_summaries, num_compressed(t + 1, l, d)
             if not r.dense and n1 > n0:
                 assert n1 == n0 + 1, "a decode token completes at most one compressed block"
                 entry_slots[b] = table[n0 // E] * E + n0 % E
                 block_slots[b] = [r._cmp_source_slot(s, u) for u in range(n0 * d, n0 * d + l)]
-        return {k: torch.from_numpy(v) for k, v in out.items()}
+        return out
 
     def new_entries(self, seqs: list[Sequence]) -> dict[Sequence, tuple[int, int]]:
         c = self.runner.cfg
@@ -244,11 +315,13 @@ class StaticDecode:
         cu = torch.arange(size + 1, dtype=torch.int32, device=q.device)
         return paged_nsa_attention_ref(q, gates, cache, x["tables"], cu, x["lens"], att.p, win_tables=wt)
 
-    def prepare(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
-        """Host-side inputs of a decode-only step, padded to the next graph size."""
-        return self.host_inputs(seqs, next(s for s in self.sizes if s >= len(seqs)))
+    def prepare(self, seqs: list[Sequence]) -> "StepInputs":
+        """Host-side inputs of a decode-only step, padded to the next graph size, written into
+        this size's next staging buffer."""
+        size = next(s for s in self.sizes if s >= len(seqs))
+        return self.host_inputs(seqs, size, out=self._staging.take(size))
 
-    def execute(self, host: dict[str, torch.Tensor], batch: int, ids_from=None) -> torch.Tensor:
+    def execute(self, host: "StepInputs", batch: int, ids_from=None) -> torch.Tensor:
         """Logits [batch, vocab] for a decode-only step (graph replay when captured).
 
         ids_from = (tokens, rows): the first `batch` input ids are tokens[rows], a device tensor
@@ -258,13 +331,17 @@ class StaticDecode:
         dev = self.runner.device
         if size in self.graphs:
             graph, bufs, out = self.graphs[size]
-            for k, v in host.items():
-                bufs[k].copy_(v, non_blocking=True)
+            bufs.copy_(host)
+            self._staging.copied(host)
             if ids_from is not None:
                 _gather_ids(bufs["ids"], ids_from, dev)
             graph.replay()
             return out[:batch]
-        x = {k: v.to(dev) for k, v in host.items()}
+        x = host
+        if host.flat.device != dev:
+            x = self.new_inputs(size, device=dev)
+            x.copy_(host)
+            self._staging.copied(host)
         if ids_from is not None:
             _gather_ids(x["ids"], ids_from, dev)
         return self.forward(x)[:batch]
@@ -285,7 +362,10 @@ class StaticDecode:
     def capture(self) -> None:
         """Capture one graph per padded size (all-pad inputs: writes go to the trash page)."""
         dev = self.runner.device
-        inputs = {size: {k: v.to(dev) for k, v in self.host_inputs([], size).items()} for size in self.sizes}
+        inputs = {}
+        for size in self.sizes:
+            inputs[size] = self.new_inputs(size, device=dev)
+            inputs[size].copy_(self.host_inputs([], size))
         self.compile_sizes(inputs)
         pool = None
         for size in reversed(self.sizes):
