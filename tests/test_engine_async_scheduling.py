@@ -133,3 +133,25 @@ def test_a_step_that_fails_on_the_device_ends_its_rows_with_an_error():
     engine.block_manager.check_all_free()
     got, _ = _drive(engine, {"after": (prompts[2], params)})
     assert len(got["after"].outputs[0].token_ids) == 8
+
+
+def test_async_scheduling_is_on_by_default_with_cuda_only():
+    # None resolves by device, as vLLM (since 0.14) and SGLang default to overlapped scheduling on
+    # GPUs; an explicit setting wins. The flags map to True / False / None (the default).
+    from nsa_serve.api.cli import engine_args_from
+    from nsa_serve.cli import build_parser
+    from nsa_serve.engine.args import EngineArgs
+
+    assert EngineArgs().async_scheduling is None
+    assert EngineArgs().resolved("cuda").async_scheduling is True
+    assert EngineArgs().resolved("cpu").async_scheduling is False
+    assert EngineArgs(async_scheduling=False).resolved("cuda").async_scheduling is False
+    assert EngineArgs(async_scheduling=True).resolved("cpu").async_scheduling is True
+    parse = build_parser().parse_args
+    assert engine_args_from(parse(["serve"])).async_scheduling is None
+    assert engine_args_from(parse(["serve", "--no-async-scheduling"])).async_scheduling is False
+    assert engine_args_from(parse(["serve", "--async-scheduling"])).async_scheduling is True
+    assert parse(["bench"]).async_scheduling is None
+    assert parse(["bench", "--no-async-scheduling"]).async_scheduling is False
+    # The engine keeps the resolved value (CPU here: off).
+    assert make_engine(True).args.async_scheduling is False

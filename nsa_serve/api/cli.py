@@ -60,9 +60,10 @@ def register(subparsers) -> None:
                    help="disable the prefix cache")
     g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    g.add_argument("--async-scheduling", action="store_true",
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="queue each decode step before reading the previous one's tokens, so the "
-                        "host's work overlaps the GPU's (decode steps served by CUDA graphs)")
+                        "host's work overlaps the GPU's (decode steps served by CUDA graphs; default: "
+                        "on with CUDA, off on CPU)")
     g.add_argument("--cpu-threads", type=int, default=None,
                    help="CPU only: intra-op threads of engine steps (default: one per core)")
     g.add_argument("--cpu-reserved-cores", type=int, default=1,

@@ -54,6 +54,7 @@ class BenchResult:
     decode_rows_max: int = 0
     warmup_s: float = 0.0  # LLMEngine.warmup: graph capture, kernel precompile, --warmup-context
     prefill_chunk: int = 0  # the engine's prefill chunk cap (LLMEngine.chunk_cap)
+    async_scheduling: bool = False  # the engine's resolved setting (EngineArgs.resolved)
 
 
 def build_model(args, device: torch.device, dtype: torch.dtype):
@@ -174,7 +175,7 @@ def run_mode(model, tokenizer, name, args, mode: str) -> BenchResult:
         else "eager",
         decode_rows_mean=dec_tokens / n if decode_steps else 0.0,
         decode_rows_max=max((t.num_decode for _, t in decode_steps), default=0), warmup_s=warmup_s,
-        prefill_chunk=engine.chunk_cap)
+        prefill_chunk=engine.chunk_cap, async_scheduling=bool(engine.args.async_scheduling))
     del engine
     gc.collect()
     if torch.cuda.is_available():
@@ -198,7 +199,8 @@ def format_table(results: list[BenchResult]) -> str:
         lines.append(f"NSA / dense decode tokens/s: {by['nsa'].decode_tok_s / by['dense'].decode_tok_s:.2f}x; "
                      f"decode step time dense / NSA: {by['dense'].decode_step_ms / by['nsa'].decode_step_ms:.2f}x")
     for r in results:
-        lines.append(f"{r.mode}: {r.attention_impl}, decode {r.decode_path}; prefill chunks of {r.prefill_chunk} "
+        sched = "async" if r.async_scheduling else "synchronous"
+        lines.append(f"{r.mode}: {r.attention_impl}, decode {r.decode_path}, {sched} scheduling; prefill chunks of {r.prefill_chunk} "
                      f"tokens; {r.num_pages} pages; host share of a decode step "
                      f"{100 * r.decode_host_ms / max(r.decode_step_ms, 1e-9):.1f}%; start-up warm-up {r.warmup_s:.1f} s")
     for r in results:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="offline engine throughput benchmark (NSA vs dense attention)")
@@ -24,8 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--cpu-kv-cache-gb", type=float, default=1.0)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="queue each decode step before reading the previous one's tokens")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="queue each decode step before reading the previous one's tokens (default: on "
+                        "with CUDA, off on CPU)")
     p.add_argument("--cpu-threads", type=int, default=None, help="CPU only: intra-op threads (default: one per core)")
     p.add_argument("--cpu-reserved-cores", type=int, default=0,
                    help="CPU only: cores left free during decode steps (default 0: no server here)")
