@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import torch
 
 from nsa_kernels.paged import gather_block_pair_reference, paged_nsa_attention_ref
@@ -116,6 +117,7 @@ class StepInputs(dict):
             offsets.append(total)
             total += math.prod(shape) * dtype.itemsize
         self.flat = torch.empty(total, dtype=torch.uint8, device=device, pin_memory=pin)
+        self.table_cols = None  # host buffers: block-table columns each row holds (host_inputs)
         for (name, dtype, shape, _), off in zip(layout, offsets):
             n = math.prod(shape) * dtype.itemsize
             self[name] = self.flat[off:off + n].view(dtype).view(shape)
@@ -215,11 +217,19 @@ class StaticDecode:
         if out is None:
             out = self.new_inputs(size)
         arrays = {}
+        # A reused buffer holds an earlier step's rows: every input is reset to padding, except the
+        # block tables ([size, pages of max_model_len], 2 MB at 256 × 128k), where only the
+        # columns an earlier step wrote past this step's rows are (`StepInputs.table_cols`).
         for name, _, _, pad in self._layout(size):
             arrays[name] = a = out[name].numpy()
-            a.fill(pad)  # a reused buffer holds the rows of an earlier step
+            if name != "tables" or out.table_cols is None:
+                a.fill(pad)
+        if out.table_cols is None:
+            out.table_cols = np.zeros(size, dtype=np.int64)
+        cols = out.table_cols
         ids, pos, slots, tables, lens = (arrays[k] for k in ("ids", "pos", "slots", "tables", "lens"))
         entry_slots, block_slots = arrays["entry_slots"], arrays["block_slots"]
+        trash = r.trash_page
         for b, (s, row) in enumerate(zip(seqs, self._tables.rows(seqs))):
             t = s.num_computed_tokens  # the position of the token fed now
             table = s.block_table
@@ -228,6 +238,9 @@ class StaticDecode:
             pos[b] = t
             slots[b] = table[t // P] * P + t % P
             tables[b, :len(row)] = row
+            if cols[b] > len(row):
+                tables[b, len(row):cols[b]] = trash
+            cols[b] = len(row)
             lens[b] = t + 1
             if not r.shared:
                 arrays["win_tables"][b] = s.win_ring
@@ -238,6 +251,9 @@ class StaticDecode:
                 assert n1 == n0 + 1, "a decode token completes at most one compressed block"
                 entry_slots[b] = table[n0 // E] * E + n0 % E
                 block_slots[b] = [r._cmp_source_slot(s, u) for u in range(n0 * d, n0 * d + l)]
+        for b in np.flatnonzero(cols[len(seqs):]) + len(seqs):  # rows that are padding now
+            tables[b, :cols[b]] = trash
+            cols[b] = 0
         return out
 
     def new_entries(self, seqs: list[Sequence]) -> dict[Sequence, tuple[int, int]]:

@@ -75,7 +75,10 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(c.seq.is_finished for c in self.completions)
+        comps = self.completions
+        if len(comps) == 1:  # the common case, asked twice per request per step
+            return comps[0].seq.is_finished
+        return all(c.seq.is_finished for c in comps)
 
 
 @dataclass(eq=False)
@@ -644,7 +647,7 @@ class LLMEngine:
         for req in touched.values():
             finished = req.finished
             if finished or req.params.output_kind != "final_only":
-                outputs.append(self._make_output(req))
+                outputs.append(self._make_output(req, finished))
             if finished:
                 self._retire(req)
         return outputs
@@ -751,8 +754,9 @@ class LLMEngine:
         req.metrics.finished_time = time.time()
         self.requests.pop(req.request_id, None)
 
-    def _make_output(self, req: Request) -> RequestOutput:
-        finished = req.finished
+    def _make_output(self, req: Request, finished: bool | None = None) -> RequestOutput:
+        if finished is None:
+            finished = req.finished
         # Cumulative fields cost O(length): every output of kind "cumulative", else the last only.
         full = finished or req.params.output_kind == "cumulative"
         outs = []
