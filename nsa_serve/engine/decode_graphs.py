@@ -33,6 +33,7 @@ from nsa_kernels.reference import num_compressed
 from ..model.nsa_model import add_rms_norm
 
 from .precompile import compile_only, first_layer_only
+from .sampler import upload
 from .sequence import Sequence
 from .table_rows import TableRows
 
@@ -99,9 +100,7 @@ def _block_gather_pair(block_slots: torch.Tensor, P: int, device: torch.device):
 def _gather_ids(ids: torch.Tensor, ids_from, device: torch.device) -> None:
     """ids[:len(rows)] = tokens[rows] on the device, queued behind the step that sampled tokens."""
     tokens, rows = ids_from
-    idx = torch.tensor(rows, dtype=torch.long)
-    idx = idx.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else idx.to(device)
-    ids[:len(rows)] = tokens.to(ids.dtype)[idx]
+    ids[:len(rows)] = tokens.to(ids.dtype)[upload(rows, torch.long, device)]
 
 
 class StepInputs(dict):

@@ -78,8 +78,8 @@ class Sampler:
                 ids = ps[b].allowed_token_ids
                 if ids is not None and not allowed[k, list(ids)].any():
                     dead.append(b)  # checked on the host mask: nothing to sample in this row
-            idx = _upload(rows, torch.long, device)
-            logits[idx] = logits[idx].masked_fill(~_upload(allowed, torch.bool, device), -float("inf"))
+            idx = upload(rows, torch.long, device)
+            logits[idx] = logits[idx].masked_fill(~upload(allowed, torch.bool, device), -float("inf"))
         for b, (seq, p) in enumerate(zip(seqs, ps)):
             if _has_bias(p):
                 logits[b] = apply_bias(logits[b], p)
@@ -93,13 +93,13 @@ class Sampler:
                 if p.allowed_token_ids is not None and not set(p.allowed_token_ids) - set(banned):
                     banned = []
                 if banned:
-                    logits[b, _upload(banned, torch.long, device)] = -float("inf")
+                    logits[b, upload(banned, torch.long, device)] = -float("inf")
 
         greedy_host = [p.temperature == 0 for p in ps]  # decided on the host: no GPU sync
         tokens = logits.argmax(dim=-1)
         if not all(greedy_host):
-            greedy = _upload(greedy_host, torch.bool, device)
-            temp = _upload([p.temperature if p.temperature > 0 else 1.0 for p in ps], torch.float32,
+            greedy = upload(greedy_host, torch.bool, device)
+            temp = upload([p.temperature if p.temperature > 0 else 1.0 for p in ps], torch.float32,
                            device).unsqueeze(1)
             probs = filter_probs(torch.softmax(logits / temp, dim=-1),
                                  top_k=[p.top_k for p in ps], top_p=[p.top_p for p in ps],
@@ -162,7 +162,7 @@ class PendingSample:
         return results
 
 
-def _upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Host values (a list or a CPU tensor) on `device` without waiting for the device's queue: on
     CUDA through a pinned buffer (a pageable upload would synchronise the stream first)."""
     t = values if torch.is_tensor(values) else torch.tensor(values, dtype=dtype)
@@ -180,11 +180,11 @@ def apply_bias(logits: torch.Tensor, p) -> torch.Tensor:
     """allowed_token_ids (every other token to -inf), then logit_bias added to its tokens' logits."""
     if p.allowed_token_ids is not None:
         keep = torch.zeros_like(logits, dtype=torch.bool)
-        keep[_upload(list(p.allowed_token_ids), torch.long, logits.device)] = True
+        keep[upload(list(p.allowed_token_ids), torch.long, logits.device)] = True
         logits = logits.masked_fill(~keep, -float("inf"))
     if p.logit_bias:
-        ids = _upload(list(p.logit_bias), torch.long, logits.device)
-        logits = logits.index_add(0, ids, _upload(list(p.logit_bias.values()), logits.dtype, logits.device))
+        ids = upload(list(p.logit_bias), torch.long, logits.device)
+        logits = logits.index_add(0, ids, upload(list(p.logit_bias.values()), logits.dtype, logits.device))
     return logits
 
 
@@ -212,9 +212,9 @@ def filter_probs(probs: torch.Tensor, top_k: list[int], top_p: list[float], min_
     B, V = probs.shape
     device = probs.device
     k_host = [min(k, V) if k and k > 0 else V for k in top_k]
-    ks = _upload(k_host, torch.long, device)
-    tp = _upload(top_p, probs.dtype, device)
-    mp = _upload(min_p, probs.dtype, device)
+    ks = upload(k_host, torch.long, device)
+    tp = upload(top_p, probs.dtype, device)
+    mp = upload(min_p, probs.dtype, device)
     if any(k < V for k in k_host) or any(p < 1 for p in top_p):  # host-side test: no GPU sync
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         rank = torch.arange(V, device=device).unsqueeze(0)
