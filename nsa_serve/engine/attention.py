@@ -56,14 +56,17 @@ class AttentionBackend:
         prefill = "sdpa" if self.prefill_fn is paged_nsa_prefill_sdpa else "kernel" if self.prefill_fn else "reference"
         return f"nsa: decode={'kernel' if self.decode_fn else 'reference'}, prefill={prefill}"
 
-    def __call__(self, q, gates, cache: PagedLayerCache, inp) -> torch.Tensor:
+    def __call__(self, q, gates, cache: PagedLayerCache, inp, out: torch.Tensor | None = None) -> torch.Tensor:
         """q [Ttot, Hq, Dk], gates [Ttot, Hq, 3]; `inp` is the step's StepInputs. Rows of single-token
-        sequences come first (inp.num_decode of them), then prompt chunks."""
+        sequences come first (inp.num_decode of them), then prompt chunks. `out` [Ttot, Hq, Dv]:
+        where to write the result (the piecewise graphs' buffer), else a new tensor."""
         nd, B = inp.num_decode, inp.num_seqs
         dense = self.mode == "dense"
         if dense and self.dense_decode_fn is None and not self.dense_prefill_sdpa:
-            return self._reference(q, gates, cache, inp, 0, B)  # CPU dense baseline: one call for the step
-        out = q.new_empty(q.shape[0], q.shape[1], cache.v_cache.shape[-1])
+            res = self._reference(q, gates, cache, inp, 0, B)  # CPU dense baseline: one call for the step
+            return res if out is None else out.copy_(res)
+        if out is None:
+            out = q.new_empty(q.shape[0], q.shape[1], cache.v_cache.shape[-1])
         rows_dec = inp.cu_host[nd]
         if nd:
             bt, lens = inp.block_tables[:nd], inp.seq_lens[:nd]

@@ -97,6 +97,33 @@ def _block_gather_pair(block_slots: torch.Tensor, P: int, device: torch.device):
     return lambda k_cache, v_cache: gather_block_pair_reference(k_cache, v_cache, block_slots)
 
 
+def block_gather(block_slots: torch.Tensor, P: int, device: torch.device, pair: bool):
+    """The gather φ reads its blocks with, built once a forward for every layer: K and V blocks
+    in one launch for φ_pair (`_block_gather_pair`), else one per cache (`_block_gather`)."""
+    return (_block_gather_pair if pair else _block_gather)(block_slots, P, device)
+
+
+def summaries_from_cache(runner, attn, cache, block_slots: torch.Tensor, entry_slots: torch.Tensor,
+                         gather, pair: bool, fused: bool) -> None:
+    """φ of each row's block (block_slots [N, l]: its tokens' cache slots), written to
+    entry_slots [N]; rows that complete no block point at the trash page (both slots). `fused`:
+    `phi_write_pair` (two launches, and nothing read when every row is trash); else the gather,
+    φ's products and the summary write."""
+    if pair and fused:
+        from nsa_kernels.phi_decode import phi_write_pair
+
+        phi_write_pair(cache.k_cache, cache.v_cache, block_slots, cache.kc_cache, cache.vc_cache,
+                       entry_slots, *attn.phi_pair_weights(), skip_page=runner.trash_page)
+        return
+    if pair:
+        sk, sv = attn.phi_pair(gather(cache.k_cache, cache.v_cache))
+        n, Hkv = block_slots.shape[0], cache.k_cache.shape[1]
+        sk, sv = sk.view(n, Hkv, -1), sv.view(n, Hkv, -1)
+    else:
+        sk, sv = attn.phi_k(gather(cache.k_cache)), attn.phi_v(gather(cache.v_cache))
+    runner.write_pair(cache.kc_cache, cache.vc_cache, sk, sv, entry_slots)
+
+
 def _gather_ids(ids: torch.Tensor, ids_from, device: torch.device) -> None:
     """ids[:len(rows)] = tokens[rows] on the device, queued behind the step that sampled tokens."""
     tokens, rows = ids_from
@@ -127,7 +154,7 @@ class StepInputs(dict):
         self.flat.copy_(src.flat, non_blocking=True)
 
 
-class _Staging:
+class Staging:
     """Host buffers of the step inputs, two per graph size used in turn; pinned on CUDA.
 
     Why pinned: a non-blocking copy from pageable memory returns at once only while it is small.
@@ -137,14 +164,15 @@ class _Staging:
     call took 7–9 µs at every size. Why two: a buffer is refilled only after its last copy has
     run (an event); with one step in flight, that copy is two steps back and long done."""
 
-    def __init__(self, static: "StaticDecode", pinned: bool):
-        self.static, self.pinned = static, pinned
+    def __init__(self, owner, pinned: bool):
+        # owner: StaticDecode or piecewise_graphs.PiecewiseSteps (`new_inputs(size, pin=…)`)
+        self.owner, self.pinned = owner, pinned
         self._bufs: dict[int, list] = {}  # size → [[StepInputs, event or None], [...]]
         self._turn: dict[int, int] = {}
 
     def take(self, size: int) -> StepInputs:
         if size not in self._bufs:
-            self._bufs[size] = [[self.static.new_inputs(size, pin=self.pinned), None] for _ in range(2)]
+            self._bufs[size] = [[self.owner.new_inputs(size, pin=self.pinned), None] for _ in range(2)]
             self._turn[size] = 0
         i = self._turn[size]
         self._turn[size] = 1 - i
@@ -172,7 +200,7 @@ class StaticDecode:
         self.graphs: dict[int, tuple] = {}
         self.steps = 0  # decode steps served by this path (for tests and logs)
         self._tables = TableRows()
-        self._staging = _Staging(self, pinned=runner.device.type == "cuda")
+        self._staging = Staging(self, pinned=runner.device.type == "cuda")
         # φ through nsa_kernels.phi_decode; False keeps the gather + phi_pair + write path (both
         # are the same products; set before capture() to compare them).
         self.fused_phi = fused_phi_available(runner.model, runner.device)
@@ -276,7 +304,7 @@ class StaticDecode:
         # φ's block reads, every layer's: K and V blocks in one gather for φ_K and φ_V as one GEMM
         # chain (phi_pair; every layer is fused alike), else one gather per cache.
         pair = model.layers[0].attn.has_phi_pair
-        gather = (_block_gather_pair if pair else _block_gather)(x["block_slots"], r.P, h.device)
+        gather = block_gather(x["block_slots"], r.P, h.device, pair)
         pending = None  # the previous layer's MLP output: added to h together with this layer's norm
         for li, layer in enumerate(model.layers):
             attn, cache = layer.attn, r.caches[li]
@@ -301,21 +329,8 @@ class StaticDecode:
 
     def _summaries(self, attn, cache, x, size, gather, pair) -> None:
         """φ of the block each row completes, written to its summary slot (trash for none)."""
-        if pair and self.fused_phi and size <= FUSED_PHI_MAX_BATCH:
-            from nsa_kernels.phi_decode import phi_write_pair
-
-            # Rows completing no block point at the trash page: a step where none completes one
-            # (most steps: a sequence completes a block every d tokens) reads no weights.
-            phi_write_pair(cache.k_cache, cache.v_cache, x["block_slots"], cache.kc_cache, cache.vc_cache,
-                           x["entry_slots"], *attn.phi_pair_weights(), skip_page=self.runner.trash_page)
-            return
-        if pair:
-            sk, sv = attn.phi_pair(gather(cache.k_cache, cache.v_cache))
-            Hkv = cache.k_cache.shape[1]
-            sk, sv = sk.view(size, Hkv, -1), sv.view(size, Hkv, -1)
-        else:
-            sk, sv = attn.phi_k(gather(cache.k_cache)), attn.phi_v(gather(cache.v_cache))
-        self.runner.write_pair(cache.kc_cache, cache.vc_cache, sk, sv, x["entry_slots"])
+        summaries_from_cache(self.runner, attn, cache, x["block_slots"], x["entry_slots"], gather, pair,
+                             self.fused_phi and size <= FUSED_PHI_MAX_BATCH)
 
     def _attend(self, q, gates, cache, x, size):
         att, r = self.runner.attention, self.runner
