@@ -21,12 +21,13 @@ def test_bench_reports_nsa_and_dense(tmp_path, capsys):
     assert "| nsa |" in text and "| dense |" in text and "NSA / dense decode tokens/s" in text
     assert "prefill chunks of 512 tokens" in text  # the CPU default (EngineArgs.resolved)
     assert "synchronous scheduling" in text  # async scheduling is resolved off on CPU
+    assert "prompt steps eager" in text  # piecewise CUDA graphs are CUDA-only
     rows = json.loads(out.read_text())
     assert [r["mode"] for r in rows] == ["nsa", "dense"]
     for r in rows:
         assert r["output_tokens"] == 12 and r["decode_steps"] > 0 and r["ttft_max_s"] > 0
         assert r["decode_step_ms"] >= r["decode_model_ms"] > 0
-        assert r["prefill_chunk"] == 512 and r["async_scheduling"] is False
+        assert r["prefill_chunk"] == 512 and r["async_scheduling"] is False and r["piecewise_max_tokens"] == 0
     assert rows[0]["kv_read_ratio"] != rows[1]["kv_read_ratio"] == 1.0
 
 

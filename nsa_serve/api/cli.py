@@ -60,6 +60,9 @@ def register(subparsers) -> None:
                    help="disable the prefix cache")
     g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--piecewise-max-tokens", type=int, default=2048,
+                   help="prompt and mixed steps of up to this many tokens replay their non-attention "
+                        "work as CUDA graphs (0: eager; CUDA, shared-K/V models)")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="queue each decode step before reading the previous one's tokens, so the "
                         "host's work overlaps the GPU's (decode steps served by CUDA graphs; default: "
@@ -88,6 +91,7 @@ def engine_args_from(args):
                       gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=args.cpu_kv_cache_gb,
                       num_pages=args.num_pages, enable_prefix_caching=args.enable_prefix_caching,
                       scheduling_policy=args.scheduling_policy, enforce_eager=args.enforce_eager, seed=args.seed,
+                      piecewise_max_tokens=args.piecewise_max_tokens,
                       async_scheduling=args.async_scheduling,
                       cpu_threads=args.cpu_threads, cpu_reserved_cores=args.cpu_reserved_cores,
                       warmup_context=args.warmup_context, precompile=args.precompile)

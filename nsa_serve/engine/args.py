@@ -22,6 +22,10 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"  # "fcfs" | "priority"
     enforce_eager: bool = False  # True: no CUDA graphs
+    # Prompt and mixed steps of up to this many tokens replay the work between attention calls as
+    # CUDA graphs (engine/piecewise_graphs.py; vLLM's piecewise graphs); 0: they run eagerly.
+    # CUDA and shared-K/V models only; capped at max_num_batched_tokens.
+    piecewise_max_tokens: int = 2048
     # Decode steps served by the fixed-shape path are queued before the previous step's tokens are
     # read, so the host's bookkeeping overlaps the device (vLLM's async scheduling, SGLang's overlap
     # scheduler). Rows whose sampling depends on their tokens (grammar, penalties, min_tokens not
@@ -92,6 +96,8 @@ class EngineArgs:
             raise ValueError("cpu_threads must be >= 1")
         if self.cpu_reserved_cores < 0:
             raise ValueError("cpu_reserved_cores must be >= 0")
+        if self.piecewise_max_tokens < 0:
+            raise ValueError("piecewise_max_tokens must be >= 0")
         if self.warmup_context < 0:
             raise ValueError("warmup_context must be >= 0")
         for name in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold", "max_queue"):

@@ -55,6 +55,7 @@ class BenchResult:
     warmup_s: float = 0.0  # LLMEngine.warmup: graph capture, kernel precompile, --warmup-context
     prefill_chunk: int = 0  # the engine's prefill chunk cap (LLMEngine.chunk_cap)
     async_scheduling: bool = False  # the engine's resolved setting (EngineArgs.resolved)
+    piecewise_max_tokens: int = 0  # prompt steps up to this many tokens replay piecewise graphs (0: none)
 
 
 def build_model(args, device: torch.device, dtype: torch.dtype):
@@ -113,6 +114,7 @@ def run_mode(model, tokenizer, name, args, mode: str) -> BenchResult:
                        max_queue=max(args.num_requests, 1), num_pages=args.num_pages,
                        gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=args.cpu_kv_cache_gb,
                        enable_prefix_caching=False, enforce_eager=args.enforce_eager, seed=args.seed,
+                       piecewise_max_tokens=args.piecewise_max_tokens,
                        async_scheduling=args.async_scheduling,
                        cpu_threads=args.cpu_threads, cpu_reserved_cores=args.cpu_reserved_cores,
                        warmup_context=args.warmup_context, precompile=args.precompile)
@@ -158,6 +160,7 @@ def run_mode(model, tokenizer, name, args, mode: str) -> BenchResult:
     n = max(len(decode_steps), 1)
     dec_wall = sum(w for w, _ in decode_steps)
     dec_tokens = sum(t.num_decode for _, t in decode_steps)
+    pw = engine.runner.piecewise
     result = BenchResult(
         mode=mode, attention_impl=engine.runner.attention.describe(), num_requests=args.num_requests,
         input_len=args.input_len, output_len=args.output_len, wall_s=total, output_tokens=out_tokens,
@@ -175,7 +178,8 @@ def run_mode(model, tokenizer, name, args, mode: str) -> BenchResult:
         else "eager",
         decode_rows_mean=dec_tokens / n if decode_steps else 0.0,
         decode_rows_max=max((t.num_decode for _, t in decode_steps), default=0), warmup_s=warmup_s,
-        prefill_chunk=engine.chunk_cap, async_scheduling=bool(engine.args.async_scheduling))
+        prefill_chunk=engine.chunk_cap, async_scheduling=bool(engine.args.async_scheduling),
+        piecewise_max_tokens=pw.max_tokens if pw is not None and pw.graphs else 0)
     del engine
     gc.collect()
     if torch.cuda.is_available():
@@ -200,7 +204,10 @@ def format_table(results: list[BenchResult]) -> str:
                      f"decode step time dense / NSA: {by['dense'].decode_step_ms / by['nsa'].decode_step_ms:.2f}x")
     for r in results:
         sched = "async" if r.async_scheduling else "synchronous"
-        lines.append(f"{r.mode}: {r.attention_impl}, decode {r.decode_path}, {sched} scheduling; prefill chunks of {r.prefill_chunk} "
+        prompt = (f"prompt steps ≤ {r.piecewise_max_tokens} tokens piecewise CUDA graphs"
+                  if r.piecewise_max_tokens else "prompt steps eager")
+        lines.append(f"{r.mode}: {r.attention_impl}, decode {r.decode_path}, {sched} scheduling, {prompt}; "
+                     f"prefill chunks of {r.prefill_chunk} "
                      f"tokens; {r.num_pages} pages; host share of a decode step "
                      f"{100 * r.decode_host_ms / max(r.decode_step_ms, 1e-9):.1f}%; start-up warm-up {r.warmup_s:.1f} s")
     for r in results:

@@ -33,6 +33,7 @@ from .block_manager import BlockManager
 from .decode_graphs import StaticDecode
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .model_runner import ModelRunner, cache_bytes_per_page, ring_pages
+from .piecewise_graphs import PiecewiseSteps
 from .precompile import precompile
 from .protocol import (CompletionOutput, EngineStats, InvalidRequestError, PromptTooLongError, QueueFullError,
                        RequestMetrics, RequestOutput, SamplingParams, TokenLogprob)
@@ -197,6 +198,10 @@ class LLMEngine:
                 att.dense_decode_fn if args.attention == "dense" else att.decode_fn) is not None:
             # Decode-only steps run with fixed shapes and are captured as CUDA graphs in warmup().
             self.runner.static_decode = StaticDecode(self.runner, min(args.max_num_seqs, 256), self.max_model_len)
+        if self.device.type == "cuda" and not args.enforce_eager and args.piecewise_max_tokens and cfg.shared_kv:
+            # Other steps replay their non-attention work as graphs captured in warmup().
+            self.runner.piecewise = PiecewiseSteps(
+                self.runner, min(args.piecewise_max_tokens, args.max_num_batched_tokens), args.max_num_seqs)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
                                    args.long_prefill_token_threshold, args.scheduling_policy)
         stop_ids = tokenizer.stop_token_ids if tokenizer is not None else [cfg.eos_token_id]
@@ -276,7 +281,14 @@ class LLMEngine:
             except Exception:  # a failed capture costs speed, not correctness
                 log.exception("CUDA graph capture failed; decode runs eagerly")
                 self.runner.static_decode = None
-        log.info("warm-up: first step and decode graphs took %.1f s", time.perf_counter() - t0)
+        pw = self.runner.piecewise
+        if pw is not None and not pw.graphs:
+            try:
+                pw.capture()
+            except Exception:  # as above: prompt steps run eagerly
+                log.exception("piecewise CUDA graph capture failed; prompt steps run eagerly")
+                self.runner.piecewise = None
+        log.info("warm-up: first step and CUDA graphs took %.1f s", time.perf_counter() - t0)
         if self.args.precompile:
             # Eager steps only: decode-only steps replay the graphs captured above (when there are
             # none, every decode-row count can be eager).
@@ -575,6 +587,9 @@ class LLMEngine:
             # The failure may be the graph path's: never let it fail requests twice.
             log.warning("fixed-shape decode disabled after a failed step; running eagerly")
             self.runner.static_decode = None
+        elif self.runner.piecewise is not None and self.runner.piecewise.eligible(sum(batch.num_new_tokens)):
+            log.warning("piecewise CUDA graphs disabled after a failed step; prompt steps run eagerly")
+            self.runner.piecewise = None
         samples, entries, prompts, failed = {}, {}, {}, set()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             try:

@@ -7,6 +7,10 @@ model's layers piece by piece so that K/V and summaries go into pages:
   φ on the blocks completed this step → write summaries beside their page → attention over the
   pages → gates → MLP.
 
+On CUDA, a step with prompt chunks of up to `piecewise_max_tokens` tokens replays everything but
+the attention as CUDA graphs (`piecewise_graphs.py`); `execute` picks that path when `prepare`
+padded the step's inputs for it.
+
 A step mixes single-token (decode) rows and prompt chunks of any sequences. Rows are ordered
 decode first, then chunks, so each attention implementation gets one contiguous slice.
 
@@ -70,6 +74,9 @@ class StepInputs:
     cmp_write_slots: torch.Tensor | None = None
     # the Triton prefill kernel's tile layout, built by the first layer and reused by the others
     prefill_plan: object | None = None
+    # piecewise_graphs: the padded device inputs when the step runs that way (ids, positions, slots
+    # and entry_slots above are views of them; summary_old_slots and entry_src are then unused)
+    piecewise: object | None = None
 
 
 @dataclass
@@ -157,6 +164,7 @@ class ModelRunner:
         # decode steps write there (decode_graphs.py).
         self.trash_page = num_pages
         self.static_decode = None  # decode_graphs.StaticDecode when fixed-shape decode is on
+        self.piecewise = None  # piecewise_graphs.PiecewiseSteps when prompt steps replay graphs
         self.caches = [PagedLayerCache.allocate(num_pages + 1, c.num_kv_heads, c.head_dim_k, c.head_dim_v,
                                                 self.P, c.cmp_stride, dtype=self.dtype, device=self.device)
                        for _ in range(c.num_layers)]
@@ -248,13 +256,27 @@ class ModelRunner:
             x = torch.from_numpy(x) if isinstance(x, np.ndarray) else torch.tensor(x, dtype=torch.long)
             return x.to(dev, non_blocking=True)
 
+        T = cu[-1]
+        pw = self.piecewise
+        if pw is not None and pw.eligible(T):
+            # Every block φ completes is read from the pages (shared K/V: they hold the step's rows
+            # once written), so each entry carries its l token slots instead of a flat source.
+            block_slots = bt[np.asarray(e_seq, dtype=i64)[:, None], t // P].astype(i64) * P + t % P
+            x = pw.upload(np.asarray(ids, dtype=i64), pos, slots, entry_slots, block_slots)
+            ids_t, pos_t, slots_t = x["ids"][:T], x["pos"][:T], x["slots"][:T]
+            entry_t = x["entry_slots"][:len(entry_slots)]
+            old_t = src_t = None
+        else:
+            x = None
+            ids_t, pos_t, slots_t, entry_t = lt(ids), lt(pos), lt(slots), lt(entry_slots)
+            old_t, src_t = lt(old_slots), lt(src.reshape(-1, l))
         inp = StepInputs(
             seqs=seqs, num_new=num_new, num_seqs=B, num_decode=num_decode,
-            input_ids=lt(ids), positions=lt(pos), slots=lt(slots), block_tables=torch.from_numpy(bt).to(dev),
+            input_ids=ids_t, positions=pos_t, slots=slots_t, block_tables=torch.from_numpy(bt).to(dev),
             seq_lens=torch.tensor(lens, dtype=torch.int32).to(dev),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev), cu_host=cu, seq_lens_host=lens,
-            summary_old_slots=lt(old_slots), entry_src=lt(src.reshape(-1, l)), entry_slots=lt(entry_slots),
-            new_entries=new_entries, logits_rows=lt(logits_rows), sample_seqs=sample_seqs,
+            summary_old_slots=old_t, entry_src=src_t, entry_slots=entry_t,
+            new_entries=new_entries, logits_rows=lt(logits_rows), sample_seqs=sample_seqs, piecewise=x,
         )
         if prompt_spans:
             inp.prompt_rows, inp.prompt_targets = lt(prompt_rows), lt(prompt_targets)
@@ -287,6 +309,14 @@ class ModelRunner:
     def execute(self, inp: StepInputs) -> torch.Tensor:
         """Run the step; return logits [len(inp.sample_seqs), vocab] (float32)."""
         model = self.model
+        h = self.piecewise.forward(inp) if inp.piecewise is not None else self._layers(inp)
+        if inp.prompt_spans:
+            inp.prompt_result = prompt_logprobs(model, h[inp.prompt_rows], inp.prompt_targets, inp.prompt_k)
+        return model.logits(h[inp.logits_rows]).float()
+
+    def _layers(self, inp: StepInputs) -> torch.Tensor:
+        """The layers, eagerly: hidden states [Ttot, hidden] before the final norm."""
+        model = self.model
         h = model.embed(inp.input_ids)
         has_entries = inp.entry_slots.numel() > 0
         write = self.write_pair
@@ -313,11 +343,7 @@ class ModelRunner:
             o = self.attention(q, gates, cache, inp)
             h, x = add_rms_norm(h, attn.output(o), layer.mlp_norm)
             pending = layer.mlp.forward_fused(x)
-        if pending is not None:
-            h = h + pending
-        if inp.prompt_spans:
-            inp.prompt_result = prompt_logprobs(model, h[inp.prompt_rows], inp.prompt_targets, inp.prompt_k)
-        return model.logits(h[inp.logits_rows]).float()
+        return h if pending is None else h + pending
 
     def _write_summaries(self, attn, cache: PagedLayerCache, kv_cmp, inp: StepInputs) -> None:
         k_new, v_new = kv_cmp

@@ -1,0 +1,243 @@
+"""Prompt and mixed steps with and without piecewise CUDA graphs (CUDA only).
+
+Two parts, one engine at a time (each takes the GPU's page pool):
+
+* `--check`: an engine with the graphs serves greedy requests of mixed lengths with late
+  arrivals; every step the graphs serve is also run eagerly first, on inputs prepared without
+  them (the second run rewrites the same K/V and summaries), and the two logits are compared.
+  Then the whole run's tokens are compared with an engine without the graphs (required for the
+  bundled trained model), and every page must be back in the pool.
+* timing: `--decode-rows` sequences decode at `--context` tokens; then prompts of each
+  `--prompt-len` arrive one at a time (each ends at its first token), so every timed step is one
+  prompt chunk beside the decode rows. Wall ms of that engine step, medians over `--reps` after
+  one warm-up; the same for a lone prompt (no decode rows). The eager baseline is the same engine
+  with the path detached, step by step in turn with it.
+
+    python3 scripts/piecewise_probe.py --check
+    python3 scripts/piecewise_probe.py --preset paper-1b --decode-rows 32 --context 1024 --reps 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+
+from nsa_serve.engine.args import EngineArgs
+from nsa_serve.engine.bench import build_model
+from nsa_serve.engine.llm_engine import LLMEngine
+from nsa_serve.engine.protocol import SamplingParams
+
+
+def make_engine(model, name, tokenizer, max_tokens: int, rows: int) -> LLMEngine:
+    engine = LLMEngine(EngineArgs(device="cuda", max_num_seqs=max(8, rows + 2), enable_prefix_caching=False,
+                                  piecewise_max_tokens=max_tokens, precompile=False),
+                       model=model, tokenizer=tokenizer, model_name=name)
+    t0 = time.perf_counter()
+    engine.warmup()
+    print(f"  engine (piecewise_max_tokens={max_tokens}): warm-up {time.perf_counter() - t0:.1f} s, graphs for "
+          f"{engine.runner.piecewise.sizes if engine.runner.piecewise else 'none'}", flush=True)
+    return engine
+
+
+def release() -> None:
+    """After an engine's last reference is gone: it holds reference cycles, so its page pool is
+    freed only by the collector (and the next engine sizes its pool from what is free)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def served_workload(model, name, tokenizer, V: int, max_tokens: int, double_check: bool):
+    engine = make_engine(model, name, tokenizer, max_tokens, 8)
+    pw = engine.runner.piecewise
+    served0 = pw.steps if pw else 0
+    outs, diffs = workload(engine, V, double_check)
+    return outs, diffs, (pw.steps - served0 if pw else 0)
+
+
+@contextlib.contextmanager
+def double_run(engine):
+    """Inside, every step the engine serves through the piecewise path runs three times on the
+    same cache (each run rewrites the same K/V and summaries): eagerly, on inputs prepared without
+    the path; through the pieces run as plain code (no graphs); then as the engine would (the
+    graphs where captured). Yields a list that collects, per such step, two numbers over the last
+    layer's hidden states of all its rows: max |Δh| / max |h| of the pieces against the eager
+    path (the padded shapes' and φ's stacked weights' rounding), and of the served run against
+    the pieces (what the capture changes: nothing)."""
+    runner = engine.runner
+    pw, prepare, execute = runner.piecewise, runner.prepare, runner.execute
+    layers, forward = runner._layers, pw.forward
+    diffs, queue, hidden = [], [], {}
+
+    def both_prepare(seqs, nums):
+        runner.piecewise = None
+        eager_inp = prepare(seqs, nums)
+        runner.piecewise = pw
+        inp = prepare(seqs, nums)
+        queue.append(eager_inp if inp.piecewise is not None else None)
+        return inp
+
+    def rel(a, b):
+        a, b = a.float(), b.float()
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    def both_execute(inp):
+        eager_inp = queue.pop()
+        if eager_inp is None:
+            return execute(inp)
+        execute(eager_inp)
+        graphs, pw.graphs = pw.graphs, {}
+        try:
+            execute(inp)
+        finally:
+            pw.graphs = graphs
+        pieces = hidden.pop("piecewise").clone()
+        out = execute(inp)
+        diffs.append((rel(pieces, hidden.pop("eager")), rel(hidden.pop("piecewise"), pieces)))
+        return out
+
+    def keep(name, fn):
+        def run(inp):
+            hidden[name] = h = fn(inp)
+            return h
+        return run
+
+    runner.prepare, runner.execute = both_prepare, both_execute
+    runner._layers, pw.forward = keep("eager", layers), keep("piecewise", forward)
+    try:
+        yield diffs
+    finally:
+        del runner.prepare, runner.execute, runner._layers, pw.forward  # the class's methods again
+
+
+def workload(engine, V: int, double_check: bool) -> tuple[dict, list]:
+    with double_run(engine) if double_check else contextlib.nullcontext([]) as diffs:
+        outs = _serve(engine, V)
+    engine.block_manager.check_all_free()
+    return outs, diffs
+
+
+def _serve(engine, V: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
+    lens = [5, 37, 300, 1000, 2500, 64, 700]
+    for i, n in enumerate(lens[:4]):
+        engine.add_request(f"r{i}", torch.randint(8, V, (n,), generator=gen).tolist(), params)
+    outs, steps = {}, 0
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                outs[o.request_id] = o.outputs[0]
+        steps += 1
+        if steps in (2, 5, 9):  # late arrivals: mixed steps of decode rows and a prompt
+            i = 4 + (2, 5, 9).index(steps)
+            engine.add_request(f"r{i}", torch.randint(8, V, (lens[i],), generator=gen).tolist(), params)
+    return outs
+
+
+def check(model, name, tokenizer, V: int, same_tokens: bool) -> bool:
+    """`same_tokens`: also require the eager engine's tokens (a trained model; a random one's
+    near-ties may flip on bf16 rounding of differently shaped GEMMs)."""
+    outs, diffs, served = served_workload(model, name, tokenizer, V, 2048, True)
+    release()
+    ref, _, _ = served_workload(model, name, tokenizer, V, 0, False)
+    release()
+    same = sum(outs[k].token_ids == ref[k].token_ids for k in ref)
+    lp = max(abs(a.logprob - b.logprob) for k in ref for a, b in zip(outs[k].logprobs, ref[k].logprobs))
+    path, graph = max(d[0] for d in diffs), max(d[1] for d in diffs)
+    ok = served > 0 and 2 * len(diffs) == served and graph < 1e-3 and (same == len(ref) or not same_tokens)
+    print(f"  {name}: steps through the path {len(diffs)}; each also run eagerly and as uncaptured pieces: max "
+          f"|Δh| / max|h| pieces vs eager {path:.2e}, graphs vs pieces {graph:.2e}; requests with the same tokens as the eager engine "
+          f"{same}/{len(ref)} (sampled-token logprobs within {lp:.2e}); every page back; {'PASS' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
+def decode_budget(a) -> int:
+    """Tokens a decode row may produce: two steps per timed or warm-up arrival, and slack."""
+    return 4 * len(a.prompt_len) * (a.reps + 1) + 64
+
+
+def timing(model, name, a) -> None:
+    """One engine with the graphs; each timed arrival is served once without them (the runner's
+    `piecewise` detached for that step) and once with them, in turn, so both see the same engine
+    state and host conditions."""
+    V = model.cfg.vocab_size
+    engine = make_engine(model, name, None, a.piecewise_max_tokens, a.decode_rows)
+    runner = engine.runner
+    pw = runner.piecewise
+    gen = torch.Generator().manual_seed(0)
+    long = SamplingParams(temperature=0, max_tokens=decode_budget(a), ignore_eos=True, output_kind="delta")
+    print(f"\n{name}: one prompt chunk a step beside N decode rows at {a.context} tokens; wall ms of the "
+          f"engine step, median of {a.reps} per mode (taken in turn, after one warm-up each); steps over "
+          f"{a.piecewise_max_tokens} tokens stay eager")
+    print("| decode rows | prompt tokens | eager ms | piecewise ms | speed-up |")
+    print("|---|---|---|---|---|")
+    for decode_rows in (0, a.decode_rows):
+        for i in range(decode_rows):
+            engine.add_request(f"d{i}", torch.randint(8, V, (a.context + i,), generator=gen).tolist(), long)
+        for _ in range(10000 if decode_rows else 0):  # until every row decodes
+            engine.step()
+            t = engine.last_timing
+            if t.num_tokens and t.num_tokens == t.num_decode == decode_rows:
+                break
+        else:
+            if decode_rows:
+                raise RuntimeError("the decode rows never ran alone (page pool too small?)")
+        for plen in a.prompt_len:
+            walls = {False: [], True: []}
+            for r in range(a.reps + 1):
+                for graphs in (False, True):
+                    runner.piecewise = pw if graphs else None
+                    engine.add_request(f"p{plen}-{r}-{graphs}", torch.randint(8, V, (plen,), generator=gen).tolist(),
+                                       SamplingParams(temperature=0, max_tokens=1))
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    engine.step()  # the prompt's chunk beside the decode rows; it ends at its token
+                    torch.cuda.synchronize()
+                    if r:
+                        walls[graphs].append(1e3 * (time.perf_counter() - t0))
+                    engine.step()  # a decode-only step between arrivals
+            e, p = statistics.median(walls[False]), statistics.median(walls[True])
+            print(f"| {decode_rows} | {plen} | {e:.2f} | {p:.2f} | {e / p:.2f}× |", flush=True)
+    runner.piecewise = pw
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true", help="correctness: the bundled model and paper-1b")
+    ap.add_argument("--preset", default="paper-1b")
+    ap.add_argument("--model", default=None, help="a model directory instead of a preset")
+    ap.add_argument("--decode-rows", type=int, default=32)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--prompt-len", type=int, action="append", help="default 16, 128, 512, 2000")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--piecewise-max-tokens", type=int, default=2048)
+    a = ap.parse_args()
+    a.prompt_len = a.prompt_len or [16, 128, 512, 2000]
+    dev = torch.device("cuda")
+    if a.check:
+        ok = True
+        from nsa_serve.model.init_model import ensure_default_model
+        margs = SimpleNamespace(model=str(ensure_default_model()))
+        model, tokenizer, name = build_model(margs, dev, torch.bfloat16)
+        ok &= check(model, name, tokenizer, model.cfg.vocab_size, True)
+        del model
+        margs = SimpleNamespace(model=None, preset="paper-1b", set=None, input_len=4096, output_len=64, seed=0)
+        model, _, name = build_model(margs, dev, torch.bfloat16)
+        ok &= check(model, name, None, model.cfg.vocab_size, False)
+        print("PASS" if ok else "FAIL")
+        return 0 if ok else 1
+    margs = SimpleNamespace(model=a.model, preset=a.preset, set=None, input_len=a.context + a.decode_rows,
+                            output_len=decode_budget(a), seed=0)
+    model, _, name = build_model(margs, dev, torch.bfloat16)
+    timing(model, name, a)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
