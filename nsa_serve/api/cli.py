@@ -18,6 +18,8 @@ from contextlib import contextmanager
 
 import uvicorn
 
+from ..engine.args import add_graph_args
+
 log = logging.getLogger("nsa_serve.api")
 
 
@@ -59,14 +61,7 @@ def register(subparsers) -> None:
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="disable the prefix cache")
     g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    g.add_argument("--piecewise-max-tokens", type=int, default=2048,
-                   help="prompt and mixed steps of up to this many tokens replay their non-attention "
-                        "work as CUDA graphs (0: eager; CUDA, shared-K/V models)")
-    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="queue each decode step before reading the previous one's tokens, so the "
-                        "host's work overlaps the GPU's (decode steps served by CUDA graphs; default: "
-                        "on with CUDA, off on CPU)")
+    add_graph_args(g)
     g.add_argument("--cpu-threads", type=int, default=None,
                    help="CPU only: intra-op threads of engine steps (default: one per core)")
     g.add_argument("--cpu-reserved-cores", type=int, default=1,

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, replace
+
+
+def add_graph_args(parser) -> None:
+    """The CUDA-graph and scheduling flags `serve` and `bench` share (EngineArgs fields of the
+    same names)."""
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--piecewise-max-tokens", type=int, default=2048,
+                        help="prompt and mixed steps of up to this many tokens replay their non-attention "
+                             "work as CUDA graphs (0: eager; CUDA, shared-K/V models)")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="queue each decode step before reading the previous step's tokens, so the "
+                             "host's work overlaps the GPU's (decode steps served by CUDA graphs; default: "
+                             "on with CUDA, off on CPU)")
 
 
 @dataclass

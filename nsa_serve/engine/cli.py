@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+from .args import add_graph_args
 
 
 def register(subparsers) -> None:
@@ -25,13 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--num-pages", type=int, default=None, help="page pool size (default: from memory)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--cpu-kv-cache-gb", type=float, default=1.0)
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--piecewise-max-tokens", type=int, default=2048,
-                   help="prompt and mixed steps of up to this many tokens replay their non-attention "
-                        "work as CUDA graphs (0: eager)")
-    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="queue each decode step before reading the previous one's tokens (default: on "
-                        "with CUDA, off on CPU)")
+    add_graph_args(p)
     p.add_argument("--cpu-threads", type=int, default=None, help="CPU only: intra-op threads (default: one per core)")
     p.add_argument("--cpu-reserved-cores", type=int, default=0,
                    help="CPU only: cores left free during decode steps (default 0: no server here)")

@@ -202,6 +202,8 @@ class ModelRunner:
         # Per new summary: its sequence, index, and where its tokens are (lengths = entries).
         e_seq, e_idx, e_start, e_row0, e_base, e_first = [], [], [], [], [], []
         bt = np.zeros((B, table_width(max(len(s.block_table) for s in seqs))), dtype=np.int32)
+        # The piecewise graphs' φ reads every block from the pages: no flat source to build.
+        pw = self.piecewise if self.piecewise is not None and self.piecewise.eligible(sum(num_new)) else None
         for b, (seq, T, row) in enumerate(zip(seqs, num_new, self._table_rows.rows(seqs))):
             start, L = seq.num_computed_tokens, seq.num_computed_tokens + T
             row0 = cu[-1]
@@ -232,7 +234,8 @@ class ModelRunner:
                 e_row0 += [row0] * k
                 e_base += [len(old_slots)] * k
                 e_first += [n0 * d] * k
-                old_slots.extend(self._cmp_source_slot(seq, t) for t in range(n0 * d, start))
+                if pw is None:
+                    old_slots.extend(self._cmp_source_slot(seq, t) for t in range(n0 * d, start))
             new_entries.append((n0, max(n0, n1)))
 
         # Per-row sequence, position and raw-page slot, for all rows at once (numpy: a decode step
@@ -242,13 +245,8 @@ class ModelRunner:
         pos = (np.asarray(starts, dtype=i64)[seq_of_row] + np.arange(cu[-1])
                - np.asarray(cu[:-1], dtype=i64)[seq_of_row])
         slots = bt[seq_of_row, pos // P].astype(i64) * P + pos % P
-        # φ's flat source: old rows first (0 … n_old − 1), then this step's rows.
-        n_old = len(old_slots)
         ei = np.asarray(e_idx, dtype=i64)
-        t = ei[:, None] * d + np.arange(l)
-        e_start_c = np.asarray(e_start, dtype=i64)[:, None]
-        old_row = np.asarray(e_base, dtype=i64)[:, None] + t - np.asarray(e_first, dtype=i64)[:, None]
-        src = np.where(t < e_start_c, old_row, n_old + np.asarray(e_row0, dtype=i64)[:, None] + t - e_start_c)
+        t = ei[:, None] * d + np.arange(l)  # the tokens of each new summary
         entry_slots = bt[np.asarray(e_seq, dtype=i64), ei // E].astype(i64) * E + ei % E
         dev = self.device
 
@@ -257,8 +255,7 @@ class ModelRunner:
             return x.to(dev, non_blocking=True)
 
         T = cu[-1]
-        pw = self.piecewise
-        if pw is not None and pw.eligible(T):
+        if pw is not None:
             # Every block φ completes is read from the pages (shared K/V: they hold the step's rows
             # once written), so each entry carries its l token slots instead of a flat source.
             block_slots = bt[np.asarray(e_seq, dtype=i64)[:, None], t // P].astype(i64) * P + t % P
@@ -267,6 +264,11 @@ class ModelRunner:
             entry_t = x["entry_slots"][:len(entry_slots)]
             old_t = src_t = None
         else:
+            # φ's flat source: old rows first (0 … n_old − 1), then this step's rows.
+            n_old = len(old_slots)
+            e_start_c = np.asarray(e_start, dtype=i64)[:, None]
+            old_row = np.asarray(e_base, dtype=i64)[:, None] + t - np.asarray(e_first, dtype=i64)[:, None]
+            src = np.where(t < e_start_c, old_row, n_old + np.asarray(e_row0, dtype=i64)[:, None] + t - e_start_c)
             x = None
             ids_t, pos_t, slots_t, entry_t = lt(ids), lt(pos), lt(slots), lt(entry_slots)
             old_t, src_t = lt(old_slots), lt(src.reshape(-1, l))
