@@ -15,13 +15,22 @@ Two parts, one engine at a time (each takes the GPU's page pool):
 
     python3 scripts/piecewise_probe.py --check
     python3 scripts/piecewise_probe.py --preset paper-1b --decode-rows 32 --context 1024 --reps 9
+    python3 scripts/piecewise_probe.py --preset paper-1b --profile --prompt-len 128
+
+* `--profile`: where a piecewise step's wall time goes, for each `--prompt-len` alone and beside
+  the decode rows: host time inside the decode and prefill attention calls (and the prefill
+  plan), inside the graph replays, the GPU's kernel time in the step (torch profiler), then the
+  functions with the most host time in one such step (cProfile).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import gc
+import io
+import pstats
 import statistics
 import time
 from types import SimpleNamespace
@@ -40,8 +49,11 @@ def make_engine(model, name, tokenizer, max_tokens: int, rows: int) -> LLMEngine
                        model=model, tokenizer=tokenizer, model_name=name)
     t0 = time.perf_counter()
     engine.warmup()
+    pw = engine.runner.piecewise
     print(f"  engine (piecewise_max_tokens={max_tokens}): warm-up {time.perf_counter() - t0:.1f} s, graphs for "
-          f"{engine.runner.piecewise.sizes if engine.runner.piecewise else 'none'}", flush=True)
+          f"{pw.sizes if pw else 'none'}; decode-row graphs for {pw.decode_rows.sizes if pw else 'none'} "
+          f"(their capture reserved {pw.decode_rows.capture_bytes / 2**20 if pw else 0:.0f} MB); "
+          f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved in all", flush=True)
     return engine
 
 
@@ -68,7 +80,8 @@ def double_run(engine):
     graphs where captured). Yields a list that collects, per such step, two numbers over the last
     layer's hidden states of all its rows: max |Δh| / max |h| of the pieces against the eager
     path (the padded shapes' and φ's stacked weights' rounding), and of the served run against
-    the pieces (what the capture changes: nothing)."""
+    the pieces (what the capture changes: nothing). The uncaptured run runs the decode rows'
+    attention (piecewise_decode) uncaptured too."""
     runner = engine.runner
     pw, prepare, execute = runner.piecewise, runner.prepare, runner.execute
     layers, forward = runner._layers, pw.forward
@@ -92,10 +105,11 @@ def double_run(engine):
             return execute(inp)
         execute(eager_inp)
         graphs, pw.graphs = pw.graphs, {}
+        rows, pw.decode_rows.graphs = pw.decode_rows.graphs, {}
         try:
             execute(inp)
         finally:
-            pw.graphs = graphs
+            pw.graphs, pw.decode_rows.graphs = graphs, rows
         pieces = hidden.pop("piecewise").clone()
         out = execute(inp)
         diffs.append((rel(pieces, hidden.pop("eager")), rel(hidden.pop("piecewise"), pieces)))
@@ -162,21 +176,35 @@ def decode_budget(a) -> int:
     return 4 * len(a.prompt_len) * (a.reps + 1) + 64
 
 
+MODES = ("eager", "pieces, decode rows eager", "pieces + decode-row graphs")
+
+
 def timing(model, name, a) -> None:
-    """One engine with the graphs; each timed arrival is served once without them (the runner's
-    `piecewise` detached for that step) and once with them, in turn, so both see the same engine
-    state and host conditions."""
+    """One engine with the graphs; each timed arrival is served once in each of MODES, in turn,
+    so all see the same engine state and host conditions: without the path (the runner's
+    `piecewise` detached for that step), through the pieces with the decode rows' attention in
+    the eager call (as before piecewise_decode), and as the engine serves it."""
     V = model.cfg.vocab_size
     engine = make_engine(model, name, None, a.piecewise_max_tokens, a.decode_rows)
     runner = engine.runner
     pw = runner.piecewise
+    prepare = runner.prepare
+    mode = [MODES[2]]
+
+    def prepare_for_mode(seqs, nums):
+        inp = prepare(seqs, nums)
+        if mode[0] == MODES[1]:
+            inp.piecewise_decode = None
+        return inp
+
+    runner.prepare = prepare_for_mode
     gen = torch.Generator().manual_seed(0)
     long = SamplingParams(temperature=0, max_tokens=decode_budget(a), ignore_eos=True, output_kind="delta")
     print(f"\n{name}: one prompt chunk a step beside N decode rows at {a.context} tokens; wall ms of the "
           f"engine step, median of {a.reps} per mode (taken in turn, after one warm-up each); steps over "
           f"{a.piecewise_max_tokens} tokens stay eager")
-    print("| decode rows | prompt tokens | eager ms | piecewise ms | speed-up |")
-    print("|---|---|---|---|---|")
+    print("| decode rows | prompt tokens | " + " | ".join(f"{m} ms" for m in MODES) + " | speed-up over eager |")
+    print("|---|---|---|---|---|---|")
     for decode_rows in (0, a.decode_rows):
         for i in range(decode_rows):
             engine.add_request(f"d{i}", torch.randint(8, V, (a.context + i,), generator=gen).tolist(), long)
@@ -189,22 +217,118 @@ def timing(model, name, a) -> None:
             if decode_rows:
                 raise RuntimeError("the decode rows never ran alone (page pool too small?)")
         for plen in a.prompt_len:
-            walls = {False: [], True: []}
+            walls = {m: [] for m in MODES}
             for r in range(a.reps + 1):
-                for graphs in (False, True):
-                    runner.piecewise = pw if graphs else None
-                    engine.add_request(f"p{plen}-{r}-{graphs}", torch.randint(8, V, (plen,), generator=gen).tolist(),
+                for m in MODES:
+                    mode[0] = m
+                    runner.piecewise = None if m == MODES[0] else pw
+                    engine.add_request(f"p{plen}-{r}-{m}", torch.randint(8, V, (plen,), generator=gen).tolist(),
                                        SamplingParams(temperature=0, max_tokens=1))
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
                     engine.step()  # the prompt's chunk beside the decode rows; it ends at its token
                     torch.cuda.synchronize()
                     if r:
-                        walls[graphs].append(1e3 * (time.perf_counter() - t0))
+                        walls[m].append(1e3 * (time.perf_counter() - t0))
                     engine.step()  # a decode-only step between arrivals
-            e, p = statistics.median(walls[False]), statistics.median(walls[True])
-            print(f"| {decode_rows} | {plen} | {e:.2f} | {p:.2f} | {e / p:.2f}× |", flush=True)
+            med = [statistics.median(walls[m]) for m in MODES]
+            print(f"| {decode_rows} | {plen} | " + " | ".join(f"{x:.2f}" for x in med)
+                  + f" | {med[0] / med[2]:.2f}× |", flush=True)
     runner.piecewise = pw
+    mode[0] = MODES[2]
+    del runner.prepare
+
+
+@contextlib.contextmanager
+def host_timers(engine):
+    """Inside, host seconds spent in the attention backend's decode, prefill and plan calls and in
+    CUDA graph replays accumulate in the yielded dict (no synchronisation: launch cost only)."""
+    att = engine.runner.attention
+    spent = {"decode attention": 0.0, "prefill attention": 0.0, "prefill plan": 0.0, "graph replays": 0.0}
+    saved = {n: getattr(att, n) for n in ("decode_fn", "prefill_fn", "prefill_plan_fn")}
+    replay = torch.cuda.CUDAGraph.replay
+
+    def timed(key, fn):
+        def run(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                spent[key] += time.perf_counter() - t0
+        return run
+
+    for n, key in (("decode_fn", "decode attention"), ("prefill_fn", "prefill attention"),
+                   ("prefill_plan_fn", "prefill plan")):
+        if saved[n] is not None:
+            setattr(att, n, timed(key, saved[n]))
+    torch.cuda.CUDAGraph.replay = timed("graph replays", replay)
+    try:
+        yield spent
+    finally:
+        torch.cuda.CUDAGraph.replay = replay
+        for n, fn in saved.items():
+            setattr(att, n, fn)
+
+
+def profile(model, name, a) -> None:
+    """Per `--prompt-len`, alone and beside `--decode-rows` rows: the breakdown of one arriving
+    prompt's piecewise step (medians over `--reps`), then cProfile's top functions for one step."""
+    V = model.cfg.vocab_size
+    engine = make_engine(model, name, None, a.piecewise_max_tokens, a.decode_rows)
+    gen = torch.Generator().manual_seed(0)
+    long = SamplingParams(temperature=0, max_tokens=decode_budget(a), ignore_eos=True, output_kind="delta")
+    print(f"\n{name}: where a prompt's piecewise step goes (context {a.context}); ms, medians of {a.reps}")
+    print("| decode rows | prompt tokens | wall | decode attention (host) | prefill attention (host) | "
+          "prefill plan (host) | graph replays (host) | GPU kernels |")
+    print("|---|---|---|---|---|---|---|---|")
+    listings = []
+    for decode_rows in (0, a.decode_rows):
+        for i in range(decode_rows):
+            engine.add_request(f"d{i}", torch.randint(8, V, (a.context + i,), generator=gen).tolist(), long)
+        for _ in range(10000 if decode_rows else 0):
+            engine.step()
+            t = engine.last_timing
+            if t.num_tokens and t.num_tokens == t.num_decode == decode_rows:
+                break
+        for plen in a.prompt_len:
+            rows = []
+
+            def arrival(tag):
+                engine.add_request(f"q{plen}-{decode_rows}-{tag}", torch.randint(8, V, (plen,), generator=gen).tolist(),
+                                   SamplingParams(temperature=0, max_tokens=1))
+                torch.cuda.synchronize()
+
+            for r in range(a.reps + 1):
+                arrival(r)
+                with host_timers(engine) as spent:
+                    t0 = time.perf_counter()
+                    engine.step()
+                    torch.cuda.synchronize()
+                    wall = time.perf_counter() - t0
+                engine.step()
+                arrival(f"k{r}")
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    engine.step()
+                    torch.cuda.synchronize()
+                gpu = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3  # µs → ms
+                engine.step()
+                if r:
+                    rows.append([1e3 * wall] + [1e3 * v for v in spent.values()] + [gpu])
+            med = [statistics.median(c) for c in zip(*rows)]
+            print(f"| {decode_rows} | {plen} | " + " | ".join(f"{m:.2f}" for m in med) + " |", flush=True)
+            arrival("cprofile")
+            pr = cProfile.Profile()
+            pr.enable()
+            engine.step()
+            torch.cuda.synchronize()
+            pr.disable()
+            engine.step()
+            buf = io.StringIO()
+            pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+            listings.append((decode_rows, plen, buf.getvalue()))
+    for decode_rows, plen, text in listings:
+        print(f"\ncProfile, one step: {plen}-token prompt beside {decode_rows} decode rows (by own time)")
+        print(text)
 
 
 def main() -> int:
@@ -217,6 +341,7 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, action="append", help="default 16, 128, 512, 2000")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--piecewise-max-tokens", type=int, default=2048)
+    ap.add_argument("--profile", action="store_true", help="where a piecewise step's time goes")
     a = ap.parse_args()
     a.prompt_len = a.prompt_len or [16, 128, 512, 2000]
     dev = torch.device("cuda")
@@ -235,7 +360,7 @@ def main() -> int:
     margs = SimpleNamespace(model=a.model, preset=a.preset, set=None, input_len=a.context + a.decode_rows,
                             output_len=decode_budget(a), seed=0)
     model, _, name = build_model(margs, dev, torch.bfloat16)
-    timing(model, name, a)
+    (profile if a.profile else timing)(model, name, a)
     return 0
 
 

@@ -9,6 +9,7 @@ attaches the path itself only on CUDA; here the tests attach it. The capture run
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,7 +25,8 @@ one_thread = pytest.fixture(autouse=True, scope="module")(single_thread_torch)
 def _engine(piecewise: int, **kw):
     engine = make_engine(True, **kw)
     if piecewise:
-        engine.runner.piecewise = PiecewiseSteps(engine.runner, piecewise, engine.args.max_num_seqs)
+        engine.runner.piecewise = PiecewiseSteps(engine.runner, piecewise, engine.args.max_num_seqs,
+                                                engine.max_model_len)
     return engine
 
 
@@ -45,7 +47,7 @@ def test_piecewise_validation():
         EngineArgs(piecewise_max_tokens=-1).validate()
     engine = make_engine(False)
     with pytest.raises(ValueError, match="shared K/V"):
-        PiecewiseSteps(engine.runner, 64, 4)
+        PiecewiseSteps(engine.runner, 64, 4, 256)
 
 
 @pytest.mark.parametrize("attention", ["nsa", "dense"])
@@ -77,6 +79,8 @@ def test_steps_match_the_eager_engine_step_by_step(attention):
         assert step < 500
     assert pw.runner.piecewise.steps > 0
     assert pw.runner.piecewise.steps < step  # steps over 64 tokens ran eagerly
+    # decode rows (beside chunks, or alone: no decode graphs here) went through piecewise_decode
+    assert pw.runner.piecewise.decode_rows.steps > 0
     for rid, a in outs[id(eager)].items():
         b = outs[id(pw)][rid]
         ca, cb = a.outputs[0], b.outputs[0]
@@ -144,6 +148,27 @@ def test_entry_rows_bound():
                   torch.zeros((0, c.cmp_block), dtype=torch.int64).numpy(), size=16)
 
 
+def test_decode_rows_inputs_are_padded_with_the_trash_page():
+    """piecewise_decode's inputs: the step's decode rows' tables and lengths, then padding rows
+    (length 1, every column the trash page); a later step with fewer rows or a narrower table
+    leaves nothing of the earlier one behind. Tables have the longest sequence's width."""
+    engine = _engine(64, max_num_seqs=8)
+    rows, trash = engine.runner.piecewise.decode_rows, engine.runner.trash_page
+    assert rows.sizes == [1, 2, 4, 8] and rows.max_pages == -(-engine.max_model_len // engine.runner.P)
+    wide = np.arange(1, 3 * 20 + 1, dtype=np.int32).reshape(3, 20)  # wider than max_pages: cut
+    x = rows.upload(wide, [5, 6, 7], 3)
+    w = min(20, rows.max_pages)
+    assert x["lens"].tolist() == [5, 6, 7, 1]
+    assert np.array_equal(x["tables"][:3, :w].numpy(), wide[:, :w])
+    assert (x["tables"][:3, w:] == trash).all() and (x["tables"][3] == trash).all()
+    narrow = np.full((1, 2), 9, dtype=np.int32)
+    x = rows.upload(narrow, [4], 1, size=4)
+    assert x["lens"].tolist() == [4, 1, 1, 1]
+    assert x["tables"][0, :2].tolist() == [9, 9]
+    assert (x["tables"][0, 2:] == trash).all() and (x["tables"][1:] == trash).all()
+    assert rows.upload(narrow, [4], 1)["lens"].shape == (1,)
+
+
 def test_probe_double_run_compares_every_piecewise_step():
     """scripts/piecewise_probe.py's double run (also the GPU test's check): each step served by
     the pieces is run eagerly and as pieces too, the hidden states compared; on CPU in float32
@@ -174,11 +199,14 @@ def test_piecewise_graphs_on_gpu():
     engine.warmup()
     pw = engine.runner.piecewise
     assert pw is not None and sorted(pw.graphs) == capture_sizes(256)
+    layers = len(engine.model.layers)
+    assert sorted(pw.decode_rows.graphs) == [(i, s) for i in range(layers) for s in pw.decode_rows.sizes]
     before = pw.steps
     with probe.double_run(engine) as diffs:
         engine.generate(random_prompts(6, 5, 700, seed=5), SamplingParams(temperature=0, max_tokens=8))
     print("pieces vs eager, graphs vs pieces:", diffs)
     assert pw.steps > before and 2 * len(diffs) == pw.steps - before
+    assert pw.decode_rows.steps > 0  # mixed steps: their decode rows replayed piecewise_decode's graphs
     assert max(d[1] for d in diffs) < 1e-3, diffs
     assert max(d[0] for d in diffs) < 2e-2, diffs
     engine.block_manager.check_all_free()

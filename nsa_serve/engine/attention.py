@@ -56,19 +56,28 @@ class AttentionBackend:
         prefill = "sdpa" if self.prefill_fn is paged_nsa_prefill_sdpa else "kernel" if self.prefill_fn else "reference"
         return f"nsa: decode={'kernel' if self.decode_fn else 'reference'}, prefill={prefill}"
 
-    def __call__(self, q, gates, cache: PagedLayerCache, inp, out: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, q, gates, cache: PagedLayerCache, inp, out: torch.Tensor | None = None,
+                 decode_done: bool = False) -> torch.Tensor:
         """q [Ttot, Hq, Dk], gates [Ttot, Hq, 3]; `inp` is the step's StepInputs. Rows of single-token
         sequences come first (inp.num_decode of them), then prompt chunks. `out` [Ttot, Hq, Dv]:
-        where to write the result (the piecewise graphs' buffer), else a new tensor."""
+        where to write the result (the piecewise graphs' buffer), else a new tensor.
+        `decode_done`: the decode rows' rows of `out` are already written (piecewise_decode);
+        only the chunks' are."""
         nd, B = inp.num_decode, inp.num_seqs
         dense = self.mode == "dense"
+        rows_dec = inp.cu_host[nd]
         if dense and self.dense_decode_fn is None and not self.dense_prefill_sdpa:
-            res = self._reference(q, gates, cache, inp, 0, B)  # CPU dense baseline: one call for the step
-            return res if out is None else out.copy_(res)
+            lo = nd if decode_done else 0  # CPU dense baseline: one call for the step's rows
+            if lo == B:
+                return out
+            res = self._reference(q[inp.cu_host[lo]:], gates[inp.cu_host[lo]:], cache, inp, lo, B)
+            if out is None:
+                return res
+            out[inp.cu_host[lo]:].copy_(res)
+            return out
         if out is None:
             out = q.new_empty(q.shape[0], q.shape[1], cache.v_cache.shape[-1])
-        rows_dec = inp.cu_host[nd]
-        if nd:
+        if nd and not decode_done:
             bt, lens = inp.block_tables[:nd], inp.seq_lens[:nd]
             if dense and self.dense_decode_fn is not None:
                 out[:rows_dec] = self.dense_decode_fn(q[:rows_dec], cache, bt, lens)

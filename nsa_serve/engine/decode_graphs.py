@@ -124,6 +124,19 @@ def summaries_from_cache(runner, attn, cache, block_slots: torch.Tensor, entry_s
     runner.write_pair(cache.kc_cache, cache.vc_cache, sk, sv, entry_slots)
 
 
+def decode_attention(runner, q, gates, cache, tables, lens, win_tables=None) -> torch.Tensor:
+    """Attention of single-token rows over fixed-shape inputs (tables [rows, pages], lens [rows]):
+    the decode kernels (NSA or dense) where the backend has them, else the reference."""
+    att = runner.attention
+    if runner.dense and att.dense_decode_fn is not None:
+        return att.dense_decode_fn(q, cache, tables, lens)
+    if not runner.dense and att.decode_fn is not None:
+        return att.decode_fn(q, gates, cache, tables, lens, att.p, win_tables=win_tables)
+    cu = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+    return paged_nsa_attention_ref(q, gates, cache, tables, cu, lens, att.p, dense=runner.dense,
+                                   win_tables=None if runner.dense else win_tables)
+
+
 def _gather_ids(ids: torch.Tensor, ids_from, device: torch.device) -> None:
     """ids[:len(rows)] = tokens[rows] on the device, queued behind the step that sampled tokens."""
     tokens, rows = ids_from
@@ -165,7 +178,8 @@ class Staging:
     run (an event); with one step in flight, that copy is two steps back and long done."""
 
     def __init__(self, owner, pinned: bool):
-        # owner: StaticDecode or piecewise_graphs.PiecewiseSteps (`new_inputs(size, pin=…)`)
+        # owner: StaticDecode, piecewise_graphs.PiecewiseSteps or piecewise_decode.DecodeRows
+        # (`new_inputs(size, pin=…)`)
         self.owner, self.pinned = owner, pinned
         self._bufs: dict[int, list] = {}  # size → [[StepInputs, event or None], [...]]
         self._turn: dict[int, int] = {}
@@ -185,7 +199,7 @@ class Staging:
         """`host`'s copy to the device has been queued: it may be refilled once that has run."""
         if not self.pinned:
             return
-        for entry in self._bufs.get(host["ids"].shape[0], []):
+        for entry in (e for entries in self._bufs.values() for e in entries):
             if entry[0] is host:
                 if entry[1] is None:
                     entry[1] = torch.cuda.Event()
@@ -333,17 +347,7 @@ class StaticDecode:
                              self.fused_phi and size <= FUSED_PHI_MAX_BATCH)
 
     def _attend(self, q, gates, cache, x, size):
-        att, r = self.runner.attention, self.runner
-        wt = x.get("win_tables")
-        if r.dense:
-            if att.dense_decode_fn is not None:
-                return att.dense_decode_fn(q, cache, x["tables"], x["lens"])
-            cu = torch.arange(size + 1, dtype=torch.int32, device=q.device)
-            return paged_nsa_attention_ref(q, gates, cache, x["tables"], cu, x["lens"], att.p, dense=True)
-        if att.decode_fn is not None:
-            return att.decode_fn(q, gates, cache, x["tables"], x["lens"], att.p, win_tables=wt)
-        cu = torch.arange(size + 1, dtype=torch.int32, device=q.device)
-        return paged_nsa_attention_ref(q, gates, cache, x["tables"], cu, x["lens"], att.p, win_tables=wt)
+        return decode_attention(self.runner, q, gates, cache, x["tables"], x["lens"], x.get("win_tables"))
 
     def prepare(self, seqs: list[Sequence]) -> "StepInputs":
         """Host-side inputs of a decode-only step, padded to the next graph size, written into

@@ -201,7 +201,8 @@ class LLMEngine:
         if self.device.type == "cuda" and not args.enforce_eager and args.piecewise_max_tokens and cfg.shared_kv:
             # Other steps replay their non-attention work as graphs captured in warmup().
             self.runner.piecewise = PiecewiseSteps(
-                self.runner, min(args.piecewise_max_tokens, args.max_num_batched_tokens), args.max_num_seqs)
+                self.runner, min(args.piecewise_max_tokens, args.max_num_batched_tokens), args.max_num_seqs,
+                self.max_model_len)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
                                    args.long_prefill_token_threshold, args.scheduling_policy)
         stop_ids = tokenizer.stop_token_ids if tokenizer is not None else [cfg.eos_token_id]

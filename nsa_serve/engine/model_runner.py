@@ -75,8 +75,10 @@ class StepInputs:
     # the Triton prefill kernel's tile layout, built by the first layer and reused by the others
     prefill_plan: object | None = None
     # piecewise_graphs: the padded device inputs when the step runs that way (ids, positions, slots
-    # and entry_slots above are views of them; summary_old_slots and entry_src are then unused)
+    # and entry_slots above are views of them; summary_old_slots and entry_src are then unused),
+    # and its decode rows' padded tables and lengths (piecewise_decode), when it has decode rows
     piecewise: object | None = None
+    piecewise_decode: object | None = None
 
 
 @dataclass
@@ -280,6 +282,8 @@ class ModelRunner:
             summary_old_slots=old_t, entry_src=src_t, entry_slots=entry_t,
             new_entries=new_entries, logits_rows=lt(logits_rows), sample_seqs=sample_seqs, piecewise=x,
         )
+        if pw is not None and num_decode:
+            inp.piecewise_decode = pw.decode_rows.upload(bt, lens, num_decode)
         if prompt_spans:
             inp.prompt_rows, inp.prompt_targets = lt(prompt_rows), lt(prompt_targets)
             inp.prompt_spans, inp.prompt_k, inp.prompt_targets_host = prompt_spans, prompt_k, prompt_targets

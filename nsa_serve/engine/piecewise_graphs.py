@@ -43,6 +43,7 @@ import torch
 
 from ..model.nsa_model import add_rms_norm
 from .decode_graphs import Staging, StepInputs, block_gather, summaries_from_cache
+from .piecewise_decode import DecodeRows
 
 log = logging.getLogger("nsa_serve.engine")
 
@@ -61,7 +62,7 @@ def capture_sizes(max_tokens: int) -> list[int]:
 
 
 class PiecewiseSteps:
-    def __init__(self, runner, max_tokens: int, max_seqs: int):
+    def __init__(self, runner, max_tokens: int, max_seqs: int, max_model_len: int):
         if not runner.shared:
             raise ValueError("piecewise CUDA graphs need shared K/V (φ reads its blocks from the pages)")
         self.runner = runner
@@ -83,6 +84,8 @@ class PiecewiseSteps:
         self.q = torch.zeros(S, H, c.head_dim_k, dtype=dt, device=dev)
         self.gates = torch.zeros(S, H, 3, dtype=dt, device=dev)
         self.o = torch.zeros(S, H, c.head_dim_v, dtype=dt, device=dev)
+        # The decode rows' attention, as graphs of its own (piecewise_decode.py).
+        self.decode_rows = DecodeRows(runner, self.q, self.gates, self.o, min(max_seqs, S), max_model_len)
 
     @property
     def max_tokens(self) -> int:
@@ -182,13 +185,21 @@ class PiecewiseSteps:
             graphs = None
         state = {}
         self.steps += 1
+        rows = inp.piecewise_decode  # the decode rows' padded inputs, when the step has any
+        if rows is not None:
+            self.decode_rows.steps += 1
         for i in range(L + 1):
             if graphs is not None:
                 graphs[i].replay()
             else:
                 self._piece(i, x, state)
-            if i < L:  # the layer's attention, eager, into the buffer the next piece reads
-                r.attention(self.q[:T], self.gates[:T], r.caches[i], inp, out=self.o[:T])
+            if i < L:  # the layer's attention, into the buffer the next piece reads: the decode
+                # rows' from their graph, then the chunks' eagerly (it overwrites the graph's
+                # throwaway rows past the decode rows)
+                if rows is not None:
+                    self.decode_rows.attend(i, rows)
+                r.attention(self.q[:T], self.gates[:T], r.caches[i], inp, out=self.o[:T],
+                            decode_done=rows is not None)
         return self.h[:T]
 
     # -- CUDA graphs ------------------------------------------------------------------------------
@@ -216,5 +227,8 @@ class PiecewiseSteps:
                 pool = g.pool()
                 graphs.append(g)
             self.graphs[size] = graphs
+        self.decode_rows.capture(pool)
         torch.cuda.synchronize(dev)
-        log.info("captured piecewise CUDA graphs for prompt steps of %s tokens (%d pieces each)", self.sizes, n)
+        log.info("captured piecewise CUDA graphs for prompt steps of %s tokens (%d pieces each), and the "
+                 "decode rows' attention for %s rows (%.0f MB more reserved)", self.sizes, n,
+                 self.decode_rows.sizes, self.decode_rows.capture_bytes / 2**20)
