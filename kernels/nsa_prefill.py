@@ -41,6 +41,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -634,9 +635,27 @@ def _slc_kernel(
     passes (twenty-third session)."""
     r = tl.program_id(0)
     h = tl.program_id(1)
+    pos = tl.load(rowpos_ptr + r)
+    if pos >= 0:  # a static plan's rows outside its chunks (position −1) are left as they are
+        _slc_row(q_ptr, g_ptr, acc_ptr, out_ptr, idx_ptr, rowseq_ptr, k_ptr, v_ptr, bt_ptr, fm_ptr, fo_ptr,
+                 sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, so_t, so_h, si_t, si_h,
+                 sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, sbt, sf_t, row_base, qk_scale, r, h, pos,
+                 G, GP, DK, DK1, DK2, DV, DVP, P, NSEL, PREC, UPCAST, FORCED, NUM_INIT, NUM_LOCAL,
+                 score_ptr, ss_t, ss_h, TOPN, NBP, NSP)
+
+
+@_helper
+def _slc_row(q_ptr, g_ptr, acc_ptr, out_ptr, idx_ptr, rowseq_ptr, k_ptr, v_ptr, bt_ptr, fm_ptr, fo_ptr,
+             sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, so_t, so_h, si_t, si_h,
+             sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, sbt, sf_t, row_base, qk_scale, r, h, pos,
+             G: tl.constexpr, GP: tl.constexpr,
+             DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+             P: tl.constexpr, NSEL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+             FORCED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
+             score_ptr, ss_t, ss_h, TOPN: tl.constexpr, NBP: tl.constexpr, NSP: tl.constexpr):
+    """`_slc_kernel`'s work for query row r (at pos) and kv group h."""
     row = (row_base + r).to(tl.int64)
     seq = tl.load(rowseq_ptr + r)
-    pos = tl.load(rowpos_ptr + r)
     if TOPN:
         one = tl.arange(0, 1)
         sel = tl.reshape(_select_rows(score_ptr, r + one, one == 0, pos + one, h, ss_t, ss_h, NSEL, NUM_INIT,
@@ -802,6 +821,15 @@ def _tiles(cu, lens, r0, r1, BT) -> torch.Tensor:
 
 
 def _check(q, gates, layer, block_tables, cu_seqlens_q, seq_lens, p, win_tables):
+    _check_layer(q, gates, layer, p)
+    B = seq_lens.shape[0]
+    if cu_seqlens_q.shape != (B + 1,) or block_tables.shape[0] != B:
+        raise ValueError("cu_seqlens_q must be [B+1] and block_tables [B, max_pages] for B = len(seq_lens)")
+    if win_tables is not None and win_tables.shape[0] != B:
+        raise ValueError("win_tables must be [B, ring_pages]")
+
+
+def _check_layer(q, gates, layer, p):
     if q.dim() != 3 or gates.shape != (q.shape[0], q.shape[1], 3):
         raise ValueError(f"q must be [Ttot, Hq, Dk] and gates [Ttot, Hq, 3]; got {tuple(q.shape)}, "
                          f"{tuple(gates.shape)}")
@@ -825,11 +853,6 @@ def _check(q, gates, layer, block_tables, cu_seqlens_q, seq_lens, p, win_tables)
             raise ValueError(f"{name} dtype {t.dtype} differs from q dtype {q.dtype}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"unsupported dtype {q.dtype} (fp32, fp16, bf16)")
-    B = seq_lens.shape[0]
-    if cu_seqlens_q.shape != (B + 1,) or block_tables.shape[0] != B:
-        raise ValueError("cu_seqlens_q must be [B+1] and block_tables [B, max_pages] for B = len(seq_lens)")
-    if win_tables is not None and win_tables.shape[0] != B:
-        raise ValueError("win_tables must be [B, ring_pages]")
 
 
 @dataclass
@@ -847,6 +870,7 @@ class PrefillPlan:
     meta: torch.Tensor  # every slice's tiles, window tiles, row → sequence, row → position (int32)
     slices: list[tuple]  # (r0, r1, tiles, window tiles, spans in meta, blocks NB) per row slice
     pack: tuple | None = None  # with cmp_packed: (pages, spans in meta of pages / firsts / lengths)
+    static: tuple | None = None  # `static_plan`'s (rows, sequences, pages)
 
     @property
     def total_rows(self) -> int:
@@ -913,6 +937,107 @@ def plan_prefill(cu_seqlens_q, seq_lens, *, page_size: int, group: int, device,
     return PrefillPlan(cu, lens, P, group, cfg, meta, slices, pack)
 
 
+def static_plan(rows: int, seqs: int, pages: int, *, page_size: int, group: int, device,
+                config: PrefillConfig | None = None) -> PrefillPlan:
+    """A plan of fixed shapes, for `nsa_prefill_static` calls captured in a CUDA graph and replayed
+    with other chunks: q of `rows` rows, chunks of up to `seqs` sequences (the block table's rows)
+    whose contexts span up to `pages` pages (its columns).
+
+    Everything a grid or a buffer size depends on is fixed: the tile lists have room for the most
+    tiles such a call can have (Σ ⌈T_b/BT⌉ ≤ rows // BT + seqs), the selected-branch grid covers
+    every row, the block scores have `pages` columns. `static_layout` writes a call's chunks into
+    the plan's host image, to be copied to `plan.meta` before the replay: tiles past the call's
+    own have no rows (their programs store nothing), and rows outside its chunks have position −1
+    (the selected-branch programs leave their output rows as they are). The summaries are read
+    through the block table (`cmp_packed` off: the pack launch's grid follows the contexts).
+    Made with every row outside any chunk."""
+    cfg = replace(config or default_config(device), cmp_packed=0)
+    if not 0 < rows <= cfg.max_rows or seqs < 1 or pages < 1:
+        raise ValueError(f"static plans need 0 < rows <= {cfg.max_rows}, seqs >= 1 and pages >= 1; got "
+                         f"{rows}, {seqs}, {pages}")
+    GP = _pow2(group)
+    ntiles = rows // max(1, cfg.rows_cmp // GP) + seqs
+    nwtiles = rows // max(1, cfg.rows_win // GP) + seqs
+    spans, off = [], 0
+    for n in (4 * ntiles, 4 * nwtiles, rows, rows):  # tiles, window tiles, row → sequence, position
+        spans.append((off, off + n))
+        off += n - n % -4  # 16-byte aligned segments, as plan_prefill's
+    plan = PrefillPlan([0], [], page_size, group, cfg, torch.empty(off, dtype=torch.int32, device=device),
+                       [(0, rows, ntiles, nwtiles, spans, pages)], static=(rows, seqs, pages))
+    plan.meta.copy_(torch.from_numpy(static_layout(plan, [0], [])))
+    return plan
+
+
+def static_layout(plan: PrefillPlan, cu_seqlens_q, seq_lens, row0: int = 0,
+                  out: "np.ndarray | None" = None) -> "np.ndarray":
+    """The host image of `plan.meta` (a `static_plan`) for a call whose chunks are rows
+    row0 + cu_seqlens_q[b] … row0 + cu_seqlens_q[b + 1] − 1 of q, of lengths seq_lens (host lists;
+    chunk b uses block-table row b). Written into `out` (int32, plan.meta's size) or a new array."""
+    rows, seqs, pages = plan.static
+    cu, lens = [int(x) for x in cu_seqlens_q], [int(x) for x in seq_lens]
+    B = len(lens)
+    if len(cu) != B + 1 or cu[0] != 0 or any(cu[b + 1] < cu[b] for b in range(B)):
+        raise ValueError(f"cu_seqlens_q must be [B+1] rising from 0, got {cu} for {B} sequences")
+    if B > seqs or row0 < 0 or row0 + cu[-1] > rows:
+        raise ValueError(f"{B} chunks of rows {row0} … {row0 + cu[-1] - 1} do not fit a static plan of {seqs} "
+                         f"sequences and {rows} rows")
+    for b, L in enumerate(lens):
+        if cu[b + 1] - cu[b] > L or -(-L // plan.page_size) > pages:
+            raise ValueError(f"sequence {b}: {cu[b + 1] - cu[b]} queries and seq_len {L} do not fit "
+                             f"(at most seq_len queries, {pages} pages)")
+    if out is None:
+        out = np.empty(plan.meta.numel(), dtype=np.int32)
+    (t0, t1), (w0, w1), (s0, s1), (p0, p1) = plan.slices[0][4]
+    GP = _pow2(plan.group)
+    for (a, b_), bt in (((t0, t1), max(1, plan.config.rows_cmp // GP)), ((w0, w1), max(1, plan.config.rows_win // GP))):
+        tiles = out[a:b_].reshape(-1, 4)
+        tiles[:] = 0  # no rows: a program that stores nothing
+        parts = []
+        for b in range(B):
+            lo, hi = cu[b], cu[b + 1]
+            if hi > lo:
+                r = np.arange(lo, hi, bt)
+                parts.append(np.stack([np.full_like(r, b), row0 + r, np.minimum(hi - r, bt), lens[b] - (hi - r)], 1))
+        if parts:  # last tiles first, as plan_prefill's (later queries see more summaries)
+            t = np.concatenate(parts)[::-1]
+            tiles[:len(t)] = t
+    row_seq, row_pos = out[s0:s1], out[p0:p1]
+    row_seq[:] = 0
+    row_pos[:] = -1
+    for b in range(B):
+        T = cu[b + 1] - cu[b]
+        row_seq[row0 + cu[b]:row0 + cu[b + 1]] = b
+        row_pos[row0 + cu[b]:row0 + cu[b + 1]] = np.arange(lens[b] - T, lens[b])
+    return out
+
+
+def nsa_prefill_static(q, gates, layer: PagedLayerCache, block_tables, p: SparsityParams, plan: PrefillPlan,
+                       out, scale=None) -> None:
+    """`nsa_prefill` over a `static_plan` (shared K/V): writes the rows of `out` [rows, Hq, Dv]
+    that the plan's current layout (`static_layout`, copied to plan.meta) puts in chunks, and no
+    other. q, gates, out: the plan's rows; block_tables [seqs, ≥ pages] int32. No host sync, no
+    host-dependent shape: capturable in a CUDA graph."""
+    if plan.static is None:
+        raise ValueError("nsa_prefill_static needs a plan from static_plan")
+    rows, seqs, pages = plan.static
+    _check_layer(q, gates, layer, p)
+    _, Hkv, P, _ = layer.k_cache.shape
+    if (P, q.shape[1] // Hkv) != (plan.page_size, plan.group):
+        raise ValueError(f"plan was made for page size {plan.page_size} and group {plan.group}; this call has "
+                         f"{P} and {q.shape[1] // Hkv}")
+    if q.shape[0] != rows or out.shape != (rows, q.shape[1], layer.v_cache.shape[-1]) or out.dtype != q.dtype:
+        raise ValueError(f"q and out must have the plan's {rows} rows (out [rows, Hq, Dv] in q's dtype); got "
+                         f"{tuple(q.shape)} and {tuple(out.shape)} {out.dtype}")
+    if block_tables.dim() != 2 or block_tables.shape[0] < seqs or block_tables.shape[1] < pages \
+            or block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:
+        raise ValueError(f"block_tables must be int32 [>= {seqs}, >= {pages}] with contiguous rows, got "
+                         f"{block_tables.dtype} {tuple(block_tables.shape)}")
+    if q.stride(2) != 1 or gates.stride(2) != 1 or out.stride(2) != 1:
+        raise ValueError("q, gates and out need a contiguous last dim")
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[2])
+    _launch(q, gates, layer, block_tables, block_tables, 1 << 30, p, plan, plan.config, out, None, scale)
+
+
 def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, seq_lens,
                 p: SparsityParams, win_tables=None, scale=None, *, config: PrefillConfig | None = None,
                 return_selection: bool = False, plan: PrefillPlan | None = None):
@@ -938,7 +1063,6 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
     _, Hkv, P, _ = layer.k_cache.shape
     Dv = layer.v_cache.shape[-1]
     G = Hq // Hkv
-    E = P // p.stride
     scale = scale if scale is not None else 1.0 / math.sqrt(Dk)
     out = torch.empty(Ttot, Hq, Dv, dtype=q.dtype, device=dev)
     sel = torch.empty(Ttot, Hkv, p.num_select, dtype=torch.int32, device=dev) if return_selection else None
@@ -976,6 +1100,20 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
         wt, ring_pages = win_tables, win_tables.shape[1]
     else:
         wt, ring_pages = block_tables, 1 << 30
+    _launch(q, gates, layer, block_tables, wt, ring_pages, p, plan, cfg, out, sel, scale)
+    return (out, sel) if return_selection else out
+
+
+def _launch(q, gates, layer: PagedLayerCache, block_tables, wt, ring_pages: int, p: SparsityParams,
+            plan: PrefillPlan, cfg: PrefillConfig, out, sel, scale: float) -> None:
+    """The launches of a checked call: every slice of `plan`, results into `out` (and `sel`)."""
+    dev = q.device
+    Hq, Dk = q.shape[1], q.shape[2]
+    _, Hkv, P, _ = layer.k_cache.shape
+    Dv = layer.v_cache.shape[-1]
+    G = Hq // Hkv
+    E = P // p.stride
+    win_tables = wt if ring_pages != 1 << 30 else None
 
     # Tile shapes.
     DK1, DK2 = split_head_dim(Dk)
@@ -1082,4 +1220,3 @@ def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, se
         )
         if sel is not None:
             sel[r0:r1] = idx
-    return (out, sel) if return_selection else out

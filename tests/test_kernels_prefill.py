@@ -22,8 +22,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from nsa_kernels.nsa_prefill import (PrefillConfig, default_config, nsa_prefill, plan_prefill,  # noqa: E402
-                                      split_head_dim)
+from nsa_kernels.nsa_prefill import (PrefillConfig, _pow2, default_config, nsa_prefill,  # noqa: E402
+                                      nsa_prefill_static, plan_prefill, split_head_dim, static_layout,
+                                      static_plan)
 from nsa_kernels.paged import PagedLayerCache, paged_nsa_attention_ref  # noqa: E402
 from nsa_kernels.reference import (SparsityParams, _masked_attention, nsa_attention,  # noqa: E402
                                    num_compressed, num_select_blocks, selection_weights)
@@ -433,6 +434,75 @@ def test_plan_built_once_gives_the_same_result():
         plan_prefill([0, 50], [40], page_size=16, group=4, device=DEV)
 
 
+def _static_call(plan, layer, bt, lens, chunks, row0, gen, Hq, Dk, Dv, dtype=torch.float32, p=SMALL):
+    """One `nsa_prefill_static` call: the chunks at rows row0 … of the plan's rows, the other rows
+    of q random and of out a sentinel; returns (out, the chunk rows' `nsa_prefill` output with
+    the static plan's config, the sentinel)."""
+    rows, seqs, pages = plan.static
+    T = sum(chunks)
+    q = torch.randn(rows, Hq, Dk, generator=gen).to(dtype).to(DEV)
+    gates = torch.rand(rows, Hq, 3, generator=gen).to(dtype).to(DEV)
+    tables = torch.zeros(seqs, pages, dtype=torch.int32, device=DEV)  # page 0: the NaN padding page
+    tables[:bt.shape[0], :bt.shape[1]] = bt
+    cu_l = [0, *torch.tensor(chunks).cumsum(0).tolist()]
+    plan.meta.copy_(torch.from_numpy(static_layout(plan, cu_l, lens, row0)))
+    sentinel = 7.0
+    out = torch.full((rows, Hq, Dv), sentinel, dtype=dtype, device=DEV)
+    nsa_prefill_static(q, gates, layer, tables, p, plan, out)
+    cu = torch.tensor(cu_l, dtype=torch.int32, device=DEV)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    want = nsa_prefill(q[row0:row0 + T], gates[row0:row0 + T], layer, bt, cu, sl, p, config=plan.config)
+    return out, want, sentinel
+
+
+@pytest.mark.parametrize("G", [1, 4])
+def test_static_plan_gives_each_call_its_own_result(G):
+    """A CUDA graph replays one launch configuration with other chunks each time: one static plan,
+    laid out for a ragged batch at row 5 of q, then for other chunks (fewer sequences, a one-token
+    chunk, other lengths) at row 0. Each call's chunk rows equal `nsa_prefill`'s for those chunks
+    alone (same config: summaries page by page), bitwise; every other row of out is as it was (the
+    rows a step's decode rows or padding hold). Tiles past a call's own have no rows."""
+    gen = torch.Generator().manual_seed(11)
+    Hq, Hkv, Dk, Dv = 2 * G, 2, 48, 32
+    plan = static_plan(96, 4, 12, page_size=SMALL.select_block, group=G, device=DEV)
+    assert plan.config.cmp_packed == 0 and plan.slices[0][:4] == (0, 96, 96 // max(1, 64 // _pow2(G)) + 4,
+                                                                   96 // max(1, 64 // _pow2(G)) + 4)
+    for lens, chunks, row0 in (([117, 37, 55], [30, 21, 13], 5), ([90, 40], [60, 1], 0)):
+        seqs = [Seq(L, Hkv, Dk, Dv, SMALL, False, gen, torch.float32) for L in lens]
+        layer, bt, _ = build_cache(seqs, lens, SMALL, torch.float32, DEV, gen)
+        out, want, sentinel = _static_call(plan, layer, bt, lens, chunks, row0, gen, Hq, Dk, Dv)
+        T = sum(chunks)
+        assert torch.equal(out[row0:row0 + T], want)
+        assert (out[:row0] == sentinel).all() and (out[row0 + T:] == sentinel).all()
+
+
+def test_static_plan_refusals():
+    plan = static_plan(32, 2, 4, page_size=16, group=4, device=DEV)
+    with pytest.raises(ValueError, match="do not fit a static plan"):
+        static_layout(plan, [0, 1, 2, 3], [5, 5, 5])  # three sequences, room for two
+    with pytest.raises(ValueError, match="do not fit a static plan"):
+        static_layout(plan, [0, 20], [40], row0=20)  # rows 20 … 39 of 32
+    with pytest.raises(ValueError, match="4 pages"):
+        static_layout(plan, [0, 10], [70])  # 70 tokens: 5 pages of 16
+    with pytest.raises(ValueError, match="rising from 0"):
+        static_layout(plan, [1, 2], [5])
+    with pytest.raises(ValueError, match="rows <="):
+        static_plan(0, 2, 4, page_size=16, group=4, device=DEV)
+    gen = torch.Generator().manual_seed(2)
+    seqs = [Seq(40, 1, 16, 16, SMALL, False, gen, torch.float32)]
+    layer, bt, _ = build_cache(seqs, [40], SMALL, torch.float32, DEV, gen)
+    q, g = torch.zeros(32, 4, 16, device=DEV), torch.zeros(32, 4, 3, device=DEV)
+    out = torch.zeros(32, 4, 16, device=DEV)
+    tables = torch.zeros(2, 4, dtype=torch.int32, device=DEV)
+    dynamic = plan_prefill([0, 10], [40], page_size=16, group=4, device=DEV)
+    with pytest.raises(ValueError, match="needs a plan from static_plan"):
+        nsa_prefill_static(q, g, layer, tables, SMALL, dynamic, out)
+    with pytest.raises(ValueError, match="plan's 32 rows"):
+        nsa_prefill_static(q[:16], g[:16], layer, tables, SMALL, plan, out)
+    with pytest.raises(ValueError, match="block_tables must be int32"):
+        nsa_prefill_static(q, g, layer, tables[:, :3], SMALL, plan, out)
+
+
 # ---------------------------------------------------------------- GPU, paper shape -------------
 
 gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
@@ -498,6 +568,23 @@ def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16, forced_win, slc_topn,
 
 
 @gpu
+@pytest.mark.gpu
+@gpu
+def test_gpu_static_plan_paper_shape():
+    """`nsa_prefill_static` at the paper shape in bf16 (what the engine's piecewise prefill graphs
+    replay): two layouts of one plan, chunk rows bitwise `nsa_prefill`'s, other rows untouched."""
+    gen = torch.Generator().manual_seed(4)
+    plan = static_plan(1024, 8, 64, page_size=PAPER.select_block, group=16, device=DEV)
+    for lens, chunks, row0 in (([3000, 700, 2049], [500, 300, 1], 17), ([4000], [1000], 0)):
+        seqs = [Seq(L, 4, 192, 128, PAPER, False, gen, torch.bfloat16) for L in lens]
+        layer, bt, _ = build_cache(seqs, lens, PAPER, torch.bfloat16, DEV, gen)
+        out, want, sentinel = _static_call(plan, layer, bt, lens, chunks, row0, gen, 64, 192, 128,
+                                           dtype=torch.bfloat16, p=PAPER)
+        T = sum(chunks)
+        assert torch.equal(out[row0:row0 + T], want)
+        assert (out[:row0] == sentinel).all() and (out[row0 + T:] == sentinel).all()
+
+
 @pytest.mark.gpu
 def test_gpu_128k_prompt_fits():
     """A 131072-token prompt in one call on an 80 GB card (the launcher slices rows internally)."""
