@@ -80,8 +80,8 @@ def double_run(engine):
     graphs where captured). Yields a list that collects, per such step, two numbers over the last
     layer's hidden states of all its rows: max |Δh| / max |h| of the pieces against the eager
     path (the padded shapes' and φ's stacked weights' rounding), and of the served run against
-    the pieces (what the capture changes: nothing). The uncaptured run runs the decode rows'
-    attention (piecewise_decode) uncaptured too."""
+    the pieces (what the capture changes: nothing). The uncaptured run runs the decode rows' and
+    the chunks' attention (piecewise_decode, piecewise_prefill) uncaptured too."""
     runner = engine.runner
     pw, prepare, execute = runner.piecewise, runner.prepare, runner.execute
     layers, forward = runner._layers, pw.forward
@@ -106,10 +106,15 @@ def double_run(engine):
         execute(eager_inp)
         graphs, pw.graphs = pw.graphs, {}
         rows, pw.decode_rows.graphs = pw.decode_rows.graphs, {}
+        chunks = pw.prefill_rows.graphs if pw.prefill_rows is not None else None
+        if chunks is not None:
+            pw.prefill_rows.graphs = {}
         try:
             execute(inp)
         finally:
             pw.graphs, pw.decode_rows.graphs = graphs, rows
+            if chunks is not None:
+                pw.prefill_rows.graphs = chunks
         pieces = hidden.pop("piecewise").clone()
         out = execute(inp)
         diffs.append((rel(pieces, hidden.pop("eager")), rel(hidden.pop("piecewise"), pieces)))
@@ -176,25 +181,28 @@ def decode_budget(a) -> int:
     return 4 * len(a.prompt_len) * (a.reps + 1) + 64
 
 
-MODES = ("eager", "pieces, decode rows eager", "pieces + decode-row graphs")
+MODES = ("eager", "pieces, attention eager", "pieces + decode-row graphs", "pieces + decode and prefill graphs")
 
 
 def timing(model, name, a) -> None:
     """One engine with the graphs; each timed arrival is served once in each of MODES, in turn,
     so all see the same engine state and host conditions: without the path (the runner's
-    `piecewise` detached for that step), through the pieces with the decode rows' attention in
-    the eager call (as before piecewise_decode), and as the engine serves it."""
+    `piecewise` detached for that step), through the pieces with all attention in the eager call
+    (as before piecewise_decode), with the decode rows' attention from its graphs (the chunks'
+    eager, as before piecewise_prefill), and as the engine serves it."""
     V = model.cfg.vocab_size
     engine = make_engine(model, name, None, a.piecewise_max_tokens, a.decode_rows)
     runner = engine.runner
     pw = runner.piecewise
     prepare = runner.prepare
-    mode = [MODES[2]]
+    mode = [MODES[-1]]
 
     def prepare_for_mode(seqs, nums):
         inp = prepare(seqs, nums)
         if mode[0] == MODES[1]:
             inp.piecewise_decode = None
+        if mode[0] in MODES[1:3]:
+            inp.piecewise_prefill = None
         return inp
 
     runner.prepare = prepare_for_mode
@@ -204,7 +212,7 @@ def timing(model, name, a) -> None:
           f"engine step, median of {a.reps} per mode (taken in turn, after one warm-up each); steps over "
           f"{a.piecewise_max_tokens} tokens stay eager")
     print("| decode rows | prompt tokens | " + " | ".join(f"{m} ms" for m in MODES) + " | speed-up over eager |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for decode_rows in (0, a.decode_rows):
         for i in range(decode_rows):
             engine.add_request(f"d{i}", torch.randint(8, V, (a.context + i,), generator=gen).tolist(), long)
@@ -233,9 +241,9 @@ def timing(model, name, a) -> None:
                     engine.step()  # a decode-only step between arrivals
             med = [statistics.median(walls[m]) for m in MODES]
             print(f"| {decode_rows} | {plen} | " + " | ".join(f"{x:.2f}" for x in med)
-                  + f" | {med[0] / med[2]:.2f}× |", flush=True)
+                  + f" | {med[0] / med[-1]:.2f}× |", flush=True)
     runner.piecewise = pw
-    mode[0] = MODES[2]
+    mode[0] = MODES[-1]
     del runner.prepare
 
 

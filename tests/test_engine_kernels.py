@@ -141,3 +141,33 @@ def test_fixed_shape_decode_with_the_triton_decode_kernel():
     assert static.steps >= 2
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == reference_greedy(engine.model, prompt, 4)
+
+
+def test_piecewise_steps_with_the_triton_kernels_match_the_reference():
+    """The piecewise path as it runs on CUDA with the Triton kernels: the decode rows' attention
+    over padded fixed-shape inputs (piecewise_decode) and the chunks' through a static prefill plan
+    per padded size (piecewise_prefill: padded tiles, rows outside the chunks left alone). Here
+    uncaptured, under the interpreter: greedy tokens and prompt logprobs equal the reference
+    model's, and every page comes back."""
+    from nsa_serve.engine.piecewise_graphs import PiecewiseSteps
+
+    engine = make_engine(True, num_pages=64, max_num_batched_tokens=64, long_prefill_token_threshold=24)
+    use_kernels(engine)
+    pw = engine.runner.piecewise = PiecewiseSteps(engine.runner, 64, engine.args.max_num_seqs, engine.max_model_len)
+    assert pw.prefill_rows is not None and sorted(pw.prefill_rows.plans) == pw.sizes
+    wide = PiecewiseSteps(engine.runner, 2048, engine.args.max_num_seqs, engine.max_model_len)
+    # larger steps keep the eager prefill call (piecewise_prefill.MAX_TOKENS)
+    assert sorted(wide.prefill_rows.plans) == [16, 32, 64, 128, 256, 512] and not wide.prefill_rows.serves(1024)
+    prompts = random_prompts(3, 30, 50, seed=21)
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=0))
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == reference_greedy(engine.model, prompt, 3)
+        with torch.no_grad():
+            ref = torch.log_softmax(engine.model.step(torch.tensor(prompt), engine.model.new_cache())[:-1].double(), -1)
+        want = ref.gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1).tolist()
+        assert [t.logprob for t in out.prompt_logprobs[1:]] == pytest.approx(want, abs=2e-4)
+    # every step went through the pieces; those with chunks used the static plans, and some of
+    # them had decode rows beside the chunks
+    assert pw.steps > 0 and pw.prefill_rows.steps > 0 and pw.decode_rows.steps > 0
+    assert pw.prefill_rows.steps + pw.decode_rows.steps > pw.steps
+    engine.block_manager.check_all_free()

@@ -79,6 +79,8 @@ class StepInputs:
     # and its decode rows' padded tables and lengths (piecewise_decode), when it has decode rows
     piecewise: object | None = None
     piecewise_decode: object | None = None
+    # and, when its chunks' attention replays piecewise_prefill's graphs, the padded size
+    piecewise_prefill: int | None = None
 
 
 @dataclass
@@ -284,6 +286,10 @@ class ModelRunner:
         )
         if pw is not None and num_decode:
             inp.piecewise_decode = pw.decode_rows.upload(bt, lens, num_decode)
+        if pw is not None and pw.prefill_rows is not None and num_decode < B and pw.prefill_rows.serves(len(x["ids"])):
+            size = len(x["ids"])
+            pw.prefill_rows.upload(size, bt, cu, lens, num_decode)
+            inp.piecewise_prefill = size
         if prompt_spans:
             inp.prompt_rows, inp.prompt_targets = lt(prompt_rows), lt(prompt_targets)
             inp.prompt_spans, inp.prompt_k, inp.prompt_targets_host = prompt_spans, prompt_k, prompt_targets

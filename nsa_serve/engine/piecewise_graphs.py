@@ -3,9 +3,10 @@
 A step that is not decode-only (a prompt chunk, alone or beside decode rows) runs eagerly: on an
 H200 host a paper-1b step launches ~600 torch ops and ~270 Triton kernels from Python, ~30 ms of
 host time, whatever its GPU time (docs/benchmarks/engine.md, thirtieth engine round). Its
-attention cannot be captured: the prefill kernel's grid follows the step's chunks and contexts.
-The rest of a layer can, as in vLLM's piecewise CUDA graphs: per padded token count (16, 32, …,
-`max_tokens`) one graph per layer boundary, replayed around the eager attention calls:
+attention calls have shapes of their own (the prefill kernel's grid follows the step's chunks and
+contexts), so the rest of a layer is captured apart from them, as in vLLM's piecewise CUDA
+graphs: per padded token count (16, 32, …, `max_tokens`) one graph per layer boundary, replayed
+around the attention calls:
 
   piece 0:     embed → RoPE tables → layer 0's norm, projections (+ K/V page write), φ
   piece i:     layer i−1's output projection, residual, MLP → layer i's norm, projections, φ
@@ -13,9 +14,12 @@ The rest of a layer can, as in vLLM's piecewise CUDA graphs: per padded token co
 
 Measured on an H200 (paper-1b, docs/benchmarks/engine.md, thirty-second engine round): a lone
 16–512-token prompt's step 14–36 → 6.5–13 ms, the same beside 32 decode rows 30–33 → 14 ms,
-2000 tokens 1.2–1.4× faster. What stays eager is each layer's attention call (the decode and
-prefill kernels' launches, the prefill plan once a step): most of the ~6.5 ms a lone short
-prompt's step still takes (by subtraction; not profiled).
+2000 tokens 1.2–1.4× faster. The attention calls between the pieces were then most of what was
+left (profiled: ~0.4–0.7 ms of host time a layer each for the decode and prefill calls); they are
+graphs of their own too, the decode rows' (piecewise_decode.py) and, for steps of up to 512
+tokens, the chunks' (piecewise_prefill.py): a lone 16–128-token prompt's step 8.6–11 → 3.5–4.1 ms,
+beside 32 decode rows 13.4 → 5.2–6.6 ms (thirty-fourth session). Larger steps call the prefill
+eagerly.
 
 Shapes are fixed by padding, as in decode_graphs.py: pad rows have position 0 and write their
 K/V into the runner's trash page; φ runs on a fixed number of entry rows, the unused ones
@@ -44,6 +48,8 @@ import torch
 from ..model.nsa_model import add_rms_norm
 from .decode_graphs import Staging, StepInputs, block_gather, summaries_from_cache
 from .piecewise_decode import DecodeRows
+from .piecewise_prefill import PrefillRows
+from .piecewise_prefill import available as prefill_graphs_available
 
 log = logging.getLogger("nsa_serve.engine")
 
@@ -84,8 +90,11 @@ class PiecewiseSteps:
         self.q = torch.zeros(S, H, c.head_dim_k, dtype=dt, device=dev)
         self.gates = torch.zeros(S, H, 3, dtype=dt, device=dev)
         self.o = torch.zeros(S, H, c.head_dim_v, dtype=dt, device=dev)
-        # The decode rows' attention, as graphs of its own (piecewise_decode.py).
+        # The decode rows' attention, and the chunks' (NSA with the Triton prefill), as graphs of
+        # their own (piecewise_decode.py, piecewise_prefill.py).
         self.decode_rows = DecodeRows(runner, self.q, self.gates, self.o, min(max_seqs, S), max_model_len)
+        self.prefill_rows = (PrefillRows(runner, self.q, self.gates, self.o, self.sizes, max_seqs, max_model_len)
+                             if prefill_graphs_available(runner) else None)
 
     @property
     def max_tokens(self) -> int:
@@ -186,20 +195,26 @@ class PiecewiseSteps:
         state = {}
         self.steps += 1
         rows = inp.piecewise_decode  # the decode rows' padded inputs, when the step has any
+        chunks = inp.piecewise_prefill  # the size whose static plan holds the step's chunks, if so
         if rows is not None:
             self.decode_rows.steps += 1
+        if chunks is not None:
+            self.prefill_rows.steps += 1
         for i in range(L + 1):
             if graphs is not None:
                 graphs[i].replay()
             else:
                 self._piece(i, x, state)
             if i < L:  # the layer's attention, into the buffer the next piece reads: the decode
-                # rows' from their graph, then the chunks' eagerly (it overwrites the graph's
-                # throwaway rows past the decode rows)
+                # rows' from their graph, then the chunks' (their graph or the eager call), which
+                # overwrites the decode graph's throwaway rows past the decode rows
                 if rows is not None:
                     self.decode_rows.attend(i, rows)
-                r.attention(self.q[:T], self.gates[:T], r.caches[i], inp, out=self.o[:T],
-                            decode_done=rows is not None)
+                if chunks is not None:
+                    self.prefill_rows.attend(i, chunks)
+                else:
+                    r.attention(self.q[:T], self.gates[:T], r.caches[i], inp, out=self.o[:T],
+                                decode_done=rows is not None)
         return self.h[:T]
 
     # -- CUDA graphs ------------------------------------------------------------------------------
@@ -227,7 +242,9 @@ class PiecewiseSteps:
                 pool = g.pool()
                 graphs.append(g)
             self.graphs[size] = graphs
-        self.decode_rows.capture(pool)
+        pool = self.decode_rows.capture(pool)
+        if self.prefill_rows is not None:
+            self.prefill_rows.capture(pool)
         torch.cuda.synchronize(dev)
         log.info("captured piecewise CUDA graphs for prompt steps of %s tokens (%d pieces each), and the "
                  "decode rows' attention for %s rows (%.0f MB more reserved)", self.sizes, n,
