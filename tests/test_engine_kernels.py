@@ -28,6 +28,20 @@ def use_kernels(engine, dense: bool = False):
     engine.runner.write = importlib.import_module("nsa_kernels.cache_write").write_kv
 
 
+def generate_and_compare(engine, prompts, max_tokens: int) -> None:
+    """Greedy requests with prompt logprobs: tokens and prompt logprobs equal the reference
+    model's, and every page comes back."""
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                                                   prompt_logprobs=0))
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == reference_greedy(engine.model, prompt, max_tokens)
+        with torch.no_grad():
+            ref = torch.log_softmax(engine.model.step(torch.tensor(prompt), engine.model.new_cache())[:-1].double(), -1)
+        want = ref.gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1).tolist()
+        assert [t.logprob for t in out.prompt_logprobs[1:]] == pytest.approx(want, abs=2e-4)
+    engine.block_manager.check_all_free()
+
+
 @pytest.mark.parametrize("shared_kv", [True, False], ids=["shared_kv", "independent_kv"])
 def test_engine_with_the_triton_kernels_matches_the_reference(shared_kv):
     engine = make_engine(shared_kv, num_pages=64, max_num_batched_tokens=64, long_prefill_token_threshold=24)
@@ -41,16 +55,8 @@ def test_engine_with_the_triton_kernels_matches_the_reference(shared_kv):
 
     att.prefill_fn = spy
     # Two prompts of 2-3 chunks, decoded together: mixed prefill + decode steps (the interpreter is slow).
-    prompts = random_prompts(2, 30, 50, seed=21)
     # Prompt logprobs ride along: the prompt rows of the Triton prefill's output, scored.
-    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=0))
-    for prompt, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == reference_greedy(engine.model, prompt, 2)
-        with torch.no_grad():
-            ref = torch.log_softmax(engine.model.step(torch.tensor(prompt), engine.model.new_cache())[:-1].double(), -1)
-        want = ref.gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1).tolist()
-        assert [t.logprob for t in out.prompt_logprobs[1:]] == pytest.approx(want, abs=2e-4)
-    engine.block_manager.check_all_free()
+    generate_and_compare(engine, random_prompts(2, 30, 50, seed=21), 2)
     # One plan per step, shared by every layer of that step.
     layers = engine.model.cfg.num_layers
     assert plans and all(pl is not None for pl in plans) and len(plans) % layers == 0
@@ -158,16 +164,8 @@ def test_piecewise_steps_with_the_triton_kernels_match_the_reference():
     wide = PiecewiseSteps(engine.runner, 2048, engine.args.max_num_seqs, engine.max_model_len)
     # larger steps keep the eager prefill call (piecewise_prefill.MAX_TOKENS)
     assert sorted(wide.prefill_rows.plans) == [16, 32, 64, 128, 256, 512] and not wide.prefill_rows.serves(1024)
-    prompts = random_prompts(3, 30, 50, seed=21)
-    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=0))
-    for prompt, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == reference_greedy(engine.model, prompt, 3)
-        with torch.no_grad():
-            ref = torch.log_softmax(engine.model.step(torch.tensor(prompt), engine.model.new_cache())[:-1].double(), -1)
-        want = ref.gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1).tolist()
-        assert [t.logprob for t in out.prompt_logprobs[1:]] == pytest.approx(want, abs=2e-4)
+    generate_and_compare(engine, random_prompts(3, 30, 50, seed=21), 3)
     # every step went through the pieces; those with chunks used the static plans, and some of
     # them had decode rows beside the chunks
     assert pw.steps > 0 and pw.prefill_rows.steps > 0 and pw.decode_rows.steps > 0
     assert pw.prefill_rows.steps + pw.decode_rows.steps > pw.steps
-    engine.block_manager.check_all_free()

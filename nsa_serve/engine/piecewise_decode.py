@@ -104,23 +104,34 @@ class DecodeRows:
     def capture(self, pool=None):
         """One graph per layer and size over all-padding inputs, in `pool`; returns the pool."""
         dev = self.runner.device
-        layers = len(self.runner.model.layers)
         empty = np.zeros((0, 1), dtype=np.int32)
         reserved = torch.cuda.memory_reserved(dev)
-        for size in reversed(self.sizes):
-            x = self.upload(empty, [], 0, size=size)  # every row padding: length 1 over the trash page
-            stream = torch.cuda.Stream(dev)
-            stream.wait_stream(torch.cuda.current_stream(dev))
-            with torch.inference_mode(), torch.cuda.stream(stream):
-                for _ in range(2):  # compile / autotune outside the capture
-                    for i in range(layers):
-                        self._run(i, x)
-            torch.cuda.current_stream(dev).wait_stream(stream)
-            for i in range(layers):
-                g = torch.cuda.CUDAGraph()
-                with torch.inference_mode(), torch.cuda.graph(g, pool=pool):
-                    self._run(i, x)
-                pool = g.pool()
-                self.graphs[(i, size)] = g
+        # every row padding: length 1 over the trash page
+        inputs = {size: self.upload(empty, [], 0, size=size) for size in self.sizes}
+        pool = capture_layer_graphs(self.runner, self.sizes, lambda i, size: self._run(i, inputs[size]),
+                                    self.graphs, pool)
         self.capture_bytes = torch.cuda.memory_reserved(dev) - reserved  # for logs and the probe
         return pool
+
+
+def capture_layer_graphs(runner, sizes, run, graphs: dict, pool=None):
+    """graphs[(layer, size)] = a CUDA graph of run(layer, size), for every layer and size (largest
+    first), all in `pool`; each size runs twice uncaptured on a side stream first (Triton compiles
+    and autotunes outside the capture). Returns the pool."""
+    dev = runner.device
+    layers = len(runner.model.layers)
+    for size in sorted(sizes, reverse=True):
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for _ in range(2):
+                for i in range(layers):
+                    run(i, size)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        for i in range(layers):
+            g = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(g, pool=pool):
+                run(i, size)
+            pool = g.pool()
+            graphs[(i, size)] = g
+    return pool

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from .decode_graphs import Staging, StepInputs
+from .piecewise_decode import capture_layer_graphs
 
 # Padded step sizes (tokens) whose chunks replay graphs; larger steps call the prefill eagerly (the
 # table above: at 1024 and 2048 the graphs were slower as often as faster).
@@ -138,20 +139,4 @@ class PrefillRows:
     def capture(self, pool=None):
         """One graph per layer and size, over layouts with no chunk (nothing is written), in
         `pool`; returns the pool."""
-        dev = self.runner.device
-        layers = len(self.runner.model.layers)
-        for size in sorted(self.plans, reverse=True):
-            stream = torch.cuda.Stream(dev)
-            stream.wait_stream(torch.cuda.current_stream(dev))
-            with torch.inference_mode(), torch.cuda.stream(stream):
-                for _ in range(2):  # compile / autotune outside the capture
-                    for i in range(layers):
-                        self._run(i, size)
-            torch.cuda.current_stream(dev).wait_stream(stream)
-            for i in range(layers):
-                g = torch.cuda.CUDAGraph()
-                with torch.inference_mode(), torch.cuda.graph(g, pool=pool):
-                    self._run(i, size)
-                pool = g.pool()
-                self.graphs[(i, size)] = g
-        return pool
+        return capture_layer_graphs(self.runner, list(self.plans), self._run, self.graphs, pool)
