@@ -194,18 +194,7 @@ def timing(model, name, a) -> None:
     engine = make_engine(model, name, None, a.piecewise_max_tokens, a.decode_rows)
     runner = engine.runner
     pw = runner.piecewise
-    prepare = runner.prepare
-    mode = [MODES[-1]]
-
-    def prepare_for_mode(seqs, nums):
-        inp = prepare(seqs, nums)
-        if mode[0] == MODES[1]:
-            inp.piecewise_decode = None
-        if mode[0] in MODES[1:3]:
-            inp.piecewise_prefill = None
-        return inp
-
-    runner.prepare = prepare_for_mode
+    rows, chunks = pw.decode_rows, pw.prefill_rows
     gen = torch.Generator().manual_seed(0)
     long = SamplingParams(temperature=0, max_tokens=decode_budget(a), ignore_eos=True, output_kind="delta")
     print(f"\n{name}: one prompt chunk a step beside N decode rows at {a.context} tokens; wall ms of the "
@@ -228,8 +217,10 @@ def timing(model, name, a) -> None:
             walls = {m: [] for m in MODES}
             for r in range(a.reps + 1):
                 for m in MODES:
-                    mode[0] = m
+                    # the attention graphs detached for the modes without them
                     runner.piecewise = None if m == MODES[0] else pw
+                    pw.decode_rows = rows if m in MODES[2:] else None
+                    pw.prefill_rows = chunks if m == MODES[3] else None
                     engine.add_request(f"p{plen}-{r}-{m}", torch.randint(8, V, (plen,), generator=gen).tolist(),
                                        SamplingParams(temperature=0, max_tokens=1))
                     torch.cuda.synchronize()
@@ -243,8 +234,7 @@ def timing(model, name, a) -> None:
             print(f"| {decode_rows} | {plen} | " + " | ".join(f"{x:.2f}" for x in med)
                   + f" | {med[0] / med[-1]:.2f}× |", flush=True)
     runner.piecewise = pw
-    mode[0] = MODES[-1]
-    del runner.prepare
+    pw.decode_rows, pw.prefill_rows = rows, chunks
 
 
 @contextlib.contextmanager

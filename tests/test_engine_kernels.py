@@ -164,7 +164,19 @@ def test_piecewise_steps_with_the_triton_kernels_match_the_reference():
     wide = PiecewiseSteps(engine.runner, 2048, engine.args.max_num_seqs, engine.max_model_len)
     # larger steps keep the eager prefill call (piecewise_prefill.MAX_TOKENS)
     assert sorted(wide.prefill_rows.plans) == [16, 32, 64, 128, 256, 512] and not wide.prefill_rows.serves(1024)
+    prepare, seen = engine.runner.prepare, []
+
+    def record(seqs, nums):
+        inp = prepare(seqs, nums)
+        seen.append((inp.num_decode, inp.num_seqs, inp.piecewise_prefill is not None, inp.block_tables is None))
+        return inp
+
+    engine.runner.prepare = record
     generate_and_compare(engine, random_prompts(3, 30, 50, seed=21), 3)
+    # A step whose attention the graphs serve whole makes no eager attention inputs; here that is
+    # every step (all fit 64 tokens): chunks through the static plans, decode rows through theirs.
+    assert seen and all(no_tables and (chunks or nd == b) for nd, b, chunks, no_tables in seen)
+    assert any(0 < nd < b for nd, b, _, _ in seen)  # mixed steps among them
     # every step went through the pieces; those with chunks used the static plans, and some of
     # them had decode rows beside the chunks
     assert pw.steps > 0 and pw.prefill_rows.steps > 0 and pw.decode_rows.steps > 0

@@ -8,8 +8,9 @@ model's layers piece by piece so that K/V and summaries go into pages:
   pages → gates → MLP.
 
 On CUDA, a step with prompt chunks of up to `piecewise_max_tokens` tokens replays everything but
-the attention as CUDA graphs (`piecewise_graphs.py`); `execute` picks that path when `prepare`
-padded the step's inputs for it.
+the attention as CUDA graphs (`piecewise_graphs.py`), and its attention from graphs of its own
+where it can (`piecewise_decode.py`, `piecewise_prefill.py`); `execute` picks that path when
+`prepare` padded the step's inputs for it.
 
 A step mixes single-token (decode) rows and prompt chunks of any sequences. Rows are ordered
 decode first, then chunks, so each attention implementation gets one contiguous slice.
@@ -47,9 +48,10 @@ class StepInputs:
     input_ids: torch.Tensor  # [Ttot]
     positions: torch.Tensor  # [Ttot]
     slots: torch.Tensor  # [Ttot] raw-page slots
-    block_tables: torch.Tensor  # [B, max_pages] int32
-    seq_lens: torch.Tensor  # [B] int32, after this step
-    cu_seqlens_q: torch.Tensor  # [B+1] int32
+    # the eager attention's: None in a step whose attention graphs serve all of it (piecewise)
+    block_tables: torch.Tensor | None  # [B, max_pages] int32
+    seq_lens: torch.Tensor | None  # [B] int32, after this step
+    cu_seqlens_q: torch.Tensor | None  # [B+1] int32
     cu_host: list[int]
     seq_lens_host: list[int]
     summary_old_slots: torch.Tensor  # rows φ reads from the cache
@@ -259,6 +261,10 @@ class ModelRunner:
             return x.to(dev, non_blocking=True)
 
         T = cu[-1]
+        # Graphs serve all of this step's attention (piecewise_decode / piecewise_prefill): the
+        # eager attention's device tables, lengths and offsets would go unused, so they are not made.
+        graphs_attend = pw is not None and (num_decode == 0 or pw.decode_rows is not None) and (
+            num_decode == B or (pw.prefill_rows is not None and pw.prefill_rows.serves(pw.size_for(T))))
         if pw is not None:
             # Every block φ completes is read from the pages (shared K/V: they hold the step's rows
             # once written), so each entry carries its l token slots instead of a flat source.
@@ -278,16 +284,19 @@ class ModelRunner:
             old_t, src_t = lt(old_slots), lt(src.reshape(-1, l))
         inp = StepInputs(
             seqs=seqs, num_new=num_new, num_seqs=B, num_decode=num_decode,
-            input_ids=ids_t, positions=pos_t, slots=slots_t, block_tables=torch.from_numpy(bt).to(dev),
-            seq_lens=torch.tensor(lens, dtype=torch.int32).to(dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev), cu_host=cu, seq_lens_host=lens,
+            input_ids=ids_t, positions=pos_t, slots=slots_t,
+            block_tables=None if graphs_attend else torch.from_numpy(bt).to(dev),
+            seq_lens=None if graphs_attend else torch.tensor(lens, dtype=torch.int32).to(dev),
+            cu_seqlens_q=None if graphs_attend else torch.tensor(cu, dtype=torch.int32).to(dev),
+            cu_host=cu, seq_lens_host=lens,
             summary_old_slots=old_t, entry_src=src_t, entry_slots=entry_t,
             new_entries=new_entries, logits_rows=lt(logits_rows), sample_seqs=sample_seqs, piecewise=x,
         )
-        if pw is not None and num_decode:
+        if pw is not None and num_decode and pw.decode_rows is not None:
             inp.piecewise_decode = pw.decode_rows.upload(bt, lens, num_decode)
-        if pw is not None and pw.prefill_rows is not None and num_decode < B and pw.prefill_rows.serves(len(x["ids"])):
-            size = len(x["ids"])
+        size = len(x["ids"]) if x is not None else 0
+        # (the chunks' graphs only beside the decode rows' graphs: the eager call does both or the chunks)
+        if graphs_attend and num_decode < B:
             pw.prefill_rows.upload(size, bt, cu, lens, num_decode)
             inp.piecewise_prefill = size
         if prompt_spans:

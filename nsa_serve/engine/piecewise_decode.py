@@ -65,18 +65,8 @@ class DecodeRows:
         if dev is None:
             dev = self._dev[size] = self.new_inputs(size, device=self.runner.device)
         host = dev if dev.flat.device.type == "cpu" else self._staging.take(size)
-        t, n = host["tables"].numpy(), host["lens"].numpy()
-        # Only the columns an earlier step wrote are reset: the full width is the longest possible
-        # sequence's (2048 columns at 128k), and a step's rows need its own table width.
-        # (`table_cols` holds that column count for these buffers.)
-        if host.table_cols is None:
-            t.fill(self.runner.trash_page)
-        else:
-            t[:, :host.table_cols] = self.runner.trash_page
-        # No sequence has more than max_pages pages; the step's table may be wider (a power of two).
-        w = min(tables.shape[1], self.max_pages)
-        t[:rows, :w] = tables[:rows, :w]
-        host.table_cols = w
+        fill_tables(host, tables[:rows], self.max_pages, self.runner.trash_page)
+        n = host["lens"].numpy()
         n[:rows] = lens[:rows]
         n[rows:] = 1
         if host is not dev:
@@ -112,6 +102,22 @@ class DecodeRows:
                                     self.graphs, pool)
         self.capture_bytes = torch.cuda.memory_reserved(dev) - reserved  # for logs and the probe
         return pool
+
+
+def fill_tables(host: StepInputs, rows: np.ndarray, max_pages: int, trash: int) -> None:
+    """host["tables"] (fixed shape [size, max_pages]) = `rows` (numpy [n, width]) on top, the
+    trash page everywhere else. Only the columns an earlier step wrote are reset: the full width is
+    the longest possible sequence's (2048 columns at 128k), a step's rows need its own table width
+    (`host.table_cols` holds that column count between steps). No sequence has more than
+    max_pages pages, though the step's table may be wider (a power of two)."""
+    t = host["tables"].numpy()
+    if host.table_cols is None:
+        t.fill(trash)
+    else:
+        t[:, :host.table_cols] = trash
+    w = min(rows.shape[1], max_pages)
+    t[:rows.shape[0], :w] = rows[:, :w]
+    host.table_cols = w
 
 
 def capture_layer_graphs(runner, sizes, run, graphs: dict, pool=None):

@@ -91,7 +91,8 @@ class PiecewiseSteps:
         self.gates = torch.zeros(S, H, 3, dtype=dt, device=dev)
         self.o = torch.zeros(S, H, c.head_dim_v, dtype=dt, device=dev)
         # The decode rows' attention, and the chunks' (NSA with the Triton prefill), as graphs of
-        # their own (piecewise_decode.py, piecewise_prefill.py).
+        # their own (piecewise_decode.py, piecewise_prefill.py); None: that part stays in the eager
+        # attention call (the probe detaches them to compare).
         self.decode_rows = DecodeRows(runner, self.q, self.gates, self.o, min(max_seqs, S), max_model_len)
         self.prefill_rows = (PrefillRows(runner, self.q, self.gates, self.o, self.sizes, max_seqs, max_model_len)
                              if prefill_graphs_available(runner) else None)
@@ -108,6 +109,10 @@ class PiecewiseSteps:
 
     def eligible(self, num_tokens: int) -> bool:
         return 0 < num_tokens <= self.max_tokens
+
+    def size_for(self, num_tokens: int) -> int:
+        """The padded size a step of `num_tokens` (eligible) tokens runs at."""
+        return next(s for s in self.sizes if s >= num_tokens)
 
     # -- inputs -----------------------------------------------------------------------------------
     def _layout(self, size: int):
@@ -126,7 +131,7 @@ class PiecewiseSteps:
         to that size's device inputs (one copy from a pinned staging buffer on CUDA); returns the
         device inputs, whose first rows are the step's."""
         if size is None:
-            size = next(s for s in self.sizes if s >= len(ids))
+            size = self.size_for(len(ids))
         if len(entry_slots) > self.max_entries(size):
             raise AssertionError("more summaries than a padded step holds")
         dev = self._dev.get(size)
@@ -242,10 +247,12 @@ class PiecewiseSteps:
                 pool = g.pool()
                 graphs.append(g)
             self.graphs[size] = graphs
-        pool = self.decode_rows.capture(pool)
+        if self.decode_rows is not None:
+            pool = self.decode_rows.capture(pool)
         if self.prefill_rows is not None:
             self.prefill_rows.capture(pool)
         torch.cuda.synchronize(dev)
-        log.info("captured piecewise CUDA graphs for prompt steps of %s tokens (%d pieces each), and the "
-                 "decode rows' attention for %s rows (%.0f MB more reserved)", self.sizes, n,
-                 self.decode_rows.sizes, self.decode_rows.capture_bytes / 2**20)
+        log.info("captured piecewise CUDA graphs for prompt steps of %s tokens (%d pieces each); attention "
+                 "graphs for decode rows: %s, for prompt chunks: steps of %s tokens", self.sizes, n,
+                 self.decode_rows.sizes if self.decode_rows is not None else "none",
+                 sorted(self.prefill_rows.plans) if self.prefill_rows is not None else "none")

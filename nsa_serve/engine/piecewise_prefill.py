@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .decode_graphs import Staging, StepInputs
-from .piecewise_decode import capture_layer_graphs
+from .piecewise_decode import capture_layer_graphs, fill_tables
 
 # Padded step sizes (tokens) whose chunks replay graphs; larger steps call the prefill eagerly (the
 # table above: at 1024 and 2048 the graphs were slower as often as faster).
@@ -105,15 +105,7 @@ class PrefillRows:
         base = cu[first]
         self._layout_fn(self.plans[size], [c - base for c in cu[first:]], lens[first:], base,
                         out=host["meta"].numpy())
-        t = host["tables"].numpy()
-        # As in piecewise_decode: only the columns an earlier step wrote are reset.
-        if host.table_cols is None:
-            t.fill(self.runner.trash_page)
-        else:
-            t[:, :host.table_cols] = self.runner.trash_page
-        w = min(tables.shape[1], self.max_pages)
-        t[:len(lens) - first, :w] = tables[first:, :w]
-        host.table_cols = w
+        fill_tables(host, tables[first:len(lens)], self.max_pages, self.runner.trash_page)
         if host is not dev:
             dev.copy_(host)
             self._staging.copied(host)
