@@ -1033,11 +1033,14 @@ def static_layout(plan: PrefillPlan, cu_seqlens_q, seq_lens, row0: int = 0,
 
 
 def nsa_prefill_static(q, gates, layer: PagedLayerCache, block_tables, p: SparsityParams, plan: PrefillPlan,
-                       out, scale=None) -> None:
-    """`nsa_prefill` over a `static_plan` (shared K/V): writes the rows of `out` [rows, Hq, Dv]
-    that the plan's current layout (`static_layout`, copied to plan.meta) puts in chunks, and no
-    other. q, gates, out: the plan's rows; block_tables [seqs, ≥ pages] int32. No host sync, no
-    host-dependent shape: capturable in a CUDA graph."""
+                       out, scale=None, win_tables=None) -> None:
+    """`nsa_prefill` over a `static_plan`: writes the rows of `out` [rows, Hq, Dv] that the plan's
+    current layout (`static_layout`, copied to plan.meta) puts in chunks, and no other. q, gates,
+    out: the plan's rows; block_tables [seqs, ≥ pages] int32. No host sync, no host-dependent
+    shape: capturable in a CUDA graph. `win_tables` [seqs, ring pages] int32 (independent-K/V
+    checkpoints): the window branch reads its ring, as in `nsa_prefill`; the ring must hold
+    ≥ w + T_b − 1 tokens for every chunk a layout holds (not checked here: the layouts change
+    between replays; the engine sizes rings for its longest chunk)."""
     if plan.static is None:
         raise ValueError("nsa_prefill_static needs a plan from static_plan")
     rows, seqs, pages = plan.static
@@ -1055,8 +1058,18 @@ def nsa_prefill_static(q, gates, layer: PagedLayerCache, block_tables, p: Sparsi
                          f"{block_tables.dtype} {tuple(block_tables.shape)}")
     if q.stride(2) != 1 or gates.stride(2) != 1 or out.stride(2) != 1:
         raise ValueError("q, gates and out need a contiguous last dim")
+    wt, ring_pages = block_tables, 1 << 30
+    if win_tables is not None:
+        if win_tables.dim() != 2 or win_tables.shape[0] < seqs or win_tables.dtype != torch.int32 \
+                or win_tables.stride(1) != 1:
+            raise ValueError(f"win_tables must be int32 [>= {seqs}, ring pages] with contiguous rows, got "
+                             f"{win_tables.dtype} {tuple(win_tables.shape)}")
+        if win_tables.shape[1] * P < p.window:
+            raise ValueError(f"window ring of {win_tables.shape[1] * P} tokens is shorter than the window "
+                             f"w = {p.window}")
+        wt, ring_pages = win_tables, win_tables.shape[1]
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[2])
-    _launch(q, gates, layer, block_tables, block_tables, 1 << 30, p, plan, plan.config, out, None, scale)
+    _launch(q, gates, layer, block_tables, wt, ring_pages, p, plan, plan.config, out, None, scale)
 
 
 def nsa_prefill(q, gates, layer: PagedLayerCache, block_tables, cu_seqlens_q, seq_lens,

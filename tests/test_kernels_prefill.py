@@ -479,10 +479,10 @@ def test_plan_built_once_gives_the_same_result():
         plan_prefill([0, 50], [40], page_size=16, group=4, device=DEV)
 
 
-def _static_call(plan, layer, bt, lens, chunks, row0, gen, Hq, Dk, Dv, dtype=torch.float32, p=SMALL):
+def _static_call(plan, layer, bt, lens, chunks, row0, gen, Hq, Dk, Dv, dtype=torch.float32, p=SMALL, wt=None):
     """One `nsa_prefill_static` call: the chunks at rows row0 … of the plan's rows, the other rows
     of q random and of out a sentinel; returns (out, the chunk rows' `nsa_prefill` output with
-    the static plan's config, the sentinel)."""
+    the static plan's config, the sentinel). wt: window rings' tables (independent K/V)."""
     rows, seqs, pages = plan.static
     T = sum(chunks)
     q = torch.randn(rows, Hq, Dk, generator=gen).to(dtype).to(DEV)
@@ -493,10 +493,15 @@ def _static_call(plan, layer, bt, lens, chunks, row0, gen, Hq, Dk, Dv, dtype=tor
     plan.meta.copy_(torch.from_numpy(static_layout(plan, cu_l, lens, row0)))
     sentinel = 7.0
     out = torch.full((rows, Hq, Dv), sentinel, dtype=dtype, device=DEV)
-    nsa_prefill_static(q, gates, layer, tables, p, plan, out)
+    win = None
+    if wt is not None:  # fixed shape [seqs, ring pages]; rows past the call's: page 0 (NaN)
+        win = torch.zeros(seqs, wt.shape[1], dtype=torch.int32, device=DEV)
+        win[:wt.shape[0]] = wt
+    nsa_prefill_static(q, gates, layer, tables, p, plan, out, win_tables=win)
     cu = torch.tensor(cu_l, dtype=torch.int32, device=DEV)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    want = nsa_prefill(q[row0:row0 + T], gates[row0:row0 + T], layer, bt, cu, sl, p, config=plan.config)
+    want = nsa_prefill(q[row0:row0 + T], gates[row0:row0 + T], layer, bt, cu, sl, p, config=plan.config,
+                       win_tables=wt)
     return out, want, sentinel
 
 
@@ -518,6 +523,23 @@ def test_static_plan_gives_each_call_its_own_result(G):
         out, want, sentinel = _static_call(plan, layer, bt, lens, chunks, row0, gen, Hq, Dk, Dv)
         T = sum(chunks)
         assert torch.equal(out[row0:row0 + T], want)
+        assert (out[:row0] == sentinel).all() and (out[row0 + T:] == sentinel).all()
+
+
+def test_static_plan_with_window_rings():
+    """Independent K/V: a static plan's window branch reads each chunk's ring (win_tables, fixed
+    shape), as `nsa_prefill` does with the same rings, bitwise; other rows untouched. Two layouts
+    of one plan."""
+    gen = torch.Generator().manual_seed(13)
+    Hq, Hkv, Dk, Dv = 8, 2, 48, 32
+    plan = static_plan(96, 4, 12, page_size=SMALL.select_block, group=4, device=DEV)
+    for lens, chunks, row0 in (([117, 37, 55], [30, 21, 13], 5), ([90, 40], [60, 1], 0)):
+        ring_pages = math.ceil((SMALL.window + max(chunks) - 1) / SMALL.select_block)
+        seqs = [Seq(L, Hkv, Dk, Dv, SMALL, True, gen, torch.float32) for L in lens]
+        layer, bt, wt = build_cache(seqs, lens, SMALL, torch.float32, DEV, gen, ring_pages)
+        out, want, sentinel = _static_call(plan, layer, bt, lens, chunks, row0, gen, Hq, Dk, Dv, wt=wt)
+        T = sum(chunks)
+        assert torch.isfinite(want).all() and torch.equal(out[row0:row0 + T], want)
         assert (out[:row0] == sentinel).all() and (out[row0 + T:] == sentinel).all()
 
 
@@ -546,6 +568,10 @@ def test_static_plan_refusals():
         nsa_prefill_static(q[:16], g[:16], layer, tables, SMALL, plan, out)
     with pytest.raises(ValueError, match="block_tables must be int32"):
         nsa_prefill_static(q, g, layer, tables[:, :3], SMALL, plan, out)
+    with pytest.raises(ValueError, match="win_tables must be int32"):
+        nsa_prefill_static(q, g, layer, tables, SMALL, plan, out, win_tables=tables[:1])
+    with pytest.raises(ValueError, match="shorter than the window"):
+        nsa_prefill_static(q, g, layer, tables, SMALL, plan, out, win_tables=tables[:, :1])
 
 
 # ---------------------------------------------------------------- GPU, paper shape -------------
