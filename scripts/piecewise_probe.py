@@ -331,8 +331,10 @@ def profile(model, name, a) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--check", action="store_true", help="correctness: the bundled model and paper-1b")
+    ap.add_argument("--check", action="store_true",
+                    help="correctness: the bundled model, paper-1b, and paper-1b with independent K/V")
     ap.add_argument("--preset", default="paper-1b")
+    ap.add_argument("--set", action="append", help="preset overrides, e.g. shared_kv=false")
     ap.add_argument("--model", default=None, help="a model directory instead of a preset")
     ap.add_argument("--decode-rows", type=int, default=32)
     ap.add_argument("--context", type=int, default=1024)
@@ -350,12 +352,17 @@ def main() -> int:
         model, tokenizer, name = build_model(margs, dev, torch.bfloat16)
         ok &= check(model, name, tokenizer, model.cfg.vocab_size, True)
         del model
-        margs = SimpleNamespace(model=None, preset="paper-1b", set=None, input_len=4096, output_len=64, seed=0)
-        model, _, name = build_model(margs, dev, torch.bfloat16)
-        ok &= check(model, name, None, model.cfg.vocab_size, False)
+        for overrides in (None, ["shared_kv=false"]):
+            margs = SimpleNamespace(model=None, preset="paper-1b", set=overrides, input_len=4096, output_len=64,
+                                    seed=0)
+            model, _, name = build_model(margs, dev, torch.bfloat16)
+            ok &= check(model, name if overrides is None else f"{name} (independent K/V)", None,
+                        model.cfg.vocab_size, False)
+            del model
+            release()
         print("PASS" if ok else "FAIL")
         return 0 if ok else 1
-    margs = SimpleNamespace(model=a.model, preset=a.preset, set=None, input_len=a.context + a.decode_rows,
+    margs = SimpleNamespace(model=a.model, preset=a.preset, set=a.set, input_len=a.context + a.decode_rows,
                             output_len=decode_budget(a), seed=0)
     model, _, name = build_model(margs, dev, torch.bfloat16)
     (profile if a.profile else timing)(model, name, a)

@@ -181,3 +181,18 @@ def test_piecewise_steps_with_the_triton_kernels_match_the_reference():
     # them had decode rows beside the chunks
     assert pw.steps > 0 and pw.prefill_rows.steps > 0 and pw.decode_rows.steps > 0
     assert pw.prefill_rows.steps + pw.decode_rows.steps > pw.steps
+
+
+def test_independent_kv_piecewise_steps_with_the_triton_kernels_match_the_reference():
+    """An independent-K/V model's piecewise steps with the Triton kernels, uncaptured under the
+    interpreter: φ from its flat source, both rings written from padded rows, the decode rows' and
+    the chunks' attention (static plans) over padded inputs with the window rings' tables. Greedy
+    tokens and prompt logprobs equal the reference model's."""
+    from nsa_serve.engine.piecewise_graphs import PiecewiseSteps
+
+    engine = make_engine(False, num_pages=64, max_num_batched_tokens=64, long_prefill_token_threshold=24)
+    use_kernels(engine)
+    pw = engine.runner.piecewise = PiecewiseSteps(engine.runner, 64, engine.args.max_num_seqs, engine.max_model_len)
+    assert pw.prefill_rows is not None
+    generate_and_compare(engine, random_prompts(3, 30, 50, seed=22), 3)
+    assert pw.steps > 0 and pw.decode_rows.steps > 0 and pw.prefill_rows.steps > 0

@@ -22,8 +22,8 @@ from nsa_serve.engine.protocol import SamplingParams
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread_torch)
 
 
-def _engine(piecewise: int, **kw):
-    engine = make_engine(True, **kw)
+def _engine(piecewise: int, shared_kv: bool = True, **kw):
+    engine = make_engine(shared_kv, **kw)
     if piecewise:
         engine.runner.piecewise = PiecewiseSteps(engine.runner, piecewise, engine.args.max_num_seqs,
                                                 engine.max_model_len)
@@ -45,20 +45,43 @@ def test_capture_sizes():
 def test_piecewise_validation():
     with pytest.raises(ValueError, match="piecewise_max_tokens"):
         EngineArgs(piecewise_max_tokens=-1).validate()
-    engine = make_engine(False)
-    with pytest.raises(ValueError, match="shared K/V"):
-        PiecewiseSteps(engine.runner, 64, 4, 256)
+    pw = _engine(64).runner.piecewise
+    with pytest.raises(ValueError, match="piecewise inputs"):  # an independent-K/V step's inputs
+        pw.upload(**{name: np.zeros(0, dtype=np.int64) for name in ("ids", "pos", "slots", "entry_slots",
+                                                                     "old_slots", "entry_src")})
 
 
-@pytest.mark.parametrize("attention", ["nsa", "dense"])
-def test_steps_match_the_eager_engine_step_by_step(attention):
+def test_independent_kv_inputs():
+    """An independent-K/V model's pieces take φ's flat source (old ring rows bounded by l − 1 a
+    sequence) and both rings' writes instead of block slots; its decode rows' graphs take the window
+    rings' tables (the static prefill plans' too: tests/test_engine_kernels.py)."""
+    engine = _engine(64, shared_kv=False, max_num_seqs=5)
+    pw, l = engine.runner.piecewise, engine.config.cmp_block
+    assert pw.max_old(16) == 5 * (l - 1) and pw.max_old(2) == 2 * (l - 1)
+    x = pw.padding(16)
+    assert set(x) == {"ids", "pos", "slots", "entry_slots", "old_slots", "entry_src", "cmp_rows", "cmp_slots",
+                      "win_rows", "win_slots"}
+    assert x["entry_src"].shape == (pw.max_entries(16), l) and x["old_slots"].shape == (pw.max_old(16),)
+    trash = engine.runner.trash_page
+    assert (x["cmp_slots"] // engine.runner.P == trash).all() and (x["win_rows"] == 0).all()
+    rows = pw.decode_rows.upload(np.ones((2, 3), dtype=np.int32), [5, 6], 2,
+                                 win_tables=np.full((2, engine.runner.win_ring_pages), 7, dtype=np.int32))
+    assert rows["win_tables"].shape == (2, engine.runner.win_ring_pages) and (rows["win_tables"] == 7).all()
+
+
+@pytest.mark.parametrize("attention,shared_kv", [("nsa", True), ("dense", True), ("nsa", False)],
+                         ids=["nsa", "dense", "nsa, independent K/V"])
+def test_steps_match_the_eager_engine_step_by_step(attention, shared_kv):
     """Two engines in lockstep, one through the pieces: after every step the same pages (K/V and
-    summaries, trash page aside) and the same sampled tokens and logprobs. Chunks end off the
-    summary stride and the page size; decode rows share steps with prompt chunks; one prompt asks
-    for prompt logprobs; late arrivals; the 96-token budget exceeds the 64-token graphs, so some
-    steps stay eager."""
+    summaries, and with independent K/V the rings; trash page aside) and the same sampled tokens
+    and logprobs. Chunks end off the summary stride and the page size; decode rows share steps with
+    prompt chunks; one prompt asks for prompt logprobs; late arrivals; the 96-token budget exceeds
+    the 64-token graphs, so some steps stay eager. Independent K/V: 37-token chunks are longer than
+    φ's 16-token ring, so a chunk overwrites ring rows its own first summaries read."""
     kw = dict(attention=attention, max_num_batched_tokens=96, long_prefill_token_threshold=37)
-    eager, pw = _engine(0, **kw), _engine(64, **kw)
+    eager, pw = _engine(0, shared_kv, **kw), _engine(64, shared_kv, **kw)
+    if not shared_kv:
+        assert eager.runner.cmp_ring < 37
     prompts = random_prompts(6, 3, 150, seed=7)
     params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2,
                              prompt_logprobs=2 if i == 1 else None) for i in range(len(prompts))]
@@ -95,10 +118,13 @@ def test_steps_match_the_eager_engine_step_by_step(attention):
         e.block_manager.check_all_free()
 
 
-def test_piecewise_engine_matches_the_reference_model():
+@pytest.mark.parametrize("shared_kv", [True, False], ids=["shared K/V", "independent K/V"])
+def test_piecewise_engine_matches_the_reference_model(shared_kv):
     """Greedy requests through the pieces equal the reference model run alone (many sequences at
-    once, so steps hold many summaries: the padded entry rows must hold them all)."""
-    engine = _engine(128, max_num_seqs=12, max_num_batched_tokens=128, long_prefill_token_threshold=128)
+    once, so steps hold many summaries: the padded entry rows, and with independent K/V the old
+    rows of φ's flat source, must hold them all)."""
+    engine = _engine(128, shared_kv, max_num_seqs=12, max_num_batched_tokens=128,
+                     long_prefill_token_threshold=128)
     prompts = random_prompts(12, 1, 90, seed=3)
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     assert engine.runner.piecewise.steps > 0
@@ -142,10 +168,10 @@ def test_entry_rows_bound():
     assert (16, 6) in seen
     for i, prompt in enumerate(prompts):
         assert outs[f"r{i}"] == reference_greedy(engine.model, prompt, 3)
-    e = torch.zeros(0, dtype=torch.int64).numpy()
-    with pytest.raises(AssertionError, match="more summaries"):
-        pw.upload(e, e, e, torch.zeros(pw.max_entries(16) + 1, dtype=torch.int64).numpy(),
-                  torch.zeros((0, c.cmp_block), dtype=torch.int64).numpy(), size=16)
+    e = np.zeros(0, dtype=np.int64)
+    with pytest.raises(AssertionError, match="entry_slots rows do not fit"):
+        pw.upload(ids=e, pos=e, slots=e, entry_slots=np.zeros(pw.max_entries(16) + 1, dtype=np.int64),
+                  block_slots=np.zeros((0, c.cmp_block), dtype=np.int64), size=16)
 
 
 def test_decode_rows_inputs_are_padded_with_the_trash_page():
@@ -186,15 +212,18 @@ def test_probe_double_run_compares_every_piecewise_step():
 
 
 @pytest.mark.gpu
-def test_piecewise_graphs_on_gpu():
+@pytest.mark.parametrize("shared_kv", [True, False], ids=["shared K/V", "independent K/V"])
+def test_piecewise_graphs_on_gpu(shared_kv):
     """CUDA: the engine captures the graphs at warm-up and serves every step that is not
     decode-only through them. Each such step is also run as uncaptured pieces (the replay must
     give their hidden states exactly) and eagerly (equal up to bf16 rounding of GEMMs with padded
-    shapes: 0 for this model on an H200, 6.8e-3–9.5e-3 of max |h| for the bundled one)."""
+    shapes: 0 for this model on an H200, 6.8e-3–9.5e-3 of max |h| for the bundled one).
+    Independent K/V: φ's flat source and the rings' writes inside the graphs (prompts up to 700
+    tokens: chunks far longer than φ's ring)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     probe = load_script("piecewise_probe")
-    engine = make_engine(True, device="cuda", dtype="bfloat16", num_pages=256, precompile=False,
+    engine = make_engine(shared_kv, device="cuda", dtype="bfloat16", num_pages=256, precompile=False,
                          max_num_batched_tokens=256, long_prefill_token_threshold=256, piecewise_max_tokens=256)
     engine.warmup()
     pw = engine.runner.piecewise

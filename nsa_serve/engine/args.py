@@ -13,7 +13,7 @@ def add_graph_args(parser) -> None:
     parser.add_argument("--piecewise-max-tokens", type=int, default=2048,
                         help="prompt and mixed steps of up to this many tokens replay as CUDA graphs: "
                              "the work between attention calls, the decode rows' attention, and the "
-                             "prompt chunks' up to 512 tokens (0: eager; CUDA, shared-K/V models)")
+                             "prompt chunks' up to 512 tokens (0: eager; CUDA only)")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="queue each decode step before reading the previous step's tokens, so the "
                              "host's work overlaps the GPU's (decode steps served by CUDA graphs; default: "
@@ -40,7 +40,7 @@ class EngineArgs:
     # Prompt and mixed steps of up to this many tokens replay the work between attention calls as
     # CUDA graphs (engine/piecewise_graphs.py; vLLM's piecewise graphs), and their attention from
     # graphs of its own where they can (piecewise_decode.py, piecewise_prefill.py); 0: eager.
-    # CUDA and shared-K/V models only; capped at max_num_batched_tokens.
+    # CUDA only; capped at max_num_batched_tokens.
     piecewise_max_tokens: int = 2048
     # Decode steps served by the fixed-shape path are queued before the previous step's tokens are
     # read, so the host's bookkeeping overlaps the device (vLLM's async scheduling, SGLang's overlap

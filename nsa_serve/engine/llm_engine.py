@@ -198,7 +198,7 @@ class LLMEngine:
                 att.dense_decode_fn if args.attention == "dense" else att.decode_fn) is not None:
             # Decode-only steps run with fixed shapes and are captured as CUDA graphs in warmup().
             self.runner.static_decode = StaticDecode(self.runner, min(args.max_num_seqs, 256), self.max_model_len)
-        if self.device.type == "cuda" and not args.enforce_eager and args.piecewise_max_tokens and cfg.shared_kv:
+        if self.device.type == "cuda" and not args.enforce_eager and args.piecewise_max_tokens:
             # Other steps replay their work as graphs captured in warmup() (piecewise_graphs.py).
             self.runner.piecewise = PiecewiseSteps(
                 self.runner, min(args.piecewise_max_tokens, args.max_num_batched_tokens), args.max_num_seqs,

@@ -208,7 +208,8 @@ class ModelRunner:
         # Per new summary: its sequence, index, and where its tokens are (lengths = entries).
         e_seq, e_idx, e_start, e_row0, e_base, e_first = [], [], [], [], [], []
         bt = np.zeros((B, table_width(max(len(s.block_table) for s in seqs))), dtype=np.int32)
-        # The piecewise graphs' φ reads every block from the pages: no flat source to build.
+        # The piecewise graphs' φ reads every block from the pages with shared K/V: no flat source
+        # to build (independent K/V: a flat source of fixed shape, piecewise_graphs.py).
         pw = self.piecewise if self.piecewise is not None and self.piecewise.eligible(sum(num_new)) else None
         for b, (seq, T, row) in enumerate(zip(seqs, num_new, self._table_rows.rows(seqs))):
             start, L = seq.num_computed_tokens, seq.num_computed_tokens + T
@@ -240,7 +241,7 @@ class ModelRunner:
                 e_row0 += [row0] * k
                 e_base += [len(old_slots)] * k
                 e_first += [n0 * d] * k
-                if pw is None:
+                if pw is None or not self.shared:
                     old_slots.extend(self._cmp_source_slot(seq, t) for t in range(n0 * d, start))
             new_entries.append((n0, max(n0, n1)))
 
@@ -265,23 +266,47 @@ class ModelRunner:
         # eager attention's device tables, lengths and offsets would go unused, so they are not made.
         graphs_attend = pw is not None and (num_decode == 0 or pw.decode_rows is not None) and (
             num_decode == B or (pw.prefill_rows is not None and pw.prefill_rows.serves(pw.size_for(T))))
+        wt = rings = None
+        if not self.shared:
+            # Rings: each chunk's last ring_tokens rows are written to the ring slot of their position.
+            row_len = np.asarray(lens, dtype=i64)[seq_of_row]
+            wt = np.asarray([s.win_ring for s in seqs], dtype=np.int32).reshape(B, -1)
+            ct = np.asarray([s.cmp_ring for s in seqs], dtype=np.int32).reshape(B, -1)
+            rings = []
+            for table, ring_tokens in ((ct, self.cmp_ring), (wt, self.win_ring)):
+                rows = np.flatnonzero(pos >= row_len - ring_tokens)
+                r = pos[rows] % ring_tokens
+                rings.append((rows, table[seq_of_row[rows], r // P].astype(i64) * P + r % P))
+
+        def flat_source(n_old: int) -> np.ndarray:
+            """φ's source rows per new summary [Ne, l]: old rows first (0 … n_old − 1), then this
+            step's rows."""
+            e_start_c = np.asarray(e_start, dtype=i64)[:, None]
+            old_row = np.asarray(e_base, dtype=i64)[:, None] + t - np.asarray(e_first, dtype=i64)[:, None]
+            src = np.where(t < e_start_c, old_row, n_old + np.asarray(e_row0, dtype=i64)[:, None] + t - e_start_c)
+            return src.reshape(-1, l)
+
         if pw is not None:
-            # Every block φ completes is read from the pages (shared K/V: they hold the step's rows
-            # once written), so each entry carries its l token slots instead of a flat source.
-            block_slots = bt[np.asarray(e_seq, dtype=i64)[:, None], t // P].astype(i64) * P + t % P
-            x = pw.upload(np.asarray(ids, dtype=i64), pos, slots, entry_slots, block_slots)
+            arrays = dict(ids=np.asarray(ids, dtype=i64), pos=pos, slots=slots, entry_slots=entry_slots)
+            if self.shared:
+                # Every block φ completes is read from the pages (shared K/V: they hold the step's
+                # rows once written), so each entry carries its l token slots instead of a flat source.
+                arrays["block_slots"] = bt[np.asarray(e_seq, dtype=i64)[:, None], t // P].astype(i64) * P + t % P
+            else:
+                # φ's old rows come from its ring, read before the step writes it: a flat source
+                # whose old part has the size's fixed row count.
+                size = pw.size_for(T)
+                arrays.update(old_slots=np.asarray(old_slots, dtype=i64), entry_src=flat_source(pw.max_old(size)),
+                              cmp_rows=rings[0][0], cmp_slots=rings[0][1], win_rows=rings[1][0],
+                              win_slots=rings[1][1])
+            x = pw.upload(**arrays)
             ids_t, pos_t, slots_t = x["ids"][:T], x["pos"][:T], x["slots"][:T]
             entry_t = x["entry_slots"][:len(entry_slots)]
             old_t = src_t = None
         else:
-            # φ's flat source: old rows first (0 … n_old − 1), then this step's rows.
-            n_old = len(old_slots)
-            e_start_c = np.asarray(e_start, dtype=i64)[:, None]
-            old_row = np.asarray(e_base, dtype=i64)[:, None] + t - np.asarray(e_first, dtype=i64)[:, None]
-            src = np.where(t < e_start_c, old_row, n_old + np.asarray(e_row0, dtype=i64)[:, None] + t - e_start_c)
             x = None
             ids_t, pos_t, slots_t, entry_t = lt(ids), lt(pos), lt(slots), lt(entry_slots)
-            old_t, src_t = lt(old_slots), lt(src.reshape(-1, l))
+            old_t, src_t = lt(old_slots), lt(flat_source(len(old_slots)))
         inp = StepInputs(
             seqs=seqs, num_new=num_new, num_seqs=B, num_decode=num_decode,
             input_ids=ids_t, positions=pos_t, slots=slots_t,
@@ -293,27 +318,21 @@ class ModelRunner:
             new_entries=new_entries, logits_rows=lt(logits_rows), sample_seqs=sample_seqs, piecewise=x,
         )
         if pw is not None and num_decode and pw.decode_rows is not None:
-            inp.piecewise_decode = pw.decode_rows.upload(bt, lens, num_decode)
+            inp.piecewise_decode = pw.decode_rows.upload(bt, lens, num_decode, win_tables=wt)
         size = len(x["ids"]) if x is not None else 0
         # (the chunks' graphs only beside the decode rows' graphs: the eager call does both or the chunks)
         if graphs_attend and num_decode < B:
-            pw.prefill_rows.upload(size, bt, cu, lens, num_decode)
+            pw.prefill_rows.upload(size, bt, cu, lens, num_decode, win_tables=wt)
             inp.piecewise_prefill = size
         if prompt_spans:
             inp.prompt_rows, inp.prompt_targets = lt(prompt_rows), lt(prompt_targets)
             inp.prompt_spans, inp.prompt_k, inp.prompt_targets_host = prompt_spans, prompt_k, prompt_targets
         if not self.shared:
-            # Rings: each chunk's last ring_tokens rows are written to the ring slot of their position.
-            row_len = np.asarray(lens, dtype=i64)[seq_of_row]
-            wt = np.asarray([s.win_ring for s in seqs], dtype=np.int32).reshape(B, -1)
-            ct = np.asarray([s.cmp_ring for s in seqs], dtype=np.int32).reshape(B, -1)
-            rings = []
-            for table, ring_tokens in ((ct, self.cmp_ring), (wt, self.win_ring)):
-                rows = np.flatnonzero(pos >= row_len - ring_tokens)
-                r = pos[rows] % ring_tokens
-                rings.append((lt(rows), lt(table[seq_of_row[rows], r // P].astype(i64) * P + r % P)))
-            inp.win_tables = torch.from_numpy(wt).to(dev)
-            (inp.cmp_write_rows, inp.cmp_write_slots), (inp.win_write_rows, inp.win_write_slots) = rings
+            if not graphs_attend:
+                inp.win_tables = torch.from_numpy(wt).to(dev)
+            if pw is None:  # (the pieces write the rings from their own padded rows)
+                (inp.cmp_write_rows, inp.cmp_write_slots), (inp.win_write_rows, inp.win_write_slots) = (
+                    (lt(rows), lt(ring_slots)) for rows, ring_slots in rings)
         return inp
 
     def _cmp_source_slot(self, seq: Sequence, t: int) -> int:
@@ -353,25 +372,31 @@ class ModelRunner:
             q, kv, gates = attn.project_and_gate(x, inp.positions, rope,
                                                  write=(cache.k_cache, cache.v_cache, inp.slots, write))
             if has_entries:
-                self._write_summaries(attn, cache, kv["cmp"], inp)
+                self.write_summaries(attn, cache, kv["cmp"], inp.summary_old_slots, inp.entry_src, inp.entry_slots)
             if not self.shared:
-                k_c, v_c = kv["cmp"]
-                k_w, v_w = kv["win"]
-                write(cache.k_cache, cache.v_cache, k_c[inp.cmp_write_rows], v_c[inp.cmp_write_rows],
-                      inp.cmp_write_slots)
-                write(cache.k_cache, cache.v_cache, k_w[inp.win_write_rows], v_w[inp.win_write_rows],
-                      inp.win_write_slots)
+                self.write_rings(cache, kv, inp.cmp_write_rows, inp.cmp_write_slots, inp.win_write_rows,
+                                 inp.win_write_slots)
             o = self.attention(q, gates, cache, inp)
             h, x = add_rms_norm(h, attn.output(o), layer.mlp_norm)
             pending = layer.mlp.forward_fused(x)
         return h if pending is None else h + pending
 
-    def _write_summaries(self, attn, cache: PagedLayerCache, kv_cmp, inp: StepInputs) -> None:
+    def write_summaries(self, attn, cache: PagedLayerCache, kv_cmp, old_slots, entry_src, entry_slots) -> None:
+        """φ of each new summary over its l source rows, written to entry_slots [Ne]. The source is
+        flat: [rows old_slots of the cache ; this step's compression-branch K/V (kv_cmp)], and
+        entry_src [Ne, l] indexes it."""
         k_new, v_new = kv_cmp
         # φ's old rows: the raw pages (shared K/V; already hold this step's rows too, but the old
         # rows are all before the step) or the staging ring, read before this step writes it.
-        k_src = torch.cat([read_slots(cache.k_cache, inp.summary_old_slots), k_new])
-        v_src = torch.cat([read_slots(cache.v_cache, inp.summary_old_slots), v_new])
-        kb = k_src[inp.entry_src].permute(0, 2, 1, 3)  # [Ne, Hkv, l, Dk]
-        vb = v_src[inp.entry_src].permute(0, 2, 1, 3)
-        self.write_pair(cache.kc_cache, cache.vc_cache, attn.phi_k(kb), attn.phi_v(vb), inp.entry_slots)
+        k_src = torch.cat([read_slots(cache.k_cache, old_slots), k_new])
+        v_src = torch.cat([read_slots(cache.v_cache, old_slots), v_new])
+        kb = k_src[entry_src].permute(0, 2, 1, 3)  # [Ne, Hkv, l, Dk]
+        vb = v_src[entry_src].permute(0, 2, 1, 3)
+        self.write_pair(cache.kc_cache, cache.vc_cache, attn.phi_k(kb), attn.phi_v(vb), entry_slots)
+
+    def write_rings(self, cache: PagedLayerCache, kv, cmp_rows, cmp_slots, win_rows, win_slots) -> None:
+        """Independent K/V: rows cmp_rows of the step's compression-branch K/V into φ's ring slots,
+        rows win_rows of the window branch's into the window ring's."""
+        for branch, rows, slots in (("cmp", cmp_rows, cmp_slots), ("win", win_rows, win_slots)):
+            k, v = kv[branch]
+            self.write_pair(cache.k_cache, cache.v_cache, k[rows], v[rows], slots)

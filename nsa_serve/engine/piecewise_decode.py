@@ -50,15 +50,20 @@ class DecodeRows:
 
     # -- inputs -----------------------------------------------------------------------------------
     def _layout(self, size: int):
-        trash = self.runner.trash_page
-        return [("tables", torch.int32, (size, self.max_pages), trash), ("lens", torch.int32, (size,), 1)]
+        r = self.runner
+        out = [("tables", torch.int32, (size, self.max_pages), r.trash_page), ("lens", torch.int32, (size,), 1)]
+        if not r.shared:  # independent K/V: the window rings' tables
+            out.append(("win_tables", torch.int32, (size, r.win_ring_pages), r.trash_page))
+        return out
 
     def new_inputs(self, size: int, device=None, pin: bool = False) -> StepInputs:
         return StepInputs(self._layout(size), device=device, pin=pin)
 
-    def upload(self, tables: np.ndarray, lens, rows: int, size: int | None = None) -> StepInputs:
+    def upload(self, tables: np.ndarray, lens, rows: int, size: int | None = None,
+               win_tables: np.ndarray | None = None) -> StepInputs:
         """The first `rows` rows of the step's block tables (numpy [B, width], decode rows first)
-        and lengths, padded to the next size (or `size`) and moved to that size's device inputs."""
+        and lengths (and, independent K/V, window-ring tables [B, ring pages]), padded to the next
+        size (or `size`) and moved to that size's device inputs."""
         if size is None:
             size = next(s for s in self.sizes if s >= rows)
         dev = self._dev.get(size)
@@ -69,6 +74,10 @@ class DecodeRows:
         n = host["lens"].numpy()
         n[:rows] = lens[:rows]
         n[rows:] = 1
+        if "win_tables" in host:
+            w = host["win_tables"].numpy()
+            w[:rows] = win_tables[:rows]
+            w[rows:] = self.runner.trash_page
         if host is not dev:
             dev.copy_(host)
             self._staging.copied(host)
@@ -87,7 +96,8 @@ class DecodeRows:
     def _run(self, layer: int, x: StepInputs) -> None:
         size = x["lens"].shape[0]
         r = self.runner
-        out = decode_attention(r, self.q[:size], self.gates[:size], r.caches[layer], x["tables"], x["lens"])
+        out = decode_attention(r, self.q[:size], self.gates[:size], r.caches[layer], x["tables"], x["lens"],
+                               x.get("win_tables"))
         self.o[:size].copy_(out)
 
     # -- CUDA graphs ------------------------------------------------------------------------------
@@ -97,7 +107,7 @@ class DecodeRows:
         empty = np.zeros((0, 1), dtype=np.int32)
         reserved = torch.cuda.memory_reserved(dev)
         # every row padding: length 1 over the trash page
-        inputs = {size: self.upload(empty, [], 0, size=size) for size in self.sizes}
+        inputs = {size: self.upload(empty, [], 0, size=size, win_tables=empty) for size in self.sizes}
         pool = capture_layer_graphs(self.runner, self.sizes, lambda i, size: self._run(i, inputs[size]),
                                     self.graphs, pool)
         self.capture_bytes = torch.cuda.memory_reserved(dev) - reserved  # for logs and the probe

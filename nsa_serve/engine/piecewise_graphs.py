@@ -23,9 +23,12 @@ eagerly.
 
 Shapes are fixed by padding, as in decode_graphs.py: pad rows have position 0 and write their
 K/V into the runner's trash page; φ runs on a fixed number of entry rows, the unused ones
-pointing at the trash page. φ reads each completed block's l tokens from the pages after the
-step's K/V were written, which holds with shared K/V only (an independent-K/V model's φ reads a
-ring that a long chunk overwrites), so independent-K/V models stay eager.
+pointing at the trash page. With shared K/V, φ reads each completed block's l tokens from the
+pages after the step's K/V were written. An independent-K/V model's φ reads its own ring, which a
+chunk longer than the ring overwrites while writing it, so there φ takes the eager step's flat
+source, [old rows read from the ring ; the step's rows], with the old part padded to its bound
+(`max_old`: l − 1 rows a sequence), before the pieces write both rings from padded row lists
+(pad rows go to the trash page). Its attention graphs take the window rings' tables too.
 
 The pieces hand the residual stream, q and the gates to the next call through buffers shared by
 every size (a copy each at the end of a piece: ~25 µs a layer at 2048 tokens, nothing at small
@@ -69,8 +72,6 @@ def capture_sizes(max_tokens: int) -> list[int]:
 
 class PiecewiseSteps:
     def __init__(self, runner, max_tokens: int, max_seqs: int, max_model_len: int):
-        if not runner.shared:
-            raise ValueError("piecewise CUDA graphs need shared K/V (φ reads its blocks from the pages)")
         self.runner = runner
         self.sizes = capture_sizes(max_tokens)
         self.max_seqs = max_seqs
@@ -107,6 +108,13 @@ class PiecewiseSteps:
         sequences."""
         return size // self.runner.cfg.cmp_stride + min(size, self.max_seqs)
 
+    def max_old(self, size: int) -> int:
+        """Independent K/V: most old rows φ's flat source holds in a step of `size` tokens. A
+        sequence's first new summary starts at most l − 1 tokens before the step (it was not
+        complete before it), so each of at most min(size, max_seqs) sequences reads ≤ l − 1 rows
+        from its ring."""
+        return min(size, self.max_seqs) * (self.runner.cfg.cmp_block - 1)
+
     def eligible(self, num_tokens: int) -> bool:
         return 0 < num_tokens <= self.max_tokens
 
@@ -120,26 +128,38 @@ class PiecewiseSteps:
         P, E, l, trash = r.P, r.E, r.cfg.cmp_block, r.trash_page
         ne = self.max_entries(size)
         i64 = torch.int64
-        return [("ids", i64, (size,), 0), ("pos", i64, (size,), 0), ("slots", i64, (size,), trash * P),
-                ("entry_slots", i64, (ne,), trash * E), ("block_slots", i64, (ne, l), trash * P)]
+        out = [("ids", i64, (size,), 0), ("pos", i64, (size,), 0), ("slots", i64, (size,), trash * P),
+               ("entry_slots", i64, (ne,), trash * E)]
+        if r.shared:  # φ reads each block's l token slots from the pages
+            return out + [("block_slots", i64, (ne, l), trash * P)]
+        # Independent K/V: φ's flat source [old rows from its ring ; the step's rows] and the two
+        # rings' writes (padding: row 0 into the trash page).
+        return out + [("old_slots", i64, (self.max_old(size),), trash * P), ("entry_src", i64, (ne, l), 0),
+                      ("cmp_rows", i64, (size,), 0), ("cmp_slots", i64, (size,), trash * P),
+                      ("win_rows", i64, (size,), 0), ("win_slots", i64, (size,), trash * P)]
 
     def new_inputs(self, size: int, device=None, pin: bool = False) -> StepInputs:
         return StepInputs(self._layout(size), device=device, pin=pin)
 
-    def upload(self, ids, pos, slots, entry_slots, block_slots, size: int | None = None) -> StepInputs:
-        """The step's per-token and per-entry indices (numpy), padded to the next size and moved
-        to that size's device inputs (one copy from a pinned staging buffer on CUDA); returns the
-        device inputs, whose first rows are the step's."""
+    def upload(self, size: int | None = None, **arrays) -> StepInputs:
+        """The step's per-token and per-entry indices (numpy, by the names of `_layout`: ids, pos,
+        slots, entry_slots, and block_slots with shared K/V, else old_slots, entry_src and the
+        rings' rows and slots), padded to the next size and moved to that size's device inputs (one
+        copy from a pinned staging buffer on CUDA); returns the device inputs, whose first rows are
+        the step's."""
         if size is None:
-            size = self.size_for(len(ids))
-        if len(entry_slots) > self.max_entries(size):
-            raise AssertionError("more summaries than a padded step holds")
+            size = self.size_for(len(arrays["ids"]))
+        layout = self._layout(size)
+        if set(arrays) != {name for name, _, _, _ in layout}:
+            raise ValueError(f"piecewise inputs are {[n for n, _, _, _ in layout]}, got {sorted(arrays)}")
         dev = self._dev.get(size)
         if dev is None:
             dev = self._dev[size] = self.new_inputs(size, device=self.runner.device)
         host = dev if dev.flat.device.type == "cpu" else self._staging.take(size)
-        for (name, _, _, pad), src in zip(self._layout(size), (ids, pos, slots, entry_slots, block_slots)):
-            a = host[name].numpy()
+        for name, _, shape, pad in layout:
+            src, a = arrays[name], host[name].numpy()
+            if len(src) > shape[0]:
+                raise AssertionError(f"{len(src)} {name} rows do not fit a padded step's {shape[0]}")
             a[:len(src)] = src
             a[len(src):] = pad
         if host is not dev:
@@ -149,8 +169,8 @@ class PiecewiseSteps:
 
     def padding(self, size: int) -> StepInputs:
         """All-padding device inputs of a size (what capture runs on: every write hits the trash page)."""
-        e = np.zeros(0, dtype=np.int64)
-        return self.upload(e, e, e, e, np.zeros((0, self.runner.cfg.cmp_block), dtype=np.int64), size=size)
+        return self.upload(size=size, **{name: np.zeros((0, *shape[1:]), dtype=np.int64)
+                                         for name, _, shape, _ in self._layout(size)})
 
     # -- the pieces -------------------------------------------------------------------------------
     def _piece(self, i: int, x: StepInputs, state: dict) -> None:
@@ -173,9 +193,11 @@ class PiecewiseSteps:
                 return
             hh, a = add_rms_norm(hh, pending, model.layers[i].attn_norm)
         layer, cache = model.layers[i], r.caches[i]
-        q, _, gates = layer.attn.project_and_gate(a, x["pos"], state["rope"],
-                                                  write=(cache.k_cache, cache.v_cache, x["slots"], write))
-        if not r.dense:  # after the step's own writes: φ reads every block from the pages
+        q, kv, gates = layer.attn.project_and_gate(a, x["pos"], state["rope"],
+                                                   write=(cache.k_cache, cache.v_cache, x["slots"], write))
+        if not r.dense and not r.shared:  # φ over its flat source (old rows read before the rings' writes)
+            r.write_summaries(layer.attn, cache, kv["cmp"], x["old_slots"], x["entry_src"], x["entry_slots"])
+        elif not r.dense:  # after the step's own writes: φ reads every block from the pages
             pair = layer.attn.has_phi_pair
             gather = block_gather(x["block_slots"], r.P, h.device, pair)
             # φ's products as the eager step computes them, not the decode kernel `phi_write_pair`:
@@ -183,6 +205,8 @@ class PiecewiseSteps:
             # then flipped often enough to move hidden states by 9–19 % of their largest value
             # against the eager step; this way the two agree exactly (H200, bf16, the test model).
             summaries_from_cache(r, layer.attn, cache, x["block_slots"], x["entry_slots"], gather, pair, False)
+        if not r.shared:
+            r.write_rings(cache, kv, x["cmp_rows"], x["cmp_slots"], x["win_rows"], x["win_slots"])
         h.copy_(hh)
         q_out.copy_(q)
         g_out.copy_(gates)

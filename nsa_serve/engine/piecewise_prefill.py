@@ -31,8 +31,9 @@ call → graphs (scripts/piecewise_probe.py, docs/benchmarks/engine.md):
   | 2000-token prompt, alone or + 32 rows | 25.3 → 26.3 / 25.1 → 26.2 |     |
 
 NSA attention with the Triton prefill only (the dense baseline's prefill is a loop of SDPA calls
-per sequence); `attend` runs the same launches uncaptured (tests under the CPU interpreter, or a
-size not captured).
+per sequence). Independent-K/V models add their window rings' tables to the inputs (fixed shape
+[sequences, ring pages]; the engine sizes rings for its longest chunk). `attend` runs the same
+launches uncaptured (tests under the CPU interpreter, or a size not captured).
 """
 
 from __future__ import annotations
@@ -51,12 +52,11 @@ MAX_TOKENS = 512
 
 
 def available(runner) -> bool:
-    """Whether a runner's prompt chunks can go this way: NSA with the Triton prefill, shared K/V."""
+    """Whether a runner's prompt chunks can go this way: NSA with the Triton prefill."""
     from nsa_kernels.nsa_sdpa import paged_nsa_prefill_sdpa
 
     att = runner.attention
-    return (not runner.dense and runner.shared and att.prefill_plan_fn is not None
-            and att.prefill_fn is not paged_nsa_prefill_sdpa)
+    return not runner.dense and att.prefill_plan_fn is not None and att.prefill_fn is not paged_nsa_prefill_sdpa
 
 
 class PrefillRows:
@@ -81,6 +81,8 @@ class PrefillRows:
             dev = self._dev[s] = self.new_inputs(s, device=runner.device)
             dev["meta"].copy_(plan.meta)
             dev["tables"].fill_(runner.trash_page)
+            if "win_tables" in dev:
+                dev["win_tables"].fill_(runner.trash_page)
             plan.meta = dev["meta"]
 
     def serves(self, size: int) -> bool:
@@ -89,23 +91,31 @@ class PrefillRows:
 
     # -- inputs -----------------------------------------------------------------------------------
     def _layout_of(self, size: int):
-        plan = self.plans[size]
-        trash = self.runner.trash_page
-        return [("meta", torch.int32, (plan.meta.numel(),), 0),
-                ("tables", torch.int32, (plan.static[1], self.max_pages), trash)]
+        plan, r = self.plans[size], self.runner
+        out = [("meta", torch.int32, (plan.meta.numel(),), 0),
+               ("tables", torch.int32, (plan.static[1], self.max_pages), r.trash_page)]
+        if not r.shared:  # independent K/V: the window rings' tables (rings hold w + chunk − 1 tokens)
+            out.append(("win_tables", torch.int32, (plan.static[1], r.win_ring_pages), r.trash_page))
+        return out
 
     def new_inputs(self, size: int, device=None, pin: bool = False) -> StepInputs:
         return StepInputs(self._layout_of(size), device=device, pin=pin)
 
-    def upload(self, size: int, tables: np.ndarray, cu: list[int], lens: list[int], first: int) -> StepInputs:
+    def upload(self, size: int, tables: np.ndarray, cu: list[int], lens: list[int], first: int,
+               win_tables: np.ndarray | None = None) -> StepInputs:
         """The chunks of sequences first … B−1 of the step (rows cu[first] … of q; block tables
-        numpy [B, width], host cu [B+1] and lengths) into the size's plan layout and tables."""
+        numpy [B, width], host cu [B+1] and lengths; independent K/V: window-ring tables [B, ring
+        pages]) into the size's plan layout and tables."""
         dev = self._dev[size]
         host = dev if dev.flat.device.type == "cpu" else self._staging.take(size)
         base = cu[first]
         self._layout_fn(self.plans[size], [c - base for c in cu[first:]], lens[first:], base,
                         out=host["meta"].numpy())
         fill_tables(host, tables[first:len(lens)], self.max_pages, self.runner.trash_page)
+        if "win_tables" in host:
+            w, n = host["win_tables"].numpy(), len(lens) - first
+            w[:n] = win_tables[first:len(lens)]
+            w[n:] = self.runner.trash_page
         if host is not dev:
             dev.copy_(host)
             self._staging.copied(host)
@@ -124,8 +134,9 @@ class PrefillRows:
         from nsa_kernels.nsa_prefill import nsa_prefill_static
 
         r = self.runner
-        nsa_prefill_static(self.q[:size], self.gates[:size], r.caches[layer], self._dev[size]["tables"],
-                           r.attention.p, self.plans[size], self.o[:size])
+        x = self._dev[size]
+        nsa_prefill_static(self.q[:size], self.gates[:size], r.caches[layer], x["tables"], r.attention.p,
+                           self.plans[size], self.o[:size], win_tables=x.get("win_tables"))
 
     # -- CUDA graphs ------------------------------------------------------------------------------
     def capture(self, pool=None):
