@@ -70,14 +70,11 @@ class DecodeRows:
         if dev is None:
             dev = self._dev[size] = self.new_inputs(size, device=self.runner.device)
         host = dev if dev.flat.device.type == "cpu" else self._staging.take(size)
-        fill_tables(host, tables[:rows], self.max_pages, self.runner.trash_page)
+        fill_tables(host, tables[:rows], self.max_pages, self.runner.trash_page,
+                    None if win_tables is None else win_tables[:rows])
         n = host["lens"].numpy()
         n[:rows] = lens[:rows]
         n[rows:] = 1
-        if "win_tables" in host:
-            w = host["win_tables"].numpy()
-            w[:rows] = win_tables[:rows]
-            w[rows:] = self.runner.trash_page
         if host is not dev:
             dev.copy_(host)
             self._staging.copied(host)
@@ -114,9 +111,11 @@ class DecodeRows:
         return pool
 
 
-def fill_tables(host: StepInputs, rows: np.ndarray, max_pages: int, trash: int) -> None:
+def fill_tables(host: StepInputs, rows: np.ndarray, max_pages: int, trash: int,
+                win_rows: np.ndarray | None = None) -> None:
     """host["tables"] (fixed shape [size, max_pages]) = `rows` (numpy [n, width]) on top, the
-    trash page everywhere else. Only the columns an earlier step wrote are reset: the full width is
+    trash page everywhere else; likewise host["win_tables"] = `win_rows` (independent K/V: the
+    same sequences' window-ring tables, all of one width) where the layout has it. Only the columns an earlier step wrote are reset: the full width is
     the longest possible sequence's (2048 columns at 128k), a step's rows need its own table width
     (`host.table_cols` holds that column count between steps). No sequence has more than
     max_pages pages, though the step's table may be wider (a power of two)."""
@@ -128,6 +127,10 @@ def fill_tables(host: StepInputs, rows: np.ndarray, max_pages: int, trash: int) 
     w = min(rows.shape[1], max_pages)
     t[:rows.shape[0], :w] = rows[:, :w]
     host.table_cols = w
+    if "win_tables" in host:
+        wt = host["win_tables"].numpy()
+        wt[:rows.shape[0]] = win_rows
+        wt[rows.shape[0]:] = trash
 
 
 def capture_layer_graphs(runner, sizes, run, graphs: dict, pool=None):

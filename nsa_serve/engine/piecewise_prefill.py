@@ -111,11 +111,8 @@ class PrefillRows:
         base = cu[first]
         self._layout_fn(self.plans[size], [c - base for c in cu[first:]], lens[first:], base,
                         out=host["meta"].numpy())
-        fill_tables(host, tables[first:len(lens)], self.max_pages, self.runner.trash_page)
-        if "win_tables" in host:
-            w, n = host["win_tables"].numpy(), len(lens) - first
-            w[:n] = win_tables[first:len(lens)]
-            w[n:] = self.runner.trash_page
+        fill_tables(host, tables[first:len(lens)], self.max_pages, self.runner.trash_page,
+                    None if win_tables is None else win_tables[first:len(lens)])
         if host is not dev:
             dev.copy_(host)
             self._staging.copied(host)
