@@ -205,3 +205,92 @@ def test_prompt_tokens_total_follows_prefill_progress_once_per_request():
         seen.append(engine.stats().prompt_tokens_total)
     assert seen[:5] == [16, 32, 48, 64, 70]  # 16-token chunks of a 70-token prompt
     assert seen[-1] == len(prompt)
+
+
+@pytest.mark.parametrize("shared_kv", KV_MODES)
+def test_a_step_failing_after_its_layers_wrote_the_cache_leaves_the_others_exact(shared_kv):
+    """A step that raises in its last layer's attention, after every layer wrote its pages (and,
+    with independent K/V, its rings): the poisoned request ends with an error, and every other
+    request in the step still produces the reference model's tokens. The chunks (up to 24
+    tokens) are longer than φ's 16-token ring less the l − 1 = 7 old rows a chunk's first summary
+    reads, so the failed attempt overwrote ring rows that a retry would read."""
+    engine = make_engine(shared_kv, long_prefill_token_threshold=24, max_num_batched_tokens=96)
+    runner, poison = engine.runner, 4001
+    attention, last = runner.attention, runner.caches[-1]
+    failures = []
+
+    def attend(q, gates, cache, inp):
+        if cache is last and any(poison in s.prompt_token_ids for s in inp.seqs):
+            failures.append(len(inp.seqs))
+            raise RuntimeError("injected fault after the cache writes")
+        return attention(q, gates, cache, inp)
+
+    runner.attention = attend
+    prompts = random_prompts(4, 60, 90, seed=21)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    engine.step()  # every request has its first chunk computed; the poison arrives for the second
+    engine.add_request("poison", random_prompts(1, 5, 5, seed=22)[0] + [poison], params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+    assert failures and failures[0] > 1  # it failed inside a batch, which was retried one by one
+    assert done["poison"].finish_reason == "error"
+    # Shared K/V: every retry is exact in place; independent K/V: some are recomputed instead.
+    assert (engine.scheduler.num_preemptions > 0) == (not shared_kv)
+    for i, p in enumerate(prompts):
+        assert done[str(i)].finish_reason == "length"
+        assert done[str(i)].token_ids == reference_greedy(engine.model, p, 4), f"request {i}"
+    engine.block_manager.check_all_free()
+
+
+@pytest.mark.parametrize("num_new,early_generator", [(12, False), (13, False), (13, True)])
+def test_a_failed_steps_retry_is_exact_up_to_where_it_overwrote_phis_source(num_new, early_generator):
+    """The boundary of `ModelRunner.overwrites_phi_source`, one sequence, independent K/V: after a
+    20-token chunk its next summary starts at token 16, so φ's 16-token ring keeps the old rows
+    16…19 through a 12-token chunk and loses row 16 to a 13-token one. The second chunk's step
+    fails after every layer wrote its ring. At 12 tokens the retry itself is exact; at 13 the
+    sequence is recomputed instead, and is exact too, while a retry would not have been. The
+    request is seeded: the dropped retry's draw must not move its generator, whether that draw
+    made it or it existed before (as after a preemption; made here at the failure)."""
+    prompt = random_prompts(1, 20 + num_new, 20 + num_new, seed=23)[0]
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=3, ignore_eos=True, logprobs=2)
+
+    def run(fail: bool, retry_anyway: bool = False):
+        engine = make_engine(False, long_prefill_token_threshold=20)
+        runner, attention, last, calls = engine.runner, engine.runner.attention, engine.runner.caches[-1], []
+
+        def attend(q, gates, cache, inp):
+            if cache is last:
+                calls.append(inp.seqs[0].num_computed_tokens)
+                if fail and len(calls) == 2:  # the second chunk's first attempt
+                    if early_generator:  # the generator the first draw would make, made now
+                        inp.seqs[0].generator = torch.Generator().manual_seed(params.seed)
+                    raise RuntimeError("injected fault after the cache writes")
+            return attention(q, gates, cache, inp)
+
+        runner.attention = attend
+        if retry_anyway:
+            runner.overwrites_phi_source = lambda seq, n: False
+        seq_at_risk = []
+        check = runner.overwrites_phi_source
+        runner.overwrites_phi_source = lambda seq, n: seq_at_risk.append((seq.num_computed_tokens, n)) or check(seq, n)
+        out = engine.generate([prompt], params)[0].outputs[0]
+        engine.block_manager.check_all_free()
+        return out, calls, seq_at_risk, engine.scheduler.num_preemptions
+
+    clean, clean_calls, _, _ = run(False)
+    assert clean_calls == [0, 20, 20 + num_new, 21 + num_new]  # chunks 20 and num_new, two decodes
+    got, calls, asked, preempted = run(True)
+    assert asked == [(20, num_new)]
+    assert got.token_ids == clean.token_ids
+    assert [lp.logprob for lp in got.logprobs] == [lp.logprob for lp in clean.logprobs]
+    if num_new == 12:  # retried in place
+        assert calls == [0, 20, 20, 32, 33] and preempted == 0
+    else:  # recomputed from the start
+        assert calls == [0, 20, 20, 0, 20, 33, 34] and preempted == 1
+        bad, _, _, _ = run(True, retry_anyway=True)
+        assert [lp.logprob for lp in bad.logprobs] != [lp.logprob for lp in clean.logprobs]

@@ -241,11 +241,14 @@ def test_piecewise_graphs_on_gpu(shared_kv):
     engine.block_manager.check_all_free()
 
 
-def test_a_failed_piecewise_step_falls_back_to_eager_steps():
+@pytest.mark.parametrize("shared_kv", [True, False], ids=["shared K/V", "independent K/V"])
+def test_a_failed_piecewise_step_falls_back_to_eager_steps(shared_kv):
     """A step the pieces serve that raises: the path is dropped (as the decode graphs are) and
     the step's sequences are retried eagerly, so every request still completes as the reference
-    model's, and every page comes back."""
-    engine = _engine(64)
+    model's, and every page comes back. Independent K/V: the failed step continued two prompts in
+    24-token chunks, which overwrote rows of φ's rings that a retry reads, so those sequences are
+    recomputed (ModelRunner.overwrites_phi_source)."""
+    engine = _engine(64, shared_kv=shared_kv, long_prefill_token_threshold=24)
     pw = engine.runner.piecewise
     forward = pw.forward
     calls = []
@@ -257,9 +260,10 @@ def test_a_failed_piecewise_step_falls_back_to_eager_steps():
         return forward(inp)
 
     pw.forward = failing
-    prompts = random_prompts(3, 5, 30, seed=12)
+    prompts = random_prompts(3, 5, 30, seed=12) if shared_kv else random_prompts(2, 50, 60, seed=12)
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     assert len(calls) == 2 and engine.runner.piecewise is None
+    assert engine.scheduler.num_preemptions == (0 if shared_kv else 2)
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].finish_reason == "length"
         assert out.outputs[0].token_ids == reference_greedy(engine.model, prompt, 5)

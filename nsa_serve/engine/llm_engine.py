@@ -455,9 +455,9 @@ class LLMEngine:
             if launched is not None:
                 self._start(launched)
             else:
-                results, failed = self._execute(batch, timing)
+                results, failed, recompute = self._execute(batch, timing)
                 t2 = time.perf_counter()
-                outputs.extend(self._postprocess(batch, results, failed))
+                outputs.extend(self._postprocess(batch, results, failed, recompute))
                 timing.postprocess_s = time.perf_counter() - t2
         self._counters.num_preemptions_total = self.scheduler.num_preemptions
         self.last_timing = timing
@@ -578,9 +578,14 @@ class LLMEngine:
         return dict(zip(inp.sample_seqs, samples)), dict(zip(inp.seqs, inp.new_entries)), _prompt_entries(inp)
 
     def _execute(self, batch: ScheduledBatch, timing: StepTiming):
-        """Run the batch; if it fails, run its sequences one by one so only the culprit fails."""
+        """Run the batch; if it fails, run its sequences one by one so only the culprit fails.
+        Returns (samples, entries, prompt logprobs), the failed sequences, and those to recompute:
+        with independent K/V the failed attempt may have overwritten φ ring rows a sequence's retry
+        reads (`ModelRunner.overwrites_phi_source`). Such a sequence is still retried, so that a
+        culprit among them is found and ends, but if it succeeds its rows are dropped and it
+        waits again for a recompute (a preemption), which rebuilds its rings exactly."""
         try:
-            return self._run(batch.seqs, batch.num_new_tokens, timing), set()
+            return self._run(batch.seqs, batch.num_new_tokens, timing), set(), set()
         except Exception:
             log.exception("engine step failed; retrying its %d sequence(s) one at a time", len(batch.seqs))
         static = self.runner.static_decode
@@ -591,22 +596,40 @@ class LLMEngine:
         elif self.runner.piecewise is not None and self.runner.piecewise.eligible(sum(batch.num_new_tokens)):
             log.warning("piecewise CUDA graphs disabled after a failed step; prompt steps run eagerly")
             self.runner.piecewise = None
-        samples, entries, prompts, failed = {}, {}, {}, set()
+        damaged = {s for s, n in zip(batch.seqs, batch.num_new_tokens) if self.runner.overwrites_phi_source(s, n)}
+        samples, entries, prompts, failed, recompute = {}, {}, {}, set(), set()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            # A seeded request's generator must not advance for a retry whose token is dropped.
+            gen = None if seq not in damaged or seq.generator is None else seq.generator.get_state()
             try:
                 s, e, pl = self._run([seq], [n])
-                samples.update(s)
-                entries.update(e)
-                prompts.update(pl)
             except Exception:
                 log.exception("request %s failed", seq.request_id)
                 failed.add(seq)
-        return (samples, entries, prompts), failed
+                continue
+            if seq in damaged:
+                recompute.add(seq)
+                if gen is None:
+                    seq.generator = None  # made again from the seed when next needed
+                else:
+                    seq.generator.set_state(gen)
+                continue
+            samples.update(s)
+            entries.update(e)
+            prompts.update(pl)
+        if recompute:
+            log.warning("%d sequence(s) of the failed step are recomputed: the failed attempt may have "
+                        "overwritten rows of their φ rings", len(recompute))
+        return (samples, entries, prompts), failed, recompute
 
     # -- bookkeeping after a step -----------------------------------------------------------------
-    def _postprocess(self, batch: ScheduledBatch, results, failed: set) -> list[RequestOutput]:
+    def _postprocess(self, batch: ScheduledBatch, results, failed: set,
+                     recompute: set = frozenset()) -> list[RequestOutput]:
         samples, entries, prompts = results
-        touched = self._advance(batch.seqs, batch.num_new_tokens, entries, prompts, failed)
+        for seq in recompute:
+            self.scheduler.recompute(seq)
+        rows = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if s not in recompute]
+        touched = self._advance([s for s, _ in rows], [n for _, n in rows], entries, prompts, failed)
         return self._emit(samples, touched)
 
     def _advance(self, seqs: list[Sequence], nums: list[int], entries, prompts, failed: set) -> dict:

@@ -340,6 +340,21 @@ class ModelRunner:
             return seq.block_table[t // self.P] * self.P + t % self.P
         return self._ring_slot(seq.cmp_ring, t, self.cmp_ring)
 
+    def overwrites_phi_source(self, seq: Sequence, num_new: int) -> bool:
+        """Independent K/V: whether a step of `num_new` tokens of `seq` overwrites, in φ's ring,
+        old rows its own new summaries read. The step reads them before writing the ring, but a
+        step that failed part-way has left some layers' rings without them, and a retry would
+        then compute wrong summaries. The old rows are tokens [first, start), first being where
+        the sequence's next summary starts; after the step's writes the ring holds only its last
+        R tokens, [end − R, end)."""
+        if self.shared or self.dense:  # (dense attention makes no summaries)
+            return False
+        p = self.cfg
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+        first = seq.num_summaries * p.cmp_stride
+        reads_old = num_compressed(end, p.cmp_block, p.cmp_stride) > seq.num_summaries and first < start
+        return reads_old and first < end - self.cmp_ring
+
     def _ring_slot(self, ring: list[int], t: int, ring_tokens: int) -> int:
         r = t % ring_tokens
         return ring[r // self.P] * self.P + r % self.P

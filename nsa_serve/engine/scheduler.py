@@ -76,6 +76,11 @@ class Scheduler:
         self.bm.free_sequence(seq)
         seq.status = SequenceStatus.FINISHED
 
+    def recompute(self, seq: Sequence) -> None:
+        """Send a running sequence back to wait, its cache dropped, as a preemption does: the
+        engine's way out when a failed step left its cache in a state a retry cannot use."""
+        self._preempt(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free_sequence(seq)
