@@ -294,3 +294,45 @@ def test_a_failed_steps_retry_is_exact_up_to_where_it_overwrote_phis_source(num_
         assert calls == [0, 20, 20, 0, 20, 33, 34] and preempted == 1
         bad, _, _, _ = run(True, retry_anyway=True)
         assert [lp.logprob for lp in bad.logprobs] != [lp.logprob for lp in clean.logprobs]
+
+
+@pytest.mark.parametrize("shared_kv", KV_MODES)
+def test_a_transient_fault_at_a_random_step_and_layer_loses_nothing(shared_kv):
+    """Ten random workloads (chunk caps, token budgets, page pools, staggered arrivals), each with
+    one transient fault in a random layer's attention of a random step: the step's sequences are
+    retried (or, where the failed attempt overwrote rows of their φ rings, recomputed), and every
+    request still ends with the reference model's tokens, every page back. Without the recompute,
+    independent K/V got wrong tokens in 3 of these 10 workloads (seeds 1, 8, 9)."""
+    for seed in range(10):
+        rng = random.Random(seed)
+        engine = make_engine(shared_kv, long_prefill_token_threshold=rng.choice([8, 16, 24, 40]),
+                             max_num_batched_tokens=rng.choice([48, 96]), num_pages=rng.choice([40, 256]))
+        runner, attention = engine.runner, engine.runner.attention
+        fail_step, fail_layer = rng.randint(1, 6), runner.caches[rng.randrange(len(runner.caches))]
+        state = {"step": 0, "faulted": False}
+
+        def attend(q, gates, cache, inp, **kw):
+            if not state["faulted"] and state["step"] == fail_step and cache is fail_layer:
+                state["faulted"] = True
+                raise RuntimeError("injected transient fault")
+            return attention(q, gates, cache, inp, **kw)
+
+        runner.attention = attend
+        prompts = random_prompts(6, 1, 90, seed=seed)
+        max_tokens = [rng.randint(1, 6) for _ in prompts]
+        pending, done = list(range(len(prompts))), {}
+        while pending or engine.has_unfinished_requests():
+            for _ in range(rng.randint(0, 3)):
+                if pending:
+                    i = pending.pop(0)
+                    engine.add_request(str(i), prompts[i], SamplingParams(temperature=0, max_tokens=max_tokens[i],
+                                                                          ignore_eos=True))
+            for out in engine.step():
+                if out.finished:
+                    done[int(out.request_id)] = out.outputs[0]
+            state["step"] += 1
+        assert state["faulted"], seed
+        for i, prompt in enumerate(prompts):
+            assert done[i].finish_reason == "length", (seed, i)
+            assert done[i].token_ids == reference_greedy(engine.model, prompt, max_tokens[i]), (seed, i)
+        engine.block_manager.check_all_free()
