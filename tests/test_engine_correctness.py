@@ -333,3 +333,47 @@ def test_a_transient_fault_at_a_random_step_and_layer_loses_nothing(shared_kv):
         for i, prompt in enumerate(prompts):
             assert got[i] == reference_greedy(engine.model, prompt, max_tokens[i]), (seed, i)
         engine.block_manager.check_all_free()
+
+
+@pytest.mark.parametrize("culprit", [True, False], ids=["one culprit", "transient"])
+def test_a_failed_batch_is_bisected_to_its_culprit(culprit):
+    """A decode step of 16 rows fails. With one row that fails every time it runs (at that
+    length), the retries halve the failing part towards it: 8 retries (two at each of 4 levels)
+    instead of 16; that row ends with an error and the 15 others with the reference's tokens. A
+    fault that does not come back costs two retries (the two halves)."""
+    engine = make_engine(True)
+    prompts = random_prompts(16, 5, 12, seed=31)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    while len(engine.scheduler.running) < 16 or any(s.in_prefill for s in engine.scheduler.running):
+        engine.step()  # until every prompt is in (16 prompts of ≤ 12 tokens: a few steps)
+    seqs = {s.request_id: s for s in engine.scheduler.running}
+    bad = seqs["11"]
+    L = bad.num_computed_tokens + 2  # the culprit fails in the second decode step from here
+    execute, runs = engine.runner.execute, []  # rows of each run in the step that fails
+
+    def faulty(inp):
+        if bad.num_computed_tokens == L and not bad.is_finished:
+            runs.append(len(inp.seqs))
+            if bad in inp.seqs and (culprit or len(runs) == 1):
+                raise RuntimeError("injected fault")
+        return execute(inp)
+
+    engine.runner.execute = faulty
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+    if culprit:  # depth first: 16 fails; 8, then 8 fails; 4 fails; 2, then 2 fails; 1, 1 fails; 4
+        assert runs == [16, 8, 8, 4, 2, 2, 1, 1, 4]
+        assert done["11"].finish_reason == "error"
+    else:
+        assert runs == [16, 8, 8]
+    for i, p in enumerate(prompts):
+        if culprit and i == 11:
+            continue
+        assert done[str(i)].finish_reason == "length"
+        assert done[str(i)].token_ids == reference_greedy(engine.model, p, 6), i
+    engine.block_manager.check_all_free()

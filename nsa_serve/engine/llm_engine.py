@@ -104,6 +104,27 @@ class StepTiming:
     num_decode: int = 0
 
 
+def _halves(rows: list) -> list[list]:
+    """A failed step's rows in two halves (a single row stays whole: it is retried alone once)."""
+    if len(rows) == 1:
+        return [rows]
+    mid = len(rows) // 2
+    return [rows[:mid], rows[mid:]]
+
+
+def _generator_states(seqs: list[Sequence]) -> dict:
+    """Each sequence's seeded generator state (None: not made yet), to undo draws that are dropped."""
+    return {s: None if s.generator is None else s.generator.get_state() for s in seqs}
+
+
+def _restore_generators(states: dict) -> None:
+    for seq, state in states.items():
+        if state is None:
+            seq.generator = None  # made again from the seed when next needed
+        else:
+            seq.generator.set_state(state)
+
+
 def _prompt_entries(inp) -> dict:
     """Per sequence, (prompt position, TokenLogprob) for the prompt rows of a step (texts filled later)."""
     res = inp.prompt_result
@@ -542,7 +563,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         try:
             results = prev.pending.results()
-        except Exception:  # the step failed on the device: its rows cannot be retried one by one
+        except Exception:  # the step failed on the device: its rows cannot be retried as a synchronous step's are
             log.exception("async decode step failed; its %d sequence(s) end with an error", len(prev.seqs))
             results = None
         timing.model_s += time.perf_counter() - t0
@@ -578,16 +599,19 @@ class LLMEngine:
         return dict(zip(inp.sample_seqs, samples)), dict(zip(inp.seqs, inp.new_entries)), _prompt_entries(inp)
 
     def _execute(self, batch: ScheduledBatch, timing: StepTiming):
-        """Run the batch; if it fails, run its sequences one by one so only the culprit fails.
+        """Run the batch; if it fails, retry it in halves, bisecting each part that fails again
+        until its culprits are alone, so that only they fail: a lone culprit among B rows costs
+        about 2·log2(B) retries instead of B, and a transient fault one or two.
+
         Returns (samples, entries, prompt logprobs), the failed sequences, and those to recompute:
-        with independent K/V the failed attempt may have overwritten φ ring rows a sequence's retry
+        with independent K/V a failed attempt may have overwritten φ ring rows a sequence's retry
         reads (`ModelRunner.overwrites_phi_source`). Such a sequence is still retried, so that a
         culprit among them is found and ends, but if it succeeds its rows are dropped and it
         waits again for a recompute (a preemption), which rebuilds its rings exactly."""
         try:
             return self._run(batch.seqs, batch.num_new_tokens, timing), set(), set()
         except Exception:
-            log.exception("engine step failed; retrying its %d sequence(s) one at a time", len(batch.seqs))
+            log.exception("engine step failed; retrying its %d sequence(s) in halves", len(batch.seqs))
         static = self.runner.static_decode
         if static is not None and static.eligible(batch.seqs, batch.num_new_tokens):
             # The failure may be the graph path's: never let it fail requests twice.
@@ -596,27 +620,34 @@ class LLMEngine:
         elif self.runner.piecewise is not None and self.runner.piecewise.eligible(sum(batch.num_new_tokens)):
             log.warning("piecewise CUDA graphs disabled after a failed step; prompt steps run eagerly")
             self.runner.piecewise = None
-        damaged = {s for s, n in zip(batch.seqs, batch.num_new_tokens) if self.runner.overwrites_phi_source(s, n)}
+        rows = list(zip(batch.seqs, batch.num_new_tokens))
+        damaged = {s for s, n in rows if self.runner.overwrites_phi_source(s, n)}
         samples, entries, prompts, failed, recompute = {}, {}, {}, set(), set()
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            # A seeded request's generator must not advance for a retry whose token is dropped.
-            gen = None if seq not in damaged or seq.generator is None else seq.generator.get_state()
+        todo = _halves(rows)[::-1]  # a stack: the first half is retried first
+        while todo:
+            part = todo.pop()
+            seqs = [s for s, _ in part]
+            gens = _generator_states(seqs)
             try:
-                s, e, pl = self._run([seq], [n])
+                s, e, pl = self._run(seqs, [n for _, n in part])
             except Exception:
-                log.exception("request %s failed", seq.request_id)
-                failed.add(seq)
-                continue
-            if seq in damaged:
-                recompute.add(seq)
-                if gen is None:
-                    seq.generator = None  # made again from the seed when next needed
+                _restore_generators(gens)  # a seeded draw of a failed attempt is taken again
+                if len(part) == 1:
+                    log.exception("request %s failed", seqs[0].request_id)
+                    failed.add(seqs[0])
                 else:
-                    seq.generator.set_state(gen)
+                    todo.extend(_halves(part)[::-1])
                 continue
-            samples.update(s)
-            entries.update(e)
-            prompts.update(pl)
+            for seq in seqs:
+                if seq in damaged:  # its rows are dropped: so is its seeded draw
+                    recompute.add(seq)
+                    _restore_generators({seq: gens[seq]})
+                    continue
+                if seq in s:
+                    samples[seq] = s[seq]
+                entries[seq] = e[seq]
+                if seq in pl:
+                    prompts[seq] = pl[seq]
         if recompute:
             log.warning("%d sequence(s) of the failed step are recomputed: the failed attempt may have "
                         "overwritten rows of their φ rings", len(recompute))
