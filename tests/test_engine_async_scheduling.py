@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine_helpers import make_engine, random_prompts, single_thread_torch
+from engine_helpers import make_engine, random_prompts, reference_greedy, single_thread_torch
 from nsa_serve.engine.decode_graphs import StaticDecode
 from nsa_serve.engine.protocol import SamplingParams
 
@@ -155,3 +155,52 @@ def test_async_scheduling_is_on_by_default_with_cuda_only():
     assert parse(["bench", "--no-async-scheduling"]).async_scheduling is False
     # The engine keeps the resolved value (CPU here: off).
     assert make_engine(True).args.async_scheduling is False
+
+
+@pytest.mark.parametrize("culprit", [True, False], ids=["a request's fault", "the path's fault"])
+def test_a_failed_fixed_shape_step_keeps_the_path_only_when_a_culprit_explains_it(culprit):
+    """A decode step on the fixed-shape path raises. Its rows are retried eagerly. If one of them
+    fails eagerly too, it explains the failure: it ends with an error and the path stays on for
+    the others' later steps. If every row passes eagerly, the path is at fault and stays off."""
+    engine = _engine(False)
+    static = engine.runner.static_decode
+    prompts = random_prompts(4, 10, 20, seed=48)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    while len(engine.scheduler.running) < 4 or any(s.in_prefill for s in engine.scheduler.running):
+        engine.step()
+    bad = next(s for s in engine.scheduler.running if s.request_id == "2")
+    L = bad.num_computed_tokens + 1
+    prepare, execute, faults, fixed_steps = static.prepare, engine.runner.execute, [], []
+
+    def fixed_prepare(seqs):
+        if bad in seqs and bad.num_computed_tokens == L and not bad.is_finished:
+            faults.append(len(seqs))
+            raise RuntimeError("injected fault on the fixed-shape path")
+        if faults:  # a fixed-shape step after the failed one
+            fixed_steps.append(len(seqs))
+        return prepare(seqs)
+
+    def eager_execute(inp):
+        if culprit and bad in inp.seqs and bad.num_computed_tokens == L:
+            raise RuntimeError("injected fault of the request")
+        return execute(inp)
+
+    static.prepare, engine.runner.execute = fixed_prepare, eager_execute
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+    for i, prompt in enumerate(prompts):
+        want = "error" if culprit and i == 2 else "length"
+        assert done[str(i)].finish_reason == want, i
+        if want == "length":
+            assert done[str(i)].token_ids == reference_greedy(engine.model, prompt, 6), i
+    assert faults == [4]
+    if culprit:
+        assert engine.runner.static_decode is static and fixed_steps  # the 3 others' later steps
+    else:
+        assert engine.runner.static_decode is None and not fixed_steps
+    engine.block_manager.check_all_free()

@@ -612,14 +612,15 @@ class LLMEngine:
             return self._run(batch.seqs, batch.num_new_tokens, timing), set(), set()
         except Exception:
             log.exception("engine step failed; retrying its %d sequence(s) in halves", len(batch.seqs))
-        static = self.runner.static_decode
-        if static is not None and static.eligible(batch.seqs, batch.num_new_tokens):
-            # The failure may be the graph path's: never let it fail requests twice.
-            log.warning("fixed-shape decode disabled after a failed step; running eagerly")
-            self.runner.static_decode = None
-        elif self.runner.piecewise is not None and self.runner.piecewise.eligible(sum(batch.num_new_tokens)):
-            log.warning("piecewise CUDA graphs disabled after a failed step; prompt steps run eagerly")
-            self.runner.piecewise = None
+        # The failure may be the graph path's: the retries run eagerly, and the path stays off
+        # unless they fail rows too (then those rows explain the failure, and the path comes back).
+        suspect, runner = None, self.runner
+        if runner.static_decode is not None and runner.static_decode.eligible(batch.seqs, batch.num_new_tokens):
+            suspect = ("static_decode", runner.static_decode, "fixed-shape decode")
+        elif runner.piecewise is not None and runner.piecewise.eligible(sum(batch.num_new_tokens)):
+            suspect = ("piecewise", runner.piecewise, "piecewise CUDA graphs")
+        if suspect is not None:
+            setattr(runner, suspect[0], None)
         rows = list(zip(batch.seqs, batch.num_new_tokens))
         damaged = {s for s, n in rows if self.runner.overwrites_phi_source(s, n)}
         samples, entries, prompts, failed, recompute = {}, {}, {}, set(), set()
@@ -651,6 +652,13 @@ class LLMEngine:
         if recompute:
             log.warning("%d sequence(s) of the failed step are recomputed: the failed attempt may have "
                         "overwritten rows of their φ rings", len(recompute))
+        if suspect is not None:
+            attr, path, name = suspect
+            if failed:
+                setattr(runner, attr, path)
+                log.warning("%s kept on: the failed step's culprits failed eagerly too", name)
+            else:
+                log.warning("%s disabled: a step failed on it and every row passed eagerly", name)
         return (samples, entries, prompts), failed, recompute
 
     # -- bookkeeping after a step -----------------------------------------------------------------
