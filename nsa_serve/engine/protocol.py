@@ -109,8 +109,11 @@ class SamplingParams:
             bad("prompt_logprobs", f"must be between 0 and 20, got {self.prompt_logprobs!r}")
         if len(self.stop) > 16 or any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must be at most 16 non-empty strings")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", f"must be an integer, got {self.seed!r}")
+        # A 64-bit seed (vLLM's bound): torch generators take no wider one, and a wider one used to
+        # fail its request inside the engine instead of here.
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -2**63 <= self.seed < 2**63):
+            bad("seed", f"must be an integer between -2**63 and 2**63 - 1, got {self.seed!r}")
         if any(not isinstance(k, int) or isinstance(k, bool) for k in self.logit_bias) or any(
                 not (isinstance(v, (int, float)) and math.isfinite(v) and -100 <= v <= 100)
                 for v in self.logit_bias.values()):
