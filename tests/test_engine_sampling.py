@@ -129,3 +129,21 @@ def test_generation_without_max_tokens_stops_at_the_context_limit():
     (out,), _ = run(engine, [([10] * 40, SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))])
     assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 8
     engine.block_manager.check_all_free()
+
+
+def test_seeds_must_fit_64_bits():
+    """A torch generator takes a 64-bit seed; a wider one is refused up front (it used to fail its
+    request inside the engine, an HTTP 500), for a request's seed and for the server's."""
+    from nsa_serve.engine.args import EngineArgs
+    from nsa_serve.engine.protocol import InvalidRequestError
+
+    for ok in (-2**63, 0, 2**63 - 1):
+        SamplingParams(seed=ok).validate()
+        EngineArgs(seed=ok).validate()
+    for bad in (2**63, -2**63 - 1, 2**70):
+        with pytest.raises(InvalidRequestError, match="seed"):
+            SamplingParams(seed=bad).validate()
+        with pytest.raises(ValueError, match="seed"):
+            EngineArgs(seed=bad).validate()
+    with pytest.raises(InvalidRequestError, match="seed"):
+        SamplingParams(seed=True).validate()

@@ -116,6 +116,8 @@ class EngineArgs:
             raise ValueError("piecewise_max_tokens must be >= 0")
         if self.warmup_context < 0:
             raise ValueError("warmup_context must be >= 0")
+        if not -2**63 <= self.seed < 2**63:  # what a torch generator takes (and a request's seed)
+            raise ValueError(f"seed must be between -2**63 and 2**63 - 1, got {self.seed}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold", "max_queue"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
