@@ -68,6 +68,8 @@ def matrix(model: str, long_prompt: str):
         ("top_p zero", c, {"json": chat(top_p=0.0)}, 400, "top_p", None),
         ("top_k negative", c, {"json": chat(top_k=-5)}, 400, "top_k", None),
         ("seed wider than 64 bits", c, {"json": chat(seed=2**70)}, 400, "seed", None),
+        ("text part without text", c, {"json": chat(messages=[{"role": "user", "content": [{"type": "text"}]}])},
+         400, "messages", None),
         ("min_p above one", c, {"json": chat(min_p=1.5)}, 400, "min_p", None),
         ("presence_penalty too big", c, {"json": chat(presence_penalty=3)}, 400, "presence_penalty", None),
         ("repetition_penalty zero", c, {"json": chat(repetition_penalty=0)}, 400, "repetition_penalty", None),

@@ -210,7 +210,9 @@ class ChatMessage(BaseModel):
             bad = [p.type for p in self.content if p.type != "text"]
             if bad:
                 raise bad_request(f"only text content parts are supported, got {bad[0]!r}", param="messages")
-            content = "".join(p.text or "" for p in self.content)
+            if any(p.text is None for p in self.content):
+                raise bad_request("a text content part needs its 'text' string", param="messages")
+            content = "".join(p.text for p in self.content)
         else:
             content = self.content
         if self.tool_calls:  # shown as the JSON a "required" tool choice generates (api/tools.py)
