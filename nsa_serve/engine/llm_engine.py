@@ -563,7 +563,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         try:
             results = prev.pending.results()
-        except Exception:  # the step failed on the device: its rows cannot be retried as a synchronous step's are
+        except Exception:  # the step failed on the device: unlike a synchronous step's, no retry
             log.exception("async decode step failed; its %d sequence(s) end with an error", len(prev.seqs))
             results = None
         timing.model_s += time.perf_counter() - t0
@@ -622,7 +622,24 @@ class LLMEngine:
         if suspect is not None:
             setattr(runner, suspect[0], None)
         rows = list(zip(batch.seqs, batch.num_new_tokens))
-        damaged = {s for s, n in rows if self.runner.overwrites_phi_source(s, n)}
+        damaged = {s for s, n in rows if runner.overwrites_phi_source(s, n)}
+        results, failed, recompute = self._retry_in_halves(rows, damaged)
+        if recompute:
+            log.warning("%d sequence(s) of the failed step are recomputed: the failed attempt may have "
+                        "overwritten rows of their φ rings", len(recompute))
+        if suspect is not None:
+            attr, path, name = suspect
+            if failed:
+                setattr(runner, attr, path)
+                log.warning("%s kept on: the failed step's culprits failed eagerly too", name)
+            else:
+                log.warning("%s disabled: a step failed on it and every row passed eagerly", name)
+        return results, failed, recompute
+
+    def _retry_in_halves(self, rows: list, damaged: set):
+        """`_execute`'s retries of a failed step's rows [(seq, tokens)]: each part that fails is
+        halved until a failing row runs alone. Rows of `damaged` sequences that pass are dropped
+        and returned for a recompute. Returns ((samples, entries, prompt logprobs), failed, recompute)."""
         samples, entries, prompts, failed, recompute = {}, {}, {}, set(), set()
         todo = _halves(rows)[::-1]  # a stack: the first half is retried first
         while todo:
@@ -649,21 +666,11 @@ class LLMEngine:
                 entries[seq] = e[seq]
                 if seq in pl:
                     prompts[seq] = pl[seq]
-        if recompute:
-            log.warning("%d sequence(s) of the failed step are recomputed: the failed attempt may have "
-                        "overwritten rows of their φ rings", len(recompute))
-        if suspect is not None:
-            attr, path, name = suspect
-            if failed:
-                setattr(runner, attr, path)
-                log.warning("%s kept on: the failed step's culprits failed eagerly too", name)
-            else:
-                log.warning("%s disabled: a step failed on it and every row passed eagerly", name)
         return (samples, entries, prompts), failed, recompute
 
     # -- bookkeeping after a step -----------------------------------------------------------------
     def _postprocess(self, batch: ScheduledBatch, results, failed: set,
-                     recompute: set = frozenset()) -> list[RequestOutput]:
+                     recompute: set) -> list[RequestOutput]:
         samples, entries, prompts = results
         for seq in recompute:
             self.scheduler.recompute(seq)
