@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine_helpers import make_engine, random_prompts, reference_greedy, single_thread_torch
+from nsa_serve.engine import sampler as sampler_module
 from nsa_serve.engine.protocol import SamplingParams
 
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread_torch)
@@ -377,3 +378,93 @@ def test_a_failed_batch_is_bisected_to_its_culprit(culprit):
         assert done[str(i)].finish_reason == "length"
         assert done[str(i)].token_ids == reference_greedy(engine.model, p, 6), i
     engine.block_manager.check_all_free()
+
+
+def _faulty_run(seed: int, shared_kv: bool, fault: bool, monkeypatch) -> dict:
+    """A random workload (shared prefixes, n = 2, seeded sampling, logprobs, prompt logprobs,
+    staggered arrivals, chunk caps, page pools) with, if `fault`, one transient fault from a random
+    step on, in the attention or φ of a random layer, or in the sampler before or after its draws. Returns each request's
+    outputs: (finish reason, tokens, logprobs) per completion, then its prompt logprobs."""
+    rng = random.Random(seed)
+    common = random_prompts(1, 40, 40, seed=seed + 1000)[0]
+    prompts = [common[:rng.randint(0, 40)] + p if rng.random() < 0.5 else p
+               for p in random_prompts(6, 1, 90, seed=seed)]
+    params = [SamplingParams(temperature=rng.choice([0, 0.8]), seed=rng.randint(0, 99), max_tokens=rng.randint(1, 6),
+                             ignore_eos=True, n=rng.choice([1, 1, 2]), logprobs=1,
+                             prompt_logprobs=rng.choice([None, 1])) for _ in prompts]
+    engine = make_engine(shared_kv, long_prefill_token_threshold=rng.choice([8, 16, 24, 40]),
+                         max_num_batched_tokens=rng.choice([48, 96]), num_pages=rng.choice([40, 256]))
+    runner = engine.runner
+    where, fail_step = rng.choice(["attention", "write_summaries", "sampler", "after sampling"]), rng.randint(1, 8)
+    layer = runner.caches[rng.randrange(len(runner.caches))]
+    state = {"step": 0, "faulted": False}
+
+    def due(cache=None):
+        if fault and not state["faulted"] and state["step"] >= fail_step and (cache is None or cache is layer):
+            state["faulted"] = True
+            return True
+        return False
+
+    if where == "sampler":
+        sampler = engine.sampler
+
+        def sample(logits, seqs):
+            if due():
+                raise RuntimeError("injected fault in the sampler")
+            return sampler(logits, seqs)
+
+        engine.sampler = sample
+    elif where == "after sampling":  # inside the sampler, once the seeded rows have drawn
+
+        class FailingPending(sampler_module.PendingSample):
+            def __init__(self, *args, **kw):
+                if due():
+                    raise RuntimeError("injected fault after the draws")
+                super().__init__(*args, **kw)
+
+        monkeypatch.setattr(sampler_module, "PendingSample", FailingPending)
+    else:
+        inner = getattr(runner, where)
+
+        def faulty(attn_or_q, *args, **kw):
+            cache = args[1] if where == "attention" else args[0]
+            if due(cache):
+                raise RuntimeError(f"injected fault in {where}")
+            return inner(attn_or_q, *args, **kw)
+
+        setattr(runner, where, faulty)
+    arrivals, pending, done = random.Random(seed + 7), list(range(len(prompts))), {}
+    while pending or engine.has_unfinished_requests():
+        for _ in range(arrivals.randint(0, 3)):
+            if pending:
+                i = pending.pop(0)
+                engine.add_request(str(i), prompts[i], params[i])
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id)] = ([(o.finish_reason, o.token_ids, [lp.logprob for lp in o.logprobs])
+                                              for o in out.outputs], out.prompt_logprobs or [])
+        state["step"] += 1
+    assert state["faulted"] == fault
+    engine.block_manager.check_all_free()
+    return done
+
+
+@pytest.mark.parametrize("shared_kv", KV_MODES)
+def test_a_transient_fault_anywhere_in_a_rich_workload_changes_no_output(shared_kv, monkeypatch):
+    """Six random workloads with seeded sampling, n = 2, shared prefixes, logprobs and prompt
+    logprobs, each run clean and with one transient fault (attention, φ, the sampler before or
+    after its draws): the same tokens and finish reasons, and logprobs within float32 batch-order
+    noise. Seeds 2 and 25 need the sampler to undo a failed attempt's seeded draws, and 4 and 16
+    (independent K/V) a dropped retry's draws undone (each fails without it)."""
+    for seed in (2, 25, 4, 16, 0, 1):
+        with monkeypatch.context() as mp:
+            clean, got = _faulty_run(seed, shared_kv, False, mp), _faulty_run(seed, shared_kv, True, mp)
+        assert clean.keys() == got.keys()
+        for i in clean:
+            (want, want_prompt), (have, have_prompt) = clean[i], got[i]
+            assert [(r, t) for r, t, _ in have] == [(r, t) for r, t, _ in want], (seed, i)
+            for (_, _, a), (_, _, b) in zip(have, want):
+                assert a == pytest.approx(b, abs=2e-3), (seed, i)
+            assert [lp is None for lp in have_prompt] == [lp is None for lp in want_prompt]
+            assert [lp.logprob for lp in have_prompt if lp] == pytest.approx(
+                [lp.logprob for lp in want_prompt if lp], abs=2e-3), (seed, i)

@@ -144,3 +144,43 @@ def test_bias_validation(kw):
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(**kw).validate()
     assert e.value.param == next(iter(kw))
+
+
+def test_a_failed_sampling_undoes_its_seeded_draws(monkeypatch):
+    """If sampling raises after the seeded rows drew (in the launch, or reading the results), their
+    generators are put back, so the retried step draws the same tokens as an undisturbed one."""
+    import nsa_serve.engine.sampler as sm
+
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(temperature=1.0, seed=7, max_tokens=5)
+    want = [r.token_id for r in Sampler(50, [0])(logits, [seq(params), seq(params, index=1)])]
+    # A generator made by the failed attempt is dropped; one that existed is rewound.
+    rows = [seq(params), seq(params, index=1)]
+    Sampler(50, [0])(torch.zeros(2, 50), rows[1:])  # row 1's generator exists and has drawn once
+    before = rows[1].generator.get_state()
+    real = sm.PendingSample
+
+    class Failing(real):
+        def __init__(self, *a, **kw):
+            raise RuntimeError("fault after the draws")
+
+    monkeypatch.setattr(sm, "PendingSample", Failing)
+    with pytest.raises(RuntimeError, match="after the draws"):
+        Sampler(50, [0])(logits, rows)
+    assert rows[0].generator is None and torch.equal(rows[1].generator.get_state(), before)
+    monkeypatch.setattr(sm, "PendingSample", real)
+    pending = Sampler(50, [0]).launch(logits, rows)
+
+    def broken():
+        raise RuntimeError("read-back fault")
+
+    pending._results = broken
+    with pytest.raises(RuntimeError, match="read-back"):
+        pending.results()
+    assert rows[0].generator is None and torch.equal(rows[1].generator.get_state(), before)
+    # Row 1 drew once before (in the zeros call), so compare it with a sampler that did the same.
+    fresh = [seq(params), seq(params, index=1)]
+    Sampler(50, [0])(torch.zeros(2, 50), fresh[1:])
+    again = [r.token_id for r in Sampler(50, [0])(logits, rows)]
+    assert again == [r.token_id for r in Sampler(50, [0])(logits, fresh)]
+    assert again[0] == want[0]

@@ -37,7 +37,7 @@ from .piecewise_graphs import PiecewiseSteps
 from .precompile import precompile
 from .protocol import (CompletionOutput, EngineStats, InvalidRequestError, PromptTooLongError, QueueFullError,
                        RequestMetrics, RequestOutput, SamplingParams, TokenLogprob)
-from .sampler import PendingSample, SampleResult, Sampler, has_penalty
+from .sampler import PendingSample, SampleResult, Sampler, generator_states, has_penalty, restore_generators
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
 from .structured import GrammarCompiler, allowed_mask
@@ -110,19 +110,6 @@ def _halves(rows: list) -> list[list]:
         return [rows]
     mid = len(rows) // 2
     return [rows[:mid], rows[mid:]]
-
-
-def _generator_states(seqs: list[Sequence]) -> dict:
-    """Each sequence's seeded generator state (None: not made yet), to undo draws that are dropped."""
-    return {s: None if s.generator is None else s.generator.get_state() for s in seqs}
-
-
-def _restore_generators(states: dict) -> None:
-    for seq, state in states.items():
-        if state is None:
-            seq.generator = None  # made again from the seed when next needed
-        else:
-            seq.generator.set_state(state)
 
 
 def _prompt_entries(inp) -> dict:
@@ -592,11 +579,12 @@ class LLMEngine:
         inp = self.runner.prepare(seqs, nums)
         t1 = time.perf_counter()
         logits = self.runner.execute(inp)
+        prompts = _prompt_entries(inp)  # before the sampler: nothing after its draws may fail
         samples = self.sampler(logits, inp.sample_seqs)
         if timing is not None:
             timing.prepare_s = t1 - t0
             timing.model_s = time.perf_counter() - t1  # sampler's .tolist() synchronises the GPU
-        return dict(zip(inp.sample_seqs, samples)), dict(zip(inp.seqs, inp.new_entries)), _prompt_entries(inp)
+        return dict(zip(inp.sample_seqs, samples)), dict(zip(inp.seqs, inp.new_entries)), prompts
 
     def _execute(self, batch: ScheduledBatch, timing: StepTiming):
         """Run the batch; if it fails, retry it in halves, bisecting each part that fails again
@@ -645,11 +633,10 @@ class LLMEngine:
         while todo:
             part = todo.pop()
             seqs = [s for s, _ in part]
-            gens = _generator_states(seqs)
-            try:
+            drops = generator_states([s for s in seqs if s in damaged])
+            try:  # (a failed attempt's seeded draws are undone by the sampler)
                 s, e, pl = self._run(seqs, [n for _, n in part])
             except Exception:
-                _restore_generators(gens)  # a seeded draw of a failed attempt is taken again
                 if len(part) == 1:
                     log.exception("request %s failed", seqs[0].request_id)
                     failed.add(seqs[0])
@@ -659,7 +646,7 @@ class LLMEngine:
             for seq in seqs:
                 if seq in damaged:  # its rows are dropped: so is its seeded draw
                     recompute.add(seq)
-                    _restore_generators({seq: gens[seq]})
+                    restore_generators({seq: drops[seq]})
                     continue
                 if seq in s:
                     samples[seq] = s[seq]

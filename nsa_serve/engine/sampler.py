@@ -51,11 +51,21 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
         return self.launch(logits, seqs).results()
 
-    @torch.no_grad()
     def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> "PendingSample":
         """Enqueue the sampling of every row on the logits' device; read the results with
         `PendingSample.results()`. Nothing here waits for the device (host values go up through
-        pinned buffers), so an engine can queue its next step before reading this one's tokens."""
+        pinned buffers), so an engine can queue its next step before reading this one's tokens.
+        If this or `results()` raises, the seeded rows' generators are put back as they were, so
+        that a retry of the step draws what this attempt drew."""
+        undo: dict = {}
+        try:
+            return self._launch(logits, seqs, undo)
+        except BaseException:
+            restore_generators(undo)
+            raise
+
+    @torch.no_grad()
+    def _launch(self, logits: torch.Tensor, seqs: list[Sequence], undo: dict) -> "PendingSample":
         B, V = logits.shape
         device = logits.device
         if B == 0:
@@ -107,6 +117,7 @@ class Sampler:
             race = torch.empty_like(probs).exponential_(generator=self._shared(device))
             for b, (seq, p) in enumerate(zip(seqs, ps)):
                 if p.seed is not None and p.temperature > 0:
+                    undo.update(generator_states([seq]))
                     race[b] = torch.empty(V, device=device).exponential_(generator=self._own_generator(seq, device))
             sampled = (probs / race).argmax(dim=-1)
             tokens = torch.where(greedy, tokens, sampled)
@@ -118,7 +129,22 @@ class Sampler:
             chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
             top_v, top_i = raw_logprobs.topk(kmax, dim=-1) if kmax else (None, None)
             lp = (chosen, top_v, top_i)
-        return PendingSample(tokens, lp, ps, dead, kmax)
+        return PendingSample(tokens, lp, ps, dead, kmax, undo)
+
+
+def generator_states(seqs: list[Sequence]) -> dict:
+    """Each sequence's seeded generator state (None: not made yet), for `restore_generators`."""
+    return {s: None if s.generator is None else s.generator.get_state() for s in seqs}
+
+
+def restore_generators(states: dict) -> None:
+    """Undo the draws made since `generator_states`: a step that failed, or whose tokens are
+    dropped, must leave a seeded request to draw the same numbers when it runs again."""
+    for seq, state in states.items():
+        if state is None:
+            seq.generator = None  # made again from the seed when next needed
+        else:
+            seq.generator.set_state(state)
 
 
 class PendingSample:
@@ -128,8 +154,9 @@ class PendingSample:
     host copies are queued right behind the sampling, with an event after them, so `results()`
     waits for this step's work only, not for whatever was queued on the stream since."""
 
-    def __init__(self, tokens: torch.Tensor, lp, params, dead: list[int], kmax: int):
+    def __init__(self, tokens: torch.Tensor, lp, params, dead: list[int], kmax: int, undo: dict | None = None):
         self.tokens = tokens
+        self._undo = undo or {}  # the seeded generators' states before this sampling's draws
         self._params, self._dead, self._kmax = params, dead, kmax
         parts = [tokens] + ([t for t in lp if t is not None] if lp is not None else [])
         self._has_lp = lp is not None
@@ -144,6 +171,13 @@ class PendingSample:
         self._host = parts
 
     def results(self) -> list[SampleResult]:
+        try:
+            return self._results()
+        except BaseException:
+            restore_generators(self._undo)
+            raise
+
+    def _results(self) -> list[SampleResult]:
         if self._event is not None:
             self._event.synchronize()
         token_list = self._host[0].tolist()
