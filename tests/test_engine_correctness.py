@@ -468,3 +468,29 @@ def test_a_transient_fault_anywhere_in_a_rich_workload_changes_no_output(shared_
             assert [lp is None for lp in have_prompt] == [lp is None for lp in want_prompt]
             assert [lp.logprob for lp in have_prompt if lp] == pytest.approx(
                 [lp.logprob for lp in want_prompt if lp], abs=2e-3), (seed, i)
+
+
+def test_failed_step_bench_measures_both_policies():
+    """scripts/failed_step_bench.py (docs/benchmarks/engine.md): both policies find the culprit,
+    the old one by running every row alone, and the engine's own halving is put back after."""
+    import nsa_serve.engine.llm_engine as engine_module
+    from script_helpers import load_script
+
+    bench = load_script("failed_step_bench")
+    runs = []
+    real = engine_module.LLMEngine._run
+
+    def counted(self, seqs, nums, timing=None):
+        runs.append(len(seqs))
+        return real(self, seqs, nums, timing)
+
+    engine_module.LLMEngine._run = counted
+    try:
+        for split, retries in ((bench.one_by_one, [1] * 8), (bench.BISECT, [4, 4, 2, 1, 1, 2])):
+            runs.clear()
+            normal, failing = bench.measure(8, split, "cpu")
+            assert normal > 0 and failing > 0
+            assert runs[-1 - len(retries):] == [8] + retries
+    finally:
+        engine_module.LLMEngine._run = real
+    assert engine_module._halves is bench.BISECT
