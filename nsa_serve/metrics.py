@@ -80,6 +80,9 @@ class _EngineStatsCollector:
                       "completes, once per request.", s.prompt_tokens_total)
         yield counter("nsa:generation_tokens", "Tokens generated.", s.generation_tokens_total)
         yield counter("nsa:num_preemptions", "Sequences preempted (recomputed later).", s.num_preemptions_total)
+        yield counter("nsa:engine_step_failures", "Engine steps that raised: their rows were retried in halves "
+                      "(a culprit ends with finish reason error), or, read back asynchronously, ended with an error.",
+                      s.num_failed_steps_total)
         yield counter("nsa:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                       s.prefix_cache_queries_total)
         yield counter("nsa:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits_total)

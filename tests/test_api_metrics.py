@@ -12,7 +12,8 @@ CONTRACT = [
     "nsa:request_queue_time_seconds", "nsa:request_prefill_time_seconds", "nsa:request_decode_time_seconds",
     "nsa:request_prompt_tokens", "nsa:request_generation_tokens", "nsa:num_requests_running",
     "nsa:num_requests_waiting", "nsa:kv_cache_usage_perc", "nsa:summaries_stored", "nsa:prompt_tokens_total",
-    "nsa:generation_tokens_total", "nsa:num_preemptions_total", "nsa:request_success_total",
+    "nsa:generation_tokens_total", "nsa:num_preemptions_total", "nsa:engine_step_failures_total",
+    "nsa:request_success_total",
     "nsa:prefix_cache_queries_total", "nsa:prefix_cache_hits_total", "nsa:kv_tokens_read_total",
     "nsa:kv_tokens_dense_equivalent_total", "nsa:http_requests_total",
 ]

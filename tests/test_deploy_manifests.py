@@ -125,7 +125,8 @@ REQUIRED_METRICS = {
     "E2E": "nsa:e2e_request_latency_seconds_bucket", "prompt tokens/s": "nsa:prompt_tokens_total",
     "generation tokens/s": "nsa:generation_tokens_total", "running": "nsa:num_requests_running",
     "waiting": "nsa:num_requests_waiting", "KV cache usage": "nsa:kv_cache_usage_perc",
-    "preemptions": "nsa:num_preemptions_total", "finish reasons": "nsa:request_success_total",
+    "preemptions": "nsa:num_preemptions_total", "failed engine steps": "nsa:engine_step_failures_total",
+    "finish reasons": "nsa:request_success_total",
     "error rate": "nsa:http_requests_total", "sparsity (dense)": "nsa:kv_tokens_dense_equivalent_total",
     "sparsity (read)": "nsa:kv_tokens_read_total",
 }

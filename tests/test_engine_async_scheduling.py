@@ -130,6 +130,7 @@ def test_a_step_that_fails_on_the_device_ends_its_rows_with_an_error():
             if out.finished:
                 finals[out.request_id] = out
     assert {o.outputs[0].finish_reason for o in finals.values()} == {"error"}
+    assert engine.stats().num_failed_steps_total == 1
     engine.block_manager.check_all_free()
     got, _ = _drive(engine, {"after": (prompts[2], params)})
     assert len(got["after"].outputs[0].token_ids) == 8

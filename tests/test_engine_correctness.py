@@ -367,6 +367,7 @@ def test_a_failed_batch_is_bisected_to_its_culprit(culprit):
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out.outputs[0]
+    assert engine.stats().num_failed_steps_total == 1  # the step, not its retries (nsa:engine_step_failures)
     if culprit:  # depth first: 16 fails; 8, then 8 fails; 4 fails; 2, then 2 fails; 1, 1 fails; 4
         assert runs == [16, 8, 8, 4, 2, 2, 1, 1, 4]
         assert done["11"].finish_reason == "error"

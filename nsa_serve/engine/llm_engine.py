@@ -552,6 +552,7 @@ class LLMEngine:
             results = prev.pending.results()
         except Exception:  # the step failed on the device: unlike a synchronous step's, no retry
             log.exception("async decode step failed; its %d sequence(s) end with an error", len(prev.seqs))
+            self._counters.num_failed_steps_total += 1
             results = None
         timing.model_s += time.perf_counter() - t0
         for seq in prev.seqs:
@@ -600,6 +601,7 @@ class LLMEngine:
             return self._run(batch.seqs, batch.num_new_tokens, timing), set(), set()
         except Exception:
             log.exception("engine step failed; retrying its %d sequence(s) in halves", len(batch.seqs))
+            self._counters.num_failed_steps_total += 1
         # The failure may be the graph path's: the retries run eagerly, and the path stays off
         # unless they fail rows too (then those rows explain the failure, and the path comes back).
         suspect, runner = None, self.runner

@@ -191,6 +191,7 @@ class EngineStats:
     num_pages_total: int = 0
     num_pages_used: int = 0
     num_preemptions_total: int = 0
+    num_failed_steps_total: int = 0  # engine steps that raised (their rows retried, or ended with an error)
     prefix_cache_queries_total: int = 0  # tokens looked up
     prefix_cache_hits_total: int = 0  # tokens found
     prompt_tokens_total: int = 0
