@@ -23,6 +23,7 @@ GAUGES = {
 }
 COUNTERS = {
     "num_preemptions": ("num_preemptions_total",),
+    "engine_step_failures": ("engine_step_failures_total",),
     "prompt_tokens": ("prompt_tokens_total",),
     "generation_tokens": ("generation_tokens_total",),
     "prefix_cache_queries": ("prefix_cache_queries_total", "gpu_prefix_cache_queries_total"),

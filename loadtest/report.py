@@ -104,6 +104,8 @@ def format_table(result: dict, percentiles: list[float]) -> str:
         if kv:
             row("Peak KV cache usage (%):", 100.0 * kv["max"])
         row("Preemptions:", sm.get("num_preemptions"), 0)
+        if sm.get("engine_step_failures") is not None:  # (nsa-serve only)
+            row("Failed engine steps:", sm["engine_step_failures"], 0)
         row("NSA sparsity ratio (dense/read):", sm.get("nsa_sparsity_ratio"))
         if sm.get("prefix_cache_hit_rate") is not None:
             row("Prefix cache hit rate:", sm["prefix_cache_hit_rate"], 3)

@@ -89,12 +89,12 @@ def test_chat_run_writes_json_and_plots_with_server_token_counts(server, tmp_pat
     assert sm["available"]
     assert sm["prompt_tokens"] == res["total_input_tokens"]
     assert sm["generation_tokens"] == res["total_output_tokens"]
-    assert sm["num_preemptions"] == 0 and sm["nsa_sparsity_ratio"] > 0
+    assert sm["num_preemptions"] == 0 and sm["engine_step_failures"] == 0 and sm["nsa_sparsity_ratio"] > 0
     assert "kv_cache_usage_perc" in sm
     for png in ("latency_cdf", "ttft_vs_prompt", "throughput"):
         assert (tmp_path / f"chat_{png}.png").stat().st_size > 5000
     out = capsys.readouterr().out
-    assert "Mean TTFT (ms)" in out and "NSA sparsity ratio" in out
+    assert "Mean TTFT (ms)" in out and "NSA sparsity ratio" in out and "Failed engine steps:" in out
 
 
 def test_needle_grid_and_token_targets(server, tmp_path):

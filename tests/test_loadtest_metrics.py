@@ -202,6 +202,8 @@ PROM_BEFORE = """
 nsa:kv_cache_usage_perc{model_name="m"} 0.0
 # TYPE nsa:num_preemptions_total counter
 nsa:num_preemptions_total{model_name="m"} 3.0
+# TYPE nsa:engine_step_failures_total counter
+nsa:engine_step_failures_total{model_name="m"} 7.0
 # TYPE nsa:kv_tokens_read_total counter
 nsa:kv_tokens_read_total{model_name="m"} 1000.0
 # TYPE nsa:kv_tokens_dense_equivalent_total counter
@@ -214,12 +216,13 @@ nsa:request_success_total{model_name="m",finished_reason="length"} 1.0
 
 def test_prometheus_parsing_and_sparsity_ratio():
     before = parse_metrics(PROM_BEFORE)
-    after = parse_metrics(PROM_BEFORE.replace("} 3.0", "} 5.0").replace("} 1000.0", "} 3000.0")
+    after = parse_metrics(PROM_BEFORE.replace("} 3.0", "} 5.0").replace("} 7.0", "} 8.0")
+                          .replace("} 1000.0", "} 3000.0")
                           .replace("} 2000.0", "} 22000.0").replace("perc{model_name=\"m\"} 0.0",
                                                                     "perc{model_name=\"m\"} 0.1"))
     during = [{"kv_cache_usage_perc": 0.6}]
     rep = summarize_scrapes(before, after, during)
-    assert rep["available"] and rep["num_preemptions"] == 2
+    assert rep["available"] and rep["num_preemptions"] == 2 and rep["engine_step_failures"] == 1
     assert rep["kv_cache_usage_perc"] == {"before": 0.0, "after": 0.1, "max": 0.6}
     assert rep["nsa_sparsity_ratio"] == pytest.approx(20000 / 2000)  # Δdense / Δread
     assert summarize_scrapes(None, None, []) == {"available": False}
