@@ -81,7 +81,13 @@ def double_run(engine):
     layer's hidden states of all its rows: max |Δh| / max |h| of the pieces against the eager
     path (the padded shapes' and φ's stacked weights' rounding), and of the served run against
     the pieces (what the capture changes: nothing). The uncaptured run runs the decode rows' and
-    the chunks' attention (piecewise_decode, piecewise_prefill) uncaptured too."""
+    the chunks' attention (piecewise_decode, piecewise_prefill) uncaptured too.
+
+    Independent K/V: φ reads its old rows from its ring before the step writes it, and a chunk
+    longer than the ring overwrites them (`ModelRunner.overwrites_phi_source`), so φ's ring pages
+    of the step's sequences are kept before the first run and put back before each later one
+    (without that the later runs computed summaries from the chunk's own rows: 0.2–0.66 of max
+    |h| against the eager run, and the served run's cache was left wrong)."""
     runner = engine.runner
     pw, prepare, execute = runner.piecewise, runner.prepare, runner.execute
     layers, forward = runner._layers, pw.forward
@@ -99,11 +105,24 @@ def double_run(engine):
         a, b = a.float(), b.float()
         return ((a - b).abs().max() / b.abs().max()).item()
 
+    def keep_phi_rings(seqs):
+        if runner.shared:  # φ reads old rows from the pages, which no run overwrites
+            return lambda: None
+        pages = torch.tensor(sorted({p for s in seqs for p in s.cmp_ring}), dtype=torch.long, device=runner.device)
+        kept = [(c.k_cache[pages].clone(), c.v_cache[pages].clone()) for c in runner.caches]
+
+        def put_back():
+            for c, (k, v) in zip(runner.caches, kept):
+                c.k_cache[pages], c.v_cache[pages] = k, v
+        return put_back
+
     def both_execute(inp):
         eager_inp = queue.pop()
         if eager_inp is None:
             return execute(inp)
+        put_back = keep_phi_rings(inp.seqs)
         execute(eager_inp)
+        put_back()
         graphs, pw.graphs = pw.graphs, {}
         rows, pw.decode_rows.graphs = pw.decode_rows.graphs, {}
         chunks = pw.prefill_rows.graphs if pw.prefill_rows is not None else None
@@ -116,6 +135,7 @@ def double_run(engine):
             if chunks is not None:
                 pw.prefill_rows.graphs = chunks
         pieces = hidden.pop("piecewise").clone()
+        put_back()
         out = execute(inp)
         diffs.append((rel(pieces, hidden.pop("eager")), rel(hidden.pop("piecewise"), pieces)))
         return out

@@ -195,14 +195,19 @@ def test_decode_rows_inputs_are_padded_with_the_trash_page():
     assert rows.upload(narrow, [4], 1)["lens"].shape == (1,)
 
 
-def test_probe_double_run_compares_every_piecewise_step():
+@pytest.mark.parametrize("shared_kv", [True, False], ids=["shared K/V", "independent K/V"])
+def test_probe_double_run_compares_every_piecewise_step(shared_kv):
     """scripts/piecewise_probe.py's double run (also the GPU test's check): each step served by
     the pieces is run eagerly and as pieces too, the hidden states compared; on CPU in float32
-    they agree closely."""
+    they agree closely. Independent K/V: 64-token chunks overwrite the φ ring rows their first
+    summaries read, so each run must start from the ring as it was (it differed by 0.2–0.64 of
+    max |h| when the runs shared one ring)."""
     probe = load_script("piecewise_probe")
-    engine = _engine(64)
+    engine = _engine(64, shared_kv, max_num_batched_tokens=64, long_prefill_token_threshold=64)
+    if not shared_kv:
+        assert engine.runner.cmp_ring < 64
     with probe.double_run(engine) as diffs:
-        engine.generate(random_prompts(5, 2, 80, seed=2), SamplingParams(temperature=0, max_tokens=4))
+        engine.generate(random_prompts(5, 2, 150, seed=2), SamplingParams(temperature=0, max_tokens=4))
     assert 2 * len(diffs) == engine.runner.piecewise.steps > 0  # each step: the pieces, then the served run
     assert max(max(d) for d in diffs) < 1e-5
     for name in ("prepare", "execute", "_layers"):  # the wrappers are gone again
