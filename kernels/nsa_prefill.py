@@ -697,16 +697,6 @@ def _slc_row(q_ptr, g_ptr, acc_ptr, out_ptr, idx_ptr, rowseq_ptr, k_ptr, v_ptr, 
         v = tl.load(vb[:, None] + dv[None, :], mask=kmask[:, None] & (dv[None, :] < DV), other=0.0)
         o = o * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
-    _slc_finish(o, m_i, l_i, r, row, head, g_ok, dv, g_ptr, acc_ptr, out_ptr, fm_ptr, fo_ptr,
-                sg_t, sg_h, sa_t, sa_h, so_t, so_h, sf_t, DV, FORCED)
-
-
-@_helper
-def _slc_finish(o, m_i, l_i, r, row, head, g_ok, dv, g_ptr, acc_ptr, out_ptr, fm_ptr, fo_ptr,
-                sg_t, sg_h, sa_t, sa_h, so_t, so_h, sf_t, DV: tl.constexpr, FORCED: tl.constexpr):
-    """The selected branch's end for query row r (global row `row`) and heads `head`: its
-    softmax state (o unnormalised, row max m_i, sum l_i; base 2) merged with the forced blocks'
-    (FORCED), normalised, gated and added to acc: out = acc + g_slc·o_slc."""
     omask = g_ok[:, None] & (dv[None, :] < DV)
     aoff = r.to(tl.int64) * sa_t + head * sa_h  # acc and the forced state share a layout
     if FORCED:  # merged after the loop, so that its state is not held through it
@@ -798,16 +788,6 @@ class PrefillConfig:
     # the best groups' blocks (0: over every block; `_select_rows`). A power of two. H200, paper
     # shape: top-n 2.03 → 1.57 ms at 64k, 6.83 → 4.59 at 128k.
     topn_groups: int = 16
-    # The selected branch page-major (`slc_page_major.py`, FSA's inverted loop): each selected page
-    # loaded once for a tile of the queries that chose it, partial outputs merged per query after,
-    # instead of a program per query reading its own pages (L2-bound on random selections). Off
-    # until measured; with it the top-n runs in its own kernel. pm_rows: tile rows (queries ×
-    # padded group); pm_queries: queries a program (tiles of pm_rows rows in turn, one page load);
-    # warps_pm: the partial kernel's warps.
-    slc_page_major: int = 0
-    pm_rows: int = 64
-    pm_queries: int = 32
-    warps_pm: int = 4
 
 
 DEFAULT_CONFIG = PrefillConfig()
@@ -969,10 +949,9 @@ def static_plan(rows: int, seqs: int, pages: int, *, page_size: int, group: int,
     the plan's host image, to be copied to `plan.meta` before the replay: tiles past the call's
     own have no rows (their programs store nothing), and rows outside its chunks have position −1
     (the selected-branch programs leave their output rows as they are). The summaries are read
-    through the block table (`cmp_packed` off: the pack launch's grid follows the contexts), and
-    the selected branch is query-major (`slc_page_major` off: its tile list follows the selections).
+    through the block table (`cmp_packed` off: the pack launch's grid follows the contexts).
     Made with every row outside any chunk."""
-    cfg = replace(config or default_config(device), cmp_packed=0, slc_page_major=0)
+    cfg = replace(config or default_config(device), cmp_packed=0)
     if not 0 < rows <= cfg.max_rows or seqs < 1 or pages < 1:
         raise ValueError(f"static plans need 0 < rows <= {cfg.max_rows}, seqs >= 1 and pages >= 1; got "
                          f"{rows}, {seqs}, {pages}")
@@ -1235,29 +1214,22 @@ def _launch(q, gates, layer: PagedLayerCache, block_tables, wt, ring_pages: int,
         RB = max(1, min(16, 4096 // NBP))
         # Groups only where they leave the passes fewer keys than the blocks themselves.
         GS = cfg.topn_groups if cfg.topn_groups and NBP >= 2 * NSP * cfg.topn_groups else 0
-        if not cfg.slc_topn or cfg.slc_page_major:
+        if not cfg.slc_topn:
             _topn_kernel[(triton.cdiv(rows, RB), Hkv)](
                 scores, idx, row_pos, rows, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
                 NSEL=p.num_select, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, P=P,
                 NBP=NBP, NSP=NSP, RB=RB, GS=GS, num_warps=4,
             )
-        if cfg.slc_page_major:
-            from .slc_page_major import selected_page_major
-
-            selected_page_major(q, gates, acc, out, idx, row_seq, row_pos, kc, vc, block_tables, fm, fo,
-                                nseq=len(plan.lens), blocks=NB, forced=forced, num_forced=p.num_init + p.num_local,
-                                row_base=r0, qk_scale=qk_scale, prec=prec, upcast=upcast, config=cfg)
-        else:
-            _slc_kernel[(rows, Hkv)](
-                q, gates, acc, out, idx, row_seq, row_pos, kc, vc, block_tables, fm, fo,
-                q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
-                out.stride(0), out.stride(1), idx.stride(0), idx.stride(1),
-                kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-                block_tables.stride(0), Hq, r0, qk_scale,
-                G=G, GP=GP_SLC, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, NSEL=p.num_select,
-                PREC=prec, UPCAST=upcast, FORCED=forced, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local,
-                score_ptr=scores, ss_t=scores.stride(0), ss_h=scores.stride(1), TOPN=bool(cfg.slc_topn),
-                NBP=NBP, NSP=NSP, num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
-            )
+        _slc_kernel[(rows, Hkv)](
+            q, gates, acc, out, idx, row_seq, row_pos, kc, vc, block_tables, fm, fo,
+            q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
+            out.stride(0), out.stride(1), idx.stride(0), idx.stride(1),
+            kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+            block_tables.stride(0), Hq, r0, qk_scale,
+            G=G, GP=GP_SLC, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, NSEL=p.num_select,
+            PREC=prec, UPCAST=upcast, FORCED=forced, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local,
+            score_ptr=scores, ss_t=scores.stride(0), ss_h=scores.stride(1), TOPN=bool(cfg.slc_topn),
+            NBP=NBP, NSP=NSP, num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
+        )
         if sel is not None:
             sel[r0:r1] = idx

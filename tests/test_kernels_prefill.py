@@ -191,14 +191,9 @@ def test_ragged_batch_matches_reference(G):
     run_case(lens=[117, 37, 90, 55], chunks=[30, 21, 0, 13], Hq=2 * G, Hkv=2, p=SMALL, **SHAPE)
 
 
-@pytest.mark.parametrize("cfg", [None, PrefillConfig(slc_page_major=1, pm_rows=16, pm_queries=8),
-                                 PrefillConfig(slc_page_major=1, pm_rows=16, pm_queries=8, forced_win=0)],
-                         ids=["default", "selected branch page-major", "page-major with the forced blocks"])
-def test_chunks_continue_one_sequence(cfg):
+def test_chunks_continue_one_sequence():
     """A prompt prefilled in four chunks equals the whole-sequence forward; each call sees a cache
-    written only up to its own last token (the rest NaN: the page-major branch loads a page once for
-    a tile of queries, and must not read past the tile's latest one, which matters when the current
-    block is among its pages, forced_win 0)."""
+    written only up to its own last token (the rest NaN)."""
     p = SparsityParams(block=12, stride=4, select_block=16, num_select=5, window=24, num_init=1,
                        num_local=2)  # l not a multiple of l'/d, fractional-free but odd overlaps
     Hq, Hkv, Dk, Dv = 8, 2, 48, 32
@@ -213,8 +208,7 @@ def test_chunks_continue_one_sequence(cfg):
         layer, bt, _ = build_cache([s], [end], p, torch.float32, DEV, torch.Generator().manual_seed(end))
         cu = torch.tensor([0, T], dtype=torch.int32, device=DEV)
         o, sl = nsa_prefill(q[start:end].to(DEV), gates[start:end].to(DEV), layer, bt, cu,
-                            torch.tensor([end], dtype=torch.int32, device=DEV), p, return_selection=True,
-                            config=cfg)
+                            torch.tensor([end], dtype=torch.int32, device=DEV), p, return_selection=True)
         outs.append(o)
         sels.append(sl)
         start = end
@@ -228,11 +222,9 @@ def test_chunks_continue_one_sequence(cfg):
     assert rel(out[agree], whole[agree]) < 2e-4
 
 
-@pytest.mark.parametrize("cfg", [None, PrefillConfig(slc_page_major=1)], ids=["default", "selected branch page-major"])
-def test_independent_kv_window_ring(cfg):
-    """Independent-branch K/V: the window reads its own ring (sized w + T − 1), not the raw pages
-    (and the selected branch attends the forced blocks too: they are not the window's)."""
-    run_case(lens=[100, 61], chunks=[38, 61], Hq=8, Hkv=2, p=SMALL, independent=True, config=cfg, **SHAPE)
+def test_independent_kv_window_ring():
+    """Independent-branch K/V: the window reads its own ring (sized w + T − 1), not the raw pages."""
+    run_case(lens=[100, 61], chunks=[38, 61], Hq=8, Hkv=2, p=SMALL, independent=True, **SHAPE)
 
 
 @pytest.mark.parametrize("forced_win", [1, 0])
@@ -265,24 +257,19 @@ def test_forced_blocks_across_window_tiles(p, forced_win):
                                  PrefillConfig(stages_cmp=3, stages_win=3), PrefillConfig(score_sums=0, score_parts=3),
                                  PrefillConfig(cmp_packed=0), PrefillConfig(slc_topn=0, topn_groups=0),
                                  PrefillConfig(slc_topn=0, topn_groups=2),
-                                 PrefillConfig(forced_win=0),
-                                 PrefillConfig(slc_page_major=1, pm_rows=16, pm_queries=8, max_rows=32),
-                                 PrefillConfig(slc_page_major=1, forced_win=0)],
+                                 PrefillConfig(forced_win=0)],
                          ids=["scores as products", "scores in two products", "small tiles",
                               "scores as products, small tiles", "other stages", "p in three bf16 parts",
                               "summaries page by page", "top-n kernel", "top-n kernel over block groups",
-                              "forced blocks in the selected branch", "selected branch page-major, small tiles",
-                              "selected branch page-major with the forced blocks"])
+                              "forced blocks in the selected branch"])
 def test_launch_configs_match_reference(cfg):
     # Configurations the benchmark sweeps: the block scores as matrix products against the overlap
     # weights (the default sums them in registers), of a chunk and its spill into the next in one
     # product of width 2·BJ or two of BJ, p in two or three bf16 parts; tiny tiles and summary chunks; other
     # pipeline depths; the top-n in its own kernel (the default: each selected-branch program takes
     # its own), over every block or block groups first; the forced blocks attended by the
-    # selected-branch kernel (default: the window kernel); the selected branch page-major (a page
-    # once for the queries that chose it; several tiles a page, two row slices), with or without
-    # the forced blocks. l = 12 with d = 4 spills a summary into the next block, across the
-    # chunk's last block too.
+    # selected-branch kernel (default: the window kernel). l = 12 with d = 4 spills a summary into
+    # the next block, across the chunk's last block too.
     p = SparsityParams(block=12, stride=4, select_block=16, num_select=5, window=24, num_init=1, num_local=2)
     run_case(lens=[117, 37, 90, 55], chunks=[30, 21, 0, 13], Hq=8, Hkv=2, p=p, config=cfg, **SHAPE)
 
@@ -367,38 +354,6 @@ def test_topn_variants_select_the_same_blocks(cfg):
     assert (base[1][:, :, 3] >= 0).any()  # rows with non-forced picks exist
     assert torch.equal(got[1], base[1])
     assert torch.equal(got[0], base[0])
-
-
-@pytest.mark.parametrize("G", [1, 3, 16])
-def test_page_major_group_sizes(G):
-    """The page-major selected branch for group sizes 1 (16 queries a tile: the matrix unit's
-    fewest rows), 3 (padded to 4) and 16, several tiles a page."""
-    run_case(lens=[117, 37, 90, 55], chunks=[30, 21, 0, 13], Hq=2 * G, Hkv=2, p=SMALL,
-             config=PrefillConfig(slc_page_major=1, pm_queries=8), **SHAPE)
-
-
-def test_page_major_work_list():
-    """pair_tiles: every (query, group, slot) pair with a block is in exactly one tile, under its
-    own key (group, sequence, block), in row order (a tile's last pair is its latest query); a tile
-    holds at most per_tile pairs; pairs with no block, and the tiles past the last, in none."""
-    from nsa_kernels.slc_page_major import pair_tiles
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    rows, Hkv, n, nseq, NB, first, per_tile = 50, 3, 6, 4, 9, 2, 5
-    idx = torch.randint(-1, NB, (rows, Hkv, n), generator=gen, dtype=torch.int32)
-    row_seq = torch.sort(torch.randint(0, nseq, (rows,), generator=gen)).values.int()  # chunks are contiguous
-    perm, tiles = pair_tiles(idx.to(DEV), row_seq.to(DEV), nseq, NB, first, per_tile)
-    perm, tiles = perm.cpu(), tiles.cpu()
-    S = n - first
-    seen = torch.zeros(rows * Hkv * S, dtype=torch.long)
-    for key, start, count in tiles.tolist():
-        assert 0 <= count <= per_tile
-        pairs = perm[start:start + count].tolist()
-        assert pairs == sorted(pairs)
-        for e in pairs:
-            r, h, s = e // (Hkv * S), e // S % Hkv, e % S
-            assert key == (h * nseq + int(row_seq[r])) * NB + int(idx[r, h, first + s])
-            seen[e] += 1
-    assert torch.equal(seen, (idx[:, :, first:] >= 0).flatten().long())
 
 
 def test_half_precision():
@@ -634,33 +589,6 @@ def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16, forced_win, slc_topn,
                            config=replace(default_config(q.device), acc_bf16=acc_bf16, forced_win=forced_win,
                                           slc_topn=slc_topn, topn_groups=4, score_sums=sums))
     assert torch.isfinite(out).all()
-    rows = torch.randint(0, Ttot, (24,), generator=gen).tolist() + [0, 2499, 2500, 5500, 5501, Ttot - 1]
-    sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows)
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("forced_win", [1, 0])
-def test_gpu_page_major_paper_shape(forced_win):
-    """The page-major selected branch at the paper shape in bf16, ragged: against the float64
-    reference (sampled rows), and the query-major kernel's output and selections."""
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    p, Hq, Hkv, Dk, Dv = PAPER, 64, 4, 192, 128
-    lens, chunks = [9000, 3001, 5000], [2500, 3001, 777]
-    seqs = [Seq(L, Hkv, Dk, Dv, p, False, gen, torch.float32) for L in lens]
-    layer, bt, _ = build_cache(seqs, lens, p, torch.bfloat16, DEV, gen)
-    Ttot = sum(chunks)
-    q = torch.randn(Ttot, Hq, Dk, generator=gen).to(torch.bfloat16).to(DEV)
-    gates = torch.rand(Ttot, Hq, 3, generator=gen).to(torch.bfloat16).to(DEV)
-    cu = torch.tensor([0, 2500, 5501, 6278], dtype=torch.int32, device=DEV)
-    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    cfg = replace(default_config(q.device), forced_win=forced_win)
-    want, want_sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True, config=cfg)
-    out, sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True,
-                           config=replace(cfg, slc_page_major=1))
-    assert torch.isfinite(out).all()
-    assert torch.equal(sel, want_sel)
-    assert rel(out, want) < 1e-2
     rows = torch.randint(0, Ttot, (24,), generator=gen).tolist() + [0, 2499, 2500, 5500, 5501, Ttot - 1]
     sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows)
 
