@@ -9,6 +9,7 @@ the engine does not create it by itself, so the tests attach it as tests/test_en
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine_helpers import make_engine, random_prompts, reference_greedy, single_thread_torch
 from nsa_serve.engine.decode_graphs import StaticDecode
@@ -205,3 +206,67 @@ def test_a_failed_fixed_shape_step_keeps_the_path_only_when_a_culprit_explains_i
     else:
         assert engine.runner.static_decode is None and not fixed_steps
     engine.block_manager.check_all_free()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("culprit", [True, False], ids=["a request's fault", "the path's fault"])
+def test_gpu_a_failed_graph_step_keeps_the_graphs_only_when_a_culprit_explains_it(culprit):
+    """The test above on CUDA, on the path as served: decode graphs captured at warm-up and async
+    scheduling (a launch that fails falls back to a synchronous step). The three other requests end
+    with the tokens of a run without the fault (float32: the eager retry's rounding cannot flip a
+    token); the graphs stay for their later steps only when the culprit fails eagerly too."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    prompts = random_prompts(4, 10, 20, seed=48)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    def run(inject: bool):
+        engine = make_engine(True, device="cuda", num_pages=160, precompile=False, piecewise_max_tokens=0)
+        engine.warmup()
+        static = engine.runner.static_decode
+        assert static is not None and static.graphs and engine.args.async_scheduling
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        faults, fixed_steps = [], []
+        if inject:
+            while len(engine.scheduler.running) < 4 or any(s.in_prefill for s in engine.scheduler.running):
+                engine.step()
+            bad = next(s for s in engine.scheduler.running if s.request_id == "2")
+            L = bad.num_computed_tokens + 2  # a step or two ahead: async steps may be in flight
+            prepare, execute = static.prepare, engine.runner.execute
+
+            def fixed_prepare(seqs):
+                if bad in seqs and bad.num_computed_tokens == L and not bad.is_finished:
+                    faults.append(len(seqs))
+                    raise RuntimeError("injected fault on the graph path")
+                if faults:
+                    fixed_steps.append(len(seqs))
+                return prepare(seqs)
+
+            def eager_execute(inp):
+                if culprit and bad in inp.seqs and bad.num_computed_tokens == L:
+                    raise RuntimeError("injected fault of the request")
+                return execute(inp)
+
+            static.prepare, engine.runner.execute = fixed_prepare, eager_execute
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0]
+        engine.block_manager.check_all_free()
+        return engine, static, done, faults, fixed_steps
+
+    _, _, clean, _, _ = run(False)
+    engine, static, done, faults, fixed_steps = run(True)
+    assert faults
+    for i in range(len(prompts)):
+        if culprit and i == 2:
+            assert done["2"].finish_reason == "error"
+        else:
+            assert done[str(i)].finish_reason == "length", i
+            assert done[str(i)].token_ids == clean[str(i)].token_ids, i
+    if culprit:
+        assert engine.runner.static_decode is static and fixed_steps
+    else:
+        assert engine.runner.static_decode is None and not fixed_steps
