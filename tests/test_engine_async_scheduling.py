@@ -213,8 +213,9 @@ def test_a_failed_fixed_shape_step_keeps_the_path_only_when_a_culprit_explains_i
 def test_gpu_a_failed_graph_step_keeps_the_graphs_only_when_a_culprit_explains_it(culprit):
     """The test above on CUDA, on the path as served: decode graphs captured at warm-up and async
     scheduling (a launch that fails falls back to a synchronous step). The three other requests end
-    with the tokens of a run without the fault (float32: the eager retry's rounding cannot flip a
-    token); the graphs stay for their later steps only when the culprit fails eagerly too."""
+    with the tokens of a run without the fault (float32, so that the eager retry's other
+    rounding should not flip a greedy token); the graphs stay for their later steps only when the culprit
+    fails eagerly too."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     prompts = random_prompts(4, 10, 20, seed=48)
