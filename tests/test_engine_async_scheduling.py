@@ -159,6 +159,45 @@ def test_async_scheduling_is_on_by_default_with_cuda_only():
     assert make_engine(True).args.async_scheduling is False
 
 
+def _serve_with_fault(engine, prompts, params, culprit: bool | None, ahead: int = 1):
+    """Serve `prompts` (ids "0", "1", …); once all four decode, the fixed-shape path's step that
+    brings request "2" to `ahead` tokens past that point raises, and with `culprit` the eager retry
+    of its row raises too (None: no fault). Returns the final outputs by id, the row counts of the
+    failed path steps, and those of the path's steps after the fault."""
+    static = engine.runner.static_decode
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    faults, fixed_steps = [], []
+    if culprit is not None:
+        while len(engine.scheduler.running) < 4 or any(s.in_prefill for s in engine.scheduler.running):
+            engine.step()
+        bad = next(s for s in engine.scheduler.running if s.request_id == "2")
+        L = bad.num_computed_tokens + ahead
+        prepare, execute = static.prepare, engine.runner.execute
+
+        def fixed_prepare(seqs):
+            if bad in seqs and bad.num_computed_tokens == L and not bad.is_finished:
+                faults.append(len(seqs))
+                raise RuntimeError("injected fault on the fixed-shape path")
+            if faults:  # a fixed-shape step after the failed one
+                fixed_steps.append(len(seqs))
+            return prepare(seqs)
+
+        def eager_execute(inp):
+            if culprit and bad in inp.seqs and bad.num_computed_tokens == L:
+                raise RuntimeError("injected fault of the request")
+            return execute(inp)
+
+        static.prepare, engine.runner.execute = fixed_prepare, eager_execute
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+    engine.block_manager.check_all_free()
+    return done, faults, fixed_steps
+
+
 @pytest.mark.parametrize("culprit", [True, False], ids=["a request's fault", "the path's fault"])
 def test_a_failed_fixed_shape_step_keeps_the_path_only_when_a_culprit_explains_it(culprit):
     """A decode step on the fixed-shape path raises. Its rows are retried eagerly. If one of them
@@ -167,34 +206,8 @@ def test_a_failed_fixed_shape_step_keeps_the_path_only_when_a_culprit_explains_i
     engine = _engine(False)
     static = engine.runner.static_decode
     prompts = random_prompts(4, 10, 20, seed=48)
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
-    while len(engine.scheduler.running) < 4 or any(s.in_prefill for s in engine.scheduler.running):
-        engine.step()
-    bad = next(s for s in engine.scheduler.running if s.request_id == "2")
-    L = bad.num_computed_tokens + 1
-    prepare, execute, faults, fixed_steps = static.prepare, engine.runner.execute, [], []
-
-    def fixed_prepare(seqs):
-        if bad in seqs and bad.num_computed_tokens == L and not bad.is_finished:
-            faults.append(len(seqs))
-            raise RuntimeError("injected fault on the fixed-shape path")
-        if faults:  # a fixed-shape step after the failed one
-            fixed_steps.append(len(seqs))
-        return prepare(seqs)
-
-    def eager_execute(inp):
-        if culprit and bad in inp.seqs and bad.num_computed_tokens == L:
-            raise RuntimeError("injected fault of the request")
-        return execute(inp)
-
-    static.prepare, engine.runner.execute = fixed_prepare, eager_execute
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0]
+    done, faults, fixed_steps = _serve_with_fault(
+        engine, prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), culprit)
     for i, prompt in enumerate(prompts):
         want = "error" if culprit and i == 2 else "length"
         assert done[str(i)].finish_reason == want, i
@@ -205,7 +218,6 @@ def test_a_failed_fixed_shape_step_keeps_the_path_only_when_a_culprit_explains_i
         assert engine.runner.static_decode is static and fixed_steps  # the 3 others' later steps
     else:
         assert engine.runner.static_decode is None and not fixed_steps
-    engine.block_manager.check_all_free()
 
 
 @pytest.mark.gpu
@@ -214,52 +226,23 @@ def test_gpu_a_failed_graph_step_keeps_the_graphs_only_when_a_culprit_explains_i
     """The test above on CUDA, on the path as served: decode graphs captured at warm-up and async
     scheduling (a launch that fails falls back to a synchronous step). The three other requests end
     with the tokens of a run without the fault (float32, so that the eager retry's other
-    rounding should not flip a greedy token); the graphs stay for their later steps only when the culprit
-    fails eagerly too."""
+    rounding should not flip a greedy token); the graphs stay for their later steps only when the
+    culprit fails eagerly too."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     prompts = random_prompts(4, 10, 20, seed=48)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
-    def run(inject: bool):
+    def run(culprit_or_none):
         engine = make_engine(True, device="cuda", num_pages=160, precompile=False, piecewise_max_tokens=0)
         engine.warmup()
         static = engine.runner.static_decode
         assert static is not None and static.graphs and engine.args.async_scheduling
-        for i, p in enumerate(prompts):
-            engine.add_request(str(i), p, params)
-        faults, fixed_steps = [], []
-        if inject:
-            while len(engine.scheduler.running) < 4 or any(s.in_prefill for s in engine.scheduler.running):
-                engine.step()
-            bad = next(s for s in engine.scheduler.running if s.request_id == "2")
-            L = bad.num_computed_tokens + 2  # a step or two ahead: async steps may be in flight
-            prepare, execute = static.prepare, engine.runner.execute
+        # two tokens ahead: with async scheduling a step may already be in flight
+        return (engine, static) + _serve_with_fault(engine, prompts, params, culprit_or_none, ahead=2)
 
-            def fixed_prepare(seqs):
-                if bad in seqs and bad.num_computed_tokens == L and not bad.is_finished:
-                    faults.append(len(seqs))
-                    raise RuntimeError("injected fault on the graph path")
-                if faults:
-                    fixed_steps.append(len(seqs))
-                return prepare(seqs)
-
-            def eager_execute(inp):
-                if culprit and bad in inp.seqs and bad.num_computed_tokens == L:
-                    raise RuntimeError("injected fault of the request")
-                return execute(inp)
-
-            static.prepare, engine.runner.execute = fixed_prepare, eager_execute
-        done = {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out.outputs[0]
-        engine.block_manager.check_all_free()
-        return engine, static, done, faults, fixed_steps
-
-    _, _, clean, _, _ = run(False)
-    engine, static, done, faults, fixed_steps = run(True)
+    clean = run(None)[2]
+    engine, static, done, faults, fixed_steps = run(culprit)
     assert faults
     for i in range(len(prompts)):
         if culprit and i == 2:
