@@ -365,7 +365,10 @@ class LLMEngine:
                                           param="prompt")
         if any(not isinstance(t, int) or isinstance(t, bool) for t in params.stop_token_ids):
             raise InvalidRequestError("stop_token_ids must be integers", param="stop_token_ids")
-        for name, ids in (("logit_bias", list(params.logit_bias)), ("allowed_token_ids", params.allowed_token_ids or [])):
+        # A stop id the model can never emit would never stop anything: a client's mistake (a
+        # tokenizer mismatch, usually), said so rather than ignored.
+        for name, ids in (("logit_bias", list(params.logit_bias)), ("allowed_token_ids", params.allowed_token_ids or []),
+                          ("stop_token_ids", params.stop_token_ids)):
             bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < V), None)
             if bad is not None:
                 raise InvalidRequestError(f"{name} holds token id {bad!r}, outside the vocabulary [0, {V})", param=name)
