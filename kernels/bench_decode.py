@@ -3,6 +3,7 @@
     python -m nsa_kernels.bench_decode                 # full table (both shapes, 8k … 128k, batch 1/16/64)
     python -m nsa_kernels.bench_decode --ctx 65536 --batch 16 --shape paper
     python -m nsa_kernels.bench_decode --tune          # a few kernel variants at 64k, paper shape
+    python -m nsa_kernels.bench_decode --layers 16     # per layer, 16 layers in one graph (64k, batch 1)
     python -m nsa_kernels.bench_decode --compare       # 64k paper rows + launch variants (+ previous
                                                        # version if kernels/nsa_decode_v1.py exists)
 
@@ -301,6 +302,63 @@ def _compare_dense(B, q, layer, tables, seq_lens):
         print(f"| {B} | {name} | {us:.1f} | {diff:.2e} |", flush=True)
 
 
+def layers(ctx=65536, batches=(1,), n_layers=16, shape="paper"):
+    """Attention as a model's decode step runs it: `n_layers` layers, each with its own cache and
+    query, one after another in one CUDA graph; µs per layer = graph time / n_layers, for SDPA
+    (the fastest backend that captures) and NSA. The single-call rows of the table pay the graph's
+    own launch and end once per attention call; here they are shared by the layers, as in the
+    engine's decode graphs. The L2 is emptied before each replay (FLUSH), not between layers:
+    each layer reads its own memory, as in a model. The NSA graph's outputs are checked against
+    eager calls before timing."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cfg = SHAPES[shape]
+    print("| shape | ctx | batch | layers | SDPA µs/layer (graph, backend) | NSA µs/layer (graph) | x SDPA "
+          "| max abs diff graph vs eager |\n|---|---|---|---|---|---|---|---|", flush=True)
+    for B in batches:
+        per = [make_inputs(B, ctx, **cfg, p=PAPER_P, seed=i) for i in range(n_layers)]
+        outs: list[torch.Tensor] = []
+
+        def nsa_step():
+            outs.clear()
+            outs.extend(nsa_decode(q, gates, layer, tables, seq_lens, PAPER_P)
+                        for q, gates, layer, tables, seq_lens in per)
+
+        nsa_step()
+        eager = [o.float().clone() for o in outs]
+        g = graph_of(nsa_step)
+        g.replay()
+        torch.cuda.synchronize()
+        diff = max((o.float() - e).abs().max().item() for o, e in zip(outs, eager))
+        nsa_us = bench(g.replay, rep=200) / n_layers
+        outs.clear()
+        del g, eager
+        qs = [x[0] for x in per]
+        del per
+        torch.cuda.empty_cache()
+        kv = [(torch.randn(B, cfg["Hkv"], ctx, cfg["Dk"], device="cuda", dtype=q.dtype),
+               torch.randn(B, cfg["Hkv"], ctx, cfg["Dv"], device="cuda", dtype=q.dtype)) for q in qs]
+        q4s = [q.unsqueeze(2) for q in qs]
+        best = (math.inf, "none")
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+            def sdpa_step():
+                for q4, (k, v) in zip(q4s, kv):
+                    torch.nn.functional.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+            try:
+                with sdpa_kernel(backend):
+                    gs = graph_of(sdpa_step)
+                us = bench(gs.replay, rep=200) / n_layers
+            except (RuntimeError, NotImplementedError):
+                continue
+            if us < best[0]:
+                best = (us, backend.name.lower().replace("_attention", ""))
+            del gs
+        print(f"| {shape} | {ctx // 1024}k | {B} | {n_layers} | {best[0]:.1f} ({best[1]}) | {nsa_us:.1f} | "
+              f"{best[0] / nsa_us:.2f}x | {diff:.1e} |", flush=True)
+        del kv, q4s, qs
+        torch.cuda.empty_cache()
+
+
 def profile(copy_gbs, ctx=65536):
     """Per-kernel device time of one NSA and one dense decode step (L2 flushed between steps)."""
     from torch.profiler import ProfilerActivity
@@ -336,6 +394,9 @@ def main(argv=None):
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--compare", action="store_true", help="64k paper shape: default vs variants")
+    ap.add_argument("--layers", type=int, metavar="N", help="per-layer time with N layers in one CUDA graph, "
+                    "as in a model's decode step (--ctx, --batch, --shape: the first of each; default 64k, "
+                    "batch 1, paper)")
     ap.add_argument("--only", action="append", help="with --compare: time only the variants whose name "
                     "contains one of these substrings (and the default)")
     ap.add_argument("--flush", choices=FLUSH_MODES, default="write",
@@ -350,11 +411,14 @@ def main(argv=None):
           f"L2 flush: {FLUSH}")
     if args.compare:
         compare(copy_gbs, batches=tuple(args.batch or (1, 16, 64)), only=args.only)
+    if args.layers:
+        layers(ctx=(args.ctx or [65536])[0], batches=tuple(args.batch or (1,)), n_layers=args.layers,
+               shape=(args.shape or ["paper"])[0])
     if args.profile:
         profile(copy_gbs)
     if args.tune:
         tune(copy_gbs)
-    if args.profile or args.tune or args.compare:
+    if args.profile or args.tune or args.compare or args.layers:
         return
     print(HEADER, flush=True)
     for shape in args.shape or list(SHAPES):
