@@ -96,6 +96,30 @@ def test_malformed_fields_get_openai_errors_and_leave_nothing_behind(api_server)
     assert_nothing_left(api_server)
 
 
+def test_malformed_tokenize_and_detokenize_bodies_get_openai_errors(api_server):  # noqa: F811
+    rnd = random.Random(7)
+    fields = {"/tokenize": ["model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"],
+              "/detokenize": ["model", "tokens"]}
+    odd = ODD_VALUES + [[-1], [10 ** 9], [5, "6"]]
+    problems = []
+    with api_server.http() as c:
+        for _ in range(120):
+            url = rnd.choice(sorted(fields))
+            body = ({"prompt": "hello"} if url == "/tokenize" else {"tokens": [5, 6]}) | {
+                "model": api_server.engine.model_name}
+            for _ in range(rnd.randint(1, 2)):
+                body[rnd.choice(fields[url])] = rnd.choice(odd)
+            code, text = send(c, url, body)
+            if code == 200:
+                reply = json.loads(text)
+                wrong = None if ("tokens" in reply if url == "/tokenize" else "prompt" in reply) else "reply"
+            else:
+                wrong = check_response(code, text, body)
+            if wrong is not None:
+                problems.append(f"{url} {wrong}: {json.dumps(body, allow_nan=True)[:300]} -> {text[:300]}")
+    assert not problems, "\n".join(problems)
+
+
 VALID = {"max_tokens": [1, 5, 12], "temperature": [0, 0.7, 1.5], "top_p": [0.1, 0.9, 1], "top_k": [-1, 1, 5],
          "n": [1, 2, 3], "stream": [True, False], "stop": ["e", ["a", "the"], []], "seed": [1, 42],
          "presence_penalty": [0, 1.5], "frequency_penalty": [-1, 0.5], "repetition_penalty": [1, 1.3],
