@@ -291,6 +291,21 @@ def test_echo_with_logprobs_scores_the_prompt_as_decoding_scored_it(client, api_
     assert batch.choices[1].logprobs.tokens[:len(prompt)] == lp.tokens[:len(prompt)]
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_end(client, api_server):
+    """vLLM's truncate_prompt_tokens: the model is given the prompt's last k tokens, and echo
+    shows those; a chat prompt is cut the same way."""
+    name = api_server.engine.model_name
+    ids = list(range(10, 60))
+    cut = client.completions.create(model=name, prompt=ids, max_tokens=6, echo=True, temperature=0.0,
+                                    extra_body={"ignore_eos": True, "truncate_prompt_tokens": 12})
+    given = client.completions.create(model=name, prompt=ids[-12:], max_tokens=6, echo=True, **GREEDY)
+    assert cut.usage.prompt_tokens == 12
+    assert cut.choices[0].text == given.choices[0].text
+    chat = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=2, temperature=0.0,
+                                          extra_body={"truncate_prompt_tokens": 5})
+    assert chat.usage.prompt_tokens == 5
+
+
 def test_completion_logprobs_shapes(client, api_server):
     r = client.completions.create(model=api_server.engine.model_name, prompt="Lists and tuples", max_tokens=5,
                                   logprobs=2, **GREEDY)

@@ -54,6 +54,9 @@ class _SamplingFields(BaseModel):
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
     priority: int = 0
+    # vLLM's: keep only the prompt's last k tokens (-1: the context length), for long documents
+    # whose start may be cut.
+    truncate_prompt_tokens: int | None = None
     # Structured output: OpenAI's response_format, vLLM's guided_* fields and its newer
     # structured_outputs object ({"json" | "regex" | "choice" | "grammar" | "json_object": ...}).
     response_format: dict[str, Any] | None = None

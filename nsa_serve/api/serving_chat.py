@@ -31,7 +31,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         text = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
     except ValueError as exc:
         raise bad_request(str(exc), param="messages") from None
-    prompt_ids = ctx.encode(text, param="messages")
+    prompt_ids = ctx.truncate(ctx.encode(text, param="messages"), req.truncate_prompt_tokens)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = ctx.resolve_max_tokens(req.requested_max_tokens(), len(prompt_ids), param,
                                         default=ctx.defaults.get("max_tokens"))

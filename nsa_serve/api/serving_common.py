@@ -63,6 +63,21 @@ class ServingContext:
                               param=param) from None
         return self.tokenizer.encode(text, add_bos=add_special_tokens)
 
+    def truncate(self, ids: list[int], keep: int | None) -> list[int]:
+        """The prompt's last `keep` tokens (truncate_prompt_tokens; -1: the context length), as vLLM
+        cuts a prompt: from the left, so the end the model continues is kept."""
+        if keep is None:
+            return ids
+        if keep == -1:
+            keep = self.max_model_len
+        if keep < 1:
+            raise bad_request(f"truncate_prompt_tokens must be -1 or at least 1, got {keep}",
+                              param="truncate_prompt_tokens")
+        if keep > self.max_model_len:
+            raise bad_request(f"truncate_prompt_tokens ({keep}) is greater than this model's maximum context "
+                              f"length ({self.max_model_len})", param="truncate_prompt_tokens")
+        return ids[-keep:]
+
     def check_token_ids(self, ids: list[int], param: str) -> list[int]:
         vocab = self.tokenizer.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)

@@ -24,8 +24,10 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     model = ctx.check_model(req.model)
     ctx.check_admitting()
     prompts = req.prompts()
-    prompt_ids = [ctx.check_token_ids(p, "prompt") if isinstance(p, list) else ctx.encode(p, "prompt")
-                  for p in prompts]
+    prompt_ids = [ctx.truncate(ctx.check_token_ids(p, "prompt") if isinstance(p, list) else ctx.encode(p, "prompt"),
+                               req.truncate_prompt_tokens) for p in prompts]
+    if req.truncate_prompt_tokens is not None:  # echo what the model was given
+        prompts = prompt_ids
     longest = max(len(p) for p in prompt_ids)
     max_tokens = ctx.resolve_max_tokens(req.max_tokens, longest, "max_tokens", prompt_param="prompt")
     # Without an explicit max_tokens each prompt may use its own remaining context.
