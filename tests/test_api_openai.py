@@ -68,6 +68,32 @@ def test_chat_stream_matches_non_stream_and_ends_with_usage(client, api_server):
     assert sum(1 for c in body[1:] if c.choices[0].delta.content) <= 10
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_continuous_usage_stats_put_each_choices_usage_in_every_chunk(client, api_server, endpoint):
+    """vLLM's stream_options.continuous_usage_stats: with include_usage, every chunk carries its
+    choice's usage so far (counts that only grow, to max_tokens), then the total comes last."""
+    name = api_server.engine.model_name
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    if endpoint == "chat":
+        create, kw = client.chat.completions.create, dict(messages=MESSAGES)
+    else:
+        create, kw = client.completions.create, dict(prompt="The quick brown fox")
+    chunks = list(create(model=name, max_tokens=7, n=2, stream=True, stream_options=options, **kw, **GREEDY))
+    body, total = chunks[:-1], chunks[-1]
+    assert total.choices == [] and total.usage.completion_tokens == 14
+    seen = {0: [], 1: []}
+    for c in body:
+        assert c.usage is not None and len(c.choices) == 1
+        assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+        assert c.usage.prompt_tokens == total.usage.prompt_tokens  # one prompt, counted once
+        seen[c.choices[0].index].append(c.usage.completion_tokens)
+    for counts in seen.values():
+        assert counts == sorted(counts) and counts[-1] == 7
+    plain = list(create(model=name, max_tokens=3, stream=True, stream_options={"include_usage": True}, **kw,
+                        **GREEDY))
+    assert all(c.usage is None for c in plain[:-1])
+
+
 def test_raw_sse_framing_ends_with_done(api_server):
     body = {"model": api_server.engine.model_name, "messages": MESSAGES, "max_tokens": 3, "stream": True,
             "temperature": 0}

@@ -24,6 +24,12 @@ _REQUEST_CONFIG = ConfigDict(strict=True, extra="ignore")
 class StreamOptions(BaseModel):
     model_config = _REQUEST_CONFIG
     include_usage: bool = False
+    # vLLM's: with include_usage, every chunk also carries its choice's usage so far.
+    continuous_usage_stats: bool = False
+
+    @property
+    def continuous(self) -> bool:
+        return self.include_usage and self.continuous_usage_stats
 
 
 class _SamplingFields(BaseModel):

@@ -43,8 +43,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     created = int(time.time())
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = bool(req.stream_options and req.stream_options.continuous)
         return SSEResponse(_stream(ctx, it, first, request_id, model, created, params.n, include_usage, top_k,
-                                   plan),
+                                   plan, continuous),
                            headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
 
     async def drain() -> RequestOutput:
@@ -78,9 +79,19 @@ def _finish_reason(plan: ToolPlan | None, reason: str | None, calls: list | None
 
 async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: RequestOutput, request_id: str,
                   model: str, created: int, n: int, include_usage: bool, top_k: int,
-                  plan: ToolPlan | None = None) -> AsyncIterator[str]:
+                  plan: ToolPlan | None = None, continuous: bool = False) -> AsyncIterator[str]:
     def chunk(choices, usage=None):
         return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
+
+    prompt_tokens = len(first.prompt_token_ids)
+    completion_tokens = [0] * n
+
+    def usage_of(i: int) -> UsageInfo | None:
+        """continuous_usage_stats: the chunk's choice's usage so far, as vLLM reports it."""
+        if not continuous:
+            return None
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens[i],
+                         total_tokens=prompt_tokens + completion_tokens[i])
 
     # Tool calls stream as they are generated: a named call's id and name first, then its
     # arguments; "required" calls each once their name has closed, then their arguments
@@ -115,9 +126,8 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
     try:
         # OpenAI sends the role alone first, one chunk per choice.
         for i in range(n):
-            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))], usage_of(i))
         out = first
-        completion_tokens = [0] * n
         done: set[int] = set()  # the engine repeats a finished choice in later outputs of the request
         while True:
             for c in out.outputs:
@@ -132,12 +142,11 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
                 if required and not reason and lp is None and not delta.tool_calls:
                     continue  # nothing to say yet (e.g. inside a call's name)
                 yield chunk([ChatChunkChoice(index=c.index, delta=delta, logprobs=lp, finish_reason=reason,
-                                             stop_reason=c.stop_reason)])
+                                             stop_reason=c.stop_reason)], usage_of(c.index))
             if out.finished:
                 break
             out = await it.__anext__()
         if include_usage:
-            prompt_tokens = len(first.prompt_token_ids)
             total = sum(completion_tokens)
             yield chunk([], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=total,
                                       total_tokens=prompt_tokens + total))

@@ -46,8 +46,9 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     echo = [_prompt_text(ctx, p) if req.echo else "" for p in prompts]
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = bool(req.stream_options and req.stream_options.continuous)
         return SSEResponse(_stream(ctx, it, first, request_id, model, created, n, len(prompts), echo,
-                                   include_usage, req.logprobs),
+                                   include_usage, req.logprobs, continuous),
                            headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
 
     async def drain() -> dict[int, RequestOutput]:
@@ -85,8 +86,8 @@ def _prompt_text(ctx: ServingContext, prompt: str | list[int]) -> str:
 
 
 async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, created: int, n: int,
-                  num_prompts: int, echo: list[str], include_usage: bool, logprobs: int | None
-                  ) -> AsyncIterator[str]:
+                  num_prompts: int, echo: list[str], include_usage: bool, logprobs: int | None,
+                  continuous: bool = False) -> AsyncIterator[str]:
     def chunk(choices, usage=None):
         return sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage))
 
@@ -121,8 +122,11 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
                     offsets[key] += sum(len(t.token) for t in c.delta_logprobs or [])
                     if prefix and prompt_lps[src] is not None:  # echo: the prompt's tokens come first
                         lp = _join(prompt_lps[src], lp)
+                # continuous_usage_stats: this choice's usage so far, as vLLM reports it.
+                usage = UsageInfo(prompt_tokens=prompt_tokens[src], completion_tokens=c.num_tokens,
+                                  total_tokens=prompt_tokens[src] + c.num_tokens) if continuous else None
                 yield chunk([CompletionChoice(index=src * n + c.index, text=prefix + c.delta_text, logprobs=lp,
-                                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
+                                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)], usage)
             try:
                 src, out = await it.__anext__()
             except StopAsyncIteration:
