@@ -38,6 +38,15 @@ class Tokenizer:
         return self.sp.get_piece_size()
 
     @property
+    def special_token_ids(self) -> frozenset[int]:
+        """The chat markers (SPECIAL_TOKENS) this vocabulary holds: user-defined pieces, so decoding
+        writes them out as text unless a request skips them (skip_special_tokens)."""
+        if not hasattr(self, "_special"):
+            ids = (self.sp.piece_to_id(t) for t in SPECIAL_TOKENS)
+            self._special = frozenset(i for i, t in zip(ids, SPECIAL_TOKENS) if self.sp.id_to_piece(i) == t)
+        return self._special
+
+    @property
     def stop_token_ids(self) -> list[int]:
         """Tokens that end a generation unless ignore_eos: eos and the end-of-turn marker."""
         return [t for t in (self.eos_id, self.end_of_turn_id) if t is not None and t >= 0]

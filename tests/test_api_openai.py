@@ -13,6 +13,7 @@ import openai  # after api_fixtures, which skips this module on a GPU machine wi
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a prime number."}]
 GREEDY = dict(temperature=0.0, extra_body={"ignore_eos": True})
+KEEP_MARKERS = {"ignore_eos": True, "skip_special_tokens": False}
 
 
 @pytest.fixture(scope="module")
@@ -195,25 +196,26 @@ def test_stop_string_cuts_the_output(client, api_server):
 
 def test_logit_bias_and_allowed_token_ids(client, api_server):
     """OpenAI's logit_bias and vLLM's allowed_token_ids reach the sampler: +100 forces a token, -100
-    bans one, a one-token allowed set leaves nothing else to sample."""
+    bans one, a one-token allowed set leaves nothing else to sample. (Token 7 is the <|end|> marker:
+    its text is shown only with skip_special_tokens off.)"""
     model = api_server.engine.model_name
     kw = dict(model=model, prompt="Data structures", max_tokens=4)
     with api_server.http() as h:
         text_of = {t: h.post("/detokenize", json={"tokens": [t] * 4}).json()["prompt"] for t in (7, 8)}
     assert text_of[7] != text_of[8]
     for t in (7, 8):
-        r = client.completions.create(temperature=0, logit_bias={str(t): 100}, extra_body={"ignore_eos": True}, **kw)
+        r = client.completions.create(temperature=0, logit_bias={str(t): 100}, extra_body=KEEP_MARKERS, **kw)
         assert r.choices[0].text == text_of[t]
-        r = client.completions.create(temperature=1.0, seed=3, extra_body={"allowed_token_ids": [t], "ignore_eos": True},
+        r = client.completions.create(temperature=1.0, seed=3, extra_body={"allowed_token_ids": [t], **KEEP_MARKERS},
                                       **kw)
         assert r.choices[0].text == text_of[t]
     # Among two allowed tokens, -100 on one leaves the other, whichever the model prefers.
     for banned, left in ((7, 8), (8, 7)):
         r = client.completions.create(temperature=1.0, seed=5, logit_bias={str(banned): -100},
-                                      extra_body={"allowed_token_ids": [7, 8], "ignore_eos": True}, **kw)
+                                      extra_body={"allowed_token_ids": [7, 8], **KEEP_MARKERS}, **kw)
         assert r.choices[0].text == text_of[left]
     chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4, temperature=0,
-                                          logit_bias={"7": 100}, extra_body={"ignore_eos": True})
+                                          logit_bias={"7": 100}, extra_body=KEEP_MARKERS)
     assert chat.choices[0].message.content == text_of[7] and chat.usage.completion_tokens == 4
 
 
@@ -330,6 +332,19 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(client, api_server):
     chat = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=2, temperature=0.0,
                                           extra_body={"truncate_prompt_tokens": 5})
     assert chat.usage.prompt_tokens == 5
+
+
+def test_skip_special_tokens_by_default_and_kept_on_request(client, api_server):
+    """vLLM's default: generated chat markers are left out of the text; skip_special_tokens=false
+    keeps them. The token ids (logprobs) show them either way."""
+    name = api_server.engine.model_name
+    marker = [api_server.engine.tokenizer.sp.piece_to_id("<|tool|>")]
+    kw = dict(model=name, prompt="The quick brown fox", max_tokens=3, temperature=0.0, logprobs=0)
+    skipped = client.completions.create(**kw, extra_body={"ignore_eos": True, "allowed_token_ids": marker})
+    kept = client.completions.create(**kw, extra_body={"ignore_eos": True, "allowed_token_ids": marker,
+                                                       "skip_special_tokens": False})
+    assert skipped.choices[0].text == "" and kept.choices[0].text == "<|tool|>" * 3
+    assert skipped.choices[0].logprobs.tokens == kept.choices[0].logprobs.tokens == ["<|tool|>"] * 3
 
 
 def test_completion_logprobs_shapes(client, api_server):

@@ -114,3 +114,17 @@ def test_fast_path_is_off_when_the_decoder_does_not_concatenate_pieces():
     texts = tok.appended_texts()
     assert _concatenates(tok.sp, texts)
     assert not _concatenates(SuffixSpace(tok.sp), texts)
+
+
+def test_skip_special_tokens_leaves_generated_chat_markers_out_of_the_text():
+    tok = tokenizer()
+    marker = tok.sp.piece_to_id("<|tool|>")
+    assert marker in tok.special_token_ids and len(tok.special_token_ids) == 5
+    prompt = tok.encode("Say:")
+    words = tok.encode(" hello there", add_bos=False)
+    ids = words[:1] + [marker] + words[1:] + [marker]
+    kept = "".join(stream(tok, prompt, ids))
+    assert kept.count("<|tool|>") == 2
+    d = IncrementalDetokenizer(tok, prompt, skip_special_tokens=True)
+    skipped = "".join([d.add(t) for t in ids] + [d.flush()])
+    assert skipped == "".join(stream(tok, prompt, words)) and "hello there" in skipped and "<|" not in skipped

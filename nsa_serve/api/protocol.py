@@ -63,6 +63,7 @@ class _SamplingFields(BaseModel):
     # vLLM's: keep only the prompt's last k tokens (-1: the context length), for long documents
     # whose start may be cut.
     truncate_prompt_tokens: int | None = None
+    skip_special_tokens: bool = True
     # Structured output: OpenAI's response_format, vLLM's guided_* fields and its newer
     # structured_outputs object ({"json" | "regex" | "choice" | "grammar" | "json_object": ...}).
     response_format: dict[str, Any] | None = None
@@ -134,7 +135,7 @@ class _SamplingFields(BaseModel):
             frequency_penalty=self.frequency_penalty, repetition_penalty=pick("repetition_penalty", 1.0),
             seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
-            include_stop_str_in_output=self.include_stop_str_in_output,
+            include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens,
             logit_bias=_token_bias(self.logit_bias), allowed_token_ids=self.allowed_token_ids,
             prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
             structured=_one_constraint(structured, self._structured()),

@@ -21,8 +21,11 @@ _MAX_HELD_TOKENS = 4  # a UTF-8 character has at most 4 bytes
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int]):
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = False):
         self.tokenizer = tokenizer
+        # Generated special tokens left out of the text, as vLLM's skip_special_tokens does: they
+        # are not decoded at all (the prompt's, kept as context, still are).
+        self._skip = getattr(tokenizer, "special_token_ids", frozenset()) if skip_special_tokens else frozenset()
         self.ids = list(prompt_token_ids[-_PROMPT_CONTEXT:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -34,6 +37,8 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes (maybe empty while a character is open)."""
+        if token_id in self._skip:
+            return ""
         ids = self.ids
         ids.append(token_id)
         fast = self._appended

@@ -398,7 +398,8 @@ class LLMEngine:
             seq = Sequence(request_id, i, list(prompt_token_ids), params, arrival, priority)
             if matcher is not None:
                 seq.matcher = matcher if i == 0 else matcher.deep_copy()
-            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids) if self.tokenizer else None
+            detok = (IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+                     if self.tokenizer else None)
             req.completions.append(_Completion(
                 seq, detok, StopStringMatcher(params.stop, params.include_stop_str_in_output),
                 itl=[] if params.output_kind == "final_only" else None))

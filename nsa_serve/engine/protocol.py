@@ -63,6 +63,9 @@ class SamplingParams:
     # Computed during prefill by the request's first completion, which skips the prefix cache for it.
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    # vLLM's, with its default: generated special tokens (the chat markers) are left out of the text.
+    # Token ids and logprobs still show them.
+    skip_special_tokens: bool = True
     # Added to the logits of these token ids before penalties and sampling (OpenAI's logit_bias,
     # -100 … 100: ±100 in effect bans or forces a token).
     logit_bias: dict[int, float] = field(default_factory=dict)
