@@ -83,8 +83,9 @@ class Tokenizer:
             return piece  # a raw byte of a multi-byte character
         return piece.replace("\u2581", " ")
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return render_chat(messages, add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False) -> str:
+        return render_chat(messages, add_generation_prompt, continue_final_message)
 
 
 def _concatenates(sp, texts: list[str | None], samples: int = 64) -> bool:
@@ -106,7 +107,13 @@ def _concatenates(sp, texts: list[str | None], samples: int = 64) -> bool:
     return True
 
 
-def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
+def render_chat(messages: list[dict], add_generation_prompt: bool = True,
+                continue_final_message: bool = False) -> str:
+    """The conversation as the model's prompt. `continue_final_message` (vLLM's): the last message is
+    left open — no end marker, no new turn — so the model continues it (a reply's prefilled start)."""
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be true: "
+                         "set add_generation_prompt to false to continue the final message")
     parts = []
     for m in messages:
         role = m.get("role")
@@ -120,6 +127,8 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str
         if not isinstance(content, str):
             raise ValueError("message content must be a string or a list of text parts")
         parts.append(f"<|{role}|>\n{content}<|end|>\n")
+    if continue_final_message and parts:
+        parts[-1] = parts[-1][:-len("<|end|>\n")]
     if add_generation_prompt:
         parts.append("<|assistant|>\n")
     return "".join(parts)

@@ -95,6 +95,8 @@ def matrix(model: str, long_prompt: str):
          "truncate_prompt_tokens", None),
         ("truncate_prompt_tokens past the context", c, {"json": chat(truncate_prompt_tokens=CONTEXT + 1)}, 400,
          "truncate_prompt_tokens", None),
+        ("continue_final_message with add_generation_prompt", c,
+         {"json": chat(continue_final_message=True)}, 400, "continue_final_message", None),
         ("prompt_logprobs with stream", c, {"json": chat(prompt_logprobs=1, stream=True)}, 400, "prompt_logprobs",
          None),
         ("prompt_logprobs too many", x, {"json": {"prompt": "a", "prompt_logprobs": 21}}, 400, "prompt_logprobs",

@@ -358,6 +358,24 @@ def test_completion_logprobs_shapes(client, api_server):
         assert math.isclose(max(top.values()), chosen, abs_tol=1e-4)
 
 
+def test_continue_final_message_leaves_the_reply_open(client, api_server):
+    """vLLM's continue_final_message: the model continues the last (assistant) message, whose
+    prompt ends without the end marker; /tokenize renders the same prompt."""
+    from nsa_serve.tokenizer import render_chat
+
+    start = [{"role": "user", "content": "Name a prime number."}, {"role": "assistant", "content": "Sure: the"}]
+    flags = {"add_generation_prompt": False, "continue_final_message": True}
+    expected = api_server.engine.tokenizer.encode(render_chat(start, **flags))
+    with api_server.http() as h:
+        assert h.post("/tokenize", json={"messages": start, **flags}).json()["tokens"] == expected
+    r = client.chat.completions.create(model=api_server.engine.model_name, messages=start, max_tokens=3,
+                                       temperature=0.0, extra_body=flags)
+    assert r.usage.prompt_tokens == len(expected)
+    opened = client.chat.completions.create(model=api_server.engine.model_name, messages=start, max_tokens=3,
+                                            temperature=0.0)
+    assert opened.usage.prompt_tokens > len(expected)  # closed message + a new assistant turn
+
+
 def test_tokenize_detokenize_round_trip(api_server):
     with api_server.http() as h:
         r = h.post("/tokenize", json={"prompt": "hello world", "add_special_tokens": False}).json()

@@ -47,3 +47,9 @@ def test_chat_template():
     assert prompt == "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"
     with pytest.raises(ValueError, match="role"):
         render_chat([{"role": "wizard", "content": "x"}])
+    # continue_final_message: the last message left open for the model to continue.
+    start = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I"}]
+    assert render_chat(start, add_generation_prompt=False, continue_final_message=True) == \
+        "<|user|>\nHi<|end|>\n<|assistant|>\nHello, I"
+    with pytest.raises(ValueError, match="add_generation_prompt"):
+        render_chat(start, continue_final_message=True)

@@ -24,7 +24,7 @@ from .errors import APIError, from_engine_error
 from .generation import ClientDisconnected
 from .middleware import GuardMiddleware
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
-                       TokenizeRequest)
+                       TokenizeRequest, check_continuation)
 from .serving_chat import create_chat_completion
 from .serving_common import ServingContext, parse_body
 from .serving_completions import create_completion
@@ -120,9 +120,11 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if req.messages is not None:
+            check_continuation(req)
             try:
                 text = ctx.tokenizer.apply_chat_template([m.as_template_dict() for m in req.messages],
-                                                         add_generation_prompt=req.add_generation_prompt)
+                                                         add_generation_prompt=req.add_generation_prompt,
+                                                         continue_final_message=req.continue_final_message)
             except ValueError as exc:
                 raise APIError(400, str(exc), param="messages") from None
             ids = ctx.encode(text, "messages", add_special_tokens=req.add_special_tokens)

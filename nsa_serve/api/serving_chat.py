@@ -14,7 +14,7 @@ from .errors import bad_request
 from .generation import tracked_generate
 from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatMessageOut, ChatTokenLogprob, ChoiceLogprobs, DeltaMessage,
-                       TopLogprob, UsageInfo)
+                       TopLogprob, UsageInfo, check_continuation)
 from .serving_common import (SSE_DONE, ServingContext, SSEResponse, clamp_logprob, json_response, new_id,
                              prompt_logprobs_body, raise_if_failed, run_to_end, sse, stream_error_event)
 from .tools import RequiredCallStream, ToolPlan, new_call_id, tool_calls_of, tools_system_text
@@ -27,8 +27,10 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     messages = [m.as_template_dict() for m in req.messages]
     if tools:  # the model is shown the tools it may be asked to call
         messages.insert(0, {"role": "system", "content": tools_system_text(tools)})
+    check_continuation(req)
     try:
-        text = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+        text = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+                                                 continue_final_message=req.continue_final_message)
     except ValueError as exc:
         raise bad_request(str(exc), param="messages") from None
     prompt_ids = ctx.truncate(ctx.encode(text, param="messages"), req.truncate_prompt_tokens)
