@@ -110,26 +110,38 @@ def must_read_bytes(sel, ctx, Hkv, Dk, Dv, p, elem=2):
     return (tokens + summaries) * (Dk + Dv) * elem
 
 
-def sdpa_baseline(q, ctx, Hkv, Dk, Dv):
-    """Fastest SDPA backend on contiguous [B, Hkv, ctx, D] K/V for one query token; (µs, name)."""
+def fastest_sdpa(time_with) -> tuple[float, str]:
+    """(µs, backend name) of the fastest SDPA backend (flash / efficient / cuDNN) that runs:
+    `time_with()` times the work with the backend already selected; a backend that refuses the
+    shape is skipped."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    B, Hq, _ = q.shape
-    k = torch.randn(B, Hkv, ctx, Dk, device="cuda", dtype=q.dtype)
-    v = torch.randn(B, Hkv, ctx, Dv, device="cuda", dtype=q.dtype)
-    q4 = q.unsqueeze(2)
     best = (math.inf, "none")
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
         try:
             with sdpa_kernel(backend):
-                fn = lambda: torch.nn.functional.scaled_dot_product_attention(q4, k, v, enable_gqa=True)  # noqa: E731
-                fn()
-                torch.cuda.synchronize()
-                us = bench(fn)
+                us = time_with()
         except (RuntimeError, NotImplementedError):
             continue
         if us < best[0]:
             best = (us, backend.name.lower().replace("_attention", ""))
+    return best
+
+
+def sdpa_baseline(q, ctx, Hkv, Dk, Dv):
+    """Fastest SDPA backend on contiguous [B, Hkv, ctx, D] K/V for one query token; (µs, name)."""
+    B, Hq, _ = q.shape
+    k = torch.randn(B, Hkv, ctx, Dk, device="cuda", dtype=q.dtype)
+    v = torch.randn(B, Hkv, ctx, Dv, device="cuda", dtype=q.dtype)
+    q4 = q.unsqueeze(2)
+
+    def time_with():
+        fn = lambda: torch.nn.functional.scaled_dot_product_attention(q4, k, v, enable_gqa=True)  # noqa: E731
+        fn()
+        torch.cuda.synchronize()
+        return bench(fn)
+
+    best = fastest_sdpa(time_with)
     del k, v
     return best
 
@@ -310,8 +322,6 @@ def layers(ctx=65536, batches=(1,), n_layers=16, shape="paper"):
     engine's decode graphs. The L2 is emptied before each replay (FLUSH), not between layers:
     each layer reads its own memory, as in a model. The NSA graph's outputs are checked against
     eager calls before timing."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     cfg = SHAPES[shape]
     print("| shape | ctx | batch | layers | SDPA µs/layer (graph, backend) | NSA µs/layer (graph) | x SDPA "
           "| max abs diff graph vs eager |\n|---|---|---|---|---|---|---|---|", flush=True)
@@ -339,20 +349,12 @@ def layers(ctx=65536, batches=(1,), n_layers=16, shape="paper"):
         kv = [(torch.randn(B, cfg["Hkv"], ctx, cfg["Dk"], device="cuda", dtype=q.dtype),
                torch.randn(B, cfg["Hkv"], ctx, cfg["Dv"], device="cuda", dtype=q.dtype)) for q in qs]
         q4s = [q.unsqueeze(2) for q in qs]
-        best = (math.inf, "none")
-        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
-            def sdpa_step():
-                for q4, (k, v) in zip(q4s, kv):
-                    torch.nn.functional.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
-            try:
-                with sdpa_kernel(backend):
-                    gs = graph_of(sdpa_step)
-                us = bench(gs.replay, rep=200) / n_layers
-            except (RuntimeError, NotImplementedError):
-                continue
-            if us < best[0]:
-                best = (us, backend.name.lower().replace("_attention", ""))
-            del gs
+
+        def sdpa_step():
+            for q4, (k, v) in zip(q4s, kv):
+                torch.nn.functional.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+
+        best = fastest_sdpa(lambda: bench(graph_of(sdpa_step).replay, rep=200) / n_layers)
         print(f"| {shape} | {ctx // 1024}k | {B} | {n_layers} | {best[0]:.1f} ({best[1]}) | {nsa_us:.1f} | "
               f"{best[0] / nsa_us:.2f}x | {diff:.1e} |", flush=True)
         del kv, q4s, qs
