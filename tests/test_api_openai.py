@@ -334,6 +334,30 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(client, api_server):
     assert chat.usage.prompt_tokens == 5
 
 
+def test_bad_words_are_never_written(client, api_server):
+    """vLLM's bad_words: between two allowed words, banning one leaves the other, on both
+    endpoints; banning every allowed token is a 400 naming the field."""
+    name = api_server.engine.model_name
+    tok = api_server.engine.tokenizer
+    words = [w for w in ("the", "and", "of", "to", "in", "is") if len(tok.encode(w, add_bos=False)) == 1][:2]
+    assert len(words) == 2, "the fixture needs two one-token words"
+    ids = [tok.encode(w, add_bos=False)[0] for w in words]
+    kw = dict(model=name, prompt="Data structures", max_tokens=4, temperature=1.0, seed=2)
+    for banned, left in ((0, 1), (1, 0)):
+        forced = client.completions.create(logit_bias={str(ids[banned]): 100},
+                                           extra_body={"allowed_token_ids": ids, "ignore_eos": True}, **kw)
+        assert forced.choices[0].text.split() == [words[banned]] * 4
+        r = client.completions.create(logit_bias={str(ids[banned]): 100}, extra_body={
+            "allowed_token_ids": ids, "ignore_eos": True, "bad_words": [words[banned]]}, **kw)
+        assert r.choices[0].text.split() == [words[left]] * 4
+    chat = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=3, temperature=0.0, extra_body={
+        "allowed_token_ids": ids, "ignore_eos": True, "bad_words": [words[0]]})
+    assert chat.choices[0].message.content.split() == [words[1]] * 3
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(extra_body={"allowed_token_ids": ids[:1], "bad_words": words[:1]}, **kw)
+    assert e.value.body["param"] == "bad_words"
+
+
 def test_skip_special_tokens_by_default_and_kept_on_request(client, api_server):
     """vLLM's default: generated chat markers are left out of the text; skip_special_tokens=false
     keeps them. The token ids (logprobs) show them either way."""

@@ -58,6 +58,7 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     prompt_logprobs: int | None = None
     priority: int = 0
     # vLLM's: keep only the prompt's last k tokens (-1: the context length), for long documents
@@ -137,6 +138,7 @@ class _SamplingFields(BaseModel):
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens,
             logit_bias=_token_bias(self.logit_bias), allowed_token_ids=self.allowed_token_ids,
+            bad_words=list(self.bad_words or []),
             prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
             structured=_one_constraint(structured, self._structured()),
             # A stream needs only what each output adds; a plain response only the last output.

@@ -29,6 +29,7 @@ from nsa_kernels.reference import tokens_read_per_step
 
 from ..model.nsa_model import NSAModel
 from .args import EngineArgs
+from .bad_words import bad_word_token_ids, depends_on_output
 from .block_manager import BlockManager
 from .decode_graphs import StaticDecode
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -391,11 +392,15 @@ class LLMEngine:
             if not first[list(params.allowed_token_ids)].any():
                 raise InvalidRequestError("allowed_token_ids leave no token the structured output allows "
                                           "as the first token", param="allowed_token_ids")
+        bad = bad_word_token_ids(self.tokenizer, params.bad_words)
+        if params.allowed_token_ids is not None and not set(params.allowed_token_ids) - {
+                ids[0] for ids in bad if len(ids) == 1}:
+            raise InvalidRequestError("bad_words ban every token of allowed_token_ids", param="bad_words")
         req = Request(request_id, list(prompt_token_ids), params, RequestMetrics(arrival_time=arrival))
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         for i in range(params.n):
-            seq = Sequence(request_id, i, list(prompt_token_ids), params, arrival, priority)
+            seq = Sequence(request_id, i, list(prompt_token_ids), params, arrival, priority, bad_words=bad)
             if matcher is not None:
                 seq.matcher = matcher if i == 0 else matcher.deep_copy()
             detok = (IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
@@ -480,9 +485,10 @@ class LLMEngine:
     def _overlap_safe(self, seq: Sequence) -> bool:
         """Whether the next token of `seq` can be sampled before the host reads its last one:
         nothing in its sampling depends on the tokens themselves (a grammar, penalties, a
-        min_tokens count not yet reached)."""
+        min_tokens count not yet reached, a bad word of several tokens)."""
         p = seq.params
-        return seq.matcher is None and not has_penalty(p) and seq.num_output_tokens >= p.min_tokens
+        return (seq.matcher is None and not has_penalty(p) and seq.num_output_tokens >= p.min_tokens
+                and not depends_on_output(seq.bad_words))
 
     def _async_batch(self, batch: ScheduledBatch) -> bool:
         static = self.runner.static_decode

@@ -40,6 +40,10 @@ class EngineDeadError(EngineError):
 
 
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+# bad_words are checked on the host for every row and step: bounded, so one request cannot slow
+# every step of everyone else's.
+MAX_BAD_WORDS = 256
+MAX_BAD_WORD_CHARS = 256
 
 
 @dataclass
@@ -70,6 +74,9 @@ class SamplingParams:
     # -100 … 100: ±100 in effect bans or forces a token).
     logit_bias: dict[int, float] = field(default_factory=dict)
     allowed_token_ids: list[int] | None = None  # vLLM's: sample only among these
+    # vLLM's: words the completion may not write (as the token sequences that spell them; the
+    # engine tokenizes them, engine/bad_words.py).
+    bad_words: list[str] = field(default_factory=list)
     # Structured output (structured.StructuredOutput): the grammar the output must match.
     structured: Any = None
     # What each RequestOutput carries (vLLM's RequestOutputKind): "cumulative" = text and token ids
@@ -124,6 +131,11 @@ class SamplingParams:
         if self.allowed_token_ids is not None and (
                 not self.allowed_token_ids or any(not isinstance(t, int) for t in self.allowed_token_ids)):
             bad("allowed_token_ids", "must be a non-empty list of token ids")
+        if (not isinstance(self.bad_words, list) or len(self.bad_words) > MAX_BAD_WORDS
+                or any(not isinstance(w, str) or not w.strip() or len(w) > MAX_BAD_WORD_CHARS
+                       for w in self.bad_words)):
+            bad("bad_words", f"must be a list of at most {MAX_BAD_WORDS} non-blank strings of at most "
+                             f"{MAX_BAD_WORD_CHARS} characters")
         if self.structured is not None:
             self.structured.check_shape()
         if self.output_kind not in OUTPUT_KINDS:

@@ -1,9 +1,11 @@
 """Next-token sampling for a batch of sequences, each with its own SamplingParams.
 
 Order (as in vLLM): structured-output grammar mask → allowed_token_ids → logit_bias → penalties →
-min_tokens masking (not for grammar rows: the grammar decides when the output may end) → greedy (temperature 0) or
-temperature → top-k → top-p → min-p → draw. Logprobs report the model's raw distribution
-(log-softmax of the unmodified logits), the convention OpenAI-compatible servers follow.
+min_tokens masking (not for grammar rows: the grammar decides when the output may end) →
+bad_words (last, so that its rule, yield if nothing else would be left, sees every other ban) →
+greedy (temperature 0) or temperature → top-k → top-p → min-p → draw. Logprobs report the model's
+raw distribution (log-softmax of the unmodified logits), the convention OpenAI-compatible servers
+follow.
 
 The draw uses the exponential race: token = argmax(p / E) with E ~ Exp(1) i.i.d. per vocabulary
 entry, which samples exactly from p. A seeded request draws its E from its own generator, one
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .bad_words import banned_next
 from .protocol import TokenLogprob
 from .sequence import Sequence
 from .structured import allowed_masks
@@ -73,7 +76,8 @@ class Sampler:
         ps = [s.params for s in seqs]
         needs_min = [s.num_output_tokens < p.min_tokens and s.matcher is None for s, p in zip(seqs, ps)]
         plain_greedy = all(p.temperature == 0 and p.logprobs is None and not has_penalty(p)
-                           and not _has_bias(p) for p in ps) and all(s.matcher is None for s in seqs)
+                           and not _has_bias(p) for p in ps) and all(s.matcher is None and not s.bad_words
+                                                                      for s in seqs)
         if plain_greedy and not any(needs_min):
             return PendingSample(logits.argmax(dim=-1), None, ps, [], 0)
 
@@ -104,6 +108,8 @@ class Sampler:
                     banned = []
                 if banned:
                     logits[b, upload(banned, torch.long, device)] = -float("inf")
+            if seq.bad_words:
+                logits[b] = ban_bad_words(logits[b], banned_next(seq.bad_words, seq.output_token_ids))
 
         greedy_host = [p.temperature == 0 for p in ps]  # decided on the host: no GPU sync
         tokens = logits.argmax(dim=-1)
@@ -220,6 +226,16 @@ def apply_bias(logits: torch.Tensor, p) -> torch.Tensor:
         ids = upload(list(p.logit_bias), torch.long, logits.device)
         logits = logits.index_add(0, ids, upload(list(p.logit_bias.values()), logits.dtype, logits.device))
     return logits
+
+
+def ban_bad_words(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
+    """One row's logits with the bad words' next tokens at -inf, unless that would leave nothing
+    to sample (allowed_token_ids, a grammar or min_tokens already banned the rest): then the row is
+    left as it was, as min_tokens yields. Decided on the device: no sync."""
+    if not banned:
+        return logits
+    masked = logits.index_fill(0, upload(banned, torch.long, logits.device), -float("inf"))
+    return torch.where(torch.isfinite(masked).any(), masked, logits)
 
 
 def has_penalty(p) -> bool:

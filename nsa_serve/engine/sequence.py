@@ -52,6 +52,7 @@ class Sequence:
     logprobs: list[TokenLogprob] | None = None
     generator: object = None  # torch.Generator for seeded sampling (reproducible whatever the batch)
     matcher: object = None  # structured output: llguidance matcher over the tokens sampled so far
+    bad_words: tuple = ()  # params.bad_words as token sequences (bad_words.py), shared by the n
 
     def __post_init__(self) -> None:
         if not self.token_ids:
