@@ -358,6 +358,35 @@ def test_bad_words_are_never_written(client, api_server):
     assert e.value.body["param"] == "bad_words"
 
 
+def test_cached_prompt_tokens_are_reported_and_a_cache_salt_keeps_them_apart(client, api_server):
+    """usage.prompt_tokens_details.cached_tokens counts prefix-cache hits (responses and a stream's
+    usage chunk); vLLM's cache_salt lets only requests with the same salt share cached pages."""
+    name = api_server.engine.model_name
+    prompt = list(range(300, 380))
+
+    def cached(salt=None, stream=False):
+        extra = {"ignore_eos": True, **({"cache_salt": salt} if salt is not None else {})}
+        kw = dict(model=name, prompt=prompt, max_tokens=2, temperature=0.0, extra_body=extra)
+        if not stream:
+            return client.completions.create(**kw).usage.prompt_tokens_details.cached_tokens
+        chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+        return chunks[-1].usage.prompt_tokens_details.cached_tokens
+
+    assert cached() == 0
+    unsalted = cached()
+    assert 0 < unsalted < len(prompt) and cached(stream=True) == unsalted
+    assert cached("tenant-a") == 0 and cached("tenant-b") == 0
+    assert cached("tenant-a") == unsalted and cached("tenant-b", stream=True) == unsalted
+    messages = [{"role": "user", "content": "Summarise this. " + "The cache keeps pages of tokens. " * 12}]
+    first, second = (client.chat.completions.create(model=name, messages=messages, max_tokens=1, temperature=0.0)
+                     for _ in range(2))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens > 0
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=name, prompt="a", max_tokens=1, extra_body={"cache_salt": ""})
+    assert e.value.body["param"] == "cache_salt"
+
+
 def test_skip_special_tokens_by_default_and_kept_on_request(client, api_server):
     """vLLM's default: generated chat markers are left out of the text; skip_special_tokens=false
     keeps them. The token ids (logprobs) show them either way."""

@@ -11,8 +11,8 @@ from nsa_serve.engine.sequence import Sequence
 P, E, TAIL = 16, 4, 4  # tiny preset: l' = 16, d = 4 (4 summaries per page), l − d = 4
 
 
-def seq(tokens):
-    return Sequence("r", 0, list(tokens), SamplingParams(), 0.0)
+def seq(tokens, salt=None):
+    return Sequence("r", 0, list(tokens), SamplingParams(cache_salt=salt), 0.0)
 
 
 def computed(bm, s, n):
@@ -93,6 +93,28 @@ def test_freed_cached_pages_stay_reusable_until_handed_out_again():
     d = seq(tokens)
     assert bm.admit(d, len(tokens)) and d.num_computed_tokens == 0
     bm.free_sequence(d)
+    bm.check_all_free()
+
+
+def test_a_cache_salt_shares_pages_only_with_the_same_salt():
+    bm = BlockManager(40, P, E, TAIL)
+    tokens = list(range(3 * P + 8))
+    owners = {salt: seq(tokens, salt) for salt in (None, "tenant-a")}
+    for s in owners.values():
+        assert bm.admit(s, len(tokens)) and s.num_computed_tokens == 0
+        computed(bm, s, len(tokens))
+    # Same tokens, separate chains: neither owner's pages serve the other.
+    assert not set(owners[None].block_table) & set(owners["tenant-a"].block_table)
+    hits = {}
+    for salt in (None, "tenant-a", "tenant-b", "tenant-a "):
+        s = seq(tokens, salt)
+        assert bm.admit(s, len(tokens))
+        hits[salt] = s.block_table[:s.num_computed_tokens // P]
+        bm.free_sequence(s)
+    assert hits[None] == owners[None].block_table[:3] and hits["tenant-a"] == owners["tenant-a"].block_table[:3]
+    assert hits["tenant-b"] == [] and hits["tenant-a "] == []
+    for s in owners.values():
+        bm.free_sequence(s)
     bm.check_all_free()
 
 

@@ -59,6 +59,7 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    cache_salt: str | None = None
     prompt_logprobs: int | None = None
     priority: int = 0
     # vLLM's: keep only the prompt's last k tokens (-1: the context length), for long documents
@@ -138,7 +139,7 @@ class _SamplingFields(BaseModel):
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens,
             logit_bias=_token_bias(self.logit_bias), allowed_token_ids=self.allowed_token_ids,
-            bad_words=list(self.bad_words or []),
+            bad_words=list(self.bad_words or []), cache_salt=self.cache_salt,
             prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
             structured=_one_constraint(structured, self._structured()),
             # A stream needs only what each output adds; a plain response only the last output.
@@ -294,10 +295,17 @@ class DetokenizeRequest(BaseModel):
 
 # -- responses ---------------------------------------------------------------------------------------
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # OpenAI's: set in a response's usage and a stream's final usage chunk, not in the
+    # continuous_usage_stats chunks (vLLM's way).
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):

@@ -14,7 +14,7 @@ from .errors import bad_request
 from .generation import tracked_generate
 from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatMessageOut, ChatTokenLogprob, ChoiceLogprobs, DeltaMessage,
-                       TopLogprob, UsageInfo, check_continuation)
+                       PromptTokensDetails, TopLogprob, UsageInfo, check_continuation)
 from .serving_common import (SSE_DONE, ServingContext, SSEResponse, clamp_logprob, json_response, new_id,
                              prompt_logprobs_body, raise_if_failed, run_to_end, sse, stream_error_event)
 from .tools import RequiredCallStream, ToolPlan, new_call_id, tool_calls_of, tools_system_text
@@ -68,7 +68,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                                   stop_reason=c.stop_reason))
     completion_tokens = sum(c.num_tokens for c in final.outputs)
     usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
-                      total_tokens=len(prompt_ids) + completion_tokens)
+                      total_tokens=len(prompt_ids) + completion_tokens,
+                      prompt_tokens_details=PromptTokensDetails(cached_tokens=final.metrics.num_cached_tokens))
     body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage,
                                   prompt_logprobs=prompt_logprobs_body(final.prompt_logprobs))
     return json_response(body, request_id)
@@ -151,7 +152,8 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
         if include_usage:
             total = sum(completion_tokens)
             yield chunk([], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=total,
-                                      total_tokens=prompt_tokens + total))
+                                      total_tokens=prompt_tokens + total, prompt_tokens_details=PromptTokensDetails(
+                                          cached_tokens=out.metrics.num_cached_tokens)))
     except asyncio.CancelledError:
         raise  # client gone: tracked_generate's cleanup aborts the request
     except Exception as exc:  # headers are out: report in-band, as OpenAI does

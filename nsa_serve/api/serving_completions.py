@@ -15,7 +15,8 @@ from starlette.requests import Request
 
 from ..engine.protocol import RequestOutput, TokenLogprob
 from .generation import merge, tracked_generate
-from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
+from .protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
+                       PromptTokensDetails, UsageInfo)
 from .serving_common import (SSE_DONE, ServingContext, SSEResponse, clamp_logprob, json_response, new_id,
                              prompt_logprobs_body, raise_if_failed, run_to_end, sse, stream_error_event)
 
@@ -61,10 +62,11 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     for out in finals.values():
         raise_if_failed(out)
     choices = []
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = completion_tokens = cached_tokens = 0
     for src in range(len(prompts)):
         out = finals[src]
         prompt_tokens += len(out.prompt_token_ids)
+        cached_tokens += out.metrics.num_cached_tokens
         for c in sorted(out.outputs, key=lambda c: c.index):
             completion_tokens += c.num_tokens
             lp = None
@@ -76,7 +78,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                                             finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                                             prompt_logprobs=prompt_logprobs_body(out.prompt_logprobs)))
     usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                      total_tokens=prompt_tokens + completion_tokens)
+                      total_tokens=prompt_tokens + completion_tokens,
+                      prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
     return json_response(CompletionResponse(id=request_id, created=created, model=model, choices=choices,
                                             usage=usage), request_id)
 
@@ -92,6 +95,7 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
         return sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage))
 
     prompt_tokens: dict[int, int] = {}
+    cached_tokens: dict[int, int] = {}
     completion_tokens: dict[tuple[int, int], int] = {}
     offsets: dict[tuple[int, int], int] = {}  # text_offset of the next token, per choice
     echoed: set[tuple[int, int]] = set()
@@ -101,6 +105,7 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
         src, out = first
         while True:
             prompt_tokens[src] = len(out.prompt_token_ids)
+            cached_tokens[src] = out.metrics.num_cached_tokens
             if out.prompt_logprobs is not None and echo[src] and logprobs is not None:
                 prompt_lps.setdefault(src, _echo_logprobs(ctx, out, logprobs))
             for c in out.outputs:
@@ -133,7 +138,9 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
                 break
         if include_usage:
             p, g = sum(prompt_tokens.values()), sum(completion_tokens.values())
-            yield chunk([], UsageInfo(prompt_tokens=p, completion_tokens=g, total_tokens=p + g))
+            yield chunk([], UsageInfo(prompt_tokens=p, completion_tokens=g, total_tokens=p + g,
+                                      prompt_tokens_details=PromptTokensDetails(
+                                          cached_tokens=sum(cached_tokens.values()))))
     except asyncio.CancelledError:
         raise
     except Exception as exc:

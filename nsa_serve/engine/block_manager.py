@@ -10,6 +10,7 @@ of page j covers up to l − d tokens of page j+1, so (b) needs the sequence to 
 equal those the summaries were made from (the page's `tail`); otherwise the summaries would
 describe someone else's continuation. Freed pages keep their hash and stay reusable until the free
 list hands them out again (least recently freed first; pages without a hash go first of all).
+A request's `cache_salt` is the chain's root, so only requests with the same salt share pages.
 
 Independent-K/V checkpoints also give each running sequence two rings of pages (DESIGN.md §3):
 the window branch's own K/V for the last w tokens and φ's staging K/V for the last l tokens. Rings
@@ -132,18 +133,26 @@ class BlockManager:
 
     # -- prefix cache -----------------------------------------------------------------------------
     @staticmethod
-    def chain_hash(parent: int | None, tokens) -> int:
+    def chain_hash(parent, tokens) -> int:
         return hash((parent, tuple(tokens)))
 
-    def match_prefix(self, tokens: list[int]) -> tuple[list[int], list[int]]:
+    @staticmethod
+    def chain_root(seq: Sequence) -> tuple | None:
+        """The first page's parent: None, or the request's cache salt, which then enters every hash
+        of the chain and, held in the first page's key, is compared exactly on a hit."""
+        salt = seq.params.cache_salt
+        return None if salt is None else ("cache_salt", salt)
+
+    def match_prefix(self, tokens: list[int], root: tuple | None = None) -> tuple[list[int], list[int]]:
         """Cached pages (and their hashes) that can serve a prefix of `tokens`, without taking them.
 
         At least one token is always left to compute: the last prompt token's logits are needed.
+        `root`: the chain's first parent (`chain_root`).
         """
         if not self.enable_prefix_caching:
             return [], []
         P, tail = self.page_size, self.summary_tail
-        pages, hashes, parent = [], [], None
+        pages, hashes, parent = [], [], root
         j = 0
         while (j + 1) * P <= len(tokens) - 1 and (j + 1) * P + tail <= len(tokens):
             page_tokens = tuple(tokens[j * P:(j + 1) * P])
@@ -167,7 +176,8 @@ class BlockManager:
         assert not seq.block_table and seq.num_computed_tokens == 0
         # Prompt logprobs need every prompt position's logits: such a sequence computes them all
         # (its pages still enter the cache for others).
-        hit_pages, hit_hashes = ([], []) if seq.wants_prompt_logprobs else self.match_prefix(seq.token_ids)
+        hit_pages, hit_hashes = (([], []) if seq.wants_prompt_logprobs
+                                 else self.match_prefix(seq.token_ids, self.chain_root(seq)))
         cached = len(hit_pages) * self.page_size
         total = cached + min(num_new_tokens, seq.num_tokens - cached)
         fresh = self.pages_for(total) - len(hit_pages) + self.ring_pages
@@ -192,7 +202,7 @@ class BlockManager:
         P, tail = self.page_size, self.summary_tail
         j = len(seq.page_hashes)
         while (j + 1) * P + tail <= seq.num_computed_tokens and j < len(seq.block_table):
-            parent = seq.page_hashes[-1] if seq.page_hashes else None
+            parent = seq.page_hashes[-1] if seq.page_hashes else self.chain_root(seq)
             page_tokens = tuple(seq.token_ids[j * P:(j + 1) * P])
             h = self.chain_hash(parent, page_tokens)
             seq.page_hashes.append(h)

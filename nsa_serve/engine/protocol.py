@@ -44,6 +44,7 @@ OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 # every step of everyone else's.
 MAX_BAD_WORDS = 256
 MAX_BAD_WORD_CHARS = 256
+MAX_CACHE_SALT_CHARS = 1024
 
 
 @dataclass
@@ -77,6 +78,10 @@ class SamplingParams:
     # vLLM's: words the completion may not write (as the token sequences that spell them; the
     # engine tokenizes them, engine/bad_words.py).
     bad_words: list[str] = field(default_factory=list)
+    # vLLM's: a secret that roots this request's prefix-cache hashes, so that only requests with the
+    # same salt share cached pages (one tenant cannot time another's prompts through cache hits).
+    # A request property rather than a sampling one, carried here as output_kind is.
+    cache_salt: str | None = None
     # Structured output (structured.StructuredOutput): the grammar the output must match.
     structured: Any = None
     # What each RequestOutput carries (vLLM's RequestOutputKind): "cumulative" = text and token ids
@@ -136,6 +141,9 @@ class SamplingParams:
                        for w in self.bad_words)):
             bad("bad_words", f"must be a list of at most {MAX_BAD_WORDS} non-blank strings of at most "
                              f"{MAX_BAD_WORD_CHARS} characters")
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt
+                                            or len(self.cache_salt) > MAX_CACHE_SALT_CHARS):
+            bad("cache_salt", f"must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters")
         if self.structured is not None:
             self.structured.check_shape()
         if self.output_kind not in OUTPUT_KINDS:
