@@ -83,6 +83,13 @@ class Tokenizer:
             return piece  # a raw byte of a multi-byte character
         return piece.replace("\u2581", " ")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes one token contributes (OpenAI's logprobs `bytes`): a byte piece's one raw
+        byte, which may be part of a character, else its display text's encoding."""
+        if self.sp.is_byte(token_id):
+            return bytes([int(self.sp.id_to_piece(token_id)[3:5], 16)])
+        return self.token_text(token_id).encode("utf-8")
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             continue_final_message: bool = False) -> str:
         return render_chat(messages, add_generation_prompt, continue_final_message)

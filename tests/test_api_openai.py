@@ -255,7 +255,10 @@ def test_chat_logprobs_shapes(client, api_server):
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens == 6
     for t in content:
-        assert t.logprob <= 0 and isinstance(t.token, str) and t.bytes == list(t.token.encode())
+        assert t.logprob <= 0 and isinstance(t.token, str)
+        # A byte piece's bytes are its one raw byte, any other token's its text's UTF-8.
+        byte = re.fullmatch(r"<0x([0-9A-F]{2})>", t.token)
+        assert t.bytes == ([int(byte.group(1), 16)] if byte else list(t.token.encode()))
         assert len(t.top_logprobs) == 3
         lps = [x.logprob for x in t.top_logprobs]
         assert lps == sorted(lps, reverse=True)
@@ -267,6 +270,43 @@ def test_chat_logprobs_shapes(client, api_server):
     assert [t.token for t in streamed] == [t.token for t in content]
     none = client.chat.completions.create(model=api_server.engine.model_name, messages=MESSAGES, max_tokens=2)
     assert none.choices[0].logprobs is None
+
+
+def test_return_tokens_as_token_ids_names_logprobs_tokens_by_id(client, api_server):
+    """vLLM's return_tokens_as_token_ids: every token in logprobs (chosen, top, echoed prompt) is
+    "token_id:N"; bytes and text offsets stay those of the tokens' text."""
+    name = api_server.engine.model_name
+    tok = api_server.engine.tokenizer
+    as_ids = {"ignore_eos": True, "return_tokens_as_token_ids": True}
+
+    def token_id(s: str) -> int:
+        assert re.fullmatch(r"token_id:\d+", s), s
+        return int(s.split(":")[1])
+
+    kw = dict(model=name, messages=MESSAGES, max_tokens=6, logprobs=True, top_logprobs=3, temperature=0.0)
+    plain = client.chat.completions.create(extra_body={"ignore_eos": True}, **kw).choices[0].logprobs.content
+    named = client.chat.completions.create(extra_body=as_ids, **kw).choices[0].logprobs.content
+    for a, b in zip(plain, named, strict=True):
+        n = token_id(b.token)
+        assert a.token == tok.token_text(n) and a.bytes == b.bytes == list(tok.token_bytes(n))
+        assert [tok.token_text(token_id(x.token)) for x in b.top_logprobs] == [x.token for x in a.top_logprobs]
+    stream = client.chat.completions.create(extra_body=as_ids, stream=True, **kw)
+    assert [t.token for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content] \
+        == [t.token for t in named]
+    prompt = [40, 41, 42, 43]
+    ckw = dict(model=name, prompt=prompt, max_tokens=4, logprobs=2, echo=True, temperature=0.0)
+    text_lp = client.completions.create(extra_body={"ignore_eos": True}, **ckw).choices[0].logprobs
+    id_lp = client.completions.create(extra_body=as_ids, **ckw).choices[0].logprobs
+    assert [token_id(t) for t in id_lp.tokens[:4]] == prompt
+    assert [tok.token_text(token_id(t)) for t in id_lp.tokens] == text_lp.tokens
+    assert id_lp.text_offset == text_lp.text_offset and id_lp.token_logprobs == text_lp.token_logprobs
+    assert all(all(re.fullmatch(r"token_id:\d+", k) for k in top) for top in id_lp.top_logprobs[1:])
+    # A byte piece (part of a UTF-8 character): its bytes are the one raw byte.
+    byte_id = next(i for i in range(tok.vocab_size) if tok.sp.is_byte(i) and tok.sp.id_to_piece(i) == "<0xE2>")
+    r = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=1, logprobs=True, extra_body={
+        **as_ids, "allowed_token_ids": [byte_id]})
+    assert r.choices[0].logprobs.content[0].bytes == [0xE2]
+    assert token_id(r.choices[0].logprobs.content[0].token) == byte_id
 
 
 def test_echo_with_logprobs_scores_the_prompt_as_decoding_scored_it(client, api_server):

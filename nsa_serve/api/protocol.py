@@ -66,6 +66,8 @@ class _SamplingFields(BaseModel):
     # whose start may be cut.
     truncate_prompt_tokens: int | None = None
     skip_special_tokens: bool = True
+    # vLLM's: logprobs name tokens "token_id:N" instead of by their text.
+    return_tokens_as_token_ids: bool = False
     # Structured output: OpenAI's response_format, vLLM's guided_* fields and its newer
     # structured_outputs object ({"json" | "regex" | "choice" | "grammar" | "json_object": ...}).
     response_format: dict[str, Any] | None = None

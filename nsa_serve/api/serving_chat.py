@@ -15,8 +15,8 @@ from .generation import tracked_generate
 from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatMessageOut, ChatTokenLogprob, ChoiceLogprobs, DeltaMessage,
                        PromptTokensDetails, TopLogprob, UsageInfo, check_continuation)
-from .serving_common import (SSE_DONE, ServingContext, SSEResponse, clamp_logprob, json_response, new_id,
-                             prompt_logprobs_body, raise_if_failed, run_to_end, sse, stream_error_event)
+from .serving_common import (SSE_DONE, ServingContext, SSEResponse, TokenNames, clamp_logprob, json_response,
+                             new_id, prompt_logprobs_body, raise_if_failed, run_to_end, sse, stream_error_event)
 from .tools import RequiredCallStream, ToolPlan, new_call_id, tool_calls_of, tools_system_text
 
 
@@ -40,6 +40,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     params = ctx.check_sampling_ids(req.to_sampling_params(max_tokens, ctx.defaults, plan))
     request_id = new_id("chatcmpl")
     top_k = req.top_logprobs or 0
+    names = TokenNames(ctx.tokenizer, req.return_tokens_as_token_ids)
     it = tracked_generate(ctx.engine, ctx.metrics, prompt_ids, params, request_id, priority=req.priority)
     first = await ctx.first_output(raw, it)
     created = int(time.time())
@@ -47,7 +48,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous)
         return SSEResponse(_stream(ctx, it, first, request_id, model, created, params.n, include_usage, top_k,
-                                   plan, continuous),
+                                   names, plan, continuous),
                            headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
 
     async def drain() -> RequestOutput:
@@ -63,7 +64,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         calls = tool_calls_of(plan, c.text, c.finish_reason) if plan is not None else None
         message = ChatMessageOut(content=None, tool_calls=calls) if calls else ChatMessageOut(content=c.text)
         choices.append(ChatChoice(index=c.index, message=message,
-                                  logprobs=_logprobs(c.logprobs, top_k) if params.logprobs is not None else None,
+                                  logprobs=_logprobs(c.logprobs, top_k, names) if params.logprobs is not None else None,
                                   finish_reason=_finish_reason(plan, c.finish_reason, calls),
                                   stop_reason=c.stop_reason))
     completion_tokens = sum(c.num_tokens for c in final.outputs)
@@ -81,7 +82,7 @@ def _finish_reason(plan: ToolPlan | None, reason: str | None, calls: list | None
 
 
 async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: RequestOutput, request_id: str,
-                  model: str, created: int, n: int, include_usage: bool, top_k: int,
+                  model: str, created: int, n: int, include_usage: bool, top_k: int, names: TokenNames,
                   plan: ToolPlan | None = None, continuous: bool = False) -> AsyncIterator[str]:
     def chunk(choices, usage=None):
         return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
@@ -139,7 +140,7 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
                     continue  # finished already, or e.g. a partial UTF-8 character held back
                 if c.finish_reason:
                     done.add(c.index)
-                lp = _logprobs(c.delta_logprobs, top_k) if c.delta_logprobs is not None else None
+                lp = _logprobs(c.delta_logprobs, top_k, names) if c.delta_logprobs is not None else None
                 raise_if_failed(out, c.index)
                 delta, reason = delta_of(c.index, c.delta_text, c.finish_reason)
                 if required and not reason and lp is None and not delta.tool_calls:
@@ -164,9 +165,11 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
     yield SSE_DONE
 
 
-def _logprobs(lps: list[TokenLogprob] | None, top_k: int) -> ChoiceLogprobs:
+def _logprobs(lps: list[TokenLogprob] | None, top_k: int, names: TokenNames) -> ChoiceLogprobs:
     return ChoiceLogprobs(content=[
-        ChatTokenLogprob(token=t.token, logprob=clamp_logprob(t.logprob), bytes=list(t.token.encode("utf-8")),
-                         top_logprobs=[TopLogprob(token=s, logprob=clamp_logprob(lp), bytes=list(s.encode("utf-8")))
-                                       for _, s, lp in t.top[:top_k]])
+        ChatTokenLogprob(token=names.name(t.token_id, t.token), logprob=clamp_logprob(t.logprob),
+                         bytes=names.utf8(t.token_id, t.token),
+                         top_logprobs=[TopLogprob(token=names.name(i, s), logprob=clamp_logprob(lp),
+                                                  bytes=names.utf8(i, s))
+                                       for i, s, lp in t.top[:top_k]])
         for t in (lps or [])])

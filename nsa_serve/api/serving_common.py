@@ -185,6 +185,21 @@ def clamp_logprob(x: float) -> float:
     return _MIN_LOGPROB if not math.isfinite(x) or x < _MIN_LOGPROB else float(x)
 
 
+@dataclass(frozen=True)
+class TokenNames:
+    """How logprobs name tokens: by their text, or (vLLM's return_tokens_as_token_ids) as
+    "token_id:N", which tells apart tokens whose text is the same or not a whole character."""
+    tokenizer: Any
+    as_ids: bool = False
+
+    def name(self, token_id: int, text: str) -> str:
+        return f"token_id:{token_id}" if self.as_ids else text
+
+    def utf8(self, token_id: int, text: str) -> list[int]:
+        """OpenAI's `bytes`: the token's own bytes (a byte piece's raw byte), not its name's."""
+        return list(self.tokenizer.token_bytes(token_id) if self.tokenizer is not None else text.encode("utf-8"))
+
+
 def prompt_logprobs_body(lps) -> list | None:
     """Engine prompt logprobs as vLLM returns them: None for the first token, then per token a dict
     {token id: {logprob, rank, decoded_token}} holding the prompt's token and the top-k."""

@@ -17,8 +17,8 @@ from ..engine.protocol import RequestOutput, TokenLogprob
 from .generation import merge, tracked_generate
 from .protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                        PromptTokensDetails, UsageInfo)
-from .serving_common import (SSE_DONE, ServingContext, SSEResponse, clamp_logprob, json_response, new_id,
-                             prompt_logprobs_body, raise_if_failed, run_to_end, sse, stream_error_event)
+from .serving_common import (SSE_DONE, ServingContext, SSEResponse, TokenNames, clamp_logprob, json_response,
+                             new_id, prompt_logprobs_body, raise_if_failed, run_to_end, sse, stream_error_event)
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
@@ -45,11 +45,12 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     created = int(time.time())
     n = req.n
     echo = [_prompt_text(ctx, p) if req.echo else "" for p in prompts]
+    names = TokenNames(ctx.tokenizer, req.return_tokens_as_token_ids)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous)
         return SSEResponse(_stream(ctx, it, first, request_id, model, created, n, len(prompts), echo,
-                                   include_usage, req.logprobs, continuous),
+                                   include_usage, req.logprobs, names, continuous),
                            headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
 
     async def drain() -> dict[int, RequestOutput]:
@@ -71,9 +72,9 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
             completion_tokens += c.num_tokens
             lp = None
             if req.logprobs is not None:
-                lp = _logprobs(c.logprobs, req.logprobs, len(echo[src]))
+                lp = _logprobs(c.logprobs, req.logprobs, len(echo[src]), names)
                 if req.echo:
-                    lp = _join(_echo_logprobs(ctx, out, req.logprobs), lp)
+                    lp = _join(_echo_logprobs(ctx, out, req.logprobs, names), lp)
             choices.append(CompletionChoice(index=src * n + c.index, text=echo[src] + c.text, logprobs=lp,
                                             finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                                             prompt_logprobs=prompt_logprobs_body(out.prompt_logprobs)))
@@ -90,7 +91,7 @@ def _prompt_text(ctx: ServingContext, prompt: str | list[int]) -> str:
 
 async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, created: int, n: int,
                   num_prompts: int, echo: list[str], include_usage: bool, logprobs: int | None,
-                  continuous: bool = False) -> AsyncIterator[str]:
+                  names: TokenNames, continuous: bool = False) -> AsyncIterator[str]:
     def chunk(choices, usage=None):
         return sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage))
 
@@ -107,7 +108,7 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
             prompt_tokens[src] = len(out.prompt_token_ids)
             cached_tokens[src] = out.metrics.num_cached_tokens
             if out.prompt_logprobs is not None and echo[src] and logprobs is not None:
-                prompt_lps.setdefault(src, _echo_logprobs(ctx, out, logprobs))
+                prompt_lps.setdefault(src, _echo_logprobs(ctx, out, logprobs, names))
             for c in out.outputs:
                 key = (src, c.index)
                 completion_tokens[key] = c.num_tokens
@@ -123,7 +124,7 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
                 raise_if_failed(out, c.index)
                 lp = None
                 if logprobs is not None:
-                    lp = _logprobs(c.delta_logprobs, logprobs, offsets[key])
+                    lp = _logprobs(c.delta_logprobs, logprobs, offsets[key], names)
                     offsets[key] += sum(len(t.token) for t in c.delta_logprobs or [])
                     if prefix and prompt_lps[src] is not None:  # echo: the prompt's tokens come first
                         lp = _join(prompt_lps[src], lp)
@@ -151,13 +152,15 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
     yield SSE_DONE
 
 
-def _echo_logprobs(ctx: ServingContext, out: RequestOutput, k: int) -> CompletionLogprobs:
+def _echo_logprobs(ctx: ServingContext, out: RequestOutput, k: int, names: TokenNames) -> CompletionLogprobs:
     """The echoed prompt's part of a choice's logprobs: its tokens, their logprobs given what comes
     before (null for the first token, as OpenAI's echo gives), offsets from 0."""
     first, rest = out.prompt_logprobs[0], out.prompt_logprobs[1:]
-    head = ctx.tokenizer.token_text(out.prompt_token_ids[0]) if first is None else first.token
-    tail = _logprobs(rest, k, len(head))
-    return _join(CompletionLogprobs(text_offset=[0], token_logprobs=[None], tokens=[head], top_logprobs=[None]), tail)
+    head_id = out.prompt_token_ids[0]
+    head = ctx.tokenizer.token_text(head_id) if first is None else first.token
+    tail = _logprobs(rest, k, len(head), names)
+    return _join(CompletionLogprobs(text_offset=[0], token_logprobs=[None], tokens=[names.name(head_id, head)],
+                                    top_logprobs=[None]), tail)
 
 
 def _join(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
@@ -165,16 +168,18 @@ def _join(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
                               b.token_logprobs, tokens=a.tokens + b.tokens, top_logprobs=a.top_logprobs + b.top_logprobs)
 
 
-def _logprobs(lps: list[TokenLogprob] | None, k: int, start_offset: int) -> CompletionLogprobs:
+def _logprobs(lps: list[TokenLogprob] | None, k: int, start_offset: int,
+              names: TokenNames) -> CompletionLogprobs:
+    """Offsets count the tokens' text (the returned text's), whatever `names` calls them."""
     out = CompletionLogprobs()
     offset = start_offset
     for t in lps or []:
-        out.tokens.append(t.token)
+        out.tokens.append(names.name(t.token_id, t.token))
         out.token_logprobs.append(clamp_logprob(t.logprob))
         out.text_offset.append(offset)
         offset += len(t.token)
         top: dict[str, float] = {}
-        for _, s, lp in t.top[:k]:
-            top.setdefault(s, clamp_logprob(lp))
+        for i, s, lp in t.top[:k]:
+            top.setdefault(names.name(i, s), clamp_logprob(lp))
         out.top_logprobs.append(top)
     return out
