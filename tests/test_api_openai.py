@@ -469,6 +469,33 @@ def test_continue_final_message_leaves_the_reply_open(client, api_server):
     assert opened.usage.prompt_tokens > len(expected)  # closed message + a new assistant turn
 
 
+def test_chat_echo_starts_a_continued_reply_with_the_message_it_continues(client, api_server):
+    """vLLM's chat echo: with a continued assistant message, the reply (streamed or not) starts with
+    that message's text; after a user message there is nothing to echo."""
+    name = api_server.engine.model_name
+    start = [{"role": "user", "content": "Name a prime number."}, {"role": "assistant", "content": "Sure: the"}]
+    kw = dict(model=name, messages=start, max_tokens=4, temperature=0.0, n=2)
+    flags = {"add_generation_prompt": False, "continue_final_message": True, "ignore_eos": True}
+    plain = client.chat.completions.create(extra_body=flags, **kw)
+    echoed = client.chat.completions.create(extra_body={**flags, "echo": True}, **kw)
+    assert [c.message.content for c in echoed.choices] == ["Sure: the" + c.message.content for c in plain.choices]
+    assert echoed.usage == plain.usage
+    stream = list(client.chat.completions.create(extra_body={**flags, "echo": True}, stream=True, **kw))
+    for i, choice in enumerate(echoed.choices):
+        deltas = [c.choices[0].delta.content or "" for c in stream if c.choices and c.choices[0].index == i]
+        assert "".join(deltas) == choice.message.content and deltas[1] == "Sure: the"
+    user_last = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=3, temperature=0.0,
+                                               extra_body={"echo": True, "ignore_eos": True})
+    again = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=3, temperature=0.0,
+                                           extra_body={"ignore_eos": True})
+    assert user_last.choices[0].message.content == again.choices[0].message.content
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=name, messages=MESSAGES, tools=[tool], extra_body={"echo": True},
+                                       tool_choice={"type": "function", "function": {"name": "f"}})
+    assert e.value.body["param"] == "echo"
+
+
 def test_tokenize_detokenize_round_trip(api_server):
     with api_server.http() as h:
         r = h.post("/tokenize", json={"prompt": "hello world", "add_special_tokens": False}).json()

@@ -255,6 +255,7 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    echo: bool = False  # vLLM's: a reply in the last message's role starts with that message's text
 
     def requested_max_tokens(self) -> int | None:
         # max_completion_tokens is OpenAI's newer name and wins when both are given.

@@ -28,6 +28,11 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if tools:  # the model is shown the tools it may be asked to call
         messages.insert(0, {"role": "system", "content": tools_system_text(tools)})
     check_continuation(req)
+    if req.echo and plan is not None:
+        raise bad_request("echo cannot be combined with a tool call, which has no text to prepend", param="echo")
+    # vLLM's chat echo: a reply in the last message's role (a continued assistant message) starts
+    # with that message's text.
+    echo = (messages[-1]["content"] or "") if req.echo and messages[-1]["role"] == "assistant" else ""
     try:
         text = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
                                                  continue_final_message=req.continue_final_message)
@@ -48,7 +53,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous)
         return SSEResponse(_stream(ctx, it, first, request_id, model, created, params.n, include_usage, top_k,
-                                   names, plan, continuous),
+                                   names, plan, continuous, echo),
                            headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
 
     async def drain() -> RequestOutput:
@@ -62,7 +67,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     choices = []
     for c in sorted(final.outputs, key=lambda c: c.index):
         calls = tool_calls_of(plan, c.text, c.finish_reason) if plan is not None else None
-        message = ChatMessageOut(content=None, tool_calls=calls) if calls else ChatMessageOut(content=c.text)
+        message = ChatMessageOut(content=None, tool_calls=calls) if calls else ChatMessageOut(content=echo + c.text)
         choices.append(ChatChoice(index=c.index, message=message,
                                   logprobs=_logprobs(c.logprobs, top_k, names) if params.logprobs is not None else None,
                                   finish_reason=_finish_reason(plan, c.finish_reason, calls),
@@ -83,7 +88,7 @@ def _finish_reason(plan: ToolPlan | None, reason: str | None, calls: list | None
 
 async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: RequestOutput, request_id: str,
                   model: str, created: int, n: int, include_usage: bool, top_k: int, names: TokenNames,
-                  plan: ToolPlan | None = None, continuous: bool = False) -> AsyncIterator[str]:
+                  plan: ToolPlan | None = None, continuous: bool = False, echo: str = "") -> AsyncIterator[str]:
     def chunk(choices, usage=None):
         return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
 
@@ -131,6 +136,8 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
         # OpenAI sends the role alone first, one chunk per choice.
         for i in range(n):
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))], usage_of(i))
+            if echo:
+                yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=echo))], usage_of(i))
         out = first
         done: set[int] = set()  # the engine repeats a finished choice in later outputs of the request
         while True:
