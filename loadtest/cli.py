@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--duration", type=float, default=1800.0,
                    help="hard limit on the measured phase in seconds; requests still running are cancelled")
     g.add_argument("--warmup", type=int, default=2, help="warm-up requests sent first and excluded")
+    g.add_argument("--reset-prefix-cache", action="store_true",
+                   help="empty the server's prefix cache after the warm-up (POST /reset_prefix_cache)")
     g.add_argument("--arrival", choices=ARRIVALS, default=None,
                    help="default: poisson with --request-rate, else closed loop")
     g.add_argument("--request-rate", type=float, default=None, help="requests per second (open loop)")
@@ -117,6 +119,7 @@ def config_from_args(args) -> RunConfig:
                         doc_lengths=args.doc_lengths, depths=args.depths)
     return RunConfig(base_url=args.base_url, api_key=args.api_key, model=args.model, endpoint=args.endpoint,
                      workload=wl, num_requests=num, duration=args.duration, warmup=args.warmup,
+                     reset_prefix_cache=args.reset_prefix_cache,
                      arrival=arrival, request_rate=args.request_rate, burstiness=args.burstiness,
                      max_concurrency=max_conc, request_timeout=args.request_timeout, seed=args.seed,
                      temperature=args.temperature, ignore_eos=args.ignore_eos, extra_body=args.extra_body,

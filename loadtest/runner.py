@@ -37,6 +37,7 @@ class RunConfig:
     num_requests: int = 100
     duration: float = 1800.0  # seconds, hard bound on the measured phase
     warmup: int = 2
+    reset_prefix_cache: bool = False  # POST /reset_prefix_cache after the warm-up: measure a cold cache
     arrival: str = "poisson"
     request_rate: float | None = None
     burstiness: float = 1.0
@@ -157,6 +158,9 @@ async def run(cfg: RunConfig) -> RunResult:
             await asyncio.gather(*pending, return_exceptions=True)
             warm_failures = len(pending) + sum(not t.result().success for t in finished)
 
+        if cfg.reset_prefix_cache:
+            await reset_prefix_cache(client, cfg.base_url, headers)
+
         offsets = arrival_offsets(cfg.arrival, len(specs), cfg.request_rate, cfg.burstiness, cfg.seed)
         watcher = MetricsWatcher(client, cfg.base_url, headers, cfg.metrics_interval)
         await watcher.start()
@@ -201,6 +205,7 @@ async def run(cfg: RunConfig) -> RunResult:
         "not_sent": len(specs) - len(records),
         "warmup_requests": len(warm_specs),
         "warmup_failed": warm_failures,
+        "prefix_cache_reset": cfg.reset_prefix_cache,
         "token_counting": counter.how,
         "token_counts_estimated": counter.estimated,
         "ignore_eos": ignore_eos,
@@ -217,3 +222,14 @@ async def run(cfg: RunConfig) -> RunResult:
         # Client-vs-server agreement check: the server's counter over the measured phase.
         sm["client_total_output_tokens"] = result["total_output_tokens"]
     return RunResult(result, records, timeline(records, duration))
+
+
+async def reset_prefix_cache(client, base_url: str, headers: dict[str, str]) -> None:
+    """Empty the server's prefix cache (nsa-serve's and vLLM's /reset_prefix_cache)."""
+    try:
+        r = await client.post(base_url.rstrip("/") + "/reset_prefix_cache", headers=headers)
+    except Exception as exc:
+        raise RuntimeError(f"--reset-prefix-cache: POST /reset_prefix_cache failed: {exc}") from None
+    if r.status_code >= 300:
+        raise RuntimeError(f"--reset-prefix-cache: POST /reset_prefix_cache answered {r.status_code} "
+                           "(vLLM serves it only with VLLM_SERVER_DEV_MODE=1)")

@@ -425,6 +425,11 @@ def test_cached_prompt_tokens_are_reported_and_a_cache_salt_keeps_them_apart(cli
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=name, prompt="a", max_tokens=1, extra_body={"cache_salt": ""})
     assert e.value.body["param"] == "cache_salt"
+    # vLLM's /reset_prefix_cache: the next request starts cold, the one after finds its pages again.
+    with api_server.http() as h:
+        r = h.post("/reset_prefix_cache")
+        assert r.status_code == 200 and r.json()["pages_forgotten"] > 0
+    assert cached() == 0 and cached() == unsalted and cached("tenant-a") == 0
 
 
 def test_skip_special_tokens_by_default_and_kept_on_request(client, api_server):
@@ -505,7 +510,8 @@ def test_tokenize_detokenize_round_trip(api_server):
 
 @pytest.mark.parametrize("method,path", [
     ("GET", "/v1/models"), ("GET", "/v1/models/x"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
-    ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/version"), ("GET", "/metrics")])
+    ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/version"), ("GET", "/metrics"),
+    ("POST", "/reset_prefix_cache")])
 def test_every_route_but_the_probes_needs_the_key(api_server, method, path):
     with api_server.http(auth=False) as h:
         r = h.request(method, path, json={})

@@ -118,6 +118,27 @@ def test_a_cache_salt_shares_pages_only_with_the_same_salt():
     bm.check_all_free()
 
 
+def test_reset_prefix_cache_forgets_pages_but_not_their_holders():
+    bm = BlockManager(20, P, E, TAIL)
+    tokens = list(range(2 * P + 8))
+    a = seq(tokens)
+    bm.admit(a, len(tokens))
+    computed(bm, a, len(tokens))
+    kept = list(a.block_table)
+    assert bm.reset_prefix_cache() == 2
+    b = seq(tokens)
+    assert bm.admit(b, len(tokens)) and b.num_computed_tokens == 0
+    assert a.block_table == kept and not set(kept) & set(b.block_table)
+    computed(bm, b, len(tokens))  # b's pages are cached afresh
+    fresh = b.block_table[:2]
+    for s in (a, b):
+        bm.free_sequence(s)
+    c = seq(tokens)
+    assert bm.admit(c, len(tokens)) and c.block_table[:2] == fresh
+    bm.free_sequence(c)
+    bm.check_all_free()
+
+
 def test_summary_counts_follow_page_ownership():
     bm = BlockManager(8, P, E, TAIL)
     a = seq(range(3 * P))

@@ -123,3 +123,16 @@ def test_longdoc_over_the_context_is_counted_as_a_failure(server, tmp_path):
     assert res["completed"] == 1 and res["failures"] == {"http_400": 1}
     assert "context" in res["errors"][res["error_kinds"].index("http_400")]
     assert res["backend"] == "openai"
+
+
+def test_reset_prefix_cache_makes_a_repeated_run_cold(server, tmp_path):
+    """The same seeded prompt again hits the server's prefix cache; --reset-prefix-cache (after the
+    warm-up) empties it first, so the measured request starts cold."""
+    args = ("--workload", "longdoc", "--endpoint", "completions", "--doc-lengths", "600", "--num-requests", "1",
+            "--output-len", "2", "--warmup", "0", "--no-plots")
+    _run(tmp_path, server, "first", *args)
+    warm = _run(tmp_path, server, "again", *args)
+    cold = _run(tmp_path, server, "reset", *args, "--reset-prefix-cache")
+    assert warm["server_metrics"]["prefix_cache_hit_rate"] > 0.5
+    assert cold["server_metrics"]["prefix_cache_hit_rate"] == 0 and cold["prefix_cache_reset"] is True
+    assert cold["completed"] == warm["completed"] == 1

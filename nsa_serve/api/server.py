@@ -160,6 +160,11 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
             raise APIError(503, "warming up", code="not_ready")
         return {"status": "ready"}
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        # vLLM's: benchmarks start cold without a restart. Running requests keep their pages.
+        return {"pages_forgotten": await engine.reset_prefix_cache()}
+
     @app.get("/metrics")
     async def metrics_route():
         return Response(metrics.render(), media_type=CONTENT_TYPE)

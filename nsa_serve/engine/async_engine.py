@@ -166,5 +166,10 @@ class AsyncLLMEngine:
             if self._wake is not None:
                 self._wake.set()
 
+    async def reset_prefix_cache(self) -> int:
+        # On the engine's one worker thread, so it runs between two steps, never inside one.
+        engine = self._require()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, engine.reset_prefix_cache)
+
     def stats(self) -> EngineStats:
         return self.engine.stats() if self.engine is not None else EngineStats()

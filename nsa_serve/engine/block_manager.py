@@ -214,6 +214,16 @@ class BlockManager:
                                        tuple(seq.token_ids[(j + 1) * P:(j + 1) * P + tail]))
             j += 1
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every registered page (free or held); the number forgotten. Holders keep their
+        pages and hashes; pages they register later chain onto hashes no lookup reaches, which
+        only costs those pages' reuse."""
+        n = len(self.hash_to_page)
+        self.hash_to_page.clear()
+        self.page_hash = [None] * self.num_pages
+        self.page_key = [None] * self.num_pages
+        return n
+
     def check_all_free(self) -> None:
         """Raise unless every page is back in the free list with no references (tests, shutdown)."""
         held = [p for p in range(self.num_pages) if self.ref_count[p]]

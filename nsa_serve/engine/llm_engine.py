@@ -892,6 +892,11 @@ class LLMEngine:
             snap.num_waiting += len(self._pending_add)
             self._stats = snap
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (benchmarks' cold runs, vLLM's /reset_prefix_cache). Call it
+        from the thread that runs step(), between steps: the page tables are not locked."""
+        return self.block_manager.reset_prefix_cache()
+
     def stats(self) -> EngineStats:
         with self._lock:
             return copy.copy(self._stats)

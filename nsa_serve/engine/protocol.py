@@ -243,6 +243,9 @@ class AsyncEngine(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
+    async def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (pages stay with their owners); the number of pages forgotten."""
+
     def stats(self) -> EngineStats: ...
 
     @property
