@@ -71,3 +71,27 @@ def test_twenty_clients_disconnecting_free_all_pages(api_server):
     r = api_server.openai().completions.create(model=engine.model_name, prompt="ok", max_tokens=3,
                                                extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 3
+
+
+def test_a_beam_search_whose_client_leaves_frees_every_page(api_server):
+    """A beam search runs as many engine requests; a client that gives up (read timeout) aborts
+    all of them, and its sequences count as aborted."""
+    engine = api_server.engine
+    assert wait_for(lambda: engine.stats().num_pages_used == 0), "pages in use before the test"
+    before = api_server.metrics()
+    headers = {"Authorization": f"Bearer {api_server.api_key}"}
+    body = {"prompt": "A long essay on generators:", "max_tokens": 300, "n": 4, "use_beam_search": True,
+            "ignore_eos": True}
+    asyncio.run(_hang_up_while_waiting(api_server.url, headers, body))
+
+    def all_free():
+        s = engine.stats()
+        return s.num_running == 0 and s.num_waiting == 0 and s.num_pages_used == 0
+    assert wait_for(all_free, timeout=30), f"pages not returned: {engine.stats()}"
+    after = api_server.metrics()
+    key = 'nsa:request_success_total{finished_reason="abort"}'
+    assert wait_for(lambda: api_server.metrics()[key] - before[key] == 4, timeout=10)
+    assert after["nsa:num_requests_running"] == 0.0
+    r = api_server.openai().completions.create(model=engine.model_name, prompt="ok", max_tokens=2, n=2,
+                                               extra_body={"use_beam_search": True, "ignore_eos": True})
+    assert len(r.choices) == 2 and r.usage.completion_tokens == 4

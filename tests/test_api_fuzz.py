@@ -17,11 +17,13 @@ CHAT_FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "temp
                "min_tokens", "min_p", "ignore_eos", "stop_token_ids", "allowed_token_ids", "guided_regex",
                "guided_choice", "guided_json", "guided_grammar", "prompt_logprobs", "echo", "priority",
                "add_generation_prompt", "continue_final_message", "include_stop_str_in_output",
-               "truncate_prompt_tokens", "bad_words", "cache_salt", "return_tokens_as_token_ids"]
+               "truncate_prompt_tokens", "bad_words", "cache_salt", "return_tokens_as_token_ids",
+               "use_beam_search", "length_penalty"]
 COMPLETION_FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed",
                      "logprobs", "echo", "suffix", "logit_bias", "prompt_logprobs", "stop_token_ids",
                      "stream_options", "min_tokens", "guided_choice", "allowed_token_ids", "truncate_prompt_tokens",
-                     "bad_words", "cache_salt", "return_tokens_as_token_ids"]
+                     "bad_words", "cache_salt", "return_tokens_as_token_ids",
+                     "use_beam_search", "length_penalty"]
 ODD_VALUES = [None, True, False, 0, -1, 1, 2 ** 63, -2 ** 63, 2 ** 70, 1.5, -0.0, float("nan"), "", " ", "\x00",
               "1", "é\u2028", [], [1], ["a"], [None], {}, {"a": 1}, {"type": "text"}, "a" * 5000, [[1, 2]], 1e308]
 MESSAGES = [[{"role": "user", "content": "hi"}],
@@ -130,7 +132,8 @@ VALID = {"max_tokens": [1, 5, 12], "temperature": [0, 0.7, 1.5], "top_p": [0.1, 
          "guided_regex": ["[a-c]{3}"], "stream_options": [{"include_usage": True}], "prompt_logprobs": [0, 2],
          "include_stop_str_in_output": [True], "echo": [True, False], "allowed_token_ids": [[5, 6, 7, 8]],
          "truncate_prompt_tokens": [3, 40], "bad_words": [["the"], ["a", "hello world"]],
-         "cache_salt": ["s1", "s2"], "return_tokens_as_token_ids": [True]}
+         "cache_salt": ["s1", "s2"], "return_tokens_as_token_ids": [True],
+         "use_beam_search": [True, False], "length_penalty": [0.5, 2]}
 
 
 def test_valid_parameter_combinations_finish_normally_under_concurrency(api_server):  # noqa: F811

@@ -8,12 +8,14 @@ are rejected with a message naming them, so nobody believes they took effect.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from ..engine.protocol import SamplingParams
+from .beam_search import MAX_BEAM_WIDTH, BeamSearchParams
 from ..engine.structured import StructuredOutput
 from .errors import bad_request
 from .tools import Tool, ToolPlan, parse_tools, plan_tool_calls, render_tool_calls
@@ -68,6 +70,9 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     # vLLM's: logprobs name tokens "token_id:N" instead of by their text.
     return_tokens_as_token_ids: bool = False
+    # vLLM's beam search (api/beam_search.py): n beams, ranked by cum_logprob / length ** length_penalty.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
     # Structured output: OpenAI's response_format, vLLM's guided_* fields and its newer
     # structured_outputs object ({"json" | "regex" | "choice" | "grammar" | "json_object": ...}).
     response_format: dict[str, Any] | None = None
@@ -118,6 +123,36 @@ class _SamplingFields(BaseModel):
             raise bad_request("prompt_logprobs is not available with stream=true", param="prompt_logprobs")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+
+    def _beam_search_params(self, max_tokens: int, logprobs_asked: bool) -> BeamSearchParams:
+        """What a beam search needs; a 400 naming any field it cannot honour (a search ranks the
+        model's own log-probabilities, so whatever would change them has no place in it)."""
+        self._check_common()
+        if not 1 <= self.n <= MAX_BEAM_WIDTH:
+            raise bad_request(f"n (the beam width) must be between 1 and {MAX_BEAM_WIDTH} with use_beam_search, "
+                              f"got {self.n}", param="n")
+        if not (math.isfinite(self.length_penalty) and -10 <= self.length_penalty <= 10):
+            raise bad_request(f"length_penalty must be between -10 and 10, got {self.length_penalty}",
+                              param="length_penalty")
+        unsupported = [
+            ("stop", bool(self.stop)), ("logit_bias", bool(self.logit_bias)),
+            ("allowed_token_ids", self.allowed_token_ids is not None), ("bad_words", bool(self.bad_words)),
+            ("presence_penalty", self.presence_penalty != 0), ("frequency_penalty", self.frequency_penalty != 0),
+            ("repetition_penalty", self.repetition_penalty not in (None, 1.0)), ("min_tokens", self.min_tokens != 0),
+            ("logprobs", logprobs_asked), ("prompt_logprobs", self.prompt_logprobs is not None)]
+        for name, given in unsupported:
+            if given:
+                raise bad_request(f"{name} is not supported with use_beam_search", param=name)
+        constraint = self._structured()
+        if constraint is not None:
+            raise bad_request(f"{constraint.param} is not supported with use_beam_search", param=constraint.param)
+        params = BeamSearchParams(width=self.n, max_tokens=max_tokens, length_penalty=self.length_penalty,
+                                  ignore_eos=self.ignore_eos, stop_token_ids=tuple(self.stop_token_ids or ()),
+                                  skip_special_tokens=self.skip_special_tokens, cache_salt=self.cache_salt)
+        # The shared checks (stop_token_ids, cache_salt, ...) through the engine's own validation.
+        SamplingParams(n=self.n, max_tokens=max_tokens, stop_token_ids=list(params.stop_token_ids),
+                       cache_salt=self.cache_salt).validate()
+        return params
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
                          defaults: dict[str, Any], prompt_logprobs: int | None = None,
@@ -191,12 +226,19 @@ class CompletionRequest(_SamplingFields):
             raise bad_request("prompt must not be empty", param="prompt")
         return out
 
-    def to_sampling_params(self, max_tokens: int | None, defaults: dict[str, Any]) -> SamplingParams:
-        self._check_common()
+    def to_beam_search_params(self, max_tokens: int) -> BeamSearchParams:
+        self._check_unsupported()
+        return self._beam_search_params(max_tokens, self.logprobs is not None)
+
+    def _check_unsupported(self) -> None:
         if self.suffix:
             raise bad_request("suffix is not supported by this server", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request("best_of must be equal to n (beam-like best_of is not supported)", param="best_of")
+
+    def to_sampling_params(self, max_tokens: int | None, defaults: dict[str, Any]) -> SamplingParams:
+        self._check_common()
+        self._check_unsupported()
         prompt_logprobs = None
         if self.echo and self.logprobs is not None:
             # The echoed prompt's tokens get logprobs too (what evaluation harnesses score with).
@@ -265,6 +307,11 @@ class ChatCompletionRequest(_SamplingFields):
         """The request's tools and how its reply becomes tool calls (api/tools.py)."""
         tools = parse_tools(self.tools)
         return tools, plan_tool_calls(tools, self.tool_choice, self.parallel_tool_calls)
+
+    def to_beam_search_params(self, max_tokens: int, plan: ToolPlan | None) -> BeamSearchParams:
+        if plan is not None:
+            raise bad_request("tool calls are not supported with use_beam_search", param="tool_choice")
+        return self._beam_search_params(max_tokens, self.logprobs)
 
     def to_sampling_params(self, max_tokens: int | None, defaults: dict[str, Any],
                            plan: ToolPlan | None = None) -> SamplingParams:

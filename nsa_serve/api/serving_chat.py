@@ -11,6 +11,7 @@ from starlette.requests import Request
 
 from ..engine.protocol import RequestOutput, TokenLogprob
 from .errors import bad_request
+from .beam_search import BeamSearchParams, beam_search, observed
 from .generation import tracked_generate
 from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatMessageOut, ChatTokenLogprob, ChoiceLogprobs, DeltaMessage,
@@ -42,6 +43,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = ctx.resolve_max_tokens(req.requested_max_tokens(), len(prompt_ids), param,
                                         default=ctx.defaults.get("max_tokens"))
+    if req.use_beam_search:
+        return await _beam_search_reply(ctx, req, raw, model, prompt_ids, req.to_beam_search_params(max_tokens, plan),
+                                        echo)
     params = ctx.check_sampling_ids(req.to_sampling_params(max_tokens, ctx.defaults, plan))
     request_id = new_id("chatcmpl")
     top_k = req.top_logprobs or 0
@@ -79,6 +83,43 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage,
                                   prompt_logprobs=prompt_logprobs_body(final.prompt_logprobs))
     return json_response(body, request_id)
+
+
+async def _beam_search_reply(ctx: ServingContext, req: ChatCompletionRequest, raw: Request, model: str,
+                             prompt_ids: list[int], bp: BeamSearchParams, echo: str):
+    """use_beam_search: the n best beams as the choices, best first. The search ends before the
+    response starts, so a stream carries each choice whole."""
+    ctx.check_token_ids(list(bp.stop_token_ids), "stop_token_ids")
+    request_id = new_id("chatcmpl")
+
+    async def search():
+        return [await beam_search(ctx.engine, prompt_ids, bp, request_id, ctx.tokenizer.stop_token_ids,
+                                  req.priority)]
+
+    beams, = await observed(ctx.metrics, [len(prompt_ids)], bp.width, lambda: run_to_end(ctx, raw, search))
+    created = int(time.time())
+    completion_tokens = sum(len(b.tokens) for b in beams)
+    usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
+                      total_tokens=len(prompt_ids) + completion_tokens)
+    if not req.stream:
+        choices = [ChatChoice(index=i, message=ChatMessageOut(content=echo + b.text), finish_reason=b.finish_reason,
+                              stop_reason=b.stop_reason) for i, b in enumerate(beams)]
+        return json_response(ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                                                    usage=usage), request_id)
+
+    async def events():
+        def chunk(choices, usage=None):
+            return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
+
+        for i, b in enumerate(beams):
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=echo + b.text),
+                                         finish_reason=b.finish_reason, stop_reason=b.stop_reason)])
+        if req.stream_options and req.stream_options.include_usage:
+            yield chunk([], usage)
+        yield SSE_DONE
+
+    return SSEResponse(events(), headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
 
 
 def _finish_reason(plan: ToolPlan | None, reason: str | None, calls: list | None) -> str | None:

@@ -14,6 +14,7 @@ import anyio
 from starlette.requests import Request
 
 from ..engine.protocol import RequestOutput, TokenLogprob
+from .beam_search import BeamSearchParams, beam_search, observed
 from .generation import merge, tracked_generate
 from .protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                        PromptTokensDetails, UsageInfo)
@@ -32,10 +33,12 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     longest = max(len(p) for p in prompt_ids)
     max_tokens = ctx.resolve_max_tokens(req.max_tokens, longest, "max_tokens", prompt_param="prompt")
     # Without an explicit max_tokens each prompt may use its own remaining context.
-    params = [ctx.check_sampling_ids(req.to_sampling_params(
-        max_tokens if req.max_tokens is not None else
-        ctx.resolve_max_tokens(None, len(p), "max_tokens", prompt_param="prompt"), ctx.defaults))
-        for p in prompt_ids]
+    budgets = [max_tokens if req.max_tokens is not None else
+               ctx.resolve_max_tokens(None, len(p), "max_tokens", prompt_param="prompt") for p in prompt_ids]
+    if req.use_beam_search:
+        return await _beam_search_reply(ctx, req, raw, model, prompts, prompt_ids,
+                                        [req.to_beam_search_params(m) for m in budgets])
+    params = [ctx.check_sampling_ids(req.to_sampling_params(m, ctx.defaults)) for m in budgets]
     request_id = new_id("cmpl")
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
     gens = [tracked_generate(ctx.engine, ctx.metrics, p, sp, rid, priority=req.priority)
@@ -83,6 +86,45 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                       prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
     return json_response(CompletionResponse(id=request_id, created=created, model=model, choices=choices,
                                             usage=usage), request_id)
+
+
+async def _beam_search_reply(ctx: ServingContext, req: CompletionRequest, raw: Request, model: str,
+                             prompts: list, prompt_ids: list[list[int]], bps: list[BeamSearchParams]):
+    """use_beam_search: per prompt, its n best beams, best first (choice prompt_index * n + rank). The
+    searches end before the response starts, so a stream carries each choice whole."""
+    for bp in bps:
+        ctx.check_token_ids(list(bp.stop_token_ids), "stop_token_ids")
+    request_id = new_id("cmpl")
+
+    async def search_all():
+        return await asyncio.gather(*(
+            beam_search(ctx.engine, p, bp, f"{request_id}-{k}", ctx.tokenizer.stop_token_ids, req.priority)
+            for k, (p, bp) in enumerate(zip(prompt_ids, bps))))
+
+    results = await observed(ctx.metrics, [len(p) for p in prompt_ids], req.n,
+                             lambda: run_to_end(ctx, raw, search_all))
+    choices = []
+    for k, (prompt, beams) in enumerate(zip(prompts, results)):
+        echo = _prompt_text(ctx, prompt) if req.echo else ""
+        choices += [CompletionChoice(index=k * req.n + i, text=echo + b.text, finish_reason=b.finish_reason,
+                                     stop_reason=b.stop_reason) for i, b in enumerate(beams)]
+    prompt_tokens = sum(len(p) for p in prompt_ids)
+    completion_tokens = sum(len(b.tokens) for beams in results for b in beams)
+    usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                      total_tokens=prompt_tokens + completion_tokens)
+    created = int(time.time())
+    if not req.stream:
+        return json_response(CompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                                                usage=usage), request_id)
+
+    async def events():
+        for c in choices:
+            yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[c]))
+        if req.stream_options and req.stream_options.include_usage:
+            yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=usage))
+        yield SSE_DONE
+
+    return SSEResponse(events(), headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
 
 
 def _prompt_text(ctx: ServingContext, prompt: str | list[int]) -> str:
