@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sigma", type=float, default=0.5, help="lognormal: standard deviation of log length")
     g.add_argument("--doc-lengths", type=_int_list, default=[8192, 16384, 32768, 65536, 131072],
                    help="longdoc/needle document tokens, comma-separated (default: 8k,16k,32k,64k,128k)")
+    g.add_argument("--questions-per-doc", type=int, default=1,
+                   help="longdoc: requests asking different questions about each document (1-8; the prefix "
+                        "cache serves the repeats)")
     g.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
                    help="needle depths as fractions of the document (default: 0,0.25,0.5,0.75,1)")
 
@@ -116,7 +119,7 @@ def config_from_args(args) -> RunConfig:
         num = len(args.doc_lengths) * len(args.depths) if args.workload == "needle" else 100
     wl = WorkloadConfig(name=args.workload, input_len=args.input_len, output_len=output_len,
                         length_dist=args.length_dist, range_ratio=args.range_ratio, sigma=args.sigma,
-                        doc_lengths=args.doc_lengths, depths=args.depths)
+                        doc_lengths=args.doc_lengths, depths=args.depths, questions_per_doc=args.questions_per_doc)
     return RunConfig(base_url=args.base_url, api_key=args.api_key, model=args.model, endpoint=args.endpoint,
                      workload=wl, num_requests=num, duration=args.duration, warmup=args.warmup,
                      reset_prefix_cache=args.reset_prefix_cache,

@@ -4,7 +4,9 @@
   distribution (log-normal by default: most requests short, a long tail, as in real chat traffic).
 - random: prompts of random words with lengths uniform in [L(1−r), L(1+r)] (vLLM's random dataset
   semantics for --range-ratio); nothing is shared between prompts, so no prefix-cache hits.
-- longdoc: a document of 8k–128k tokens (lengths cycled from --doc-lengths) plus a question.
+- longdoc: a document of 8k–128k tokens (lengths cycled from --doc-lengths) plus a question; with
+  --questions-per-doc K, K requests ask different questions about each document (in a seeded
+  shuffled order), as users querying one document do, so the prefix cache serves the repeats.
 - needle: a unique fact planted at a given depth of a document; the reply is checked for the fact's
   value, giving accuracy per document length × depth.
 
@@ -39,7 +41,14 @@ _DOC_QUESTIONS = (
     "Summarise the document in three sentences.",
     "What is the most important warning or caveat the document gives?",
     "Name three parameters the document mentions and what they do.",
+    "What does the document say about errors and exceptions?",
+    "Which example in the document is the most useful, and why?",
+    "What would a beginner find hardest in the document?",
+    "List the return values the document describes.",
 )
+MAX_QUESTIONS_PER_DOC = len(_DOC_QUESTIONS)
+_DOC_HEAD = "Read the document below, then answer the question after it.\n\n<document>\n"
+_DOC_CLOSE = "\n</document>\n\nQuestion: "
 _NEEDLE_COLORS = ("amber", "cobalt", "crimson", "emerald", "golden", "indigo", "ivory", "scarlet", "silver", "violet")
 _NEEDLE_ANIMALS = ("badger", "falcon", "heron", "lynx", "otter", "panther", "raven", "salmon", "tortoise", "walrus")
 
@@ -54,6 +63,7 @@ class WorkloadConfig:
     sigma: float = 0.5  # lognormal: spread of log-length
     doc_lengths: list[int] = field(default_factory=lambda: [8192, 16384, 32768, 65536, 131072])
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    questions_per_doc: int = 1  # longdoc: requests that share each document
 
     def validate(self) -> None:
         if self.name not in WORKLOADS:
@@ -70,6 +80,8 @@ class WorkloadConfig:
             raise ValueError("--doc-lengths must list document sizes of at least 64 tokens")
         if not self.depths or not all(0 <= d <= 1 for d in self.depths):
             raise ValueError("--depths must be fractions in [0, 1]")
+        if not 1 <= self.questions_per_doc <= MAX_QUESTIONS_PER_DOC:
+            raise ValueError(f"--questions-per-doc must be between 1 and {MAX_QUESTIONS_PER_DOC}")
 
 
 def sample_lengths(rng: np.random.Generator, n: int, centre: int, dist: str, range_ratio: float,
@@ -154,17 +166,42 @@ async def build_workload(cfg: WorkloadConfig, counter, n: int, seed: int, stream
         return list(await asyncio.gather(*(done(one(i)) for i in range(n))))
 
     if cfg.name == "longdoc":
-        lengths = [cfg.doc_lengths[i % len(cfg.doc_lengths)] for i in range(n)]
-        offsets = rng.integers(0, len(text), size=n)
-        qs = rng.integers(0, len(_DOC_QUESTIONS), size=n)
+        k = cfg.questions_per_doc
+        if k == 1:  # one question a document (the draws as before --questions-per-doc existed)
+            lengths = [cfg.doc_lengths[i % len(cfg.doc_lengths)] for i in range(n)]
+            offsets = rng.integers(0, len(text), size=n)
+            qs = rng.integers(0, len(_DOC_QUESTIONS), size=n)
 
-        async def one(i):
-            head = "Read the document below, then answer the question after it.\n\n<document>\n"
-            tail = f"\n</document>\n\nQuestion: {_DOC_QUESTIONS[qs[i]]}"
-            prompt, _ = await b.fit_corpus(head, int(offsets[i]), lengths[i], tail)
-            return RequestSpec(i, prompt, cfg.output_len, lengths[i], {"doc_tokens": lengths[i]})
+            async def one(i):
+                tail = f"{_DOC_CLOSE}{_DOC_QUESTIONS[qs[i]]}"
+                prompt, _ = await b.fit_corpus(_DOC_HEAD, int(offsets[i]), lengths[i], tail)
+                return RequestSpec(i, prompt, cfg.output_len, lengths[i], {"doc_tokens": lengths[i]})
 
-        return list(await asyncio.gather(*(done(one(i)) for i in range(n))))
+            return list(await asyncio.gather(*(done(one(i)) for i in range(n))))
+
+        # Request i asks question i % k of document i // k; the documents are sized once (for the
+        # longest question), so the k prompts share the document's text up to the question.
+        docs = -(-n // k)
+        lengths = [cfg.doc_lengths[j % len(cfg.doc_lengths)] for j in range(docs)]
+        offsets = rng.integers(0, len(text), size=docs)
+        picks = [rng.permutation(len(_DOC_QUESTIONS))[:k] for _ in range(docs)]
+        order = rng.permutation(n)
+        longest = max(_DOC_QUESTIONS, key=len)
+
+        async def document(j):
+            fitted, _ = await b.fit_corpus(_DOC_HEAD, int(offsets[j]), lengths[j], _DOC_CLOSE + longest)
+            return fitted[len(_DOC_HEAD):len(fitted) - len(_DOC_CLOSE) - len(longest)]
+
+        bodies = await asyncio.gather(*(document(j) for j in range(docs)))
+        specs = []
+        for slot in range(n):
+            i = int(order[slot])
+            j = i // k
+            prompt = _DOC_HEAD + bodies[j] + _DOC_CLOSE + _DOC_QUESTIONS[picks[j][i % k]]
+            specs.append(RequestSpec(slot, prompt, cfg.output_len, lengths[j], {"doc_tokens": lengths[j], "doc": j}))
+            if progress is not None:
+                progress.update(1)
+        return specs
 
     # needle: every (length, depth) cell, repeated to fill n, in a seeded shuffled order so lengths mix.
     grid = [(L, d) for L in cfg.doc_lengths for d in cfg.depths]
@@ -180,9 +217,8 @@ async def build_workload(cfg: WorkloadConfig, counter, n: int, seed: int, stream
         length, depth = cells[i]
         color, animal = keys[i]
         fact = f" The secret code of the {color} {animal} is {values[i]}. "
-        question = (f"\n</document>\n\nQuestion: What is the secret code of the {color} {animal}? "
-                    "Reply with the number only.")
-        head = "Read the document below, then answer the question after it.\n\n<document>\n"
+        question = f"{_DOC_CLOSE}What is the secret code of the {color} {animal}? Reply with the number only."
+        head = _DOC_HEAD
         # Size the haystack so the whole prompt reaches the target (as longdoc), then plant the fact.
         frame_tokens = await counter.count(head + fact + question)
         hay, _ = await b.fit_corpus("", int(offsets[i]), max(16, length - frame_tokens))

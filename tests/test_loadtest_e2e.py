@@ -136,3 +136,13 @@ def test_reset_prefix_cache_makes_a_repeated_run_cold(server, tmp_path):
     assert warm["server_metrics"]["prefix_cache_hit_rate"] > 0.5
     assert cold["server_metrics"]["prefix_cache_hit_rate"] == 0 and cold["prefix_cache_reset"] is True
     assert cold["completed"] == warm["completed"] == 1
+
+
+def test_questions_per_doc_hit_the_prefix_cache(server, tmp_path):
+    """Two questions about each document, one request at a time: the second of each pair finds the
+    document's pages in the server's prefix cache (reset first, so earlier tests do not count)."""
+    res = _run(tmp_path, server, "qa", "--workload", "longdoc", "--endpoint", "completions", "--doc-lengths",
+               "500,700", "--questions-per-doc", "2", "--num-requests", "4", "--max-concurrency", "1",
+               "--output-len", "2", "--warmup", "0", "--no-plots", "--reset-prefix-cache")
+    assert res["completed"] == 4
+    assert 0.25 < res["server_metrics"]["prefix_cache_hit_rate"] < 0.6

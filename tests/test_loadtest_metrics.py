@@ -181,6 +181,29 @@ def test_workloads_reproducible_from_seed(name):
             assert abs(depth - s.tags["depth"]) < 0.15
 
 
+def test_longdoc_questions_per_doc_share_each_document_up_to_the_question():
+    cfg = WorkloadConfig(name="longdoc", output_len=8, doc_lengths=[300, 600], questions_per_doc=3)
+    counter = EstimatedTokenCounter()
+    specs = asyncio.run(build_workload(cfg, counter, 7, seed=4))  # three documents, the last asked once
+    assert [s.index for s in specs] == list(range(7)) and len({s.prompt for s in specs}) == 7
+    by_doc = {}
+    for s in specs:
+        by_doc.setdefault(s.tags["doc"], []).append(s)
+    assert sorted(len(v) for v in by_doc.values()) == [1, 3, 3]
+    for j, group in by_doc.items():
+        docs = {s.prompt.rsplit("Question: ", 1)[0] for s in group}
+        assert len(docs) == 1  # the same document text, then a different question each
+        assert len({s.prompt.rsplit("Question: ", 1)[1] for s in group}) == len(group)
+        assert all(s.tags["doc_tokens"] == [300, 600][j % 2] for s in group)
+        n = asyncio.run(counter.count(group[0].prompt))
+        assert abs(n - group[0].target_prompt_tokens) <= 40, n
+    # Asked in a shuffled order: the first three requests are not one document's questions.
+    assert len({s.tags["doc"] for s in specs[:3]}) > 1
+    assert asyncio.run(build_workload(cfg, counter, 7, seed=4))[0].prompt == specs[0].prompt
+    with pytest.raises(ValueError, match="questions-per-doc"):
+        WorkloadConfig(name="longdoc", questions_per_doc=9).validate()
+
+
 def test_needle_answer_check_and_accuracy_grid():
     assert needle_answer_found("The code is 4 821 337.", "4821337")
     assert needle_answer_found("4,821,337", "4821337")
