@@ -555,6 +555,47 @@ def _check_call(call, names=("get_weather", "get_time")):
     return args
 
 
+def _auto(client, api_server, regex, stream=False, **kw):
+    """A tool_choice "auto" reply forced to `regex` (the random model would not write calls itself)."""
+    args = dict(model=api_server.engine.model_name, messages=TOOL_MESSAGES, tools=[WEATHER, CLOCK], max_tokens=80,
+                extra_body={"guided_regex": regex}, **kw)
+    if not stream:
+        return client.chat.completions.create(**args).choices[0]
+    chunks = list(client.chat.completions.create(stream=True, **args))
+    return [c.choices[0] for c in chunks if c.choices]
+
+
+def test_auto_tool_choice_returns_calls_when_the_reply_is_the_call_list(client, api_server):
+    """tool_choice "auto" (also the default with tools): a reply that is the system turn's JSON
+    list of known tools comes back as tool calls, streamed or not; anything else as text."""
+    call = r'\[\{"name": "get_time", "parameters": \{"zone": -3\}\}, \{"name": "get_weather", ' \
+           r'"parameters": \{"city": "Oslo", "unit": "celsius"\}\}\]'
+    for kw in ({}, {"tool_choice": "auto"}):
+        r = _auto(client, api_server, " " + call, **kw)
+        assert r.finish_reason == "tool_calls" and r.message.content is None
+        assert [(c.function.name, _check_call(c)) for c in r.message.tool_calls] == [
+            ("get_time", {"zone": -3}), ("get_weather", {"city": "Oslo", "unit": "celsius"})]
+    parts = _auto(client, api_server, call, stream=True)
+    deltas = [d for p in parts if p.delta.tool_calls for d in p.delta.tool_calls]
+    assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == [
+        (0, "get_time", {"zone": -3}), (1, "get_weather", {"city": "Oslo", "unit": "celsius"})]
+    assert all(d.id.startswith("call_") for d in deltas) and parts[-1].finish_reason == "tool_calls"
+    assert not any(p.delta.content for p in parts)
+    one = _auto(client, api_server, call, parallel_tool_calls=False)  # two calls where one is allowed: text
+    assert one.message.tool_calls is None and one.message.content.startswith("[{")
+    for regex in (r"It is sunny in Oslo\.", r"\[not a call\]", r"\[\{\"name\": \"get_date\", \"parameters\": \{\}\}\]"):
+        whole = _auto(client, api_server, regex)
+        parts = _auto(client, api_server, regex, stream=True)
+        assert whole.message.tool_calls is None and whole.finish_reason == "stop"
+        assert "".join(p.delta.content or "" for p in parts) == whole.message.content
+        assert not any(p.delta.tool_calls for p in parts) and parts[-1].finish_reason == "stop"
+    # Text streams as it comes; a list that may be calls is held until it ends.
+    prose = _auto(client, api_server, r"Sunny, about twenty degrees, light wind from the west\.", stream=True)
+    assert sum(1 for p in prose if p.delta.content) > 2
+    held = _auto(client, api_server, r"\[not a call, but a long list of words\]", stream=True)
+    assert [p.delta.content for p in held if p.delta.content] == ["[not a call, but a long list of words]"]
+
+
 def test_named_tool_choice_returns_a_valid_call_streamed_or_not(client, api_server):
     """tool_choice naming a function: one call of it whose arguments obey its schema; finish_reason
     "stop" (OpenAI's for a forced call); the stream carries id and name first, then the arguments."""

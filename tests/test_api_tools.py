@@ -1,5 +1,6 @@
 """RequiredCallStream: the streamed tool-call deltas of a tool_choice "required" reply, fed in
-every kind of piece, give back exactly the calls the whole reply parses to."""
+every kind of piece, give back exactly the calls the whole reply parses to; parse_auto_calls: which
+"auto" replies are calls."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import random
 
 import pytest
 
-from nsa_serve.api.tools import RequiredCallStream
+from nsa_serve.api.tools import RequiredCallStream, parse_auto_calls
 
 REPLIES = [
     # what the grammar produces: name first, compact separators
@@ -66,3 +67,19 @@ def test_arguments_stream_as_they_grow_and_a_call_waits_for_its_name():
     head = st.feed('"name": "get_time"}]')
     assert len(head) == 1 and head[0]["index"] == 1
     assert head[0]["function"] == {"name": "get_time", "arguments": '{"zone": 2}'}
+
+
+def test_an_auto_reply_is_calls_only_when_it_is_the_whole_list_of_known_tools():
+    names = ("get_weather", "get_time")
+    calls = parse_auto_calls('  [{"name": "get_weather", "parameters": {"city": "Oslo"}},'
+                             ' {"parameters": {}, "name": "get_time"}]\n', names)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Oslo"}), ("get_time", {})]
+    assert all(c["id"].startswith("call_") and c["type"] == "function" for c in calls)
+    one = '[{"name": "get_time", "parameters": {"zone": 2}}]'
+    assert parse_auto_calls(one, names, parallel=False) is not None
+    for text in ("It is sunny.", "", "[]", "[1, 2]", one[:-1], one + " and more",
+                 '[{"name": "get_date", "parameters": {}}]', '[{"name": "get_time", "parameters": 3}]',
+                 '[{"name": "get_time", "parameters": {}, "extra": 1}]', "The list: " + one):
+        assert parse_auto_calls(text, names) is None, text
+    assert parse_auto_calls(one[:-1] + ', ' + one[1:], names, parallel=False) is None

@@ -123,8 +123,9 @@ async def _beam_search_reply(ctx: ServingContext, req: ChatCompletionRequest, ra
 
 
 def _finish_reason(plan: ToolPlan | None, reason: str | None, calls: list | None) -> str | None:
-    # OpenAI: "tool_calls" when the model chose to call ("required"); a named call ends with "stop".
-    return "tool_calls" if calls and plan is not None and plan.mode == "required" else reason
+    # OpenAI: "tool_calls" when the model chose to call ("required", "auto"); a named call ends
+    # with "stop".
+    return "tool_calls" if calls and plan is not None and plan.mode in ("required", "auto") else reason
 
 
 async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: RequestOutput, request_id: str,
@@ -147,9 +148,12 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
     # arguments; "required" calls each once their name has closed, then their arguments
     # (RequiredCallStream). A "required" reply cut before any call's name closed is sent as text
     # in its last chunk, as the non-streamed reply gives it.
+    # An "auto" reply is text unless its first non-blank character is "[": from there it is held
+    # until it ends, then sent as calls, or as the text it was when it is none.
     held = [""] * n
     named_started: set[int] = set()
     required = [RequiredCallStream() for _ in range(n)] if plan is not None and plan.mode == "required" else []
+    auto_text: set[int] = set()  # "auto" choices known to be text: their deltas go out as they come
 
     def delta_of(i: int, text: str, reason: str | None) -> tuple[DeltaMessage, str | None]:
         if plan is None:
@@ -164,6 +168,19 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
                 calls.append({"index": 0, "function": {"arguments": text}})
             return DeltaMessage(tool_calls=calls or None), reason
         held[i] += text
+        if plan.mode == "auto":
+            if i in auto_text:
+                return (DeltaMessage(content=text) if text or not reason else DeltaMessage()), reason
+            start = held[i].lstrip()
+            if start and not start.startswith("["):
+                auto_text.add(i)
+                return DeltaMessage(content=held[i]), reason
+            if not reason:
+                return DeltaMessage(), None  # blanks so far, or a list that may still be calls
+            calls = tool_calls_of(plan, held[i], reason)
+            if calls:
+                return DeltaMessage(tool_calls=[{"index": k, **c} for k, c in enumerate(calls)]), "tool_calls"
+            return DeltaMessage(content=held[i]), reason
         calls = required[i].feed(text)
         if not reason:
             return DeltaMessage(tool_calls=calls or None), None
@@ -191,8 +208,9 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
                 lp = _logprobs(c.delta_logprobs, top_k, names) if c.delta_logprobs is not None else None
                 raise_if_failed(out, c.index)
                 delta, reason = delta_of(c.index, c.delta_text, c.finish_reason)
-                if required and not reason and lp is None and not delta.tool_calls:
-                    continue  # nothing to say yet (e.g. inside a call's name)
+                if (required or (plan is not None and plan.mode == "auto")) and not reason and lp is None \
+                        and not delta.tool_calls and delta.content is None:
+                    continue  # nothing to say yet (e.g. inside a call's name, or an "auto" reply held)
                 yield chunk([ChatChunkChoice(index=c.index, delta=delta, logprobs=lp, finish_reason=reason,
                                              stop_reason=c.stop_reason)], usage_of(c.index))
             if out.finished:

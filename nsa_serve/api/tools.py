@@ -7,9 +7,12 @@ function calling, which work with any model).
   objects, one of the tools each (one item when `parallel_tool_calls` is false), returned as tool
   calls; finish_reason "tool_calls". Streamed call by call (`RequiredCallStream`).
 - `tool_choice: "none"`: plain text.
-- `tool_choice: "auto"` (OpenAI's default when tools are given) needs a parser that recognises a
-  model's own tool-call syntax; this server has none for its models, so it is a 400 saying what
-  works instead (vLLM answers the same without --enable-auto-tool-choice).
+- `tool_choice: "auto"` (OpenAI's default when tools are given): the model decides. Its reply is
+  not constrained; a reply that is exactly the JSON list the system turn describes, of known tools
+  (one item when `parallel_tool_calls` is false), is returned as tool calls with finish_reason
+  "tool_calls", anything else as text (`parse_auto_calls`: the parser of this server's own
+  tool-call syntax, the part vLLM's --tool-call-parser plays). Streamed, a reply whose first
+  non-blank character is "[" is held until it ends, then sent as calls or as text.
 
 The tool list is shown to the model in a system turn (`tools_system_text`), and earlier assistant
 tool calls are rendered in the same JSON the "required" grammar produces, so a conversation that
@@ -39,11 +42,14 @@ class Tool:
 
 @dataclass(frozen=True)
 class ToolPlan:
-    """How a request's reply becomes tool calls: `named` (one call of `name`) or `required`."""
+    """How a request's reply becomes tool calls: `named` (one call of `name`), `required`, or
+    `auto` (unconstrained: the reply is parsed for calls of `names`)."""
 
     mode: str
     name: str | None
-    structured: StructuredOutput
+    structured: StructuredOutput | None
+    names: tuple[str, ...] = ()
+    parallel: bool = True
 
 
 def parse_tools(tools: list[Any] | None) -> list[Tool]:
@@ -75,12 +81,10 @@ def plan_tool_calls(tools: list[Tool], tool_choice: Any, parallel: bool | None) 
         tool_choice = "auto" if tools else "none"
     if tool_choice == "none":
         return None
-    if tool_choice == "auto":
-        raise bad_request("tool_choice \"auto\" needs a parser for the model's own tool-call syntax, which this "
-                          "server does not have; use tool_choice \"required\" or a named function (both are "
-                          "guaranteed by guided decoding), or \"none\"", param="tool_choice")
     if not tools:
         raise bad_request("tool_choice asks for a tool call but tools is empty", param="tool_choice")
+    if tool_choice == "auto":
+        return ToolPlan("auto", None, None, tuple(t.name for t in tools), parallel is not False)
     if tool_choice == "required":
         items = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
                   "properties": {"name": {"const": t.name}, "parameters": t.parameters}} for t in tools]
@@ -243,10 +247,34 @@ def tool_calls_of(plan: ToolPlan, text: str, finish_reason: str | None) -> list[
         return [{"id": new_call_id(), "type": "function", "function": {"name": plan.name, "arguments": text}}]
     if finish_reason != "stop":
         return None
+    if plan.mode == "auto":
+        return parse_auto_calls(text, plan.names, plan.parallel)
     try:
         calls = json.loads(text)
     except ValueError:
         return None
+    return [{"id": new_call_id(), "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["parameters"], ensure_ascii=False)}}
+            for c in calls]
+
+
+def parse_auto_calls(text: str, names: tuple[str, ...], parallel: bool = True) -> list[dict] | None:
+    """The tool calls an unconstrained ("auto") reply makes, or None when it is text: it must be,
+    blanks around it aside, a non-empty JSON list of `{"name", "parameters"}` objects naming known
+    tools, with object parameters (one object unless `parallel`)."""
+    body = text.strip()
+    if not body.startswith("["):
+        return None
+    try:
+        calls = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(calls, list) or not calls or (not parallel and len(calls) > 1):
+        return None
+    for c in calls:
+        if not (isinstance(c, dict) and set(c) == {"name", "parameters"} and c["name"] in names
+                and isinstance(c["parameters"], dict)):
+            return None
     return [{"id": new_call_id(), "type": "function",
              "function": {"name": c["name"], "arguments": json.dumps(c["parameters"], ensure_ascii=False)}}
             for c in calls]
