@@ -42,6 +42,10 @@ def register(subparsers) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--log-stats-interval", type=float, default=10.0,
+                   help="seconds between lines of engine statistics in the log (throughputs, queue, KV cache; "
+                        "0: none)")
+    g.add_argument("--disable-log-stats", action="store_true", help="no lines of engine statistics (vLLM's flag)")
     g = p.add_argument_group("engine")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
@@ -93,6 +97,8 @@ def engine_args_from(args):
 
 
 def cmd_serve(args) -> int:
+    if args.log_stats_interval < 0:
+        raise SystemExit(f"nsa-serve: --log-stats-interval must be ≥ 0 seconds, got {args.log_stats_interval}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return asyncio.run(serve(args))
@@ -135,7 +141,8 @@ async def serve(args) -> int:
     settings = ServerSettings(served_model_names=args.served_model_name or [], api_key=args.api_key,
                               max_body_bytes=args.max_body_bytes, retry_after_s=args.retry_after,
                               shutdown_timeout_s=args.shutdown_timeout, defaults=defaults, model_root=args.model,
-                              start_engine=False)
+                              start_engine=False,
+                              log_stats_interval_s=0.0 if args.disable_log_stats else args.log_stats_interval)
     app = build_app(engine, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=max(1, int(round(args.shutdown_timeout))),

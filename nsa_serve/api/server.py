@@ -6,6 +6,7 @@ started and stopped by the app's lifespan, so it runs on the server's event loop
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeReque
 from .serving_chat import create_chat_completion
 from .serving_common import ServingContext, parse_body
 from .serving_completions import create_completion
+from .stats_log import StatsLog
 
 log = logging.getLogger("nsa_serve.api")
 
@@ -42,6 +44,7 @@ class ServerSettings:
     defaults: dict[str, Any] = field(default_factory=dict)  # sampling defaults (generation_config.json)
     model_root: str | None = None
     start_engine: bool = True  # False: the caller started it (and will shut it down)
+    log_stats_interval_s: float = 10.0  # a line of engine statistics in the log (0: none)
 
 
 def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
@@ -56,9 +59,14 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         if settings.start_engine:
             await engine.start()
+        stats_task = None
+        if settings.log_stats_interval_s > 0:
+            stats_task = asyncio.create_task(StatsLog(engine.stats).run(settings.log_stats_interval_s))
         try:
             yield
         finally:
+            if stats_task is not None:
+                stats_task.cancel()
             ctx.draining = True
             if settings.start_engine:
                 await engine.shutdown(settings.shutdown_timeout_s)

@@ -1,0 +1,49 @@
+"""The periodic engine-statistics line in the server log (vLLM's LoggingStatLogger)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from api_fixtures import start_server, tiny_model_dir, wait_for  # noqa: F401
+
+from nsa_serve.api.stats_log import StatsLog
+from nsa_serve.engine.protocol import EngineStats
+
+
+def test_a_line_has_interval_rates_and_current_state_and_idles_down_to_debug():
+    feed = [EngineStats(num_pages_total=100),
+            EngineStats(num_running=3, num_waiting=1, num_pages_total=100, num_pages_used=25, prompt_tokens_total=400,
+                        generation_tokens_total=50, prefix_cache_queries_total=400, prefix_cache_hits_total=100,
+                        kv_tokens_read_total=30, kv_tokens_dense_total=300, num_preemptions_total=2)]
+    feed.append(EngineStats(**{**feed[1].__dict__, "num_running": 0, "num_waiting": 0, "num_pages_used": 0}))
+    feed.append(feed[2])
+    it = iter(feed)
+    logger = StatsLog(lambda: next(it))
+    time.sleep(0.2)
+    level, text = logger.line()
+    assert level == logging.INFO
+    prompt, gen = (float(text.split(f"{k} ")[1].split(" tok/s")[0]) for k in ("prompt", "generation"))
+    assert 400 / 0.5 < prompt < 400 / 0.2 and 50 / 0.5 < gen < 50 / 0.2
+    assert "running 3 reqs, waiting 1 reqs, KV cache 25.0%" in text
+    assert "prefix cache hits 25.0%" in text and "NSA decode read 10.0% of dense" in text
+    assert "preemptions 2, failed steps 0" in text
+    level, text = logger.line()  # fell idle: said once at INFO, with nothing over the interval
+    assert level == logging.INFO and "prompt 0.0 tok/s" in text and "prefix cache hits n/a" in text
+    assert logger.line()[0] == logging.DEBUG  # idle again: quiet
+
+
+def test_the_server_logs_statistics_while_it_works(tiny_model_dir, caplog):  # noqa: F811
+    server = start_server(tiny_model_dir, log_stats_interval_s=0.2)
+    try:
+        with caplog.at_level(logging.INFO, logger="nsa_serve.stats"):
+            r = server.openai().completions.create(model=server.engine.model_name, prompt="Logs:", max_tokens=40,
+                                                   extra_body={"ignore_eos": True})
+            assert r.usage.completion_tokens == 40
+
+            def logged():
+                return any("generation" in rec.getMessage() and "generation 0.0 tok/s" not in rec.getMessage()
+                           for rec in caplog.records if rec.name == "nsa_serve.stats")
+            assert wait_for(logged, timeout=10)
+    finally:
+        server.stop()
