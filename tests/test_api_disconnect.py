@@ -95,3 +95,17 @@ def test_a_beam_search_whose_client_leaves_frees_every_page(api_server):
     r = api_server.openai().completions.create(model=engine.model_name, prompt="ok", max_tokens=2, n=2,
                                                extra_body={"use_beam_search": True, "ignore_eos": True})
     assert len(r.choices) == 2 and r.usage.completion_tokens == 4
+
+
+def test_a_responses_stream_whose_client_leaves_frees_its_pages(api_server):
+    engine = api_server.engine
+    assert wait_for(lambda: engine.stats().num_pages_used == 0), "pages in use before the test"
+    headers = {"Authorization": f"Bearer {api_server.api_key}"}
+    body = {"input": "A long essay on generators:", "max_output_tokens": 400, "ignore_eos": True}
+    seen = asyncio.run(_hang_up_mid_stream(api_server.url, headers, "/v1/responses", body, chunks_before_leaving=6))
+    assert seen == 6
+
+    def all_free():
+        s = engine.stats()
+        return s.num_running == 0 and s.num_waiting == 0 and s.num_pages_used == 0
+    assert wait_for(all_free, timeout=30), f"pages not returned: {engine.stats()}"

@@ -511,7 +511,7 @@ def test_tokenize_detokenize_round_trip(api_server):
 @pytest.mark.parametrize("method,path", [
     ("GET", "/v1/models"), ("GET", "/v1/models/x"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
     ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/version"), ("GET", "/metrics"),
-    ("POST", "/reset_prefix_cache")])
+    ("POST", "/reset_prefix_cache"), ("POST", "/v1/responses"), ("GET", "/v1/responses/x")])
 def test_every_route_but_the_probes_needs_the_key(api_server, method, path):
     with api_server.http(auth=False) as h:
         r = h.request(method, path, json={})

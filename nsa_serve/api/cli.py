@@ -41,6 +41,9 @@ def register(subparsers) -> None:
     g.add_argument("--retry-after", type=int, default=1, help="Retry-After seconds sent with 429")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM")
+    g.add_argument("--responses-store-size", type=int, default=1024,
+                   help="/v1/responses kept in memory for GET and previous_response_id (oldest forgotten first; "
+                        "0: none kept)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between lines of engine statistics in the log (throughputs, queue, KV cache; "
@@ -97,6 +100,8 @@ def engine_args_from(args):
 
 
 def cmd_serve(args) -> int:
+    if args.responses_store_size < 0:
+        raise SystemExit(f"nsa-serve: --responses-store-size must be ≥ 0, got {args.responses_store_size}")
     if args.log_stats_interval < 0:
         raise SystemExit(f"nsa-serve: --log-stats-interval must be ≥ 0 seconds, got {args.log_stats_interval}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -142,7 +147,8 @@ async def serve(args) -> int:
                               max_body_bytes=args.max_body_bytes, retry_after_s=args.retry_after,
                               shutdown_timeout_s=args.shutdown_timeout, defaults=defaults, model_root=args.model,
                               start_engine=False,
-                              log_stats_interval_s=0.0 if args.disable_log_stats else args.log_stats_interval)
+                              log_stats_interval_s=0.0 if args.disable_log_stats else args.log_stats_interval,
+                              responses_store_size=args.responses_store_size)
     app = build_app(engine, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=max(1, int(round(args.shutdown_timeout))),

@@ -15,8 +15,8 @@ from .errors import APIError
 
 # Probes must work without credentials (kubelet, load balancers).
 PUBLIC_PATHS = frozenset({"/health", "/ready"})
-KNOWN_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
-                          "/version", "/health", "/ready", "/metrics"})
+KNOWN_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/tokenize",
+                          "/detokenize", "/version", "/health", "/ready", "/metrics", "/reset_prefix_cache"})
 
 
 class GuardMiddleware:

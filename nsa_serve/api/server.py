@@ -27,8 +27,11 @@ from .middleware import GuardMiddleware
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
                        TokenizeRequest, check_continuation)
 from .serving_chat import create_chat_completion
-from .serving_common import ServingContext, parse_body
+from .protocol_responses import ResponsesRequest
+from .response_store import ResponseStore
+from .serving_common import ServingContext, parse_body, parse_json, validate_body
 from .serving_completions import create_completion
+from .serving_responses import create_response, delete, retrieve
 from .stats_log import StatsLog
 
 log = logging.getLogger("nsa_serve.api")
@@ -45,6 +48,7 @@ class ServerSettings:
     model_root: str | None = None
     start_engine: bool = True  # False: the caller started it (and will shut it down)
     log_stats_interval_s: float = 10.0  # a line of engine statistics in the log (0: none)
+    responses_store_size: int = 1024  # /v1/responses kept for retrieval and previous_response_id
 
 
 def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
@@ -73,6 +77,7 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="nsa-serve", version=__version__, lifespan=lifespan)
     app.state.ctx = ctx
+    store = ResponseStore(settings.responses_store_size)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -105,6 +110,19 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await create_chat_completion(ctx, await parse_body(request, ChatCompletionRequest), request)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        data = await parse_json(request)
+        return await create_response(ctx, store, validate_body(ResponsesRequest, data), data, request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str):
+        return retrieve(store, response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str):
+        return delete(store, response_id)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import anyio
@@ -21,9 +22,19 @@ from .serving_common import (SSE_DONE, ServingContext, SSEResponse, TokenNames, 
 from .tools import RequiredCallStream, ToolPlan, new_call_id, tool_calls_of, tools_system_text
 
 
-async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
-    model = ctx.check_model(req.model)
-    ctx.check_admitting()
+@dataclass
+class PreparedChat:
+    """A chat request turned into what the engine runs: the prompt, its token budget, how the reply
+    becomes tool calls, and the echoed text it starts with."""
+    prompt_ids: list[int]
+    max_tokens: int
+    plan: ToolPlan | None
+    echo: str
+
+
+def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> PreparedChat:
+    """The chat template over the messages (and tools), tokenized, truncated and budgeted; the 400s
+    of all of that. Shared by /v1/chat/completions and /v1/responses."""
     tools, plan = req.tool_plan()
     messages = [m.as_template_dict() for m in req.messages]
     if tools:  # the model is shown the tools it may be asked to call
@@ -43,6 +54,14 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = ctx.resolve_max_tokens(req.requested_max_tokens(), len(prompt_ids), param,
                                         default=ctx.defaults.get("max_tokens"))
+    return PreparedChat(prompt_ids, max_tokens, plan, echo)
+
+
+async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
+    model = ctx.check_model(req.model)
+    ctx.check_admitting()
+    prep = prepare_chat(ctx, req)
+    prompt_ids, max_tokens, plan, echo = prep.prompt_ids, prep.max_tokens, prep.plan, prep.echo
     if req.use_beam_search:
         return await _beam_search_reply(ctx, req, raw, model, prompt_ids, req.to_beam_search_params(max_tokens, plan),
                                         echo)

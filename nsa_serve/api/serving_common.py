@@ -126,6 +126,18 @@ class ServingContext:
 
 async def parse_body(request: Request, model: type[M]) -> M:
     """The request body as `model`; invalid UTF-8, malformed JSON and schema violations are 400s."""
+    return validate_body(model, await parse_json(request))
+
+
+def validate_body(model: type[M], data: dict) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+async def parse_json(request: Request) -> dict:
+    """The request body as a JSON object; invalid UTF-8 and malformed JSON are 400s."""
     body = await request.body()
     try:
         text = body.decode("utf-8")
@@ -137,10 +149,7 @@ async def parse_body(request: Request, model: type[M]) -> M:
         raise bad_request(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
+    return data
 
 
 def _reject_constant(name: str):
