@@ -15,6 +15,14 @@ def seq(tokens, salt=None):
     return Sequence("r", 0, list(tokens), SamplingParams(cache_salt=salt), 0.0)
 
 
+def prefilled(bm, tokens, salt=None):
+    """A sequence of `tokens` admitted and computed whole (its complete pages registered)."""
+    s = seq(tokens, salt)
+    assert bm.admit(s, len(tokens))
+    computed(bm, s, len(tokens))
+    return s
+
+
 def computed(bm, s, n):
     """Pretend the runner computed the first n tokens (summaries included)."""
     s.num_computed_tokens = n
@@ -76,9 +84,7 @@ def test_a_page_is_cached_only_once_its_summaries_are_complete():
 def test_freed_cached_pages_stay_reusable_until_handed_out_again():
     bm = BlockManager(6, P, E, TAIL)
     tokens = list(range(2 * P + 8))
-    a = seq(tokens)
-    bm.admit(a, len(tokens))
-    computed(bm, a, len(tokens))
+    a = prefilled(bm, tokens)
     cached = a.block_table[:2]
     bm.free_sequence(a)
     assert bm.num_free_pages == 6
@@ -99,10 +105,7 @@ def test_freed_cached_pages_stay_reusable_until_handed_out_again():
 def test_a_cache_salt_shares_pages_only_with_the_same_salt():
     bm = BlockManager(40, P, E, TAIL)
     tokens = list(range(3 * P + 8))
-    owners = {salt: seq(tokens, salt) for salt in (None, "tenant-a")}
-    for s in owners.values():
-        assert bm.admit(s, len(tokens)) and s.num_computed_tokens == 0
-        computed(bm, s, len(tokens))
+    owners = {salt: prefilled(bm, tokens, salt) for salt in (None, "tenant-a")}
     # Same tokens, separate chains: neither owner's pages serve the other.
     assert not set(owners[None].block_table) & set(owners["tenant-a"].block_table)
     hits = {}
@@ -121,9 +124,7 @@ def test_a_cache_salt_shares_pages_only_with_the_same_salt():
 def test_reset_prefix_cache_forgets_pages_but_not_their_holders():
     bm = BlockManager(20, P, E, TAIL)
     tokens = list(range(2 * P + 8))
-    a = seq(tokens)
-    bm.admit(a, len(tokens))
-    computed(bm, a, len(tokens))
+    a = prefilled(bm, tokens)
     kept = list(a.block_table)
     assert bm.reset_prefix_cache() == 2
     b = seq(tokens)

@@ -17,8 +17,9 @@ from .generation import tracked_generate
 from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatMessageOut, ChatTokenLogprob, ChoiceLogprobs, DeltaMessage,
                        PromptTokensDetails, TopLogprob, UsageInfo, check_continuation)
-from .serving_common import (SSE_DONE, ServingContext, SSEResponse, TokenNames, clamp_logprob, json_response,
-                             new_id, prompt_logprobs_body, raise_if_failed, run_to_end, sse, stream_error_event)
+from .serving_common import (SSE_DONE, ServingContext, SSEResponse, TokenNames, clamp_logprob, final_output,
+                             json_response, new_id, prompt_logprobs_body, raise_if_failed, run_to_end, sse,
+                             stream_error_event)
 from .tools import RequiredCallStream, ToolPlan, new_call_id, tool_calls_of, tools_system_text
 
 
@@ -79,14 +80,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                                    names, plan, continuous, echo),
                            headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
 
-    async def drain() -> RequestOutput:
-        last = first
-        async for out in it:
-            last = out
-        return last
-
-    final = await run_to_end(ctx, raw, drain)
-    raise_if_failed(final)
+    final = await final_output(ctx, raw, it, first)
     choices = []
     for c in sorted(final.outputs, key=lambda c: c.index):
         calls = tool_calls_of(plan, c.text, c.finish_reason) if plan is not None else None

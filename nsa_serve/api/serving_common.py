@@ -274,6 +274,19 @@ def json_response(body: BaseModel, request_id: str) -> Response:
     return Response(body.model_dump_json(), media_type="application/json", headers={"X-Request-Id": request_id})
 
 
+async def final_output(ctx: ServingContext, request: Request, it: AsyncIterator, first: RequestOutput) -> RequestOutput:
+    """A non-streaming request's last output (after `first`), its failures raised as HTTP errors."""
+    async def drain() -> RequestOutput:
+        last = first
+        async for out in it:
+            last = out
+        return last
+
+    final = await run_to_end(ctx, request, drain)
+    raise_if_failed(final)
+    return final
+
+
 async def run_to_end(ctx: ServingContext, request: Request, fn: Callable[[], Awaitable[T]]) -> T:
     """Await fn() (draining a generation for a non-streaming response), aborting if the client leaves
     and mapping engine failures to HTTP errors."""

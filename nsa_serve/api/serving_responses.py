@@ -28,7 +28,7 @@ from .generation import tracked_generate
 from .protocol_responses import ResponsesRequest
 from .response_store import ResponseStore, StoredResponse
 from .serving_chat import prepare_chat
-from .serving_common import ServingContext, SSEResponse, raise_if_failed, run_to_end, stream_error_event
+from .serving_common import ServingContext, SSEResponse, final_output, raise_if_failed, stream_error_event
 from .tools import ToolPlan, tool_calls_of
 
 # Chat field names in errors, as a Responses client wrote them.
@@ -70,14 +70,7 @@ async def create_response(ctx: ServingContext, store: ResponseStore, req: Respon
     if req.stream:
         return SSEResponse(run.events(it, first), headers={"Cache-Control": "no-cache", "X-Request-Id": run.id})
 
-    async def drain() -> RequestOutput:
-        last = first
-        async for out in it:
-            last = out
-        return last
-
-    final = await run_to_end(ctx, raw, drain)
-    raise_if_failed(final)
+    final = await final_output(ctx, raw, it, first)
     c = final.outputs[0]
     response = run.finish(c.text, c.finish_reason, final)
     return JSONResponse(response, headers={"X-Request-Id": run.id})
