@@ -47,3 +47,22 @@ def test_the_server_logs_statistics_while_it_works(tiny_model_dir, caplog):  # n
             assert wait_for(logged, timeout=10)
     finally:
         server.stop()
+
+
+def test_enable_log_requests_logs_arrival_and_end_without_the_cache_salt(tiny_model_dir, caplog):  # noqa: F811
+    server = start_server(tiny_model_dir, log_requests=True, max_log_len=8, log_stats_interval_s=0)
+    try:
+        with caplog.at_level(logging.INFO, logger="nsa_serve.requests"):
+            r = server.openai().completions.create(
+                model=server.engine.model_name, prompt="Request logging at work, with a long prompt.", max_tokens=5,
+                temperature=0.0, extra_body={"ignore_eos": True, "cache_salt": "secret-salt"})
+            lines = [rec.getMessage() for rec in caplog.records if rec.name == "nsa_serve.requests"]
+    finally:
+        server.stop()
+    arrived = next(x for x in lines if x.startswith(f"request {r.id}:"))
+    assert f"{r.usage.prompt_tokens} prompt tokens" in arrived and "prompt 'Request '" in arrived
+    assert "temperature=0.0" in arrived and "max_tokens=5" in arrived and "ignore_eos=True" in arrived
+    assert "cache_salt=<hidden>" in arrived and "secret-salt" not in arrived
+    assert len(arrived.split("prompt ids [")[1].split("]")[0].split(",")) == 8
+    finished = next(x for x in lines if x.startswith(f"request {r.id} finished"))
+    assert "length, 5 tokens, TTFT" in finished

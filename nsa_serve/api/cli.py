@@ -44,6 +44,11 @@ def register(subparsers) -> None:
     g.add_argument("--responses-store-size", type=int, default=1024,
                    help="/v1/responses kept in memory for GET and previous_response_id (oldest forgotten first; "
                         "0: none kept)")
+    g.add_argument("--enable-log-requests", action="store_true",
+                   help="log each request as it arrives (prompt, parameters) and ends (vLLM's flag; off: prompts "
+                        "are users' data)")
+    g.add_argument("--max-log-len", type=int, default=None,
+                   help="prompt characters and token ids shown by --enable-log-requests (default: all)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between lines of engine statistics in the log (throughputs, queue, KV cache; "
@@ -148,7 +153,8 @@ async def serve(args) -> int:
                               shutdown_timeout_s=args.shutdown_timeout, defaults=defaults, model_root=args.model,
                               start_engine=False,
                               log_stats_interval_s=0.0 if args.disable_log_stats else args.log_stats_interval,
-                              responses_store_size=args.responses_store_size)
+                              responses_store_size=args.responses_store_size,
+                              log_requests=args.enable_log_requests, max_log_len=args.max_log_len)
     app = build_app(engine, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=max(1, int(round(args.shutdown_timeout))),

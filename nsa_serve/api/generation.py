@@ -22,6 +22,7 @@ from starlette.requests import Request
 
 from ..engine.protocol import EngineError, RequestOutput, SamplingParams
 from ..metrics import ServerMetrics
+from .request_log import RequestLog
 
 log = logging.getLogger("nsa_serve.api")
 T = TypeVar("T")
@@ -32,8 +33,11 @@ class ClientDisconnected(Exception):
 
 
 async def tracked_generate(engine, metrics: ServerMetrics, prompt_ids: list[int], params: SamplingParams,
-                           request_id: str, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                           request_id: str, priority: int = 0,
+                           request_log: RequestLog | None = None) -> AsyncIterator[RequestOutput]:
     arrival = time.perf_counter()
+    if request_log is not None:
+        request_log.arrived(request_id, prompt_ids, params)
     it = engine.generate(prompt_ids, params, request_id, priority=priority)
     last_token_at: dict[int, float] = {}
     num_tokens: dict[int, int] = {}
@@ -63,6 +67,8 @@ async def tracked_generate(engine, metrics: ServerMetrics, prompt_ids: list[int]
             if out.finished:
                 done = True
                 _observe_request(metrics, out, arrival)
+                if request_log is not None:
+                    request_log.finished(request_id, out)
             yield out
     except EngineError:
         # Refused at admission (queue full, prompt too long, ...): never ran, so it is no finished
@@ -74,6 +80,8 @@ async def tracked_generate(engine, metrics: ServerMetrics, prompt_ids: list[int]
         end_reason = "error"
         raise
     finally:
+        if not done and request_log is not None:
+            request_log.finished(request_id, None, "refused" if rejected else end_reason)
         if not done and not rejected:
             # Closed early: the client disconnected or the consumer failed. Shielded, because under a
             # cancelled scope every await would be cancelled again before the engine heard of it.

@@ -28,6 +28,7 @@ from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeReque
                        TokenizeRequest, check_continuation)
 from .serving_chat import create_chat_completion
 from .protocol_responses import ResponsesRequest
+from .request_log import RequestLog
 from .response_store import ResponseStore
 from .serving_common import ServingContext, parse_body, parse_json, validate_body
 from .serving_completions import create_completion
@@ -49,6 +50,8 @@ class ServerSettings:
     start_engine: bool = True  # False: the caller started it (and will shut it down)
     log_stats_interval_s: float = 10.0  # a line of engine statistics in the log (0: none)
     responses_store_size: int = 1024  # /v1/responses kept for retrieval and previous_response_id
+    log_requests: bool = False  # a log line per request arriving and ending (prompts are users' data)
+    max_log_len: int | None = None  # prompt characters and ids in those lines (None: all)
 
 
 def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
@@ -57,7 +60,9 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     metrics = ServerMetrics(names[0], engine.max_model_len, stats=engine.stats)
     ctx = ServingContext(engine=engine, metrics=metrics, served_model_names=names,
                          max_model_len=engine.max_model_len, model_root=settings.model_root,
-                         defaults=dict(settings.defaults), retry_after_s=settings.retry_after_s)
+                         defaults=dict(settings.defaults), retry_after_s=settings.retry_after_s,
+                         request_log=RequestLog(engine.tokenizer, settings.max_log_len) if settings.log_requests
+                         else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

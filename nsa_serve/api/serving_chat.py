@@ -70,7 +70,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     request_id = new_id("chatcmpl")
     top_k = req.top_logprobs or 0
     names = TokenNames(ctx.tokenizer, req.return_tokens_as_token_ids)
-    it = tracked_generate(ctx.engine, ctx.metrics, prompt_ids, params, request_id, priority=req.priority)
+    it = tracked_generate(ctx.engine, ctx.metrics, prompt_ids, params, request_id, req.priority, ctx.request_log)
     first = await ctx.first_output(raw, it)
     created = int(time.time())
     if req.stream:

@@ -17,6 +17,7 @@ from ..engine.protocol import EngineError, RequestOutput
 from ..metrics import ServerMetrics
 from .errors import APIError, bad_request, from_engine_error
 from .generation import ClientDisconnected, cancel_on_disconnect
+from .request_log import RequestLog
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -35,6 +36,7 @@ class ServingContext:
     defaults: dict[str, Any] = field(default_factory=dict)  # generation_config.json sampling defaults
     retry_after_s: int = 1
     draining: bool = False  # set on SIGTERM: readiness goes false, new generation requests get 503
+    request_log: RequestLog | None = None  # --enable-log-requests
 
     @property
     def tokenizer(self):

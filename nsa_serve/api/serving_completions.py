@@ -41,7 +41,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     params = [ctx.check_sampling_ids(req.to_sampling_params(m, ctx.defaults)) for m in budgets]
     request_id = new_id("cmpl")
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-    gens = [tracked_generate(ctx.engine, ctx.metrics, p, sp, rid, priority=req.priority)
+    gens = [tracked_generate(ctx.engine, ctx.metrics, p, sp, rid, req.priority, ctx.request_log)
             for p, sp, rid in zip(prompt_ids, params, ids)]
     it = merge(gens)
     first = await ctx.first_output(raw, it)

@@ -65,7 +65,8 @@ async def create_response(ctx: ServingContext, store: ResponseStore, req: Respon
         prep = prepare_chat(ctx, chat)
         params = ctx.check_sampling_ids(chat.to_sampling_params(prep.max_tokens, ctx.defaults, prep.plan))
     run = _Run(ctx, store, req, model, params.temperature, params.top_p, prep.plan, history)
-    it = tracked_generate(ctx.engine, ctx.metrics, prep.prompt_ids, params, run.id, priority=chat.priority)
+    it = tracked_generate(ctx.engine, ctx.metrics, prep.prompt_ids, params, run.id, chat.priority,
+                          ctx.request_log)
     first = await ctx.first_output(raw, it)
     if req.stream:
         return SSEResponse(run.events(it, first), headers={"Cache-Control": "no-cache", "X-Request-Id": run.id})
