@@ -903,11 +903,21 @@ class LLMEngine:
 
     # -- convenience (tests, offline use) ---------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
-        """Run prompts to completion; returns the final output of each, in order."""
+        """Run prompts to completion; returns the final output of each, in order. If one is refused
+        (InvalidRequestError, ...), those added before it are aborted, so none runs unasked."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"offline-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
-        for rid, prompt, p in zip(ids, prompts, plist):
-            self.add_request(rid, prompt, p)
+        added = []
+        try:
+            for rid, prompt, p in zip(ids, prompts, plist):
+                self.add_request(rid, prompt, p)
+                added.append(rid)
+        except Exception:
+            for rid in added:
+                self.abort_request(rid)
+            while self.has_unfinished_requests():
+                self.step()
+            raise
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished_requests():
             for out in self.step():

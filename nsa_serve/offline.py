@@ -1,0 +1,89 @@
+"""Offline batched inference, as vLLM's `LLM` class offers it:
+
+    from nsa_serve import LLM, SamplingParams
+
+    llm = LLM()  # the bundled default model; LLM("/models/my-nsa", max_model_len=32768) for another
+    for out in llm.generate(["def fib(n):", "The capital of"], SamplingParams(temperature=0, max_tokens=32)):
+        print(out.outputs[0].text)
+    llm.chat([{"role": "user", "content": "Hello!"}], SamplingParams(max_tokens=64))
+
+The same engine the server runs (continuous batching, paged NSA cache, CUDA graphs on a GPU), driven
+in this thread until every prompt is done. Outputs are `RequestOutput`s, in prompt order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+from .engine.args import EngineArgs
+from .engine.llm_engine import LLMEngine
+from .engine.protocol import InvalidRequestError, RequestOutput, SamplingParams
+from .tokenizer import render_chat
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_args: Any):
+        """`model`: a model directory (default: the bundled model); `engine_args`: EngineArgs fields
+        (max_model_len, device, dtype, max_num_seqs, enforce_eager, seed, ...)."""
+        self.engine = LLMEngine(EngineArgs(model=model, **engine_args))
+        self.engine.warmup()  # captures the CUDA graphs on a GPU; a short step on a CPU
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Complete each prompt: a string (tokenized with the BOS token), a list of token ids, or
+        {"prompt": str} / {"prompt_token_ids": [...]}. One SamplingParams for all, or one each."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = [self._token_ids(p) for p in prompts]
+        return self._run(ids, sampling_params)
+
+    def chat(self, messages: list[dict] | Sequence[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[RequestOutput]:
+        """Reply to one conversation (a list of {"role", "content"} messages) or to several."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tok = self._tokenizer()
+        ids = []
+        for conv in conversations:
+            try:
+                text = render_chat(conv, add_generation_prompt, continue_final_message)
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc), param="messages") from None
+            ids.append(tok.encode(text))
+        return self._run(ids, sampling_params)
+
+    # -- internals --------------------------------------------------------------------------------
+    def _tokenizer(self):
+        if self.engine.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer.model: give prompts as token ids")
+        return self.engine.tokenizer
+
+    def _token_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return list(prompt["prompt_token_ids"])
+            prompt = prompt.get("prompt")
+        if isinstance(prompt, str):
+            return self._tokenizer().encode(prompt)
+        if isinstance(prompt, list):
+            return list(prompt)
+        raise InvalidRequestError(f"a prompt is a string, a list of token ids, or a dict with 'prompt' or "
+                                  f"'prompt_token_ids'; got {type(prompt).__name__}", param="prompt")
+
+    def _run(self, ids: list[list[int]], sampling_params) -> list[RequestOutput]:
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            plist = [sampling_params or SamplingParams()] * len(ids)
+        else:
+            plist = list(sampling_params)
+            if len(plist) != len(ids):
+                raise InvalidRequestError(f"{len(plist)} SamplingParams for {len(ids)} prompts")
+        # Only the final output of each request is wanted: the engine builds no others.
+        plist = [dataclasses.replace(p, output_kind="final_only") if p.output_kind == "cumulative" else p
+                 for p in plist]
+        return self.engine.generate(ids, plist)

@@ -1,0 +1,64 @@
+"""vLLM-style offline inference: `LLM.generate` and `LLM.chat` give what the reference model
+computes for the same token ids."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine_helpers import reference_greedy, single_thread_torch, tiny_model_dir
+from nsa_serve import LLM, SamplingParams
+from nsa_serve.engine.protocol import InvalidRequestError
+from nsa_serve.tokenizer import render_chat
+
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread_torch)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(str(tiny_model_dir(True)), device="cpu", dtype="float32", num_pages=256)
+
+
+def test_generate_gives_the_reference_greedy_tokens_in_prompt_order(llm):
+    tok = llm.get_tokenizer()
+    prompts = ["def read_config(path):", "The capital of", [5, 9, 11, 40, 41]]
+    outs = llm.generate(prompts + [{"prompt": "Hi"}, {"prompt_token_ids": [7, 8, 9]}], GREEDY)
+    ids = [tok.encode(prompts[0]), tok.encode(prompts[1]), prompts[2], tok.encode("Hi"), [7, 8, 9]]
+    assert [o.prompt_token_ids for o in outs] == ids
+    for o, p in zip(outs, ids):
+        assert o.finished and o.outputs[0].token_ids == reference_greedy(llm.engine.model, p, 6)
+        assert o.outputs[0].text == tok.decode(p + o.outputs[0].token_ids)[len(tok.decode(p)):]
+    one = llm.generate("The capital of", GREEDY)  # a single prompt
+    assert len(one) == 1 and one[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+    # One SamplingParams each; n > 1.
+    mixed = llm.generate(["a", "b"], [GREEDY, SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=4)])
+    assert len(mixed[0].outputs) == 1 and len(mixed[1].outputs) == 2
+    assert all(len(c.token_ids) == 4 for c in mixed[1].outputs)
+
+
+def test_chat_renders_the_template_as_the_server_does(llm):
+    tok = llm.get_tokenizer()
+    conv = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Name a prime."}]
+    (out,) = llm.chat(conv, GREEDY)
+    want = tok.encode(render_chat(conv))
+    assert out.prompt_token_ids == want
+    assert out.outputs[0].token_ids == reference_greedy(llm.engine.model, want, 6)
+    both = llm.chat([conv, conv[1:]], GREEDY)
+    assert both[0].outputs[0].token_ids == out.outputs[0].token_ids and len(both) == 2
+
+
+def test_bad_input_is_a_clear_error_and_the_engine_goes_on(llm):
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        llm.generate("x", SamplingParams(temperature=5.0))
+    with pytest.raises(InvalidRequestError, match="temperature"):  # the first prompt is not left running
+        llm.generate(["a", "b"], [GREEDY, SamplingParams(temperature=5.0)])
+    assert not llm.engine.has_unfinished_requests()
+    with pytest.raises(InvalidRequestError, match="2 SamplingParams for 1 prompts"):
+        llm.generate(["x"], [GREEDY, GREEDY])
+    with pytest.raises(InvalidRequestError, match="prompt"):
+        llm.generate([3.5])
+    with pytest.raises(InvalidRequestError):
+        llm.chat([{"role": "robot", "content": "x"}])
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.generate("ok", GREEDY)[0].outputs[0].token_ids
+    llm.engine.block_manager.check_all_free()
