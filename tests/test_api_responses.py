@@ -159,6 +159,13 @@ def test_the_store_forgets_the_oldest_past_its_capacity():
         store.put(f"r{i}", StoredResponse({"id": f"r{i}"}, []))
     assert store.get("r0") is None and store.get("r2").body == {"id": "r2"} and len(store) == 2
     assert store.delete("r1") and not store.delete("r1")
+    assert store.chars == len(json.dumps({"id": "r2"})) + 2
+    # Past the character budget the oldest go too (the newest always stays).
+    small = ResponseStore(10, max_chars=300)
+    for i in range(4):
+        small.put(f"r{i}", StoredResponse({"id": f"r{i}"}, [{"role": "user", "content": "x" * 100}]))
+    assert [small.get(f"r{i}") is not None for i in range(4)] == [False, False, True, True]
+    assert small.chars <= 300
     off = ResponseStore(0)
     off.put("r", StoredResponse({}, []))
     assert off.get("r") is None
