@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import threading
 import time
 
 import httpx
+import pytest
 from api_fixtures import free_port, start_server, tiny_model_dir, wait_for  # noqa: F401
 
 
@@ -102,3 +104,59 @@ def test_shutdown_timeout_aborts_what_is_left(tiny_model_dir):
     stats = srv.engine.stats()
     assert stats.num_running == 0 and stats.num_pages_used == 0
     assert not srv.engine.is_ready
+
+
+def test_cors_answers_a_preflight_before_the_key_and_marks_answers(tiny_model_dir):  # noqa: F811
+    server = start_server(tiny_model_dir, cors_origins=["https://app.example"])
+    try:
+        with server.http(auth=False) as h:
+            pre = h.options("/v1/chat/completions", headers={
+                "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type"})
+            assert pre.status_code == 200
+            assert pre.headers["access-control-allow-origin"] == "https://app.example"
+            other = h.options("/v1/models", headers={"Origin": "https://evil.example",
+                                                     "Access-Control-Request-Method": "GET"})
+            assert "access-control-allow-origin" not in other.headers
+        with server.http() as h:
+            r = h.get("/v1/models", headers={"Origin": "https://app.example"})
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    finally:
+        server.stop()
+    plain = start_server(tiny_model_dir)  # the default: no CORS headers at all
+    try:
+        with plain.http() as h:
+            r = h.get("/v1/models", headers={"Origin": "https://app.example"})
+            assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    finally:
+        plain.stop()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_https_and_a_root_path(tmp_path, tiny_model_dir):  # noqa: F811
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nsa_serve.cli", "serve", str(tiny_model_dir), "--port", str(port), "--device", "cpu",
+         "--ssl-keyfile", str(key), "--ssl-certfile", str(cert), "--root-path", "/llm", "--log-level", "warning",
+         "--max-model-len", "256", "--num-pages", "64"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"https://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return httpx.get(f"{url}/health", timeout=1, verify=False).status_code == 200
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.communicate()[1]
+                return False
+        assert wait_for(up, timeout=120, interval=0.2), "server did not come up"
+        with pytest.raises(httpx.TransportError):  # plain HTTP is not served
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, verify=False, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        spec = httpx.get(f"{url}/openapi.json", verify=False, timeout=10).json()
+        assert spec.get("servers") == [{"url": "/llm"}]  # links a proxy serves under /llm point there
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

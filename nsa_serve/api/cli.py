@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -34,6 +35,16 @@ def register(subparsers) -> None:
     g.add_argument("--api-key", default=os.environ.get("NSA_SERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health and /ready "
                         "(default: $NSA_SERVE_API_KEY; unset: no key)")
+    g.add_argument("--allowed-origins", type=_string_list, default=[],
+                   help="CORS origins allowed to read answers, a JSON list as vLLM takes it ('[\"*\"]' for any; "
+                        "default: none, no CORS headers)")
+    g.add_argument("--allowed-methods", type=_string_list, default=["*"], help="CORS methods (JSON list)")
+    g.add_argument("--allowed-headers", type=_string_list, default=["*"], help="CORS headers (JSON list)")
+    g.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    g.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (PEM)")
+    g.add_argument("--ssl-certfile", default=None, help="... and this certificate chain (PEM)")
+    g.add_argument("--ssl-ca-certs", default=None, help="CA certificates to verify client certificates")
+    g.add_argument("--root-path", default="", help="path prefix a reverse proxy serves the API under")
     g.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) clients use (default: the model directory's name)")
     g.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024,
@@ -104,7 +115,20 @@ def engine_args_from(args):
                       warmup_context=args.warmup_context, precompile=args.precompile)
 
 
+def _string_list(text: str) -> list[str]:
+    """A JSON list of strings (vLLM's form of the CORS flags); a bare word is taken as a one-item list."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = [text]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {text!r}")
+    return value
+
+
 def cmd_serve(args) -> int:
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        raise SystemExit("nsa-serve: --ssl-keyfile and --ssl-certfile go together")
     if args.responses_store_size < 0:
         raise SystemExit(f"nsa-serve: --responses-store-size must be ≥ 0, got {args.responses_store_size}")
     if args.log_stats_interval < 0:
@@ -154,11 +178,15 @@ async def serve(args) -> int:
                               start_engine=False,
                               log_stats_interval_s=0.0 if args.disable_log_stats else args.log_stats_interval,
                               responses_store_size=args.responses_store_size,
-                              log_requests=args.enable_log_requests, max_log_len=args.max_log_len)
+                              log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
+                              cors_origins=args.allowed_origins, cors_methods=args.allowed_methods,
+                              cors_headers=args.allowed_headers, cors_credentials=args.allow_credentials)
     app = build_app(engine, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=max(1, int(round(args.shutdown_timeout))),
-                            access_log=args.log_level == "debug")
+                            access_log=args.log_level == "debug", root_path=args.root_path,
+                            ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                            ssl_ca_certs=args.ssl_ca_certs)
     server = GracefulServer(config, on_exit=lambda: setattr(app.state.ctx, "draining", True))
     log.info("serving %s as %s on http://%s:%d", args.model, ", ".join(app.state.ctx.served_model_names),
              args.host, args.port)

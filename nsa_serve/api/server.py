@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -51,6 +52,12 @@ class ServerSettings:
     log_stats_interval_s: float = 10.0  # a line of engine statistics in the log (0: none)
     responses_store_size: int = 1024  # /v1/responses kept for retrieval and previous_response_id
     log_requests: bool = False  # a log line per request arriving and ending (prompts are users' data)
+    # CORS for browser clients on other origins (vLLM's --allowed-origins ...). Empty: no CORS headers,
+    # so a web page the user visits cannot read this server's answers (vLLM's default is "*").
+    cors_origins: list[str] = field(default_factory=list)
+    cors_methods: list[str] = field(default_factory=lambda: ["*"])
+    cors_headers: list[str] = field(default_factory=lambda: ["*"])
+    cors_credentials: bool = False
     max_log_len: int | None = None  # prompt characters and ids in those lines (None: all)
 
 
@@ -202,4 +209,7 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
 
     app.add_middleware(GuardMiddleware, metrics=metrics, api_key=settings.api_key,
                        max_body_bytes=settings.max_body_bytes)
+    if settings.cors_origins:  # outermost: a preflight is answered before the key is asked for
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=settings.cors_methods,
+                           allow_headers=settings.cors_headers, allow_credentials=settings.cors_credentials)
     return app
