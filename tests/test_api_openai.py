@@ -523,8 +523,28 @@ def test_probes_and_version(api_server):
     with api_server.http(auth=False) as h:
         assert h.get("/health").status_code == 200
         assert h.get("/ready").json() == {"status": "ready"}
+        assert h.get("/ping").status_code == 200 and h.post("/ping").status_code == 200  # SageMaker's
     with api_server.http() as h:
         assert h.get("/version").json()["version"]
+
+
+def test_invocations_dispatch_on_the_body_as_sagemaker_sends_it(api_server):
+    """vLLM's /invocations: a chat, completions or responses body, answered as its own route would."""
+    with api_server.http() as h:
+        kw = {"max_tokens": 3, "temperature": 0.0, "ignore_eos": True}
+        chat = {"messages": [{"role": "user", "content": "Hi"}], **kw}
+        assert h.post("/invocations", json=chat).json()["choices"][0]["message"]["content"] == \
+            h.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+        text = {"prompt": "Once upon", **kw}
+        assert h.post("/invocations", json=text).json()["choices"][0]["text"] == \
+            h.post("/v1/completions", json=text).json()["choices"][0]["text"]
+        resp = {"input": "Hi", "max_output_tokens": 3, "temperature": 0.0, "ignore_eos": True}
+        assert h.post("/invocations", json=resp).json()["object"] == "response"
+        bad = h.post("/invocations", json={"question": "?"})
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+        assert h.post("/invocations", json={"messages": "not a list"}).json()["error"]["param"] == "messages"
+    with api_server.http(auth=False) as h:
+        assert h.post("/invocations", json=chat).status_code == 401
 
 
 def test_wrong_key_is_an_authentication_error(api_server):

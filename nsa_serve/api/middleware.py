@@ -14,9 +14,10 @@ from ..metrics import ServerMetrics
 from .errors import APIError
 
 # Probes must work without credentials (kubelet, load balancers).
-PUBLIC_PATHS = frozenset({"/health", "/ready"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/ping"})
 KNOWN_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/tokenize",
-                          "/detokenize", "/version", "/health", "/ready", "/metrics", "/reset_prefix_cache"})
+                          "/detokenize", "/version", "/health", "/ready", "/metrics", "/reset_prefix_cache",
+                          "/ping", "/invocations"})
 
 
 class GuardMiddleware:

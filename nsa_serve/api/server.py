@@ -140,6 +140,18 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     async def completions(request: Request):
         return await create_completion(ctx, await parse_body(request, CompletionRequest), request)
 
+    @app.post("/invocations")
+    async def invocations(request: Request):
+        # vLLM's SageMaker entry point: the body's shape says which API it is.
+        data = await parse_json(request)
+        if "messages" in data:
+            return await create_chat_completion(ctx, validate_body(ChatCompletionRequest, data), request)
+        if "input" in data:
+            return await create_response(ctx, store, validate_body(ResponsesRequest, data), data, request)
+        if "prompt" in data:
+            return await create_completion(ctx, validate_body(CompletionRequest, data), request)
+        raise APIError(400, "an /invocations body needs messages (chat), prompt (completions) or input (responses)")
+
     # -- models and tokens -------------------------------------------------------------------------
     @app.get("/v1/models")
     async def models():
@@ -182,6 +194,7 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     async def version():
         return {"version": __version__}
 
+    @app.api_route("/ping", methods=["GET", "POST"])  # SageMaker's health check (vLLM serves it too)
     @app.get("/health")
     async def health():
         if not engine.is_alive:
