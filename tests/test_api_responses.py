@@ -169,3 +169,23 @@ def test_the_store_forgets_the_oldest_past_its_capacity():
     off = ResponseStore(0)
     off.put("r", StoredResponse({}, []))
     assert off.get("r") is None
+
+
+def test_output_text_logprobs_when_included(client, api_server):  # noqa: F811
+    """include ["message.output_text.logprobs"] with top_logprobs: the chat completion's logprobs,
+    on the output_text part and on each streamed delta."""
+    name = api_server.engine.model_name
+    kw = dict(model=name, input="Name a prime number.", max_output_tokens=5, temperature=0.0, extra_body=GREEDY)
+    r = client.responses.create(include=["message.output_text.logprobs"], top_logprobs=2, **kw)
+    c = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Name a prime number."}],
+                                       max_tokens=5, temperature=0.0, logprobs=True, top_logprobs=2,
+                                       extra_body=GREEDY)
+    got = r.output[0].content[0].logprobs
+    want = c.choices[0].logprobs.content
+    assert [(t.token, t.logprob, t.bytes) for t in got] == [(t.token, t.logprob, t.bytes) for t in want]
+    assert [[x.token for x in t.top_logprobs] for t in got] == [[x.token for x in t.top_logprobs] for t in want]
+    events = list(client.responses.create(include=["message.output_text.logprobs"], top_logprobs=2, stream=True,
+                                          **kw))
+    streamed = [t for e in events if e.type == "response.output_text.delta" for t in e.logprobs]
+    assert [t.token for t in streamed] == [t.token for t in got]
+    assert client.responses.create(**kw).output[0].content[0].logprobs == []  # not included: none

@@ -45,6 +45,12 @@ class ResponsesRequest(BaseModel):
     reasoning: dict[str, Any] | None = None
     background: bool = False
     conversation: Any = None
+    include: list[str] | None = None  # "message.output_text.logprobs" is the one honoured
+    top_logprobs: int | None = None
+
+    @property
+    def logprobs(self) -> bool:
+        return "message.output_text.logprobs" in (self.include or [])
 
     def check(self) -> None:
         if self.background:
@@ -58,6 +64,8 @@ class ResponsesRequest(BaseModel):
                               f"{MAX_METADATA_VALUE}", param="metadata")
         if self.reasoning and self.reasoning.get("effort") is not None:
             raise bad_request("reasoning is not supported by this model", param="reasoning")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise bad_request(f"top_logprobs must be between 0 and 20, got {self.top_logprobs}", param="top_logprobs")
         if isinstance(self.input, list) and not self.input and not self.previous_response_id:
             raise bad_request("input must not be empty", param="input")
 
@@ -99,6 +107,8 @@ class ResponsesRequest(BaseModel):
                             ("parallel_tool_calls", self.parallel_tool_calls)):
             if value is not None:
                 body[name] = value
+        if self.logprobs:
+            body.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
         if self.tools:
             body["tools"] = [_chat_tool(t, i) for i, t in enumerate(self.tools)]
         if self.tool_choice is not None:

@@ -85,8 +85,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     for c in sorted(final.outputs, key=lambda c: c.index):
         calls = tool_calls_of(plan, c.text, c.finish_reason) if plan is not None else None
         message = ChatMessageOut(content=None, tool_calls=calls) if calls else ChatMessageOut(content=echo + c.text)
-        choices.append(ChatChoice(index=c.index, message=message,
-                                  logprobs=_logprobs(c.logprobs, top_k, names) if params.logprobs is not None else None,
+        lp = choice_logprobs(c.logprobs, top_k, names) if params.logprobs is not None else None
+        choices.append(ChatChoice(index=c.index, message=message, logprobs=lp,
                                   finish_reason=_finish_reason(plan, c.finish_reason, calls),
                                   stop_reason=c.stop_reason))
     completion_tokens = sum(c.num_tokens for c in final.outputs)
@@ -218,7 +218,7 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
                     continue  # finished already, or e.g. a partial UTF-8 character held back
                 if c.finish_reason:
                     done.add(c.index)
-                lp = _logprobs(c.delta_logprobs, top_k, names) if c.delta_logprobs is not None else None
+                lp = choice_logprobs(c.delta_logprobs, top_k, names) if c.delta_logprobs is not None else None
                 raise_if_failed(out, c.index)
                 delta, reason = delta_of(c.index, c.delta_text, c.finish_reason)
                 if (required or (plan is not None and plan.mode == "auto")) and not reason and lp is None \
@@ -244,7 +244,7 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
     yield SSE_DONE
 
 
-def _logprobs(lps: list[TokenLogprob] | None, top_k: int, names: TokenNames) -> ChoiceLogprobs:
+def choice_logprobs(lps: list[TokenLogprob] | None, top_k: int, names: TokenNames) -> ChoiceLogprobs:
     return ChoiceLogprobs(content=[
         ChatTokenLogprob(token=names.name(t.token_id, t.token), logprob=clamp_logprob(t.logprob),
                          bytes=names.utf8(t.token_id, t.token),

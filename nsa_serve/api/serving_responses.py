@@ -27,8 +27,9 @@ from .errors import APIError
 from .generation import tracked_generate
 from .protocol_responses import ResponsesRequest
 from .response_store import ResponseStore, StoredResponse
-from .serving_chat import prepare_chat
-from .serving_common import ServingContext, SSEResponse, final_output, raise_if_failed, stream_error_event
+from .serving_chat import choice_logprobs, prepare_chat
+from .serving_common import (ServingContext, SSEResponse, TokenNames, final_output, raise_if_failed,
+                             stream_error_event)
 from .tools import ToolPlan, tool_calls_of
 
 # Chat field names in errors, as a Responses client wrote them.
@@ -64,7 +65,8 @@ async def create_response(ctx: ServingContext, store: ResponseStore, req: Respon
         chat = req.to_chat(history, body)
         prep = prepare_chat(ctx, chat)
         params = ctx.check_sampling_ids(chat.to_sampling_params(prep.max_tokens, ctx.defaults, prep.plan))
-    run = _Run(ctx, store, req, model, params.temperature, params.top_p, prep.plan, history)
+    run = _Run(ctx, store, req, model, params.temperature, params.top_p, prep.plan, history,
+               TokenNames(ctx.tokenizer) if req.logprobs else None)
     it = tracked_generate(ctx.engine, ctx.metrics, prep.prompt_ids, params, run.id, chat.priority,
                           ctx.request_log)
     first = await ctx.first_output(raw, it)
@@ -73,7 +75,7 @@ async def create_response(ctx: ServingContext, store: ResponseStore, req: Respon
 
     final = await final_output(ctx, raw, it, first)
     c = final.outputs[0]
-    response = run.finish(c.text, c.finish_reason, final)
+    response = run.finish(c.text, c.finish_reason, final, run.logprobs(c.logprobs))
     return JSONResponse(response, headers={"X-Request-Id": run.id})
 
 
@@ -81,8 +83,10 @@ class _Run:
     """One response: its envelope, its output items, and its storage."""
 
     def __init__(self, ctx: ServingContext, store: ResponseStore, req: ResponsesRequest, model: str,
-                 temperature: float, top_p: float, plan: ToolPlan | None, history: list[dict]):
+                 temperature: float, top_p: float, plan: ToolPlan | None, history: list[dict],
+                 names: TokenNames | None = None):
         self.ctx, self.store, self.req, self.model, self.plan, self.history = ctx, store, req, model, plan, history
+        self.names = names  # set when the request includes message.output_text.logprobs
         self.temperature, self.top_p = temperature, top_p
         self.id = _hex_id("resp")
         self.created = int(time.time())
@@ -107,22 +111,31 @@ class _Run:
             "background": False,
         }
 
-    def items(self, text: str, finish_reason: str | None) -> tuple[list[dict], list[dict] | None]:
+    def logprobs(self, lps) -> list[dict]:
+        """Tokens' logprobs in the Responses shape (chat's: token, logprob, bytes, top_logprobs)."""
+        if self.names is None or not lps:
+            return []
+        return [t.model_dump() for t in choice_logprobs(lps, self.req.top_logprobs or 0, self.names).content]
+
+    def items(self, text: str, finish_reason: str | None,
+              logprobs: list[dict] | None = None) -> tuple[list[dict], list[dict] | None]:
         """The output items of a finished reply, and its tool calls (chat shape) when it made any."""
         calls = tool_calls_of(self.plan, text, finish_reason) if self.plan is not None else None
         if calls:
             return [{"type": "function_call", "id": _hex_id("fc"), "call_id": c["id"], "name": c["function"]["name"],
                      "arguments": c["function"]["arguments"], "status": "completed"} for c in calls], calls
         status = "incomplete" if finish_reason == "length" else "completed"
-        return [self.message(status, text)], None
+        return [self.message(status, text, logprobs)], None
 
-    def message(self, status: str, text: str | None) -> dict:
-        content = [] if text is None else [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+    def message(self, status: str, text: str | None, logprobs: list[dict] | None = None) -> dict:
+        content = [] if text is None else [{"type": "output_text", "text": text, "annotations": [],
+                                            "logprobs": logprobs or []}]
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
 
-    def finish(self, text: str, finish_reason: str | None, final: RequestOutput) -> dict:
+    def finish(self, text: str, finish_reason: str | None, final: RequestOutput,
+               logprobs: list[dict] | None = None) -> dict:
         """The finished response object, stored when asked."""
-        output, calls = self.items(text, finish_reason)
+        output, calls = self.items(text, finish_reason, logprobs)
         n_in, n_out = len(final.prompt_token_ids), final.outputs[0].num_tokens
         usage = {"input_tokens": n_in, "input_tokens_details": {"cached_tokens": final.metrics.num_cached_tokens},
                  "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0},
@@ -145,7 +158,7 @@ class _Run:
         """The typed event stream. Text streams as generated; a reply that may be tool calls (any
         tool_choice but none) is held until it ends."""
         held = self.plan is not None
-        text = ""
+        text, lps = "", []
         try:
             yield self.event("response.created", response=self.envelope("in_progress", []))
             yield self.event("response.in_progress", response=self.envelope("in_progress", []))
@@ -158,14 +171,16 @@ class _Run:
             while True:
                 c = out.outputs[0]
                 raise_if_failed(out)
-                if c.delta_text:
+                delta_lps = self.logprobs(c.delta_logprobs)
+                lps += delta_lps
+                if c.delta_text or delta_lps:
                     text += c.delta_text
                     if not held:
-                        yield self.event("response.output_text.delta", **ids, delta=c.delta_text, logprobs=[])
+                        yield self.event("response.output_text.delta", **ids, delta=c.delta_text, logprobs=delta_lps)
                 if out.finished:
                     break
                 out = await it.__anext__()
-            response = self.finish(text, c.finish_reason, out)
+            response = self.finish(text, c.finish_reason, out, lps)
             for index, item in enumerate(response["output"]):
                 if item["type"] == "function_call":
                     added = {**item, "arguments": "", "status": "in_progress"}
@@ -182,9 +197,9 @@ class _Run:
                     yield self.event("response.content_part.added", item_id=self.message_id, output_index=0,
                                      content_index=0, part={"type": "output_text", "text": "", "annotations": []})
                     if text:
-                        yield self.event("response.output_text.delta", **ids, delta=text, logprobs=[])
+                        yield self.event("response.output_text.delta", **ids, delta=text, logprobs=lps)
                 part = item["content"][0]
-                yield self.event("response.output_text.done", **ids, text=part["text"], logprobs=[])
+                yield self.event("response.output_text.done", **ids, text=part["text"], logprobs=part["logprobs"])
                 yield self.event("response.content_part.done", **ids, part=part)
                 yield self.event("response.output_item.done", output_index=0, item=item)
             kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
