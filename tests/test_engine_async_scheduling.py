@@ -61,6 +61,13 @@ def test_async_steps_give_the_synchronous_outputs(shared_kv):
     probe = _engine(False, shared_kv).generate([prompts[0]], SamplingParams(temperature=0, max_tokens=12,
                                                                                ignore_eos=True))[0]
     stop_tok = probe.outputs[0].token_ids[5]
+    # A one-token bad word the probe writes (its ban needs no earlier token: the row stays async).
+    tok = _engine(False, shared_kv).tokenizer
+    words = [tok.sp.id_to_piece(t)[1:] for t in probe.outputs[0].token_ids
+             if tok.sp.id_to_piece(t).startswith("\u2581") and len(tok.sp.id_to_piece(t)) > 1]
+    words = [w for w in words if len(tok.encode(w, add_bos=False)) == 1]
+    assert words, "the probe wrote no one-token word to ban"
+    banned = tok.encode(words[0], add_bos=False)[0]
     requests = {
         "stop": (prompts[0], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[stop_tok])),
         "greedy": (prompts[1], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)),
@@ -71,6 +78,7 @@ def test_async_steps_give_the_synchronous_outputs(shared_kv):
         "penalty": (prompts[5], SamplingParams(temperature=0, max_tokens=7, repetition_penalty=1.3,
                                                ignore_eos=True)),
         "late": (prompts[6], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)),
+        "bad-word": (prompts[0], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, bad_words=[words[0]])),
     }
     arrivals = {"late": 9}
     sync, n_sync = _drive(_engine(False, shared_kv), requests, arrivals)
@@ -81,6 +89,7 @@ def test_async_steps_give_the_synchronous_outputs(shared_kv):
     for rid in requests:
         assert _view(got[rid]) == _view(sync[rid]), rid
     assert sync["stop"].outputs[0].finish_reason == "stop" and len(sync["stop"].outputs[0].token_ids) < 12
+    assert banned not in got["bad-word"].outputs[0].token_ids and banned in probe.outputs[0].token_ids
     assert eng.stats().generation_tokens_total == sum(len(c.token_ids) for o in sync.values() for c in o.outputs)
 
 
