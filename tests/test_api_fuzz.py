@@ -169,3 +169,40 @@ def test_valid_parameter_combinations_finish_normally_under_concurrency(api_serv
         problems = [p for p in pool.map(one, range(96)) if p is not None]
     assert not problems, "\n".join(problems)
     assert_nothing_left(api_server)
+
+
+RESPONSES_FIELDS = ["model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "store",
+                    "previous_response_id", "metadata", "text", "tools", "tool_choice", "parallel_tool_calls",
+                    "reasoning", "include", "top_logprobs", "background", "top_k", "seed", "stop"]
+RESPONSES_INPUTS = ["hi", [], [{"role": "user", "content": "hi"}], [{"type": "function_call_output"}],
+                    [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}],
+                    [{"role": "user", "content": [{"type": "input_text", "text": 5}]}], [{"role": "tool"}], [3]]
+
+
+def test_malformed_responses_bodies_get_openai_errors_and_leave_nothing_behind(api_server):  # noqa: F811
+    rnd = random.Random(39)
+    problems = []
+    with api_server.http() as c:
+        for _ in range(120):
+            body = {"model": api_server.engine.model_name, "input": rnd.choice(RESPONSES_INPUTS),
+                    "max_output_tokens": 3}
+            for _ in range(rnd.randint(1, 3)):
+                body[rnd.choice(RESPONSES_FIELDS)] = rnd.choice(ODD_VALUES + RESPONSES_INPUTS)
+            code, text = send(c, "/v1/responses", body)
+            wrong = None
+            if code not in (200, 400, 404):
+                wrong = f"status {code}"
+            elif code != 200:
+                err = json.loads(text).get("error")
+                if not (isinstance(err, dict) and err.get("message") and err.get("type")):
+                    wrong = "error body not OpenAI-shaped"
+            elif body.get("stream") is True:
+                events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+                if not events or events[-1].get("type") not in ("response.completed", "response.incomplete"):
+                    wrong = f"stream ended with {events[-1] if events else None}"
+            elif json.loads(text).get("status") not in ("completed", "incomplete"):
+                wrong = "response not completed"
+            if wrong is not None:
+                problems.append(f"{wrong}: {json.dumps(body, allow_nan=True)[:300]} -> {text[:300]}")
+    assert not problems, "\n".join(problems)
+    assert_nothing_left(api_server)
