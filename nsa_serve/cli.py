@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Subcommands defined beside their code, as (module, commands it registers).
-PLUGINS = (("nsa_serve.api.cli", ("serve",)), ("nsa_serve.engine.cli", ("bench",)),
+PLUGINS = (("nsa_serve.api.cli", ("serve",)), ("nsa_serve.api.run_batch", ("run-batch",)),
+           ("nsa_serve.engine.cli", ("bench",)),
            ("nsa_serve.train.cli", ("prepare-data", "train", "eval")))
 
 

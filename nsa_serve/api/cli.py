@@ -65,6 +65,12 @@ def register(subparsers) -> None:
                    help="seconds between lines of engine statistics in the log (throughputs, queue, KV cache; "
                         "0: none)")
     g.add_argument("--disable-log-stats", action="store_true", help="no lines of engine statistics (vLLM's flag)")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def add_engine_args(p) -> None:
+    """The engine's flags (serve and run-batch)."""
     g = p.add_argument_group("engine")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
@@ -96,7 +102,6 @@ def register(subparsers) -> None:
                    help="CUDA: do not compile the kernel variants of eager steps at start-up (they "
                    "then compile inside the first requests that meet them)")
     g.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_serve)
 
 
 def engine_args_from(args):
