@@ -96,7 +96,7 @@ def test_previous_response_id_continues_the_stored_conversation(client, api_serv
 
 def test_function_tools_give_function_call_items_and_take_their_outputs(client, api_server):  # noqa: F811
     name = api_server.engine.model_name
-    kw = dict(model=name, input="Weather in Oslo?", tools=[WEATHER], max_output_tokens=40)
+    kw = dict(model=name, input="Weather in Oslo?", tools=[WEATHER], max_output_tokens=160, temperature=0.0)
     for choice in ({"type": "function", "name": "get_weather"}, "required"):
         r = client.responses.create(tool_choice=choice, **kw)
         calls = [o for o in r.output if o.type == "function_call"]
@@ -128,7 +128,8 @@ def test_function_tools_give_function_call_items_and_take_their_outputs(client, 
 def test_a_json_schema_text_format_shapes_the_reply(client, api_server):  # noqa: F811
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
               "required": ["n"], "additionalProperties": False}
-    r = client.responses.create(model=api_server.engine.model_name, input="A number?", max_output_tokens=20,
+    r = client.responses.create(model=api_server.engine.model_name, input="A number?", max_output_tokens=40,
+                                temperature=0.0,
                                 text={"format": {"type": "json_schema", "name": "num", "schema": schema}})
     assert r.status == "completed" and set(json.loads(r.output_text)) == {"n"}
 
