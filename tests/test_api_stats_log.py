@@ -24,7 +24,7 @@ def test_a_line_has_interval_rates_and_current_state_and_idles_down_to_debug():
     level, text = logger.line()
     assert level == logging.INFO
     prompt, gen = (float(text.split(f"{k} ")[1].split(" tok/s")[0]) for k in ("prompt", "generation"))
-    assert 400 / 0.5 < prompt < 400 / 0.2 and 50 / 0.5 < gen < 50 / 0.2
+    assert 400 / 3 < prompt <= 400 / 0.2 and 50 / 3 < gen <= 50 / 0.2  # over the 0.2 s slept (or a slow CI's more)
     assert "running 3 reqs, waiting 1 reqs, KV cache 25.0%" in text
     assert "prefix cache hits 25.0%" in text and "NSA decode read 10.0% of dense" in text
     assert "preemptions 2, failed steps 0" in text
