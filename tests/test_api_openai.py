@@ -547,6 +547,22 @@ def test_invocations_dispatch_on_the_body_as_sagemaker_sends_it(api_server):
         assert h.post("/invocations", json=chat).status_code == 401
 
 
+def test_a_client_request_id_names_the_request(api_server):
+    """vLLM's way with X-Request-Id: the id after the endpoint's prefix, in the body and the header;
+    a malformed one is a 400, and none gives a fresh id."""
+    body = {"prompt": "Trace me", "max_tokens": 2}
+    with api_server.http() as h:
+        r = h.post("/v1/completions", json=body, headers={"X-Request-Id": "trace-42.a"})
+        assert r.json()["id"] == "cmpl-trace-42.a" == r.headers["x-request-id"]
+        chat = h.post("/v1/chat/completions", headers={"X-Request-Id": "trace-43"},
+                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True})
+        assert chat.headers["x-request-id"] == "chatcmpl-trace-43" and '"id":"chatcmpl-trace-43"' in chat.text
+        bad = h.post("/v1/completions", json=body, headers={"X-Request-Id": "has space"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "request_id"
+        fresh = h.post("/v1/completions", json=body)
+        assert fresh.json()["id"].startswith("cmpl-") and len(fresh.json()["id"]) > 30
+
+
 def test_wrong_key_is_an_authentication_error(api_server):
     bad = openai.OpenAI(base_url=f"{api_server.url}/v1", api_key=API_KEY + "x", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as exc:

@@ -18,7 +18,7 @@ from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCom
                        ChatCompletionResponse, ChatMessageOut, ChatTokenLogprob, ChoiceLogprobs, DeltaMessage,
                        PromptTokensDetails, TopLogprob, UsageInfo, check_continuation)
 from .serving_common import (SSE_DONE, ServingContext, SSEResponse, TokenNames, clamp_logprob, final_output,
-                             json_response, new_id, prompt_logprobs_body, raise_if_failed, run_to_end, sse,
+                             json_response, prompt_logprobs_body, raise_if_failed, request_id_for, run_to_end, sse,
                              stream_error_event)
 from .tools import RequiredCallStream, ToolPlan, new_call_id, tool_calls_of, tools_system_text
 
@@ -67,7 +67,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         return await _beam_search_reply(ctx, req, raw, model, prompt_ids, req.to_beam_search_params(max_tokens, plan),
                                         echo)
     params = ctx.check_sampling_ids(req.to_sampling_params(max_tokens, ctx.defaults, plan))
-    request_id = new_id("chatcmpl")
+    request_id = request_id_for(raw, "chatcmpl")
     top_k = req.top_logprobs or 0
     names = TokenNames(ctx.tokenizer, req.return_tokens_as_token_ids)
     it = tracked_generate(ctx.engine, ctx.metrics, prompt_ids, params, request_id, req.priority, ctx.request_log)
@@ -103,7 +103,7 @@ async def _beam_search_reply(ctx: ServingContext, req: ChatCompletionRequest, ra
     """use_beam_search: the n best beams as the choices, best first. The search ends before the
     response starts, so a stream carries each choice whole."""
     ctx.check_token_ids(list(bp.stop_token_ids), "stop_token_ids")
-    request_id = new_id("chatcmpl")
+    request_id = request_id_for(raw, "chatcmpl")
 
     async def search():
         return [await beam_search(ctx.engine, prompt_ids, bp, request_id, ctx.tokenizer.stop_token_ids,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
@@ -190,6 +191,21 @@ def _jsonable(v) -> bool:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_for(request: Request, prefix: str) -> str:
+    """The request's id: the client's X-Request-Id after the prefix when it sends one (vLLM's way,
+    so a trace through proxies finds the request in responses and logs), else a fresh one. Two
+    requests running with the same id are refused (400 naming request_id)."""
+    given = request.headers.get("x-request-id")
+    if given is None:
+        return new_id(prefix)
+    if not _CLIENT_ID.fullmatch(given):
+        raise bad_request("X-Request-Id must be 1-128 letters, digits, '.', '_', ':' or '-'", param="request_id")
+    return f"{prefix}-{given}"
 
 
 def clamp_logprob(x: float) -> float:

@@ -19,7 +19,8 @@ from .generation import merge, tracked_generate
 from .protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                        PromptTokensDetails, UsageInfo)
 from .serving_common import (SSE_DONE, ServingContext, SSEResponse, TokenNames, clamp_logprob, json_response,
-                             new_id, prompt_logprobs_body, raise_if_failed, run_to_end, sse, stream_error_event)
+                             prompt_logprobs_body, raise_if_failed, request_id_for, run_to_end, sse,
+                             stream_error_event)
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
@@ -39,7 +40,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         return await _beam_search_reply(ctx, req, raw, model, prompts, prompt_ids,
                                         [req.to_beam_search_params(m) for m in budgets])
     params = [ctx.check_sampling_ids(req.to_sampling_params(m, ctx.defaults)) for m in budgets]
-    request_id = new_id("cmpl")
+    request_id = request_id_for(raw, "cmpl")
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
     gens = [tracked_generate(ctx.engine, ctx.metrics, p, sp, rid, req.priority, ctx.request_log)
             for p, sp, rid in zip(prompt_ids, params, ids)]
@@ -94,7 +95,7 @@ async def _beam_search_reply(ctx: ServingContext, req: CompletionRequest, raw: R
     searches end before the response starts, so a stream carries each choice whole."""
     for bp in bps:
         ctx.check_token_ids(list(bp.stop_token_ids), "stop_token_ids")
-    request_id = new_id("cmpl")
+    request_id = request_id_for(raw, "cmpl")
 
     async def search_all():
         return await asyncio.gather(*(
