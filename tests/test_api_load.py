@@ -12,7 +12,7 @@ from api_fixtures import start_server, tiny_model_dir, wait_for  # noqa: F401
 
 
 def test_mixed_traffic_under_preemption_loses_nothing(tiny_model_dir):  # noqa: F811
-    server = start_server(tiny_model_dir, num_pages=48, max_num_seqs=8, max_model_len=512)
+    server = start_server(tiny_model_dir, num_pages=28, max_num_seqs=8, max_model_len=400)
 
     def one(i: int) -> str | None:
         rnd = random.Random(i)

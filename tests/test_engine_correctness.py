@@ -208,6 +208,30 @@ def test_prompt_tokens_total_follows_prefill_progress_once_per_request():
     assert seen[-1] == len(prompt)
 
 
+def test_n_completions_compute_their_shared_prompt_once():
+    """With the prefix cache, completions 2..n wait for the first to prefill the prompt, then find its
+    pages cached: the prompt is computed once (plus each one's last partial page), and the seeded
+    outputs equal a run that computes it n times (no prefix cache)."""
+    prompt = random_prompts(1, 200, 200, seed=12)[0]
+    params = SamplingParams(temperature=1.0, seed=5, n=4, max_tokens=6, ignore_eos=True)
+    outputs, computed = {}, {}
+    for caching in (True, False):
+        engine = make_engine(True, num_pages=128, enable_prefix_caching=caching, long_prefill_token_threshold=64)
+        engine.add_request("n4", prompt, params)
+        fed = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    outputs[caching] = [c.token_ids for c in out.outputs]
+            fed += engine.last_timing.num_tokens
+        computed[caching] = fed - 4 * 5  # less the decode steps' tokens: 5 fed per completion of 6
+        engine.block_manager.check_all_free()
+    assert outputs[True] == outputs[False] and len({tuple(o) for o in outputs[True]}) == 4
+    assert computed[False] == 4 * len(prompt)
+    # Once, plus three re-computations of at most a page and a summary tail each (16 + 12 tokens).
+    assert computed[True] <= len(prompt) + 3 * (16 + 12), computed
+
+
 @pytest.mark.parametrize("shared_kv", KV_MODES)
 def test_a_step_failing_after_its_layers_wrote_the_cache_leaves_the_others_exact(shared_kv):
     """A step that raises in its last layer's attention, after every layer wrote its pages (and,

@@ -6,6 +6,9 @@ that is still being prefilled), then waiting ones are admitted while budget and 
 sequence gets more than `long_prefill_token_threshold` prompt tokens per step, so a 128k prompt is
 spread over many steps and decodes of other requests keep flowing between its chunks.
 
+A request's n > 1 completions share its prompt: the others are admitted once the first has
+prefilled it, so they find its pages in the prefix cache instead of computing it again.
+
 When pages run out, the least important running sequence is preempted by recompute: its pages are
 freed and it waits again at the front, keeping its prompt and output so far (its own pages may
 come back through the prefix cache). Policies: "fcfs" (arrival order) and "priority" (lower
@@ -88,6 +91,12 @@ class Scheduler:
         self.waiting.append(seq)
         self.num_preemptions += 1
 
+    def _awaits_sibling(self, seq: Sequence, prefilling: set[str]) -> bool:
+        """A request's other completions (n > 1) wait while one of them prefills the shared prompt,
+        then find its pages in the prefix cache: the prompt is computed once, not n times."""
+        return (self.bm.enable_prefix_caching and seq.index > 0 and seq.num_preemptions == 0
+                and seq.request_id in prefilling)
+
     # -- one step ---------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -116,15 +125,22 @@ class Scheduler:
 
         # Admit waiting sequences only when nobody was pushed out this step (else they would
         # just take the pages back from the ones preempted).
-        while (self.waiting and not batch.preempted and budget > 0
+        prefilling = {s.request_id for s in self.running if s.num_computed_tokens < s.num_prompt_tokens}
+        j = 0
+        while (j < len(self.waiting) and not batch.preempted and budget > 0
                and len(self.running) < self.max_num_seqs):
-            seq = self.waiting[0]
+            seq = self.waiting[j]
+            if self._awaits_sibling(seq, prefilling):
+                j += 1
+                continue
             n = min(seq.num_tokens, self.chunk_cap, budget)
             if not self.bm.admit(seq, n):
                 break
             # Tokens served by the prefix cache need no compute; the chunk starts after them.
             n = min(seq.num_tokens - seq.num_computed_tokens, self.chunk_cap, budget)
-            self.waiting.pop(0)
+            self.waiting.pop(j)
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                prefilling.add(seq.request_id)
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
