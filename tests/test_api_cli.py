@@ -160,3 +160,27 @@ def test_https_and_a_root_path(tmp_path, tiny_model_dir):  # noqa: F811
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_generation_config_flags_choose_the_sampling_defaults(tmp_path):
+    from nsa_serve.api.cli import sampling_defaults
+    from nsa_serve.cli import build_parser
+
+    model, other = tmp_path / "model", tmp_path / "other"
+    for folder, config in ((model, {"temperature": 0.3, "top_p": 0.9, "bos_token_id": 1}), (other, {"top_k": 7})):
+        folder.mkdir()
+        (folder / "generation_config.json").write_text(json.dumps(config))
+
+    def defaults(*flags):
+        return sampling_defaults(build_parser().parse_args(["serve", str(model), *flags]))
+
+    assert defaults() == {"temperature": 0.3, "top_p": 0.9}  # auto: the model's, sampling fields only
+    assert defaults("--generation-config", "vllm") == {}
+    assert defaults("--generation-config", str(other)) == {"top_k": 7}
+    assert defaults("--override-generation-config", '{"temperature": 0, "max_tokens": 9}') == {
+        "temperature": 0, "top_p": 0.9, "max_tokens": 9}
+    for flags, message in ((("--generation-config", str(tmp_path / "missing")), "not 'auto', 'vllm' or a folder"),
+                           (("--override-generation-config", '{"temprature": 0}'), "unknown field"),
+                           (("--override-generation-config", "[1]"), "JSON object")):
+        with pytest.raises(SystemExit, match=message):
+            defaults(*flags)

@@ -102,6 +102,40 @@ def add_engine_args(p) -> None:
                    help="CUDA: do not compile the kernel variants of eager steps at start-up (they "
                    "then compile inside the first requests that meet them)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--generation-config", default="auto",
+                   help="sampling defaults for what requests leave out: 'auto' (the model directory's "
+                        "generation_config.json), 'vllm' (none: the API's own defaults), or a folder holding a "
+                        "generation_config.json (vLLM's flag)")
+    g.add_argument("--override-generation-config", type=json.loads, default=None,
+                   help="JSON object merged over those defaults, e.g. '{\"temperature\": 0.5}' (vLLM's flag)")
+
+
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
+
+
+def sampling_defaults(args) -> dict:
+    """What a request that leaves a sampling field out gets (--generation-config and its override)."""
+    from ..model.checkpoint import load_generation_config
+
+    source = args.generation_config
+    if source == "vllm":
+        config = {}
+    else:
+        folder = args.model if source == "auto" else source
+        if source != "auto" and not os.path.isdir(folder):
+            raise SystemExit(f"nsa-serve: --generation-config {source!r} is not 'auto', 'vllm' or a folder")
+        try:
+            config = load_generation_config(folder)
+        except ValueError as exc:
+            raise SystemExit(f"nsa-serve: {exc}") from None
+    override = args.override_generation_config or {}
+    if not isinstance(override, dict):
+        raise SystemExit("nsa-serve: --override-generation-config must be a JSON object")
+    unknown = sorted(set(override) - set(SAMPLING_DEFAULTS))
+    if unknown:
+        raise SystemExit(f"nsa-serve: --override-generation-config: unknown field(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(SAMPLING_DEFAULTS)}")
+    return {k: v for k, v in {**config, **override}.items() if k in SAMPLING_DEFAULTS}
 
 
 def engine_args_from(args):
@@ -150,7 +184,6 @@ async def serve(args) -> int:
 
     from ..engine.async_engine import AsyncLLMEngine
     from ..engine.llm_engine import LLMEngine
-    from ..model.checkpoint import load_generation_config
     from ..model.init_model import ensure_default_model
     from .server import ServerSettings, build_app
 
@@ -160,6 +193,7 @@ async def serve(args) -> int:
 
         stage("resolving model")
         args.model = str(args.model or ensure_default_model())
+        defaults = sampling_defaults(args)  # a bad --generation-config ends here, before the weights load
         bar.update()
         stage("loading weights")
         eargs = engine_args_from(args)
@@ -175,8 +209,6 @@ async def serve(args) -> int:
         bar.update()
         stage("ready")
 
-    defaults = {k: v for k, v in load_generation_config(args.model).items()
-                if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")}
     settings = ServerSettings(served_model_names=args.served_model_name or [], api_key=args.api_key,
                               max_body_bytes=args.max_body_bytes, retry_after_s=args.retry_after,
                               shutdown_timeout_s=args.shutdown_timeout, defaults=defaults, model_root=args.model,

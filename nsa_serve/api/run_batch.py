@@ -62,20 +62,18 @@ async def run_batch(args, lines: list[str]) -> list[dict]:
 
     from ..engine.async_engine import AsyncLLMEngine
     from ..engine.llm_engine import LLMEngine
-    from ..model.checkpoint import load_generation_config
     from ..model.init_model import ensure_default_model
-    from .cli import engine_args_from
+    from .cli import engine_args_from, sampling_defaults
     from .server import ServerSettings, build_app
 
     args.model = str(args.model or ensure_default_model())
+    defaults = sampling_defaults(args)
     try:
         eargs = engine_args_from(args)
         engine = AsyncLLMEngine(eargs, engine=LLMEngine(eargs))
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"nsa-serve run-batch: {exc}") from None
     await engine.start()
-    defaults = {k: v for k, v in load_generation_config(args.model).items()
-                if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")}
     app = build_app(engine, ServerSettings(defaults=defaults, model_root=args.model, start_engine=False,
                                            log_stats_interval_s=0.0, responses_store_size=0))
     sem = asyncio.Semaphore(args.max_concurrency or eargs.max_num_seqs)
