@@ -11,8 +11,8 @@ import anyio
 from starlette.requests import Request
 
 from ..engine.protocol import RequestOutput, TokenLogprob
-from .errors import bad_request
 from .beam_search import BeamSearchParams, beam_search, observed
+from .errors import bad_request
 from .generation import tracked_generate
 from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatMessageOut, ChatTokenLogprob, ChoiceLogprobs, DeltaMessage,

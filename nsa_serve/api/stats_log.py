@@ -21,15 +21,15 @@ log = logging.getLogger("nsa_serve.stats")
 
 
 class StatsLog:
-    def __init__(self, stats: Callable[[], EngineStats]):
-        self._stats = stats
+    def __init__(self, stats: Callable[[], EngineStats], clock: Callable[[], float] = time.perf_counter):
+        self._stats, self._clock = stats, clock
         self._last = stats()
-        self._last_t = time.perf_counter()
+        self._last_t = clock()
         self._was_busy = False
 
     def line(self) -> tuple[int, str]:
         """The log level and text for the interval since the previous call."""
-        now, s = time.perf_counter(), self._stats()
+        now, s = self._clock(), self._stats()
         dt, p = max(now - self._last_t, 1e-9), self._last
         prompt = (s.prompt_tokens_total - p.prompt_tokens_total) / dt
         gen = (s.generation_tokens_total - p.generation_tokens_total) / dt
