@@ -131,3 +131,19 @@ def test_chat_tool_calls_and_logprobs_are_refused_with_beam_search(client, api_s
             client.chat.completions.create(model=name, messages=messages, max_tokens=2,
                                            extra_body={"use_beam_search": True}, **kw)
         assert e.value.body["param"] == field
+
+
+def test_a_search_counts_as_the_users_request_in_the_metrics(client, api_server):  # noqa: F811
+    """The engine's one-token step requests are not requests: /metrics counts one request of n =
+    width, whose width sequences finished; the steps' tokens show only as engine work."""
+    before = api_server.metrics()
+    r = client.completions.create(model=api_server.engine.model_name, prompt=PROMPT, max_tokens=3, n=2,
+                                  extra_body={"use_beam_search": True, "ignore_eos": True})
+    after = api_server.metrics()
+    d = lambda key: after.get(key, 0.0) - before.get(key, 0.0)  # noqa: E731
+    assert d("nsa:request_prompt_tokens_count") == 1 and d("nsa:request_prompt_tokens_sum") == len(PROMPT)
+    assert d("nsa:request_params_n_count") == 1 and d("nsa:request_params_n_sum") == 2
+    assert d("nsa:request_params_max_tokens_sum") == 3
+    assert d('nsa:request_success_total{finished_reason="length"}') == 2
+    assert d("nsa:request_generation_tokens_sum") == r.usage.completion_tokens == 6
+    assert d("nsa:iteration_tokens_total_count") >= 3  # at least one engine step per search step

@@ -15,7 +15,9 @@ CONTRACT = [
     "nsa:generation_tokens_total", "nsa:num_preemptions_total", "nsa:engine_step_failures_total",
     "nsa:request_success_total",
     "nsa:prefix_cache_queries_total", "nsa:prefix_cache_hits_total", "nsa:kv_tokens_read_total",
-    "nsa:kv_tokens_dense_equivalent_total", "nsa:http_requests_total",
+    "nsa:kv_tokens_dense_equivalent_total", "nsa:http_requests_total", "nsa:iteration_tokens_total",
+    "nsa:request_inference_time_seconds", "nsa:request_time_per_output_token_seconds", "nsa:request_params_n",
+    "nsa:request_params_max_tokens", "nsa:cache_config_info",
 ]
 
 
@@ -38,6 +40,14 @@ def test_every_contract_metric_is_exposed_with_model_name(api_server):
     samples = [ln for ln in text.splitlines() if ln.startswith("nsa:")]
     assert samples and all(f'model_name="{model}"' in ln for ln in samples)
     assert 'nsa:time_to_first_token_seconds_bucket{le="0.001"' in text  # TTFT buckets start at 1 ms
+    engine = api_server.engine.engine
+    info = {k: v for k, v in parse_metrics(text).items() if k.startswith("nsa:cache_config_info")}
+    (key, value), = info.items()
+    assert value == 1
+    assert f'block_size="{engine.block_manager.page_size}"' in key
+    assert f'num_gpu_blocks="{engine.block_manager.num_pages}"' in key
+    assert f'enable_prefix_caching="{engine.block_manager.enable_prefix_caching}"' in key
+    assert f'max_model_len="{engine.max_model_len}"' in key
 
 
 def test_metrics_agree_with_a_known_batch_of_traffic(api_server):
@@ -46,12 +56,13 @@ def test_metrics_agree_with_a_known_batch_of_traffic(api_server):
     assert wait_for(lambda: api_server.engine.stats().num_running == 0)
     before = api_server.metrics()
 
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = completion_tokens = sequence_prompt_tokens = 0
     decode_lengths: list[int] = []  # context length of every decode step (known for greedy, no stop)
 
     def account(usage, n=1):
-        nonlocal prompt_tokens, completion_tokens
+        nonlocal prompt_tokens, completion_tokens, sequence_prompt_tokens
         prompt_tokens += usage.prompt_tokens
+        sequence_prompt_tokens += n * usage.prompt_tokens
         completion_tokens += usage.completion_tokens
         per_seq = usage.completion_tokens // n
         # The first token comes from the prefill; each later one is one decode step over P + k tokens.
@@ -81,6 +92,7 @@ def test_metrics_agree_with_a_known_batch_of_traffic(api_server):
                                         stop=[stop], extra_body={"ignore_eos": True})
     assert stopped.choices[0].finish_reason == "stop"
     prompt_tokens += stopped.usage.prompt_tokens
+    sequence_prompt_tokens += stopped.usage.prompt_tokens
     completion_tokens += stopped.usage.completion_tokens
     # 1 refused request (400): counted by HTTP status only
     with api_server.http() as h:
@@ -105,6 +117,18 @@ def test_metrics_agree_with_a_known_batch_of_traffic(api_server):
         assert d(f"nsa:{hist}_count") == 7, hist
     # every token after a sequence's first is one inter-token interval
     assert d("nsa:inter_token_latency_seconds_count") == completion_tokens - 9
+    assert d("nsa:request_inference_time_seconds_count") == 7
+    assert d("nsa:request_time_per_output_token_seconds_count") == 6 + (stopped.usage.completion_tokens > 1)
+    assert d("nsa:request_params_n_count") == 7 and d("nsa:request_params_n_sum") == 3 + 2 * 2 + 1 + 1
+    assert d("nsa:request_params_max_tokens_sum") == 3 * 5 + 2 * 4 + 16 + 16
+    # Every token an engine step computed: each sequence's prompt less its prefix-cache hits, and
+    # its tokens after the first (the last sampled token is never fed back). In steps of 1..2**20.
+    computed = sequence_prompt_tokens - d("nsa:prefix_cache_hits_total") + completion_tokens - 9
+    assert d("nsa:iteration_tokens_total_sum") == computed
+    steps = d('nsa:iteration_tokens_total_bucket{le="+Inf"}')
+    assert d("nsa:iteration_tokens_total_count") == steps and computed / 1024 <= steps <= computed
+    assert d('nsa:iteration_tokens_total_bucket{le="1.0"}') >= 1  # decode steps of one sequence
+    assert after['nsa:iteration_tokens_total_bucket{le="1048576.0"}'] == after["nsa:iteration_tokens_total_count"]
     assert d('nsa:http_requests_total{route="/v1/chat/completions",status="200"}') == 3
     assert d('nsa:http_requests_total{route="/v1/completions",status="200"}') == 4
     assert d('nsa:http_requests_total{route="/v1/completions",status="400"}') == 1

@@ -109,11 +109,12 @@ async def _next_tokens(engine, token_ids: list[int], params: SamplingParams, req
     return [(t, v) for t, _, v in lp.top]
 
 
-async def observed(metrics: ServerMetrics, prompt_lens: list[int], width: int,
+async def observed(metrics: ServerMetrics, prompt_lens: list[int], params: list[BeamSearchParams],
                    search: Callable[[], Awaitable[list[list[Beam]]]]) -> list[list[Beam]]:
-    """Run `search` (the beams of each prompt) and count it in the server's metrics as the user's
-    request it is: the engine's one-token step requests are not users' requests. A client that
-    left counts its sequences as aborted, a failure (5xx) as errors; a refusal (4xx) counts none."""
+    """Run `search` (the beams of each prompt, searched with `params`) and count it in the server's
+    metrics as the user's request it is: the engine's one-token step requests are not users'
+    requests. A client that left counts its sequences as aborted, a failure (5xx) as errors; a
+    refusal (4xx) counts none."""
     started = time.perf_counter()
     reason = None
     try:
@@ -129,14 +130,16 @@ async def observed(metrics: ServerMetrics, prompt_lens: list[int], width: int,
         raise
     finally:
         if reason is not None:
-            for n in prompt_lens:
+            for n, bp in zip(prompt_lens, params):
                 metrics.prompt_len.observe(n)
                 metrics.e2e.observe(time.perf_counter() - started)
-                for _ in range(width):
+                metrics.request_params(bp.width, bp.max_tokens)
+                for _ in range(bp.width):
                     metrics.finished_sequence(reason, 0)
     elapsed = time.perf_counter() - started
-    for n, beams in zip(prompt_lens, results):
+    for n, bp, beams in zip(prompt_lens, params, results):
         metrics.prompt_len.observe(n)
+        metrics.request_params(bp.width, bp.max_tokens)
         metrics.ttft.observe(elapsed)  # the first text goes out with the last
         metrics.e2e.observe(elapsed)
         for b in beams:

@@ -67,6 +67,7 @@ async def tracked_generate(engine, metrics: ServerMetrics, prompt_ids: list[int]
             if out.finished:
                 done = True
                 _observe_request(metrics, out, arrival)
+                metrics.request_params(params.n, params.max_tokens)
                 if request_log is not None:
                     request_log.finished(request_id, out)
             yield out
@@ -96,6 +97,7 @@ async def tracked_generate(engine, metrics: ServerMetrics, prompt_ids: list[int]
                     metrics.finished_sequence(end_reason, num_tokens.get(i, 0))
             metrics.prompt_len.observe(len(prompt_ids))
             metrics.e2e.observe(time.perf_counter() - arrival)
+            metrics.request_params(params.n, params.max_tokens)
 
 
 def _observe_request(metrics: ServerMetrics, out: RequestOutput, arrival: float) -> None:
@@ -108,9 +110,16 @@ def _observe_request(metrics: ServerMetrics, out: RequestOutput, arrival: float)
         if m.first_token_time is not None:
             metrics.prefill_time.observe(max(0.0, m.first_token_time - m.first_scheduled_time))
     if m.first_token_time is not None and m.last_token_time is not None:
-        metrics.decode_time.observe(max(0.0, m.last_token_time - m.first_token_time))
+        decode = max(0.0, m.last_token_time - m.first_token_time)
+        metrics.decode_time.observe(decode)
+        # Completions decode side by side: the longest one's tokens set the pace (vLLM: one per request).
+        longest = max((c.num_tokens for c in out.outputs), default=0)
+        if longest > 1:
+            metrics.tpot.observe(decode / (longest - 1))
     if m.finished_time is not None:
         metrics.e2e.observe(max(0.0, m.finished_time - m.arrival_time))
+        if m.first_scheduled_time is not None:
+            metrics.inference_time.observe(max(0.0, m.finished_time - m.first_scheduled_time))
     else:
         metrics.e2e.observe(time.perf_counter() - arrival)
 

@@ -64,7 +64,8 @@ class ServerSettings:
 def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     names = settings.served_model_names or [engine.model_name]
-    metrics = ServerMetrics(names[0], engine.max_model_len, stats=engine.stats)
+    metrics = ServerMetrics(names[0], engine.max_model_len, stats=engine.stats,
+                            cache_info=engine.cache_info)
     ctx = ServingContext(engine=engine, metrics=metrics, served_model_names=names,
                          max_model_len=engine.max_model_len, model_root=settings.model_root,
                          defaults=dict(settings.defaults), retry_after_s=settings.retry_after_s,

@@ -109,7 +109,7 @@ async def _beam_search_reply(ctx: ServingContext, req: ChatCompletionRequest, ra
         return [await beam_search(ctx.engine, prompt_ids, bp, request_id, ctx.tokenizer.stop_token_ids,
                                   req.priority)]
 
-    beams, = await observed(ctx.metrics, [len(prompt_ids)], bp.width, lambda: run_to_end(ctx, raw, search))
+    beams, = await observed(ctx.metrics, [len(prompt_ids)], [bp], lambda: run_to_end(ctx, raw, search))
     created = int(time.time())
     completion_tokens = sum(len(b.tokens) for b in beams)
     usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,

@@ -102,7 +102,7 @@ async def _beam_search_reply(ctx: ServingContext, req: CompletionRequest, raw: R
             beam_search(ctx.engine, p, bp, f"{request_id}-{k}", ctx.tokenizer.stop_token_ids, req.priority)
             for k, (p, bp) in enumerate(zip(prompt_ids, bps))))
 
-    results = await observed(ctx.metrics, [len(p) for p in prompt_ids], req.n,
+    results = await observed(ctx.metrics, [len(p) for p in prompt_ids], bps,
                              lambda: run_to_end(ctx, raw, search_all))
     choices = []
     for k, (prompt, beams) in enumerate(zip(prompts, results)):

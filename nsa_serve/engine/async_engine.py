@@ -173,3 +173,6 @@ class AsyncLLMEngine:
 
     def stats(self) -> EngineStats:
         return self.engine.stats() if self.engine is not None else EngineStats()
+
+    def cache_info(self) -> dict[str, str]:
+        return self.engine.cache_info() if self.engine is not None else {}

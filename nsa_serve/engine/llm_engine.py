@@ -684,6 +684,7 @@ class LLMEngine:
         now = time.time()
         touched: dict[str, Request] = {}
         bm, p = self.block_manager, self.config.sparsity
+        computed = 0
         for seq, n in zip(seqs, nums):
             if seq.is_finished:  # ended by the previous step's tokens while this one was in flight
                 continue
@@ -698,6 +699,7 @@ class LLMEngine:
                 touched[req.request_id] = req
                 continue
             seq.num_computed_tokens += n
+            computed += n
             # prompt_tokens_total grows as prefill progresses (chunk by chunk), not at admission: its
             # rate is prefill throughput, which is what a long-document load needs to show.
             done = min(seq.num_computed_tokens, seq.num_prompt_tokens)
@@ -716,6 +718,8 @@ class LLMEngine:
                 read = L if self.args.attention == "dense" else tokens_read_per_step(L, p)
                 self._counters.kv_tokens_read_total += read
                 self._counters.kv_tokens_dense_total += L
+        if computed:
+            self._counters.count_iteration(computed)
         return touched
 
     def _emit(self, samples: dict, touched: dict) -> list[RequestOutput]:
@@ -896,6 +900,16 @@ class LLMEngine:
         """Forget every cached prefix (benchmarks' cold runs, vLLM's /reset_prefix_cache). Call it
         from the thread that runs step(), between steps: the page tables are not locked."""
         return self.block_manager.reset_prefix_cache()
+
+    def cache_info(self) -> dict[str, str]:
+        """The KV cache's configuration, as labels of /metrics' nsa:cache_config_info (vLLM's
+        cache_config_info names where it has them; a page is vLLM's block)."""
+        bm = self.block_manager
+        return {"block_size": str(bm.page_size), "num_gpu_blocks": str(bm.num_pages),
+                "enable_prefix_caching": str(bm.enable_prefix_caching),
+                "cache_dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+                "gpu_memory_utilization": str(self.args.gpu_memory_utilization),
+                "attention": self.args.attention, "max_model_len": str(self.max_model_len)}
 
     def stats(self) -> EngineStats:
         with self._lock:

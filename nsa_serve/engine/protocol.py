@@ -222,6 +222,18 @@ class EngineStats:
     kv_tokens_read_total: int = 0  # per kv group, summed over decode steps (NSA's cost)
     kv_tokens_dense_total: int = 0  # what dense attention would have read for the same steps
     summaries_stored: int = 0  # compressed-block summaries held in the cache now
+    # Tokens computed per engine step, as a histogram with power-of-two edges: entry k counts the
+    # steps of 2**(k-1) < n <= 2**k tokens (k = 0: one token). A tuple, replaced on each step, so a
+    # published copy never changes under its reader.
+    iteration_tokens: tuple[int, ...] = ()
+    iteration_tokens_sum: int = 0
+
+    def count_iteration(self, num_tokens: int) -> None:
+        k = (num_tokens - 1).bit_length()
+        counts = list(self.iteration_tokens) + [0] * (k + 1 - len(self.iteration_tokens))
+        counts[k] += 1
+        self.iteration_tokens = tuple(counts)
+        self.iteration_tokens_sum += num_tokens
 
     @property
     def kv_cache_usage(self) -> float:
@@ -247,6 +259,9 @@ class AsyncEngine(Protocol):
         """Forget every cached prefix (pages stay with their owners); the number of pages forgotten."""
 
     def stats(self) -> EngineStats: ...
+
+    def cache_info(self) -> dict[str, str]:
+        """The KV cache's configuration (page size, pages, prefix caching, ...); {} before start."""
 
     @property
     def is_alive(self) -> bool: ...
