@@ -98,6 +98,12 @@ class _EngineStatsCollector:
                       "K/V tokens dense attention would have read for the same decode steps.",
                       s.kv_tokens_dense_total)
         yield _iteration_tokens(s, labels)
+        yield counter("nsa:spec_decode_num_drafts", "Speculative decoding: rows that verified draft tokens.",
+                      s.spec_decode_num_drafts_total)
+        yield counter("nsa:spec_decode_num_draft_tokens", "Speculative decoding: draft tokens verified.",
+                      s.spec_decode_num_draft_tokens_total)
+        yield counter("nsa:spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens accepted.",
+                      s.spec_decode_num_accepted_tokens_total)
         info = self._info() if self._info is not None else {}
         if info:  # vLLM's cache_config_info: the cache's configuration as labels of a constant 1
             names = sorted(info)

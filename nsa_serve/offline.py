@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-from .engine.args import EngineArgs
+from .engine.args import EngineArgs, speculative_fields
 from .engine.llm_engine import LLMEngine
 from .engine.protocol import InvalidRequestError, RequestOutput, SamplingParams
 from .tokenizer import render_chat
@@ -25,9 +25,12 @@ Prompt = str | list[int] | dict[str, Any]
 
 
 class LLM:
-    def __init__(self, model: str | None = None, **engine_args: Any):
+    def __init__(self, model: str | None = None, speculative_config: dict | None = None, **engine_args: Any):
         """`model`: a model directory (default: the bundled model); `engine_args`: EngineArgs fields
-        (max_model_len, device, dtype, max_num_seqs, enforce_eager, seed, ...)."""
+        (max_model_len, device, dtype, max_num_seqs, enforce_eager, seed, ...); `speculative_config`:
+        vLLM's, e.g. {"method": "ngram", "num_speculative_tokens": 4} (docs/engine.md)."""
+        if speculative_config is not None:
+            engine_args.update(speculative_fields(speculative_config))
         self.engine = LLMEngine(EngineArgs(model=model, **engine_args))
         self.engine.warmup()  # captures the CUDA graphs on a GPU; a short step on a CPU
 

@@ -14,6 +14,7 @@ import torch
 
 from nsa_serve.engine.args import EngineArgs
 from nsa_serve.engine.llm_engine import LLMEngine
+from nsa_serve.engine.protocol import SamplingParams
 from nsa_serve.model.init_model import init_model
 
 
@@ -52,6 +53,22 @@ def random_prompts(n: int, min_len: int, max_len: int, seed: int, vocab: int = 4
     rng = random.Random(seed)
     # Skip ids 0-7 (unk, bos, eos, chat markers) so greedy runs are not cut by a prompt token.
     return [[rng.randrange(8, vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(n)]
+
+
+def looping_prompts(engine, n: int, seed: int, max_tokens: int = 30) -> list[list[int]]:
+    """Prompts whose greedy output repeats a token several times in a row (the tiny random model
+    falls into such loops), where one-token n-grams give drafts the model accepts."""
+    found = []
+    for attempt in range(20):
+        prompts = random_prompts(8, 12, 30, seed=seed + 1000 * attempt)
+        outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+        for p, o in zip(prompts, outs):
+            t = o.outputs[0].token_ids
+            if any(t[i] == t[i + 1] == t[i + 2] for i in range(len(t) - 2)):
+                found.append(p)
+        if len(found) >= n:
+            return found[:n]
+    raise AssertionError(f"only {len(found)} of 160 prompts make the model repeat a token")
 
 
 def single_thread_torch():

@@ -32,8 +32,9 @@ def prepare_reference(self, seqs, num_new):
         cu.append(row0 + T)
         lens.append(L)
         if L == seq.num_tokens:  # every known token computed: sample the next one
-            logits_rows.append(row0 + T - 1)
-            sample_seqs.append(seq)
+            for t in range(L - 1 - min(seq.num_draft, T - 1), L):  # and after each draft token
+                logits_rows.append(row0 + t - start)
+                sample_seqs.append(seq)
         # Summaries completed by this chunk (none needed by dense attention).
         n0, n1 = seq.num_summaries, (seq.num_summaries if self.dense else num_compressed(L, l, d))
         if n1 > n0:

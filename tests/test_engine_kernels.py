@@ -196,3 +196,24 @@ def test_independent_kv_piecewise_steps_with_the_triton_kernels_match_the_refere
     assert pw.prefill_rows is not None
     generate_and_compare(engine, random_prompts(3, 30, 50, seed=22), 3)
     assert pw.steps > 0 and pw.decode_rows.steps > 0 and pw.prefill_rows.steps > 0
+
+
+@pytest.mark.parametrize("piecewise", [False, True], ids=["eager", "piecewise"])
+def test_speculative_rows_with_the_triton_kernels_match_the_reference(piecewise):
+    """Rows verifying n-gram drafts (1 + k tokens continuing a cached sequence) through the Triton
+    prefill kernel, eagerly and through the piecewise path's static plans: greedy tokens equal the
+    reference model's, with drafts accepted, and every page comes back."""
+    from engine_helpers import looping_prompts
+
+    prompts = looping_prompts(make_engine(True), 2, seed=131, max_tokens=10)
+    engine = make_engine(True, num_pages=64, max_num_batched_tokens=64, long_prefill_token_threshold=24,
+                         num_speculative_tokens=3, prompt_lookup_min=1)
+    use_kernels(engine)
+    if piecewise:
+        from nsa_serve.engine.piecewise_graphs import PiecewiseSteps
+
+        engine.runner.piecewise = PiecewiseSteps(engine.runner, 64, engine.args.max_num_seqs, engine.max_model_len)
+    generate_and_compare(engine, prompts, 10)
+    assert engine.stats().spec_decode_num_accepted_tokens_total > 0
+    if piecewise:
+        assert engine.runner.piecewise.prefill_rows.steps > 0

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
-from ..engine.args import add_graph_args
+from ..engine.args import add_graph_args, speculative_fields
 
 log = logging.getLogger("nsa_serve.api")
 
@@ -102,6 +102,10 @@ def add_engine_args(p) -> None:
                    help="CUDA: do not compile the kernel variants of eager steps at start-up (they "
                    "then compile inside the first requests that meet them)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--speculative-config", type=speculative_config, default=None,
+                   help="speculative decoding, as vLLM's JSON: '{\"method\": \"ngram\", "
+                        "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' "
+                        "(drafts from n-gram lookup in the sequence's own tokens; the only method here)")
     g.add_argument("--generation-config", default="auto",
                    help="sampling defaults for what requests leave out: 'auto' (the model directory's "
                         "generation_config.json), 'vllm' (none: the API's own defaults), or a folder holding a "
@@ -151,7 +155,20 @@ def engine_args_from(args):
                       piecewise_max_tokens=args.piecewise_max_tokens,
                       async_scheduling=args.async_scheduling,
                       cpu_threads=args.cpu_threads, cpu_reserved_cores=args.cpu_reserved_cores,
-                      warmup_context=args.warmup_context, precompile=args.precompile)
+                      warmup_context=args.warmup_context, precompile=args.precompile,
+                      **(args.speculative_config or {}))
+
+
+def speculative_config(text: str) -> dict:
+    """--speculative-config: vLLM's JSON object, as EngineArgs fields (engine.args.speculative_fields)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}") from None
+    try:
+        return speculative_fields(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _string_list(text: str) -> list[str]:

@@ -20,6 +20,30 @@ def add_graph_args(parser) -> None:
                              "on with CUDA, off on CPU)")
 
 
+SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+
+
+def speculative_fields(config) -> dict:
+    """vLLM's speculative_config (a dict) as EngineArgs fields; of its methods, "ngram" is built."""
+    if not isinstance(config, dict):
+        raise ValueError(f"speculative config: expected a JSON object, got {config!r}")
+    unknown = sorted(set(config) - set(SPECULATIVE_KEYS))
+    if unknown:
+        raise ValueError(f"speculative config: unknown keys {unknown}; known: {list(SPECULATIVE_KEYS)}")
+    if config.get("method") != "ngram":
+        raise ValueError(f"speculative config: method {config.get('method')!r} is not built; the one method "
+                         "here is 'ngram' (drafts need no second model)")
+    for key in SPECULATIVE_KEYS[1:]:
+        if key in config and (not isinstance(config[key], int) or isinstance(config[key], bool)):
+            raise ValueError(f"speculative config: {key} must be an integer, got {config[key]!r}")
+    if "num_speculative_tokens" not in config:
+        raise ValueError("speculative config: num_speculative_tokens is required")
+    out = {k: config[k] for k in SPECULATIVE_KEYS[1:] if k in config}
+    if "prompt_lookup_max" in out and "prompt_lookup_min" not in out:
+        out["prompt_lookup_min"] = min(2, out["prompt_lookup_max"])
+    return out
+
+
 @dataclass
 class EngineArgs:
     model: str | None = None  # model directory; None: the bundled default model
@@ -62,6 +86,13 @@ class EngineArgs:
     # steps that only compile, engine/precompile.py), so the first requests do not pay for them:
     # ~10 s of TTFT over the first 8 × 64k requests on an H200 with an empty Triton cache.
     precompile: bool = True
+    # Speculative decoding by n-gram lookup (vLLM's --speculative-config method "ngram"): up to this
+    # many draft tokens a step per sequence (0: off), taken after the latest earlier occurrence of
+    # the sequence's last n tokens, n from prompt_lookup_max down to prompt_lookup_min
+    # (engine/speculative.py). Shared-K/V models; turns async scheduling off.
+    num_speculative_tokens: int = 0
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
 
     # Defaults of the step budget and the prefill chunk, by device (`resolved`).
     GPU_BUDGET = 8192
@@ -97,7 +128,8 @@ class EngineArgs:
         chunk = self.long_prefill_token_threshold
         if chunk is None:
             chunk = (budget if shared_kv else min(budget, self.RING_CHUNK)) if cuda else self.CPU_CHUNK
-        overlap = cuda if self.async_scheduling is None else self.async_scheduling
+        # Speculation reads each step's tokens before proposing the next drafts: nothing to overlap.
+        overlap = (cuda and not self.num_speculative_tokens) if self.async_scheduling is None else self.async_scheduling
         return replace(self, max_num_batched_tokens=budget, long_prefill_token_threshold=min(chunk, budget),
                        async_scheduling=overlap)
 
@@ -118,6 +150,15 @@ class EngineArgs:
             raise ValueError("warmup_context must be >= 0")
         if not -2**63 <= self.seed < 2**63:  # what a torch generator takes (and a request's seed)
             raise ValueError(f"seed must be between -2**63 and 2**63 - 1, got {self.seed}")
+        if not 0 <= self.num_speculative_tokens <= 64:
+            raise ValueError(f"num_speculative_tokens must be in [0, 64], got {self.num_speculative_tokens}")
+        if self.num_speculative_tokens:
+            if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+                raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {self.prompt_lookup_min} "
+                                 f"and {self.prompt_lookup_max}")
+            if self.async_scheduling:
+                raise ValueError("speculative decoding runs without async scheduling (each step's drafts "
+                                 "come from the tokens the step before sampled); drop --async-scheduling")
         for name in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold", "max_queue"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

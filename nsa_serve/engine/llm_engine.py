@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from nsa_kernels.reference import tokens_read_per_step
+from nsa_kernels.reference import num_compressed, tokens_read_per_step
 
 from ..model.nsa_model import NSAModel
 from .args import EngineArgs
@@ -34,6 +34,7 @@ from .block_manager import BlockManager
 from .decode_graphs import StaticDecode
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .model_runner import ModelRunner, cache_bytes_per_page, ring_pages
+from .ngram import NgramProposer
 from .piecewise_graphs import PiecewiseSteps
 from .precompile import precompile
 from .protocol import (CompletionOutput, EngineStats, InvalidRequestError, PromptTooLongError, QueueFullError,
@@ -41,6 +42,7 @@ from .protocol import (CompletionOutput, EngineStats, InvalidRequestError, Promp
 from .sampler import PendingSample, SampleResult, Sampler, generator_states, has_penalty, restore_generators
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence
+from .speculative import accepted_drafts, draft_limit
 from .structured import GrammarCompiler, allowed_mask
 
 log = logging.getLogger("nsa_serve.engine")
@@ -214,6 +216,15 @@ class LLMEngine:
                 self.max_model_len)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
                                    args.long_prefill_token_threshold, args.scheduling_policy)
+        self.proposer = None
+        if args.num_speculative_tokens:
+            if not cfg.shared_kv:
+                # A verification step writes its rejected rows into the per-sequence rings, over
+                # rows the next step's window and summaries still read.
+                raise ValueError("speculative decoding needs a model with shared K/V; this one has "
+                                 "independent K/V per branch")
+            self.proposer = NgramProposer(args.num_speculative_tokens, args.prompt_lookup_min,
+                                          args.prompt_lookup_max)
         stop_ids = tokenizer.stop_token_ids if tokenizer is not None else [cfg.eos_token_id]
         self.eos_token_ids = stop_ids
         self.sampler = Sampler(cfg.vocab_size, stop_ids, seed=args.seed)
@@ -440,7 +451,11 @@ class LLMEngine:
                 outputs.append(out)
 
         t0 = time.perf_counter()
+        if self.proposer is not None:
+            self._propose_drafts()
         batch = self.scheduler.schedule()
+        if self.proposer is not None:
+            self._trim_drafts(batch)
         t1 = time.perf_counter()
         timing = StepTiming(schedule_s=t1 - t0, num_tokens=batch.num_tokens,
                             num_decode=sum(1 for n in batch.num_new_tokens if n == 1))
@@ -595,7 +610,7 @@ class LLMEngine:
         if timing is not None:
             timing.prepare_s = t1 - t0
             timing.model_s = time.perf_counter() - t1  # sampler's .tolist() synchronises the GPU
-        return dict(zip(inp.sample_seqs, samples)), dict(zip(inp.seqs, inp.new_entries)), prompts
+        return _by_sequence(inp.sample_seqs, samples), dict(zip(inp.seqs, inp.new_entries)), prompts
 
     def _execute(self, batch: ScheduledBatch, timing: StepTiming):
         """Run the batch; if it fails, retry it in halves, bisecting each part that fails again
@@ -667,6 +682,57 @@ class LLMEngine:
                     prompts[seq] = pl[seq]
         return (samples, entries, prompts), failed, recompute
 
+    # -- speculative decoding (speculative.py) ----------------------------------------------------
+    def _propose_drafts(self) -> None:
+        """Draft tokens for the running sequences that may speculate, appended to their tokens
+        for this step's scheduling (none while a step is in flight: their last token is unread)."""
+        if self._inflight is not None:
+            return
+        for seq in self.scheduler.running:
+            limit = draft_limit(seq, self.max_model_len)
+            if limit > 0:
+                drafts = self.proposer.propose(seq, limit)
+                if drafts:
+                    seq.token_ids.extend(drafts)
+                    seq.num_draft = len(drafts)
+
+    def _trim_drafts(self, batch: ScheduledBatch) -> None:
+        """Drafts the step has no room for go: a row keeps n − 1 drafts of its n tokens; an
+        unscheduled sequence keeps none (a preempted one dropped its own)."""
+        n_of = dict(zip(batch.seqs, batch.num_new_tokens))
+        for seq in self.scheduler.running:
+            if seq.num_draft:
+                seq.drop_drafts(n_of.get(seq, 1) - 1)
+
+    def _verify_drafts(self, rows: list, samples: dict, entries: dict) -> dict:
+        """Rows that verified drafts keep the accepted ones: their tokens lose the drafts (the
+        accepted come back as sampled tokens), their row counts 1 + accepted tokens computed, their
+        samples the accepted drafts and the token after them, and summaries over rejected tokens
+        are dropped (made again when their block is complete). Rewrites `rows`, `samples` and
+        `entries` in place; returns {seq: (drafts, accepted)}."""
+        verified = {}
+        c = self.config
+        for i, (seq, n) in enumerate(rows):
+            if not seq.num_draft:
+                continue
+            k = seq.num_draft
+            drafts = seq.token_ids[-k:]
+            seq.drop_drafts()
+            got = samples.get(seq)
+            if got is None:  # the row failed: it ends with an error in _advance
+                continue
+            a = accepted_drafts(drafts, [r.token_id for r in got])
+            samples[seq] = got[:a + 1]
+            rows[i] = (seq, 1 + a)
+            first, end = entries[seq]
+            valid = num_compressed(seq.num_computed_tokens + 1 + a, c.cmp_block, c.cmp_stride)
+            entries[seq] = (first, max(first, min(end, valid)))
+            verified[seq] = (k, a)
+            self._counters.spec_decode_num_drafts_total += 1
+            self._counters.spec_decode_num_draft_tokens_total += k
+            self._counters.spec_decode_num_accepted_tokens_total += a
+        return verified
+
     # -- bookkeeping after a step -----------------------------------------------------------------
     def _postprocess(self, batch: ScheduledBatch, results, failed: set,
                      recompute: set) -> list[RequestOutput]:
@@ -674,13 +740,17 @@ class LLMEngine:
         for seq in recompute:
             self.scheduler.recompute(seq)
         rows = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if s not in recompute]
-        touched = self._advance([s for s, _ in rows], [n for _, n in rows], entries, prompts, failed)
+        verified = self._verify_drafts(rows, samples, entries) if self.proposer is not None else {}
+        touched = self._advance([s for s, _ in rows], [n for _, n in rows], entries, prompts, failed, verified)
         return self._emit(samples, touched)
 
-    def _advance(self, seqs: list[Sequence], nums: list[int], entries, prompts, failed: set) -> dict:
+    def _advance(self, seqs: list[Sequence], nums: list[int], entries, prompts, failed: set,
+                 verified: dict | None = None) -> dict:
         """Cache bookkeeping of computed rows (tokens, summaries, prefix pages, counters). Needs no
         sampled token: async scheduling runs it while the step is still on the device. Returns the
-        requests touched (those whose rows failed)."""
+        requests touched (those whose rows failed). `verified`: rows that verified drafts, as
+        {seq: (drafts, accepted)}; their `nums` count the accepted only (_verify_drafts)."""
+        verified = verified or {}
         now = time.time()
         touched: dict[str, Request] = {}
         bm, p = self.block_manager, self.config.sparsity
@@ -699,7 +769,8 @@ class LLMEngine:
                 touched[req.request_id] = req
                 continue
             seq.num_computed_tokens += n
-            computed += n
+            k, a = verified.get(seq, (0, 0))
+            computed += n + k - a  # the rejected drafts were computed too
             # prompt_tokens_total grows as prefill progresses (chunk by chunk), not at admission: its
             # rate is prefill throughput, which is what a long-document load needs to show.
             done = min(seq.num_computed_tokens, seq.num_prompt_tokens)
@@ -713,11 +784,12 @@ class LLMEngine:
             bm.register_complete_pages(seq)
             if seq in prompts:
                 self._add_prompt_logprobs(req, prompts[seq])
-            if n == 1:  # a decode row: what one step of attention reads, per kv group
-                L = seq.num_computed_tokens
-                read = L if self.args.attention == "dense" else tokens_read_per_step(L, p)
-                self._counters.kv_tokens_read_total += read
-                self._counters.kv_tokens_dense_total += L
+            if n == 1 or seq in verified:  # decode queries: what their attention reads, per kv group
+                start = seq.num_computed_tokens - n
+                for L in range(start + 1, start + 2 + k):  # a verifying row: 1 + k decode queries
+                    read = L if self.args.attention == "dense" else tokens_read_per_step(L, p)
+                    self._counters.kv_tokens_read_total += read
+                    self._counters.kv_tokens_dense_total += L
         if computed:
             self._counters.count_iteration(computed)
         return touched
@@ -729,7 +801,12 @@ class LLMEngine:
             if seq.is_finished:
                 continue
             req = self.requests[seq.request_id]
-            self._append_token(req, seq, sample, now)
+            # A row that verified drafts gives its accepted drafts and one more token; a stop among
+            # them ends the sequence there.
+            for one in sample if isinstance(sample, list) else (sample,):
+                self._append_token(req, seq, one, now)
+                if seq.is_finished:
+                    break
             touched[req.request_id] = req
         outputs = []
         for req in touched.values():
@@ -938,3 +1015,16 @@ class LLMEngine:
                 if out.finished:
                     final[out.request_id] = out
         return [final[r] for r in ids]
+
+
+def _by_sequence(seqs: list[Sequence], samples: list[SampleResult]) -> dict:
+    """{seq: its SampleResult}, or for a row that verified drafts (listed once per position) the
+    list of its results in position order."""
+    out: dict = {}
+    for seq, r in zip(seqs, samples):
+        if seq in out:
+            prev = out[seq]
+            out[seq] = prev + [r] if isinstance(prev, list) else [prev, r]
+        else:
+            out[seq] = [r] if seq.num_draft else r
+    return out

@@ -220,8 +220,11 @@ class ModelRunner:
             cu.append(row0 + T)
             lens.append(L)
             if L == seq.num_tokens:  # every known token computed: sample the next one
-                logits_rows.append(row0 + T - 1)
-                sample_seqs.append(seq)
+                # A row verifying k drafts (its last k tokens) samples after each of its last
+                # k + 1 positions (speculative.py).
+                k = min(seq.num_draft, T - 1)
+                logits_rows.extend(range(row0 + T - 1 - k, row0 + T))
+                sample_seqs.extend([seq] * (k + 1))
             if seq.wants_prompt_logprobs and start < seq.num_prompt_tokens - 1:
                 # Row of position p predicts token p + 1: rows up to the prompt's second-to-last token.
                 last = min(L, seq.num_prompt_tokens - 1)

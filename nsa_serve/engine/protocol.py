@@ -227,6 +227,10 @@ class EngineStats:
     # published copy never changes under its reader.
     iteration_tokens: tuple[int, ...] = ()
     iteration_tokens_sum: int = 0
+    # Speculative decoding: rows that verified drafts, their draft tokens, and those accepted.
+    spec_decode_num_drafts_total: int = 0
+    spec_decode_num_draft_tokens_total: int = 0
+    spec_decode_num_accepted_tokens_total: int = 0
 
     def count_iteration(self, num_tokens: int) -> None:
         k = (num_tokens - 1).bit_length()

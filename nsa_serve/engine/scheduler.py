@@ -112,6 +112,10 @@ class Scheduler:
                 i += 1
                 continue
             while not self.bm.allocate(seq, seq.num_computed_tokens + n):
+                if seq.num_draft:  # speculation never preempts anyone: its drafts go first
+                    seq.drop_drafts()
+                    n = min(n, seq.num_tokens - seq.num_computed_tokens)
+                    continue
                 victim = self.running[-1]  # least important: the list is sorted
                 self._preempt(victim)
                 batch.preempted.append(victim)

@@ -46,6 +46,11 @@ class Sequence:
     # Async scheduling: tokens sampled on the device but not yet read back. They count in
     # `num_tokens` (the scheduler feeds them next) but are not in `token_ids` yet.
     num_pending: int = 0
+    # Speculative decoding: draft tokens appended to `token_ids` for one step (they count in
+    # `num_tokens`, so the scheduler gives the row 1 + drafts tokens), removed before the step's
+    # tokens are appended (speculative.py); and the tokens as a numpy buffer for the n-gram lookup.
+    num_draft: int = 0
+    token_buffer: object = None
     # Output state.
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -90,8 +95,15 @@ class Sequence:
         """True while the tokens still to compute are more than the one a decode step feeds."""
         return self.num_tokens - self.num_computed_tokens > 1
 
+    def drop_drafts(self, keep: int = 0) -> None:
+        """Remove all but the first `keep` draft tokens."""
+        if self.num_draft > keep:
+            del self.token_ids[len(self.token_ids) - self.num_draft + keep:]
+            self.num_draft = keep
+
     def reset_for_recompute(self) -> None:
         """Preemption by recompute: the cache is dropped; prompt and output so far are kept."""
+        self.drop_drafts()
         self.num_computed_tokens = 0
         self.num_summaries = 0
         self.block_table = []

@@ -1,0 +1,267 @@
+"""Speculative decoding by n-gram lookup: the draft lookup against a brute-force twin, and the
+engine with drafts against plain decoding — greedy tokens equal to the reference model's, token
+for token, through preemption, stops, n > 1 and the prefix cache; no page leaked."""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from engine_helpers import looping_prompts, make_engine, random_prompts, reference_greedy, single_thread_torch
+from nsa_serve.engine.ngram import TokenBuffer, find_draft
+from nsa_serve.engine.protocol import SamplingParams
+from prepare_reference import prepare_reference
+
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread_torch)
+
+
+def brute_force_draft(tokens: list[int], k: int, nmin: int, nmax: int) -> list[int]:
+    L = len(tokens)
+    for n in range(nmax, nmin - 1, -1):
+        if n >= L:
+            continue
+        suffix = tokens[L - n:]
+        for e in range(L - 2, n - 2, -1):  # latest occurrence ending before the last token
+            if tokens[e - n + 1:e + 1] == suffix:
+                return tokens[e + 1:e + 1 + k]
+    return []
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_draft_lookup_equals_its_brute_force_twin(seed):
+    rng = random.Random(seed)
+    for _ in range(300):
+        vocab = rng.choice([2, 3, 5, 20])
+        tokens = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
+        nmin = rng.randint(1, 4)
+        nmax = rng.randint(nmin, 6)
+        k = rng.randint(1, 6)
+        got = find_draft(np.asarray(tokens, dtype=np.int64), k, nmin, nmax)
+        assert got == brute_force_draft(tokens, k, nmin, nmax), (tokens, k, nmin, nmax)
+
+
+def test_token_buffer_follows_a_growing_list():
+    buf, tokens, rng = TokenBuffer(), [], random.Random(0)
+    for _ in range(50):
+        tokens.extend(rng.randrange(100) for _ in range(rng.randint(0, 40)))
+        assert buf.sync(tokens).tolist() == tokens
+
+
+def prompts_that_repeat(n: int, seed: int) -> list[list[int]]:
+    """Prompts with repeated stretches, so that n-gram drafts exist from the first step."""
+    out = []
+    for p in random_prompts(n, 12, 30, seed=seed):
+        out.append(p + p[:len(p) // 2] + p)
+    return out
+
+
+def checked_prepare(engine) -> list[int]:
+    """Every step's inputs also built by the loop twin (the logits rows of verifying rows
+    included). Returns a list that gets, per step, how many extra rows drafts added."""
+    runner, fast = engine.runner, engine.runner.prepare
+    extra_rows = []
+
+    def both(seqs, num_new):
+        got = fast(seqs, num_new)
+        want = prepare_reference(runner, seqs, num_new)
+        assert [id(s) for s in got.sample_seqs] == [id(s) for s in want.sample_seqs]
+        assert torch.equal(got.logits_rows, want.logits_rows.reshape(got.logits_rows.shape))
+        assert got.new_entries == want.new_entries
+        extra_rows.append(len(got.sample_seqs) - len({id(s) for s in got.sample_seqs}))
+        return got
+
+    runner.prepare = both
+    return extra_rows
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_greedy_tokens_equal_the_reference_model_with_drafts(k):
+    engine = make_engine(num_speculative_tokens=k, prompt_lookup_min=1, prompt_lookup_max=3)
+    extra = checked_prepare(engine)
+    prompts = prompts_that_repeat(4, seed=40 + k) + random_prompts(2, 20, 50, seed=50 + k)
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == reference_greedy(engine.model, prompt, 30)
+    s = engine.stats()
+    assert s.spec_decode_num_drafts_total > 0 and any(extra), "no step verified drafts"
+    assert 0 < s.spec_decode_num_accepted_tokens_total <= s.spec_decode_num_draft_tokens_total
+    assert s.spec_decode_num_draft_tokens_total <= k * s.spec_decode_num_drafts_total
+    # Fewer steps than tokens: accepted drafts came several a step.
+    assert s.generation_tokens_total == 30 * len(prompts)
+    engine.block_manager.check_all_free()
+
+
+def test_a_small_pool_preempts_and_drafts_never_cost_a_preemption():
+    # 20 pages of 16 tokens for 6 sequences growing to ~110 tokens: preemption must happen, and the
+    # tokens still equal the reference model's.
+    engine = make_engine(num_speculative_tokens=6, prompt_lookup_min=1, num_pages=20,
+                         max_num_batched_tokens=64, long_prefill_token_threshold=32)
+    checked_prepare(engine)
+    prompts = prompts_that_repeat(6, seed=61)
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == reference_greedy(engine.model, prompt, 24)
+    assert engine.stats().num_preemptions_total > 0
+    assert engine.stats().spec_decode_num_accepted_tokens_total > 0
+    engine.block_manager.check_all_free()
+
+
+def test_a_sequence_with_drafts_drops_them_rather_than_preempt_another():
+    engine = make_engine(num_speculative_tokens=8, prompt_lookup_min=1, num_pages=12)
+    sched, bm = engine.scheduler, engine.block_manager
+    P = bm.page_size
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    engine.add_request("a", [9, 10, 11, 12, 13] * 6, greedy)  # 30 tokens: 2 pages of 16, room for 2 more
+    engine.add_request("b", [14, 15, 16] * 10, greedy)
+    engine.step()  # both prefilled, each with its first token sampled
+    a, b = sorted(sched.running, key=lambda s: s.request_id)
+    assert bm.allocate(b, (len(b.block_table) + bm.num_free_pages) * P) and bm.num_free_pages == 0
+    room = len(a.block_table) * P - a.num_tokens  # tokens a can still add without a new page
+    assert room >= 0
+    a.token_ids.extend([1] * (room + 2))  # drafts that need one more page
+    a.num_draft = room + 2
+    batch = sched.schedule()
+    assert sched.num_preemptions == 0 and a.num_draft == 0 and b in sched.running
+    assert dict(zip(batch.seqs, batch.num_new_tokens))[a] == 1
+
+
+def test_stops_max_tokens_and_n_cut_verified_rows_where_plain_decoding_would():
+    plain = make_engine()
+    spec = make_engine(num_speculative_tokens=5, prompt_lookup_min=1)
+    prompts = looping_prompts(plain, 3, seed=71)
+    base = plain.generate(prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    for prompt, b in zip(prompts, base):
+        toks = b.outputs[0].token_ids
+        stop_id = toks[len(toks) // 2]
+        text = b.outputs[0].text
+        stop_str = text[len(text) // 3:len(text) // 3 + 3]
+        cases = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (1, 2, 3, 7)]
+        cases += [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop_token_ids=[stop_id]),
+                  SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop_str]),
+                  SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2)]
+        for sp in cases:
+            want = plain.generate([prompt], sp)[0]
+            got = spec.generate([prompt], sp)[0]
+            assert [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in got.outputs] == \
+                [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in want.outputs], sp
+    assert spec.stats().spec_decode_num_accepted_tokens_total > 0
+    spec.block_manager.check_all_free()
+
+
+def test_sampling_with_drafts_keeps_the_distribution_of_each_token():
+    plain = make_engine()
+    engine = make_engine(num_speculative_tokens=4, prompt_lookup_min=1)
+    prompts = looping_prompts(plain, 3, seed=81)
+    # top_k = 1 at temperature 1 samples the argmax: the greedy reference, through the random path.
+    outs = engine.generate(prompts, SamplingParams(temperature=1.0, top_k=1, max_tokens=20, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == reference_greedy(engine.model, prompt, 20)
+    assert engine.stats().spec_decode_num_accepted_tokens_total > 0
+    # Real sampling: the tokens after a fixed prompt are drawn from the model's distribution
+    # whether a draft was accepted or rejected. The two engines' frequencies of the first four
+    # tokens over 300 draws each agree (total variation of a few hundred draws: ~0.1).
+    prompt = prompts[0] + outs[0].outputs[0].token_ids  # ends inside the model's loop: drafts from the start
+    sp = SamplingParams(temperature=0.6, top_k=2, max_tokens=4, ignore_eos=True)
+    freqs = []
+    for e in (plain, engine):
+        before = e.stats().spec_decode_num_accepted_tokens_total
+        draws = [tuple(o.outputs[0].token_ids) for _ in range(3) for o in e.generate([prompt] * 100, sp)]
+        freqs.append({t: draws.count(t) / len(draws) for t in set(draws)})
+    assert engine.stats().spec_decode_num_accepted_tokens_total - before > 30  # both paths taken
+    keys = set(freqs[0]) | set(freqs[1])
+    tv = sum(abs(freqs[0].get(t, 0) - freqs[1].get(t, 0)) for t in keys) / 2
+    assert tv < 0.2, freqs
+    engine.block_manager.check_all_free()
+
+
+def test_rows_whose_sampling_reads_their_history_do_not_speculate():
+    engine = make_engine(num_speculative_tokens=4, prompt_lookup_min=1)
+    prompts = prompts_that_repeat(2, seed=91)
+    for sp in (SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.2),
+               SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2),
+               SamplingParams(temperature=0.7, max_tokens=12, ignore_eos=True, seed=5),
+               SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, min_tokens=12)):
+        engine.generate(prompts, sp)
+        assert engine.stats().spec_decode_num_drafts_total == 0, sp
+
+
+def test_pages_cached_after_verified_rows_hold_the_right_tokens():
+    # A second request whose prompt is the first's prompt and output finds the pages the verified
+    # rows filled in the prefix cache; its greedy tokens are still the reference model's.
+    engine = make_engine(num_speculative_tokens=6, prompt_lookup_min=1)
+    prompt = looping_prompts(engine, 1, seed=101)[0]
+    accepted = engine.stats().spec_decode_num_accepted_tokens_total
+    first = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))[0]
+    assert engine.stats().spec_decode_num_accepted_tokens_total > accepted
+    follow = prompt + first.outputs[0].token_ids
+    hits = engine.block_manager.prefix_hits
+    second = engine.generate([follow], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    assert engine.block_manager.prefix_hits - hits >= len(follow) // 16 * 16 - 16
+    assert second.outputs[0].token_ids == reference_greedy(engine.model, follow, 10)
+
+
+def test_speculation_settings_are_checked():
+    from nsa_serve.api.cli import speculative_config
+    from nsa_serve.engine.args import EngineArgs
+
+    assert speculative_config('{"method": "ngram", "num_speculative_tokens": 3}') == {"num_speculative_tokens": 3}
+    assert speculative_config('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5}') == \
+        {"num_speculative_tokens": 3, "prompt_lookup_max": 5, "prompt_lookup_min": 2}
+    for bad, match in (('{"method": "eagle", "num_speculative_tokens": 3}', "not built"),
+                       ('{"method": "ngram"}', "required"),
+                       ('{"method": "ngram", "num_speculative_tokens": "3"}', "integer"),
+                       ('{"method": "ngram", "num_speculative_tokens": 3, "model": "x"}', "unknown keys"),
+                       ("[1]", "JSON object")):
+        with pytest.raises(argparse.ArgumentTypeError, match=match):
+            speculative_config(bad)
+    with pytest.raises(ValueError, match="async scheduling"):
+        EngineArgs(num_speculative_tokens=2, async_scheduling=True).validate()
+    with pytest.raises(ValueError, match="prompt_lookup_min"):
+        EngineArgs(num_speculative_tokens=2, prompt_lookup_min=3, prompt_lookup_max=2).validate()
+    assert not EngineArgs(num_speculative_tokens=2).resolved("cuda").async_scheduling
+    with pytest.raises(ValueError, match="shared K/V"):
+        make_engine(shared_kv=False, num_speculative_tokens=2)
+
+
+def test_the_offline_class_and_the_cli_take_vllms_speculative_config():
+    from engine_helpers import tiny_model_dir
+    from nsa_serve import LLM
+    from nsa_serve.cli import build_parser
+
+    llm = LLM(str(tiny_model_dir(True)), device="cpu", dtype="float32", num_pages=64,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2})
+    args = llm.engine.args
+    assert (args.num_speculative_tokens, args.prompt_lookup_max, args.prompt_lookup_min) == (3, 2, 2)
+    with pytest.raises(ValueError, match="not built"):
+        LLM(str(tiny_model_dir(True)), device="cpu", speculative_config={"method": "eagle",
+                                                                          "num_speculative_tokens": 3})
+    parsed = build_parser().parse_args(["serve", "--speculative-config",
+                                        '{"method": "ngram", "num_speculative_tokens": 5}'])
+    assert parsed.speculative_config == {"num_speculative_tokens": 5}
+
+
+@pytest.mark.gpu
+def test_gpu_speculation_keeps_the_greedy_tokens_of_plain_decoding():
+    """On CUDA as served (Triton kernels, decode graphs, piecewise graphs; float32, so that the
+    verifying rows' prefill kernel and the decode kernel's different rounding should not flip a
+    greedy token): the tokens of plain decoding, with drafts accepted, and every page back."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    plain = make_engine(True, device="cuda", num_pages=256, precompile=False)
+    plain.warmup()
+    prompts = looping_prompts(plain, 4, seed=111, max_tokens=40)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    spec = make_engine(True, device="cuda", num_pages=256, precompile=False, num_speculative_tokens=4,
+                       prompt_lookup_min=1)
+    spec.warmup()
+    assert not spec.args.async_scheduling and spec.runner.static_decode is not None
+    got = [o.outputs[0].token_ids for o in spec.generate(prompts, params)]
+    assert got == want
+    s = spec.stats()
+    assert s.spec_decode_num_accepted_tokens_total > 0
+    spec.block_manager.check_all_free()
