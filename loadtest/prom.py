@@ -5,6 +5,8 @@ nsa-serve and vLLM. Counters are differenced across the measured phase; gauges a
 so the report has the peak KV-cache usage and queue lengths, not just the idle values at the ends.
 The NSA sparsity ratio is Δ kv_tokens_dense_equivalent_total / Δ kv_tokens_read_total: how many K/V
 tokens dense attention would have read per token NSA actually read over the same decode steps.
+With speculative decoding, the acceptance rate (accepted / draft tokens) and the mean acceptance
+length (1 + accepted / verifying rows: tokens a verifying row gave) are vLLM's summary.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ COUNTERS = {
     "prefix_cache_hits": ("prefix_cache_hits_total", "gpu_prefix_cache_hits_total"),
     "kv_tokens_read": ("kv_tokens_read_total",),
     "kv_tokens_dense_equivalent": ("kv_tokens_dense_equivalent_total",),
+    # speculative decoding (the same names in vLLM)
+    "spec_decode_num_drafts": ("spec_decode_num_drafts_total",),
+    "spec_decode_num_draft_tokens": ("spec_decode_num_draft_tokens_total",),
+    "spec_decode_num_accepted_tokens": ("spec_decode_num_accepted_tokens_total",),
 }
 
 
@@ -114,4 +120,10 @@ def summarize_scrapes(before: dict | None, after: dict | None, during: list[dict
     if read is not None and dense is not None:
         out["nsa_sparsity_ratio"] = dense / read if read > 0 else None
         out["nsa_kv_read_fraction"] = read / dense if dense > 0 else None
+    drafts, proposed = out.get("spec_decode_num_drafts"), out.get("spec_decode_num_draft_tokens")
+    accepted = out.get("spec_decode_num_accepted_tokens")
+    if drafts and proposed and accepted is not None:
+        # vLLM's summary: the share of draft tokens accepted, and tokens a verifying row gave
+        out["spec_acceptance_rate"] = accepted / proposed
+        out["spec_mean_acceptance_length"] = 1 + accepted / drafts
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}

@@ -109,6 +109,9 @@ def format_table(result: dict, percentiles: list[float]) -> str:
         row("NSA sparsity ratio (dense/read):", sm.get("nsa_sparsity_ratio"))
         if sm.get("prefix_cache_hit_rate") is not None:
             row("Prefix cache hit rate:", sm["prefix_cache_hit_rate"], 3)
+        if sm.get("spec_acceptance_rate") is not None:
+            row("Spec. decoding acceptance rate:", sm["spec_acceptance_rate"], 3)
+            row("Spec. decoding mean accept len:", sm["spec_mean_acceptance_length"])
     if result.get("token_counts_estimated"):
         lines.append("note: prompt sizes were " + result["token_counting"])
     lines.append("=" * 56)

@@ -249,5 +249,12 @@ def test_prometheus_parsing_and_sparsity_ratio():
     assert rep["kv_cache_usage_perc"] == {"before": 0.0, "after": 0.1, "max": 0.6}
     assert rep["nsa_sparsity_ratio"] == pytest.approx(20000 / 2000)  # Δdense / Δread
     assert summarize_scrapes(None, None, []) == {"available": False}
+    assert "spec_acceptance_rate" not in rep  # no speculation counted: no rate
+    spec = 'nsa:spec_decode_num_drafts_total{model_name="m"} %d\n' \
+           'nsa:spec_decode_num_draft_tokens_total{model_name="m"} %d\n' \
+           'nsa:spec_decode_num_accepted_tokens_total{model_name="m"} %d\n'
+    rep = summarize_scrapes(parse_metrics(spec % (10, 30, 12)), parse_metrics(spec % (30, 90, 57)), [])
+    assert rep["spec_acceptance_rate"] == pytest.approx(45 / 60)
+    assert rep["spec_mean_acceptance_length"] == pytest.approx(1 + 45 / 20)
     # vLLM's names are recognised too
     assert parse_metrics('vllm:gpu_cache_usage_perc{model_name="x"} 0.25\n')["kv_cache_usage_perc"] == 0.25
