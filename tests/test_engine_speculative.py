@@ -265,3 +265,25 @@ def test_gpu_speculation_keeps_the_greedy_tokens_of_plain_decoding():
     s = spec.stats()
     assert s.spec_decode_num_accepted_tokens_total > 0
     spec.block_manager.check_all_free()
+
+
+def test_prefix_cache_pages_registered_after_verified_rows_hash_their_whole_tokens():
+    # Every page the prefix cache holds is keyed by its P tokens (and the tail after them) and
+    # chained onto its parent: registration after a verifying row must see the accepted tokens.
+    engine = make_engine(num_speculative_tokens=6, prompt_lookup_min=1)
+    bm = engine.block_manager
+    prompts = looping_prompts(engine, 3, seed=121, max_tokens=80)
+    engine.generate(prompts, SamplingParams(temperature=0, max_tokens=80, ignore_eos=True))
+    assert engine.stats().spec_decode_num_accepted_tokens_total > 0
+    keys = [(page, bm.page_key[page]) for page in range(bm.num_pages) if bm.page_hash[page] is not None]
+    assert keys
+    for page, (parent, tokens, tail) in keys:
+        assert len(tokens) == bm.page_size and len(tail) == bm.summary_tail, page
+        assert bm.chain_hash(parent, tokens) == bm.page_hash[page]
+    # and a prompt made of a prompt and its whole answer finds all of its complete pages
+    first = engine.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=80, ignore_eos=True))[0]
+    follow = prompts[0] + first.outputs[0].token_ids
+    hits = bm.prefix_hits
+    engine.generate([follow], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    P = bm.page_size
+    assert bm.prefix_hits - hits == (len(follow) - 1 - bm.summary_tail) // P * P

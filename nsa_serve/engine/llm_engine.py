@@ -705,11 +705,12 @@ class LLMEngine:
                 seq.drop_drafts(n_of.get(seq, 1) - 1)
 
     def _verify_drafts(self, rows: list, samples: dict, entries: dict) -> dict:
-        """Rows that verified drafts keep the accepted ones: their tokens lose the drafts (the
-        accepted come back as sampled tokens), their row counts 1 + accepted tokens computed, their
-        samples the accepted drafts and the token after them, and summaries over rejected tokens
-        are dropped (made again when their block is complete). Rewrites `rows`, `samples` and
-        `entries` in place; returns {seq: (drafts, accepted)}."""
+        """Rows that verified drafts keep the accepted ones: their tokens lose the rejected drafts
+        (the accepted stay until _emit appends them again as sampled tokens, so that _advance
+        registers pages over the tokens computed), their row counts 1 + accepted tokens computed,
+        their samples the accepted drafts and the token after them, and summaries over rejected
+        tokens are dropped (made again when their block is complete). Rewrites `rows`, `samples`
+        and `entries` in place; returns {seq: (drafts, accepted)}."""
         verified = {}
         c = self.config
         for i, (seq, n) in enumerate(rows):
@@ -717,11 +718,12 @@ class LLMEngine:
                 continue
             k = seq.num_draft
             drafts = seq.token_ids[-k:]
-            seq.drop_drafts()
             got = samples.get(seq)
             if got is None:  # the row failed: it ends with an error in _advance
+                seq.drop_drafts()
                 continue
             a = accepted_drafts(drafts, [r.token_id for r in got])
+            seq.drop_drafts(keep=a)
             samples[seq] = got[:a + 1]
             rows[i] = (seq, 1 + a)
             first, end = entries[seq]
@@ -798,6 +800,7 @@ class LLMEngine:
         """Sampled tokens into their sequences (stop checks, text), then the requests' outputs."""
         now = time.time()
         for seq, sample in samples.items():
+            seq.drop_drafts()  # a verifying row's accepted drafts: appended below as its tokens
             if seq.is_finished:
                 continue
             req = self.requests[seq.request_id]
@@ -1022,9 +1025,8 @@ def _by_sequence(seqs: list[Sequence], samples: list[SampleResult]) -> dict:
     list of its results in position order."""
     out: dict = {}
     for seq, r in zip(seqs, samples):
-        if seq in out:
-            prev = out[seq]
-            out[seq] = prev + [r] if isinstance(prev, list) else [prev, r]
+        if seq.num_draft:
+            out.setdefault(seq, []).append(r)
         else:
-            out[seq] = [r] if seq.num_draft else r
+            out[seq] = r
     return out
