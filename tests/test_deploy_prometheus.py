@@ -92,7 +92,9 @@ def server_process(tmp_path_factory, prometheus_bin, server_port):
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "nsa_serve.cli", "serve", str(model_dir), "--host", "127.0.0.1",
-             "--port", str(port), "--device", "cpu", "--shutdown-timeout", str(DRAIN_S)],
+             "--port", str(port), "--device", "cpu", "--shutdown-timeout", str(DRAIN_S),
+             # speculation on, so that the dashboard's speculative-decoding panel has data too
+             "--speculative-config", SPECULATIVE],
             stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -139,10 +141,13 @@ def prometheus(tmp_path_factory, prometheus_bin, server_port):
         stop(proc)
 
 
+SPECULATIVE = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}'
+
+
 def send_traffic(server: str, model: str) -> None:
     """A few completions, one streamed, with a shared long prefix so the prefix cache sees queries
-    and hits (pages are 64 tokens), and decode runs past the window so NSA reads fewer K/V tokens
-    than dense attention would."""
+    and hits (pages are 64 tokens), decode runs past the window so NSA reads fewer K/V tokens
+    than dense attention would, and speculative decoding has drafts to verify."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=60, max_retries=0)
@@ -155,6 +160,11 @@ def send_traffic(server: str, model: str) -> None:
                                             max_tokens=12, stream=True)
     chunks = list(stream)
     assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    # A prompt holding every ordinary token id once: whatever the model says, its last token is in
+    # the context, so every decode step has one-token n-gram drafts to verify.
+    out = client.completions.create(model=model, prompt=list(range(8, 4096)), max_tokens=6, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "length"
     # One failing request (404), so the HTTP counters carry more than one status.
     assert httpx.get(f"{server}/v1/nope", timeout=10).status_code == 404
 
@@ -223,6 +233,8 @@ def test_dashboard_numbers_reflect_the_traffic(prometheus, scraped):
     [ttft] = query(prometheus, 'histogram_quantile(0.5, sum by (le) (rate(nsa:time_to_first_token_seconds_bucket'
                                f'[{RATE_WINDOW}])))')
     assert 0 < float(ttft["value"][1]) < 60
+    [drafts] = query(prometheus, 'sum(nsa:spec_decode_num_draft_tokens_total)')
+    assert float(drafts["value"][1]) >= 2 * 3  # two rounds of the all-tokens prompt, ≥ 3 drafts each
 
 
 def test_dashboard_variable_queries_return_values(prometheus, scraped):
