@@ -182,7 +182,6 @@ def test_rows_whose_sampling_reads_their_history_do_not_speculate():
     engine = make_engine(num_speculative_tokens=4, prompt_lookup_min=1)
     prompts = prompts_that_repeat(2, seed=91)
     for sp in (SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.2),
-               SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2),
                SamplingParams(temperature=0.7, max_tokens=12, ignore_eos=True, seed=5),
                SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, min_tokens=12)):
         engine.generate(prompts, sp)
@@ -287,3 +286,21 @@ def test_prefix_cache_pages_registered_after_verified_rows_hash_their_whole_toke
     engine.generate([follow], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     P = bm.page_size
     assert bm.prefix_hits - hits == (len(follow) - 1 - bm.summary_tail) // P * P
+
+
+def test_logprobs_of_verified_rows_are_each_positions_own():
+    # Rows asking for logprobs speculate: each token's logprob and top alternatives are the model's
+    # at that token's position, as plain decoding reports them.
+    plain = make_engine()
+    spec = make_engine(num_speculative_tokens=4, prompt_lookup_min=1)
+    prompts = looping_prompts(plain, 2, seed=141)
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+    for want, got in zip(plain.generate(prompts, sp), spec.generate(prompts, sp)):
+        w, g = want.outputs[0], got.outputs[0]
+        assert g.token_ids == w.token_ids
+        assert [lp.token_id for lp in g.logprobs] == g.token_ids
+        for a, b in zip(g.logprobs, w.logprobs):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+            assert [t for t, _, _ in a.top] == [t for t, _, _ in b.top]
+            assert [v for _, _, v in a.top] == pytest.approx([v for _, _, v in b.top], abs=1e-4)
+    assert spec.stats().spec_decode_num_accepted_tokens_total > 0
