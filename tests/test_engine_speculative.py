@@ -178,12 +178,41 @@ def test_sampling_with_drafts_keeps_the_distribution_of_each_token():
     engine.block_manager.check_all_free()
 
 
-def test_rows_whose_sampling_reads_their_history_do_not_speculate():
+def test_rows_with_penalties_min_tokens_and_bad_words_sample_each_position_with_its_own_history():
+    # The drafts after a verifying row's position are not its history: penalties, bad words and
+    # the min_tokens count see only the tokens before it, so the outputs are plain decoding's.
+    plain = make_engine()
+    spec = make_engine(num_speculative_tokens=4, prompt_lookup_min=1)
+    tok = plain.tokenizer
+    prompts = looping_prompts(plain, 3, seed=91)
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    base = [o.outputs[0].token_ids for o in plain.generate(prompts, greedy)]
+    accepted = 0
+    for prompt, toks in zip(prompts, base):
+        word = tok.decode(toks[4:6]).strip() or "x"
+        cases = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.1),
+                 SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, presence_penalty=0.3,
+                                frequency_penalty=0.2),
+                 SamplingParams(temperature=1.0, top_k=1, max_tokens=24, ignore_eos=True, repetition_penalty=1.1),
+                 SamplingParams(temperature=0, max_tokens=24, min_tokens=12, stop_token_ids=[toks[2]]),
+                 SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, bad_words=[word])]
+        for sp in cases:
+            before = spec.stats().spec_decode_num_accepted_tokens_total
+            want = plain.generate([prompt], sp)[0].outputs[0]
+            got = spec.generate([prompt], sp)[0].outputs[0]
+            assert (got.token_ids, got.finish_reason) == (want.token_ids, want.finish_reason), sp
+            accepted += spec.stats().spec_decode_num_accepted_tokens_total - before
+    assert accepted > 0
+    spec.block_manager.check_all_free()
+
+
+def test_rows_with_a_seed_or_a_grammar_do_not_speculate():
+    from nsa_serve.engine.structured import StructuredOutput
+
     engine = make_engine(num_speculative_tokens=4, prompt_lookup_min=1)
-    prompts = prompts_that_repeat(2, seed=91)
-    for sp in (SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.2),
-               SamplingParams(temperature=0.7, max_tokens=12, ignore_eos=True, seed=5),
-               SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, min_tokens=12)):
+    prompts = prompts_that_repeat(2, seed=92)
+    for sp in (SamplingParams(temperature=0.7, max_tokens=12, ignore_eos=True, seed=5),
+               SamplingParams(temperature=0, max_tokens=12, structured=StructuredOutput("regex", "(ab)+"))):
         engine.generate(prompts, sp)
         assert engine.stats().spec_decode_num_drafts_total == 0, sp
 
@@ -304,3 +333,25 @@ def test_logprobs_of_verified_rows_are_each_positions_own():
             assert [t for t, _, _ in a.top] == [t for t, _, _ in b.top]
             assert [v for _, _, v in a.top] == pytest.approx([v for _, _, v in b.top], abs=1e-4)
     assert spec.stats().spec_decode_num_accepted_tokens_total > 0
+
+
+def test_a_verifying_rows_penalties_and_min_tokens_see_only_the_tokens_before_it():
+    # Sequence: prompt [1, 2], output [3], drafts [4, 5, 6]; its 4 rows sample after 3, 4, 5, 6.
+    from nsa_serve.engine.sampler import Sampler
+    from nsa_serve.engine.sequence import Sequence
+
+    def verifying(params):
+        seq = Sequence("r", 0, [1, 2], params, 0.0)
+        seq.token_ids += [3, 4, 5, 6]
+        seq.num_draft = 3
+        return seq
+
+    logits = torch.full((4, 10), -1.0)
+    logits[:, 5], logits[:, 7] = 2.0, 1.5  # 5 wins unless penalised (2.0 / 2 < 1.5)
+    seq = verifying(SamplingParams(temperature=0, repetition_penalty=2.0))
+    got = [r.token_id for r in Sampler(10, [9])(logits, [seq] * 4)]
+    assert got == [5, 5, 7, 7]  # 5 is history from the row after draft 2 (token 5) on
+    logits[:, 9] = 3.0  # the stop token, banned while fewer than 3 tokens are out
+    seq = verifying(SamplingParams(temperature=0, min_tokens=3))
+    got = [r.token_id for r in Sampler(10, [9])(logits, [seq] * 4)]
+    assert got == [5, 5, 9, 9]  # rows see 1, 2, 3, 4 output tokens

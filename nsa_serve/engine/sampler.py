@@ -74,7 +74,8 @@ class Sampler:
         if B == 0:
             return PendingSample(torch.empty(0, dtype=torch.long, device=device), None, [], [], 0)
         ps = [s.params for s in seqs]
-        needs_min = [s.num_output_tokens < p.min_tokens and s.matcher is None for s, p in zip(seqs, ps)]
+        hidden = hidden_drafts(seqs)
+        needs_min = [s.num_output_tokens - h < p.min_tokens and s.matcher is None for s, p, h in zip(seqs, ps, hidden)]
         plain_greedy = all(p.temperature == 0 and p.logprobs is None and not has_penalty(p)
                            and not _has_bias(p) for p in ps) and all(s.matcher is None and not s.bad_words
                                                                       for s in seqs)
@@ -98,7 +99,7 @@ class Sampler:
             if _has_bias(p):
                 logits[b] = apply_bias(logits[b], p)
             if has_penalty(p):
-                logits[b] = apply_penalties(logits[b], seq, p)
+                logits[b] = apply_penalties(logits[b], seq, p, hidden[b])
             if needs_min[b]:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
                 banned = [t for t in banned if 0 <= t < V]
@@ -109,7 +110,8 @@ class Sampler:
                 if banned:
                     logits[b, upload(banned, torch.long, device)] = -float("inf")
             if seq.bad_words:
-                logits[b] = ban_bad_words(logits[b], banned_next(seq.bad_words, seq.output_token_ids))
+                output = seq.output_token_ids
+                logits[b] = ban_bad_words(logits[b], banned_next(seq.bad_words, output[:len(output) - hidden[b]]))
 
         greedy_host = [p.temperature == 0 for p in ps]  # decided on the host: no GPU sync
         tokens = logits.argmax(dim=-1)
@@ -242,16 +244,34 @@ def has_penalty(p) -> bool:
     return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1.0
 
 
-def apply_penalties(logits: torch.Tensor, seq: Sequence, p) -> torch.Tensor:
+def hidden_drafts(seqs: list[Sequence]) -> list[int]:
+    """Per row, how many of its sequence's last tokens come after the row's position. A sequence
+    verifying k drafts (speculative.py) is listed k + 1 times in position order; its row j samples
+    what follows its tokens up to draft j, so the k − j drafts after it are not its history."""
+    seen: dict = {}
+    out = []
+    for s in seqs:
+        if s.num_draft:
+            j = seen.get(s, 0)
+            seen[s] = j + 1
+            out.append(s.num_draft - j)
+        else:
+            out.append(0)
+    return out
+
+
+def apply_penalties(logits: torch.Tensor, seq: Sequence, p, hidden: int = 0) -> torch.Tensor:
     """Presence / frequency penalties over generated tokens; repetition penalty over prompt and
-    generated tokens (divide positive logits, multiply negative ones), as vLLM defines them."""
+    generated tokens (divide positive logits, multiply negative ones), as vLLM defines them. The
+    last `hidden` tokens are drafts after this row's position (hidden_drafts), not its history."""
     V = logits.shape[-1]
-    out_ids = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+    end = len(seq.token_ids) - hidden
+    out_ids = torch.tensor(seq.token_ids[seq.num_prompt_tokens:end], dtype=torch.long, device=logits.device)
     counts = torch.bincount(out_ids, minlength=V)[:V].to(logits.dtype)
     logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
     if p.repetition_penalty != 1.0:
         seen = torch.zeros(V, dtype=torch.bool, device=logits.device)
-        seen[torch.tensor(seq.token_ids, dtype=torch.long, device=logits.device)] = True
+        seen[torch.tensor(seq.token_ids[:end], dtype=torch.long, device=logits.device)] = True
         rp = p.repetition_penalty
         logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
     return logits

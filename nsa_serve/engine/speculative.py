@@ -12,18 +12,17 @@ a draft d the rule accepts with probability p(d) and otherwise emits a sample of
 not d, which is the rejection-sampling rule of speculative sampling (Leviathan et al., 2023) for a
 proposer that puts all its mass on d. Greedy rows emit exactly the tokens plain decoding would.
 
-So sampling must not depend on the tokens themselves: rows with a grammar, penalties, bad words,
-a min_tokens count not reached or a seed decode one token a step as before (their samples would
-need each position's own history; a seed's draws would depend on how many drafts the step had
-room for, and so on its batch). Logprobs are each position's own (the model's raw distribution
-there), so rows asking for them speculate.
+Each position is sampled with its own history: the sampler hides the drafts after a row's
+position from its penalties, bad words and min_tokens count (sampler.hidden_drafts), so rows with
+those speculate too, and logprobs are each position's own. Rows with a grammar (its matcher would
+have to follow every draft) or a seed (its draws would depend on how many drafts the step had room
+for, and so on the batch) decode one token a step as before.
 The rejected drafts' K/V stay in the pages past the sequence's length, where the next step
 overwrites them; summaries over them are dropped and made again (llm_engine._verify_drafts).
 """
 
 from __future__ import annotations
 
-from .sampler import has_penalty
 from .sequence import Sequence
 
 
@@ -32,8 +31,7 @@ def draft_limit(seq: Sequence, max_model_len: int) -> int:
     k + 1 tokens of a fully accepted row must fit max_tokens and the context."""
     p = seq.params
     if (seq.num_pending or seq.num_draft or seq.num_tokens - seq.num_computed_tokens != 1
-            or seq.matcher is not None or seq.bad_words or has_penalty(p) or p.seed is not None
-            or seq.num_output_tokens < p.min_tokens):
+            or seq.matcher is not None or p.seed is not None):
         return 0
     limit = max_model_len - seq.num_tokens - 1
     if p.max_tokens is not None:
