@@ -355,3 +355,15 @@ def test_a_verifying_rows_penalties_and_min_tokens_see_only_the_tokens_before_it
     seq = verifying(SamplingParams(temperature=0, min_tokens=3))
     got = [r.token_id for r in Sampler(10, [9])(logits, [seq] * 4)]
     assert got == [5, 5, 9, 9]  # rows see 1, 2, 3, 4 output tokens
+
+
+def test_dense_attention_mode_speculates_with_the_same_tokens():
+    # --attention dense (the comparison mode) verifies drafts through its own prefill path.
+    plain = make_engine(attention="dense")
+    spec = make_engine(attention="dense", num_speculative_tokens=4, prompt_lookup_min=1)
+    prompts = looping_prompts(plain, 2, seed=151)
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, sp)] == \
+        [o.outputs[0].token_ids for o in plain.generate(prompts, sp)]
+    assert spec.stats().spec_decode_num_accepted_tokens_total > 0
+    spec.block_manager.check_all_free()
