@@ -24,7 +24,7 @@ def test_a_line_has_interval_rates_and_current_state_and_idles_down_to_debug():
     assert text.startswith("prompt 1600.0 tok/s, generation 200.0 tok/s, ")
     assert "running 3 reqs, waiting 1 reqs, KV cache 25.0%" in text
     assert "prefix cache hits 25.0%" in text and "NSA decode read 10.0% of dense" in text
-    assert "preemptions 2, failed steps 0" in text
+    assert text.endswith("preemptions 2, failed steps 0")  # no speculation: no draft figures
     level, text = logger.line()  # fell idle: said once at INFO, with nothing over the interval
     assert level == logging.INFO and "prompt 0.0 tok/s" in text and "prefix cache hits n/a" in text
     assert logger.line()[0] == logging.DEBUG  # idle again: quiet
@@ -63,3 +63,12 @@ def test_enable_log_requests_logs_arrival_and_end_without_the_cache_salt(tiny_mo
     assert len(arrived.split("prompt ids [")[1].split("]")[0].split(",")) == 8
     finished = next(x for x in lines if x.startswith(f"request {r.id} finished"))
     assert "length, 5 tokens, TTFT" in finished
+
+
+def test_an_interval_with_speculative_decoding_adds_acceptance_figures():
+    spec = dict(spec_decode_num_drafts_total=10, spec_decode_num_draft_tokens_total=40,
+                spec_decode_num_accepted_tokens_total=25)
+    feed = iter([EngineStats(**spec), EngineStats(**{k: 2 * v for k, v in spec.items()}, generation_tokens_total=35)])
+    clock = iter([0.0, 1.0])
+    level, text = StatsLog(lambda: next(feed), clock=lambda: next(clock)).line()
+    assert text.endswith("failed steps 0, draft acceptance 62.5%, mean acceptance length 3.50")

@@ -4,6 +4,8 @@ who read logs rather than dashboards:
     prompt 1834.2 tok/s, generation 412.7 tok/s, running 12 reqs, waiting 0 reqs, KV cache 37.5%,
     prefix cache hits 61.0%, NSA decode read 9.1% of dense, preemptions 0, failed steps 0
 
+and, in an interval where speculative decoding verified drafts, ", draft acceptance 64.0%, mean
+acceptance length 3.56" (accepted / draft tokens; 1 + accepted per verifying row).
 Throughputs and the hit rate are over the interval; the other fields are the engine's state now (or
 its totals). Lines are at INFO while the engine works and once when it falls idle, then at DEBUG.
 """
@@ -42,6 +44,12 @@ class StatsLog:
                 f"waiting {s.num_waiting} reqs, KV cache {100 * s.kv_cache_usage:.1f}%, "
                 f"prefix cache hits {_percent(hits, queries)}, NSA decode read {_percent(read, dense)} of dense, "
                 f"preemptions {s.num_preemptions_total}, failed steps {s.num_failed_steps_total}")
+        drafts = s.spec_decode_num_drafts_total - p.spec_decode_num_drafts_total
+        if drafts:  # speculative decoding worked this interval: vLLM's two summary numbers
+            proposed = s.spec_decode_num_draft_tokens_total - p.spec_decode_num_draft_tokens_total
+            accepted = s.spec_decode_num_accepted_tokens_total - p.spec_decode_num_accepted_tokens_total
+            text += (f", draft acceptance {_percent(accepted, proposed)}, "
+                     f"mean acceptance length {1 + accepted / drafts:.2f}")
         level = logging.INFO if busy or self._was_busy else logging.DEBUG
         self._last, self._last_t, self._was_busy = s, now, busy
         return level, text
