@@ -105,7 +105,8 @@ def main() -> int:
                     d = after.spec_decode_num_draft_tokens_total - before.spec_decode_num_draft_tokens_total
                     a = after.spec_decode_num_accepted_tokens_total - before.spec_decode_num_accepted_tokens_total
                     acc = f"{a}/{d} = {a / max(d, 1):.0%}"
-            print(f"| {name} | {batch} | {rates[0]:.0f} | {rates[args.k]:.0f} | {rates[args.k] / rates[0]:.2f}x | {acc} |")
+            ratio = rates[args.k] / rates[0]
+            print(f"| {name} | {batch} | {rates[0]:.0f} | {rates[args.k]:.0f} | {ratio:.2f}x | {acc} |")
     print("\nPASS" if ok else "\nFAIL")
     return 0 if ok else 1
 
