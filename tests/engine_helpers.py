@@ -55,6 +55,11 @@ def random_prompts(n: int, min_len: int, max_len: int, seed: int, vocab: int = 4
     return [[rng.randrange(8, vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(n)]
 
 
+def repeats_a_token(tokens: list, times: int = 3) -> bool:
+    """Whether some token comes `times` times in a row (where one-token n-gram drafts succeed)."""
+    return any(len(set(tokens[i:i + times])) == 1 for i in range(len(tokens) - times + 1))
+
+
 def looping_prompts(engine, n: int, seed: int, max_tokens: int = 30) -> list[list[int]]:
     """Prompts whose greedy output repeats a token several times in a row (the tiny random model
     falls into such loops), where one-token n-grams give drafts the model accepts."""
@@ -62,10 +67,7 @@ def looping_prompts(engine, n: int, seed: int, max_tokens: int = 30) -> list[lis
     for attempt in range(20):
         prompts = random_prompts(8, 12, 30, seed=seed + 1000 * attempt)
         outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
-        for p, o in zip(prompts, outs):
-            t = o.outputs[0].token_ids
-            if any(t[i] == t[i + 1] == t[i + 2] for i in range(len(t) - 2)):
-                found.append(p)
+        found += [p for p, o in zip(prompts, outs) if repeats_a_token(o.outputs[0].token_ids)]
         if len(found) >= n:
             return found[:n]
     raise AssertionError(f"only {len(found)} of 160 prompts make the model repeat a token")

@@ -10,6 +10,7 @@ import pytest
 from api_fixtures import api_server, start_server, tiny_model_dir, wait_for  # noqa: F401
 
 import openai  # noqa: F401  (after api_fixtures, which skips this module without the HTTP stack)
+from engine_helpers import repeats_a_token
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,7 @@ def looping(api_server):  # noqa: F811
     found = []
     for _ in range(60):
         prompt = [rng.randrange(8, 4000) for _ in range(rng.randint(10, 30))]
-        toks = greedy(client, model, prompt, logprobs=0).choices[0].logprobs.tokens
-        if any(toks[i] == toks[i + 1] == toks[i + 2] for i in range(len(toks) - 2)):
+        if repeats_a_token(greedy(client, model, prompt, logprobs=0).choices[0].logprobs.tokens):
             found.append(prompt)
         if len(found) == 3:
             return found
