@@ -61,10 +61,10 @@ def measure(batch: int, split, device: str) -> tuple[float, float]:
         if static is not None:  # on a GPU decode steps run on the fixed-shape path: fail there too
             prepare = static.prepare
 
-            def faulty_prepare(seqs):
+            def faulty_prepare(seqs, num_new=None):
                 if culprit in seqs:
                     raise RuntimeError("injected fault")
-                return prepare(seqs)
+                return prepare(seqs, num_new)
 
             static.prepare = faulty_prepare
         for _ in range(3):  # (async scheduling on a GPU may meet the fault a step later)

@@ -184,13 +184,13 @@ def _serve_with_fault(engine, prompts, params, culprit: bool | None, ahead: int 
         L = bad.num_computed_tokens + ahead
         prepare, execute = static.prepare, engine.runner.execute
 
-        def fixed_prepare(seqs):
+        def fixed_prepare(seqs, num_new=None):
             if bad in seqs and bad.num_computed_tokens == L and not bad.is_finished:
                 faults.append(len(seqs))
                 raise RuntimeError("injected fault on the fixed-shape path")
             if faults:  # a fixed-shape step after the failed one
                 fixed_steps.append(len(seqs))
-            return prepare(seqs)
+            return prepare(seqs, num_new)
 
         def eager_execute(inp):
             if culprit and bad in inp.seqs and bad.num_computed_tokens == L:

@@ -198,22 +198,37 @@ def test_independent_kv_piecewise_steps_with_the_triton_kernels_match_the_refere
     assert pw.steps > 0 and pw.decode_rows.steps > 0 and pw.prefill_rows.steps > 0
 
 
-@pytest.mark.parametrize("piecewise", [False, True], ids=["eager", "piecewise"])
-def test_speculative_rows_with_the_triton_kernels_match_the_reference(piecewise):
+@pytest.mark.parametrize("piecewise,as_decode", [(False, True), (True, True), (False, False), (True, False)],
+                         ids=["eager", "piecewise", "eager-verify-as-chunks", "piecewise-verify-as-chunks"])
+def test_speculative_rows_with_the_triton_kernels_match_the_reference(piecewise, as_decode):
     """Rows verifying n-gram drafts (1 + k tokens continuing a cached sequence) through the Triton
-    prefill kernel, eagerly and through the piecewise path's static plans: greedy tokens equal the
-    reference model's, with drafts accepted, and every page comes back."""
+    kernels, eagerly and through the piecewise path's graphs: their tokens as decode rows (the
+    decode kernel; in a piecewise step the decode rows' graphs), or as the chunk they are (the
+    prefill kernel; the piecewise path's static plans). Greedy tokens equal the reference model's,
+    with drafts accepted, and every page comes back."""
     from engine_helpers import looping_prompts
 
     prompts = looping_prompts(make_engine(True), 2, seed=131, max_tokens=10)
     engine = make_engine(True, num_pages=64, max_num_batched_tokens=64, long_prefill_token_threshold=24,
                          num_speculative_tokens=3, prompt_lookup_min=1)
     use_kernels(engine)
+    runner = engine.runner
+    runner.verify_as_decode = as_decode
     if piecewise:
         from nsa_serve.engine.piecewise_graphs import PiecewiseSteps
 
-        engine.runner.piecewise = PiecewiseSteps(engine.runner, 64, engine.args.max_num_seqs, engine.max_model_len)
+        runner.piecewise = PiecewiseSteps(runner, 64, engine.args.max_num_seqs, engine.max_model_len,
+                                          decode_queries=4)
+    queries, prepare = [], runner.prepare
+
+    def spy(seqs, num_new):  # decode queries beyond the single-token rows: verifying tokens
+        inp = prepare(seqs, num_new)
+        queries.append(inp.num_decode - sum(1 for n in num_new if n == 1))
+        return inp
+
+    runner.prepare = spy
     generate_and_compare(engine, prompts, 10)
     assert engine.stats().spec_decode_num_accepted_tokens_total > 0
+    assert any(queries) == as_decode
     if piecewise:
-        assert engine.runner.piecewise.prefill_rows.steps > 0
+        assert runner.piecewise.decode_rows.steps > 0 and runner.piecewise.prefill_rows.steps > 0

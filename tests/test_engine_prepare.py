@@ -10,27 +10,9 @@ import torch
 
 from engine_helpers import make_engine, random_prompts, single_thread_torch
 from nsa_serve.engine.protocol import SamplingParams
-from prepare_reference import prepare_reference, static_host_inputs_reference
+from prepare_reference import assert_same, prepare_reference, static_host_inputs_reference
 
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread_torch)
-
-FIELDS = ("num_new", "num_seqs", "num_decode", "input_ids", "positions", "slots", "block_tables", "seq_lens",
-          "cu_seqlens_q", "cu_host", "seq_lens_host", "summary_old_slots", "entry_src", "entry_slots",
-          "new_entries", "logits_rows", "win_tables", "win_write_rows", "win_write_slots", "cmp_write_rows",
-          "cmp_write_slots")
-
-
-def assert_same(got, want):
-    assert [id(s) for s in got.seqs] == [id(s) for s in want.seqs]
-    assert [id(s) for s in got.sample_seqs] == [id(s) for s in want.sample_seqs]
-    for f in FIELDS:
-        a, b = getattr(got, f), getattr(want, f)
-        if torch.is_tensor(b):
-            assert torch.is_tensor(a) and a.dtype == b.dtype, f
-            assert torch.equal(a, b.reshape(a.shape)) and a.numel() == b.numel(), f
-        else:
-            assert a == b, f
-
 
 @pytest.mark.parametrize("shared_kv", [True, False], ids=["shared_kv", "independent_kv"])
 def test_prepare_equals_its_loop_twin_on_every_step(shared_kv):
@@ -67,9 +49,9 @@ def test_fixed_shape_decode_inputs_equal_their_loop_twin_on_every_step(shared_kv
     static = engine.runner.static_decode = StaticDecode(engine.runner, 8, engine.max_model_len)
     fast, calls = static.host_inputs, []
 
-    def both(seqs, size, out=None):
-        got = fast(seqs, size, out)  # out: the engine's staging buffers, reused every other step
-        want = static_host_inputs_reference(static, seqs, size)
+    def both(seqs, size, out=None, num_new=None):
+        got = fast(seqs, size, out, num_new)  # out: the engine's staging buffers, reused every other step
+        want = static_host_inputs_reference(static, seqs, size, num_new)
         assert got.keys() == want.keys()
         for k in want:
             assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k

@@ -14,7 +14,7 @@ import torch
 from engine_helpers import looping_prompts, make_engine, random_prompts, reference_greedy, single_thread_torch
 from nsa_serve.engine.ngram import TokenBuffer, find_draft
 from nsa_serve.engine.protocol import SamplingParams
-from prepare_reference import prepare_reference
+from prepare_reference import assert_same, prepare_reference
 
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread_torch)
 
@@ -59,28 +59,40 @@ def prompts_that_repeat(n: int, seed: int) -> list[list[int]]:
     return out
 
 
-def checked_prepare(engine) -> list[int]:
-    """Every step's inputs also built by the loop twin (the logits rows of verifying rows
-    included). Returns a list that gets, per step, how many extra rows drafts added."""
+class CheckedSteps(list):
+    queries: list[int]
+
+    def __init__(self):
+        super().__init__()
+        self.queries = []
+
+
+def checked_prepare(engine) -> CheckedSteps:
+    """Every step's inputs also built by the loop twin (tests/prepare_reference.py: the logits rows
+    of verifying rows and attention's view of them included). Returns a list that gets, per step,
+    how many extra rows drafts added; `.queries` gets, per step, how many more decode queries
+    attention saw than the step had single-token rows (verifying tokens attending as decode rows)."""
     runner, fast = engine.runner, engine.runner.prepare
-    extra_rows = []
+    extra_rows = CheckedSteps()
 
     def both(seqs, num_new):
         got = fast(seqs, num_new)
-        want = prepare_reference(runner, seqs, num_new)
-        assert [id(s) for s in got.sample_seqs] == [id(s) for s in want.sample_seqs]
-        assert torch.equal(got.logits_rows, want.logits_rows.reshape(got.logits_rows.shape))
-        assert got.new_entries == want.new_entries
+        assert_same(got, prepare_reference(runner, seqs, num_new), page_size=runner.P)
         extra_rows.append(len(got.sample_seqs) - len({id(s) for s in got.sample_seqs}))
+        extra_rows.queries.append(got.num_decode - sum(1 for n in num_new if n == 1))
         return got
 
     runner.prepare = both
     return extra_rows
 
 
-@pytest.mark.parametrize("k", [1, 3, 8])
-def test_greedy_tokens_equal_the_reference_model_with_drafts(k):
+@pytest.mark.parametrize("k,as_decode", [(1, True), (3, True), (8, True), (3, False)],
+                         ids=["k1", "k3", "k8", "k3-verify-as-chunks"])
+def test_greedy_tokens_equal_the_reference_model_with_drafts(k, as_decode):
+    # as_decode: verifying rows' tokens attend as decode rows (the default), or as the chunk they
+    # are (what a piecewise step falls back to when its decode graphs hold fewer queries).
     engine = make_engine(num_speculative_tokens=k, prompt_lookup_min=1, prompt_lookup_max=3)
+    engine.runner.verify_as_decode = as_decode
     extra = checked_prepare(engine)
     prompts = prompts_that_repeat(4, seed=40 + k) + random_prompts(2, 20, 50, seed=50 + k)
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
@@ -88,10 +100,68 @@ def test_greedy_tokens_equal_the_reference_model_with_drafts(k):
         assert out.outputs[0].token_ids == reference_greedy(engine.model, prompt, 30)
     s = engine.stats()
     assert s.spec_decode_num_drafts_total > 0 and any(extra), "no step verified drafts"
+    assert any(extra.queries) == as_decode and all(q >= 0 for q in extra.queries)
     assert 0 < s.spec_decode_num_accepted_tokens_total <= s.spec_decode_num_draft_tokens_total
     assert s.spec_decode_num_draft_tokens_total <= k * s.spec_decode_num_drafts_total
     # Fewer steps than tokens: accepted drafts came several a step.
     assert s.generation_tokens_total == 30 * len(prompts)
+    engine.block_manager.check_all_free()
+
+
+@pytest.mark.parametrize("decode_queries", [1, 4])
+def test_piecewise_steps_verify_as_decode_rows_only_where_their_graphs_hold_the_queries(decode_queries):
+    # A piecewise step's decode rows' graphs are sized for max_num_seqs × decode_queries rows. With
+    # 1 a sequence (the engine's size without drafts) the verifying tokens of 3 sequences do not
+    # fit, and the rows attend as chunks; with 1 + k they attend as decode rows. Either way the
+    # inputs equal the loop twin's and the tokens the reference model's.
+    from nsa_serve.engine.piecewise_graphs import PiecewiseSteps
+
+    engine = make_engine(num_speculative_tokens=3, prompt_lookup_min=1, max_num_seqs=3)
+    engine.runner.verify_as_decode = True  # (the engine's setting on CUDA)
+    engine.runner.piecewise = PiecewiseSteps(engine.runner, 64, 3, engine.max_model_len,
+                                             decode_queries=decode_queries)
+    steps = checked_prepare(engine)
+    prompts = prompts_that_repeat(3, seed=71)
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == reference_greedy(engine.model, prompt, 16)
+    assert any(steps), "no step verified drafts"
+    assert any(steps.queries) == (decode_queries > 1)
+    pw = engine.runner.piecewise
+    assert pw is not None, "a piecewise step failed"  # (the engine detaches the path then)
+    assert pw.decode_rows.steps > 0
+    engine.block_manager.check_all_free()
+
+
+def test_decode_graph_steps_verify_drafts_as_rows_of_their_own():
+    # The fixed-shape (CUDA graph) decode path takes steps whose rows verify drafts when their
+    # tokens attend as decode rows: a sequence's 1 + k tokens are 1 + k rows. Its host inputs equal
+    # the loop twin's on every step (tests/prepare_reference.py), greedy tokens the reference
+    # model's, and every page comes back. (On CPU the path runs the same inputs eagerly.)
+    from nsa_serve.engine.decode_graphs import StaticDecode
+    from prepare_reference import static_host_inputs_reference
+
+    engine = make_engine(num_speculative_tokens=3, prompt_lookup_min=1, num_pages=48)
+    engine.runner.verify_as_decode = True  # (the engine's setting on CUDA)
+    static = engine.runner.static_decode = StaticDecode(engine.runner, 16, engine.max_model_len)
+    fast, rows = static.host_inputs, []
+
+    def both(seqs, size, out=None, num_new=None):
+        got = fast(seqs, size, out, num_new)
+        want = static_host_inputs_reference(static, seqs, size, num_new)
+        for key in want:
+            assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+        rows.append((len(seqs), sum(num_new) if num_new else len(seqs)))
+        return got
+
+    static.host_inputs = both
+    prompts = prompts_that_repeat(4, seed=81)
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == reference_greedy(engine.model, prompt, 24)
+    assert any(r > n for n, r in rows), "no verifying step took the fixed-shape path"
+    assert engine.runner.static_decode is static  # no step failed on it
+    assert engine.stats().spec_decode_num_accepted_tokens_total > 0
     engine.block_manager.check_all_free()
 
 
@@ -273,10 +343,12 @@ def test_the_offline_class_and_the_cli_take_vllms_speculative_config():
 
 
 @pytest.mark.gpu
-def test_gpu_speculation_keeps_the_greedy_tokens_of_plain_decoding():
+@pytest.mark.parametrize("as_decode", [True, False], ids=["verify-as-decode", "verify-as-chunks"])
+def test_gpu_speculation_keeps_the_greedy_tokens_of_plain_decoding(as_decode):
     """On CUDA as served (Triton kernels, decode graphs, piecewise graphs; float32, so that the
-    verifying rows' prefill kernel and the decode kernel's different rounding should not flip a
-    greedy token): the tokens of plain decoding, with drafts accepted, and every page back."""
+    prefill kernel's and the decode kernel's different rounding should not flip a greedy token):
+    the tokens of plain decoding, with drafts accepted, and every page back — verifying rows
+    attending as decode rows (the engine's way on CUDA) and as chunks (its fallback)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     plain = make_engine(True, device="cuda", num_pages=256, precompile=False)
@@ -288,6 +360,8 @@ def test_gpu_speculation_keeps_the_greedy_tokens_of_plain_decoding():
                        prompt_lookup_min=1)
     spec.warmup()
     assert not spec.args.async_scheduling and spec.runner.static_decode is not None
+    assert spec.runner.verify_as_decode  # the default on CUDA
+    spec.runner.verify_as_decode = as_decode
     got = [o.outputs[0].token_ids for o in spec.generate(prompts, params)]
     assert got == want
     s = spec.stats()

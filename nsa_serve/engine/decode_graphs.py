@@ -4,12 +4,19 @@ A step in which every sequence feeds exactly one token (its last sampled one) ha
 for a given batch size, so on CUDA it is captured once per padded size (1, 2, 4, 8, …) and replayed:
 a 1B model's decode step is hundreds of small launches, which a graph issues at once.
 
+Steps whose sequences verify n-gram drafts take this path too when their tokens attend as decode
+rows (`ModelRunner.verify_as_decode`, on with CUDA): a sequence's 1 + k tokens fill 1 + k rows,
+each a query at its own position over the sequence's pages, and every row is sampled. Graph sizes
+count rows, up to `max_num_seqs` × (1 + k) (at most 256). Measured on an H100 (docs/benchmarks/
+engine.md, forty-first session): with these steps on the mixed-step path speculation was slower
+than plain decoding (0.51–0.99× on the bundled model); here, 1.19–1.81× at 75–80 % acceptance.
+
 To keep shapes fixed, everything data-dependent becomes a padded tensor:
   * batch rows are padded to the graph size; pad rows point at the runner's *trash page* (a page
     the block manager never hands out), so their writes land there and their reads are harmless;
   * a decode token completes at most one compressed block (entry i completes at token i·d + l − 1),
     so each row carries one summary slot and the l token slots of that block — the trash page
-    when the token completes none;
+    when the token completes none (a verifying sequence's rows each complete their own);
   * block tables have the width of the longest possible sequence.
 φ reads the block's l tokens from the cache after the new token was written (shared K/V: the raw
 pages; independent K/V: φ's staging ring), so no flat source of varying length is needed.
@@ -35,6 +42,7 @@ from ..model.nsa_model import add_rms_norm
 from .precompile import compile_only, first_layer_only
 from .sampler import upload
 from .sequence import Sequence
+from .speculative import VERIFY, row_kind
 from .table_rows import TableRows
 
 log = logging.getLogger("nsa_serve.engine")
@@ -224,8 +232,12 @@ class StaticDecode:
         return self.sizes[-1]
 
     def eligible(self, seqs: list[Sequence], num_new: list[int]) -> bool:
-        return (0 < len(seqs) <= self.max_batch
-                and all(n == 1 and s.num_tokens - s.num_computed_tokens == 1 for s, n in zip(seqs, num_new)))
+        """Every row a decode row, or (with `runner.verify_as_decode`) a row verifying all of its
+        drafts, whose 1 + k tokens become 1 + k rows here (model_runner.py); at most max_batch rows."""
+        verify = self.runner.verify_as_decode
+        return (0 < sum(num_new) <= self.max_batch
+                and all(row_kind(s, n, verify) == VERIFY or (n == 1 and s.num_tokens - s.num_computed_tokens == 1)
+                        for s, n in zip(seqs, num_new)))
 
     # -- inputs -----------------------------------------------------------------------------------
     def _layout(self, size: int) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:
@@ -246,8 +258,11 @@ class StaticDecode:
         """Uninitialised input tensors of a graph size, as views of one flat buffer."""
         return StepInputs(self._layout(size), device=device, pin=pin)
 
-    def host_inputs(self, seqs: list[Sequence], size: int, out: "StepInputs | None" = None) -> "StepInputs":
+    def host_inputs(self, seqs: list[Sequence], size: int, out: "StepInputs | None" = None,
+                    num_new: list[int] | None = None) -> "StepInputs":
         """The step's padded inputs on the host, written into `out` (a staging buffer) or new ones.
+        `num_new`: tokens per sequence (1 each when None); a verifying sequence's n tokens fill n
+        consecutive rows, each a decode query at its own position.
 
         Filled through numpy views with element writes and cached block-table rows: torch's
         per-element writes and converting every table from Python ints each step were ~0.7 ms of
@@ -271,38 +286,45 @@ class StaticDecode:
         ids, pos, slots, tables, lens = (arrays[k] for k in ("ids", "pos", "slots", "tables", "lens"))
         entry_slots, block_slots = arrays["entry_slots"], arrays["block_slots"]
         trash = r.trash_page
-        for b, (s, row) in enumerate(zip(seqs, self._tables.rows(seqs))):
-            t = s.num_computed_tokens  # the position of the token fed now
+        b = 0  # the row
+        for i, (s, row) in enumerate(zip(seqs, self._tables.rows(seqs))):
             table = s.block_table
-            # A token still pending on the device (async scheduling) is gathered in `execute`.
-            ids[b] = s.token_ids[t] if t < len(s.token_ids) else 0
-            pos[b] = t
-            slots[b] = table[t // P] * P + t % P
-            tables[b, :len(row)] = row
-            if cols[b] > len(row):
-                tables[b, len(row):cols[b]] = trash
-            cols[b] = len(row)
-            lens[b] = t + 1
-            if not r.shared:
-                arrays["win_tables"][b] = s.win_ring
-                arrays["win_slots"][b] = r._ring_slot(s.win_ring, t, r.win_ring)
-                arrays["cmp_slots"][b] = r._ring_slot(s.cmp_ring, t, r.cmp_ring)
-            n0, n1 = s.num_summaries, num_compressed(t + 1, l, d)
-            if not r.dense and n1 > n0:
-                assert n1 == n0 + 1, "a decode token completes at most one compressed block"
-                entry_slots[b] = table[n0 // E] * E + n0 % E
-                block_slots[b] = [r._cmp_source_slot(s, u) for u in range(n0 * d, n0 * d + l)]
-        for b in np.flatnonzero(cols[len(seqs):]) + len(seqs):  # rows that are padding now
+            n0 = s.num_summaries
+            start = s.num_computed_tokens
+            for t in range(start, start + (1 if num_new is None else num_new[i])):  # the positions fed now
+                # A token still pending on the device (async scheduling) is gathered in `execute`.
+                ids[b] = s.token_ids[t] if t < len(s.token_ids) else 0
+                pos[b] = t
+                slots[b] = table[t // P] * P + t % P
+                tables[b, :len(row)] = row
+                if cols[b] > len(row):
+                    tables[b, len(row):cols[b]] = trash
+                cols[b] = len(row)
+                lens[b] = t + 1
+                if not r.shared:
+                    arrays["win_tables"][b] = s.win_ring
+                    arrays["win_slots"][b] = r._ring_slot(s.win_ring, t, r.win_ring)
+                    arrays["cmp_slots"][b] = r._ring_slot(s.cmp_ring, t, r.cmp_ring)
+                n1 = num_compressed(t + 1, l, d)
+                if not r.dense and n1 > n0:
+                    # (with shared K/V φ reads the block from the pages, after every row's write)
+                    assert n1 == n0 + 1, "a decode token completes at most one compressed block"
+                    entry_slots[b] = table[n0 // E] * E + n0 % E
+                    block_slots[b] = [r._cmp_source_slot(s, u) for u in range(n0 * d, n0 * d + l)]
+                    n0 = n1
+                b += 1
+        for b in np.flatnonzero(cols[b:]) + b:  # rows that are padding now
             tables[b, :cols[b]] = trash
             cols[b] = 0
         return out
 
-    def new_entries(self, seqs: list[Sequence]) -> dict[Sequence, tuple[int, int]]:
+    def new_entries(self, seqs: list[Sequence], num_new: list[int] | None = None) -> dict[Sequence, tuple[int, int]]:
         c = self.runner.cfg
         res = {}
-        for s in seqs:
+        for i, s in enumerate(seqs):
             n0 = s.num_summaries
-            n1 = n0 if self.runner.dense else num_compressed(s.num_computed_tokens + 1, c.cmp_block, c.cmp_stride)
+            end = s.num_computed_tokens + (1 if num_new is None else num_new[i])
+            n1 = n0 if self.runner.dense else num_compressed(end, c.cmp_block, c.cmp_stride)
             res[s] = (n0, max(n0, n1))
         return res
 
@@ -349,11 +371,12 @@ class StaticDecode:
     def _attend(self, q, gates, cache, x, size):
         return decode_attention(self.runner, q, gates, cache, x["tables"], x["lens"], x.get("win_tables"))
 
-    def prepare(self, seqs: list[Sequence]) -> "StepInputs":
-        """Host-side inputs of a decode-only step, padded to the next graph size, written into
-        this size's next staging buffer."""
-        size = next(s for s in self.sizes if s >= len(seqs))
-        return self.host_inputs(seqs, size, out=self._staging.take(size))
+    def prepare(self, seqs: list[Sequence], num_new: list[int] | None = None) -> "StepInputs":
+        """Host-side inputs of a decode-only step (`num_new`: tokens per sequence, 1 each when
+        None), padded to the next graph size, written into this size's next staging buffer."""
+        rows = len(seqs) if num_new is None else sum(num_new)
+        size = next(s for s in self.sizes if s >= rows)
+        return self.host_inputs(seqs, size, out=self._staging.take(size), num_new=num_new)
 
     def execute(self, host: "StepInputs", batch: int, ids_from=None) -> torch.Tensor:
         """Logits [batch, vocab] for a decode-only step (graph replay when captured).

@@ -208,12 +208,14 @@ class LLMEngine:
         if self.device.type == "cuda" and not args.enforce_eager and (
                 att.dense_decode_fn if args.attention == "dense" else att.decode_fn) is not None:
             # Decode-only steps run with fixed shapes and are captured as CUDA graphs in warmup().
-            self.runner.static_decode = StaticDecode(self.runner, min(args.max_num_seqs, 256), self.max_model_len)
+            # (rows: a sequence verifying k drafts is 1 + k of them, model_runner.py)
+            rows = args.max_num_seqs * (1 + args.num_speculative_tokens)
+            self.runner.static_decode = StaticDecode(self.runner, min(rows, 256), self.max_model_len)
         if self.device.type == "cuda" and not args.enforce_eager and args.piecewise_max_tokens:
             # Other steps replay their work as graphs captured in warmup() (piecewise_graphs.py).
             self.runner.piecewise = PiecewiseSteps(
                 self.runner, min(args.piecewise_max_tokens, args.max_num_batched_tokens), args.max_num_seqs,
-                self.max_model_len)
+                self.max_model_len, decode_queries=1 + args.num_speculative_tokens)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
                                    args.long_prefill_token_threshold, args.scheduling_policy)
         self.proposer = None
@@ -530,17 +532,21 @@ class LLMEngine:
             return None
         return _InFlight(list(seqs), pending, {s: i for i, s in enumerate(seqs)}, entries)
 
-    def _launch_static(self, seqs: list[Sequence], timing: StepTiming | None, prev: _InFlight | None = None):
+    def _launch_static(self, seqs: list[Sequence], timing: StepTiming | None, prev: _InFlight | None = None,
+                       nums: list[int] | None = None):
         """Queue a decode-only step on the fixed-shape path and its sampling; nothing is read back.
-        With `prev`, the input ids are the tokens `prev` sampled, gathered on the device.
+        With `prev`, the input ids are the tokens `prev` sampled, gathered on the device. `nums`:
+        tokens per sequence (1 each when None; a row verifying k drafts has 1 + k, each a row of
+        the step, each sampled: the sampler gets the sequence once per row, as from `prepare`).
         Returns (summaries written per sequence, PendingSample)."""
         static = self.runner.static_decode
         t0 = time.perf_counter()
-        entries = static.new_entries(seqs)
-        host = static.prepare(seqs)
+        entries = static.new_entries(seqs, nums)
+        host = static.prepare(seqs, nums)
         t1 = time.perf_counter()
         ids_from = None if prev is None else (prev.pending.tokens, [prev.row[s] for s in seqs])
-        pending = self.sampler.launch(static.execute(host, len(seqs), ids_from=ids_from), seqs)
+        rows = seqs if nums is None else [s for s, n in zip(seqs, nums) for _ in range(n)]
+        pending = self.sampler.launch(static.execute(host, len(rows), ids_from=ids_from), rows)
         if timing is not None:
             timing.prepare_s = t1 - t0
             timing.model_s = time.perf_counter() - t1
@@ -595,12 +601,15 @@ class LLMEngine:
     def _run(self, seqs: list[Sequence], nums: list[int], timing: StepTiming | None = None):
         static = self.runner.static_decode
         if static is not None and static.eligible(seqs, nums):
-            entries, pending = self._launch_static(seqs, timing)
+            verifying = any(n != 1 for n in nums)  # rows verifying drafts: 1 + k rows a sequence
+            entries, pending = self._launch_static(seqs, timing, nums=nums if verifying else None)
             t1 = time.perf_counter()
             samples = pending.results()
             if timing is not None:
                 timing.model_s += time.perf_counter() - t1
-            return dict(zip(seqs, samples)), entries, {}
+            if not verifying:
+                return dict(zip(seqs, samples)), entries, {}
+            return _by_sequence([s for s, n in zip(seqs, nums) for _ in range(n)], samples), entries, {}
         t0 = time.perf_counter()
         inp = self.runner.prepare(seqs, nums)
         t1 = time.perf_counter()

@@ -15,6 +15,21 @@ where it can (`piecewise_decode.py`, `piecewise_prefill.py`); `execute` picks th
 A step mixes single-token (decode) rows and prompt chunks of any sequences. Rows are ordered
 decode first, then chunks, so each attention implementation gets one contiguous slice.
 
+Rows verifying n-gram drafts (speculative.py: the last sampled token and k drafts, a (1 + k)-token
+chunk) come between the two. Attention sees each of their tokens as a decode row of its own: the
+sequence's block table at the length up to that token (`verify_as_decode`, on with CUDA). The
+step writes every row's K/V and summaries before any attention reads the pages, so each such
+query reads what a chunk's query at its position reads. What it buys is the decode kernel — split
+over the context, built for a few queries a sequence — instead of the prefill kernel, whose tiles
+of up to 128 query rows a kv group hold 1 + k tokens (5 of 128 at k = 4) and whose compressed
+sweeps run one program per kv group and chunk over the whole context; and, in a piecewise step,
+the decode rows' attention graphs (piecewise_decode.py). The sampled rows, summaries and K/V
+writes stay per sequence: only attention's view changes. A step of only decode and verifying rows
+takes the decode graphs instead (decode_graphs.py), where each verifying token is a row. Measured
+on an H100 at 32k tokens (paper-1b, docs/benchmarks/engine.md): a verifying step took 3.55 ms
+here as decode rows against 6.22 ms as chunks at batch 1 (5.00 vs 7.76 ms at batch 8); in the
+decode graphs, 2.18 ms.
+
 Summaries. Entry i covers tokens [i·d, i·d + l) and is made when its last token is computed. Its
 tokens may be partly in the cache (computed in earlier steps) and partly in this step's fresh
 K/V, so φ reads from one flat source: [old rows gathered from the cache ; this step's rows], and
@@ -36,6 +51,7 @@ from nsa_kernels.reference import num_compressed
 from ..model.nsa_model import NSAModel, add_rms_norm
 from .attention import AttentionBackend
 from .sequence import Sequence
+from .speculative import DECODE, VERIFY, row_kind
 from .table_rows import TableRows
 
 
@@ -93,6 +109,17 @@ class PromptLogprobs:
     rank: list[int]
     top_ids: list[list[int]]
     top_logprobs: list[list[float]]
+
+
+def attention_rows(bt: np.ndarray, cu: list[int], lens: list[int], pos: np.ndarray, first_chunk: int):
+    """Attention's view of a step whose sequences 0 … first_chunk − 1 are decode or verifying
+    rows (one query a token) and the rest prompt chunks: per attention row, the index of its
+    sequence, its length (a query's own position + 1 for the first kind) and the rows' offsets.
+    Returns (seq_of_att_row, att_lens, att_cu, number of decode queries)."""
+    nq = cu[first_chunk]  # decode queries: the first nq token rows
+    seq = np.concatenate([np.repeat(np.arange(first_chunk), np.diff(cu[:first_chunk + 1])),
+                          np.arange(first_chunk, len(lens))]).astype(np.int64)
+    return seq, (pos[:nq] + 1).tolist() + lens[first_chunk:], list(range(nq)) + cu[first_chunk:], nq
 
 
 PROMPT_LOGPROB_ROWS = 256  # rows of full-vocabulary logits alive at once (vocab 128k: 128 MB fp32)
@@ -162,6 +189,11 @@ class ModelRunner:
         self.E = c.select_block // c.cmp_stride
         self.shared = c.shared_kv
         self.dense = attention == "dense"
+        # Verifying rows' tokens attend as decode rows (the module's docstring) where the decode
+        # kernel does it. Not on CPU: the reference's per-sequence decode path made speculation
+        # 1.4–2.4× slower there than attending the rows as chunks through SDPA (the bundled model,
+        # k = 4; docs/benchmarks/engine.md).
+        self.verify_as_decode = self.device.type == "cuda"
         self.win_ring_pages, self.cmp_ring_pages = ring_pages(c, max_chunk)
         self.win_ring = self.win_ring_pages * self.P
         self.cmp_ring = self.cmp_ring_pages * self.P
@@ -197,10 +229,13 @@ class ModelRunner:
         16 decode rows 0.28 → 0.14 ms (independent K/V 0.33 → 0.20). `tests/prepare_reference.py`
         keeps the loop version as the obviously-correct twin; tests compare the two on every step."""
         P, E, d, l = self.P, self.E, self.cfg.cmp_stride, self.cfg.cmp_block
-        order = sorted(range(len(seqs)), key=lambda b: num_new[b] != 1)  # stable: decode rows first
+        # Row order: decode rows, rows verifying drafts, prompt chunks (stable within each).
+        kind = [row_kind(s, n, self.verify_as_decode) for s, n in zip(seqs, num_new)]
+        order = sorted(range(len(seqs)), key=kind.__getitem__)
         seqs = [seqs[b] for b in order]
         num_new = [num_new[b] for b in order]
-        num_decode = sum(1 for n in num_new if n == 1)
+        num_decode = kind.count(DECODE)
+        num_verify = kind.count(VERIFY)
         B = len(seqs)
         ids, cu, lens, starts = [], [0], [], []
         old_slots, new_entries, logits_rows, sample_seqs = [], [], [], []
@@ -265,10 +300,21 @@ class ModelRunner:
             return x.to(dev, non_blocking=True)
 
         T = cu[-1]
+        # Attention's rows: the verifying sequences' tokens as decode rows (the module's docstring)
+        # — unless the decode rows' graphs of a piecewise step cannot hold that many; then they
+        # attend as the chunks they are.
+        first_chunk = num_decode + num_verify
+        if num_verify and pw is not None and pw.decode_rows is not None and cu[first_chunk] > pw.decode_rows.max_rows:
+            first_chunk = num_decode
+        att_seq, att_bt, att_lens, att_cu, att_nd = None, bt, lens, cu, num_decode
+        if first_chunk > num_decode:
+            att_seq, att_lens, att_cu, att_nd = attention_rows(bt, cu, lens, pos, first_chunk)
+            att_bt = bt[att_seq]
+        att_B = len(att_lens)
         # Graphs serve all of this step's attention (piecewise_decode / piecewise_prefill): the
         # eager attention's device tables, lengths and offsets would go unused, so they are not made.
-        graphs_attend = pw is not None and (num_decode == 0 or pw.decode_rows is not None) and (
-            num_decode == B or (pw.prefill_rows is not None and pw.prefill_rows.serves(pw.size_for(T))))
+        graphs_attend = pw is not None and (att_nd == 0 or pw.decode_rows is not None) and (
+            att_nd == att_B or (pw.prefill_rows is not None and pw.prefill_rows.serves(pw.size_for(T))))
         wt = rings = None
         if not self.shared:
             # Rings: each chunk's last ring_tokens rows are written to the ring slot of their position.
@@ -310,29 +356,30 @@ class ModelRunner:
             x = None
             ids_t, pos_t, slots_t, entry_t = lt(ids), lt(pos), lt(slots), lt(entry_slots)
             old_t, src_t = lt(old_slots), lt(flat_source(len(old_slots)))
+        att_wt = wt if att_seq is None or wt is None else wt[att_seq]
         inp = StepInputs(
-            seqs=seqs, num_new=num_new, num_seqs=B, num_decode=num_decode,
+            seqs=seqs, num_new=num_new, num_seqs=att_B, num_decode=att_nd,
             input_ids=ids_t, positions=pos_t, slots=slots_t,
-            block_tables=None if graphs_attend else torch.from_numpy(bt).to(dev),
-            seq_lens=None if graphs_attend else torch.tensor(lens, dtype=torch.int32).to(dev),
-            cu_seqlens_q=None if graphs_attend else torch.tensor(cu, dtype=torch.int32).to(dev),
-            cu_host=cu, seq_lens_host=lens,
+            block_tables=None if graphs_attend else torch.from_numpy(att_bt).to(dev),
+            seq_lens=None if graphs_attend else torch.tensor(att_lens, dtype=torch.int32).to(dev),
+            cu_seqlens_q=None if graphs_attend else torch.tensor(att_cu, dtype=torch.int32).to(dev),
+            cu_host=att_cu, seq_lens_host=att_lens,
             summary_old_slots=old_t, entry_src=src_t, entry_slots=entry_t,
             new_entries=new_entries, logits_rows=lt(logits_rows), sample_seqs=sample_seqs, piecewise=x,
         )
-        if pw is not None and num_decode and pw.decode_rows is not None:
-            inp.piecewise_decode = pw.decode_rows.upload(bt, lens, num_decode, win_tables=wt)
+        if pw is not None and att_nd and pw.decode_rows is not None:
+            inp.piecewise_decode = pw.decode_rows.upload(att_bt, att_lens, att_nd, win_tables=att_wt)
         size = len(x["ids"]) if x is not None else 0
         # (the chunks' graphs only beside the decode rows' graphs: the eager call does both or the chunks)
-        if graphs_attend and num_decode < B:
-            pw.prefill_rows.upload(size, bt, cu, lens, num_decode, win_tables=wt)
+        if graphs_attend and att_nd < att_B:
+            pw.prefill_rows.upload(size, att_bt, att_cu, att_lens, att_nd, win_tables=att_wt)
             inp.piecewise_prefill = size
         if prompt_spans:
             inp.prompt_rows, inp.prompt_targets = lt(prompt_rows), lt(prompt_targets)
             inp.prompt_spans, inp.prompt_k, inp.prompt_targets_host = prompt_spans, prompt_k, prompt_targets
         if not self.shared:
             if not graphs_attend:
-                inp.win_tables = torch.from_numpy(wt).to(dev)
+                inp.win_tables = torch.from_numpy(att_wt).to(dev)
             if pw is None:  # (the pieces write the rings from their own padded rows)
                 (inp.cmp_write_rows, inp.cmp_write_slots), (inp.win_write_rows, inp.win_write_slots) = (
                     (lt(rows), lt(ring_slots)) for rows, ring_slots in rings)

@@ -40,6 +40,7 @@ class DecodeRows:
             raise ValueError(f"{max_rows} decode rows do not fit the pieces' {q.shape[0]}-row buffers")
         self.runner = runner
         self.q, self.gates, self.o = q, gates, o
+        self.max_rows = max_rows
         self.sizes = graph_sizes(max_rows)
         self.max_pages = math.ceil(max_model_len / runner.P)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (layer, size) → graph

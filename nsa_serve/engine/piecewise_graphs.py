@@ -71,7 +71,9 @@ def capture_sizes(max_tokens: int) -> list[int]:
 
 
 class PiecewiseSteps:
-    def __init__(self, runner, max_tokens: int, max_seqs: int, max_model_len: int):
+    def __init__(self, runner, max_tokens: int, max_seqs: int, max_model_len: int, decode_queries: int = 1):
+        """decode_queries: most decode queries a sequence brings to a step (1 + k with k draft
+        tokens: a verifying row attends as 1 + k decode rows, model_runner.py)."""
         self.runner = runner
         self.sizes = capture_sizes(max_tokens)
         self.max_seqs = max_seqs
@@ -94,7 +96,8 @@ class PiecewiseSteps:
         # The decode rows' attention, and the chunks' (NSA with the Triton prefill), as graphs of
         # their own (piecewise_decode.py, piecewise_prefill.py); None: that part stays in the eager
         # attention call (the probe detaches them to compare).
-        self.decode_rows = DecodeRows(runner, self.q, self.gates, self.o, min(max_seqs, S), max_model_len)
+        self.decode_rows = DecodeRows(runner, self.q, self.gates, self.o, min(max_seqs * decode_queries, S),
+                                      max_model_len)
         self.prefill_rows = (PrefillRows(runner, self.q, self.gates, self.o, self.sizes, max_seqs, max_model_len)
                              if prefill_graphs_available(runner) else None)
 

@@ -45,3 +45,18 @@ def accepted_drafts(drafts: list[int], sampled: list[int]) -> int:
     while a < len(drafts) and sampled[a] == drafts[a]:
         a += 1
     return a
+
+
+DECODE, VERIFY, CHUNK = 0, 1, 2  # row kinds, in the order of a step's rows
+
+
+def row_kind(seq: Sequence, num_new: int, verify_as_decode: bool) -> int:
+    """DECODE: one new token. VERIFY: the last sampled token and the sequence's drafts, all of
+    them, ending at its last known token (attention takes them as decode rows: model_runner.py).
+    CHUNK: the rest."""
+    if num_new == 1:
+        return DECODE
+    if (verify_as_decode and seq.num_draft and num_new == seq.num_draft + 1
+            and seq.num_computed_tokens + num_new == seq.num_tokens):
+        return VERIFY
+    return CHUNK
