@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
+
+import loadtest_deps  # noqa: F401  (first: skips on a GPU machine without the packages)
+import httpx  # noqa: E402
 
 from nsa_loadtest.cli import main
 

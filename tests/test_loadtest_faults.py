@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+import loadtest_deps  # noqa: F401  (first: skips on a GPU machine without the packages)
 from nsa_loadtest.cli import main
 
 MODES = ("good", "http_500", "incomplete_stream", "stream_error", "timeout", "bad_response", "disconnected")

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+import loadtest_deps  # noqa: F401  (first: skips on a GPU machine without the packages)
 from nsa_loadtest.arrivals import arrival_offsets
 from nsa_loadtest.metrics import compute_metrics, max_concurrency, needle_accuracy, parse_slos, timeline
 from nsa_loadtest.prom import parse_metrics, summarize_scrapes
