@@ -391,11 +391,27 @@ def test_prefix_cache_pages_registered_after_verified_rows_hash_their_whole_toke
     assert bm.prefix_hits - hits == (len(follow) - 1 - bm.summary_tail) // P * P
 
 
-def test_logprobs_of_verified_rows_are_each_positions_own():
+@pytest.mark.parametrize("decode_graphs", [False, True], ids=["mixed-step path", "decode graphs"])
+def test_logprobs_of_verified_rows_are_each_positions_own(decode_graphs):
     # Rows asking for logprobs speculate: each token's logprob and top alternatives are the model's
-    # at that token's position, as plain decoding reports them.
+    # at that token's position, as plain decoding reports them; greedy rows under a repetition
+    # penalty keep plain decoding's tokens. decode_graphs: the verifying steps through the
+    # fixed-shape decode path (its verifying tokens as rows, as on CUDA; eager here).
+    from nsa_serve.engine.decode_graphs import StaticDecode
+
     plain = make_engine()
     spec = make_engine(num_speculative_tokens=4, prompt_lookup_min=1)
+    verifying_steps = []
+    if decode_graphs:
+        spec.runner.verify_as_decode = True
+        static = spec.runner.static_decode = StaticDecode(spec.runner, 16, spec.max_model_len)
+        prepare = static.prepare
+
+        def counted(seqs, num_new=None):
+            verifying_steps.append(num_new is not None)
+            return prepare(seqs, num_new)
+
+        static.prepare = counted
     prompts = looping_prompts(plain, 2, seed=141)
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
     for want, got in zip(plain.generate(prompts, sp), spec.generate(prompts, sp)):
@@ -406,7 +422,12 @@ def test_logprobs_of_verified_rows_are_each_positions_own():
             assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
             assert [t for t, _, _ in a.top] == [t for t, _, _ in b.top]
             assert [v for _, _, v in a.top] == pytest.approx([v for _, _, v in b.top], abs=1e-4)
+    penalised = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3)
+    assert ([o.outputs[0].token_ids for o in spec.generate(prompts, penalised)]
+            == [o.outputs[0].token_ids for o in plain.generate(prompts, penalised)])
     assert spec.stats().spec_decode_num_accepted_tokens_total > 0
+    assert any(verifying_steps) == decode_graphs
+    spec.block_manager.check_all_free()
 
 
 def test_a_verifying_rows_penalties_and_min_tokens_see_only_the_tokens_before_it():
