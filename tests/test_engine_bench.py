@@ -71,3 +71,31 @@ def test_bench_reports_decode_rows_and_warns_when_the_batch_is_never_full(tmp_pa
     assert full["decode_rows_max"] == 3 and full["decode_rows_mean"] == 3.0 and "note (nsa)" not in text
     tail, text = rows["tail"]
     assert 0 < tail["decode_rows_max"] < 3 and "note (nsa): decode-only steps ran at most" in text
+
+
+def test_bench_takes_the_speculative_config_and_counts_verifying_steps_as_decode(tmp_path, capsys):
+    # With drafts, the decode columns take the steps that verify them: the tokens they gave
+    # (accepted drafts included) over their time. 1-token lookups make drafts from the random
+    # prompts and the tiny model's repeats (30 draft tokens with this seed).
+    rows = {}
+    for spec in (None, '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'):
+        out = tmp_path / f"bench{bool(spec)}.json"
+        argv = ["bench", "--preset", "tiny", "--set", "num_layers=1", "--attention", "nsa", "--num-requests", "3",
+                "--input-len", "40", "--output-len", "24", "--device", "cpu", "--num-pages", "64",
+                "--json", str(out)]
+        rc = main(argv + (["--speculative-config", spec] if spec else []))
+        assert rc == 0
+        rows[bool(spec)] = json.loads(out.read_text())[0]
+    text = capsys.readouterr().out
+    plain, spec = rows[False], rows[True]
+    assert plain["num_speculative_tokens"] == plain["spec_draft_tokens"] == 0
+    assert spec["num_speculative_tokens"] == 3 and "speculative decoding, 3 drafts at most" in text
+    assert spec["output_tokens"] == plain["output_tokens"] == 72
+    assert 0 <= spec["spec_accepted_tokens"] <= spec["spec_draft_tokens"]
+    assert spec["spec_draft_tokens"] > 0
+    # Every step after the prefill is a decode step, verifying or not: an accepted draft saves at
+    # most one step (without the verifying steps, about one in three of these would be left).
+    assert plain["decode_steps"] >= spec["decode_steps"] >= plain["decode_steps"] - spec["spec_accepted_tokens"]
+    assert spec["decode_rows_max"] == 3 and spec["decode_tok_s"] > 0
+    with pytest.raises(SystemExit):
+        main(["bench", "--preset", "tiny", "--speculative-config", '{"method": "eagle", "num_speculative_tokens": 2}'])

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
-from ..engine.args import add_graph_args, speculative_fields
+from ..engine.args import add_graph_args, speculative_config
 
 log = logging.getLogger("nsa_serve.api")
 
@@ -157,18 +157,6 @@ def engine_args_from(args):
                       cpu_threads=args.cpu_threads, cpu_reserved_cores=args.cpu_reserved_cores,
                       warmup_context=args.warmup_context, precompile=args.precompile,
                       **(args.speculative_config or {}))
-
-
-def speculative_config(text: str) -> dict:
-    """--speculative-config: vLLM's JSON object, as EngineArgs fields (engine.args.speculative_fields)."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}") from None
-    try:
-        return speculative_fields(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _string_list(text: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, replace
 
 
@@ -21,6 +22,18 @@ def add_graph_args(parser) -> None:
 
 
 SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+
+
+def speculative_config(text: str) -> dict:
+    """--speculative-config: vLLM's JSON object, as EngineArgs fields (speculative_fields)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}") from None
+    try:
+        return speculative_fields(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def speculative_fields(config) -> dict:

@@ -8,6 +8,12 @@ sampling (synchronised with the GPU by the sampler's transfer of the token ids).
 between the modes measured in the same run. The model is either a directory (`--model`) or a
 random-initialised preset (`--preset paper-1b`: paper-like attention shape, ~1B parameters), which
 needs no tokenizer (text is not decoded then).
+
+`--speculative-config` (the server's flag) turns on n-gram drafts: the steps that verify them count
+as decode steps, their tokens as the tokens they gave (accepted drafts included), and the draft
+acceptance is reported. The prompts are random tokens, so drafts come only from what the model
+repeats: this measures what speculation costs more than what it gains on real text
+(`scripts/spec_decode_check.py` and `scripts/spec_long_context.py` time that).
 """
 
 from __future__ import annotations
@@ -56,6 +62,9 @@ class BenchResult:
     prefill_chunk: int = 0  # the engine's prefill chunk cap (LLMEngine.chunk_cap)
     async_scheduling: bool = False  # the engine's resolved setting (EngineArgs.resolved)
     piecewise_max_tokens: int = 0  # prompt steps up to this many tokens replay piecewise graphs (0: none)
+    num_speculative_tokens: int = 0  # --speculative-config's k (0: off)
+    spec_draft_tokens: int = 0  # draft tokens verified in the timed round …
+    spec_accepted_tokens: int = 0  # … and accepted
 
 
 def build_model(args, device: torch.device, dtype: torch.dtype):
@@ -117,7 +126,8 @@ def run_mode(model, tokenizer, name, args, mode: str) -> BenchResult:
                        piecewise_max_tokens=args.piecewise_max_tokens,
                        async_scheduling=args.async_scheduling,
                        cpu_threads=args.cpu_threads, cpu_reserved_cores=args.cpu_reserved_cores,
-                       warmup_context=args.warmup_context, precompile=args.precompile)
+                       warmup_context=args.warmup_context, precompile=args.precompile,
+                       **(getattr(args, "speculative_config", None) or {}))
     engine = LLMEngine(eargs, model=model, tokenizer=tokenizer, model_name=name)
     w0 = time.perf_counter()
     engine.warmup()
@@ -143,14 +153,20 @@ def run_mode(model, tokenizer, name, args, mode: str) -> BenchResult:
     t0_wall = time.time()
     for i, prompt in enumerate(prompts):
         engine.add_request(f"bench-{i}", prompt, params, arrival_time=t0_wall)
-    decode_steps, ttft, out_tokens = [], [], 0
+    decode_steps, ttft, out_tokens, seen = [], [], 0, {}
     while engine.has_unfinished_requests():
         s0 = time.perf_counter()
         outs = engine.step()
         wall = time.perf_counter() - s0
         t = engine.last_timing
-        if t.num_tokens and t.num_tokens == t.num_decode:
-            decode_steps.append((wall, t))
+        # Tokens the step gave (a row verifying drafts gives 1 to 1 + k).
+        emitted = 0
+        for o in outs:
+            emitted += o.outputs[0].num_tokens - seen.get(o.request_id, 0)
+            seen[o.request_id] = o.outputs[0].num_tokens
+        # Decode steps: every row a decode row, or one verifying drafts.
+        if t.num_tokens and t.num_tokens == t.num_decode + t.verify_tokens:
+            decode_steps.append((wall, t, emitted))
         for o in outs:
             if o.finished:
                 ttft.append(o.metrics.first_token_time - o.metrics.arrival_time)
@@ -158,17 +174,18 @@ def run_mode(model, tokenizer, name, args, mode: str) -> BenchResult:
     total = time.perf_counter() - t0
     stats = engine.stats()
     n = max(len(decode_steps), 1)
-    dec_wall = sum(w for w, _ in decode_steps)
-    dec_tokens = sum(t.num_decode for _, t in decode_steps)
+    dec_wall = sum(w for w, _, _ in decode_steps)
+    dec_tokens = sum(e for _, _, e in decode_steps)
+    dec_rows = sum(t.num_decode + t.num_verify for _, t, _ in decode_steps)
     pw = engine.runner.piecewise
     result = BenchResult(
         mode=mode, attention_impl=engine.runner.attention.describe(), num_requests=args.num_requests,
         input_len=args.input_len, output_len=args.output_len, wall_s=total, output_tokens=out_tokens,
         output_tok_s=out_tokens / total, decode_steps=len(decode_steps),
         decode_tok_s=dec_tokens / dec_wall if dec_wall else 0.0, decode_step_ms=1e3 * dec_wall / n,
-        decode_host_ms=1e3 * sum(t.schedule_s + t.prepare_s + t.postprocess_s for _, t in decode_steps) / n,
-        decode_model_ms=1e3 * sum(t.model_s for _, t in decode_steps) / n,
-        schedule_ms=1e3 * sum(t.schedule_s for _, t in decode_steps) / n,
+        decode_host_ms=1e3 * sum(t.schedule_s + t.prepare_s + t.postprocess_s for _, t, _ in decode_steps) / n,
+        decode_model_ms=1e3 * sum(t.model_s for _, t, _ in decode_steps) / n,
+        schedule_ms=1e3 * sum(t.schedule_s for _, t, _ in decode_steps) / n,
         ttft_mean_s=statistics.fmean(ttft), ttft_p50_s=statistics.median(ttft), ttft_max_s=max(ttft),
         kv_read_ratio=(stats.kv_tokens_dense_total - before.kv_tokens_dense_total)
         / max(stats.kv_tokens_read_total - before.kv_tokens_read_total, 1),
@@ -176,10 +193,13 @@ def run_mode(model, tokenizer, name, args, mode: str) -> BenchResult:
         preemptions=stats.num_preemptions_total - before.num_preemptions_total,
         decode_path="CUDA graphs" if engine.runner.static_decode is not None and engine.runner.static_decode.graphs
         else "eager",
-        decode_rows_mean=dec_tokens / n if decode_steps else 0.0,
-        decode_rows_max=max((t.num_decode for _, t in decode_steps), default=0), warmup_s=warmup_s,
+        decode_rows_mean=dec_rows / n if decode_steps else 0.0,
+        decode_rows_max=max((t.num_decode + t.num_verify for _, t, _ in decode_steps), default=0), warmup_s=warmup_s,
         prefill_chunk=engine.chunk_cap, async_scheduling=bool(engine.args.async_scheduling),
-        piecewise_max_tokens=pw.max_tokens if pw is not None and pw.graphs else 0)
+        piecewise_max_tokens=pw.max_tokens if pw is not None and pw.graphs else 0,
+        num_speculative_tokens=engine.args.num_speculative_tokens,
+        spec_draft_tokens=stats.spec_decode_num_draft_tokens_total - before.spec_decode_num_draft_tokens_total,
+        spec_accepted_tokens=stats.spec_decode_num_accepted_tokens_total - before.spec_decode_num_accepted_tokens_total)
     del engine
     gc.collect()
     if torch.cuda.is_available():
@@ -209,7 +229,11 @@ def format_table(results: list[BenchResult]) -> str:
         lines.append(f"{r.mode}: {r.attention_impl}, decode {r.decode_path}, {sched} scheduling, {prompt}; "
                      f"prefill chunks of {r.prefill_chunk} "
                      f"tokens; {r.num_pages} pages; host share of a decode step "
-                     f"{100 * r.decode_host_ms / max(r.decode_step_ms, 1e-9):.1f}%; start-up warm-up {r.warmup_s:.1f} s")
+                     f"{100 * r.decode_host_ms / max(r.decode_step_ms, 1e-9):.1f}%; start-up warm-up {r.warmup_s:.1f} s"
+                     + (f"; speculative decoding, {r.num_speculative_tokens} drafts at most: {r.spec_accepted_tokens} "
+                        f"of {r.spec_draft_tokens} draft tokens accepted "
+                        f"({100 * r.spec_accepted_tokens / max(r.spec_draft_tokens, 1):.0f} %)"
+                        if r.num_speculative_tokens else ""))
     for r in results:
         if r.decode_steps and r.decode_rows_max < r.num_requests:
             # Requests that finish their outputs beside other prompts' prefill chunks never reach a

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .args import add_graph_args
+from .args import add_graph_args, speculative_config
 
 
 def register(subparsers) -> None:
@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-precompile", dest="precompile", action="store_false",
                    help="CUDA: do not compile the kernel variants of eager steps at start-up (they "
                    "then compile inside the first requests that meet them)")
+    p.add_argument("--speculative-config", type=speculative_config, default=None,
+                   help="speculative decoding, as the server's flag (vLLM's JSON; method \"ngram\"): "
+                        "decode steps then include the steps that verify drafts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_run)

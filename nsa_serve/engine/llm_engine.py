@@ -105,6 +105,8 @@ class StepTiming:
     postprocess_s: float = 0.0  # detokenizer, stop checks, outputs
     num_tokens: int = 0
     num_decode: int = 0
+    num_verify: int = 0  # rows verifying drafts (speculative.py) …
+    verify_tokens: int = 0  # … and their tokens (1 + k each; part of num_tokens)
 
 
 def _halves(rows: list) -> list[list]:
@@ -461,6 +463,9 @@ class LLMEngine:
         t1 = time.perf_counter()
         timing = StepTiming(schedule_s=t1 - t0, num_tokens=batch.num_tokens,
                             num_decode=sum(1 for n in batch.num_new_tokens if n == 1))
+        if self.proposer is not None:
+            verify = [n for s, n in zip(batch.seqs, batch.num_new_tokens) if n > 1 and s.num_draft]
+            timing.num_verify, timing.verify_tokens = len(verify), sum(verify)
         prev, self._inflight = self._inflight, None
         if prev is not None:
             # The previous step's tokens are still on the device. Queue this step behind it when it
