@@ -127,7 +127,7 @@ def run_mode(model, tokenizer, name, args, mode: str) -> BenchResult:
                        async_scheduling=args.async_scheduling,
                        cpu_threads=args.cpu_threads, cpu_reserved_cores=args.cpu_reserved_cores,
                        warmup_context=args.warmup_context, precompile=args.precompile,
-                       **(getattr(args, "speculative_config", None) or {}))
+                       **(args.speculative_config or {}))
     engine = LLMEngine(eargs, model=model, tokenizer=tokenizer, model_name=name)
     w0 = time.perf_counter()
     engine.warmup()

@@ -234,10 +234,10 @@ class StaticDecode:
     def eligible(self, seqs: list[Sequence], num_new: list[int]) -> bool:
         """Every row a decode row, or (with `runner.verify_as_decode`) a row verifying all of its
         drafts, whose 1 + k tokens become 1 + k rows here (model_runner.py); at most max_batch rows."""
-        verify = self.runner.verify_as_decode
+        verify = self.runner.verify_as_decode  # (a decode row's test first: the hot path's)
         return (0 < sum(num_new) <= self.max_batch
-                and all(row_kind(s, n, verify) == VERIFY or (n == 1 and s.num_tokens - s.num_computed_tokens == 1)
-                        for s, n in zip(seqs, num_new)))
+                and all((n == 1 and s.num_tokens - s.num_computed_tokens == 1)
+                        or (verify and row_kind(s, n, True) == VERIFY) for s, n in zip(seqs, num_new)))
 
     # -- inputs -----------------------------------------------------------------------------------
     def _layout(self, size: int) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:

@@ -531,7 +531,7 @@ class LLMEngine:
             return None
         seqs = batch.seqs
         try:
-            entries, pending = self._launch_static(seqs, timing, prev)
+            entries, pending, _ = self._launch_static(seqs, timing, prev)
         except Exception:
             log.exception("async decode launch failed; running the step synchronously")
             return None
@@ -543,7 +543,7 @@ class LLMEngine:
         With `prev`, the input ids are the tokens `prev` sampled, gathered on the device. `nums`:
         tokens per sequence (1 each when None; a row verifying k drafts has 1 + k, each a row of
         the step, each sampled: the sampler gets the sequence once per row, as from `prepare`).
-        Returns (summaries written per sequence, PendingSample)."""
+        Returns (summaries written per sequence, PendingSample, the sampled rows' sequences)."""
         static = self.runner.static_decode
         t0 = time.perf_counter()
         entries = static.new_entries(seqs, nums)
@@ -555,7 +555,7 @@ class LLMEngine:
         if timing is not None:
             timing.prepare_s = t1 - t0
             timing.model_s = time.perf_counter() - t1
-        return entries, pending
+        return entries, pending, rows
 
     def _start(self, launched: _InFlight) -> None:
         """Bookkeeping of a launched step (its rows are computed; their next tokens are pending)."""
@@ -607,14 +607,14 @@ class LLMEngine:
         static = self.runner.static_decode
         if static is not None and static.eligible(seqs, nums):
             verifying = any(n != 1 for n in nums)  # rows verifying drafts: 1 + k rows a sequence
-            entries, pending = self._launch_static(seqs, timing, nums=nums if verifying else None)
+            entries, pending, rows = self._launch_static(seqs, timing, nums=nums if verifying else None)
             t1 = time.perf_counter()
             samples = pending.results()
             if timing is not None:
                 timing.model_s += time.perf_counter() - t1
             if not verifying:
                 return dict(zip(seqs, samples)), entries, {}
-            return _by_sequence([s for s, n in zip(seqs, nums) for _ in range(n)], samples), entries, {}
+            return _by_sequence(rows, samples), entries, {}
         t0 = time.perf_counter()
         inp = self.runner.prepare(seqs, nums)
         t1 = time.perf_counter()

@@ -111,7 +111,7 @@ class PromptLogprobs:
     top_logprobs: list[list[float]]
 
 
-def attention_rows(bt: np.ndarray, cu: list[int], lens: list[int], pos: np.ndarray, first_chunk: int):
+def attention_rows(cu: list[int], lens: list[int], pos: np.ndarray, first_chunk: int):
     """Attention's view of a step whose sequences 0 … first_chunk − 1 are decode or verifying
     rows (one query a token) and the rest prompt chunks: per attention row, the index of its
     sequence, its length (a query's own position + 1 for the first kind) and the rows' offsets.
@@ -308,7 +308,7 @@ class ModelRunner:
             first_chunk = num_decode
         att_seq, att_bt, att_lens, att_cu, att_nd = None, bt, lens, cu, num_decode
         if first_chunk > num_decode:
-            att_seq, att_lens, att_cu, att_nd = attention_rows(bt, cu, lens, pos, first_chunk)
+            att_seq, att_lens, att_cu, att_nd = attention_rows(cu, lens, pos, first_chunk)
             att_bt = bt[att_seq]
         att_B = len(att_lens)
         # Graphs serve all of this step's attention (piecewise_decode / piecewise_prefill): the
