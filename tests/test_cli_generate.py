@@ -53,3 +53,22 @@ def test_chat_template():
         "<|user|>\nHi<|end|>\n<|assistant|>\nHello, I"
     with pytest.raises(ValueError, match="add_generation_prompt"):
         render_chat(start, continue_final_message=True)
+
+
+def test_commands_work_without_the_server_packages():
+    # A GPU image may lack uvicorn: the commands that need it say so, the others (bench) still parse
+    # and run. run-batch imported the server's CLI while registering, which broke every command.
+    code = ("import sys; sys.modules['uvicorn'] = None\n"
+            "from nsa_serve.cli import main\n"
+            "a = main.__globals__['build_parser']().parse_args(['bench', '--preset', 'tiny'])\n"
+            "print('bench parses', a.preset)\n"
+            "for cmd in ('serve', 'run-batch'):\n"
+            "    try:\n"
+            "        main([cmd])\n"
+            "    except SystemExit as e:\n"
+            "        print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "bench parses tiny"
+    assert lines[1] == lines[2].replace("run-batch", "serve") and "needs the Python package 'uvicorn'" in lines[1]

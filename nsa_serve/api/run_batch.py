@@ -18,13 +18,16 @@ import sys
 import uuid
 from pathlib import Path
 
+# At import, not inside `register`: the top-level CLI imports plugin modules under a guard that
+# turns a missing package (uvicorn on a bare GPU image) into an unavailable command; an import
+# inside `register` escaped it and broke every subcommand, `bench` included.
+from .cli import add_engine_args
+
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
 def register(subparsers) -> None:
     import argparse
-
-    from .cli import add_engine_args
 
     p = subparsers.add_parser("run-batch", help="run an OpenAI batch file (JSON lines) offline",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
