@@ -99,3 +99,9 @@ def test_bench_takes_the_speculative_config_and_counts_verifying_steps_as_decode
     assert spec["decode_rows_max"] == 3 and spec["decode_tok_s"] > 0
     with pytest.raises(SystemExit):
         main(["bench", "--preset", "tiny", "--speculative-config", '{"method": "eagle", "num_speculative_tokens": 2}'])
+
+
+def test_bench_says_when_the_pool_cannot_hold_one_request():
+    with pytest.raises(SystemExit, match="holds .* tokens a sequence, fewer than --input-len"):
+        main(["bench", "--preset", "tiny", "--set", "num_layers=1", "--num-requests", "1", "--input-len", "300",
+              "--output-len", "4", "--device", "cpu", "--num-pages", "3"])

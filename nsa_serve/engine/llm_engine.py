@@ -250,7 +250,10 @@ class LLMEngine:
         if self.device.type != "cuda":
             return max(1, int(self.args.cpu_kv_cache_gb * (1 << 30) // per_page))
         # GPU: measure the activation peak of a full-budget step on a scratch pool, then give the
-        # cache what is left of `gpu_memory_utilization` of the device.
+        # cache what is left of `gpu_memory_utilization` of the device. Blocks torch's allocator holds
+        # but no tensor uses (a previous engine's cache, in a process that builds engines in turn)
+        # would count as used: give them back to the driver first.
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
