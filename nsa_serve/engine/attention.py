@@ -126,11 +126,17 @@ def dense_prefill_sdpa(q, cache: PagedLayerCache, inp, lo: int, hi: int) -> torc
     When dv < dk, V is zero-padded to dk and the output sliced back (the padded columns are 0):
     torch dispatches a lower-right causal mask to FlashAttention only for equal head dims, and with
     dk 192 ≠ dv 128 it fell back to a kernel measured at ~130 TFLOP/s on an H200 (an 8k chunk over
-    64k keys: 157.8 ms, against 145.2 ms for the whole 64k prompt with is_causal)."""
+    64k keys: 157.8 ms, against 145.2 ms for the whole 64k prompt with is_causal).
+
+    One kv group at a time: its keys and values copied once per query head of the group (and V
+    padded) for all 64 query heads at once were ~7 GB at a 128k context for the paper shape, which
+    no memory profile counted — the dense server ran out of memory starting on an 80 GB H100
+    (2026-12-05). A group's copies are 1/Hkv of that (~1.6 GB at 128k)."""
     from torch.nn.attention.bias import causal_lower_right
 
     P = cache.page_size
     Hq, Hkv = q.shape[1], cache.k_cache.shape[1]
+    G = Hq // Hkv
     Dk, Dv = cache.k_cache.shape[-1], cache.v_cache.shape[-1]
     outs = []
     base = inp.cu_host[lo]
@@ -138,14 +144,18 @@ def dense_prefill_sdpa(q, cache: PagedLayerCache, inp, lo: int, hi: int) -> torc
         r0, r1 = inp.cu_host[b] - base, inp.cu_host[b + 1] - base
         L, T = inp.seq_lens_host[b], r1 - r0
         pages = inp.block_tables[b, :(L + P - 1) // P].long()
-        # [pages, Hkv, P, D] → [Hkv, L, D] → one copy per query head of the group
-        k = cache.k_cache[pages].transpose(0, 1).reshape(Hkv, -1, cache.k_cache.shape[-1])[:, :L]
-        v = cache.v_cache[pages].transpose(0, 1).reshape(Hkv, -1, cache.v_cache.shape[-1])[:, :L]
-        k = k.repeat_interleave(Hq // Hkv, dim=0).unsqueeze(0)
-        v = v.repeat_interleave(Hq // Hkv, dim=0).unsqueeze(0)
-        if Dv < Dk:
-            v = F.pad(v, (0, Dk - Dv))
-        qb = q[r0:r1].transpose(0, 1).unsqueeze(0)  # [1, Hq, T, Dk]
-        o = F.scaled_dot_product_attention(qb, k.to(q.dtype), v.to(q.dtype), attn_mask=causal_lower_right(T, L))
-        outs.append(o[0, ..., :Dv].transpose(0, 1))
+        # [pages, Hkv, P, D] → [Hkv, L, D]
+        k = cache.k_cache[pages].transpose(0, 1).reshape(Hkv, -1, Dk)[:, :L]
+        v = cache.v_cache[pages].transpose(0, 1).reshape(Hkv, -1, Dv)[:, :L]
+        o = q.new_empty(T, Hq, Dv)
+        for h in range(Hkv):  # one copy of the group's K and V per query head of the group
+            kh = k[h].to(q.dtype).expand(G, L, Dk).unsqueeze(0).contiguous()
+            vh = v[h].to(q.dtype)
+            if Dv < Dk:
+                vh = F.pad(vh, (0, Dk - Dv))
+            vh = vh.expand(G, L, Dk).unsqueeze(0).contiguous()
+            qh = q[r0:r1, h * G:(h + 1) * G].transpose(0, 1).unsqueeze(0)  # [1, G, T, Dk]
+            oh = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(T, L))
+            o[:, h * G:(h + 1) * G] = oh[0, ..., :Dv].transpose(0, 1)
+        outs.append(o)
     return torch.cat(outs)
