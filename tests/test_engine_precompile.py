@@ -68,6 +68,26 @@ def test_synthetic_steps_are_valid_steps_on_the_trash_page(shared_kv):
     assert out.outputs[0].token_ids == reference_greedy(eng.model, prompt, 5)
 
 
+def test_synthetic_steps_take_the_eager_path_and_leave_the_graphs_in_place():
+    # Short synthetic steps would go through the piecewise graphs and compile none of the eager
+    # path's variants, which long prompt chunks (alone or beside decode rows) then meet.
+    eng = make_engine(num_pages=64)
+
+    class Graphs:  # stands in for piecewise_graphs.PiecewiseSteps (CUDA-only)
+        def eligible(self, num_tokens):
+            raise AssertionError("a synthetic step consulted the piecewise graphs")
+
+    graphs = eng.runner.piecewise = Graphs()
+    steps = pc.plan(2, 200, eng.runner.P, 40)
+    pc.run_steps(eng.runner, steps[:3] + steps[-2:])
+    assert eng.runner.piecewise is graphs
+    with pytest.raises(RuntimeError, match="boom"):
+        with pc.eager_path(eng.runner):
+            assert eng.runner.piecewise is None
+            raise RuntimeError("boom")
+    assert eng.runner.piecewise is graphs and eng.block_manager.num_used_pages == 0
+
+
 def test_precompile_is_a_no_op_off_cuda():
     eng = make_engine()
     assert pc.precompile(eng.runner, 3, eng.max_model_len, eng._max_chunk()) == 0
@@ -114,10 +134,12 @@ def _compiled_variants() -> int:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("shared_kv", [True, False])
-def test_gpu_mixed_workload_after_precompile_compiles_nothing(shared_kv):
+@pytest.mark.parametrize("shared_kv,piecewise", [(True, 2048), (False, 2048), (True, 16), (False, 16)])
+def test_gpu_mixed_workload_after_precompile_compiles_nothing(shared_kv, piecewise):
+    # piecewise 16: the 40-token chunks exceed the piecewise graphs, so prompt and mixed steps run
+    # eagerly, as long prompts' steps do in a server.
     kw = dict(device="cuda", dtype="bfloat16", num_pages=64, max_num_seqs=4, max_num_batched_tokens=96,
-              long_prefill_token_threshold=40)
+              long_prefill_token_threshold=40, piecewise_max_tokens=piecewise)
     prompts = random_prompts(6, 20, 700, seed=7)  # chunked prompts beside decoding ones: mixed steps
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     eng = make_engine(shared_kv, **kw)  # first: JIT caches are per process, shared by engines

@@ -5,7 +5,12 @@ count of decode rows beside a prompt chunk and per table-width class, the prefil
 of two of the context's blocks, strides that do or do not divide by 16. A cold server paid those
 compiles inside its first requests' TTFTs: ~10 s over the first 8 × 64k requests on an H200
 (docs/benchmarks/engine.md, tenth session). Decode-only steps replay CUDA graphs captured in
-`LLMEngine.warmup`, so only eager (mixed) steps are left to cover.
+`LLMEngine.warmup`, and so do prompt steps of up to `piecewise_max_tokens` tokens (their
+attention too where piecewise_prefill / piecewise_decode hold it), so the eager path is what is left
+to cover: steps with a longer prompt chunk, alone or beside decode rows. The synthetic steps are
+short, so they run with the runner's piecewise graphs set aside (`eager_path`): through the graphs
+they met no eager launch at all, and an H100 (2026-12-05) compiled the selected-branch kernel for
+16k, 32k and 64k contexts, and decode kernels beside them, inside its first 64k requests.
 
 `precompile` runs synthetic steps through the real `ModelRunner.execute` — the same launchers,
 shapes and strides as served steps — while every Triton launch only compiles (`compile_only`),
@@ -156,9 +161,20 @@ def first_layer_only(model):
         model.layers = layers
 
 
+@contextlib.contextmanager
+def eager_path(runner: ModelRunner):
+    """Inside, `runner` prepares and runs every step eagerly: its piecewise graphs are set aside."""
+    piecewise = runner.piecewise
+    try:
+        runner.piecewise = None
+        yield
+    finally:
+        runner.piecewise = piecewise
+
+
 def run_steps(runner: ModelRunner, steps: list[Step]) -> None:
-    """Run the synthetic steps through `runner` (inside `compile_only` they only compile)."""
-    with first_layer_only(runner.model):
+    """Run the synthetic steps through `runner`'s eager path (inside `compile_only` they only compile)."""
+    with first_layer_only(runner.model), eager_path(runner):
         for s in steps:
             seqs = [_sequence(runner, s.pages * runner.P, s.pages * runner.P - 1) for _ in range(s.decode)]
             seqs.append(_sequence(runner, s.context, s.context - s.chunk))
