@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The operator's run on a GPU machine: the real HTTP server (nsa-serve serve) with a random-initialised
+# paper-1b model (64 q heads, 4 kv heads, dk 192, dv 128; a tokenizer trained on offline text), driven
+# by nsa-loadtest with long documents, once with NSA attention and once with dense attention over
+# the same pages; each run's report, its server log and a final /metrics scrape land under ${OUT:-.}.
+# The device image lacks the server's packages: carry them as wheels (.whl, see
+# /work/.library/device/README.md) and install them first, e.g.
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+# Knobs: MODES (nsa dense), DOC (64k), REQS (16), CONC (8), OUTLEN (256), MODEL (/tmp/paper-1b).
+set -uo pipefail
+source "$(dirname "$0")/device_env.sh"
+export PYTHONPATH=${PYTHONPATH}${EXTRA_PYTHONPATH:+:$EXTRA_PYTHONPATH}
+MODEL=${MODEL:-/tmp/paper-1b}
+PORT=${PORT:-8000}
+if [ ! -d "$MODEL" ]; then
+  timeout 180 python3 -m nsa_serve.cli init-model --preset paper-1b --out "$MODEL" 2>&1 | tee "$OUT/init_model.txt"
+fi
+wait_healthy() {  # until /health answers 200; fails when the server process ($1) is gone or after $2 s
+  python3 -c "
+import os, sys, time, urllib.request
+deadline = time.time() + $2
+while time.time() < deadline:
+    try:
+        os.kill($1, 0)
+    except OSError:
+        sys.exit(1)
+    try:
+        if urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2).status == 200:
+            sys.exit(0)
+    except Exception:
+        time.sleep(1)
+sys.exit(1)
+"
+}
+for mode in ${MODES:-nsa dense}; do
+  t0=$(date +%s)
+  python3 -m nsa_serve.cli serve "$MODEL" --attention "$mode" --port "$PORT" > "$OUT/serve_$mode.log" 2>&1 &
+  pid=$!
+  if ! wait_healthy $pid ${START_TIMEOUT:-300}; then
+    echo "server ($mode) did not become healthy"; tail -30 "$OUT/serve_$mode.log"; kill -9 $pid; continue
+  fi
+  echo "server ($mode) healthy after $(( $(date +%s) - t0 )) s"
+  timeout ${RUN_TIMEOUT:-400} python3 -m nsa_loadtest.cli --base-url "http://127.0.0.1:$PORT" --workload longdoc \
+    --doc-lengths "${DOC:-64k}" --num-requests "${REQS:-16}" --max-concurrency "${CONC:-8}" \
+    --output-len "${OUTLEN:-256}" --ignore-eos --warmup 1 --no-progress --result-dir "$OUT/loadtest_$mode" 2>&1 \
+    | tee "$OUT/loadtest_$mode.txt"
+  python3 -c "import urllib.request,sys; sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:$PORT/metrics').read().decode())" \
+    > "$OUT/metrics_$mode.txt" 2>&1
+  kill -INT $pid; timeout 60 tail --pid=$pid -f /dev/null || kill -9 $pid
+done
