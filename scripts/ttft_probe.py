@@ -1,11 +1,13 @@
 """Time to first token of long prompts in the real engine, one at a time and then together (GPU).
 
     python3 scripts/ttft_probe.py [--len 65536] [--repeat 3] [--together 8] [--max-tokens 2] [--util 0.9]
+        [--keys FILE]
 
 The paper-1b preset with random weights. Prints each single prompt's TTFT, then the TTFTs of
 `--together` prompts sent at once, and after each phase the torch allocator's retries (a retry is
 an allocation that failed, freed every cached block and tried again: slow, and a sign the pool
-leaves the activations too little room) and the Triton kernels compiled during the phase.
+leaves the activations too little room) and the Triton kernels compiled during the phase (with
+`--keys`, their specialisation keys, new and some already known, are written to FILE).
 `--max-tokens` gives the prompts sent together more output tokens, so the first ones decode beside
 the later ones' prompt chunks (as `nsa-serve bench` and the load tester's runs do).
 """
@@ -26,17 +28,9 @@ from nsa_serve.engine.llm_engine import LLMEngine
 from nsa_serve.engine.protocol import SamplingParams
 
 
-def compiled() -> dict[str, int]:
-    """Kernel variants per Triton JIT function of the project's modules (as the precompile test counts)."""
-    from triton.runtime.jit import JITFunction
-
-    return {f"{name}.{attr}": sum(len(c[0]) for c in obj.device_caches.values())
-            for name, mod in list(sys.modules.items()) if name.startswith(("nsa_kernels", "nsa_serve"))
-            for attr, obj in vars(mod).items() if isinstance(obj, JITFunction)}
-
-
 def keys() -> dict[str, set]:
-    """The specialisation keys cached per JIT function (what a new variant differs in)."""
+    """The specialisation keys cached per Triton JIT function of the project's modules (a function
+    imported into several modules counts once)."""
     from triton.runtime.jit import JITFunction
 
     out = {}
@@ -49,8 +43,10 @@ def keys() -> dict[str, set]:
     return out
 
 
-def grown(before: dict[str, int], after: dict[str, int]) -> str:
-    return ", ".join(f"{k} +{after[k] - before.get(k, 0)}" for k in sorted(after) if after[k] > before.get(k, 0)) or "none"
+def grown(before: dict[str, set], after: dict[str, set]) -> str:
+    """Kernel variants compiled between two `keys()`: function +count."""
+    return ", ".join(f"{fn.split('@')[0]} +{len(ks - before.get(fn, set()))}" for fn, ks in sorted(after.items())
+                     if ks - before.get(fn, set())) or "none"
 
 
 def run(engine, prompts, max_tokens: int) -> list[float]:
@@ -86,10 +82,10 @@ def main() -> int:
     rng = random.Random(0)
     V = model.cfg.vocab_size
     for phase, n in [(f"single #{i + 1}", 1) for i in range(a.repeat)] + [(f"{a.together} together", a.together)]:
-        r0, c0, k0 = torch.cuda.memory_stats().get("num_alloc_retries", 0), compiled(), keys()
+        r0, k0 = torch.cuda.memory_stats().get("num_alloc_retries", 0), keys()
         ttft = run(engine, [[rng.randrange(8, V) for _ in range(a.len)] for _ in range(n)],
                    a.max_tokens if n > 1 else 2)
-        r1, c1, k1 = torch.cuda.memory_stats().get("num_alloc_retries", 0), compiled(), keys()
+        r1, k1 = torch.cuda.memory_stats().get("num_alloc_retries", 0), keys()
         if a.keys:
             with open(a.keys, "a") as f:
                 for fn, ks in k1.items():
@@ -99,7 +95,7 @@ def main() -> int:
                         for k in sorted(k0.get(fn, set()))[:3]:
                             f.write(f"{phase}\t{fn}\tknown: {k}\n")
         print(f"{phase}: TTFT s {' '.join(f'{x:.2f}' for x in ttft)} (mean {statistics.fmean(ttft):.2f}); "
-              f"allocator retries {r1 - r0}; kernels compiled: {grown(c0, c1)}", flush=True)
+              f"allocator retries {r1 - r0}; kernels compiled: {grown(k0, k1)}", flush=True)
     return 0
 
 
