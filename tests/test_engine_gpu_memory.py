@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -12,7 +13,6 @@ from engine_helpers import make_engine, single_thread_torch
 from nsa_serve.cli import main
 from nsa_serve.engine import bench
 from nsa_serve.engine.llm_engine import LLMEngine
-from nsa_serve.engine.model_runner import ModelRunner
 
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread_torch)
 
@@ -20,16 +20,22 @@ one_thread = pytest.fixture(autouse=True, scope="module")(single_thread_torch)
 def test_bench_releases_memory_once_no_engine_is_left(monkeypatch):
     # The release between modes must come when nothing refers to the finished engine or its runner
     # (their cache would stay allocated, out of the next engine's pool).
-    alive = []
+    made, alive = [], []
+
+    def engine(*args, **kwargs):
+        eng = LLMEngine(*args, **kwargs)
+        made.extend([weakref.ref(eng), weakref.ref(eng.runner)])
+        return eng
 
     def release():
         gc.collect()
-        alive.append(sum(isinstance(o, (LLMEngine, ModelRunner)) for o in gc.get_objects()))
+        alive.append(sum(r() is not None for r in made))
 
+    monkeypatch.setattr(bench, "LLMEngine", engine)
     monkeypatch.setattr(bench, "release_device_memory", release)
     rc = main(["bench", "--preset", "tiny", "--set", "num_layers=1", "--num-requests", "2", "--input-len", "30",
                "--output-len", "3", "--device", "cpu", "--num-pages", "64"])
-    assert rc == 0 and alive == [0, 0]
+    assert rc == 0 and len(made) == 4 and alive == [0, 0]
 
 
 @pytest.mark.gpu
