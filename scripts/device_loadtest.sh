@@ -4,8 +4,9 @@
 # by nsa-loadtest with long documents, once with NSA attention and once with dense attention over
 # the same pages; each run's report, its server log and a final /metrics scrape land under ${OUT:-.}.
 # The device image lacks the server's packages: carry them as wheels (.whl, see
-# /work/.library/device/README.md) and install them first, e.g.
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+# /work/.library/device/README.md) and install them first; device_env.sh sets PYTHONPATH, so pass their
+# folder as EXTRA_PYTHONPATH, e.g.
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && EXTRA_PYTHONPATH=/tmp/site bash scripts/device_loadtest.sh
 # Knobs: MODES (nsa dense), DOC (64k), REQS (16), CONC (8), OUTLEN (256), MODEL (/tmp/paper-1b).
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
