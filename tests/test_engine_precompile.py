@@ -53,8 +53,8 @@ def test_synthetic_steps_are_valid_steps_on_the_trash_page(shared_kv):
     assert max(s.chunk for s in steps) <= eng._max_chunk()
     picked = [s for s in steps if not s.decode or s.decode in (1, eng.args.max_num_seqs - 1)]
     for s in picked:
-        seqs = [pc._sequence(runner, s.pages * runner.P, s.pages * runner.P - 1) for _ in range(s.decode)]
-        seqs.append(pc._sequence(runner, s.context, s.context - s.chunk))
+        seqs = [pc.synthetic_sequence(runner, s.pages * runner.P, s.pages * runner.P - 1) for _ in range(s.decode)]
+        seqs.append(pc.synthetic_sequence(runner, s.context, s.context - s.chunk))
         inp = runner.prepare(seqs, [1] * s.decode + [s.chunk])
         # Every write (tokens, summaries) lands on the trash page.
         assert int(inp.slots.min()) >= runner.trash_page * runner.P

@@ -36,7 +36,7 @@ from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .model_runner import ModelRunner, cache_bytes_per_page, ring_pages
 from .ngram import NgramProposer
 from .piecewise_graphs import PiecewiseSteps
-from .precompile import precompile
+from .precompile import precompile, synthetic_sequence
 from .protocol import (CompletionOutput, EngineStats, InvalidRequestError, PromptTooLongError, QueueFullError,
                        RequestMetrics, RequestOutput, SamplingParams, TokenLogprob)
 from .sampler import PendingSample, SampleResult, Sampler, generator_states, has_penalty, restore_generators
@@ -187,6 +187,7 @@ class LLMEngine:
         self.args = args = args.resolved(self.device.type, cfg.shared_kv)
         self.chunk_cap = args.long_prefill_token_threshold  # the most tokens a sequence computes a step
 
+        self.profile_peak_bytes: int | None = None  # the memory profile's activation peak (GPU sizing)
         num_pages = args.num_pages or self._size_page_pool()
         self.runner = ModelRunner(model, num_pages, args.attention, self._max_chunk())
         self.block_manager = BlockManager(
@@ -258,7 +259,7 @@ class LLMEngine:
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
         self._profile_step()
-        peak = torch.cuda.max_memory_allocated(self.device) - base
+        self.profile_peak_bytes = peak = torch.cuda.max_memory_allocated(self.device) - base
         torch.cuda.empty_cache()
         budget = total * self.args.gpu_memory_utilization - (total - free) - peak
         pages = int(budget // per_page)
@@ -276,18 +277,26 @@ class LLMEngine:
 
     def _profile_step(self) -> None:
         """One full-budget step of prompt chunks on a scratch pool (memory profile / warm-up):
-        max_num_batched_tokens tokens as sequences of one chunk each (chunks never exceed the cap)."""
+        max_num_batched_tokens tokens as sequences of one chunk each (chunks never exceed the cap).
+
+        The first chunk ends at the longest context a request may have (max_model_len), its
+        cached tokens all on the scratch pool's trash page (`synthetic_sequence`): a chunk's
+        attention scratch grows with its context (NSA prefill's block scores, ~0.3 GB for an 8k
+        chunk at 128k for the paper shape; dense prefill's per-group K/V copies, ~1.6 GB), and a
+        step of fresh prompts alone never showed it — the dense server ran out of memory starting on
+        an 80 GB H100 when those copies were 7 GB (docs/benchmarks/engine.md, forty-second session)."""
         cfg = self.config
         budget = min(self.args.max_num_batched_tokens, self.args.max_num_seqs * self._max_chunk())
-        chunk = min(self._max_chunk(), cfg.max_position_embeddings)
+        longest = min(self.args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        chunk = min(self._max_chunk(), longest)
         sizes = [min(chunk, budget - i) for i in range(0, budget, chunk)]
         per_seq = math.ceil(chunk / cfg.select_block) + sum(ring_pages(cfg, self._max_chunk()))
         runner = ModelRunner(self.model, per_seq * len(sizes), self.args.attention, self._max_chunk())
         bm = BlockManager(runner.num_pages, cfg.select_block, cfg.select_block // cfg.cmp_stride,
                           cfg.cmp_block - cfg.cmp_stride, runner.win_ring_pages, runner.cmp_ring_pages, False)
         gen = torch.Generator().manual_seed(0)
-        seqs = []
-        for i, n in enumerate(sizes):
+        seqs = [synthetic_sequence(runner, longest, longest - sizes[0])]
+        for i, n in enumerate(sizes[1:], 1):
             prompt = torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist()
             seqs.append(Sequence(f"profile-{i}", 0, prompt, SamplingParams(max_tokens=1), time.time()))
             bm.admit(seqs[-1], n)

@@ -135,8 +135,10 @@ def compile_only(threads: int | None = None):
         yield
 
 
-def _sequence(runner: ModelRunner, length: int, computed: int) -> Sequence:
-    """A synthetic sequence of `length` tokens, `computed` of them cached, every page the trash page."""
+def synthetic_sequence(runner: ModelRunner, length: int, computed: int) -> Sequence:
+    """A synthetic sequence of `length` tokens, `computed` of them cached, every page the trash page
+    (which no request owns): a step over it launches what a real one at that context does, reading
+    and writing one page. Also the memory profile's long-context chunk (`LLMEngine._profile_step`)."""
     c = runner.cfg
     seq = Sequence("__precompile__", 0, [1] * length, SamplingParams(max_tokens=1), 0.0)
     seq.num_computed_tokens = computed
@@ -176,8 +178,8 @@ def run_steps(runner: ModelRunner, steps: list[Step]) -> None:
     """Run the synthetic steps through `runner`'s eager path (inside `compile_only` they only compile)."""
     with first_layer_only(runner.model), eager_path(runner):
         for s in steps:
-            seqs = [_sequence(runner, s.pages * runner.P, s.pages * runner.P - 1) for _ in range(s.decode)]
-            seqs.append(_sequence(runner, s.context, s.context - s.chunk))
+            seqs = [synthetic_sequence(runner, s.pages * runner.P, s.pages * runner.P - 1) for _ in range(s.decode)]
+            seqs.append(synthetic_sequence(runner, s.context, s.context - s.chunk))
             runner.execute(runner.prepare(seqs, [1] * s.decode + [s.chunk]))
 
 
