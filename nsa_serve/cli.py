@@ -30,9 +30,27 @@ def cmd_init_model(args) -> int:
     for item in args.set or []:
         key, _, value = item.partition("=")
         overrides[key] = _parse_value(value)
-    out = init_model(args.out, args.preset, seed=args.seed, **overrides)
+    out = init_model(args.out, args.preset, seed=args.seed, max_shard_bytes=args.max_shard_size, **overrides)
     print(f"wrote {args.preset} model to {out}")
     return 0
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' (decimal units, as transformers reads max_shard_size), '500MiB' (binary) or bytes."""
+    t = text.strip().upper()
+    num = t.rstrip("KMGTIB")
+    unit = t[len(num):]
+    try:
+        value = float(num) * _SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MiB, 1000000)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be at least 1 byte, got {text!r}")
+    return int(value)
 
 
 def _parse_value(value: str):
@@ -73,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field")
+    p.add_argument("--max-shard-size", type=parse_size, metavar="SIZE",
+                   help="write the weights as shards of at most SIZE (e.g. 5GB, 500MiB, bytes) with "
+                        "model.safetensors.index.json, as large checkpoints come (default: one file)")
     p.set_defaults(func=cmd_init_model)
 
     p = sub.add_parser("generate", help="stream a completion of one prompt to stdout")

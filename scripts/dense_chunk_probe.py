@@ -21,12 +21,12 @@ from `current` on the last chunk.
 from __future__ import annotations
 
 import argparse
-import statistics
 import types
 
 import torch
 import torch.nn.functional as F
 
+from nsa_kernels.bench_prefill import timed
 from nsa_kernels.paged import PagedLayerCache
 from nsa_serve.engine.attention import dense_prefill_sdpa
 
@@ -65,18 +65,6 @@ def split(q, k, v, L, T, copy=True):
             o = o2
         out[:, h * G:(h + 1) * G] = o[0].transpose(0, 1).to(q.dtype)
     return out
-
-
-def timed(fn, reps):
-    ts = []
-    for _ in range(reps + 1):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts[1:])
 
 
 def main() -> None:

@@ -284,6 +284,13 @@ def test_init_from_a_model_directory(tmp_path):
         assert torch.equal(a, b), n  # the tests export float32, so the copy is exact
     with pytest.raises(ResumeError, match="neither a state dir"):
         Trainer(_args(tmp_path / "c", data, init=str(tmp_path)), log=lambda m: None)
+    # The same weights as shards (a large model's layout) start a fine-tune alike.
+    from nsa_serve.model.checkpoint import INDEX, load_model, save_model
+    save_model(load_model(tmp_path / "a" / "out" / "model"), tmp_path / "sharded", max_shard_bytes=100_000)
+    assert (tmp_path / "sharded" / INDEX).is_file()
+    ft = Trainer(_args(tmp_path / "d", data, steps=2, init=str(tmp_path / "sharded")), log=lambda m: None)
+    for (n, a), (_, b) in zip(base.model.named_parameters(), ft.model.named_parameters()):
+        assert torch.equal(a, b), n
 
 
 def test_stop_at_step_checkpoints_there(tmp_path):

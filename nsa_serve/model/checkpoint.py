@@ -1,5 +1,8 @@
-"""A model is a directory: config.json, model.safetensors, tokenizer.model, optional
-generation_config.json. Weights load through safetensors only (no pickle)."""
+"""A model is a directory: config.json, the weights, tokenizer.model, optional
+generation_config.json. Weights load through safetensors only (no pickle): one model.safetensors,
+or Hugging Face's sharded layout — model-00001-of-0000N.safetensors files named by
+model.safetensors.index.json's weight_map — as a large checkpoint comes. Loading streams one tensor
+at a time from the files straight to the target device, so the host never holds the whole model."""
 
 from __future__ import annotations
 
@@ -9,8 +12,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# safetensors dtype names of the floating-point tensors a checkpoint may hold.
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 from .config import ConfigError, NSAConfig
 from .nsa_model import NSAModel
@@ -21,14 +29,32 @@ class CheckpointError(ValueError):
 
 
 def save_model(model: NSAModel, out_dir: str | Path, tokenizer_path: str | Path | None = None,
-               generation_config: dict | None = None) -> Path:
+               generation_config: dict | None = None, max_shard_bytes: int | None = None) -> Path:
+    """Write the model directory. `max_shard_bytes`: above it, the weights go into shards of at
+    most that size (a tensor larger than it gets a shard of its own) with an index, as Hugging
+    Face's save_pretrained writes them; weight files of an earlier save are removed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.cfg.save(out / "config.json")
     # Copies: after `fuse_for_inference` the projection weights are views of one buffer, and
     # safetensors refuses tensors that share memory.
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "model": "nsa"})
+    for old in weight_paths(out):
+        old.unlink()
+    meta = {"format": "pt", "model": "nsa"}
+    shards = _shards(state, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(state, str(out / SINGLE), metadata=meta)
+    else:
+        weight_map = {}
+        for i, names in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file({k: state[k] for k in names}, str(out / name), metadata=meta)
+            weight_map.update(dict.fromkeys(names, name))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        # The index last: a reader that finds it finds every shard it names.
+        (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                            indent=2) + "\n")
     if tokenizer_path is not None and Path(tokenizer_path).resolve() != (out / "tokenizer.model").resolve():
         shutil.copyfile(tokenizer_path, out / "tokenizer.model")
     if generation_config:
@@ -40,39 +66,115 @@ def load_config(model_dir: str | Path) -> NSAConfig:
     return NSAConfig.load(Path(model_dir) / "config.json")
 
 
+def _shards(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[list[str]]:
+    """Tensor names in shards of at most max_bytes each, in state order (one shard without a limit)."""
+    if max_bytes is not None and max_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_bytes}")
+    shards, size = [[]], 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if max_bytes is not None and shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def weight_paths(model_dir: Path) -> list[Path]:
+    """The weight files (and index) a save wrote into model_dir, for replacing them."""
+    return sorted([p for p in model_dir.glob("model-*-of-*.safetensors")]
+                  + [p for p in (model_dir / SINGLE, model_dir / INDEX) if p.is_file()])
+
+
+def tensor_files(model_dir: str | Path) -> dict[str, Path]:
+    """Tensor name → the file holding it: model.safetensors if present (as transformers prefers
+    it), else the files model.safetensors.index.json's weight_map names. Reads headers only."""
+    d = Path(model_dir)
+    if (d / SINGLE).is_file():
+        return dict.fromkeys(_header_names(d / SINGLE), d / SINGLE)
+    index = d / INDEX
+    if not index.is_file():
+        raise CheckpointError(f"no {SINGLE} or {INDEX} in {d}")
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise CheckpointError(f"{index} is not a JSON object with a weight_map: {exc}") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+    out = {}
+    for file in sorted(set(weight_map.values())):
+        path = d / file
+        if Path(file).name != file or not path.is_file():
+            raise CheckpointError(f"{index} names shard {file!r}, which is not a file in {d}")
+        held = set(_header_names(path))
+        for name in (n for n, f in weight_map.items() if f == file):
+            if name not in held:
+                raise CheckpointError(f"{index} puts tensor '{name}' in {file}, which does not hold it")
+            out[name] = path
+    return out
+
+
+def _header_names(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+
+
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> NSAModel:
-    """Load and check a model directory. Raises ConfigError / CheckpointError naming what is wrong."""
+    """Load and check a model directory. Raises ConfigError / CheckpointError naming what is wrong.
+    Every name, shape and dtype is checked from the files' headers before any weight is read."""
     d = Path(model_dir)
     if not d.is_dir():
         raise CheckpointError(f"model directory {d} does not exist")
     cfg = load_config(d)
-    weights = d / "model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"no model.safetensors in {d}")
-    try:
-        state = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"cannot read {weights}: {exc}") from exc
+    files = tensor_files(d)
     with torch.device("meta"):
         model = NSAModel(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
+    where = f"{d / SINGLE}" if (d / SINGLE).is_file() else f"{d / INDEX}"
+    missing = sorted(set(expected) - set(files))
     if missing:
-        raise CheckpointError(f"{weights}: missing tensor(s): {', '.join(missing[:10])}")
-    unexpected = sorted(set(state) - set(expected))
+        raise CheckpointError(f"{where}: missing tensor(s): {', '.join(missing[:10])}")
+    unexpected = sorted(set(files) - set(expected))
     if unexpected:
-        raise CheckpointError(f"{weights}: unexpected tensor(s) for this config: {', '.join(unexpected[:10])}")
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
-            raise CheckpointError(f"{weights}: tensor '{name}' has shape {tuple(state[name].shape)}, "
-                                  f"config needs {shape}")
-        if not state[name].is_floating_point():
-            raise CheckpointError(f"{weights}: tensor '{name}' must be floating point, got {state[name].dtype}")
-    # Materialised in the target dtype before loading: through the default float32 first, a
-    # float64 checkpoint lost its low bits.
+        raise CheckpointError(f"{where}: unexpected tensor(s) for this config: {', '.join(unexpected[:10])}")
+    by_file: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in names:
+                    sl = f.get_slice(name)
+                    if tuple(sl.get_shape()) != expected[name]:
+                        raise CheckpointError(f"{path}: tensor '{name}' has shape {tuple(sl.get_shape())}, "
+                                              f"config needs {expected[name]}")
+                    if sl.get_dtype() not in FLOAT_DTYPES:
+                        raise CheckpointError(f"{path}: tensor '{name}' must be floating point, "
+                                              f"got {sl.get_dtype()}")
+        except SafetensorError as exc:
+            raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    # Materialised in the target dtype, then each tensor copied in from the file as it is read
+    # (to the device directly): through the default float32 first, a float64 checkpoint lost its
+    # low bits, and reading the whole file first held a host copy of every weight.
     model = model.to_empty(device=device).to(dtype=dtype)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+    params = model.state_dict()
+    dev = torch.device(device)
+    read_on = "cpu"  # elsewhere than CUDA, read to the host and copy
+    if dev.type == "cuda":
+        read_on = f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"
+    with torch.no_grad():
+        for path, names in by_file.items():
+            try:
+                with safe_open(str(path), framework="pt", device=read_on) as f:
+                    for name in names:
+                        params[name].copy_(f.get_tensor(name))
+            except SafetensorError as exc:
+                raise CheckpointError(f"cannot read {path}: {exc}") from exc
     return model.eval()
 
 

@@ -6,14 +6,16 @@ import tempfile
 from pathlib import Path
 
 from ..tokenizer import stdlib_docstrings, train_tokenizer
-from .checkpoint import save_model
+from .checkpoint import INDEX, SINGLE, save_model
 from .config import preset
 from .nsa_model import NSAModel
 
 
-def init_model(out_dir: str | Path, preset_name: str = "tiny", seed: int = 0, **overrides) -> Path:
-    """Create `out_dir` with config.json, random weights (from `seed`) and a sentencepiece
-    tokenizer trained on the Python standard library's docstrings (offline text every machine has)."""
+def init_model(out_dir: str | Path, preset_name: str = "tiny", seed: int = 0, *,
+               max_shard_bytes: int | None = None, **overrides) -> Path:
+    """Create `out_dir` with config.json, random weights (from `seed`; sharded above
+    `max_shard_bytes`, as `save_model` does) and a sentencepiece tokenizer trained on the Python
+    standard library's docstrings (offline text every machine has)."""
     cfg = preset(preset_name, **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -25,10 +27,14 @@ def init_model(out_dir: str | Path, preset_name: str = "tiny", seed: int = 0, **
     # Write atomically enough for concurrent first use: weights last, so a reader that sees
     # model.safetensors sees the rest.
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        save_model(model, tmp, tokenizer_path=tok_path,
+        save_model(model, tmp, tokenizer_path=tok_path, max_shard_bytes=max_shard_bytes,
                    generation_config={"temperature": 0.7, "top_p": 0.95, "max_tokens": 128})
-        for name in ("config.json", "generation_config.json", "model.safetensors"):
-            (Path(tmp) / name).replace(out / name)
+        for old in (out / SINGLE, out / INDEX, *out.glob("model-*-of-*.safetensors")):
+            old.unlink(missing_ok=True)  # an earlier model's weights, which the loader could prefer
+        weights = sorted(Path(tmp).glob("model*.safetensors"), key=lambda p: p.name == SINGLE)
+        index = [Path(tmp) / INDEX] if (Path(tmp) / INDEX).is_file() else []
+        for path in [Path(tmp) / "config.json", Path(tmp) / "generation_config.json", *weights, *index]:
+            path.replace(out / path.name)
     return out
 
 

@@ -175,10 +175,10 @@ class Trainer:
     def _init_weights(self, d: Path) -> None:
         """Fine-tuning: weights from an earlier run's state dir (fp32 master weights) or a model
         directory (e.g. the shipped default model, bf16), everything else new."""
-        st = ckpt.read_state(d)
-        if st is None and (d / "model.safetensors").is_file():
-            from nsa_serve.model.checkpoint import load_model
+        from nsa_serve.model.checkpoint import INDEX, SINGLE, load_model
 
+        st = ckpt.read_state(d)
+        if st is None and ((d / SINGLE).is_file() or (d / INDEX).is_file()):
             src = load_model(d, dtype=torch.float32)
             st = {"config": src.cfg.to_dict(), "step": src.cfg.extra.get("trained_steps", 0),
                   "total_steps": src.cfg.extra.get("total_steps", 0)}
