@@ -6,6 +6,13 @@ by 16, or neither (Triton's rule; `do_not_specialize` arguments excepted). A ser
 the first time a step has that batch size and width class, and pays a compile then.
 
     python3 scripts/count_decode_variants.py [--max-batch 16] [--max-pages 1024] [--exact-width]
+    python3 scripts/count_decode_variants.py --max-batch 320 --max-pages 2048 --classes-only --new-above 63
+
+`--new-above N` lists the keys that only batches above N meet — e.g. whether the start-up
+precompile, which runs 1 … max_num_seqs − 1 decode rows beside a prompt chunk, misses variants
+that rows verifying speculative drafts (1 + k rows a sequence) can reach. `--dense` counts the
+dense decode launcher (the `--attention dense` baseline) as well. `--classes-only` calls each
+width class once (its widest and a narrower table) instead of every page count.
 
 Widths are rounded as the engine rounds them (`model_runner.table_width`: the next power of two,
 at least 16); `--exact-width` counts tables exactly as wide as the longest sequence (before).
@@ -20,13 +27,17 @@ import torch
 from triton.runtime.jit import JITFunction
 
 
-def count(max_batch: int, max_pages: int, exact_width: bool = False) -> dict[str, int]:
+def count(max_batch: int, max_pages: int, exact_width: bool = False, dense: bool = False,
+          classes_only: bool = False) -> dict[int, set]:
+    """The specialisation keys each batch size meets: {batch: {(kernel name, key)}}."""
+    import nsa_kernels.dense_decode as dd
     import nsa_kernels.nsa_decode as nd
     from nsa_kernels.paged import PagedLayerCache
     from nsa_kernels.reference import SparsityParams
     from nsa_serve.engine.model_runner import table_width
 
-    seen: dict[str, set] = {}
+    seen: dict[int, set] = {}
+    batch = [0]
 
     def record(self, *args, grid, warmup, **kw):
         skip = set(getattr(self, "do_not_specialize", None) or [])
@@ -35,11 +46,11 @@ def count(max_batch: int, max_pages: int, exact_width: bool = False) -> dict[str
         key += tuple("one" if a == 1 else "div16" if a % 16 == 0 else "int"
                      for i, a in enumerate(args) if isinstance(a, int) and not isinstance(a, bool)
                      and self.arg_names[i] not in skip and i not in skip)
-        seen.setdefault(self.fn.__name__, set()).add(key)
+        seen.setdefault(batch[0], set()).add((self.fn.__name__, key))
 
-    original = JITFunction.run, nd.target_programs, nd.pipeline_smem_budget, nd.pdl_enabled
+    original = JITFunction.run, nd.target_programs, nd.pipeline_smem_budget, nd.pdl_enabled, dd.target_programs
     JITFunction.run = record
-    nd.target_programs = lambda dev: 2 * 132
+    nd.target_programs = dd.target_programs = lambda dev: 2 * 132
     nd.pipeline_smem_budget = lambda dev: 227 * 1024
     nd.pdl_enabled = lambda dev: True
     try:
@@ -47,14 +58,29 @@ def count(max_batch: int, max_pages: int, exact_width: bool = False) -> dict[str
         d, P, E, Hkv = torch.bfloat16, p.select_block, p.select_block // p.stride, 4
         layer = PagedLayerCache(torch.empty(4, Hkv, P, 192, dtype=d), torch.empty(4, Hkv, P, 128, dtype=d),
                                 torch.empty(4, Hkv, E, 192, dtype=d), torch.empty(4, Hkv, E, 128, dtype=d))
+        page_counts = range(1, max_pages + 1)
+        if classes_only:  # table_width's classes: each one's widest table and one just past the last
+            page_counts = sorted({n for w in (16 << i for i in range(max_pages.bit_length()))
+                                  for n in (w, w // 2 + 1) if n <= max_pages} | {1})
         for B in range(1, max_batch + 1):
+            batch[0] = B
             q, g = torch.empty(B, 64, 192, dtype=d), torch.empty(B, 64, 3, dtype=d)
-            for pages in range(1, max_pages + 1):
+            for pages in page_counts:
                 bt = torch.zeros(B, pages if exact_width else table_width(pages), dtype=torch.int32)
-                nd.nsa_decode(q, g, layer, bt, torch.full((B,), pages * P, dtype=torch.int32), p)
+                lens = torch.full((B,), pages * P, dtype=torch.int32)
+                nd.nsa_decode(q, g, layer, bt, lens, p)
+                if dense:
+                    dd.dense_paged_decode(q, layer, bt, lens)
     finally:
-        JITFunction.run, nd.target_programs, nd.pipeline_smem_budget, nd.pdl_enabled = original
-    return {k: len(v) for k, v in seen.items()}
+        JITFunction.run, nd.target_programs, nd.pipeline_smem_budget, nd.pdl_enabled, dd.target_programs = original
+    return seen
+
+
+def per_kernel(keys: set) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, _ in keys:
+        out[name] = out.get(name, 0) + 1
+    return out
 
 
 def main():
@@ -62,11 +88,21 @@ def main():
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-pages", type=int, default=1024)
     ap.add_argument("--exact-width", action="store_true", help="tables as wide as the longest sequence")
+    ap.add_argument("--dense", action="store_true", help="count the dense decode launcher too")
+    ap.add_argument("--classes-only", action="store_true", help="one or two page counts per width class")
+    ap.add_argument("--new-above", type=int, metavar="N", help="keys only batches above N meet")
     a = ap.parse_args()
-    n = count(a.max_batch, a.max_pages, a.exact_width)
+    seen = count(a.max_batch, a.max_pages, a.exact_width, a.dense, a.classes_only)
+    n = per_kernel(set().union(*seen.values()))
     width = "exact" if a.exact_width else "rounded as the engine rounds them"
     print(f"batch 1–{a.max_batch}, longest sequence 1–{a.max_pages} pages, table widths {width}: {n} — "
           f"{sum(n.values())} in all")
+    if a.new_above is not None:
+        low = set().union(*(v for b, v in seen.items() if b <= a.new_above))
+        new = set().union(*(v for b, v in seen.items() if b > a.new_above)) - low
+        first = min((b for b, v in seen.items() if b > a.new_above and v - low), default=None)
+        print(f"keys only batches above {a.new_above} meet: {per_kernel(new) or 'none'}"
+              + (f" (first at batch {first})" if first else ""))
 
 
 if __name__ == "__main__":
