@@ -131,7 +131,7 @@ def selection_aux_loss(q: torch.Tensor, kc: torch.Tensor, target, p) -> torch.Te
     from nsa_kernels.reference import selection_weights
 
     seq, pos, block = target[:3]
-    M, (B, N, Hkv, Dk) = seq.shape[0], kc.shape
+    M, (_, N, Hkv, Dk) = seq.shape[0], kc.shape
     Hq = q.shape[2]
     qa = q[seq, pos].float().view(M, Hkv, Hq // Hkv, Dk)  # [M, Hkv, G, Dk]
     s = torch.einsum("mhgd,mnhd->mhgn", qa, kc[seq].float()) * Dk ** -0.5
