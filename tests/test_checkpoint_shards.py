@@ -64,6 +64,12 @@ def test_save_model_shards_above_the_limit_and_round_trips(tmp_path):
         size = sum(t.numel() * t.element_size() for t in state.values())
         assert size <= 200_000 or len(state) == 1
     assert _same_logits(model, load_model(tmp_path), model.cfg.vocab_size)
+    # Saving again in fewer shards leaves no shard of the earlier set behind.
+    save_model(model, tmp_path, max_shard_bytes=600_000)
+    index = json.loads((tmp_path / INDEX).read_text())
+    assert {p.name for p in tmp_path.glob("model-*-of-*.safetensors")} == set(index["weight_map"].values())
+    assert len(set(index["weight_map"].values())) < len(shards)
+    assert _same_logits(model, load_model(tmp_path), model.cfg.vocab_size)
     # Saving again as one file removes the shards and the index (the loader would read either).
     other = _model(seed=4)
     save_model(other, tmp_path)

@@ -39,12 +39,12 @@ def save_model(model: NSAModel, out_dir: str | Path, tokenizer_path: str | Path 
     # Copies: after `fuse_for_inference` the projection weights are views of one buffer, and
     # safetensors refuses tensors that share memory.
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    for old in weight_paths(out):
-        old.unlink()
+    earlier = weight_paths(out)
     meta = {"format": "pt", "model": "nsa"}
     shards = _shards(state, max_shard_bytes)
     if len(shards) == 1:
         save_file(state, str(out / SINGLE), metadata=meta)
+        written = {SINGLE}
     else:
         weight_map = {}
         for i, names in enumerate(shards, 1):
@@ -55,6 +55,8 @@ def save_model(model: NSAModel, out_dir: str | Path, tokenizer_path: str | Path 
         # The index last: a reader that finds it finds every shard it names.
         (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                             indent=2) + "\n")
+        written = {*weight_map.values(), INDEX}
+    remove_stale_weights(out, earlier, written)
     if tokenizer_path is not None and Path(tokenizer_path).resolve() != (out / "tokenizer.model").resolve():
         shutil.copyfile(tokenizer_path, out / "tokenizer.model")
     if generation_config:
@@ -82,9 +84,18 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[list[
 
 
 def weight_paths(model_dir: Path) -> list[Path]:
-    """The weight files (and index) a save wrote into model_dir, for replacing them."""
+    """The weight files (and index) a save wrote into model_dir, sorted: shards first."""
     return sorted([p for p in model_dir.glob("model-*-of-*.safetensors")]
                   + [p for p in (model_dir / SINGLE, model_dir / INDEX) if p.is_file()])
+
+
+def remove_stale_weights(model_dir: Path, earlier: list[Path], written: set[str]) -> None:
+    """Remove the weight files of `earlier` whose names the save just made did not write. Called
+    once the new files are in place, so a concurrent loader reads the old model or the new one
+    (it prefers model.safetensors: a new one replaced the old; an old one goes only now)."""
+    for p in earlier:
+        if p.name not in written:
+            p.unlink(missing_ok=True)
 
 
 def tensor_files(model_dir: str | Path) -> dict[str, Path]:

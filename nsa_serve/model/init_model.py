@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 from ..tokenizer import stdlib_docstrings, train_tokenizer
-from .checkpoint import INDEX, SINGLE, save_model
+from .checkpoint import remove_stale_weights, save_model, weight_paths
 from .config import preset
 from .nsa_model import NSAModel
 
@@ -29,12 +29,11 @@ def init_model(out_dir: str | Path, preset_name: str = "tiny", seed: int = 0, *,
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         save_model(model, tmp, tokenizer_path=tok_path, max_shard_bytes=max_shard_bytes,
                    generation_config={"temperature": 0.7, "top_p": 0.95, "max_tokens": 128})
-        for old in (out / SINGLE, out / INDEX, *out.glob("model-*-of-*.safetensors")):
-            old.unlink(missing_ok=True)  # an earlier model's weights, which the loader could prefer
-        weights = sorted(Path(tmp).glob("model*.safetensors"), key=lambda p: p.name == SINGLE)
-        index = [Path(tmp) / INDEX] if (Path(tmp) / INDEX).is_file() else []
-        for path in [Path(tmp) / "config.json", Path(tmp) / "generation_config.json", *weights, *index]:
+        earlier = weight_paths(out)
+        weights = weight_paths(Path(tmp))  # shards before their index
+        for path in [Path(tmp) / "config.json", Path(tmp) / "generation_config.json", *weights]:
             path.replace(out / path.name)
+        remove_stale_weights(out, earlier, {p.name for p in weights})
     return out
 
 
