@@ -187,7 +187,6 @@ class LLMEngine:
         self.args = args = args.resolved(self.device.type, cfg.shared_kv)
         self.chunk_cap = args.long_prefill_token_threshold  # the most tokens a sequence computes a step
 
-        self.profile_peak_bytes: int | None = None  # the memory profile's activation peak (GPU sizing)
         num_pages = args.num_pages or self._size_page_pool()
         self.runner = ModelRunner(model, num_pages, args.attention, self._max_chunk())
         self.block_manager = BlockManager(
@@ -259,7 +258,7 @@ class LLMEngine:
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
         self._profile_step()
-        self.profile_peak_bytes = peak = torch.cuda.max_memory_allocated(self.device) - base
+        peak = torch.cuda.max_memory_allocated(self.device) - base
         torch.cuda.empty_cache()
         budget = total * self.args.gpu_memory_utilization - (total - free) - peak
         pages = int(budget // per_page)

@@ -1,8 +1,9 @@
 """A model is a directory: config.json, the weights, tokenizer.model, optional
 generation_config.json. Weights load through safetensors only (no pickle): one model.safetensors,
 or Hugging Face's sharded layout — model-00001-of-0000N.safetensors files named by
-model.safetensors.index.json's weight_map — as a large checkpoint comes. Loading streams one tensor
-at a time from the files straight to the target device, so the host never holds the whole model."""
+model.safetensors.index.json's weight_map — as a large checkpoint comes. Loading checks every
+tensor from the files' headers, then reads one tensor at a time straight to the target device (no
+host copy of the whole state dict first)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .config import ConfigError, NSAConfig
+from .nsa_model import NSAModel
+
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 # safetensors dtype names of the floating-point tensors a checkpoint may hold.
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-
-from .config import ConfigError, NSAConfig
-from .nsa_model import NSAModel
 
 
 class CheckpointError(ValueError):
@@ -98,12 +99,13 @@ def remove_stale_weights(model_dir: Path, earlier: list[Path], written: set[str]
             p.unlink(missing_ok=True)
 
 
-def tensor_files(model_dir: str | Path) -> dict[str, Path]:
-    """Tensor name → the file holding it: model.safetensors if present (as transformers prefers
-    it), else the files model.safetensors.index.json's weight_map names. Reads headers only."""
+def tensor_index(model_dir: str | Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """Tensor name → (its file, shape, safetensors dtype name), from the headers only:
+    model.safetensors if present (as transformers prefers it), else the files
+    model.safetensors.index.json's weight_map names."""
     d = Path(model_dir)
     if (d / SINGLE).is_file():
-        return dict.fromkeys(_header_names(d / SINGLE), d / SINGLE)
+        return _header(d / SINGLE)
     index = d / INDEX
     if not index.is_file():
         raise CheckpointError(f"no {SINGLE} or {INDEX} in {d}")
@@ -115,21 +117,21 @@ def tensor_files(model_dir: str | Path) -> dict[str, Path]:
         raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
     out = {}
     for file in sorted(set(weight_map.values())):
-        path = d / file
-        if Path(file).name != file or not path.is_file():
+        if Path(file).name != file or not (d / file).is_file():
             raise CheckpointError(f"{index} names shard {file!r}, which is not a file in {d}")
-        held = set(_header_names(path))
+        held = _header(d / file)
         for name in (n for n, f in weight_map.items() if f == file):
             if name not in held:
                 raise CheckpointError(f"{index} puts tensor '{name}' in {file}, which does not hold it")
-            out[name] = path
+            out[name] = held[name]
     return out
 
 
-def _header_names(path: Path) -> list[str]:
+def _header(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
     try:
         with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
+            return {name: (path, tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype())
+                    for name in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from exc
 
@@ -142,33 +144,24 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     if not d.is_dir():
         raise CheckpointError(f"model directory {d} does not exist")
     cfg = load_config(d)
-    files = tensor_files(d)
+    tensors = tensor_index(d)
     with torch.device("meta"):
         model = NSAModel(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    where = f"{d / SINGLE}" if (d / SINGLE).is_file() else f"{d / INDEX}"
-    missing = sorted(set(expected) - set(files))
+    where = d / SINGLE if (d / SINGLE).is_file() else d / INDEX
+    missing = sorted(set(expected) - set(tensors))
     if missing:
         raise CheckpointError(f"{where}: missing tensor(s): {', '.join(missing[:10])}")
-    unexpected = sorted(set(files) - set(expected))
+    unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise CheckpointError(f"{where}: unexpected tensor(s) for this config: {', '.join(unexpected[:10])}")
     by_file: dict[Path, list[str]] = {}
-    for name, path in files.items():
+    for name, (path, shape, stored) in tensors.items():
+        if shape != expected[name]:
+            raise CheckpointError(f"{path}: tensor '{name}' has shape {shape}, config needs {expected[name]}")
+        if stored not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor '{name}' must be floating point, got {stored}")
         by_file.setdefault(path, []).append(name)
-    for path, names in by_file.items():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in names:
-                    sl = f.get_slice(name)
-                    if tuple(sl.get_shape()) != expected[name]:
-                        raise CheckpointError(f"{path}: tensor '{name}' has shape {tuple(sl.get_shape())}, "
-                                              f"config needs {expected[name]}")
-                    if sl.get_dtype() not in FLOAT_DTYPES:
-                        raise CheckpointError(f"{path}: tensor '{name}' must be floating point, "
-                                              f"got {sl.get_dtype()}")
-        except SafetensorError as exc:
-            raise CheckpointError(f"cannot read {path}: {exc}") from exc
     # Materialised in the target dtype, then each tensor copied in from the file as it is read
     # (to the device directly): through the default float32 first, a float64 checkpoint lost its
     # low bits, and reading the whole file first held a host copy of every weight.
