@@ -11,6 +11,8 @@ to everything before it and causally to itself. Variants, each summed over the p
   split     per group: the chunk against the cached prefix (no mask) and against itself (causal,
             square), each through torch's cuDNN attention with its log-sum-exp, then merged
   split_views  the same with K/V passed as expanded views (no per-head copies)
+  folded    two cuDNN calls for all kv heads: the prefix with each kv head's query heads folded
+            into one long query (no K/V copies), the chunk causal against itself; merged
   oneshot   SDPA is_causal over the whole prompt at once, contiguous (what bench_prefill compares
             NSA prefill with): the floor a chunked path can approach
 
@@ -67,6 +69,28 @@ def split(q, k, v, L, T, copy=True):
     return out
 
 
+def folded(q, k, v, L, T):
+    """Two cuDNN calls for all kv heads at once: the cached prefix with each kv head's G query heads
+    folded into one long query ([Hkv, G·T, Dk]: no per-head K/V copies), and the chunk's own keys
+    (causal, square: a top-left mask is right) with K/V repeated per query head (T rows only);
+    merged by their log-sum-exps. What the branch dense-cudnn-chunks puts in the engine."""
+    cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
+    Hq, Hkv, Dv = q.shape[1], k.shape[0], v.shape[-1]
+    G = Hq // Hkv
+    qb = q.transpose(0, 1)  # [Hq, T, Dk]
+    ks, vs = k[:, L - T:].repeat_interleave(G, 0), v[:, L - T:].repeat_interleave(G, 0)
+    o, lse = cudnn(qb.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), None, True, 0.0, True)[:2]
+    o, lse = o[0], lse[0].reshape(Hq, T).float()
+    if L > T:
+        qf = qb.reshape(Hkv, G * T, -1).unsqueeze(0)
+        o1, lse1 = cudnn(qf, k[:, :L - T].unsqueeze(0), v[:, :L - T].unsqueeze(0), None, True, 0.0, False)[:2]
+        o1, lse1 = o1[0].reshape(Hq, T, Dv), lse1[0].reshape(Hq, T).float()
+        m = torch.maximum(lse, lse1)
+        w, w1 = torch.exp(lse - m), torch.exp(lse1 - m)
+        o = (o.float() * w[..., None] + o1.float() * w1[..., None]) / (w + w1)[..., None]
+    return o.to(q.dtype).transpose(0, 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ctx", type=int, default=65536)
@@ -100,7 +124,8 @@ def main() -> None:
                 outs.append(dense_prefill_sdpa(qc, cache, inp, 0, 1))
             else:
                 k, v = contiguous(L)
-                fn = {"gqa": gqa, "split": split, "split_views": lambda *x: split(*x, copy=False)}[variant]
+                fn = {"gqa": gqa, "split": split, "split_views": lambda *x: split(*x, copy=False),
+                      "folded": folded}[variant]
                 outs.append(fn(qc, k, v, L, C))
         return outs[-1]
 
@@ -116,6 +141,7 @@ def main() -> None:
     rows = []
     for name, fn in (("current", lambda: chunks("current")), ("gqa", lambda: chunks("gqa")),
                      ("split", lambda: chunks("split")), ("split_views", lambda: chunks("split_views")),
+                     ("folded", lambda: chunks("folded")),
                      ("oneshot", oneshot)):
         try:
             out = fn()
