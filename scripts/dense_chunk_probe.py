@@ -43,6 +43,13 @@ def gqa(q, k, v, L, T):
     return o[0, ..., :Dv].transpose(0, 1)
 
 
+def merge(o1, lse1, o2, lse2):
+    """Two attention outputs over disjoint key sets, combined by their log-sum-exps (float32)."""
+    m = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
+    return (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / (w1 + w2)[..., None]
+
+
 def split(q, k, v, L, T, copy=True):
     cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
     c = (lambda x: x.contiguous()) if copy else (lambda x: x)
@@ -59,10 +66,7 @@ def split(q, k, v, L, T, copy=True):
         lse2 = lse2.reshape(o2.shape[:-1])
         if L > T:
             o1, lse1 = cudnn(qh, kp, vp, None, True, 0.0, False)[:2]
-            lse1 = lse1.reshape(o1.shape[:-1])
-            m = torch.maximum(lse1, lse2)
-            w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
-            o = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / (w1 + w2)[..., None]
+            o = merge(o1, lse1.reshape(o1.shape[:-1]), o2, lse2)
         else:
             o = o2
         out[:, h * G:(h + 1) * G] = o[0].transpose(0, 1).to(q.dtype)
@@ -84,10 +88,7 @@ def folded(q, k, v, L, T):
     if L > T:
         qf = qb.reshape(Hkv, G * T, -1).unsqueeze(0)
         o1, lse1 = cudnn(qf, k[:, :L - T].unsqueeze(0), v[:, :L - T].unsqueeze(0), None, True, 0.0, False)[:2]
-        o1, lse1 = o1[0].reshape(Hq, T, Dv), lse1[0].reshape(Hq, T).float()
-        m = torch.maximum(lse, lse1)
-        w, w1 = torch.exp(lse - m), torch.exp(lse1 - m)
-        o = (o.float() * w[..., None] + o1.float() * w1[..., None]) / (w + w1)[..., None]
+        o = merge(o, lse, o1[0].reshape(Hq, T, Dv), lse1[0].reshape(Hq, T).float())
     return o.to(q.dtype).transpose(0, 1)
 
 

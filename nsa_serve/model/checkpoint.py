@@ -130,8 +130,8 @@ def tensor_index(model_dir: str | Path) -> dict[str, tuple[Path, tuple[int, ...]
 def _header(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {name: (path, tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype())
-                    for name in f.keys()}
+            slices = {name: f.get_slice(name) for name in f.keys()}
+            return {name: (path, tuple(sl.get_shape()), sl.get_dtype()) for name, sl in slices.items()}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from exc
 
