@@ -5,12 +5,12 @@ fast as torch allows. One layer of the paper shape (64 q heads, 4 kv heads, dk 1
 a prompt of --ctx tokens in --chunk-token chunks over a shuffled paged cache, each chunk attending
 to everything before it and causally to itself. Variants, each summed over the prompt's chunks:
 
-  current   nsa_serve.engine.attention.dense_prefill_sdpa (per group: K/V copied per query head,
-            V padded to dk, a lower-right causal mask: torch's FlashAttention-2)
+  current   nsa_serve.engine.attention.dense_prefill_sdpa (the chunk against the cached prefix,
+            query heads folded per kv head, and against itself, causal: two cuDNN calls merged by
+            their log-sum-exps)
   gqa       one SDPA call, K/V not copied per head (enable_gqa), V padded, lower-right mask
-  split     per group: the chunk against the cached prefix (no mask) and against itself (causal,
-            square), each through torch's cuDNN attention with its log-sum-exp, then merged
-  split_views  the same with K/V passed as expanded views (no per-head copies)
+  padded    the engine's path until 2026-12-05: per group, K/V copied per query head, V padded to
+            dk, a lower-right causal mask (torch's FlashAttention-2)
   oneshot   SDPA is_causal over the whole prompt at once, contiguous (what bench_prefill compares
             NSA prefill with): the floor a chunked path can approach
 
@@ -41,30 +41,20 @@ def gqa(q, k, v, L, T):
     return o[0, ..., :Dv].transpose(0, 1)
 
 
-def split(q, k, v, L, T, copy=True):
-    cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
-    c = (lambda x: x.contiguous()) if copy else (lambda x: x)
-    Hq, Hkv = q.shape[1], k.shape[0]
+def padded(q, k, v, L, T):
+    """The engine's path until 2026-12-05: per kv group, K/V copied per query head, V padded to dk,
+    a lower-right causal mask (torch's FlashAttention-2)."""
+    from torch.nn.attention.bias import causal_lower_right
+    Hq, Hkv, Dk, Dv = q.shape[1], k.shape[0], k.shape[-1], v.shape[-1]
     G = Hq // Hkv
-    out = q.new_empty(T, Hq, v.shape[-1])
+    o = q.new_empty(T, Hq, Dv)
     for h in range(Hkv):
+        kh = k[h].expand(G, L, Dk).unsqueeze(0).contiguous()
+        vh = F.pad(v[h], (0, Dk - Dv)).expand(G, L, Dk).unsqueeze(0).contiguous()
         qh = q[:, h * G:(h + 1) * G].transpose(0, 1).unsqueeze(0)
-        kp = c(k[h, :L - T].expand(G, L - T, k.shape[-1]).unsqueeze(0))
-        vp = c(v[h, :L - T].expand(G, L - T, v.shape[-1]).unsqueeze(0))
-        kc = c(k[h, L - T:].expand(G, T, k.shape[-1]).unsqueeze(0))
-        vc = c(v[h, L - T:].expand(G, T, v.shape[-1]).unsqueeze(0))
-        o2, lse2 = cudnn(qh, kc, vc, None, True, 0.0, True)[:2]
-        lse2 = lse2.reshape(o2.shape[:-1])
-        if L > T:
-            o1, lse1 = cudnn(qh, kp, vp, None, True, 0.0, False)[:2]
-            lse1 = lse1.reshape(o1.shape[:-1])
-            m = torch.maximum(lse1, lse2)
-            w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
-            o = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / (w1 + w2)[..., None]
-        else:
-            o = o2
-        out[:, h * G:(h + 1) * G] = o[0].transpose(0, 1).to(q.dtype)
-    return out
+        oh = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(T, L))
+        o[:, h * G:(h + 1) * G] = oh[0, ..., :Dv].transpose(0, 1)
+    return o
 
 
 def main() -> None:
@@ -100,7 +90,7 @@ def main() -> None:
                 outs.append(dense_prefill_sdpa(qc, cache, inp, 0, 1))
             else:
                 k, v = contiguous(L)
-                fn = {"gqa": gqa, "split": split, "split_views": lambda *x: split(*x, copy=False)}[variant]
+                fn = {"gqa": gqa, "padded": padded}[variant]
                 outs.append(fn(qc, k, v, L, C))
         return outs[-1]
 
@@ -115,7 +105,7 @@ def main() -> None:
     base = chunks("current")
     rows = []
     for name, fn in (("current", lambda: chunks("current")), ("gqa", lambda: chunks("gqa")),
-                     ("split", lambda: chunks("split")), ("split_views", lambda: chunks("split_views")),
+                     ("padded", lambda: chunks("padded")),
                      ("oneshot", oneshot)):
         try:
             out = fn()
