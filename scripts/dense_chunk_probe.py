@@ -5,14 +5,15 @@ fast as torch allows. One layer of the paper shape (64 q heads, 4 kv heads, dk 1
 a prompt of --ctx tokens in --chunk-token chunks over a shuffled paged cache, each chunk attending
 to everything before it and causally to itself. Variants, each summed over the prompt's chunks:
 
-  current   nsa_serve.engine.attention.dense_prefill_sdpa (per group: K/V copied per query head,
-            V padded to dk, a lower-right causal mask: torch's FlashAttention-2)
+  current   nsa_serve.engine.attention.dense_prefill_sdpa (the chunk against the cached prefix,
+            query heads folded per kv head, and against itself, causal: two cuDNN calls merged by
+            their log-sum-exps)
+  padded    the engine's path until 2026-12-06: per group, K/V copied per query head, V padded to
+            dk, a lower-right causal mask (torch's FlashAttention-2)
   gqa       one SDPA call, K/V not copied per head (enable_gqa), V padded, lower-right mask
   split     per group: the chunk against the cached prefix (no mask) and against itself (causal,
             square), each through torch's cuDNN attention with its log-sum-exp, then merged
   split_views  the same with K/V passed as expanded views (no per-head copies)
-  folded    two cuDNN calls for all kv heads: the prefix with each kv head's query heads folded
-            into one long query (no K/V copies), the chunk causal against itself; merged
   oneshot   SDPA is_causal over the whole prompt at once, contiguous (what bench_prefill compares
             NSA prefill with): the floor a chunked path can approach
 
@@ -73,23 +74,20 @@ def split(q, k, v, L, T, copy=True):
     return out
 
 
-def folded(q, k, v, L, T):
-    """Two cuDNN calls for all kv heads at once: the cached prefix with each kv head's G query heads
-    folded into one long query ([Hkv, G·T, Dk]: no per-head K/V copies), and the chunk's own keys
-    (causal, square: a top-left mask is right) with K/V repeated per query head (T rows only);
-    merged by their log-sum-exps. What the branch dense-cudnn-chunks puts in the engine."""
-    cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
-    Hq, Hkv, Dv = q.shape[1], k.shape[0], v.shape[-1]
+def padded(q, k, v, L, T):
+    """The engine's path until 2026-12-06: per kv group, K/V copied per query head, V padded to dk,
+    a lower-right causal mask (torch's FlashAttention-2)."""
+    from torch.nn.attention.bias import causal_lower_right
+    Hq, Hkv, Dk, Dv = q.shape[1], k.shape[0], k.shape[-1], v.shape[-1]
     G = Hq // Hkv
-    qb = q.transpose(0, 1)  # [Hq, T, Dk]
-    ks, vs = k[:, L - T:].repeat_interleave(G, 0), v[:, L - T:].repeat_interleave(G, 0)
-    o, lse = cudnn(qb.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), None, True, 0.0, True)[:2]
-    o, lse = o[0], lse[0].reshape(Hq, T).float()
-    if L > T:
-        qf = qb.reshape(Hkv, G * T, -1).unsqueeze(0)
-        o1, lse1 = cudnn(qf, k[:, :L - T].unsqueeze(0), v[:, :L - T].unsqueeze(0), None, True, 0.0, False)[:2]
-        o = merge(o, lse, o1[0].reshape(Hq, T, Dv), lse1[0].reshape(Hq, T).float())
-    return o.to(q.dtype).transpose(0, 1)
+    o = q.new_empty(T, Hq, Dv)
+    for h in range(Hkv):
+        kh = k[h].expand(G, L, Dk).unsqueeze(0).contiguous()
+        vh = F.pad(v[h], (0, Dk - Dv)).expand(G, L, Dk).unsqueeze(0).contiguous()
+        qh = q[:, h * G:(h + 1) * G].transpose(0, 1).unsqueeze(0)
+        oh = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(T, L))
+        o[:, h * G:(h + 1) * G] = oh[0, ..., :Dv].transpose(0, 1)
+    return o
 
 
 def main() -> None:
@@ -126,7 +124,7 @@ def main() -> None:
             else:
                 k, v = contiguous(L)
                 fn = {"gqa": gqa, "split": split, "split_views": lambda *x: split(*x, copy=False),
-                      "folded": folded}[variant]
+                      "padded": padded}[variant]
                 outs.append(fn(qc, k, v, L, C))
         return outs[-1]
 
@@ -140,9 +138,9 @@ def main() -> None:
 
     base = chunks("current")
     rows = []
-    for name, fn in (("current", lambda: chunks("current")), ("gqa", lambda: chunks("gqa")),
+    for name, fn in (("current", lambda: chunks("current")), ("padded", lambda: chunks("padded")),
+                     ("gqa", lambda: chunks("gqa")),
                      ("split", lambda: chunks("split")), ("split_views", lambda: chunks("split_views")),
-                     ("folded", lambda: chunks("folded")),
                      ("oneshot", oneshot)):
         try:
             out = fn()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib
 
 import torch
-import torch.nn.functional as F
 
 from nsa_kernels.nsa_sdpa import paged_nsa_prefill_sdpa
 from nsa_kernels.paged import PagedLayerCache, paged_nsa_attention_ref
@@ -119,21 +118,18 @@ class AttentionBackend:
 
 
 def dense_prefill_sdpa(q, cache: PagedLayerCache, inp, lo: int, hi: int) -> torch.Tensor:
-    """Causal attention of the prompt-chunk rows of sequences lo … hi−1 over their pages, through
-    `F.scaled_dot_product_attention` with a lower-right causal mask (query t of a T-row chunk sees
-    keys ≤ L − T + t). Same result as the reference's dense mode (tests/test_engine_attention.py).
+    """Causal attention of the prompt-chunk rows of sequences lo … hi−1 over their pages: query t of
+    a T-row chunk sees keys ≤ L − T + t. Same result as the reference's dense mode
+    (tests/test_engine_attention.py).
 
-    When dv < dk, V is zero-padded to dk and the output sliced back (the padded columns are 0):
-    torch dispatches a lower-right causal mask to FlashAttention only for equal head dims, and with
-    dk 192 ≠ dv 128 it fell back to a kernel measured at ~130 TFLOP/s on an H200 (an 8k chunk over
-    64k keys: 157.8 ms, against 145.2 ms for the whole 64k prompt with is_causal).
-
-    One kv group at a time: its keys and values copied once per query head of the group (and V
-    padded) for all 64 query heads at once were ~7 GB at a 128k context for the paper shape, which
-    no memory profile counted — the dense server ran out of memory starting on an 80 GB H100
-    (2026-12-05). A group's copies are 1/Hkv of that (~1.6 GB at 128k)."""
-    from torch.nn.attention.bias import causal_lower_right
-
+    Two attention calls per chunk, merged by their log-sum-exps, because torch's fused kernels take
+    a lower-right causal mask only through FlashAttention-2 with dk = dv (the paper shape's 192/128
+    needed V padded and K/V copied per query head; measured in docs/benchmarks/engine.md):
+      prefix  the chunk against the L − T cached keys before it, no mask. Each kv head's G query
+              heads are folded into one long query ([Hkv, G·T, Dk]): no per-head K/V copies.
+      self    the chunk against its own T keys, causal and square (a top-left mask is right),
+              K/V expanded to the query heads (T rows only).
+    """
     P = cache.page_size
     Hq, Hkv = q.shape[1], cache.k_cache.shape[1]
     G = Hq // Hkv
@@ -145,17 +141,36 @@ def dense_prefill_sdpa(q, cache: PagedLayerCache, inp, lo: int, hi: int) -> torc
         L, T = inp.seq_lens_host[b], r1 - r0
         pages = inp.block_tables[b, :(L + P - 1) // P].long()
         # [pages, Hkv, P, D] → [Hkv, L, D]
-        k = cache.k_cache[pages].transpose(0, 1).reshape(Hkv, -1, Dk)[:, :L]
-        v = cache.v_cache[pages].transpose(0, 1).reshape(Hkv, -1, Dv)[:, :L]
-        o = q.new_empty(T, Hq, Dv)
-        for h in range(Hkv):  # one copy of the group's K and V per query head of the group
-            kh = k[h].to(q.dtype).expand(G, L, Dk).unsqueeze(0).contiguous()
-            vh = v[h].to(q.dtype)
-            if Dv < Dk:
-                vh = F.pad(vh, (0, Dk - Dv))
-            vh = vh.expand(G, L, Dk).unsqueeze(0).contiguous()
-            qh = q[r0:r1, h * G:(h + 1) * G].transpose(0, 1).unsqueeze(0)  # [1, G, T, Dk]
-            oh = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(T, L))
-            o[:, h * G:(h + 1) * G] = oh[0, ..., :Dv].transpose(0, 1)
-        outs.append(o)
+        k = cache.k_cache[pages].transpose(0, 1).reshape(Hkv, -1, Dk)[:, :L].to(q.dtype)
+        v = cache.v_cache[pages].transpose(0, 1).reshape(Hkv, -1, Dv)[:, :L].to(q.dtype)
+        qb = q[r0:r1].transpose(0, 1)  # [Hq, T, Dk]
+        ks = k[:, L - T:].repeat_interleave(G, 0)
+        vs = v[:, L - T:].repeat_interleave(G, 0)
+        o, lse = attention_lse(qb, ks, vs, causal=True)  # [Hq, T, Dv], [Hq, T]
+        if L > T:
+            qf = qb.reshape(Hkv, G * T, Dk)
+            o1, lse1 = attention_lse(qf, k[:, :L - T], v[:, :L - T], causal=False)
+            o1, lse1 = o1.reshape(Hq, T, Dv), lse1.reshape(Hq, T)
+            m = torch.maximum(lse, lse1)
+            w, w1 = torch.exp(lse - m), torch.exp(lse1 - m)
+            o = (o.to(m.dtype) * w[..., None] + o1.to(m.dtype) * w1[..., None]) / (w + w1)[..., None]
+        outs.append(o.to(q.dtype).transpose(0, 1))
     return torch.cat(outs)
+
+
+def attention_lse(q, k, v, causal: bool):
+    """softmax(q kᵀ / √dk) v and the rows' natural-log log-sum-exp, for q [H, Tq, Dk], k [H, Tk, Dk],
+    v [H, Tk, Dv]; `causal`: a top-left (square) mask. Returns o [H, Tq, Dv] in q's dtype and lse
+    [H, Tq] in float32 (float64 for float64 inputs). CUDA half types: torch's cuDNN attention (it takes dk ≠ dv and returns the
+    log-sum-exp); elsewhere plain math (the tests' float64 twin)."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, True, 0.0, causal)
+        o, lse = out[0][0], out[1][0]
+        return o, lse.reshape(o.shape[:-1]).float()
+    acc = torch.promote_types(q.dtype, torch.float32)
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return torch.softmax(s, -1) @ v, lse.to(acc)
