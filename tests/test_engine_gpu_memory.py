@@ -90,14 +90,15 @@ def _profile_peak(eng) -> int:
 @pytest.mark.parametrize("attention", ["dense", "nsa"])
 def test_gpu_memory_profile_counts_the_long_context_scratch(attention):
     # The profile's peak at max_model_len 8192 against 256 must grow by at least the scratch that
-    # grows with the context: dense prefill's copies of one group's K and V per query head; NSA
-    # prefill's block scores (chunk rows × kv heads × blocks, fp32).
+    # grows with the context: dense prefill's K and V gathered from their pages (every kv head, the
+    # whole context, both alive while the chunk attends); NSA prefill's block scores (chunk rows ×
+    # kv heads × blocks, fp32).
     kw = dict(device="cuda", dtype="bfloat16", enforce_eager=True, precompile=False, attention=attention)
     short, long = (_profile_peak(make_engine(max_model_len=n, **kw)) for n in (256, 8192))
     eng = make_engine(**kw)
     c, T = eng.config, eng._max_chunk()
     if attention == "dense":
-        grows = (c.num_heads // c.num_kv_heads) * (8192 - 256) * 2 * c.head_dim_k * 2
+        grows = c.num_kv_heads * (8192 - 256) * (c.head_dim_k + c.head_dim_v) * 2
     else:
         grows = T * c.num_kv_heads * (8192 - 256) // c.select_block * 4
     assert long - short >= grows, (short, long, grows)
