@@ -8,6 +8,7 @@ to everything before it and causally to itself. Variants, each summed over the p
   current   nsa_serve.engine.attention.dense_prefill_sdpa (the chunk against the cached prefix,
             query heads folded per kv head, and against itself, causal: two cuDNN calls merged by
             their log-sum-exps)
+  efficient the same with torch's memory-efficient kernel, the engine's route where cuDNN refuses
   padded    the engine's path until 2026-12-06: per group, K/V copied per query head, V padded to
             dk, a lower-right causal mask (torch's FlashAttention-2)
   gqa       one SDPA call, K/V not copied per head (enable_gqa), V padded, lower-right mask
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from nsa_kernels.bench_prefill import timed
 from nsa_kernels.paged import PagedLayerCache
+from nsa_serve.engine import attention
 from nsa_serve.engine.attention import dense_prefill_sdpa
 
 
@@ -118,9 +120,15 @@ def main() -> None:
         outs = []
         for L in range(C, S + 1, C):
             qc = q[L - C:L]
-            if variant == "current":
+            if variant in ("current", "efficient"):
                 inp = types.SimpleNamespace(cu_host=[0, C], seq_lens_host=[L], block_tables=table)
-                outs.append(dense_prefill_sdpa(qc, cache, inp, 0, 1))
+                use_cudnn = attention._use_cudnn
+                if variant == "efficient":
+                    attention._use_cudnn = lambda key: False
+                try:
+                    outs.append(dense_prefill_sdpa(qc, cache, inp, 0, 1))
+                finally:
+                    attention._use_cudnn = use_cudnn
             else:
                 k, v = contiguous(L)
                 fn = {"gqa": gqa, "split": split, "split_views": lambda *x: split(*x, copy=False),
@@ -138,7 +146,8 @@ def main() -> None:
 
     base = chunks("current")
     rows = []
-    for name, fn in (("current", lambda: chunks("current")), ("padded", lambda: chunks("padded")),
+    for name, fn in (("current", lambda: chunks("current")), ("efficient", lambda: chunks("efficient")),
+                     ("padded", lambda: chunks("padded")),
                      ("gqa", lambda: chunks("gqa")),
                      ("split", lambda: chunks("split")), ("split_views", lambda: chunks("split_views")),
                      ("oneshot", oneshot)):

@@ -15,12 +15,15 @@ finds the w − 1 tokens before it after the whole chunk was written (the contra
 from __future__ import annotations
 
 import importlib
+import logging
 
 import torch
 
 from nsa_kernels.nsa_sdpa import paged_nsa_prefill_sdpa
 from nsa_kernels.paged import PagedLayerCache, paged_nsa_attention_ref
 from nsa_kernels.reference import SparsityParams
+
+log = logging.getLogger(__name__)
 
 
 def _optional(module: str, name: str):
@@ -45,7 +48,7 @@ class AttentionBackend:
             self.dense_decode_fn = _optional("nsa_kernels.dense_decode", "dense_paged_decode")
         if self.prefill_fn is None:
             self.prefill_fn = paged_nsa_prefill_sdpa
-        # Dense prompt chunks through PyTorch SDPA (flash / memory-efficient kernels) on GPU: the
+        # Dense prompt chunks through torch's fused attention on GPU (`dense_prefill_sdpa`): the
         # reference materialises [Hq, T, S] scores, which at 64k context is tens of GB per chunk.
         self.dense_prefill_sdpa = device.type == "cuda"
 
@@ -158,16 +161,42 @@ def dense_prefill_sdpa(q, cache: PagedLayerCache, inp, lo: int, hi: int) -> torc
     return torch.cat(outs)
 
 
+# (device, dtype, dk, dv) for which torch's cuDNN attention raised: e.g. a GPU before sm_80, a
+# cuDNN without fused attention, head dims it does not take. Those go to the memory-efficient
+# kernel, which also takes dk ≠ dv and returns the log-sum-exp, at some speed cost.
+_cudnn_refused: set[tuple] = set()
+
+
+def _use_cudnn(key: tuple) -> bool:
+    return key not in _cudnn_refused
+
+
 def attention_lse(q, k, v, causal: bool):
     """softmax(q kᵀ / √dk) v and the rows' natural-log log-sum-exp, for q [H, Tq, Dk], k [H, Tk, Dk],
     v [H, Tk, Dv]; `causal`: a top-left (square) mask. Returns o [H, Tq, Dv] in q's dtype and lse
-    [H, Tq] in float32 (float64 for float64 inputs). CUDA half types: torch's cuDNN attention (it takes dk ≠ dv and returns the
-    log-sum-exp); elsewhere plain math (the tests' float64 twin)."""
+    [H, Tq] in float32 (float64 for float64 inputs). CUDA half types: torch's cuDNN attention (it
+    takes dk ≠ dv and returns the log-sum-exp), or its memory-efficient kernel where cuDNN refuses
+    the shape or the GPU; elsewhere plain math (the tests' float64 twin)."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        key = (q.device, q.dtype, q.shape[-1], v.shape[-1])
+        if _use_cudnn(key):
+            try:
+                out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                    q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, True, 0.0, causal)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as e:
+                _cudnn_refused.add(key)
+                log.warning("torch's cuDNN attention refused dense prompt chunks (%s, dk %d, dv %d: %s); "
+                            "using the memory-efficient kernel", q.dtype, q.shape[-1], v.shape[-1],
+                            str(e).splitlines()[0][:200])
+            else:
+                o, lse = out[0][0], out[1][0]
+                return o, lse.reshape(o.shape[:-1]).float()
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(
             q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, True, 0.0, causal)
         o, lse = out[0][0], out[1][0]
-        return o, lse.reshape(o.shape[:-1]).float()
+        return o, lse[:, :q.shape[1]].float()  # its lse rows are padded to a multiple of 32
     acc = torch.promote_types(q.dtype, torch.float32)
     s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if causal:
