@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from nsa_kernels.bench_prefill import timed
 from nsa_kernels.paged import PagedLayerCache
 from nsa_serve.engine import attention
-from nsa_serve.engine.attention import dense_prefill_sdpa
+from nsa_serve.engine.attention import dense_prefill_sdpa, merge_by_lse
 
 
 def gqa(q, k, v, L, T):
@@ -44,13 +44,6 @@ def gqa(q, k, v, L, T):
     o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                        attn_mask=causal_lower_right(T, L), enable_gqa=True)
     return o[0, ..., :Dv].transpose(0, 1)
-
-
-def merge(o1, lse1, o2, lse2):
-    """Two attention outputs over disjoint key sets, combined by their log-sum-exps (float32)."""
-    m = torch.maximum(lse1, lse2)
-    w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
-    return (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / (w1 + w2)[..., None]
 
 
 def split(q, k, v, L, T, copy=True):
@@ -69,7 +62,7 @@ def split(q, k, v, L, T, copy=True):
         lse2 = lse2.reshape(o2.shape[:-1])
         if L > T:
             o1, lse1 = cudnn(qh, kp, vp, None, True, 0.0, False)[:2]
-            o = merge(o1, lse1.reshape(o1.shape[:-1]), o2, lse2)
+            o = merge_by_lse(o1, lse1.reshape(o1.shape[:-1]).float(), o2, lse2.float())
         else:
             o = o2
         out[:, h * G:(h + 1) * G] = o[0].transpose(0, 1).to(q.dtype)

@@ -153,12 +153,17 @@ def dense_prefill_sdpa(q, cache: PagedLayerCache, inp, lo: int, hi: int) -> torc
         if L > T:
             qf = qb.reshape(Hkv, G * T, Dk)
             o1, lse1 = attention_lse(qf, k[:, :L - T], v[:, :L - T], causal=False)
-            o1, lse1 = o1.reshape(Hq, T, Dv), lse1.reshape(Hq, T)
-            m = torch.maximum(lse, lse1)
-            w, w1 = torch.exp(lse - m), torch.exp(lse1 - m)
-            o = (o.to(m.dtype) * w[..., None] + o1.to(m.dtype) * w1[..., None]) / (w + w1)[..., None]
+            o = merge_by_lse(o, lse, o1.reshape(Hq, T, Dv), lse1.reshape(Hq, T))
         outs.append(o.to(q.dtype).transpose(0, 1))
     return torch.cat(outs)
+
+
+def merge_by_lse(o1, lse1, o2, lse2):
+    """Two attention outputs over disjoint key sets of the same rows, combined by their log-sum-exps
+    (lse [..., rows], o [..., rows, D]); the result is in the lse's dtype."""
+    m = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
+    return (o1.to(m.dtype) * w1[..., None] + o2.to(m.dtype) * w2[..., None]) / (w1 + w2)[..., None]
 
 
 # (device, dtype, dk, dv) for which torch's cuDNN attention raised: e.g. a GPU before sm_80, a
