@@ -40,6 +40,16 @@ def target_programs(device: torch.device) -> int:
     return 8  # CPU interpreter: few programs keep the tests fast
 
 
+def decode_rows_bound(num_kv_heads: int, device: torch.device) -> int:
+    """Decode rows from which a larger batch meets no new kernel variant of the decode launchers
+    (`nsa_decode`, `dense_paged_decode`): both size their grids from B·Hkv against
+    `target_programs` (splits = programs wanted // groups, at least one), so once B·Hkv reaches it
+    every such size is at its floor and the launches' constants and argument classes no longer
+    change with B. A start-up precompile that covers 1 … this many rows covers every batch
+    (scripts/count_decode_variants.py --check-bound tests it over several head shapes)."""
+    return -(-target_programs(device) // max(1, num_kv_heads))
+
+
 # Opt-in shared memory per block (bytes) by compute capability: CUDA programming guide.
 MAX_SHARED = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 

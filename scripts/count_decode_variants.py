@@ -12,7 +12,14 @@ the first time a step has that batch size and width class, and pays a compile th
 precompile, which runs 1 … max_num_seqs − 1 decode rows beside a prompt chunk, misses variants
 that rows verifying speculative drafts (1 + k rows a sequence) can reach. `--dense` counts the
 dense decode launcher (the `--attention dense` baseline) as well. `--classes-only` calls each
-width class once (its widest and a narrower table) instead of every page count.
+width class once (its widest and a narrower table) instead of every page count. `--shape` picks
+the attention heads (SHAPES: the paper's, the bundled model's, ...).
+
+    python3 scripts/count_decode_variants.py --check-bound
+
+checks `_triton_utils.decode_rows_bound` for every shape in SHAPES, both launchers: batches past
+the bound (up to three times it) meet no key that batches 1 … bound do not; exits 1 if one does.
+The start-up precompile stops its speculative decode rows at that bound (engine/precompile.py).
 
 Widths are rounded as the engine rounds them (`model_runner.table_width`: the next power of two,
 at least 16); `--exact-width` counts tables exactly as wide as the longest sequence (before).
@@ -22,14 +29,21 @@ Runs on a CPU (kernels/ importable as nsa_kernels). Results: docs/benchmarks/eng
 """
 
 import argparse
+import sys
 
 import torch
 from triton.runtime.jit import JITFunction
 
 
-def count(max_batch: int, max_pages: int, exact_width: bool = False, dense: bool = False,
-          classes_only: bool = False) -> dict[int, set]:
-    """The specialisation keys each batch size meets: {batch: {(kernel name, key)}}."""
+# Attention heads: (q heads, kv heads, dk, dv).
+SHAPES = {"paper": (64, 4, 192, 128), "bundled": (8, 2, 64, 64), "one-kv-head": (16, 1, 64, 64),
+          "eight-kv-heads": (64, 8, 128, 128)}
+SMS = 132  # the modelled device: an H100 / H200
+
+
+def count(batches, max_pages: int, exact_width: bool = False, dense: bool = False,
+          classes_only: bool = False, shape: tuple = SHAPES["paper"]) -> dict[int, set]:
+    """The specialisation keys each batch size in `batches` meets: {batch: {(kernel name, key)}}."""
     import nsa_kernels.dense_decode as dd
     import nsa_kernels.nsa_decode as nd
     from nsa_kernels.paged import PagedLayerCache
@@ -50,21 +64,22 @@ def count(max_batch: int, max_pages: int, exact_width: bool = False, dense: bool
 
     original = JITFunction.run, nd.target_programs, nd.pipeline_smem_budget, nd.pdl_enabled, dd.target_programs
     JITFunction.run = record
-    nd.target_programs = dd.target_programs = lambda dev: 2 * 132
+    nd.target_programs = dd.target_programs = lambda dev: 2 * SMS
     nd.pipeline_smem_budget = lambda dev: 227 * 1024
     nd.pdl_enabled = lambda dev: True
     try:
         p = SparsityParams(block=32, stride=16, select_block=64, num_select=16, window=512)
-        d, P, E, Hkv = torch.bfloat16, p.select_block, p.select_block // p.stride, 4
-        layer = PagedLayerCache(torch.empty(4, Hkv, P, 192, dtype=d), torch.empty(4, Hkv, P, 128, dtype=d),
-                                torch.empty(4, Hkv, E, 192, dtype=d), torch.empty(4, Hkv, E, 128, dtype=d))
+        Hq, Hkv, Dk, Dv = shape
+        d, P, E = torch.bfloat16, p.select_block, p.select_block // p.stride
+        layer = PagedLayerCache(torch.empty(4, Hkv, P, Dk, dtype=d), torch.empty(4, Hkv, P, Dv, dtype=d),
+                                torch.empty(4, Hkv, E, Dk, dtype=d), torch.empty(4, Hkv, E, Dv, dtype=d))
         page_counts = range(1, max_pages + 1)
         if classes_only:  # table_width's classes: each one's widest table and one just past the last
             page_counts = sorted({n for w in (16 << i for i in range(max_pages.bit_length()))
                                   for n in (w, w // 2 + 1) if n <= max_pages} | {1})
-        for B in range(1, max_batch + 1):
+        for B in batches:
             batch[0] = B
-            q, g = torch.empty(B, 64, 192, dtype=d), torch.empty(B, 64, 3, dtype=d)
+            q, g = torch.empty(B, Hq, Dk, dtype=d), torch.empty(B, Hq, 3, dtype=d)
             for pages in page_counts:
                 bt = torch.zeros(B, pages if exact_width else table_width(pages), dtype=torch.int32)
                 lens = torch.full((B,), pages * P, dtype=torch.int32)
@@ -83,6 +98,36 @@ def per_kernel(keys: set) -> dict[str, int]:
     return out
 
 
+def check_bound(max_pages: int) -> int:
+    """For every shape: keys of batches bound + 1 … 3·bound against those of 1 … bound (both
+    launchers, width classes only). Returns the number of shapes with keys past the bound."""
+    from nsa_kernels._triton_utils import decode_rows_bound
+
+    failed = 0
+    for name, shape in SHAPES.items():
+        bound = _bound_on_model(shape[1], decode_rows_bound)
+        seen = count(range(1, 3 * bound + 1), max_pages, dense=True, classes_only=True, shape=shape)
+        low = set().union(*(v for b, v in seen.items() if b <= bound))
+        new = set().union(*(v for b, v in seen.items() if b > bound)) - low
+        below = set().union(*(v for b, v in seen.items() if b < bound)) if bound > 1 else set()
+        print(f"{name} {shape}: bound {bound} rows; keys past it not met at or below it: "
+              f"{per_kernel(new) or 'none'}; keys first met at the bound itself: {per_kernel(low - below) or 'none'}")
+        failed += bool(new)
+    return failed
+
+
+def _bound_on_model(num_kv_heads: int, fn) -> int:
+    """`fn` (decode_rows_bound) on the modelled device (SMS SMs, as `count` sizes the launchers)."""
+    import nsa_kernels._triton_utils as tu
+
+    original = tu.target_programs
+    tu.target_programs = lambda dev: 2 * SMS
+    try:
+        return fn(num_kv_heads, torch.device("cpu"))
+    finally:
+        tu.target_programs = original
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-batch", type=int, default=16)
@@ -91,8 +136,13 @@ def main():
     ap.add_argument("--dense", action="store_true", help="count the dense decode launcher too")
     ap.add_argument("--classes-only", action="store_true", help="one or two page counts per width class")
     ap.add_argument("--new-above", type=int, metavar="N", help="keys only batches above N meet")
+    ap.add_argument("--shape", choices=list(SHAPES), default="paper", help="attention heads (default: paper)")
+    ap.add_argument("--check-bound", action="store_true",
+                    help="check decode_rows_bound over every shape (exit 1 when a batch past it meets a new key)")
     a = ap.parse_args()
-    seen = count(a.max_batch, a.max_pages, a.exact_width, a.dense, a.classes_only)
+    if a.check_bound:
+        return 1 if check_bound(min(a.max_pages, 1024)) else 0
+    seen = count(range(1, a.max_batch + 1), a.max_pages, a.exact_width, a.dense, a.classes_only, SHAPES[a.shape])
     n = per_kernel(set().union(*seen.values()))
     width = "exact" if a.exact_width else "rounded as the engine rounds them"
     print(f"batch 1–{a.max_batch}, longest sequence 1–{a.max_pages} pages, table widths {width}: {n} — "
@@ -106,4 +156,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -88,6 +88,46 @@ def test_synthetic_steps_take_the_eager_path_and_leave_the_graphs_in_place():
     assert eng.runner.piecewise is graphs and eng.block_manager.num_used_pages == 0
 
 
+def test_speculation_extends_the_planned_decode_rows_up_to_the_bound():
+    # Rows verifying drafts (1 + k a sequence) reach max_num_seqs·(1 + k); the plan covers them up
+    # to decode_rows_bound, past which no row count meets a new variant (next test), and never
+    # covers fewer rows than the sequence count.
+    assert pc.planned_rows(63, 0, 66) == 63  # no speculation
+    assert pc.planned_rows(63, 320, 66) == 66  # paper shape on an H100: 64 seqs × 5 rows, bound 66
+    assert pc.planned_rows(63, 320, 132) == 132  # the bundled model's 2 kv heads
+    assert pc.planned_rows(3, 20, 132) == 20  # every verifying row count, below the bound
+    assert pc.planned_rows(255, 1280, 66) == 255  # never fewer than before
+
+
+def test_decode_rows_bound_is_where_larger_batches_stop_meeting_new_variants():
+    # scripts/count_decode_variants.py --check-bound: both decode launchers, four head shapes, the
+    # launchers sized as on a 132-SM device; batches up to three times the bound meet no
+    # specialisation key that batches up to it do not (and the bound itself is the first to meet
+    # some: it is tight). A smaller bound (e.g. programs / (2·kv heads)) fails it.
+    import subprocess
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    script = root / "scripts" / "count_decode_variants.py"
+    r = subprocess.run([sys.executable, str(script), "--check-bound", "--max-pages", "512"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if "bound" in ln]
+    assert len(lines) == 4 and all("keys past it not met at or below it: none" in ln for ln in lines), r.stdout
+    assert all("first met at the bound itself: none" not in ln for ln in lines), r.stdout
+
+
+def test_warmup_passes_the_verifying_rows_to_the_precompile(monkeypatch):
+    import nsa_serve.engine.llm_engine as le
+
+    calls = []
+    monkeypatch.setattr(le, "precompile", lambda runner, rows, *a, **kw: calls.append((rows, kw)))
+    make_engine(num_speculative_tokens=4, prompt_lookup_min=1, max_num_seqs=5).warmup()
+    make_engine(max_num_seqs=5).warmup()
+    assert calls == [(5, {"verify_rows": 25}), (5, {"verify_rows": 0})]  # CPU: no graphs, so 5 rows
+
+
 def test_precompile_is_a_no_op_off_cuda():
     eng = make_engine()
     assert pc.precompile(eng.runner, 3, eng.max_model_len, eng._max_chunk()) == 0
@@ -153,6 +193,26 @@ def test_gpu_mixed_workload_after_precompile_compiles_nothing(shared_kv, piecewi
     plain.warmup()
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
     assert [o.outputs[0].token_ids for o in outs] == want  # serving is unchanged by it
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_speculative_workload_after_precompile_compiles_nothing():
+    # Sequences verifying 3 drafts are 4 decode rows each, so steps beside the (eager) prompt chunks
+    # carry up to 16 rows with 4 sequences: beyond the 3 the precompile planned before speculation
+    # was counted. Prompts repeat themselves, so the n-gram proposer drafts from the first step on.
+    kw = dict(device="cuda", dtype="bfloat16", num_pages=256, max_num_seqs=4, max_num_batched_tokens=96,
+              long_prefill_token_threshold=40, piecewise_max_tokens=16, num_speculative_tokens=3,
+              prompt_lookup_min=1)
+    prompts = [p * 12 for p in random_prompts(6, 12, 40, seed=11)]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    eng = make_engine(True, **kw)
+    eng.warmup()
+    before = _compiled_variants()
+    eng.generate(prompts, params)
+    assert eng._counters.spec_decode_num_drafts_total > 0  # verifying rows were met
+    assert _compiled_variants() == before  # every variant the workload met was compiled at start-up
+    assert eng.block_manager.num_used_pages == 0
 
 
 @pytest.mark.parametrize("shared_kv", [True, False])

@@ -329,7 +329,9 @@ class LLMEngine:
             # Eager steps only: decode-only steps replay the graphs captured above (when there are
             # none, every decode-row count can be eager).
             rows = self.args.max_num_seqs - (1 if self.runner.static_decode is not None else 0)
-            precompile(self.runner, rows, self.max_model_len, self._max_chunk())
+            k = self.args.num_speculative_tokens
+            precompile(self.runner, rows, self.max_model_len, self._max_chunk(),
+                       verify_rows=self.args.max_num_seqs * (1 + k) if k else 0)
         lengths = self.warmup_prompt_lengths()
         if lengths:
             t0 = time.perf_counter()

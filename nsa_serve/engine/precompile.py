@@ -12,6 +12,10 @@ short, so they run with the runner's piecewise graphs set aside (`eager_path`): 
 they met no eager launch at all, and an H100 (2026-12-05) compiled the selected-branch kernel for
 16k, 32k and 64k contexts, and decode kernels beside them, inside its first 64k requests.
 
+With speculative decoding a sequence verifying k drafts is 1 + k decode rows, so steps carry more
+rows than sequences; the plan then covers row counts up to `decode_rows_bound` (nsa_kernels:
+past it the decode launchers' sizing no longer changes with the batch), docs/engine.md.
+
 `precompile` runs synthetic steps through the real `ModelRunner.execute` — the same launchers,
 shapes and strides as served steps — while every Triton launch only compiles (`compile_only`),
 in a thread pool when this Triton has `AsyncCompileMode` (its API for compiling kernels in
@@ -183,11 +187,28 @@ def run_steps(runner: ModelRunner, steps: list[Step]) -> None:
             runner.execute(runner.prepare(seqs, [1] * s.decode + [s.chunk]))
 
 
+def planned_rows(max_decode_rows: int, verify_rows: int, bound: int) -> int:
+    """Decode-row counts the plan covers (1 … this): `max_decode_rows`, or, where sequences
+    verifying drafts make steps of up to `verify_rows` rows (each is 1 + k rows), as many of those
+    as meet new kernel variants — up to `bound` (`decode_rows_bound`: past it a larger batch meets
+    none), never fewer than `max_decode_rows`."""
+    return max(max_decode_rows, min(verify_rows, bound))
+
+
 def precompile(runner: ModelRunner, max_decode_rows: int, max_model_len: int, max_chunk: int,
-               threads: int | None = None) -> int:
-    """Compile the kernels of every `plan` step; returns the number of steps run (0 off CUDA)."""
+               threads: int | None = None, verify_rows: int = 0) -> int:
+    """Compile the kernels of every `plan` step; returns the number of steps run (0 off CUDA).
+    `verify_rows`: the most decode rows a step can have with speculative decoding (0: none)."""
     if runner.device.type != "cuda":
         return 0
+    if verify_rows > max_decode_rows:
+        # Speculation: a step's verifying sequences are 1 + k decode rows each, beyond the
+        # sequence count; without these, a server compiled decode variants at first use
+        # (the bundled model's shape: 9 NSA variants above 63 rows, scripts/count_decode_variants.py).
+        from nsa_kernels._triton_utils import decode_rows_bound
+
+        bound = decode_rows_bound(runner.cfg.num_kv_heads, runner.device)
+        max_decode_rows = planned_rows(max_decode_rows, verify_rows, bound)
     threads = threads or compile_threads()
     steps = plan(max_decode_rows, max_model_len, runner.P, max_chunk)
     t0 = time.perf_counter()
