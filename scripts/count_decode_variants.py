@@ -101,11 +101,9 @@ def per_kernel(keys: set) -> dict[str, int]:
 def check_bound(max_pages: int) -> int:
     """For every shape: keys of batches bound + 1 … 3·bound against those of 1 … bound (both
     launchers, width classes only). Returns the number of shapes with keys past the bound."""
-    from nsa_kernels._triton_utils import decode_rows_bound
-
     failed = 0
     for name, shape in SHAPES.items():
-        bound = _bound_on_model(shape[1], decode_rows_bound)
+        bound = _bound_on_model(shape[1])
         seen = count(range(1, 3 * bound + 1), max_pages, dense=True, classes_only=True, shape=shape)
         low = set().union(*(v for b, v in seen.items() if b <= bound))
         new = set().union(*(v for b, v in seen.items() if b > bound)) - low
@@ -116,14 +114,14 @@ def check_bound(max_pages: int) -> int:
     return failed
 
 
-def _bound_on_model(num_kv_heads: int, fn) -> int:
-    """`fn` (decode_rows_bound) on the modelled device (SMS SMs, as `count` sizes the launchers)."""
+def _bound_on_model(num_kv_heads: int) -> int:
+    """`decode_rows_bound` on the modelled device (SMS SMs, as `count` sizes the launchers)."""
     import nsa_kernels._triton_utils as tu
 
     original = tu.target_programs
     tu.target_programs = lambda dev: 2 * SMS
     try:
-        return fn(num_kv_heads, torch.device("cpu"))
+        return tu.decode_rows_bound(num_kv_heads, torch.device("cpu"))
     finally:
         tu.target_programs = original
 
