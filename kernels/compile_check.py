@@ -193,8 +193,6 @@ def _cases(shape: str, dtype: torch.dtype):
          lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p, config=replace(DEFAULT_CONFIG, slc_topn=0))),
         ("nsa_prefill scores as products",  # the default sums them in registers
          lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p, config=replace(DEFAULT_CONFIG, score_sums=0))),
-        ("nsa_prefill statistics first",  # the compressed kernel's p·ṽ in its second sweep
-         lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p, config=replace(DEFAULT_CONFIG, cmp_stats_first=1))),
         ("write_kv", lambda: write_kv(layer.k_cache, x, slots)),
         ("write_kv_pair", lambda: write_kv_pair(layer.k_cache, layer.v_cache, x, xv, slots)),
         ("add_rms_norm", lambda: add_rms_norm(hid, hid, torch.empty(2048, dtype=dtype), 1e-6)),

@@ -144,10 +144,9 @@ def _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p
                  svc_h, svc_r, n_vis, row_ok, pos, qk_scale, ar, dv, DK: tl.constexpr, DK1: tl.constexpr,
                  DK2: tl.constexpr, DV: tl.constexpr, P: tl.constexpr, E: tl.constexpr, D: tl.constexpr,
                  L: tl.constexpr, CN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 MASKED: tl.constexpr, PV: tl.constexpr = True):
+                 MASKED: tl.constexpr):
     """One chunk of sweep 1 (online softmax over summaries [i0, i0 + CN)); pg_n holds this chunk's
-    page ids and is returned holding the next chunk's. MASKED=False: every row sees every entry.
-    PV=False: the row max and sum only (o returned as it came; `PrefillConfig.cmp_stats_first`)."""
+    page ids and is returned holding the next chunk's. MASKED=False: every row sees every entry."""
     ii = i0 + ar
     ok_i = (ar < CN) & (ii < n_vis)
     pg = pg_n.to(tl.int64)
@@ -158,10 +157,9 @@ def _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p
         vis = _visible(row_ok, ok_i, ii, pos, D, L)
         s = tl.where(vis, s, float("-inf"))
     m_new, alpha, p, l_i = _softmax_step(s, m_i, l_i, qk_scale)
-    if PV:
-        vb = vc_ptr + pg * svc_p + h * svc_h + (ii % E) * svc_r
-        vc = tl.load(vb[:, None] + dv[None, :], mask=ok_i[:, None] & (dv[None, :] < DV), other=0.0)
-        o = o * alpha[:, None] + _mm(p.to(vc.dtype), vc, PREC, UPCAST)
+    vb = vc_ptr + pg * svc_p + h * svc_h + (ii % E) * svc_r
+    vc = tl.load(vb[:, None] + dv[None, :], mask=ok_i[:, None] & (dv[None, :] < DV), other=0.0)
+    o = o * alpha[:, None] + _mm(p.to(vc.dtype), vc, PREC, UPCAST)
     return m_new, l_i, o, pg_n
 
 
@@ -178,8 +176,7 @@ def _qk_packed(q1, q2, kd1, kd2, r, DK1: tl.constexpr, DK2: tl.constexpr, PREC: 
 @_helper
 def _sweep1_step_packed(i0, r, q1, q2, m_i, l_i, o, kd1, kd2, vd, n_vis, row_ok, pos, qk_scale, ar,
                         DK1: tl.constexpr, DK2: tl.constexpr, D: tl.constexpr, L: tl.constexpr,
-                        CN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
-                        PV: tl.constexpr = True):
+                        CN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
     """_sweep1_step over the packed summaries: rows [r, r + CN) hold entries [i0, i0 + CN). Rows
     past the sequence's last entry hold finite values (zeros or other rows) and get p = 0."""
     s = _qk_packed(q1, q2, kd1, kd2, r, DK1, DK2, PREC, UPCAST)
@@ -188,9 +185,8 @@ def _sweep1_step_packed(i0, r, q1, q2, m_i, l_i, o, kd1, kd2, vd, n_vis, row_ok,
         vis = _visible(row_ok, (ar < CN) & (ii < n_vis), ii, pos, D, L)
         s = tl.where(vis, s, float("-inf"))
     m_new, alpha, p, l_i = _softmax_step(s, m_i, l_i, qk_scale)
-    if PV:
-        vc = vd.load([r, 0])
-        o = o * alpha[:, None] + _mm(p.to(vc.dtype), vc, PREC, UPCAST)
+    vc = vd.load([r, 0])
+    o = o * alpha[:, None] + _mm(p.to(vc.dtype), vc, PREC, UPCAST)
     return m_new, l_i, o
 
 
@@ -261,17 +257,13 @@ def _cmp_kernel(
     BN: tl.constexpr, CN: tl.constexpr, BJ: tl.constexpr, BJE: tl.constexpr,
     PREC: tl.constexpr, SPREC: tl.constexpr, UPCAST: tl.constexpr, BF16X3: tl.constexpr,
     SCAT: tl.constexpr, MASK_SPLIT: tl.constexpr, PARTS: tl.constexpr, PACKED: tl.constexpr,
-    SUMS: tl.constexpr = False, KSPAN: tl.constexpr = 2, STATS_FIRST: tl.constexpr = False,
+    SUMS: tl.constexpr = False, KSPAN: tl.constexpr = 2,
 ):
     """Compressed attention (→ acc = g_cmp·o_cmp) and group-summed selection-block scores.
     PACKED: the summaries are read from `_pack_kernel`'s contiguous copy through tensor
     descriptors kd1 / kd2 (key columns [0, DK1) / [DK1, DK1 + DK2)) and vd; else through the
-    block table, page by page.
-    STATS_FIRST (`PrefillConfig.cmp_stats_first`): sweep 1 takes only each row's max and sum, and
-    sweep 2, whose p is then final, also forms p·ṽ: the same products, without sweep 1's rescaling
-    of o, and with the block sums beside the p·ṽ product instead of alone in their sweep."""
+    block table, page by page."""
     BM: tl.constexpr = BT * GP
-    PV1: tl.constexpr = not STATS_FIRST
     h = tl.program_id(1)
     seq, row0, nrows, pos0, t, g, row_ok = _tile_rows(tile_ptr, BT, GP, G)
     pos_last = pos0 + nrows - 1
@@ -299,27 +291,28 @@ def _cmp_kernel(
         r0p = h * pack_rows + tl.load(pack_ptr + seq) * E
         for i0 in range(0, n_full, CN):
             m_i, l_i, o = _sweep1_step_packed(i0, r0p + i0, q1, q2, m_i, l_i, o, kd1, kd2, vd, n_vis, row_ok,
-                                              pos, qk_scale, ar, DK1, DK2, D, L, CN, PREC, UPCAST, False, PV1)
+                                              pos, qk_scale, ar, DK1, DK2, D, L, CN, PREC, UPCAST, False)
         for i0 in range(n_full, n_vis, CN):
             m_i, l_i, o = _sweep1_step_packed(i0, r0p + i0, q1, q2, m_i, l_i, o, kd1, kd2, vd, n_vis, row_ok,
-                                              pos, qk_scale, ar, DK1, DK2, D, L, CN, PREC, UPCAST, True, PV1)
+                                              pos, qk_scale, ar, DK1, DK2, D, L, CN, PREC, UPCAST, True)
     else:
         pg_n = tl.load(bt_row + (ar * D) // P, mask=(ar < CN) & (ar < n_vis), other=0)
         for i0 in range(0, n_full, CN):
             m_i, l_i, o, pg_n = _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p,
                                              skc_h, skc_r, svc_p, svc_h, svc_r, n_vis, row_ok, pos, qk_scale,
-                                             ar, dv, DK, DK1, DK2, DV, P, E, D, L, CN, PREC, UPCAST, False, PV1)
+                                             ar, dv, DK, DK1, DK2, DV, P, E, D, L, CN, PREC, UPCAST, False)
         for i0 in range(n_full, n_vis, CN):
             m_i, l_i, o, pg_n = _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p,
                                              skc_h, skc_r, svc_p, svc_h, svc_r, n_vis, row_ok, pos, qk_scale,
-                                             ar, dv, DK, DK1, DK2, DV, P, E, D, L, CN, PREC, UPCAST, True, PV1)
+                                             ar, dv, DK, DK1, DK2, DV, P, E, D, L, CN, PREC, UPCAST, True)
     # 0 for padded rows (heads g ≥ G, queries past the tile): sweep 2 sums p over the padded group,
     # and its unmasked chunks would otherwise add the padded heads' p.
     inv_l = tl.where(row_ok & (l_i > 0), 1.0 / l_i, 0.0)
     g_cmp = tl.load(g_ptr + qrow * sg_t + head * sg_h, mask=row_ok, other=0.0).to(tl.float32)
     arow = (row0 + t - row_base).to(tl.int64)
-    if not STATS_FIRST:
-        _store_acc(acc_ptr, o, inv_l * g_cmp, arow, head, dv, row_ok, sa_t, sa_h, DV)
+    res = o * (inv_l * g_cmp)[:, None]
+    tl.store(acc_ptr + arow[:, None] * sa_t + head[:, None] * sa_h + dv[None, :],
+             res.to(acc_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
 
     # Sweep 2: normalised p_cmp → selection-block scores. Chunk c covers summaries
     # [c·CN, (c+1)·CN) and owns blocks [c·BJE, (c+1)·BJE) (CN·d = BJE·P). A summary can spill
@@ -362,15 +355,6 @@ def _cmp_kernel(
         else:
             vis = _visible(row_ok, ok_i, ii, pos, D, L)
             p = tl.where(vis, tl.exp2(s - m_i[:, None]), 0.0)
-        if STATS_FIRST:
-            # p = exp2(s − M) with the row's final max M: o needs no rescaling, as in sweep 1's
-            # last step; 1/l is applied once at the end.
-            if PACKED:
-                vc = vd.load([r0p + i0, 0])
-            else:
-                vb = vc_ptr + pg * svc_p + h * svc_h + (ii % E) * svc_r
-                vc = tl.load(vb[:, None] + dv[None, :], mask=ok_i[:, None] & (dv[None, :] < DV), other=0.0)
-            o += _mm(p.to(vc.dtype), vc, PREC, UPCAST)
         if not NORM_AFTER:
             p = p * inv_l[:, None]
         j_own = c * BJE + jr
@@ -409,15 +393,6 @@ def _cmp_kernel(
             spill = tl.sum(tl.reshape(sc_nxt, (BT, GP, BJ)), 1) / D
         smask = (tq[:, None] < nrows) & (jr[None, :] < BJE) & (j_own[None, :] <= cur_t[:, None])
         tl.store(score_ptr + srow[:, None] * ss_t + h * ss_h + j_own[None, :], own, mask=smask)
-    if STATS_FIRST:
-        _store_acc(acc_ptr, o, inv_l * g_cmp, arow, head, dv, row_ok, sa_t, sa_h, DV)
-
-
-@_helper
-def _store_acc(acc_ptr, o, factor, arow, head, dv, row_ok, sa_t, sa_h, DV: tl.constexpr):
-    """acc = o · factor (1/l · g_cmp a row) in acc's dtype."""
-    tl.store(acc_ptr + arow[:, None] * sa_t + head[:, None] * sa_h + dv[None, :],
-             (o * factor[:, None]).to(acc_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
 
 
 @triton.jit(do_not_specialize=["pack_rows"])
@@ -813,10 +788,6 @@ class PrefillConfig:
     # the best groups' blocks (0: over every block; `_select_rows`). A power of two. H200, paper
     # shape: top-n 2.03 → 1.57 ms at 64k, 6.83 → 4.59 at 128k.
     topn_groups: int = 16
-    # Compressed kernel: sweep 1 takes each row's max and sum only (q·k̃), sweep 2 forms p·ṽ with
-    # the final max beside the block scores (`_cmp_kernel` STATS_FIRST). The same products; no
-    # rescaling of o. Off until measured faster (docs/benchmarks/prefill.md).
-    cmp_stats_first: int = 0
 
 
 DEFAULT_CONFIG = PrefillConfig()
@@ -1227,7 +1198,7 @@ def _launch(q, gates, layer: PagedLayerCache, block_tables, wt, ring_pages: int,
             D=p.stride, L=p.block, BN=BN, CN=CN, BJ=BJE if sums else BJ, BJE=BJE, PREC=prec, SPREC=sprec,
             UPCAST=upcast, BF16X3=bool(cfg.score_bf16x3) and min(p.block, P) <= 256,
             SCAT=bool(cfg.score_cat), MASK_SPLIT=bool(cfg.mask_split), PARTS=cfg.score_parts,
-            PACKED=plan.pack is not None, SUMS=sums, KSPAN=KSPAN, STATS_FIRST=bool(cfg.cmp_stats_first),
+            PACKED=plan.pack is not None, SUMS=sums, KSPAN=KSPAN,
             num_warps=cfg.warps_cmp, num_stages=cfg.stages_cmp,
         )
         _win_kernel[(nwtiles, Hkv)](

@@ -257,14 +257,11 @@ def test_forced_blocks_across_window_tiles(p, forced_win):
                                  PrefillConfig(stages_cmp=3, stages_win=3), PrefillConfig(score_sums=0, score_parts=3),
                                  PrefillConfig(cmp_packed=0), PrefillConfig(slc_topn=0, topn_groups=0),
                                  PrefillConfig(slc_topn=0, topn_groups=2),
-                                 PrefillConfig(forced_win=0), PrefillConfig(cmp_stats_first=1),
-                                 PrefillConfig(cmp_stats_first=1, score_sums=0),
-                                 PrefillConfig(cmp_stats_first=1, cmp_packed=0)],
+                                 PrefillConfig(forced_win=0)],
                          ids=["scores as products", "scores in two products", "small tiles",
                               "scores as products, small tiles", "other stages", "p in three bf16 parts",
                               "summaries page by page", "top-n kernel", "top-n kernel over block groups",
-                              "forced blocks in the selected branch", "statistics first",
-                              "statistics first, scores as products", "statistics first, page by page"])
+                              "forced blocks in the selected branch"])
 def test_launch_configs_match_reference(cfg):
     # Configurations the benchmark sweeps: the block scores as matrix products against the overlap
     # weights (the default sums them in registers), of a chunk and its spill into the next in one
@@ -291,10 +288,8 @@ def test_scores_three_blocks_an_entry(chunk, sums):
 @pytest.mark.parametrize("cfg", [PrefillConfig(rows_cmp=16, cmp_chunk=16),
                                  PrefillConfig(rows_cmp=32, cmp_chunk=32, score_sums=0, score_cat=0),
                                  PrefillConfig(rows_cmp=16, cmp_chunk=16, mask_split=0),
-                                 PrefillConfig(rows_cmp=16, cmp_chunk=16, cmp_packed=0),
-                                 PrefillConfig(rows_cmp=16, cmp_chunk=16, cmp_stats_first=1)],
-                         ids=["small tiles", "scores in two products", "mask everywhere", "summaries page by page",
-                              "statistics first"])
+                                 PrefillConfig(rows_cmp=16, cmp_chunk=16, cmp_packed=0)],
+                         ids=["small tiles", "scores in two products", "mask everywhere", "summaries page by page"])
 def test_mask_split_matches_reference(cfg):
     # mask_split (default): the compressed sweeps skip the causal mask on chunks every row of a
     # tile sees whole. Long enough prompts that tiles have such chunks (and a boundary chunk after
@@ -570,18 +565,16 @@ def sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows, tol=1.5e-2):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,Hq,acc_bf16,forced_win,slc_topn,sums,stats", [
-    (torch.bfloat16, 64, 0, 1, 1, 1, 0), (torch.float16, 64, 0, 1, 1, 1, 0), (torch.bfloat16, 48, 0, 1, 1, 1, 0),
-    (torch.bfloat16, 64, 1, 1, 1, 1, 0), (torch.bfloat16, 64, 1, 0, 1, 1, 0), (torch.bfloat16, 64, 1, 1, 0, 1, 0),
-    (torch.bfloat16, 48, 1, 0, 0, 1, 0), (torch.bfloat16, 64, 1, 1, 1, 0, 0), (torch.float16, 48, 1, 1, 1, 0, 0),
-    (torch.bfloat16, 64, 1, 1, 1, 1, 1), (torch.float16, 48, 1, 1, 1, 0, 1)])
-def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16, forced_win, slc_topn, sums, stats):
+@pytest.mark.parametrize("dtype,Hq,acc_bf16,forced_win,slc_topn,sums", [
+    (torch.bfloat16, 64, 0, 1, 1, 1), (torch.float16, 64, 0, 1, 1, 1), (torch.bfloat16, 48, 0, 1, 1, 1),
+    (torch.bfloat16, 64, 1, 1, 1, 1), (torch.bfloat16, 64, 1, 0, 1, 1), (torch.bfloat16, 64, 1, 1, 0, 1),
+    (torch.bfloat16, 48, 1, 0, 0, 1), (torch.bfloat16, 64, 1, 1, 1, 0), (torch.float16, 48, 1, 1, 1, 0)])
+def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16, forced_win, slc_topn, sums):
     # Hq 48: group size 12, padded to 16 inside (the padded heads must add nothing to the scores).
     # forced_win 0: the forced blocks in the selected-branch kernel, as before the twenty-first session.
     # slc_topn 0: the top-n in its own kernel, over groups of 4 blocks first (the 9000-token
     # prompt has 141 blocks: too few for the default groups of 16 to be used). sums 0: the block
     # scores as bf16 matrix products (before the twenty-sixth session), 1: summed in registers.
-    # stats 1: the compressed kernel's p·ṽ in its second sweep (`cmp_stats_first`).
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     p, Hkv, Dk, Dv = PAPER, 4, 192, 128
     lens, chunks = [9000, 3001, 5000], [2500, 3001, 777]
@@ -594,8 +587,7 @@ def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16, forced_win, slc_topn,
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
     out, sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True,
                            config=replace(default_config(q.device), acc_bf16=acc_bf16, forced_win=forced_win,
-                                          slc_topn=slc_topn, topn_groups=4, score_sums=sums,
-                                          cmp_stats_first=stats))
+                                          slc_topn=slc_topn, topn_groups=4, score_sums=sums))
     assert torch.isfinite(out).all()
     rows = torch.randint(0, Ttot, (24,), generator=gen).tolist() + [0, 2499, 2500, 5500, 5501, Ttot - 1]
     sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows)
