@@ -1,6 +1,6 @@
 """How many kernel variants eager NSA decode steps can make Triton compile: the decode launcher is
 called (nothing is launched or compiled) for every batch size 1…B and table width 1…W pages at the
-paper shape on a modelled H200 (132 SMs, PDL), and each launch's specialisation key is recorded —
+paper shape on a modelled GPU (default an H100 / H200: 132 SMs, PDL), and each launch's specialisation key is recorded —
 its constexpr values plus, for every int argument Triton specialises on, whether it is 1, divisible
 by 16, or neither (Triton's rule; `do_not_specialize` arguments excepted). A server meets a new key
 the first time a step has that batch size and width class, and pays a compile then.
@@ -17,8 +17,9 @@ the attention heads (SHAPES: the paper's, the bundled model's, ...).
 
     python3 scripts/count_decode_variants.py --check-bound
 
-checks `_triton_utils.decode_rows_bound` for every shape in SHAPES, both launchers: batches past
-the bound (up to three times it) meet no key that batches 1 … bound do not; exits 1 if one does.
+checks `_triton_utils.decode_rows_bound` for every shape in SHAPES on every modelled GPU in
+DEVICES (SM counts, with and without PDL, shared-memory budgets), both launchers: batches past the
+bound (up to three times it) meet no key that batches 1 … bound do not; exits 1 if one does.
 The start-up precompile stops its speculative decode rows at that bound (engine/precompile.py).
 
 Widths are rounded as the engine rounds them (`model_runner.table_width`: the next power of two,
@@ -38,12 +39,16 @@ from triton.runtime.jit import JITFunction
 # Attention heads: (q heads, kv heads, dk, dv).
 SHAPES = {"paper": (64, 4, 192, 128), "bundled": (8, 2, 64, 64), "one-kv-head": (16, 1, 64, 64),
           "eight-kv-heads": (64, 8, 128, 128)}
-SMS = 132  # the modelled device: an H100 / H200
+# Modelled GPUs: (SMs, PDL, opt-in shared memory a block in bytes): what the decode launchers ask
+# of the device (`_triton_utils`: target_programs = 2·SMs, pdl_enabled, pipeline_smem_budget).
+DEVICES = {"h100-sxm": (132, True, 232448), "h100-pcie": (114, True, 232448), "a100": (108, False, 166912),
+           "l40s": (142, False, 101376)}
 
 
 def count(batches, max_pages: int, exact_width: bool = False, dense: bool = False,
-          classes_only: bool = False, shape: tuple = SHAPES["paper"]) -> dict[int, set]:
+          classes_only: bool = False, shape: tuple = SHAPES["paper"], device: str = "h100-sxm") -> dict[int, set]:
     """The specialisation keys each batch size in `batches` meets: {batch: {(kernel name, key)}}."""
+    sms, pdl, smem = DEVICES[device]
     import nsa_kernels.dense_decode as dd
     import nsa_kernels.nsa_decode as nd
     from nsa_kernels.paged import PagedLayerCache
@@ -64,9 +69,9 @@ def count(batches, max_pages: int, exact_width: bool = False, dense: bool = Fals
 
     original = JITFunction.run, nd.target_programs, nd.pipeline_smem_budget, nd.pdl_enabled, dd.target_programs
     JITFunction.run = record
-    nd.target_programs = dd.target_programs = lambda dev: 2 * SMS
-    nd.pipeline_smem_budget = lambda dev: 227 * 1024
-    nd.pdl_enabled = lambda dev: True
+    nd.target_programs = dd.target_programs = lambda dev: 2 * sms
+    nd.pipeline_smem_budget = lambda dev: smem - 24 * 1024  # as `pipeline_smem_budget`
+    nd.pdl_enabled = lambda dev: pdl
     try:
         p = SparsityParams(block=32, stride=16, select_block=64, num_select=16, window=512)
         Hq, Hkv, Dk, Dv = shape
@@ -99,27 +104,31 @@ def per_kernel(keys: set) -> dict[str, int]:
 
 
 def check_bound(max_pages: int) -> int:
-    """For every shape: keys of batches bound + 1 … 3·bound against those of 1 … bound (both
-    launchers, width classes only). Returns the number of shapes with keys past the bound."""
+    """For every modelled GPU and shape: keys of batches bound + 1 … 3·bound against those of
+    1 … bound (both launchers, width classes only). Returns the number of (GPU, shape) pairs with
+    keys past the bound."""
     failed = 0
-    for name, shape in SHAPES.items():
-        bound = _bound_on_model(shape[1])
-        seen = count(range(1, 3 * bound + 1), max_pages, dense=True, classes_only=True, shape=shape)
-        low = set().union(*(v for b, v in seen.items() if b <= bound))
-        new = set().union(*(v for b, v in seen.items() if b > bound)) - low
-        below = set().union(*(v for b, v in seen.items() if b < bound)) if bound > 1 else set()
-        print(f"{name} {shape}: bound {bound} rows; keys past it not met at or below it: "
-              f"{per_kernel(new) or 'none'}; keys first met at the bound itself: {per_kernel(low - below) or 'none'}")
-        failed += bool(new)
+    for device in DEVICES:
+        for name, shape in SHAPES.items():
+            bound = _bound_on_model(shape[1], device)
+            seen = count(range(1, 3 * bound + 1), max_pages, dense=True, classes_only=True, shape=shape,
+                         device=device)
+            low = set().union(*(v for b, v in seen.items() if b <= bound))
+            new = set().union(*(v for b, v in seen.items() if b > bound)) - low
+            below = set().union(*(v for b, v in seen.items() if b < bound)) if bound > 1 else set()
+            print(f"{device} {name} {shape}: bound {bound} rows; keys past it not met at or below it: "
+                  f"{per_kernel(new) or 'none'}; keys first met at the bound itself: "
+                  f"{per_kernel(low - below) or 'none'}", flush=True)
+            failed += bool(new)
     return failed
 
 
-def _bound_on_model(num_kv_heads: int) -> int:
-    """`decode_rows_bound` on the modelled device (SMS SMs, as `count` sizes the launchers)."""
+def _bound_on_model(num_kv_heads: int, device: str) -> int:
+    """`decode_rows_bound` on a modelled GPU (its SMs, as `count` sizes the launchers)."""
     import nsa_kernels._triton_utils as tu
 
     original = tu.target_programs
-    tu.target_programs = lambda dev: 2 * SMS
+    tu.target_programs = lambda dev: 2 * DEVICES[device][0]
     try:
         return tu.decode_rows_bound(num_kv_heads, torch.device("cpu"))
     finally:
@@ -135,12 +144,15 @@ def main():
     ap.add_argument("--classes-only", action="store_true", help="one or two page counts per width class")
     ap.add_argument("--new-above", type=int, metavar="N", help="keys only batches above N meet")
     ap.add_argument("--shape", choices=list(SHAPES), default="paper", help="attention heads (default: paper)")
+    ap.add_argument("--device", choices=list(DEVICES), default="h100-sxm", help="the modelled GPU")
     ap.add_argument("--check-bound", action="store_true",
-                    help="check decode_rows_bound over every shape (exit 1 when a batch past it meets a new key)")
+                    help="check decode_rows_bound over every shape and modelled GPU (exit 1 when a batch "
+                    "past it meets a new key)")
     a = ap.parse_args()
     if a.check_bound:
         return 1 if check_bound(min(a.max_pages, 1024)) else 0
-    seen = count(range(1, a.max_batch + 1), a.max_pages, a.exact_width, a.dense, a.classes_only, SHAPES[a.shape])
+    seen = count(range(1, a.max_batch + 1), a.max_pages, a.exact_width, a.dense, a.classes_only, SHAPES[a.shape],
+                 a.device)
     n = per_kernel(set().union(*seen.values()))
     width = "exact" if a.exact_width else "rounded as the engine rounds them"
     print(f"batch 1–{a.max_batch}, longest sequence 1–{a.max_pages} pages, table widths {width}: {n} — "
