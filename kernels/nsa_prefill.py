@@ -76,28 +76,27 @@ def _mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @_helper
 def _qk(q1, q2, kbase, kmask, DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
-        PREC: tl.constexpr, UPCAST: tl.constexpr, EV: tl.constexpr):
-    """q·kᵀ for q split into [.., DK1] and [.., DK2] column parts; kbase: [1, N] row pointers.
-    EV: the key loads' L2 eviction hint ("" = none)."""
+        PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """q·kᵀ for q split into [.., DK1] and [.., DK2] column parts; kbase: [1, N] row pointers."""
     d1 = tl.arange(0, DK1)
-    k1 = tl.load(kbase + d1[:, None], mask=kmask, other=0.0, eviction_policy=EV)
+    k1 = tl.load(kbase + d1[:, None], mask=kmask, other=0.0)
     s = _mm(q1, k1, PREC, UPCAST)
     if DK2 > 0:
         d2 = DK1 + tl.arange(0, DK2)
-        k2 = tl.load(kbase + d2[:, None], mask=kmask & (d2[:, None] < DK), other=0.0, eviction_policy=EV)
+        k2 = tl.load(kbase + d2[:, None], mask=kmask & (d2[:, None] < DK), other=0.0)
         s += _mm(q2, k2, PREC, UPCAST)
     return s
 
 
 @_helper
-def _load_q(q_ptr, q_off, row_ok, DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, EV: tl.constexpr):
+def _load_q(q_ptr, q_off, row_ok, DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr):
     d1 = tl.arange(0, DK1)
-    q1 = tl.load(q_ptr + q_off[:, None] + d1[None, :], mask=row_ok[:, None], other=0.0, eviction_policy=EV)
+    q1 = tl.load(q_ptr + q_off[:, None] + d1[None, :], mask=row_ok[:, None], other=0.0)
     q2 = q1
     if DK2 > 0:
         d2 = DK1 + tl.arange(0, DK2)
         q2 = tl.load(q_ptr + q_off[:, None] + d2[None, :],
-                     mask=row_ok[:, None] & (d2[None, :] < DK), other=0.0, eviction_policy=EV)
+                     mask=row_ok[:, None] & (d2[None, :] < DK), other=0.0)
     return q1, q2
 
 
@@ -153,7 +152,7 @@ def _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p
     pg = pg_n.to(tl.int64)
     pg_n = tl.load(bt_row + ((ii + CN) * D) // P, mask=(ar < CN) & (ii + CN < n_vis), other=0)
     kb = kc_ptr + pg * skc_p + h * skc_h + (ii % E) * skc_r
-    s = _qk(q1, q2, kb[None, :], ok_i[None, :], DK, DK1, DK2, PREC, UPCAST, "")
+    s = _qk(q1, q2, kb[None, :], ok_i[None, :], DK, DK1, DK2, PREC, UPCAST)
     if MASKED:
         vis = _visible(row_ok, ok_i, ii, pos, D, L)
         s = tl.where(vis, s, float("-inf"))
@@ -271,7 +270,7 @@ def _cmp_kernel(
     pos = pos0 + t
     qrow = (row0 + t).to(tl.int64)
     head = h * G + g
-    q1, q2 = _load_q(q_ptr, qrow * sq_t + head * sq_h, row_ok, DK, DK1, DK2, "")
+    q1, q2 = _load_q(q_ptr, qrow * sq_t + head * sq_h, row_ok, DK, DK1, DK2)
     dv = tl.arange(0, DVP)
     bt_row = bt_ptr + seq.to(tl.int64) * sbt
     ar = tl.arange(0, BN)
@@ -346,7 +345,7 @@ def _cmp_kernel(
             pg = pg_n.to(tl.int64)  # read a chunk ahead, as in sweep 1
             pg_n = tl.load(bt_row + ((ii + CN) * D) // P, mask=(ar < CN) & (ii + CN < n_vis), other=0)
             kb = kc_ptr + pg * skc_p + h * skc_h + (ii % E) * skc_r
-            s = _qk(q1, q2, kb[None, :], ok_i[None, :], DK, DK1, DK2, PREC, UPCAST, "") * qk_scale
+            s = _qk(q1, q2, kb[None, :], ok_i[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
         if MASK_SPLIT:  # a run-time branch: chunks below n_full are seen whole by every row
             if i0 < n_full:
                 p = tl.exp2(s - m_i[:, None])
@@ -453,7 +452,7 @@ def _win_kernel(
     pos = pos0 + t
     qrow = (row0 + t).to(tl.int64)
     head = h * G + g
-    q1, q2 = _load_q(q_ptr, qrow * sq_t + head * sq_h, row_ok, DK, DK1, DK2, "")
+    q1, q2 = _load_q(q_ptr, qrow * sq_t + head * sq_h, row_ok, DK, DK1, DK2)
     dv = tl.arange(0, DVP)
     wt_row = wt_ptr + seq.to(tl.int64) * swt
     m_i = tl.full([BM], -1.0e30, tl.float32)
@@ -468,7 +467,7 @@ def _win_kernel(
         pg_n = tl.load(wt_row + (pj + 1) % ring_pages, mask=pj < pos_last // P, other=0)
         kk = pj * P + kr
         kb = k_ptr + pg * sk_p + h * sk_h + kr * sk_r
-        s = _qk(q1, q2, kb[None, :], kk[None, :] <= pos_last, DK, DK1, DK2, PREC, UPCAST, "")
+        s = _qk(q1, q2, kb[None, :], kk[None, :] <= pos_last, DK, DK1, DK2, PREC, UPCAST)
         ok = row_ok[:, None] & (kk[None, :] <= pos[:, None]) & (kk[None, :] > pos[:, None] - W)
         s = tl.where(ok, s, float("-inf"))
         m_new, alpha, p, l_i = _softmax_step(s, m_i, l_i, qk_scale)
@@ -522,7 +521,7 @@ def _forced_page(j, bt_row, q1, q2, m_i, l_i, o, k_ptr, v_ptr, h, sk_p, sk_h, sk
     kk = j * P + kr
     kb = k_ptr + pg * sk_p + h * sk_h + kr * sk_r
     kin = kk <= pos_last  # keys past the tile's last query may be unwritten (NaN): not loaded
-    s = _qk(q1, q2, kb[None, :], kin[None, :], DK, DK1, DK2, PREC, UPCAST, "")
+    s = _qk(q1, q2, kb[None, :], kin[None, :], DK, DK1, DK2, PREC, UPCAST)
     forced = row_ok & (j <= cur) & ((j < NUM_INIT) | (j > cur - NUM_LOCAL))
     s = tl.where(forced[:, None] & (kk[None, :] <= pos[:, None]), s, float("-inf"))
     m_new, alpha, p, l_i = _softmax_step(s, m_i, l_i, qk_scale)
@@ -534,7 +533,7 @@ def _forced_page(j, bt_row, q1, q2, m_i, l_i, o, k_ptr, v_ptr, h, sk_p, sk_h, sk
 @_helper
 def _select_rows(score_ptr, r, r_ok, pos, h, ss_t, ss_h, NSEL: tl.constexpr, NUM_INIT: tl.constexpr,
                  NUM_LOCAL: tl.constexpr, P: tl.constexpr, NBP: tl.constexpr, NSP: tl.constexpr,
-                 GS: tl.constexpr, EV: tl.constexpr):
+                 GS: tl.constexpr):
     """Block ids [R, NSP] of rows r [R] (queries at pos, kv group h) from their block scores: the
     forced blocks (the first NUM_INIT and the NUM_LOCAL most recent that exist, in index order:
     what passes over their +inf keys would pick first), then n − NUM_INIT − NUM_LOCAL arg-max
@@ -559,7 +558,7 @@ def _select_rows(score_ptr, r, r_ok, pos, h, ss_t, ss_h, NSEL: tl.constexpr, NUM
     base = score_ptr + r.to(tl.int64)[:, None] * ss_t + h * ss_h
     j = tl.arange(0, NBP)
     jj = j[None, :]
-    key = _row_keys(base, jj, cur, r_ok, NUM_INIT, NUM_LOCAL, EV)
+    key = _row_keys(base, jj, cur, r_ok, NUM_INIT, NUM_LOCAL)
     if GS > 0:
         NG: tl.constexpr = NBP // GS
         gkey = tl.max(tl.reshape(key, [key.shape[0], NG, GS]), 2)  # [R, NG]: each group's best
@@ -573,7 +572,7 @@ def _select_rows(score_ptr, r, r_ok, pos, h, ss_t, ss_h, NSEL: tl.constexpr, NUM
         e = tl.arange(0, GS)
         jc = tl.reshape(tl.maximum(grp, 0)[:, :, None] * GS + e[None, None, :], [key.shape[0], NSP * GS])
         okc = tl.reshape((grp >= 0)[:, :, None] & (e[None, None, :] >= 0), [key.shape[0], NSP * GS])
-        key = tl.where(okc, _row_keys(base, jc, cur, r_ok, NUM_INIT, NUM_LOCAL, EV), -1)
+        key = tl.where(okc, _row_keys(base, jc, cur, r_ok, NUM_INIT, NUM_LOCAL), -1)
         jj = jc  # (a slot of a group not picked repeats blocks 0 … GS − 1 with key −1)
     for s in range(NSEL - NUM_INIT - NUM_LOCAL):
         pick = topn_block(tl.max(key, 1))  # −1: nothing visible left
@@ -583,11 +582,11 @@ def _select_rows(score_ptr, r, r_ok, pos, h, ss_t, ss_h, NSEL: tl.constexpr, NUM
 
 
 @_helper
-def _row_keys(base, j, cur, r_ok, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, EV: tl.constexpr):
+def _row_keys(base, j, cur, r_ok, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr):
     """`topn_key`s of blocks j [R, C] of rows whose scores start at base [R, 1]; −1 for forced blocks
     (placed without passes) and blocks not visible."""
     vis = (j <= cur[:, None]) & r_ok[:, None]
-    sc = tl.load(base + j, mask=vis, other=0.0, eviction_policy=EV)
+    sc = tl.load(base + j, mask=vis, other=0.0)
     forced = vis & ((j < NUM_INIT) | (j > cur[:, None] - NUM_LOCAL))
     # +0.0 for anything not above 0 (−0.0's bits would sort below every other score).
     return tl.where(forced, -1, topn_key(tl.where(sc > 0, sc, 0.0), j, forced, vis))
@@ -603,7 +602,7 @@ def _topn_kernel(score_ptr, idx_ptr, rowpos_ptr, nrows, ss_t, ss_h, si_t, si_h,
     h = tl.program_id(1)
     r_ok = r < nrows
     pos = tl.load(rowpos_ptr + r, mask=r_ok, other=-1)
-    out = _select_rows(score_ptr, r, r_ok, pos, h, ss_t, ss_h, NSEL, NUM_INIT, NUM_LOCAL, P, NBP, NSP, GS, "")
+    out = _select_rows(score_ptr, r, r_ok, pos, h, ss_t, ss_h, NSEL, NUM_INIT, NUM_LOCAL, P, NBP, NSP, GS)
     k = tl.arange(0, NSP)
     tl.store(idx_ptr + r.to(tl.int64)[:, None] * si_t + h * si_h + k[None, :], out,
              mask=r_ok[:, None] & (k[None, :] < NSEL))
@@ -620,7 +619,7 @@ def _slc_kernel(
     P: tl.constexpr, NSEL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     FORCED: tl.constexpr = False, NUM_INIT: tl.constexpr = 1, NUM_LOCAL: tl.constexpr = 2,
     score_ptr=None, ss_t=0, ss_h=0, TOPN: tl.constexpr = False, NBP: tl.constexpr = 16,
-    NSP: tl.constexpr = 16, KV_EV: tl.constexpr = "", STREAM_EV: tl.constexpr = "",
+    NSP: tl.constexpr = 16,
 ):
     """Selected branch of query row r and kv group h over its NSEL selected blocks; out = acc +
     g_slc·o_slc. FORCED: the forced blocks, which lead the selection (+inf keys, `_select_rows`),
@@ -633,11 +632,7 @@ def _slc_kernel(
     arithmetic fills issue slots its neighbours leave idle: H200, 64k, slc +1.2 ms against the
     top-n kernel's 2.0 (128k: +4.5 against 6.8). With the block-group passes it took 19.5 ms
     instead of 18.8 at 64k: at 2 warps each pass's reduction crosses warps, and groups double the
-    passes (twenty-third session).
-
-    KV_EV / STREAM_EV (`PrefillConfig.slc_evict`): L2 eviction hints for the selected pages' K/V
-    (read again by later queries) and for what each program reads or writes once (its scores, q,
-    gates, acc, the forced state, out)."""
+    passes (twenty-third session)."""
     r = tl.program_id(0)
     h = tl.program_id(1)
     pos = tl.load(rowpos_ptr + r)
@@ -646,7 +641,7 @@ def _slc_kernel(
                  sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, so_t, so_h, si_t, si_h,
                  sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, sbt, sf_t, row_base, qk_scale, r, h, pos,
                  G, GP, DK, DK1, DK2, DV, DVP, P, NSEL, PREC, UPCAST, FORCED, NUM_INIT, NUM_LOCAL,
-                 score_ptr, ss_t, ss_h, TOPN, NBP, NSP, KV_EV, STREAM_EV)
+                 score_ptr, ss_t, ss_h, TOPN, NBP, NSP)
 
 
 @_helper
@@ -657,21 +652,20 @@ def _slc_row(q_ptr, g_ptr, acc_ptr, out_ptr, idx_ptr, rowseq_ptr, k_ptr, v_ptr, 
              DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
              P: tl.constexpr, NSEL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
              FORCED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
-             score_ptr, ss_t, ss_h, TOPN: tl.constexpr, NBP: tl.constexpr, NSP: tl.constexpr,
-             KV_EV: tl.constexpr, STREAM_EV: tl.constexpr):
+             score_ptr, ss_t, ss_h, TOPN: tl.constexpr, NBP: tl.constexpr, NSP: tl.constexpr):
     """`_slc_kernel`'s work for query row r (at pos) and kv group h."""
     row = (row_base + r).to(tl.int64)
     seq = tl.load(rowseq_ptr + r)
     if TOPN:
         one = tl.arange(0, 1)
         sel = tl.reshape(_select_rows(score_ptr, r + one, one == 0, pos + one, h, ss_t, ss_h, NSEL, NUM_INIT,
-                                      NUM_LOCAL, P, NBP, NSP, 0, STREAM_EV), [NSP])
+                                      NUM_LOCAL, P, NBP, NSP, 0), [NSP])
         ks = tl.arange(0, NSP)
         tl.store(idx_ptr + r.to(tl.int64) * si_t + h * si_h + ks, sel, mask=ks < NSEL)
     g = tl.arange(0, GP)
     g_ok = g < G
     head = h * G + g
-    q1, q2 = _load_q(q_ptr, row * sq_t + head * sq_h, g_ok, DK, DK1, DK2, STREAM_EV)
+    q1, q2 = _load_q(q_ptr, row * sq_t + head * sq_h, g_ok, DK, DK1, DK2)
     dv = tl.arange(0, DVP)
     kr = tl.arange(0, P)
     bt_row = bt_ptr + seq.to(tl.int64) * sbt
@@ -693,35 +687,32 @@ def _slc_row(q_ptr, g_ptr, acc_ptr, out_ptr, idx_ptr, rowseq_ptr, k_ptr, v_ptr, 
         kk = blk * P + kr
         kmask = (kk >= 0) & (kk <= pos)  # no block (id −1) → all masked; causal inside the current block
         kb = k_ptr + pg * sk_p + h * sk_h + kr * sk_r
-        s = _qk(q1, q2, kb[None, :], kmask[None, :], DK, DK1, DK2, PREC, UPCAST, KV_EV) * qk_scale
+        s = _qk(q1, q2, kb[None, :], kmask[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
         s = tl.where(g_ok[:, None] & kmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         vb = v_ptr + pg * sv_p + h * sv_h + kr * sv_r
-        v = tl.load(vb[:, None] + dv[None, :], mask=kmask[:, None] & (dv[None, :] < DV), other=0.0,
-                    eviction_policy=KV_EV)
+        v = tl.load(vb[:, None] + dv[None, :], mask=kmask[:, None] & (dv[None, :] < DV), other=0.0)
         o = o * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
     omask = g_ok[:, None] & (dv[None, :] < DV)
     aoff = r.to(tl.int64) * sa_t + head * sa_h  # acc and the forced state share a layout
     if FORCED:  # merged after the loop, so that its state is not held through it
-        lse = tl.load(fm_ptr + r.to(tl.int64) * sf_t + head, mask=g_ok, other=-1.0e30, eviction_policy=STREAM_EV)
+        lse = tl.load(fm_ptr + r.to(tl.int64) * sf_t + head, mask=g_ok, other=-1.0e30)
         m_new = tl.maximum(m_i, lse)
         a_f = tl.exp2(lse - m_new)
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + a_f
-        o = o * alpha[:, None] + tl.load(fo_ptr + aoff[:, None] + dv[None, :], mask=omask, other=0.0,
-                                         eviction_policy=STREAM_EV).to(tl.float32) * a_f[:, None]
+        o = o * alpha[:, None] + tl.load(fo_ptr + aoff[:, None] + dv[None, :], mask=omask,
+                                         other=0.0).to(tl.float32) * a_f[:, None]
     o = o * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]
-    g_slc = tl.load(g_ptr + row * sg_t + head * sg_h + 1, mask=g_ok, other=0.0,
-                    eviction_policy=STREAM_EV).to(tl.float32)
-    acc = tl.load(acc_ptr + aoff[:, None] + dv[None, :], mask=omask, other=0.0,
-                  eviction_policy=STREAM_EV).to(tl.float32)
+    g_slc = tl.load(g_ptr + row * sg_t + head * sg_h + 1, mask=g_ok, other=0.0).to(tl.float32)
+    acc = tl.load(acc_ptr + aoff[:, None] + dv[None, :], mask=omask, other=0.0).to(tl.float32)
     res = acc + g_slc[:, None] * o
     tl.store(out_ptr + row * so_t + head[:, None] * so_h + dv[None, :],
-             res.to(out_ptr.dtype.element_ty), mask=omask, eviction_policy=STREAM_EV)
+             res.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -797,11 +788,6 @@ class PrefillConfig:
     # the best groups' blocks (0: over every block; `_select_rows`). A power of two. H200, paper
     # shape: top-n 2.03 → 1.57 ms at 64k, 6.83 → 4.59 at 128k.
     topn_groups: int = 16
-    # Selected-branch kernel's L2 eviction hints: 0 none; 1 the selected pages' K/V "evict_last"
-    # and each program's once-read or written rows (scores, q, gates, acc, forced state, out)
-    # "evict_first", so that streaming them does not push out pages later queries read again;
-    # 2 the streaming hint alone.
-    slc_evict: int = 0
 
 
 DEFAULT_CONFIG = PrefillConfig()
@@ -1243,9 +1229,7 @@ def _launch(q, gates, layer: PagedLayerCache, block_tables, wt, ring_pages: int,
             G=G, GP=GP_SLC, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, NSEL=p.num_select,
             PREC=prec, UPCAST=upcast, FORCED=forced, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local,
             score_ptr=scores, ss_t=scores.stride(0), ss_h=scores.stride(1), TOPN=bool(cfg.slc_topn),
-            NBP=NBP, NSP=NSP, KV_EV="evict_last" if cfg.slc_evict == 1 else "",
-            STREAM_EV="evict_first" if cfg.slc_evict else "",
-            num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
+            NBP=NBP, NSP=NSP, num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
         )
         if sel is not None:
             sel[r0:r1] = idx

@@ -63,7 +63,7 @@ def _triton_sweep(q_ptr, out_ptr, kd1, kd2, vd, N, sq_t, sq_h, qk_scale,
     t = tile * BT + r // G
     head = h * G + r % G
     ok = r >= 0
-    q1, q2 = _load_q(q_ptr, t.to(tl.int64) * sq_t + head * sq_h, ok, DK, DK1, DK2, "")
+    q1, q2 = _load_q(q_ptr, t.to(tl.int64) * sq_t + head * sq_h, ok, DK, DK1, DK2)
     m_i = tl.full([BT * G], -1.0e30, tl.float32)
     l_i = tl.zeros([BT * G], tl.float32)
     o = tl.zeros([BT * G, DV], tl.float32)

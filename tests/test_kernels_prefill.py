@@ -257,13 +257,11 @@ def test_forced_blocks_across_window_tiles(p, forced_win):
                                  PrefillConfig(stages_cmp=3, stages_win=3), PrefillConfig(score_sums=0, score_parts=3),
                                  PrefillConfig(cmp_packed=0), PrefillConfig(slc_topn=0, topn_groups=0),
                                  PrefillConfig(slc_topn=0, topn_groups=2),
-                                 PrefillConfig(forced_win=0), PrefillConfig(slc_evict=1),
-                                 PrefillConfig(slc_evict=1, slc_topn=0, forced_win=0)],
+                                 PrefillConfig(forced_win=0)],
                          ids=["scores as products", "scores in two products", "small tiles",
                               "scores as products, small tiles", "other stages", "p in three bf16 parts",
                               "summaries page by page", "top-n kernel", "top-n kernel over block groups",
-                              "forced blocks in the selected branch", "selected pages kept in the L2",
-                              "selected pages kept in the L2, no forced state"])
+                              "forced blocks in the selected branch"])
 def test_launch_configs_match_reference(cfg):
     # Configurations the benchmark sweeps: the block scores as matrix products against the overlap
     # weights (the default sums them in registers), of a chunk and its spill into the next in one
