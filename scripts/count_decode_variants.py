@@ -103,14 +103,15 @@ def per_kernel(keys: set) -> dict[str, int]:
     return out
 
 
-def check_bound(max_pages: int) -> int:
+def check_bound(max_pages: int, devices=tuple(DEVICES), divisor: int = 1) -> int:
     """For every modelled GPU and shape: keys of batches bound + 1 … 3·bound against those of
     1 … bound (both launchers, width classes only). Returns the number of (GPU, shape) pairs with
-    keys past the bound."""
+    keys past the bound. `divisor` > 1 checks a bound that many times smaller instead (the
+    check's own test: a bound too small must fail it)."""
     failed = 0
-    for device in DEVICES:
+    for device in devices:
         for name, shape in SHAPES.items():
-            bound = _bound_on_model(shape[1], device)
+            bound = max(1, _bound_on_model(shape[1], device) // divisor)
             seen = count(range(1, 3 * bound + 1), max_pages, dense=True, classes_only=True, shape=shape,
                          device=device)
             low = set().union(*(v for b, v in seen.items() if b <= bound))
@@ -144,15 +145,18 @@ def main():
     ap.add_argument("--classes-only", action="store_true", help="one or two page counts per width class")
     ap.add_argument("--new-above", type=int, metavar="N", help="keys only batches above N meet")
     ap.add_argument("--shape", choices=list(SHAPES), default="paper", help="attention heads (default: paper)")
-    ap.add_argument("--device", choices=list(DEVICES), default="h100-sxm", help="the modelled GPU")
+    ap.add_argument("--device", choices=list(DEVICES), help="the modelled GPU (default: h100-sxm; "
+                    "with --check-bound every one)")
+    ap.add_argument("--bound-divisor", type=int, default=1, help=argparse.SUPPRESS)  # tests: a smaller bound
     ap.add_argument("--check-bound", action="store_true",
                     help="check decode_rows_bound over every shape and modelled GPU (exit 1 when a batch "
                     "past it meets a new key)")
     a = ap.parse_args()
     if a.check_bound:
-        return 1 if check_bound(min(a.max_pages, 1024)) else 0
+        devices = (a.device,) if a.device else tuple(DEVICES)
+        return 1 if check_bound(min(a.max_pages, 1024), devices, a.bound_divisor) else 0
     seen = count(range(1, a.max_batch + 1), a.max_pages, a.exact_width, a.dense, a.classes_only, SHAPES[a.shape],
-                 a.device)
+                 a.device or "h100-sxm")
     n = per_kernel(set().union(*seen.values()))
     width = "exact" if a.exact_width else "rounded as the engine rounds them"
     print(f"batch 1–{a.max_batch}, longest sequence 1–{a.max_pages} pages, table widths {width}: {n} — "
