@@ -621,7 +621,7 @@ def _slc_kernel(
     FORCED: tl.constexpr = False, NUM_INIT: tl.constexpr = 1, NUM_LOCAL: tl.constexpr = 2,
     score_ptr=None, ss_t=0, ss_h=0, TOPN: tl.constexpr = False, NBP: tl.constexpr = 16,
     NSP: tl.constexpr = 16, NPROG: tl.constexpr = 0, nrows=0, GROUP_FIRST: tl.constexpr = False,
-    NH: tl.constexpr = 0,
+    NH: tl.constexpr = 0, kd1s=None, kd2s=None, vds=None, HKV=1, TMA: tl.constexpr = False,
 ):
     """Selected branch of query row r and kv group h over its NSEL selected blocks; out = acc +
     g_slc·o_slc. FORCED: the forced blocks, which lead the selection (+inf keys, `_select_rows`),
@@ -648,7 +648,7 @@ def _slc_kernel(
                      sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, so_t, so_h, si_t, si_h,
                      sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, sbt, sf_t, row_base, qk_scale, r, h, pos,
                      G, GP, DK, DK1, DK2, DV, DVP, P, NSEL, PREC, UPCAST, FORCED, NUM_INIT, NUM_LOCAL,
-                     score_ptr, ss_t, ss_h, TOPN, NBP, NSP)
+                     score_ptr, ss_t, ss_h, TOPN, NBP, NSP, kd1s, kd2s, vds, HKV, TMA)
     elif NH > 0:  # NPROG programs walk every group's rows, one group after another
         for h in range(0, NH):
             for i in range(0, nrows, NPROG):
@@ -659,7 +659,7 @@ def _slc_kernel(
                              fo_ptr, sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, so_t, so_h, si_t, si_h,
                              sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, sbt, sf_t, row_base, qk_scale, r, h, pos,
                              G, GP, DK, DK1, DK2, DV, DVP, P, NSEL, PREC, UPCAST, FORCED, NUM_INIT,
-                             NUM_LOCAL, score_ptr, ss_t, ss_h, TOPN, NBP, NSP)
+                             NUM_LOCAL, score_ptr, ss_t, ss_h, TOPN, NBP, NSP, kd1s, kd2s, vds, HKV, TMA)
     else:  # NPROG programs a group walk the rows (`PrefillConfig.slc_programs`)
         h = tl.program_id(1)
         for i in range(0, nrows, NPROG):
@@ -670,7 +670,7 @@ def _slc_kernel(
                          fo_ptr, sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, so_t, so_h, si_t, si_h,
                          sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, sbt, sf_t, row_base, qk_scale, r, h, pos,
                          G, GP, DK, DK1, DK2, DV, DVP, P, NSEL, PREC, UPCAST, FORCED, NUM_INIT, NUM_LOCAL,
-                         score_ptr, ss_t, ss_h, TOPN, NBP, NSP)
+                         score_ptr, ss_t, ss_h, TOPN, NBP, NSP, kd1s, kd2s, vds, HKV, TMA)
 
 
 @_helper
@@ -681,8 +681,10 @@ def _slc_row(q_ptr, g_ptr, acc_ptr, out_ptr, idx_ptr, rowseq_ptr, k_ptr, v_ptr, 
              DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
              P: tl.constexpr, NSEL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
              FORCED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
-             score_ptr, ss_t, ss_h, TOPN: tl.constexpr, NBP: tl.constexpr, NSP: tl.constexpr):
-    """`_slc_kernel`'s work for query row r (at pos) and kv group h."""
+             score_ptr, ss_t, ss_h, TOPN: tl.constexpr, NBP: tl.constexpr, NSP: tl.constexpr,
+             kd1s, kd2s, vds, HKV, TMA: tl.constexpr):
+    """`_slc_kernel`'s work for query row r (at pos) and kv group h. TMA: pages read through tensor
+    descriptors over the caches' [pages · Hkv · P, D] rows (`PrefillConfig.slc_tma`)."""
     row = (row_base + r).to(tl.int64)
     seq = tl.load(rowseq_ptr + r)
     if TOPN:
@@ -715,15 +717,22 @@ def _slc_row(q_ptr, g_ptr, acc_ptr, out_ptr, idx_ptr, rowseq_ptr, k_ptr, v_ptr, 
         pg = tl.load(bt_row + tl.maximum(blk, 0)).to(tl.int64)
         kk = blk * P + kr
         kmask = (kk >= 0) & (kk <= pos)  # no block (id −1) → all masked; causal inside the current block
-        kb = k_ptr + pg * sk_p + h * sk_h + kr * sk_r
-        s = _qk(q1, q2, kb[None, :], kmask[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
+        if TMA:
+            rk = ((pg * HKV + h) * P).to(tl.int32)
+            s = _qk_packed(q1, q2, kd1s, kd2s, rk, DK1, DK2, PREC, UPCAST) * qk_scale
+        else:
+            kb = k_ptr + pg * sk_p + h * sk_h + kr * sk_r
+            s = _qk(q1, q2, kb[None, :], kmask[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
         s = tl.where(g_ok[:, None] & kmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vb = v_ptr + pg * sv_p + h * sv_h + kr * sv_r
-        v = tl.load(vb[:, None] + dv[None, :], mask=kmask[:, None] & (dv[None, :] < DV), other=0.0)
+        if TMA:  # masked keys' values may be anything (a chunk's future slots): zero them
+            v = tl.where(kmask[:, None], vds.load([rk, 0]), 0.0)
+        else:
+            vb = v_ptr + pg * sv_p + h * sv_h + kr * sv_r
+            v = tl.load(vb[:, None] + dv[None, :], mask=kmask[:, None] & (dv[None, :] < DV), other=0.0)
         o = o * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
     omask = g_ok[:, None] & (dv[None, :] < DV)
@@ -839,6 +848,9 @@ class PrefillConfig:
     # Selected-branch grid order: 0 rows fastest (a group's rows run together), 1 groups fastest;
     # 2 with slc_programs: the programs walk group after group.
     slc_order: int = 0
+    # Selected branch reads its pages through tensor descriptors (TMA copies on Hopper) instead of
+    # per-thread pointers; needs contiguous caches with dk = DK1 + DK2 and power-of-two dv.
+    slc_tma: int = 0
 
 
 DEFAULT_CONFIG = PrefillConfig()
@@ -1316,6 +1328,12 @@ def _select_and_attend(q, gates, acc, out, idx, scores, row_seq, row_pos, kc, vc
             NSEL=p.num_select, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, P=P,
             NBP=NBP, NSP=NSP, RB=RB, GS=GS, num_warps=4,
         )
+    tma = bool(cfg.slc_tma) and kc.is_contiguous() and vc.is_contiguous() and DK1 + DK2 == Dk and DVP == Dv
+    kd1s = kd2s = vds = None
+    if tma:
+        kd1s = TensorDescriptor.from_tensor(kc.view(-1, Dk), [P, DK1])
+        kd2s = TensorDescriptor.from_tensor(kc.view(-1, Dk), [P, max(DK2, 16)])
+        vds = TensorDescriptor.from_tensor(vc.view(-1, Dv), [P, DVP])
     nprog = min(cfg.slc_programs, rows) if cfg.slc_programs > 0 else 0
     grid = ((nprog, 1) if cfg.slc_order == 2 else (nprog, Hkv)) if nprog else \
         ((Hkv, rows) if cfg.slc_order == 1 else (rows, Hkv))
@@ -1329,7 +1347,8 @@ def _select_and_attend(q, gates, acc, out, idx, scores, row_seq, row_pos, kc, vc
         PREC=prec, UPCAST=upcast, FORCED=forced, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local,
         score_ptr=scores, ss_t=scores.stride(0), ss_h=scores.stride(1), TOPN=bool(cfg.slc_topn),
         NBP=NBP, NSP=NSP, NPROG=nprog, nrows=rows, GROUP_FIRST=cfg.slc_order == 1,
-        NH=Hkv if nprog and cfg.slc_order == 2 else 0, num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
+        NH=Hkv if nprog and cfg.slc_order == 2 else 0, kd1s=kd1s, kd2s=kd2s, vds=vds, HKV=Hkv, TMA=tma,
+        num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
     )
     if sel is not None:
         sel[r0:r1] = idx

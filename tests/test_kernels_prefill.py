@@ -258,12 +258,14 @@ def test_forced_blocks_across_window_tiles(p, forced_win):
                                  PrefillConfig(cmp_packed=0), PrefillConfig(slc_topn=0, topn_groups=0),
                                  PrefillConfig(slc_topn=0, topn_groups=2),
                                  PrefillConfig(forced_win=0), PrefillConfig(slc_programs=3),
-                                 PrefillConfig(slc_order=1), PrefillConfig(slc_programs=3, slc_order=2)],
+                                 PrefillConfig(slc_order=1), PrefillConfig(slc_programs=3, slc_order=2),
+                                 PrefillConfig(slc_tma=1), PrefillConfig(slc_tma=1, forced_win=0)],
                          ids=["scores as products", "scores in two products", "small tiles",
                               "scores as products, small tiles", "other stages", "p in three bf16 parts",
                               "summaries page by page", "top-n kernel", "top-n kernel over block groups",
                               "forced blocks in the selected branch", "selected branch over a bounded grid",
-                              "selected branch groups first", "bounded grid group after group"])
+                              "selected branch groups first", "bounded grid group after group",
+                              "selected pages by descriptors", "all selected pages by descriptors"])
 def test_launch_configs_match_reference(cfg):
     # Configurations the benchmark sweeps: the block scores as matrix products against the overlap
     # weights (the default sums them in registers), of a chunk and its spill into the next in one
@@ -598,7 +600,7 @@ def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16, forced_win, slc_topn,
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("slc_topn,slc_programs,slc_order", [(1, 0, 0), (0, 0, 0), (1, 66, 0), (1, 0, 1),
-                                                            (1, 264, 2)])
+                                                            (1, 264, 2), (1, 0, 3)])
 def test_gpu_side_stream_equals_one_stream(slc_topn, slc_programs, slc_order):
     """`slc_stream`: each row slice's selected branch on a side stream, overlapping the next slice's
     compressed and window kernels, two scratch sets taking turns. Same kernels, same inputs: the
@@ -619,7 +621,8 @@ def test_gpu_side_stream_equals_one_stream(slc_topn, slc_programs, slc_order):
     want, want_sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True, config=base)
     for _ in range(3):
         out, sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True,
-                               config=replace(base, slc_stream=1, slc_programs=slc_programs, slc_order=slc_order))
+                               config=replace(base, slc_stream=1, slc_programs=slc_programs,
+                                              slc_order=slc_order % 3, slc_tma=int(slc_order == 3)))
         assert torch.equal(sel, want_sel)
         assert torch.equal(out, want)
     rows = torch.randint(0, Ttot, (8,), generator=gen).tolist() + [0, 999, 1000, Ttot - 1]
