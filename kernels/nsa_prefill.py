@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -620,8 +619,7 @@ def _slc_kernel(
     P: tl.constexpr, NSEL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     FORCED: tl.constexpr = False, NUM_INIT: tl.constexpr = 1, NUM_LOCAL: tl.constexpr = 2,
     score_ptr=None, ss_t=0, ss_h=0, TOPN: tl.constexpr = False, NBP: tl.constexpr = 16,
-    NSP: tl.constexpr = 16, NPROG: tl.constexpr = 0, nrows=0, GROUP_FIRST: tl.constexpr = False,
-    NH: tl.constexpr = 0, kd1s=None, kd2s=None, vds=None, HKV=1, TMA: tl.constexpr = False,
+    NSP: tl.constexpr = 16,
 ):
     """Selected branch of query row r and kv group h over its NSEL selected blocks; out = acc +
     g_slc·o_slc. FORCED: the forced blocks, which lead the selection (+inf keys, `_select_rows`),
@@ -635,42 +633,15 @@ def _slc_kernel(
     top-n kernel's 2.0 (128k: +4.5 against 6.8). With the block-group passes it took 19.5 ms
     instead of 18.8 at 64k: at 2 warps each pass's reduction crosses warps, and groups double the
     passes (twenty-third session)."""
-    if NPROG == 0:
-        if GROUP_FIRST:
-            h = tl.program_id(0)
-            r = tl.program_id(1)
-        else:
-            r = tl.program_id(0)
-            h = tl.program_id(1)
-        pos = tl.load(rowpos_ptr + r)
-        if pos >= 0:  # a static plan's rows outside its chunks (position −1) are left as they are
-            _slc_row(q_ptr, g_ptr, acc_ptr, out_ptr, idx_ptr, rowseq_ptr, k_ptr, v_ptr, bt_ptr, fm_ptr, fo_ptr,
-                     sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, so_t, so_h, si_t, si_h,
-                     sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, sbt, sf_t, row_base, qk_scale, r, h, pos,
-                     G, GP, DK, DK1, DK2, DV, DVP, P, NSEL, PREC, UPCAST, FORCED, NUM_INIT, NUM_LOCAL,
-                     score_ptr, ss_t, ss_h, TOPN, NBP, NSP, kd1s, kd2s, vds, HKV, TMA)
-    elif NH > 0:  # NPROG programs walk every group's rows, one group after another
-        for h in range(0, NH):
-            for i in range(0, nrows, NPROG):
-                r = tl.program_id(0) + i
-                pos = tl.load(rowpos_ptr + r, mask=r < nrows, other=-1)
-                if pos >= 0:
-                    _slc_row(q_ptr, g_ptr, acc_ptr, out_ptr, idx_ptr, rowseq_ptr, k_ptr, v_ptr, bt_ptr, fm_ptr,
-                             fo_ptr, sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, so_t, so_h, si_t, si_h,
-                             sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, sbt, sf_t, row_base, qk_scale, r, h, pos,
-                             G, GP, DK, DK1, DK2, DV, DVP, P, NSEL, PREC, UPCAST, FORCED, NUM_INIT,
-                             NUM_LOCAL, score_ptr, ss_t, ss_h, TOPN, NBP, NSP, kd1s, kd2s, vds, HKV, TMA)
-    else:  # NPROG programs a group walk the rows (`PrefillConfig.slc_programs`)
-        h = tl.program_id(1)
-        for i in range(0, nrows, NPROG):
-            r = tl.program_id(0) + i
-            pos = tl.load(rowpos_ptr + r, mask=r < nrows, other=-1)
-            if pos >= 0:
-                _slc_row(q_ptr, g_ptr, acc_ptr, out_ptr, idx_ptr, rowseq_ptr, k_ptr, v_ptr, bt_ptr, fm_ptr,
-                         fo_ptr, sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, so_t, so_h, si_t, si_h,
-                         sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, sbt, sf_t, row_base, qk_scale, r, h, pos,
-                         G, GP, DK, DK1, DK2, DV, DVP, P, NSEL, PREC, UPCAST, FORCED, NUM_INIT, NUM_LOCAL,
-                         score_ptr, ss_t, ss_h, TOPN, NBP, NSP, kd1s, kd2s, vds, HKV, TMA)
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    pos = tl.load(rowpos_ptr + r)
+    if pos >= 0:  # a static plan's rows outside its chunks (position −1) are left as they are
+        _slc_row(q_ptr, g_ptr, acc_ptr, out_ptr, idx_ptr, rowseq_ptr, k_ptr, v_ptr, bt_ptr, fm_ptr, fo_ptr,
+                 sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, so_t, so_h, si_t, si_h,
+                 sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, sbt, sf_t, row_base, qk_scale, r, h, pos,
+                 G, GP, DK, DK1, DK2, DV, DVP, P, NSEL, PREC, UPCAST, FORCED, NUM_INIT, NUM_LOCAL,
+                 score_ptr, ss_t, ss_h, TOPN, NBP, NSP)
 
 
 @_helper
@@ -681,10 +652,8 @@ def _slc_row(q_ptr, g_ptr, acc_ptr, out_ptr, idx_ptr, rowseq_ptr, k_ptr, v_ptr, 
              DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
              P: tl.constexpr, NSEL: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
              FORCED: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
-             score_ptr, ss_t, ss_h, TOPN: tl.constexpr, NBP: tl.constexpr, NSP: tl.constexpr,
-             kd1s, kd2s, vds, HKV, TMA: tl.constexpr):
-    """`_slc_kernel`'s work for query row r (at pos) and kv group h. TMA: pages read through tensor
-    descriptors over the caches' [pages · Hkv · P, D] rows (`PrefillConfig.slc_tma`)."""
+             score_ptr, ss_t, ss_h, TOPN: tl.constexpr, NBP: tl.constexpr, NSP: tl.constexpr):
+    """`_slc_kernel`'s work for query row r (at pos) and kv group h."""
     row = (row_base + r).to(tl.int64)
     seq = tl.load(rowseq_ptr + r)
     if TOPN:
@@ -717,22 +686,15 @@ def _slc_row(q_ptr, g_ptr, acc_ptr, out_ptr, idx_ptr, rowseq_ptr, k_ptr, v_ptr, 
         pg = tl.load(bt_row + tl.maximum(blk, 0)).to(tl.int64)
         kk = blk * P + kr
         kmask = (kk >= 0) & (kk <= pos)  # no block (id −1) → all masked; causal inside the current block
-        if TMA:
-            rk = ((pg * HKV + h) * P).to(tl.int32)
-            s = _qk_packed(q1, q2, kd1s, kd2s, rk, DK1, DK2, PREC, UPCAST) * qk_scale
-        else:
-            kb = k_ptr + pg * sk_p + h * sk_h + kr * sk_r
-            s = _qk(q1, q2, kb[None, :], kmask[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
+        kb = k_ptr + pg * sk_p + h * sk_h + kr * sk_r
+        s = _qk(q1, q2, kb[None, :], kmask[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
         s = tl.where(g_ok[:, None] & kmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if TMA:  # masked keys' values may be anything (a chunk's future slots): zero them
-            v = tl.where(kmask[:, None], vds.load([rk, 0]), 0.0)
-        else:
-            vb = v_ptr + pg * sv_p + h * sv_h + kr * sv_r
-            v = tl.load(vb[:, None] + dv[None, :], mask=kmask[:, None] & (dv[None, :] < DV), other=0.0)
+        vb = v_ptr + pg * sv_p + h * sv_h + kr * sv_r
+        v = tl.load(vb[:, None] + dv[None, :], mask=kmask[:, None] & (dv[None, :] < DV), other=0.0)
         o = o * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
     omask = g_ok[:, None] & (dv[None, :] < DV)
@@ -756,17 +718,6 @@ def _slc_row(q_ptr, g_ptr, acc_ptr, out_ptr, idx_ptr, rowseq_ptr, k_ptr, v_ptr, 
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(dev: torch.device):
-    """The selected branch's side stream on `dev` (one a device, made on first use)."""
-    key = dev.index if dev.index is not None else torch.cuda.current_device()
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
-    return _SIDE_STREAMS[key]
 
 
 def _pow2(x: int) -> int:
@@ -837,20 +788,6 @@ class PrefillConfig:
     # the best groups' blocks (0: over every block; `_select_rows`). A power of two. H200, paper
     # shape: top-n 2.03 → 1.57 ms at 64k, 6.83 → 4.59 at 128k.
     topn_groups: int = 16
-    # With several slices in a call, each slice's selected-branch kernel (and top-n) runs on a side
-    # stream, so that it overlaps the next slice's compressed and window kernels: the selected branch
-    # is bound by the L2's bandwidth, the compressed sweeps by their matrix products' latency. Two
-    # sets of slice scratch alternate (one more set of memory). CUDA only; off: one stream.
-    slc_stream: int = 0
-    # Selected-branch programs a kv group (0: one a query row). A bounded grid leaves room on each SM
-    # for the next slice's compressed programs under slc_stream.
-    slc_programs: int = 0
-    # Selected-branch grid order: 0 rows fastest (a group's rows run together), 1 groups fastest;
-    # 2 with slc_programs: the programs walk group after group.
-    slc_order: int = 0
-    # Selected branch reads its pages through tensor descriptors (TMA copies on Hopper) instead of
-    # per-thread pointers; needs contiguous caches with dk = DK1 + DK2 and power-of-two dv.
-    slc_tma: int = 0
 
 
 DEFAULT_CONFIG = PrefillConfig()
@@ -1239,8 +1176,9 @@ def _launch(q, gates, layer: PagedLayerCache, block_tables, wt, ring_pages: int,
         pack_first = meta[first_span[0]:first_span[1]]
     acc_dt = torch.bfloat16 if cfg.acc_bf16 and q.dtype == torch.bfloat16 else torch.float32
     forced = bool(cfg.forced_win) and win_tables is None
-
-    def scratch(rows, NB):
+    for r0, r1, ntiles, nwtiles, spans, NB in plan.slices:
+        rows = r1 - r0
+        tile_t, wtile_t, row_seq, row_pos = (meta[a:b] for a, b in spans)
         acc = torch.empty(rows, Hq, Dv, dtype=acc_dt, device=dev)
         scores = torch.empty(rows, Hkv, NB, dtype=torch.float32, device=dev)
         idx = torch.empty(rows, Hkv, p.num_select, dtype=torch.int32, device=dev)
@@ -1249,30 +1187,6 @@ def _launch(q, gates, layer: PagedLayerCache, block_tables, wt, ring_pages: int,
             fo = torch.empty_like(acc)  # the layout of acc: the kernels index both alike
         else:
             fm = fo = acc  # not read
-        return acc, scores, idx, fm, fo
-
-    # Side stream for the selected branch (PrefillConfig.slc_stream): slice i's selected-branch
-    # kernel waits for its compressed and window kernels (event), slice i + 2's compressed kernel
-    # for slice i's selected branch (it reuses that scratch), and the caller's stream for the last.
-    side = None
-    if cfg.slc_stream and dev.type == "cuda" and len(plan.slices) > 1:
-        main = torch.cuda.current_stream(dev)
-        side = _side_stream(dev)
-        side.wait_stream(main)  # q, gates, the cache and out are ready on the caller's stream
-        max_rows = max(r1 - r0 for r0, r1, *_ in plan.slices)
-        max_nb = max(sl[5] for sl in plan.slices)
-        sets = [scratch(max_rows, max_nb), scratch(max_rows, max_nb)]
-        done = []
-    for i, (r0, r1, ntiles, nwtiles, spans, NB) in enumerate(plan.slices):
-        rows = r1 - r0
-        tile_t, wtile_t, row_seq, row_pos = (meta[a:b] for a, b in spans)
-        if side is None:
-            acc, scores, idx, fm, fo = scratch(rows, NB)
-        else:
-            # Views of the slice's rows; the score rows keep the set's width (strides are passed).
-            acc, scores, idx, fm, fo = (t[:rows] for t in sets[i % 2])
-            if i >= 2:
-                main.wait_event(done[i - 2])
 
         _cmp_kernel[(ntiles, Hkv)](
             q, gates, acc, scores, kcc, vcc, block_tables, tile_t, kd1, kd2, vd, pack_first, pack_rows,
@@ -1300,55 +1214,22 @@ def _launch(q, gates, layer: PagedLayerCache, block_tables, wt, ring_pages: int,
         RB = max(1, min(16, 4096 // NBP))
         # Groups only where they leave the passes fewer keys than the blocks themselves.
         GS = cfg.topn_groups if cfg.topn_groups and NBP >= 2 * NSP * cfg.topn_groups else 0
-        if side is not None:
-            ready = torch.cuda.Event()
-            ready.record(main)
-            side.wait_event(ready)
-        with torch.cuda.stream(side) if side is not None else _nullcontext():
-            _select_and_attend(
-                q, gates, acc, out, idx, scores, row_seq, row_pos, kc, vc, block_tables, fm, fo, sel,
-                r0, r1, rows, Hq, Hkv, Dk, DK1, DK2, Dv, DVP, P, GP_SLC, NBP, NSP, RB, GS, p, cfg,
-                prec, upcast, forced, qk_scale)
-            if side is not None:
-                done.append(torch.cuda.Event())
-                done[-1].record(side)
-    if side is not None:
-        main.wait_stream(side)  # out and sel are the caller's once its stream gets here
-
-
-def _select_and_attend(q, gates, acc, out, idx, scores, row_seq, row_pos, kc, vc, block_tables, fm, fo,
-                       sel, r0, r1, rows, Hq, Hkv, Dk, DK1, DK2, Dv, DVP, P, GP_SLC, NBP, NSP, RB, GS,
-                       p, cfg, prec, upcast, forced, qk_scale) -> None:
-    """A slice's top-n (unless the selected-branch kernel takes it) and selected-branch kernel, which
-    adds its branch to the compressed + window sum `acc` and writes the slice's rows of `out`."""
-    G = Hq // Hkv
-    if not cfg.slc_topn:
-        _topn_kernel[(triton.cdiv(rows, RB), Hkv)](
-            scores, idx, row_pos, rows, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
-            NSEL=p.num_select, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, P=P,
-            NBP=NBP, NSP=NSP, RB=RB, GS=GS, num_warps=4,
+        if not cfg.slc_topn:
+            _topn_kernel[(triton.cdiv(rows, RB), Hkv)](
+                scores, idx, row_pos, rows, scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
+                NSEL=p.num_select, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, P=P,
+                NBP=NBP, NSP=NSP, RB=RB, GS=GS, num_warps=4,
+            )
+        _slc_kernel[(rows, Hkv)](
+            q, gates, acc, out, idx, row_seq, row_pos, kc, vc, block_tables, fm, fo,
+            q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
+            out.stride(0), out.stride(1), idx.stride(0), idx.stride(1),
+            kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+            block_tables.stride(0), Hq, r0, qk_scale,
+            G=G, GP=GP_SLC, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, NSEL=p.num_select,
+            PREC=prec, UPCAST=upcast, FORCED=forced, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local,
+            score_ptr=scores, ss_t=scores.stride(0), ss_h=scores.stride(1), TOPN=bool(cfg.slc_topn),
+            NBP=NBP, NSP=NSP, num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
         )
-    tma = bool(cfg.slc_tma) and kc.is_contiguous() and vc.is_contiguous() and DK1 + DK2 == Dk and DVP == Dv
-    kd1s = kd2s = vds = None
-    if tma:
-        kd1s = TensorDescriptor.from_tensor(kc.view(-1, Dk), [P, DK1])
-        kd2s = TensorDescriptor.from_tensor(kc.view(-1, Dk), [P, max(DK2, 16)])
-        vds = TensorDescriptor.from_tensor(vc.view(-1, Dv), [P, DVP])
-    nprog = min(cfg.slc_programs, rows) if cfg.slc_programs > 0 else 0
-    grid = ((nprog, 1) if cfg.slc_order == 2 else (nprog, Hkv)) if nprog else \
-        ((Hkv, rows) if cfg.slc_order == 1 else (rows, Hkv))
-    _slc_kernel[grid](
-        q, gates, acc, out, idx, row_seq, row_pos, kc, vc, block_tables, fm, fo,
-        q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
-        out.stride(0), out.stride(1), idx.stride(0), idx.stride(1),
-        kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-        block_tables.stride(0), Hq, r0, qk_scale,
-        G=G, GP=GP_SLC, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, NSEL=p.num_select,
-        PREC=prec, UPCAST=upcast, FORCED=forced, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local,
-        score_ptr=scores, ss_t=scores.stride(0), ss_h=scores.stride(1), TOPN=bool(cfg.slc_topn),
-        NBP=NBP, NSP=NSP, NPROG=nprog, nrows=rows, GROUP_FIRST=cfg.slc_order == 1,
-        NH=Hkv if nprog and cfg.slc_order == 2 else 0, kd1s=kd1s, kd2s=kd2s, vds=vds, HKV=Hkv, TMA=tma,
-        num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
-    )
-    if sel is not None:
-        sel[r0:r1] = idx
+        if sel is not None:
+            sel[r0:r1] = idx
