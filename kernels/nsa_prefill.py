@@ -788,9 +788,6 @@ class PrefillConfig:
     # the best groups' blocks (0: over every block; `_select_rows`). A power of two. H200, paper
     # shape: top-n 2.03 → 1.57 ms at 64k, 6.83 → 4.59 at 128k.
     topn_groups: int = 16
-    # Register cap of the selected-branch kernel (ptx .maxnreg; 0: the compiler's choice), so that
-    # more of its programs fit an SM.
-    slc_maxnreg: int = 0
 
 
 DEFAULT_CONFIG = PrefillConfig()
@@ -1233,7 +1230,6 @@ def _launch(q, gates, layer: PagedLayerCache, block_tables, wt, ring_pages: int,
             PREC=prec, UPCAST=upcast, FORCED=forced, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local,
             score_ptr=scores, ss_t=scores.stride(0), ss_h=scores.stride(1), TOPN=bool(cfg.slc_topn),
             NBP=NBP, NSP=NSP, num_warps=cfg.warps_slc, num_stages=cfg.stages_slc,
-            **({"maxnreg": cfg.slc_maxnreg} if cfg.slc_maxnreg and not _INTERPRET else {}),
         )
         if sel is not None:
             sel[r0:r1] = idx
