@@ -70,9 +70,14 @@ def target_arch(device: torch.device) -> int:
 
 
 def pipeline_smem_budget(device: torch.device) -> int:
-    """Shared memory a kernel's software-pipelined tile buffers may take on `device`'s target: its
-    per-block limit less 24 KB for the rest (query tiles, layout conversions, reductions)."""
-    return MAX_SHARED.get(target_arch(device), 101376) - 24 * 1024
+    """Shared memory a kernel's software-pipelined tile buffers may take on `device`'s target."""
+    return arch_smem_budget(target_arch(device))
+
+
+def arch_smem_budget(arch: int) -> int:
+    """`pipeline_smem_budget` of compute capability `arch` (e.g. 90): its per-block limit less 24 KB
+    for the rest (query tiles, layout conversions, reductions)."""
+    return MAX_SHARED.get(arch, 101376) - 24 * 1024
 
 
 @functools.lru_cache(maxsize=None)

@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     import nsa_kernels.nsa_decode as nd
+    from nsa_kernels._triton_utils import arch_smem_budget
     from nsa_kernels.nsa_prefill import nsa_prefill, plan_prefill
     from nsa_serve.engine import precompile as pc
     from nsa_serve.engine.args import EngineArgs
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     att.decode_fn, att.prefill_fn, att.prefill_plan_fn = nd.nsa_decode, nsa_prefill, plan_prefill
     JITFunction.run = record
     nd.target_programs = lambda dev: 2 * 132
-    nd.pipeline_smem_budget = lambda dev: 227 * 1024 - 24 * 1024
+    nd.pipeline_smem_budget = lambda dev: arch_smem_budget(90)  # an H100 / H200
     nd.pdl_enabled = lambda dev: True
     try:
         pc.run_steps(eng.runner, pc.plan(a.max_num_seqs, eng.max_model_len, eng.runner.P, eng._max_chunk()))

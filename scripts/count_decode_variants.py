@@ -39,18 +39,19 @@ from triton.runtime.jit import JITFunction
 # Attention heads: (q heads, kv heads, dk, dv).
 SHAPES = {"paper": (64, 4, 192, 128), "bundled": (8, 2, 64, 64), "one-kv-head": (16, 1, 64, 64),
           "eight-kv-heads": (64, 8, 128, 128)}
-# Modelled GPUs: (SMs, PDL, opt-in shared memory a block in bytes): what the decode launchers ask
-# of the device (`_triton_utils`: target_programs = 2·SMs, pdl_enabled, pipeline_smem_budget).
-DEVICES = {"h100-sxm": (132, True, 232448), "h100-pcie": (114, True, 232448), "a100": (108, False, 166912),
-           "l40s": (142, False, 101376)}
+# Modelled GPUs: (SMs, PDL, compute capability): what the decode launchers ask of the device
+# (`_triton_utils`: target_programs = 2·SMs, pdl_enabled, pipeline_smem_budget by capability).
+DEVICES = {"h100-sxm": (132, True, 90), "h100-pcie": (114, True, 90), "a100": (108, False, 80),
+           "l40s": (142, False, 89)}
 
 
 def count(batches, max_pages: int, exact_width: bool = False, dense: bool = False,
           classes_only: bool = False, shape: tuple = SHAPES["paper"], device: str = "h100-sxm") -> dict[int, set]:
     """The specialisation keys each batch size in `batches` meets: {batch: {(kernel name, key)}}."""
-    sms, pdl, smem = DEVICES[device]
+    sms, pdl, arch = DEVICES[device]
     import nsa_kernels.dense_decode as dd
     import nsa_kernels.nsa_decode as nd
+    from nsa_kernels._triton_utils import arch_smem_budget
     from nsa_kernels.paged import PagedLayerCache
     from nsa_kernels.reference import SparsityParams
     from nsa_serve.engine.model_runner import table_width
@@ -70,7 +71,7 @@ def count(batches, max_pages: int, exact_width: bool = False, dense: bool = Fals
     original = JITFunction.run, nd.target_programs, nd.pipeline_smem_budget, nd.pdl_enabled, dd.target_programs
     JITFunction.run = record
     nd.target_programs = dd.target_programs = lambda dev: 2 * sms
-    nd.pipeline_smem_budget = lambda dev: smem - 24 * 1024  # as `pipeline_smem_budget`
+    nd.pipeline_smem_budget = lambda dev: arch_smem_budget(arch)
     nd.pdl_enabled = lambda dev: pdl
     try:
         p = SparsityParams(block=32, stride=16, select_block=64, num_select=16, window=512)
