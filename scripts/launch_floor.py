@@ -14,7 +14,9 @@ kernels that do nothing but that — each program reads one page-sized tile (64 
 the device's SM count of programs, linked by programmatic dependent launch (griddepcontrol, as the
 decode kernels are: the next launch let in at a program's entry, or after its read) or by plain
 stream order, and the same chains with empty kernels; and, for a persistent single kernel, one
-launch whose reads are separated by grid-wide barriers. The
+launch whose reads are separated by barriers (grid-wide ones polled by read-modify-write atomics,
+and ticket barriers polled by acquire loads, grid-wide or in four groups as the step's kv groups
+would be). The
 difference from the real step is the work the real kernels do beyond one read each.
 """
 
@@ -86,6 +88,60 @@ def _read_tiles_barriers(src_ptr, dst_ptr, bar_ptr, n_tiles, seed, n_prog, LINKS
     tl.store(dst_ptr + pid, acc)
 
 
+@triton.jit
+def _ld_acquire(ptr):
+    """One gpu-scope acquire load (a plain load the L2 answers; no read-modify-write)."""
+    return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _read_tiles_tickets(src_ptr, dst_ptr, bar_ptr, n_tiles, seed, n_prog, LINKS: tl.constexpr,
+                        ROWS: tl.constexpr, COLS: tl.constexpr, C0: tl.constexpr, NG: tl.constexpr,
+                        ENTRY: tl.constexpr = False):
+    """As `_read_tiles_barriers`, with a cheaper barrier: each program's arrival is one
+    acq_rel add on a counter that only grows (no reset, no generation word), and it waits with
+    acquire *loads* until the counter reaches the next multiple of the participants — polling
+    by read-modify-write atomics (the other kernel) queues every poll behind the others at the
+    L2. NG > 1: the programs form NG independent groups (pid % NG), each with its own counter
+    on its own 128-byte line, as a decode step's kv groups need only wait for their own. The
+    counters must start at zero for each NG (a count left by another NG is not a multiple of this
+    one's participants). ENTRY: one more barrier before the first read (all programs started)."""
+    pid = tl.program_id(0)
+    grp = pid % NG
+    n_grp = (n_prog - grp + NG - 1) // NG  # programs in this group
+    cnt = bar_ptr + 32 * grp
+    r = tl.arange(0, ROWS)
+    c0 = tl.arange(0, C0)
+    c1 = C0 + tl.arange(0, COLS - C0)
+    acc = 0.0
+    for i in tl.static_range(LINKS):
+        if i > 0 or ENTRY:
+            tl.debug_barrier()
+            ticket = tl.atomic_add(cnt, 1, sem="acq_rel")
+            target = (ticket // n_grp + 1) * n_grp
+            while _ld_acquire(cnt) < target:
+                pass
+            tl.debug_barrier()
+        t = (pid * 7919 + seed + 1009 * i) % n_tiles
+        base = src_ptr + t * ROWS * COLS + r[:, None] * COLS
+        x0 = tl.load(base + c0[None, :]).to(tl.float32)
+        x1 = tl.load(base + c1[None, :]).to(tl.float32)
+        acc += tl.sum(tl.sum(x0, 1), 0) + tl.sum(tl.sum(x1, 1), 0)
+    tl.store(dst_ptr + pid, acc)
+
+
+def tickets(src, dst, n_links, programs, groups, entry=False):
+    rows, cols = 64, 320
+    n_tiles = src.numel() // (rows * cols)
+    bar = torch.zeros(32 * groups, dtype=torch.int32, device=src.device)  # one counter a 128-B line
+
+    def fn():
+        _read_tiles_tickets[(programs,)](src, dst, bar, n_tiles, 17, programs, LINKS=n_links, ROWS=rows,
+                                         COLS=cols, C0=256, NG=groups, ENTRY=entry, num_warps=4)
+    return fn
+
+
 def persistent(src, dst, bar, n_links, programs):
     rows, cols = 64, 320
     n_tiles = src.numel() // (rows * cols)
@@ -147,6 +203,18 @@ def main():
             cells.append(f"{bench_decode.bench(bench_decode.graph_of(fn).replay, rep=50):.1f}")
         print(f"| {flush} | {sms} | one launch, one 40 KB read each between grid barriers | "
               + " | ".join(cells) + " |", flush=True)
+        # The same with the ticket barrier (acquire-load polling), grid-wide and per group of a
+        # quarter of the programs (the decode step's four kv groups at batch 1).
+        for groups, entry in ((1, False), (4, False), (4, True)):
+            cells = []
+            for n in links:
+                fn = tickets(src, dst, n, sms, groups, entry)
+                fn()
+                torch.cuda.synchronize()
+                cells.append(f"{bench_decode.bench(bench_decode.graph_of(fn).replay, rep=50):.1f}")
+            what = ("grid-wide" if groups == 1 else f"{groups} groups") + (", one more before the first read" if entry else "")
+            print(f"| {flush} | {sms} | one launch, reads between ticket barriers ({what}) | "
+                  + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
