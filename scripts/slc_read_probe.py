@@ -28,9 +28,19 @@ P, DK1, DK2, DV, HKV, G = 64, 128, 64, 128, 4, 16
 
 
 @triton.jit
+def _as(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x rounded to the matrix operand's dtype (and back to fp32 for the interpreter's dot)."""
+    y = x.to(dtype)
+    if UPCAST:
+        y = y.to(tl.float32)
+    return y
+
+
+@triton.jit
 def _pages(q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, sk_p, sk_h, sv_p, sv_h,
            NSEL: tl.constexpr, MODE: tl.constexpr, P: tl.constexpr, DK1: tl.constexpr,
-           DK2: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, HG: tl.constexpr):
+           DK2: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, HG: tl.constexpr,
+           UPCAST: tl.constexpr = False):
     r = tl.program_id(0)
     h = tl.program_id(1)
     nb = r // P + 1  # blocks visible to a query at position r
@@ -45,6 +55,9 @@ def _pages(q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, sk_p, sk_h, sv_p, sv_h,
     acc = tl.zeros([G, DV], tl.float32)
     m_i = tl.full([G], -1.0e30, tl.float32)
     l_i = tl.zeros([G], tl.float32)
+    if UPCAST:  # the CPU interpreter's dot multiplies bf16's raw bits (as in nsa_prefill._mm)
+        q1 = q1.to(tl.float32)
+        q2 = q2.to(tl.float32)
     for s in range(NSEL):
         blk = ((r.to(tl.int64) * 2654435761 + s * 40503 + h * 7919) >> 7) % nb
         pg = tl.load(bt_ptr + blk).to(tl.int64)
@@ -58,16 +71,21 @@ def _pages(q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, sk_p, sk_h, sv_p, sv_h,
         else:
             k1 = tl.load(kb[None, :] + d1[:, None])
             k2 = tl.load(kb[None, :] + d2[:, None])
+            if UPCAST:
+                k1 = k1.to(tl.float32)
+                k2 = k2.to(tl.float32)
             sc = tl.dot(q1, k1) + tl.dot(q2, k2)
             v = tl.load(vb[:, None] + dv[None, :])
+            if UPCAST:
+                v = v.to(tl.float32)
             if MODE == 1:
-                acc += tl.dot(sc.to(v.dtype), v)
+                acc += tl.dot(_as(sc, v_ptr.dtype.element_ty, UPCAST), v)
             else:
                 m_new = tl.maximum(m_i, tl.max(sc, 1))
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(sc - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                acc = acc * alpha[:, None] + tl.dot(_as(p, v_ptr.dtype.element_ty, UPCAST), v)
                 m_i = m_new
     if MODE == 2:
         acc = acc / l_i[:, None]
