@@ -30,6 +30,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile_sum(src_ptr, t, ROWS: tl.constexpr, COLS: tl.constexpr, C0: tl.constexpr):
+    """The sum of tile t (ROWS × COLS, read as C0 columns + the rest: power-of-two blocks)."""
+    r = tl.arange(0, ROWS)
+    c0 = tl.arange(0, C0)
+    c1 = C0 + tl.arange(0, COLS - C0)
+    base = src_ptr + t * ROWS * COLS + r[:, None] * COLS
+    x0 = tl.load(base + c0[None, :]).to(tl.float32)
+    x1 = tl.load(base + c1[None, :]).to(tl.float32)
+    return tl.sum(tl.sum(x0, 1), 0) + tl.sum(tl.sum(x1, 1), 0)
+
+
+@triton.jit
 def _read_tile(src_ptr, dst_ptr, n_tiles, seed, ROWS: tl.constexpr, COLS: tl.constexpr,
                C0: tl.constexpr, READ: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
     """One program: wait for the previous launch (PDL), read one ROWS × COLS tile (as C0 + the
@@ -43,14 +55,7 @@ def _read_tile(src_ptr, dst_ptr, n_tiles, seed, ROWS: tl.constexpr, COLS: tl.con
         tl.extra.cuda.gdc_wait()
     acc = 0.0
     if READ:
-        t = (pid * 7919 + seed) % n_tiles
-        r = tl.arange(0, ROWS)
-        c0 = tl.arange(0, C0)
-        c1 = C0 + tl.arange(0, COLS - C0)
-        base = src_ptr + t * ROWS * COLS + r[:, None] * COLS
-        x0 = tl.load(base + c0[None, :]).to(tl.float32)
-        x1 = tl.load(base + c1[None, :]).to(tl.float32)
-        acc = tl.sum(tl.sum(x0, 1), 0) + tl.sum(tl.sum(x1, 1), 0)
+        acc = _tile_sum(src_ptr, (pid * 7919 + seed) % n_tiles, ROWS, COLS, C0)
     if PDL and not EARLY:
         tl.extra.cuda.gdc_launch_dependents()
     tl.store(dst_ptr + pid, acc)
@@ -65,9 +70,6 @@ def _read_tiles_barriers(src_ptr, dst_ptr, bar_ptr, n_tiles, seed, n_prog, LINKS
     generation word (bar_ptr[1]) when the last program arrives on the count (bar_ptr[0]), so it
     is reusable across calls with no reset."""
     pid = tl.program_id(0)
-    r = tl.arange(0, ROWS)
-    c0 = tl.arange(0, C0)
-    c1 = C0 + tl.arange(0, COLS - C0)
     acc = 0.0
     for i in tl.static_range(LINKS):
         if i > 0:
@@ -80,11 +82,7 @@ def _read_tiles_barriers(src_ptr, dst_ptr, bar_ptr, n_tiles, seed, n_prog, LINKS
                 while tl.atomic_add(bar_ptr + 1, 0, sem="acquire") == gen:
                     pass
             tl.debug_barrier()
-        t = (pid * 7919 + seed + 1009 * i) % n_tiles
-        base = src_ptr + t * ROWS * COLS + r[:, None] * COLS
-        x0 = tl.load(base + c0[None, :]).to(tl.float32)
-        x1 = tl.load(base + c1[None, :]).to(tl.float32)
-        acc += tl.sum(tl.sum(x0, 1), 0) + tl.sum(tl.sum(x1, 1), 0)
+        acc += _tile_sum(src_ptr, (pid * 7919 + seed + 1009 * i) % n_tiles, ROWS, COLS, C0)
     tl.store(dst_ptr + pid, acc)
 
 
@@ -111,9 +109,6 @@ def _read_tiles_tickets(src_ptr, dst_ptr, bar_ptr, n_tiles, seed, n_prog, LINKS:
     grp = pid % NG
     n_grp = (n_prog - grp + NG - 1) // NG  # programs in this group
     cnt = bar_ptr + 32 * grp
-    r = tl.arange(0, ROWS)
-    c0 = tl.arange(0, C0)
-    c1 = C0 + tl.arange(0, COLS - C0)
     acc = 0.0
     for i in tl.static_range(LINKS):
         if i > 0 or ENTRY:
@@ -123,11 +118,7 @@ def _read_tiles_tickets(src_ptr, dst_ptr, bar_ptr, n_tiles, seed, n_prog, LINKS:
             while _ld_acquire(cnt) < target:
                 pass
             tl.debug_barrier()
-        t = (pid * 7919 + seed + 1009 * i) % n_tiles
-        base = src_ptr + t * ROWS * COLS + r[:, None] * COLS
-        x0 = tl.load(base + c0[None, :]).to(tl.float32)
-        x1 = tl.load(base + c1[None, :]).to(tl.float32)
-        acc += tl.sum(tl.sum(x0, 1), 0) + tl.sum(tl.sum(x1, 1), 0)
+        acc += _tile_sum(src_ptr, (pid * 7919 + seed + 1009 * i) % n_tiles, ROWS, COLS, C0)
     tl.store(dst_ptr + pid, acc)
 
 
