@@ -104,7 +104,8 @@ def _read_tiles_tickets(src_ptr, dst_ptr, bar_ptr, n_tiles, seed, n_prog, LINKS:
     L2. NG > 1: the programs form NG independent groups (pid % NG), each with its own counter
     on its own 128-byte line, as a decode step's kv groups need only wait for their own. The
     counters must start at zero for each NG (a count left by another NG is not a multiple of this
-    one's participants). ENTRY: one more barrier before the first read (all programs started)."""
+    one's participants; an int32 count lasts 16 M barriers of 132). ENTRY: one more barrier before
+    the first read (all programs started)."""
     pid = tl.program_id(0)
     grp = pid % NG
     n_grp = (n_prog - grp + NG - 1) // NG  # programs in this group
