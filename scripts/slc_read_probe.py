@@ -24,23 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
+from nsa_kernels.nsa_prefill import _mm  # a @ b in fp32; the interpreter's bf16 dots upcast
+
 P, DK1, DK2, DV, HKV, G = 64, 128, 64, 128, 4, 16
-
-
-@triton.jit
-def _as(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """x rounded to the matrix operand's dtype (and back to fp32 for the interpreter's dot)."""
-    y = x.to(dtype)
-    if UPCAST:
-        y = y.to(tl.float32)
-    return y
 
 
 @triton.jit
 def _pages(q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, sk_p, sk_h, sv_p, sv_h,
            NSEL: tl.constexpr, MODE: tl.constexpr, P: tl.constexpr, DK1: tl.constexpr,
            DK2: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, HG: tl.constexpr,
-           UPCAST: tl.constexpr = False):
+           PREC: tl.constexpr, UPCAST: tl.constexpr):
     r = tl.program_id(0)
     h = tl.program_id(1)
     nb = r // P + 1  # blocks visible to a query at position r
@@ -55,9 +48,6 @@ def _pages(q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, sk_p, sk_h, sv_p, sv_h,
     acc = tl.zeros([G, DV], tl.float32)
     m_i = tl.full([G], -1.0e30, tl.float32)
     l_i = tl.zeros([G], tl.float32)
-    if UPCAST:  # the CPU interpreter's dot multiplies bf16's raw bits (as in nsa_prefill._mm)
-        q1 = q1.to(tl.float32)
-        q2 = q2.to(tl.float32)
     for s in range(NSEL):
         blk = ((r.to(tl.int64) * 2654435761 + s * 40503 + h * 7919) >> 7) % nb
         pg = tl.load(bt_ptr + blk).to(tl.int64)
@@ -71,21 +61,16 @@ def _pages(q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, sk_p, sk_h, sv_p, sv_h,
         else:
             k1 = tl.load(kb[None, :] + d1[:, None])
             k2 = tl.load(kb[None, :] + d2[:, None])
-            if UPCAST:
-                k1 = k1.to(tl.float32)
-                k2 = k2.to(tl.float32)
-            sc = tl.dot(q1, k1) + tl.dot(q2, k2)
+            sc = _mm(q1, k1, PREC, UPCAST) + _mm(q2, k2, PREC, UPCAST)
             v = tl.load(vb[:, None] + dv[None, :])
-            if UPCAST:
-                v = v.to(tl.float32)
             if MODE == 1:
-                acc += tl.dot(_as(sc, v_ptr.dtype.element_ty, UPCAST), v)
+                acc += _mm(sc.to(v.dtype), v, PREC, UPCAST)
             else:
                 m_new = tl.maximum(m_i, tl.max(sc, 1))
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(sc - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(_as(p, v_ptr.dtype.element_ty, UPCAST), v)
+                acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, UPCAST)
                 m_i = m_new
     if MODE == 2:
         acc = acc / l_i[:, None]
@@ -108,7 +93,7 @@ def main():
     gb = rows * HKV * nsel * page_bytes / 1e9
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"64k rows × {HKV} kv groups × {nsel} pages × {page_bytes // 1024} KB = {gb:.1f} GB of page reads a launch")
-    print("| mode | warps | stages | ms (median) | TB/s | registers | programs an SM |")
+    print("| mode | warps | stages | ms (median) | TB/s | registers | programs an SM (estimated) |")
     print("|---|---|---|---|---|---|---|")
     for mode, name in ((0, "read"), (1, "dot"), (2, "soft")):
         for warps in (2, 4):
@@ -116,7 +101,8 @@ def main():
                 def fn():
                     return _pages[(rows, HKV)](q, k, v, bt, out, k.stride(0), k.stride(1), v.stride(0),
                                                v.stride(1), NSEL=nsel, MODE=mode, P=P, DK1=DK1, DK2=DK2,
-                                               DV=DV, G=G, HG=HKV * G, num_warps=warps, num_stages=stages)
+                                               DV=DV, G=G, HG=HKV * G, PREC="tf32", UPCAST=False, num_warps=warps,
+                                               num_stages=stages)
                 try:
                     kern = fn()
                 except Exception as e:  # noqa: BLE001 (a shape that does not build is a row, not an end)

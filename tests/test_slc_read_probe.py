@@ -55,7 +55,7 @@ def test_probe_reads_the_pages_it_counts(mode):
     out = torch.zeros(ROWS, HKV * G, DV, device=DEVICE, dtype=torch.float32)
     m._pages[(ROWS, HKV)](q, k, v, bt, out, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                           NSEL=NSEL, MODE=mode, P=P, DK1=DK1, DK2=DK2, DV=DV, G=G, HG=HKV * G,
-                          UPCAST=DEVICE == "cpu")
+                          PREC="tf32", UPCAST=DEVICE == "cpu")
     want = _twin(mode, q.cpu(), k.cpu(), v.cpu(), bt.cpu())
     err = ((out.double().cpu() - want).norm() / want.norm()).item()
     assert err < 1e-2, err
