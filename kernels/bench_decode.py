@@ -224,6 +224,11 @@ VARIANTS = {
     # Batch 4 (16 kv groups) has 16 pass and 16 attention splits, so a combine launch merges them;
     # with 8 of each the attention kernel's last split merges instead (FUSE_MAX_SPLITS).
     "8 attention splits a group": dict(num_splits=8),
+    # Batch 16 (64 kv groups) gets 4 attention splits a group by default (two programs an SM):
+    # fewer or more, for cards of other bandwidth than the H200 the defaults were chosen on.
+    "2 attention splits a group": dict(num_splits=2),
+    "3 attention splits a group": dict(num_splits=3),
+    "6 attention splits a group": dict(num_splits=6),
     "8 attention splits a group, pass 1 program an SM": dict(num_splits=8, cmp_programs="1*sms"),
     "64-entry compressed tiles": dict(chunk=64),
     "top-n by arg-max passes (default: bitonic top-k)": dict(topn="passes"),
