@@ -207,20 +207,26 @@ def _cat_blocks(c, j2, BJ: tl.constexpr, BJE: tl.constexpr):
 
 @_helper
 def _block_sums(p, spill, jr, BT: tl.constexpr, GP: tl.constexpr, BJ: tl.constexpr, E: tl.constexpr,
-                D: tl.constexpr, L: tl.constexpr, P: tl.constexpr, KSPAN: tl.constexpr):
+                D: tl.constexpr, L: tl.constexpr, P: tl.constexpr, KSPAN: tl.constexpr, HSUM: tl.constexpr):
     """A chunk's selection-block scores summed in fp32 registers, without matrix products: the
     chunk is BJ whole pages of E summaries, and summary r of a page shares a fixed number of tokens
     with the page's block + k (k < KSPAN), as in the decode kernel's tiles. For each k: a weighted
     reshape-and-sum over the page's E summaries, the group's heads summed, then moved k blocks on
     (tl.gather): into this chunk's blocks, or past its end into the next chunk's (the spill).
     Returns (own [BT, BJ] with the previous chunk's spill added, this chunk's spill)."""
-    p3 = tl.reshape(p, (BT * GP, BJ, E))
     rr = tl.arange(0, E)
     own = spill
     nxt = tl.zeros([BT, BJ], tl.float32)
+    if HSUM:  # the group's heads summed first (the weights do not depend on the head)
+        p3 = tl.reshape(tl.sum(tl.reshape(p, (BT, GP, BJ * E)), 1), (BT, BJ, E))
+    else:
+        p3 = tl.reshape(p, (BT * GP, BJ, E))
     for k in tl.static_range(KSPAN):
         w = (tl.maximum(tl.minimum(rr * D + L, (k + 1) * P) - tl.maximum(rr * D, k * P), 0) / D).to(tl.float32)
-        part = tl.sum(tl.reshape(tl.sum(p3 * w[None, None, :], 2), (BT, GP, BJ)), 1)  # [BT, BJ]
+        if HSUM:
+            part = tl.sum(p3 * w[None, None, :], 2)  # [BT, BJ]
+        else:
+            part = tl.sum(tl.reshape(tl.sum(p3 * w[None, None, :], 2), (BT, GP, BJ)), 1)  # [BT, BJ]
         if k == 0:
             own += part
         else:
@@ -257,7 +263,7 @@ def _cmp_kernel(
     BN: tl.constexpr, CN: tl.constexpr, BJ: tl.constexpr, BJE: tl.constexpr,
     PREC: tl.constexpr, SPREC: tl.constexpr, UPCAST: tl.constexpr, BF16X3: tl.constexpr,
     SCAT: tl.constexpr, MASK_SPLIT: tl.constexpr, PARTS: tl.constexpr, PACKED: tl.constexpr,
-    SUMS: tl.constexpr = False, KSPAN: tl.constexpr = 2,
+    SUMS: tl.constexpr = False, KSPAN: tl.constexpr = 2, HSUM: tl.constexpr = False,
 ):
     """Compressed attention (→ acc = g_cmp·o_cmp) and group-summed selection-block scores.
     PACKED: the summaries are read from `_pack_kernel`'s contiguous copy through tensor
@@ -359,7 +365,7 @@ def _cmp_kernel(
             p = p * inv_l[:, None]
         j_own = c * BJE + jr
         if SUMS:
-            own, spill = _block_sums(p, spill, jr, BT, GP, BJ, E, D, L, P, KSPAN)
+            own, spill = _block_sums(p, spill, jr, BT, GP, BJ, E, D, L, P, KSPAN, HSUM)
         elif BF16X3 and SCAT:
             # As below, with this chunk's blocks and the next chunk's (the spill) as the two halves
             # of one [CN, 2·BJ] weight matrix: one product of width 2·BJ per bf16 part of p (two by
@@ -756,6 +762,7 @@ class PrefillConfig:
     # products keep 16 of p's 24 mantissa bits) at the products' speed: H200 64k, three runs in
     # turn, cmp 23.11 / 23.31 / 23.46 → 22.93 / 23.10 / 23.37 ms (prefill.md, twenty-sixth session).
     score_sums: int = 1
+    score_hsum: int = 0  # with score_sums: the group's heads summed before the overlap weights
     # Compressed kernel reads a contiguous copy of the visible summaries (one small gather launch
     # a call) through tensor descriptors: TMA tile copies on Hopper instead of per-thread gathered
     # addresses (0: page by page through the block table).
@@ -1198,7 +1205,7 @@ def _launch(q, gates, layer: PagedLayerCache, block_tables, wt, ring_pages: int,
             D=p.stride, L=p.block, BN=BN, CN=CN, BJ=BJE if sums else BJ, BJE=BJE, PREC=prec, SPREC=sprec,
             UPCAST=upcast, BF16X3=bool(cfg.score_bf16x3) and min(p.block, P) <= 256,
             SCAT=bool(cfg.score_cat), MASK_SPLIT=bool(cfg.mask_split), PARTS=cfg.score_parts,
-            PACKED=plan.pack is not None, SUMS=sums, KSPAN=KSPAN,
+            PACKED=plan.pack is not None, SUMS=sums, KSPAN=KSPAN, HSUM=bool(cfg.score_hsum),
             num_warps=cfg.warps_cmp, num_stages=cfg.stages_cmp,
         )
         _win_kernel[(nwtiles, Hkv)](

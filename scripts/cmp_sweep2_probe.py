@@ -1,0 +1,101 @@
+"""Where the compressed kernel's second sweep spends its time: ablations of `_cmp_kernel`.
+
+    python3 scripts/cmp_sweep2_probe.py [--len 65536]
+
+The prefill's compressed kernel runs two sweeps over the summaries (docs/kernels_prefill.md). At 64k
+on an H100 each costs ≈ 11.6 ms (docs/benchmarks/prefill.md, fiftieth session), though the second
+does 60 % of the first's matrix work (q·k̃ again, no p·ṽ). This script times copies of
+`nsa_prefill.py` (written beside the package under temporary names, removed afterwards) in which
+parts of the second sweep are cut out, so the difference to the next row is what that part costs:
+
+  default                 both sweeps as the library runs them
+  no block sums           p's per-page block sums and their moves (`_block_sums`) replaced by one
+                          row sum of p (the loop still computes q·k̃ and the exponentials, and
+                          stores a [queries, blocks] tile a chunk)
+  no block sums, no exp   the same with p = s − m instead of exp2(s − m)
+  no second sweep         its loop runs no chunk
+  score products          the library's `score_sums=0` config (bf16 products, PrefillConfig knob)
+
+The ablated copies compute wrong block scores by design: only the compressed kernel's time (torch
+profiler, three runs) is read from them, never a result. Needs a CUDA GPU and nsa_kernels importable
+(scripts/device_env.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import sys
+
+import torch
+
+from nsa_kernels.bench_prefill import PAPER, make_inputs, profile_kernels
+
+SUMS = "own, spill = _block_sums(p, spill, jr, BT, GP, BJ, E, D, L, P, KSPAN)"
+ROWSUM = "own = spill + tl.reshape(tl.sum(p, 1), (BT, BJ))  # ablation: no block sums"
+EXP = "tl.exp2(s - m_i[:, None])"
+NOEXP = "(s - m_i[:, None])"
+LOOP = "n_chunks = tl.maximum(tl.cdiv(n_vis, CN), cur_last // BJE + 1)"
+
+ABLATIONS = {
+    "no block sums": [(SUMS, ROWSUM, 1)],
+    "no block sums, no exp": [(SUMS, ROWSUM, 1), (EXP, NOEXP, 3)],
+    "no second sweep": [(LOOP, "n_chunks = 0", 1)],
+}
+
+
+def ablated_module(name, edits):
+    """A copy of nsa_prefill with `edits` (text, replacement, expected count) applied."""
+    import nsa_kernels
+    pkg = os.path.dirname(nsa_kernels.__file__)
+    src = open(os.path.join(pkg, "nsa_prefill.py")).read()
+    for old, new, count in edits:
+        if src.count(old) != count:
+            sys.exit(f"{name}: expected {count} of {old!r} in nsa_prefill.py, found {src.count(old)}")
+        src = src.replace(old, new)
+    modname = "_probe_cmp_" + "".join(c if c.isalnum() else "_" for c in name)
+    path = os.path.join(pkg, modname + ".py")
+    with open(path, "w") as f:
+        f.write(src)
+    return importlib.import_module("nsa_kernels." + modname), path
+
+
+def cmp_ms(mod, q, gates, layer, bt, S, cfg):
+    cu = torch.tensor([0, S], dtype=torch.int32, device=q.device)
+    sl = torch.tensor([S], dtype=torch.int32, device=q.device)
+    G = q.shape[1] // layer.k_cache.shape[1]
+    plan = mod.plan_prefill([0, S], [S], page_size=PAPER.select_block, group=G, device=q.device, config=cfg)
+    runs = []
+    for _ in range(3):
+        prof = profile_kernels(lambda: mod.nsa_prefill(q, gates, layer, bt, cu, sl, PAPER, config=cfg, plan=plan))
+        runs.append(sum(v for k, v in prof.items() if "_cmp_kernel" in k))
+    return runs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--len", type=int, default=65536)
+    args = ap.parse_args()
+    S = args.len
+    q, gates, layer, bt = make_inputs(S)
+    lib = importlib.import_module("nsa_kernels.nsa_prefill")
+    cfg = lib.default_config(q.device)
+    rows = [("default", cmp_ms(lib, q, gates, layer, bt, S, cfg))]
+    for name, edits in ABLATIONS.items():
+        mod, path = ablated_module(name, edits)
+        try:
+            rows.append((name, cmp_ms(mod, q, gates, layer, bt, S, mod.default_config(q.device))))
+        finally:
+            os.remove(path)
+    rows.append(("score products (score_sums=0)",
+                 cmp_ms(lib, q, gates, layer, bt, S, dataclasses.replace(cfg, score_sums=0))))
+    print(f"{S} tokens, paper shape, bf16: `_cmp_kernel` ms (profiler, three runs)\n")
+    print("| variant | ms |\n|---|---|")
+    for name, runs in rows:
+        print(f"| {name} | {' / '.join(f'{x:.2f}' for x in runs)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
