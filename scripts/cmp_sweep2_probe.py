@@ -15,6 +15,8 @@ parts of the second sweep are cut out, so the difference to the next row is what
   no block sums, no exp   the same with p = s − m instead of exp2(s − m)
   no second sweep         its loop runs no chunk
   score products          the library's `score_sums=0` config (bf16 products, PrefillConfig knob)
+  heads summed first      the library's `score_hsum=1` config (the group's heads summed before the
+                          overlap weights: one reduction over the heads instead of one per weight)
 
 The ablated copies compute wrong block scores by design: only the compressed kernel's time (torch
 profiler, three runs) is read from them, never a result. Needs a CUDA GPU and nsa_kernels importable
@@ -91,6 +93,8 @@ def main():
             os.remove(path)
     rows.append(("score products (score_sums=0)",
                  cmp_ms(lib, q, gates, layer, bt, S, dataclasses.replace(cfg, score_sums=0))))
+    rows.append(("heads summed first (score_hsum=1)",
+                 cmp_ms(lib, q, gates, layer, bt, S, dataclasses.replace(cfg, score_hsum=1))))
     print(f"{S} tokens, paper shape, bf16: `_cmp_kernel` ms (profiler, three runs)\n")
     print("| variant | ms |\n|---|---|")
     for name, runs in rows:
