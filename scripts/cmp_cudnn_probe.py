@@ -37,24 +37,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from nsa_kernels.bench_prefill import PAPER, make_inputs, profile_kernels
+from nsa_kernels.bench_prefill import PAPER, make_inputs, profile_kernels, timed
 from nsa_kernels.nsa_prefill import nsa_prefill, plan_prefill
 
 NOSWEEP2 = "_probe_cmp_sweep1_only"
-
-
-def timed(fn, reps):
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
 
 
 def sweep1_only_module():
