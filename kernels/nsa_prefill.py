@@ -213,6 +213,8 @@ def _block_sums(p, spill, jr, BT: tl.constexpr, GP: tl.constexpr, BJ: tl.constex
     with the page's block + k (k < KSPAN), as in the decode kernel's tiles. For each k: a weighted
     reshape-and-sum over the page's E summaries, the group's heads summed, then moved k blocks on
     (tl.gather): into this chunk's blocks, or past its end into the next chunk's (the spill).
+    HSUM (`PrefillConfig.score_hsum`): the heads summed first, then one weighted sum a k on the
+    [BT, BJ, E] result (the weights do not depend on the head; the same sums in another order).
     Returns (own [BT, BJ] with the previous chunk's spill added, this chunk's spill)."""
     rr = tl.arange(0, E)
     own = spill
