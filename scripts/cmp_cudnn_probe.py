@@ -13,7 +13,8 @@ attentions of T/d queries (a strided view of q) against the same summaries, one 
 
 This script measures, on random normal inputs at the paper shape (bf16):
   1. `_cmp_kernel` as the library runs it (both sweeps), and a copy of it with sweep 2 removed
-     (written next to the package under a temporary name, so its sweep 1 alone is timed);
+     (`cmp_sweep2_probe`'s module copies, written next to the package under a temporary name, so
+     its sweep 1 alone is timed);
   2. the batched residue attention through torch SDPA (cuDNN), q as a strided view and as a
      contiguous copy, with grouped K/V (enable_gqa) where cuDNN takes it;
   3. torch's private cuDNN op with its log-sum-exp (what sweep 2 would need in place of sweep 1's
@@ -30,31 +31,16 @@ import argparse
 import importlib
 import math
 import os
-import re
 import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from nsa_kernels.bench_prefill import PAPER, make_inputs, profile_kernels, timed
-from nsa_kernels.nsa_prefill import nsa_prefill, plan_prefill
+from nsa_kernels.bench_prefill import PAPER, make_inputs, timed
 
-NOSWEEP2 = "_probe_cmp_sweep1_only"
-
-
-def sweep1_only_module():
-    """A copy of nsa_prefill with sweep 2's chunk count set to 0 (imported as a package sibling)."""
-    import nsa_kernels
-    pkg = os.path.dirname(nsa_kernels.__file__)
-    src = open(os.path.join(pkg, "nsa_prefill.py")).read()
-    pat = r"n_chunks = tl\.maximum\(tl\.cdiv\(n_vis, CN\), cur_last // BJE \+ 1\)"
-    if len(re.findall(pat, src)) != 1:
-        sys.exit("sweep 2's loop bound not found once in nsa_prefill.py: update the probe")
-    path = os.path.join(pkg, NOSWEEP2 + ".py")
-    with open(path, "w") as f:
-        f.write(re.sub(pat, "n_chunks = 0", src))
-    return importlib.import_module("nsa_kernels." + NOSWEEP2), path
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cmp_sweep2_probe import ABLATIONS, ablated_module, cmp_ms  # noqa: E402 (the sibling's module copies)
 
 
 def summaries(layer, bt, n):
@@ -64,11 +50,6 @@ def summaries(layer, bt, n):
     kc = layer.kc_cache[pages].permute(1, 0, 2, 3).reshape(layer.kc_cache.shape[1], -1, layer.kc_cache.shape[-1])
     vc = layer.vc_cache[pages].permute(1, 0, 2, 3).reshape(layer.vc_cache.shape[1], -1, layer.vc_cache.shape[-1])
     return kc[:, :n].contiguous(), vc[:, :n].contiguous()
-
-
-def cmp_ms(fn):
-    """The compressed kernel's profiler time (ms) in one call of fn."""
-    return sum(v for k, v in profile_kernels(fn).items() if "_cmp_kernel" in k)
 
 
 def residue_views(q, d, lb):
@@ -204,15 +185,13 @@ def main():
     if worst > 2e-2:
         sys.exit("the residue attention does not match float64: no times printed")
 
-    # The library's compressed kernel, both sweeps and sweep 1 alone, at the same prompt.
-    cu = torch.tensor([0, S], dtype=torch.int32, device=q.device)
-    sl = torch.tensor([S], dtype=torch.int32, device=q.device)
-    plan = plan_prefill([0, S], [S], page_size=p.select_block, group=G, device=q.device)
-    mod1, path = sweep1_only_module()
+    # The library's compressed kernel, both sweeps and sweep 1 alone (cmp_sweep2_probe's copy of
+    # the module without the second sweep), at the same prompt.
+    lib = importlib.import_module("nsa_kernels.nsa_prefill")
+    cmp_both = cmp_ms(lib, q, gates, layer, bt, S, lib.default_config(q.device))
+    mod1, path = ablated_module("no second sweep", ABLATIONS["no second sweep"])
     try:
-        plan1 = mod1.plan_prefill([0, S], [S], page_size=p.select_block, group=G, device=q.device)
-        cmp_both = [cmp_ms(lambda: nsa_prefill(q, gates, layer, bt, cu, sl, p, plan=plan)) for _ in range(3)]
-        cmp_one = [cmp_ms(lambda: mod1.nsa_prefill(q, gates, layer, bt, cu, sl, p, plan=plan1)) for _ in range(3)]
+        cmp_one = cmp_ms(mod1, q, gates, layer, bt, S, mod1.default_config(q.device))
     finally:
         os.remove(path)
     t_all = torch.arange(S, dtype=torch.float64)
