@@ -257,7 +257,7 @@ def _tile_rows(tile_ptr, BT: tl.constexpr, GP: tl.constexpr, G: tl.constexpr):
 @triton.jit(do_not_specialize=["pack_rows"])
 def _cmp_kernel(
     q_ptr, g_ptr, acc_ptr, score_ptr, kc_ptr, vc_ptr, bt_ptr, tile_ptr, kd1, kd2, vd, pack_ptr, pack_rows,
-    sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, ss_t, ss_h,
+    lse_ptr, sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, ss_t, ss_h, sl_t,
     skc_p, skc_h, skc_r, svc_p, svc_h, svc_r, sbt, row_base, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
     DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
@@ -266,11 +266,13 @@ def _cmp_kernel(
     PREC: tl.constexpr, SPREC: tl.constexpr, UPCAST: tl.constexpr, BF16X3: tl.constexpr,
     SCAT: tl.constexpr, MASK_SPLIT: tl.constexpr, PARTS: tl.constexpr, PACKED: tl.constexpr,
     SUMS: tl.constexpr = False, KSPAN: tl.constexpr = 2, HSUM: tl.constexpr = False,
+    SWEEPS: tl.constexpr = 3,
 ):
     """Compressed attention (→ acc = g_cmp·o_cmp) and group-summed selection-block scores.
     PACKED: the summaries are read from `_pack_kernel`'s contiguous copy through tensor
     descriptors kd1 / kd2 (key columns [0, DK1) / [DK1, DK1 + DK2)) and vd; else through the
-    block table, page by page."""
+    block table, page by page. SWEEPS 3 runs both sweeps; 1 only the first, storing each row's
+    statistics (m + log2 l, base 2) at lse_ptr [rows, Hq] fp32; 2 only the second, reading them."""
     BM: tl.constexpr = BT * GP
     h = tl.program_id(1)
     seq, row0, nrows, pos0, t, g, row_ok = _tile_rows(tile_ptr, BT, GP, G)
@@ -285,122 +287,133 @@ def _cmp_kernel(
 
     # Sweep 1: flash attention over the visible summaries (entry i visible when i·d + l − 1 ≤ pos).
     n_vis = tl.where(pos_last + 1 >= L, (pos_last + 1 - L) // D + 1, 0)
-    m_i = tl.full([BM], -1.0e30, tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    o = tl.zeros([BM, DVP], tl.float32)
-    # Page ids are read a chunk ahead (carried): summary addresses loaded in the same iteration
-    # leave Triton's pipeliner nothing to issue early, so the next chunk's copies would start only
-    # after this chunk's math (the decode kernels' finding, docs/benchmarks/decode.md 7th round).
-    # Chunks every row of the tile sees whole (below the first query's visible count) skip the
-    # causal mask: one loop without it, one with it for the rest.
     n_full = _full_chunks(pos0, L, D, CN, BN, MASK_SPLIT)
+    arow = (row0 + t - row_base).to(tl.int64)
     if PACKED:
         # This sequence's entries for kv head h start at packed row r0p (entry i at r0p + i).
         r0p = h * pack_rows + tl.load(pack_ptr + seq) * E
-        for i0 in range(0, n_full, CN):
-            m_i, l_i, o = _sweep1_step_packed(i0, r0p + i0, q1, q2, m_i, l_i, o, kd1, kd2, vd, n_vis, row_ok,
-                                              pos, qk_scale, ar, DK1, DK2, D, L, CN, PREC, UPCAST, False)
-        for i0 in range(n_full, n_vis, CN):
-            m_i, l_i, o = _sweep1_step_packed(i0, r0p + i0, q1, q2, m_i, l_i, o, kd1, kd2, vd, n_vis, row_ok,
-                                              pos, qk_scale, ar, DK1, DK2, D, L, CN, PREC, UPCAST, True)
-    else:
-        pg_n = tl.load(bt_row + (ar * D) // P, mask=(ar < CN) & (ar < n_vis), other=0)
-        for i0 in range(0, n_full, CN):
-            m_i, l_i, o, pg_n = _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p,
-                                             skc_h, skc_r, svc_p, svc_h, svc_r, n_vis, row_ok, pos, qk_scale,
-                                             ar, dv, DK, DK1, DK2, DV, P, E, D, L, CN, PREC, UPCAST, False)
-        for i0 in range(n_full, n_vis, CN):
-            m_i, l_i, o, pg_n = _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p,
-                                             skc_h, skc_r, svc_p, svc_h, svc_r, n_vis, row_ok, pos, qk_scale,
-                                             ar, dv, DK, DK1, DK2, DV, P, E, D, L, CN, PREC, UPCAST, True)
-    # 0 for padded rows (heads g ≥ G, queries past the tile): sweep 2 sums p over the padded group,
-    # and its unmasked chunks would otherwise add the padded heads' p.
-    inv_l = tl.where(row_ok & (l_i > 0), 1.0 / l_i, 0.0)
-    g_cmp = tl.load(g_ptr + qrow * sg_t + head * sg_h, mask=row_ok, other=0.0).to(tl.float32)
-    arow = (row0 + t - row_base).to(tl.int64)
-    res = o * (inv_l * g_cmp)[:, None]
-    tl.store(acc_ptr + arow[:, None] * sa_t + head[:, None] * sa_h + dv[None, :],
-             res.to(acc_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
-
-    # Sweep 2: normalised p_cmp → selection-block scores. Chunk c covers summaries
-    # [c·CN, (c+1)·CN) and owns blocks [c·BJE, (c+1)·BJE) (CN·d = BJE·P). A summary can spill
-    # into the next chunk's blocks (l > d), never further, so each chunk adds its own part plus
-    # the previous chunk's spill and hands on its own. Per-row block scores come from a matrix
-    # product with p as the A operand (as in p·V); the group's heads are then summed on the small
-    # [rows, blocks] result.
-    tq = tl.arange(0, BT)
-    jr = tl.arange(0, BJ)
-    cur_last = pos_last // P
-    n_chunks = tl.maximum(tl.cdiv(n_vis, CN), cur_last // BJE + 1)
-    spill = tl.zeros([BT, BJ], tl.float32)
-    cur_t = (pos0 + tq) // P
-    srow = (row0 + tq - row_base).to(tl.int64)
-    if not PACKED:
-        pg_n = tl.load(bt_row + (ar * D) // P, mask=(ar < CN) & (ar < n_vis), other=0)
-    # Chunk c's weights are chunk 0's: summaries and blocks both move by CN·d = BJE·P tokens.
-    j2 = tl.arange(0, 2 * BJ)
-    w2b = _overlap_tokens(ar, _cat_blocks(0, j2, BJ, BJE), D, L, P).to(tl.bfloat16)
-    # With the bf16 products, 1/l is applied to their [rows, blocks] result (half the entries)
-    # instead of to p; it is 0 for padded rows either way.
-    NORM_AFTER: tl.constexpr = BF16X3 and SCAT and not SUMS
-    for c in range(0, n_chunks):
-        i0 = c * CN
-        ii = i0 + ar
-        ok_i = (ar < CN) & (ii < n_vis)
+    if SWEEPS != 2:
+        m_i = tl.full([BM], -1.0e30, tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        o = tl.zeros([BM, DVP], tl.float32)
+        # Page ids are read a chunk ahead (carried): summary addresses loaded in the same iteration
+        # leave Triton's pipeliner nothing to issue early, so the next chunk's copies would start only
+        # after this chunk's math (the decode kernels' finding, docs/benchmarks/decode.md 7th round).
+        # Chunks every row of the tile sees whole (below the first query's visible count) skip the
+        # causal mask: one loop without it, one with it for the rest.
         if PACKED:
-            s = _qk_packed(q1, q2, kd1, kd2, r0p + i0, DK1, DK2, PREC, UPCAST) * qk_scale
+            for i0 in range(0, n_full, CN):
+                m_i, l_i, o = _sweep1_step_packed(i0, r0p + i0, q1, q2, m_i, l_i, o, kd1, kd2, vd, n_vis, row_ok,
+                                                  pos, qk_scale, ar, DK1, DK2, D, L, CN, PREC, UPCAST, False)
+            for i0 in range(n_full, n_vis, CN):
+                m_i, l_i, o = _sweep1_step_packed(i0, r0p + i0, q1, q2, m_i, l_i, o, kd1, kd2, vd, n_vis, row_ok,
+                                                  pos, qk_scale, ar, DK1, DK2, D, L, CN, PREC, UPCAST, True)
         else:
-            pg = pg_n.to(tl.int64)  # read a chunk ahead, as in sweep 1
-            pg_n = tl.load(bt_row + ((ii + CN) * D) // P, mask=(ar < CN) & (ii + CN < n_vis), other=0)
-            kb = kc_ptr + pg * skc_p + h * skc_h + (ii % E) * skc_r
-            s = _qk(q1, q2, kb[None, :], ok_i[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
-        if MASK_SPLIT:  # a run-time branch: chunks below n_full are seen whole by every row
-            if i0 < n_full:
-                p = tl.exp2(s - m_i[:, None])
+            pg_n = tl.load(bt_row + (ar * D) // P, mask=(ar < CN) & (ar < n_vis), other=0)
+            for i0 in range(0, n_full, CN):
+                m_i, l_i, o, pg_n = _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p,
+                                                 skc_h, skc_r, svc_p, svc_h, svc_r, n_vis, row_ok, pos, qk_scale,
+                                                 ar, dv, DK, DK1, DK2, DV, P, E, D, L, CN, PREC, UPCAST, False)
+            for i0 in range(n_full, n_vis, CN):
+                m_i, l_i, o, pg_n = _sweep1_step(i0, pg_n, q1, q2, m_i, l_i, o, kc_ptr, vc_ptr, bt_row, h, skc_p,
+                                                 skc_h, skc_r, svc_p, svc_h, svc_r, n_vis, row_ok, pos, qk_scale,
+                                                 ar, dv, DK, DK1, DK2, DV, P, E, D, L, CN, PREC, UPCAST, True)
+        # 0 for padded rows (heads g ≥ G, queries past the tile): sweep 2 sums p over the padded group,
+        # and its unmasked chunks would otherwise add the padded heads' p.
+        inv_l = tl.where(row_ok & (l_i > 0), 1.0 / l_i, 0.0)
+        g_cmp = tl.load(g_ptr + qrow * sg_t + head * sg_h, mask=row_ok, other=0.0).to(tl.float32)
+        res = o * (inv_l * g_cmp)[:, None]
+        tl.store(acc_ptr + arow[:, None] * sa_t + head[:, None] * sa_h + dv[None, :],
+                 res.to(acc_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+
+    if SWEEPS == 1:
+        # Rows that see no summary (and padded ones) get 1e30: their p is 0 in sweep 2.
+        lse = tl.where(inv_l > 0, m_i - tl.log2(tl.where(inv_l > 0, inv_l, 1.0)), 1.0e30)
+        tl.store(lse_ptr + arow * sl_t + head, lse, mask=row_ok)
+    if SWEEPS == 2:
+        m_i = tl.load(lse_ptr + arow * sl_t + head, mask=row_ok, other=1.0e30)
+        inv_l = tl.where(row_ok, 1.0, 0.0)  # p = exp2(s − m − log2 l) is normalised already
+
+    if SWEEPS != 1:
+        # Sweep 2: normalised p_cmp → selection-block scores. Chunk c covers summaries
+        # [c·CN, (c+1)·CN) and owns blocks [c·BJE, (c+1)·BJE) (CN·d = BJE·P). A summary can spill
+        # into the next chunk's blocks (l > d), never further, so each chunk adds its own part plus
+        # the previous chunk's spill and hands on its own. Per-row block scores come from a matrix
+        # product with p as the A operand (as in p·V); the group's heads are then summed on the small
+        # [rows, blocks] result.
+        tq = tl.arange(0, BT)
+        jr = tl.arange(0, BJ)
+        cur_last = pos_last // P
+        n_chunks = tl.maximum(tl.cdiv(n_vis, CN), cur_last // BJE + 1)
+        spill = tl.zeros([BT, BJ], tl.float32)
+        cur_t = (pos0 + tq) // P
+        srow = (row0 + tq - row_base).to(tl.int64)
+        if not PACKED:
+            pg_n = tl.load(bt_row + (ar * D) // P, mask=(ar < CN) & (ar < n_vis), other=0)
+        # Chunk c's weights are chunk 0's: summaries and blocks both move by CN·d = BJE·P tokens.
+        j2 = tl.arange(0, 2 * BJ)
+        w2b = _overlap_tokens(ar, _cat_blocks(0, j2, BJ, BJE), D, L, P).to(tl.bfloat16)
+        # With the bf16 products, 1/l is applied to their [rows, blocks] result (half the entries)
+        # instead of to p; it is 0 for padded rows either way.
+        NORM_AFTER: tl.constexpr = BF16X3 and SCAT and not SUMS
+        for c in range(0, n_chunks):
+            i0 = c * CN
+            ii = i0 + ar
+            ok_i = (ar < CN) & (ii < n_vis)
+            if PACKED:
+                s = _qk_packed(q1, q2, kd1, kd2, r0p + i0, DK1, DK2, PREC, UPCAST) * qk_scale
+            else:
+                pg = pg_n.to(tl.int64)  # read a chunk ahead, as in sweep 1
+                pg_n = tl.load(bt_row + ((ii + CN) * D) // P, mask=(ar < CN) & (ii + CN < n_vis), other=0)
+                kb = kc_ptr + pg * skc_p + h * skc_h + (ii % E) * skc_r
+                s = _qk(q1, q2, kb[None, :], ok_i[None, :], DK, DK1, DK2, PREC, UPCAST) * qk_scale
+            if MASK_SPLIT:  # a run-time branch: chunks below n_full are seen whole by every row
+                if i0 < n_full:
+                    p = tl.exp2(s - m_i[:, None])
+                else:
+                    vis = _visible(row_ok, ok_i, ii, pos, D, L)
+                    p = tl.where(vis, tl.exp2(s - m_i[:, None]), 0.0)
             else:
                 vis = _visible(row_ok, ok_i, ii, pos, D, L)
                 p = tl.where(vis, tl.exp2(s - m_i[:, None]), 0.0)
-        else:
-            vis = _visible(row_ok, ok_i, ii, pos, D, L)
-            p = tl.where(vis, tl.exp2(s - m_i[:, None]), 0.0)
-        if not NORM_AFTER:
-            p = p * inv_l[:, None]
-        j_own = c * BJE + jr
-        if SUMS:
-            own, spill = _block_sums(p, spill, jr, BT, GP, BJ, E, D, L, P, KSPAN, HSUM)
-        elif BF16X3 and SCAT:
-            # As below, with this chunk's blocks and the next chunk's (the spill) as the two halves
-            # of one [CN, 2·BJ] weight matrix: one product of width 2·BJ per bf16 part of p (two by
-            # default: 16 mantissa bits) instead of two of BJ.
-            p_hi, p_mid, p_lo = _split_bf16x3(p)
-            sc = _mm(p_hi, w2b, "tf32", UPCAST) + _mm(p_mid, w2b, "tf32", UPCAST)
-            if PARTS == 3:
-                sc += _mm(p_lo, w2b, "tf32", UPCAST)
-            sc = sc * inv_l[:, None]
-            both = tl.sum(tl.reshape(sc, (BT, GP, 2 * BJ)), 1) / D  # [BT, 2·BJ]: own | next
-            own_c, nxt_c = tl.split(tl.permute(tl.reshape(both, (BT, 2, BJ)), (0, 2, 1)))
-            own = own_c + spill
-            spill = nxt_c
-        elif BF16X3:
-            # p = hi + mid + lo in bf16 (24 mantissa bits, fp32's accuracy) against the overlap
-            # token counts (small integers, exact in bf16): three cheap bf16 products instead of
-            # fp32 ones, with p as the A operand straight from registers, as in p·V.
-            w_o = _overlap_tokens(ii, j_own, D, L, P).to(tl.bfloat16)
-            w_n = _overlap_tokens(ii, j_own + BJE, D, L, P).to(tl.bfloat16)
-            p_hi, p_mid, p_lo = _split_bf16x3(p)
-            sc_own = _mm(p_hi, w_o, "tf32", UPCAST) + _mm(p_mid, w_o, "tf32", UPCAST)
-            sc_own += _mm(p_lo, w_o, "tf32", UPCAST)
-            sc_nxt = _mm(p_hi, w_n, "tf32", UPCAST) + _mm(p_mid, w_n, "tf32", UPCAST)
-            sc_nxt += _mm(p_lo, w_n, "tf32", UPCAST)
-            own = tl.sum(tl.reshape(sc_own, (BT, GP, BJ)), 1) / D + spill
-            spill = tl.sum(tl.reshape(sc_nxt, (BT, GP, BJ)), 1) / D
-        else:  # fp32 products ("tf32x3"): overlap counts above 256 are not exact in bf16
-            sc_own = tl.dot(p, _overlap_tokens(ii, j_own, D, L, P), input_precision=SPREC)
-            sc_nxt = tl.dot(p, _overlap_tokens(ii, j_own + BJE, D, L, P), input_precision=SPREC)
-            own = tl.sum(tl.reshape(sc_own, (BT, GP, BJ)), 1) / D + spill
-            spill = tl.sum(tl.reshape(sc_nxt, (BT, GP, BJ)), 1) / D
-        smask = (tq[:, None] < nrows) & (jr[None, :] < BJE) & (j_own[None, :] <= cur_t[:, None])
-        tl.store(score_ptr + srow[:, None] * ss_t + h * ss_h + j_own[None, :], own, mask=smask)
+            if not NORM_AFTER:
+                p = p * inv_l[:, None]
+            j_own = c * BJE + jr
+            if SUMS:
+                own, spill = _block_sums(p, spill, jr, BT, GP, BJ, E, D, L, P, KSPAN, HSUM)
+            elif BF16X3 and SCAT:
+                # As below, with this chunk's blocks and the next chunk's (the spill) as the two halves
+                # of one [CN, 2·BJ] weight matrix: one product of width 2·BJ per bf16 part of p (two by
+                # default: 16 mantissa bits) instead of two of BJ.
+                p_hi, p_mid, p_lo = _split_bf16x3(p)
+                sc = _mm(p_hi, w2b, "tf32", UPCAST) + _mm(p_mid, w2b, "tf32", UPCAST)
+                if PARTS == 3:
+                    sc += _mm(p_lo, w2b, "tf32", UPCAST)
+                sc = sc * inv_l[:, None]
+                both = tl.sum(tl.reshape(sc, (BT, GP, 2 * BJ)), 1) / D  # [BT, 2·BJ]: own | next
+                own_c, nxt_c = tl.split(tl.permute(tl.reshape(both, (BT, 2, BJ)), (0, 2, 1)))
+                own = own_c + spill
+                spill = nxt_c
+            elif BF16X3:
+                # p = hi + mid + lo in bf16 (24 mantissa bits, fp32's accuracy) against the overlap
+                # token counts (small integers, exact in bf16): three cheap bf16 products instead of
+                # fp32 ones, with p as the A operand straight from registers, as in p·V.
+                w_o = _overlap_tokens(ii, j_own, D, L, P).to(tl.bfloat16)
+                w_n = _overlap_tokens(ii, j_own + BJE, D, L, P).to(tl.bfloat16)
+                p_hi, p_mid, p_lo = _split_bf16x3(p)
+                sc_own = _mm(p_hi, w_o, "tf32", UPCAST) + _mm(p_mid, w_o, "tf32", UPCAST)
+                sc_own += _mm(p_lo, w_o, "tf32", UPCAST)
+                sc_nxt = _mm(p_hi, w_n, "tf32", UPCAST) + _mm(p_mid, w_n, "tf32", UPCAST)
+                sc_nxt += _mm(p_lo, w_n, "tf32", UPCAST)
+                own = tl.sum(tl.reshape(sc_own, (BT, GP, BJ)), 1) / D + spill
+                spill = tl.sum(tl.reshape(sc_nxt, (BT, GP, BJ)), 1) / D
+            else:  # fp32 products ("tf32x3"): overlap counts above 256 are not exact in bf16
+                sc_own = tl.dot(p, _overlap_tokens(ii, j_own, D, L, P), input_precision=SPREC)
+                sc_nxt = tl.dot(p, _overlap_tokens(ii, j_own + BJE, D, L, P), input_precision=SPREC)
+                own = tl.sum(tl.reshape(sc_own, (BT, GP, BJ)), 1) / D + spill
+                spill = tl.sum(tl.reshape(sc_nxt, (BT, GP, BJ)), 1) / D
+            smask = (tq[:, None] < nrows) & (jr[None, :] < BJE) & (j_own[None, :] <= cur_t[:, None])
+            tl.store(score_ptr + srow[:, None] * ss_t + h * ss_h + j_own[None, :], own, mask=smask)
 
 
 @triton.jit(do_not_specialize=["pack_rows"])
@@ -764,7 +777,15 @@ class PrefillConfig:
     # products keep 16 of p's 24 mantissa bits) at the products' speed: H200 64k, three runs in
     # turn, cmp 23.11 / 23.31 / 23.46 → 22.93 / 23.10 / 23.37 ms (prefill.md, twenty-sixth session).
     score_sums: int = 1
-    score_hsum: int = 0  # with score_sums: the group's heads summed before the overlap weights
+    # With score_sums: the group's heads summed before the overlap weights (they do not depend on
+    # the head): one reduction over the heads instead of one per summary offset. H100 64k, three
+    # runs: cmp 23.0–23.4 → 22.3–22.4 ms; same selections at 16k (prefill.md, fifty-first session).
+    score_hsum: int = 1
+    # The compressed kernel's two sweeps as two launches: the first stores each row's statistics
+    # ([rows, Hq] fp32), the second reads them. The second alone needs 72 registers and 74 KB of
+    # shared memory (sm_90) against the pair's 143 and 107 KB: three programs an SM instead of two.
+    # H100 64k, three runs in turn: cmp 22.3–22.5 → 21.0–21.7 ms (prefill.md, fifty-first session).
+    cmp_split: int = 1
     # Compressed kernel reads a contiguous copy of the visible summaries (one small gather launch
     # a call) through tensor descriptors: TMA tile copies on Hopper instead of per-thread gathered
     # addresses (0: page by page through the block table).
@@ -1197,19 +1218,23 @@ def _launch(q, gates, layer: PagedLayerCache, block_tables, wt, ring_pages: int,
         else:
             fm = fo = acc  # not read
 
-        _cmp_kernel[(ntiles, Hkv)](
-            q, gates, acc, scores, kcc, vcc, block_tables, tile_t, kd1, kd2, vd, pack_first, pack_rows,
-            q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
-            scores.stride(0), scores.stride(1),
-            kcc.stride(0), kcc.stride(1), kcc.stride(2), vcc.stride(0), vcc.stride(1), vcc.stride(2),
-            block_tables.stride(0), r0, qk_scale,
-            G=G, GP=GP, BT=BT, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, E=E,
-            D=p.stride, L=p.block, BN=BN, CN=CN, BJ=BJE if sums else BJ, BJE=BJE, PREC=prec, SPREC=sprec,
-            UPCAST=upcast, BF16X3=bool(cfg.score_bf16x3) and min(p.block, P) <= 256,
-            SCAT=bool(cfg.score_cat), MASK_SPLIT=bool(cfg.mask_split), PARTS=cfg.score_parts,
-            PACKED=plan.pack is not None, SUMS=sums, KSPAN=KSPAN, HSUM=bool(cfg.score_hsum),
-            num_warps=cfg.warps_cmp, num_stages=cfg.stages_cmp,
-        )
+        # Both compressed sweeps in one launch, or (cmp_split) the first in one that stores each
+        # row's statistics and the second in another that reads them.
+        lse = torch.empty(rows, Hq, dtype=torch.float32, device=dev) if cfg.cmp_split else scores
+        for sweeps in ((1, 2) if cfg.cmp_split else (3,)):
+            _cmp_kernel[(ntiles, Hkv)](
+                q, gates, acc, scores, kcc, vcc, block_tables, tile_t, kd1, kd2, vd, pack_first, pack_rows, lse,
+                q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
+                scores.stride(0), scores.stride(1), lse.stride(0),
+                kcc.stride(0), kcc.stride(1), kcc.stride(2), vcc.stride(0), vcc.stride(1), vcc.stride(2),
+                block_tables.stride(0), r0, qk_scale,
+                G=G, GP=GP, BT=BT, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, E=E,
+                D=p.stride, L=p.block, BN=BN, CN=CN, BJ=BJE if sums else BJ, BJE=BJE, PREC=prec, SPREC=sprec,
+                UPCAST=upcast, BF16X3=bool(cfg.score_bf16x3) and min(p.block, P) <= 256,
+                SCAT=bool(cfg.score_cat), MASK_SPLIT=bool(cfg.mask_split), PARTS=cfg.score_parts,
+                PACKED=plan.pack is not None, SUMS=sums, KSPAN=KSPAN, HSUM=bool(cfg.score_hsum), SWEEPS=sweeps,
+                num_warps=cfg.warps_cmp, num_stages=cfg.stages_cmp,
+            )
         _win_kernel[(nwtiles, Hkv)](
             q, gates, acc, kc, vc, wt, wtile_t, block_tables, fm, fo,
             q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),

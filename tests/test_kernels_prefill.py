@@ -257,43 +257,54 @@ def test_forced_blocks_across_window_tiles(p, forced_win):
                                  PrefillConfig(stages_cmp=3, stages_win=3), PrefillConfig(score_sums=0, score_parts=3),
                                  PrefillConfig(cmp_packed=0), PrefillConfig(slc_topn=0, topn_groups=0),
                                  PrefillConfig(slc_topn=0, topn_groups=2),
-                                 PrefillConfig(forced_win=0), PrefillConfig(score_hsum=1),
-                                 PrefillConfig(score_hsum=1, rows_cmp=16, cmp_chunk=16)],
+                                 PrefillConfig(forced_win=0), PrefillConfig(score_hsum=0),
+                                 PrefillConfig(score_hsum=0, rows_cmp=16, cmp_chunk=16),
+                                 PrefillConfig(cmp_split=0), PrefillConfig(cmp_split=0, rows_cmp=16, cmp_chunk=16),
+                                 PrefillConfig(cmp_split=0, score_sums=0),
+                                 PrefillConfig(cmp_split=0, cmp_packed=0, score_hsum=0)],
                          ids=["scores as products", "scores in two products", "small tiles",
                               "scores as products, small tiles", "other stages", "p in three bf16 parts",
                               "summaries page by page", "top-n kernel", "top-n kernel over block groups",
-                              "forced blocks in the selected branch", "heads summed first",
-                              "heads summed first, small tiles"])
+                              "forced blocks in the selected branch", "heads summed per weight",
+                              "heads summed per weight, small tiles", "sweeps in one launch",
+                              "sweeps in one launch, small tiles", "sweeps in one launch, scores as products",
+                              "sweeps in one launch, page by page, heads summed per weight"])
 def test_launch_configs_match_reference(cfg):
     # Configurations the benchmark sweeps: the block scores as matrix products against the overlap
     # weights (the default sums them in registers), of a chunk and its spill into the next in one
     # product of width 2·BJ or two of BJ, p in two or three bf16 parts; tiny tiles and summary chunks; other
     # pipeline depths; the top-n in its own kernel (the default: each selected-branch program takes
     # its own), over every block or block groups first; the forced blocks attended by the
-    # selected-branch kernel (default: the window kernel). l = 12 with d = 4 spills a summary into
-    # the next block, across the chunk's last block too.
+    # selected-branch kernel (default: the window kernel); the group's heads summed once per
+    # overlap weight (the default sums them first); the two compressed sweeps in one launch (the
+    # default: two, the second reading the first's statistics). l = 12 with d = 4 spills a summary into the
+    # next block, across the chunk's last block too.
     p = SparsityParams(block=12, stride=4, select_block=16, num_select=5, window=24, num_init=1, num_local=2)
     run_case(lens=[117, 37, 90, 55], chunks=[30, 21, 0, 13], Hq=8, Hkv=2, p=p, config=cfg, **SHAPE)
 
 
-@pytest.mark.parametrize("sums,hsum", [(1, 0), (0, 0), (1, 1)])
+@pytest.mark.parametrize("sums,hsum,split", [(1, 0, 1), (0, 0, 1), (1, 1, 1), (1, 1, 0)])
 @pytest.mark.parametrize("chunk", [64, 16])
-def test_scores_three_blocks_an_entry(chunk, sums, hsum):
+def test_scores_three_blocks_an_entry(chunk, sums, hsum, split):
     # l = 24, d = 4, l' = 16: a page's last entries reach two blocks past it (KSPAN 3), so the
     # in-register sums move a part two blocks on, and two blocks of it spill past a chunk's end
     # (the products' weight matrix holds the same spill).
     p = SparsityParams(block=24, stride=4, select_block=16, num_select=5, window=24, num_init=1, num_local=2)
     run_case(lens=[117, 61], chunks=[45, 61], Hq=8, Hkv=2, p=p,
-             config=PrefillConfig(score_sums=sums, score_hsum=hsum, rows_cmp=16, cmp_chunk=chunk), **SHAPE)
+             config=PrefillConfig(score_sums=sums, score_hsum=hsum, cmp_split=split, rows_cmp=16, cmp_chunk=chunk),
+             **SHAPE)
 
 
 @pytest.mark.parametrize("cfg", [PrefillConfig(rows_cmp=16, cmp_chunk=16),
                                  PrefillConfig(rows_cmp=32, cmp_chunk=32, score_sums=0, score_cat=0),
                                  PrefillConfig(rows_cmp=16, cmp_chunk=16, mask_split=0),
                                  PrefillConfig(rows_cmp=16, cmp_chunk=16, cmp_packed=0),
-                                 PrefillConfig(rows_cmp=16, cmp_chunk=16, score_hsum=1)],
+                                 PrefillConfig(rows_cmp=16, cmp_chunk=16, score_hsum=0),
+                                 PrefillConfig(rows_cmp=16, cmp_chunk=16, cmp_split=0),
+                                 PrefillConfig(rows_cmp=16, cmp_chunk=16, cmp_split=0, mask_split=0)],
                          ids=["small tiles", "scores in two products", "mask everywhere", "summaries page by page",
-                              "heads summed first"])
+                              "heads summed per weight", "sweeps in one launch",
+                              "sweeps in one launch, mask everywhere"])
 def test_mask_split_matches_reference(cfg):
     # mask_split (default): the compressed sweeps skip the causal mask on chunks every row of a
     # tile sees whole. Long enough prompts that tiles have such chunks (and a boundary chunk after
@@ -569,18 +580,20 @@ def sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows, tol=1.5e-2):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,Hq,acc_bf16,forced_win,slc_topn,sums,hsum", [
-    (torch.bfloat16, 64, 0, 1, 1, 1, 0), (torch.float16, 64, 0, 1, 1, 1, 0), (torch.bfloat16, 48, 0, 1, 1, 1, 0),
-    (torch.bfloat16, 64, 1, 1, 1, 1, 0), (torch.bfloat16, 64, 1, 0, 1, 1, 0), (torch.bfloat16, 64, 1, 1, 0, 1, 0),
-    (torch.bfloat16, 48, 1, 0, 0, 1, 0), (torch.bfloat16, 64, 1, 1, 1, 0, 0), (torch.float16, 48, 1, 1, 1, 0, 0),
-    (torch.bfloat16, 64, 1, 1, 1, 1, 1), (torch.float16, 48, 1, 1, 1, 1, 1)])
-def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16, forced_win, slc_topn, sums, hsum):
+@pytest.mark.parametrize("dtype,Hq,acc_bf16,forced_win,slc_topn,sums,hsum,split", [
+    (torch.bfloat16, 64, 0, 1, 1, 1, 0, 0), (torch.float16, 64, 0, 1, 1, 1, 0, 0), (torch.bfloat16, 48, 0, 1, 1, 1, 0, 0),
+    (torch.bfloat16, 64, 1, 1, 1, 1, 0, 0), (torch.bfloat16, 64, 1, 0, 1, 1, 0, 0), (torch.bfloat16, 64, 1, 1, 0, 1, 0, 0),
+    (torch.bfloat16, 48, 1, 0, 0, 1, 0, 0), (torch.bfloat16, 64, 1, 1, 1, 0, 0, 0), (torch.float16, 48, 1, 1, 1, 0, 0, 0),
+    (torch.bfloat16, 64, 1, 1, 1, 1, 1, 0), (torch.float16, 48, 1, 1, 1, 1, 1, 0),
+    (torch.bfloat16, 64, 1, 1, 1, 1, 1, 1), (torch.float16, 48, 1, 1, 1, 1, 1, 1), (torch.bfloat16, 48, 1, 1, 1, 0, 0, 1)])
+def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16, forced_win, slc_topn, sums, hsum, split):
     # Hq 48: group size 12, padded to 16 inside (the padded heads must add nothing to the scores).
     # forced_win 0: the forced blocks in the selected-branch kernel, as before the twenty-first session.
     # slc_topn 0: the top-n in its own kernel, over groups of 4 blocks first (the 9000-token
     # prompt has 141 blocks: too few for the default groups of 16 to be used). sums 0: the block
     # scores as bf16 matrix products (before the twenty-sixth session), 1: summed in registers;
-    # hsum 1: the group's heads summed before the overlap weights.
+    # hsum 1: the group's heads summed before the overlap weights; split 1: the compressed sweeps in
+    # two launches.
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     p, Hkv, Dk, Dv = PAPER, 4, 192, 128
     lens, chunks = [9000, 3001, 5000], [2500, 3001, 777]
@@ -594,7 +607,7 @@ def test_gpu_paper_shape_ragged_batch(dtype, Hq, acc_bf16, forced_win, slc_topn,
     out, sel = nsa_prefill(q, gates, layer, bt, cu, sl, p, return_selection=True,
                            config=replace(default_config(q.device), acc_bf16=acc_bf16, forced_win=forced_win,
                                           slc_topn=slc_topn, topn_groups=4, score_sums=sums,
-                                          score_hsum=hsum))
+                                          score_hsum=hsum, cmp_split=split))
     assert torch.isfinite(out).all()
     rows = torch.randint(0, Ttot, (24,), generator=gen).tolist() + [0, 2499, 2500, 5500, 5501, Ttot - 1]
     sampled_check(q, gates, layer, bt, cu, sl, p, out, sel, rows)
