@@ -1,22 +1,31 @@
 """Where the compressed kernel's second sweep spends its time: ablations of `_cmp_kernel`.
 
-    python3 scripts/cmp_sweep2_probe.py [--len 65536]
+    python3 scripts/cmp_sweep2_probe.py [--len 65536] [--split]
 
 The prefill's compressed kernel runs two sweeps over the summaries (docs/kernels_prefill.md). At 64k
 on an H100 each costs ≈ 11.6 ms (docs/benchmarks/prefill.md, fiftieth session), though the second
 does 60 % of the first's matrix work (q·k̃ again, no p·ṽ). This script times copies of
 `nsa_prefill.py` (written beside the package under temporary names, removed afterwards) in which
-parts of the second sweep are cut out, so the difference to the next row is what that part costs:
+parts of the second sweep are cut out, so the difference to the next row is what that part costs.
+Every row but the last runs both sweeps in one launch with the heads summed per overlap weight
+(`cmp_split=0, score_hsum=0`: the library's default until the fifty-first session, which these
+ablations were made on):
 
-  default                 both sweeps as the library runs them
+  one launch              both sweeps, unablated
   no block sums           p's per-page block sums and their moves (`_block_sums`) replaced by one
                           row sum of p (the loop still computes q·k̃ and the exponentials, and
                           stores a [queries, blocks] tile a chunk)
   no block sums, no exp   the same with p = s − m instead of exp2(s − m)
   no second sweep         its loop runs no chunk
   score products          the library's `score_sums=0` config (bf16 products, PrefillConfig knob)
-  heads summed first      the library's `score_hsum=1` config (the group's heads summed before the
-                          overlap weights: one reduction over the heads instead of one per weight)
+  heads summed first      `score_hsum=1` (the group's heads summed before the overlap weights: one
+                          reduction over the heads instead of one per weight)
+  library default         both knobs as the library now runs them (heads summed first, the sweeps
+                          in two launches)
+
+With --split, each sweep is also timed alone at other tile shapes (`sweep 1 only` is the "no second
+sweep" copy; `sweep 2 only` runs no sweep-1 chunk and takes m = 0, l = 1 as its statistics), to see
+whether two kernels, each at its own tile shape, would beat the one that runs both.
 
 The ablated copies compute wrong block scores by design: only the compressed kernel's time (torch
 profiler, three runs) is read from them, never a result. Needs a CUDA GPU and nsa_kernels importable
@@ -35,7 +44,7 @@ import torch
 
 from nsa_kernels.bench_prefill import PAPER, make_inputs, profile_kernels
 
-SUMS = "own, spill = _block_sums(p, spill, jr, BT, GP, BJ, E, D, L, P, KSPAN)"
+SUMS = "own, spill = _block_sums(p, spill, jr, BT, GP, BJ, E, D, L, P, KSPAN, HSUM)"
 ROWSUM = "own = spill + tl.reshape(tl.sum(p, 1), (BT, BJ))  # ablation: no block sums"
 EXP = "tl.exp2(s - m_i[:, None])"
 NOEXP = "(s - m_i[:, None])"
@@ -46,6 +55,15 @@ ABLATIONS = {
     "no block sums, no exp": [(SUMS, ROWSUM, 1), (EXP, NOEXP, 3)],
     "no second sweep": [(LOOP, "n_chunks = 0", 1)],
 }
+SWEEP2_ONLY = [
+    ("for i0 in range(0, n_full, CN):", "for i0 in range(0, 0, CN):", 2),
+    ("for i0 in range(n_full, n_vis, CN):", "for i0 in range(n_vis, n_vis, CN):", 2),
+    # every kernel's initial statistics (only the compressed kernel is timed)
+    ("m_i = tl.full([BM], -1.0e30, tl.float32)", "m_i = tl.zeros([BM], tl.float32)", 3),
+    ("l_i = tl.zeros([BM], tl.float32)", "l_i = tl.full([BM], 1.0, tl.float32)", 3),
+]
+SPLIT_TILES = ["", "rows_cmp=128,warps_cmp=8", "rows_cmp=128,warps_cmp=8,stages_cmp=3", "cmp_chunk=128",
+               "rows_cmp=32,warps_cmp=4"]
 
 
 def ablated_module(name, edits):
@@ -79,34 +97,59 @@ def cmp_ms(mod, q, gates, layer, bt, S, cfg):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--len", type=int, default=65536)
+    ap.add_argument("--split", action="store_true", help="also time each sweep alone at other tile shapes")
     args = ap.parse_args()
     S = args.len
     q, gates, layer, bt = make_inputs(S)
     lib = importlib.import_module("nsa_kernels.nsa_prefill")
-    cfg = lib.default_config(q.device)
-    # Before any time: the library's own variant (heads summed first) against the default, at
-    # 16k rows of this prompt's end (same selections but near-ties; outputs within bf16 rounding).
+    lib_cfg = lib.default_config(q.device)
+    cfg = dataclasses.replace(lib_cfg, cmp_split=0, score_hsum=0)
+    # Before any time: the library's default against the one-launch kernel, at 16k rows of this
+    # prompt's end (same selections but near-ties; outputs within bf16 rounding).
     T = min(S, 16384)
     cu = torch.tensor([0, T], dtype=torch.int32, device=q.device)
     sl = torch.tensor([S], dtype=torch.int32, device=q.device)
     o0, s0 = lib.nsa_prefill(q[-T:], gates[-T:], layer, bt, cu, sl, PAPER, config=cfg, return_selection=True)
-    o1, s1 = lib.nsa_prefill(q[-T:], gates[-T:], layer, bt, cu, sl, PAPER, return_selection=True,
-                             config=dataclasses.replace(cfg, score_hsum=1))
+    o1, s1 = lib.nsa_prefill(q[-T:], gates[-T:], layer, bt, cu, sl, PAPER, return_selection=True, config=lib_cfg)
     same = (torch.sort(s0, -1).values == torch.sort(s1, -1).values).all(-1).float().mean().item()
-    print(f"heads summed first against the default, last {T} queries: same selected set for {same:.6f} of "
+    print(f"library default against the one-launch kernel, last {T} queries: same selected set for {same:.6f} of "
           f"(query, group); max |Δ output| {(o0.float() - o1.float()).abs().max().item():.3e}; "
           f"finite {bool(torch.isfinite(o1).all())}\n")
-    rows = [("default", cmp_ms(lib, q, gates, layer, bt, S, cfg))]
+    rows = []
+
+    def add(label, runs):  # printed as measured too: a call cut short keeps what it timed
+        rows.append((label, runs))
+        print(f"{label}: {' / '.join(f'{x:.2f}' for x in runs)} ms", flush=True)
+
+    add("one launch", cmp_ms(lib, q, gates, layer, bt, S, cfg))
     for name, edits in ABLATIONS.items():
         mod, path = ablated_module(name, edits)
         try:
-            rows.append((name, cmp_ms(mod, q, gates, layer, bt, S, mod.default_config(q.device))))
+            add(name, cmp_ms(mod, q, gates, layer, bt, S, cfg))
         finally:
             os.remove(path)
-    rows.append(("score products (score_sums=0)",
-                 cmp_ms(lib, q, gates, layer, bt, S, dataclasses.replace(cfg, score_sums=0))))
-    rows.append(("heads summed first (score_hsum=1)",
-                 cmp_ms(lib, q, gates, layer, bt, S, dataclasses.replace(cfg, score_hsum=1))))
+    add("score products (score_sums=0)", cmp_ms(lib, q, gates, layer, bt, S, dataclasses.replace(cfg, score_sums=0)))
+    add("heads summed first (score_hsum=1)",
+        cmp_ms(lib, q, gates, layer, bt, S, dataclasses.replace(cfg, score_hsum=1)))
+    add("library default", cmp_ms(lib, q, gates, layer, bt, S, lib_cfg))
+    if args.split:
+        for name, edits in [("sweep 1 only", ABLATIONS["no second sweep"]), ("sweep 2 only", SWEEP2_ONLY)]:
+            mod, path = ablated_module(name, edits)
+            try:
+                for tiles in SPLIT_TILES:
+                    for hsum in ([0, 1] if name == "sweep 2 only" and "32" not in tiles else [0]):
+                        kw = dict(item.split("=") for item in tiles.split(",") if item)
+                        kw = {k: int(v) for k, v in kw.items()}
+                        if hsum:
+                            kw["score_hsum"] = 1
+                        label = f"{name}, {', '.join(f'{k}={v}' for k, v in kw.items()) or 'default tiles'}"
+                        try:
+                            c = dataclasses.replace(cfg, **kw)
+                            add(label, cmp_ms(mod, q, gates, layer, bt, S, c))
+                        except Exception as exc:  # a tile shape that does not compile or fit
+                            print(f"{label}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            finally:
+                os.remove(path)
     print(f"{S} tokens, paper shape, bf16: `_cmp_kernel` ms (profiler, three runs)\n")
     print("| variant | ms |\n|---|---|")
     for name, runs in rows:
