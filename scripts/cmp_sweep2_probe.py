@@ -62,8 +62,12 @@ SWEEP2_ONLY = [
     ("m_i = tl.full([BM], -1.0e30, tl.float32)", "m_i = tl.zeros([BM], tl.float32)", 3),
     ("l_i = tl.zeros([BM], tl.float32)", "l_i = tl.full([BM], 1.0, tl.float32)", 3),
 ]
-SPLIT_TILES = ["", "rows_cmp=128,warps_cmp=8", "rows_cmp=128,warps_cmp=8,stages_cmp=3", "cmp_chunk=128",
-               "rows_cmp=32,warps_cmp=4"]
+# --split: the tile shapes each sweep is timed at alone (PrefillConfig fields over the one-launch config).
+_TILES = [{}, dict(rows_cmp=128, warps_cmp=8), dict(rows_cmp=128, warps_cmp=8, stages_cmp=3), dict(cmp_chunk=128)]
+SPLIT = {
+    "sweep 1 only": [*_TILES, dict(rows_cmp=32, warps_cmp=4)],
+    "sweep 2 only": [kw for t in _TILES for kw in (t, {**t, "score_hsum": 1})] + [dict(rows_cmp=32, warps_cmp=4)],
+}
 
 
 def ablated_module(name, edits):
@@ -136,18 +140,12 @@ def main():
         for name, edits in [("sweep 1 only", ABLATIONS["no second sweep"]), ("sweep 2 only", SWEEP2_ONLY)]:
             mod, path = ablated_module(name, edits)
             try:
-                for tiles in SPLIT_TILES:
-                    for hsum in ([0, 1] if name == "sweep 2 only" and "32" not in tiles else [0]):
-                        kw = dict(item.split("=") for item in tiles.split(",") if item)
-                        kw = {k: int(v) for k, v in kw.items()}
-                        if hsum:
-                            kw["score_hsum"] = 1
-                        label = f"{name}, {', '.join(f'{k}={v}' for k, v in kw.items()) or 'default tiles'}"
-                        try:
-                            c = dataclasses.replace(cfg, **kw)
-                            add(label, cmp_ms(mod, q, gates, layer, bt, S, c))
-                        except Exception as exc:  # a tile shape that does not compile or fit
-                            print(f"{label}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                for kw in SPLIT[name]:
+                    label = f"{name}, {', '.join(f'{k}={v}' for k, v in kw.items()) or 'default tiles'}"
+                    try:
+                        add(label, cmp_ms(mod, q, gates, layer, bt, S, dataclasses.replace(cfg, **kw)))
+                    except Exception as exc:  # a tile shape that does not compile or fit
+                        print(f"{label}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             finally:
                 os.remove(path)
     print(f"{S} tokens, paper shape, bf16: `_cmp_kernel` ms (profiler, three runs)\n")
