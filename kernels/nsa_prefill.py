@@ -783,7 +783,7 @@ class PrefillConfig:
     score_hsum: int = 1
     # The compressed kernel's two sweeps as two launches: the first stores each row's statistics
     # ([rows, Hq] fp32), the second reads them. The second alone needs 72 registers and 74 KB of
-    # shared memory (sm_90) against the pair's 143 and 107 KB: three programs an SM instead of two.
+    # shared memory (sm_90, Triton 3.9) against the pair's 143 and 107 KB: three programs an SM instead of two.
     # H100 64k, three runs in turn: cmp 22.3–22.5 → 21.0–21.7 ms (prefill.md, fifty-first session).
     cmp_split: int = 1
     # Compressed kernel reads a contiguous copy of the visible summaries (one small gather launch
