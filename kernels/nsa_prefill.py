@@ -1,4 +1,4 @@
-"""Triton NSA prefill over the paged cache: a varlen batch of prompt chunks, three launches a slice.
+"""Triton NSA prefill over the paged cache: a varlen batch of prompt chunks, four launches a slice.
 
 Its obviously-correct twin is `paged.paged_nsa_attention_ref` (same arguments, same result).
 Each chunk's queries are the last tokens of their sequence (positions seq_len − T_b … seq_len − 1);
@@ -14,7 +14,9 @@ Launches (per internal slice of at most `max_rows` query rows, which bounds the 
    bf16 inputs, else fp32: `PrefillConfig.acc_bf16`); sweep 2
    recomputes q·k̃ to get the normalised p_cmp and turns it into selection-block scores (overlap
    weights, summed over the group's heads) in a small [rows, Hkv, NB] fp32 buffer. No per-head
-   score matrix reaches HBM.
+   score matrix reaches HBM. The two sweeps run as two launches (`PrefillConfig.cmp_split`): the
+   first also stores each row's log-sum-exp ([rows, Hq] fp32), the second reads it, in tiles of
+   its own size (`rows_cmp2`: it needs about half the registers, so larger tiles still fit).
 2. `_win_kernel`, same tiles: the window branch as banded flash attention over the pages (or the
    independent-K/V ring); acc += g_win·o_win. With shared K/V it then also runs the selected
    branch's softmax over each query's forced blocks (the first `num_init` and the `num_local` most
@@ -786,6 +788,12 @@ class PrefillConfig:
     # shared memory (sm_90, Triton 3.9) against the pair's 143 and 107 KB: three programs an SM instead of two.
     # H100 64k, three runs in turn: cmp 22.3–22.5 → 21.0–21.7 ms (prefill.md, fifty-first session).
     cmp_split: int = 1
+    # With cmp_split: the second launch's query-tile rows and warps (0: the first's). Alone it
+    # needs half the first's registers, so larger tiles still fit several programs an SM.
+    # H100 64k, second sweep alone, three runs: 64 rows / 4 warps 9.30–9.43 ms, 128 / 8
+    # 9.10–9.22 (prefill.md, fifty-first session).
+    rows_cmp2: int = 128
+    warps_cmp2: int = 8
     # Compressed kernel reads a contiguous copy of the visible summaries (one small gather launch
     # a call) through tensor descriptors: TMA tile copies on Hopper instead of per-thread gathered
     # addresses (0: page by page through the block table).
@@ -834,6 +842,15 @@ def default_config(device) -> PrefillConfig:
         return DEFAULT_CONFIG
     return replace(DEFAULT_CONFIG, rows_cmp=128, warps_cmp=8, stages_cmp=2, mask_split=0, cmp_packed=0,
                    slc_topn=0)
+
+
+def _tile_queries(cfg: PrefillConfig, GP: int) -> tuple[int, int, int]:
+    """Queries a tile (BT) of the first compressed sweep, of the window kernel and of the second
+    compressed sweep, for a group padded to GP heads: each launch's tile list has this many
+    queries a tile (one list per distinct size)."""
+    def bt(rows):
+        return max(1, rows // GP)
+    return bt(cfg.rows_cmp), bt(cfg.rows_win), bt(cfg.rows_cmp2 if cfg.cmp_split and cfg.rows_cmp2 else cfg.rows_cmp)
 
 
 def _tiles(cu, lens, r0, r1, BT) -> torch.Tensor:
@@ -897,8 +914,10 @@ class PrefillPlan:
     page_size: int
     group: int
     config: PrefillConfig
-    meta: torch.Tensor  # every slice's tiles, window tiles, row → sequence, row → position (int32)
-    slices: list[tuple]  # (r0, r1, tiles, window tiles, spans in meta, blocks NB) per row slice
+    meta: torch.Tensor  # every slice's tile lists, row → sequence, row → position (int32)
+    # Per row slice: (r0, r1, {queries a tile: (tiles, span in meta)}, spans in meta of row →
+    # sequence and row → position, blocks NB); one tile list per distinct `_tile_queries` size.
+    slices: list[tuple]
     pack: tuple | None = None  # with cmp_packed: (pages, spans in meta of pages / firsts / lengths)
     static: tuple | None = None  # `static_plan`'s (rows, sequences, pages)
 
@@ -920,9 +939,7 @@ def plan_prefill(cu_seqlens_q, seq_lens, *, page_size: int, group: int, device,
         if cu[b + 1] - cu[b] > L:
             raise ValueError(f"sequence {b}: {cu[b + 1] - cu[b]} queries but seq_len {L}")
     Ttot, P = cu[-1], page_size
-    GP = _pow2(group)
-    BT = max(1, cfg.rows_cmp // GP)
-    BTW = max(1, cfg.rows_win // GP)
+    sizes = sorted(set(_tile_queries(cfg, _pow2(group))))
     if Ttot == 0:
         return PrefillPlan(cu, lens, P, group, cfg, torch.empty(0, dtype=torch.int32, device=device), [])
     # Uploaded in one copy before the first launch: one synchronous upload per slice would wait for
@@ -949,11 +966,11 @@ def plan_prefill(cu_seqlens_q, seq_lens, *, page_size: int, group: int, device,
 
     for r0 in range(0, Ttot, cfg.max_rows):
         r1 = min(Ttot, r0 + cfg.max_rows)
-        tiles = _tiles(cu, lens, r0, r1, BT)
-        wtiles = tiles if BTW == BT else _tiles(cu, lens, r0, r1, BTW)
-        spans = append([tiles.flatten(), wtiles.flatten(), row_seq_all[r0:r1].int(), row_pos_all[r0:r1].int()])
+        lists = [_tiles(cu, lens, r0, r1, bt) for bt in sizes]
+        spans = append([*(t.flatten() for t in lists), row_seq_all[r0:r1].int(), row_pos_all[r0:r1].int()])
         NB = -(-(int(row_pos_all[r0:r1].max()) + 1) // P)
-        slices.append((r0, r1, len(tiles), len(wtiles), spans, NB))
+        tiles = {bt: (len(t), span) for bt, t, span in zip(sizes, lists, spans)}
+        slices.append((r0, r1, tiles, spans[len(sizes):], NB))
     pack = None
     if cfg.cmp_packed:
         # Every page of each sequence with queries in this call, in order: (sequence, slot) pairs,
@@ -985,15 +1002,15 @@ def static_plan(rows: int, seqs: int, pages: int, *, page_size: int, group: int,
     if not 0 < rows <= cfg.max_rows or seqs < 1 or pages < 1:
         raise ValueError(f"static plans need 0 < rows <= {cfg.max_rows}, seqs >= 1 and pages >= 1; got "
                          f"{rows}, {seqs}, {pages}")
-    GP = _pow2(group)
-    ntiles = rows // max(1, cfg.rows_cmp // GP) + seqs
-    nwtiles = rows // max(1, cfg.rows_win // GP) + seqs
+    sizes = sorted(set(_tile_queries(cfg, _pow2(group))))
+    counts = [rows // bt + seqs for bt in sizes]
     spans, off = [], 0
-    for n in (4 * ntiles, 4 * nwtiles, rows, rows):  # tiles, window tiles, row → sequence, position
+    for n in (*(4 * c for c in counts), rows, rows):  # tile lists, row → sequence, row → position
         spans.append((off, off + n))
         off += n - n % -4  # 16-byte aligned segments, as plan_prefill's
+    tiles = {bt: (c, span) for bt, c, span in zip(sizes, counts, spans)}
     plan = PrefillPlan([0], [], page_size, group, cfg, torch.empty(off, dtype=torch.int32, device=device),
-                       [(0, rows, ntiles, nwtiles, spans, pages)], static=(rows, seqs, pages))
+                       [(0, rows, tiles, spans[len(sizes):], pages)], static=(rows, seqs, pages))
     plan.meta.copy_(torch.from_numpy(static_layout(plan, [0], [])))
     return plan
 
@@ -1017,9 +1034,8 @@ def static_layout(plan: PrefillPlan, cu_seqlens_q, seq_lens, row0: int = 0,
                              f"(at most seq_len queries, {pages} pages)")
     if out is None:
         out = np.empty(plan.meta.numel(), dtype=np.int32)
-    (t0, t1), (w0, w1), (s0, s1), (p0, p1) = plan.slices[0][4]
-    GP = _pow2(plan.group)
-    for (a, b_), bt in (((t0, t1), max(1, plan.config.rows_cmp // GP)), ((w0, w1), max(1, plan.config.rows_win // GP))):
+    _, _, lists, ((s0, s1), (p0, p1)), _ = plan.slices[0]
+    for bt, (_, (a, b_)) in lists.items():
         tiles = out[a:b_].reshape(-1, 4)
         tiles[:] = 0  # no rows: a program that stores nothing
         parts = []
@@ -1162,8 +1178,7 @@ def _launch(q, gates, layer: PagedLayerCache, block_tables, wt, ring_pages: int,
     DK1, DK2 = split_head_dim(Dk)
     DVP = max(16, _pow2(Dv))
     GP = _pow2(G)
-    BT = max(1, cfg.rows_cmp // GP)
-    BTW = max(1, cfg.rows_win // GP)
+    BT, BTW, BT2 = _tile_queries(cfg, GP)
     BN = max(16, _pow2(cfg.cmp_chunk))
     CN = (BN // E) * E if BN >= E else 0
     if CN == 0:
@@ -1206,9 +1221,9 @@ def _launch(q, gates, layer: PagedLayerCache, block_tables, wt, ring_pages: int,
         pack_first = meta[first_span[0]:first_span[1]]
     acc_dt = torch.bfloat16 if cfg.acc_bf16 and q.dtype == torch.bfloat16 else torch.float32
     forced = bool(cfg.forced_win) and win_tables is None
-    for r0, r1, ntiles, nwtiles, spans, NB in plan.slices:
+    for r0, r1, lists, rowmap, NB in plan.slices:
         rows = r1 - r0
-        tile_t, wtile_t, row_seq, row_pos = (meta[a:b] for a, b in spans)
+        row_seq, row_pos = (meta[a:b] for a, b in rowmap)
         acc = torch.empty(rows, Hq, Dv, dtype=acc_dt, device=dev)
         scores = torch.empty(rows, Hkv, NB, dtype=torch.float32, device=dev)
         idx = torch.empty(rows, Hkv, p.num_select, dtype=torch.int32, device=dev)
@@ -1222,21 +1237,25 @@ def _launch(q, gates, layer: PagedLayerCache, block_tables, wt, ring_pages: int,
         # row's statistics and the second in another that reads them.
         lse = torch.empty(rows, Hq, dtype=torch.float32, device=dev) if cfg.cmp_split else scores
         for sweeps in ((1, 2) if cfg.cmp_split else (3,)):
+            bt = BT2 if sweeps == 2 else BT
+            ntiles, (a, b_) = lists[bt]
             _cmp_kernel[(ntiles, Hkv)](
-                q, gates, acc, scores, kcc, vcc, block_tables, tile_t, kd1, kd2, vd, pack_first, pack_rows, lse,
+                q, gates, acc, scores, kcc, vcc, block_tables, meta[a:b_], kd1, kd2, vd, pack_first, pack_rows, lse,
                 q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
                 scores.stride(0), scores.stride(1), lse.stride(0),
                 kcc.stride(0), kcc.stride(1), kcc.stride(2), vcc.stride(0), vcc.stride(1), vcc.stride(2),
                 block_tables.stride(0), r0, qk_scale,
-                G=G, GP=GP, BT=BT, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, E=E,
+                G=G, GP=GP, BT=bt, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, E=E,
                 D=p.stride, L=p.block, BN=BN, CN=CN, BJ=BJE if sums else BJ, BJE=BJE, PREC=prec, SPREC=sprec,
                 UPCAST=upcast, BF16X3=bool(cfg.score_bf16x3) and min(p.block, P) <= 256,
                 SCAT=bool(cfg.score_cat), MASK_SPLIT=bool(cfg.mask_split), PARTS=cfg.score_parts,
                 PACKED=plan.pack is not None, SUMS=sums, KSPAN=KSPAN, HSUM=bool(cfg.score_hsum), SWEEPS=sweeps,
-                num_warps=cfg.warps_cmp, num_stages=cfg.stages_cmp,
+                num_warps=cfg.warps_cmp2 if sweeps == 2 and cfg.warps_cmp2 else cfg.warps_cmp,
+                num_stages=cfg.stages_cmp,
             )
+        nwtiles, (a, b_) = lists[BTW]
         _win_kernel[(nwtiles, Hkv)](
-            q, gates, acc, kc, vc, wt, wtile_t, block_tables, fm, fo,
+            q, gates, acc, kc, vc, wt, meta[a:b_], block_tables, fm, fo,
             q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
             kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
             wt.stride(0), ring_pages, block_tables.stride(0), Hq, r0, qk_scale,

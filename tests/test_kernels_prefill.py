@@ -261,14 +261,16 @@ def test_forced_blocks_across_window_tiles(p, forced_win):
                                  PrefillConfig(score_hsum=0, rows_cmp=16, cmp_chunk=16),
                                  PrefillConfig(cmp_split=0), PrefillConfig(cmp_split=0, rows_cmp=16, cmp_chunk=16),
                                  PrefillConfig(cmp_split=0, score_sums=0),
-                                 PrefillConfig(cmp_split=0, cmp_packed=0, score_hsum=0)],
+                                 PrefillConfig(cmp_split=0, cmp_packed=0, score_hsum=0),
+                                 PrefillConfig(rows_cmp2=0, warps_cmp2=0), PrefillConfig(rows_cmp2=16, warps_cmp2=2)],
                          ids=["scores as products", "scores in two products", "small tiles",
                               "scores as products, small tiles", "other stages", "p in three bf16 parts",
                               "summaries page by page", "top-n kernel", "top-n kernel over block groups",
                               "forced blocks in the selected branch", "heads summed per weight",
                               "heads summed per weight, small tiles", "sweeps in one launch",
                               "sweeps in one launch, small tiles", "sweeps in one launch, scores as products",
-                              "sweeps in one launch, page by page, heads summed per weight"])
+                              "sweeps in one launch, page by page, heads summed per weight",
+                              "second sweep in the first's tiles", "second sweep in smaller tiles"])
 def test_launch_configs_match_reference(cfg):
     # Configurations the benchmark sweeps: the block scores as matrix products against the overlap
     # weights (the default sums them in registers), of a chunk and its spill into the next in one
@@ -277,7 +279,8 @@ def test_launch_configs_match_reference(cfg):
     # its own), over every block or block groups first; the forced blocks attended by the
     # selected-branch kernel (default: the window kernel); the group's heads summed once per
     # overlap weight (the default sums them first); the two compressed sweeps in one launch (the
-    # default: two, the second reading the first's statistics). l = 12 with d = 4 spills a summary into the
+    # default: two, the second reading the first's statistics, in tiles of its own size); the
+    # second launch in the first's tiles or smaller ones. l = 12 with d = 4 spills a summary into the
     # next block, across the chunk's last block too.
     p = SparsityParams(block=12, stride=4, select_block=16, num_select=5, window=24, num_init=1, num_local=2)
     run_case(lens=[117, 37, 90, 55], chunks=[30, 21, 0, 13], Hq=8, Hkv=2, p=p, config=cfg, **SHAPE)
@@ -301,10 +304,11 @@ def test_scores_three_blocks_an_entry(chunk, sums, hsum, split):
                                  PrefillConfig(rows_cmp=16, cmp_chunk=16, cmp_packed=0),
                                  PrefillConfig(rows_cmp=16, cmp_chunk=16, score_hsum=0),
                                  PrefillConfig(rows_cmp=16, cmp_chunk=16, cmp_split=0),
-                                 PrefillConfig(rows_cmp=16, cmp_chunk=16, cmp_split=0, mask_split=0)],
+                                 PrefillConfig(rows_cmp=16, cmp_chunk=16, cmp_split=0, mask_split=0),
+                                 PrefillConfig(rows_cmp=16, cmp_chunk=16, rows_cmp2=0, warps_cmp2=0)],
                          ids=["small tiles", "scores in two products", "mask everywhere", "summaries page by page",
                               "heads summed per weight", "sweeps in one launch",
-                              "sweeps in one launch, mask everywhere"])
+                              "sweeps in one launch, mask everywhere", "second sweep in the first's tiles"])
 def test_mask_split_matches_reference(cfg):
     # mask_split (default): the compressed sweeps skip the causal mask on chunks every row of a
     # tile sees whole. Long enough prompts that tiles have such chunks (and a boundary chunk after
@@ -485,8 +489,11 @@ def test_static_plan_gives_each_call_its_own_result(G):
     gen = torch.Generator().manual_seed(11)
     Hq, Hkv, Dk, Dv = 2 * G, 2, 48, 32
     plan = static_plan(96, 4, 12, page_size=SMALL.select_block, group=G, device=DEV)
-    assert plan.config.cmp_packed == 0 and plan.slices[0][:4] == (0, 96, 96 // max(1, 64 // _pow2(G)) + 4,
-                                                                   96 // max(1, 64 // _pow2(G)) + 4)
+    # One tile list a tile size (the window's and the first sweep's 64 rows share one; the second
+    # sweep's 128 rows have their own), each with room for rows // queries a tile + seqs tiles.
+    sizes = {max(1, 64 // _pow2(G)), max(1, 128 // _pow2(G))}
+    assert plan.config.cmp_packed == 0 and plan.slices[0][:2] == (0, 96)
+    assert {bt: n for bt, (n, _) in plan.slices[0][2].items()} == {bt: 96 // bt + 4 for bt in sizes}
     for lens, chunks, row0 in (([117, 37, 55], [30, 21, 13], 5), ([90, 40], [60, 1], 0)):
         seqs = [Seq(L, Hkv, Dk, Dv, SMALL, False, gen, torch.float32) for L in lens]
         layer, bt, _ = build_cache(seqs, lens, SMALL, torch.float32, DEV, gen)
