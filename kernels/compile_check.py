@@ -191,6 +191,8 @@ def _cases(shape: str, dtype: torch.dtype):
         ("nsa_prefill ring", lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p, win_tables=ring[:1])),
         ("nsa_prefill top-n kernel",  # the default takes the top-n in _slc_kernel
          lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p, config=replace(DEFAULT_CONFIG, slc_topn=0))),
+        ("nsa_prefill window kernel apart",  # the default runs the window in the first compressed launch
+         lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p, config=replace(DEFAULT_CONFIG, win_fused=0))),
         ("nsa_prefill scores as products",  # the default sums them in registers
          lambda: nsa_prefill(qp, gp, layer, bt[:1], cu, plens, p, config=replace(DEFAULT_CONFIG, score_sums=0))),
         ("write_kv", lambda: write_kv(layer.k_cache, x, slots)),

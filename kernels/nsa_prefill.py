@@ -1,4 +1,4 @@
-"""Triton NSA prefill over the paged cache: a varlen batch of prompt chunks, four launches a slice.
+"""Triton NSA prefill over the paged cache: a varlen batch of prompt chunks, three launches a slice.
 
 Its obviously-correct twin is `paged.paged_nsa_attention_ref` (same arguments, same result).
 Each chunk's queries are the last tokens of their sequence (positions seq_len − T_b … seq_len − 1);
@@ -17,8 +17,10 @@ Launches (per internal slice of at most `max_rows` query rows, which bounds the 
    score matrix reaches HBM. The two sweeps run as two launches (`PrefillConfig.cmp_split`): the
    first also stores each row's log-sum-exp ([rows, Hq] fp32), the second reads it, in tiles of
    its own size (`rows_cmp2`: it needs about half the registers, so larger tiles still fit).
-2. `_win_kernel`, same tiles: the window branch as banded flash attention over the pages (or the
-   independent-K/V ring); acc += g_win·o_win. With shared K/V it then also runs the selected
+2. The window branch, for the first compressed launch's tiles and in that launch after its sweep
+   (`PrefillConfig.win_fused`: q read once, acc written once), or in `_win_kernel`, a launch of
+   its own: banded flash attention over the pages (or the independent-K/V ring); acc +=
+   g_win·o_win. With shared K/V it then also runs the selected
    branch's softmax over each query's forced blocks (the first `num_init` and the `num_local` most
    recent: every query selects them) for the whole tile, and stores that output (normalised, with
    its log-sum-exp; `PrefillConfig.forced_win`): the tile's queries and heads read each forced
@@ -256,11 +258,14 @@ def _tile_rows(tile_ptr, BT: tl.constexpr, GP: tl.constexpr, G: tl.constexpr):
 
 # pack_rows (pages packed × summaries a page) changes with every step's lengths: specialising on
 # its divisibility by 16 would make a second variant that the engine's precompile may not meet.
-@triton.jit(do_not_specialize=["pack_rows"])
+# The window's table (wt_ptr, its row stride swt, ring_pages; read only with WIN, a page id at a
+# time) likewise: its alignment depends on the step's layout, and every launch takes it.
+@triton.jit(do_not_specialize=["pack_rows", "swt", "ring_pages"], do_not_specialize_on_alignment=["wt_ptr"])
 def _cmp_kernel(
     q_ptr, g_ptr, acc_ptr, score_ptr, kc_ptr, vc_ptr, bt_ptr, tile_ptr, kd1, kd2, vd, pack_ptr, pack_rows,
     lse_ptr, sq_t, sq_h, sg_t, sg_h, sa_t, sa_h, ss_t, ss_h, sl_t,
     skc_p, skc_h, skc_r, svc_p, svc_h, svc_r, sbt, row_base, qk_scale,
+    k_ptr, v_ptr, wt_ptr, fm_ptr, fo_ptr, sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, swt, ring_pages, sf_t,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
     DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
     P: tl.constexpr, E: tl.constexpr, D: tl.constexpr, L: tl.constexpr,
@@ -268,13 +273,16 @@ def _cmp_kernel(
     PREC: tl.constexpr, SPREC: tl.constexpr, UPCAST: tl.constexpr, BF16X3: tl.constexpr,
     SCAT: tl.constexpr, MASK_SPLIT: tl.constexpr, PARTS: tl.constexpr, PACKED: tl.constexpr,
     SUMS: tl.constexpr = False, KSPAN: tl.constexpr = 2, HSUM: tl.constexpr = False,
-    SWEEPS: tl.constexpr = 3,
+    SWEEPS: tl.constexpr = 3, WIN: tl.constexpr = False, W: tl.constexpr = 1, FORCED: tl.constexpr = False,
+    NUM_INIT: tl.constexpr = 1, NUM_LOCAL: tl.constexpr = 2,
 ):
     """Compressed attention (→ acc = g_cmp·o_cmp) and group-summed selection-block scores.
     PACKED: the summaries are read from `_pack_kernel`'s contiguous copy through tensor
     descriptors kd1 / kd2 (key columns [0, DK1) / [DK1, DK1 + DK2)) and vd; else through the
     block table, page by page. SWEEPS 3 runs both sweeps; 1 only the first, storing each row's
-    statistics (m + log2 l, base 2) at lse_ptr [rows, Hq] fp32; 2 only the second, reading them."""
+    statistics (m + log2 l, base 2) at lse_ptr [rows, Hq] fp32; 2 only the second, reading them.
+    WIN (with SWEEPS 1): then also `_win_kernel`'s work for the same tile (the window branch
+    added to acc, with FORCED the forced blocks' state), with q already loaded and acc written once."""
     BM: tl.constexpr = BT * GP
     h = tl.program_id(1)
     seq, row0, nrows, pos0, t, g, row_ok = _tile_rows(tile_ptr, BT, GP, G)
@@ -324,14 +332,24 @@ def _cmp_kernel(
         # and its unmasked chunks would otherwise add the padded heads' p.
         inv_l = tl.where(row_ok & (l_i > 0), 1.0 / l_i, 0.0)
         g_cmp = tl.load(g_ptr + qrow * sg_t + head * sg_h, mask=row_ok, other=0.0).to(tl.float32)
-        res = o * (inv_l * g_cmp)[:, None]
-        tl.store(acc_ptr + arow[:, None] * sa_t + head[:, None] * sa_h + dv[None, :],
-                 res.to(acc_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
-
-    if SWEEPS == 1:
-        # Rows that see no summary (and padded ones) get 1e30: their p is 0 in sweep 2.
-        lse = tl.where(inv_l > 0, m_i - tl.log2(tl.where(inv_l > 0, inv_l, 1.0)), 1.0e30)
-        tl.store(lse_ptr + arow * sl_t + head, lse, mask=row_ok)
+        # Rounded to acc's dtype as the store would: the window branch is added to this value as
+        # `_win_kernel` adds it to the stored one (the same result, bitwise).
+        res = (o * (inv_l * g_cmp)[:, None]).to(acc_ptr.dtype.element_ty)
+        if SWEEPS == 1:
+            # Rows that see no summary (and padded ones) get 1e30: their p is 0 in sweep 2.
+            lse = tl.where(inv_l > 0, m_i - tl.log2(tl.where(inv_l > 0, inv_l, 1.0)), 1.0e30)
+            tl.store(lse_ptr + arow * sl_t + head, lse, mask=row_ok)
+        amask = row_ok[:, None] & (dv[None, :] < DV)
+        if WIN:
+            win = _win_branch(q1, q2, g_ptr, k_ptr, v_ptr, wt_ptr, seq, pos0, pos_last, pos, qrow, head, h,
+                              row_ok, sg_t, sg_h, sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, swt, ring_pages, qk_scale,
+                              BM, DK, DK1, DK2, DV, DVP, P, W, PREC, UPCAST)
+            res = (res.to(tl.float32) + win).to(acc_ptr.dtype.element_ty)
+        tl.store(acc_ptr + arow[:, None] * sa_t + head[:, None] * sa_h + dv[None, :], res, mask=amask)
+        if WIN and FORCED:
+            _forced_tile(q1, q2, k_ptr, v_ptr, bt_ptr, fm_ptr, fo_ptr, seq, pos0, pos_last, pos, arow, head, h,
+                         row_ok, sa_t, sa_h, sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, sbt, sf_t, qk_scale,
+                         BM, DK, DK1, DK2, DV, DVP, P, NUM_INIT, NUM_LOCAL, PREC, UPCAST)
     if SWEEPS == 2:
         m_i = tl.load(lse_ptr + arow * sl_t + head, mask=row_ok, other=1.0e30)
         inv_l = tl.where(row_ok, 1.0, 0.0)  # p = exp2(s − m − log2 l) is normalised already
@@ -477,6 +495,28 @@ def _win_kernel(
     head = h * G + g
     q1, q2 = _load_q(q_ptr, qrow * sq_t + head * sq_h, row_ok, DK, DK1, DK2)
     dv = tl.arange(0, DVP)
+    win = _win_branch(q1, q2, g_ptr, k_ptr, v_ptr, wt_ptr, seq, pos0, pos_last, pos, qrow, head, h, row_ok,
+                      sg_t, sg_h, sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, swt, ring_pages, qk_scale,
+                      BM, DK, DK1, DK2, DV, DVP, P, W, PREC, UPCAST)
+    arow = (row0 + t - row_base).to(tl.int64)
+    amask = row_ok[:, None] & (dv[None, :] < DV)
+    aptr = acc_ptr + arow[:, None] * sa_t + head[:, None] * sa_h + dv[None, :]
+    acc = tl.load(aptr, mask=amask, other=0.0).to(tl.float32)
+    tl.store(aptr, (acc + win).to(acc_ptr.dtype.element_ty), mask=amask)
+    if FORCED:
+        _forced_tile(q1, q2, k_ptr, v_ptr, bt_ptr, fm_ptr, fo_ptr, seq, pos0, pos_last, pos, arow, head, h,
+                     row_ok, sa_t, sa_h, sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, sbt, sf_t, qk_scale,
+                     BM, DK, DK1, DK2, DV, DVP, P, NUM_INIT, NUM_LOCAL, PREC, UPCAST)
+
+
+@_helper
+def _win_branch(q1, q2, g_ptr, k_ptr, v_ptr, wt_ptr, seq, pos0, pos_last, pos, qrow, head, h, row_ok,
+                sg_t, sg_h, sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, swt, ring_pages, qk_scale,
+                BM: tl.constexpr, DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, DV: tl.constexpr,
+                DVP: tl.constexpr, P: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """g_win·o_win [BM, DVP] fp32 of a query tile: banded flash attention over (pos − w, pos],
+    page by page through wt (the block table, or an independent-K/V window ring)."""
+    dv = tl.arange(0, DVP)
     wt_row = wt_ptr + seq.to(tl.int64) * swt
     m_i = tl.full([BM], -1.0e30, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -500,35 +540,40 @@ def _win_kernel(
         o = o * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
     g_win = tl.load(g_ptr + qrow * sg_t + head * sg_h + 2, mask=row_ok, other=0.0).to(tl.float32)
-    arow = (row0 + t - row_base).to(tl.int64)
-    amask = row_ok[:, None] & (dv[None, :] < DV)
-    aptr = acc_ptr + arow[:, None] * sa_t + head[:, None] * sa_h + dv[None, :]
-    acc = tl.load(aptr, mask=amask, other=0.0).to(tl.float32)
-    res = acc + o * (tl.where(l_i > 0, 1.0 / l_i, 0.0) * g_win)[:, None]
-    tl.store(aptr, res.to(acc_ptr.dtype.element_ty), mask=amask)
-    if FORCED:
-        # A tile's queries are consecutive, so their forced blocks are the first NUM_INIT and the
-        # local run from the first query's oldest to the last query's current block; each row
-        # masks what is not forced for it (and keys past it: causal inside the current block).
-        bt_row = bt_ptr + seq.to(tl.int64) * sbt
-        cur = pos // P
-        m_i = tl.full([BM], -1.0e30, tl.float32)
-        l_i = tl.zeros([BM], tl.float32)
-        o = tl.zeros([BM, DVP], tl.float32)
-        n_init = tl.minimum(NUM_INIT, pos_last // P + 1)
-        lo = tl.maximum(NUM_INIT, pos0 // P - NUM_LOCAL + 1)  # first local block not an initial one
-        for i in range(0, n_init + tl.maximum(pos_last // P + 1 - lo, 0)):
-            j = tl.where(i < n_init, i, lo + i - n_init)
-            m_i, l_i, o = _forced_page(j, bt_row, q1, q2, m_i, l_i, o, k_ptr, v_ptr, h, sk_p, sk_h, sk_r,
-                                       sv_p, sv_h, sv_r, pos, pos_last, cur, row_ok, qk_scale, P, DK, DK1, DK2, DV,
-                                       DVP, NUM_INIT, NUM_LOCAL, PREC, UPCAST)
-        # Normalised, with its log-sum-exp (log2 units): one value a row fewer to merge.
-        frow = arow * sf_t + head
-        tl.store(fm_ptr + frow, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)) + tl.where(l_i > 0, 0.0, -1.0e30),
-                 mask=row_ok)
-        o = o * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]
-        tl.store(fo_ptr + arow[:, None] * sa_t + head[:, None] * sa_h + dv[None, :],
-                 o.to(fo_ptr.dtype.element_ty), mask=amask)
+    return o * (tl.where(l_i > 0, 1.0 / l_i, 0.0) * g_win)[:, None]
+
+
+@_helper
+def _forced_tile(q1, q2, k_ptr, v_ptr, bt_ptr, fm_ptr, fo_ptr, seq, pos0, pos_last, pos, arow, head, h,
+                 row_ok, sa_t, sa_h, sk_p, sk_h, sk_r, sv_p, sv_h, sv_r, sbt, sf_t, qk_scale,
+                 BM: tl.constexpr, DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr, DV: tl.constexpr,
+                 DVP: tl.constexpr, P: tl.constexpr, NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr,
+                 PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """The selected branch's softmax over a query tile's forced blocks (`_win_kernel` FORCED):
+    normalised output to fo (acc's layout), log-sum-exp (log2 units) to fm."""
+    # A tile's queries are consecutive, so their forced blocks are the first NUM_INIT and the
+    # local run from the first query's oldest to the last query's current block; each row
+    # masks what is not forced for it (and keys past it: causal inside the current block).
+    dv = tl.arange(0, DVP)
+    bt_row = bt_ptr + seq.to(tl.int64) * sbt
+    cur = pos // P
+    m_i = tl.full([BM], -1.0e30, tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    o = tl.zeros([BM, DVP], tl.float32)
+    n_init = tl.minimum(NUM_INIT, pos_last // P + 1)
+    lo = tl.maximum(NUM_INIT, pos0 // P - NUM_LOCAL + 1)  # first local block not an initial one
+    for i in range(0, n_init + tl.maximum(pos_last // P + 1 - lo, 0)):
+        j = tl.where(i < n_init, i, lo + i - n_init)
+        m_i, l_i, o = _forced_page(j, bt_row, q1, q2, m_i, l_i, o, k_ptr, v_ptr, h, sk_p, sk_h, sk_r,
+                                   sv_p, sv_h, sv_r, pos, pos_last, cur, row_ok, qk_scale, P, DK, DK1, DK2, DV,
+                                   DVP, NUM_INIT, NUM_LOCAL, PREC, UPCAST)
+    # Normalised, with its log-sum-exp (log2 units): one value a row fewer to merge.
+    frow = arow * sf_t + head
+    tl.store(fm_ptr + frow, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)) + tl.where(l_i > 0, 0.0, -1.0e30),
+             mask=row_ok)
+    o = o * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]
+    tl.store(fo_ptr + arow[:, None] * sa_t + head[:, None] * sa_h + dv[None, :],
+             o.to(fo_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
 
 
 @_helper
@@ -794,6 +839,13 @@ class PrefillConfig:
     # 9.10–9.22 (prefill.md, fifty-first session).
     rows_cmp2: int = 128
     warps_cmp2: int = 8
+    # With cmp_split (else ignored): the window branch (and the forced blocks) run in the first compressed
+    # launch, after its sweep, for the same tile — q read once, acc written once, one launch
+    # fewer — instead of in `_win_kernel` (rows_win, warps_win, stages_win then unused). H100 64k,
+    # three rounds in turn: first launch + window kernel 26.5–27.7 ms → 26.1–26.2 in one
+    # (255 registers, 40 B spilled in Triton 3.9's sm_90 compile), the call 47.7–48.3 → 46.9–47.1
+    # (prefill.md, fifty-second session).
+    win_fused: int = 1
     # Compressed kernel reads a contiguous copy of the visible summaries (one small gather launch
     # a call) through tensor descriptors: TMA tile copies on Hopper instead of per-thread gathered
     # addresses (0: page by page through the block table).
@@ -836,12 +888,12 @@ def default_config(device) -> PrefillConfig:
     live in registers (no wgmma) and several of the Hopper choices spill on sm_80 (`compile_check`,
     Triton 3.6): the packed reads (no TMA: 648 B), 64-row tiles at 4 warps (152 B), 3 stages, the
     unmasked loop, the top-n inside the selected-branch kernel (8 B). There it keeps the spill-free
-    128 rows at 8 warps, 2 stages, the mask on every chunk, the page-by-page summary reads and the
-    top-n kernel (not timed on an A100)."""
+    128 rows at 8 warps, 2 stages, the mask on every chunk, the page-by-page summary reads, the
+    top-n kernel and the window kernel apart (not timed on an A100)."""
     if target_arch(torch.device(device)) >= 90:
         return DEFAULT_CONFIG
     return replace(DEFAULT_CONFIG, rows_cmp=128, warps_cmp=8, stages_cmp=2, mask_split=0, cmp_packed=0,
-                   slc_topn=0)
+                   slc_topn=0, win_fused=0)
 
 
 def _tile_queries(cfg: PrefillConfig, GP: int) -> tuple[int, int, int]:
@@ -850,7 +902,9 @@ def _tile_queries(cfg: PrefillConfig, GP: int) -> tuple[int, int, int]:
     queries a tile (one list per distinct size)."""
     def bt(rows):
         return max(1, rows // GP)
-    return bt(cfg.rows_cmp), bt(cfg.rows_win), bt(cfg.rows_cmp2 if cfg.cmp_split and cfg.rows_cmp2 else cfg.rows_cmp)
+    fused = cfg.cmp_split and cfg.win_fused  # the window runs in the first sweep's tiles
+    return (bt(cfg.rows_cmp), bt(cfg.rows_cmp if fused else cfg.rows_win),
+            bt(cfg.rows_cmp2 if cfg.cmp_split and cfg.rows_cmp2 else cfg.rows_cmp))
 
 
 def _tiles(cu, lens, r0, r1, BT) -> torch.Tensor:
@@ -1236,6 +1290,7 @@ def _launch(q, gates, layer: PagedLayerCache, block_tables, wt, ring_pages: int,
         # Both compressed sweeps in one launch, or (cmp_split) the first in one that stores each
         # row's statistics and the second in another that reads them.
         lse = torch.empty(rows, Hq, dtype=torch.float32, device=dev) if cfg.cmp_split else scores
+        fuse_win = bool(cfg.cmp_split and cfg.win_fused)
         for sweeps in ((1, 2) if cfg.cmp_split else (3,)):
             bt = BT2 if sweeps == 2 else BT
             ntiles, (a, b_) = lists[bt]
@@ -1245,24 +1300,29 @@ def _launch(q, gates, layer: PagedLayerCache, block_tables, wt, ring_pages: int,
                 scores.stride(0), scores.stride(1), lse.stride(0),
                 kcc.stride(0), kcc.stride(1), kcc.stride(2), vcc.stride(0), vcc.stride(1), vcc.stride(2),
                 block_tables.stride(0), r0, qk_scale,
+                kc, vc, wt, fm, fo, kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1),
+                vc.stride(2), wt.stride(0), ring_pages, Hq,
                 G=G, GP=GP, BT=bt, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, E=E,
                 D=p.stride, L=p.block, BN=BN, CN=CN, BJ=BJE if sums else BJ, BJE=BJE, PREC=prec, SPREC=sprec,
                 UPCAST=upcast, BF16X3=bool(cfg.score_bf16x3) and min(p.block, P) <= 256,
                 SCAT=bool(cfg.score_cat), MASK_SPLIT=bool(cfg.mask_split), PARTS=cfg.score_parts,
                 PACKED=plan.pack is not None, SUMS=sums, KSPAN=KSPAN, HSUM=bool(cfg.score_hsum), SWEEPS=sweeps,
+                WIN=fuse_win and sweeps == 1, W=p.window, FORCED=forced, NUM_INIT=p.num_init,
+                NUM_LOCAL=p.num_local,
                 num_warps=cfg.warps_cmp2 if sweeps == 2 and cfg.warps_cmp2 else cfg.warps_cmp,
                 num_stages=cfg.stages_cmp,
             )
-        nwtiles, (a, b_) = lists[BTW]
-        _win_kernel[(nwtiles, Hkv)](
-            q, gates, acc, kc, vc, wt, meta[a:b_], block_tables, fm, fo,
-            q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
-            kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-            wt.stride(0), ring_pages, block_tables.stride(0), Hq, r0, qk_scale,
-            G=G, GP=GP, BT=BTW, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, W=p.window,
-            PREC=prec, UPCAST=upcast, FORCED=forced, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local,
-            num_warps=cfg.warps_win, num_stages=cfg.stages_win,
-        )
+        if not fuse_win:
+            nwtiles, (a, b_) = lists[BTW]
+            _win_kernel[(nwtiles, Hkv)](
+                q, gates, acc, kc, vc, wt, meta[a:b_], block_tables, fm, fo,
+                q.stride(0), q.stride(1), gates.stride(0), gates.stride(1), acc.stride(0), acc.stride(1),
+                kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+                wt.stride(0), ring_pages, block_tables.stride(0), Hq, r0, qk_scale,
+                G=G, GP=GP, BT=BTW, DK=Dk, DK1=DK1, DK2=DK2, DV=Dv, DVP=DVP, P=P, W=p.window,
+                PREC=prec, UPCAST=upcast, FORCED=forced, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local,
+                num_warps=cfg.warps_win, num_stages=cfg.stages_win,
+            )
         NBP = max(16, _pow2(NB))
         RB = max(1, min(16, 4096 // NBP))
         # Groups only where they leave the passes fewer keys than the blocks themselves.

@@ -3,7 +3,7 @@ that served steps meet? Runs on a CPU, no GPU: the engine's attention is switche
 launchers (nsa_decode, nsa_prefill), and every launch is recorded instead of run — its
 specialisation key as Triton forms it: constexpr values, launch options, and for each run-time
 argument its class (a pointer 16-byte aligned or not, an integer equal to 1, divisible by 16 or
-neither; `do_not_specialize` arguments excepted). The launchers size themselves as on an H200
+neither; `do_not_specialize` and `do_not_specialize_on_alignment` arguments excepted). The launchers size themselves as on an H200
 (132 SMs, PDL), as scripts/count_decode_variants.py does.
 
     python3 scripts/check_precompile_coverage.py [--independent-kv] [--requests 12] [--max-num-seqs 4]
@@ -48,8 +48,9 @@ def key_of(fn: JITFunction, args, kwargs) -> tuple:
             continue
         if p.is_constexpr:
             parts.append((name, value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)))
-        elif isinstance(value, torch.Tensor):
-            parts.append((name, str(value.dtype), value.data_ptr() % 16 == 0))
+        elif isinstance(value, torch.Tensor):  # aligned or not, unless the kernel does not specialise on it
+            aligned = None if getattr(p, "do_not_specialize_on_alignment", False) else value.data_ptr() % 16 == 0
+            parts.append((name, str(value.dtype), aligned))
         elif isinstance(value, bool) or value is None or isinstance(value, float):
             parts.append((name, type(value).__name__))
         elif isinstance(value, int):
