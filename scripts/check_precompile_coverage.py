@@ -3,8 +3,8 @@ that served steps meet? Runs on a CPU, no GPU: the engine's attention is switche
 launchers (nsa_decode, nsa_prefill), and every launch is recorded instead of run — its
 specialisation key as Triton forms it: constexpr values, launch options, and for each run-time
 argument its class (a pointer 16-byte aligned or not, an integer equal to 1, divisible by 16 or
-neither; `do_not_specialize` and `do_not_specialize_on_alignment` arguments excepted). The launchers size themselves as on an H200
-(132 SMs, PDL), as scripts/count_decode_variants.py does.
+neither; `do_not_specialize` and `do_not_specialize_on_alignment` arguments excepted). The
+launchers size themselves as on an H200 (132 SMs, PDL), as scripts/count_decode_variants.py does.
 
     python3 scripts/check_precompile_coverage.py [--independent-kv] [--requests 12] [--max-num-seqs 4]
         [--preset tiny --num-pages 64 --budget 96 --chunk 40]

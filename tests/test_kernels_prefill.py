@@ -301,7 +301,7 @@ def test_launch_configs_match_reference(cfg):
     # product of width 2·BJ or two of BJ, p in two or three bf16 parts; tiny tiles and summary chunks; other
     # pipeline depths; the top-n in its own kernel (the default: each selected-branch program takes
     # its own), over every block or block groups first; the forced blocks attended by the
-    # selected-branch kernel (default: the window kernel); the group's heads summed once per
+    # selected-branch kernel (default: with the window branch); the group's heads summed once per
     # overlap weight (the default sums them first); the two compressed sweeps in one launch (the
     # default: two, the second reading the first's statistics, in tiles of its own size); the
     # second launch in the first's tiles or smaller ones. l = 12 with d = 4 spills a summary into the
