@@ -896,14 +896,18 @@ def default_config(device) -> PrefillConfig:
                    slc_topn=0, win_fused=0)
 
 
+def _window_fused(cfg: PrefillConfig) -> bool:
+    """The window branch runs in the first compressed launch (`win_fused`; only with `cmp_split`)."""
+    return bool(cfg.cmp_split and cfg.win_fused)
+
+
 def _tile_queries(cfg: PrefillConfig, GP: int) -> tuple[int, int, int]:
     """Queries a tile (BT) of the first compressed sweep, of the window kernel and of the second
     compressed sweep, for a group padded to GP heads: each launch's tile list has this many
     queries a tile (one list per distinct size)."""
     def bt(rows):
         return max(1, rows // GP)
-    fused = cfg.cmp_split and cfg.win_fused  # the window runs in the first sweep's tiles
-    return (bt(cfg.rows_cmp), bt(cfg.rows_cmp if fused else cfg.rows_win),
+    return (bt(cfg.rows_cmp), bt(cfg.rows_cmp if _window_fused(cfg) else cfg.rows_win),
             bt(cfg.rows_cmp2 if cfg.cmp_split and cfg.rows_cmp2 else cfg.rows_cmp))
 
 
@@ -1275,6 +1279,7 @@ def _launch(q, gates, layer: PagedLayerCache, block_tables, wt, ring_pages: int,
         pack_first = meta[first_span[0]:first_span[1]]
     acc_dt = torch.bfloat16 if cfg.acc_bf16 and q.dtype == torch.bfloat16 else torch.float32
     forced = bool(cfg.forced_win) and win_tables is None
+    fuse_win = _window_fused(cfg)
     for r0, r1, lists, rowmap, NB in plan.slices:
         rows = r1 - r0
         row_seq, row_pos = (meta[a:b] for a, b in rowmap)
@@ -1290,7 +1295,6 @@ def _launch(q, gates, layer: PagedLayerCache, block_tables, wt, ring_pages: int,
         # Both compressed sweeps in one launch, or (cmp_split) the first in one that stores each
         # row's statistics and the second in another that reads them.
         lse = torch.empty(rows, Hq, dtype=torch.float32, device=dev) if cfg.cmp_split else scores
-        fuse_win = bool(cfg.cmp_split and cfg.win_fused)
         for sweeps in ((1, 2) if cfg.cmp_split else (3,)):
             bt = BT2 if sweeps == 2 else BT
             ntiles, (a, b_) = lists[bt]
