@@ -1,7 +1,8 @@
 """Fixtures for the HTTP API tests: a real engine with the tiny model behind a real uvicorn server on
 loopback (a free port, in a background thread), driven by the official `openai` client and httpx.
 
-Import the fixtures into a test module with `from api_fixtures import ...`.
+The fixtures `tiny_model_dir` and `api_server` are in conftest.py (one of each a session); test
+modules import the helpers (`start_server`, `wait_for`, ...) from here.
 """
 
 from __future__ import annotations
@@ -107,31 +108,6 @@ def start_server(model_dir, api_key: str | None = API_KEY, **engine_kw) -> Runni
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
     return RunningServer(f"http://127.0.0.1:{port}", engine, app, server, thread, api_key)
-
-
-# Fixtures imported into several test modules become one fixture definition per module, so a
-# session-scoped one would still be built once per module; memoising here builds each once per session.
-_shared: dict = {}
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    from nsa_serve.model.init_model import init_model
-
-    if "model" not in _shared:
-        _shared["model"] = init_model(tmp_path_factory.mktemp("api-tiny"), "tiny", seed=0)
-    return _shared["model"]
-
-
-@pytest.fixture(scope="session")
-def api_server(tiny_model_dir):
-    """The shared server: API key on, 512-token context."""
-    if "server" not in _shared:
-        _shared["server"] = start_server(tiny_model_dir)
-    yield _shared["server"]
-    srv = _shared.pop("server", None)  # session end: the first module's teardown stops it
-    if srv is not None:
-        srv.stop()
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):

@@ -19,3 +19,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# The HTTP API tests' shared fixtures. Defined here, not imported into each module: an imported
+# fixture becomes one definition per module (a session-scoped one then built once per module).
+# api_fixtures is imported inside them because on a GPU machine without the HTTP stack it skips
+# whatever imports it — here, only the tests that ask for these fixtures.
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random-weight tiny model written once a session."""
+    from nsa_serve.model.init_model import init_model
+
+    return init_model(tmp_path_factory.mktemp("api-tiny"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def api_server(tiny_model_dir):
+    """The shared server (api_fixtures.start_server): API key on, 512-token context."""
+    from api_fixtures import start_server
+
+    server = start_server(tiny_model_dir)
+    yield server
+    server.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from api_fixtures import api_server, tiny_model_dir  # noqa: F401
+import api_fixtures  # noqa: F401  (skips this module on a GPU machine without the HTTP stack)
 
 import openai  # after api_fixtures, which skips this module on a GPU machine without openai
 

@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from api_fixtures import free_port, start_server, tiny_model_dir, wait_for  # noqa: F401
+from api_fixtures import free_port, start_server, wait_for
 
 
 def test_serve_default_model_and_graceful_sigterm(tmp_path):

@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import httpx
-from api_fixtures import api_server, tiny_model_dir, wait_for  # noqa: F401
+from api_fixtures import wait_for
 
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 1.0}
 

@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from api_fixtures import start_server, tiny_model_dir, wait_for  # noqa: F401
+from api_fixtures import start_server, wait_for
 
 CONTEXT = 512
 BODY_LIMIT = 4096

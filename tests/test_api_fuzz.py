@@ -9,7 +9,7 @@ import json
 import random
 from concurrent.futures import ThreadPoolExecutor
 
-from api_fixtures import api_server, tiny_model_dir, wait_for  # noqa: F401
+from api_fixtures import wait_for
 
 CHAT_FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
                "stream", "stop", "seed", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",

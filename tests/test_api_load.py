@@ -8,7 +8,7 @@ import json
 import random
 from concurrent.futures import ThreadPoolExecutor
 
-from api_fixtures import start_server, tiny_model_dir, wait_for  # noqa: F401
+from api_fixtures import start_server, wait_for
 
 
 def test_mixed_traffic_under_preemption_loses_nothing(tiny_model_dir):  # noqa: F811

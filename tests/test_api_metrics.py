@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import httpx
-from api_fixtures import api_server, tiny_model_dir, wait_for  # noqa: F401
+from api_fixtures import wait_for
 
 from nsa_kernels.reference import tokens_read_per_step
 

@@ -7,7 +7,7 @@ import math
 import re
 
 import pytest
-from api_fixtures import API_KEY, api_server, tiny_model_dir  # noqa: F401
+from api_fixtures import API_KEY
 
 import openai  # after api_fixtures, which skips this module on a GPU machine without openai
 

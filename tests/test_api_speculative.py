@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from api_fixtures import api_server, start_server, tiny_model_dir, wait_for  # noqa: F401
+from api_fixtures import start_server, wait_for
 
 import openai  # noqa: F401  (after api_fixtures, which skips this module without the HTTP stack)
 from engine_helpers import repeats_a_token

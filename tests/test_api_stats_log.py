@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from api_fixtures import start_server, tiny_model_dir, wait_for  # noqa: F401
+from api_fixtures import start_server, wait_for
 
 from nsa_serve.api.stats_log import StatsLog
 from nsa_serve.engine.protocol import EngineStats

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from api_fixtures import start_server, tiny_model_dir  # noqa: F401
+from api_fixtures import start_server
 from safetensors import safe_open
 
 from nsa_serve.model.checkpoint import default_model_dir, load_generation_config, load_model
