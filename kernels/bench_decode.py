@@ -142,7 +142,7 @@ def sdpa_baseline(q, ctx, Hkv, Dk, Dv):
         return bench(fn)
 
     best = fastest_sdpa(time_with)
-    del k, v
+    k = v = None
     return best
 
 
@@ -173,7 +173,7 @@ def run_row(shape, ctx, B, copy_gbs, p=PAPER_P):
     row = (f"| {shape} | {ctx // 1024}k | {B} | {sdpa_us:.1f} ({backend}) | {dense_us:.1f} | {nsa_us:.1f} | "
            f"{graph_us:.1f} | {sdpa_us / graph_us:.2f}x | {nbytes / 1e6:.1f} | {gbs:.0f} | "
            f"{100 * gbs / copy_gbs:.0f}% |")
-    del q, gates, layer, tables, seq_lens, g
+    q = gates = layer = tables = seq_lens = g = None
     torch.cuda.empty_cache()
     return row
 
@@ -202,7 +202,7 @@ def tune(copy_gbs, ctx=65536):
                         continue
                     print(f"| {B} | {chunk} | {warps} | {splits} | {us:.1f} | "
                           f"{100 * nbytes / (us * 1e-6) / 1e9 / copy_gbs:.0f}% |", flush=True)
-        del q, gates, layer, tables, seq_lens
+        q = gates = layer = tables = seq_lens = None
         torch.cuda.empty_cache()
 
 
@@ -296,7 +296,7 @@ def compare(copy_gbs, ctx=65536, batches=(1, 16, 64), only=None):
             print(f"| {B} | {name} | {us:.1f} | {100 * nbytes / (us * 1e-6) / 1e9 / copy_gbs:.0f}% | "
                   f"{diff:.2e} |", flush=True)
         _compare_dense(B, q, layer, tables, seq_lens)
-        del q, gates, layer, tables, seq_lens
+        q = gates = layer = tables = seq_lens = None
         torch.cuda.empty_cache()
     print(HEADER)
     print("\n".join(rows))
@@ -347,9 +347,9 @@ def layers(ctx=65536, batches=(1,), n_layers=16, shape="paper"):
         diff = max((o.float() - e).abs().max().item() for o, e in zip(outs, eager))
         nsa_us = bench(g.replay, rep=200) / n_layers
         outs.clear()
-        del g, eager
+        g = eager = None
         qs = [x[0] for x in per]
-        del per
+        per = None
         torch.cuda.empty_cache()
         kv = [(torch.randn(B, cfg["Hkv"], ctx, cfg["Dk"], device="cuda", dtype=q.dtype),
                torch.randn(B, cfg["Hkv"], ctx, cfg["Dv"], device="cuda", dtype=q.dtype)) for q in qs]
@@ -362,7 +362,7 @@ def layers(ctx=65536, batches=(1,), n_layers=16, shape="paper"):
         best = fastest_sdpa(lambda: bench(graph_of(sdpa_step).replay, rep=200) / n_layers)
         print(f"| {shape} | {ctx // 1024}k | {B} | {n_layers} | {best[0]:.1f} ({best[1]}) | {nsa_us:.1f} | "
               f"{best[0] / nsa_us:.2f}x | {diff:.1e} |", flush=True)
-        del kv, q4s, qs
+        kv = q4s = qs = None
         torch.cuda.empty_cache()
 
 
@@ -389,7 +389,7 @@ def profile(copy_gbs, ctx=65536):
                 total = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
                 if total and "fill" not in evt.key and "elementwise" not in evt.key:
                     print(f"  B={B} {name}: {evt.key[:60]:60s} {total / evt.count:8.1f} µs x{evt.count}")
-        del q, gates, layer, tables, seq_lens
+        q = gates = layer = tables = seq_lens = None
         torch.cuda.empty_cache()
 
 

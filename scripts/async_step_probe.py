@@ -72,7 +72,7 @@ def run(model, name, a, overlap: bool) -> dict:
     while engine.has_unfinished_requests():
         engine.step()
     device = [s.elapsed_time(e) for _, s, e in launches]
-    del engine, static, sampler, execute, launch, timed_execute, timed_launch
+    engine = static = sampler = execute = launch = timed_execute = timed_launch = None
     gc.collect()  # the engine holds reference cycles: its page pool is freed only by the collector
     torch.cuda.empty_cache()
     return dict(mode="async" if overlap else "sync", steps=steps, step_ms=wall / steps,

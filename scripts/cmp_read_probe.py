@@ -140,7 +140,7 @@ def main(argv=None):
             fn()
             us = bench_decode.bench(fn)
             print(f"| {B} | {name} | {progs or '—'} | {us:.1f} | {nbytes / (us * 1e-6) / 1e12:.2f} |", flush=True)
-        del kc, vc, bt
+        kc = vc = bt = None
         torch.cuda.empty_cache()
 
 

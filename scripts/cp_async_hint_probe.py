@@ -98,7 +98,7 @@ def child(mode: str, out_path: str) -> None:
         for flush in ("write", "read"):
             bd.FLUSH = flush
             res[f"{flush}{B}"] = [round(bd.bench(g.replay, rep=100), 2) for _ in range(3)]
-        del q, gates, layer, tables, seq_lens, g
+        q = gates = layer = tables = seq_lens = g = None
         torch.cuda.empty_cache()
     res["rewrites"] = sorted(set(log))
     save_file(outs, out_path + ".safetensors")

@@ -27,7 +27,7 @@ from nsa_kernels.nsa_prefill import default_config, plan_prefill
 def kernels(S: int, chunks: list[int]) -> None:
     cfg = default_config(torch.device("cuda"))
     q, gates, layer, bt = make_inputs(S)
-    print(f"| chunk | calls | kernels ms (whole prompt, one layer) | per call ms | per kernel ms | plan ms (last chunk) |")
+    print("| chunk | calls | kernels ms (whole prompt, one layer) | per call ms | per kernel ms | plan ms (last chunk) |")
     print("|---|---|---|---|---|---|")
     for c in chunks:
         fn = nsa_call(q, gates, layer, bt, S, c, PAPER, cfg)
@@ -35,7 +35,6 @@ def kernels(S: int, chunks: list[int]) -> None:
         prof = profile_kernels(fn)
         parts = " ".join(f"{k.split('_kernel')[0].strip('_')} {v:.2f}" for k, v in sorted(prof.items(), key=lambda x: -x[1])
                          if v >= 0.05 * t / 10)
-        a = S - c
         host = []
         for _ in range(7):
             t0 = time.perf_counter()

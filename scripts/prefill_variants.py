@@ -84,7 +84,7 @@ for rnd in range(a.rounds):
             t = timed(chunked(mod, cfg, c), 3)
             times.setdefault(f"{name} in {c} chunks", []).append(t)
 
-print(f"\n| variant | ms (each round) | per kernel (ms, profiler) |")
+print("\n| variant | ms (each round) | per kernel (ms, profiler) |")
 print("|---|---|---|")
 for name, _, cfg in runs:
     ks = ", ".join(f"{k} {v:.2f}" for k, v in kern[name].items())
