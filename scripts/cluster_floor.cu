@@ -197,6 +197,28 @@ struct Bench {
   }
 };
 
+// A launch of `ctas` CTAs of kThreads on `stream` with one attribute (PDL or a cluster size);
+// `attr` must outlive the launch.
+static cudaLaunchConfig_t launch_config(int ctas, cudaStream_t stream, cudaLaunchAttribute* attr, int pdl,
+                                        int csize) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(ctas);
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = stream;
+  if (csize > 0) {
+    attr->id = cudaLaunchAttributeClusterDimension;
+    attr->val.clusterDim.x = csize;
+    attr->val.clusterDim.y = 1;
+    attr->val.clusterDim.z = 1;
+  } else {
+    attr->id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr->val.programmaticStreamSerializationAllowed = pdl;
+  }
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
 int main() {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
@@ -221,47 +243,23 @@ int main() {
   auto chain = [&](int links, int pass, int pdl, int ctas) {
     return b.graph_us([&] {
       for (int i = 0; i < links; ++i) {
-        cudaLaunchConfig_t cfg = {};
-        cudaLaunchAttribute attr[1];
-        cfg.gridDim = dim3(ctas);
-        cfg.blockDim = dim3(kThreads);
-        cfg.stream = b.stream;
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = pdl;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
+        cudaLaunchAttribute attr;
+        cudaLaunchConfig_t cfg = launch_config(ctas, b.stream, &attr, pdl, 0);
         CK(cudaLaunchKernelEx(&cfg, chain_link, (const uint4*)src, io, (unsigned)i, (int)(pass && i == 0), pdl));
       }
     });
   };
   auto clusters = [&](int links, int pass, int csize, int ctas) {
     return b.graph_us([&] {
-      cudaLaunchConfig_t cfg = {};
-      cudaLaunchAttribute attr[1];
-      cfg.gridDim = dim3(ctas);
-      cfg.blockDim = dim3(kThreads);
-      cfg.stream = b.stream;
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = csize;
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
+      cudaLaunchAttribute attr;
+      cudaLaunchConfig_t cfg = launch_config(ctas, b.stream, &attr, 0, csize);
       CK(cudaLaunchKernelEx(&cfg, cluster_chain, (const uint4*)src, io + 2048, links, pass));
     });
   };
   int max_clusters[17] = {};
   for (int csize : {8, 16}) {  // how many clusters of this size can be resident at once
-    cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute attr[1];
-    cfg.gridDim = dim3(csize * 16);
-    cfg.blockDim = dim3(kThreads);
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = csize;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    cudaLaunchAttribute attr;
+    cudaLaunchConfig_t cfg = launch_config(csize * 16, nullptr, &attr, 0, csize);
     int n = 0;
     cudaError_t e = cudaOccupancyMaxActiveClusters(&n, cluster_chain, &cfg);
     if (e != cudaSuccess) (void)cudaGetLastError();
