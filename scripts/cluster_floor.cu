@@ -20,13 +20,18 @@
 // link's read address depends on a value the previous link produced in another CTA, so links are
 // truly dependent. "tile" = one 40 KB tile a CTA (64 rows x 320 bf16: one page's K and V of the
 // paper shape); "pass" = the first link reads 10.5 MB (4096 summaries x 4 kv groups x 640 B, the
-// 64k compressed pass) spread over the launch's CTAs.
+// 64k compressed pass) spread over the launch's CTAs. The last table (fifty-sixth session) asks what
+// the earlier rows left open: in the step only the attention phase reads pages; the score and merge
+// phases gather a few KB that the cluster's CTAs hold, which a cluster can hand over through
+// distributed shared memory (and which Triton 3.9's Gluon can express: cluster barrier, cga layouts).
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <utility>
 #include <vector>
 
 namespace cg = cooperative_groups;
@@ -150,6 +155,62 @@ __global__ void __launch_bounds__(kThreads) cluster_chain(const uint4* __restric
       dep = from_left[link & 1];
     }
   }
+  if (threadIdx.x == 0) out[cta] = acc;
+}
+
+// A step as a string of ops in one launch of clusters, each CTA running the same string: 'P' reads
+// the CTA's share of the 10.5 MB pass (first op only), 'T' one 40 KB tile at an address that
+// depends on the last exchange, 'X' an exchange through distributed shared memory — every CTA
+// writes 8 KB into its own shared memory, the cluster waits at its barrier, and every CTA gathers
+// 8 KB spread over all the cluster's CTAs (as a score phase gathers its group's partial scores or
+// a merge its partial outputs) and folds it over the block. "PXTX" is the decode step's shape
+// with no arithmetic: pass, scores to top-n, the chosen pages, the merge.
+constexpr int kXchgU4 = 8192 / 16 / kThreads;  // 8 KB: two uint4 a thread
+constexpr int kMaxOps = 8;
+struct Ops { char op[kMaxOps]; int n; };
+
+__global__ void __launch_bounds__(kThreads) cluster_step(const uint4* __restrict__ src, unsigned* __restrict__ out,
+                                                         Ops ops) {
+  extern __shared__ uint4 xchg[];  // [2][kXchgU4 * kThreads], by exchange parity: a CTA rewrites
+                                   // a buffer only after the barrier that follows everyone's
+                                   // gather from it
+  cg::cluster_group cluster = cg::this_cluster();
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");  // see cluster_chain
+  bool waited = false;
+  unsigned rank = cluster.block_rank(), csize = cluster.num_blocks();
+  unsigned cta = blockIdx.x, n = gridDim.x, tid = threadIdx.x;
+  unsigned dep = 0, acc = 0;
+  int x = 0;
+  for (int i = 0; i < ops.n; ++i) {
+    char op = ops.op[i];
+    if (op == 'P') {
+      acc ^= block_xor(read_span(src + cta * pass_share(n) / 16, pass_share(n)));
+    } else if (op == 'T') {
+      acc ^= block_xor(read_span(src + tile_of(cta, i, dep) * (kTileBytes / 16), kTileBytes));
+    } else {  // 'X'
+      uint4* mine = xchg + (x & 1) * kXchgU4 * kThreads;
+#pragma unroll
+      for (int j = 0; j < kXchgU4; ++j) mine[j * kThreads + tid] = make_uint4(acc, acc + tid, acc ^ j, rank);
+      if (!waited) {
+        asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+        waited = true;
+      }
+      cluster.sync();
+      unsigned d = 0;
+#pragma unroll
+      for (int j = 0; j < kXchgU4; ++j) {
+        const uint4* remote = cluster.map_shared_rank(mine, (rank + 1 + tid + j) % csize);
+        uint4 v = remote[j * kThreads + tid];
+        d ^= v.x + v.y * 3u + v.z * 5u + v.w * 7u;
+      }
+      dep = block_xor(d);
+      acc ^= dep;
+      ++x;
+    }
+  }
+  // No CTA may leave while another still reads its shared memory.
+  if (!waited) asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+  else cluster.sync();
   if (threadIdx.x == 0) out[cta] = acc;
 }
 
@@ -291,6 +352,31 @@ int main() {
       std::printf("\n");
       std::fflush(stdout);
     }
+  }
+  // The step's shape with exchanges that read distributed shared memory instead of a tile.
+  const int xchg_smem = 2 * kXchgU4 * kThreads * 16;
+  CK(cudaFuncSetAttribute(cluster_step, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  CK(cudaFuncSetAttribute(cluster_step, cudaFuncAttributeMaxDynamicSharedMemorySize, xchg_smem));
+  auto step = [&](const char* s, int csize, int ctas) {
+    Ops ops = {};
+    ops.n = (int)std::strlen(s);
+    std::memcpy(ops.op, s, ops.n);
+    return b.graph_us([&] {
+      cudaLaunchAttribute attr;
+      cudaLaunchConfig_t cfg = launch_config(ctas, b.stream, &attr, 0, csize);
+      cfg.dynamicSmemBytes = xchg_smem;
+      CK(cudaLaunchKernelEx(&cfg, cluster_step, (const uint4*)src, io + 2048, ops));
+    });
+  };
+  std::printf("\none launch of clusters, ops: P = the pass, T = a dependent 40 KB tile, "
+              "X = an 8 KB exchange through distributed shared memory\n");
+  std::printf("| cluster | CTAs | P | PX | PXX | PXT | PXTX | PXXTX |\n|---|---|---|---|---|---|---|---|\n");
+  for (auto [csize, ctas] : {std::pair{8, 64}, std::pair{16, 64}, std::pair{8, 128}}) {
+    if (max_clusters[csize] == 0) continue;
+    std::printf("| %d | %d |", csize, ctas);
+    for (const char* s : {"P", "PX", "PXX", "PXT", "PXTX", "PXXTX"}) std::printf(" %.1f |", step(s, csize, ctas));
+    std::printf("\n");
+    std::fflush(stdout);
   }
   // An empty graph's floor: one launch that does nothing but write.
   std::printf("\none launch, no read (%d CTAs): %.1f us\n", sms, b.graph_us([&] {
