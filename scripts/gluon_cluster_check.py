@@ -23,6 +23,7 @@ import shutil
 import sys
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns unless set
+os.environ.pop("TRITON_INTERPRET", None)  # compiled, not interpreted (the test suite sets it)
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402

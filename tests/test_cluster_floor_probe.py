@@ -37,3 +37,11 @@ def test_probe_builds_for_sm90a_with_its_tile_in_flight(tmp_path):
     assert "barrier.cluster.arrive" in bodies[cluster] and "barrier.cluster.wait" in bodies[cluster]
     assert "mapa" in bodies[cluster]  # the neighbour's shared memory, addressed across the cluster
     assert "griddepcontrol.wait" in bodies[link]
+    # The step of operations (fifty-sixth session): its 'X' gathers from the other CTAs' shared
+    # memory (mapa, then loads through the generic address it gives) between cluster barriers, and
+    # its 'P' / 'T' keep the tile in flight as above.
+    step = bodies[next(n for n in names if "cluster_step" in n)]
+    assert step.count("mapa") >= 2 and step.count("barrier.cluster.wait") >= 2
+    first_wait = step.index("cp.async.wait_group")
+    assert step[:first_wait].count("cp.async.cg.shared.global") == 10
+    assert "ld.global.v4" not in step
