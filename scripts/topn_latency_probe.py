@@ -1,0 +1,125 @@
+"""How long one CTA takes to find a kv group's top-n among 1 024 block scores (64k context, the
+paper shape's 64-token selection blocks), as a latency: the gate decode.md's thirty-fourth round
+set before building a one-launch cluster step for batch 1. In that step every CTA of a cluster
+would take the same top-n after gathering the group's scores, so the top-n sits on the step's
+critical path whole; the cluster floor (PXTX, `scripts/cluster_floor.cu`) leaves ≈ 1.7–2.4 µs
+under 19.2 µs on the H100 for all the arithmetic.
+
+    python3 scripts/topn_latency_probe.py      # on a GPU, kernels/ importable as nsa_kernels
+                                               # (source scripts/device_env.sh)
+    TRITON_INTERPRET=1 python3 scripts/topn_latency_probe.py --check   # CPU: the loop's answer
+
+One program loops R times over: keys of the scores (`_topn_keys`, the decode kernels' own) → the
+top-n (a mode below) → a tiny change to every score that depends on the answer (so no iteration
+can start before the previous one's top-n is known, as the step's next phase cannot). The time
+of a launch with R iterations less that with one, over R − 1, is one top-n's latency with no
+launch in it. Modes: "reduce" (one block-wide max of the keys: the floor of any dependent
+iteration), "passes" and "sort" (the decode kernels' TOPN modes 0 and 1, `_select_units`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa_kernels.nsa_decode import HAS_TOPK, _blocks_of, _topn_keys
+from nsa_kernels._triton_utils import topn_block
+
+MODES = ("reduce", "passes", "sort")
+
+
+@triton.jit
+def _topn_loop(score_ptr, out_ptr, cur, R, NBP: tl.constexpr, NSEL: tl.constexpr, NSP: tl.constexpr,
+               NUM_INIT: tl.constexpr, NUM_LOCAL: tl.constexpr, MODE: tl.constexpr):
+    j = tl.arange(0, NBP)
+    ks = tl.arange(0, NSP)
+    score = tl.load(score_ptr + j)
+    sel = tl.full([NSP], -1, tl.int32)
+    for _ in range(R):
+        key = _topn_keys(score, j, cur, NUM_INIT, NUM_LOCAL)
+        if MODE == 0:
+            sel = tl.where(ks == 0, topn_block(tl.max(key, 0)), -1)
+        elif MODE == 1:
+            sel = tl.full([NSP], -1, tl.int32)
+            for t in range(NSEL):
+                kmax = tl.max(key, 0)
+                idx = topn_block(kmax)
+                sel = tl.where(ks == t, idx, sel)
+                key = tl.where(j == idx, -1, key)
+        else:
+            if HAS_TOPK:
+                top = tl.topk(key, NSP)
+            else:
+                top = tl.max(tl.reshape(tl.sort(key, descending=True), [NBP // NSP, NSP]), 0)
+            sel = _blocks_of(top, NSEL, NSP)
+        # Every score moves by an amount the answer decides (positive scores stay positive; the
+        # order barely moves): the next iteration's keys wait for this top-n.
+        d = (tl.sum(sel, 0) & 1).to(tl.float32) * 1e-30
+        score = score + d
+    tl.store(out_ptr + ks, sel)
+
+
+def run(score: torch.Tensor, cur: int, reps: int, mode: str, nsel: int, num_warps: int) -> torch.Tensor:
+    out = torch.empty(16, dtype=torch.int32, device=score.device)
+    _topn_loop[(1,)](score, out, cur, reps, NBP=score.numel(), NSEL=nsel, NSP=16, NUM_INIT=1,
+                     NUM_LOCAL=2, MODE=MODES.index(mode), num_warps=num_warps)
+    return out
+
+
+def reference(score: torch.Tensor, cur: int, nsel: int) -> list[int]:
+    """The top-n the decode reference would take: forced first and last two, then best scores."""
+    s = score.double().clone()
+    s[cur + 1:] = -1.0
+    s[:1] = float("inf")
+    s[max(cur - 1, 0):cur + 1] = float("inf")
+    order = torch.sort(-s, stable=True).indices
+    return order[:nsel].tolist()
+
+
+def time_us(fn, iters: int = 50, rounds: int = 15) -> float:
+    fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(rounds):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        samples.append(a.elapsed_time(b) * 1000 / iters)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--blocks", type=int, default=1024)
+    ap.add_argument("--check", action="store_true", help="only check the answer (CPU interpreter)")
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    score = torch.rand(args.blocks, generator=g).to(dev)
+    cur = args.blocks - 1
+    want = reference(score.cpu(), cur, 16)
+    for mode in ("passes", "sort"):
+        got = run(score, cur, 3, mode, 16, 4).cpu().tolist()
+        print(f"{mode}: top-16 {'matches' if got == want else 'DIFFERS'} the reference")
+        if got != want:
+            raise SystemExit(f"{mode}: got {got}, want {want}")
+    if args.check:
+        return
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    print(f"| mode | warps | launch R=1 µs | R=129 µs | per top-n µs |\n|---|---|---|---|---|")
+    for mode in MODES:
+        for warps in (4, 8):
+            t1 = time_us(lambda: run(score, cur, 1, mode, 16, warps))
+            t129 = time_us(lambda: run(score, cur, 129, mode, 16, warps))
+            print(f"| {mode} | {warps} | {t1:.2f} | {t129:.2f} | {(t129 - t1) / 128:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
