@@ -15,6 +15,8 @@ can start before the previous one's top-n is known, as the step's next phase can
 of a launch with R iterations less that with one, over R − 1, is one top-n's latency with no
 launch in it. Modes: "reduce" (one block-wide max of the keys: the floor of any dependent
 iteration), "passes" and "sort" (the decode kernels' TOPN modes 0 and 1, `_select_units`).
+Over 1 024 blocks (one CTA takes the group's whole top-n) and over 128 (the second stage of a
+two-stage top-n: each of 8 CTAs takes its own slice's 16 best, the cluster gathers the 128).
 """
 
 from __future__ import annotations
@@ -97,28 +99,29 @@ def time_us(fn, iters: int = 50, rounds: int = 15) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--blocks", type=int, default=1024)
+    ap.add_argument("--blocks", type=int, nargs="+", default=[1024, 128])
     ap.add_argument("--check", action="store_true", help="only check the answer (CPU interpreter)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
-    score = torch.rand(args.blocks, generator=g).to(dev)
-    cur = args.blocks - 1
-    want = reference(score.cpu(), cur, 16)
-    for mode in ("passes", "sort"):
-        got = run(score, cur, 3, mode, 16, 4).cpu().tolist()
-        print(f"{mode}: top-16 {'matches' if got == want else 'DIFFERS'} the reference")
-        if got != want:
-            raise SystemExit(f"{mode}: got {got}, want {want}")
+    scores = {n: torch.rand(n, generator=g).to(dev) for n in args.blocks}
+    for n, score in scores.items():
+        want = reference(score.cpu(), n - 1, 16)
+        for mode in ("passes", "sort"):
+            got = run(score, n - 1, 3, mode, 16, 4).cpu().tolist()
+            print(f"{n} blocks, {mode}: top-16 {'matches' if got == want else 'DIFFERS'} the reference")
+            if got != want:
+                raise SystemExit(f"{mode}: got {got}, want {want}")
     if args.check:
         return
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
-    print(f"| mode | warps | launch R=1 µs | R=129 µs | per top-n µs |\n|---|---|---|---|---|")
-    for mode in MODES:
-        for warps in (4, 8):
-            t1 = time_us(lambda: run(score, cur, 1, mode, 16, warps))
-            t129 = time_us(lambda: run(score, cur, 129, mode, 16, warps))
-            print(f"| {mode} | {warps} | {t1:.2f} | {t129:.2f} | {(t129 - t1) / 128:.3f} |")
+    print("| blocks | mode | warps | launch R=1 µs | R=129 µs | per top-n µs |\n|---|---|---|---|---|---|")
+    for n, score in scores.items():
+        for mode in MODES:
+            for warps in (4, 8):
+                t1 = time_us(lambda: run(score, n - 1, 1, mode, 16, warps))
+                t129 = time_us(lambda: run(score, n - 1, 129, mode, 16, warps))
+                print(f"| {n} | {mode} | {warps} | {t1:.2f} | {t129:.2f} | {(t129 - t1) / 128:.3f} |")
 
 
 if __name__ == "__main__":
