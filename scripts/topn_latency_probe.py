@@ -2,8 +2,8 @@
 paper shape's 64-token selection blocks), as a latency: the gate decode.md's thirty-fourth round
 set before building a one-launch cluster step for batch 1. In that step every CTA of a cluster
 would take the same top-n after gathering the group's scores, so the top-n sits on the step's
-critical path whole; the cluster floor (PXTX, `scripts/cluster_floor.cu`) leaves ≈ 1.7–2.4 µs
-under 19.2 µs on the H100 for all the arithmetic.
+critical path whole; the cluster floor (PXTX, `scripts/cluster_floor.cu`) leaves 2.5 µs under
+19.2 µs on the H100 for all the arithmetic (decode.md, thirty-fifth round, has this probe's rows).
 
     python3 scripts/topn_latency_probe.py      # on a GPU, kernels/ importable as nsa_kernels
                                                # (source scripts/device_env.sh)
