@@ -147,3 +147,30 @@ def test_a_search_counts_as_the_users_request_in_the_metrics(client, api_server)
     assert d('nsa:request_success_total{finished_reason="length"}') == 2
     assert d("nsa:request_generation_tokens_sum") == r.usage.completion_tokens == 6
     assert d("nsa:iteration_tokens_total_count") >= 3  # at least one engine step per search step
+
+
+def test_usage_counts_the_prompt_tokens_the_prefix_cache_served(client, api_server):  # noqa: F811
+    """prompt_tokens_details.cached_tokens of a search: what the cache served its first step (its
+    prompt); a salt of its own keeps other tests' pages out of the count."""
+    name = api_server.engine.model_name
+    prompt = list(range(500, 580))
+    extra = {"use_beam_search": True, "ignore_eos": True, "cache_salt": "beam-usage"}
+
+    def cached(**kw):
+        return client.completions.create(model=name, prompt=prompt, max_tokens=2, n=2, extra_body=extra,
+                                         **kw).usage.prompt_tokens_details.cached_tokens
+
+    assert cached() == 0
+    again = cached()
+    plain = client.completions.create(model=name, prompt=prompt, max_tokens=1, temperature=0.0,
+                                      extra_body={"cache_salt": "beam-usage"})
+    assert 0 < again < len(prompt) and again == plain.usage.prompt_tokens_details.cached_tokens
+    # Two prompts in one request: the two searches' counts summed.
+    two = client.completions.create(model=name, prompt=[prompt, prompt], max_tokens=1, n=2, extra_body=extra)
+    assert two.usage.prompt_tokens_details.cached_tokens == 2 * again
+    messages = [{"role": "user", "content": "Beam me. " + "The cache keeps pages of tokens. " * 12}]
+    kw = dict(model=name, messages=messages, max_tokens=2, n=2, extra_body=extra)
+    first = client.chat.completions.create(**kw)
+    stream = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert stream[-1].usage.prompt_tokens_details.cached_tokens > 0

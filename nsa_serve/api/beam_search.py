@@ -51,6 +51,9 @@ class Beam:
     finish_reason: str | None = None  # "stop" (a stop token) or "length"; None while live
     stop_reason: int | None = None
     text: str = field(default="", compare=False)
+    # Prompt tokens the prefix cache served at the search's first step (usage's
+    # prompt_tokens_details.cached_tokens; later steps re-read the prompt's pages, not counted).
+    cached_tokens: int = field(default=0, compare=False)
 
 
 def beam_score(beam: Beam, prompt_len: int, length_penalty: float) -> float:
@@ -66,10 +69,14 @@ async def beam_search(engine, prompt_ids: list[int], params: BeamSearchParams, r
     step_params = SamplingParams(n=1, temperature=0.0, max_tokens=1, logprobs=2 * params.width, ignore_eos=True,
                                  output_kind="final_only", cache_salt=params.cache_salt)
     live, done = [Beam([])], []
+    cached = 0
     for step in range(params.max_tokens):
-        tops = await asyncio.gather(*(_next_tokens(engine, prompt_ids + b.tokens, step_params,
+        outs = await asyncio.gather(*(_next_tokens(engine, prompt_ids + b.tokens, step_params,
                                                    f"{request_id}-s{step}-b{i}", priority)
                                       for i, b in enumerate(live)))
+        tops = [top for top, _ in outs]
+        if step == 0:
+            cached = outs[0][1]
         candidates = [Beam(b.tokens + [t], b.cum_logprob + lp) for b, top in zip(live, tops) for t, lp in top]
         candidates.sort(key=lambda b: b.cum_logprob, reverse=True)
         live = []
@@ -89,12 +96,14 @@ async def beam_search(engine, prompt_ids: list[int], params: BeamSearchParams, r
         detok = IncrementalDetokenizer(engine.tokenizer, prompt_ids, params.skip_special_tokens)
         shown = b.tokens[:-1] if b.finish_reason == "stop" else b.tokens
         b.text = "".join(detok.add(t) for t in shown) + detok.flush()
+        b.cached_tokens = cached
     return best
 
 
 async def _next_tokens(engine, token_ids: list[int], params: SamplingParams, request_id: str,
-                       priority: int) -> list[tuple[int, float]]:
-    """The (token, logprob) pairs of the best next tokens after `token_ids`, best first."""
+                       priority: int) -> tuple[list[tuple[int, float]], int]:
+    """The (token, logprob) pairs of the best next tokens after `token_ids`, best first, and how
+    many of `token_ids` the prefix cache served."""
     it = engine.generate(token_ids, params, request_id, priority=priority)
     last = None
     try:
@@ -106,7 +115,7 @@ async def _next_tokens(engine, token_ids: list[int], params: SamplingParams, req
             await it.aclose()
     raise_if_failed(last)  # the step's computation failed: the search cannot go on
     lp = last.outputs[0].logprobs[0]
-    return [(t, v) for t, _, v in lp.top]
+    return [(t, v) for t, _, v in lp.top], last.metrics.num_cached_tokens
 
 
 async def observed(metrics: ServerMetrics, prompt_lens: list[int], params: list[BeamSearchParams],

@@ -113,7 +113,8 @@ async def _beam_search_reply(ctx: ServingContext, req: ChatCompletionRequest, ra
     created = int(time.time())
     completion_tokens = sum(len(b.tokens) for b in beams)
     usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
-                      total_tokens=len(prompt_ids) + completion_tokens)
+                      total_tokens=len(prompt_ids) + completion_tokens,
+                      prompt_tokens_details=PromptTokensDetails(cached_tokens=beams[0].cached_tokens))
     if not req.stream:
         choices = [ChatChoice(index=i, message=ChatMessageOut(content=echo + b.text), finish_reason=b.finish_reason,
                               stop_reason=b.stop_reason) for i, b in enumerate(beams)]

@@ -112,7 +112,9 @@ async def _beam_search_reply(ctx: ServingContext, req: CompletionRequest, raw: R
     prompt_tokens = sum(len(p) for p in prompt_ids)
     completion_tokens = sum(len(b.tokens) for beams in results for b in beams)
     usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                      total_tokens=prompt_tokens + completion_tokens)
+                      total_tokens=prompt_tokens + completion_tokens,
+                      prompt_tokens_details=PromptTokensDetails(
+                          cached_tokens=sum(beams[0].cached_tokens for beams in results)))
     created = int(time.time())
     if not req.stream:
         return json_response(CompletionResponse(id=request_id, created=created, model=model, choices=choices,
