@@ -348,7 +348,14 @@ def _select_units(score, bt_ptr, sel_ptr, ulp_ptr, uph_ptr, L, b, sbt_b,
     physical pages (an unused slot names table entry 0, always a valid page id)."""
     cur = (L - 1) // PAGE
     j = tl.arange(0, NBP)
-    key = _topn_keys(score, j, cur, NUM_INIT, NUM_LOCAL)
+    sel = _topn_blocks(_topn_keys(score, j, cur, NUM_INIT, NUM_LOCAL), j, NBP, NSEL, NSP, TOPN)
+    _store_units(sel, bt_ptr, sel_ptr, ulp_ptr, uph_ptr, b, sbt_b, NSEL, NSP)
+
+
+@triton.jit
+def _topn_blocks(key, j, NBP: tl.constexpr, NSEL: tl.constexpr, NSP: tl.constexpr, TOPN: tl.constexpr):
+    """The blocks of the NSEL best keys [NBP] of blocks j, best first, −1 past NSEL ([NSP]), found
+    as TOPN says (`_select_units`: 0 passes, 1 sort)."""
     ks = tl.arange(0, NSP)
     if TOPN == 0:
         sel = tl.full([NSP], -1, tl.int32)
@@ -363,7 +370,7 @@ def _select_units(score, bt_ptr, sel_ptr, ulp_ptr, uph_ptr, L, b, sbt_b,
         else:  # sorted descending: row 0 of [NBP / NSP, NSP] is the largest NSP, so the column max
             top = tl.max(tl.reshape(tl.sort(key, descending=True), [NBP // NSP, NSP]), 0)
         sel = _blocks_of(top, NSEL, NSP)
-    _store_units(sel, bt_ptr, sel_ptr, ulp_ptr, uph_ptr, b, sbt_b, NSEL, NSP)
+    return sel
 
 
 @triton.jit

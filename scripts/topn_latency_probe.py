@@ -22,13 +22,13 @@ two-stage top-n: each of 8 CTAs takes its own slice's 16 best, the cluster gathe
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import triton
 import triton.language as tl
 
-from nsa_kernels.nsa_decode import HAS_TOPK, _blocks_of, _topn_keys
+from nsa_kernels.bench_prefill import timed
+from nsa_kernels.nsa_decode import _topn_blocks, _topn_keys
 from nsa_kernels._triton_utils import topn_block
 
 MODES = ("reduce", "passes", "sort")
@@ -45,19 +45,8 @@ def _topn_loop(score_ptr, out_ptr, cur, R, NBP: tl.constexpr, NSEL: tl.constexpr
         key = _topn_keys(score, j, cur, NUM_INIT, NUM_LOCAL)
         if MODE == 0:
             sel = tl.where(ks == 0, topn_block(tl.max(key, 0)), -1)
-        elif MODE == 1:
-            sel = tl.full([NSP], -1, tl.int32)
-            for t in range(NSEL):
-                kmax = tl.max(key, 0)
-                idx = topn_block(kmax)
-                sel = tl.where(ks == t, idx, sel)
-                key = tl.where(j == idx, -1, key)
-        else:
-            if HAS_TOPK:
-                top = tl.topk(key, NSP)
-            else:
-                top = tl.max(tl.reshape(tl.sort(key, descending=True), [NBP // NSP, NSP]), 0)
-            sel = _blocks_of(top, NSEL, NSP)
+        else:  # the decode kernels' own top-n, TOPN mode MODE − 1
+            sel = _topn_blocks(key, j, NBP, NSEL, NSP, MODE - 1)
         # Every score moves by an amount the answer decides (positive scores stay positive; the
         # order barely moves): the next iteration's keys wait for this top-n.
         d = (tl.sum(sel, 0) & 1).to(tl.float32) * 1e-30
@@ -83,18 +72,8 @@ def reference(score: torch.Tensor, cur: int, nsel: int) -> list[int]:
 
 
 def time_us(fn, iters: int = 50, rounds: int = 15) -> float:
-    fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(rounds):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        samples.append(a.elapsed_time(b) * 1000 / iters)
-    return statistics.median(samples)
+    """Median µs of one call, over `rounds` timings of `iters` calls back to back."""
+    return timed(lambda: [fn() for _ in range(iters)], rounds) * 1000 / iters
 
 
 def main() -> None:
