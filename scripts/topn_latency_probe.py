@@ -12,8 +12,11 @@ critical path whole; the cluster floor (PXTX, `scripts/cluster_floor.cu`) leaves
 One program loops R times over: keys of the scores (`_topn_keys`, the decode kernels' own) → the
 top-n (a mode below) → a tiny change to every score that depends on the answer (so no iteration
 can start before the previous one's top-n is known, as the step's next phase cannot). The time
-of a launch with R iterations less that with one, over R − 1, is one top-n's latency with no
-launch in it. Modes: "reduce" (one block-wide max of the keys: the floor of any dependent
+of a launch with R₁ iterations less that with R₀, over R₁ − R₀, is one top-n's latency with no
+launch in it, provided both launches take longer on the GPU than the host takes to issue one
+(17–31 µs from Python on the H100): `--reps R0 R1` (default 1 129, the thirty-fifth round's rows,
+whose R = 1 launches were host-bound, so the table also gives t(R₁) / R₁ as an upper bound;
+65 257 keeps both top-n modes above it at either size). Modes: "reduce" (one block-wide max of the keys: the floor of any dependent
 iteration), "passes" and "sort" (the decode kernels' TOPN modes 0 and 1, `_select_units`).
 Over 1 024 blocks (one CTA takes the group's whole top-n) and over 128 (the second stage of a
 two-stage top-n: each of 8 CTAs takes its own slice's 16 best, the cluster gathers the 128).
@@ -80,6 +83,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks", type=int, nargs="+", default=[1024, 128])
     ap.add_argument("--check", action="store_true", help="only check the answer (CPU interpreter)")
+    ap.add_argument("--reps", type=int, nargs=2, default=[1, 129], metavar=("R0", "R1"),
+                    help="iterations of the two launches whose difference is timed")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
@@ -94,13 +99,16 @@ def main() -> None:
     if args.check:
         return
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
-    print("| blocks | mode | warps | launch R=1 µs | R=129 µs | per top-n µs |\n|---|---|---|---|---|---|")
+    r0, r1 = args.reps
+    print(f"| blocks | mode | warps | R={r0} µs | R={r1} µs | per top-n µs | upper bound µs |\n"
+          "|---|---|---|---|---|---|---|")
     for n, score in scores.items():
         for mode in MODES:
             for warps in (4, 8):
-                t1 = time_us(lambda: run(score, n - 1, 1, mode, 16, warps))
-                t129 = time_us(lambda: run(score, n - 1, 129, mode, 16, warps))
-                print(f"| {n} | {mode} | {warps} | {t1:.2f} | {t129:.2f} | {(t129 - t1) / 128:.3f} |")
+                t0 = time_us(lambda: run(score, n - 1, r0, mode, 16, warps))
+                t1 = time_us(lambda: run(score, n - 1, r1, mode, 16, warps))
+                print(f"| {n} | {mode} | {warps} | {t0:.2f} | {t1:.2f} | {(t1 - t0) / (r1 - r0):.3f} "
+                      f"| {t1 / r1:.3f} |")
 
 
 if __name__ == "__main__":
