@@ -16,8 +16,9 @@ of a launch with R₁ iterations less that with R₀, over R₁ − R₀, is one
 launch in it, provided both launches take longer on the GPU than the host takes to issue one
 (17–31 µs from Python on the H100): `--reps R0 R1` (default 1 129, the thirty-fifth round's rows,
 whose R = 1 launches were host-bound, so the table also gives t(R₁) / R₁ as an upper bound;
-65 257 keeps both top-n modes above it at either size). Modes: "reduce" (one block-wide max of the keys: the floor of any dependent
-iteration), "passes" and "sort" (the decode kernels' TOPN modes 0 and 1, `_select_units`).
+65 257 keeps both top-n modes above it at either size). Modes: "reduce" (one block-wide max of
+the keys: the floor of any dependent iteration), "passes" and "sort" (the decode kernels' TOPN
+modes 0 and 1, `_select_units`).
 Over 1 024 blocks (one CTA takes the group's whole top-n) and over 128 (the second stage of a
 two-stage top-n: each of 8 CTAs takes its own slice's 16 best, the cluster gathers the 128).
 """
