@@ -13,7 +13,7 @@ set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 T0=$(date +%s)
 STEPS=${STEPS:-decode small prefill train engine bench}
-run_tests() {  # step, time limit (s; <STEP>_LIMIT overrides it, e.g. DECODE_LIMIT=570), test files...
+run_tests() {  # step, time limit (s; <STEP>_LIMIT overrides it, e.g. DECODE_LIMIT=490), test files...
   local name=$1 limit=$2; shift 2
   local over="${name^^}_LIMIT"; limit=${!over:-$limit}
   [[ " $STEPS " == *" $name "* ]] || return 0

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kernels_interpret import DEVICE, load_kernels
+from nsa_kernels.reference import SparsityParams, select_blocks
 from script_helpers import load_script
 
 load_kernels()
@@ -19,4 +20,10 @@ def test_loop_finds_the_reference_top_n(mode, blocks, cur):
     g = torch.Generator().manual_seed(blocks + cur)
     score = torch.rand(blocks, generator=g)
     got = m.run(score.to(DEVICE), cur, 3, mode, 16, 4).cpu().tolist()
-    assert got == m.reference(score, cur, 16)
+    want = m.reference(score, cur, 16)
+    assert got == want
+    # The probe's ordered rule chooses what the model's reference chooses (paper shape's forced
+    # blocks: the first and the two most recent), so its latency is the decode top-n's.
+    p = SparsityParams(block=32, stride=16, select_block=64, num_select=16, window=512)
+    chosen = select_blocks(score.view(1, 1, -1), torch.tensor([cur * p.select_block]), p)[0, 0]
+    assert sorted(want) == chosen.nonzero().flatten().tolist()
