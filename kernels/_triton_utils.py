@@ -28,6 +28,12 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
+def triton_release(version: str | None = None) -> tuple[int, int]:
+    """(major, minor) of the installed Triton (or of `version`), for defaults measured per release."""
+    major, minor = (version or triton.__version__).split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 @functools.lru_cache(maxsize=None)
 def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -216,6 +216,10 @@ VARIANTS = {
     "one compressed tile buffer": dict(cmp_stages=2, cmp_programs="2*sms"),
     "splits merged in the attention kernel": dict(fuse_combine=True),
     "splits merged by the combine launch": dict(fuse_combine=False),
+    # The fused merge's loads: [GP, k, DVP] tiles of k splits a step, summed over the split axis.
+    "fused merge one split a step (2-D loads, no split-axis sums)": dict(merge_chunk=1),
+    "fused merge two splits a step": dict(merge_chunk=2),
+    "2 attention splits a group, merged by the combine launch": dict(num_splits=2, fuse_combine=False),
     "partial output rows in fp32 (default: bf16 for bf16 inputs)": dict(bf16_partials=False),
     "values read with the keys (default from batch 3 with PDL: after them)": dict(values_after_keys=False),
     "values after the keys (default below batch 3: with them)": dict(values_after_keys=True),

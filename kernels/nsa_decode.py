@@ -48,7 +48,7 @@ import triton.language as tl
 from ._triton_utils import (NEG, _combine_kernel, _dot, _load_q_halves, _online_softmax_step,
                             check_last_dim_contiguous, dot_precision, interpreter_upcast,
                             next_pow2, pdl_enabled, pipeline_smem_budget, set_carveout,
-                            target_programs, topn_block, topn_key)
+                            target_programs, topn_block, topn_key, triton_release)
 from .paged import PagedLayerCache
 from .reference import SparsityParams
 
@@ -405,12 +405,29 @@ def _merge_splits(m_ptr, l_ptr, acc_ptr, rows, gmask, NS: tl.constexpr, GP: tl.c
     """Merge the NS split partial states (m, l, acc) of each row into a normalised [GP, DVP] output,
     SCH splits per step ([GP, SCH, DVP] loads issued at once: with few splits, one step). Unrolled
     (NS is a constant), so the three merges of the fused path are straight-line code whose loads
-    need not wait for the previous merge's math (batch 16 at 64k: 98.1 → 96.9 µs)."""
+    need not wait for the previous merge's math (batch 16 at 64k: 98.1 → 96.9 µs). SCH 1: one
+    split a step as [GP] and [GP, DVP] loads, no sum over a split axis (the default after Triton
+    3.6, whose later releases lay that sum out across threads: MERGE_CHUNK)."""
     s = tl.arange(0, SCH)
     dv = tl.arange(0, DVP)
     mx = tl.full([GP], NEG, tl.float32)
     total = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DVP], tl.float32)
+    if SCH == 1:  # one split a step as [GP] and [GP, DVP] loads: no reduction across a split axis
+        dmask = gmask[:, None] & (dv[None, :] < DV)
+        for c in tl.static_range(NS):
+            off = rows * NS + c
+            ms = tl.load(m_ptr + off, mask=gmask, other=NEG, cache_modifier=".cg")
+            ls = tl.load(l_ptr + off, mask=gmask, other=0.0, cache_modifier=".cg")
+            a = tl.load(acc_ptr + off[:, None] * DV + dv[None, :], mask=dmask, other=0.0,
+                        cache_modifier=".cg").to(tl.float32)
+            mn = tl.maximum(mx, ms)
+            al = tl.exp(mx - mn)
+            w = tl.exp(ms - mn)
+            total = total * al + ls * w
+            acc = acc * al[:, None] + a * w[:, None]
+            mx = mn
+        return acc / tl.where(total > 0, total, 1.0)[:, None]
     for c in tl.static_range(0, NS, SCH):
         smask = gmask[:, None] & (c + s[None, :] < NS)
         off = rows[:, None] * NS + c + s[None, :]
@@ -772,8 +789,20 @@ BF16_PARTIALS = True
 VALUES_AFTER_KEYS_SCORE_WARPS = 1
 
 # Fuse the split merge and gates into the attention kernel's last split when both branches have at
-# most this many splits (batch ≥ 16 at 64k); many splits (batch 1) would serialise that merge.
-FUSE_MAX_SPLITS = 8
+# most FUSE_MAX_SPLITS splits (batch ≥ 16 at 64k); many splits (batch 1) would serialise that merge.
+# MERGE_CHUNK: splits the fused merge takes a step (`_merge_splits`). Both depend on the Triton
+# release: the merge's [GP, k, DVP] sums over k compile worse after 3.6 (sm_90 SASS, batch 16:
+# Triton 3.7.1 spills 264 B in the attention kernel, 3.8 and 3.9 add ≈ 70 barriers and ≈ 230
+# shuffles), while one split a step ([GP] and [GP, DVP] loads, no split-axis sums) builds without
+# them on 3.6–3.9 (3.9: a 24 B spill). H100, 64k, paper shape, graph µs, batch 8 / 16 / 64
+# (docs/benchmarks/decode.md, thirty-sixth round): Triton 3.6, four a step 66.4 / 105.2 / 363.0, one
+# 70.3 / 106.3 / 363.4;
+# Triton 3.9, four a step 95.1 / 114.1 / 364.3, one 69.8 / 105.8 / 363.1, and the combine launch
+# instead 66.5 / 106.7 / 368.4 (so 3.9 fuses only up to 4 splits: batch 8 has 8). 3.7 and 3.8 take
+# 3.9's rule, from their SASS alone (not timed).
+LATER_TRITON = triton_release() > (3, 6)
+FUSE_MAX_SPLITS = 4 if LATER_TRITON else 8
+MERGE_CHUNK = 1 if LATER_TRITON else 4
 
 
 def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None, scale=None,
@@ -781,7 +810,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
                      cmp_warps=None, cmp_stages=None, cmp_programs=None, cmp_split_dk=True,
                      attend_split_dk=None, attend_stages=3, fuse_combine=None, pdl=None,
                      score_warps=None, topn=TOPN_DEFAULT, carveout=CARVEOUT_DEFAULT,
-                     cmp_evict=None, bf16_partials=None, values_after_keys=None):
+                     cmp_evict=None, bf16_partials=None, values_after_keys=None, merge_chunk=None):
     """`nsa_decode` with launch knobs exposed (for the benchmark's sweep; results do not depend on
     them beyond float rounding). `*_split_dk`: dk as DK0 + DK1 power-of-two dots, else padded to
     the next power of two. `fuse_combine`: merge the splits in the attention kernel's last split
@@ -792,7 +821,8 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     rows (not their m and l) stored in bf16 when q is bf16 (None: BF16_PARTIALS).
     `values_after_keys`: the compressed pass reads values after keys and the score kernel waits
     for the keys only (None: `_values_after_keys`); it also sets the default pass programs (two an
-    SM) and score warps (VALUES_AFTER_KEYS_SCORE_WARPS; else 4).
+    SM) and score warps (VALUES_AFTER_KEYS_SCORE_WARPS; else 4). `merge_chunk`: splits the fused
+    merge takes a step (None: MERGE_CHUNK, by Triton release).
     Defaults: the fastest measured at 64k (docs/benchmarks/decode.md).
 
     With PDL each kernel waits (griddepcontrol.wait) before touching memory, so it is safe after
@@ -926,6 +956,9 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
     NC_P, NS_P = max(2, next_pow2(nsplit_c)), max(2, next_pow2(nsplit))
     if fuse_combine is None:
         fuse_combine = max(nsplit_c, nsplit) <= FUSE_MAX_SPLITS
+    mchunk = MERGE_CHUNK if merge_chunk is None else int(merge_chunk)
+    if mchunk < 1 or mchunk & (mchunk - 1):
+        raise ValueError(f"merge_chunk must be a power of two ≥ 1, got {merge_chunk}")
     fuse_mode = int(bool(fuse_combine))
     k, v = layer.k_cache, layer.v_cache
     _attend_kernel[(NG, nsplit)](
@@ -939,7 +972,7 @@ def nsa_decode_tuned(q, gates, layer, block_tables, seq_lens, p, win_tables=None
         SPS_P=max(2, next_pow2(sps)), WINDOW=p.window, WPS_P=max(2, next_pow2(wps)),
         RING=ring, RING_PAGES=win_tables.shape[1] if ring else 1,
         DEDUP=dedup, NUM_INIT=p.num_init, NUM_LOCAL=p.num_local, NSPLIT=nsplit, STAGES=attend_stages,
-        FUSE=fuse_mode, C_CH=min(4, NC_P), S_CH=min(4, NS_P), PREC=prec,
+        FUSE=fuse_mode, C_CH=min(mchunk, NC_P), S_CH=min(mchunk, NS_P), PREC=prec,
         UPCAST=interpreter_upcast(q.dtype), PDL=pdl, num_warps=num_warps, num_stages=attend_stages,
         **launch)
 

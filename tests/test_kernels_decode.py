@@ -16,7 +16,8 @@ from nsa_kernels.paged import PagedLayerCache, gather_ring, gather_sequence, pag
 from nsa_kernels.reference import SparsityParams, nsa_attention
 from script_helpers import load_script
 
-_, _, dense_mod, nsa_mod = load_kernels()
+utils_mod, _, dense_mod, nsa_mod = load_kernels()
+triton_release = utils_mod.triton_release
 
 SMALL = SparsityParams(block=8, stride=4, select_block=16, num_select=4, window=32)
 DENSE_LAUNCHES = ("ahead", "previous")  # dense_decode.DENSE_LAUNCH
@@ -137,6 +138,29 @@ def test_nsa_decode_split_shares(splits, fuse, ring):
     # and the window (1-3 pages here, on and off page boundaries) leaves some with none.
     check_nsa([2, 31, 32, 47, 200, 65], Hkv=2, G=4, Dk=32, Dv=16, p=SMALL, ring=ring, chunk=16,
               num_splits=splits, fuse_combine=fuse, fn=nsa_mod.nsa_decode_tuned)
+
+
+@pytest.mark.parametrize("merge_chunk", [1, 2, 4])
+@pytest.mark.parametrize("splits,programs", [(3, 64), (6, 1)])
+def test_nsa_decode_fused_merge_chunks(merge_chunk, splits, programs):
+    # The fused merge (the attention kernel's last split) takes 1, 2 or 4 splits a step: one step's
+    # [GP] and [GP, DVP] loads, or [GP, k, DVP] tiles summed over k, with split counts that are not
+    # multiples of k (3 and 6 attention splits; 64 programs give the compressed pass several).
+    check_nsa([2, 31, 32, 47, 200, 65], Hkv=2, G=4, Dk=32, Dv=16, p=SMALL, chunk=16, num_splits=splits,
+              cmp_programs=programs, fuse_combine=True, merge_chunk=merge_chunk, fn=nsa_mod.nsa_decode_tuned)
+
+
+def test_nsa_decode_merge_defaults_follow_the_triton_release():
+    # Measured per release (MERGE_CHUNK's comment): Triton 3.6 merges four splits a step and fuses
+    # up to 8; later releases one a step, fusing up to 4. A bad chunk is refused.
+    assert triton_release("3.6.0") == (3, 6) and triton_release("3.10.0rc1") == (3, 10)
+    assert triton_release("3.9.0+git1a2b") == (3, 9) and triton_release("4.0") == (4, 0)
+    later = triton_release() > (3, 6)
+    assert nsa_mod.LATER_TRITON == later
+    assert (nsa_mod.MERGE_CHUNK, nsa_mod.FUSE_MAX_SPLITS) == ((1, 4) if later else (4, 8))
+    q, gates, layer, tables, seq_lens, _ = make_case([40, 7], 1, 2, 16, 16, SMALL)
+    with pytest.raises(ValueError, match="merge_chunk"):
+        nsa_mod.nsa_decode_tuned(q, gates, layer, tables, seq_lens, SMALL, merge_chunk=3)
 
 
 @pytest.mark.parametrize("ring", [False, 3])
@@ -385,6 +409,9 @@ def test_gpu_paper_shape_fp32_selection(G):
                                 dict(topn="cand", chunk=64, cmp_programs=528),
                                 dict(carveout=None), dict(carveout=0), dict(cmp_evict=False),
                                 dict(num_splits=7),
+                                # the fused merge one or four splits a step (the default by Triton release)
+                                dict(num_splits=4, fuse_combine=True, merge_chunk=1),
+                                dict(num_splits=4, fuse_combine=True, merge_chunk=4),
                                 # unpipelined compressed pass (its loads keep the evict-first hint)
                                 dict(cmp_stages=1, chunk=32, cmp_programs=528),
                                 dict(cmp_stages=1, chunk=64, cmp_warps=8, cmp_programs=264),
