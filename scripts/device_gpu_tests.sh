@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU test file (`pytest -m gpu`: the 104 tests a CPU run skips), then the 64k decode table, from
+# Every GPU test file (`pytest -m gpu`: the 106 tests a CPU run skips), then the 64k decode table, from
 # the repo root on a GPU machine; one file per step under ${OUT:-.}. TRITON_PACK=39 runs it all on
 # torch 2.13's Triton 3.9 instead of the device image's 3.6: first, on the development machine,
 #   PYTHON=.venv/bin/python bash scripts/pack_triton.sh
@@ -7,8 +7,9 @@
 # Each step has its own time limit (on Triton 3.6, first compiles included: decode + prefill 313 s,
 # small kernels 24, engine 128, train 16); all of it takes more than one 600 s call, so STEPS picks a
 # subset (default: decode small prefill train engine bench); the table runs only while the call has time.
-# On Triton 3.9 with an empty cache the decode file is slower (all 38 tests: 394 s on an H100, the
-# fifty-seventh session), so run it alone there: TRITON_PACK=39 STEPS=decode DECODE_LIMIT=490.
+# On Triton 3.9 with an empty cache the decode file is slower (38 tests: 394 s on an H100, the
+# fifty-seventh session), so run it alone there: TRITON_PACK=39 STEPS=decode DECODE_LIMIT=490; the
+# prefill file took 138 s there and the engine files 117-119 s (fifty-eighth session).
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 T0=$(date +%s)
