@@ -184,6 +184,10 @@ def _cases(shape: str, dtype: torch.dtype):
         ("nsa_decode batch 16, values after keys",  # the default there with PDL (sm_90)
          lambda: nsa_decode_tuned(q1.repeat(8, 1, 1), g1.repeat(8, 1, 1), layer, bt.repeat(8, 1), lens.repeat(8),
                                   p, values_after_keys=True)),
+        ("nsa_decode batch 16, fused merge of 4 splits",  # the GPU's batch-16 launch: 4 + 4 splits,
+         # merged in the attention kernel, MERGE_CHUNK splits a step (Triton 3.7.1 spilled 264 B at 4)
+         lambda: nsa_decode_tuned(q1.repeat(8, 1, 1), g1.repeat(8, 1, 1), layer, bt.repeat(8, 1), lens.repeat(8),
+                                  p, values_after_keys=True, cmp_programs=256, num_splits=4, fuse_combine=True)),
         ("nsa_decode top-n over every block", lambda: nsa_decode_tuned(q1, g1, layer, bt, lens, p, topn="sort")),
         ("dense_paged_decode", lambda: dense_paged_decode(q1, layer, bt, lens)),
         ("dense_paged_decode previous", lambda: dense_paged_decode(q1, layer, bt, lens, launch="previous")),
