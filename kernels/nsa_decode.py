@@ -407,7 +407,7 @@ def _merge_splits(m_ptr, l_ptr, acc_ptr, rows, gmask, NS: tl.constexpr, GP: tl.c
     (NS is a constant), so the three merges of the fused path are straight-line code whose loads
     need not wait for the previous merge's math (batch 16 at 64k: 98.1 → 96.9 µs). SCH 1: one
     split a step as [GP] and [GP, DVP] loads, no sum over a split axis (the default after Triton
-    3.6, whose later releases lay that sum out across threads: MERGE_CHUNK)."""
+    3.6: later releases compile that sum into many more barriers and shuffles, MERGE_CHUNK)."""
     s = tl.arange(0, SCH)
     dv = tl.arange(0, DVP)
     mx = tl.full([GP], NEG, tl.float32)
@@ -789,17 +789,16 @@ BF16_PARTIALS = True
 VALUES_AFTER_KEYS_SCORE_WARPS = 1
 
 # Fuse the split merge and gates into the attention kernel's last split when both branches have at
-# most FUSE_MAX_SPLITS splits (batch ≥ 16 at 64k); many splits (batch 1) would serialise that merge.
-# MERGE_CHUNK: splits the fused merge takes a step (`_merge_splits`). Both depend on the Triton
-# release: the merge's [GP, k, DVP] sums over k compile worse after 3.6 (sm_90 SASS, batch 16:
-# Triton 3.7.1 spills 264 B in the attention kernel, 3.8 and 3.9 add ≈ 70 barriers and ≈ 230
-# shuffles), while one split a step ([GP] and [GP, DVP] loads, no split-axis sums) builds without
-# them on 3.6–3.9 (3.9: a 24 B spill). H100, 64k, paper shape, graph µs, batch 8 / 16 / 64
-# (docs/benchmarks/decode.md, thirty-sixth round): Triton 3.6, four a step 66.4 / 105.2 / 363.0, one
-# 70.3 / 106.3 / 363.4;
-# Triton 3.9, four a step 95.1 / 114.1 / 364.3, one 69.8 / 105.8 / 363.1, and the combine launch
-# instead 66.5 / 106.7 / 368.4 (so 3.9 fuses only up to 4 splits: batch 8 has 8). 3.7 and 3.8 take
-# 3.9's rule, from their SASS alone (not timed).
+# most FUSE_MAX_SPLITS splits (at 64k on 132 SMs: batch ≥ 8 with 8, ≥ 16 with 4); many splits
+# (batch 1) would serialise that merge. MERGE_CHUNK: splits the fused merge takes a step
+# (`_merge_splits`). Both depend on the Triton release: the merge's [GP, k, DVP] sums over k compile
+# worse after 3.6 (sm_90 SASS, batch 16: Triton 3.7.1 spills 264 B in the attention kernel, 3.8 and
+# 3.9 add ≈ 70 barriers and ≈ 230 shuffles), while one split a step ([GP] and [GP, DVP] loads, no
+# split-axis sums) builds without them on 3.6–3.9 (3.9: a 24 B spill). H100, 64k, paper shape,
+# graph µs, batch 8 / 16 / 64 (docs/benchmarks/decode.md, thirty-sixth round): Triton 3.6, four a
+# step 66.4 / 105.2 / 363.0, one 70.3 / 106.3 / 363.4; Triton 3.9, four a step 95.1 / 114.1 / 364.3,
+# one 69.8 / 105.8 / 363.1, and the combine launch instead 66.5 / 106.7 / 368.4 (so 3.9 fuses only
+# up to 4 splits: batch 8 has 8). 3.7 and 3.8 take 3.9's rule from their SASS alone (not timed).
 LATER_TRITON = triton_release() > (3, 6)
 FUSE_MAX_SPLITS = 4 if LATER_TRITON else 8
 MERGE_CHUNK = 1 if LATER_TRITON else 4
