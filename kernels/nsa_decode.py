@@ -793,7 +793,7 @@ VALUES_AFTER_KEYS_SCORE_WARPS = 1
 # (batch 1) would serialise that merge. MERGE_CHUNK: splits the fused merge takes a step
 # (`_merge_splits`). Both depend on the Triton release: the merge's [GP, k, DVP] sums over k compile
 # worse after 3.6 (sm_90 SASS, batch 16: Triton 3.7.1 spills 264 B in the attention kernel, 3.8 and
-# 3.9 add ≈ 70 barriers and ≈ 230 shuffles), while one split a step ([GP] and [GP, DVP] loads, no
+# 3.9 add ≈ 110 barriers and ≈ 420–450 shuffles), while one split a step ([GP] and [GP, DVP] loads, no
 # split-axis sums) builds without them on 3.6–3.9 (3.9: a 24 B spill). H100, 64k, paper shape,
 # graph µs, batch 8 / 16 / 64 (docs/benchmarks/decode.md, thirty-sixth round): Triton 3.6, four a
 # step 66.4 / 105.2 / 363.0, one 70.3 / 106.3 / 363.4; Triton 3.9, four a step 95.1 / 114.1 / 364.3,
