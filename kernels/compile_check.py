@@ -30,10 +30,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-# Triton 3.9 warns unless this is set; 1 keeps the behaviour of the GPU image's Triton 3.6.
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-
-from ._triton_utils import MAX_SHARED, jit_launches_replaced  # noqa: E402 (after the environment default above)
+# (Triton's multiply-add fusion default is pinned by the package's __init__, imported first.)
+from ._triton_utils import MAX_SHARED, jit_launches_replaced
 
 
 @dataclass

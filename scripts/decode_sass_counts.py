@@ -22,15 +22,12 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import os
 import re
 import subprocess
 import sys
 import tempfile
 
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as nsa_kernels sets it
-
-import torch  # noqa: E402
+import torch
 
 OPCODES = ("BAR", "SHFL", "LDGSTS", "LDG", "STG", "LDS", "STS", "HMMA", "MUFU", "ATOMG")
 # A SASS line: /*addr*/ [predicate] OPCODE.modifiers operands ;
