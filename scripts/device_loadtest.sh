@@ -8,6 +8,11 @@
 # folder as EXTRA_PYTHONPATH, e.g.
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && EXTRA_PYTHONPATH=/tmp/site bash scripts/device_loadtest.sh
 # Knobs: MODES (nsa dense), DOC (64k), REQS (16), CONC (8), OUTLEN (256), MODEL (/tmp/paper-1b).
+# On torch 2.13's Triton 3.9 (TRITON_PACK=39, carrying .cache and .whl): the pack (42 MB), the tree (21 MB) and
+# the wheels fit the 64 MiB carry only without llguidance's 3 MB wheel — leave it out (the server imports it
+# only for structured outputs, which the load test does not ask for); the rest is 3.4 MB (fastapi, starlette,
+# uvicorn, pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions, anyio,
+# opentelemetry-api: the device image has the others).
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 export PYTHONPATH=${PYTHONPATH}${EXTRA_PYTHONPATH:+:$EXTRA_PYTHONPATH}
