@@ -20,18 +20,19 @@ from contextlib import contextmanager
 import uvicorn
 
 from ..engine.args import add_graph_args, speculative_config
+from ..help_format import DefaultsHelpFormatter
 
 log = logging.getLogger("nsa_serve.api")
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=DefaultsHelpFormatter)
     p.add_argument("model", nargs="?", default=None, metavar="MODEL_DIR",
                    help="model directory (default: the bundled default model)")
     g = p.add_argument_group("HTTP")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=int, default=8000, help="port to listen on")
     g.add_argument("--api-key", default=os.environ.get("NSA_SERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health and /ready "
                         "(default: $NSA_SERVE_API_KEY; unset: no key)")

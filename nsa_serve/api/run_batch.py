@@ -21,16 +21,15 @@ from pathlib import Path
 # At import, not inside `register`: the top-level CLI imports plugin modules under a guard that
 # turns a missing package (uvicorn on a bare GPU image) into an unavailable command; an import
 # inside `register` escaped it and broke every subcommand, `bench` included.
+from ..help_format import DefaultsHelpFormatter
 from .cli import add_engine_args
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
 def register(subparsers) -> None:
-    import argparse
-
     p = subparsers.add_parser("run-batch", help="run an OpenAI batch file (JSON lines) offline",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=DefaultsHelpFormatter)
     p.add_argument("model", nargs="?", default=None, metavar="MODEL_DIR",
                    help="model directory (default: the bundled default model)")
     p.add_argument("-i", "--input-file", required=True, help="requests, one JSON object a line ('-': stdin)")

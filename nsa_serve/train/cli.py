@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..help_format import DefaultsHelpFormatter
+
 
 def _overrides(items) -> dict:
     from nsa_serve.cli import _parse_value
@@ -102,7 +104,7 @@ def cmd_eval(args) -> int:
 
 
 def register(subparsers) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelpFormatter
     p = subparsers.add_parser("prepare-data", formatter_class=fmt,
                               help="Debian docs → tokenizer and uint16 token files for training")
     p.add_argument("--out", default=".data")
