@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from .help_format import DefaultsHelpFormatter
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -86,27 +88,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nsa-serve", description="Serve Native Sparse Attention models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("init-model", help="create a random-initialised NSA model directory")
+    p = sub.add_parser("init-model", help="create a random-initialised NSA model directory",
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--preset", default="tiny", help="tiny | small | paper-1b")
     p.add_argument("--out", required=True, help="directory to write")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field")
     p.add_argument("--max-shard-size", type=parse_size, metavar="SIZE",
                    help="write the weights as shards of at most SIZE (e.g. 5GB, 500MiB, bytes) with "
                         "model.safetensors.index.json, as large checkpoints come (default: one file)")
     p.set_defaults(func=cmd_init_model)
 
-    p = sub.add_parser("generate", help="stream a completion of one prompt to stdout")
+    p = sub.add_parser("generate", help="stream a completion of one prompt to stdout",
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", help="model directory (default: the bundled default model)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the prompt (with --chat: the user's message)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this probability")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--ignore-eos", action="store_true", help="go on past end-of-sequence tokens up to --max-tokens")
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     p.set_defaults(func=cmd_generate)
 
     for register in _plugins():

@@ -1,4 +1,4 @@
-"""`nsa-serve <command> --help`: each option's default shown once, or not at all where it has none."""
+"""`nsa-serve <command> --help`: every option says what it does, and its default once (none where it has none)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,14 @@ def test_no_option_states_its_default_twice(command):
     text = _flat(_subparsers(build_parser())[command].format_help())
     assert "(default: None)" not in text
     assert not re.search(r"\(default[^)]*\) \(default", text), text
+
+
+@pytest.mark.parametrize("command", sorted(_subparsers(build_parser())))
+def test_every_option_says_what_it_does(command):
+    sp = _subparsers(build_parser())[command]
+    assert sp.formatter_class is DefaultsHelpFormatter
+    bare = [a.option_strings or a.dest for a in sp._actions if not (a.help or "").strip()]
+    assert not bare, f"{command}: options without help {bare}"
 
 
 def test_serve_help_does_not_print_the_api_key(monkeypatch):

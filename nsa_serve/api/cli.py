@@ -61,7 +61,8 @@ def register(subparsers) -> None:
                         "are users' data)")
     g.add_argument("--max-log-len", type=int, default=None,
                    help="prompt characters and token ids shown by --enable-log-requests (default: all)")
-    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="server log level (debug also logs each HTTP access)")
     g.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between lines of engine statistics in the log (throughputs, queue, KV cache; "
                         "0: none)")
@@ -85,12 +86,14 @@ def add_engine_args(p) -> None:
                    help="fraction of GPU memory for weights and cache")
     g.add_argument("--cpu-kv-cache-gb", type=float, default=1.0, help="page pool size on CPU")
     g.add_argument("--num-pages", type=int, default=None, help="force the page pool size")
-    g.add_argument("--attention", choices=["nsa", "dense"], default="nsa")
+    g.add_argument("--attention", choices=["nsa", "dense"], default="nsa",
+                   help="nsa: the model's sparse attention; dense: full attention over the same paged cache (the baseline)")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="disable the prefix cache")
-    g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
+    g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                   help="fcfs: arrival order; priority: lower request `priority` first, then arrival")
     add_graph_args(g)
     g.add_argument("--cpu-threads", type=int, default=None,
                    help="CPU only: intra-op threads of engine steps (default: one per core)")
@@ -102,7 +105,7 @@ def add_engine_args(p) -> None:
     g.add_argument("--no-precompile", dest="precompile", action="store_false",
                    help="CUDA: do not compile the kernel variants of eager steps at start-up (they "
                    "then compile inside the first requests that meet them)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling of requests that give none")
     g.add_argument("--speculative-config", type=speculative_config, default=None,
                    help="speculative decoding, as vLLM's JSON: '{\"method\": \"ngram\", "
                         "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' "

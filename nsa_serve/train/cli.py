@@ -107,14 +107,14 @@ def register(subparsers) -> None:
     fmt = DefaultsHelpFormatter
     p = subparsers.add_parser("prepare-data", formatter_class=fmt,
                               help="Debian docs → tokenizer and uint16 token files for training")
-    p.add_argument("--out", default=".data")
+    p.add_argument("--out", default=".data", help="folder for the tokenizer and token files")
     p.add_argument("--packages", nargs="+", help="Debian packages (default: linux-doc-6.1 python3.11-doc perl-doc)")
     p.add_argument("--source-dir", action="append", help="read this folder instead of downloading (repeatable)")
     p.add_argument("--deb-dir", help="keep the downloaded .deb files here (default: a temporary folder)")
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--heldout-frac", type=float, default=0.02)
-    p.add_argument("--max-train-tokens", type=int, default=12_000_000)
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer vocabulary size")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the held-out split is drawn with it)")
+    p.add_argument("--heldout-frac", type=float, default=0.02, help="share of documents held out")
+    p.add_argument("--max-train-tokens", type=int, default=12_000_000, help="cap on the training tokens written")
     p.set_defaults(func=cmd_prepare)
 
     p = subparsers.add_parser("train", formatter_class=fmt, help="train an NSA model from scratch")
@@ -137,18 +137,19 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=int, help="one fixed sequence length instead of --curriculum")
     p.add_argument("--curriculum", default=None, help="LEN:FRAC:TASK_PROB,... (see docs/training.md)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step at the first length")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (linear warm-up, then cosine decay)")
+    p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     p.add_argument("--task-prob", type=float, help="override every phase's retrieval-task probability")
     p.add_argument("--task-mix", default="0.5,0.2,0.3", help="PASSKEY,KV,CHAT shares of the task sequences")
     p.add_argument("--greeting-share", type=float,
                    help="share of dialog samples that open with a greeting turn (default 0.25, tasks.GREETING_SHARE)")
-    p.add_argument("--answer-weight", type=float, default=1.0)
+    p.add_argument("--answer-weight", type=float, default=1.0,
+                   help="extra loss weight on the answer tokens of task sequences")
     p.add_argument("--select-aux-weight", type=float, default=0.0,
                    help="weight of the selection's retrieval supervision on task sequences (0: off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=200)
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens scored at each checkpoint")
     p.add_argument("--attention", choices=("sdpa", "reference"), default="sdpa",
                    help="sdpa: batched fused attention (tested equal to the reference); reference: the "
@@ -156,7 +157,7 @@ def register(subparsers) -> None:
     p.add_argument("--micro-batch-tokens", type=int, default=32768, help="tokens per forward (sdpa)")
     p.add_argument("--q-chunk", type=int, default=2048, help="reference attention's query chunk (0: none)")
     p.add_argument("--compile", action="store_true", help="torch.compile the attention chunks (CUDA)")
-    p.add_argument("--device")
+    p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("eval", formatter_class=fmt,
@@ -164,15 +165,15 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, help="model directory (tokenizer and perplexity)")
     p.add_argument("--data", default=".data/heldout.bin", help="held-out token file (also passkey filler)")
     p.add_argument("--base-url", help="running server, e.g. http://127.0.0.1:8000")
-    p.add_argument("--api-key")
-    p.add_argument("--lengths", default="4096,16384,32768,65536")
+    p.add_argument("--api-key", help="the server's API key, if it needs one")
+    p.add_argument("--lengths", default="4096,16384,32768,65536", help="passkey prompt lengths in tokens")
     p.add_argument("--samples", type=int, default=20, help="passkey prompts per length")
-    p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--timeout", type=float, default=900.0)
-    p.add_argument("--ppl-seq-len", type=int, default=1024)
+    p.add_argument("--concurrency", type=int, default=4, help="passkey requests in flight at once")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds a passkey request may take")
+    p.add_argument("--ppl-seq-len", type=int, default=1024, help="tokens a perplexity window")
     p.add_argument("--ppl-tokens", type=int, default=262144, help="0: skip perplexity")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0, help="seed of the passkeys and their filler")
+    p.add_argument("--device", help="perplexity: cpu | cuda (default: cuda when available)")
     p.add_argument("--out", help="write the results as JSON here")
     p.set_defaults(func=cmd_eval)
 
