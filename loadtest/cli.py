@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="/v1/chat/completions or /v1/completions")
 
     g = p.add_argument_group("workload")
-    g.add_argument("--workload", choices=WORKLOADS, default="chat")
+    g.add_argument("--workload", choices=WORKLOADS, default="chat",
+                   help="chat: an instruction and a passage; random: random corpus words; longdoc: a document "
+                        "and a question about it; needle: a fact planted in a document, then asked for "
+                        "(docs/loadtest.md) (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="one seed fixes prompts, lengths and arrival times")
     g.add_argument("--input-len", type=int, default=512, help="chat/random: prompt tokens (median or centre)")
     g.add_argument("--output-len", type=int, default=None,
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--request-timeout", type=float, default=600.0, help="per-request limit in seconds")
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature sent (default: %(default)s, greedy)")
     g.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=None,
                    help="ask the server to ignore EOS (vLLM extension; default on for chat/random)")
     g.add_argument("--extra-body", type=json.loads, default=None, help="JSON merged into every request body")
@@ -99,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--percentiles", type=_float_list, default=[90.0, 99.0], help="default: 90,99")
     g.add_argument("--metrics-interval", type=float, default=2.0,
                    help="seconds between /metrics scrapes during the run (0: before/after only)")
-    g.add_argument("--result-dir", type=Path, default=Path("loadtest-results"))
+    g.add_argument("--result-dir", type=Path, default=Path("loadtest-results"),
+                   help="folder for the JSON result and the plots (default: %(default)s)")
     g.add_argument("--result-name", default=None, help="file stem (default: <workload>-<UTC time>)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g.add_argument("--save-texts", action=argparse.BooleanOptionalAction, default=True,

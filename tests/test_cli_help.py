@@ -66,3 +66,13 @@ def test_serve_help_does_not_print_the_api_key(monkeypatch):
     text = _subparsers(build_parser())["serve"].format_help()
     assert "sekrit-7319" not in text
     assert "$NSA_SERVE_API_KEY" in text
+
+
+def test_loadtest_options_say_what_they_do_and_keep_the_key_out(monkeypatch):
+    from nsa_loadtest.cli import build_parser as loadtest_parser
+
+    monkeypatch.setenv("NSA_LOADTEST_API_KEY", "sekrit-5521")
+    p = loadtest_parser()
+    bare = [a.option_strings for a in p._actions if not (a.help or "").strip()]
+    assert not bare, f"nsa-loadtest options without help {bare}"
+    assert "sekrit-5521" not in p.format_help()
