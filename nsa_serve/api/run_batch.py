@@ -18,10 +18,11 @@ import sys
 import uuid
 from pathlib import Path
 
+from ..help_format import DefaultsHelpFormatter
+
 # At import, not inside `register`: the top-level CLI imports plugin modules under a guard that
 # turns a missing package (uvicorn on a bare GPU image) into an unavailable command; an import
 # inside `register` escaped it and broke every subcommand, `bench` included.
-from ..help_format import DefaultsHelpFormatter
 from .cli import add_engine_args
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
