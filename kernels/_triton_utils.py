@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import re
 import warnings
 
 import torch
@@ -30,8 +31,8 @@ def next_pow2(x: int) -> int:
 
 def triton_release(version: str | None = None) -> tuple[int, int]:
     """(major, minor) of the installed Triton (or of `version`), for defaults measured per release."""
-    major, minor = (version or triton.__version__).split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    major, minor = re.match(r"(\d+)(?:\.(\d+))?", version or triton.__version__).groups()
+    return int(major), int(minor or 0)  # the minor's leading digits: "3.9rc1" is (3, 9)
 
 
 @functools.lru_cache(maxsize=None)

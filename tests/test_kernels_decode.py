@@ -155,6 +155,7 @@ def test_nsa_decode_merge_defaults_follow_the_triton_release():
     # up to 8; later releases one a step, fusing up to 4. A bad chunk is refused.
     assert triton_release("3.6.0") == (3, 6) and triton_release("3.10.0rc1") == (3, 10)
     assert triton_release("3.9.0+git1a2b") == (3, 9) and triton_release("4.0") == (4, 0)
+    assert triton_release("3.9rc1") == (3, 9) and triton_release("3.10a0") == (3, 10) and triton_release("4") == (4, 0)
     later = triton_release() > (3, 6)
     assert nsa_mod.LATER_TRITON == later
     assert (nsa_mod.MERGE_CHUNK, nsa_mod.FUSE_MAX_SPLITS) == ((1, 4) if later else (4, 8))
