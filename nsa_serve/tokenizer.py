@@ -1,6 +1,6 @@
 """Tokenizer (sentencepiece) and the chat template.
 
-Chat template (docs/chat_template.md): every message becomes
+Chat template (docs/nsa.md, "Chat template"): every message becomes
 
     <|role|>\n{content}<|end|>\n
 
