@@ -75,9 +75,10 @@ def cmd_generate(args) -> int:
     model = load_model(model_dir, device=device, dtype=resolve_dtype(args.dtype, device))
     tok = Tokenizer(f"{model_dir}/tokenizer.model")
     text = args.prompt
-    if args.chat:
-        text = tok.apply_chat_template([{"role": "user", "content": text}])
-    prompt = tok.encode(text)
+    if args.chat:  # the model directory's chat_template.jinja where it has one
+        prompt = tok.encode_chat(tok.apply_chat_template([{"role": "user", "content": text}]))
+    else:
+        prompt = tok.encode(text)
     stop = [] if args.ignore_eos else tok.stop_token_ids
     tokens = generate_tokens(model, prompt, args.max_tokens, args.temperature, args.top_p, args.seed, stop)
     stream_text(tok, tokens)

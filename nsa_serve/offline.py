@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from .engine.args import EngineArgs, speculative_fields
 from .engine.llm_engine import LLMEngine
 from .engine.protocol import InvalidRequestError, RequestOutput, SamplingParams
-from .tokenizer import render_chat
+from .chat_template import compile_template
 
 Prompt = str | list[int] | dict[str, Any]
 
@@ -48,17 +48,23 @@ class LLM:
 
     def chat(self, messages: list[dict] | Sequence[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[RequestOutput]:
-        """Reply to one conversation (a list of {"role", "content"} messages) or to several."""
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template: str | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+             ) -> list[RequestOutput]:
+        """Reply to one conversation (a list of {"role", "content"} messages) or to several.
+        `chat_template`: a Jinja template's text in place of the model's (vLLM's argument);
+        `chat_template_kwargs`: extra variables for the template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self._tokenizer()
         ids = []
-        for conv in conversations:
-            try:
-                text = render_chat(conv, add_generation_prompt, continue_final_message)
-            except ValueError as exc:
-                raise InvalidRequestError(str(exc), param="messages") from None
-            ids.append(tok.encode(text))
+        try:
+            template = compile_template(chat_template) if chat_template is not None else None
+            for conv in conversations:
+                text = tok.apply_chat_template(conv, add_generation_prompt, continue_final_message,
+                                               chat_template=template, template_kwargs=chat_template_kwargs)
+                ids.append(tok.encode_chat(text, template))
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param=getattr(exc, "param", "messages")) from None
         return self._run(ids, sampling_params)
 
     # -- internals --------------------------------------------------------------------------------

@@ -6,19 +6,29 @@ Chat template (docs/nsa.md, "Chat template"): every message becomes
 
 with role one of system / user / assistant / tool, and the prompt ends with `<|assistant|>\n` so
 the model writes the reply. The model ends its turn with `<|end|>`, which is a stop token.
+
+A `chat_template.jinja` beside tokenizer.model (or `nsa-serve serve --chat-template`) replaces that
+built-in template with a Jinja one (nsa_serve/chat_template.py).
 """
 
 from __future__ import annotations
 
 import ast
 import io
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
 
+from .chat_template import RESERVED_KWARGS, ChatTemplate, ChatTemplateError
+
 SPECIAL_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"]
 ROLES = ("system", "user", "assistant", "tool")
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # Hugging Face's name for a model's template file
 
 
 class Tokenizer:
@@ -32,6 +42,14 @@ class Tokenizer:
         self.end_of_turn_id = self.sp.piece_to_id("<|end|>")
         if self.sp.id_to_piece(self.end_of_turn_id) != "<|end|>":
             self.end_of_turn_id = None
+        # The model directory's own Jinja template, if it ships one; None: the built-in template.
+        template_file = self.path.parent / CHAT_TEMPLATE_FILE
+        self.chat_template: ChatTemplate | None = None
+        if template_file.is_file():
+            try:
+                self.chat_template = ChatTemplate(template_file.read_text(encoding="utf-8"))
+            except ChatTemplateError as exc:
+                raise ChatTemplateError(f"{template_file}: {exc}") from None
 
     @property
     def vocab_size(self) -> int:
@@ -90,9 +108,48 @@ class Tokenizer:
             return bytes([int(self.sp.id_to_piece(token_id)[3:5], 16)])
         return self.token_text(token_id).encode("utf-8")
 
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """What a Jinja template sees as bos_token, eos_token, unk_token (the control pieces' text)."""
+        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self.sp.unk_id()}
+        return {name: self.sp.id_to_piece(i) for name, i in names.items() if i is not None and i >= 0}
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            continue_final_message: bool = False) -> str:
-        return render_chat(messages, add_generation_prompt, continue_final_message)
+                            continue_final_message: bool = False, *, chat_template: ChatTemplate | None = None,
+                            tools: list[dict] | None = None, template_kwargs: dict[str, Any] | None = None) -> str:
+        """The conversation as prompt text: through `chat_template` (a request's), else the model's
+        Jinja template, else the built-in one (`render_chat`, which shows no `tools`: the API layer
+        puts them in a system turn). ValueError (ChatTemplateError) for what the template refuses."""
+        template = chat_template or self.chat_template
+        if template is None:
+            reserved = sorted(RESERVED_KWARGS & (template_kwargs or {}).keys())
+            if reserved:  # the same rule whichever template renders
+                raise ChatTemplateError(f"chat_template_kwargs may not set {reserved[0]!r}: the server passes it",
+                                        param="chat_template_kwargs")
+            return render_chat(messages, add_generation_prompt, continue_final_message)
+        return template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message,
+                               special_tokens=self.special_tokens_map, kwargs=template_kwargs)
+
+    def encode_chat(self, text: str, chat_template: ChatTemplate | None = None) -> list[int]:
+        """Token ids of a prompt that `apply_chat_template` rendered with the same `chat_template`.
+        The built-in template's text gets BOS in front, as always. A Jinja template's text is taken
+        as Hugging Face and vLLM take it: the template writes BOS itself ({{ bos_token }}), so none
+        is added, and the control tokens' text in it (bos_token, eos_token, unk_token) becomes those
+        tokens — sentencepiece would otherwise spell "<s>" out as characters."""
+        if (chat_template or self.chat_template) is None:
+            return self.encode(text)
+        specials = {piece: self.sp.piece_to_id(piece) for piece in self.special_tokens_map.values()}
+        if not specials:
+            return self.encode(text, add_bos=False)
+        ids: list[int] = []
+        pattern = "(" + "|".join(re.escape(p) for p in sorted(specials, key=len, reverse=True)) + ")"
+        for k, part in enumerate(re.split(pattern, text)):
+            if k % 2:
+                ids.append(specials[part])
+            elif part:
+                ids.extend(self.sp.encode(part))
+        return ids
 
 
 def _concatenates(sp, texts: list[str | None], samples: int = 64) -> bool:

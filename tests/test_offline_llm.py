@@ -45,6 +45,18 @@ def test_chat_renders_the_template_as_the_server_does(llm):
     assert out.outputs[0].token_ids == reference_greedy(llm.engine.model, want, 6)
     both = llm.chat([conv, conv[1:]], GREEDY)
     assert both[0].outputs[0].token_ids == out.outputs[0].token_ids and len(both) == 2
+    # vLLM's chat_template argument: a Jinja copy of the built-in template gives the same prompt; a
+    # template of its own another; a bad one a clear error naming the field.
+    same = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    (jinja,) = llm.chat(conv, GREEDY, chat_template=same)
+    assert jinja.prompt_token_ids == want and jinja.outputs[0].token_ids == out.outputs[0].token_ids
+    (own,) = llm.chat(conv, GREEDY, chat_template="{% for m in messages %}{{ m.content }} {% endfor %}{{ tail }}",
+                      chat_template_kwargs={"tail": "Answer:"})
+    assert own.prompt_token_ids == tok.encode("Be terse. Name a prime. Answer:", add_bos=False)
+    with pytest.raises(InvalidRequestError, match="does not compile") as err:
+        llm.chat(conv, GREEDY, chat_template="{% if %}")
+    assert err.value.param == "chat_template"
 
 
 def test_bad_input_is_a_clear_error_and_the_engine_goes_on(llm):

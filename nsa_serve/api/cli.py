@@ -67,8 +67,32 @@ def register(subparsers) -> None:
                    help="seconds between lines of engine statistics in the log (throughputs, queue, KV cache; "
                         "0: none)")
     g.add_argument("--disable-log-stats", action="store_true", help="no lines of engine statistics (vLLM's flag)")
+    add_chat_template_args(g)
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
+
+
+def add_chat_template_args(g) -> None:
+    """vLLM's chat-template flags (serve and run-batch)."""
+    g.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template, as a file or the template itself, in place of the model "
+                        "directory's chat_template.jinja or the built-in template (docs/api.md)")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests bring their own chat_template (off: such requests get 400)")
+
+
+def chat_template_source(args, prog: str) -> str | None:
+    """--chat-template's text, checked to compile before any weight loads."""
+    from ..chat_template import ChatTemplateError, compile_template, load_chat_template
+
+    if args.chat_template is None:
+        return None
+    try:
+        source = load_chat_template(args.chat_template)
+        compile_template(source)
+    except (ChatTemplateError, OSError) as exc:
+        raise SystemExit(f"{prog}: --chat-template: {exc}") from None
+    return source
 
 
 def add_engine_args(p) -> None:
@@ -203,6 +227,7 @@ async def serve(args) -> int:
         stage("resolving model")
         args.model = str(args.model or ensure_default_model())
         defaults = sampling_defaults(args)  # a bad --generation-config ends here, before the weights load
+        chat_template = chat_template_source(args, "nsa-serve serve")  # and a bad --chat-template
         bar.update()
         stage("loading weights")
         eargs = engine_args_from(args)
@@ -226,7 +251,9 @@ async def serve(args) -> int:
                               responses_store_size=args.responses_store_size,
                               log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
                               cors_origins=args.allowed_origins, cors_methods=args.allowed_methods,
-                              cors_headers=args.allowed_headers, cors_credentials=args.allow_credentials)
+                              cors_headers=args.allowed_headers, cors_credentials=args.allow_credentials,
+                              chat_template=chat_template,
+                              trust_request_chat_template=args.trust_request_chat_template)
     app = build_app(engine, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=max(1, int(round(args.shutdown_timeout))),

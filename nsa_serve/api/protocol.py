@@ -8,6 +8,7 @@ are rejected with a message naming them, so nobody believes they took effect.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Annotated, Any, Literal
@@ -262,20 +263,50 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool result's call
 
+    def text(self) -> str | None:
+        """The content as one string: text parts joined (a 400 for any other kind of part)."""
+        if not isinstance(self.content, list):
+            return self.content
+        bad = [p.type for p in self.content if p.type != "text"]
+        if bad:
+            raise bad_request(f"only text content parts are supported, got {bad[0]!r}", param="messages")
+        if any(p.text is None for p in self.content):
+            raise bad_request("a text content part needs its 'text' string", param="messages")
+        return "".join(p.text for p in self.content)
+
     def as_template_dict(self) -> dict:
-        if isinstance(self.content, list):
-            bad = [p.type for p in self.content if p.type != "text"]
-            if bad:
-                raise bad_request(f"only text content parts are supported, got {bad[0]!r}", param="messages")
-            if any(p.text is None for p in self.content):
-                raise bad_request("a text content part needs its 'text' string", param="messages")
-            content = "".join(p.text for p in self.content)
-        else:
-            content = self.content
+        """The message as the built-in template takes it (tokenizer.render_chat)."""
+        content = self.text()
         if self.tool_calls:  # shown as the JSON a "required" tool choice generates (api/tools.py)
             content = (content or "") + render_tool_calls(self.tool_calls)
         # OpenAI's newer "developer" role is the system role of older models.
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+    def as_jinja_dict(self) -> dict:
+        """The message as a Jinja chat template sees it (vLLM's shape): text parts joined into one
+        string (None as ""), roles as sent, earlier tool calls kept as a list with their arguments
+        parsed from JSON where they are JSON (templates write them with tojson), and the tool
+        result's call id and name."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text() or ""}
+        if self.tool_calls:
+            out["tool_calls"] = [_jinja_tool_call(c) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+def _jinja_tool_call(call: Any) -> Any:
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return call
+    fn = dict(call["function"])
+    if isinstance(fn.get("arguments"), str):
+        try:
+            fn["arguments"] = json.loads(fn["arguments"])
+        except ValueError:
+            pass  # not JSON: the template gets the string
+    return {**call, "function": fn}
 
 
 def check_continuation(req: ChatCompletionRequest | TokenizeRequest) -> None:
@@ -298,6 +329,10 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     echo: bool = False  # vLLM's: a reply in the last message's role starts with that message's text
+    # vLLM's: a Jinja template for this request (with --trust-request-chat-template) and extra
+    # variables for whichever template renders (nsa_serve/chat_template.py)
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def requested_max_tokens(self) -> int | None:
         # max_completion_tokens is OpenAI's newer name and wins when both are given.
@@ -335,6 +370,10 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # as in a chat request, so that /tokenize counts what /v1/chat/completions would run
+    tools: list[Any] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(BaseModel):

@@ -19,7 +19,8 @@ from .protocol import ChatCompletionRequest
 PASSTHROUGH = ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop",
                "stop_token_ids", "ignore_eos", "min_tokens", "logit_bias", "allowed_token_ids", "bad_words",
                "priority", "cache_salt", "skip_special_tokens", "truncate_prompt_tokens", "guided_json",
-               "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+               "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "chat_template",
+               "chat_template_kwargs")
 MAX_METADATA_KEYS = 16  # OpenAI's bounds on metadata
 MAX_METADATA_VALUE = 512
 

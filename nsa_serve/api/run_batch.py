@@ -23,7 +23,7 @@ from ..help_format import DefaultsHelpFormatter
 # At import, not inside `register`: the top-level CLI imports plugin modules under a guard that
 # turns a missing package (uvicorn on a bare GPU image) into an unavailable command; an import
 # inside `register` escaped it and broke every subcommand, `bench` included.
-from .cli import add_engine_args
+from .cli import add_chat_template_args, add_engine_args
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
@@ -37,6 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output-file", required=True, help="results, one JSON object a line ('-': stdout)")
     p.add_argument("--max-concurrency", type=int, default=None,
                    help="requests in flight at once (default: --max-num-seqs)")
+    add_chat_template_args(p.add_argument_group("chat template"))
     add_engine_args(p)
     p.set_defaults(func=cmd_run_batch)
 
@@ -66,11 +67,12 @@ async def run_batch(args, lines: list[str]) -> list[dict]:
     from ..engine.async_engine import AsyncLLMEngine
     from ..engine.llm_engine import LLMEngine
     from ..model.init_model import ensure_default_model
-    from .cli import engine_args_from, sampling_defaults
+    from .cli import chat_template_source, engine_args_from, sampling_defaults
     from .server import ServerSettings, build_app
 
     args.model = str(args.model or ensure_default_model())
     defaults = sampling_defaults(args)
+    chat_template = chat_template_source(args, "nsa-serve run-batch")
     try:
         eargs = engine_args_from(args)
         engine = AsyncLLMEngine(eargs, engine=LLMEngine(eargs))
@@ -78,7 +80,9 @@ async def run_batch(args, lines: list[str]) -> list[dict]:
         raise SystemExit(f"nsa-serve run-batch: {exc}") from None
     await engine.start()
     app = build_app(engine, ServerSettings(defaults=defaults, model_root=args.model, start_engine=False,
-                                           log_stats_interval_s=0.0, responses_store_size=0))
+                                           log_stats_interval_s=0.0, responses_store_size=0,
+                                           chat_template=chat_template,
+                                           trust_request_chat_template=args.trust_request_chat_template))
     sem = asyncio.Semaphore(args.max_concurrency or eargs.max_num_seqs)
     bar = tqdm(total=len(lines), desc="nsa-serve run-batch", file=sys.stderr)
     try:

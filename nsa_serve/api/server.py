@@ -20,14 +20,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .. import __version__
+from ..chat_template import compile_template
 from ..engine.protocol import EngineError
 from ..metrics import CONTENT_TYPE, ServerMetrics
 from .errors import APIError, from_engine_error
 from .generation import ClientDisconnected
 from .middleware import GuardMiddleware
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
-                       TokenizeRequest, check_continuation)
-from .serving_chat import create_chat_completion
+                       TokenizeRequest)
+from .serving_chat import chat_prompt_ids, create_chat_completion
 from .protocol_responses import ResponsesRequest
 from .request_log import RequestLog
 from .response_store import ResponseStore
@@ -35,6 +36,7 @@ from .serving_common import ServingContext, parse_body, parse_json, validate_bod
 from .serving_completions import create_completion
 from .serving_responses import create_response, delete, retrieve
 from .stats_log import StatsLog
+from .tools import parse_tools
 
 log = logging.getLogger("nsa_serve.api")
 
@@ -59,6 +61,10 @@ class ServerSettings:
     cors_headers: list[str] = field(default_factory=lambda: ["*"])
     cors_credentials: bool = False
     max_log_len: int | None = None  # prompt characters and ids in those lines (None: all)
+    # --chat-template's text (None: the model directory's chat_template.jinja, else the built-in
+    # template) and vLLM's --trust-request-chat-template (requests may bring their own)
+    chat_template: str | None = None
+    trust_request_chat_template: bool = False
 
 
 def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
@@ -70,7 +76,9 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
                          max_model_len=engine.max_model_len, model_root=settings.model_root,
                          defaults=dict(settings.defaults), retry_after_s=settings.retry_after_s,
                          request_log=RequestLog(engine.tokenizer, settings.max_log_len) if settings.log_requests
-                         else None)
+                         else None,
+                         chat_template=compile_template(settings.chat_template) if settings.chat_template else None,
+                         trust_request_chat_template=settings.trust_request_chat_template)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -171,14 +179,13 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if req.messages is not None:
-            check_continuation(req)
-            try:
-                text = ctx.tokenizer.apply_chat_template([m.as_template_dict() for m in req.messages],
-                                                         add_generation_prompt=req.add_generation_prompt,
-                                                         continue_final_message=req.continue_final_message)
-            except ValueError as exc:
-                raise APIError(400, str(exc), param="messages") from None
-            ids = ctx.encode(text, "messages", add_special_tokens=req.add_special_tokens)
+            # The prompt a chat request with these messages, tools and template runs.
+            # add_special_tokens=false takes the built-in template's BOS off again (a Jinja
+            # template writes its own, or none).
+            ids = chat_prompt_ids(ctx, req, parse_tools(req.tools))
+            builtin = ctx.chat_template_for(req) is None
+            if not req.add_special_tokens and builtin and ids[:1] == [ctx.tokenizer.bos_id]:
+                ids = ids[1:]
         else:
             ids = ctx.encode(req.prompt, "prompt", add_special_tokens=req.add_special_tokens)
         return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids,

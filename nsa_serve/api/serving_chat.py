@@ -16,11 +16,11 @@ from .errors import bad_request
 from .generation import tracked_generate
 from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatMessageOut, ChatTokenLogprob, ChoiceLogprobs, DeltaMessage,
-                       PromptTokensDetails, TopLogprob, UsageInfo, check_continuation)
+                       PromptTokensDetails, TokenizeRequest, TopLogprob, UsageInfo, check_continuation)
 from .serving_common import (SSE_DONE, ServingContext, SSEResponse, TokenNames, clamp_logprob, final_output,
                              json_response, prompt_logprobs_body, raise_if_failed, request_id_for, run_to_end, sse,
                              stream_error_event)
-from .tools import RequiredCallStream, ToolPlan, new_call_id, tool_calls_of, tools_system_text
+from .tools import RequiredCallStream, Tool, ToolPlan, new_call_id, tool_calls_of, tools_system_text
 
 
 @dataclass
@@ -33,25 +33,41 @@ class PreparedChat:
     echo: str
 
 
+def chat_prompt_ids(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest,
+                    tools: list[Tool]) -> list[int]:
+    """The conversation (and tools) through the chat template in effect, tokenized. The built-in
+    template sees the tools in a system turn before the conversation (api/tools.py); a Jinja
+    template gets them as `tools`, in the request's own shape, and shows them as it was written to."""
+    check_continuation(req)
+    template = ctx.chat_template_for(req)
+    if template is None:
+        messages = [m.as_template_dict() for m in req.messages]
+        if tools:  # the model is shown the tools it may be asked to call
+            messages.insert(0, {"role": "system", "content": tools_system_text(tools)})
+    else:
+        messages = [m.as_jinja_dict() for m in req.messages]
+    try:
+        text = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+                                                 continue_final_message=req.continue_final_message,
+                                                 chat_template=template,
+                                                 tools=req.tools if tools and template is not None else None,
+                                                 template_kwargs=req.chat_template_kwargs)
+    except ValueError as exc:
+        raise bad_request(str(exc), param=getattr(exc, "param", "messages")) from None
+    return ctx.encode_chat(text, "messages", template)
+
+
 def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> PreparedChat:
     """The chat template over the messages (and tools), tokenized, truncated and budgeted; the 400s
     of all of that. Shared by /v1/chat/completions and /v1/responses."""
     tools, plan = req.tool_plan()
-    messages = [m.as_template_dict() for m in req.messages]
-    if tools:  # the model is shown the tools it may be asked to call
-        messages.insert(0, {"role": "system", "content": tools_system_text(tools)})
-    check_continuation(req)
     if req.echo and plan is not None:
         raise bad_request("echo cannot be combined with a tool call, which has no text to prepend", param="echo")
     # vLLM's chat echo: a reply in the last message's role (a continued assistant message) starts
     # with that message's text.
-    echo = (messages[-1]["content"] or "") if req.echo and messages[-1]["role"] == "assistant" else ""
-    try:
-        text = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
-                                                 continue_final_message=req.continue_final_message)
-    except ValueError as exc:
-        raise bad_request(str(exc), param="messages") from None
-    prompt_ids = ctx.truncate(ctx.encode(text, param="messages"), req.truncate_prompt_tokens)
+    last = req.messages[-1].as_template_dict()
+    echo = (last["content"] or "") if req.echo and last["role"] == "assistant" else ""
+    prompt_ids = ctx.truncate(chat_prompt_ids(ctx, req, tools), req.truncate_prompt_tokens)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = ctx.resolve_max_tokens(req.requested_max_tokens(), len(prompt_ids), param,
                                         default=ctx.defaults.get("max_tokens"))

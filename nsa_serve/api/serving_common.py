@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from ..chat_template import ChatTemplate, ChatTemplateError, compile_template
 from ..engine.protocol import EngineError, RequestOutput
 from ..metrics import ServerMetrics
 from .errors import APIError, bad_request, from_engine_error
@@ -27,6 +28,14 @@ T = TypeVar("T")
 _MIN_LOGPROB = -9999.0
 
 
+def _check_utf8(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request(f"{param} contains an unpaired UTF-16 surrogate (\\ud800-\\udfff escape)",
+                          param=param) from None
+
+
 @dataclass
 class ServingContext:
     engine: Any  # nsa_serve.engine.protocol.AsyncEngine plus `tokenizer`, `model_name`
@@ -38,6 +47,8 @@ class ServingContext:
     retry_after_s: int = 1
     draining: bool = False  # set on SIGTERM: readiness goes false, new generation requests get 503
     request_log: RequestLog | None = None  # --enable-log-requests
+    chat_template: ChatTemplate | None = None  # --chat-template (None: the model's own, else the built-in)
+    trust_request_chat_template: bool = False  # --trust-request-chat-template
 
     @property
     def tokenizer(self):
@@ -59,12 +70,27 @@ class ServingContext:
 
     # -- prompts -------------------------------------------------------------------------------------
     def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise bad_request(f"{param} contains an unpaired UTF-16 surrogate (\\ud800-\\udfff escape)",
-                              param=param) from None
+        _check_utf8(text, param)
         return self.tokenizer.encode(text, add_bos=add_special_tokens)
+
+    def encode_chat(self, text: str, param: str, chat_template: ChatTemplate | None) -> list[int]:
+        """A rendered chat prompt's ids (Tokenizer.encode_chat: a Jinja template writes its own BOS)."""
+        _check_utf8(text, param)
+        return self.tokenizer.encode_chat(text, chat_template)
+
+    def chat_template_for(self, req) -> ChatTemplate | None:
+        """The Jinja template a chat request renders with: its own `chat_template` (only when the
+        server trusts requests' templates, as vLLM's --trust-request-chat-template), else
+        --chat-template, else the model directory's chat_template.jinja; None: the built-in one."""
+        if req.chat_template is not None:
+            if not self.trust_request_chat_template:
+                raise bad_request("this server does not take chat templates from requests (start it with "
+                                  "--trust-request-chat-template to allow them)", param="chat_template")
+            try:
+                return compile_template(req.chat_template)
+            except ChatTemplateError as exc:
+                raise bad_request(str(exc), param="chat_template") from None
+        return self.chat_template or getattr(self.tokenizer, "chat_template", None)
 
     def truncate(self, ids: list[int], keep: int | None) -> list[int]:
         """The prompt's last `keep` tokens (truncate_prompt_tokens; -1: the context length), as vLLM
