@@ -2,7 +2,7 @@
 
 A model directory may carry `chat_template.jinja` (Hugging Face's file name), and `nsa-serve serve
 --chat-template` may name one; either replaces the built-in template (`tokenizer.render_chat`). The
-template sees what Hugging Face's `apply_chat_template` gives it — `messages`, `tools`,
+template sees what Hugging Face's `apply_chat_template` gives it — `messages`, `tools`, `documents`,
 `add_generation_prompt`, `bos_token`, `eos_token`, `unk_token`, `raise_exception`, `strftime_now`,
 a `tojson` filter that keeps non-ASCII text — plus a request's `chat_template_kwargs`. It runs in
 Jinja's immutable sandbox (as in transformers), so a template cannot reach Python objects' internals.
@@ -77,7 +77,8 @@ class ChatTemplate:
             raise ChatTemplateError(f"the chat template does not compile: {exc.message} (line {exc.lineno})",
                                     param="chat_template") from None
 
-    def render(self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = True,
+    def render(self, messages: list[dict], *, tools: list[dict] | None = None, documents: list[dict] | None = None,
+               add_generation_prompt: bool = True,
                continue_final_message: bool = False, special_tokens: dict[str, str] | None = None,
                kwargs: dict[str, Any] | None = None) -> str:
         if continue_final_message and add_generation_prompt:
@@ -91,7 +92,7 @@ class ChatTemplate:
         import jinja2
 
         context = {**(special_tokens or {}), **kwargs, "messages": messages, "tools": tools,
-                   "add_generation_prompt": add_generation_prompt}
+                   "documents": documents, "add_generation_prompt": add_generation_prompt}
         try:
             text = self._template.render(**context)
         except ChatTemplateError:

@@ -116,18 +116,23 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             continue_final_message: bool = False, *, chat_template: ChatTemplate | None = None,
-                            tools: list[dict] | None = None, template_kwargs: dict[str, Any] | None = None) -> str:
+                            tools: list[dict] | None = None, documents: list[dict] | None = None,
+                            template_kwargs: dict[str, Any] | None = None) -> str:
         """The conversation as prompt text: through `chat_template` (a request's), else the model's
         Jinja template, else the built-in one (`render_chat`, which shows no `tools`: the API layer
-        puts them in a system turn). ValueError (ChatTemplateError) for what the template refuses."""
+        puts them in a system turn; nor `documents`, which it refuses). ValueError
+        (ChatTemplateError) for what the template refuses."""
         template = chat_template or self.chat_template
         if template is None:
             reserved = sorted(RESERVED_KWARGS & (template_kwargs or {}).keys())
             if reserved:  # the same rule whichever template renders
                 raise ChatTemplateError(f"chat_template_kwargs may not set {reserved[0]!r}: the server passes it",
                                         param="chat_template_kwargs")
+            if documents is not None:
+                raise ChatTemplateError("the built-in chat template shows no documents: serve a Jinja chat template "
+                                        "that does (--chat-template)", param="documents")
             return render_chat(messages, add_generation_prompt, continue_final_message)
-        return template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+        return template.render(messages, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
                                continue_final_message=continue_final_message,
                                special_tokens=self.special_tokens_map, kwargs=template_kwargs)
 

@@ -169,6 +169,11 @@ def test_served_template_renders_chats_and_tokenize_counts_the_same_prompt(templ
     assert call.usage.prompt_tokens == with_tools["count"]
     if call.choices[0].finish_reason == "tool_calls":
         assert call.choices[0].message.tool_calls[0].function.name == "get_weather"
+    # Documents reach a Jinja template (the built-in one refuses them: test_api_errors).
+    docs_tpl = "{% for d in documents %}[{{ d.title }}]{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}"
+    with_docs = _tokenize(templated_server, messages=msgs, chat_template=docs_tpl,
+                          documents=[{"title": "Manual", "text": "x"}])
+    assert "[Manual]" in "".join(with_docs["token_strs"]).replace("\u2581", " ")
     # Streaming through the template.
     chunks = list(client.chat.completions.create(model=client.models.list().data[0].id, messages=msgs, max_tokens=4,
                                                  stream=True, stream_options={"include_usage": True}))

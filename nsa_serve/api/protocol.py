@@ -2,8 +2,9 @@
 
 Requests are validated in strict mode: a string where a number belongs, or `true` where an integer
 belongs, is a 400 (as the OpenAI API answers), never a silent conversion. Unknown fields are ignored
-(clients send provider-specific extras), known-but-unsupported ones (`suffix`, `tool_choice: "auto"`)
-are rejected with a message naming them, so nobody believes they took effect.
+(clients send provider-specific extras), known-but-unsupported ones (`suffix`, `functions`, audio
+output, `logits_processors`, ...: `_refused`) are rejected with a message naming them, so nobody
+believes they took effect.
 """
 
 from __future__ import annotations
@@ -82,6 +83,21 @@ class _SamplingFields(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: dict[str, Any] | None = None
+    # vLLM fields this server cannot honour: declared so that a request naming them gets a 400
+    # (`_refused`) instead of having them dropped as unknown extras.
+    logits_processors: Any = None
+    structural_tag: Any = None
+    guided_whitespace_pattern: Any = None
+
+    def _refused(self) -> list[tuple[str, bool, str]]:
+        """(field, given, why) for the fields a request may name that this server cannot honour."""
+        return [("logits_processors", self.logits_processors is not None,
+                 "logits_processors (custom logits processors) are not supported by this server"),
+                ("structural_tag", self.structural_tag is not None,
+                 "structural_tag is not supported by this server: use response_format, guided_json, guided_regex, "
+                 "guided_choice, guided_grammar or structured_outputs"),
+                ("guided_whitespace_pattern", self.guided_whitespace_pattern is not None,
+                 "guided_whitespace_pattern is not supported by this server")]
 
     def _structured(self) -> StructuredOutput | None:
         """The one output constraint the request names, or None; 400 for two or a malformed one."""
@@ -120,6 +136,9 @@ class _SamplingFields(BaseModel):
         return found[0] if found else None
 
     def _check_common(self) -> None:
+        for name, given, why in self._refused():
+            if given:
+                raise bad_request(why, param=name)
         if self.prompt_logprobs is not None and self.stream:
             raise bad_request("prompt_logprobs is not available with stream=true", param="prompt_logprobs")
         if self.stream_options is not None and not self.stream:
@@ -333,6 +352,25 @@ class ChatCompletionRequest(_SamplingFields):
     # variables for whichever template renders (nsa_serve/chat_template.py)
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None  # Hugging Face's RAG documents, for a Jinja template
+    # OpenAI fields a text-only server without tools of its own cannot honour (`_refused`).
+    functions: Any = None
+    function_call: Any = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    web_search_options: Any = None
+
+    def _refused(self) -> list[tuple[str, bool, str]]:
+        return super()._refused() + [
+            ("functions", self.functions is not None,
+             "functions (OpenAI's deprecated function calling) are not supported: use tools and tool_choice"),
+            ("function_call", self.function_call is not None,
+             "function_call (OpenAI's deprecated function calling) is not supported: use tools and tool_choice"),
+            ("modalities", any(m != "text" for m in self.modalities or []),
+             "this server writes text only: modalities may only hold \"text\""),
+            ("audio", self.audio is not None, "this server writes text only: audio output is not supported"),
+            ("web_search_options", self.web_search_options is not None,
+             "web search is not supported by this server")]
 
     def requested_max_tokens(self) -> int | None:
         # max_completion_tokens is OpenAI's newer name and wins when both are given.
@@ -374,6 +412,7 @@ class TokenizeRequest(BaseModel):
     tools: list[Any] | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None
 
 
 class DetokenizeRequest(BaseModel):
