@@ -725,3 +725,48 @@ def test_tool_conversation_round_trip_and_tool_choice_none(client, api_server):
         with_history = h.post("/tokenize", json={"messages": history}).json()["count"]
         without = h.post("/tokenize", json={"messages": TOOL_MESSAGES}).json()["count"]
     assert r.usage.prompt_tokens > with_history > without  # the calls, the result and the tool list are shown
+
+
+def test_return_token_ids_gives_the_prompt_and_each_choices_tokens(client, api_server):
+    """vLLM's return_token_ids: the prompt's ids (what /tokenize counts) and each choice's generated
+    ids, whose text is the choice's text; streamed, the chunks' ids add up to the whole; absent when
+    not asked for."""
+    model = client.models.list().data[0].id
+    tok = api_server.engine.tokenizer
+    with api_server.http() as h:
+        want_prompt = h.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    asked = {**GREEDY["extra_body"], "return_token_ids": True}
+    chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, n=2, temperature=0.0,
+                                          extra_body=asked).model_dump()
+    assert chat["prompt_token_ids"] == want_prompt
+    for c in chat["choices"]:
+        assert len(c["token_ids"]) == 12 and tok.decode(c["token_ids"]) == c["message"]["content"]
+    plain = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=3, **GREEDY).model_dump()
+    assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
+    # Streamed: the prompt's ids in the first chunk, each choice's ids spread over its chunks.
+    chunks = [c.model_dump() for c in client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=12, n=2, temperature=0.0, stream=True, extra_body=asked)]
+    assert chunks[0]["prompt_token_ids"] == want_prompt and all("prompt_token_ids" not in c for c in chunks[1:])
+    for i in range(2):
+        ids = [t for c in chunks for ch in c["choices"] if ch["index"] == i for t in ch.get("token_ids") or []]
+        assert ids == chat["choices"][i]["token_ids"]
+    # Completions: per choice, prompt and generated ids, streamed or not, a token-id prompt too.
+    prompts = ["def fib(n):", "The capital of"]
+    done = client.completions.create(model=model, prompt=prompts, max_tokens=6, temperature=0.0,
+                                     extra_body=asked).model_dump()
+    assert [c["prompt_token_ids"] for c in done["choices"]] == [tok.encode(p) for p in prompts]
+    by_ids = client.completions.create(model=model, prompt=[5, 9, 11, 40], max_tokens=2, extra_body=asked)
+    assert by_ids.model_dump()["choices"][0]["prompt_token_ids"] == [5, 9, 11, 40]
+    for c in done["choices"]:  # the text is what the ids add to the prompt's (a leading space included)
+        p = c["prompt_token_ids"]
+        assert len(c["token_ids"]) == 6 and tok.decode(p + c["token_ids"])[len(tok.decode(p)):] == c["text"]
+    streamed = [c.model_dump() for c in client.completions.create(
+        model=model, prompt=prompts, max_tokens=6, temperature=0.0, stream=True, extra_body=asked)]
+    for c in done["choices"]:
+        mine = [ch for s in streamed for ch in s["choices"] if ch["index"] == c["index"]]
+        assert [ch.get("prompt_token_ids") for ch in mine if ch.get("prompt_token_ids")] == [c["prompt_token_ids"]]
+        assert [t for ch in mine for t in ch.get("token_ids") or []] == c["token_ids"]
+    # Beam search carries them too.
+    beams = client.completions.create(model=model, prompt="def fib(n):", max_tokens=4, n=2,
+                                      extra_body={"use_beam_search": True, "return_token_ids": True}).model_dump()
+    assert all(c["prompt_token_ids"] == tok.encode("def fib(n):") and c["token_ids"] for c in beams["choices"])

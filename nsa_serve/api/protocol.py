@@ -72,6 +72,9 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     # vLLM's: logprobs name tokens "token_id:N" instead of by their text.
     return_tokens_as_token_ids: bool = False
+    # vLLM's: the response carries the prompt's token ids and each choice's (what RL trainers
+    # score, without tokenizing the text again).
+    return_token_ids: bool = False
     # vLLM's beam search (api/beam_search.py): n beams, ranked by cum_logprob / length ** length_penalty.
     use_beam_search: bool = False
     length_penalty: float = 1.0
@@ -453,13 +456,28 @@ class PromptTokenLogprob(BaseModel):
 PromptLogprobs = list[dict[str, PromptTokenLogprob] | None]
 
 
-class CompletionChoice(BaseModel):
+class _TokenIdsWhenAsked(BaseModel):
+    """Leaves `token_ids` / `prompt_token_ids` out of the JSON unless set (return_token_ids), so
+    that answers to requests that did not ask look as before."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unasked_ids(self, handler):
+        data = handler(self)
+        for key in ("token_ids", "prompt_token_ids"):
+            if key in data and data[key] is None:
+                del data[key]
+        return data
+
+
+class CompletionChoice(_TokenIdsWhenAsked):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids: in the choice's first chunk when streamed
+    token_ids: list[int] | None = None  # return_token_ids: the choice's (a chunk's: that chunk's) tokens
 
 
 class CompletionResponse(BaseModel):
@@ -494,15 +512,16 @@ class ChatMessageOut(BaseModel):
     tool_calls: list[Any] | None = None
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(_TokenIdsWhenAsked):
     index: int
     message: ChatMessageOut
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_TokenIdsWhenAsked):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -511,6 +530,7 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
     usage: UsageInfo
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids
 
 
 class DeltaMessage(BaseModel):
@@ -524,15 +544,16 @@ class DeltaMessage(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(_TokenIdsWhenAsked):
     index: int
     delta: DeltaMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids: the tokens since the choice's last chunk
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_TokenIdsWhenAsked):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -540,6 +561,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     system_fingerprint: str | None = None
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids: in the first chunk
 
 
 class ModelCard(BaseModel):

@@ -93,7 +93,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous)
         return SSEResponse(_stream(ctx, it, first, request_id, model, created, params.n, include_usage, top_k,
-                                   names, plan, continuous, echo),
+                                   names, plan, continuous, echo, req.return_token_ids),
                            headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
 
     final = await final_output(ctx, raw, it, first)
@@ -104,13 +104,15 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         lp = choice_logprobs(c.logprobs, top_k, names) if params.logprobs is not None else None
         choices.append(ChatChoice(index=c.index, message=message, logprobs=lp,
                                   finish_reason=_finish_reason(plan, c.finish_reason, calls),
-                                  stop_reason=c.stop_reason))
+                                  stop_reason=c.stop_reason,
+                                  token_ids=list(c.token_ids) if req.return_token_ids else None))
     completion_tokens = sum(c.num_tokens for c in final.outputs)
     usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
                       total_tokens=len(prompt_ids) + completion_tokens,
                       prompt_tokens_details=PromptTokensDetails(cached_tokens=final.metrics.num_cached_tokens))
     body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage,
-                                  prompt_logprobs=prompt_logprobs_body(final.prompt_logprobs))
+                                  prompt_logprobs=prompt_logprobs_body(final.prompt_logprobs),
+                                  prompt_token_ids=list(prompt_ids) if req.return_token_ids else None)
     return json_response(body, request_id)
 
 
@@ -131,20 +133,26 @@ async def _beam_search_reply(ctx: ServingContext, req: ChatCompletionRequest, ra
     usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
                       total_tokens=len(prompt_ids) + completion_tokens,
                       prompt_tokens_details=PromptTokensDetails(cached_tokens=beams[0].cached_tokens))
+    ids = req.return_token_ids
     if not req.stream:
         choices = [ChatChoice(index=i, message=ChatMessageOut(content=echo + b.text), finish_reason=b.finish_reason,
-                              stop_reason=b.stop_reason) for i, b in enumerate(beams)]
+                              stop_reason=b.stop_reason, token_ids=list(b.tokens) if ids else None)
+                   for i, b in enumerate(beams)]
         return json_response(ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
-                                                    usage=usage), request_id)
+                                                    usage=usage, prompt_token_ids=list(prompt_ids) if ids else None),
+                             request_id)
 
     async def events():
-        def chunk(choices, usage=None):
-            return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
+        def chunk(choices, usage=None, prompt_token_ids=None):
+            return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage,
+                                           prompt_token_ids=prompt_token_ids))
 
         for i, b in enumerate(beams):
-            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
+                        prompt_token_ids=list(prompt_ids) if ids and i == 0 else None)
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=echo + b.text),
-                                         finish_reason=b.finish_reason, stop_reason=b.stop_reason)])
+                                         finish_reason=b.finish_reason, stop_reason=b.stop_reason,
+                                         token_ids=list(b.tokens) if ids else None)])
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], usage)
         yield SSE_DONE
@@ -160,9 +168,11 @@ def _finish_reason(plan: ToolPlan | None, reason: str | None, calls: list | None
 
 async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: RequestOutput, request_id: str,
                   model: str, created: int, n: int, include_usage: bool, top_k: int, names: TokenNames,
-                  plan: ToolPlan | None = None, continuous: bool = False, echo: str = "") -> AsyncIterator[str]:
-    def chunk(choices, usage=None):
-        return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
+                  plan: ToolPlan | None = None, continuous: bool = False, echo: str = "",
+                  return_token_ids: bool = False) -> AsyncIterator[str]:
+    def chunk(choices, usage=None, prompt_token_ids=None):
+        return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage,
+                                       prompt_token_ids=prompt_token_ids))
 
     prompt_tokens = len(first.prompt_token_ids)
     completion_tokens = [0] * n
@@ -184,6 +194,15 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
     named_started: set[int] = set()
     required = [RequiredCallStream() for _ in range(n)] if plan is not None and plan.mode == "required" else []
     auto_text: set[int] = set()  # "auto" choices known to be text: their deltas go out as they come
+    # return_token_ids: each choice's tokens not yet sent, which go out with its next chunk (an
+    # output held back, e.g. a partial UTF-8 character, sends no chunk of its own).
+    pending: list[list[int]] = [[] for _ in range(n)]
+
+    def sent_ids(i: int) -> list[int] | None:
+        if not return_token_ids:
+            return None
+        ids, pending[i] = pending[i], []
+        return ids
 
     def delta_of(i: int, text: str, reason: str | None) -> tuple[DeltaMessage, str | None]:
         if plan is None:
@@ -223,7 +242,8 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
     try:
         # OpenAI sends the role alone first, one chunk per choice.
         for i in range(n):
-            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))], usage_of(i))
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))], usage_of(i),
+                        prompt_token_ids=list(first.prompt_token_ids) if return_token_ids and i == 0 else None)
             if echo:
                 yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=echo))], usage_of(i))
         out = first
@@ -231,6 +251,8 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
         while True:
             for c in out.outputs:
                 completion_tokens[c.index] = c.num_tokens
+                if c.index not in done:
+                    pending[c.index] += c.delta_token_ids
                 if c.index in done or not (c.delta_text or c.delta_logprobs or c.finish_reason):
                     continue  # finished already, or e.g. a partial UTF-8 character held back
                 if c.finish_reason:
@@ -242,7 +264,8 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
                         and not delta.tool_calls and delta.content is None:
                     continue  # nothing to say yet (e.g. inside a call's name, or an "auto" reply held)
                 yield chunk([ChatChunkChoice(index=c.index, delta=delta, logprobs=lp, finish_reason=reason,
-                                             stop_reason=c.stop_reason)], usage_of(c.index))
+                                             stop_reason=c.stop_reason, token_ids=sent_ids(c.index))],
+                            usage_of(c.index))
             if out.finished:
                 break
             out = await it.__anext__()

@@ -54,7 +54,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous)
         return SSEResponse(_stream(ctx, it, first, request_id, model, created, n, len(prompts), echo,
-                                   include_usage, req.logprobs, names, continuous),
+                                   include_usage, req.logprobs, names, continuous, req.return_token_ids),
                            headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
 
     async def drain() -> dict[int, RequestOutput]:
@@ -79,9 +79,12 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                 lp = _logprobs(c.logprobs, req.logprobs, len(echo[src]), names)
                 if req.echo:
                     lp = _join(_echo_logprobs(ctx, out, req.logprobs, names), lp)
+            ids = req.return_token_ids
             choices.append(CompletionChoice(index=src * n + c.index, text=echo[src] + c.text, logprobs=lp,
                                             finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                                            prompt_logprobs=prompt_logprobs_body(out.prompt_logprobs)))
+                                            prompt_logprobs=prompt_logprobs_body(out.prompt_logprobs),
+                                            prompt_token_ids=list(out.prompt_token_ids) if ids else None,
+                                            token_ids=list(c.token_ids) if ids else None))
     usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                       total_tokens=prompt_tokens + completion_tokens,
                       prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
@@ -105,10 +108,12 @@ async def _beam_search_reply(ctx: ServingContext, req: CompletionRequest, raw: R
     results = await observed(ctx.metrics, [len(p) for p in prompt_ids], bps,
                              lambda: run_to_end(ctx, raw, search_all))
     choices = []
+    ids = req.return_token_ids
     for k, (prompt, beams) in enumerate(zip(prompts, results)):
         echo = _prompt_text(ctx, prompt) if req.echo else ""
         choices += [CompletionChoice(index=k * req.n + i, text=echo + b.text, finish_reason=b.finish_reason,
-                                     stop_reason=b.stop_reason) for i, b in enumerate(beams)]
+                                     stop_reason=b.stop_reason, prompt_token_ids=list(prompt_ids[k]) if ids else None,
+                                     token_ids=list(b.tokens) if ids else None) for i, b in enumerate(beams)]
     prompt_tokens = sum(len(p) for p in prompt_ids)
     completion_tokens = sum(len(b.tokens) for beams in results for b in beams)
     usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -136,7 +141,7 @@ def _prompt_text(ctx: ServingContext, prompt: str | list[int]) -> str:
 
 async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, created: int, n: int,
                   num_prompts: int, echo: list[str], include_usage: bool, logprobs: int | None,
-                  names: TokenNames, continuous: bool = False) -> AsyncIterator[str]:
+                  names: TokenNames, continuous: bool = False, return_token_ids: bool = False) -> AsyncIterator[str]:
     def chunk(choices, usage=None):
         return sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage))
 
@@ -147,6 +152,9 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
     echoed: set[tuple[int, int]] = set()
     prompt_lps: dict[int, CompletionLogprobs | None] = {}
     done: set[tuple[int, int]] = set()  # the engine repeats a finished choice in later outputs
+    # return_token_ids: a choice's tokens not yet sent go out with its next chunk.
+    pending: dict[tuple[int, int], list[int]] = {}
+    prompt_sent: set[tuple[int, int]] = set()
     try:
         src, out = first
         while True:
@@ -162,6 +170,8 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
                     echoed.add(key)
                     prefix = echo[src]
                     offsets[key] = len(prefix)
+                if key not in done:
+                    pending.setdefault(key, []).extend(c.delta_token_ids)
                 if key in done or not (prefix or c.delta_text or c.delta_logprobs or c.finish_reason):
                     continue
                 if c.finish_reason:
@@ -176,8 +186,14 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
                 # continuous_usage_stats: this choice's usage so far, as vLLM reports it.
                 usage = UsageInfo(prompt_tokens=prompt_tokens[src], completion_tokens=c.num_tokens,
                                   total_tokens=prompt_tokens[src] + c.num_tokens) if continuous else None
+                ids = prompt = None
+                if return_token_ids:  # the prompt's ids in the choice's first chunk, as vLLM sends them
+                    ids = pending.pop(key, [])
+                    prompt = None if key in prompt_sent else list(out.prompt_token_ids)
+                    prompt_sent.add(key)
                 yield chunk([CompletionChoice(index=src * n + c.index, text=prefix + c.delta_text, logprobs=lp,
-                                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)], usage)
+                                              finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                              prompt_token_ids=prompt, token_ids=ids)], usage)
             try:
                 src, out = await it.__anext__()
             except StopAsyncIteration:
