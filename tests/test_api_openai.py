@@ -561,6 +561,26 @@ def test_a_client_request_id_names_the_request(api_server):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "request_id"
         fresh = h.post("/v1/completions", json=body)
         assert fresh.json()["id"].startswith("cmpl-") and len(fresh.json()["id"]) > 30
+        # vLLM's body field request_id, when no header names the request (the header wins).
+        by_body = h.post("/v1/completions", json={**body, "request_id": "job-7"})
+        assert by_body.json()["id"] == "cmpl-job-7" == by_body.headers["x-request-id"]
+        both = h.post("/v1/chat/completions", headers={"X-Request-Id": "hdr-1"},
+                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "request_id": "job-8"})
+        assert both.json()["id"] == "chatcmpl-hdr-1"
+        bad_body = h.post("/v1/completions", json={**body, "request_id": "a/b"})
+        assert bad_body.status_code == 400 and bad_body.json()["error"]["param"] == "request_id"
+
+
+def test_add_special_tokens_false_leaves_bos_off_a_text_prompt(api_server):
+    """vLLM's completions field: the prompt is tokenized without BOS (one token fewer)."""
+    body = {"prompt": "Trace me", "max_tokens": 1}
+    with api_server.http() as h:
+        with_bos = h.post("/v1/completions", json=body).json()["usage"]["prompt_tokens"]
+        without = h.post("/v1/completions", json={**body, "add_special_tokens": False}).json()
+        assert without["usage"]["prompt_tokens"] == with_bos - 1
+        ids = h.post("/v1/completions", json={**body, "add_special_tokens": False, "return_token_ids": True}).json()
+        bos = api_server.engine.tokenizer.bos_id
+        assert bos not in ids["choices"][0]["prompt_token_ids"]
 
 
 def test_wrong_key_is_an_authentication_error(api_server):

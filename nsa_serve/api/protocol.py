@@ -75,6 +75,8 @@ class _SamplingFields(BaseModel):
     # vLLM's: the response carries the prompt's token ids and each choice's (what RL trainers
     # score, without tokenizing the text again).
     return_token_ids: bool = False
+    # vLLM's: the request's id (the response's id after its prefix) when no X-Request-Id header gives one
+    request_id: str | None = None
     # vLLM's beam search (api/beam_search.py): n beams, ranked by cum_logprob / length ** length_penalty.
     use_beam_search: bool = False
     length_penalty: float = 1.0
@@ -233,6 +235,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
+    add_special_tokens: bool = True  # vLLM's: false tokenizes a text prompt without BOS
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts (text or token ids)."""

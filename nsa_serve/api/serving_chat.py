@@ -83,7 +83,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         return await _beam_search_reply(ctx, req, raw, model, prompt_ids, req.to_beam_search_params(max_tokens, plan),
                                         echo)
     params = ctx.check_sampling_ids(req.to_sampling_params(max_tokens, ctx.defaults, plan))
-    request_id = request_id_for(raw, "chatcmpl")
+    request_id = request_id_for(raw, "chatcmpl", req.request_id)
     top_k = req.top_logprobs or 0
     names = TokenNames(ctx.tokenizer, req.return_tokens_as_token_ids)
     it = tracked_generate(ctx.engine, ctx.metrics, prompt_ids, params, request_id, req.priority, ctx.request_log)
@@ -121,7 +121,7 @@ async def _beam_search_reply(ctx: ServingContext, req: ChatCompletionRequest, ra
     """use_beam_search: the n best beams as the choices, best first. The search ends before the
     response starts, so a stream carries each choice whole."""
     ctx.check_token_ids(list(bp.stop_token_ids), "stop_token_ids")
-    request_id = request_id_for(raw, "chatcmpl")
+    request_id = request_id_for(raw, "chatcmpl", req.request_id)
 
     async def search():
         return [await beam_search(ctx.engine, prompt_ids, bp, request_id, ctx.tokenizer.stop_token_ids,

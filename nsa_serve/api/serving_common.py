@@ -222,11 +222,12 @@ def new_id(prefix: str) -> str:
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def request_id_for(request: Request, prefix: str) -> str:
+def request_id_for(request: Request, prefix: str, body_id: str | None = None) -> str:
     """The request's id: the client's X-Request-Id after the prefix when it sends one (vLLM's way,
-    so a trace through proxies finds the request in responses and logs), else a fresh one. Two
-    requests running with the same id are refused (400 naming request_id)."""
-    given = request.headers.get("x-request-id")
+    so a trace through proxies finds the request in responses and logs), else the body's
+    `request_id` (vLLM's field), else a fresh one. Two requests running with the same id are
+    refused (400 naming request_id)."""
+    given = request.headers.get("x-request-id", body_id)
     if given is None:
         return new_id(prefix)
     if not _CLIENT_ID.fullmatch(given):

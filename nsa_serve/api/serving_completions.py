@@ -27,7 +27,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     model = ctx.check_model(req.model)
     ctx.check_admitting()
     prompts = req.prompts()
-    prompt_ids = [ctx.truncate(ctx.check_token_ids(p, "prompt") if isinstance(p, list) else ctx.encode(p, "prompt"),
+    prompt_ids = [ctx.truncate(ctx.check_token_ids(p, "prompt") if isinstance(p, list)
+                               else ctx.encode(p, "prompt", add_special_tokens=req.add_special_tokens),
                                req.truncate_prompt_tokens) for p in prompts]
     if req.truncate_prompt_tokens is not None:  # echo what the model was given
         prompts = prompt_ids
@@ -40,7 +41,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         return await _beam_search_reply(ctx, req, raw, model, prompts, prompt_ids,
                                         [req.to_beam_search_params(m) for m in budgets])
     params = [ctx.check_sampling_ids(req.to_sampling_params(m, ctx.defaults)) for m in budgets]
-    request_id = request_id_for(raw, "cmpl")
+    request_id = request_id_for(raw, "cmpl", req.request_id)
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
     gens = [tracked_generate(ctx.engine, ctx.metrics, p, sp, rid, req.priority, ctx.request_log)
             for p, sp, rid in zip(prompt_ids, params, ids)]
@@ -98,7 +99,7 @@ async def _beam_search_reply(ctx: ServingContext, req: CompletionRequest, raw: R
     searches end before the response starts, so a stream carries each choice whole."""
     for bp in bps:
         ctx.check_token_ids(list(bp.stop_token_ids), "stop_token_ids")
-    request_id = request_id_for(raw, "cmpl")
+    request_id = request_id_for(raw, "cmpl", req.request_id)
 
     async def search_all():
         return await asyncio.gather(*(
