@@ -147,6 +147,8 @@ def test_a_json_schema_text_format_shapes_the_reply(client, api_server):  # noqa
     ("temperature", {"input": "x", "temperature": 5}),
     ("background", {"input": "x", "background": True}),
     ("conversation", {"input": "x", "conversation": "conv_1"}),
+    ("prompt", {"input": "x", "prompt": {"id": "pmpt_1"}}),
+    ("max_tool_calls", {"input": "x", "tools": [WEATHER], "max_tool_calls": 1}),
 ])
 def test_what_the_server_cannot_honour_is_a_400_naming_the_field(api_server, field, body):  # noqa: F811
     with api_server.http() as h:

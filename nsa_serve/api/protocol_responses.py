@@ -48,6 +48,8 @@ class ResponsesRequest(BaseModel):
     conversation: Any = None
     include: list[str] | None = None  # "message.output_text.logprobs" is the one honoured
     top_logprobs: int | None = None
+    prompt: Any = None  # a stored prompt template (OpenAI dashboard): refused in check()
+    max_tool_calls: int | None = None
 
     @property
     def logprobs(self) -> bool:
@@ -59,6 +61,12 @@ class ResponsesRequest(BaseModel):
                               param="background")
         if self.conversation is not None:
             raise bad_request("conversations are not supported: use previous_response_id", param="conversation")
+        if self.prompt is not None:
+            raise bad_request("stored prompt templates are not supported: send the instructions and input",
+                              param="prompt")
+        if self.max_tool_calls is not None:
+            raise bad_request("max_tool_calls is not supported: limit the calls with tool_choice and "
+                              "parallel_tool_calls", param="max_tool_calls")
         if self.metadata is not None and (len(self.metadata) > MAX_METADATA_KEYS or any(
                 len(k) > 64 or len(v) > MAX_METADATA_VALUE for k, v in self.metadata.items())):
             raise bad_request(f"metadata holds at most {MAX_METADATA_KEYS} keys of 64 characters with values of "
