@@ -35,6 +35,14 @@ class ChatTemplateError(ValueError):
         self.param = param
 
 
+def check_template_kwargs(kwargs: dict[str, Any] | None) -> None:
+    """A request's chat_template_kwargs, whichever template renders: none of RESERVED_KWARGS."""
+    reserved = sorted(RESERVED_KWARGS & (kwargs or {}).keys())
+    if reserved:
+        raise ChatTemplateError(f"chat_template_kwargs may not set {reserved[0]!r}: the server passes it",
+                                param="chat_template_kwargs")
+
+
 def _raise_exception(message: str):
     raise ChatTemplateError(message)
 
@@ -78,20 +86,15 @@ class ChatTemplate:
                                     param="chat_template") from None
 
     def render(self, messages: list[dict], *, tools: list[dict] | None = None, documents: list[dict] | None = None,
-               add_generation_prompt: bool = True,
-               continue_final_message: bool = False, special_tokens: dict[str, str] | None = None,
-               kwargs: dict[str, Any] | None = None) -> str:
+               add_generation_prompt: bool = True, continue_final_message: bool = False,
+               special_tokens: dict[str, str] | None = None, kwargs: dict[str, Any] | None = None) -> str:
         if continue_final_message and add_generation_prompt:
             raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be true: "
                                     "set add_generation_prompt to false to continue the final message")
-        kwargs = dict(kwargs or {})
-        reserved = sorted(RESERVED_KWARGS & kwargs.keys())
-        if reserved:
-            raise ChatTemplateError(f"chat_template_kwargs may not set {reserved[0]!r}: the server passes it",
-                                    param="chat_template_kwargs")
+        check_template_kwargs(kwargs)
         import jinja2
 
-        context = {**(special_tokens or {}), **kwargs, "messages": messages, "tools": tools,
+        context = {**(special_tokens or {}), **(kwargs or {}), "messages": messages, "tools": tools,
                    "documents": documents, "add_generation_prompt": add_generation_prompt}
         try:
             text = self._template.render(**context)

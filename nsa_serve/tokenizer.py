@@ -14,6 +14,7 @@ built-in template with a Jinja one (nsa_serve/chat_template.py).
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import re
 import sys
@@ -22,7 +23,7 @@ from typing import Any
 
 import sentencepiece as spm
 
-from .chat_template import RESERVED_KWARGS, ChatTemplate, ChatTemplateError
+from .chat_template import ChatTemplate, ChatTemplateError, check_template_kwargs
 
 SPECIAL_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"]
 ROLES = ("system", "user", "assistant", "tool")
@@ -108,11 +109,19 @@ class Tokenizer:
             return bytes([int(self.sp.id_to_piece(token_id)[3:5], 16)])
         return self.token_text(token_id).encode("utf-8")
 
-    @property
+    @functools.cached_property
     def special_tokens_map(self) -> dict[str, str]:
         """What a Jinja template sees as bos_token, eos_token, unk_token (the control pieces' text)."""
         names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self.sp.unk_id()}
         return {name: self.sp.id_to_piece(i) for name, i in names.items() if i is not None and i >= 0}
+
+    @functools.cached_property
+    def _control_pieces(self) -> tuple[re.Pattern | None, dict[str, int]]:
+        """A pattern matching the control pieces' text (longest first) and their ids."""
+        ids = {piece: self.sp.piece_to_id(piece) for piece in self.special_tokens_map.values()}
+        if not ids:
+            return None, ids
+        return re.compile("(" + "|".join(re.escape(p) for p in sorted(ids, key=len, reverse=True)) + ")"), ids
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             continue_final_message: bool = False, *, chat_template: ChatTemplate | None = None,
@@ -124,10 +133,7 @@ class Tokenizer:
         (ChatTemplateError) for what the template refuses."""
         template = chat_template or self.chat_template
         if template is None:
-            reserved = sorted(RESERVED_KWARGS & (template_kwargs or {}).keys())
-            if reserved:  # the same rule whichever template renders
-                raise ChatTemplateError(f"chat_template_kwargs may not set {reserved[0]!r}: the server passes it",
-                                        param="chat_template_kwargs")
+            check_template_kwargs(template_kwargs)  # the same rule whichever template renders
             if documents is not None:
                 raise ChatTemplateError("the built-in chat template shows no documents: serve a Jinja chat template "
                                         "that does (--chat-template)", param="documents")
@@ -136,20 +142,20 @@ class Tokenizer:
                                continue_final_message=continue_final_message,
                                special_tokens=self.special_tokens_map, kwargs=template_kwargs)
 
-    def encode_chat(self, text: str, chat_template: ChatTemplate | None = None) -> list[int]:
+    def encode_chat(self, text: str, chat_template: ChatTemplate | None = None, add_bos: bool = True) -> list[int]:
         """Token ids of a prompt that `apply_chat_template` rendered with the same `chat_template`.
-        The built-in template's text gets BOS in front, as always. A Jinja template's text is taken
-        as Hugging Face and vLLM take it: the template writes BOS itself ({{ bos_token }}), so none
-        is added, and the control tokens' text in it (bos_token, eos_token, unk_token) becomes those
-        tokens — sentencepiece would otherwise spell "<s>" out as characters."""
+        The built-in template's text gets BOS in front unless `add_bos` is false. A Jinja template's
+        text is taken as Hugging Face and vLLM take it: the template writes BOS itself
+        ({{ bos_token }}), so none is added, and the control tokens' text in it (bos_token,
+        eos_token, unk_token) becomes those tokens — sentencepiece would otherwise spell "<s>" out
+        as characters."""
         if (chat_template or self.chat_template) is None:
-            return self.encode(text)
-        specials = {piece: self.sp.piece_to_id(piece) for piece in self.special_tokens_map.values()}
-        if not specials:
+            return self.encode(text, add_bos=add_bos)
+        pattern, specials = self._control_pieces
+        if pattern is None:
             return self.encode(text, add_bos=False)
         ids: list[int] = []
-        pattern = "(" + "|".join(re.escape(p) for p in sorted(specials, key=len, reverse=True)) + ")"
-        for k, part in enumerate(re.split(pattern, text)):
+        for k, part in enumerate(pattern.split(text)):
             if k % 2:
                 ids.append(specials[part])
             elif part:

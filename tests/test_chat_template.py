@@ -160,6 +160,9 @@ def test_served_template_renders_chats_and_tokenize_counts_the_same_prompt(templ
     reply = client.chat.completions.create(model=client.models.list().data[0].id, messages=msgs, max_tokens=3,
                                            extra_body={"chat_template_kwargs": {"reply_prefix": "Sure"}})
     assert reply.usage.prompt_tokens == tokens["count"]
+    # A Jinja template writes its own BOS: add_special_tokens=false does not take it off.
+    assert _tokenize(templated_server, messages=msgs, add_special_tokens=False)["tokens"] == \
+        _tokenize(templated_server, messages=msgs)["tokens"]
     # Tools reach the template as `tools` (no built-in system turn), and a "required" call still
     # comes back as a tool call.
     with_tools = _tokenize(templated_server, messages=msgs, tools=TOOLS)
@@ -225,6 +228,10 @@ def test_the_default_server_refuses_request_templates_and_takes_kwargs(api_serve
     kw = client.chat.completions.create(model=model, messages=msgs, max_tokens=2,
                                         extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert kw.usage.prompt_tokens == plain.usage.prompt_tokens == _tokenize(api_server, messages=msgs)["count"]
+    # /tokenize's add_special_tokens=false leaves the built-in template's BOS off, nothing else.
+    with_bos = _tokenize(api_server, messages=msgs)["tokens"]
+    assert with_bos[0] == api_server.engine.tokenizer.bos_id
+    assert _tokenize(api_server, messages=msgs, add_special_tokens=False)["tokens"] == with_bos[1:]
 
 
 def test_serve_stops_on_a_missing_template_before_loading_weights(tmp_path):

@@ -179,13 +179,9 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if req.messages is not None:
-            # The prompt a chat request with these messages, tools and template runs.
-            # add_special_tokens=false takes the built-in template's BOS off again (a Jinja
-            # template writes its own, or none).
-            ids = chat_prompt_ids(ctx, req, parse_tools(req.tools))
-            builtin = ctx.chat_template_for(req) is None
-            if not req.add_special_tokens and builtin and ids[:1] == [ctx.tokenizer.bos_id]:
-                ids = ids[1:]
+            # The prompt a chat request with these messages, tools and template runs
+            # (add_special_tokens=false: without the built-in template's BOS).
+            ids = chat_prompt_ids(ctx, req, parse_tools(req.tools), req.add_special_tokens)
         else:
             ids = ctx.encode(req.prompt, "prompt", add_special_tokens=req.add_special_tokens)
         return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids,

@@ -34,7 +34,7 @@ class PreparedChat:
 
 
 def chat_prompt_ids(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRequest,
-                    tools: list[Tool]) -> list[int]:
+                    tools: list[Tool], add_special_tokens: bool = True) -> list[int]:
     """The conversation (and tools) through the chat template in effect, tokenized. The built-in
     template sees the tools in a system turn before the conversation (api/tools.py); a Jinja
     template gets them as `tools`, in the request's own shape, and shows them as it was written to."""
@@ -54,7 +54,7 @@ def chat_prompt_ids(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRe
                                                  documents=req.documents, template_kwargs=req.chat_template_kwargs)
     except ValueError as exc:
         raise bad_request(str(exc), param=getattr(exc, "param", "messages")) from None
-    return ctx.encode_chat(text, "messages", template)
+    return ctx.encode_chat(text, "messages", template, add_special_tokens)
 
 
 def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> PreparedChat:
@@ -251,7 +251,7 @@ async def _stream(ctx: ServingContext, it: AsyncIterator[RequestOutput], first: 
         while True:
             for c in out.outputs:
                 completion_tokens[c.index] = c.num_tokens
-                if c.index not in done:
+                if return_token_ids and c.index not in done:
                     pending[c.index] += c.delta_token_ids
                 if c.index in done or not (c.delta_text or c.delta_logprobs or c.finish_reason):
                     continue  # finished already, or e.g. a partial UTF-8 character held back

@@ -73,10 +73,12 @@ class ServingContext:
         _check_utf8(text, param)
         return self.tokenizer.encode(text, add_bos=add_special_tokens)
 
-    def encode_chat(self, text: str, param: str, chat_template: ChatTemplate | None) -> list[int]:
-        """A rendered chat prompt's ids (Tokenizer.encode_chat: a Jinja template writes its own BOS)."""
+    def encode_chat(self, text: str, param: str, chat_template: ChatTemplate | None,
+                    add_special_tokens: bool = True) -> list[int]:
+        """A rendered chat prompt's ids (Tokenizer.encode_chat: a Jinja template writes its own BOS;
+        add_special_tokens=False leaves the built-in template's off)."""
         _check_utf8(text, param)
-        return self.tokenizer.encode_chat(text, chat_template)
+        return self.tokenizer.encode_chat(text, chat_template, add_bos=add_special_tokens)
 
     def chat_template_for(self, req) -> ChatTemplate | None:
         """The Jinja template a chat request renders with: its own `chat_template` (only when the

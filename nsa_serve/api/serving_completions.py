@@ -171,7 +171,7 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
                     echoed.add(key)
                     prefix = echo[src]
                     offsets[key] = len(prefix)
-                if key not in done:
+                if return_token_ids and key not in done:
                     pending.setdefault(key, []).extend(c.delta_token_ids)
                 if key in done or not (prefix or c.delta_text or c.delta_logprobs or c.finish_reason):
                     continue
