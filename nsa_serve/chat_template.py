@@ -7,6 +7,13 @@ template sees what Hugging Face's `apply_chat_template` gives it — `messages`,
 a `tojson` filter that keeps non-ASCII text — plus a request's `chat_template_kwargs`. It runs in
 Jinja's immutable sandbox (as in transformers), so a template cannot reach Python objects' internals.
 
+A message's `content` reaches the template in one of vLLM's two content formats: "string" (one
+string, text parts joined) or "openai" (a list of `{"type": "text", "text": ...}` parts, a plain
+string becoming one part). "auto" picks "openai" for a template that loops over a message's content
+and "string" otherwise, as vLLM's `--chat-template-content-format auto` does: templates written for
+part lists (Llama 4's, Gemma 3's, ...) fail or drop the text when handed a string, and older ones
+print a list's repr when handed parts.
+
 jinja2 is the engine the field's templates are written for (transformers and vLLM render them with
 it); a hand-written subset would fail on real templates. It is imported when a template is compiled,
 so the tokenizer (and the engine on a bare GPU image) loads without it.
@@ -24,6 +31,8 @@ from typing import Any
 # the template (vLLM refuses `chat_template` there: it would bypass --trust-request-chat-template).
 RESERVED_KWARGS = frozenset({"messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
                              "chat_template", "tokenize", "bos_token", "eos_token", "unk_token"})
+
+CONTENT_FORMATS = ("auto", "string", "openai")  # vLLM's --chat-template-content-format choices
 
 
 class ChatTemplateError(ValueError):
@@ -84,16 +93,24 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise ChatTemplateError(f"the chat template does not compile: {exc.message} (line {exc.lineno})",
                                     param="chat_template") from None
+        self.content_format = detect_content_format(source)  # what "auto" means for this template
 
     def render(self, messages: list[dict], *, tools: list[dict] | None = None, documents: list[dict] | None = None,
                add_generation_prompt: bool = True, continue_final_message: bool = False,
-               special_tokens: dict[str, str] | None = None, kwargs: dict[str, Any] | None = None) -> str:
+               special_tokens: dict[str, str] | None = None, kwargs: dict[str, Any] | None = None,
+               content_format: str = "auto") -> str:
+        """The prompt text. A message's content may be a string, None or a list of text parts; the
+        template gets it in `content_format` ("auto": this template's `content_format`)."""
         if continue_final_message and add_generation_prompt:
             raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be true: "
                                     "set add_generation_prompt to false to continue the final message")
         check_template_kwargs(kwargs)
         import jinja2
 
+        if content_format not in CONTENT_FORMATS:
+            raise ValueError(f"content_format must be one of {CONTENT_FORMATS}, got {content_format!r}")
+        fmt = self.content_format if content_format == "auto" else content_format
+        messages = [_with_content(m, fmt) for m in messages]
         context = {**(special_tokens or {}), **(kwargs or {}), "messages": messages, "tools": tools,
                    "documents": documents, "add_generation_prompt": add_generation_prompt}
         try:
@@ -109,10 +126,51 @@ class ChatTemplate:
         return text
 
 
+def _text_parts(content: list) -> list[str]:
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ChatTemplateError("message content parts must be text parts ({'type': 'text', 'text': ...}), "
+                                    f"got {part!r:.80}")
+        texts.append(part["text"])
+    return texts
+
+
+def _with_content(message: dict, fmt: str) -> dict:
+    """The message with its content in format `fmt` (a copy; the caller's dict is left alone)."""
+    content = message.get("content")
+    if fmt == "string":
+        content = "".join(_text_parts(content)) if isinstance(content, list) else (content or "")
+    elif isinstance(content, list):
+        content = [{"type": "text", "text": t} for t in _text_parts(content)]
+    else:  # vLLM's openai format: a string is one text part, no content none
+        content = [{"type": "text", "text": content}] if isinstance(content, str) else []
+    return {**message, "content": content}
+
+
+def detect_content_format(source: str) -> str:
+    """"openai" when the template loops over a message's content (`{% for part in
+    message['content'] %}`, `message.content | selectattr(...)`, ...), else "string" — vLLM's
+    auto-detection, read from the template's syntax tree rather than by trying it."""
+    from jinja2 import nodes
+
+    def is_content(node) -> bool:
+        while isinstance(node, (nodes.Filter, nodes.Test)):  # `x.content | selectattr(...)`
+            node = node.node
+        if isinstance(node, nodes.Getattr):
+            return node.attr == "content"
+        return isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == "content"
+
+    tree = _environment().parse(source)
+    return "openai" if any(is_content(loop.iter) for loop in tree.find_all(nodes.For)) else "string"
+
+
 def _cut_after_final_message(text: str, messages: list[dict]) -> str:
     """Hugging Face's continue_final_message: the rendered prompt ends where the last message's
     text does, so whatever the template closes a turn with is left off and the model continues."""
     final = messages[-1].get("content") if messages else None
+    if isinstance(final, list):  # parts: the last one's text, as transformers takes it
+        final = (_text_parts(final) or [""])[-1]
     final = final if isinstance(final, str) else ""
     for needle in (final, final.strip()):
         if needle and needle in text:

@@ -50,10 +50,11 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              chat_template: str | None = None, chat_template_kwargs: dict[str, Any] | None = None,
-             ) -> list[RequestOutput]:
+             chat_template_content_format: str = "auto") -> list[RequestOutput]:
         """Reply to one conversation (a list of {"role", "content"} messages) or to several.
         `chat_template`: a Jinja template's text in place of the model's (vLLM's argument);
-        `chat_template_kwargs`: extra variables for the template."""
+        `chat_template_kwargs`: extra variables for the template; `chat_template_content_format`:
+        how a Jinja template gets each message's content ("auto", "string", "openai": vLLM's)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self._tokenizer()
         ids = []
@@ -61,7 +62,8 @@ class LLM:
             template = compile_template(chat_template) if chat_template is not None else None
             for conv in conversations:
                 text = tok.apply_chat_template(conv, add_generation_prompt, continue_final_message,
-                                               chat_template=template, template_kwargs=chat_template_kwargs)
+                                               chat_template=template, template_kwargs=chat_template_kwargs,
+                                               content_format=chat_template_content_format)
                 ids.append(tok.encode_chat(text, template))
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param=getattr(exc, "param", "messages")) from None

@@ -126,10 +126,11 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             continue_final_message: bool = False, *, chat_template: ChatTemplate | None = None,
                             tools: list[dict] | None = None, documents: list[dict] | None = None,
-                            template_kwargs: dict[str, Any] | None = None) -> str:
+                            template_kwargs: dict[str, Any] | None = None, content_format: str = "auto") -> str:
         """The conversation as prompt text: through `chat_template` (a request's), else the model's
         Jinja template, else the built-in one (`render_chat`, which shows no `tools`: the API layer
-        puts them in a system turn; nor `documents`, which it refuses). ValueError
+        puts them in a system turn; nor `documents`, which it refuses). A Jinja template gets each
+        message's content in `content_format` (chat_template.CONTENT_FORMATS). ValueError
         (ChatTemplateError) for what the template refuses."""
         template = chat_template or self.chat_template
         if template is None:
@@ -140,7 +141,8 @@ class Tokenizer:
             return render_chat(messages, add_generation_prompt, continue_final_message)
         return template.render(messages, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
                                continue_final_message=continue_final_message,
-                               special_tokens=self.special_tokens_map, kwargs=template_kwargs)
+                               special_tokens=self.special_tokens_map, kwargs=template_kwargs,
+                               content_format=content_format)
 
     def encode_chat(self, text: str, chat_template: ChatTemplate | None = None, add_bos: bool = True) -> list[int]:
         """Token ids of a prompt that `apply_chat_template` rendered with the same `chat_template`.

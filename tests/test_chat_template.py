@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from nsa_serve.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
+from nsa_serve.chat_template import ChatTemplate, ChatTemplateError, detect_content_format, load_chat_template
 from nsa_serve.tokenizer import ROLES, Tokenizer, render_chat
 
 # The built-in template written in Jinja: the same text, so the same ids.
@@ -132,6 +132,51 @@ def test_the_model_directorys_chat_template_is_the_default(tmp_path, tiny_model_
         Tokenizer(tmp_path / "tokenizer.model")
 
 
+# Templates written for OpenAI's content parts (as Llama 4's and Gemma 3's are): each text part
+# shown in brackets; the second also takes a plain string.
+PARTS = "{% for m in messages %}{% for p in m['content'] %}[{{ p.text }}]{% endfor %}|{% endfor %}"
+PARTS_OR_STRING = ("{% for m in messages %}{% if m.content is string %}{{ m.content }}{% else %}"
+                   "{% for p in m.content | selectattr('type', 'equalto', 'text') %}[{{ p.text }}]{% endfor %}"
+                   "{% endif %}|{% endfor %}")
+
+
+@pytest.mark.parametrize("source, want", [
+    (BUILT_IN_AS_JINJA, "string"), (CUSTOM, "string"), (PARTS, "openai"), (PARTS_OR_STRING, "openai"),
+    # Loops over other things (tools, a message's tool calls) are not content loops.
+    ("{% for m in messages %}{% for c in m.tool_calls %}{{ c }}{% endfor %}{{ m.content }}{% endfor %}", "string"),
+    ("{% for m in messages %}{% for p in m['content'] | list %}{{ p }}{% endfor %}{% endfor %}", "openai"),
+])
+def test_auto_content_format_reads_whether_the_template_loops_over_content(source, want):
+    assert detect_content_format(source) == want == ChatTemplate(source).content_format
+
+
+def test_content_reaches_the_template_in_its_format(tok):
+    conv = [{"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": None}]
+    conv_before = json.dumps(conv)
+    # openai: a string is one part, parts stay apart, no content is no parts.
+    assert tok.apply_chat_template(conv, chat_template=ChatTemplate(PARTS)) == "[be brief]|[a][b]||"
+    assert tok.apply_chat_template(conv, chat_template=ChatTemplate(PARTS_OR_STRING)) == "[be brief]|[a][b]||"
+    # string: parts joined, none as "" — forced on a template that takes either, and the default
+    # for one that shows m.content.
+    forced = tok.apply_chat_template(conv, chat_template=ChatTemplate(PARTS_OR_STRING), content_format="string")
+    assert forced == "be brief|ab||"
+    plain = ChatTemplate("{% for m in messages %}{{ m.content }}|{% endfor %}")
+    assert tok.apply_chat_template(conv, chat_template=plain) == "be brief|ab||"
+    assert tok.apply_chat_template(conv, chat_template=plain, content_format="openai").startswith("[{")
+    assert json.dumps(conv) == conv_before  # the caller's messages are left as they were
+    # continue_final_message in parts: the prompt ends at the last part's text (as transformers).
+    tail = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "text", "text": "He"}, {"type": "text", "text": "llo"}]}]
+    assert tok.apply_chat_template(tail, False, True, chat_template=ChatTemplate(PARTS)) == "[hi]|[He][llo"
+    with pytest.raises(ChatTemplateError, match="text parts"):
+        tok.apply_chat_template([{"role": "user", "content": [{"type": "image_url"}]}],
+                                chat_template=ChatTemplate(PARTS))
+    with pytest.raises(ValueError, match="content_format"):
+        tok.apply_chat_template(conv, chat_template=plain, content_format="list")
+
+
 # -- through the HTTP server ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -211,6 +256,23 @@ def test_a_trusted_request_template_replaces_the_served_one(templated_server):
                                            messages=[{"role": "user", "content": "hi"}],
                                            extra_body={"chat_template": own})
     assert reply.usage.prompt_tokens == tokens["count"]
+
+
+def test_a_parts_template_gets_the_request_parts_through_the_server(templated_server):
+    two_parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "you"}]}]
+    tokens = _tokenize(templated_server, messages=two_parts, chat_template=PARTS)
+    assert "".join(tokens["token_strs"]).replace("\u2581", " ").lstrip() == "[hi][you]|"
+    client = templated_server.openai()
+    reply = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=2, messages=two_parts,
+                                           extra_body={"chat_template": PARTS})
+    assert reply.usage.prompt_tokens == tokens["count"]
+    # The served (string) template gets the parts joined.
+    joined = _tokenize(templated_server, messages=two_parts)
+    assert "hiyou" in "".join(joined["token_strs"]).replace("\u2581", " ")
+    with pytest.raises(Exception, match="only text content parts"):
+        client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=2,
+                                       messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+                                           "url": "http://x/y.png"}}]}], extra_body={"chat_template": PARTS})
 
 
 def test_the_default_server_refuses_request_templates_and_takes_kwargs(api_server):

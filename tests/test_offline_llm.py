@@ -54,6 +54,10 @@ def test_chat_renders_the_template_as_the_server_does(llm):
     (own,) = llm.chat(conv, GREEDY, chat_template="{% for m in messages %}{{ m.content }} {% endfor %}{{ tail }}",
                       chat_template_kwargs={"tail": "Answer:"})
     assert own.prompt_token_ids == tok.encode("Be terse. Name a prime. Answer:", add_bos=False)
+    parts = "{% for m in messages %}{% for p in m.content %}{{ p.text }} {% endfor %}{% endfor %}"
+    for fmt in ("auto", "openai"):  # vLLM's chat_template_content_format: parts for a template that loops over them
+        (listed,) = llm.chat(conv, GREEDY, chat_template=parts, chat_template_content_format=fmt)
+        assert listed.prompt_token_ids == tok.encode("Be terse. Name a prime. ", add_bos=False)
     with pytest.raises(InvalidRequestError, match="does not compile") as err:
         llm.chat(conv, GREEDY, chat_template="{% if %}")
     assert err.value.param == "chat_template"

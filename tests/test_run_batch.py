@@ -42,3 +42,21 @@ def test_a_batch_file_gives_one_result_a_line_in_order(tmp_path, capsys):
     assert hot["status_code"] == 400 and hot["body"]["error"]["param"] == "temperature" and out[4]["error"] is None
     assert out[5]["error"]["code"] == out[6]["error"]["code"] == "invalid_request"
     assert "3 succeeded, 4 failed" in capsys.readouterr().err
+
+
+def test_run_batch_takes_the_chat_template_flags(tmp_path):
+    model = str(tiny_model_dir(True))
+    template = tmp_path / "parts.jinja"
+    template.write_text("{% for m in messages %}{% if m.content is string %}S:{{ m.content }}{% else %}"
+                        "{% for p in m.content %}P:{{ p.text }}{% endfor %}{% endif %}|{% endfor %}")
+    body = {"messages": [{"role": "user", "content": "Name a prime."}], "max_tokens": 1,
+            "return_token_ids": True}
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"custom_id": "c", "url": "/v1/chat/completions", "body": body}) + "\n")
+    tok = LLM(model, device="cpu", num_pages=128).engine.tokenizer
+    for fmt, shown in (("auto", "P:Name a prime.|"), ("openai", "P:Name a prime.|"), ("string", "S:Name a prime.|")):
+        dst = tmp_path / f"{fmt}.jsonl"
+        assert main(["run-batch", model, "-i", str(src), "-o", str(dst), "--device", "cpu", "--num-pages", "128",
+                     "--chat-template", str(template), "--chat-template-content-format", fmt]) == 0
+        (result,) = [json.loads(x) for x in dst.read_text().splitlines()]
+        assert result["response"]["body"]["prompt_token_ids"] == tok.encode(shown, add_bos=False), fmt

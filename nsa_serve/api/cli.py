@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
+from ..chat_template import CONTENT_FORMATS
 from ..engine.args import add_graph_args, speculative_config
 from ..help_format import DefaultsHelpFormatter
 
@@ -79,6 +80,9 @@ def add_chat_template_args(g) -> None:
                         "directory's chat_template.jinja or the built-in template (docs/api.md)")
     g.add_argument("--trust-request-chat-template", action="store_true",
                    help="let requests bring their own chat_template (off: such requests get 400)")
+    g.add_argument("--chat-template-content-format", choices=CONTENT_FORMATS, default="auto",
+                   help="how a Jinja template gets a message's content: one string, or OpenAI's list of "
+                        "text parts; auto: parts for a template that loops over a message's content")
 
 
 def chat_template_source(args, prog: str) -> str | None:
@@ -253,7 +257,8 @@ async def serve(args) -> int:
                               cors_origins=args.allowed_origins, cors_methods=args.allowed_methods,
                               cors_headers=args.allowed_headers, cors_credentials=args.allow_credentials,
                               chat_template=chat_template,
-                              trust_request_chat_template=args.trust_request_chat_template)
+                              trust_request_chat_template=args.trust_request_chat_template,
+                              chat_template_content_format=args.chat_template_content_format)
     app = build_app(engine, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=max(1, int(round(args.shutdown_timeout))),
@@ -263,6 +268,11 @@ async def serve(args) -> int:
     server = GracefulServer(config, on_exit=lambda: setattr(app.state.ctx, "draining", True))
     log.info("serving %s as %s on http://%s:%d", args.model, ", ".join(app.state.ctx.served_model_names),
              args.host, args.port)
+    template = app.state.ctx.chat_template_for(None)
+    if template is not None:  # as vLLM, say which content format a Jinja template gets
+        fmt = args.chat_template_content_format
+        log.info("chat template: Jinja, content format %s", f"{template.content_format} (detected)"
+                 if fmt == "auto" else fmt)
     try:
         await server.serve()
     finally:

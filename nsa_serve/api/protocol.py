@@ -308,11 +308,14 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
     def as_jinja_dict(self) -> dict:
-        """The message as a Jinja chat template sees it (vLLM's shape): text parts joined into one
-        string (None as ""), roles as sent, earlier tool calls kept as a list with their arguments
-        parsed from JSON where they are JSON (templates write them with tojson), and the tool
-        result's call id and name."""
-        out: dict[str, Any] = {"role": self.role, "content": self.text() or ""}
+        """The message as a Jinja chat template sees it (vLLM's shape): content as sent, text parts
+        kept apart (the template renders it in its content format: chat_template._with_content),
+        roles as sent, earlier tool calls kept as a list with their arguments parsed from JSON where
+        they are JSON (templates write them with tojson), and the tool result's call id and name."""
+        self.text()  # the 400 for parts other than text
+        content = [{"type": "text", "text": p.text} for p in self.content] if isinstance(self.content, list) \
+            else self.content
+        out: dict[str, Any] = {"role": self.role, "content": content}
         if self.tool_calls:
             out["tool_calls"] = [_jinja_tool_call(c) for c in self.tool_calls]
         if self.tool_call_id is not None:

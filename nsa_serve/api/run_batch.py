@@ -82,7 +82,8 @@ async def run_batch(args, lines: list[str]) -> list[dict]:
     app = build_app(engine, ServerSettings(defaults=defaults, model_root=args.model, start_engine=False,
                                            log_stats_interval_s=0.0, responses_store_size=0,
                                            chat_template=chat_template,
-                                           trust_request_chat_template=args.trust_request_chat_template))
+                                           trust_request_chat_template=args.trust_request_chat_template,
+                                           chat_template_content_format=args.chat_template_content_format))
     sem = asyncio.Semaphore(args.max_concurrency or eargs.max_num_seqs)
     bar = tqdm(total=len(lines), desc="nsa-serve run-batch", file=sys.stderr)
     try:

@@ -62,9 +62,11 @@ class ServerSettings:
     cors_credentials: bool = False
     max_log_len: int | None = None  # prompt characters and ids in those lines (None: all)
     # --chat-template's text (None: the model directory's chat_template.jinja, else the built-in
-    # template) and vLLM's --trust-request-chat-template (requests may bring their own)
+    # template), vLLM's --trust-request-chat-template (requests may bring their own) and
+    # --chat-template-content-format (how a Jinja template gets a message's content)
     chat_template: str | None = None
     trust_request_chat_template: bool = False
+    chat_template_content_format: str = "auto"
 
 
 def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
@@ -78,7 +80,8 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
                          request_log=RequestLog(engine.tokenizer, settings.max_log_len) if settings.log_requests
                          else None,
                          chat_template=compile_template(settings.chat_template) if settings.chat_template else None,
-                         trust_request_chat_template=settings.trust_request_chat_template)
+                         trust_request_chat_template=settings.trust_request_chat_template,
+                         chat_template_content_format=settings.chat_template_content_format)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -51,7 +51,8 @@ def chat_prompt_ids(ctx: ServingContext, req: ChatCompletionRequest | TokenizeRe
                                                  continue_final_message=req.continue_final_message,
                                                  chat_template=template,
                                                  tools=req.tools if tools and template is not None else None,
-                                                 documents=req.documents, template_kwargs=req.chat_template_kwargs)
+                                                 documents=req.documents, template_kwargs=req.chat_template_kwargs,
+                                                 content_format=ctx.chat_template_content_format)
     except ValueError as exc:
         raise bad_request(str(exc), param=getattr(exc, "param", "messages")) from None
     return ctx.encode_chat(text, "messages", template, add_special_tokens)

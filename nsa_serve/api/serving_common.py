@@ -49,6 +49,7 @@ class ServingContext:
     request_log: RequestLog | None = None  # --enable-log-requests
     chat_template: ChatTemplate | None = None  # --chat-template (None: the model's own, else the built-in)
     trust_request_chat_template: bool = False  # --trust-request-chat-template
+    chat_template_content_format: str = "auto"  # --chat-template-content-format (chat_template.py)
 
     @property
     def tokenizer(self):
@@ -83,8 +84,9 @@ class ServingContext:
     def chat_template_for(self, req) -> ChatTemplate | None:
         """The Jinja template a chat request renders with: its own `chat_template` (only when the
         server trusts requests' templates, as vLLM's --trust-request-chat-template), else
-        --chat-template, else the model directory's chat_template.jinja; None: the built-in one."""
-        if req.chat_template is not None:
+        --chat-template, else the model directory's chat_template.jinja; None: the built-in one.
+        `req` None: the server's own."""
+        if req is not None and req.chat_template is not None:
             if not self.trust_request_chat_template:
                 raise bad_request("this server does not take chat templates from requests (start it with "
                                   "--trust-request-chat-template to allow them)", param="chat_template")
