@@ -149,11 +149,55 @@ def test_a_json_schema_text_format_shapes_the_reply(client, api_server):  # noqa
     ("conversation", {"input": "x", "conversation": "conv_1"}),
     ("prompt", {"input": "x", "prompt": {"id": "pmpt_1"}}),
     ("max_tool_calls", {"input": "x", "tools": [WEATHER], "max_tool_calls": 1}),
+    ("truncation", {"input": "x", "truncation": "middle"}),
 ])
 def test_what_the_server_cannot_honour_is_a_400_naming_the_field(api_server, field, body):  # noqa: F811
     with api_server.http() as h:
         r = h.post("/v1/responses", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_truncation_auto_drops_the_oldest_items_until_the_reply_fits(client, api_server):  # noqa: F811
+    name, limit, out = api_server.engine.model_name, api_server.engine.max_model_len, 8
+    turns = [{"role": ("user", "assistant")[i % 2], "content": f"Item {i}: " + "lorem ipsum dolor sit " * (12 + i)}
+             for i in range(8)] + [{"role": "user", "content": "Which item came last?"}]
+
+    def count(conversation, instructions=True):
+        system = [{"role": "system", "content": "Be terse."}] if instructions else []
+        with api_server.http() as h:
+            return h.post("/tokenize", json={"messages": system + conversation}).json()["count"]
+
+    assert count(turns) + out > limit  # the premise: the whole conversation does not fit
+    keep = next(k for k in range(len(turns)) if count(turns[k:]) + out <= limit)
+    assert keep > 0
+    with pytest.raises(openai.BadRequestError) as e:  # the default, "disabled": a 400
+        client.responses.create(model=name, instructions="Be terse.", input=turns, max_output_tokens=out)
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "input"
+    r = client.responses.create(model=name, instructions="Be terse.", input=turns, max_output_tokens=out,
+                                truncation="auto", temperature=0.0, extra_body=GREEDY)
+    # As few of the oldest items as fit go; the instructions stay; the reply is the chat of the rest.
+    assert r.truncation == "auto" and r.status == "incomplete" and r.usage.input_tokens == count(turns[keep:])
+    text, _ = chat(client, name, [{"role": "system", "content": "Be terse."}] + turns[keep:], out)
+    assert r.output_text == text
+    # A conversation that fits is left whole; a last item too long on its own is still a 400.
+    short = client.responses.create(model=name, input=turns[-2:], max_output_tokens=2, truncation="auto")
+    assert short.usage.input_tokens == count(turns[-2:], instructions=False)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.responses.create(model=name, input=turns + [{"role": "user", "content": "x " * limit}],
+                                truncation="auto")
+
+
+def test_truncation_takes_the_tool_results_whose_calls_were_dropped():
+    from nsa_serve.api.protocol_responses import ResponsesRequest
+
+    req = ResponsesRequest(input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        {"role": "user", "content": "And now?"}], truncation="auto")
+    assert [m.role for m in req.to_chat([], {}).messages] == ["user", "assistant", "tool", "user"]
+    assert [m.content for m in req.to_chat([], {}, drop=1).messages] == [None, "sunny", "And now?"]
+    assert [m.content for m in req.to_chat([], {}, drop=2).messages] == ["And now?"]  # no orphaned result
 
 
 def test_the_store_forgets_the_oldest_past_its_capacity():

@@ -8,7 +8,7 @@ the stored conversation of `previous_response_id`, `text.format` the response fo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -50,6 +50,8 @@ class ResponsesRequest(BaseModel):
     top_logprobs: int | None = None
     prompt: Any = None  # a stored prompt template (OpenAI dashboard): refused in check()
     max_tool_calls: int | None = None
+    # "auto": a conversation too long for the context loses its oldest items (create_response)
+    truncation: Literal["auto", "disabled"] | None = None
 
     @property
     def logprobs(self) -> bool:
@@ -78,6 +80,9 @@ class ResponsesRequest(BaseModel):
         if isinstance(self.input, list) and not self.input and not self.previous_response_id:
             raise bad_request("input must not be empty", param="input")
 
+    def conversation_length(self, history: list[dict]) -> int:
+        return len(history) + len(self.input_messages())
+
     def input_messages(self) -> list[dict]:
         """`input` as chat messages (template dicts of ChatMessage's shape)."""
         if isinstance(self.input, str):
@@ -104,11 +109,14 @@ class ResponsesRequest(BaseModel):
                                   f"items are supported", param="input")
         return out
 
-    def to_chat(self, history: list[dict], raw: dict[str, Any]) -> ChatCompletionRequest:
+    def to_chat(self, history: list[dict], raw: dict[str, Any], drop: int = 0) -> ChatCompletionRequest:
         """The chat request this response runs: instructions, then the stored conversation, then
-        the input. `raw` is the request body, for vLLM's extras."""
-        messages = ([{"role": "system", "content": self.instructions}] if self.instructions else []) + \
-            history + self.input_messages()
+        the input, less the conversation's first `drop` items (truncation "auto") and the tool
+        results whose calls went with them. `raw` is the request body, for vLLM's extras."""
+        conversation = (history + self.input_messages())[drop:]
+        while drop and len(conversation) > 1 and conversation[0]["role"] == "tool":
+            conversation = conversation[1:]
+        messages = ([{"role": "system", "content": self.instructions}] if self.instructions else []) + conversation
         body: dict[str, Any] = {k: raw[k] for k in PASSTHROUGH if k in raw}
         body.update(messages=messages, stream=self.stream)
         for name, value in (("model", self.model), ("max_tokens", self.max_output_tokens),

@@ -27,7 +27,8 @@ from .errors import APIError
 from .generation import tracked_generate
 from .protocol_responses import ResponsesRequest
 from .response_store import ResponseStore, StoredResponse
-from .serving_chat import choice_logprobs, prepare_chat
+from .protocol import ChatCompletionRequest
+from .serving_chat import PreparedChat, choice_logprobs, prepare_chat
 from .serving_common import (ServingContext, SSEResponse, TokenNames, final_output, raise_if_failed,
                              stream_error_event)
 from .tools import ToolPlan, tool_calls_of
@@ -62,8 +63,7 @@ async def create_response(ctx: ServingContext, store: ResponseStore, req: Respon
                            param="previous_response_id", code="previous_response_not_found")
         history = prev.conversation
     with _responses_params():
-        chat = req.to_chat(history, body)
-        prep = prepare_chat(ctx, chat)
+        chat, prep = _fitted_chat(ctx, req, history, body)
         params = ctx.check_sampling_ids(chat.to_sampling_params(prep.max_tokens, ctx.defaults, prep.plan))
     run = _Run(ctx, store, req, model, params.temperature, params.top_p, prep.plan, history,
                TokenNames(ctx.tokenizer) if req.logprobs else None)
@@ -77,6 +77,34 @@ async def create_response(ctx: ServingContext, store: ResponseStore, req: Respon
     c = final.outputs[0]
     response = run.finish(c.text, c.finish_reason, final, run.logprobs(c.logprobs))
     return JSONResponse(response, headers={"X-Request-Id": run.id})
+
+
+def _fitted_chat(ctx: ServingContext, req: ResponsesRequest, history: list[dict],
+                 body: dict) -> tuple[ChatCompletionRequest, PreparedChat]:
+    """The chat request and its prompt. Under truncation "auto" a conversation that leaves no room
+    for the reply (or for max_output_tokens) loses its oldest items, as few as fit — found by
+    bisection, a prompt's length falling as items go — keeping the instructions and the last item;
+    if even that does not fit, the 400 is the untruncated request's."""
+    chat = req.to_chat(history, body)
+    try:
+        return chat, prepare_chat(ctx, chat)
+    except APIError as exc:
+        if req.truncation != "auto" or exc.code != "context_length_exceeded":
+            raise
+        too_long = exc
+    best, lo, hi = None, 1, req.conversation_length(history) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        chat = req.to_chat(history, body, drop=mid)
+        try:
+            best, hi = (chat, prepare_chat(ctx, chat)), mid - 1
+        except APIError as exc:
+            if exc.code != "context_length_exceeded":
+                raise
+            lo = mid + 1
+    if best is None:
+        raise too_long
+    return best
 
 
 class _Run:
@@ -107,7 +135,8 @@ class _Run:
             "temperature": self.temperature, "top_p": self.top_p,
             "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
             "tool_choice": req.tool_choice if req.tool_choice is not None else ("auto" if req.tools else "none"),
-            "tools": req.tools or [], "truncation": "disabled", "user": req.user, "reasoning": None,
+            "tools": req.tools or [], "truncation": req.truncation or "disabled", "user": req.user,
+            "reasoning": None,
             "background": False,
         }
 
