@@ -184,3 +184,25 @@ def test_generation_config_flags_choose_the_sampling_defaults(tmp_path):
                            (("--override-generation-config", "[1]"), "JSON object")):
         with pytest.raises(SystemExit, match=message):
             defaults(*flags)
+
+
+def test_a_copied_vllm_command_line_runs_or_says_why_not():
+    from nsa_serve.api.cli import engine_args_from
+    from nsa_serve.cli import build_parser
+
+    def engine_args(*flags, command=("serve", "/m")):
+        return engine_args_from(build_parser().parse_args([*command, *flags]))
+
+    # vLLM's spellings of what this server does anyway.
+    taken = engine_args("-tp", "1", "--pipeline-parallel-size", "1", "--kv-cache-dtype", "auto", "--enable-chunked-prefill",
+                        "--enable-auto-tool-choice", "--tool-call-parser", "nsa", "--trust-remote-code",
+                        "--enable-prefix-caching")
+    assert taken == engine_args() and taken.enable_prefix_caching
+    assert not engine_args("--no-enable-prefix-caching").enable_prefix_caching
+    assert not engine_args("--no-enable-prefix-caching", command=("run-batch", "-i", "a", "-o", "b")).enable_prefix_caching
+    # What it cannot honour ends before any weight loads, with the reason.
+    for flags, message in ((("--tensor-parallel-size", "2"), "one GPU"), (("-dp", "4"), "one GPU"),
+                           (("--kv-cache-dtype", "fp8"), "quantized caches"), (("-q", "awq"), "quantized weights"),
+                           (("--enable-auto-tool-choice", "--tool-call-parser", "hermes"), "its own format")):
+        with pytest.raises(SystemExit, match=message):
+            engine_args(*flags)

@@ -118,8 +118,10 @@ def add_engine_args(p) -> None:
                    help="nsa: the model's sparse attention; dense: full attention over the same paged cache (the baseline)")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
-    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   help="disable the prefix cache")
+    g.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false", help="disable the prefix cache")
+    g.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true",
+                   default=argparse.SUPPRESS, help="the prefix cache (on by default for shared-K/V models; vLLM's flag)")
     g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
                    help="fcfs: arrival order; priority: lower request `priority` first, then arrival")
     add_graph_args(g)
@@ -144,6 +146,48 @@ def add_engine_args(p) -> None:
                         "generation_config.json (vLLM's flag)")
     g.add_argument("--override-generation-config", type=json.loads, default=None,
                    help="JSON object merged over those defaults, e.g. '{\"temperature\": 0.5}' (vLLM's flag)")
+    add_vllm_compat_args(p)
+
+
+# vLLM flags a copied `vllm serve` command line may carry, taken where their value means what this
+# server does anyway and refused with the reason otherwise (check_vllm_compat), rather than argparse's
+# bare "unrecognized arguments".
+_ONE_GPU = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+
+
+def add_vllm_compat_args(p) -> None:
+    g = p.add_argument_group("vLLM flags taken for compatibility (docs/vllm.md)")
+    for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"),
+                        ("--data-parallel-size", "-dp")):
+        g.add_argument(flag, short, type=int, default=1, help="1 only: one GPU serves the model")
+    g.add_argument("--kv-cache-dtype", default="auto",
+                   help="auto only: the cache holds K/V in the model's dtype")
+    g.add_argument("--quantization", "-q", default=None, help="not supported: the weights load as stored")
+    g.add_argument("--enable-chunked-prefill", action="store_true", default=argparse.SUPPRESS,
+                   help="always on: long prompts are chunked (--long-prefill-token-threshold)")
+    g.add_argument("--enable-auto-tool-choice", action="store_true", default=argparse.SUPPRESS,
+                   help='always on: tool_choice "auto" needs no flag here')
+    g.add_argument("--tool-call-parser", default=None,
+                   help="nsa only: the model's tool calls are this server's JSON list (docs/api.md)")
+    g.add_argument("--trust-remote-code", action="store_true", default=argparse.SUPPRESS,
+                   help="no effect: a model directory holds no code, and none is ever run from it")
+
+
+def check_vllm_compat(args, prog: str) -> None:
+    """The vLLM flags' values this server cannot honour, as a clear exit before any weight loads."""
+    for name in _ONE_GPU:
+        if getattr(args, name, 1) != 1:
+            raise SystemExit(f"{prog}: --{name.replace('_', '-')} {getattr(args, name)}: this server runs a model on "
+                             "one GPU (multi-GPU serving is not supported); run one server a GPU behind a load balancer")
+    if getattr(args, "kv_cache_dtype", "auto") != "auto":
+        raise SystemExit(f"{prog}: --kv-cache-dtype {args.kv_cache_dtype}: the KV cache holds the model's dtype "
+                         "(quantized caches are not supported); leave it at auto")
+    if getattr(args, "quantization", None) is not None:
+        raise SystemExit(f"{prog}: --quantization {args.quantization}: quantized weights are not supported")
+    if getattr(args, "tool_call_parser", None) not in (None, "nsa"):
+        raise SystemExit(f"{prog}: --tool-call-parser {args.tool_call_parser}: this server parses the model's tool "
+                         "calls in its own format (a JSON list, the one its template shows the model: "
+                         "docs/api.md), named 'nsa'; leave the flag out")
 
 
 SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
@@ -177,6 +221,7 @@ def sampling_defaults(args) -> dict:
 def engine_args_from(args):
     from ..engine.args import EngineArgs
 
+    check_vllm_compat(args, f"nsa-serve {args.command}")
     return EngineArgs(model=args.model, device=args.device, dtype=args.dtype, attention=args.attention,
                       max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens,
