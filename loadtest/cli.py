@@ -55,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("workload")
     g.add_argument("--workload", choices=WORKLOADS, default="chat",
                    help="chat: an instruction and a passage; random: random corpus words; longdoc: a document "
-                        "and a question about it; needle: a fact planted in a document, then asked for "
-                        "(docs/loadtest.md) (default: %(default)s)")
+                        "and a question about it; needle: a fact planted in a document, then asked for; "
+                        "file: the requests of --dataset-path (docs/loadtest.md) (default: %(default)s)")
+    g.add_argument("--dataset-path", default=None,
+                   help="file workload: JSON Lines of {\"prompt\"} or {\"messages\"} (optional output_tokens), "
+                        "an OpenAI batch file, or a ShareGPT JSON array")
     g.add_argument("--seed", type=int, default=0, help="one seed fixes prompts, lengths and arrival times")
     g.add_argument("--input-len", type=int, default=512, help="chat/random: prompt tokens (median or centre)")
     g.add_argument("--output-len", type=int, default=None,
@@ -123,7 +126,8 @@ def config_from_args(args) -> RunConfig:
         num = len(args.doc_lengths) * len(args.depths) if args.workload == "needle" else 100
     wl = WorkloadConfig(name=args.workload, input_len=args.input_len, output_len=output_len,
                         length_dist=args.length_dist, range_ratio=args.range_ratio, sigma=args.sigma,
-                        doc_lengths=args.doc_lengths, depths=args.depths, questions_per_doc=args.questions_per_doc)
+                        doc_lengths=args.doc_lengths, depths=args.depths, questions_per_doc=args.questions_per_doc,
+                        dataset_path=args.dataset_path)
     return RunConfig(base_url=args.base_url, api_key=args.api_key, model=args.model, endpoint=args.endpoint,
                      workload=wl, num_requests=num, duration=args.duration, warmup=args.warmup,
                      reset_prefix_cache=args.reset_prefix_cache,

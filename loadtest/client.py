@@ -39,7 +39,7 @@ def build_payload(spec: RequestSpec, model: str, chat: bool, temperature: float,
     body: dict = {"model": model, "max_tokens": spec.max_tokens, "temperature": temperature,
                   "stream": True, "stream_options": {"include_usage": True}}
     if chat:
-        body["messages"] = [{"role": "user", "content": spec.prompt}]
+        body["messages"] = spec.messages or [{"role": "user", "content": spec.prompt}]
     else:
         body["prompt"] = spec.prompt
     if ignore_eos:

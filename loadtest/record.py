@@ -21,6 +21,7 @@ class RequestSpec:
     target_prompt_tokens: int  # the length the workload asked for (tokens of `prompt` itself)
     tags: dict[str, Any] = field(default_factory=dict)  # e.g. doc_tokens, depth, needle answer
     expected_answer: str | None = None  # needle: a string the reply must contain
+    messages: list[dict] | None = None  # file workload: a chat sent as is (else `prompt` is the user message)
 
 
 @dataclass

@@ -70,6 +70,8 @@ class RunConfig:
         if not (self.request_timeout > 0):
             raise ValueError("--request-timeout must be positive")
         self.workload.validate()
+        if self.endpoint == "completions" and any(e.messages for e in self.workload.entries):
+            raise ValueError("the dataset holds chats (messages): send them with --endpoint chat")
         # Fails early on a bad rate/burstiness rather than after preparing prompts.
         arrival_offsets(self.arrival, 2, self.request_rate, self.burstiness, self.seed)
 

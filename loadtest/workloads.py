@@ -9,6 +9,9 @@
   shuffled order), as users querying one document do, so the prefix cache serves the repeats.
 - needle: a unique fact planted at a given depth of a document; the reply is checked for the fact's
   value, giving accuracy per document length × depth.
+- file: requests read from --dataset-path (dataset.py: JSON Lines of prompts or chats, an OpenAI
+  batch file, ShareGPT conversations), drawn in a seeded shuffled order, repeated when the run
+  asks for more requests than the file holds.
 
 Length targets are for the text the workload writes (the user message or completion prompt); the
 chat template adds a few tokens, and the counts reported come from the server's usage.
@@ -23,10 +26,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .corpus import corpus_text, sentence_boundary, text_span, word_list
+from .dataset import DatasetEntry, load_dataset
 from .record import RequestSpec
 from .tokens import fit_to_tokens
 
-WORKLOADS = ("chat", "random", "longdoc", "needle")
+WORKLOADS = ("chat", "random", "longdoc", "needle", "file")
 LENGTH_DISTS = ("fixed", "uniform", "lognormal")
 
 _CHAT_INSTRUCTIONS = (
@@ -64,10 +68,16 @@ class WorkloadConfig:
     doc_lengths: list[int] = field(default_factory=lambda: [8192, 16384, 32768, 65536, 131072])
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     questions_per_doc: int = 1  # longdoc: requests that share each document
+    dataset_path: str | None = None  # file: the requests (dataset.py)
+    entries: list[DatasetEntry] = field(default_factory=list, repr=False)  # file: read by validate()
 
     def validate(self) -> None:
         if self.name not in WORKLOADS:
             raise ValueError(f"unknown workload {self.name!r}; choose from {', '.join(WORKLOADS)}")
+        if (self.name == "file") != (self.dataset_path is not None):
+            raise ValueError("--workload file and --dataset-path go together")
+        if self.name == "file" and not self.entries:
+            self.entries = load_dataset(self.dataset_path)  # a bad file ends here, before any request
         if self.input_len < 1 or self.output_len < 1:
             raise ValueError("--input-len and --output-len must be at least 1")
         if self.length_dist is not None and self.length_dist not in LENGTH_DISTS:
@@ -141,6 +151,20 @@ async def build_workload(cfg: WorkloadConfig, counter, n: int, seed: int, stream
         if progress is not None:
             progress.update(1)
         return spec
+
+    if cfg.name == "file":
+        # A seeded shuffle of the file, cycled (each pass shuffled anew) when n exceeds it.
+        picks = np.concatenate([rng.permutation(len(cfg.entries)) for _ in range(-(-n // len(cfg.entries)))])[:n]
+
+        async def one(i):
+            entry = cfg.entries[int(picks[i])]
+            async with b.sem:
+                prompt_tokens = await counter.count(entry.text())
+                budget = entry.output_tokens or (await counter.count(entry.reply) if entry.reply else cfg.output_len)
+            return RequestSpec(i, entry.text(), max(1, budget), prompt_tokens, {"entry": int(picks[i])},
+                               messages=entry.messages)
+
+        return list(await asyncio.gather(*(done(one(i)) for i in range(n))))
 
     if cfg.name in ("chat", "random"):
         dist = cfg.length_dist or ("lognormal" if cfg.name == "chat" else "uniform")

@@ -148,3 +148,25 @@ def test_questions_per_doc_hit_the_prefix_cache(server, tmp_path):
                "--output-len", "2", "--warmup", "0", "--no-plots", "--reset-prefix-cache")
     assert res["completed"] == 4
     assert 0.25 < res["server_metrics"]["prefix_cache_hit_rate"] < 0.6
+
+
+def test_a_dataset_file_replays_its_requests(server, tmp_path):
+    # A run-batch file and a ShareGPT file replay as load; each request keeps its own chat and budget.
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("\n".join(json.dumps({"custom_id": str(i), "url": "/v1/chat/completions", "body": {
+        "messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": f"Question {i}?"}],
+        "max_tokens": 3 + i}}) for i in range(3)))
+    res = _run(tmp_path, server, "batch", "--workload", "file", "--dataset-path", str(batch), "--num-requests", "6",
+               "--warmup", "1", "--ignore-eos", "--no-plots")
+    assert res["completed"] == 6 and res["failed"] == 0 and res["workload"] == "file"
+    assert sorted(res["output_lens"]) == [3, 3, 4, 4, 5, 5]  # every line twice, each to its own max_tokens
+    assert res["server_metrics"]["prompt_tokens"] == res["total_input_tokens"]
+    share = tmp_path / "sharegpt.json"
+    share.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Tell me about grep."},
+                                                    {"from": "gpt", "value": "grep searches text for patterns."}]}]))
+    res = _run(tmp_path, server, "share", "--workload", "file", "--dataset-path", str(share), "--num-requests", "2",
+               "--warmup", "0", "--ignore-eos", "--endpoint", "completions", "--no-plots")
+    with httpx.Client(base_url=server) as c:
+        budget = c.post("/tokenize", json={"prompt": "grep searches text for patterns.",
+                                           "add_special_tokens": False}).json()["count"]
+    assert res["completed"] == 2 and res["output_lens"] == [budget, budget]
