@@ -69,6 +69,7 @@ class WorkloadConfig:
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     questions_per_doc: int = 1  # longdoc: requests that share each document
     dataset_path: str | None = None  # file: the requests (dataset.py)
+    dataset_output_len: int | None = None  # file: every request's max_tokens (else each entry's own)
     entries: list[DatasetEntry] = field(default_factory=list, repr=False)  # file: read by validate()
 
     def validate(self) -> None:
@@ -76,6 +77,8 @@ class WorkloadConfig:
             raise ValueError(f"unknown workload {self.name!r}; choose from {', '.join(WORKLOADS)}")
         if (self.name == "file") != (self.dataset_path is not None):
             raise ValueError("--workload file and --dataset-path go together")
+        if self.dataset_output_len is not None and (self.name != "file" or self.dataset_output_len < 1):
+            raise ValueError("--dataset-output-len is a positive max_tokens for --workload file")
         if self.name == "file" and not self.entries:
             self.entries = load_dataset(self.dataset_path)  # a bad file ends here, before any request
         if self.input_len < 1 or self.output_len < 1:
@@ -160,7 +163,8 @@ async def build_workload(cfg: WorkloadConfig, counter, n: int, seed: int, stream
             entry = cfg.entries[int(picks[i])]
             async with b.sem:
                 prompt_tokens = await counter.count(entry.text())
-                budget = entry.output_tokens or (await counter.count(entry.reply) if entry.reply else cfg.output_len)
+                budget = cfg.dataset_output_len or entry.output_tokens or (
+                    await counter.count(entry.reply) if entry.reply else cfg.output_len)
             return RequestSpec(i, entry.text(), max(1, budget), prompt_tokens, {"entry": int(picks[i])},
                                messages=entry.messages)
 

@@ -94,3 +94,29 @@ def test_the_command_line_refuses_what_cannot_run(tmp_path):
                            "--endpoint chat")):
         with pytest.raises(ValueError, match=message):
             config(*argv)
+
+
+def test_vllm_bench_serve_spellings_give_the_same_run(tmp_path):
+    share = tmp_path / "sharegpt.json"
+    share.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}]))
+
+    def config(*argv):
+        cfg = config_from_args(build_parser().parse_args(list(argv)))
+        cfg.validate()
+        return cfg
+
+    ours = config("--workload", "random", "--input-len", "64", "--output-len", "8", "--range-ratio", "0.5",
+                  "--endpoint", "completions", "--percentiles", "50,99")
+    theirs = config("--dataset-name", "random", "--random-input-len", "64", "--random-output-len", "8",
+                    "--random-range-ratio", "0.5", "--backend", "vllm", "--metric-percentiles", "50,99",
+                    "--save-result")
+    assert ours == theirs and theirs.endpoint == "completions" and theirs.workload.range_ratio == 0.5
+    file = config("--dataset-name", "sharegpt", "--dataset-path", str(share), "--backend", "openai-chat",
+                  "--sharegpt-output-len", "5")
+    assert file.workload.name == "file" and file.endpoint == "chat" and file.workload.dataset_output_len == 5
+    (spec,) = asyncio.run(build_workload(file.workload, EstimatedTokenCounter(), 1, seed=0))
+    assert spec.max_tokens == 5  # the fixed budget wins over the reply's length
+    with pytest.raises(ValueError, match="disagree"):
+        config("--workload", "chat", "--dataset-name", "random")
+    with pytest.raises(ValueError, match="dataset-output-len"):
+        config("--workload", "chat", "--custom-output-len", "5")

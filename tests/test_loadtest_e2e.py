@@ -165,7 +165,8 @@ def test_a_dataset_file_replays_its_requests(server, tmp_path):
     share.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Tell me about grep."},
                                                     {"from": "gpt", "value": "grep searches text for patterns."}]}]))
     res = _run(tmp_path, server, "share", "--workload", "file", "--dataset-path", str(share), "--num-requests", "2",
-               "--warmup", "0", "--ignore-eos", "--endpoint", "completions", "--no-plots")
+               "--warmup", "0", "--ignore-eos", "--backend", "openai", "--no-plots",
+               "--result-filename", "share.json")  # vllm bench serve's spellings
     with httpx.Client(base_url=server) as c:
         budget = c.post("/tokenize", json={"prompt": "grep searches text for patterns.",
                                            "add_special_tokens": False}).json()["count"]
