@@ -790,3 +790,37 @@ def test_return_token_ids_gives_the_prompt_and_each_choices_tokens(client, api_s
     beams = client.completions.create(model=model, prompt="def fib(n):", max_tokens=4, n=2,
                                       extra_body={"use_beam_search": True, "return_token_ids": True}).model_dump()
     assert all(c["prompt_token_ids"] == tok.encode("def fib(n):") and c["token_ids"] for c in beams["choices"])
+
+
+def test_long_prompts_are_tokenized_off_the_event_loop(api_server, monkeypatch):
+    # A long document's tokenization (~250 ms for 600 KB here) would stall every stream the event
+    # loop serves; from OFF_LOOP_BYTES of body it runs in a worker thread, and its 400 still arrives.
+    import threading
+
+    from nsa_serve.api.serving_common import OFF_LOOP_BYTES
+
+    tok = api_server.engine.tokenizer
+    threads: list[str] = []
+    for name in ("encode", "encode_chat"):
+        original = getattr(tok, name)
+
+        def recorded(*args, _original=original, **kw):
+            threads.append(threading.current_thread().name)
+            return _original(*args, **kw)
+
+        monkeypatch.setattr(tok, name, recorded)
+    long_text = "word " * (OFF_LOOP_BYTES // 5 + 100)
+    bodies = [("/v1/chat/completions", {"messages": [{"role": "user", "content": "{}"}], "max_tokens": 1}),
+              ("/v1/completions", {"prompt": "{}", "max_tokens": 1}),
+              ("/v1/responses", {"input": "{}", "max_output_tokens": 1}),
+              ("/tokenize", {"prompt": "{}"})]
+    with api_server.http() as h:
+        for path, body in bodies:
+            for text, off_loop in (("hi", False), (long_text, True)):
+                threads.clear()
+                r = h.post(path, json=json.loads(json.dumps(body).replace('"{}"', json.dumps(text))))
+                assert threads and all(t.startswith("uvicorn-") != off_loop for t in threads), (path, off_loop, threads)
+                if off_loop and path != "/tokenize":  # far over the 512-token context: the usual 400
+                    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+                else:
+                    assert r.status_code == 200, r.text

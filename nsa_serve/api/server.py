@@ -181,14 +181,18 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
         ctx.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
-        if req.messages is not None:
-            # The prompt a chat request with these messages, tools and template runs
-            # (add_special_tokens=false: without the built-in template's BOS).
-            ids = chat_prompt_ids(ctx, req, parse_tools(req.tools), req.add_special_tokens)
-        else:
-            ids = ctx.encode(req.prompt, "prompt", add_special_tokens=req.add_special_tokens)
-        return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids,
-                "token_strs": [ctx.tokenizer.token_text(t) for t in ids]}
+
+        def answer() -> dict:
+            if req.messages is not None:
+                # The prompt a chat request with these messages, tools and template runs
+                # (add_special_tokens=false: without the built-in template's BOS).
+                ids = chat_prompt_ids(ctx, req, parse_tools(req.tools), req.add_special_tokens)
+            else:
+                ids = ctx.encode(req.prompt, "prompt", add_special_tokens=req.add_special_tokens)
+            return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids,
+                    "token_strs": [ctx.tokenizer.token_text(t) for t in ids]}
+
+        return await ctx.off_loop(request, answer)
 
     @app.post("/detokenize")
     async def detokenize(request: Request):

@@ -78,7 +78,7 @@ def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> PreparedCha
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
     model = ctx.check_model(req.model)
     ctx.check_admitting()
-    prep = prepare_chat(ctx, req)
+    prep = await ctx.off_loop(raw, prepare_chat, ctx, req)
     prompt_ids, max_tokens, plan, echo = prep.prompt_ids, prep.max_tokens, prep.plan, prep.echo
     if req.use_beam_search:
         return await _beam_search_reply(ctx, req, raw, model, prompt_ids, req.to_beam_search_params(max_tokens, plan),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -26,6 +27,12 @@ T = TypeVar("T")
 
 # JSON cannot carry -inf; vLLM clamps the same way.
 _MIN_LOGPROB = -9999.0
+
+# Request bodies from this size have their prompt rendered and tokenized in a worker thread
+# (ServingContext.off_loop): a 600 KB document takes ~250 ms to tokenize, which on the event loop
+# stalls every other stream for that long; sentencepiece releases the GIL while it encodes.
+# Smaller ones stay inline, where a thread hop (~0.1 ms) would cost more than their encode.
+OFF_LOOP_BYTES = 32 * 1024
 
 
 def _check_utf8(text: str, param: str) -> None:
@@ -70,6 +77,15 @@ class ServingContext:
             raise APIError(503, "the engine loop has stopped", code="engine_dead")
 
     # -- prompts -------------------------------------------------------------------------------------
+    async def off_loop(self, raw: Request, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) — a request's prompt work: template, tokenizer, checks — in a worker thread when
+        the request body is OFF_LOOP_BYTES or larger, so a long document does not hold up the event
+        loop that streams everyone else's tokens; inline for smaller bodies. Its errors (APIError)
+        propagate as if called here."""
+        if len(await raw.body()) < OFF_LOOP_BYTES:  # the body is already read (and cached) by now
+            return fn(*args)
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args))
+
     def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
         _check_utf8(text, param)
         return self.tokenizer.encode(text, add_bos=add_special_tokens)

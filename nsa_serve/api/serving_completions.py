@@ -23,13 +23,17 @@ from .serving_common import (SSE_DONE, ServingContext, SSEResponse, TokenNames, 
                              stream_error_event)
 
 
+def _prompt_ids(ctx: ServingContext, req: CompletionRequest, prompts: list) -> list[list[int]]:
+    return [ctx.truncate(ctx.check_token_ids(p, "prompt") if isinstance(p, list)
+                         else ctx.encode(p, "prompt", add_special_tokens=req.add_special_tokens),
+                         req.truncate_prompt_tokens) for p in prompts]
+
+
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
     model = ctx.check_model(req.model)
     ctx.check_admitting()
     prompts = req.prompts()
-    prompt_ids = [ctx.truncate(ctx.check_token_ids(p, "prompt") if isinstance(p, list)
-                               else ctx.encode(p, "prompt", add_special_tokens=req.add_special_tokens),
-                               req.truncate_prompt_tokens) for p in prompts]
+    prompt_ids = await ctx.off_loop(raw, _prompt_ids, ctx, req, prompts)
     if req.truncate_prompt_tokens is not None:  # echo what the model was given
         prompts = prompt_ids
     longest = max(len(p) for p in prompt_ids)

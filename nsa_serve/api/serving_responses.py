@@ -63,7 +63,7 @@ async def create_response(ctx: ServingContext, store: ResponseStore, req: Respon
                            param="previous_response_id", code="previous_response_not_found")
         history = prev.conversation
     with _responses_params():
-        chat, prep = _fitted_chat(ctx, req, history, body)
+        chat, prep = await ctx.off_loop(raw, _fitted_chat, ctx, req, history, body)
         params = ctx.check_sampling_ids(chat.to_sampling_params(prep.max_tokens, ctx.defaults, prep.plan))
     run = _Run(ctx, store, req, model, params.temperature, params.top_p, prep.plan, history,
                TokenNames(ctx.tokenizer) if req.logprobs else None)
