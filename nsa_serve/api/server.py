@@ -182,15 +182,15 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
 
-        def answer() -> dict:
+        def answer() -> JSONResponse:  # serialised here too: 2 MB of JSON for a 180k-token document
             if req.messages is not None:
                 # The prompt a chat request with these messages, tools and template runs
                 # (add_special_tokens=false: without the built-in template's BOS).
                 ids = chat_prompt_ids(ctx, req, parse_tools(req.tools), req.add_special_tokens)
             else:
                 ids = ctx.encode(req.prompt, "prompt", add_special_tokens=req.add_special_tokens)
-            return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids,
-                    "token_strs": [ctx.tokenizer.token_text(t) for t in ids]}
+            return JSONResponse({"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids,
+                                 "token_strs": [ctx.tokenizer.token_text(t) for t in ids]})
 
         return await ctx.off_loop(request, answer)
 
