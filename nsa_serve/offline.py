@@ -14,6 +14,7 @@ in this thread until every prompt is done. Outputs are `RequestOutput`s, in prom
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Sequence
 
 from .engine.args import EngineArgs, speculative_fields
@@ -38,23 +39,26 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete each prompt: a string (tokenized with the BOS token), a list of token ids, or
-        {"prompt": str} / {"prompt_token_ids": [...]}. One SamplingParams for all, or one each."""
+        {"prompt": str} / {"prompt_token_ids": [...]}. One SamplingParams for all, or one each.
+        `use_tqdm` (vLLM's): a progress bar on stderr over the finished prompts."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [self._token_ids(p) for p in prompts]
-        return self._run(ids, sampling_params)
+        return self._run(ids, sampling_params, use_tqdm)
 
     def chat(self, messages: list[dict] | Sequence[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              chat_template: str | None = None, chat_template_kwargs: dict[str, Any] | None = None,
-             chat_template_content_format: str = "auto") -> list[RequestOutput]:
+             chat_template_content_format: str = "auto", use_tqdm: bool = True) -> list[RequestOutput]:
         """Reply to one conversation (a list of {"role", "content"} messages) or to several.
         `chat_template`: a Jinja template's text in place of the model's (vLLM's argument);
         `chat_template_kwargs`: extra variables for the template; `chat_template_content_format`:
-        how a Jinja template gets each message's content ("auto", "string", "openai": vLLM's)."""
+        how a Jinja template gets each message's content ("auto", "string", "openai": vLLM's);
+        `use_tqdm` as in `generate`."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self._tokenizer()
         ids = []
@@ -67,7 +71,7 @@ class LLM:
                 ids.append(tok.encode_chat(text, template))
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param=getattr(exc, "param", "messages")) from None
-        return self._run(ids, sampling_params)
+        return self._run(ids, sampling_params, use_tqdm)
 
     # -- internals --------------------------------------------------------------------------------
     def _tokenizer(self):
@@ -87,7 +91,7 @@ class LLM:
         raise InvalidRequestError(f"a prompt is a string, a list of token ids, or a dict with 'prompt' or "
                                   f"'prompt_token_ids'; got {type(prompt).__name__}", param="prompt")
 
-    def _run(self, ids: list[list[int]], sampling_params) -> list[RequestOutput]:
+    def _run(self, ids: list[list[int]], sampling_params, use_tqdm: bool = True) -> list[RequestOutput]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             plist = [sampling_params or SamplingParams()] * len(ids)
         else:
@@ -97,4 +101,21 @@ class LLM:
         # Only the final output of each request is wanted: the engine builds no others.
         plist = [dataclasses.replace(p, output_kind="final_only") if p.output_kind == "cumulative" else p
                  for p in plist]
-        return self.engine.generate(ids, plist)
+        if not use_tqdm:
+            return self.engine.generate(ids, plist)
+        from tqdm import tqdm
+
+        # As vLLM's: finished prompts, and the tokens a second so far (prompt tokens in, completion
+        # tokens out).
+        start, tokens_in, tokens_out = time.perf_counter(), 0, 0
+        with tqdm(total=len(ids), desc="Processed prompts", unit="prompt", dynamic_ncols=True) as bar:
+            def finished(out: RequestOutput) -> None:
+                nonlocal tokens_in, tokens_out
+                tokens_in += len(out.prompt_token_ids)
+                tokens_out += sum(len(c.token_ids) for c in out.outputs)
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(f"input: {tokens_in / elapsed:.1f} toks/s, output: {tokens_out / elapsed:.1f} toks/s",
+                                    refresh=False)
+                bar.update(1)
+
+            return self.engine.generate(ids, plist, on_finished=finished)

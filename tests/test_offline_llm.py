@@ -78,3 +78,15 @@ def test_bad_input_is_a_clear_error_and_the_engine_goes_on(llm):
     assert not llm.engine.has_unfinished_requests()
     assert llm.generate("ok", GREEDY)[0].outputs[0].token_ids
     llm.engine.block_manager.check_all_free()
+
+
+def test_use_tqdm_shows_progress_on_stderr_and_changes_nothing_else(llm, capsys):
+    prompts = ["def read_config(path):", "The capital of"]
+    shown = llm.generate(prompts, GREEDY)  # vLLM's default: a bar over the finished prompts
+    err = capsys.readouterr().err
+    assert "Processed prompts" in err and "2/2" in err and "output:" in err and "toks/s" in err
+    quiet = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert capsys.readouterr().err == ""
+    assert [o.outputs[0].token_ids for o in quiet] == [o.outputs[0].token_ids for o in shown]
+    (chat,) = llm.chat([{"role": "user", "content": "hi"}], GREEDY, use_tqdm=False)
+    assert capsys.readouterr().err == "" and len(chat.outputs[0].token_ids) == 6

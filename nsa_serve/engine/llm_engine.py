@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -1023,9 +1024,11 @@ class LLMEngine:
             return copy.copy(self._stats)
 
     # -- convenience (tests, offline use) ---------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 on_finished: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
         """Run prompts to completion; returns the final output of each, in order. If one is refused
-        (InvalidRequestError, ...), those added before it are aborted, so none runs unasked."""
+        (InvalidRequestError, ...), those added before it are aborted, so none runs unasked.
+        `on_finished` sees each final output as its request ends (a progress bar's hook)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"offline-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
         added = []
@@ -1044,6 +1047,8 @@ class LLMEngine:
             for out in self.step():
                 if out.finished:
                     final[out.request_id] = out
+                    if on_finished is not None:
+                        on_finished(out)
         return [final[r] for r in ids]
 
 
