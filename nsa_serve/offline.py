@@ -17,7 +17,7 @@ import dataclasses
 import time
 from typing import Any, Sequence
 
-from .engine.args import EngineArgs, speculative_fields
+from .engine.args import VLLM_NO_OP_OPTIONS, VLLM_OPTIONS, EngineArgs, check_vllm_options, speculative_fields
 from .engine.llm_engine import LLMEngine
 from .engine.protocol import InvalidRequestError, RequestOutput, SamplingParams
 from .chat_template import compile_template
@@ -29,7 +29,11 @@ class LLM:
     def __init__(self, model: str | None = None, speculative_config: dict | None = None, **engine_args: Any):
         """`model`: a model directory (default: the bundled model); `engine_args`: EngineArgs fields
         (max_model_len, device, dtype, max_num_seqs, enforce_eager, seed, ...); `speculative_config`:
-        vLLM's, e.g. {"method": "ngram", "num_speculative_tokens": 4} (docs/engine.md)."""
+        vLLM's, e.g. {"method": "ngram", "num_speculative_tokens": 4} (docs/engine.md). vLLM's
+        `tensor_parallel_size=1`, `kv_cache_dtype="auto"`, `trust_remote_code`, ... are taken where
+        their value is what this engine does anyway, and are a ValueError saying why otherwise."""
+        vllm = {k: engine_args.pop(k) for k in (*VLLM_OPTIONS, *VLLM_NO_OP_OPTIONS) if k in engine_args}
+        check_vllm_options(vllm)
         if speculative_config is not None:
             engine_args.update(speculative_fields(speculative_config))
         self.engine = LLMEngine(EngineArgs(model=model, **engine_args))

@@ -90,3 +90,17 @@ def test_use_tqdm_shows_progress_on_stderr_and_changes_nothing_else(llm, capsys)
     assert [o.outputs[0].token_ids for o in quiet] == [o.outputs[0].token_ids for o in shown]
     (chat,) = llm.chat([{"role": "user", "content": "hi"}], GREEDY, use_tqdm=False)
     assert capsys.readouterr().err == "" and len(chat.outputs[0].token_ids) == 6
+
+
+def test_vllm_engine_options_are_taken_or_refused_with_the_reason():
+    model = str(tiny_model_dir(True))
+    # vLLM keyword arguments whose value is what this engine does anyway.
+    llm = LLM(model, device="cpu", num_pages=64, tensor_parallel_size=1, kv_cache_dtype="auto",
+              trust_remote_code=True, enable_chunked_prefill=True, quantization=None)
+    assert llm.generate("x", GREEDY, use_tqdm=False)[0].outputs[0].finish_reason == "length"
+    for kw, message in (({"tensor_parallel_size": 2}, "tensor_parallel_size 2: .*one GPU"),
+                        ({"kv_cache_dtype": "fp8"}, "quantized caches"), ({"quantization": "awq"}, "quantized weights")):
+        with pytest.raises(ValueError, match=message):
+            LLM(model, device="cpu", num_pages=64, **kw)
+    with pytest.raises(TypeError):  # anything else is still an unknown argument
+        LLM(model, device="cpu", num_pages=64, swap_space=4)

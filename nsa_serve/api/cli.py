@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import uvicorn
 
 from ..chat_template import CONTENT_FORMATS
-from ..engine.args import add_graph_args, speculative_config
+from ..engine.args import add_graph_args, check_vllm_options, speculative_config
 from ..help_format import DefaultsHelpFormatter
 
 log = logging.getLogger("nsa_serve.api")
@@ -150,11 +150,8 @@ def add_engine_args(p) -> None:
 
 
 # vLLM flags a copied `vllm serve` command line may carry, taken where their value means what this
-# server does anyway and refused with the reason otherwise (check_vllm_compat), rather than argparse's
-# bare "unrecognized arguments".
-_ONE_GPU = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
-
-
+# server does anyway and refused with the reason otherwise (engine.args.check_vllm_options), rather
+# than argparse's bare "unrecognized arguments".
 def add_vllm_compat_args(p) -> None:
     g = p.add_argument_group("vLLM flags taken for compatibility (docs/vllm.md)")
     for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"),
@@ -175,19 +172,10 @@ def add_vllm_compat_args(p) -> None:
 
 def check_vllm_compat(args, prog: str) -> None:
     """The vLLM flags' values this server cannot honour, as a clear exit before any weight loads."""
-    for name in _ONE_GPU:
-        if getattr(args, name, 1) != 1:
-            raise SystemExit(f"{prog}: --{name.replace('_', '-')} {getattr(args, name)}: this server runs a model on "
-                             "one GPU (multi-GPU serving is not supported); run one server a GPU behind a load balancer")
-    if getattr(args, "kv_cache_dtype", "auto") != "auto":
-        raise SystemExit(f"{prog}: --kv-cache-dtype {args.kv_cache_dtype}: the KV cache holds the model's dtype "
-                         "(quantized caches are not supported); leave it at auto")
-    if getattr(args, "quantization", None) is not None:
-        raise SystemExit(f"{prog}: --quantization {args.quantization}: quantized weights are not supported")
-    if getattr(args, "tool_call_parser", None) not in (None, "nsa"):
-        raise SystemExit(f"{prog}: --tool-call-parser {args.tool_call_parser}: this server parses the model's tool "
-                         "calls in its own format (a JSON list, the one its template shows the model: "
-                         "docs/api.md), named 'nsa'; leave the flag out")
+    try:
+        check_vllm_options(vars(args), spell=lambda name: "--" + name.replace("_", "-"))
+    except ValueError as exc:
+        raise SystemExit(f"{prog}: {exc}") from None
 
 
 SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")

@@ -36,6 +36,32 @@ def speculative_config(text: str) -> dict:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+# vLLM engine options a vLLM command line or `LLM(...)` call may carry, with the one value each may
+# have here, where it means what this engine does anyway (check_vllm_options).
+VLLM_OPTIONS = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 1,
+                "kv_cache_dtype": "auto", "quantization": None, "tool_call_parser": None}
+# ... and those that change nothing here whatever their value (chunked prefill and "auto" tool
+# choice are always on; a model directory holds no code).
+VLLM_NO_OP_OPTIONS = ("enable_chunked_prefill", "enable_auto_tool_choice", "trust_remote_code")
+
+
+def check_vllm_options(values: dict, spell=lambda name: name) -> None:
+    """ValueError with the reason for a vLLM option this engine cannot honour; `spell` writes an
+    option's name as the caller's user wrote it (a flag, a keyword argument)."""
+    why = {"tensor_parallel_size": "this server runs a model on one GPU (multi-GPU serving is not supported); "
+                                   "run one server a GPU behind a load balancer",
+           "kv_cache_dtype": "the KV cache holds the model's dtype (quantized caches are not supported); "
+                             "leave it at auto",
+           "quantization": "quantized weights are not supported",
+           "tool_call_parser": "this server parses the model's tool calls in its own format (a JSON list, the "
+                               "one its template shows the model: docs/api.md), named 'nsa'; leave it out"}
+    why["pipeline_parallel_size"] = why["data_parallel_size"] = why["tensor_parallel_size"]
+    for name, allowed in VLLM_OPTIONS.items():
+        value = values.get(name, allowed)
+        if value != allowed and not (name == "tool_call_parser" and value == "nsa"):
+            raise ValueError(f"{spell(name)} {value}: {why[name]}")
+
+
 def speculative_fields(config) -> dict:
     """vLLM's speculative_config (a dict) as EngineArgs fields; of its methods, "ngram" is built."""
     if not isinstance(config, dict):
