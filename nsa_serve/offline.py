@@ -57,27 +57,44 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              chat_template: str | None = None, chat_template_kwargs: dict[str, Any] | None = None,
-             chat_template_content_format: str = "auto", use_tqdm: bool = True) -> list[RequestOutput]:
+             chat_template_content_format: str = "auto", use_tqdm: bool = True,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
         """Reply to one conversation (a list of {"role", "content"} messages) or to several.
         `chat_template`: a Jinja template's text in place of the model's (vLLM's argument);
         `chat_template_kwargs`: extra variables for the template; `chat_template_content_format`:
         how a Jinja template gets each message's content ("auto", "string", "openai": vLLM's);
-        `use_tqdm` as in `generate`."""
+        `use_tqdm` as in `generate`; `tools`: OpenAI function tools shown to the model as the server
+        shows them (a Jinja template gets them as `tools`, the built-in one in a system turn before
+        the conversation). The replies are text: parse any calls in them yourself, as with vLLM."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self._tokenizer()
         ids = []
         try:
             template = compile_template(chat_template) if chat_template is not None else None
+            tools_turn = self._tools_turn(tools) if tools else []  # checked whichever template shows them
+            if template or tok.chat_template:
+                tools_turn = []
             for conv in conversations:
-                text = tok.apply_chat_template(conv, add_generation_prompt, continue_final_message,
+                text = tok.apply_chat_template(tools_turn + list(conv), add_generation_prompt, continue_final_message,
                                                chat_template=template, template_kwargs=chat_template_kwargs,
-                                               content_format=chat_template_content_format)
+                                               content_format=chat_template_content_format,
+                                               tools=tools if tools and not tools_turn else None)
                 ids.append(tok.encode_chat(text, template))
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param=getattr(exc, "param", "messages")) from None
         return self._run(ids, sampling_params, use_tqdm)
 
     # -- internals --------------------------------------------------------------------------------
+    @staticmethod
+    def _tools_turn(tools: list[dict]) -> list[dict]:
+        """The built-in template's system turn showing `tools` (the HTTP server's: api/tools.py)."""
+        from .api.errors import APIError
+        from .api.tools import parse_tools, tools_system_text
+
+        try:
+            return [{"role": "system", "content": tools_system_text(parse_tools(tools))}]
+        except APIError as exc:
+            raise InvalidRequestError(exc.message, param="tools") from None
     def _tokenizer(self):
         if self.engine.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer.model: give prompts as token ids")

@@ -104,3 +104,23 @@ def test_vllm_engine_options_are_taken_or_refused_with_the_reason():
             LLM(model, device="cpu", num_pages=64, **kw)
     with pytest.raises(TypeError):  # anything else is still an unknown argument
         LLM(model, device="cpu", num_pages=64, swap_space=4)
+
+
+def test_chat_shows_tools_as_the_server_does(llm):
+    from nsa_serve.api.tools import parse_tools, tools_system_text
+
+    tok = llm.get_tokenizer()
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    conv = [{"role": "user", "content": "Weather in Paris?"}]
+    (out,) = llm.chat(conv, GREEDY, tools=tools, use_tqdm=False)
+    # The built-in template: a system turn listing the tools before the conversation (the server's).
+    shown = [{"role": "system", "content": tools_system_text(parse_tools(tools))}] + conv
+    assert out.prompt_token_ids == tok.encode(render_chat(shown))
+    # A Jinja template gets them as `tools`.
+    (jinja,) = llm.chat(conv, GREEDY, tools=tools, use_tqdm=False,
+                        chat_template="{% for t in tools %}[{{ t.function.name }}]{% endfor %}{{ messages[0].content }}")
+    assert jinja.prompt_token_ids == tok.encode("[get_weather]Weather in Paris?", add_bos=False)
+    with pytest.raises(InvalidRequestError, match="tools") as err:
+        llm.chat(conv, GREEDY, tools=[{"type": "function", "function": {"name": "bad name!"}}], use_tqdm=False)
+    assert err.value.param == "tools"
