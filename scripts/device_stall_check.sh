@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Streams against long-document arrivals on a GPU machine: this tree's server, and optionally an
+# earlier nsa_serve (OLD_SERVE: a folder holding that version's nsa_serve package, the rest of the
+# tree — kernels, load tester, probes — kept the same), each with the paper-1b random model and NSA
+# attention: scripts/stream_stall_probe.py (one stream while 600 KB documents arrive, each a 400 once
+# tokenized), then nsa-loadtest's longdoc workload (DOC, REQS, CONC as scripts/device_loadtest.sh).
+# Wheels as for device_loadtest.sh (EXTRA_PYTHONPATH). Lands in $OUT: <variant>_probe.txt,
+# <variant>_loadtest.txt, <variant>.json (the load test's report), device.txt, init_model.txt — the
+# 8 files the device tool brings back (the servers' logs stay in /tmp, their tails printed on failure).
+set -uo pipefail
+source "$(dirname "$0")/device_env.sh"
+export PYTHONPATH=${PYTHONPATH}${EXTRA_PYTHONPATH:+:$EXTRA_PYTHONPATH}
+MODEL=${MODEL:-/tmp/paper-1b}
+PORT=${PORT:-8000}
+if [ ! -d "$MODEL" ]; then
+  timeout 300 python3 -m nsa_serve.cli init-model --preset paper-1b --out "$MODEL" > "$OUT/init_model.txt" 2>&1
+fi
+variants="new${OLD_SERVE:+ old}"
+for v in $variants; do
+  if [ "$v" = old ]; then ln -sfn "$OLD_SERVE/nsa_serve" /tmp/nsa_path/nsa_serve; else ln -sfn "$PWD/nsa_serve" /tmp/nsa_path/nsa_serve; fi
+  python3 -m nsa_serve.cli serve "$MODEL" --attention nsa --port "$PORT" > "/tmp/${v}_serve.txt" 2>&1 &
+  pid=$!
+  t0=$(date +%s)
+  if ! python3 -c "
+import os, sys, time, urllib.request
+for _ in range(300):
+    try:
+        os.kill($pid, 0)
+    except OSError:
+        sys.exit(1)
+    try:
+        if urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2).status == 200:
+            sys.exit(0)
+    except Exception:
+        time.sleep(1)
+sys.exit(1)"; then
+    echo "server ($v) did not become healthy"; tail -30 "/tmp/${v}_serve.txt"; kill -9 $pid; continue
+  fi
+  echo "server ($v) healthy after $(( $(date +%s) - t0 )) s"
+  timeout 120 python3 scripts/stream_stall_probe.py --base-url "http://127.0.0.1:$PORT" 2>&1 | tee "$OUT/${v}_probe.txt"
+  timeout ${RUN_TIMEOUT:-300} python3 -m nsa_loadtest.cli --base-url "http://127.0.0.1:$PORT" --workload longdoc \
+    --doc-lengths "${DOC:-64k}" --num-requests "${REQS:-16}" --max-concurrency "${CONC:-8}" --output-len 256 \
+    --ignore-eos --warmup 1 --no-progress --no-plots --result-dir /tmp/lt_$v --result-name run > "$OUT/${v}_loadtest.txt" 2>&1
+  cp /tmp/lt_$v/run.json "$OUT/$v.json" 2> /dev/null
+  grep -E "TTFT|ITL|Duration|Failed|Successful" "$OUT/${v}_loadtest.txt"
+  kill -INT $pid; timeout 60 tail --pid=$pid -f /dev/null || kill -9 $pid
+done
