@@ -150,19 +150,31 @@ def _with_content(message: dict, fmt: str) -> dict:
 
 def detect_content_format(source: str) -> str:
     """"openai" when the template loops over a message's content (`{% for part in
-    message['content'] %}`, `message.content | selectattr(...)`, ...), else "string" — vLLM's
-    auto-detection, read from the template's syntax tree rather than by trying it."""
+    message['content'] %}`, `message.content | selectattr(...)`, or a variable set to it first),
+    else "string" — vLLM's auto-detection, read from the template's syntax tree rather than by
+    trying it."""
     from jinja2 import nodes
 
-    def is_content(node) -> bool:
+    def unwrapped(node):
         while isinstance(node, (nodes.Filter, nodes.Test)):  # `x.content | selectattr(...)`
             node = node.node
+        return node
+
+    def is_content(node) -> bool:
+        node = unwrapped(node)
         if isinstance(node, nodes.Getattr):
             return node.attr == "content"
         return isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == "content"
 
     tree = _environment().parse(source)
-    return "openai" if any(is_content(loop.iter) for loop in tree.find_all(nodes.For)) else "string"
+    # `{% set parts = message['content'] %}` ... `{% for p in parts %}`
+    aliases = {a.target.name for a in tree.find_all(nodes.Assign)
+               if isinstance(a.target, nodes.Name) and is_content(a.node)}
+    for loop in tree.find_all(nodes.For):
+        it = unwrapped(loop.iter)
+        if is_content(it) or (isinstance(it, nodes.Name) and it.name in aliases):
+            return "openai"
+    return "string"
 
 
 def _cut_after_final_message(text: str, messages: list[dict]) -> str:

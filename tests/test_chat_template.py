@@ -145,6 +145,10 @@ PARTS_OR_STRING = ("{% for m in messages %}{% if m.content is string %}{{ m.cont
     # Loops over other things (tools, a message's tool calls) are not content loops.
     ("{% for m in messages %}{% for c in m.tool_calls %}{{ c }}{% endfor %}{{ m.content }}{% endfor %}", "string"),
     ("{% for m in messages %}{% for p in m['content'] | list %}{{ p }}{% endfor %}{% endfor %}", "openai"),
+    ("{% for m in messages %}{% set parts = m.content %}{% for p in parts %}{{ p.text }}{% endfor %}{% endfor %}",
+     "openai"),
+    ("{% for m in messages %}{% set c = m.content %}{{ c }}{% for t in tools %}{{ t }}{% endfor %}{% endfor %}",
+     "string"),
 ])
 def test_auto_content_format_reads_whether_the_template_loops_over_content(source, want):
     assert detect_content_format(source) == want == ChatTemplate(source).content_format
