@@ -19,29 +19,10 @@
 # opentelemetry-api: the device image has the others).
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
-export PYTHONPATH=${PYTHONPATH}${EXTRA_PYTHONPATH:+:$EXTRA_PYTHONPATH}
 MODEL=${MODEL:-/tmp/paper-1b}
 PORT=${PORT:-8000}
-if [ ! -d "$MODEL" ]; then
-  timeout 180 python3 -m nsa_serve.cli init-model --preset paper-1b --out "$MODEL" 2>&1 | tee "$OUT/init_model.txt"
-fi
-wait_healthy() {  # until /health answers 200; fails when the server process ($1) is gone or after $2 s
-  python3 -c "
-import os, sys, time, urllib.request
-deadline = time.time() + $2
-while time.time() < deadline:
-    try:
-        os.kill($1, 0)
-    except OSError:
-        sys.exit(1)
-    try:
-        if urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2).status == 200:
-            sys.exit(0)
-    except Exception:
-        time.sleep(1)
-sys.exit(1)
-"
-}
+paper_model "$MODEL"
+
 for mode in ${MODES:-nsa dense}; do
   t0=$(date +%s)
   python3 -m nsa_serve.cli serve "$MODEL" --attention "$mode" --port "$PORT" > "$OUT/serve_$mode.log" 2>&1 &

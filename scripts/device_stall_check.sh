@@ -9,31 +9,16 @@
 # 8 files the device tool brings back (the servers' logs stay in /tmp, their tails printed on failure).
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
-export PYTHONPATH=${PYTHONPATH}${EXTRA_PYTHONPATH:+:$EXTRA_PYTHONPATH}
 MODEL=${MODEL:-/tmp/paper-1b}
 PORT=${PORT:-8000}
-if [ ! -d "$MODEL" ]; then
-  timeout 300 python3 -m nsa_serve.cli init-model --preset paper-1b --out "$MODEL" > "$OUT/init_model.txt" 2>&1
-fi
+paper_model "$MODEL"
 variants="new${OLD_SERVE:+ old}"
 for v in $variants; do
   if [ "$v" = old ]; then ln -sfn "$OLD_SERVE/nsa_serve" /tmp/nsa_path/nsa_serve; else ln -sfn "$PWD/nsa_serve" /tmp/nsa_path/nsa_serve; fi
   python3 -m nsa_serve.cli serve "$MODEL" --attention nsa --port "$PORT" > "/tmp/${v}_serve.txt" 2>&1 &
   pid=$!
   t0=$(date +%s)
-  if ! python3 -c "
-import os, sys, time, urllib.request
-for _ in range(300):
-    try:
-        os.kill($pid, 0)
-    except OSError:
-        sys.exit(1)
-    try:
-        if urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2).status == 200:
-            sys.exit(0)
-    except Exception:
-        time.sleep(1)
-sys.exit(1)"; then
+  if ! wait_healthy $pid 300; then
     echo "server ($v) did not become healthy"; tail -30 "/tmp/${v}_serve.txt"; kill -9 $pid; continue
   fi
   echo "server ($v) healthy after $(( $(date +%s) - t0 )) s"
