@@ -71,9 +71,9 @@ class LLM:
         ids = []
         try:
             template = compile_template(chat_template) if chat_template is not None else None
-            tools_turn = self._tools_turn(tools) if tools else []  # checked whichever template shows them
-            if template or tok.chat_template:
-                tools_turn = []
+            shown = self._tools_turn(tools) if tools else []  # checked whichever template shows them
+            # The built-in template gets the tools as that system turn, a Jinja template as `tools`.
+            tools_turn = shown if (template or tok.chat_template) is None else []
             for conv in conversations:
                 text = tok.apply_chat_template(tools_turn + list(conv), add_generation_prompt, continue_final_message,
                                                chat_template=template, template_kwargs=chat_template_kwargs,

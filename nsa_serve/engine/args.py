@@ -36,10 +36,10 @@ def speculative_config(text: str) -> dict:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-# vLLM engine options a vLLM command line or `LLM(...)` call may carry, with the one value each may
-# have here, where it means what this engine does anyway (check_vllm_options).
-VLLM_OPTIONS = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 1,
-                "kv_cache_dtype": "auto", "quantization": None, "tool_call_parser": None}
+# vLLM engine options a vLLM command line or `LLM(...)` call may carry, with the values each may
+# have here, where they mean what this engine does anyway (check_vllm_options).
+VLLM_OPTIONS = {"tensor_parallel_size": (1,), "pipeline_parallel_size": (1,), "data_parallel_size": (1,),
+                "kv_cache_dtype": ("auto",), "quantization": (None,), "tool_call_parser": (None, "nsa")}
 # ... and those that change nothing here whatever their value (chunked prefill and "auto" tool
 # choice are always on; a model directory holds no code).
 VLLM_NO_OP_OPTIONS = ("enable_chunked_prefill", "enable_auto_tool_choice", "trust_remote_code")
@@ -57,8 +57,8 @@ def check_vllm_options(values: dict, spell=lambda name: name) -> None:
                                "one its template shows the model: docs/api.md), named 'nsa'; leave it out"}
     why["pipeline_parallel_size"] = why["data_parallel_size"] = why["tensor_parallel_size"]
     for name, allowed in VLLM_OPTIONS.items():
-        value = values.get(name, allowed)
-        if value != allowed and not (name == "tool_call_parser" and value == "nsa"):
+        value = values.get(name, allowed[0])
+        if value not in allowed:
             raise ValueError(f"{spell(name)} {value}: {why[name]}")
 
 
