@@ -824,3 +824,54 @@ def test_long_prompts_are_tokenized_off_the_event_loop(api_server, monkeypatch):
                     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
                 else:
                     assert r.status_code == 200, r.text
+
+
+def test_long_answers_are_built_off_the_event_loop(api_server, monkeypatch):
+    # An answer of OFF_LOOP_ENTRIES token entries or more (a long echoed prompt with logprobs: 1 MB
+    # of JSON for 2 000 tokens) is assembled and serialised in a worker thread, a short one inline;
+    # either way the answer is the same shape.
+    import threading
+
+    from nsa_serve.api import serving_chat, serving_completions, serving_responses
+    from nsa_serve.api.serving_common import OFF_LOOP_ENTRIES
+
+    threads: list[str] = []
+
+    def recorded(original):
+        def wrapper(*args, **kw):
+            threads.append(threading.current_thread().name)
+            return original(*args, **kw)
+        return wrapper
+
+    monkeypatch.setattr(serving_completions, "json_response", recorded(serving_completions.json_response))
+    monkeypatch.setattr(serving_chat, "json_response", recorded(serving_chat.json_response))
+    monkeypatch.setattr(serving_responses, "JSONResponse", recorded(serving_responses.JSONResponse))
+    prompt = " ".join(["alpha beta"] * 90)  # ~360 tokens: with 21 alternatives each, past the threshold
+    gen = {"max_tokens": 200, "ignore_eos": True}
+    cases = [
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 1, "echo": True, "logprobs": 1}, False),
+        ("/v1/completions", {"prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": 20}, True),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                  "logprobs": True, "top_logprobs": 20}, False),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                                  "top_logprobs": 20, **gen}, True),
+        ("/v1/responses", {"input": "hi", "max_output_tokens": 200, "include": ["message.output_text.logprobs"],
+                           "top_logprobs": 20, "ignore_eos": True, "store": False}, True),
+    ]
+    assert 200 * 21 >= OFF_LOOP_ENTRIES  # what the long cases rely on
+    with api_server.http() as h:
+        for path, body, off_loop in cases:
+            threads.clear()
+            r = h.post(path, json=body)
+            assert r.status_code == 200, r.text
+            assert threads and all(t.startswith("uvicorn-") != off_loop for t in threads), (path, off_loop, threads)
+            data = r.json()
+            if path == "/v1/completions":
+                lp = data["choices"][0]["logprobs"]
+                assert len(lp["tokens"]) == data["usage"]["prompt_tokens"] + 1 == len(lp["top_logprobs"])
+            elif path == "/v1/chat/completions":
+                content = data["choices"][0]["logprobs"]["content"]
+                assert len(content) == data["usage"]["completion_tokens"]
+                assert all(len(t["top_logprobs"]) == 20 for t in content)
+            else:
+                assert len(data["output"][0]["content"][0]["logprobs"]) == data["usage"]["output_tokens"] == 200

@@ -9,6 +9,7 @@ from typing import AsyncIterator
 
 import anyio
 from starlette.requests import Request
+from starlette.responses import Response
 
 from ..engine.protocol import RequestOutput, TokenLogprob
 from .beam_search import BeamSearchParams, beam_search, observed
@@ -98,11 +99,19 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                            headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
 
     final = await final_output(ctx, raw, it, first)
+    return await ctx.assemble([final], _reply, req, final, params.logprobs is not None, top_k, names, plan, echo,
+                              prompt_ids, request_id, created, model)
+
+
+def _reply(req: ChatCompletionRequest, final: RequestOutput, logprobs: bool, top_k: int, names: TokenNames,
+           plan: ToolPlan | None, echo: str, prompt_ids: list[int], request_id: str, created: int,
+           model: str) -> Response:
+    """The chat.completion answer to a non-streaming request."""
     choices = []
     for c in sorted(final.outputs, key=lambda c: c.index):
         calls = tool_calls_of(plan, c.text, c.finish_reason) if plan is not None else None
         message = ChatMessageOut(content=None, tool_calls=calls) if calls else ChatMessageOut(content=echo + c.text)
-        lp = choice_logprobs(c.logprobs, top_k, names) if params.logprobs is not None else None
+        lp = choice_logprobs(c.logprobs, top_k, names) if logprobs else None
         choices.append(ChatChoice(index=c.index, message=message, logprobs=lp,
                                   finish_reason=_finish_reason(plan, c.finish_reason, calls),
                                   stop_reason=c.stop_reason,

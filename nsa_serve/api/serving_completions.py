@@ -12,6 +12,7 @@ from typing import AsyncIterator
 
 import anyio
 from starlette.requests import Request
+from starlette.responses import Response
 
 from ..engine.protocol import RequestOutput, TokenLogprob
 from .beam_search import BeamSearchParams, beam_search, observed
@@ -71,10 +72,17 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     finals = await run_to_end(ctx, raw, drain)
     for out in finals.values():
         raise_if_failed(out)
+    return await ctx.assemble(finals.values(), _reply, ctx, req, [finals[i] for i in range(len(prompts))], echo,
+                              names, request_id, created, model)
+
+
+def _reply(ctx: ServingContext, req: CompletionRequest, finals: list[RequestOutput], echo: list[str],
+           names: TokenNames, request_id: str, created: int, model: str) -> Response:
+    """The text_completion answer to a non-streaming request: one RequestOutput a prompt, in order."""
     choices = []
     prompt_tokens = completion_tokens = cached_tokens = 0
-    for src in range(len(prompts)):
-        out = finals[src]
+    n = req.n
+    for src, out in enumerate(finals):
         prompt_tokens += len(out.prompt_token_ids)
         cached_tokens += out.metrics.num_cached_tokens
         for c in sorted(out.outputs, key=lambda c: c.index):

@@ -75,8 +75,10 @@ async def create_response(ctx: ServingContext, store: ResponseStore, req: Respon
 
     final = await final_output(ctx, raw, it, first)
     c = final.outputs[0]
-    response = run.finish(c.text, c.finish_reason, final, run.logprobs(c.logprobs))
-    return JSONResponse(response, headers={"X-Request-Id": run.id})
+    # Long answers with logprobs are converted and serialised in worker threads; storing stays here,
+    # on the loop that reads the store.
+    response = run.finish(c.text, c.finish_reason, final, await ctx.assemble([final], run.logprobs, c.logprobs))
+    return await ctx.assemble([final], lambda: JSONResponse(response, headers={"X-Request-Id": run.id}))
 
 
 def _fitted_chat(ctx: ServingContext, req: ResponsesRequest, history: list[dict],
