@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .engine.protocol import EngineStats
+from .gc_pauses import GENERATIONS, GCPauses
 
 # No `*_created` series: they double the exposition and no dashboard reads them (vLLM does the same).
 # This is process-wide in prometheus_client, which is fine for a server process.
@@ -113,6 +114,22 @@ class _EngineStatsCollector:
             yield g
 
 
+class _GCPauseCollector:
+    def __init__(self, pauses: GCPauses, model_name: str):
+        self._pauses, self._model_name = pauses, model_name
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        h = HistogramMetricFamily("nsa:gc_pause_seconds", "Python garbage collections (every thread stops "
+                                  "while one runs), by generation.", labels=["model_name", "generation"])
+        for gen in range(GENERATIONS):
+            buckets, total = self._pauses.histogram(gen)
+            h.add_metric([self._model_name, str(gen)], buckets, total)
+        yield h
+
+
 def _iteration_tokens(s: EngineStats, labels: list[str]) -> HistogramMetricFamily:
     counts = s.iteration_tokens
     buckets, total = [], 0
@@ -166,6 +183,9 @@ class ServerMetrics:
                              L + ["route", "status"], registry=r)
         if stats is not None:
             r.register(_EngineStatsCollector(stats, model_name, cache_info))
+        # Timed only while installed (the server's lifespan): gc.callbacks is process-wide.
+        self.gc_pauses = GCPauses()
+        r.register(_GCPauseCollector(self.gc_pauses, model_name))
 
     # -- observations --------------------------------------------------------------------------------
     def finished_sequence(self, reason: str, num_generated: int) -> None:

@@ -17,7 +17,7 @@ CONTRACT = [
     "nsa:prefix_cache_queries_total", "nsa:prefix_cache_hits_total", "nsa:kv_tokens_read_total",
     "nsa:kv_tokens_dense_equivalent_total", "nsa:http_requests_total", "nsa:iteration_tokens_total",
     "nsa:request_inference_time_seconds", "nsa:request_time_per_output_token_seconds", "nsa:request_params_n",
-    "nsa:request_params_max_tokens", "nsa:cache_config_info",
+    "nsa:request_params_max_tokens", "nsa:cache_config_info", "nsa:gc_pause_seconds",
 ]
 
 
@@ -147,3 +147,17 @@ def test_metrics_agree_with_a_known_batch_of_traffic(api_server):
 def test_metrics_need_the_api_key(api_server):
     with httpx.Client(base_url=api_server.url) as h:
         assert h.get("/metrics").status_code == 401
+
+
+def test_garbage_collections_are_timed_by_generation(api_server):
+    # The server's lifespan installs the collector's timer: a full collection in this process (the
+    # test server's) shows up as one more generation-2 pause.
+    import gc
+
+    key = 'nsa:gc_pause_seconds_count{generation="2"}'
+    before = api_server.metrics()
+    gc.collect()
+    after = api_server.metrics()
+    assert delta(after, before, key) >= 1
+    assert after['nsa:gc_pause_seconds_bucket{generation="2",le="+Inf"}'] == after[key]
+    assert delta(after, before, 'nsa:gc_pause_seconds_sum{generation="2"}') > 0

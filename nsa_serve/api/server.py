@@ -87,12 +87,14 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         if settings.start_engine:
             await engine.start()
+        metrics.gc_pauses.install()
         stats_task = None
         if settings.log_stats_interval_s > 0:
             stats_task = asyncio.create_task(StatsLog(engine.stats).run(settings.log_stats_interval_s))
         try:
             yield
         finally:
+            metrics.gc_pauses.remove()
             if stats_task is not None:
                 stats_task.cancel()
             ctx.draining = True
