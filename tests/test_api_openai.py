@@ -875,3 +875,15 @@ def test_long_answers_are_built_off_the_event_loop(api_server, monkeypatch):
                 assert all(len(t["top_logprobs"]) == 20 for t in content)
             else:
                 assert len(data["output"][0]["content"][0]["logprobs"]) == data["usage"]["output_tokens"] == 200
+        # A stream's chunk that echoes a long prompt with its logprobs is built off the loop too.
+        monkeypatch.setattr(serving_completions, "_echo_logprobs", recorded(serving_completions._echo_logprobs))
+        monkeypatch.setattr(serving_completions, "_echo_chunk", recorded(serving_completions._echo_chunk))
+        for text, off_loop in (("hi", False), (prompt, True)):
+            threads.clear()
+            body = {"prompt": text, "max_tokens": 2, "echo": True, "logprobs": 20, "stream": True}
+            with h.stream("POST", "/v1/completions", json=body) as r:
+                events = [json.loads(line[6:]) for line in r.iter_lines()
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+            assert len(threads) == 2 and all(t.startswith("uvicorn-") != off_loop for t in threads), threads
+            first = events[0]["choices"][0]
+            assert first["text"].startswith(text) and len(first["logprobs"]["tokens"]) > len(text.split())

@@ -173,8 +173,9 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
         while True:
             prompt_tokens[src] = len(out.prompt_token_ids)
             cached_tokens[src] = out.metrics.num_cached_tokens
-            if out.prompt_logprobs is not None and echo[src] and logprobs is not None:
-                prompt_lps.setdefault(src, _echo_logprobs(ctx, out, logprobs, names))
+            if out.prompt_logprobs is not None and echo[src] and logprobs is not None and src not in prompt_lps:
+                # A long prompt's logprobs are megabytes: built off the loop, as a whole answer is.
+                prompt_lps[src] = await ctx.assemble([out], _echo_logprobs, ctx, out, logprobs, names)
             for c in out.outputs:
                 key = (src, c.index)
                 completion_tokens[key] = c.num_tokens
@@ -190,12 +191,12 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
                 if c.finish_reason:
                     done.add(key)
                 raise_if_failed(out, c.index)
-                lp = None
+                lp = head = None
                 if logprobs is not None:
                     lp = _logprobs(c.delta_logprobs, logprobs, offsets[key], names)
                     offsets[key] += sum(len(t.token) for t in c.delta_logprobs or [])
-                    if prefix and prompt_lps[src] is not None:  # echo: the prompt's tokens come first
-                        lp = _join(prompt_lps[src], lp)
+                    if prefix:  # echo: the prompt's tokens come first
+                        head = prompt_lps.get(src)
                 # continuous_usage_stats: this choice's usage so far, as vLLM reports it.
                 usage = UsageInfo(prompt_tokens=prompt_tokens[src], completion_tokens=c.num_tokens,
                                   total_tokens=prompt_tokens[src] + c.num_tokens) if continuous else None
@@ -204,9 +205,12 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
                     ids = pending.pop(key, [])
                     prompt = None if key in prompt_sent else list(out.prompt_token_ids)
                     prompt_sent.add(key)
-                yield chunk([CompletionChoice(index=src * n + c.index, text=prefix + c.delta_text, logprobs=lp,
-                                              finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                                              prompt_token_ids=prompt, token_ids=ids)], usage)
+                choice = CompletionChoice(index=src * n + c.index, text=prefix + c.delta_text, logprobs=lp,
+                                          finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                          prompt_token_ids=prompt, token_ids=ids)
+                # The chunk echoing a prompt with its logprobs (megabytes when long) is built off the loop.
+                yield chunk([choice], usage) if head is None else \
+                    await ctx.assemble([out], _echo_chunk, chunk, choice, head, usage)
             try:
                 src, out = await it.__anext__()
             except StopAsyncIteration:
@@ -224,6 +228,12 @@ async def _stream(ctx: ServingContext, it, first, request_id: str, model: str, c
         with anyio.CancelScope(shield=True):
             await it.aclose()
     yield SSE_DONE
+
+
+def _echo_chunk(chunk, choice: CompletionChoice, head: CompletionLogprobs, usage: UsageInfo | None) -> str:
+    """A stream's chunk that echoes the prompt: the prompt's logprobs (`head`) before the choice's own."""
+    choice.logprobs = _join(head, choice.logprobs)
+    return chunk([choice], usage)
 
 
 def _echo_logprobs(ctx: ServingContext, out: RequestOutput, k: int, names: TokenNames) -> CompletionLogprobs:
