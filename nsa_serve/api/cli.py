@@ -21,8 +21,8 @@ import uvicorn
 
 from ..chat_template import CONTENT_FORMATS
 from ..engine.args import add_graph_args, check_vllm_options, speculative_config
-from ..help_format import DefaultsHelpFormatter
 from ..gc_pauses import freeze_heap
+from ..help_format import DefaultsHelpFormatter
 
 log = logging.getLogger("nsa_serve.api")
 

@@ -33,8 +33,8 @@ _MIN_LOGPROB = -9999.0
 # stalls every other stream for that long; sentencepiece releases the GIL while it encodes.
 # Smaller ones stay inline, where a thread hop (~0.1 ms) would cost more than their encode.
 OFF_LOOP_BYTES = 32 * 1024
-# Non-streaming answers with this many token entries or more (answer_entries) are assembled and
-# serialised in a worker thread too (ServingContext.assemble): an echoed 2 000-token prompt with
+# Answers with this many token entries or more (answer_entries) are assembled and serialised in a
+# worker thread too (ServingContext.assemble): an echoed 2 000-token prompt with
 # logprobs 5 is 1 MB of JSON, ~250 ms of Python that stalled every stream on the 2-core CPU.
 OFF_LOOP_ENTRIES = 4096
 
@@ -46,7 +46,7 @@ async def _in_thread_if(big: bool, fn: Callable[..., T], *args: Any) -> T:
 
 
 def answer_entries(outputs) -> int:
-    """How many token entries a non-streaming answer built from `outputs` (RequestOutputs) carries:
+    """How many token entries an answer built from `outputs` (RequestOutputs) carries at most:
     each prompt or generated token once, and once more for each logprob alternative shown with it
     (every entry of a list has the same number, so the last one's is taken)."""
     def entries(tokens: int, lps) -> int:
@@ -113,9 +113,9 @@ class ServingContext:
         return await _in_thread_if(len(await raw.body()) >= OFF_LOOP_BYTES, fn, *args)
 
     async def assemble(self, outputs, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) — build and serialise a non-streaming answer from `outputs` — in a worker thread
-        when it carries OFF_LOOP_ENTRIES or more token entries (long echoed prompts with logprobs:
-        megabytes of JSON), inline otherwise."""
+        """fn(*args) — build and serialise an answer (or a stream's chunk) from `outputs` — in a
+        worker thread when it carries OFF_LOOP_ENTRIES or more token entries (long echoed prompts
+        with logprobs: megabytes of JSON), inline otherwise."""
         return await _in_thread_if(answer_entries(outputs) >= OFF_LOOP_ENTRIES, fn, *args)
 
     def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
