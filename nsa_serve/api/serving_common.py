@@ -34,8 +34,8 @@ _MIN_LOGPROB = -9999.0
 # Smaller ones stay inline, where a thread hop (~0.1 ms) would cost more than their encode.
 OFF_LOOP_BYTES = 32 * 1024
 # Answers with this many token entries or more (answer_entries) are assembled and serialised in a
-# worker thread too (ServingContext.assemble): an echoed 2 000-token prompt with
-# logprobs 5 is 1 MB of JSON, ~250 ms of Python that stalled every stream on the 2-core CPU.
+# worker thread too (ServingContext.assemble): an echoed 2 000-token prompt with logprobs 5 is 1 MB
+# of JSON, whose building held the loop (every stream) up to ~180 ms on the 2-core CPU.
 OFF_LOOP_ENTRIES = 4096
 
 
