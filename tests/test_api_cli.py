@@ -23,7 +23,10 @@ def test_serve_default_model_and_graceful_sigterm(tmp_path):
     env = {**os.environ, "NSA_SERVE_CACHE": str(tmp_path / "cache"), "NSA_SERVE_API_KEY": "k"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "nsa_serve.cli", "serve", "--port", str(port), "--device", "cpu",
-         "--max-model-len", "256", "--num-pages", "128", "--shutdown-timeout", "60", "--log-level", "warning"],
+         "--max-model-len", "256", "--num-pages", "128", "--shutdown-timeout", "60", "--log-level", "info",
+         # vLLM's flags for uvicorn's log and the API pages, as a copied command line carries them.
+         "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log", "--disable-fastapi-docs",
+         "--disable-log-requests", "--log-stats-interval", "0"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -37,6 +40,7 @@ def test_serve_default_model_and_graceful_sigterm(tmp_path):
         headers = {"Authorization": "Bearer k"}
         models = httpx.get(f"{url}/v1/models", headers=headers).json()["data"]
         assert [m["id"] for m in models] == ["default-model"]
+        assert [httpx.get(f"{url}{page}", headers=headers).status_code for page in ("/docs", "/openapi.json")] == [404] * 2
 
         result: dict = {}
 
@@ -72,6 +76,8 @@ def test_serve_default_model_and_graceful_sigterm(tmp_path):
         assert sum(1 for c in chunks if c["choices"][0]["text"]) >= 1
         stderr = proc.stderr.read()
         assert "nsa-serve: ready" in stderr and "| 3/3" in stderr  # the startup progress bar completed
+        assert "start-up objects out of garbage collection" in stderr  # the heap frozen before serving
+        assert "Uvicorn running" not in stderr and '"POST /v1/completions' not in stderr  # uvicorn kept to warnings
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -184,6 +190,26 @@ def test_generation_config_flags_choose_the_sampling_defaults(tmp_path):
                            (("--override-generation-config", "[1]"), "JSON object")):
         with pytest.raises(SystemExit, match=message):
             defaults(*flags)
+
+
+def test_fastapi_docs_are_served_unless_disabled(api_server):
+    # vLLM serves FastAPI's pages by default (its --disable-fastapi-docs turns them off: the
+    # real-process test above); they describe the routes, and a browser opens them without a key.
+    with httpx.Client(base_url=api_server.url) as h:
+        spec = h.get("/openapi.json")
+        assert spec.status_code == 200 and "/v1/chat/completions" in spec.json()["paths"]
+        assert h.get("/docs").status_code == 200
+        ids = [op["operationId"] for path in spec.json()["paths"].values() for op in path.values()]
+        assert len(ids) == len(set(ids))  # FastAPI warns of duplicates; clients generated from the spec break
+        assert h.get("/v1/models").status_code == 401  # the API itself still needs the key
+
+
+def test_contradicting_request_log_flags_end_before_loading():
+    from nsa_serve.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "/nonexistent", "--disable-log-requests", "--enable-log-requests"])
+    with pytest.raises(SystemExit, match="contradict"):
+        args.func(args)
 
 
 def test_a_copied_vllm_command_line_runs_or_says_why_not():

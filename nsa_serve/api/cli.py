@@ -64,7 +64,18 @@ def register(subparsers) -> None:
     g.add_argument("--max-log-len", type=int, default=None,
                    help="prompt characters and token ids shown by --enable-log-requests (default: all)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="server log level (debug also logs each HTTP access)")
+                   help="server log level (debug also logs each HTTP access, unless --uvicorn-log-level says "
+                        "otherwise)")
+    g.add_argument("--uvicorn-log-level", default=None,
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's own log level (vLLM's flag; default: --log-level); debug or trace logs each "
+                        "HTTP access")
+    g.add_argument("--disable-uvicorn-access-log", action="store_true",
+                   help="no line per HTTP access, even at debug (vLLM's flag)")
+    g.add_argument("--disable-log-requests", action="store_true",
+                   help="vLLM's older flag; requests are not logged unless --enable-log-requests anyway")
+    g.add_argument("--disable-fastapi-docs", action="store_true",
+                   help="no /docs, /redoc and /openapi.json pages (vLLM's flag)")
     g.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between lines of engine statistics in the log (throughputs, queue, KV cache; "
                         "0: none)")
@@ -243,6 +254,8 @@ def cmd_serve(args) -> int:
         raise SystemExit(f"nsa-serve: --responses-store-size must be ≥ 0, got {args.responses_store_size}")
     if args.log_stats_interval < 0:
         raise SystemExit(f"nsa-serve: --log-stats-interval must be ≥ 0 seconds, got {args.log_stats_interval}")
+    if args.disable_log_requests and args.enable_log_requests:
+        raise SystemExit("nsa-serve: --disable-log-requests and --enable-log-requests contradict each other")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return asyncio.run(serve(args))
@@ -292,11 +305,14 @@ async def serve(args) -> int:
                               cors_headers=args.allowed_headers, cors_credentials=args.allow_credentials,
                               chat_template=chat_template,
                               trust_request_chat_template=args.trust_request_chat_template,
-                              chat_template_content_format=args.chat_template_content_format)
+                              chat_template_content_format=args.chat_template_content_format,
+                              fastapi_docs=not args.disable_fastapi_docs)
     app = build_app(engine, settings)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level or args.log_level,
                             timeout_graceful_shutdown=max(1, int(round(args.shutdown_timeout))),
-                            access_log=args.log_level == "debug", root_path=args.root_path,
+                            access_log=(args.uvicorn_log_level or args.log_level) in ("debug", "trace")
+                            and not args.disable_uvicorn_access_log,
+                            root_path=args.root_path,
                             ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
                             ssl_ca_certs=args.ssl_ca_certs)
     server = GracefulServer(config, on_exit=lambda: setattr(app.state.ctx, "draining", True))

@@ -13,8 +13,10 @@ import hmac
 from ..metrics import ServerMetrics
 from .errors import APIError
 
-# Probes must work without credentials (kubelet, load balancers).
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/ping"})
+# Probes must work without credentials (kubelet, load balancers); so must FastAPI's pages that
+# describe the routes (a browser opening /docs sends no key; they hold no data; vLLM leaves them
+# open too, and --disable-fastapi-docs removes them).
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/ping", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 KNOWN_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/tokenize",
                           "/detokenize", "/version", "/health", "/ready", "/metrics", "/reset_prefix_cache",
                           "/ping", "/invocations"})

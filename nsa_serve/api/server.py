@@ -67,6 +67,7 @@ class ServerSettings:
     chat_template: str | None = None
     trust_request_chat_template: bool = False
     chat_template_content_format: str = "auto"
+    fastapi_docs: bool = True  # /docs, /redoc and /openapi.json (vLLM's --disable-fastapi-docs turns them off)
 
 
 def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
@@ -101,7 +102,9 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
             if settings.start_engine:
                 await engine.shutdown(settings.shutdown_timeout_s)
 
-    app = FastAPI(title="nsa-serve", version=__version__, lifespan=lifespan)
+    docs = settings.fastapi_docs
+    app = FastAPI(title="nsa-serve", version=__version__, lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.state.ctx = ctx
     store = ResponseStore(settings.responses_store_size)
 
@@ -207,7 +210,10 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     async def version():
         return {"version": __version__}
 
-    @app.api_route("/ping", methods=["GET", "POST"])  # SageMaker's health check (vLLM serves it too)
+    # SageMaker's health check (vLLM serves it too); one route a method, so that each has its own
+    # operation id in /openapi.json.
+    @app.get("/ping")
+    @app.post("/ping")
     @app.get("/health")
     async def health():
         if not engine.is_alive:
