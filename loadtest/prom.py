@@ -36,6 +36,10 @@ COUNTERS = {
     "spec_decode_num_drafts": ("spec_decode_num_drafts_total",),
     "spec_decode_num_draft_tokens": ("spec_decode_num_draft_tokens_total",),
     "spec_decode_num_accepted_tokens": ("spec_decode_num_accepted_tokens_total",),
+    # Python garbage collections (nsa-serve's gc_pause_seconds histogram): time every server thread
+    # stood still, all generations, and the full (generation 2) collections among them
+    "gc_pause_seconds": ("gc_pause_seconds_sum",),
+    "gc_full_collections": ("gc_pause_seconds_count{generation=2}",),
 }
 
 
@@ -45,6 +49,9 @@ def parse_metrics(text: str) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             sums[s.name] = sums.get(s.name, 0.0) + float(s.value)
+            if "generation" in s.labels:  # a histogram by generation: each one's own too
+                name = f"{s.name}{{generation={s.labels['generation']}}}"
+                sums[name] = sums.get(name, 0.0) + float(s.value)
     wanted = {**GAUGES, **COUNTERS}
     out: dict[str, float] = {}
     for key, suffixes in wanted.items():

@@ -109,6 +109,9 @@ def format_table(result: dict, percentiles: list[float]) -> str:
         row("NSA sparsity ratio (dense/read):", sm.get("nsa_sparsity_ratio"))
         if sm.get("prefix_cache_hit_rate") is not None:
             row("Prefix cache hit rate:", sm["prefix_cache_hit_rate"], 3)
+        if sm.get("gc_pause_seconds") is not None:  # (nsa-serve only)
+            row("GC pauses, all generations (s):", sm["gc_pause_seconds"], 3)
+            row("Full GC collections:", sm.get("gc_full_collections"), 0)
         if sm.get("spec_acceptance_rate") is not None:
             row("Spec. decoding acceptance rate:", sm["spec_acceptance_rate"], 3)
             row("Spec. decoding mean accept len:", sm["spec_mean_acceptance_length"])

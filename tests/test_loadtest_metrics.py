@@ -259,3 +259,25 @@ def test_prometheus_parsing_and_sparsity_ratio():
     assert rep["spec_mean_acceptance_length"] == pytest.approx(1 + 45 / 20)
     # vLLM's names are recognised too
     assert parse_metrics('vllm:gpu_cache_usage_perc{model_name="x"} 0.25\n')["kv_cache_usage_perc"] == 0.25
+
+
+def test_garbage_collection_pauses_over_the_run():
+    # nsa-serve's gc_pause_seconds histogram by generation: the run's pause time over every
+    # generation, and how many of its collections were full ones.
+    def scrape(sums, counts):
+        lines = ["# TYPE nsa:gc_pause_seconds histogram"]
+        for gen, (total, n) in enumerate(zip(sums, counts)):
+            labels = f'generation="{gen}",model_name="m"'
+            lines += [f'nsa:gc_pause_seconds_bucket{{{labels},le="+Inf"}} {n}',
+                      f"nsa:gc_pause_seconds_count{{{labels}}} {n}", f"nsa:gc_pause_seconds_sum{{{labels}}} {total}"]
+        return parse_metrics("\n".join(lines) + "\n")
+
+    rep = summarize_scrapes(scrape([0.5, 0.25, 1.0], [900, 80, 3]), scrape([0.75, 0.5, 1.5], [1500, 130, 5]), [])
+    assert rep["gc_pause_seconds"] == pytest.approx(1.0) and rep["gc_full_collections"] == 2
+    from nsa_loadtest.metrics import compute_metrics
+    from nsa_loadtest.report import format_table
+
+    text = format_table({**compute_metrics([], 1.0), "server_metrics": rep}, [99])
+    assert "GC pauses, all generations (s):" in text and "Full GC collections:" in text
+    # Not reported against a server without the histogram (vLLM).
+    assert "gc_pause_seconds" not in summarize_scrapes(parse_metrics(PROM_BEFORE), parse_metrics(PROM_BEFORE), [])
