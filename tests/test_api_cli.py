@@ -232,3 +232,27 @@ def test_a_copied_vllm_command_line_runs_or_says_why_not():
                            (("--enable-auto-tool-choice", "--tool-call-parser", "hermes"), "its own format")):
         with pytest.raises(SystemExit, match=message):
             engine_args(*flags)
+
+
+def test_max_logprobs_flag_reaches_the_engine_and_names_the_requests_field(tiny_model_dir):  # noqa: F811
+    from nsa_serve.api.cli import engine_args_from
+    from nsa_serve.cli import build_parser
+
+    assert engine_args_from(build_parser().parse_args(["serve", "/m", "--max-logprobs", "40"])).max_logprobs == 40
+    assert engine_args_from(build_parser().parse_args(["serve", "/m"])).max_logprobs == 20  # vLLM's default
+    server = start_server(tiny_model_dir, max_logprobs=30)
+    try:
+        with server.http() as h:
+            chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": True}
+            r = h.post("/v1/chat/completions", json={**chat, "top_logprobs": 30})
+            assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 30
+            for path, body, param in (("/v1/chat/completions", {**chat, "top_logprobs": 31}, "top_logprobs"),
+                                      ("/v1/responses", {"input": "hi", "top_logprobs": 31,
+                                                         "include": ["message.output_text.logprobs"]}, "top_logprobs"),
+                                      ("/v1/completions", {"prompt": "hi", "logprobs": 31}, "logprobs"),
+                                      ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 31}, "prompt_logprobs")):
+                r = h.post(path, json=body)
+                assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, r.text)
+                assert "between 0 and 30" in r.json()["error"]["message"]
+    finally:
+        server.stop()

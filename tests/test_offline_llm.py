@@ -124,3 +124,26 @@ def test_chat_shows_tools_as_the_server_does(llm):
     with pytest.raises(InvalidRequestError, match="tools") as err:
         llm.chat(conv, GREEDY, tools=[{"type": "function", "function": {"name": "bad name!"}}], use_tqdm=False)
     assert err.value.param == "tools"
+
+
+def test_max_logprobs_bounds_what_a_request_may_ask():
+    # vLLM's max_logprobs: 20 by default; raised, a request gets that many alternatives (best
+    # first, the sampler's top-k over the whole distribution); -1 is the vocabulary.
+    wide = LLM(str(tiny_model_dir(True)), device="cpu", dtype="float32", num_pages=64, max_logprobs=40)
+    params = SamplingParams(temperature=0.0, max_tokens=2, logprobs=40, prompt_logprobs=40, ignore_eos=True)
+    out, = wide.generate("The capital of", params, use_tqdm=False)
+    tops = [t.top for t in out.outputs[0].logprobs]
+    assert [len(top) for top in tops] == [40, 40]
+    assert all([lp for _, _, lp in top] == sorted((lp for _, _, lp in top), reverse=True) for top in tops)
+    assert all(len(e.top) == 40 for e in out.prompt_logprobs[1:])
+    with pytest.raises(InvalidRequestError, match="between 0 and 40") as e:
+        wide.generate("x", SamplingParams(max_tokens=1, logprobs=41), use_tqdm=False)
+    assert e.value.param == "logprobs"
+    with pytest.raises(InvalidRequestError, match="between 0 and 20") as e:
+        LLM(str(tiny_model_dir(True)), device="cpu", num_pages=64).generate(
+            "x", SamplingParams(max_tokens=1, prompt_logprobs=21), use_tqdm=False)
+    assert e.value.param == "prompt_logprobs"
+    whole = LLM(str(tiny_model_dir(True)), device="cpu", num_pages=64, max_logprobs=-1)
+    assert whole.engine.max_logprobs == whole.engine.config.vocab_size
+    with pytest.raises(ValueError, match="max_logprobs"):
+        LLM(str(tiny_model_dir(True)), device="cpu", num_pages=64, max_logprobs=-2)

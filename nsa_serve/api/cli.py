@@ -116,6 +116,9 @@ def add_engine_args(p) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
+    g.add_argument("--max-logprobs", type=int, default=20,
+                   help="most alternatives a request may ask logprobs or prompt logprobs for (vLLM's flag; "
+                        "-1: the vocabulary)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="token budget of one engine step (default: 8192 on CUDA, 2048 on CPU)")
     g.add_argument("--long-prefill-token-threshold", type=int, default=None,
@@ -224,6 +227,7 @@ def engine_args_from(args):
     check_vllm_compat(args, f"nsa-serve {args.command}")
     return EngineArgs(model=args.model, device=args.device, dtype=args.dtype, attention=args.attention,
                       max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                      max_logprobs=args.max_logprobs,
                       max_num_batched_tokens=args.max_num_batched_tokens,
                       long_prefill_token_threshold=args.long_prefill_token_threshold, max_queue=args.max_queue,
                       gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=args.cpu_kv_cache_gb,

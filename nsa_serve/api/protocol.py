@@ -206,7 +206,9 @@ class _SamplingFields(BaseModel):
             structured=_one_constraint(structured, self._structured()),
             # A stream needs only what each output adds; a plain response only the last output.
             output_kind="delta" if self.stream else "final_only")
-        params.validate()  # InvalidRequestError -> 400 naming the field
+        # InvalidRequestError -> 400 naming the field. The logprobs bound is the engine's
+        # (--max-logprobs), checked as it admits the request (still before any answer starts).
+        params.validate(max_logprobs=None)
         return params
 
 
@@ -268,8 +270,8 @@ class CompletionRequest(_SamplingFields):
         prompt_logprobs = None
         if self.echo and self.logprobs is not None:
             # The echoed prompt's tokens get logprobs too (what evaluation harnesses score with).
-            if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
-                raise bad_request(f"logprobs must be between 0 and 20, got {self.logprobs!r}", param="logprobs")
+            if not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool) or self.logprobs < 0:
+                raise bad_request(f"logprobs must be a non-negative integer, got {self.logprobs!r}", param="logprobs")
             prompt_logprobs = max(self.logprobs, self.prompt_logprobs or 0)
         return self._sampling_params(max_tokens, self.logprobs, defaults, prompt_logprobs)
 
@@ -401,8 +403,8 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
-            if not 0 <= self.top_logprobs <= 20:
-                raise bad_request(f"top_logprobs must be between 0 and 20, got {self.top_logprobs}",
+            if self.top_logprobs < 0:  # the upper bound: the engine's --max-logprobs
+                raise bad_request(f"top_logprobs must be a non-negative integer, got {self.top_logprobs}",
                                   param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(max_tokens, logprobs, defaults,

@@ -75,8 +75,9 @@ class ResponsesRequest(BaseModel):
                               f"{MAX_METADATA_VALUE}", param="metadata")
         if self.reasoning and self.reasoning.get("effort") is not None:
             raise bad_request("reasoning is not supported by this model", param="reasoning")
-        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
-            raise bad_request(f"top_logprobs must be between 0 and 20, got {self.top_logprobs}", param="top_logprobs")
+        if self.top_logprobs is not None and self.top_logprobs < 0:  # the upper bound: --max-logprobs
+            raise bad_request(f"top_logprobs must be a non-negative integer, got {self.top_logprobs}",
+                              param="top_logprobs")
         if isinstance(self.input, list) and not self.input and not self.previous_response_id:
             raise bad_request("input must not be empty", param="input")
 

@@ -84,7 +84,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if req.use_beam_search:
         return await _beam_search_reply(ctx, req, raw, model, prompt_ids, req.to_beam_search_params(max_tokens, plan),
                                         echo)
-    params = ctx.check_sampling_ids(req.to_sampling_params(max_tokens, ctx.defaults, plan))
+    params = ctx.check_sampling_ids(req.to_sampling_params(max_tokens, ctx.defaults, plan), "top_logprobs")
     request_id = request_id_for(raw, "chatcmpl", req.request_id)
     top_k = req.top_logprobs or 0
     names = TokenNames(ctx.tokenizer, req.return_tokens_as_token_ids)

@@ -166,12 +166,19 @@ class ServingContext:
             raise bad_request(f"{param} holds token id {bad}, outside the vocabulary [0, {vocab})", param=param)
         return ids
 
-    def check_sampling_ids(self, params):
+    def check_sampling_ids(self, params, logprobs_param: str = "logprobs"):
         """The token ids sampling parameters name (logit_bias keys, allowed_token_ids) are in the
-        vocabulary: a 400 naming the field, not an index error in the engine loop."""
+        vocabulary: a 400 naming the field, not an index error in the engine loop. And the logprobs
+        asked for are within --max-logprobs, named as the request's API calls them (`logprobs_param`:
+        chat and responses call them top_logprobs)."""
         self.check_token_ids(list(params.logit_bias), "logit_bias")
         if params.allowed_token_ids is not None:
             self.check_token_ids(params.allowed_token_ids, "allowed_token_ids")
+        bound = self.engine.max_logprobs
+        for value, param in ((params.logprobs, logprobs_param), (params.prompt_logprobs, "prompt_logprobs")):
+            if value is not None and value > bound:
+                raise bad_request(f"{param} must be between 0 and {bound} (the server's --max-logprobs), got {value}",
+                                  param=param)
         return params
 
     def resolve_max_tokens(self, requested: int | None, prompt_len: int, param: str,

@@ -64,7 +64,8 @@ async def create_response(ctx: ServingContext, store: ResponseStore, req: Respon
         history = prev.conversation
     with _responses_params():
         chat, prep = await ctx.off_loop(raw, _fitted_chat, ctx, req, history, body)
-        params = ctx.check_sampling_ids(chat.to_sampling_params(prep.max_tokens, ctx.defaults, prep.plan))
+        params = ctx.check_sampling_ids(chat.to_sampling_params(prep.max_tokens, ctx.defaults, prep.plan),
+                                        "top_logprobs")
     run = _Run(ctx, store, req, model, params.temperature, params.top_p, prep.plan, history,
                TokenNames(ctx.tokenizer) if req.logprobs else None)
     it = tracked_generate(ctx.engine, ctx.metrics, prep.prompt_ids, params, run.id, chat.priority,

@@ -94,6 +94,9 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None  # token budget of one engine step; None: by device
     long_prefill_token_threshold: int | None = None  # per-request prefill chunk cap; None: by device
     max_queue: int = 256  # waiting requests before new ones get QueueFullError (HTTP 429)
+    # vLLM's --max-logprobs: the most alternatives a request may ask logprobs (or prompt logprobs)
+    # for; -1: the whole vocabulary. Beam search asks for 2 × its width.
+    max_logprobs: int = 20
     gpu_memory_utilization: float = 0.9  # fraction of GPU memory for weights + cache
     cpu_kv_cache_gb: float = 1.0  # page pool size on CPU
     num_pages: int | None = None  # force the page pool size (tests use this to force preemption)
@@ -198,6 +201,8 @@ class EngineArgs:
             if self.async_scheduling:
                 raise ValueError("speculative decoding runs without async scheduling (each step's drafts "
                                  "come from the tokens the step before sampled); drop --async-scheduling")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be -1 (the vocabulary) or >= 0, got {self.max_logprobs!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold", "max_queue"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

@@ -57,6 +57,10 @@ class AsyncLLMEngine:
         return self._require().max_model_len
 
     @property
+    def max_logprobs(self) -> int:
+        return self._require().max_logprobs
+
+    @property
     def config(self):
         return self._require().config
 

@@ -207,6 +207,8 @@ class LLMEngine:
         if limit < 2:
             raise ValueError(f"page pool of {num_pages} pages is too small to run any request")
         self.max_model_len = limit
+        # The most logprob alternatives a request may ask for (--max-logprobs; -1: the vocabulary).
+        self.max_logprobs = cfg.vocab_size if args.max_logprobs == -1 else min(args.max_logprobs, cfg.vocab_size)
         att = self.runner.attention
         if self.device.type == "cuda" and not args.enforce_eager and (
                 att.dense_decode_fn if args.attention == "dense" else att.decode_fn) is not None:
@@ -385,10 +387,10 @@ class LLMEngine:
         """Raise InvalidRequestError / PromptTooLongError describing what is wrong."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be SamplingParams")
-        params.validate()
+        params.validate(self.max_logprobs)
+        V = self.config.vocab_size
         if not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids:
             raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
-        V = self.config.vocab_size
         for t in prompt_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < V:
                 raise InvalidRequestError(f"prompt token id {t!r} is not in the vocabulary [0, {V})",

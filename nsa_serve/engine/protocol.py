@@ -90,8 +90,10 @@ class SamplingParams:
     # Cumulative fields cost O(length) per sequence per step, so a long stream pays O(length²).
     output_kind: str = "cumulative"
 
-    def validate(self) -> None:
-        """Raise InvalidRequestError naming the field when a value is out of range."""
+    def validate(self, max_logprobs: int | None = 20) -> None:
+        """Raise InvalidRequestError naming the field when a value is out of range; logprobs and
+        prompt_logprobs up to `max_logprobs` alternatives (the engine's --max-logprobs; None: no bound
+        here, for callers that check before the engine does)."""
 
         def bad(param, msg):
             raise InvalidRequestError(f"{param} {msg}", param=param)
@@ -117,11 +119,12 @@ class SamplingParams:
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0 or (
                 self.max_tokens is not None and self.min_tokens > self.max_tokens):
             bad("min_tokens", f"must be between 0 and max_tokens, got {self.min_tokens!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
-            bad("logprobs", f"must be between 0 and 20, got {self.logprobs!r}")
-        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
-                                                 or not 0 <= self.prompt_logprobs <= 20):
-            bad("prompt_logprobs", f"must be between 0 and 20, got {self.prompt_logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                bad(name, f"must be a non-negative integer, got {v!r}")
+            if v is not None and max_logprobs is not None and v > max_logprobs:
+                bad(name, f"must be between 0 and {max_logprobs} (the server's --max-logprobs), got {v}")
         if len(self.stop) > 16 or any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must be at most 16 non-empty strings")
         # A 64-bit seed (vLLM's bound): torch generators take no wider one, and a wider one used to
