@@ -92,7 +92,8 @@ def start_server(model_dir, api_key: str | None = API_KEY, **engine_kw) -> Runni
 
     settings_kw = {k: engine_kw.pop(k) for k in ("max_body_bytes", "retry_after_s", "served_model_names",
                                                  "log_stats_interval_s", "log_requests", "max_log_len", "cors_origins",
-                                                 "chat_template", "trust_request_chat_template")
+                                                 "chat_template", "trust_request_chat_template",
+                                                 "return_tokens_as_token_ids", "force_include_usage")
                    if k in engine_kw}
     args = EngineArgs(model=str(model_dir), device="cpu", **{"max_model_len": 512, "num_pages": 512, **engine_kw})
     # Built here (loads the weights) so the app can read the model's name and context; the server's

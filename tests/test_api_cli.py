@@ -26,7 +26,8 @@ def test_serve_default_model_and_graceful_sigterm(tmp_path):
          "--max-model-len", "256", "--num-pages", "128", "--shutdown-timeout", "60", "--log-level", "info",
          # vLLM's flags for uvicorn's log and the API pages, as a copied command line carries them.
          "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log", "--disable-fastapi-docs",
-         "--disable-log-requests", "--log-stats-interval", "0"],
+         "--disable-log-requests", "--log-stats-interval", "0", "--enable-request-id-headers",
+         "--enable-prompt-tokens-details"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -254,5 +255,29 @@ def test_max_logprobs_flag_reaches_the_engine_and_names_the_requests_field(tiny_
                 r = h.post(path, json=body)
                 assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, r.text)
                 assert "between 0 and 30" in r.json()["error"]["message"]
+    finally:
+        server.stop()
+
+
+def test_server_wide_token_ids_and_forced_usage(tiny_model_dir):  # noqa: F811
+    # vLLM's --return-tokens-as-token-ids (a request's own field still decides) and
+    # --enable-force-include-usage (every stream ends with its usage, as if it had asked).
+    server = start_server(tiny_model_dir, return_tokens_as_token_ids=True, force_include_usage=True)
+    try:
+        with server.http() as h:
+            body = {"prompt": "The capital of", "max_tokens": 3, "logprobs": 2, "ignore_eos": True}
+            tokens = h.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]["tokens"]
+            assert len(tokens) == 3 and all(t.startswith("token_id:") for t in tokens)
+            own = h.post("/v1/completions", json={**body, "return_tokens_as_token_ids": False}).json()
+            assert not any(t.startswith("token_id:") for t in own["choices"][0]["logprobs"]["tokens"])
+            chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "logprobs": True}
+            content = h.post("/v1/chat/completions", json=chat).json()["choices"][0]["logprobs"]["content"]
+            assert content and all(t["token"].startswith("token_id:") for t in content)
+            for path, req in (("/v1/chat/completions", chat), ("/v1/completions", body)):
+                with h.stream("POST", path, json={**req, "stream": True}) as r:
+                    events = [json.loads(line[6:]) for line in r.iter_lines()
+                              if line.startswith("data: ") and line != "data: [DONE]"]
+                assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 3, path
+                assert all(e.get("usage") is None for e in events[:-1]), path
     finally:
         server.stop()

@@ -76,6 +76,15 @@ def register(subparsers) -> None:
                    help="vLLM's older flag; requests are not logged unless --enable-log-requests anyway")
     g.add_argument("--disable-fastapi-docs", action="store_true",
                    help="no /docs, /redoc and /openapi.json pages (vLLM's flag)")
+    g.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help="logprobs name tokens 'token_id:N' unless a request says otherwise (vLLM's flag)")
+    g.add_argument("--enable-force-include-usage", action="store_true",
+                   help="every stream ends with a usage chunk, as if it asked stream_options.include_usage "
+                        "(vLLM's flag)")
+    g.add_argument("--enable-request-id-headers", action="store_true",
+                   help="always on: every answer carries X-Request-Id (vLLM's flag)")
+    g.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="always on: usage has prompt_tokens_details.cached_tokens (vLLM's flag)")
     g.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between lines of engine statistics in the log (throughputs, queue, KV cache; "
                         "0: none)")
@@ -310,7 +319,9 @@ async def serve(args) -> int:
                               chat_template=chat_template,
                               trust_request_chat_template=args.trust_request_chat_template,
                               chat_template_content_format=args.chat_template_content_format,
-                              fastapi_docs=not args.disable_fastapi_docs)
+                              fastapi_docs=not args.disable_fastapi_docs,
+                              return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+                              force_include_usage=args.enable_force_include_usage)
     app = build_app(engine, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level or args.log_level,
                             timeout_graceful_shutdown=max(1, int(round(args.shutdown_timeout))),

@@ -71,7 +71,7 @@ class _SamplingFields(BaseModel):
     truncate_prompt_tokens: int | None = None
     skip_special_tokens: bool = True
     # vLLM's: logprobs name tokens "token_id:N" instead of by their text.
-    return_tokens_as_token_ids: bool = False
+    return_tokens_as_token_ids: bool | None = None  # None: the server's --return-tokens-as-token-ids
     # vLLM's: the response carries the prompt's token ids and each choice's (what RL trainers
     # score, without tokenizing the text again).
     return_token_ids: bool = False

@@ -67,6 +67,8 @@ class ServerSettings:
     chat_template: str | None = None
     trust_request_chat_template: bool = False
     chat_template_content_format: str = "auto"
+    return_tokens_as_token_ids: bool = False  # vLLM's --return-tokens-as-token-ids (requests' default)
+    force_include_usage: bool = False  # vLLM's --enable-force-include-usage
     fastapi_docs: bool = True  # /docs, /redoc and /openapi.json (vLLM's --disable-fastapi-docs turns them off)
 
 
@@ -82,7 +84,9 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
                          else None,
                          chat_template=compile_template(settings.chat_template) if settings.chat_template else None,
                          trust_request_chat_template=settings.trust_request_chat_template,
-                         chat_template_content_format=settings.chat_template_content_format)
+                         chat_template_content_format=settings.chat_template_content_format,
+                         return_tokens_as_token_ids=settings.return_tokens_as_token_ids,
+                         force_include_usage=settings.force_include_usage)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -87,13 +87,12 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     params = ctx.check_sampling_ids(req.to_sampling_params(max_tokens, ctx.defaults, plan), "top_logprobs")
     request_id = request_id_for(raw, "chatcmpl", req.request_id)
     top_k = req.top_logprobs or 0
-    names = TokenNames(ctx.tokenizer, req.return_tokens_as_token_ids)
+    names = ctx.token_names(req.return_tokens_as_token_ids)
     it = tracked_generate(ctx.engine, ctx.metrics, prompt_ids, params, request_id, req.priority, ctx.request_log)
     first = await ctx.first_output(raw, it)
     created = int(time.time())
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        continuous = bool(req.stream_options and req.stream_options.continuous)
+        include_usage, continuous = ctx.stream_usage(req.stream_options)
         return SSEResponse(_stream(ctx, it, first, request_id, model, created, params.n, include_usage, top_k,
                                    names, plan, continuous, echo, req.return_token_ids),
                            headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
@@ -163,7 +162,7 @@ async def _beam_search_reply(ctx: ServingContext, req: ChatCompletionRequest, ra
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=echo + b.text),
                                          finish_reason=b.finish_reason, stop_reason=b.stop_reason,
                                          token_ids=list(b.tokens) if ids else None)])
-        if req.stream_options and req.stream_options.include_usage:
+        if ctx.stream_usage(req.stream_options)[0]:
             yield chunk([], usage)
         yield SSE_DONE
 

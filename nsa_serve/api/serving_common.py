@@ -84,10 +84,22 @@ class ServingContext:
     chat_template: ChatTemplate | None = None  # --chat-template (None: the model's own, else the built-in)
     trust_request_chat_template: bool = False  # --trust-request-chat-template
     chat_template_content_format: str = "auto"  # --chat-template-content-format (chat_template.py)
+    return_tokens_as_token_ids: bool = False  # --return-tokens-as-token-ids: requests' default
+    force_include_usage: bool = False  # --enable-force-include-usage: every stream ends with its usage
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def token_names(self, as_ids: bool | None) -> "TokenNames":
+        """How a request's logprobs name tokens: its own return_tokens_as_token_ids, else the server's."""
+        return TokenNames(self.tokenizer, self.return_tokens_as_token_ids if as_ids is None else as_ids)
+
+    def stream_usage(self, options) -> tuple[bool, bool]:
+        """(a last chunk with the usage, every chunk with its choice's usage so far) for a stream's
+        stream_options; --enable-force-include-usage adds the first whatever the request says."""
+        return (self.force_include_usage or bool(options and options.include_usage),
+                bool(options and options.continuous))
 
     def check_model(self, name: str | None) -> str:
         if name is None:

@@ -55,10 +55,9 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     created = int(time.time())
     n = req.n
     echo = [_prompt_text(ctx, p) if req.echo else "" for p in prompts]
-    names = TokenNames(ctx.tokenizer, req.return_tokens_as_token_ids)
+    names = ctx.token_names(req.return_tokens_as_token_ids)
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        continuous = bool(req.stream_options and req.stream_options.continuous)
+        include_usage, continuous = ctx.stream_usage(req.stream_options)
         return SSEResponse(_stream(ctx, it, first, request_id, model, created, n, len(prompts), echo,
                                    include_usage, req.logprobs, names, continuous, req.return_token_ids),
                            headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
@@ -141,7 +140,7 @@ async def _beam_search_reply(ctx: ServingContext, req: CompletionRequest, raw: R
     async def events():
         for c in choices:
             yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[c]))
-        if req.stream_options and req.stream_options.include_usage:
+        if ctx.stream_usage(req.stream_options)[0]:
             yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=usage))
         yield SSE_DONE
 

@@ -67,7 +67,7 @@ async def create_response(ctx: ServingContext, store: ResponseStore, req: Respon
         params = ctx.check_sampling_ids(chat.to_sampling_params(prep.max_tokens, ctx.defaults, prep.plan),
                                         "top_logprobs")
     run = _Run(ctx, store, req, model, params.temperature, params.top_p, prep.plan, history,
-               TokenNames(ctx.tokenizer) if req.logprobs else None)
+               ctx.token_names(None) if req.logprobs else None)
     it = tracked_generate(ctx.engine, ctx.metrics, prep.prompt_ids, params, run.id, chat.priority,
                           ctx.request_log)
     first = await ctx.first_output(raw, it)
