@@ -257,6 +257,16 @@ def test_max_logprobs_flag_reaches_the_engine_and_names_the_requests_field(tiny_
                 assert "between 0 and 30" in r.json()["error"]["message"]
     finally:
         server.stop()
+    # A beam search's steps ask for 2 × its width: past the bound it is said as such.
+    server = start_server(tiny_model_dir, max_logprobs=5)
+    try:
+        with server.http() as h:
+            body = {"prompt": "hi", "max_tokens": 2, "n": 3, "use_beam_search": True}
+            r = h.post("/v1/completions", json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "--max-logprobs 5" in r.text
+            assert h.post("/v1/completions", json={**body, "n": 2}).status_code == 200
+    finally:
+        server.stop()
 
 
 def test_server_wide_token_ids_and_forced_usage(tiny_model_dir):  # noqa: F811

@@ -129,7 +129,7 @@ async def _beam_search_reply(ctx: ServingContext, req: ChatCompletionRequest, ra
                              prompt_ids: list[int], bp: BeamSearchParams, echo: str):
     """use_beam_search: the n best beams as the choices, best first. The search ends before the
     response starts, so a stream carries each choice whole."""
-    ctx.check_token_ids(list(bp.stop_token_ids), "stop_token_ids")
+    ctx.check_beam_search(bp)
     request_id = request_id_for(raw, "chatcmpl", req.request_id)
 
     async def search():

@@ -193,6 +193,14 @@ class ServingContext:
                                   param=param)
         return params
 
+    def check_beam_search(self, bp) -> None:
+        """A beam search's stop ids are in the vocabulary, and its steps' logprobs (2 × the width,
+        beam_search.py) within --max-logprobs: said as such, not as a logprobs the request never set."""
+        self.check_token_ids(list(bp.stop_token_ids), "stop_token_ids")
+        if 2 * bp.width > self.engine.max_logprobs:
+            raise bad_request(f"use_beam_search with n={bp.width} keeps 2 × n = {2 * bp.width} candidates a step, "
+                              f"more than the server's --max-logprobs {self.engine.max_logprobs}", param="n")
+
     def resolve_max_tokens(self, requested: int | None, prompt_len: int, param: str,
                            default: int | None = None, prompt_param: str = "messages") -> int:
         """max_tokens for the engine, checked against the context the prompt leaves."""

@@ -109,7 +109,7 @@ async def _beam_search_reply(ctx: ServingContext, req: CompletionRequest, raw: R
     """use_beam_search: per prompt, its n best beams, best first (choice prompt_index * n + rank). The
     searches end before the response starts, so a stream carries each choice whole."""
     for bp in bps:
-        ctx.check_token_ids(list(bp.stop_token_ids), "stop_token_ids")
+        ctx.check_beam_search(bp)
     request_id = request_id_for(raw, "cmpl", req.request_id)
 
     async def search_all():
