@@ -70,21 +70,17 @@ def register(subparsers) -> None:
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn's own log level (vLLM's flag; default: --log-level); debug or trace logs each "
                         "HTTP access")
-    g.add_argument("--disable-uvicorn-access-log", action="store_true",
-                   help="no line per HTTP access, even at debug (vLLM's flag)")
-    g.add_argument("--disable-log-requests", action="store_true",
-                   help="vLLM's older flag; requests are not logged unless --enable-log-requests anyway")
-    g.add_argument("--disable-fastapi-docs", action="store_true",
-                   help="no /docs, /redoc and /openapi.json pages (vLLM's flag)")
-    g.add_argument("--return-tokens-as-token-ids", action="store_true",
-                   help="logprobs name tokens 'token_id:N' unless a request says otherwise (vLLM's flag)")
-    g.add_argument("--enable-force-include-usage", action="store_true",
-                   help="every stream ends with a usage chunk, as if it asked stream_options.include_usage "
-                        "(vLLM's flag)")
-    g.add_argument("--enable-request-id-headers", action="store_true",
-                   help="always on: every answer carries X-Request-Id (vLLM's flag)")
-    g.add_argument("--enable-prompt-tokens-details", action="store_true",
-                   help="always on: usage has prompt_tokens_details.cached_tokens (vLLM's flag)")
+    # vLLM's switches for the HTTP side (the last two name what this server always does).
+    for flag, text in (
+            ("--disable-uvicorn-access-log", "no line per HTTP access, even at debug"),
+            ("--disable-log-requests", "no effect: requests are not logged unless --enable-log-requests"),
+            ("--disable-fastapi-docs", "no /docs, /redoc and /openapi.json pages"),
+            ("--return-tokens-as-token-ids", "logprobs name tokens 'token_id:N' unless a request says otherwise"),
+            ("--enable-force-include-usage",
+             "every stream ends with a usage chunk, as if it asked stream_options.include_usage"),
+            ("--enable-request-id-headers", "always on: every answer carries X-Request-Id"),
+            ("--enable-prompt-tokens-details", "always on: usage has prompt_tokens_details.cached_tokens")):
+        g.add_argument(flag, action="store_true", help=f"{text} (vLLM's flag)")
     g.add_argument("--log-stats-interval", type=float, default=10.0,
                    help="seconds between lines of engine statistics in the log (throughputs, queue, KV cache; "
                         "0: none)")
