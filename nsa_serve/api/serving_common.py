@@ -47,8 +47,9 @@ async def _in_thread_if(big: bool, fn: Callable[..., T], *args: Any) -> T:
 
 def answer_entries(outputs) -> int:
     """How many token entries an answer built from `outputs` (RequestOutputs) carries at most:
-    each prompt or generated token once, and once more for each logprob alternative shown with it
-    (every entry of a list has the same number, so the last one's is taken)."""
+    each prompt or generated token once, and, where logprobs are shown, once more for its own
+    logprob and once for each alternative (every entry of a list has the same number of
+    alternatives, so the last one's is taken)."""
     def entries(tokens: int, lps) -> int:
         last = lps[-1] if lps else None
         return tokens * (1 + (1 + len(last.top) if last is not None else 0))
